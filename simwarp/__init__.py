@@ -1,0 +1,25 @@
+"""simwarp: learned sparse similarity (SoftStep) as a building block of deep networks.
+
+Core API:
+
+* :func:`warp_attend` / :func:`warp_weights`: the batched SoftStep backend.
+* :class:`SoftStep`: learned step parameters (global, per head, or per instance).
+* :mod:`simwarp.steps`: the step registry (``register_step``).
+"""
+
+from simwarp import steps
+from simwarp.backend import WarpStats, warp_attend, warp_weights
+from simwarp.similarity import pairwise_similarity
+from simwarp.steps import SoftStep, register_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SoftStep",
+    "WarpStats",
+    "pairwise_similarity",
+    "register_step",
+    "steps",
+    "warp_attend",
+    "warp_weights",
+]

@@ -1,0 +1,189 @@
+"""The simwarp backend: one entry point, :func:`warp_attend`, over several implementations.
+
+=========== =================================================================================
+``impl``     implementation
+=========== =================================================================================
+``dense``    materialises ``(..., n, m)``; any metric and step; the test oracle
+``chunked``  two-pass streaming over key blocks, ``O(rows · chunk)`` memory, CPU and CUDA
+``triton``   fused GPU kernels (when available)
+``auto``     the fastest correct path for the inputs
+=========== =================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from simwarp.backend.chunked import chunked_warp_attend
+from simwarp.backend.common import (
+    IMPLS,
+    WarpStats,
+    check_inputs,
+    make_spec,
+    resolve_params,
+    work_dtype,
+)
+from simwarp.backend.dense import dense_warp_attend, dense_weights
+from simwarp.similarity import STREAMING_METRICS
+
+__all__ = ["warp_attend", "warp_weights", "WarpStats", "IMPLS", "DENSE_AUTO_LIMIT"]
+
+#: ``impl="auto"`` materialises (dense) when ``rows · keys`` is at most this many entries.
+DENSE_AUTO_LIMIT = 1 << 18
+
+
+def _triton_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from simwarp.backend import triton as _triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _choose_impl(impl: str, metric: str, entries: int, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and not _triton_available(device):
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors and the fused kernels (simwarp.backend.triton); got device {device}"
+        )
+    if metric not in STREAMING_METRICS:
+        if impl in ("chunked", "triton"):
+            raise ValueError(f"metric={metric!r} is only available with impl='dense' (got impl={impl!r})")
+        return "dense"
+    if impl == "auto":
+        return "dense" if entries <= DENSE_AUTO_LIMIT else "chunked"
+    return impl
+
+
+def warp_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    metric: str = "dot",
+    scale: float | None = None,
+    step: str = "sigmoidal",
+    a: float | torch.Tensor | None = None,
+    b: float | torch.Tensor | None = None,
+    t: float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    exclude_self: bool = False,
+    temperature: float = 1.0,
+    detach_range: bool = False,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
+    """SoftStep-weighted average of ``v`` over the keys ``k`` for every query in ``q``.
+
+    For each query row ``i`` over its valid keys ``j``::
+
+        s_ij = scale · sim(q_i, k_j)
+        u_ij = (s_ij - min_j s_ij) / (max_j s_ij - min_j s_ij)      (1 on a flat row)
+        w_ij = softmax_j(s_ij / temperature + log m(u_ij; a_i, b_i, t_i))
+        out_i = Σ_j w_ij v_j
+
+    Args:
+        q: queries ``(..., n, d)``.
+        k: keys ``(..., m, d)``.
+        v: values ``(..., m, e)`` (labels for neighbour heads). Leading dims of ``q``, ``k``,
+            ``v`` broadcast. ``q, k, v`` share dtype and device; float16/bfloat16 compute in
+            float32 and return the input dtype.
+        metric: ``"dot"``, ``"cosine"``, ``"l2"``, ``"sqeuclidean"`` or ``"l1"`` (dense only).
+        scale: similarity multiplier; ``None`` = ``d ** -0.5`` for ``dot``, else 1.
+        step: a registered step name (:mod:`simwarp.steps`): ``"sigmoidal"``, ``"log"``,
+            ``"none"`` (plain softmax) or a user step.
+        a, b, t: step parameters, floats or tensors broadcastable to the rows ``(..., n)``
+            (scalar, per head ``(H, 1)``, per query ``(..., n)``); ``None`` = the defaults of
+            :mod:`simwarp.steps`. Need ``0 < a < b <= 1`` and ``0 < t < 1`` (checked for CPU
+            tensors and floats; :class:`simwarp.SoftStep` guarantees it by construction).
+        mask: bool, broadcastable to ``(..., n, m)``; True = the key may be used.
+        causal: key ``j`` is visible to query ``i`` iff ``j <= i`` (top-left aligned, as SDPA).
+        exclude_self: leave-one-out; needs ``n == m`` and removes the diagonal.
+        temperature: softmax temperature ``τ > 0``.
+        detach_range: treat each row's min/max as constants in backward.
+        impl: ``"auto"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
+        chunk_size: key-block width of the chunked path (default: about 4M scores per block).
+        return_stats: also return :class:`WarpStats`.
+
+    Returns:
+        ``(..., n, e)`` output, and with ``return_stats`` a :class:`WarpStats`. A row with no
+        valid key outputs zeros and is flagged in ``stats.empty``; a row whose valid
+        similarities are all equal gets uniform weights.
+
+    Raises:
+        TypeError / ValueError: on bad types, shapes, devices or parameter values.
+    """
+    batch = check_inputs(q, k, v, mask, exclude_self)
+    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    n, m = q.shape[-2], k.shape[-2]
+    dtype = work_dtype(q.dtype)
+    a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
+    if n == 0 or m == 0:
+        out = q.new_zeros((*batch, n, v.shape[-1])) + 0.0 * v.sum()  # keeps autograd connected
+        return (out, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else out
+    chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device)
+    if chosen == "dense":
+        out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec)
+    elif chosen == "chunked":
+        out, *rest = chunked_warp_attend(q, k, v, a, b, t, mask, spec, chunk_size)
+        stats = WarpStats(*rest)
+    else:
+        from simwarp.backend.triton import triton_warp_attend
+
+        out, stats = triton_warp_attend(q, k, v, a, b, t, mask, spec)
+    return (out, stats) if return_stats else out
+
+
+def _empty_stats(batch, n: int, m: int, dtype, device) -> WarpStats:
+    zeros = torch.zeros((*batch, n), dtype=dtype, device=device)
+    return WarpStats(
+        lse=torch.full_like(zeros, -math.inf), kept=zeros, lo=zeros, hi=zeros,
+        empty=torch.full((*batch, n), m == 0, dtype=torch.bool, device=device),
+    )
+
+
+def warp_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    metric: str = "dot",
+    scale: float | None = None,
+    step: str = "sigmoidal",
+    a: float | torch.Tensor | None = None,
+    b: float | torch.Tensor | None = None,
+    t: float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    exclude_self: bool = False,
+    temperature: float = 1.0,
+    detach_range: bool = False,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
+    """The dense ``(..., n, m)`` weight matrix of :func:`warp_attend`, for analysis.
+
+    Same arguments as :func:`warp_attend` (``impl`` and ``chunk_size`` are accepted and
+    ignored: the matrix is materialised). Rows sum to 1 over valid keys; rows without a valid
+    key are all zero. With ``return_stats`` also returns :class:`WarpStats`.
+    """
+    del impl, chunk_size
+    probe = k[..., :1].new_empty((*k.shape[:-1], 1))
+    batch = check_inputs(q, k, probe, mask, exclude_self)
+    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range)
+    n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
+    a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
+    if n == 0 or m == 0:
+        w = q.new_zeros((*batch, n, m), dtype=dtype)
+        return (w, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else w
+    w, stats = dense_weights(q, k, a, b, t, mask, spec)
+    return (w, stats) if return_stats else w

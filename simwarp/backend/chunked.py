@@ -1,0 +1,182 @@
+"""Two-pass streaming over key blocks in plain PyTorch (CPU and CUDA).
+
+Forward (DESIGN §3): pass 1 keeps each row's running min/max (and their key indices) over
+valid keys; pass 2 recomputes scores block by block, applies the step and runs an online
+softmax into the output. Only per-row statistics are saved for backward.
+
+Backward recomputes each block under autograd and pulls ``dℓ = w (δ - D)`` back through the
+block's graph (similarity, range normalisation, step), so every metric and every registered
+step gets exact gradients without a hand-written derivative. The gradient of the row range
+(``∂L/∂lo``, ``∂L/∂hi`` accumulated over blocks) is finally routed to the argmin/argmax key of
+each row (the first such key on ties), as in ``GRADIENTS.md``. Memory is ``O(rows · chunk)``
+in both directions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from simwarp.backend.common import WarpSpec, key_validity, warp_logits, work_dtype
+from simwarp.similarity import paired_similarity, pairwise_similarity
+
+#: Target number of score entries per block (rows × keys), about 16 MB in float32.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def default_chunk_size(rows: int, m: int) -> int:
+    """Key-block width so that ``rows · chunk ≈ BLOCK_ELEMENTS`` (at least 64, at most m)."""
+    return max(1, min(m, max(64, BLOCK_ELEMENTS // max(rows, 1))))
+
+
+def _blocks(m: int, chunk: int):
+    for start in range(0, m, chunk):
+        yield start, min(start + chunk, m)
+
+
+class _ChunkedWarp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int):
+        dtype = work_dtype(q.dtype)
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
+        mask_x = None if mask is None else mask.expand(*batch, n, m)
+        qw = q.to(dtype)
+        kw = k.to(dtype)
+
+        def scores(start: int, stop: int):
+            s = pairwise_similarity(qw, kw[..., start:stop, :], spec.metric, spec.scale)
+            valid = key_validity(
+                mask_x, n, start, stop, causal=spec.causal, exclude_self=spec.exclude_self, device=q.device
+            )
+            return s, valid
+
+        # Pass 1: row range over valid keys (first index wins ties).
+        lo = torch.full((*batch, n), math.inf, dtype=dtype, device=q.device)
+        hi = torch.full((*batch, n), -math.inf, dtype=dtype, device=q.device)
+        argmin = torch.zeros((*batch, n), dtype=torch.long, device=q.device)
+        argmax = torch.zeros_like(argmin)
+        for start, stop in _blocks(m, chunk):
+            s, valid = scores(start, stop)
+            block_min, idx_min = (s if valid is None else s.masked_fill(~valid, math.inf)).min(-1)
+            block_max, idx_max = (s if valid is None else s.masked_fill(~valid, -math.inf)).max(-1)
+            new_min, new_max = block_min < lo, block_max > hi
+            lo, argmin = torch.where(new_min, block_min, lo), torch.where(new_min, idx_min + start, argmin)
+            hi, argmax = torch.where(new_max, block_max, hi), torch.where(new_max, idx_max + start, argmax)
+        empty = torch.isinf(lo)
+        lo = lo.masked_fill(empty, 0.0)
+        hi = hi.masked_fill(empty, 0.0)
+        lo1, hi1 = lo.unsqueeze(-1), hi.unsqueeze(-1)
+
+        # Pass 2: step + online softmax + value accumulation.
+        run_max = torch.full((*batch, n), -math.inf, dtype=dtype, device=q.device)
+        denom = torch.zeros((*batch, n), dtype=dtype, device=q.device)
+        acc = torch.zeros((*batch, n, e), dtype=dtype, device=q.device)
+        kept = torch.zeros((*batch, n), dtype=dtype, device=q.device)
+        for start, stop in _blocks(m, chunk):
+            s, valid = scores(start, stop)
+            logits = warp_logits(s, lo1, hi1, valid, a, b, t, spec)
+            new_max = torch.maximum(run_max, logits.amax(-1))
+            shift = new_max.masked_fill(torch.isinf(new_max), 0.0)
+            rescale = torch.exp(run_max - shift)
+            p = torch.exp(logits - shift.unsqueeze(-1))
+            denom = denom * rescale + p.sum(-1)
+            acc = acc * rescale.unsqueeze(-1) + p @ v[..., start:stop, :].to(dtype)
+            kept += (logits > -math.inf).sum(-1)
+            run_max = new_max
+        nonempty = denom > 0
+        denom = torch.where(nonempty, denom, 1.0)
+        out = torch.where(nonempty.unsqueeze(-1), acc / denom.unsqueeze(-1), 0.0)
+        lse = torch.where(nonempty, run_max + torch.log(denom), -math.inf)
+
+        ctx.spec, ctx.chunk, ctx.has_mask = spec, chunk, mask is not None
+        optional_mask = () if mask is None else (mask,)
+        ctx.save_for_backward(q, k, v, a, b, t, *optional_mask, out, lse, lo, hi, argmin, argmax)
+        ctx.mark_non_differentiable(kept, lo, hi, empty)
+        return out.to(q.dtype), lse, kept, lo, hi, empty
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_lse, *_unused):
+        saved = list(ctx.saved_tensors)
+        q, k, v, a, b, t = saved[:6]
+        mask = saved[6] if ctx.has_mask else None
+        out, lse, lo, hi, argmin, argmax = saved[-6:]
+        spec: WarpSpec = ctx.spec
+        need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
+        dtype = work_dtype(q.dtype)
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
+        mask_x = None if mask is None else mask.expand(*batch, n, m)
+
+        g = torch.zeros_like(out) if g_out is None else g_out.to(dtype)
+        delta_row = (g * out).sum(-1)  # D in GRADIENTS.md
+        if g_lse is not None:
+            delta_row = delta_row - g_lse.to(dtype)
+        lse_safe = lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1)
+
+        track_range = not spec.detach_range and (need_q or need_k)
+        q_ = q.detach().requires_grad_(need_q)
+        a_, b_, t_ = (p.detach().requires_grad_(need) for p, need in ((a, need_a), (b, need_b), (t, need_t)))
+        lo_ = lo.detach().unsqueeze(-1).requires_grad_(track_range)
+        hi_ = hi.detach().unsqueeze(-1).requires_grad_(track_range)
+        graph_leaves = [q_, a_, b_, t_, lo_, hi_]
+        sums: list[torch.Tensor | None] = [None] * len(graph_leaves)
+        dk = torch.zeros_like(k) if need_k else None
+        dv = torch.zeros_like(v) if need_v else None
+
+        for start, stop in _blocks(m, ctx.chunk):
+            k_c = k[..., start:stop, :].detach().requires_grad_(need_k)
+            v_c = v[..., start:stop, :].to(dtype)
+            valid = key_validity(
+                mask_x, n, start, stop, causal=spec.causal, exclude_self=spec.exclude_self, device=q.device
+            )
+            with torch.enable_grad():
+                s = pairwise_similarity(q_.to(dtype), k_c.to(dtype), spec.metric, spec.scale)
+                logits = warp_logits(s, lo_, hi_, valid, a_, b_, t_, spec)
+            w = torch.exp(logits.detach() - lse_safe)
+            if need_v:
+                dv[..., start:stop, :] += (w.transpose(-1, -2) @ g).sum_to_size(v_c.shape).to(v.dtype)
+            d_logits = w * (g @ v_c.transpose(-1, -2) - delta_row.unsqueeze(-1))
+            wrt = [x for x in (*graph_leaves, k_c) if x.requires_grad]
+            if not wrt:
+                continue
+            grads = dict(zip(map(id, wrt), torch.autograd.grad(logits, wrt, d_logits, allow_unused=True)))
+            for i, leaf in enumerate(graph_leaves):
+                gi = grads.get(id(leaf))
+                if gi is not None:
+                    sums[i] = gi if sums[i] is None else sums[i] + gi
+            if need_k and grads.get(id(k_c)) is not None:
+                dk[..., start:stop, :] += grads[id(k_c)]
+
+        dq, da, db, dt, g_lo, g_hi = sums
+        if track_range and (g_lo is not None or g_hi is not None):
+            # Route ∂L/∂lo and ∂L/∂hi to the similarity of each row's argmin / argmax key.
+            k_leaf = k.detach().requires_grad_(need_k)
+            with torch.enable_grad():
+                kx = k_leaf.to(dtype).expand(*batch, m, d)
+                qx = q_.to(dtype).expand(*batch, n, d)
+                picked = [torch.gather(kx, -2, idx.unsqueeze(-1).expand(*batch, n, d)) for idx in (argmin, argmax)]
+                s_range = [paired_similarity(qx, kp, spec.metric, spec.scale) for kp in picked]
+            seeds = [torch.zeros_like(s_range[0]) if gr is None else gr.squeeze(-1) for gr in (g_lo, g_hi)]
+            wrt = [x for x in (q_, k_leaf) if x.requires_grad]
+            range_grads = torch.autograd.grad(s_range, wrt, seeds, allow_unused=True)
+            range_grads = dict(zip(map(id, wrt), range_grads))
+            if need_q and range_grads.get(id(q_)) is not None:
+                dq = range_grads[id(q_)] if dq is None else dq + range_grads[id(q_)]
+            if need_k and range_grads.get(id(k_leaf)) is not None:
+                dk += range_grads[id(k_leaf)]
+
+        if need_q and dq is None:
+            dq = torch.zeros_like(q)
+        return dq, dk, dv, da, db, dt, None, None, None
+
+
+def chunked_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, chunk_size: int | None):
+    """Streaming forward/backward; returns ``(out, lse, kept, lo, hi, empty)``."""
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    rows = q.shape[-2] * math.prod(batch)
+    chunk = default_chunk_size(rows, k.shape[-2]) if chunk_size is None else chunk_size
+    return _ChunkedWarp.apply(q, k, v, a, b, t, mask, spec, chunk)

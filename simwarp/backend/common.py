@@ -1,0 +1,236 @@
+"""Row math shared by every backend implementation, and the argument checks.
+
+One row of the contract (DESIGN §1): similarities ``s`` → range ``[lo, hi]`` over the valid
+keys → ``u = (s - lo) / (hi - lo)`` (``u = 1`` on a flat row) → logits
+``ℓ = s / τ + φ(u)`` with ``φ = step.log_mask(u, a, b, t)``, ``-inf`` where the key is invalid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from simwarp.similarity import check_metric
+from simwarp.steps import DEFAULT_A, DEFAULT_B, DEFAULT_T, Step, get_step
+
+IMPLS = ("auto", "dense", "chunked", "triton")
+
+
+class WarpStats(NamedTuple):
+    """Per-row statistics, each of shape ``(..., n)``.
+
+    Attributes:
+        lse: log-normaliser ``log Σ_j m_ij exp(s_ij / τ)`` over valid keys (``-inf`` for a row
+            with no valid key). Differentiable.
+        kept: number of keys with non-zero weight (float).
+        lo: minimum similarity over the row's valid keys (0 for an empty row).
+        hi: maximum similarity over the row's valid keys (0 for an empty row).
+        empty: True where the row has no valid key (its output is exactly 0).
+    """
+
+    lse: torch.Tensor
+    kept: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    empty: torch.Tensor
+
+
+@dataclass(frozen=True)
+class WarpSpec:
+    """The non-tensor configuration of one backend call (validated)."""
+
+    metric: str
+    scale: float | None
+    step: Step
+    temperature: float
+    causal: bool
+    exclude_self: bool
+    detach_range: bool
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Internal compute dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def key_validity(
+    mask: torch.Tensor | None,
+    n: int,
+    start: int,
+    stop: int,
+    *,
+    causal: bool,
+    exclude_self: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Validity of keys ``start:stop`` for all ``n`` query rows; ``None`` = all valid.
+
+    ``mask`` must already be expanded to ``(..., n, m)`` (a view). Causal is top-left
+    aligned, as in :func:`torch.nn.functional.scaled_dot_product_attention`: key ``j`` is
+    visible to query ``i`` iff ``j <= i``.
+    """
+    valid = None if mask is None else mask[..., start:stop]
+    if causal or exclude_self:
+        rows = torch.arange(n, device=device)[:, None]
+        cols = torch.arange(start, stop, device=device)[None, :]
+        structural = torch.ones((n, stop - start), dtype=torch.bool, device=device)
+        if causal:
+            structural &= cols <= rows
+        if exclude_self:
+            structural &= cols != rows
+        valid = structural if valid is None else valid & structural
+    return valid
+
+
+def normalized_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``u = (s - lo) / (hi - lo)`` with ``lo``, ``hi`` of shape ``(..., n, 1)``; ``u = 1`` on flat rows."""
+    r = hi - lo
+    flat = r <= 0
+    return torch.where(flat, torch.ones_like(s), (s - lo) / torch.where(flat, torch.ones_like(r), r))
+
+
+def warp_logits(
+    s: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    valid: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: torch.Tensor,
+    spec: WarpSpec,
+) -> torch.Tensor:
+    """Logits ``ℓ = s / τ + φ(u)`` for a block of keys, ``-inf`` where invalid or dropped.
+
+    Args:
+        s: ``(..., n, c)`` similarities; ``lo``, ``hi``: ``(..., n, 1)``; ``valid``: bool
+            broadcastable to ``s`` or ``None``; ``a, b, t``: broadcastable to ``(..., n, 1)``.
+    """
+    phi = spec.step.log_mask(normalized_range(s, lo, hi), a, b, t)
+    logits = s / spec.temperature + phi if spec.temperature != 1.0 else s + phi
+    if valid is not None:
+        logits = logits.masked_fill(~valid, -math.inf)
+    return logits
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------
+
+
+def _shape(x) -> tuple:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+
+
+def check_inputs(q, k, v, mask, exclude_self: bool) -> torch.Size:
+    """Validate tensors; return the broadcast leading (batch) shape."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., rows, features), got {_shape(x)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q (..., n, d) and k (..., m, d) must share d, got q {_shape(q)} and k {_shape(k)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k (..., m, d) and v (..., m, e) must share m, got k {_shape(k)} and v {_shape(v)}")
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"leading dims of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} do not broadcast"
+        ) from None
+    n, m = q.shape[-2], k.shape[-2]
+    if exclude_self and n != m:
+        raise ValueError(f"exclude_self=True needs as many queries as keys, got q {_shape(q)} and k {_shape(k)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a bool tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+        if mask.device != q.device:
+            raise ValueError(f"mask must be on q's device {q.device}, got {mask.device}")
+        try:
+            if torch.broadcast_shapes(mask.shape, (*batch, n, m)) != (*batch, n, m):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(
+                f"mask of shape {_shape(mask)} does not broadcast to (..., n, m) = {(*batch, n, m)}"
+            ) from None
+    return batch
+
+
+def _check_param_values(name: str, x: torch.Tensor, low: float, high: float, high_inclusive: bool) -> None:
+    # Only checked where it costs no device synchronisation (CPU tensors); accelerator
+    # tensors are trusted, as produced by SoftStep they are valid by construction.
+    if x.device.type != "cpu" or x.numel() == 0:
+        return
+    xd = x.detach()
+    bad = (xd <= low) | ((xd > high) if high_inclusive else (xd >= high)) | torch.isnan(xd)
+    if bool(bad.any()):
+        bound = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must lie in ({low}, {high}{bound}, got values in [{xd.min().item()}, {xd.max().item()}]")
+
+
+def resolve_params(
+    a, b, t, *, batch: torch.Size, n: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn ``a, b, t`` (None, float or tensor broadcastable to ``(..., n)``) into tensors
+    of the compute dtype broadcastable to ``(..., n, 1)``; check ``0 < a < b <= 1``, ``0 < t < 1``."""
+    out = []
+    for name, x, default in (("a", a, DEFAULT_A), ("b", b, DEFAULT_B), ("t", t, DEFAULT_T)):
+        if x is None:
+            x = default
+        if isinstance(x, bool) or not isinstance(x, (int, float, torch.Tensor)):
+            raise TypeError(f"{name} must be a float, a tensor or None, got {type(x).__name__}")
+        if not isinstance(x, torch.Tensor):
+            x = torch.tensor(float(x), dtype=dtype, device=device)
+        else:
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+            if x.device != device:
+                raise ValueError(f"{name} must be on the inputs' device {device}, got {x.device}")
+            try:
+                if torch.broadcast_shapes(x.shape, (*batch, n)) != (*batch, n):
+                    raise RuntimeError
+            except RuntimeError:
+                raise ValueError(
+                    f"{name} of shape {_shape(x)} does not broadcast to the rows (..., n) = {(*batch, n)}"
+                ) from None
+            x = x.to(dtype)
+        out.append(x)
+    a, b, t = out
+    _check_param_values("a", a, 0.0, 1.0, high_inclusive=False)
+    _check_param_values("b", b, 0.0, 1.0, high_inclusive=True)
+    _check_param_values("t", t, 0.0, 1.0, high_inclusive=False)
+    if a.device.type == "cpu" and bool((a.detach() >= b.detach()).any()):
+        raise ValueError("a must be smaller than b for every row (0 < a < b <= 1)")
+    return tuple(p.unsqueeze(-1) if p.dim() > 0 else p for p in (a, b, t))
+
+
+def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range) -> WarpSpec:
+    check_metric(metric)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+        scale = float(scale)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    return WarpSpec(
+        metric=metric,
+        scale=scale,
+        step=get_step(step),
+        temperature=float(temperature),
+        causal=bool(causal),
+        exclude_self=bool(exclude_self),
+        detach_range=bool(detach_range),
+    )

@@ -1,0 +1,69 @@
+"""The materialising reference: the whole ``(..., n, m)`` matrix at once, plain autograd.
+
+Any metric and any registered step; small inputs only (memory grows as ``n · m``). It is the
+oracle every other implementation is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from simwarp.backend.common import WarpSpec, WarpStats, key_validity, warp_logits, work_dtype
+from simwarp.similarity import pairwise_similarity
+
+
+def dense_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: torch.Tensor,
+    mask: torch.Tensor | None,
+    spec: WarpSpec,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(logits, lo, hi, empty)``: logits ``(..., n, m)``, the rest ``(..., n)``."""
+    dtype = work_dtype(q.dtype)
+    n, m = q.shape[-2], k.shape[-2]
+    s = pairwise_similarity(q.to(dtype), k.to(dtype), spec.metric, spec.scale)
+    valid = key_validity(
+        None if mask is None else mask.expand(*s.shape[:-2], n, m),
+        n, 0, m, causal=spec.causal, exclude_self=spec.exclude_self, device=s.device,
+    )
+    if valid is None:
+        valid = torch.ones_like(s, dtype=torch.bool)
+    valid = valid.expand_as(s)
+    empty = ~valid.any(-1)
+    # min/max with indices route the range gradient to one key per row (the first on ties),
+    # exactly as the streaming implementations do.
+    lo = torch.where(valid, s, math.inf).min(-1).values
+    hi = torch.where(valid, s, -math.inf).max(-1).values
+    lo = torch.where(empty, torch.zeros_like(lo), lo)
+    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    if spec.detach_range:
+        lo, hi = lo.detach(), hi.detach()
+    logits = warp_logits(s, lo.unsqueeze(-1), hi.unsqueeze(-1), valid, a, b, t, spec)
+    return logits, lo, hi, empty
+
+
+def _safe_lse(logits: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    # logsumexp of an all -inf row is -inf with a NaN gradient: compute it on a finite stand-in.
+    return torch.logsumexp(logits.masked_fill(empty.unsqueeze(-1), 0.0), -1)
+
+
+def dense_weights(q, k, a, b, t, mask, spec: WarpSpec) -> tuple[torch.Tensor, WarpStats]:
+    """Weights ``(..., n, m)`` (softmax of the logits over valid keys; all 0 on a row with no
+    valid key) and the rows' :class:`WarpStats`."""
+    logits, lo, hi, empty = dense_logits(q, k, a, b, t, mask, spec)
+    lse = _safe_lse(logits, empty)
+    w = torch.exp(logits - lse.unsqueeze(-1))
+    kept = (logits > -math.inf).sum(-1).to(w.dtype)
+    stats = WarpStats(lse=lse.masked_fill(empty, -math.inf), kept=kept, lo=lo.detach(), hi=hi.detach(), empty=empty)
+    return w, stats
+
+
+def dense_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec) -> tuple[torch.Tensor, WarpStats]:
+    """Output ``(..., n, e)`` and :class:`WarpStats`."""
+    w, stats = dense_weights(q, k, a, b, t, mask, spec)
+    return (w @ v.to(w.dtype)).to(q.dtype), stats
