@@ -1,0 +1,292 @@
+"""The backend contract: chunked == dense (float64, values and every gradient), gradcheck,
+degenerate rows, low precision, argument errors, and property tests."""
+
+import itertools
+import math
+import zlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import simwarp
+from simwarp.backend import DENSE_AUTO_LIMIT
+
+f64 = torch.float64
+METRICS = ("dot", "cosine", "l2", "sqeuclidean")
+STEPS = ("sigmoidal", "log", "none")
+
+
+def _params(kind, batch, n, gen):
+    """(a, b, t) as scalars, per head (H, 1) or per query row (B, H, n)."""
+    if kind == "float":
+        return 0.2, 0.8, 0.4
+    if kind == "scalar":
+        vals = (0.15, 0.75, 0.35)
+        return tuple(torch.tensor(x, dtype=f64, requires_grad=True) for x in vals)
+    shape = (batch[-1], 1) if kind == "head" else (*batch, n)
+    a = (0.05 + 0.3 * torch.rand(shape, generator=gen, dtype=f64)).requires_grad_()
+    b = (a.detach() + 0.1 + 0.5 * torch.rand(shape, generator=gen, dtype=f64)).clamp(max=1.0).requires_grad_()
+    t = (0.1 + 0.8 * torch.rand(shape, generator=gen, dtype=f64)).requires_grad_()
+    return a, b, t
+
+
+def _run(q, k, v, params, impl, **kw):
+    a, b, t = params
+    out, stats = simwarp.warp_attend(q, k, v, a=a, b=b, t=t, impl=impl, return_stats=True, **kw)
+    weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
+    loss = (out * weights).sum() + 0.3 * stats.lse.masked_fill(stats.empty, 0.0).sum()
+    leaves = [x for x in (q, k, v, a, b, t) if isinstance(x, torch.Tensor) and x.requires_grad]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    return out, stats, grads
+
+
+CASES = list(itertools.product(METRICS, STEPS, ("float", "scalar", "head", "row"), ("none", "random", "causal", "self")))
+
+
+@pytest.mark.parametrize("metric,step,param_kind,mask_kind", CASES)
+def test_chunked_matches_dense_float64(metric, step, param_kind, mask_kind):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}-{step}-{param_kind}-{mask_kind}".encode()))
+    batch = (2, 3)
+    n = int(torch.randint(1, 12, (1,), generator=gen))
+    m = n if mask_kind == "self" else int(torch.randint(1, 15, (1,), generator=gen))
+    d, e = 5, 3
+    q = torch.randn(*batch, n, d, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(batch[0], 1, m, d, generator=gen, dtype=f64, requires_grad=True)  # broadcast over heads
+    v = torch.randn(1, batch[1], m, e, generator=gen, dtype=f64, requires_grad=True)
+    kw = {"metric": metric, "step": step, "temperature": 0.7}
+    if mask_kind == "random":
+        kw["mask"] = torch.rand(batch[0], 1, n, m, generator=gen) > 0.4
+    elif mask_kind == "causal":
+        kw["causal"] = True
+    elif mask_kind == "self":
+        kw["exclude_self"] = True
+    params = _params(param_kind, batch, n, gen)
+    chunk = int(torch.randint(1, m + 2, (1,), generator=gen))
+    out_d, stats_d, grads_d = _run(q, k, v, params, "dense", **kw)
+    out_c, stats_c, grads_c = _run(q, k, v, params, "chunked", chunk_size=chunk, **kw)
+    torch.testing.assert_close(out_c, out_d, rtol=1e-10, atol=1e-12)
+    for field in ("lse", "kept", "lo", "hi", "empty"):
+        torch.testing.assert_close(getattr(stats_c, field), getattr(stats_d, field), rtol=1e-10, atol=1e-12)
+    for gc, gd in zip(grads_c, grads_d):
+        torch.testing.assert_close(gc, gd, rtol=1e-8, atol=1e-10)
+    assert all(torch.isfinite(g).all() for g in grads_c)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("metric,step", [("dot", "sigmoidal"), ("l2", "log"), ("cosine", "sigmoidal"), ("sqeuclidean", "none")])
+def test_gradcheck(impl, metric, step):
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 3, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(2, 6, 3, generator=gen, dtype=f64, requires_grad=True)
+    v = torch.randn(2, 6, 2, generator=gen, dtype=f64, requires_grad=True)
+    a = torch.tensor([[0.2], [0.3]], dtype=f64, requires_grad=True)
+    b = torch.full((2, 4), 0.8, dtype=f64, requires_grad=True)
+    t = torch.tensor(0.45, dtype=f64, requires_grad=True)
+    mask = torch.rand(2, 4, 6, generator=gen) > 0.2
+
+    def fn(q, k, v, a, b, t):
+        out, stats = simwarp.warp_attend(
+            q, k, v, metric=metric, step=step, a=a, b=b, t=t, mask=mask, impl=impl, chunk_size=4, return_stats=True
+        )
+        return out, stats.lse.masked_fill(stats.empty, 0.0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, a, b, t))
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_detach_range_drops_only_the_range_gradient(impl):
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(5, 4, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(9, 4, generator=gen, dtype=f64, requires_grad=True)
+    v = torch.randn(9, 2, generator=gen, dtype=f64)
+    full = torch.autograd.grad(simwarp.warp_attend(q, k, v, impl=impl, chunk_size=3).sum(), q)[0]
+    det = torch.autograd.grad(simwarp.warp_attend(q, k, v, impl=impl, chunk_size=3, detach_range=True).sum(), q)[0]
+    ref = torch.autograd.grad(simwarp.warp_attend(q, k, v, impl="dense", detach_range=True).sum(), q)[0]
+    torch.testing.assert_close(det, ref)
+    assert not torch.allclose(full, det)
+
+
+# ----------------------------------------------------------------------------- degenerate rows
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("step", STEPS)
+def test_degenerate_rows(impl, step):
+    d = 3
+    k = torch.randn(6, d, dtype=f64)
+    k[1] = k[0]
+    v = torch.randn(6, 2, dtype=f64, requires_grad=True)
+    q = torch.randn(4, d, dtype=f64)
+    q[0] = 0.0  # dot with zero query: all similarities equal -> uniform
+    q = q.requires_grad_()
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1] = False
+    mask[1, 3] = True  # a single valid key
+    mask[2] = False  # no valid key
+    out, stats = simwarp.warp_attend(q, k, v, step=step, mask=mask, impl=impl, chunk_size=2, return_stats=True)
+    torch.testing.assert_close(out[0], v.detach().mean(0))
+    torch.testing.assert_close(out[1], v.detach()[3])
+    assert torch.equal(out[2], torch.zeros(2, dtype=f64))
+    assert stats.empty.tolist() == [False, False, True, False]
+    assert stats.kept[:3].tolist() == [6.0, 1.0, 0.0]
+    assert stats.lse[2] == -math.inf
+    gq, gv = torch.autograd.grad(out.sum() + stats.lse.masked_fill(stats.empty, 0).sum(), (q, v))
+    assert torch.isfinite(gq).all() and torch.isfinite(gv).all()
+    assert torch.equal(gq[2], torch.zeros(d, dtype=f64))
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_leave_one_out_l2_with_duplicates_trains_without_nan(impl):
+    z = torch.randn(8, 4, dtype=f64)
+    z[3] = z[2]  # zero distance between two different rows as well as on the diagonal
+    z.requires_grad_()
+    y = torch.randn(8, 1, dtype=f64)
+    out = simwarp.warp_attend(z, z, y, metric="l2", exclude_self=True, impl=impl, chunk_size=3)
+    (g,) = torch.autograd.grad((out - y).pow(2).mean(), z)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-6, 1e6, 1e15])
+def test_huge_and_tiny_magnitudes(impl, magnitude):
+    q = (torch.randn(3, 5, 4) * magnitude).requires_grad_()
+    k = torch.randn(3, 7, 4) * magnitude
+    v = torch.randn(3, 7, 2)
+    for metric in METRICS:
+        out = simwarp.warp_attend(q, k, v, metric=metric, impl=impl, chunk_size=3)
+        (g,) = torch.autograd.grad(out.sum(), q)
+        assert torch.isfinite(out).all() and torch.isfinite(g).all(), metric
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(impl, dtype):
+    gen = torch.Generator().manual_seed(3)
+    q64, k64, v64 = (torch.randn(2, n, 8, generator=gen, dtype=f64) for n in (5, 9, 9))
+    q, k, v = (x.to(dtype).requires_grad_() for x in (q64, k64, v64))
+    out = simwarp.warp_attend(q, k, v, causal=True, impl=impl, chunk_size=4)
+    assert out.dtype == dtype
+    ref = simwarp.warp_attend(*(x.detach().to(f64) for x in (q, k, v)), causal=True, impl="dense")
+    torch.testing.assert_close(out.to(f64), ref, atol=3e-2, rtol=3e-2)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+
+
+def test_empty_inputs():
+    q, k, v = torch.randn(2, 0, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 3)
+    assert simwarp.warp_attend(q, k, v).shape == (2, 0, 3)
+    out, stats = simwarp.warp_attend(torch.randn(2, 4, 4), k[:, :0], v[:, :0], return_stats=True)
+    assert torch.equal(out, torch.zeros(2, 4, 3)) and stats.empty.all()
+
+
+def test_auto_picks_dense_for_small_and_chunked_for_large(monkeypatch):
+    import simwarp.backend as backend
+
+    calls = []
+    monkeypatch.setattr(backend, "chunked_warp_attend", lambda *a: calls.append("chunked") or (a[0][..., :1],) * 6)
+    monkeypatch.setattr(backend, "dense_warp_attend", lambda *a: calls.append("dense") or (a[0][..., :1], None))
+    small = torch.randn(4, 3)
+    simwarp.warp_attend(small, small, small)
+    big_n = int(math.isqrt(DENSE_AUTO_LIMIT)) + 1
+    big = torch.randn(big_n, 2)
+    simwarp.warp_attend(big, big, big)
+    simwarp.warp_attend(big, big, big, metric="l1")
+    assert calls == ["dense", "chunked", "dense"]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _qkv():
+    return torch.randn(2, 4, 3), torch.randn(2, 5, 3), torch.randn(2, 5, 2)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda q, k, v: dict(q=q.numpy()), TypeError, "q must be a torch.Tensor"),
+        (lambda q, k, v: dict(q=q[0, 0]), ValueError, r"q must have shape"),
+        (lambda q, k, v: dict(k=torch.randn(2, 5, 4)), ValueError, r"must share d.*\(2, 4, 3\).*\(2, 5, 4\)"),
+        (lambda q, k, v: dict(v=torch.randn(2, 6, 2)), ValueError, r"must share m"),
+        (lambda q, k, v: dict(v=v.double()), TypeError, "share a dtype"),
+        (lambda q, k, v: dict(q=q.long()), TypeError, "floating-point"),
+        (lambda q, k, v: dict(k=torch.randn(3, 5, 3)), ValueError, "do not broadcast"),
+        (lambda q, k, v: dict(metric="hamming"), ValueError, "metric must be one of"),
+        (lambda q, k, v: dict(step="hard"), ValueError, "step must be one of"),
+        (lambda q, k, v: dict(impl="fast"), ValueError, "impl must be one of"),
+        (lambda q, k, v: dict(exclude_self=True), ValueError, "exclude_self=True needs"),
+        (lambda q, k, v: dict(mask=torch.ones(4, 4, dtype=torch.bool)), ValueError, r"mask of shape \(4, 4\)"),
+        (lambda q, k, v: dict(mask=torch.ones(4, 5)), TypeError, "bool tensor"),
+        (lambda q, k, v: dict(a=1.5), ValueError, r"a must lie in"),
+        (lambda q, k, v: dict(a=0.6, b=0.5), ValueError, "a must be smaller than b"),
+        (lambda q, k, v: dict(t=torch.tensor([0.5, 1.0])), ValueError, "does not broadcast|t must lie"),
+        (lambda q, k, v: dict(b=torch.full((3,), 0.9)), ValueError, r"b of shape \(3,\)"),
+        (lambda q, k, v: dict(a="0.1"), TypeError, "a must be a float"),
+        (lambda q, k, v: dict(temperature=0.0), ValueError, "temperature"),
+        (lambda q, k, v: dict(scale=-1.0), ValueError, "scale"),
+        (lambda q, k, v: dict(chunk_size=0), ValueError, "chunk_size"),
+        (lambda q, k, v: dict(metric="l1", impl="chunked"), ValueError, "only available with impl='dense'"),
+        (lambda q, k, v: dict(impl="triton"), ValueError, "triton"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(change, error, match):
+    q, k, v = _qkv()
+    kwargs = dict(q=q, k=k, v=v)
+    kwargs.update(change(q, k, v))
+    args = [kwargs.pop(x) for x in ("q", "k", "v")]
+    with pytest.raises(error, match=match):
+        simwarp.warp_attend(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- warp_weights + properties
+
+
+def test_warp_weights_matches_warp_attend():
+    q, k = torch.randn(2, 6, 4, dtype=f64), torch.randn(2, 9, 4, dtype=f64)
+    v = torch.randn(2, 9, 3, dtype=f64)
+    w, stats = simwarp.warp_weights(q, k, metric="cosine", causal=True, return_stats=True)
+    torch.testing.assert_close(w @ v, simwarp.warp_attend(q, k, v, metric="cosine", causal=True, impl="chunked", chunk_size=4))
+    torch.testing.assert_close(stats.kept, (w > 0).sum(-1).to(f64))
+
+
+@st.composite
+def _problem(draw):
+    n = draw(st.integers(1, 7))
+    m = draw(st.integers(1, 9))
+    seed = draw(st.integers(0, 2**31 - 1))
+    a = draw(st.floats(0.01, 0.9))
+    b = draw(st.floats(a + 0.01, 1.0))
+    t = draw(st.floats(0.05, 0.95))
+    metric = draw(st.sampled_from(METRICS))
+    step = draw(st.sampled_from(STEPS))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, 3, generator=gen, dtype=f64)
+    k = torch.randn(m, 3, generator=gen, dtype=f64)
+    mask = torch.rand(n, m, generator=gen) > 0.3
+    return q, k, mask, dict(a=a, b=b, t=t, metric=metric, step=step)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_problem())
+def test_weight_properties(problem):
+    q, k, mask, kw = problem
+    w = simwarp.warp_weights(q, k, mask=mask, **kw)
+    has_valid = mask.any(-1)
+    torch.testing.assert_close(w.sum(-1), has_valid.to(f64))
+    assert (w[~mask] == 0).all()
+    s = simwarp.pairwise_similarity(q, k, kw["metric"])
+    s_valid = s.masked_fill(~mask, -math.inf)
+    best = s_valid.argmax(-1)
+    rows = torch.nonzero(has_valid).squeeze(-1)
+    assert (w[rows, best[rows]] > 0).all(), "the row's best key always survives"
+    if kw["step"] == "sigmoidal":
+        lo = s.masked_fill(~mask, math.inf).amin(-1, keepdim=True)
+        hi = s_valid.amax(-1, keepdim=True)
+        u = (s - lo) / (hi - lo)
+        below = mask & (u <= kw["a"]) & (hi > lo)
+        assert (w[below] == 0).all(), "exact zeros at or below a"
+    perm = torch.randperm(k.shape[0])
+    w_perm = simwarp.warp_weights(q, k[perm], mask=mask[:, perm], **kw)
+    torch.testing.assert_close(w_perm, w[:, perm])

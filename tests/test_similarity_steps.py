@@ -1,0 +1,184 @@
+import math
+
+import pytest
+import torch
+
+import simwarp
+from simwarp.similarity import (
+    METRICS,
+    default_scale,
+    paired_similarity,
+    pairwise_similarity,
+    safe_sqrt,
+)
+from simwarp.steps import SoftStep, available_steps, get_step, params_from_raw, register_step
+
+f64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _loop_similarity(q, k, metric):
+    out = torch.empty(q.shape[0], k.shape[0], dtype=q.dtype)
+    for i in range(q.shape[0]):
+        for j in range(k.shape[0]):
+            x, y = q[i], k[j]
+            out[i, j] = {
+                "dot": (x @ y) / math.sqrt(q.shape[1]),
+                "cosine": (x @ y) / (x.norm() * y.norm()),
+                "l2": -(x - y).norm(),
+                "sqeuclidean": -((x - y) ** 2).sum(),
+                "l1": -(x - y).abs().sum(),
+            }[metric]
+    return out
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_pairwise_similarity_matches_definition(metric):
+    q, k = torch.randn(5, 7, dtype=f64), torch.randn(6, 7, dtype=f64)
+    torch.testing.assert_close(pairwise_similarity(q, k, metric), _loop_similarity(q, k, metric))
+    diag = pairwise_similarity(q, k[:5], metric).diagonal()
+    torch.testing.assert_close(paired_similarity(q, k[:5], metric), diag)
+
+
+def test_scale_and_defaults():
+    q, k = torch.randn(3, 16, dtype=f64), torch.randn(4, 16, dtype=f64)
+    assert default_scale("dot", 16) == 0.25 and default_scale("l2", 16) == 1.0
+    torch.testing.assert_close(pairwise_similarity(q, k, "dot", scale=1.0), q @ k.T)
+    torch.testing.assert_close(pairwise_similarity(q, k, "l2", scale=2.0), 2 * pairwise_similarity(q, k, "l2"))
+
+
+def test_unknown_metric_is_a_clear_error():
+    with pytest.raises(ValueError, match="metric must be one of"):
+        pairwise_similarity(torch.randn(2, 3), torch.randn(2, 3), "manhattan")
+
+
+def test_l2_gradient_is_finite_at_zero_distance():
+    x = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    s = pairwise_similarity(x, x, "l2")
+    s.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    y = torch.zeros(3, dtype=f64, requires_grad=True)
+    safe_sqrt(y).sum().backward()
+    assert torch.equal(y.grad, torch.zeros(3, dtype=f64))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _paper_sigmoidal(u, a, b, t):
+    if u <= a:
+        return 0.0
+    if u >= b:
+        return 1.0
+    x, y = (u - a) ** (1 / t), (b - u) ** (1 / t)
+    return x / (x + y)
+
+
+def _paper_log(u, a, b, t):
+    if u <= 0:
+        return 0.0
+    if u >= b:
+        return 1.0
+    return math.exp(t / (1 - t) * (b - u) * math.log(u / b))
+
+
+@pytest.mark.parametrize("name,ref", [("sigmoidal", _paper_sigmoidal), ("log", _paper_log)])
+@pytest.mark.parametrize("a,b,t", [(0.1, 0.9, 0.5), (0.3, 0.5, 0.2), (0.05, 1.0, 0.9)])
+def test_steps_match_their_definition(name, ref, a, b, t):
+    u = torch.linspace(-0.05, 1.05, 221, dtype=f64)
+    got = get_step(name).mask(u, a, b, t)
+    want = torch.tensor([ref(float(x), a, b, t) for x in u], dtype=f64)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-9)
+    assert got[u <= (a if name == "sigmoidal" else 0)].eq(0).all(), "exactly zero below the band"
+    assert got[u >= b].eq(1).all(), "exactly one above the band"
+
+
+@pytest.mark.parametrize("name", ["sigmoidal", "log"])
+def test_step_gradients_are_finite_everywhere(name):
+    u = torch.tensor([0.0, 0.1, 0.2, 0.5, 0.9, 1.0, 1.2], dtype=f64, requires_grad=True)
+    a, b, t = (torch.tensor(x, dtype=f64, requires_grad=True) for x in (0.1, 0.9, 0.5))
+    phi = get_step(name).log_mask(u, a, b, t)
+    finite = torch.isfinite(phi)
+    phi.masked_fill(~finite, 0.0).sum().backward()
+    for g in (u.grad, a.grad, b.grad, t.grad):
+        assert g is None or torch.isfinite(g).all()
+
+
+def test_step_registry():
+    assert {"sigmoidal", "log", "none"} <= set(available_steps())
+    with pytest.raises(ValueError, match="already registered"):
+        register_step("sigmoidal", lambda u, a, b, t: u)
+    with pytest.raises(ValueError, match="step must be one of"):
+        get_step("nope")
+    with pytest.raises(TypeError):
+        register_step("bad", 3)
+
+
+def test_user_step_runs_on_dense_and_chunked():
+    def hard(u, a, b, t):  # a hard threshold at a: keep u > a
+        return torch.where(u > a, torch.zeros_like(u), torch.full_like(u, -math.inf))
+
+    register_step("test_hard_threshold", hard, overwrite=True)
+    q, k, v = torch.randn(2, 9, 4, dtype=f64), torch.randn(2, 13, 4, dtype=f64), torch.randn(2, 13, 3, dtype=f64)
+    q.requires_grad_()
+    outs = [simwarp.warp_attend(q, k, v, step="test_hard_threshold", a=0.5, impl=i, chunk_size=4) for i in ("dense", "chunked")]
+    torch.testing.assert_close(outs[0], outs[1])
+    grads = [torch.autograd.grad(o.sum(), q)[0] for o in outs]
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ----------------------------------------------------------------------------- SoftStep
+
+
+def test_params_from_raw_constraints_hold_for_extreme_raw():
+    raw = torch.tensor([[-30.0, -30.0, -30.0], [30.0, 30.0, 30.0], [0.0, 0.0, 0.0]], dtype=f64)
+    a, b, t = params_from_raw(raw)
+    assert ((0 < a) & (a < b) & (b <= 1) & (0 < t) & (t < 1)).all()
+
+
+@pytest.mark.parametrize("init", [(0.1, 0.9, 0.5), (0.3, 0.4, 0.1)])
+def test_softstep_modes_shapes_and_init(init):
+    g = SoftStep("global", init=init)
+    a, b, t = g()
+    assert a.shape == () and torch.allclose(torch.stack([a, b, t]), torch.tensor(init), atol=1e-5)
+    h = SoftStep("per_head", num_heads=4, init=init)
+    assert all(p.shape == (4, 1) for p in h())
+    i = SoftStep("instance", in_features=6, hidden=8, init=init)
+    cond = torch.randn(2, 3, 5, 6)
+    a, b, t = i(cond)
+    assert a.shape == (2, 3, 5)
+    torch.testing.assert_close(a, torch.full_like(a, init[0]), atol=1e-5, rtol=0)
+    kw = i.kwargs(cond)
+    assert kw["step"] == "sigmoidal" and kw["t"].shape == (2, 3, 5)
+    curve = g.curve(torch.linspace(0, 1, 11))
+    assert curve.shape == (11,) and curve[0] == 0 and curve[-1] == 1
+
+
+def test_softstep_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        SoftStep("per_row")
+    with pytest.raises(ValueError, match="num_heads"):
+        SoftStep("per_head")
+    with pytest.raises(ValueError, match="in_features"):
+        SoftStep("instance")
+    with pytest.raises(ValueError, match="init"):
+        SoftStep(init=(0.5, 0.4, 0.5))
+    with pytest.raises(ValueError, match="step must be one of"):
+        SoftStep(step="nope")
+    with pytest.raises(ValueError, match="cond"):
+        SoftStep("instance", in_features=3)(None)
+    with pytest.raises(ValueError, match="in_features=3"):
+        SoftStep("instance", in_features=3)(torch.randn(2, 4))
+
+
+def test_softstep_parameters_are_trained_through_the_backend():
+    step = SoftStep("instance", in_features=5)
+    q, k, v = torch.randn(7, 5), torch.randn(11, 5), torch.randn(11, 2)
+    for impl in ("dense", "chunked"):
+        step.zero_grad()
+        simwarp.warp_attend(q, k, v, impl=impl, chunk_size=4, **step.kwargs(q)).pow(2).sum().backward()
+        grads = [p.grad for p in step.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
