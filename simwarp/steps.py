@@ -10,6 +10,8 @@ Built-in steps (see ``docs/math.md``):
 * ``"sigmoidal"`` (exactly sparse): ``m = 0`` for ``u ≤ a``, ``1`` for ``u ≥ b``, else
   ``(u-a)^(1/t) / ((u-a)^(1/t) + (b-u)^(1/t))``.
 * ``"log"`` (soft): ``log m = t/(1-t) · (b-u) · log(u/b)`` for ``u < b``, ``0`` above.
+* ``"poly"`` (exactly sparse, no transcendentals in the fused kernel): a cubic smoothstep
+  ``y²(3 - 2y)`` on ``y = (u - (a+b)/2) / (t (b-a)) + 1/2``, clamped to ``[0, 1]``.
 * ``"none"``: ``φ = 0``; the backend reduces to a plain softmax over similarities.
 
 User steps are added with :func:`register_step`; they run on the dense and chunked paths.
@@ -74,6 +76,31 @@ def log_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Ten
     return torch.where(inside, phi, torch.where(above, torch.zeros_like(phi), _neg_inf(phi)))
 
 
+def poly_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Transcendental-free step: a cubic smoothstep on a band of width ``t·(b-a)`` centred in ``[a, b]``.
+
+    With ``c = 1 / (t (b - a))`` (one reciprocal per row) and
+    ``y = (u - (a + b)/2) · c + 1/2``::
+
+        m(u) = 0                 for y <= 0   (so every u <= a is dropped, and more when t < 1)
+        m(u) = y² (3 - 2y)       for 0 < y < 1
+        m(u) = 1                 for y >= 1   (every u >= b keeps its full weight)
+
+    ``m`` is C¹ (zero slope at both band ends), monotone, and costs a subtract, a fused
+    multiply-add and three multiplies per score. ``t → 0`` approaches a hard threshold at the
+    band's midpoint; ``t = 1`` spreads the smoothstep over all of ``[a, b]``. In log space
+    (``φ = log m``) its partial derivatives inside the band are, with ``x = (u - a)/(b - a)``
+    and ``φ_y = 6 (1 - y) / (y (3 - 2y))``: ``φ_u = φ_y c``, ``φ_a = φ_y c (x - 1)``,
+    ``φ_b = -φ_y c x``, ``φ_t = -φ_y (y - 1/2) / t`` (zero outside the band).
+    """
+    y = (u - (a + b) * 0.5) / (t * (b - a)) + 0.5
+    dropped, above = y <= 0, y >= 1
+    inside = ~(dropped | above)
+    y_in = torch.where(inside, y, 0.5)
+    phi = torch.log(y_in * y_in * (3 - 2 * y_in))
+    return torch.where(inside, phi, torch.where(above, torch.zeros_like(phi), _neg_inf(phi)))
+
+
 def none_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """No warping: ``φ = 0`` (plain softmax over the similarities)."""
     return torch.zeros_like(u)
@@ -117,9 +144,10 @@ def available_steps() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-BUILTIN_STEPS = ("sigmoidal", "log", "none")
+BUILTIN_STEPS = ("sigmoidal", "log", "poly", "none")
 register_step("sigmoidal", sigmoidal_log_mask)
 register_step("log", log_log_mask)
+register_step("poly", poly_log_mask)
 register_step("none", none_log_mask)
 
 

@@ -15,7 +15,7 @@ from simwarp.backend import DENSE_AUTO_LIMIT
 
 f64 = torch.float64
 METRICS = ("dot", "cosine", "l2", "sqeuclidean")
-STEPS = ("sigmoidal", "log", "none")
+STEPS = ("sigmoidal", "log", "poly", "none")
 
 
 def _params(kind, batch, n, gen):
@@ -75,7 +75,7 @@ def test_chunked_matches_dense_float64(metric, step, param_kind, mask_kind):
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
-@pytest.mark.parametrize("metric,step", [("dot", "sigmoidal"), ("l2", "log"), ("cosine", "sigmoidal"), ("sqeuclidean", "none")])
+@pytest.mark.parametrize("metric,step", [("dot", "sigmoidal"), ("l2", "log"), ("cosine", "poly"), ("sqeuclidean", "none")])
 def test_gradcheck(impl, metric, step):
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 4, 3, generator=gen, dtype=f64, requires_grad=True)
@@ -281,7 +281,7 @@ def test_weight_properties(problem):
     best = s_valid.argmax(-1)
     rows = torch.nonzero(has_valid).squeeze(-1)
     assert (w[rows, best[rows]] > 0).all(), "the row's best key always survives"
-    if kw["step"] == "sigmoidal":
+    if kw["step"] in ("sigmoidal", "poly"):
         lo = s.masked_fill(~mask, math.inf).amin(-1, keepdim=True)
         hi = s_valid.amax(-1, keepdim=True)
         u = (s - lo) / (hi - lo)

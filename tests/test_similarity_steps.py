@@ -84,7 +84,13 @@ def _paper_log(u, a, b, t):
     return math.exp(t / (1 - t) * (b - u) * math.log(u / b))
 
 
-@pytest.mark.parametrize("name,ref", [("sigmoidal", _paper_sigmoidal), ("log", _paper_log)])
+def _poly(u, a, b, t):
+    y = (u - (a + b) / 2) / (t * (b - a)) + 0.5
+    y = min(max(y, 0.0), 1.0)
+    return y * y * (3 - 2 * y)
+
+
+@pytest.mark.parametrize("name,ref", [("sigmoidal", _paper_sigmoidal), ("log", _paper_log), ("poly", _poly)])
 @pytest.mark.parametrize("a,b,t", [(0.1, 0.9, 0.5), (0.3, 0.5, 0.2), (0.05, 1.0, 0.9)])
 def test_steps_match_their_definition(name, ref, a, b, t):
     u = torch.linspace(-0.05, 1.05, 221, dtype=f64)
@@ -95,7 +101,17 @@ def test_steps_match_their_definition(name, ref, a, b, t):
     assert got[u >= b].eq(1).all(), "exactly one above the band"
 
 
-@pytest.mark.parametrize("name", ["sigmoidal", "log"])
+def test_poly_is_c1_and_monotone():
+    a, b, t = 0.2, 0.7, 0.6
+    u = torch.linspace(0, 1, 20001, dtype=f64)
+    m = get_step("poly").mask(u, a, b, t)
+    dm = torch.diff(m) / torch.diff(u)
+    assert (dm >= 0).all()
+    assert dm.abs().max() < 1.5 / (t * (b - a)) + 1e-6  # bounded slope, no jump at either band end
+    assert torch.diff(dm).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("name", ["sigmoidal", "log", "poly"])
 def test_step_gradients_are_finite_everywhere(name):
     u = torch.tensor([0.0, 0.1, 0.2, 0.5, 0.9, 1.0, 1.2], dtype=f64, requires_grad=True)
     a, b, t = (torch.tensor(x, dtype=f64, requires_grad=True) for x in (0.1, 0.9, 0.5))
