@@ -9,12 +9,24 @@ Core API:
 
 from simwarp import steps
 from simwarp.backend import WarpStats, warp_attend, warp_weights
+from simwarp.heads import (
+    KNNRegressionHead,
+    LinearHead,
+    NeighborClassificationHead,
+    NeighborRegressionHead,
+    make_head,
+)
 from simwarp.similarity import pairwise_similarity
 from simwarp.steps import SoftStep, register_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KNNRegressionHead",
+    "LinearHead",
+    "NeighborClassificationHead",
+    "NeighborRegressionHead",
+    "make_head",
     "SoftStep",
     "WarpStats",
     "pairwise_similarity",

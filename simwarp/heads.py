@@ -1,0 +1,663 @@
+"""Neighbour heads: predict from the labels of similar rows, weighted by a learned SoftStep.
+
+A neighbour head is a drop-in for a final ``nn.Linear``: it maps embeddings ``z (N, D)`` to
+predictions, but instead of a weight matrix it averages the *labels of neighbours*:
+
+* **training** (``module.training`` and ``y`` given): every row of the batch is predicted from
+  the *other* rows of the same batch (leave-one-out through ``exclude_self``), so
+  ``loss = mse(head(z, y), y)`` trains the encoder and the step parameters together;
+* **inference** (eval mode, or ``y=None``): every query is predicted from a stored *bank* of
+  embeddings and labels (:meth:`set_bank` / :meth:`fit_bank`), streamed by the backend with
+  bounded memory when the bank is large (``impl="auto"``).
+
+All similarity, normalisation and softmax math happens in the backend
+(:func:`simwarp.warp_attend`, :func:`simwarp.warp_weights`, :func:`simwarp.pairwise_similarity`).
+
+Classes:
+    :class:`NeighborRegressionHead`, :class:`NeighborClassificationHead` (SoftStep, or plain
+    neighbour attention with ``step="none"`` — the NONA baseline), :class:`KNNRegressionHead`
+    (hard top-k average), :class:`LinearHead` (an ``nn.Linear`` with the same call signature),
+    and :func:`make_head` to build any of them by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simwarp.backend import warp_attend, warp_weights
+from simwarp.similarity import METRICS, pairwise_similarity
+from simwarp.steps import SoftStep, get_step
+
+__all__ = [
+    "HEAD_KINDS",
+    "KNNRegressionHead",
+    "LinearHead",
+    "NeighborClassificationHead",
+    "NeighborRegressionHead",
+    "make_head",
+]
+
+#: scores materialised at once by :meth:`explain` and the kNN head (queries × bank entries).
+EXPLAIN_BUDGET = 1 << 22
+_HEAD_MODES = ("global", "instance")
+
+
+def _shape(x: Any) -> tuple:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+
+
+def _check_z(z: Any, in_features: int, name: str = "z") -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 2 or z.shape[-1] != in_features:
+        raise ValueError(f"{name} must have shape (N, in_features={in_features}), got {_shape(z)}")
+    if not z.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
+
+
+def _progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional (extra "data")
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+class _BankMixin(nn.Module):
+    """Bank of stored embeddings ``bank_z (M, D)`` and labels ``bank_y`` held as buffers.
+
+    An empty bank has ``M = 0``. Loading a state dict resizes the bank buffers to the stored
+    shapes, so a trained head round-trips with its bank through ``state_dict`` / ``torch.save``.
+    """
+
+    in_features: int
+    _BANK_KEYS = ("bank_z", "bank_y")
+
+    def _init_bank(self, y_shape: tuple[int, ...], y_dtype: torch.dtype) -> None:
+        self.register_buffer("bank_z", torch.zeros(0, self.in_features))
+        self.register_buffer("bank_y", torch.zeros((0, *y_shape), dtype=y_dtype))
+
+    @property
+    def bank_size(self) -> int:
+        """Number of stored bank entries ``M`` (0 = no bank)."""
+        return int(self.bank_z.shape[0])
+
+    @property
+    def has_bank(self) -> bool:
+        return self.bank_size > 0
+
+    def _check_labels(self, y: Any, n: int, name: str = "y") -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def set_bank(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        """Store ``z (M, in_features)`` and their labels as the inference bank (detached).
+
+        The bank follows the inputs' device and dtype; labels are checked (shape, NaN).
+        """
+        _check_z(z, self.in_features)
+        y = self._check_labels(y, z.shape[0])
+        if z.shape[0] == 0:
+            raise ValueError("set_bank needs at least one entry, got z of shape (0, D)")
+        self.bank_z = z.detach().clone()
+        self.bank_y = y.detach().clone()
+        self._on_bank_set()
+
+    def _on_bank_set(self) -> None:
+        pass
+
+    def clear_bank(self) -> None:
+        """Drop the bank (keeps the learned parameters)."""
+        self.bank_z = self.bank_z.new_zeros((0, self.in_features))
+        self.bank_y = self.bank_y.new_zeros((0, *self.bank_y.shape[1:]))
+
+    @torch.no_grad()
+    def fit_bank(
+        self,
+        encoder: nn.Module | None,
+        loader: Iterable,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> None:
+        """Encode a data set and store it as the bank.
+
+        Args:
+            encoder: maps a batch ``x`` to ``z (B, in_features)``; ``None`` = ``x`` already is ``z``.
+                Run without gradients and in eval mode (its mode is restored afterwards).
+            loader: iterable of ``(x, y)`` batches (e.g. a ``DataLoader``); batches bound the memory.
+            device: where to move each ``x`` and ``y`` before encoding (``None``: leave them).
+            progress: show a progress bar (needs ``tqdm``).
+        """
+        was_training = encoder.training if encoder is not None else False
+        if encoder is not None:
+            encoder.eval()
+        zs, ys = [], []
+        try:
+            total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+            for batch in _progress(loader, progress, "simwarp: encoding bank", total):
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise TypeError("fit_bank expects the loader to yield (x, y) batches")
+                x, y = batch[0], batch[1]
+                if device is not None:
+                    x, y = x.to(device), y.to(device)
+                z = encoder(x) if encoder is not None else x
+                zs.append(z.detach())
+                ys.append(torch.as_tensor(y).detach())
+        finally:
+            if encoder is not None:
+                encoder.train(was_training)
+        if not zs:
+            raise ValueError("fit_bank got an empty loader")
+        self.set_bank(torch.cat(zs), torch.cat(ys))
+
+    def _require_bank(self) -> None:
+        if not self.has_bank:
+            raise RuntimeError(
+                f"{type(self).__name__} has no bank: call set_bank(z, y) or fit_bank(encoder, loader) "
+                "before predicting in eval mode (or pass y in training mode)"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for key in self._BANK_KEYS:
+            full = prefix + key
+            if full in state_dict and isinstance(state_dict[full], torch.Tensor):
+                cur = getattr(self, key)
+                src = state_dict[full]
+                setattr(self, key, torch.empty(src.shape, dtype=src.dtype, device=cur.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class _WarpHeadBase(_BankMixin):
+    """Shared machinery of the SoftStep neighbour heads (regression and classification)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        metric: str,
+        step: str,
+        mode: str,
+        temperature: float,
+        scale: float | None,
+        hidden: int | None,
+        init: tuple[float, float, float] | None,
+        detach_range: bool,
+        impl: str,
+        chunk_size: int | None,
+    ) -> None:
+        super().__init__()
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        get_step(step)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+        self.in_features, self.metric, self.step_name = in_features, metric, step
+        self.temperature, self.scale, self.detach_range = float(temperature), scale, detach_range
+        self.impl, self.chunk_size = impl, chunk_size
+        if step == "none":
+            self.softstep: SoftStep | None = None
+            self.mode = "none"
+        else:
+            if mode not in _HEAD_MODES:
+                raise ValueError(f"mode must be one of {_HEAD_MODES}, got {mode!r}")
+            self.mode = mode
+            self.softstep = SoftStep(
+                mode=mode, in_features=in_features if mode == "instance" else None, hidden=hidden, step=step, init=init
+            )
+        self._last_kept: torch.Tensor | None = None
+        self._last_keys: int = 0
+
+    # -- backend calls ----------------------------------------------------------------------
+
+    def _step_kwargs(self, z: torch.Tensor) -> dict:
+        if self.softstep is None:
+            return {"step": "none"}
+        kw = self.softstep.kwargs(z if self.mode == "instance" else None)
+        if self.mode == "global":  # follow the inputs' dtype (e.g. float64 tests)
+            kw = {k: (v.to(z.dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        return kw
+
+    def _attend(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> tuple[torch.Tensor, Any]:
+        out, stats = warp_attend(
+            z, keys, values, metric=self.metric, scale=self.scale, temperature=self.temperature,
+            exclude_self=loo, detach_range=self.detach_range, impl=self.impl, chunk_size=self.chunk_size,
+            return_stats=True, **self._step_kwargs(z),
+        )
+        self._last_kept = stats.kept.detach()
+        self._last_keys = keys.shape[0] - (1 if loo else 0)
+        return out, stats
+
+    def _check_training_batch(self, z: torch.Tensor) -> None:
+        if z.shape[0] < 2:
+            raise ValueError(
+                f"training a neighbour head needs at least 2 rows per batch (each row is predicted from the "
+                f"others), got z of shape {_shape(z)}; use drop_last=True in the DataLoader"
+            )
+
+    # -- monitoring and analysis ------------------------------------------------------------
+
+    @property
+    def sparsity(self) -> dict[str, float]:
+        """Kept-neighbour statistics of the last forward pass: ``kept_fraction`` (mean share of
+        valid neighbours with non-zero weight), its ``min``/``max`` over rows, ``kept_mean``
+        (mean count) and ``neighbours`` (valid neighbours per row). Empty before the first call."""
+        if self._last_kept is None or self._last_keys == 0:
+            return {}
+        kept = self._last_kept.float()
+        frac = kept / self._last_keys
+        return {
+            "kept_fraction": float(frac.mean()),
+            "kept_fraction_min": float(frac.min()),
+            "kept_fraction_max": float(frac.max()),
+            "kept_mean": float(kept.mean()),
+            "neighbours": float(self._last_keys),
+        }
+
+    def step_params(self, z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Current ``a, b, t`` (global: scalars; instance: one per row of ``z``), detached."""
+        if self.softstep is None:
+            return {}
+        a, b, t = self.softstep(z if self.mode == "instance" else None)
+        return {"a": a.detach(), "b": b.detach(), "t": t.detach()}
+
+    @torch.no_grad()
+    def explain(self, z: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most influential bank entries per query.
+
+        Weights come from :func:`simwarp.warp_weights` on blocks of queries (each block sees the
+        whole bank, so weights are exact); memory is bounded by ``EXPLAIN_BUDGET`` scores.
+
+        Args:
+            z: queries ``(N, in_features)``.
+            k: number of entries (clipped to the bank size).
+
+        Returns:
+            ``indices (N, k)`` into the bank (long) and their ``weights (N, k)``, largest first.
+            Entries that the step dropped have weight exactly 0.
+        """
+        self._require_bank()
+        _check_z(z, self.in_features)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = min(k, self.bank_size)
+        rows = max(1, EXPLAIN_BUDGET // self.bank_size)
+        idx_out, w_out = [], []
+        for start in range(0, z.shape[0], rows):
+            zq = z[start : start + rows]
+            w = warp_weights(
+                zq, self.bank_z, metric=self.metric, scale=self.scale, temperature=self.temperature,
+                detach_range=self.detach_range, **self._step_kwargs(zq),
+            )
+            top = torch.topk(w, k, dim=-1)
+            idx_out.append(top.indices)
+            w_out.append(top.values)
+        if not idx_out:
+            empty = z.new_zeros((0, k))
+            return empty.long(), empty
+        return torch.cat(idx_out), torch.cat(w_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, metric={self.metric!r}, step={self.step_name!r}, "
+            f"mode={self.mode!r}, temperature={self.temperature}, bank={self.bank_size}"
+        )
+
+
+class NeighborRegressionHead(_WarpHeadBase):
+    """SoftStep neighbour regression: predict the SoftStep-weighted mean of neighbours' labels.
+
+    Args:
+        in_features: embedding size ``D`` of ``z``.
+        out_features: number of targets ``E``.
+        metric: similarity (``"l2"``, ``"cosine"``, ``"dot"``, ``"sqeuclidean"``, ``"l1"``).
+        step: registered step (``"sigmoidal"``, ``"log"``, or ``"none"`` = plain neighbour
+            attention without warping, the NONA baseline).
+        mode: ``"global"`` (3 learned scalars) or ``"instance"`` (a linear map of each query to
+            its own ``(a, b, t)``). Ignored for ``step="none"``.
+        temperature: softmax temperature.
+        standardize_targets: feed the backend ``(y - mean) / std`` and map back. The mean/std
+            are exact running statistics of all training targets seen (``target_mean``,
+            ``target_std`` buffers, reset to the bank's statistics by :meth:`set_bank`). The
+            prediction is a convex combination of labels, so this does not change it
+            mathematically; it keeps the values the backend averages ``O(1)`` (low-precision
+            compute, and ``E[y²] − E[y]²`` in :meth:`predict_with_uncertainty`). No clipping.
+        scale, hidden, init, detach_range, impl, chunk_size: passed to
+            :class:`simwarp.SoftStep` / :func:`simwarp.warp_attend`.
+
+    Shapes:
+        ``forward(z (N, D), y (N, E) or (N,) if E == 1) -> (N, E)`` (or ``(N,)`` when ``y`` was 1-D).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 1,
+        metric: str = "l2",
+        step: str = "sigmoidal",
+        mode: str = "instance",
+        temperature: float = 1.0,
+        standardize_targets: bool = True,
+        *,
+        scale: float | None = None,
+        hidden: int | None = None,
+        init: tuple[float, float, float] | None = None,
+        detach_range: bool = False,
+        impl: str = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, metric=metric, step=step, mode=mode, temperature=temperature, scale=scale,
+            hidden=hidden, init=init, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
+        )
+        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
+            raise ValueError(f"out_features must be a positive int, got {out_features!r}")
+        self.out_features = out_features
+        self.standardize_targets = bool(standardize_targets)
+        self._init_bank((out_features,), torch.get_default_dtype())
+        self.register_buffer("target_mean", torch.zeros(out_features))
+        self.register_buffer("target_std", torch.ones(out_features))
+        self.register_buffer("targets_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("_target_m2", torch.zeros(out_features))
+
+    # -- labels and standardisation ---------------------------------------------------------
+
+    def _check_labels(self, y: Any, n: int, name: str = "y") -> torch.Tensor:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+        if y.dim() == 1 and self.out_features == 1:
+            y = y.unsqueeze(-1)
+        if y.dim() != 2 or y.shape[0] != n:
+            raise ValueError(
+                f"{name} must have shape (N={n}, out_features={self.out_features})"
+                + (" or (N,)" if self.out_features == 1 else "") + f", got {_shape(y)}"
+            )
+        if y.shape[1] != self.out_features:
+            raise ValueError(f"{name} has {y.shape[1]} targets but the head has out_features={self.out_features} (shape {_shape(y)})")
+        if not y.is_floating_point():
+            y = y.to(torch.get_default_dtype())
+        if bool(torch.isnan(y).any()) or bool(torch.isinf(y).any()):
+            raise ValueError(f"{name} contains NaN or inf labels; drop or impute them first")
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, y: torch.Tensor) -> None:
+        """Chan et al.'s parallel update of the exact mean and variance of all targets seen."""
+        y = y.to(self.target_mean.dtype)
+        nb = y.shape[0]
+        mb = y.mean(0)
+        m2b = ((y - mb) ** 2).sum(0)
+        na = int(self.targets_seen)
+        n = na + nb
+        delta = mb - self.target_mean
+        self.target_mean += delta * (nb / n)
+        self._target_m2 += m2b + delta**2 * (na * nb / n)
+        self.targets_seen += nb
+        self._refresh_std()
+
+    def _refresh_std(self) -> None:
+        n = max(int(self.targets_seen), 1)
+        std = (self._target_m2 / n).sqrt()
+        # a constant target keeps std 1 (no division by ~0)
+        self.target_std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
+
+    def _on_bank_set(self) -> None:
+        with torch.no_grad():
+            y = self.bank_y.to(self.target_mean.device, self.target_mean.dtype)
+            self.targets_seen.zero_()
+            self.target_mean.zero_()
+            self._target_m2.zero_()
+            self._update_running_stats(y)
+
+    def _standardize(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.standardize_targets:
+            return y
+        return (y - self.target_mean.to(y)) / self.target_std.to(y)
+
+    def _unstandardize(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.standardize_targets:
+            return y
+        return y * self.target_std.to(y) + self.target_mean.to(y)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _raw_forward(self, z: torch.Tensor, y: torch.Tensor | None, values_fn) -> tuple[torch.Tensor, bool]:
+        """Returns the backend output for ``values_fn(standardised labels)`` and the 1-D flag."""
+        _check_z(z, self.in_features)
+        squeeze = False
+        if self.training and y is not None:
+            self._check_training_batch(z)
+            squeeze = y.dim() == 1 if isinstance(y, torch.Tensor) else False
+            y2 = self._check_labels(y, z.shape[0])
+            self._update_running_stats(y2)
+            ys = self._standardize(y2.to(z.dtype))
+            out, _ = self._attend(z, z, values_fn(ys), loo=True)
+        else:
+            self._require_bank()
+            if y is not None and isinstance(y, torch.Tensor):
+                squeeze = y.dim() == 1
+            ys = self._standardize(self.bank_y.to(z.dtype))
+            out, _ = self._attend(z, self.bank_z.to(z.dtype), values_fn(ys), loo=False)
+        return out, squeeze
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict targets ``(N, out_features)``.
+
+        Training mode with ``y``: leave-one-out over the batch (needs ``N >= 2``). Otherwise:
+        from the bank (``y`` is then only used to match its 1-D shape).
+        """
+        out, squeeze = self._raw_forward(z, y, lambda ys: ys)
+        out = self._unstandardize(out)
+        return out.squeeze(-1) if squeeze else out
+
+    def predict_with_uncertainty(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bank prediction and the weighted variance of the neighbours' labels.
+
+        Returns:
+            ``mean (N, E)`` and ``var (N, E)`` in the targets' units:
+            ``var = Σ_j w_ij (y_j − mean_i)²`` with the head's SoftStep weights.
+        """
+        e = self.out_features
+        out, _ = self._raw_forward(z, None, lambda ys: torch.cat([ys, ys * ys], dim=-1))
+        m1, m2 = out[..., :e], out[..., e:]
+        var = (m2 - m1 * m1).clamp_min(0.0)
+        if self.standardize_targets:
+            var = var * self.target_std.to(var) ** 2
+        return self._unstandardize(m1), var
+
+
+class NeighborClassificationHead(_WarpHeadBase):
+    """SoftStep neighbour classification: log of the SoftStep-weighted class mass of neighbours.
+
+    ``log p_c = log((1 − ε) · Σ_j w_j [y_j = c] + ε / C)`` with ``ε = smoothing``: the mass of
+    the neighbours' one-hot labels, mixed with a tiny uniform share so that a class no kept
+    neighbour carries gets a finite log-probability (no ``log 0 = −inf`` and NaN gradients).
+    Rows are normalised (``exp`` sums to 1). Train with ``F.nll_loss(head(z, y), y)``.
+
+    Args:
+        in_features: embedding size ``D``.
+        num_classes: ``C``; labels are ints in ``[0, C)``.
+        smoothing: ``ε`` above (``0 < ε < 1``).
+        metric, step, mode, temperature, scale, hidden, init, detach_range, impl, chunk_size:
+            as in :class:`NeighborRegressionHead`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        metric: str = "l2",
+        step: str = "sigmoidal",
+        mode: str = "instance",
+        temperature: float = 1.0,
+        smoothing: float = 1e-4,
+        *,
+        scale: float | None = None,
+        hidden: int | None = None,
+        init: tuple[float, float, float] | None = None,
+        detach_range: bool = False,
+        impl: str = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, metric=metric, step=step, mode=mode, temperature=temperature, scale=scale,
+            hidden=hidden, init=init, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
+        )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if not 0.0 < smoothing < 1.0:
+            raise ValueError(f"smoothing must lie in (0, 1), got {smoothing!r}")
+        self.num_classes, self.smoothing = num_classes, float(smoothing)
+        self._init_bank((), torch.long)
+
+    def _check_labels(self, y: Any, n: int, name: str = "y") -> torch.Tensor:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+        if y.is_floating_point():
+            if bool(torch.isnan(y).any()):
+                raise ValueError(f"{name} contains NaN labels")
+            if bool((y != y.round()).any()):
+                raise TypeError(f"{name} must hold integer class labels, got non-integer floats")
+        if y.dim() != 1 or y.shape[0] != n:
+            raise ValueError(f"{name} must have shape (N={n},) of class indices, got {_shape(y)}")
+        y = y.long()
+        if n and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(
+                f"{name} labels must lie in [0, num_classes={self.num_classes}), got range [{int(y.min())}, {int(y.max())}]"
+            )
+        return y
+
+    def _log_probs(self, mass: torch.Tensor) -> torch.Tensor:
+        eps = self.smoothing
+        return torch.log(mass.clamp_min(0.0) * (1.0 - eps) + eps / self.num_classes)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities ``(N, num_classes)``: leave-one-out over the batch in training mode
+        with ``y`` (needs ``N >= 2``), else from the bank."""
+        _check_z(z, self.in_features)
+        if self.training and y is not None:
+            self._check_training_batch(z)
+            y = self._check_labels(y, z.shape[0])
+            onehot = F.one_hot(y, self.num_classes).to(z.dtype)
+            mass, _ = self._attend(z, z, onehot, loo=True)
+        else:
+            self._require_bank()
+            onehot = F.one_hot(self.bank_y, self.num_classes).to(z.dtype)
+            mass, _ = self._attend(z, self.bank_z.to(z.dtype), onehot, loo=False)
+        return self._log_probs(mass)
+
+    @torch.no_grad()
+    def predict_proba(self, z: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(N, num_classes)`` from the bank."""
+        was = self.training
+        self.eval()
+        try:
+            return self(z).exp()
+        finally:
+            self.train(was)
+
+
+class KNNRegressionHead(_BankMixin):
+    """Hard top-``k`` neighbour average (baseline): ``ŷ_i = mean of the labels of the k most
+    similar rows`` (leave-one-out over the batch in training, the bank at inference).
+
+    Similarities come from :func:`simwarp.pairwise_similarity`, blocked over queries so memory
+    stays bounded. The average has no gradient with respect to ``z`` (top-k is piecewise
+    constant): use it on embeddings learned with another head.
+
+    Args:
+        in_features: ``D``. out_features: ``E``. k: neighbours. metric: similarity.
+    """
+
+    def __init__(self, in_features: int, out_features: int = 1, k: int = 10, metric: str = "l2") -> None:
+        super().__init__()
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
+            raise ValueError(f"out_features must be a positive int, got {out_features!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.in_features, self.out_features, self.k, self.metric = in_features, out_features, k, metric
+        self._init_bank((out_features,), torch.get_default_dtype())
+
+    _check_labels = NeighborRegressionHead._check_labels
+
+    def _topk_mean(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> torch.Tensor:
+        m = keys.shape[0] - (1 if loo else 0)
+        if m < 1:
+            raise ValueError(f"the kNN head needs at least one neighbour per row, got {keys.shape[0]} keys (loo={loo})")
+        k = min(self.k, m)
+        rows = max(1, EXPLAIN_BUDGET // keys.shape[0])
+        outs = []
+        for start in range(0, z.shape[0], rows):
+            s = pairwise_similarity(z[start : start + rows], keys, metric=self.metric)
+            if loo:
+                idx = torch.arange(start, start + s.shape[0], device=z.device)
+                s = s.clone()
+                s[torch.arange(s.shape[0], device=z.device), idx] = -math.inf
+            top = torch.topk(s, k, dim=-1).indices
+            outs.append(values[top].mean(dim=1))
+        return torch.cat(outs) if outs else values.new_zeros((0, values.shape[-1]))
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""
+        _check_z(z, self.in_features)
+        squeeze = isinstance(y, torch.Tensor) and y.dim() == 1
+        if self.training and y is not None:
+            y2 = self._check_labels(y, z.shape[0])
+            out = self._topk_mean(z.detach(), z.detach(), y2.to(z.dtype), loo=True)
+        else:
+            self._require_bank()
+            out = self._topk_mean(z.detach(), self.bank_z.to(z.dtype), self.bank_y.to(z.dtype), loo=False)
+        return out.squeeze(-1) if squeeze else out
+
+
+class LinearHead(nn.Linear):
+    """``nn.Linear`` with the neighbour heads' signature ``forward(z, y=None)`` (``y`` ignored
+    except to match a 1-D target's shape), so heads are swapped with one argument."""
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.in_features:
+            raise ValueError(f"z must have shape (..., in_features={self.in_features}), got {_shape(z)}")
+        out = super().forward(z)
+        if isinstance(y, torch.Tensor) and y.dim() == out.dim() - 1 and self.out_features == 1:
+            out = out.squeeze(-1)
+        return out
+
+    def set_bank(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        """No-op: a linear head needs no bank (kept so heads are interchangeable)."""
+
+    def fit_bank(self, encoder, loader, device=None, progress: bool = True) -> None:
+        """No-op: a linear head needs no bank."""
+
+    def clear_bank(self) -> None:
+        """No-op."""
+
+
+HEAD_KINDS = ("linear", "nona", "softstep-global", "softstep-instance", "knn")
+
+
+def make_head(kind: str, in_features: int, out_features: int = 1, **kwargs: Any) -> nn.Module:
+    """Build a regression head by name: ``"linear"``, ``"nona"`` (``step="none"``),
+    ``"softstep-global"``, ``"softstep-instance"`` or ``"knn"``; ``kwargs`` go to the class."""
+    if kind == "linear":
+        return LinearHead(in_features, out_features, **kwargs)
+    if kind == "nona":
+        return NeighborRegressionHead(in_features, out_features, step="none", **kwargs)
+    if kind == "softstep-global":
+        return NeighborRegressionHead(in_features, out_features, mode="global", **kwargs)
+    if kind == "softstep-instance":
+        return NeighborRegressionHead(in_features, out_features, mode="instance", **kwargs)
+    if kind == "knn":
+        return KNNRegressionHead(in_features, out_features, **kwargs)
+    raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")

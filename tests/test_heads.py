@@ -1,0 +1,353 @@
+"""Tests of the neighbour heads (simwarp.heads)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import simwarp
+from simwarp.heads import (
+    KNNRegressionHead,
+    LinearHead,
+    NeighborClassificationHead,
+    NeighborRegressionHead,
+    make_head,
+)
+
+
+def _data(n=12, d=5, e=2, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randn(n, e, generator=g, dtype=dtype) * 3.0 + 1.0
+    return z, y
+
+
+def _randomise(head: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+
+
+@pytest.mark.parametrize("mode", ["global", "instance"])
+@pytest.mark.parametrize("step", ["sigmoidal", "log", "none"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_leave_one_out_matches_brute_force_loop(mode, step, metric):
+    z, y = _data()
+    head = NeighborRegressionHead(5, 2, metric=metric, step=step, mode=mode, temperature=0.7).double()
+    _randomise(head)
+    out = head(z, y)
+    mean, std = head.target_mean, head.target_std
+    ys = (y - mean) / std
+    for i in range(z.shape[0]):
+        others = [j for j in range(z.shape[0]) if j != i]
+        kw = {"step": step}
+        if head.softstep is not None:
+            a, b, t = head.softstep(z[i : i + 1] if mode == "instance" else None)
+            kw.update(a=a, b=b, t=t)
+        ref = simwarp.warp_attend(
+            z[i : i + 1], z[others], ys[others], metric=metric, temperature=0.7, impl="dense", **kw
+        )
+        torch.testing.assert_close(out[i], (ref * std + mean)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_standardisation_is_exact_running_statistics():
+    head = NeighborRegressionHead(3, 2).double()
+    ys = []
+    for seed in range(3):
+        z, y = _data(n=7, d=3, seed=seed)
+        head(z, y)
+        ys.append(y)
+    ally = torch.cat(ys)
+    torch.testing.assert_close(head.target_mean, ally.mean(0))
+    torch.testing.assert_close(head.target_std, ally.std(0, unbiased=False))
+    assert int(head.targets_seen) == ally.shape[0]
+    # set_bank resets the statistics to the bank's
+    head.set_bank(*_data(n=9, d=3, seed=7))
+    torch.testing.assert_close(head.target_mean, head.bank_y.mean(0))
+
+
+def test_standardisation_does_not_change_predictions_and_no_clipping():
+    z, y = _data()
+    y = y * 100.0 + 500.0  # far outside [0, 1]
+    h1 = NeighborRegressionHead(5, 2, standardize_targets=True).double()
+    h2 = NeighborRegressionHead(5, 2, standardize_targets=False).double()
+    h2.load_state_dict(h1.state_dict())
+    torch.testing.assert_close(h1(z, y), h2(z, y))
+    assert h1(z, y).max() > 1.0
+
+
+def test_gradients_reach_encoder_and_step_parameters():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
+    for mode in ("global", "instance"):
+        head = NeighborRegressionHead(6, 1, mode=mode)
+        x, y = torch.randn(16, 4), torch.randn(16)
+        loss = F.mse_loss(head(enc(x), y), y)
+        loss.backward()
+        assert torch.isfinite(loss)
+        for p in list(enc.parameters()) + list(head.parameters()):
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+            assert p.grad.abs().sum() > 0
+        enc.zero_grad()
+
+
+def test_duplicate_rows_l2_no_nan_gradient():
+    z = torch.randn(4, 3).repeat(2, 1).requires_grad_(True)  # zero distances off the diagonal too
+    y = torch.randn(8)
+    head = NeighborRegressionHead(3, 1)
+    F.mse_loss(head(z, y), y).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_bank_roundtrip_through_torch_save():
+    z, y = _data(n=20, d=5, e=2, dtype=torch.float32)
+    head = NeighborRegressionHead(5, 2)
+    _randomise(head)
+    head.set_bank(z, y)
+    head.eval()
+    q = torch.randn(4, 5)
+    expected = head(q)
+    buf = io.BytesIO()
+    torch.save(head.state_dict(), buf)
+    buf.seek(0)
+    fresh = NeighborRegressionHead(5, 2).eval()
+    assert not fresh.has_bank
+    fresh.load_state_dict(torch.load(buf))
+    assert fresh.bank_size == 20
+    torch.testing.assert_close(fresh(q), expected)
+    # the whole module too
+    buf = io.BytesIO()
+    torch.save(head, buf)
+    buf.seek(0)
+    whole = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(whole(q), expected)
+    fresh.clear_bank()
+    with pytest.raises(RuntimeError, match="no bank"):
+        fresh(q)
+
+
+def test_classification_bank_roundtrip_and_log_probs():
+    z, _ = _data(n=20, d=5, dtype=torch.float32)
+    labels = torch.arange(20) % 3
+    head = NeighborClassificationHead(5, 3)
+    lp = head(z, labels)
+    assert lp.shape == (20, 3)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(20))
+    loss = F.nll_loss(lp, labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    head.set_bank(z, labels)
+    head.eval()
+    sd = head.state_dict()
+    fresh = NeighborClassificationHead(5, 3).eval()
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh(z[:3]), head(z[:3]))
+    assert fresh.bank_y.dtype == torch.long
+    torch.testing.assert_close(head.predict_proba(z[:3]).sum(-1), torch.ones(3))
+
+
+def test_classification_log_prob_finite_when_no_kept_neighbour_has_class():
+    # two tight clusters, class 2 only far away: a sharp step gives class 2 zero mass
+    z = torch.cat([torch.zeros(5, 2), torch.full((5, 2), 10.0)]) + 0.01 * torch.randn(10, 2)
+    z.requires_grad_(True)
+    labels = torch.tensor([0] * 5 + [2] * 5)
+    head = NeighborClassificationHead(2, 3, mode="global", init=(0.5, 0.6, 0.1))
+    lp = head(z, labels)
+    assert torch.isfinite(lp).all()
+    F.nll_loss(lp, labels).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_classification_mass_matches_weights():
+    z, _ = _data(n=10, d=4, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    head = NeighborClassificationHead(4, 3, mode="global", smoothing=1e-3).double()
+    head.set_bank(z, labels)
+    head.eval()
+    q = torch.randn(3, 4, dtype=torch.float64)
+    a, b, t = head.softstep()
+    w = simwarp.warp_weights(q, z, metric="l2", a=a, b=b, t=t)
+    mass = w @ F.one_hot(labels, 3).double()
+    torch.testing.assert_close(head(q), torch.log(mass * (1 - 1e-3) + 1e-3 / 3))
+
+
+def test_predict_with_uncertainty_is_weighted_variance():
+    z, y = _data(n=15, d=4, e=2)
+    head = NeighborRegressionHead(4, 2, mode="global").double()
+    head.set_bank(z, y)
+    head.eval()
+    q = torch.randn(5, 4, dtype=torch.float64)
+    mean, var = head.predict_with_uncertainty(q)
+    a, b, t = head.softstep()
+    w = simwarp.warp_weights(q, z, metric="l2", a=a, b=b, t=t)
+    ref_mean = w @ y
+    ref_var = torch.einsum("nm,nme->ne", w, (y[None] - ref_mean[:, None]) ** 2)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+    torch.testing.assert_close(head(q), ref_mean)
+
+
+def test_explain_matches_dense_weights_and_chunks(monkeypatch):
+    z, y = _data(n=30, d=4, e=1)
+    head = NeighborRegressionHead(4, 1).double()
+    _randomise(head)
+    head.set_bank(z, y)
+    q = torch.randn(7, 4, dtype=torch.float64)
+    a, b, t = head.softstep(q)
+    w = simwarp.warp_weights(q, z, metric="l2", a=a, b=b, t=t)
+    top = torch.topk(w, 4, dim=-1)
+    monkeypatch.setattr(simwarp.heads, "EXPLAIN_BUDGET", 60)  # 2 queries per block
+    idx, wt = head.explain(q, k=4)
+    torch.testing.assert_close(wt, top.values)
+    assert torch.equal(idx, top.indices)
+    idx, wt = head.explain(q, k=100)
+    assert idx.shape == (7, 30)
+    torch.testing.assert_close(wt.sum(-1), torch.ones(7, dtype=torch.float64))
+
+
+def test_large_bank_streams_through_chunked_backend():
+    torch.manual_seed(0)
+    bank_z, bank_y = torch.randn(3000, 8), torch.randn(3000, 1)
+    head = NeighborRegressionHead(8, 1, mode="global", chunk_size=256).eval()
+    head.set_bank(bank_z, bank_y)
+    q = torch.randn(100, 8)  # 300k scores > DENSE_AUTO_LIMIT -> chunked
+    out = head(q)
+    head.impl = "dense"
+    torch.testing.assert_close(out, head(q), rtol=1e-4, atol=1e-5)
+
+
+def test_sparsity_statistics():
+    z, y = _data(n=12)
+    head = NeighborRegressionHead(5, 2, mode="global", init=(0.6, 0.9, 0.5)).double()
+    assert head.sparsity == {}
+    head(z, y)
+    s = head.sparsity
+    assert s["neighbours"] == 11
+    assert 0 < s["kept_fraction_min"] <= s["kept_fraction"] <= s["kept_fraction_max"] < 1
+    nona = NeighborRegressionHead(5, 2, step="none").double()
+    nona(z, y)
+    assert nona.sparsity["kept_fraction"] == 1.0
+
+
+def test_determinism_with_fixed_seed():
+    def run():
+        torch.manual_seed(123)
+        enc = nn.Linear(4, 6)
+        head = NeighborRegressionHead(6, 1)
+        opt = torch.optim.Adam(list(enc.parameters()) + list(head.parameters()), lr=1e-2)
+        x, y = torch.randn(32, 4), torch.randn(32)
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(head(enc(x), y), y).backward()
+            opt.step()
+        head.eval()
+        head.set_bank(enc(x).detach(), y)
+        return head(enc(x[:5])).detach()
+
+    assert torch.equal(run(), run())
+
+
+def test_training_reduces_loss_on_nonlinear_target():
+    torch.manual_seed(0)
+    x = torch.rand(128, 1) * 6.0
+    y = torch.sin(2 * x).squeeze(-1)
+    enc = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 4))
+    head = NeighborRegressionHead(4, 1)
+    opt = torch.optim.Adam(list(enc.parameters()) + list(head.parameters()), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        perm = torch.randperm(128)[:64]
+        opt.zero_grad()
+        loss = F.mse_loss(head(enc(x[perm]), y[perm]), y[perm])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_fit_bank_with_loader_restores_encoder_mode():
+    enc = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5))
+    enc.train()
+    x, y = torch.randn(10, 3), torch.randn(10)
+    loader = [(x[:4], y[:4]), (x[4:], y[4:])]
+    head = NeighborRegressionHead(4, 1)
+    head.fit_bank(enc, loader, progress=False)
+    assert enc.training
+    assert head.bank_size == 10
+    enc.eval()
+    torch.testing.assert_close(head.bank_z, enc(x).detach())
+    with pytest.raises(ValueError, match="empty loader"):
+        head.fit_bank(enc, [], progress=False)
+
+
+def test_clear_errors():
+    head = NeighborRegressionHead(4, 2)
+    z = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="no bank"):
+        head.eval()(z)
+    head.train()
+    with pytest.raises(ValueError, match="out_features=2"):
+        head(z, torch.randn(6, 3))
+    with pytest.raises(ValueError, match=r"N=6"):
+        head(z, torch.randn(5, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        head(z, torch.tensor([[float("nan"), 0.0]] * 6))
+    with pytest.raises(ValueError, match=r"N=6"):
+        head.set_bank(z, torch.randn(7, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        head.set_bank(z, torch.full((6, 2), float("nan")))
+    with pytest.raises(ValueError, match="in_features=4"):
+        head(torch.randn(6, 5), torch.randn(6, 2))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        head(torch.randn(1, 4), torch.randn(1, 2))
+    with pytest.raises(ValueError, match="mode"):
+        NeighborRegressionHead(4, mode="per_row")
+    with pytest.raises(ValueError, match="out_features"):
+        NeighborRegressionHead(4, 0)
+    clf = NeighborClassificationHead(4, 3)
+    with pytest.raises(ValueError, match="num_classes=3"):
+        clf(z, torch.tensor([0, 1, 2, 3, 0, 1]))
+    with pytest.raises(ValueError, match="NaN"):
+        clf(z, torch.tensor([0.0, 1.0, float("nan"), 0.0, 1.0, 2.0]))
+
+
+def test_one_dimensional_targets_keep_their_shape():
+    head = NeighborRegressionHead(3, 1)
+    z, y = torch.randn(8, 3), torch.randn(8)
+    assert head(z, y).shape == (8,)
+    head.set_bank(z, y)
+    head.eval()
+    assert head(z).shape == (8, 1)
+    assert head(z, y).shape == (8,)
+    lin = LinearHead(3, 1)
+    assert lin(z, y).shape == (8,)
+    assert lin(z).shape == (8, 1)
+
+
+def test_knn_head_is_hard_topk_average():
+    z, y = _data(n=10, d=3, e=1)
+    head = KNNRegressionHead(3, 1, k=3)
+    out = head(z, y)
+    d = torch.cdist(z, z)
+    d.fill_diagonal_(float("inf"))
+    idx = d.topk(3, largest=False).indices
+    torch.testing.assert_close(out, y[idx].mean(1))
+    head.set_bank(z, y)
+    head.eval()
+    d = torch.cdist(z[:4], z)
+    torch.testing.assert_close(head(z[:4]), y[d.topk(3, largest=False).indices].mean(1))
+
+
+def test_make_head_kinds():
+    for kind in simwarp.heads.HEAD_KINDS:
+        h = make_head(kind, 4, 1)
+        z, y = torch.randn(6, 4), torch.randn(6)
+        assert h(z, y).shape == (6,)
+    assert make_head("nona", 4).softstep is None
+    with pytest.raises(ValueError, match="kind"):
+        make_head("mlp", 4)
