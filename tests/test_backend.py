@@ -174,6 +174,15 @@ def test_low_precision_inputs(impl, dtype):
     assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_mask_with_leading_dims_only_v_has(impl):
+    q, k, v = torch.randn(4, 3, dtype=f64), torch.randn(5, 3, dtype=f64), torch.randn(2, 5, 2, dtype=f64)
+    mask = torch.rand(2, 4, 5) > 0.3
+    out = simwarp.warp_attend(q, k, v, mask=mask, impl=impl, chunk_size=2)
+    for i in range(2):
+        torch.testing.assert_close(out[i], simwarp.warp_attend(q, k, v[i], mask=mask[i], impl="dense"))
+
+
 def test_empty_inputs():
     q, k, v = torch.randn(2, 0, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 3)
     assert simwarp.warp_attend(q, k, v).shape == (2, 0, 3)

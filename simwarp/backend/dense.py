@@ -27,20 +27,22 @@ def dense_logits(
     dtype = work_dtype(q.dtype)
     n, m = q.shape[-2], k.shape[-2]
     s = pairwise_similarity(q.to(dtype), k.to(dtype), spec.metric, spec.scale)
+    if mask is not None:  # the mask may carry leading dims that only v has
+        s = s.expand(torch.broadcast_shapes(s.shape, mask.shape))
     valid = key_validity(
-        None if mask is None else mask.expand(*s.shape[:-2], n, m),
+        None if mask is None else mask.expand(s.shape),
         n, 0, m, causal=spec.causal, exclude_self=spec.exclude_self, device=s.device,
     )
-    if valid is None:
-        valid = torch.ones_like(s, dtype=torch.bool)
-    valid = valid.expand_as(s)
-    empty = ~valid.any(-1)
     # min/max with indices route the range gradient to one key per row (the first on ties),
     # exactly as the streaming implementations do.
-    lo = torch.where(valid, s, math.inf).min(-1).values
-    hi = torch.where(valid, s, -math.inf).max(-1).values
-    lo = torch.where(empty, torch.zeros_like(lo), lo)
-    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    if valid is None:
+        lo, hi = s.min(-1).values, s.max(-1).values
+        empty = torch.zeros(lo.shape, dtype=torch.bool, device=s.device)
+    else:
+        valid = valid.expand(s.shape)
+        empty = ~valid.any(-1)
+        lo = s.masked_fill(~valid, math.inf).min(-1).values.masked_fill(empty, 0.0)
+        hi = s.masked_fill(~valid, -math.inf).max(-1).values.masked_fill(empty, 0.0)
     if spec.detach_range:
         lo, hi = lo.detach(), hi.detach()
     logits = warp_logits(s, lo.unsqueeze(-1), hi.unsqueeze(-1), valid, a, b, t, spec)
