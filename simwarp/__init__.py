@@ -8,6 +8,12 @@ Core API:
 """
 
 from simwarp import steps
+from simwarp.attention import (
+    MultiheadSoftStepAttention,
+    SoftStepAttention,
+    softstep_attention,
+    swap_attention,
+)
 from simwarp.backend import WarpStats, warp_attend, warp_weights
 from simwarp.heads import (
     KNNRegressionHead,
@@ -22,6 +28,10 @@ from simwarp.steps import SoftStep, register_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "MultiheadSoftStepAttention",
+    "SoftStepAttention",
+    "softstep_attention",
+    "swap_attention",
     "KNNRegressionHead",
     "LinearHead",
     "NeighborClassificationHead",

@@ -1,0 +1,639 @@
+"""SoftStep attention: a drop-in replacement for softmax attention.
+
+* :func:`softstep_attention` — the signature and ``(B, H, L, E)`` layout of
+  :func:`torch.nn.functional.scaled_dot_product_attention` (SDPA), computed by the simwarp
+  backend (:func:`simwarp.warp_attend`, metric ``"dot"``), never by a softmax of its own.
+* :class:`SoftStepAttention` — holds the learned step parameters (:class:`simwarp.SoftStep`)
+  and calls :func:`softstep_attention`.
+* :class:`MultiheadSoftStepAttention` — the constructor, parameters and ``forward`` of
+  :class:`torch.nn.MultiheadAttention`; :meth:`MultiheadSoftStepAttention.from_multihead`
+  keeps a trained module's projection weights.
+* :func:`swap_attention` — replaces every ``nn.MultiheadAttention`` in a module tree.
+
+With ``step="none"`` every entry point reproduces its softmax peer to float tolerance. The one
+deliberate difference: a query row with no valid key (fully masked row, padding-only
+sequence) outputs zeros here, where SDPA outputs NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from simwarp.backend import warp_attend, warp_weights
+from simwarp.steps import SoftStep
+
+__all__ = [
+    "AttentionStats",
+    "MASKED_BIAS_THRESHOLD",
+    "MultiheadSoftStepAttention",
+    "SoftStepAttention",
+    "additive_mask_to_bool",
+    "softstep_attention",
+    "swap_attention",
+]
+
+#: An additive float-mask entry at or below this value (or ``-inf``) means "masked out". Any
+#: such bias makes the softmax weight underflow to exactly 0 in every float dtype, and it covers
+#: the usual conventions (``-inf``, ``torch.finfo(dtype).min``, ``-1e4``, ``-1e9``).
+MASKED_BIAS_THRESHOLD: float = -1e4
+
+
+class AttentionStats(NamedTuple):
+    """Per-query-row statistics of one attention call, each of shape ``(B, H, L)``.
+
+    Attributes:
+        lse: log-normaliser (``-inf`` on rows with no valid key); differentiable.
+        kept: number of keys with non-zero weight.
+        valid: number of keys the row was allowed to attend to (mask, causal, padding).
+        lo, hi: the row's similarity range over valid keys.
+        empty: True where the row has no valid key (its output is exactly 0).
+    """
+
+    lse: torch.Tensor
+    kept: torch.Tensor
+    valid: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    empty: torch.Tensor
+
+    @property
+    def kept_fraction(self) -> torch.Tensor:
+        """``kept / valid`` per row, ``(B, H, L)``; 0 on empty rows."""
+        return torch.where(self.empty, torch.zeros_like(self.kept), self.kept / self.valid.clamp_min(1))
+
+    def head_kept_fraction(self) -> torch.Tensor:
+        """Mean kept fraction per head over all non-empty rows of the batch: ``(H,)``."""
+        frac = self.kept_fraction.detach()
+        ok = (~self.empty).to(frac.dtype)
+        dims = tuple(d for d in range(frac.dim()) if d != frac.dim() - 2)
+        return (frac * ok).sum(dims) / ok.sum(dims).clamp_min(1)
+
+
+# ---------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------
+
+
+def additive_mask_to_bool(mask: torch.Tensor, name: str = "attn_mask") -> torch.Tensor:
+    """Convert an additive float mask to a bool mask (True = may attend).
+
+    ``0`` → True; ``-inf`` or any value ``<= MASKED_BIAS_THRESHOLD`` → False. Finite non-zero
+    biases above the threshold (ALiBi, relative-position biases) shift individual scores, which
+    a key-validity mask cannot express: they raise :class:`ValueError`.
+    """
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool or floating-point tensor, got dtype {mask.dtype}")
+    blocked = mask <= MASKED_BIAS_THRESHOLD
+    if not bool((blocked | (mask == 0)).all()):
+        bad = mask[~(blocked | (mask == 0))]
+        raise ValueError(
+            f"{name} holds finite non-zero additive biases (e.g. {bad.flatten()[:3].tolist()}): SoftStep "
+            f"attention accepts bool masks or additive masks whose entries are 0 (attend) or -inf / <= "
+            f"{MASKED_BIAS_THRESHOLD:g} (masked). Score biases such as ALiBi are not supported."
+        )
+    return ~blocked
+
+
+def _is_xformers_bias(obj: Any) -> bool:
+    """Duck-typed xformers attention bias (``xformers.ops.fmha.attn_bias.AttentionBias``)."""
+    return not isinstance(obj, torch.Tensor) and callable(getattr(obj, "materialize", None))
+
+
+def _materialize_xformers_bias(bias: Any, q: torch.Tensor, s: int) -> torch.Tensor:
+    """Materialise an xformers bias as an additive float mask for scores ``(..., L, S)``.
+
+    Tries the compact ``(L, S)`` shape first (enough for ``LowerTriangularMask``,
+    ``BlockDiagonalMask`` and friends) and falls back to the full ``(B, H, L, S)`` shape, which
+    biases carrying a tensor need.
+    """
+    n = q.shape[-2]
+    try:
+        dense = bias.materialize((n, s), dtype=torch.float32, device=q.device)
+    except Exception:  # noqa: BLE001 - any failure: retry with the full attention shape
+        dense = bias.materialize((*q.shape[:-2], n, s), dtype=torch.float32, device=q.device)
+    if not isinstance(dense, torch.Tensor):
+        raise TypeError(f"attn_mask {type(bias).__name__}.materialize() returned {type(dense).__name__}, not a tensor")
+    return dense
+
+
+def _as_bool_mask(attn_mask: Any, q: torch.Tensor, s: int) -> torch.Tensor | None:
+    if attn_mask is None:
+        return None
+    if _is_xformers_bias(attn_mask):
+        attn_mask = additive_mask_to_bool(_materialize_xformers_bias(attn_mask, q, s), f"attn_mask ({type(attn_mask).__name__})")
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(
+            f"attn_mask must be a bool tensor, an additive float tensor, an xformers attention bias or None, "
+            f"got {type(attn_mask).__name__}"
+        )
+    mask = additive_mask_to_bool(attn_mask, "attn_mask")
+    if mask.device != q.device:
+        raise ValueError(f"attn_mask must be on the query's device {q.device}, got {mask.device}")
+    return mask
+
+
+# ---------------------------------------------------------------------------------------
+# Grouped-query layout
+# ---------------------------------------------------------------------------------------
+
+
+def _split_heads(x: torch.Tensor, heads: int, groups: int, rows_dims: int) -> torch.Tensor:
+    """View ``x`` (broadcastable to ``(..., heads * groups, *rows)``) as ``(..., heads, groups, *rows)``.
+
+    ``rows_dims`` is the number of trailing dims after the head dim (2 for masks ``(L, S)``, 1
+    for step parameters ``(L,)``). Size-1 head dims become ``(1, 1)``.
+    """
+    if x.dim() <= rows_dims:
+        return x
+    hd = x.shape[-rows_dims - 1]
+    if hd == heads * groups and groups > 1:
+        return x.unflatten(-rows_dims - 1, (heads, groups))
+    return x.unsqueeze(-rows_dims - 1)
+
+
+def _valid_counts(mask: torch.Tensor | None, n: int, s: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """Number of attendable keys per row, broadcastable to the rows ``(..., n)``."""
+    if causal:
+        tri = torch.arange(s, device=device)[None, :] <= torch.arange(n, device=device)[:, None]
+        allowed = tri if mask is None else mask & tri
+        return allowed.sum(-1).to(torch.float32)
+    if mask is None:
+        return torch.full((n,), float(s), device=device)
+    return mask.sum(-1).to(torch.float32)
+
+
+def _check_sdpa_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> int:
+    """Validate SDPA-style shapes; return the number of query heads per key/value head."""
+    for name, x in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., seq, features), got {tuple(x.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"query (..., L, E) and key (..., S, E) must share E, got query {tuple(q.shape)} and key {tuple(k.shape)}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"key (..., S, E) and value (..., S, Ev) must share S, got key {tuple(k.shape)} and value {tuple(v.shape)}"
+        )
+    if k.shape[:-1] != v.shape[:-1] and k.dim() >= 3 and v.dim() >= 3 and k.shape[-3] != v.shape[-3]:
+        raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must have the same number of heads")
+    if q.dim() < 3 or k.dim() < 3:
+        return 1
+    hq, hk = q.shape[-3], k.shape[-3]
+    if enable_gqa:
+        if hq % hk != 0:
+            raise ValueError(
+                f"enable_gqa=True needs the query heads ({hq}) to be a multiple of the key/value heads ({hk}); "
+                f"got query {tuple(q.shape)} and key {tuple(k.shape)}"
+            )
+        return hq // hk
+    if hq != hk and 1 not in (hq, hk):
+        raise ValueError(
+            f"query has {hq} heads and key/value have {hk}: pass enable_gqa=True for grouped-query attention "
+            f"(query {tuple(q.shape)}, key {tuple(k.shape)})"
+        )
+    return 1
+
+
+# ---------------------------------------------------------------------------------------
+# Functional core
+# ---------------------------------------------------------------------------------------
+
+
+def softstep_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | Any | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    step: str = "sigmoidal",
+    a: float | torch.Tensor | None = None,
+    b: float | torch.Tensor | None = None,
+    t: float | torch.Tensor | None = None,
+    return_stats: bool = False,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
+    """SoftStep attention with the signature of :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Scores are ``scale · q·k`` (``scale=None`` → ``E ** -0.5``, as SDPA); each row is range
+    normalised over its valid keys, warped by the step and softmax-weighted by the backend
+    (:func:`simwarp.warp_attend`). ``step="none"`` is exactly SDPA's softmax attention.
+
+    Args:
+        query: ``(B, ..., Hq, L, E)``.
+        key: ``(B, ..., H, S, E)``.
+        value: ``(B, ..., H, S, Ev)``.
+        attn_mask: broadcastable to ``(B, Hq, L, S)``: bool (True = take part, as SDPA), an
+            additive float mask whose entries are ``0`` or ``-inf`` / ``<= -1e4`` (masked), or an
+            xformers attention bias (``LowerTriangularMask``, ``BlockDiagonalMask``, …; any
+            object with ``materialize(shape, dtype, device)``). Finite non-zero biases (ALiBi)
+            raise :class:`ValueError`.
+        dropout_p: dropout probability on the attention weights (applied whenever > 0, as in
+            SDPA; modules pass it only in training).
+        is_causal: causal mask, top-left aligned (query ``i`` sees keys ``j <= i``), as SDPA.
+            May be combined with ``attn_mask``.
+        scale: score scale; ``None`` = ``1 / sqrt(E)``.
+        enable_gqa: grouped-query attention: ``Hq`` a multiple of ``H``; query head ``h`` uses
+            key/value head ``h // (Hq / H)``. Computed by broadcasting, keys are not copied.
+        step: a registered step (``"sigmoidal"``, ``"log"``, ``"none"``, …).
+        a, b, t: step parameters broadcastable to the rows ``(B, Hq, L)``: floats, per head
+            ``(Hq, 1)``, per query ``(B, Hq, L)``; ``None`` = the step's defaults.
+        return_stats: also return :class:`AttentionStats` (shapes ``(B, Hq, L)``).
+        impl, chunk_size: backend implementation (see :func:`simwarp.warp_attend`).
+
+    Returns:
+        ``(B, ..., Hq, L, Ev)`` in the query's dtype (float16/bfloat16 compute in float32);
+        with ``return_stats`` also :class:`AttentionStats`. Rows with no valid key are 0.
+    """
+    out, stats, _ = _attend(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+        dict(step=step, a=a, b=b, t=t), return_stats, False, impl, chunk_size,
+    )
+    return (out, stats) if return_stats else out
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Any,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    step_kwargs: dict,
+    want_stats: bool,
+    want_weights: bool,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, AttentionStats | None, torch.Tensor | None]:
+    """The shared core: ``(out, stats or None, weights (before dropout) or None)``."""
+    groups = _check_sdpa_shapes(query, key, value, enable_gqa)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    n, s = query.shape[-2], key.shape[-2]
+    mask = _as_bool_mask(attn_mask, query, s)
+    q, k, v = query, key, value
+    a, b, t = (step_kwargs.get(name) for name in ("a", "b", "t"))
+    if groups > 1:
+        hk = key.shape[-3]
+        q = rearrange(query, "... (h g) l e -> ... h g l e", h=hk)
+        k, v = key.unsqueeze(-3), value.unsqueeze(-3)
+        if mask is not None:
+            mask = _split_heads(mask.reshape((1,) * max(0, query.dim() - mask.dim()) + mask.shape), hk, groups, 2)
+        a, b, t = (
+            _split_heads(p.reshape((1,) * max(0, query.dim() - 1 - p.dim()) + p.shape), hk, groups, 1)
+            if isinstance(p, torch.Tensor) and p.dim() >= 2
+            else p
+            for p in (a, b, t)
+        )
+    common = dict(
+        metric="dot", scale=scale, step=step_kwargs.get("step", "sigmoidal"), a=a, b=b, t=t, mask=mask,
+        causal=bool(is_causal),
+    )
+    weights = None
+    if dropout_p > 0.0 or want_weights:
+        # The backend has no dropout: for this case (training with dropout_p > 0, or when the
+        # caller asks for the weights) the weights are materialised by the backend
+        # (warp_weights, dense (..., L, S)), dropped out, and applied to the values. Memory
+        # grows as L · S here.
+        w, stats = warp_weights(q, k, return_stats=True, **common)
+        weights = w
+        if dropout_p > 0.0:
+            w = F.dropout(w, p=float(dropout_p), training=True)
+        out = (w @ v.to(w.dtype)).to(query.dtype)
+    else:
+        out, stats = warp_attend(q, k, v, impl=impl, chunk_size=chunk_size, return_stats=True, **common)
+    if groups > 1:
+        out = rearrange(out, "... h g l e -> ... (h g) l e")
+        if weights is not None:
+            weights = rearrange(weights, "... h g l s -> ... (h g) l s")
+    if not want_stats:
+        return out, None, weights
+    valid = _valid_counts(mask, n, s, bool(is_causal), query.device)
+    valid = valid.to(stats.kept.dtype).expand(stats.kept.shape)
+    fields = [stats.lse, stats.kept, valid, stats.lo, stats.hi, stats.empty]
+    if groups > 1:
+        fields = [rearrange(f, "... h g l -> ... (h g) l") for f in fields]
+    return out, AttentionStats(*fields), weights
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------
+
+
+class SoftStepAttention(nn.Module):
+    """Learned step parameters + :func:`softstep_attention` (SDPA layout ``(B, H, L, E)``).
+
+    Args:
+        num_heads: number of query heads ``H``.
+        head_dim: query/key head size ``E`` (required for ``mode="instance"``, whose small
+            network maps each query vector to its own ``(a, b, t)``).
+        mode: ``"per_head"`` (``H × 3`` learned values), ``"instance"`` or ``"global"``.
+        step: registered step name; ``"none"`` = plain softmax attention.
+        init: initial ``(a, b, t)``.
+        hidden: hidden width of the instance network (``None`` = one Linear).
+
+    Attributes:
+        track_stats: when True, every forward stores :class:`AttentionStats` in ``last_stats``
+            (see :class:`simwarp.monitoring.AttentionMonitor`).
+        last_stats: the statistics of the last forward with ``track_stats`` (detached).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int | None = None,
+        mode: str = "per_head",
+        step: str = "sigmoidal",
+        init: Sequence[float] | None = None,
+        hidden: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if mode == "instance" and (not isinstance(head_dim, int) or head_dim < 1):
+            raise ValueError(f"mode='instance' needs head_dim (the query size E) >= 1, got {head_dim!r}")
+        self.num_heads, self.head_dim, self.mode = num_heads, head_dim, mode
+        self.step = SoftStep(
+            mode=mode, in_features=head_dim if mode == "instance" else None,
+            num_heads=num_heads if mode == "per_head" else None, hidden=hidden, step=step, init=init,
+        )
+        self.track_stats = False
+        self.last_stats: AttentionStats | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | Any | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        return_stats: bool = False,
+        **backend: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
+        """Same arguments as :func:`softstep_attention` (``query (B, H, L, E)``), without the
+        step parameters, which come from this module."""
+        out, stats, _ = self.attend(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_stats=return_stats, **backend
+        )
+        return (out, stats) if return_stats else out
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | Any | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        *,
+        return_stats: bool = False,
+        need_weights: bool = False,
+        **backend: Any,
+    ) -> tuple[torch.Tensor, AttentionStats | None, torch.Tensor | None]:
+        """Like :meth:`forward`, returning ``(out, stats or None, weights or None)``; with
+        ``need_weights`` the weights ``(B, H, L, S)`` (before dropout) are materialised."""
+        if query.dim() >= 3 and query.shape[-3] != self.num_heads:
+            raise ValueError(
+                f"query has {query.shape[-3]} heads but this SoftStepAttention has num_heads={self.num_heads} "
+                f"(query {tuple(query.shape)}, expected (B, {self.num_heads}, L, E))"
+            )
+        kw = self.step.kwargs(query if self.mode == "instance" else None)
+        want = return_stats or self.track_stats
+        out, stats, weights = _attend(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, kw, want, need_weights, **backend
+        )
+        if self.track_stats and stats is not None:
+            self.last_stats = AttentionStats(*(f.detach() for f in stats))
+        return out, (stats if return_stats else None), weights
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, mode={self.mode!r}"
+
+
+def _disable_fused_fast_path(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook. ``nn.TransformerEncoderLayer`` skips its fused inference
+    fast path (which reads ``in_proj_weight`` directly and computes softmax attention without
+    calling ``self_attn.forward``) whenever a submodule has hooks; this keeps SoftStep in use."""
+    return None
+
+
+class MultiheadSoftStepAttention(nn.MultiheadAttention):
+    """:class:`torch.nn.MultiheadAttention` with SoftStep attention.
+
+    Same constructor, parameters (``in_proj_weight``/``q_proj_weight``…, ``out_proj``,
+    ``bias_k``/``bias_v``) and ``forward`` as ``nn.MultiheadAttention``; the extra keyword
+    arguments configure the learned step (a :class:`SoftStepAttention` submodule named
+    ``softstep``). Masks keep MultiheadAttention's convention: in bool ``attn_mask`` and
+    ``key_padding_mask``, True means *not allowed*; float masks are additive (``0`` or
+    ``-inf``/``<= -1e4``).
+
+    Shapes: ``query (L, N, E)`` (``(N, L, E)`` with ``batch_first``, or unbatched ``(L, E)``),
+    ``key (S, N, kdim)``, ``value (S, N, vdim)``, ``key_padding_mask (N, S)``,
+    ``attn_mask (L, S)`` or ``(N·num_heads, L, S)``. Returns ``(attn_output, attn_weights)``
+    with weights ``(N, L, S)`` (averaged) or ``(N, num_heads, L, S)`` when ``need_weights``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        mode: str = "per_head",
+        step: str = "sigmoidal",
+        init: Sequence[float] | None = None,
+        hidden: int | None = None,
+    ) -> None:
+        super().__init__(
+            embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+            device=device, dtype=dtype,
+        )
+        self.softstep = SoftStepAttention(num_heads, self.head_dim, mode=mode, step=step, init=init, hidden=hidden)
+        if device is not None or dtype is not None:
+            self.softstep.to(device=device)
+        self.register_forward_pre_hook(_disable_fused_fast_path)
+
+    @classmethod
+    def from_multihead(cls, mha: nn.MultiheadAttention, **softstep_kwargs: Any) -> MultiheadSoftStepAttention:
+        """A SoftStep copy of ``mha`` with its projection weights (same device and dtype).
+
+        ``softstep_kwargs``: ``mode``, ``step``, ``init``, ``hidden`` (see the class).
+        """
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
+        ref = mha.out_proj.weight
+        new = cls(
+            mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
+            add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
+            batch_first=mha.batch_first, device=ref.device, dtype=ref.dtype, **softstep_kwargs,
+        )
+        missing, unexpected = new.load_state_dict(mha.state_dict(), strict=False)
+        missing = [m for m in missing if not m.startswith("softstep.")]
+        if missing or unexpected:
+            raise ValueError(f"could not copy the weights of {type(mha).__name__}: missing {missing}, unexpected {unexpected}")
+        new.train(mha.training)
+        return new
+
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        e = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.split(e)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.split(e)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def forward(  # type: ignore[override]
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`torch.nn.MultiheadAttention.forward`."""
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                f"query, key, value must all be 3-D (batched) or 2-D (unbatched), got query {tuple(query.shape)}, "
+                f"key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        # now (L, N, E), (S, N, kdim), (S, N, vdim)
+        tgt_len, bsz, embed_dim = query.shape
+        if embed_dim != self.embed_dim:
+            raise ValueError(f"query's last dim must be embed_dim={self.embed_dim}, got query {tuple(query.shape)}")
+        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(
+                f"key/value last dims must be kdim={self.kdim}, vdim={self.vdim}; got key {tuple(key.shape)}, "
+                f"value {tuple(value.shape)}"
+            )
+        if key.shape[:2] != value.shape[:2] or key.shape[1] != bsz:
+            raise ValueError(
+                f"key {tuple(key.shape)} and value {tuple(value.shape)} must share (S, N) with N={bsz} from the query"
+            )
+        if is_causal and attn_mask is None:
+            raise ValueError("is_causal=True is a hint that attn_mask is the causal mask: pass attn_mask too (as nn.MultiheadAttention)")
+
+        q, k, v = self._project(query, key, value)
+        h, hd = self.num_heads, self.head_dim
+        allowed = None  # bool (N, H or 1, L, S'), True = may attend
+        src_len = key.shape[0]
+        if attn_mask is not None:
+            am = ~attn_mask if attn_mask.dtype == torch.bool else additive_mask_to_bool(attn_mask, "attn_mask")
+            if am.dim() == 2:
+                if am.shape != (tgt_len, src_len):
+                    raise ValueError(f"2-D attn_mask must be (L, S) = {(tgt_len, src_len)}, got {tuple(am.shape)}")
+                am = am[None, None]
+            elif am.dim() == 3:
+                if am.shape != (bsz * h, tgt_len, src_len):
+                    raise ValueError(
+                        f"3-D attn_mask must be (N*num_heads, L, S) = {(bsz * h, tgt_len, src_len)}, got {tuple(am.shape)}"
+                    )
+                am = am.view(bsz, h, tgt_len, src_len)
+            else:
+                raise ValueError(f"attn_mask must be 2-D or 3-D, got shape {tuple(am.shape)}")
+            allowed = am
+        if key_padding_mask is not None:
+            kp = ~key_padding_mask if key_padding_mask.dtype == torch.bool else additive_mask_to_bool(
+                key_padding_mask, "key_padding_mask"
+            )
+            if kp.shape != (bsz, src_len):
+                raise ValueError(f"key_padding_mask must be (N, S) = {(bsz, src_len)}, got {tuple(kp.shape)}")
+            kp = kp[:, None, None, :]
+            allowed = kp if allowed is None else allowed & kp
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, bsz, embed_dim)])
+            v = torch.cat([v, self.bias_v.expand(1, bsz, embed_dim)])
+            if allowed is not None:
+                allowed = F.pad(allowed, (0, 1), value=True)
+        q = rearrange(q, "l n (h d) -> n h l d", h=h)
+        k = rearrange(k, "s n (h d) -> n h s d", h=h)
+        v = rearrange(v, "s n (h d) -> n h s d", h=h)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros((bsz, h, 1, hd))], dim=2)
+            v = torch.cat([v, v.new_zeros((bsz, h, 1, hd))], dim=2)
+            if allowed is not None:
+                allowed = F.pad(allowed, (0, 1), value=True)
+        causal = bool(is_causal) and key_padding_mask is None and self.bias_k is None and not self.add_zero_attn
+        if causal:
+            allowed = None  # the hint: attn_mask is the causal mask
+        dropout_p = self.dropout if self.training else 0.0
+        out, _, weights = self.softstep.attend(
+            q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=causal, need_weights=need_weights
+        )
+        out = self.out_proj(rearrange(out, "n h l d -> l n (h d)"))
+        if weights is not None:
+            weights = weights.to(query.dtype)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        if not batched:
+            out = out.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+
+def swap_attention(model: nn.Module, **softstep_kwargs: Any) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` by a :class:`MultiheadSoftStepAttention`
+    that keeps its weights (also inside ``nn.TransformerEncoderLayer`` / ``DecoderLayer``).
+
+    ``softstep_kwargs`` (``mode``, ``step``, ``init``, ``hidden``) configure every new module.
+    ``nn.TransformerEncoder`` modules get ``use_nested_tensor = False`` (their nested-tensor
+    inference path would bypass the attention modules). Returns the model (a new module when
+    ``model`` itself is an ``nn.MultiheadAttention``); the swap is in place otherwise.
+    """
+    if isinstance(model, nn.MultiheadAttention) and not isinstance(model, MultiheadSoftStepAttention):
+        return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)
+    for module in list(model.modules()):
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.MultiheadAttention) and not isinstance(child, MultiheadSoftStepAttention):
+                setattr(module, name, MultiheadSoftStepAttention.from_multihead(child, **softstep_kwargs))
+    return model

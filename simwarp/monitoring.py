@@ -1,0 +1,75 @@
+"""Monitoring SoftStep attention: per-layer, per-head kept fraction.
+
+The *kept fraction* of a query row is the number of keys with non-zero weight divided by the
+number of keys it was allowed to attend to (mask, causal, padding); a head's value is the
+mean over the non-empty rows of the batch. It is 1 for softmax attention (``step="none"``) and
+falls as the learned step drops weak keys.
+
+Usage::
+
+    with AttentionMonitor(model) as mon:
+        model(x)
+    mon.kept_fraction()      # {"layers.0.self_attn.softstep": tensor([0.41, 0.37, ...]), ...}
+    print(mon.summary())
+
+Every :class:`simwarp.SoftStepAttention` (inside :class:`simwarp.MultiheadSoftStepAttention`,
+or attached to a transformers model by :func:`simwarp.integrations.transformers.attach_softstep`)
+records :class:`simwarp.attention.AttentionStats` of its last forward while ``track_stats`` is
+set; the monitor sets it on entry and restores it on exit. Recording costs one extra reduction
+of the mask per call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from simwarp.attention import AttentionStats, SoftStepAttention
+
+__all__ = ["AttentionMonitor", "attention_modules"]
+
+
+def attention_modules(model: nn.Module) -> dict[str, SoftStepAttention]:
+    """All :class:`SoftStepAttention` submodules of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SoftStepAttention)}
+
+
+class AttentionMonitor:
+    """Context manager recording the statistics of every SoftStep attention layer of ``model``.
+
+    Args:
+        model: any module tree. Layers created lazily during the ``with`` block (transformers
+            models without :func:`attach_softstep`) are picked up at read time.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._previous: dict[str, bool] = {}
+
+    def __enter__(self) -> AttentionMonitor:
+        for name, m in attention_modules(self.model).items():
+            self._previous[name] = m.track_stats
+            m.track_stats = True
+            m.last_stats = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, m in attention_modules(self.model).items():
+            m.track_stats = self._previous.get(name, False)
+        self._previous = {}
+
+    def stats(self) -> dict[str, AttentionStats]:
+        """The last recorded :class:`AttentionStats` per layer (``(B, H, L)`` fields)."""
+        return {n: m.last_stats for n, m in attention_modules(self.model).items() if m.last_stats is not None}
+
+    def kept_fraction(self) -> dict[str, torch.Tensor]:
+        """Per layer, the ``(H,)`` mean kept fraction of each head (over non-empty rows)."""
+        return {n: s.head_kept_fraction() for n, s in self.stats().items()}
+
+    def summary(self, digits: int = 3) -> str:
+        """A plain-text table: one line per layer, the kept fraction of each head."""
+        lines = []
+        for name, frac in self.kept_fraction().items():
+            heads = " ".join(f"{x:.{digits}f}" for x in frac.tolist())
+            lines.append(f"{name}: mean {frac.mean().item():.{digits}f} | heads {heads}")
+        return "\n".join(lines) if lines else "(no SoftStep attention call recorded)"

@@ -1,0 +1,429 @@
+"""SoftStep attention front end: SDPA equivalence, masks, GQA, dropout, modules, swap, edge cases."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import simwarp
+from simwarp.attention import (
+    AttentionStats,
+    MultiheadSoftStepAttention,
+    SoftStepAttention,
+    additive_mask_to_bool,
+    softstep_attention,
+    swap_attention,
+)
+from simwarp.monitoring import AttentionMonitor
+
+D64 = torch.float64
+
+
+def qkv(b=2, h=4, n=5, s=7, e=8, ev=3, hk=None, dtype=D64, requires_grad=False):
+    q = torch.randn(b, h, n, e, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(b, hk or h, s, e, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(b, hk or h, s, ev, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------
+# step="none" == SDPA
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,s", [(5, 7), (7, 5), (1, 6), (6, 6)])
+def test_none_matches_sdpa(impl, causal, n, s):
+    q, k, v = qkv(n=n, s=s)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = softstep_attention(q, k, v, is_causal=causal, step="none", impl=impl, chunk_size=3)
+    if causal and n > s:  # SDPA has NaN rows (no visible key) only when n > s... never with top-left; keep check
+        assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)
+
+
+def test_none_matches_sdpa_with_scale_and_masks():
+    q, k, v = qkv()
+    bool_mask = torch.rand(2, 1, 5, 7) > 0.4
+    bool_mask[..., 0] = True  # SDPA needs one valid key per row to be NaN-free
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, scale=0.3)
+    torch.testing.assert_close(softstep_attention(q, k, v, bool_mask, scale=0.3, step="none"), ref)
+    add = torch.zeros(bool_mask.shape, dtype=D64).masked_fill(~bool_mask, -math.inf)
+    torch.testing.assert_close(softstep_attention(q, k, v, add, scale=0.3, step="none"), ref)
+    big_neg = torch.zeros(bool_mask.shape, dtype=D64).masked_fill(~bool_mask, torch.finfo(D64).min)
+    torch.testing.assert_close(softstep_attention(q, k, v, big_neg, scale=0.3, step="none"), ref)
+    # an (L, S) mask combined with is_causal
+    m2 = torch.rand(5, 7) > 0.3
+    m2[:, 0] = True
+    tri = torch.ones(5, 7, dtype=torch.bool).tril()
+    ref2 = F.scaled_dot_product_attention(q, k, v, attn_mask=m2 & tri)
+    torch.testing.assert_close(softstep_attention(q, k, v, m2, is_causal=True, step="none"), ref2)
+
+
+def test_none_matches_sdpa_gradients():
+    q, k, v = qkv(requires_grad=True)
+    g = torch.randn(2, 4, 5, 3, dtype=D64)
+    grads = torch.autograd.grad((softstep_attention(q, k, v, step="none") * g).sum(), (q, k, v))
+    ref = torch.autograd.grad((F.scaled_dot_product_attention(q, k, v) * g).sum(), (q, k, v))
+    for x, y in zip(grads, ref):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("mask_heads", [None, 1, 8])
+def test_gqa_matches_sdpa_and_repeat(mask_heads):
+    q, k, v = qkv(h=8, hk=2)
+    mask = None
+    if mask_heads is not None:
+        mask = torch.rand(2, mask_heads, 5, 7) > 0.3
+        mask[..., 0] = True
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(softstep_attention(q, k, v, mask, enable_gqa=True, step="none"), ref)
+    # with a real step and per-head parameters: equal to explicitly repeated keys
+    a = torch.linspace(0.05, 0.4, 8, dtype=D64)[:, None]
+    out = softstep_attention(q, k, v, mask, enable_gqa=True, a=a, b=0.8, t=0.4)
+    kr, vr = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+    torch.testing.assert_close(out, softstep_attention(q, kr, vr, mask, a=a, b=0.8, t=0.4))
+
+
+def test_gqa_instance_params_and_stats_layout():
+    q, k, v = qkv(h=4, hk=2)
+    a = torch.rand(2, 4, 5, dtype=D64) * 0.3 + 0.05
+    out, st = softstep_attention(q, k, v, enable_gqa=True, a=a, return_stats=True)
+    kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    ref, st_ref = softstep_attention(q, kr, vr, a=a, return_stats=True)
+    torch.testing.assert_close(out, ref)
+    for x, y in zip(st, st_ref):
+        torch.testing.assert_close(x, y)
+    assert st.kept.shape == (2, 4, 5)
+
+
+# ---------------------------------------------------------------------------------------
+# SoftStep semantics through the backend
+# ---------------------------------------------------------------------------------------
+
+
+def test_sigmoidal_matches_backend_and_is_sparse():
+    q, k, v = qkv(s=32)
+    out, st = softstep_attention(q, k, v, a=0.3, b=0.8, t=0.5, return_stats=True)
+    ref = simwarp.warp_attend(q, k, v, metric="dot", a=0.3, b=0.8, t=0.5, impl="dense")
+    torch.testing.assert_close(out, ref)
+    assert isinstance(st, AttentionStats)
+    assert (st.kept < st.valid).any() and (st.kept >= 1).all()
+    frac = st.head_kept_fraction()
+    assert frac.shape == (4,) and ((frac > 0) & (frac < 1)).all()
+
+
+def test_gradients_reach_step_parameters():
+    q, k, v = qkv(requires_grad=True)
+    attn = SoftStepAttention(4, 8, mode="per_head").double()
+    attn(q, k, v).square().sum().backward()
+    assert attn.step.raw.grad is not None and attn.step.raw.grad.abs().sum() > 0
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("mode", ["global", "per_head", "instance"])
+def test_softstep_attention_module_modes(mode):
+    q, k, v = qkv(dtype=torch.float32)
+    attn = SoftStepAttention(4, 8, mode=mode)
+    out = attn(q, k, v, is_causal=True)
+    assert out.shape == (2, 4, 5, 3) and torch.isfinite(out).all()
+    kw = attn.step.kwargs(q if mode == "instance" else None)
+    torch.testing.assert_close(out, softstep_attention(q, k, v, is_causal=True, **kw))
+
+
+def test_dropout_training_is_real_dropout():
+    q, k, v = qkv(dtype=torch.float32, s=16)
+    v = torch.ones_like(v)  # every row's output is the sum of its (dropped, rescaled) weights
+    out = softstep_attention(q, k, v, dropout_p=0.5, step="none")
+    assert not torch.allclose(out, torch.ones_like(out))
+    assert torch.isfinite(out).all()
+    # expectation is preserved: averaged over many draws the weights sum to ~1
+    torch.manual_seed(1)
+    mean = torch.stack([softstep_attention(q, k, v, dropout_p=0.5)[..., 0] for _ in range(200)]).mean()
+    assert abs(mean.item() - 1.0) < 0.05
+    # eval modules pass 0: deterministic
+    attn = SoftStepAttention(4, 8).eval()
+    torch.testing.assert_close(attn(q, k, v), attn(q, k, v))
+
+
+# ---------------------------------------------------------------------------------------
+# Reliability: degenerate rows, dtypes, errors
+# ---------------------------------------------------------------------------------------
+
+
+def test_fully_masked_rows_and_padding_only_sequences_are_zero():
+    q, k, v = qkv(dtype=torch.float32)
+    mask = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    mask[0, :, 2] = False  # one fully masked query row
+    mask[1] = False  # a padding-only sequence
+    q.requires_grad_(True)
+    out, st = softstep_attention(q, k, v, mask, return_stats=True)
+    assert torch.isfinite(out).all()
+    assert (out[0, :, 2] == 0).all() and (out[1] == 0).all()
+    assert st.empty[0, :, 2].all() and st.empty[1].all() and not st.empty[0, :, 0].any()
+    assert (st.kept_fraction[st.empty] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    # with step="none" the defined rows match SDPA (which is NaN or 0 on empty rows, by version/kernel)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(softstep_attention(q, k, v, mask, step="none")[0, :, :2], ref[0, :, :2])
+
+
+def test_length_one_and_causal_l_ne_s():
+    q, k, v = qkv(n=1, s=1, dtype=torch.float32)
+    out = softstep_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, v.expand_as(out))
+    q, k, v = qkv(n=6, s=3, dtype=torch.float32)
+    out = softstep_attention(q, k, v, is_causal=True, step="none")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    q, k, v = qkv(n=3, s=6, dtype=torch.float32)  # top-left: rows see keys j <= i only
+    out = softstep_attention(q, k, v, is_causal=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[..., 0, :], v[..., 0, :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    q, k, v = qkv(dtype=dtype, s=9)
+    mask = torch.ones(2, 1, 5, 9, dtype=torch.bool)
+    mask[1] = False
+    out = softstep_attention(q, k, v, mask, is_causal=True)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    add = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    ref = softstep_attention(q.float(), k.float(), v.float(), mask, is_causal=True)
+    torch.testing.assert_close(softstep_attention(q, k, v, add, is_causal=True).float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_errors_are_clear():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="enable_gqa"):
+        softstep_attention(q, k[:, :2], v[:, :2])
+    with pytest.raises(ValueError, match="multiple"):
+        softstep_attention(q, k[:, :3], v[:, :3], enable_gqa=True)
+    with pytest.raises(ValueError, match="share E"):
+        softstep_attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="share S"):
+        softstep_attention(q, k, v[:, :, :3])
+    with pytest.raises(ValueError, match="ALiBi"):
+        softstep_attention(q, k, v, torch.randn(5, 7, dtype=D64))
+    with pytest.raises(ValueError, match="dropout_p"):
+        softstep_attention(q, k, v, dropout_p=1.5)
+    with pytest.raises(TypeError, match="attn_mask"):
+        softstep_attention(q, k, v, attn_mask="causal")
+    with pytest.raises(ValueError, match="mask"):
+        softstep_attention(q, k, v, torch.ones(3, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_heads=3"):
+        SoftStepAttention(3)(q, k, v)
+    with pytest.raises(ValueError, match="head_dim"):
+        SoftStepAttention(4, mode="instance")
+
+
+def test_additive_mask_to_bool():
+    m = torch.tensor([0.0, -math.inf, -1e9, -1e4])
+    assert additive_mask_to_bool(m).tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="finite non-zero"):
+        additive_mask_to_bool(torch.tensor([0.0, -0.5]))
+    with pytest.raises(ValueError):
+        additive_mask_to_bool(torch.tensor([0.0, math.nan]))
+    with pytest.raises(TypeError):
+        additive_mask_to_bool(torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------
+# xformers attention biases (duck-typed; the fakes mimic xformers.ops.fmha.attn_bias)
+# ---------------------------------------------------------------------------------------
+
+
+class FakeLowerTriangularMask:
+    """Mimics ``xformers.ops.fmha.attn_bias.LowerTriangularMask`` (top-left causal)."""
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu"):
+        full = torch.full(shape, -math.inf, dtype=dtype, device=device)
+        return torch.triu(full, diagonal=1)
+
+
+class FakeBlockDiagonalMask:
+    """Mimics ``BlockDiagonalMask.from_seqlens(q_seqlen, kv_seqlen)``: packed sequences."""
+
+    def __init__(self, q_seqlen, kv_seqlen):
+        self.q_seqlen, self.kv_seqlen = q_seqlen, kv_seqlen
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu"):
+        if shape[-2:] != (sum(self.q_seqlen), sum(self.kv_seqlen)):
+            raise ValueError("shape does not match the sequence lengths")
+        mask = torch.full(shape[-2:], -math.inf, dtype=dtype, device=device)
+        qs = kv = 0
+        for lq, lk in zip(self.q_seqlen, self.kv_seqlen):
+            mask[qs : qs + lq, kv : kv + lk] = 0
+            qs, kv = qs + lq, kv + lk
+        return mask.expand(shape)
+
+
+class FakeTensorBias:
+    """Mimics ``LowerTriangularMaskWithTensorBias`` (a finite additive bias): must be refused."""
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu"):
+        return torch.randn(shape, dtype=dtype, device=device)
+
+
+def test_xformers_like_biases():
+    q, k, v = qkv(n=6, s=6)
+    out = softstep_attention(q, k, v, FakeLowerTriangularMask(), step="none")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    bd = FakeBlockDiagonalMask([2, 4], [2, 4])
+    out = softstep_attention(q, k, v, bd)
+    ref = torch.cat(
+        [softstep_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :]),
+         softstep_attention(q[..., 2:, :], k[..., 2:, :], v[..., 2:, :])], dim=-2,
+    )
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="finite non-zero"):
+        softstep_attention(q, k, v, FakeTensorBias())
+
+
+def test_real_xformers_biases():
+    attn_bias = pytest.importorskip("xformers.ops.fmha.attn_bias", reason="xformers is not installed (optional extra)")
+    q, k, v = qkv(n=6, s=6, dtype=torch.float32)
+    out = softstep_attention(q, k, v, attn_bias.LowerTriangularMask(), step="none")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# ---------------------------------------------------------------------------------------
+# nn.MultiheadAttention and transformer layers
+# ---------------------------------------------------------------------------------------
+
+
+MHA_CONFIGS = [
+    dict(batch_first=True),
+    dict(batch_first=False, kdim=6, vdim=10),
+    dict(batch_first=True, add_bias_kv=True, add_zero_attn=True),
+    dict(batch_first=False, bias=False),
+]
+
+
+@pytest.mark.parametrize("cfg", MHA_CONFIGS)
+def test_multihead_none_matches_torch(cfg):
+    mha = nn.MultiheadAttention(16, 4, **cfg).double().eval()
+    sw = MultiheadSoftStepAttention.from_multihead(mha, step="none").eval()
+    kd, vd = cfg.get("kdim", 16), cfg.get("vdim", 16)
+    bf = cfg["batch_first"]
+
+    def seq(n, d):
+        return torch.randn((2, n, d) if bf else (n, 2, d), dtype=D64)
+
+    x, kk, vv = seq(5, 16), seq(7, kd), seq(7, vd)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    am = torch.rand(5, 7) > 0.8
+    for kwargs in (
+        {},
+        dict(key_padding_mask=kpm),
+        dict(attn_mask=am, key_padding_mask=kpm, average_attn_weights=False),
+        dict(attn_mask=torch.zeros(5, 7, dtype=D64).masked_fill(am, -math.inf), need_weights=False),
+    ):
+        ref = mha(x, kk, vv, **kwargs)
+        out = sw(x, kk, vv, **kwargs)
+        torch.testing.assert_close(out[0], ref[0])
+        if ref[1] is None:
+            assert out[1] is None
+        else:
+            torch.testing.assert_close(out[1], ref[1])
+
+
+def test_multihead_unbatched_causal_and_3d_mask():
+    mha = nn.MultiheadAttention(8, 2).double().eval()
+    sw = MultiheadSoftStepAttention.from_multihead(mha, step="none")
+    x = torch.randn(5, 8, dtype=D64)
+    causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=D64)
+    ref = mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+    torch.testing.assert_close(sw(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0], ref)
+    xb = torch.randn(5, 3, 8, dtype=D64)
+    m3 = torch.rand(3 * 2, 5, 5) > 0.7
+    torch.testing.assert_close(sw(xb, xb, xb, attn_mask=m3)[0], mha(xb, xb, xb, attn_mask=m3)[0])
+    with pytest.raises(ValueError, match="N\\*num_heads"):
+        sw(xb, xb, xb, attn_mask=torch.ones(4, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="embed_dim"):
+        sw(torch.randn(5, 3, 6, dtype=D64), xb, xb)
+
+
+def test_multihead_trains_and_keeps_state_dict_keys():
+    mha = nn.MultiheadAttention(16, 4, dropout=0.1, batch_first=True)
+    sw = MultiheadSoftStepAttention.from_multihead(mha, mode="per_head").train()
+    assert set(mha.state_dict()) < set(sw.state_dict())
+    assert {k for k in sw.state_dict() if k.startswith("softstep.")} == {"softstep.step.raw"}
+    x = torch.randn(3, 6, 16)
+    out, w = sw(x, x, x)
+    out.square().mean().backward()
+    assert sw.softstep.step.raw.grad is not None and torch.isfinite(sw.in_proj_weight.grad).all()
+    assert torch.isfinite(w).all()
+
+
+def test_encoder_layer_and_encoder_none_match_torch():
+    torch.manual_seed(3)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(2, 6, 16)
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[1, 4:] = True
+    with torch.no_grad():
+        ref = enc(x, src_key_padding_mask=kpm)
+        ref_causal = enc(x, mask=nn.Transformer.generate_square_subsequent_mask(6), is_causal=True)
+        swapped = swap_attention(copy.deepcopy(enc), step="none")
+        assert all(isinstance(m.self_attn, MultiheadSoftStepAttention) for m in swapped.layers)
+        out = swapped(x, src_key_padding_mask=kpm)
+        out_causal = swapped(x, mask=nn.Transformer.generate_square_subsequent_mask(6), is_causal=True)
+    # the torch fast path zero-fills padded positions; compare real tokens
+    torch.testing.assert_close(out[~kpm], ref[~kpm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_causal, ref_causal, atol=1e-5, rtol=1e-5)
+
+
+def test_swap_attention_decoder_and_real_step():
+    model = nn.Transformer(16, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, dropout=0.0,
+                           batch_first=True).eval()
+    src, tgt = torch.randn(2, 5, 16), torch.randn(2, 4, 16)
+    with torch.no_grad():
+        ref = model(src, tgt)
+        swapped = swap_attention(copy.deepcopy(model), step="none")
+        n_swapped = sum(isinstance(m, MultiheadSoftStepAttention) for m in swapped.modules())
+        assert n_swapped == 3  # encoder self, decoder self, decoder cross
+        torch.testing.assert_close(swapped(src, tgt), ref, atol=1e-5, rtol=1e-5)
+        sig = swap_attention(copy.deepcopy(model), step="sigmoidal", init=(0.3, 0.7, 0.5))
+        out = sig(src, tgt)
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-4)
+    single = swap_attention(nn.MultiheadAttention(8, 2), step="none")
+    assert isinstance(single, MultiheadSoftStepAttention)
+
+
+# ---------------------------------------------------------------------------------------
+# Monitoring
+# ---------------------------------------------------------------------------------------
+
+
+def test_monitor_per_layer_per_head_kept_fraction():
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    enc = swap_attention(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), init=(0.3, 0.8, 0.5)).eval()
+    x = torch.randn(2, 10, 16)
+    with AttentionMonitor(enc) as mon, torch.no_grad():
+        enc(x)
+    frac = mon.kept_fraction()
+    assert list(frac) == ["layers.0.self_attn.softstep", "layers.1.self_attn.softstep"]
+    for f in frac.values():
+        assert f.shape == (4,) and ((f > 0) & (f <= 1)).all()
+    assert "layers.0" in mon.summary()
+    assert all(not m.track_stats for m in enc.modules() if isinstance(m, SoftStepAttention))
+
+
+def test_encoder_layer_fast_path_does_not_bypass_softstep():
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():  # the conditions of torch's fused inference fast path
+        ref = layer(x)
+        out = swap_attention(copy.deepcopy(layer), init=(0.4, 0.6, 0.3))(x)
+    assert not torch.allclose(out, ref, atol=1e-4)
