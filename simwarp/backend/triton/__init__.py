@@ -1,0 +1,82 @@
+"""Fused Triton kernels for the simwarp backend (``impl="triton"``).
+
+Importing this package imports :mod:`triton` (the ``gpu`` extra); :mod:`simwarp` itself never
+does, it imports this package lazily when the fused path is chosen.
+
+Supported: metrics ``dot``, ``cosine``, ``sqeuclidean``, ``l2``; steps ``sigmoidal``, ``log``,
+``poly``, ``none``; any bool mask (causal, ``exclude_self``, key padding and general masks
+are applied inside the kernels); float16 / bfloat16 / float32 inputs with float32
+accumulation (float64 only in the CPU interpreter); head and value dims up to 256; any
+sequence lengths. CUDA tensors run compiled kernels; CPU tensors run the same kernels in
+Triton's interpreter when ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton  # noqa: F401  (ImportError here = the fused backend is unavailable)
+
+from simwarp.backend.common import WarpSpec, WarpStats
+from simwarp.backend.triton.launch import (
+    KERNEL_STEPS,
+    KernelConfig,
+    fused_warp_attend,
+    interpreting,
+    unsupported_reason,
+)
+
+__all__ = [
+    "KERNEL_STEPS",
+    "KernelConfig",
+    "interpreting",
+    "supports",
+    "triton_warp_attend",
+    "unsupported_reason",
+]
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: WarpSpec) -> bool:
+    """True if :func:`triton_warp_attend` can run this call."""
+    return unsupported_reason(q, k, v, spec) is None
+
+
+def triton_warp_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: torch.Tensor,
+    mask: torch.Tensor | None,
+    spec: WarpSpec,
+    *,
+    config: KernelConfig | None = None,
+    return_skipped: bool = False,
+):
+    """Fused SoftStep attention (the backend contract of :func:`simwarp.warp_attend`).
+
+    Args:
+        q: ``(..., n, d)``; k: ``(..., m, d)``; v: ``(..., m, e)``; leading dims broadcast.
+        a, b, t: step parameters of the compute dtype, 0-dim or broadcastable to ``(..., n, 1)``.
+        mask: bool, broadcastable to ``(..., n, m)``, True = may attend; or ``None``.
+        spec: the call's :class:`~simwarp.backend.common.WarpSpec`.
+        config: launch knobs (:class:`KernelConfig`); ``None`` = heuristics.
+        return_skipped: also return the fraction of visited key tiles that block skipping
+            left out (a 0-dim float tensor on the inputs' device; no synchronisation).
+
+    Returns:
+        ``(out (..., n, e), WarpStats)`` and, with ``return_skipped``, the skipped fraction.
+
+    Raises:
+        ValueError: if the call is not supported by the kernels (see :func:`unsupported_reason`).
+    """
+    reason = unsupported_reason(q, k, v, spec)
+    if reason is not None:
+        raise ValueError(f"impl='triton' cannot run this call: {reason}; use impl='chunked' or 'auto'")
+    out, lse, kept, lo, hi, empty, skip = fused_warp_attend(q, k, v, a, b, t, mask, spec, config)
+    stats = WarpStats(lse=lse, kept=kept, lo=lo, hi=hi, empty=empty)
+    if not return_skipped:
+        return out, stats
+    counts = skip.sum(dim=(0, 1, 2), dtype=torch.float64)
+    fraction = counts[0] / counts[1].clamp_min(1.0)
+    return out, stats, fraction

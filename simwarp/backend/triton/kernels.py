@@ -1,0 +1,566 @@
+"""Triton kernels of the fused SoftStep backend (forward: two passes; backward: dq and dk/dv).
+
+Layout: every tensor is addressed as ``(B0, B1, rows, cols)`` with arbitrary strides (stride 0
+for broadcast dims), so broadcast leading dims never materialise. Row statistics and step
+parameters are contiguous ``(fields, B, n)`` buffers. Accumulation is in ``ACC`` (float32,
+or float64 for float64 inputs in the interpreter).
+
+Codes (constexpr): ``METRIC`` 0 = dot (cosine is dot on pre-normalised inputs), 1 = sqeuclidean,
+2 = l2. ``STEP`` 0 = none, 1 = sigmoidal, 2 = log, 3 = poly.
+
+The largest logit of every non-empty row is known after pass 1: the row's argmax key has
+``u = 1 >= b`` so ``φ = 0`` and ``ℓ = hi / τ``, while ``φ <= 0`` everywhere. Pass 2 therefore
+needs no running max: ``p = exp2((s - hi) / τ · log2 e) · m(u)`` and partial sums over key
+splits combine by plain addition.
+
+This file is loaded twice by :mod:`simwarp.backend.triton.launch`: once normally (CUDA) and
+once with ``TRITON_INTERPRET=1`` (CPU tensors in the interpreter).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+# ---------------------------------------------------------------------------------------
+# Tile helpers
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scores(q, k, qq, kk, scale, METRIC: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """Similarity tile ``(BM, BN)`` and the raw squared distance (for the metric's backward)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC)
+    if METRIC == 0:
+        s = qk * scale
+        dist2 = qk
+    else:
+        dist2 = qq[:, None] + kk[None, :] - 2.0 * qk
+        d2 = tl.maximum(dist2, 0.0)
+        if METRIC == 1:
+            s = -(d2 * scale)
+        else:
+            s = -(tl.sqrt(d2) * scale)
+    return s, dist2
+
+
+@triton.jit
+def _validity(offs_m, offs_n, n, m, mask_base, smn, smm,
+              HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr):
+    valid = (offs_m[:, None] < n) & (offs_n[None, :] < m)
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    if EXCL:
+        valid = valid & (offs_n[None, :] != offs_m[:, None])
+    if HAS_MASK:
+        mk = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smn + offs_n[None, :].to(tl.int64) * smm,
+                     mask=valid, other=0)
+        valid = valid & (mk != 0)
+    return valid
+
+
+@triton.jit
+def _rows_dropped(ub, a, b, t, STEP: tl.constexpr):
+    """True where a key with normalised score ``ub`` (and so every key with a score at most
+    ``ub``: all ops are monotone) has weight exactly 0 for that row's step."""
+    if STEP == 1:
+        dropped = ub <= a
+    elif STEP == 2:
+        dropped = ub <= 0.0
+    elif STEP == 3:
+        y = (ub - (a + b) * 0.5) * (1.0 / (t * (b - a))) + 0.5
+        dropped = y <= 0.0
+    else:
+        dropped = ub != ub  # never (False; NaN-safe)
+    return dropped
+
+
+@triton.jit
+def _tile_skippable(tm, offs_m, n, lo, inv_r, emp, a, b, t, STEP: tl.constexpr):
+    """A tile is skippable when every row is out of range, empty, or has all of the tile's keys
+    dropped, judged from ``tm`` = the tile's largest valid score over all its rows (pass 1)."""
+    tmv = lo * 0.0 + tm
+    ub = (tmv - lo) * inv_r
+    ok = (offs_m >= n) | (emp > 0) | (tmv == float("-inf")) | ((inv_r > 0) & _rows_dropped(ub, a, b, t, STEP))
+    return tl.min(ok.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _normalised(s, lo, inv_r):
+    return tl.where(inv_r[:, None] > 0, (s - lo[:, None]) * inv_r[:, None], 1.0)
+
+
+@triton.jit
+def _step_weight(x, u, valid, a, b, t, STEP: tl.constexpr, BAND_BRANCH: tl.constexpr):
+    """``p = exp2(x) · m(u)`` for valid keys (0 elsewhere) and the kept indicator.
+
+    ``x`` is the log2 softmax numerator (``(s - ref) / τ · log2 e``); ``a, b, t`` are
+    ``(BM, 1)`` row parameters.
+    """
+    if STEP == 0:
+        keep = valid
+        p = tl.exp2(tl.where(keep, x, float("-inf")))
+    elif STEP == 1:
+        keep = valid & (u > a)
+        p = tl.exp2(tl.where(keep, x, float("-inf")))
+        band = keep & (u < b)
+        if BAND_BRANCH:
+            if tl.max(band.to(tl.int32)) > 0:
+                ratio = tl.where(band, (b - u) / (u - a), 1.0)
+                rr = tl.exp2(tl.log2(ratio) * (1.0 / t))
+                p = tl.where(band, p / (1.0 + rr), p)
+        else:
+            ratio = tl.where(band, (b - u) / (u - a), 1.0)
+            rr = tl.exp2(tl.log2(ratio) * (1.0 / t))
+            p = tl.where(band, p / (1.0 + rr), p)
+    elif STEP == 2:
+        keep = valid & (u > 0.0)
+        band = keep & (u < b)
+        ub = tl.where(band, u, b)
+        phi2 = (t / (1.0 - t)) * (b - ub) * tl.log2(ub / b)
+        p = tl.exp2(tl.where(keep, x + phi2, float("-inf")))
+    else:
+        c = 1.0 / (t * (b - a))
+        y = (u - (a + b) * 0.5) * c + 0.5
+        keep = valid & (y > 0.0)
+        band = keep & (y < 1.0)
+        p = tl.exp2(tl.where(keep, x, float("-inf")))
+        p = tl.where(band, p * (y * y * (3.0 - 2.0 * y)), p)
+    return p, keep
+
+
+@triton.jit
+def _step_weight_grad(x, u, valid, a, b, t, STEP: tl.constexpr):
+    """Backward form: ``w = exp2(x) · m(u)`` and the log-mask partials ``φ_u, φ_a, φ_b, φ_t``
+    (zero outside the band; see GRADIENTS.md and :mod:`simwarp.steps`)."""
+    zero = x * 0.0
+    if STEP == 0:
+        keep = valid
+        w = tl.exp2(tl.where(keep, x, float("-inf")))
+        phi_u = zero
+        phi_a = zero
+        phi_b = zero
+        phi_t = zero
+    elif STEP == 1:
+        keep = valid & (u > a)
+        band = keep & (u < b)
+        w = tl.exp2(tl.where(keep, x, float("-inf")))
+        bu = tl.where(band, b - u, 1.0)
+        ua = tl.where(band, u - a, 1.0)
+        inv_t = 1.0 / t
+        z2 = tl.log2(bu / ua) * inv_t  # z / ln 2
+        rr = tl.exp2(z2)
+        mm = 1.0 / (1.0 + rr)
+        sig = tl.where(mm > 0.0, rr * mm, 1.0)  # sigmoid(z) = 1 - m, safe when rr overflows
+        w = tl.where(band, w * mm, w)
+        st = tl.where(band, sig * inv_t, 0.0)
+        phi_a = -st / ua
+        phi_b = -st / bu
+        phi_u = -(phi_a + phi_b)
+        phi_t = st * (z2 * LN2)
+    elif STEP == 2:
+        keep = valid & (u > 0.0)
+        band = keep & (u < b)
+        ub = tl.where(band, u, b)
+        c = t / (1.0 - t)
+        lg = tl.log2(ub / b) * LN2  # log(u / b)
+        w = tl.exp2(tl.where(keep, x + c * (b - ub) * lg * LOG2E, float("-inf")))
+        bandf = tl.where(band, 1.0, 0.0)
+        phi_u = bandf * c * ((b - ub) / ub - lg)
+        phi_a = zero
+        phi_b = bandf * c * (lg - (b - ub) / b)
+        phi_t = bandf * (b - ub) * lg / ((1.0 - t) * (1.0 - t))
+    else:
+        c = 1.0 / (t * (b - a))
+        y = (u - (a + b) * 0.5) * c + 0.5
+        keep = valid & (y > 0.0)
+        band = keep & (y < 1.0)
+        w = tl.exp2(tl.where(keep, x, float("-inf")))
+        yb = tl.where(band, y, 0.5)
+        poly = yb * yb * (3.0 - 2.0 * yb)
+        w = tl.where(band, w * poly, w)
+        phi_y = tl.where(band, 6.0 * (1.0 - yb) / (yb * (3.0 - 2.0 * yb)), 0.0)
+        xr = (u - a) / (b - a)
+        phi_u = phi_y * c
+        phi_a = phi_u * (xr - 1.0)
+        phi_b = -phi_u * xr
+        phi_t = -phi_y * (yb - 0.5) / t
+    return w, keep, phi_u, phi_a, phi_b, phi_t
+
+
+@triton.jit
+def _metric_coef(ds, dist2, scale, METRIC: tl.constexpr):
+    """Coefficients ``G`` (``dq += G @ k``, ``dk += Gᵀ @ q``) and ``g2 = ∂L/∂dist²`` (for the
+    norm terms ``dq += 2 rowsum(g2) q``, ``dk += 2 colsum(g2) k``) of a score-gradient tile."""
+    if METRIC == 0:
+        g2 = ds * 0.0
+        coef = ds * scale
+    elif METRIC == 1:
+        g2 = tl.where(dist2 >= 0.0, -(ds * scale), 0.0)
+        coef = -2.0 * g2
+    else:
+        pos = dist2 > 0.0
+        g2 = tl.where(pos, -(ds * scale) * 0.5 / tl.sqrt(tl.where(pos, dist2, 1.0)), 0.0)
+        coef = -2.0 * g2
+    return coef, g2
+
+
+# ---------------------------------------------------------------------------------------
+# Forward pass 1: row range (min, max, first argmin / argmax) and per-tile score maxima
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def range_kernel(
+    Q, K, MASK, CONSTS, LOP, HIP, AMINP, AMAXP, TMAX,
+    sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, smk0, smk1, smkn, smkm,
+    B1, B, n, m, d, n_qb, n_kb, kb_per_split,
+    METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b0 = (pid_b // B1).to(tl.int64)
+    b1 = (pid_b % B1).to(tl.int64)
+    q_start = pid_q * BLOCK_M
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b0 * sq0 + b1 * sq1 + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < n) & (offs_d[None, :] < d), other=0.0)
+    qf = q.to(ACC)
+    qq = tl.sum(qf * qf, 1)
+    scale = tl.load(CONSTS)
+    k_base = K + b0 * sk0 + b1 * sk1
+    mask_base = MASK + b0 * smk0 + b1 * smk1
+
+    run_lo = tl.full([BLOCK_M], float("inf"), ACC)
+    run_hi = tl.full([BLOCK_M], float("-inf"), ACC)
+    arg_lo = tl.zeros([BLOCK_M], tl.int32)
+    arg_hi = tl.zeros([BLOCK_M], tl.int32)
+    kb_lo = pid_s * kb_per_split
+    kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
+    if CAUSAL:
+        kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
+    tm_base = TMAX + (pid_b.to(tl.int64) * n_qb + pid_q) * n_kb
+    for kb in range(kb_lo, kb_hi):
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
+                    mask=(offs_n[:, None] < m) & (offs_d[None, :] < d), other=0.0)
+        kf = k.to(ACC)
+        kk = tl.sum(kf * kf, 1)
+        s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC)
+        valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
+        s_lo = tl.where(valid, s, float("inf"))
+        s_hi = tl.where(valid, s, float("-inf"))
+        blk_lo = tl.min(s_lo, 1)
+        blk_hi = tl.max(s_hi, 1)
+        idx_lo = tl.argmin(s_lo, 1, tie_break_left=True).to(tl.int32) + kb * BLOCK_N
+        idx_hi = tl.argmax(s_hi, 1, tie_break_left=True).to(tl.int32) + kb * BLOCK_N
+        new_lo = blk_lo < run_lo
+        new_hi = blk_hi > run_hi
+        run_lo = tl.where(new_lo, blk_lo, run_lo)
+        arg_lo = tl.where(new_lo, idx_lo, arg_lo)
+        run_hi = tl.where(new_hi, blk_hi, run_hi)
+        arg_hi = tl.where(new_hi, idx_hi, arg_hi)
+        tl.store(tm_base + kb, tl.max(blk_hi, 0))
+    out_off = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
+    row_ok = offs_m < n
+    tl.store(LOP + out_off, run_lo, mask=row_ok)
+    tl.store(HIP + out_off, run_hi, mask=row_ok)
+    tl.store(AMINP + out_off, arg_lo, mask=row_ok)
+    tl.store(AMAXP + out_off, arg_hi, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# Forward pass 2: step + softmax (known row maximum) + value accumulation, with tile skipping
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def attend_kernel(
+    Q, K, V, MASK, PRM, CONSTS, RS, TMAX, OUT, LSE, KEPT, ACCP, DENP, KEPTP, SKIP,
+    sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, smk0, smk1, smkn, smkm,
+    B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, n_splits,
+    METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b0 = (pid_b // B1).to(tl.int64)
+    b1 = (pid_b % B1).to(tl.int64)
+    q_start = pid_q * BLOCK_M
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = offs_m < n
+    q = tl.load(Q + b0 * sq0 + b1 * sq1 + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+    qf = q.to(ACC)
+    qq = tl.sum(qf * qf, 1)
+    scale = tl.load(CONSTS)
+    inv_tau = tl.load(CONSTS + 1)
+    rows = pid_b.to(tl.int64) * n + offs_m
+    plane = (pid_b.to(tl.int64) * 0 + B) * n
+    lo = tl.load(RS + rows, mask=row_ok, other=0.0)
+    hi = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
+    inv_r = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
+    emp = tl.load(RS + 3 * plane + rows, mask=row_ok, other=1.0)
+    a = tl.load(PRM + rows, mask=row_ok, other=0.5)
+    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
+    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
+    a2 = a[:, None]
+    b2 = b[:, None]
+    t2 = t[:, None]
+    xscale = inv_tau * LOG2E
+    k_base = K + b0 * sk0 + b1 * sk1
+    v_base = V + b0 * sv0 + b1 * sv1
+    mask_base = MASK + b0 * smk0 + b1 * smk1
+
+    acc = tl.zeros([BLOCK_M, BLOCK_E], ACC)
+    denom = tl.zeros([BLOCK_M], ACC)
+    kept = tl.zeros([BLOCK_M], ACC)
+    n_skip = tl.zeros([], tl.int32)
+    kb_lo = pid_s * kb_per_split
+    kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
+    if CAUSAL:
+        kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
+    tm_base = TMAX + (pid_b.to(tl.int64) * n_qb + pid_q) * n_kb
+    for kb in range(kb_lo, kb_hi):
+        tm = tl.load(tm_base + kb)
+        skip = _tile_skippable(tm, offs_m, n, lo, inv_r, emp, a, b, t, STEP)
+        n_skip += skip
+        if skip == 0:
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < m
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
+                        mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+            kf = k.to(ACC)
+            kk = tl.sum(kf * kf, 1)
+            s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC)
+            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
+            u = _normalised(s, lo, inv_r)
+            x = (s - hi[:, None]) * xscale
+            p, keep = _step_weight(x, u, valid, a2, b2, t2, STEP, BAND_BRANCH)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
+                        mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+            denom += tl.sum(p, 1)
+            kept += tl.sum(keep.to(ACC), 1)
+
+    if SPLIT:
+        part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
+        tl.store(ACCP + part[:, None] * e + offs_e[None, :], acc, mask=row_ok[:, None] & (offs_e[None, :] < e))
+        tl.store(DENP + part, denom, mask=row_ok)
+        tl.store(KEPTP + part, kept, mask=row_ok)
+    else:
+        nonempty = denom > 0.0
+        out = acc / tl.where(nonempty, denom, 1.0)[:, None]
+        tl.store(OUT + rows[:, None] * e + offs_e[None, :], out.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_e[None, :] < e))
+        lse = tl.where(nonempty, hi * inv_tau + tl.log(tl.where(nonempty, denom, 1.0)), float("-inf"))
+        tl.store(LSE + rows, lse, mask=row_ok)
+        tl.store(KEPT + rows, kept, mask=row_ok)
+    slot = ((pid_b.to(tl.int64) * n_qb + pid_q) * n_splits + pid_s) * 2
+    tl.store(SKIP + slot, n_skip)
+    tl.store(SKIP + slot + 1, tl.maximum(kb_hi - kb_lo, 0))
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def bwd_dq_kernel(
+    Q, K, V, DO, MASK, PRM, CONSTS, RS, TMAX, DQ, RSUM,
+    sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
+    smk0, smk1, smkn, smkm,
+    B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, TM_BM, TM_BN,
+    METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """Per query block: ``dq`` (without the range scatter) and the per-row sums
+    ``G_lo, G_hi, da, db, dt`` over the keys of split ``pid_s``."""
+    pid_q = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b0 = (pid_b // B1).to(tl.int64)
+    b1 = (pid_b % B1).to(tl.int64)
+    q_start = pid_q * BLOCK_M
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = offs_m < n
+    q = tl.load(Q + b0 * sq0 + b1 * sq1 + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+    qf = q.to(ACC)
+    qq = tl.sum(qf * qf, 1)
+    do = tl.load(DO + pid_b.to(tl.int64) * sdo0 + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
+                 mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
+    scale = tl.load(CONSTS)
+    inv_tau = tl.load(CONSTS + 1)
+    rows = pid_b.to(tl.int64) * n + offs_m
+    plane = (pid_b.to(tl.int64) * 0 + B) * n
+    lo = tl.load(RS + rows, mask=row_ok, other=0.0)
+    inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
+    lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
+    delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
+    emp = tl.load(RS + 4 * plane + rows, mask=row_ok, other=1.0)
+    a = tl.load(PRM + rows, mask=row_ok, other=0.5)
+    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
+    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
+    a2 = a[:, None]
+    b2 = b[:, None]
+    t2 = t[:, None]
+    k_base = K + b0 * sk0 + b1 * sk1
+    v_base = V + b0 * sv0 + b1 * sv1
+    mask_base = MASK + b0 * smk0 + b1 * smk1
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    rsum = tl.zeros([BLOCK_M], ACC)
+    g_lo = tl.zeros([BLOCK_M], ACC)
+    g_hi = tl.zeros([BLOCK_M], ACC)
+    g_a = tl.zeros([BLOCK_M], ACC)
+    g_b = tl.zeros([BLOCK_M], ACC)
+    g_t = tl.zeros([BLOCK_M], ACC)
+    kb_lo = pid_s * kb_per_split
+    kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
+    if CAUSAL:
+        kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
+    tm_row = TMAX + (pid_b.to(tl.int64) * tm_qb + q_start // TM_BM) * tm_kb
+    for kb in range(kb_lo, kb_hi):
+        tm = tl.load(tm_row + (kb * BLOCK_N) // TM_BN)
+        skip = _tile_skippable(tm, offs_m, n, lo, inv_r, emp, a, b, t, STEP)
+        if skip == 0:
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < m
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
+                        mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
+                        mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
+            kf = k.to(ACC)
+            kk = tl.sum(kf * kf, 1)
+            s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC)
+            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
+            u = _normalised(s, lo, inv_r)
+            x = (s * inv_tau - lse[:, None]) * LOG2E
+            w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
+            dp = tl.dot(do, tl.trans(v).to(do.dtype), input_precision=PREC, out_dtype=ACC)
+            dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
+            dlu = dl * phi_u * inv_r[:, None]
+            ds = dl * inv_tau + dlu
+            g_lo += tl.sum(dlu * (u - 1.0), 1)
+            g_hi -= tl.sum(dlu * u, 1)
+            g_a += tl.sum(dl * phi_a, 1)
+            g_b += tl.sum(dl * phi_b, 1)
+            g_t += tl.sum(dl * phi_t, 1)
+            coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
+            dq += tl.dot(coef.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+            if METRIC != 0:
+                rsum += tl.sum(g2, 1)
+    if METRIC != 0:
+        dq += 2.0 * rsum[:, None] * qf
+    part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
+    tl.store(DQ + part[:, None] * d + offs_d[None, :], dq, mask=row_ok[:, None] & (offs_d[None, :] < d))
+    plane_s = tl.num_programs(2).to(tl.int64) * B * n
+    tl.store(RSUM + part, g_lo, mask=row_ok)
+    tl.store(RSUM + plane_s + part, g_hi, mask=row_ok)
+    tl.store(RSUM + 2 * plane_s + part, g_a, mask=row_ok)
+    tl.store(RSUM + 3 * plane_s + part, g_b, mask=row_ok)
+    tl.store(RSUM + 4 * plane_s + part, g_t, mask=row_ok)
+
+
+@triton.jit
+def bwd_dkdv_kernel(
+    Q, K, V, DO, MASK, PRM, CONSTS, RS, TMAX, DK, DV,
+    sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
+    smk0, smk1, smkn, smkm,
+    B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, TM_BM, TM_BN,
+    METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+    HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """Per key block: ``dk`` (without the range scatter) and ``dv``, looping over query blocks."""
+    pid_k = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    b0 = (pid_b // B1).to(tl.int64)
+    b1 = (pid_b % B1).to(tl.int64)
+    k_start = pid_k * BLOCK_N
+    offs_n = k_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    col_ok = offs_n < m
+    k = tl.load(K + b0 * sk0 + b1 * sk1 + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+    v = tl.load(V + b0 * sv0 + b1 * sv1 + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
+                mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
+    kf = k.to(ACC)
+    kk = tl.sum(kf * kf, 1)
+    scale = tl.load(CONSTS)
+    inv_tau = tl.load(CONSTS + 1)
+    plane = (pid_b.to(tl.int64) * 0 + B) * n
+    q_base = Q + b0 * sq0 + b1 * sq1
+    do_base = DO + pid_b.to(tl.int64) * sdo0
+    mask_base = MASK + b0 * smk0 + b1 * smk1
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_E], ACC)
+    csum = tl.zeros([BLOCK_N], ACC)
+    qb_lo = 0
+    if CAUSAL:
+        qb_lo = k_start // BLOCK_M
+    tm_col = TMAX + pid_b.to(tl.int64) * tm_qb * tm_kb + k_start // TM_BN
+    for qb in range(qb_lo, n_qb):
+        q_start = qb * BLOCK_M
+        offs_m = q_start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n
+        rows = pid_b.to(tl.int64) * n + offs_m
+        lo = tl.load(RS + rows, mask=row_ok, other=0.0)
+        inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
+        emp = tl.load(RS + 4 * plane + rows, mask=row_ok, other=1.0)
+        a = tl.load(PRM + rows, mask=row_ok, other=0.5)
+        b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
+        t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
+        tm = tl.load(tm_col + (q_start // TM_BM) * tm_kb)
+        skip = _tile_skippable(tm, offs_m, n, lo, inv_r, emp, a, b, t, STEP)
+        if skip == 0:
+            lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
+            delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
+                         mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
+            qf = q.to(ACC)
+            qq = tl.sum(qf * qf, 1)
+            s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC)
+            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
+            u = _normalised(s, lo, inv_r)
+            x = (s * inv_tau - lse[:, None]) * LOG2E
+            w, keep, phi_u, _pa, _pb, _pt = _step_weight_grad(x, u, valid, a[:, None], b[:, None], t[:, None], STEP)
+            if NEED_DV:
+                dv += tl.dot(tl.trans(w).to(do.dtype), do, input_precision=PREC, out_dtype=ACC)
+            if NEED_DK:
+                dp = tl.dot(do, tl.trans(v).to(do.dtype), input_precision=PREC, out_dtype=ACC)
+                dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
+                ds = dl * (inv_tau + phi_u * inv_r[:, None])
+                coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
+                dk += tl.dot(tl.trans(coef).to(q.dtype), q, input_precision=PREC, out_dtype=ACC)
+                if METRIC != 0:
+                    csum += tl.sum(g2, 0)
+    if METRIC != 0:
+        dk += 2.0 * csum[:, None] * kf
+    cols = pid_b.to(tl.int64) * m + offs_n
+    if NEED_DK:
+        tl.store(DK + cols[:, None] * d + offs_d[None, :], dk, mask=col_ok[:, None] & (offs_d[None, :] < d))
+    if NEED_DV:
+        tl.store(DV + cols[:, None] * e + offs_e[None, :], dv, mask=col_ok[:, None] & (offs_e[None, :] < e))

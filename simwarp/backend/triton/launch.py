@@ -1,0 +1,410 @@
+"""Host side of the fused backend: kernel loading, launch plans and the autograd Function.
+
+Forward = ``range_kernel`` (pass 1: row min/max, first argmin/argmax, per-tile score maxima)
+then ``attend_kernel`` (pass 2: step, softmax with the row maximum known from pass 1, ``p @ v``,
+tile skipping). Backward = ``bwd_dq_kernel`` (``dq`` and the per-row sums ``G_lo, G_hi, da, db,
+dt``) and ``bwd_dkdv_kernel`` (``dk``, ``dv``), both recomputing scores; the range gradient is
+then routed to each row's argmin/argmax key with ``O(rows)`` torch ops (GRADIENTS.md).
+
+When a grid has few programs (the neighbour-bank case: few queries, up to millions of keys),
+the key axis is split over ``num_splits`` programs per query block; since the row maximum is
+known after pass 1 the partial sums combine by plain addition.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from simwarp import steps as _steps
+from simwarp.backend.common import WarpSpec
+from simwarp.similarity import default_scale, paired_similarity
+
+METRIC_CODES = {"dot": 0, "cosine": 0, "sqeuclidean": 1, "l2": 2}
+_METRIC_NAMES = {0: "dot", 1: "sqeuclidean", 2: "l2"}
+#: Steps with a kernel implementation, and the registered function each must still be.
+KERNEL_STEPS = {"none": 0, "sigmoidal": 1, "log": 2, "poly": 3}
+MAX_HEAD_DIM = 256
+MAX_VALUE_DIM = 256
+_COSINE_EPS = 1e-12
+
+_MODULES: dict[bool, object] = {}
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1``: CPU tensors then run the kernels in Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_module(interpret: bool):
+    """The kernels compiled for the GPU (``interpret=False``) or for Triton's CPU interpreter.
+
+    The interpreted copy is a second load of ``kernels.py`` made with ``TRITON_INTERPRET=1``
+    (``triton.jit`` decides at decoration time), so it works whatever was imported before.
+    """
+    if interpret not in _MODULES:
+        if not interpret:
+            from simwarp.backend.triton import kernels as module
+        else:
+            path = Path(__file__).with_name("kernels.py")
+            spec = importlib.util.spec_from_file_location("simwarp.backend.triton._kernels_interpreted", path)
+            module = importlib.util.module_from_spec(spec)
+            previous = os.environ.get("TRITON_INTERPRET")
+            os.environ["TRITON_INTERPRET"] = "1"
+            try:
+                spec.loader.exec_module(module)
+            finally:
+                if previous is None:
+                    del os.environ["TRITON_INTERPRET"]
+                else:
+                    os.environ["TRITON_INTERPRET"] = previous
+        _MODULES[interpret] = module
+    return _MODULES[interpret]
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch knobs; ``None`` = a heuristic default for the inputs.
+
+    Attributes:
+        block_m, block_n: forward query/key tile (also the granularity of block skipping).
+        bwd_block_m, bwd_block_n: backward tiles; must divide ``block_m`` / ``block_n``.
+        num_splits: key-axis splits per query block (``None``: automatic, more when the grid
+            is small, e.g. a neighbour bank with few queries).
+        num_warps, num_stages, bwd_num_warps, bwd_num_stages: Triton launch options.
+        allow_tf32: float32 inputs use TF32 tensor cores (faster, ~1e-3 relative error);
+            default False = exact float32 products.
+        band_branch: evaluate the step's band math only in tiles that have in-band entries.
+    """
+
+    block_m: int | None = None
+    block_n: int | None = None
+    bwd_block_m: int | None = None
+    bwd_block_n: int | None = None
+    num_splits: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    bwd_num_warps: int | None = None
+    bwd_num_stages: int | None = None
+    allow_tf32: bool = False
+    band_branch: bool = True
+
+
+@dataclass(frozen=True)
+class _Plan:
+    metric: int
+    step: int
+    scale: float
+    inv_tau: float
+    causal: bool
+    exclude_self: bool
+    detach_range: bool
+    interpret: bool
+    config: KernelConfig
+
+
+def _pow2(x: int, low: int = 16) -> int:
+    return max(low, 1 << max(0, (x - 1).bit_length()))
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: WarpSpec) -> str | None:
+    """Why the fused kernels cannot run this call (``None`` if they can)."""
+    dev = q.device.type
+    if dev != "cuda" and not (dev == "cpu" and interpreting()):
+        return f"tensors on {q.device} (needs CUDA, or CPU tensors with TRITON_INTERPRET=1)"
+    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if dev == "cpu" else ())
+    if q.dtype not in allowed:
+        return f"dtype {q.dtype} (supported: {', '.join(str(x) for x in allowed)})"
+    if spec.metric not in METRIC_CODES:
+        return f"metric {spec.metric!r} (supported: {', '.join(METRIC_CODES)})"
+    name = spec.step.name
+    if name not in KERNEL_STEPS or getattr(_steps, f"{name}_log_mask", None) is not spec.step.log_mask:
+        return f"step {name!r} (kernel steps: {', '.join(KERNEL_STEPS)}; user or overwritten steps run on impl='chunked')"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if v.shape[-1] > MAX_VALUE_DIM:
+        return f"value dim {v.shape[-1]} > {MAX_VALUE_DIM}"
+    return None
+
+
+def _resolve_config(cfg: KernelConfig, d: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
+    big = d > 128
+    bm = cfg.block_m or (64 if big else 128)
+    bn = cfg.block_n or (32 if big else 64)
+    bbm = cfg.bwd_block_m or min(bm, 32 if big else 64)
+    bbn = cfg.bwd_block_n or min(bn, 32 if big else 64)
+    for name, x in (("block_m", bm), ("block_n", bn), ("bwd_block_m", bbm), ("bwd_block_n", bbn)):
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {x}")
+    if bm % bbm or bn % bbn:
+        raise ValueError(
+            f"backward tiles ({bbm}, {bbn}) must divide the forward tiles ({bm}, {bn}) (block skipping reuses them)"
+        )
+    return replace(
+        cfg, block_m=bm, block_n=bn, bwd_block_m=bbm, bwd_block_n=bbn,
+        num_warps=cfg.num_warps or (4 if d <= 64 else 8),
+        num_stages=cfg.num_stages or (3 if d <= 64 else 2),
+        bwd_num_warps=cfg.bwd_num_warps or (4 if d <= 64 else 8),
+        bwd_num_stages=cfg.bwd_num_stages or (2 if d <= 128 else 1),
+    )
+
+
+def _num_splits(cfg: KernelConfig, programs: int, n_kb: int, device: torch.device) -> int:
+    if cfg.num_splits is not None:
+        if cfg.num_splits < 1:
+            raise ValueError(f"KernelConfig.num_splits must be >= 1, got {cfg.num_splits}")
+        return min(cfg.num_splits, n_kb)
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= target:
+        return 1
+    return max(1, min(target // max(programs, 1), n_kb // 8))
+
+
+def _view4(x: torch.Tensor, batch: torch.Size, rows: int, cols: int) -> torch.Tensor:
+    """``x`` broadcast to ``(*batch, rows, cols)`` as a ``(B0, B1, rows, cols)`` view (a copy
+    only when the broadcast leading dims cannot be merged)."""
+    b1 = batch[-1] if len(batch) else 1
+    b0 = math.prod(batch) // b1 if b1 else 0
+    return x.expand(*batch, rows, cols).reshape(b0, b1, rows, cols)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(mod, dtype: torch.dtype):
+    return mod.tl.float64 if dtype == torch.float64 else mod.tl.float32
+
+
+class _TritonWarp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, a, b, t, mask, plan: _Plan):
+        mod = kernel_module(plan.interpret)
+        cfg = plan.config
+        acc = _acc_dtype(q.dtype)
+        tl_acc = _tl_acc(mod, q.dtype)
+        prec = "ieee" if (q.dtype == torch.float64 or not cfg.allow_tf32) else "tf32"
+        dev = q.device
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+        B = math.prod(batch)
+        B1 = batch[-1] if len(batch) else 1
+        q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
+        mask4 = _mask4(mask, batch, n, m, dev)
+        prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
+                           for p in (a, b, t)]).contiguous()
+        consts = torch.tensor([plan.scale, plan.inv_tau], dtype=acc, device=dev)
+        BM, BN = cfg.block_m, cfg.block_n
+        BD, BE = _pow2(d), _pow2(e)
+        n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
+        S = _num_splits(cfg, B * n_qb, n_kb, dev)
+        kps = triton_cdiv(n_kb, S)
+        S = triton_cdiv(n_kb, kps)
+        common = dict(METRIC=plan.metric, CAUSAL=plan.causal, EXCL=plan.exclude_self, HAS_MASK=mask is not None,
+                      BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, ACC=tl_acc,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        strides = (*q4.stride(), *k4.stride())
+        mstrides = mask4.stride()
+
+        lo_p = torch.empty((S, B, n), dtype=acc, device=dev)
+        hi_p = torch.empty_like(lo_p)
+        amin_p = torch.empty((S, B, n), dtype=torch.int32, device=dev)
+        amax_p = torch.empty_like(amin_p)
+        tmax = torch.full((B, n_qb, n_kb), -math.inf, dtype=acc, device=dev)
+        grid = (n_qb, B, S)
+        mod.range_kernel[grid](
+            q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
+            *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, **common,
+        )
+        if S == 1:
+            lo, hi, argmin, argmax = lo_p[0], hi_p[0], amin_p[0], amax_p[0]
+        else:  # first split holding the extreme value = lowest key index (tie rule)
+            lo, hi = lo_p.amin(0), hi_p.amax(0)
+            argmin = amin_p.gather(0, (lo_p == lo).to(torch.uint8).argmax(0, keepdim=True))[0]
+            argmax = amax_p.gather(0, (hi_p == hi).to(torch.uint8).argmax(0, keepdim=True))[0]
+        empty = torch.isinf(lo)
+        lo = lo.masked_fill(empty, 0.0)
+        hi = hi.masked_fill(empty, 0.0)
+        r = hi - lo
+        inv_r = torch.where(r > 0, 1.0 / torch.where(r > 0, r, 1.0), 0.0)
+        rs = torch.stack([lo, hi, inv_r, empty.to(acc)]).contiguous()
+
+        out = torch.empty((B, n, e), dtype=q.dtype, device=dev)
+        lse = torch.empty((B, n), dtype=acc, device=dev)
+        kept = torch.empty((B, n), dtype=acc, device=dev)
+        if S > 1:
+            accp = torch.empty((S, B, n, e), dtype=acc, device=dev)
+            denp = torch.empty((S, B, n), dtype=acc, device=dev)
+            keptp = torch.empty_like(denp)
+        else:
+            accp = denp = keptp = lse
+        skip = torch.empty((B, n_qb, S, 2), dtype=torch.int32, device=dev)
+        mod.attend_kernel[grid](
+            q4, k4, v4, mask4, prm, consts, rs, tmax, out, lse, kept, accp, denp, keptp, skip,
+            *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, S,
+            STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch, BLOCK_E=BE, **common,
+        )
+        if S > 1:
+            den = denp.sum(0)
+            nonempty = den > 0
+            den1 = torch.where(nonempty, den, 1.0)
+            out = torch.where(nonempty.unsqueeze(-1), accp.sum(0) / den1.unsqueeze(-1), 0.0).to(q.dtype)
+            lse = torch.where(nonempty, hi * plan.inv_tau + torch.log(den1), -math.inf)
+            kept = keptp.sum(0)
+
+        ctx.plan = plan
+        ctx.dims = (batch, B, B1, n, m, d, e, n_qb, n_kb)
+        ctx.has_mask = mask is not None
+        saved = [q, k, v, a, b, t, out, lse, lo, inv_r, empty, argmin, argmax, tmax]
+        ctx.save_for_backward(*saved, *(() if mask is None else (mask,)))
+        out_b = out.view(*batch, n, e)
+        stats = [x.view(*batch, n) for x in (lse, kept, lo, hi, empty)]
+        ctx.mark_non_differentiable(*stats[1:], skip)
+        return (out_b, *stats, skip)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_lse, *_unused):
+        plan: _Plan = ctx.plan
+        cfg = plan.config
+        mod = kernel_module(plan.interpret)
+        batch, B, B1, n, m, d, e, _, _ = ctx.dims
+        q, k, v, a, b, t, out, lse, lo, inv_r, empty, argmin, argmax, tmax = ctx.saved_tensors[:14]
+        mask = ctx.saved_tensors[14] if ctx.has_mask else None
+        need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
+        dev = q.device
+        acc = _acc_dtype(q.dtype)
+        tl_acc = _tl_acc(mod, q.dtype)
+        prec = "ieee" if (q.dtype == torch.float64 or not cfg.allow_tf32) else "tf32"
+
+        g = torch.zeros((B, n, e), dtype=q.dtype, device=dev) if g_out is None else g_out.reshape(B, n, e)
+        g = g.to(v.dtype).contiguous()
+        delta = (g.to(acc) * out.to(acc)).sum(-1)
+        if g_lse is not None:
+            delta = delta - g_lse.reshape(B, n).to(acc)
+        lse_safe = lse.masked_fill(torch.isinf(lse), 0.0)
+        rs = torch.stack([lo, inv_r, lse_safe, delta, empty.to(acc)]).contiguous()
+        q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
+        mask4 = _mask4(mask, batch, n, m, dev)
+        prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
+                           for p in (a, b, t)]).contiguous()
+        consts = torch.tensor([plan.scale, plan.inv_tau], dtype=acc, device=dev)
+        BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
+        BD, BE = _pow2(d), _pow2(e)
+        n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
+        tm_qb, tm_kb = tmax.shape[1], tmax.shape[2]
+        track_range = not plan.detach_range and (need_q or need_k)
+        common = dict(METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, EXCL=plan.exclude_self,
+                      HAS_MASK=mask is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_E=BE,
+                      PREC=prec, ACC=tl_acc, num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
+        args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
+
+        dq = da = db = dt = g_lo = g_hi = None
+        if need_q or need_a or need_b or need_t or track_range:
+            S = _num_splits(cfg, B * n_qb, n_kb, dev)
+            kps = triton_cdiv(n_kb, S)
+            S = triton_cdiv(n_kb, kps)
+            dq_p = torch.empty((S, B, n, d), dtype=acc, device=dev)
+            rsum = torch.empty((5, S, B, n), dtype=acc, device=dev)
+            mod.bwd_dq_kernel[(n_qb, B, S)](
+                q4, k4, v4, g, mask4, prm, consts, rs, tmax, dq_p, rsum, *args,
+                B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, cfg.block_m, cfg.block_n, **common,
+            )
+            sums = rsum.sum(1)
+            dq = dq_p.sum(0)
+            g_lo, g_hi, da, db, dt = sums.unbind(0)
+        dk = dv = None
+        if need_k or need_v:
+            dk = torch.empty((B, m, d), dtype=acc, device=dev) if need_k else rs
+            dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
+            mod.bwd_dkdv_kernel[(n_kb, B)](
+                q4, k4, v4, g, mask4, prm, consts, rs, tmax, dk, dv, *args,
+                B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, cfg.block_m, cfg.block_n,
+                NEED_DK=need_k, NEED_DV=need_v, **common,
+            )
+            dk = dk.view(*batch, m, d) if need_k else None
+            dv = dv.view(*batch, m, e) if need_v else None
+        if dq is not None:
+            dq = dq.view(*batch, n, d)
+
+        if track_range:
+            # Route G_lo / G_hi through the metric at each row's argmin / argmax key (first on ties).
+            q_ = q.detach().to(acc).requires_grad_(need_q)
+            k_ = k.detach().to(acc).requires_grad_(need_k)
+            with torch.enable_grad():
+                qx = q_.expand(*batch, n, d)
+                kx = k_.expand(*batch, m, d)
+                idx = [i.view(*batch, n).long().unsqueeze(-1).expand(*batch, n, d) for i in (argmin, argmax)]
+                picked = [torch.gather(kx, -2, ix) for ix in idx]
+                name = _METRIC_NAMES[plan.metric]
+                s_range = [paired_similarity(qx, kp, name, plan.scale) for kp in picked]
+            wrt = [x for x in (q_, k_) if x.requires_grad]
+            grads = torch.autograd.grad(
+                s_range, wrt, [g_lo.view(*batch, n), g_hi.view(*batch, n)], allow_unused=True
+            )
+            grads = dict(zip(map(id, wrt), grads))
+        else:
+            grads = {}
+
+        def reduce(grad, like, need, extra=None):
+            if not need or grad is None:
+                return None
+            grad = grad.sum_to_size(like.shape)
+            return (grad if extra is None else grad + extra).to(like.dtype)
+
+        def reduce_param(grad, p, need):
+            if not need or grad is None:
+                return None
+            grad = grad.view(*batch, n)
+            grad = grad.unsqueeze(-1).sum_to_size(p.shape) if p.dim() else grad.sum()
+            return grad.to(p.dtype)
+
+        return (
+            reduce(dq, q, need_q, grads.get(id(q_)) if track_range else None),
+            reduce(dk, k, need_k, grads.get(id(k_)) if track_range else None),
+            reduce(dv, v, need_v),
+            reduce_param(da, a, need_a), reduce_param(db, b, need_b), reduce_param(dt, t, need_t),
+            None, None,
+        )
+
+
+def triton_cdiv(x: int, y: int) -> int:
+    return -(-x // y)
+
+
+def _mask4(mask: torch.Tensor | None, batch, n: int, m: int, device) -> torch.Tensor:
+    if mask is None:
+        return torch.zeros((1, 1, 1, 1), dtype=torch.uint8, device=device).expand(1, 1, 1, 1)
+    return _view4(mask.view(torch.uint8), batch, n, m)
+
+
+def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None) -> _Plan:
+    d = q.shape[-1]
+    interpret = q.device.type == "cpu"
+    cfg = _resolve_config(config or KernelConfig(), d, q.dtype, interpret)
+    scale = default_scale(spec.metric, d) if spec.scale is None else spec.scale
+    return _Plan(
+        metric=METRIC_CODES[spec.metric], step=KERNEL_STEPS[spec.step.name], scale=float(scale),
+        inv_tau=1.0 / spec.temperature, causal=spec.causal, exclude_self=spec.exclude_self,
+        detach_range=spec.detach_range, interpret=interpret, config=cfg,
+    )
+
+
+def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConfig | None = None):
+    """Run the kernels; returns ``(out, lse, kept, lo, hi, empty, skip_counts)`` where
+    ``skip_counts`` is ``(B, n_query_blocks, splits, 2)`` int32: (skipped, visited) key tiles."""
+    plan = make_plan(q, spec, config)
+    if spec.metric == "cosine":
+        acc = _acc_dtype(q.dtype)
+        q = F.normalize(q.to(acc), dim=-1, eps=_COSINE_EPS).to(q.dtype)
+        k = F.normalize(k.to(acc), dim=-1, eps=_COSINE_EPS).to(k.dtype)
+    return _TritonWarp.apply(q, k, v, a, b, t, mask, plan)
