@@ -22,6 +22,7 @@ from simwarp.heads import (
     NeighborRegressionHead,
     make_head,
 )
+from simwarp.losses import SoftStepContrastiveLoss, SoftStepNCALoss, SoftStepNeighborRegressionLoss
 from simwarp.similarity import pairwise_similarity
 from simwarp.steps import SoftStep, register_step
 
@@ -37,6 +38,9 @@ __all__ = [
     "NeighborClassificationHead",
     "NeighborRegressionHead",
     "make_head",
+    "SoftStepContrastiveLoss",
+    "SoftStepNCALoss",
+    "SoftStepNeighborRegressionLoss",
     "SoftStep",
     "WarpStats",
     "pairwise_similarity",

@@ -1,0 +1,586 @@
+"""Metric-learning losses with SoftStep, compatible with pytorch-metric-learning (PML).
+
+Every loss here subclasses PML's :class:`~pytorch_metric_learning.losses.BaseMetricLossFunction`,
+so it takes PML distances, reducers, embedding regularisers, ``indices_tuple`` from PML
+miners and ``ref_emb`` / ``ref_labels``, and works inside ``DistributedLossWrapper`` and PML
+trainers. All similarities, softmaxes and normalisers come from the simwarp backend
+(:func:`simwarp.warp_attend`, :func:`simwarp.warp_weights`, :mod:`simwarp.similarity`):
+streaming (``O(rows · chunk)`` memory) for large batches, dense for small ones.
+
+===================================== =================================================================
+loss                                   per-element loss
+===================================== =================================================================
+:class:`SoftStepNeighborRegressionLoss` ``mean_e (Σ_j w_ij y_j - y_i)²``  (leave-one-out, continuous labels)
+:class:`SoftStepNCALoss`                ``-log Σ_{j: y_j = y_i} w_ij``     (class labels)
+:class:`SoftStepContrastiveLoss`        ``-log e^{s_ip/τ} / (e^{s_ip/τ} + Σ_n m_in e^{s_in/τ})`` per positive pair
+===================================== =================================================================
+
+``w_ij`` are the SoftStep weights of :func:`simwarp.warp_attend` over the candidate
+neighbours ``j`` of anchor ``i`` (all reference embeddings except ``i`` itself when
+``ref_emb`` is not given); ``m_in`` is the step's mask. The row range that SoftStep
+normalises over is always taken over *all* candidate neighbours of the anchor, positives and
+negatives alike. With ``step="none"`` the losses equal PML's ``NCALoss`` and ``NTXentLoss``.
+
+Each loss owns a :class:`simwarp.SoftStep` (``mode="global"`` or ``"instance"``): pass the
+loss's parameters to the optimiser together with the model's
+(``torch.optim.Adam([*model.parameters(), *loss.parameters()])``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from simwarp.backend import warp_attend, warp_weights
+from simwarp.similarity import paired_similarity
+from simwarp.steps import SoftStep
+
+__all__ = [
+    "SoftStepNeighborRegressionLoss",
+    "SoftStepNCALoss",
+    "SoftStepContrastiveLoss",
+    "backend_metric",
+]
+
+#: Anchors whose reference set spans more classes than this are processed in blocks of
+#: class-sorted anchors (see :func:`_class_masses`).
+MAX_CLASS_COLUMNS = 64
+
+
+# ---------------------------------------------------------------------------------------
+# PML distance -> backend metric
+# ---------------------------------------------------------------------------------------
+
+
+def backend_metric(distance) -> tuple[str, bool]:
+    """Map a PML distance object to ``(metric, prenormalise)`` for the backend.
+
+    ``prenormalise`` says whether the embeddings must go through ``distance.normalize``
+    first (PML's ``normalize_embeddings``); the backend's ``"cosine"`` normalises itself.
+
+    ========================================= ================
+    PML distance                               backend metric
+    ========================================= ================
+    ``LpDistance(p=2, power=1)``               ``"l2"``
+    ``LpDistance(p=2, power=2)``               ``"sqeuclidean"``
+    ``CosineSimilarity()``                     ``"cosine"``
+    ``DotProductSimilarity(power=1)``          ``"dot"`` (scale 1)
+    ========================================= ================
+
+    Raises:
+        TypeError: for any other distance class (subclasses included: they may redefine
+            the matrix).
+        ValueError: for an ``LpDistance`` with ``p != 2`` or a power the backend cannot express.
+    """
+    kind = type(distance)
+    if kind is LpDistance:
+        if distance.p != 2:
+            raise ValueError(f"LpDistance(p={distance.p!r}) is not supported: the backend's distances are L2 (p=2)")
+        if distance.power == 1:
+            return "l2", bool(distance.normalize_embeddings)
+        if distance.power == 2:
+            return "sqeuclidean", bool(distance.normalize_embeddings)
+        raise ValueError(f"LpDistance(power={distance.power!r}) is not supported; use power=1 (l2) or power=2 (sqeuclidean)")
+    if kind is CosineSimilarity:
+        if distance.power != 1:
+            raise ValueError(f"CosineSimilarity(power={distance.power!r}) is not supported; use power=1")
+        return "cosine", False
+    if kind is DotProductSimilarity:
+        if distance.power != 1:
+            raise ValueError(f"DotProductSimilarity(power={distance.power!r}) is not supported; use power=1")
+        return "dot", bool(distance.normalize_embeddings)
+    raise TypeError(
+        "distance must be one of pytorch_metric_learning.distances.LpDistance (p=2, power 1 or 2), "
+        f"CosineSimilarity or DotProductSimilarity; got {kind.__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers (label bookkeeping only; all similarity math goes through the backend)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_embeddings(embeddings, ref_emb) -> None:
+    for name, x in (("embeddings", embeddings), ("ref_emb", ref_emb)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must have shape (batch_size, embedding_size), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if embeddings.shape[1] != ref_emb.shape[1]:
+        raise ValueError(
+            f"embeddings {tuple(embeddings.shape)} and ref_emb {tuple(ref_emb.shape)} must share embedding_size"
+        )
+
+
+def _check_class_labels(labels, n: int, name: str) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match the embeddings, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
+
+
+def _check_indices_tuple(indices_tuple, n: int, m: int) -> None:
+    if indices_tuple is None:
+        return
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError("indices_tuple must be (anchors, positives, negatives) or (a1, p, a2, n) index tensors")
+    bounds = (n, m, m) if len(indices_tuple) == 3 else (n, m, n, m)
+    for x, bound in zip(indices_tuple, bounds):
+        if not isinstance(x, torch.Tensor) or x.dim() != 1:
+            raise ValueError(f"indices_tuple entries must be 1-D index tensors, got {type(x).__name__}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= bound):
+            raise ValueError(f"indices_tuple holds an index outside [0, {bound}) for a batch of {n} x {m} pairs")
+    if len(indices_tuple) == 4 and (len(indices_tuple[0]) != len(indices_tuple[1]) or len(indices_tuple[2]) != len(indices_tuple[3])):
+        raise ValueError("indices_tuple (a1, p, a2, n): a1/p and a2/n must have equal lengths")
+    if len(indices_tuple) == 3 and not (len(indices_tuple[0]) == len(indices_tuple[1]) == len(indices_tuple[2])):
+        raise ValueError("indices_tuple (anchors, positives, negatives) must have equal lengths")
+
+
+def _self_mask(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """``(len(rows), m)`` bool, False at ``(r, rows[r])``: leave-one-out for a block of anchors."""
+    mask = torch.ones((rows.numel(), m), dtype=torch.bool, device=rows.device)
+    mask[torch.arange(rows.numel(), device=rows.device), rows] = False
+    return mask
+
+
+def _positive_pairs(labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool):
+    """All ``(a, p)`` with ``labels[a] == ref_labels[p]`` (``a != p`` if ``exclude_self``), in
+    PML's order (row-major, as ``torch.where`` on the match matrix), without materialising it."""
+    ref_sorted, order = torch.sort(ref_labels, stable=True)
+    start = torch.searchsorted(ref_sorted, labels, right=False)
+    count = torch.searchsorted(ref_sorted, labels, right=True) - start
+    a = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), count)
+    offsets = torch.arange(a.numel(), device=labels.device) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    p = order[torch.repeat_interleave(start, count) + offsets]
+    if exclude_self:
+        keep = a != p
+        a, p = a[keep], p[keep]
+    return a, p, count
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """``log x`` with ``-inf`` (and a zero gradient, never NaN) where ``x <= 0``."""
+    pos = x > 0
+    return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))), float("-inf"))
+
+
+def _row_params(params: tuple, rows: torch.Tensor | None):
+    if rows is None:
+        return params
+    return tuple(p[rows] if p.dim() > 0 else p for p in params)
+
+
+def _class_masses(
+    x: torch.Tensor,
+    r: torch.Tensor,
+    q_cls: torch.Tensor,
+    r_cls: torch.Tensor,
+    n_cls: int,
+    *,
+    exclude_self: bool,
+    params: tuple,
+    step: str,
+    warp: dict,
+):
+    """SoftStep mass of each anchor on its own class and on all other classes, and ``lse``.
+
+    One backend call with ``v = one_hot(ref classes)`` when there are at most
+    :data:`MAX_CLASS_COLUMNS` classes. Otherwise anchors are sorted by class and processed in
+    blocks, each with ``v`` restricted to the block's own classes plus one "other" column, so
+    that ``v`` stays narrow; the row range is always over all candidate neighbours.
+
+    Returns ``own (n,)``, ``other (n,)``, ``lse (n,)`` (log-normaliser, ``-inf`` on empty rows).
+    """
+    n, m = x.shape[0], r.shape[0]
+    a, b, t = params
+    if n_cls <= MAX_CLASS_COLUMNS:
+        v = F.one_hot(r_cls, n_cls).to(x.dtype)
+        out, stats = warp_attend(
+            x, r, v, step=step, a=a, b=b, t=t, exclude_self=exclude_self, return_stats=True, **warp
+        )
+        own_col = F.one_hot(q_cls, n_cls).bool()
+        own = out.gather(1, q_cls[:, None]).squeeze(1)
+        other = out.masked_fill(own_col, 0.0).sum(1)
+        return own, other, stats.lse
+    order = torch.argsort(q_cls, stable=True)
+    block = max(MAX_CLASS_COLUMNS, 1)
+    own_parts, other_parts, lse_parts = [], [], []
+    for start in range(0, n, block):
+        rows = order[start : start + block]
+        cls_b = torch.unique(q_cls[rows])  # sorted; at most `block` classes
+        pos = torch.searchsorted(cls_b, r_cls).clamp_max(cls_b.numel() - 1)
+        col = torch.where(cls_b[pos] == r_cls, pos, cls_b.numel())  # "other" column for foreign classes
+        v = F.one_hot(col, cls_b.numel() + 1).to(x.dtype)
+        mask = _self_mask(rows, m) if exclude_self else None
+        ab, bb, tb = _row_params((a, b, t), rows)
+        out, stats = warp_attend(x[rows], r, v, step=step, a=ab, b=bb, t=tb, mask=mask, return_stats=True, **warp)
+        own_idx = torch.searchsorted(cls_b, q_cls[rows])
+        own_parts.append(out.gather(1, own_idx[:, None]).squeeze(1))
+        other_parts.append(out.scatter(1, own_idx[:, None], 0.0).sum(1))
+        lse_parts.append(stats.lse)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(n, device=order.device)
+    own = torch.cat(own_parts)[inv]
+    other = torch.cat(other_parts)[inv]
+    lse = torch.cat(lse_parts)[inv]
+    return own, other, lse
+
+
+class _SoftStepLossMixin:
+    """Holds the :class:`SoftStep` and the backend options shared by the three losses."""
+
+    def _init_softstep(
+        self,
+        softstep: SoftStep | None,
+        step: str,
+        mode: str,
+        embedding_size: int | None,
+        hidden: int | None,
+        init: Sequence[float] | None,
+        detach_range: bool,
+        impl: str,
+        chunk_size: int | None,
+    ) -> None:
+        if softstep is not None:
+            if not isinstance(softstep, SoftStep):
+                raise TypeError(f"softstep must be a simwarp.SoftStep or None, got {type(softstep).__name__}")
+            if softstep.mode == "per_head":
+                raise ValueError("softstep mode 'per_head' is not meaningful for a loss; use 'global' or 'instance'")
+        else:
+            if mode not in ("global", "instance"):
+                raise ValueError(f"mode must be 'global' or 'instance', got {mode!r}")
+            softstep = SoftStep(mode=mode, in_features=embedding_size, hidden=hidden, step=step, init=init)
+        self.softstep = softstep
+        self.detach_range = bool(detach_range)
+        self.impl = impl
+        self.chunk_size = chunk_size
+        self.metric, self.prenormalise = backend_metric(self.distance)
+
+    def _prepare(self, embeddings: torch.Tensor, ref_emb: torch.Tensor):
+        """Embeddings as the backend sees them (after PML's normalisation if it applies),
+        whether the reference set is the batch itself, and the step parameters per anchor."""
+        same = ref_emb is embeddings
+        x = self.distance.normalize(embeddings) if self.prenormalise else embeddings
+        r = x if same else (self.distance.normalize(ref_emb) if self.prenormalise else ref_emb)
+        cond = x if self.softstep.mode == "instance" else None
+        if cond is not None and cond.shape[-1] != self.softstep.in_features:
+            raise ValueError(
+                f"SoftStep(mode='instance', in_features={self.softstep.in_features}) got embeddings of "
+                f"size {cond.shape[-1]}"
+            )
+        return x, r, same, tuple(self.softstep(cond))
+
+    def _warp_options(self, scale: float, temperature: float) -> dict:
+        return {
+            "metric": self.metric,
+            "scale": scale,
+            "temperature": temperature,
+            "detach_range": self.detach_range,
+            "impl": self.impl,
+            "chunk_size": self.chunk_size,
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# NCA
+# ---------------------------------------------------------------------------------------
+
+
+class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
+    """NCA with SoftStep: ``loss_i = -log Σ_{j: y_j = y_i} w_ij`` over the SoftStep weights
+    ``w_i· = warp(softmax_scale · sim(x_i, ·))`` of anchor ``i``'s candidate neighbours.
+
+    With ``step="none"`` this is exactly PML's :class:`~pytorch_metric_learning.losses.NCALoss`
+    (same distance, ``softmax_scale``, reducer and miner weighting). Anchors whose same-class
+    mass is zero (no positive in the reference set, or all positives dropped by the step) are
+    left out of the per-element losses, as PML does.
+
+    Args:
+        softmax_scale: multiplier of the similarities (PML's ``softmax_scale``), > 0.
+        step: registered step name (``"sigmoidal"``, ``"log"``, ``"none"``, ...).
+        mode: ``"global"`` (3 learned scalars) or ``"instance"`` (a Linear/MLP maps each
+            anchor's embedding to its own ``(a, b, t)``; needs ``embedding_size``).
+        embedding_size: embedding width, for ``mode="instance"``.
+        hidden: hidden width of the instance MLP (``None`` = Linear).
+        init: initial ``(a, b, t)``.
+        softstep: a ready :class:`simwarp.SoftStep` (overrides ``step``/``mode``/``init``).
+        detach_range: treat each row's min/max similarity as constants in backward.
+        impl, chunk_size: backend implementation (``"auto"`` streams large batches).
+        **kwargs: PML's ``distance`` (default ``LpDistance(power=2)``, normalised embeddings),
+            ``reducer``, ``embedding_regularizer``, ``embedding_reg_weight``, ``collect_stats``.
+
+    Shapes: ``embeddings (n, d)``, ``labels (n,)`` int, optional ``ref_emb (m, d)``,
+    ``ref_labels (m,)``; returns the reduced scalar loss.
+    """
+
+    def __init__(
+        self,
+        softmax_scale: float = 1.0,
+        *,
+        step: str = "sigmoidal",
+        mode: str = "global",
+        embedding_size: int | None = None,
+        hidden: int | None = None,
+        init: Sequence[float] | None = None,
+        softstep: SoftStep | None = None,
+        detach_range: bool = False,
+        impl: str = "auto",
+        chunk_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+            raise ValueError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
+        self.softmax_scale = float(softmax_scale)
+        self.add_to_recordable_attributes(list_of_names=["softmax_scale"], is_stat=False)
+        self._init_softstep(softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size)
+
+    def get_default_distance(self):
+        return LpDistance(power=2)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        _check_embeddings(embeddings, ref_emb)
+        c_f.labels_required(labels)
+        n, m = embeddings.shape[0], ref_emb.shape[0]
+        _check_class_labels(labels, n, "labels")
+        if ref_labels is None:
+            raise ValueError("ref_labels are required when ref_emb is given")
+        _check_class_labels(ref_labels, m, "ref_labels")
+        _check_indices_tuple(indices_tuple, n, m)
+        if n <= 1:
+            return self.zero_losses()
+        x, r, same, params = self._prepare(embeddings, ref_emb)
+        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype, using_ref=not same)
+        classes, inv = torch.unique(torch.cat([labels, ref_labels.to(labels.device)]), return_inverse=True)
+        own, _, _ = _class_masses(
+            x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params,
+            step=self.softstep.step, warp=self._warp_options(self.softmax_scale, 1.0),
+        )
+        non_zero = own > 0
+        if not bool(non_zero.any()):
+            return self.zero_losses()  # PML's NCALoss returns NaN here (mean of nothing)
+        loss = -torch.log(own[non_zero]) * miner_weights[non_zero]
+        return {
+            "loss": {
+                "losses": loss,
+                "indices": c_f.torch_arange_from_size(embeddings)[non_zero],
+                "reduction_type": "element",
+            }
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Contrastive (NT-Xent / InfoNCE)
+# ---------------------------------------------------------------------------------------
+
+
+class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
+    """NT-Xent / InfoNCE with SoftStep-warped negatives, one loss per positive pair ``(i, p)``::
+
+        loss_ip = -log( e^{s_ip/τ} / (e^{s_ip/τ} + Σ_{n ∈ N(i)} m_in e^{s_in/τ}) )
+
+    ``m_in`` is the SoftStep mask of negative ``n`` over anchor ``i``'s row, whose range is
+    taken over all of ``i``'s candidates (positives and negatives); the positive itself is not
+    warped. The step thus drops easy negatives (learned hard-negative selection).
+
+    Positives and negatives come from ``labels`` (all pairs, as PML) or from ``indices_tuple``
+    (pairs or triplets from a PML miner; duplicated pairs count with multiplicity, as PML).
+    With ``step="none"`` this is exactly PML's :class:`~pytorch_metric_learning.losses.NTXentLoss`.
+    Anchors with no negative give zero loss; batches with at most one pair of each kind give
+    a zero loss (both as PML).
+
+    Memory: with labels only, the backend streams (``O(n · chunk)`` plus the positive pairs).
+    With an ``indices_tuple`` the per-anchor candidate sets are arbitrary, so the weights are
+    materialised (``O(n · m)``, as the miner itself does).
+
+    Args:
+        temperature: softmax temperature ``τ`` (PML's default 0.07).
+        step, mode, embedding_size, hidden, init, softstep, detach_range, impl, chunk_size:
+            as :class:`SoftStepNCALoss`.
+        **kwargs: PML's ``distance`` (default ``CosineSimilarity()``), ``reducer``,
+            ``embedding_regularizer``, ...
+
+    Shapes: ``embeddings (n, d)``, ``labels (n,)`` int (or ``None`` with ``indices_tuple``),
+    ``ref_emb (m, d)``, ``ref_labels (m,)``; returns the reduced scalar loss.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        *,
+        step: str = "sigmoidal",
+        mode: str = "global",
+        embedding_size: int | None = None,
+        hidden: int | None = None,
+        init: Sequence[float] | None = None,
+        softstep: SoftStep | None = None,
+        detach_range: bool = False,
+        impl: str = "auto",
+        chunk_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
+        self._init_softstep(softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size)
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        _check_embeddings(embeddings, ref_emb)
+        c_f.labels_or_indices_tuple_required(labels, indices_tuple)
+        n, m = embeddings.shape[0], ref_emb.shape[0]
+        _check_class_labels(labels, n, "labels")
+        _check_class_labels(ref_labels, m, "ref_labels")
+        _check_indices_tuple(indices_tuple, n, m)
+        if indices_tuple is None and ref_labels is None:
+            raise ValueError("ref_labels are required when ref_emb is given without an indices_tuple")
+        x, r, same, params = self._prepare(embeddings, ref_emb)
+        warp = self._warp_options(1.0, self.temperature)
+        step = self.softstep.step
+        if indices_tuple is None:
+            ref_labels = ref_labels.to(labels.device)
+            exclude_self = ref_labels is labels or same
+            a1, p, count = _positive_pairs(labels, ref_labels, exclude_self)
+            num_neg = int((m - count).sum())
+            if len(a1) <= 1 and num_neg <= 1:
+                return self.zero_losses()
+            if len(a1) == 0 or num_neg == 0:
+                return self.zero_losses()
+            classes, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
+            _, other, lse = _class_masses(
+                x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params, step=step, warp=warp
+            )
+        else:
+            a1, p, a2, neg = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+            if all(len(i) <= 1 for i in (a1, p, a2, neg)):
+                return self.zero_losses()
+            if len(a1) == 0 or len(a2) == 0:
+                return self.zero_losses()
+            candidates = torch.zeros((n, m), dtype=torch.bool, device=x.device)
+            candidates[a1, p] = True
+            candidates[a2, neg] = True
+            neg_count = torch.zeros((n, m), dtype=x.dtype, device=x.device)
+            neg_count.index_put_((a2, neg), torch.ones_like(a2, dtype=x.dtype), accumulate=True)
+            a, b, t = params
+            w, stats = warp_weights(x, r, step=step, a=a, b=b, t=t, mask=candidates, return_stats=True, **warp)
+            other = (w * neg_count.to(w.dtype)).sum(1)
+            lse = stats.lse
+        neg_lse = lse + _safe_log(other)  # log Σ_n m_in e^{s_in/τ} per anchor; -inf without negatives
+        pos = paired_similarity(x[a1], r[p], self.metric, 1.0) / self.temperature
+        losses = F.softplus(neg_lse[a1].to(pos.dtype) - pos)
+        return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
+
+
+# ---------------------------------------------------------------------------------------
+# Neighbour regression
+# ---------------------------------------------------------------------------------------
+
+
+class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction):
+    """The paper's regression objective as a loss: leave-one-out SoftStep neighbour
+    prediction ``ŷ_i = Σ_{j≠i} w_ij y_j`` and ``loss_i = mean_e (ŷ_i - y_i)²``.
+
+    ``labels`` are continuous targets ``(n,)`` or ``(n, e)`` (standardise them; one-hot
+    class labels turn this into a classification objective). With ``ref_emb`` the neighbours
+    are the reference embeddings and their ``ref_labels (m,)`` / ``(m, e)`` (no leave-one-out).
+    An ``indices_tuple`` from a miner weights the anchors as PML's ``NCALoss`` does. Anchors
+    without any neighbour (a batch of one) give no loss.
+
+    Args:
+        softmax_scale: multiplier of the similarities, > 0.
+        step, mode, embedding_size, hidden, init, softstep, detach_range, impl, chunk_size:
+            as :class:`SoftStepNCALoss`.
+        **kwargs: PML's ``distance`` (default ``LpDistance(power=2)``, normalised embeddings),
+            ``reducer``, ``embedding_regularizer``, ...
+    """
+
+    def __init__(
+        self,
+        softmax_scale: float = 1.0,
+        *,
+        step: str = "sigmoidal",
+        mode: str = "global",
+        embedding_size: int | None = None,
+        hidden: int | None = None,
+        init: Sequence[float] | None = None,
+        softstep: SoftStep | None = None,
+        detach_range: bool = False,
+        impl: str = "auto",
+        chunk_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+            raise ValueError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
+        self.softmax_scale = float(softmax_scale)
+        self.add_to_recordable_attributes(list_of_names=["softmax_scale"], is_stat=False)
+        self._init_softstep(softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size)
+
+    def get_default_distance(self):
+        return LpDistance(power=2)
+
+    @staticmethod
+    def _targets(y, n: int, name: str) -> torch.Tensor:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of continuous targets, got {type(y).__name__}")
+        if y.dim() not in (1, 2) or y.shape[0] != n:
+            raise ValueError(f"{name} must have shape ({n},) or ({n}, e) to match the embeddings, got {tuple(y.shape)}")
+        return y[:, None] if y.dim() == 1 else y
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """As PML's ``BaseMetricLossFunction.forward``, but ``labels`` may be ``(n, e)``."""
+        self.reset_stats()
+        if labels is None:
+            raise ValueError("labels (continuous targets) are required for SoftStepNeighborRegressionLoss")
+        if (ref_emb is None) != (ref_labels is None):
+            raise ValueError("ref_emb and ref_labels must be given together")
+        if ref_emb is None:
+            ref_emb, ref_labels = embeddings, labels
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
+        return self.reducer(loss_dict, embeddings, labels)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        _check_embeddings(embeddings, ref_emb)
+        n, m = embeddings.shape[0], ref_emb.shape[0]
+        y = self._targets(labels, n, "labels")
+        y_ref = self._targets(ref_labels, m, "ref_labels")
+        if y.shape[1] != y_ref.shape[1]:
+            raise ValueError(f"labels {tuple(labels.shape)} and ref_labels {tuple(ref_labels.shape)} differ in width")
+        _check_indices_tuple(indices_tuple, n, m)
+        x, r, same, (a, b, t) = self._prepare(embeddings, ref_emb)
+        if same and n <= 1:
+            return self.zero_losses()
+        v = y_ref.to(device=x.device, dtype=x.dtype)
+        pred, stats = warp_attend(
+            x, r, v, step=self.softstep.step, a=a, b=b, t=t, exclude_self=same, return_stats=True,
+            **self._warp_options(self.softmax_scale, 1.0),
+        )
+        keep = ~stats.empty
+        if not bool(keep.any()):
+            return self.zero_losses()
+        weights = lmu.convert_to_weights(indices_tuple, y, dtype=x.dtype, using_ref=not same)
+        err = (pred - y.to(pred.dtype)).pow(2).mean(1)
+        return {
+            "loss": {
+                "losses": err[keep] * weights[keep],
+                "indices": c_f.torch_arange_from_size(embeddings)[keep],
+                "reduction_type": "element",
+            }
+        }

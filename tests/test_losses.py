@@ -1,0 +1,386 @@
+"""simwarp.losses: exact agreement with PML's NCALoss / NTXentLoss at step="none" (values and
+gradients), SoftStep losses against a dense float64 reference built from warp_weights, the
+blocked (many classes) and streaming paths, PML integration, degenerate batches, errors."""
+
+import pytest
+import torch
+from pytorch_metric_learning import distances as D
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners, reducers, regularizers
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+import simwarp
+import simwarp.losses as sl
+from simwarp.losses import SoftStepContrastiveLoss, SoftStepNCALoss, SoftStepNeighborRegressionLoss
+
+f64 = torch.float64
+
+DISTANCES = {
+    "default": None,
+    "lp1": lambda: D.LpDistance(power=1),
+    "lp2_raw": lambda: D.LpDistance(normalize_embeddings=False, power=2),
+    "cosine": lambda: D.CosineSimilarity(),
+    "dot_raw": lambda: D.DotProductSimilarity(normalize_embeddings=False),
+    "dot_norm": lambda: D.DotProductSimilarity(),
+}
+
+
+def _kw(name):
+    return {} if DISTANCES[name] is None else {"distance": DISTANCES[name]()}
+
+
+def _pair(ours, ref, x, *args, **kwargs):
+    """Loss values and embedding gradients of two losses on the same inputs."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, lb = ours(xa, *args, **kwargs), ref(xb, *args, **kwargs)
+    ga = torch.autograd.grad(la, xa, allow_unused=True)[0]
+    gb = torch.autograd.grad(lb, xb, allow_unused=True)[0]
+    ga = torch.zeros_like(x) if ga is None else ga
+    gb = torch.zeros_like(x) if gb is None else gb
+    return la.detach(), lb.detach(), ga, gb
+
+
+def _close(la, lb, ga, gb, tol):
+    assert torch.isfinite(la) and torch.isfinite(ga).all()
+    torch.testing.assert_close(la, lb, atol=tol, rtol=tol)
+    torch.testing.assert_close(ga, gb, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------------------
+# Exactness against PML (step="none")
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dist", list(DISTANCES))
+@pytest.mark.parametrize("n_classes", [3, 150])  # 150 > MAX_CLASS_COLUMNS: the blocked path
+def test_nca_matches_pml(dist, n_classes):
+    n = 160 if n_classes > 100 else 48
+    x = torch.randn(n, 8, dtype=f64)
+    y = torch.randint(0, n_classes, (n,))
+    ours, ref = SoftStepNCALoss(0.7, step="none", **_kw(dist)), pml_losses.NCALoss(0.7, **_kw(dist))
+    _close(*_pair(ours, ref, x, y), tol=1e-10)
+
+
+@pytest.mark.parametrize("dist", list(DISTANCES))
+@pytest.mark.parametrize("n_classes", [3, 150])
+def test_ntxent_matches_pml(dist, n_classes):
+    n = 160 if n_classes > 100 else 48
+    x = torch.randn(n, 8, dtype=f64)
+    y = torch.randint(0, n_classes, (n,))
+    ours, ref = SoftStepContrastiveLoss(0.3, step="none", **_kw(dist)), pml_losses.NTXentLoss(0.3, **_kw(dist))
+    _close(*_pair(ours, ref, x, y), tol=1e-8)
+
+
+@pytest.mark.parametrize("dist", ["default", "cosine", "dot_norm"])
+def test_float32_matches_pml_to_1e6(dist):
+    x = torch.randn(64, 16)
+    y = torch.randint(0, 5, (64,))
+    for ours, ref in (
+        (SoftStepNCALoss(2.0, step="none", **_kw(dist)), pml_losses.NCALoss(2.0, **_kw(dist))),
+        (SoftStepContrastiveLoss(0.1, step="none", **_kw(dist)), pml_losses.NTXentLoss(0.1, **_kw(dist))),
+    ):
+        la, lb, ga, gb = _pair(ours, ref, x, y)
+        assert abs(float(la - lb)) <= 1e-6 * max(1.0, abs(float(lb)))
+        assert float((ga - gb).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "miner",
+    [lambda: miners.TripletMarginMiner(margin=0.5), lambda: miners.MultiSimilarityMiner(), lambda: miners.PairMarginMiner()],
+)
+def test_miner_indices_match_pml(miner):
+    x = torch.randn(24, 8, dtype=f64)
+    y = torch.randint(0, 4, (24,))
+    it = miner()(x, y)
+    for ours, ref in (
+        (SoftStepNCALoss(step="none"), pml_losses.NCALoss()),
+        (SoftStepContrastiveLoss(step="none"), pml_losses.NTXentLoss()),
+    ):
+        _close(*_pair(ours, ref, x, y, it), tol=1e-8)
+
+
+def test_indices_tuple_without_labels_matches_pml():
+    x = torch.randn(16, 6, dtype=f64)
+    y = torch.randint(0, 3, (16,))
+    it = miners.TripletMarginMiner(margin=1.0, type_of_triplets="all")(x, y)
+    _close(*_pair(SoftStepContrastiveLoss(step="none"), pml_losses.NTXentLoss(), x, None, it), tol=1e-8)
+
+
+def test_ref_emb_matches_pml():
+    x, r = torch.randn(20, 8, dtype=f64), torch.randn(35, 8, dtype=f64)
+    y, ry = torch.randint(0, 4, (20,)), torch.randint(0, 4, (35,))
+    for ours, ref in (
+        (SoftStepNCALoss(step="none"), pml_losses.NCALoss()),
+        (SoftStepContrastiveLoss(step="none"), pml_losses.NTXentLoss()),
+    ):
+        _close(*_pair(ours, ref, x, y, None, r, ry), tol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "reducer", [lambda: reducers.SumReducer(), lambda: reducers.AvgNonZeroReducer(), lambda: reducers.ThresholdReducer(low=0.5)]
+)
+def test_reducers_and_regularizer_match_pml(reducer):
+    x = torch.randn(32, 8, dtype=f64)
+    y = torch.randint(0, 4, (32,))
+    extra = {"embedding_regularizer": regularizers.LpRegularizer(), "embedding_reg_weight": 0.1}
+    for ours, ref in (
+        (SoftStepNCALoss(step="none", reducer=reducer(), **extra), pml_losses.NCALoss(reducer=reducer(), **extra)),
+        (
+            SoftStepContrastiveLoss(step="none", reducer=reducer(), **extra),
+            pml_losses.NTXentLoss(reducer=reducer(), **extra),
+        ),
+    ):
+        _close(*_pair(ours, ref, x, y), tol=1e-8)
+
+
+def test_chunked_backend_matches_pml():
+    x = torch.randn(96, 8, dtype=f64)
+    y = torch.randint(0, 6, (96,))
+    opts = {"step": "none", "impl": "chunked", "chunk_size": 17}
+    _close(*_pair(SoftStepNCALoss(**opts), pml_losses.NCALoss(), x, y), tol=1e-10)
+    _close(*_pair(SoftStepContrastiveLoss(**opts), pml_losses.NTXentLoss(), x, y), tol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------
+# SoftStep (sigmoidal) against a dense float64 reference from warp_weights
+# ---------------------------------------------------------------------------------------
+
+
+def _dense_reference(kind, x, y, step, params, metric="sqeuclidean", scale=1.0, temperature=1.0):
+    a, b, t = params
+    xn = torch.nn.functional.normalize(x, dim=1) if metric == "sqeuclidean" else x
+    w, stats = simwarp.warp_weights(
+        xn, xn, metric=metric, scale=scale, temperature=temperature, step=step, a=a, b=b, t=t,
+        exclude_self=True, return_stats=True,
+    )
+    same = y[:, None] == y[None, :]
+    if kind == "nca":
+        own = (w * same).sum(1)
+        keep = own > 0
+        return -torch.log(own[keep]).mean()
+    eye = torch.eye(len(y), dtype=torch.bool)
+    neg = (w * ~same).sum(1)
+    pos_a, pos_p = torch.where(same & ~eye)
+    s = simwarp.pairwise_similarity(xn, xn, metric=metric, scale=1.0) / temperature
+    neg_lse = stats.lse + torch.log(neg)
+    return torch.nn.functional.softplus(neg_lse[pos_a] - s[pos_a, pos_p]).mean()
+
+
+@pytest.mark.parametrize("many_classes", [False, True])
+def test_softstep_nca_matches_dense_reference(many_classes, monkeypatch):
+    if many_classes:
+        monkeypatch.setattr(sl, "MAX_CLASS_COLUMNS", 2)
+    x = torch.randn(40, 6, dtype=f64)
+    y = torch.randint(0, 5, (40,))
+    loss = SoftStepNCALoss(3.0, init=(0.2, 0.7, 0.4)).double()
+    params = tuple(loss.softstep())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la = loss(xa, y)
+    lb = _dense_reference("nca", xb, y, "sigmoidal", params, scale=3.0)
+    ga = torch.autograd.grad(la, [xa, loss.softstep.raw])
+    gb = torch.autograd.grad(lb, [xb, loss.softstep.raw])
+    torch.testing.assert_close(la, lb, atol=1e-12, rtol=1e-12)
+    for g1, g2 in zip(ga, gb):
+        torch.testing.assert_close(g1, g2, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("many_classes", [False, True])
+def test_softstep_contrastive_matches_dense_reference(many_classes, monkeypatch):
+    if many_classes:
+        monkeypatch.setattr(sl, "MAX_CLASS_COLUMNS", 2)
+    x = torch.randn(30, 6, dtype=f64)
+    y = torch.randint(0, 4, (30,))
+    loss = SoftStepContrastiveLoss(0.2, init=(0.3, 0.8, 0.3)).double()
+    params = tuple(loss.softstep())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la = loss(xa, y)
+    lb = _dense_reference("ntxent", xb, y, "sigmoidal", params, metric="cosine", temperature=0.2)
+    ga = torch.autograd.grad(la, [xa, loss.softstep.raw])
+    gb = torch.autograd.grad(lb, [xb, loss.softstep.raw])
+    torch.testing.assert_close(la, lb, atol=1e-12, rtol=1e-12)
+    for g1, g2 in zip(ga, gb):
+        torch.testing.assert_close(g1, g2, atol=1e-10, rtol=1e-10)
+
+
+def test_contrastive_tuple_path_equals_label_path_with_softstep():
+    # All pairs from labels given as an indices_tuple take the dense path; same loss and gradients.
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    x = torch.randn(24, 5, dtype=f64)
+    y = torch.randint(0, 3, (24,))
+    loss = SoftStepContrastiveLoss(0.5, init=(0.25, 0.75, 0.5)).double()
+    it = lmu.get_all_pairs_indices(y)
+    la, lb, ga, gb = _pair(loss, loss, x, y)
+    xa = x.clone().requires_grad_()
+    lt = loss(xa, y, it)
+    gt = torch.autograd.grad(lt, xa)[0]
+    torch.testing.assert_close(lt.detach(), la, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(gt, ga, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [SoftStepNCALoss, SoftStepContrastiveLoss, SoftStepNeighborRegressionLoss])
+def test_gradcheck_instance_mode(cls):
+    x = torch.randn(8, 3, dtype=f64, requires_grad=True)
+    loss = cls(mode="instance", embedding_size=3, init=(0.2, 0.8, 0.5)).double()
+    with torch.no_grad():
+        loss.softstep.net.weight.normal_(0, 0.3)
+    y = torch.randint(0, 3, (8,)) if cls is not SoftStepNeighborRegressionLoss else torch.randn(8, 2, dtype=f64)
+    assert torch.autograd.gradcheck(lambda e: loss(e, y), (x,), atol=1e-6)
+    out = loss(x, y)
+    out.backward()
+    assert loss.softstep.net.weight.grad is not None and loss.softstep.net.weight.grad.abs().sum() > 0
+
+
+def test_streaming_equals_dense_at_larger_batch():
+    x = torch.randn(240, 16)
+    y = torch.randint(0, 90, (240,))
+    for cls in (SoftStepNCALoss, SoftStepContrastiveLoss):
+        dense, chunked = cls(impl="dense"), cls(impl="chunked", chunk_size=128)
+        la, lb, ga, gb = _pair(dense, chunked, x, y)
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Neighbour regression
+# ---------------------------------------------------------------------------------------
+
+
+def test_regression_loss_is_leave_one_out_mse():
+    x = torch.randn(20, 5, dtype=f64)
+    y = torch.randn(20, 3, dtype=f64)
+    loss = SoftStepNeighborRegressionLoss(2.0, distance=D.LpDistance(power=1), init=(0.1, 0.6, 0.5)).double()
+    a, b, t = loss.softstep()
+    xn = torch.nn.functional.normalize(x, dim=1)
+    pred = simwarp.warp_attend(xn, xn, y, metric="l2", scale=2.0, a=a, b=b, t=t, exclude_self=True, impl="dense")
+    torch.testing.assert_close(loss(x, y), (pred - y).pow(2).mean(), atol=1e-12, rtol=1e-12)
+    y1 = y[:, 0]
+    torch.testing.assert_close(loss(x, y1), (pred[:, 0] - y1).pow(2).mean(), atol=1e-12, rtol=1e-12)
+    r, ry = torch.randn(7, 5, dtype=f64), torch.randn(7, 3, dtype=f64)
+    rn = torch.nn.functional.normalize(r, dim=1)
+    pred_r = simwarp.warp_attend(xn, rn, ry, metric="l2", scale=2.0, a=a, b=b, t=t)
+    torch.testing.assert_close(loss(x, y, ref_emb=r, ref_labels=ry), (pred_r - y).pow(2).mean())
+
+
+def test_regression_loss_trains_softstep_and_embeddings():
+    torch.manual_seed(1)
+    x = torch.randn(64, 4)
+    y = x[:, :1] * 2 + 0.1 * torch.randn(64, 1)
+    net = torch.nn.Linear(4, 4)
+    loss_fn = SoftStepNeighborRegressionLoss(5.0, distance=D.LpDistance(normalize_embeddings=False))
+    opt = torch.optim.Adam([*net.parameters(), *loss_fn.parameters()], lr=0.05)
+    first = None
+    raw0 = loss_fn.softstep.raw.detach().clone()
+    for _ in range(40):
+        opt.zero_grad()
+        value = loss_fn(net(x), y)
+        first = float(value.detach()) if first is None else first
+        value.backward()
+        opt.step()
+    assert float(value.detach()) < 0.7 * first
+    assert not torch.equal(raw0, loss_fn.softstep.raw.detach())
+
+
+# ---------------------------------------------------------------------------------------
+# Degenerate batches: defined, never NaN
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [SoftStepNCALoss, SoftStepContrastiveLoss])
+@pytest.mark.parametrize(
+    "case",
+    ["single_class", "single_sample", "all_unique", "some_without_positive", "empty_miner", "duplicates"],
+)
+def test_degenerate_batches_are_finite(cls, case):
+    n = 1 if case == "single_sample" else 12
+    x = torch.randn(n, 6, requires_grad=True)
+    if case == "duplicates":
+        x = torch.randn(1, 6).repeat(n, 1).requires_grad_()
+    y = {
+        "single_class": torch.zeros(n, dtype=torch.long),
+        "single_sample": torch.zeros(1, dtype=torch.long),
+        "all_unique": torch.arange(n),
+        "some_without_positive": torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 5, 5, 6, 7]),
+        "empty_miner": torch.randint(0, 3, (n,)),
+        "duplicates": torch.randint(0, 3, (n,)),
+    }[case]
+    it = None
+    if case == "empty_miner":
+        e = torch.empty(0, dtype=torch.long)
+        it = (e, e, e)
+    for step in ("sigmoidal", "none"):
+        value = cls(step=step)(x, y, it)
+        (g,) = torch.autograd.grad(value, x)
+        assert torch.isfinite(value) and torch.isfinite(g).all(), (case, step)
+        if case in ("single_sample", "all_unique") or (case == "single_class" and cls is SoftStepContrastiveLoss):
+            assert float(value) == 0.0
+
+
+def test_anchors_without_positives_contribute_nothing():
+    x = torch.randn(10, 4, dtype=f64)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 5, 6])
+    keep = torch.arange(5)  # anchors 5..9 have no positive
+    for step in ("none", "sigmoidal"):
+        loss = SoftStepNCALoss(step=step, reducer=reducers.DoNothingReducer()).double()
+        out = loss(x, y)["loss"]
+        assert set(out["indices"].tolist()) <= set(keep.tolist())
+        assert torch.isfinite(out["losses"]).all()
+
+
+def test_regression_degenerate():
+    x = torch.randn(1, 3, requires_grad=True)
+    value = SoftStepNeighborRegressionLoss()(x, torch.randn(1))
+    assert float(value) == 0.0 and torch.isfinite(torch.autograd.grad(value, x)[0]).all()
+
+
+# ---------------------------------------------------------------------------------------
+# PML integration and errors
+# ---------------------------------------------------------------------------------------
+
+
+def test_distributed_wrapper_outside_distributed_run():
+    x = torch.randn(16, 8, requires_grad=True)
+    y = torch.randint(0, 3, (16,))
+    loss = SoftStepNCALoss()
+    with pytest.warns(UserWarning):
+        value = DistributedLossWrapper(loss)(x, y)
+    torch.testing.assert_close(value, loss(x, y))
+
+
+def test_loss_parameters_reach_optimiser():
+    loss = SoftStepContrastiveLoss(mode="instance", embedding_size=8, hidden=4)
+    names = [n for n, _ in loss.named_parameters()]
+    assert names and all(n.startswith("softstep.") for n in names)
+
+
+def test_errors():
+    x = torch.randn(6, 4)
+    with pytest.raises(TypeError, match="distance must be one of"):
+        SoftStepNCALoss(distance=D.SNRDistance())
+    with pytest.raises(ValueError, match="p=1"):
+        SoftStepNCALoss(distance=D.LpDistance(p=1))
+    with pytest.raises(ValueError, match="power"):
+        SoftStepContrastiveLoss(distance=D.LpDistance(power=3))
+    with pytest.raises(ValueError, match="softmax_scale"):
+        SoftStepNCALoss(softmax_scale=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SoftStepContrastiveLoss(temperature=0)
+    with pytest.raises(ValueError, match="mode"):
+        SoftStepNCALoss(mode="per_head")
+    with pytest.raises(ValueError, match="labels"):
+        SoftStepNCALoss()(x, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels are required"):
+        SoftStepNCALoss()(x)
+    with pytest.raises(TypeError, match="integer class labels"):
+        SoftStepContrastiveLoss()(x, torch.zeros(6))
+    with pytest.raises(ValueError, match="embedding_size"):
+        SoftStepNCALoss()(x, torch.zeros(6, dtype=torch.long), ref_emb=torch.randn(3, 5), ref_labels=torch.zeros(3))
+    with pytest.raises(ValueError, match="in_features"):
+        SoftStepNCALoss(mode="instance", embedding_size=3)(x, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside"):
+        e = torch.tensor([0, 9])
+        SoftStepContrastiveLoss()(x, torch.zeros(6, dtype=torch.long), (e, e, e))
+    with pytest.raises(ValueError, match=r"\(6,\) or \(6, e\)"):
+        SoftStepNeighborRegressionLoss()(x, torch.randn(5, 2))
+    with pytest.raises(ValueError, match="together"):
+        SoftStepNeighborRegressionLoss()(x, torch.randn(6), ref_emb=torch.randn(3, 4))
