@@ -1,0 +1,56 @@
+"""Tests of the `simwarp` command line (simwarp.cli)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simwarp import cli
+
+
+def test_info_lists_steps_metrics_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("simwarp 0.1.0", "sigmoidal", "l2", "chunked", "CUDA:", "triton:"):
+        assert word in out
+
+
+def test_demo_reports_missing_extra(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_has", lambda mod: mod != "matplotlib")
+    assert cli.main(["demo", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install 'simwarp[data]'" in err
+
+
+def test_demo_rejects_unknown_dataset(capsys):
+    assert cli.main(["demo", "--dataset", "mnist"]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
+
+
+def test_parser_requires_a_command():
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "simwarp.cli", "demo", "--quick", "--out", str(tmp_path), "--no-progress", "--threads", "2"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
+    assert {r["dataset"] for r in rows} == {"digits", "periodic"}
+    assert {r["head"] for r in rows} == {"linear", "softstep-instance"}
+    for r in rows:
+        assert r["rmse"] > 0 and r["rmse"] == r["rmse"]
+    assert "wrote" in proc.stdout and "demo.png" in proc.stdout
+    assert "test RMSE" in proc.stdout
