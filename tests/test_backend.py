@@ -299,3 +299,39 @@ def test_weight_properties(problem):
     perm = torch.randperm(k.shape[0])
     w_perm = simwarp.warp_weights(q, k[perm], mask=mask[:, perm], **kw)
     torch.testing.assert_close(w_perm, w[:, perm])
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def test_chunked_dropout_forward_matches_its_mask_and_gradcheck():
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 3, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(2, 5, 3, generator=gen, dtype=f64, requires_grad=True)
+    v = torch.randn(2, 5, 2, generator=gen, dtype=f64, requires_grad=True)
+    a = torch.tensor(0.2, dtype=f64, requires_grad=True)
+    p = 0.3
+
+    torch.manual_seed(11)
+    out = simwarp.warp_attend(q, k, v, a=a, impl="chunked", chunk_size=5, dropout_p=p)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**62, ()))
+    keep = torch.rand((2, 4, 5), generator=torch.Generator().manual_seed(seed), dtype=f64) >= p
+    w = simwarp.warp_weights(q, k, a=a)
+    torch.testing.assert_close(out, (w * keep / (1 - p)) @ v)
+
+    def fn(q, k, v, a):
+        torch.manual_seed(11)  # same masks on every evaluation
+        return simwarp.warp_attend(q, k, v, a=a, impl="chunked", chunk_size=3, dropout_p=p)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, a))
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_dropout_is_unbiased_and_validated(impl):
+    q, k, v = torch.randn(4, 3, dtype=f64), torch.randn(6, 3, dtype=f64), torch.randn(6, 2, dtype=f64)
+    ref = simwarp.warp_attend(q, k, v, impl="dense")
+    mean = torch.stack([simwarp.warp_attend(q, k, v, impl=impl, dropout_p=0.5) for _ in range(400)]).mean(0)
+    torch.testing.assert_close(mean, ref, atol=0.15, rtol=0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        simwarp.warp_attend(q, k, v, dropout_p=1.0)

@@ -35,7 +35,11 @@ DENSE_AUTO_LIMIT = 1 << 18
 
 
 def _triton_available(device: torch.device) -> bool:
-    if device.type != "cuda":
+    """Fused kernels usable on ``device``: CUDA with triton importable, or CPU tensors in
+    Triton's interpreter (``TRITON_INTERPRET=1``, for tests). Never imports triton otherwise."""
+    import os
+
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     try:
         from simwarp.backend import triton as _triton  # noqa: F401
@@ -44,18 +48,35 @@ def _triton_available(device: torch.device) -> bool:
     return True
 
 
-def _choose_impl(impl: str, metric: str, entries: int, device: torch.device) -> str:
+def _choose_impl(
+    impl: str, metric: str, entries: int, device: torch.device, *, spec=None, tensors: tuple | None = None
+) -> str:
+    """Pick the implementation. ``spec`` (WarpSpec) and ``tensors`` (``(q, k, v)``) let
+    ``impl="auto"`` choose the fused kernels on CUDA when they support the call (step, dtype,
+    head dims); without them ``"auto"`` never picks triton."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton" and not _triton_available(device):
         raise ValueError(
-            f"impl='triton' needs CUDA tensors and the fused kernels (simwarp.backend.triton); got device {device}"
+            "impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) and the fused "
+            f"kernels (simwarp.backend.triton, which needs the 'triton' package); got device {device}"
         )
     if metric not in STREAMING_METRICS:
         if impl in ("chunked", "triton"):
             raise ValueError(f"metric={metric!r} is only available with impl='dense' (got impl={impl!r})")
         return "dense"
+    if impl == "triton" and spec is not None and tensors is not None:
+        from simwarp.backend.triton import unsupported_reason
+
+        reason = unsupported_reason(*tensors, spec)
+        if reason is not None:
+            raise ValueError(f"impl='triton' cannot run this call: {reason}; use impl='chunked' or 'auto'")
     if impl == "auto":
+        if device.type == "cuda" and spec is not None and tensors is not None and _triton_available(device):
+            from simwarp.backend.triton import supports
+
+            if supports(*tensors, spec):
+                return "triton"
         return "dense" if entries <= DENSE_AUTO_LIMIT else "chunked"
     return impl
 
@@ -79,6 +100,7 @@ def warp_attend(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_stats: bool = False,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
     """SoftStep-weighted average of ``v`` over the keys ``k`` for every query in ``q``.
 
@@ -111,6 +133,9 @@ def warp_attend(
         impl: ``"auto"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
         chunk_size: key-block width of the chunked path (default: about 4M scores per block).
         return_stats: also return :class:`WarpStats`.
+        dropout_p: inverted dropout on the weights (``w_ij`` zeroed with probability
+            ``dropout_p``, survivors scaled by ``1 / (1 - dropout_p)``), as in SDPA. Always applied
+            when > 0: pass 0 at evaluation. Reproducible under ``torch.manual_seed``.
 
     Returns:
         ``(..., n, e)`` output, and with ``return_stats`` a :class:`WarpStats`. A row with no
@@ -124,6 +149,8 @@ def warp_attend(
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     n, m = q.shape[-2], k.shape[-2]
     dtype = work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
@@ -131,10 +158,14 @@ def warp_attend(
         out = q.new_zeros((*batch, n, v.shape[-1])) + 0.0 * v.sum()  # keeps autograd connected
         return (out, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else out
     chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device)
+    if chosen == "triton" and dropout_p > 0:  # the fused kernels have no dropout
+        if impl == "triton":
+            raise ValueError("impl='triton' does not support dropout_p > 0; use impl='auto' or 'chunked'")
+        chosen = "chunked"
     if chosen == "dense":
-        out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec)
+        out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p)
     elif chosen == "chunked":
-        out, *rest = chunked_warp_attend(q, k, v, a, b, t, mask, spec, chunk_size)
+        out, *rest = chunked_warp_attend(q, k, v, a, b, t, mask, spec, chunk_size, dropout_p)
         stats = WarpStats(*rest)
     else:
         from simwarp.backend.triton import triton_warp_attend

@@ -38,7 +38,7 @@ def _blocks(m: int, chunk: int):
 
 class _ChunkedWarp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int):
+    def forward(ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int):
         dtype = work_dtype(q.dtype)
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
@@ -75,6 +75,7 @@ class _ChunkedWarp(torch.autograd.Function):
         denom = torch.zeros((*batch, n), dtype=dtype, device=q.device)
         acc = torch.zeros((*batch, n, e), dtype=dtype, device=q.device)
         kept = torch.zeros((*batch, n), dtype=dtype, device=q.device)
+        dropout = _Dropout(dropout_p, seed, q.device)
         for start, stop in _blocks(m, chunk):
             s, valid = scores(start, stop)
             logits = warp_logits(s, lo1, hi1, valid, a, b, t, spec)
@@ -83,7 +84,7 @@ class _ChunkedWarp(torch.autograd.Function):
             rescale = torch.exp(run_max - shift)
             p = torch.exp(logits - shift.unsqueeze(-1))
             denom = denom * rescale + p.sum(-1)
-            acc = acc * rescale.unsqueeze(-1) + p @ v[..., start:stop, :].to(dtype)
+            acc = acc * rescale.unsqueeze(-1) + dropout(p) @ v[..., start:stop, :].to(dtype)
             kept += (logits > -math.inf).sum(-1)
             run_max = new_max
         nonempty = denom > 0
@@ -92,6 +93,7 @@ class _ChunkedWarp(torch.autograd.Function):
         lse = torch.where(nonempty, run_max + torch.log(denom), -math.inf)
 
         ctx.spec, ctx.chunk, ctx.has_mask = spec, chunk, mask is not None
+        ctx.dropout_p, ctx.seed = dropout_p, seed
         optional_mask = () if mask is None else (mask,)
         ctx.save_for_backward(q, k, v, a, b, t, *optional_mask, out, lse, lo, hi, argmin, argmax)
         ctx.mark_non_differentiable(kept, lo, hi, empty)
@@ -127,6 +129,7 @@ class _ChunkedWarp(torch.autograd.Function):
         dk = torch.zeros_like(k) if need_k else None
         dv = torch.zeros_like(v) if need_v else None
 
+        dropout = _Dropout(ctx.dropout_p, ctx.seed, q.device)
         for start, stop in _blocks(m, ctx.chunk):
             k_c = k[..., start:stop, :].detach().requires_grad_(need_k)
             v_c = v[..., start:stop, :].to(dtype)
@@ -137,9 +140,10 @@ class _ChunkedWarp(torch.autograd.Function):
                 s = pairwise_similarity(q_.to(dtype), k_c.to(dtype), spec.metric, spec.scale)
                 logits = warp_logits(s, lo_, hi_, valid, a_, b_, t_, spec)
             w = torch.exp(logits.detach() - lse_safe)
+            w_out = dropout(w)  # the weights that multiplied v in forward
             if need_v:
-                dv[..., start:stop, :] += (w.transpose(-1, -2) @ g).sum_to_size(v_c.shape).to(v.dtype)
-            d_logits = w * (g @ v_c.transpose(-1, -2) - delta_row.unsqueeze(-1))
+                dv[..., start:stop, :] += (w_out.transpose(-1, -2) @ g).sum_to_size(v_c.shape).to(v.dtype)
+            d_logits = w_out * (g @ v_c.transpose(-1, -2)) - w * delta_row.unsqueeze(-1)
             wrt = [x for x in (*graph_leaves, k_c) if x.requires_grad]
             if not wrt:
                 continue
@@ -171,12 +175,34 @@ class _ChunkedWarp(torch.autograd.Function):
 
         if need_q and dq is None:
             dq = torch.zeros_like(q)
-        return dq, dk, dv, da, db, dt, None, None, None
+        return dq, dk, dv, da, db, dt, None, None, None, None, None
 
 
-def chunked_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, chunk_size: int | None):
+class _Dropout:
+    """Inverted dropout on weight blocks whose masks replay identically in backward: the
+    blocks are drawn in the same order from a generator seeded once per call."""
+
+    def __init__(self, p: float, seed: int, device: torch.device) -> None:
+        self.p = p
+        self.generator = None
+        if p > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            return w
+        keep = torch.rand(w.shape, generator=self.generator, device=w.device, dtype=w.dtype) >= self.p
+        return w * keep / (1.0 - self.p)
+
+
+def chunked_warp_attend(
+    q, k, v, a, b, t, mask, spec: WarpSpec, chunk_size: int | None, dropout_p: float = 0.0
+):
     """Streaming forward/backward; returns ``(out, lse, kept, lo, hi, empty)``."""
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     rows = q.shape[-2] * math.prod(batch)
     chunk = default_chunk_size(rows, k.shape[-2]) if chunk_size is None else chunk_size
-    return _ChunkedWarp.apply(q, k, v, a, b, t, mask, spec, chunk)
+    # Seed drawn from torch's default generator, so torch.manual_seed makes dropout reproducible.
+    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    return _ChunkedWarp.apply(q, k, v, a, b, t, mask, spec, chunk, dropout_p, seed)

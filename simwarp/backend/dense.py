@@ -65,7 +65,11 @@ def dense_weights(q, k, a, b, t, mask, spec: WarpSpec) -> tuple[torch.Tensor, Wa
     return w, stats
 
 
-def dense_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec) -> tuple[torch.Tensor, WarpStats]:
-    """Output ``(..., n, e)`` and :class:`WarpStats`."""
+def dense_warp_attend(
+    q, k, v, a, b, t, mask, spec: WarpSpec, dropout_p: float = 0.0
+) -> tuple[torch.Tensor, WarpStats]:
+    """Output ``(..., n, e)`` and :class:`WarpStats` (dropout acts on the weights, not the stats)."""
     w, stats = dense_weights(q, k, a, b, t, mask, spec)
+    if dropout_p > 0:
+        w = torch.nn.functional.dropout(w, dropout_p)
     return (w @ v.to(w.dtype)).to(q.dtype), stats

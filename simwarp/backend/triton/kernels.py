@@ -30,9 +30,21 @@ LN2: tl.constexpr = 0.6931471805599453
 
 
 @triton.jit
-def _scores(q, k, qq, kk, scale, METRIC: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+def _dot(x, y, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """``x @ y`` accumulated in ``ACC``. ``UPCAST`` (CPU interpreter with bfloat16, whose numpy
+    matmul does not understand bfloat16) multiplies the same rounded values in float32."""
+    if UPCAST:
+        r = tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+    else:
+        r = tl.dot(x, y, input_precision=PREC, out_dtype=ACC)
+    return r
+
+
+@triton.jit
+def _scores(q, k, qq, kk, scale, METRIC: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+            UPCAST: tl.constexpr):
     """Similarity tile ``(BM, BN)`` and the raw squared distance (for the metric's backward)."""
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC)
+    qk = _dot(q, tl.trans(k), PREC, ACC, UPCAST)
     if METRIC == 0:
         s = qk * scale
         dist2 = qk
@@ -219,7 +231,7 @@ def range_kernel(
     B1, B, n, m, d, n_qb, n_kb, kb_per_split,
     METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -252,7 +264,7 @@ def range_kernel(
                     mask=(offs_n[:, None] < m) & (offs_d[None, :] < d), other=0.0)
         kf = k.to(ACC)
         kk = tl.sum(kf * kf, 1)
-        s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC)
+        s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
         valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
         s_lo = tl.where(valid, s, float("inf"))
         s_hi = tl.where(valid, s, float("-inf"))
@@ -288,7 +300,7 @@ def attend_kernel(
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -343,14 +355,14 @@ def attend_kernel(
                         mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
             kf = k.to(ACC)
             kk = tl.sum(kf * kf, 1)
-            s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC)
+            s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
             valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
             u = _normalised(s, lo, inv_r)
             x = (s - hi[:, None]) * xscale
             p, keep = _step_weight(x, u, valid, a2, b2, t2, STEP, BAND_BRANCH)
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
                         mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+            acc += _dot(p.to(v.dtype), v, PREC, ACC, UPCAST)
             denom += tl.sum(p, 1)
             kept += tl.sum(keep.to(ACC), 1)
 
@@ -386,7 +398,7 @@ def bwd_dq_kernel(
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per query block: ``dq`` (without the range scatter) and the per-row sums
     ``G_lo, G_hi, da, db, dt`` over the keys of split ``pid_s``."""
@@ -449,12 +461,12 @@ def bwd_dq_kernel(
                         mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
             kf = k.to(ACC)
             kk = tl.sum(kf * kf, 1)
-            s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC)
+            s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
             valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
             u = _normalised(s, lo, inv_r)
             x = (s * inv_tau - lse[:, None]) * LOG2E
             w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
-            dp = tl.dot(do, tl.trans(v).to(do.dtype), input_precision=PREC, out_dtype=ACC)
+            dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
             dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
             dlu = dl * phi_u * inv_r[:, None]
             ds = dl * inv_tau + dlu
@@ -464,7 +476,7 @@ def bwd_dq_kernel(
             g_b += tl.sum(dl * phi_b, 1)
             g_t += tl.sum(dl * phi_t, 1)
             coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
-            dq += tl.dot(coef.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+            dq += _dot(coef.to(k.dtype), k, PREC, ACC, UPCAST)
             if METRIC != 0:
                 rsum += tl.sum(g2, 1)
     if METRIC != 0:
@@ -488,7 +500,7 @@ def bwd_dkdv_kernel(
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per key block: ``dk`` (without the range scatter) and ``dv``, looping over query blocks."""
     pid_k = tl.program_id(0)
@@ -542,19 +554,19 @@ def bwd_dkdv_kernel(
                          mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
             qf = q.to(ACC)
             qq = tl.sum(qf * qf, 1)
-            s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC)
+            s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
             valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
             u = _normalised(s, lo, inv_r)
             x = (s * inv_tau - lse[:, None]) * LOG2E
             w, keep, phi_u, _pa, _pb, _pt = _step_weight_grad(x, u, valid, a[:, None], b[:, None], t[:, None], STEP)
             if NEED_DV:
-                dv += tl.dot(tl.trans(w).to(do.dtype), do, input_precision=PREC, out_dtype=ACC)
+                dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
             if NEED_DK:
-                dp = tl.dot(do, tl.trans(v).to(do.dtype), input_precision=PREC, out_dtype=ACC)
+                dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
                 dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
                 ds = dl * (inv_tau + phi_u * inv_r[:, None])
                 coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
-                dk += tl.dot(tl.trans(coef).to(q.dtype), q, input_precision=PREC, out_dtype=ACC)
+                dk += _dot(tl.trans(coef).to(q.dtype), q, PREC, ACC, UPCAST)
                 if METRIC != 0:
                     csum += tl.sum(g2, 0)
     if METRIC != 0:

@@ -211,7 +211,7 @@ class _TritonWarp(torch.autograd.Function):
         S = triton_cdiv(n_kb, kps)
         common = dict(METRIC=plan.metric, CAUSAL=plan.causal, EXCL=plan.exclude_self, HAS_MASK=mask is not None,
                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, ACC=tl_acc,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      UPCAST=plan.interpret and q.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         strides = (*q4.stride(), *k4.stride())
         mstrides = mask4.stride()
 
@@ -305,7 +305,8 @@ class _TritonWarp(torch.autograd.Function):
         track_range = not plan.detach_range and (need_q or need_k)
         common = dict(METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, EXCL=plan.exclude_self,
                       HAS_MASK=mask is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_E=BE,
-                      PREC=prec, ACC=tl_acc, num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
+                      PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
+                      num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
         args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
 
         dq = da = db = dt = g_lo = g_hi = None
