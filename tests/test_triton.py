@@ -1,0 +1,292 @@
+"""Fused Triton kernels (simwarp.backend.triton) against the dense float64 reference.
+
+The kernels run on CPU tensors in Triton's interpreter, which only works when
+``TRITON_INTERPRET=1`` is set before :mod:`triton` is first imported. So that the result
+does not depend on what the pytest session imported earlier, the checks below are plain
+functions run by one subprocess (``python tests/test_triton.py``, environment set there);
+each pytest test reports one check. Shapes are tiny and the tiles are 16/32, so several key
+and query blocks, ragged tails, causal diagonals and key splits are exercised.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import simwarp  # noqa: E402
+from simwarp.backend.common import make_spec, resolve_params  # noqa: E402
+from simwarp.backend.dense import dense_warp_attend  # noqa: E402
+from simwarp.backend.triton import KernelConfig, triton_warp_attend  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS: dict = {}
+
+
+def check(fn=None, *, cases=None):
+    """Register ``fn`` (or ``fn`` once per case, as ``name[id]``) as an interpreter check."""
+
+    def register(f):
+        name = f.__name__.removeprefix("check_")
+        if cases is None:
+            CHECKS[name] = f
+        else:
+            for case_id, args in cases.items():
+                CHECKS[f"{name}[{case_id}]"] = lambda f=f, args=args: f(*args)
+        return f
+
+    return register(fn) if fn is not None else register
+
+
+f64 = torch.float64
+SMALL = KernelConfig(block_m=32, block_n=16, bwd_block_m=16, bwd_block_n=16)
+
+
+def _params(kind, batch, n, gen):
+    if kind == "scalar":
+        return tuple(torch.tensor(x, dtype=f64) for x in (0.15, 0.75, 0.35))
+    shape = (batch[-1], 1) if kind == "head" else (*batch, n)
+    a = 0.05 + 0.3 * torch.rand(shape, generator=gen, dtype=f64)
+    b = (a + 0.1 + 0.5 * torch.rand(shape, generator=gen, dtype=f64)).clamp(max=1.0)
+    t = 0.1 + 0.8 * torch.rand(shape, generator=gen, dtype=f64)
+    return a, b, t
+
+
+def _loss_and_grads(fn, tensors, mask, spec, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in tensors]
+    out, stats = fn(*leaves, mask, spec, **kw)[:2]
+    weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
+    loss = (out.double() * weights).sum() + 0.3 * stats.lse.masked_fill(stats.empty, 0.0).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+    return out, stats, grads
+
+
+def _compare(q, k, v, params, mask, spec, config=SMALL, atol=1e-10, check_grads=True):
+    n = q.shape[-2]
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    a, b, t = resolve_params(*params, batch=batch, n=n, dtype=f64, device=q.device)
+    tensors = (q, k, v, a, b, t)
+    out, stats, grads = _loss_and_grads(triton_warp_attend, tensors, mask, spec, config=config)
+    ref, rstats, rgrads = _loss_and_grads(dense_warp_attend, tensors, mask, spec)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+    for name in ("lse", "kept", "lo", "hi", "empty"):
+        torch.testing.assert_close(getattr(stats, name), getattr(rstats, name), atol=atol, rtol=0, msg=name)
+    if check_grads:
+        for name, g, rg in zip("q k v a b t".split(), grads, rgrads):
+            assert torch.isfinite(g).all(), name
+            torch.testing.assert_close(g, rg, atol=atol, rtol=1e-9, msg=f"grad {name}")
+    return out, stats
+
+
+CASES = [
+    # metric, step, param kind, options
+    ("dot", "sigmoidal", "row", {}),
+    ("cosine", "log", "head", {"temperature": 0.7}),
+    ("sqeuclidean", "poly", "row", {"causal": True}),
+    ("l2", "sigmoidal", "scalar", {"exclude_self": True}),
+    ("dot", "none", "row", {"mask": "padding"}),
+    ("l2", "poly", "head", {"mask": "general", "exclude_self": True}),
+    ("dot", "log", "row", {"causal": True, "detach_range": True}),
+    ("cosine", "sigmoidal", "row", {"causal": True, "mask": "padding", "n": 19}),
+]
+
+
+@check(cases={f"{c[0]}-{c[1]}-{c[2]}": c for c in CASES})
+def check_matches_dense_float64(metric, step, pkind, opts):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}{step}{pkind}".encode()))
+    B, H, m, d, e = 1, 2, 37, 20, 5
+    n = m if opts.get("exclude_self") else opts.get("n", 33)
+    q = torch.randn(B, H, n, d, generator=gen, dtype=f64)
+    k = torch.randn(1, H, m, d, generator=gen, dtype=f64)  # broadcast over the batch
+    v = torch.randn(B, 1, m, e, generator=gen, dtype=f64)
+    mask = None
+    if opts.get("mask") == "padding":
+        mask = torch.ones(B, 1, 1, m, dtype=torch.bool)
+        mask[..., 30:] = False
+    elif opts.get("mask") == "general":
+        mask = torch.rand(B, H, n, m, generator=gen) > 0.3
+    spec = make_spec(metric, None, step, opts.get("temperature", 1.0), opts.get("causal", False),
+                     opts.get("exclude_self", False), opts.get("detach_range", False))
+    _compare(q, k, v, _params(pkind, (B, H), n, gen), mask, spec)
+
+
+def _ints(*shape, gen):
+    """Small-integer float64 tensors: similarities are exact, so ties and flat rows are exact
+    in the kernels and in the reference alike (whatever the summation order)."""
+    return torch.randint(-2, 3, shape, generator=gen).to(f64)
+
+
+@check
+def check_degenerate_rows_ties_and_causal_rectangular():
+    """Flat rows (u = 1), rows with one valid key, rows with none (zero output, lse = -inf,
+    zero gradients), tied minima/maxima (first index wins), causal with n > m."""
+    gen = torch.Generator().manual_seed(1)
+    n, m, d, e = 35, 21, 16, 3
+    q = _ints(1, n, d, gen=gen)
+    q[0, 10:13] = 0.0  # flat rows: every similarity 0
+    k = _ints(1, m, d, gen=gen)
+    k[0, 12:16] = k[0, 3]  # duplicated keys: exact ties in min / max
+    k[0, 17] = k[0, 0]
+    v = torch.randn(1, m, e, generator=gen, dtype=f64)
+    mask = torch.ones(1, n, m, dtype=torch.bool)
+    mask[0, 5] = False  # empty row
+    mask[0, 7, 1:] = False  # a single valid key
+    for metric, step in (("dot", "sigmoidal"), ("l2", "poly"), ("sqeuclidean", "log")):
+        spec = make_spec(metric, None, step, 1.0, True, False, False)
+        out, stats = _compare(q, k, v, (0.2, 0.8, 0.4), mask, spec)
+        assert bool(stats.empty[0, 5]) and stats.lse[0, 5] == -float("inf") and (out[0, 5] == 0).all()
+        assert (stats.lo[0, 10:13] == stats.hi[0, 10:13]).all() if metric == "dot" else True
+
+
+@check
+def check_key_splits_bank_case_and_ties():
+    """Few queries against many keys (the neighbour-bank layout): the key axis is split over
+    programs and the partial sums are combined; tied minima/maxima in different splits route
+    the range gradient to the first index, as the dense reference does."""
+    gen = torch.Generator().manual_seed(2)
+    n, m, d, e = 5, 40, 8, 1
+    q = _ints(n, d, gen=gen)
+    k = _ints(m, d, gen=gen)
+    k[33] = k[2]
+    k[25] = k[9]
+    k[38] = k[9]
+    v = torch.randn(m, e, generator=gen, dtype=f64)
+    for metric, step in (("sqeuclidean", "sigmoidal"), ("dot", "log")):
+        spec = make_spec(metric, None, step, 1.0, False, False, False)
+        config = KernelConfig(block_m=16, block_n=16, num_splits=3)
+        _compare(q, k, v, _params("row", (), n, gen), None, spec, config=config)
+
+
+@check
+def check_block_skipping_is_exact_and_reported():
+    gen = torch.Generator().manual_seed(3)
+    n, m, d, e = 32, 40, 16, 4
+    # Keys sorted along one direction: for queries pointing that way most key tiles lie below a.
+    direction = torch.randn(d, generator=gen, dtype=f64)
+    direction /= direction.norm()
+    q = direction * torch.linspace(1, 2, n, dtype=f64)[:, None] + 0.01 * torch.randn(n, d, generator=gen, dtype=f64)
+    k = direction * torch.linspace(-3, 3, m, dtype=f64)[:, None] + 0.01 * torch.randn(m, d, generator=gen, dtype=f64)
+    v = torch.randn(m, e, generator=gen, dtype=f64)
+    params = (0.6, 0.9, 0.5)
+    a, b, t = resolve_params(*params, batch=torch.Size(), n=n, dtype=f64, device=q.device)
+    spec = make_spec("dot", 1.0, "sigmoidal", 1.0, False, False, False)
+    cfg = KernelConfig(block_m=16, block_n=16)
+    *_, skipped = triton_warp_attend(q, k, v, a, b, t, None, spec, config=cfg, return_skipped=True)
+    assert 0.3 <= float(skipped) < 1.0
+    _compare(q, k, v, params, None, spec, config=cfg)
+    spec_none = make_spec("dot", 1.0, "none", 1.0, False, False, False)
+    *_, skipped_none = triton_warp_attend(q, k, v, a, b, t, None, spec_none, config=cfg, return_skipped=True)
+    assert float(skipped_none) == 0.0
+
+
+@check(cases={"float32": (torch.float32, 2e-5), "bfloat16": (torch.bfloat16, 3e-2), "float16": (torch.float16, 5e-3)})
+def check_low_precision_through_warp_attend(dtype, tol):
+    gen = torch.Generator().manual_seed(4)
+    n, m, d, e = 24, 33, 32, 6
+    q = torch.randn(2, n, d, generator=gen, dtype=f64)
+    k = torch.randn(2, m, d, generator=gen, dtype=f64)
+    v = torch.randn(2, m, e, generator=gen, dtype=f64)
+    kw = dict(metric="cosine", step="sigmoidal", a=0.2, b=0.7, t=0.4, causal=True, return_stats=True)
+    leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    out, stats = simwarp.warp_attend(*leaves, impl="triton", **kw)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    (out.float() ** 2).sum().backward()
+    ref_leaves = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
+    ref, _ = simwarp.warp_attend(*ref_leaves, impl="dense", **kw)
+    (ref**2).sum().backward()
+    scale = ref.abs().max()
+    assert (out.double() - ref).abs().max() <= tol * scale
+    for x, rx in zip(leaves, ref_leaves):
+        assert torch.isfinite(x.grad).all()
+        assert (x.grad.double() - rx.grad).abs().max() <= 10 * tol * rx.grad.abs().max()
+
+
+@check
+def check_dispatch_and_errors():
+    q = torch.randn(3, 9, 16)
+    kv = torch.randn(3, 11, 16)
+    out_t = simwarp.warp_attend(q, kv, kv, impl="triton", step="poly")
+    out_c = simwarp.warp_attend(q, kv, kv, impl="chunked", step="poly")
+    torch.testing.assert_close(out_t, out_c, atol=1e-5, rtol=1e-5)
+    simwarp.steps.register_step("test_triton_user_step", lambda u, a, b, t: torch.zeros_like(u), overwrite=True)
+    with pytest.raises(ValueError, match="step"):
+        triton_warp_attend(q, kv, kv, *(torch.tensor(x) for x in (0.1, 0.9, 0.5)), None,
+                           make_spec("dot", None, "test_triton_user_step", 1.0, False, False, False))
+    with pytest.raises(ValueError, match="dense"):
+        simwarp.warp_attend(q, kv, kv, impl="triton", metric="l1")
+    with pytest.raises(ValueError, match="must divide"):
+        triton_warp_attend(q, kv, kv, *(torch.tensor(x) for x in (0.1, 0.9, 0.5)), None,
+                           make_spec("dot", None, "none", 1.0, False, False, False),
+                           config=KernelConfig(block_m=16, block_n=16, bwd_block_m=32))
+    os.environ.pop("TRITON_INTERPRET")
+    try:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            simwarp.warp_attend(q, kv, kv, impl="triton")
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def test_simwarp_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, simwarp\n"
+        "from simwarp.backend import _triton_available\n"
+        "assert not _triton_available(torch.device('cpu'))\n"
+        "q = torch.randn(4, 8); print(simwarp.warp_attend(q, q, q).shape)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "torch.Size([4, 8])" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Runner: the checks execute in a subprocess that sets TRITON_INTERPRET=1 before importing
+# triton; pytest reports each one.
+# ---------------------------------------------------------------------------------------
+
+
+def _run_checks(names) -> dict:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        try:
+            CHECKS[name]()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported back to pytest verbatim
+            results[name] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    marker = "SIMWARP_TRITON_RESULTS "
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(marker)]
+    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len(marker):])
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_interpreted(name, interpreter_results):
+    assert interpreter_results.get(name) == "ok", interpreter_results.get(name, "check did not run")
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
+    selected = sys.argv[1:] or list(CHECKS)
+    print("SIMWARP_TRITON_RESULTS " + json.dumps(_run_checks(selected)), flush=True)
