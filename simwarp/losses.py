@@ -48,9 +48,10 @@ __all__ = [
     "backend_metric",
 ]
 
-#: Anchors whose reference set spans more classes than this are processed in blocks of
-#: class-sorted anchors (see :func:`_class_masses`).
-MAX_CLASS_COLUMNS = 64
+#: With more classes than this, anchors are sorted by class and processed in blocks spanning
+#: at most this many classes each (see :func:`_class_masses`); it bounds the width of the
+#: one-hot value matrix, i.e. the extra ``rows · keys · classes`` work of the backend call.
+MAX_CLASS_COLUMNS = 128
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,8 +199,9 @@ def _class_masses(
 
     One backend call with ``v = one_hot(ref classes)`` when there are at most
     :data:`MAX_CLASS_COLUMNS` classes. Otherwise anchors are sorted by class and processed in
-    blocks, each with ``v`` restricted to the block's own classes plus one "other" column, so
-    that ``v`` stays narrow; the row range is always over all candidate neighbours.
+    blocks of at most that many classes, each with ``v`` restricted to the block's classes
+    plus one "other" column, so that ``v`` stays narrow. Every call sees all reference keys,
+    so the row range is always over all candidate neighbours.
 
     Returns ``own (n,)``, ``other (n,)``, ``lse (n,)`` (log-normaliser, ``-inf`` on empty rows).
     """
@@ -215,11 +217,15 @@ def _class_masses(
         other = out.masked_fill(own_col, 0.0).sum(1)
         return own, other, stats.lse
     order = torch.argsort(q_cls, stable=True)
-    block = max(MAX_CLASS_COLUMNS, 1)
+    sorted_cls = q_cls[order]
+    present = torch.unique(sorted_cls)  # the anchors' classes, sorted
+    per_block = max(int(MAX_CLASS_COLUMNS), 1)
     own_parts, other_parts, lse_parts = [], [], []
-    for start in range(0, n, block):
-        rows = order[start : start + block]
-        cls_b = torch.unique(q_cls[rows])  # sorted; at most `block` classes
+    for g in range(0, present.numel(), per_block):
+        cls_b = present[g : g + per_block]
+        lo_row = int(torch.searchsorted(sorted_cls, cls_b[0], right=False))
+        hi_row = int(torch.searchsorted(sorted_cls, cls_b[-1], right=True))
+        rows = order[lo_row:hi_row]
         pos = torch.searchsorted(cls_b, r_cls).clamp_max(cls_b.numel() - 1)
         col = torch.where(cls_b[pos] == r_cls, pos, cls_b.numel())  # "other" column for foreign classes
         v = F.one_hot(col, cls_b.numel() + 1).to(x.dtype)
