@@ -1,0 +1,521 @@
+"""Fused SoftStep kernels on a GPU: check, time and compare with SDPA (one script, one run).
+
+1. Correctness on fresh random inputs, outputs poisoned (the CUDA caching allocator is filled
+   with NaN before each run, so an unwritten output element shows up as NaN):
+   * small shapes, float32 kernels vs the dense float64 reference (values and all gradients),
+     metrics x steps x masks;
+   * a mid shape in bfloat16 vs the float32 chunked path (relative error, no NaN);
+   * ``step="none"`` vs SDPA on the benchmark shapes (the fused path must equal softmax attention);
+   * the neighbour-bank layout (few queries, many keys: key splits) vs chunked float32.
+2. Timing (torch.cuda.Event, median of repeats after warm-up) and peak memory
+   (torch.cuda.max_memory_allocated above the inputs) on B·H·N·D = 4·16·2048·64,
+   2·16·8192·64, 1·16·16384·128, causal and not, forward and forward+backward, bfloat16:
+   simwarp fused (steps sigmoidal, poly, none), SDPA (flash backend), the naive materialised
+   SoftStep in eager mode and under torch.compile, AdaSplash (alpha = 1.5) when importable,
+   plus a clustered input where most key blocks are skipped (the stretch goal).
+3. A table of ratios to SDPA, and JSON (written after every case) to ``--out``.
+
+Usage (on a CUDA machine; the repo does not need to be installed)::
+
+    python benchmarks/bench_attention_gpu.py                 # about 5-8 minutes on an H100
+    python benchmarks/bench_attention_gpu.py --quick         # first shape only, fewer repeats
+    python benchmarks/bench_attention_gpu.py --out /tmp/gpu.json --budget 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import simwarp  # noqa: E402
+from simwarp.backend.common import make_spec, resolve_params  # noqa: E402
+from simwarp.backend.triton import triton_warp_attend  # noqa: E402
+
+SHAPES = [(4, 16, 2048, 64), (2, 16, 8192, 64), (1, 16, 16384, 128)]
+A, B_, T = 0.1, 0.9, 0.5  # the SoftStep defaults
+GiB = 2**30
+SMALL = (77, 131, 48, 24)  # n, m, d, e of the float64 checks
+MID = (1, 4, 1024, 64)  # B, H, N, D of the bfloat16 check
+BANK = (256, 1 << 20, 64)  # queries, bank entries, d (value width 1)
+CLUSTERS = 16
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def poison(device) -> None:
+    """Fill the caching allocator's free memory with NaN (then free it), so outputs that a
+    kernel fails to write read as NaN."""
+    free, _ = torch.cuda.mem_get_info(device)
+    try:
+        x = torch.empty(int(free * 0.5) // 4, dtype=torch.float32, device=device)
+        x.fill_(float("nan"))
+        del x
+    except torch.OutOfMemoryError:
+        pass
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def fresh(shape, dtype, device, seed, requires_grad=False, scale=1.0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * scale
+    return x.to(dtype).requires_grad_(requires_grad)
+
+
+def time_call(fn, *, warmup: int, repeats: int, max_seconds: float) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    t_end = time.perf_counter() + max_seconds
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() < t_end):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def peak_extra(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / GiB
+
+
+# ---------------------------------------------------------------------------------------
+# methods
+# ---------------------------------------------------------------------------------------
+
+
+def sdpa(q, k, v, causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def fused(step):
+    def run(q, k, v, causal):
+        return simwarp.warp_attend(q, k, v, step=step, a=A, b=B_, t=T, causal=causal, impl="triton")
+
+    return run
+
+
+def naive_softstep(q, k, v, causal, a=A, b=B_, t=T):
+    """The reference implementation's algorithm, materialised, in plain PyTorch."""
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    n, m = s.shape[-2:]
+    if causal:
+        valid = torch.ones(n, m, dtype=torch.bool, device=s.device).tril()
+        lo = s.masked_fill(~valid, math.inf).amin(-1, keepdim=True)
+        hi = s.masked_fill(~valid, -math.inf).amax(-1, keepdim=True)
+    else:
+        lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
+    u = (s - lo) / (hi - lo).clamp_min(1e-12)
+    inside = (u > a) & (u < b)
+    ui = torch.where(inside, u, (a + b) / 2)
+    z = (torch.log(b - ui) - torch.log(ui - a)) / t
+    phi = torch.where(inside, -F.softplus(z), torch.where(u >= b, 0.0, -math.inf))
+    logits = s + phi
+    if causal:
+        logits = logits.masked_fill(~valid, -math.inf)
+    return (torch.softmax(logits, -1) @ v.float()).to(q.dtype)
+
+
+_COMPILED = {}
+
+
+def naive_compiled(q, k, v, causal):
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(naive_softstep, dynamic=False)
+    return _COMPILED["fn"](q, k, v, causal)
+
+
+def adasplash_method():
+    try:
+        from adasplash import adasplash
+    except Exception:  # noqa: BLE001 - optional peer
+        return None
+
+    def run(q, k, v, causal):
+        return adasplash(q, k, v, alpha=1.5, niter=10, is_causal=causal)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------
+# 1. correctness
+# ---------------------------------------------------------------------------------------
+
+
+def _loss_grads(fn, dtype, *, tensors, batch, mask, spec, device):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in tensors]
+    n, e = leaves[0].shape[-2], leaves[2].shape[-1]
+    pa, pb, pt = resolve_params(*leaves[3:], batch=torch.Size(batch), n=n, dtype=dtype, device=device)
+    poison(device)
+    out, st = fn(*leaves[:3], pa, pb, pt, mask, spec)
+    w = torch.linspace(-1, 1, e, device=device, dtype=dtype)
+    loss = (out * w).sum() + 0.3 * st.lse.masked_fill(st.empty, 0).sum()
+    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return out, [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+def check_small(device, log) -> list[dict]:
+    """float32 kernels vs dense float64 (values + gradients) on small odd shapes."""
+    from simwarp.backend.dense import dense_warp_attend
+
+    rows = []
+    cases = [
+        ("dot", "sigmoidal", dict()),
+        ("cosine", "log", dict(causal=True)),
+        ("sqeuclidean", "poly", dict(mask=True)),
+        ("l2", "sigmoidal", dict(exclude_self=True)),
+        ("dot", "none", dict(causal=True)),
+        ("dot", "poly", dict(causal=True, detach_range=True)),
+    ]
+    for i, (metric, step, o) in enumerate(cases):
+        n, m, d, e = (SMALL[0], SMALL[0], *SMALL[2:]) if o.get("exclude_self") else SMALL
+        shape_b = (2, 3)
+        q = fresh((*shape_b, n, d), torch.float32, device, 100 + i)
+        k = fresh((*shape_b, m, d), torch.float32, device, 200 + i)
+        v = fresh((*shape_b, m, e), torch.float32, device, 300 + i)
+        mask = None
+        if o.get("mask"):
+            mask = fresh((2, 1, 1, m), torch.float32, device, 400 + i) > -0.8
+        spec = make_spec(metric, None, step, 1.0, o.get("causal", False), o.get("exclude_self", False),
+                         o.get("detach_range", False))
+        g = torch.Generator(device=device).manual_seed(500 + i)
+        a = 0.05 + 0.3 * torch.rand((*shape_b, n), generator=g, device=device)
+        b = (a + 0.1 + 0.5 * torch.rand((*shape_b, n), generator=g, device=device)).clamp(max=1.0)
+        t = 0.1 + 0.8 * torch.rand((*shape_b, n), generator=g, device=device)
+
+        call = dict(tensors=(q, k, v, a, b, t), batch=shape_b, mask=mask, spec=spec, device=device)
+        out, gs = _loss_grads(triton_warp_attend, torch.float32, **call)
+        ref, rgs = _loss_grads(dense_warp_attend, torch.float64, **call)
+        errs = {"out": rel_err(out, ref)} | {f"d{nm}": rel_err(x, y) for nm, x, y in zip("qkv", gs, rgs)}
+        # Parameter gradients are sums over many rows (cancellation): relative to their largest entry.
+        for nm, x, y in zip("abt", gs[3:], rgs[3:]):
+            errs[f"d{nm}"] = float((x.double() - y).abs().max() / y.abs().max().clamp_min(1e-12))
+        finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(x).all()) for x in gs)
+        ok = finite and errs["out"] < 1e-4 and max(errs["dq"], errs["dk"], errs["dv"]) < 1e-3
+        if step != "none":
+            ok = ok and max(errs["da"], errs["db"], errs["dt"]) < 1e-2
+        row = dict(check="small_vs_dense_f64", metric=metric, step=step, opts=str(o), ok=bool(ok), **errs)
+        rows.append(row)
+        log(f"  [{'ok' if ok else 'FAIL'}] {metric:11s} {step:9s} {o}  " + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
+    return rows
+
+
+def check_mid_bf16(device, log) -> list[dict]:
+    """bfloat16 kernels vs float32 chunked on a mid shape (values and q/k/v gradients)."""
+    rows = []
+    for causal in (False, True):
+        for step in ("sigmoidal", "poly"):
+            shape = MID
+            q, k, v = (fresh(shape, torch.float32, device, s) for s in (11, 12, 13))
+            gout = fresh(shape, torch.float32, device, 14)
+            res = {}
+            for impl, dtype in (("triton", torch.bfloat16), ("chunked", torch.float32)):
+                leaves = [x.detach().to(torch.bfloat16).to(dtype).requires_grad_() for x in (q, k, v)]
+                poison(device)
+                out = simwarp.warp_attend(*leaves, step=step, a=A, b=B_, t=T, causal=causal, impl=impl)
+                out.backward(gout.to(dtype))
+                res[impl] = [out] + [x.grad for x in leaves]
+            errs = {nm: rel_err(x, y) for nm, x, y in zip(("out", "dq", "dk", "dv"), res["triton"], res["chunked"])}
+            finite = all(bool(torch.isfinite(x).all()) for x in res["triton"])
+            ok = finite and errs["out"] < 2e-2 and max(errs.values()) < 5e-2
+            rows.append(dict(check="mid_bf16_vs_chunked_f32", causal=causal, step=step, ok=bool(ok), **errs))
+            log(f"  [{'ok' if ok else 'FAIL'}] bf16 {'·'.join(map(str, MID))} causal={causal} {step}: "
+                + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
+    return rows
+
+
+def check_none_vs_sdpa(device, shape, causal, log) -> dict:
+    q, k, v = (fresh(shape, torch.bfloat16, device, s, requires_grad=True) for s in (21, 22, 23))
+    gout = fresh(shape, torch.bfloat16, device, 24)
+    res = {}
+    for name, fn in (("fused", fused("none")), ("sdpa", sdpa)):
+        for x in (q, k, v):
+            x.grad = None
+        poison(device)
+        out = fn(q, k, v, causal)
+        out.backward(gout)
+        res[name] = [out.detach()] + [x.grad.detach() for x in (q, k, v)]
+    errs = {nm: rel_err(x, y) for nm, x, y in zip(("out", "dq", "dk", "dv"), res["fused"], res["sdpa"])}
+    finite = all(bool(torch.isfinite(x).all()) for x in res["fused"])
+    ok = finite and errs["out"] < 2e-2 and max(errs.values()) < 3e-2
+    log(f"  [{'ok' if ok else 'FAIL'}] step=none vs SDPA {shape} causal={causal}: "
+        + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
+    return dict(check="none_vs_sdpa", shape=list(shape), causal=causal, ok=bool(ok), **errs)
+
+
+def check_bank(device, log, m: int = BANK[1]) -> dict:
+    """Neighbour bank: few queries vs ``m`` keys, value width 1 (key splits), vs chunked float32."""
+    q = fresh((BANK[0], BANK[2]), torch.float32, device, 31)
+    k = fresh((m, BANK[2]), torch.float32, device, 32)
+    v = fresh((m, 1), torch.float32, device, 33)
+    kw = dict(metric="cosine", step="sigmoidal", a=0.3, b=0.9, t=0.5)
+    poison(device)
+    out = simwarp.warp_attend(q, k, v, impl="triton", **kw)
+    ref = simwarp.warp_attend(q, k, v, impl="chunked", **kw)
+    err = rel_err(out, ref)
+    torch.cuda.synchronize()
+    ms_f = time_call(lambda: simwarp.warp_attend(q, k, v, impl="triton", **kw), warmup=2, repeats=10, max_seconds=3)
+    ms_c = time_call(lambda: simwarp.warp_attend(q, k, v, impl="chunked", **kw), warmup=1, repeats=3, max_seconds=5)
+    ok = bool(torch.isfinite(out).all()) and err < 1e-4
+    log(f"  [{'ok' if ok else 'FAIL'}] bank {BANK[0]} x {m} (d={BANK[2]}, e=1) vs chunked f32: rel err {err:.1e}; "
+        f"fused {ms_f:.2f} ms, chunked {ms_c:.2f} ms ({ms_c / ms_f:.1f}x)")
+    return dict(check="bank_vs_chunked", m=m, ok=ok, err=err, fused_ms=ms_f, chunked_ms=ms_c)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. timing
+# ---------------------------------------------------------------------------------------
+
+
+def clustered(shape, device, seed, clusters: int, noise: float = 0.5):
+    """q, k, v where tokens come in contiguous clusters with orthogonal centres (like local
+    structure in a sequence): for each query, keys of other clusters fall far below ``a``, so
+    about ``1 - 1/clusters`` of the key blocks are skipped. Needs ``clusters <= d``."""
+    bsz, h, n, d = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(bsz, h, d, clusters, generator=g, device=device)).Q
+    centers = basis.transpose(-1, -2) * (8 * d**0.5) ** 0.5  # within-cluster score ~ 8
+    base = centers[:, :, torch.arange(n, device=device) * clusters // n]
+    q = base + noise * torch.randn(shape, generator=g, device=device)
+    k = base + noise * torch.randn(shape, generator=g, device=device)
+    v = torch.randn(shape, generator=g, device=device)
+    return [x.to(torch.bfloat16) for x in (q, k, v)]
+
+
+def bench_case(name, fn, q, k, v, causal, backward, args):
+    gout = torch.randn_like(q) if backward else None
+
+    def once():
+        if backward:
+            for x in (q, k, v):
+                x.grad = None
+            fn(q, k, v, causal).backward(gout)
+        else:
+            with torch.no_grad():
+                fn(q, k, v, causal)
+
+    rec = dict(method=name, backward=backward, causal=causal)
+    try:
+        once()  # compile / autotune outside the timing
+        rec["ms"] = time_call(once, warmup=args.warmup, repeats=args.repeats, max_seconds=args.case_seconds)
+        rec["peak_gib"] = peak_extra(once)
+    except torch.OutOfMemoryError:
+        rec["error"] = "out of memory"
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    finally:
+        for x in (q, k, v):
+            x.grad = None
+        torch.cuda.empty_cache()
+    return rec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_attention_gpu.json"))
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--case-seconds", type=float, default=1.5, help="stop repeating a case after this long")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds; later optional cases are skipped")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--compile-all", action="store_true", help="torch.compile on every shape (slow)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.case_seconds = 10, 2, 0.6
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark (the kernels are tested on CPU by tests/test_triton.py)")
+        return 1
+    device = torch.device("cuda")
+    t0 = time.perf_counter()
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    result = dict(
+        card=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
+        python=platform.python_version(), args=vars(args), checks=[], timings=[],
+    )
+
+    def log(msg):
+        print(msg, flush=True)
+
+    def save():
+        result["seconds"] = time.perf_counter() - t0
+        out_path.write_text(json.dumps(result, indent=1))
+
+    log(f"# {result['card']}  torch {torch.__version__}  triton {triton.__version__}")
+    log("## correctness (fresh inputs, outputs poisoned with NaN before each run)")
+    for fn in (check_small, check_mid_bf16):
+        try:
+            result["checks"] += fn(device, log)
+        except Exception:  # noqa: BLE001
+            result["checks"].append(dict(check=fn.__name__, ok=False, error=traceback.format_exc()[-2000:]))
+            log(traceback.format_exc())
+        save()
+    try:
+        result["checks"].append(check_bank(device, log, m=BANK[1] // 4 if args.quick else BANK[1]))
+    except Exception:  # noqa: BLE001
+        result["checks"].append(dict(check="bank", ok=False, error=traceback.format_exc()[-2000:]))
+        log(traceback.format_exc())
+    save()
+
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    ada = adasplash_method()
+    log("\n## timing (bf16; ms = median; peak = GiB above the inputs)")
+    for si, shape in enumerate(shapes):
+        for causal in (False, True):
+            try:
+                result["checks"].append(check_none_vs_sdpa(device, shape, causal, log))
+            except Exception:  # noqa: BLE001
+                result["checks"].append(dict(check="none_vs_sdpa", shape=list(shape), ok=False,
+                                             error=traceback.format_exc()[-2000:]))
+                log(traceback.format_exc())
+            q, k, v = (fresh(shape, torch.bfloat16, device, s, requires_grad=True) for s in (1, 2, 3))
+            methods = [("sdpa", sdpa), ("fused_sigmoidal", fused("sigmoidal")), ("fused_poly", fused("poly")),
+                       ("fused_none", fused("none"))]
+            over = time.perf_counter() - t0 > args.budget
+            if not over:
+                methods.append(("naive_eager", naive_softstep))
+                if not args.no_compile and (si == 0 or args.compile_all):
+                    methods.append(("naive_compile", naive_compiled))
+                if ada is not None:
+                    methods.append(("adasplash_1.5", ada))
+            for backward in (False, True):
+                sd = None
+                for name, fn in methods:
+                    rec = bench_case(name, fn, q, k, v, causal, backward, args)
+                    rec["shape"] = list(shape)
+                    if name == "sdpa":
+                        sd = rec
+                    if sd and "ms" in rec and "ms" in sd:
+                        rec["ratio_sdpa"] = rec["ms"] / sd["ms"]
+                        rec["mem_ratio_sdpa"] = rec["peak_gib"] / max(sd["peak_gib"], 1e-9)
+                    if name.startswith("fused") and "ms" in rec and not backward:
+                        spec = make_spec("dot", None, name.split("_", 1)[1], 1.0, causal, False, False)
+                        prm = resolve_params(A, B_, T, batch=torch.Size(shape[:2]), n=shape[2],
+                                             dtype=torch.float32, device=device)
+                        with torch.no_grad():
+                            *_, frac = triton_warp_attend(q, k, v, *prm, None, spec, return_skipped=True)
+                        rec["skipped"] = float(frac)
+                    result["timings"].append(rec)
+                    log(_fmt(rec))
+                    save()
+            del q, k, v
+            torch.cuda.empty_cache()
+
+    # Stretch goal: clustered inputs where most key blocks are skipped.
+    log("\n## block skipping (clustered inputs, step sigmoidal a=0.6, b=0.9)")
+    for shape in shapes[:2]:
+        q, k, v = clustered(shape, device, 7, clusters=CLUSTERS)
+        for x in (q, k, v):
+            x.requires_grad_()
+        spec = make_spec("dot", None, "sigmoidal", 1.0, False, False, False)
+        prm = resolve_params(0.6, 0.9, 0.5, batch=torch.Size(shape[:2]), n=shape[2], dtype=torch.float32, device=device)
+        with torch.no_grad():
+            *_, frac = triton_warp_attend(q, k, v, *prm, None, spec, return_skipped=True)
+
+        def sparse_fused(q, k, v, causal):
+            return simwarp.warp_attend(q, k, v, step="sigmoidal", a=0.6, b=0.9, t=0.5, causal=causal, impl="triton")
+
+        for backward in (False, True):
+            sd = bench_case("sdpa", sdpa, q, k, v, False, backward, args)
+            rec = bench_case("fused_sigmoidal_clustered", sparse_fused, q, k, v, False, backward, args)
+            for r in (sd, rec):
+                r["shape"] = list(shape)
+                r["input"] = "clustered"
+            if "ms" in rec and "ms" in sd:
+                rec["ratio_sdpa"] = rec["ms"] / sd["ms"]
+                rec["mem_ratio_sdpa"] = rec["peak_gib"] / max(sd["peak_gib"], 1e-9)
+            rec["skipped"] = float(frac)
+            result["timings"] += [sd, rec]
+            log(_fmt(sd))
+            log(_fmt(rec))
+            save()
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    _table(result["timings"], log)
+    bad = [c for c in result["checks"] if not c.get("ok")]
+    log(f"\nchecks: {len(result['checks']) - len(bad)} ok, {len(bad)} failed; {time.perf_counter() - t0:.0f} s; JSON: {out_path}")
+    save()
+    return 0 if not bad else 2
+
+
+def _fmt(rec) -> str:
+    shape = "·".join(map(str, rec.get("shape", [])))
+    mode = "fwd+bwd" if rec["backward"] else "fwd"
+    if "error" in rec:
+        return f"  {shape:16s} causal={int(rec['causal'])} {mode:7s} {rec['method']:26s} {rec['error']}"
+    extra = f"  x{rec['ratio_sdpa']:.2f} SDPA, mem x{rec['mem_ratio_sdpa']:.2f}" if "ratio_sdpa" in rec else ""
+    skip = f", skipped {rec['skipped']:.0%}" if "skipped" in rec else ""
+    return (f"  {shape:16s} causal={int(rec['causal'])} {mode:7s} {rec['method']:26s} {rec['ms']:9.3f} ms "
+            f"{rec['peak_gib']:7.2f} GiB{extra}{skip}")
+
+
+def _table(timings, log) -> None:
+    methods = []
+    for r in timings:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    keys = []
+    for r in timings:
+        key = (tuple(r["shape"]), r["causal"], r["backward"], r.get("input", "random"))
+        if key not in keys:
+            keys.append(key)
+    log("\n## time ratio to SDPA (same run, same card); 'oom' = out of memory, '-' = not run")
+    log("| shape | causal | mode | SDPA ms | " + " | ".join(m for m in methods if m != "sdpa") + " |")
+    log("|---|---|---|---|" + "---|" * (len(methods) - 1))
+    for key in keys:
+        cells = {r["method"]: r for r in timings
+                 if (tuple(r["shape"]), r["causal"], r["backward"], r.get("input", "random")) == key}
+        sd = cells.get("sdpa", {})
+        row = [
+            "·".join(map(str, key[0])) + ("" if key[3] == "random" else f" ({key[3]})"), str(int(key[1])),
+            "fwd+bwd" if key[2] else "fwd",
+            f"{sd['ms']:.3f}" if "ms" in sd else "-",
+        ]
+        for m in methods:
+            if m == "sdpa":
+                continue
+            r = cells.get(m)
+            if r is None:
+                row.append("-")
+            elif "error" in r:
+                row.append("oom" if "memory" in r["error"] else "err")
+            else:
+                row.append(f"{r['ratio_sdpa']:.2f}x" if "ratio_sdpa" in r else f"{r['ms']:.2f}ms")
+        log("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
