@@ -286,18 +286,19 @@ def _attend(
         causal=bool(is_causal),
     )
     weights = None
-    if dropout_p > 0.0 or want_weights:
-        # The backend has no dropout: for this case (training with dropout_p > 0, or when the
-        # caller asks for the weights) the weights are materialised by the backend
-        # (warp_weights, dense (..., L, S)), dropped out, and applied to the values. Memory
-        # grows as L · S here.
+    if want_weights:
+        # The caller asked for the weights (need_weights / output_attentions): the backend
+        # materialises them (warp_weights, dense (..., L, S)); dropout (training only) is then
+        # applied to that matrix before it meets the values. Memory grows as L · S here.
         w, stats = warp_weights(q, k, return_stats=True, **common)
         weights = w
         if dropout_p > 0.0:
             w = F.dropout(w, p=float(dropout_p), training=True)
         out = (w @ v.to(w.dtype)).to(query.dtype)
     else:
-        out, stats = warp_attend(q, k, v, impl=impl, chunk_size=chunk_size, return_stats=True, **common)
+        out, stats = warp_attend(
+            q, k, v, impl=impl, chunk_size=chunk_size, return_stats=True, dropout_p=float(dropout_p), **common
+        )
     if groups > 1:
         out = rearrange(out, "... h g l e -> ... (h g) l e")
         if weights is not None:
