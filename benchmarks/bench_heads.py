@@ -1,0 +1,135 @@
+"""Benchmark of the paper's claim: a SoftStep neighbour head beats a linear head when the same
+encoder is trained end to end (packaged real data, no downloads).
+
+Heads (same encoder, same budget, same splits, early stopping on a validation split):
+``linear``, ``nona`` (neighbour attention without warping, ``step="none"``), ``softstep-global``,
+``softstep-instance``, and ``knn`` (hard top-k on the embeddings learned by the
+``softstep-instance`` run of the same seed).
+
+Reports mean ± sd of test RMSE over seeds, the RMSE ratio to the linear head, and the paired
+win rate (share of seeds where a head's test RMSE is below the linear head's).
+
+    python benchmarks/bench_heads.py                # default: 2 seeds, short budget (< 10 min, 2 cores)
+    python benchmarks/bench_heads.py --full         # 5 seeds, full budget
+    python benchmarks/bench_heads.py --datasets diabetes digits --seeds 3
+
+JSON goes to ``benchmarks/out/bench_heads.json`` (or ``--out``), rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from simwarp.datasets import load_dataset  # noqa: E402
+from simwarp.demo import TrainConfig, knn_on_embeddings, split_indices, train_and_evaluate  # noqa: E402
+
+REAL = ("diabetes", "boston", "diamonds", "digits", "tweets")
+SYNTH = ("periodic", "hetero")
+TRAINED_HEADS = ("linear", "nona", "softstep-global", "softstep-instance")
+ALL_HEADS = (*TRAINED_HEADS, "knn")
+SIZES = {"diamonds": 3000, "tweets": 2000}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    rows = []
+    for ds in dict.fromkeys(r["dataset"] for r in runs):
+        lin = {r["seed"]: r["rmse"] for r in runs if r["dataset"] == ds and r["head"] == "linear"}
+        for head in ALL_HEADS:
+            rs = [r for r in runs if r["dataset"] == ds and r["head"] == head]
+            if not rs:
+                continue
+            rmse = np.array([r["rmse"] for r in rs])
+            paired = [(r["rmse"], lin[r["seed"]]) for r in rs if r["seed"] in lin]
+            wins = sum(a < b for a, b in paired)
+            ratio = np.mean([a / b for a, b in paired]) if paired else float("nan")
+            rows.append({
+                "dataset": ds, "head": head, "n": len(rs),
+                "rmse_mean": float(rmse.mean()), "rmse_sd": float(rmse.std(ddof=1)) if len(rs) > 1 else 0.0,
+                "r2_mean": float(np.mean([r["r2"] for r in rs])),
+                "ratio_vs_linear": float(ratio), "wins_vs_linear": f"{wins}/{len(paired)}",
+                "kept_fraction": float(np.nanmean([r["kept_fraction"] for r in rs])) if head != "linear" else float("nan"),
+                "seconds": float(np.mean([r.get("seconds", 0.0) for r in rs])),
+            })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| data set | head | test RMSE (mean ± sd) | R² | RMSE / linear | wins vs linear | kept fraction |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kept = "–" if np.isnan(r["kept_fraction"]) else f"{r['kept_fraction']:.2f}"
+        lines.append(f"| {r['dataset']} | {r['head']} | {r['rmse_mean']:.4g} ± {r['rmse_sd']:.2g} | {r['r2_mean']:.3f} | "
+                     f"{r['ratio_vs_linear']:.3f} | {r['wins_vs_linear']} | {kept} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="5 seeds and the full training budget")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2, --full 5)")
+    p.add_argument("--datasets", nargs="+", default=None, help=f"subset of {REAL + SYNTH} (default: the 5 real sets)")
+    p.add_argument("--synthetic", action="store_true", help="also run the synthetic manifolds")
+    p.add_argument("--epochs", type=int, default=None, help="max epochs (default 30, --full 120)")
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 8, --full 15)")
+    p.add_argument("--max-train", type=int, default=None, help="cap on training rows (default 800, --full none)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_heads.json"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    seeds = args.seeds or (5 if args.full else 2)
+    datasets = tuple(args.datasets) if args.datasets else REAL + (SYNTH if args.synthetic else ())
+    cfg = TrainConfig(epochs=120, patience=15) if args.full else TrainConfig(epochs=30, patience=8, max_train=800)
+    if args.epochs:
+        cfg.epochs = args.epochs
+    if args.patience:
+        cfg.patience = args.patience
+    if args.max_train:
+        cfg.max_train = args.max_train
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "threads": args.threads,
+            "torch": torch.__version__, "seeds": seeds, "full": args.full, "config": cfg.__dict__,
+            "command": " ".join(["python", "benchmarks/bench_heads.py", *(argv if argv is not None else sys.argv[1:])])}
+    runs: list[dict] = []
+    t0 = time.perf_counter()
+    for ds in datasets:
+        data = load_dataset(ds, n=SIZES.get(ds), seed=0)
+        print(f"== {ds}: {data.description} ({len(data)} rows, {data.X.shape[1]} features)", flush=True)
+        for seed in range(seeds):
+            splits = split_indices(len(data), seed)
+            for head in TRAINED_HEADS:
+                r = train_and_evaluate(data, head, cfg, seed=seed, progress=False, splits=splits)
+                keep = {k: r[k] for k in ("dataset", "head", "seed", "rmse", "r2", "val_rmse", "epochs",
+                                          "best_epoch", "seconds", "kept_fraction")}
+                runs.append(keep)
+                print(f"   seed {seed} {head:<18s} test RMSE {r['rmse']:.4g}  R² {r['r2']:.3f}  "
+                      f"kept {r['kept_fraction']:.2f}  epochs {r['epochs']}  {r['seconds']:.1f}s", flush=True)
+                if head == "softstep-instance":
+                    k = knn_on_embeddings(r, k=10)
+                    runs.append({key: k[key] for key in ("dataset", "head", "seed", "rmse", "r2", "kept_fraction")})
+                    print(f"   seed {seed} {'knn (k=10)':<18s} test RMSE {k['rmse']:.4g}  R² {k['r2']:.3f}", flush=True)
+            rows = summarise(runs)
+            out.write_text(json.dumps({"meta": meta, "runs": runs, "summary": rows,
+                                       "elapsed_s": time.perf_counter() - t0}, indent=2))
+    rows = summarise(runs)
+    print()
+    print(markdown(rows))
+    print(f"\nelapsed {time.perf_counter() - t0:.0f} s; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
