@@ -45,6 +45,10 @@ SPEED_CASES = ("pml_nca", "softstep_nca", "softstep_nca_none", "pml_ntxent", "so
                "softstep_contrastive_none")
 
 
+def _cases(arg: str | None) -> tuple[str, ...]:
+    return SPEED_CASES if not arg else tuple(arg.split(","))
+
+
 # ---------------------------------------------------------------------------------------
 # Speed and memory (one subprocess per case)
 # ---------------------------------------------------------------------------------------
@@ -91,7 +95,7 @@ def _child(case: str, n: int, d: int, reps: int, threads: int) -> None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps({
         "case": case, "n": n, "d": d, "loss": float(value.detach()),
-        "time_s": statistics.median(times[1:]), "warmup_s": times[0],
+        "time_s": statistics.median(times[1:]) if reps > 0 else times[0], "warmup_s": times[0], "reps": reps,
         "peak_mib": max(0, peak - rss0) / 2**20,
     }))
 
@@ -103,10 +107,10 @@ def _ntxent_estimate_gib(n: int) -> float:
     return pos * neg * 13 / 2**30
 
 
-def run_speed(sizes, d: int, reps: int, threads: int, mem_cap_gib: float, timeout: int) -> list[dict]:
+def run_speed(sizes, d: int, reps: int, threads: int, mem_cap_gib: float, timeout: int, cases=SPEED_CASES) -> list[dict]:
     rows = []
     for n in sizes:
-        for case in SPEED_CASES:
+        for case in cases:
             if case == "pml_ntxent" and _ntxent_estimate_gib(n) > mem_cap_gib:
                 rows.append({"case": case, "n": n, "d": d, "skipped": f"needs ~{_ntxent_estimate_gib(n):.0f} GiB"})
                 print(f"  n={n:6d} {case:26s} skipped (PML would need ~{_ntxent_estimate_gib(n):.0f} GiB)", flush=True)
@@ -267,8 +271,9 @@ def main(argv=None) -> None:
     ap.add_argument("--full", action="store_true", help="speed: add batch 16384")
     ap.add_argument("--sizes", type=int, nargs="*", default=None, help="speed: batch sizes (overrides --full)")
     ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="speed: timed calls after the warm-up (0: time the warm-up)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cases", default=None, help="speed: comma-separated subset of " + ",".join(SPEED_CASES))
     ap.add_argument("--mem-cap-gib", type=float, default=8.0)
     ap.add_argument("--timeout", type=int, default=900, help="speed: seconds per case")
     ap.add_argument("--seeds", type=int, default=5)
@@ -286,7 +291,7 @@ def main(argv=None) -> None:
     if args.part in ("speed", "all"):
         sizes = args.sizes or ([256, 1024, 4096, 16384] if args.full else [256, 1024, 4096])
         print(f"speed: batch {sizes}, d={args.d}, 4 per class, median of {args.reps} after a warm-up", flush=True)
-        rows = run_speed(sizes, args.d, args.reps, args.threads, args.mem_cap_gib, args.timeout)
+        rows = run_speed(sizes, args.d, args.reps, args.threads, args.mem_cap_gib, args.timeout, _cases(args.cases))
         result["speed"] = rows
         print(speed_table(rows))
     if args.part in ("quality", "all"):
