@@ -5,7 +5,8 @@ Two parts, both measured against their PML baselines in the same run:
 * ``speed``: loss forward+backward time and peak memory at batch sizes 1024 and 4096
   (``--full`` adds 16384), d = 128, 4 samples per class, on CPU. Every case runs in a fresh
   subprocess; peak memory = the child's peak RSS (``ru_maxrss``) minus its RSS just before
-  the first loss call, so it counts everything the loss allocates (forward graph, backward,
+  the first loss call (after a small warm-up batch that pages in the code), so it counts
+  everything the loss allocates (forward graph, backward,
   allocator slack) and nothing from the interpreter or the inputs. Time = median of ``--reps``
   forward+backward calls after one warm-up call. PML's NTXentLoss builds a
   (positive pairs × negative pairs) matrix; cases whose estimated size exceeds ``--mem-cap-gib``
@@ -82,6 +83,11 @@ def _child(case: str, n: int, d: int, reps: int, threads: int) -> None:
     x = torch.randn(n, d, generator=gen)
     y = torch.randperm(n, generator=gen) // 4
     loss_fn = _make_loss(case)
+    # Page in the code paths (libtorch kernels, lazy imports) on a small batch first, so that
+    # the peak below counts the loss's allocations, not code loading.
+    small = torch.randn(64, d, generator=gen, requires_grad=True)
+    loss_fn(small, torch.arange(64) // 4).backward()
+    del small
     emb = x.clone().requires_grad_()
     rss0 = _rss_bytes()
     times = []
