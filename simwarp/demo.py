@@ -240,7 +240,7 @@ def _table(rows: list[dict[str, Any]], console_print) -> None:
         from rich.table import Table
     except ImportError:
         Console = None
-    headers = ["dataset", "head", "test RMSE", "R²", "kept fraction", "epochs", "seconds"]
+    headers = ["dataset", "head", "test RMSE", "R²", "kept fraction", "epochs", "seconds"]  # kept: share of neighbours with weight > 0
     cells = [
         [r["dataset"], r["head"], f"{r['rmse']:.4g}", f"{r['r2']:.3f}",
          "-" if np.isnan(r["kept_fraction"]) else f"{r['kept_fraction']:.2f}", str(r["epochs"]), f"{r['seconds']:.1f}"]
@@ -252,7 +252,8 @@ def _table(rows: list[dict[str, Any]], console_print) -> None:
             table.add_column(h, justify="left" if h in ("dataset", "head") else "right", no_wrap=True)
         for c in cells:
             table.add_row(*c)
-        Console().print(table)
+        console = Console()
+        Console(width=max(console.width, 110)).print(table)
     else:
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
         console_print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
