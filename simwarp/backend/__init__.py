@@ -157,7 +157,7 @@ def warp_attend(
     if n == 0 or m == 0:
         out = q.new_zeros((*batch, n, v.shape[-1])) + 0.0 * v.sum()  # keeps autograd connected
         return (out, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else out
-    chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device)
+    chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device, spec=spec, tensors=(q, k, v))
     if chosen == "triton" and dropout_p > 0:  # the fused kernels have no dropout
         if impl == "triton":
             raise ValueError("impl='triton' does not support dropout_p > 0; use impl='auto' or 'chunked'")
