@@ -46,7 +46,6 @@ __all__ = [
 #: scores materialised at once by :meth:`explain` and the kNN head (queries × bank entries).
 EXPLAIN_BUDGET = 1 << 22
 _HEAD_MODES = ("global", "instance")
-_PARAM_EPS = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}
 
 
 def _shape(x: Any) -> tuple:
@@ -222,16 +221,7 @@ class _WarpHeadBase(_BankMixin):
     def _step_kwargs(self, z: torch.Tensor) -> dict:
         if self.softstep is None:
             return {"step": "none"}
-        a, b, t = self.softstep(z if self.mode == "instance" else None)
-        a, b, t = (p.to(z.dtype) for p in (a, b, t))  # follow the inputs' dtype (e.g. float64 tests)
-        # SoftStep's sigmoids can saturate in float32 (a → 0, b → a, t → 0 or 1) when the
-        # instance network's inputs grow large during training; keep the parameters strictly
-        # inside the backend's valid ranges (gradients pass wherever no bound is active).
-        eps = _PARAM_EPS[z.dtype] if z.dtype in _PARAM_EPS else 1e-6
-        a = a.clamp(eps, 1.0 - 4 * eps)
-        b = torch.minimum(torch.maximum(b, a + 2 * eps), torch.ones_like(b))
-        t = t.clamp(eps, 1.0 - eps)
-        return {"step": self.softstep.step, "a": a, "b": b, "t": t}
+        return self.softstep.kwargs(z if self.mode == "instance" else None)
 
     def _attend(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> tuple[torch.Tensor, Any]:
         out, stats = warp_attend(

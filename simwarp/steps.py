@@ -158,21 +158,42 @@ register_step("none", none_log_mask)
 MODES = ("global", "per_head", "instance")
 
 
+PARAM_MARGIN: float = 1e-3
+"""Keeps learned parameters away from their bounds, so saturated sigmoids still give
+``0 < a < b <= 1`` and ``0 < t < 1`` in float32 (and float16) arithmetic."""
+
+
 def params_from_raw(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Map unconstrained ``raw[..., 0:3]`` to ``(a, b, t)`` with ``0 < a < b ≤ 1``, ``0 < t < 1``:
-    ``a = σ(raw₀)``, ``b = a + σ(raw₁)(1 - a)``, ``t = σ(raw₂)``."""
-    a = torch.sigmoid(raw[..., 0])
-    b = a + torch.sigmoid(raw[..., 1]) * (1 - a)
-    t = torch.sigmoid(raw[..., 2])
+    """Map unconstrained ``raw[..., 0:3]`` to ``(a, b, t)`` with ``0 < a < b ≤ 1``, ``0 < t < 1``.
+
+    With ``ε = PARAM_MARGIN``: ``a = ε + (1 - 2ε) σ(raw₀)``, ``b = a + (ε + (1 - ε) σ(raw₁)) (1 - a)``,
+    ``t = ε + (1 - 2ε) σ(raw₂)``; so ``a ∈ [ε, 1-ε]``, ``b - a ≥ ε²`` and ``t ∈ [ε, 1-ε]`` even
+    when a sigmoid saturates to exactly 0 or 1.
+    """
+    eps = PARAM_MARGIN
+    if raw.dtype in (torch.float16, torch.bfloat16):  # too coarse near 1 to keep b > a
+        raw = raw.float()
+    a = eps + (1 - 2 * eps) * torch.sigmoid(raw[..., 0])
+    b = a + (eps + (1 - eps) * torch.sigmoid(raw[..., 1])) * (1 - a)
+    t = eps + (1 - 2 * eps) * torch.sigmoid(raw[..., 2])
     return a, b, t
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
 
 
 def raw_from_params(a: float, b: float, t: float) -> torch.Tensor:
     """Inverse of :func:`params_from_raw` for scalars (used for initialisation)."""
-    if not (0.0 < a < b <= 1.0 and 0.0 < t < 1.0):
-        raise ValueError(f"init must satisfy 0 < a < b <= 1 and 0 < t < 1, got a={a}, b={b}, t={t}")
-    frac = min((b - a) / (1 - a), 1 - 1e-6)
-    return torch.tensor([math.log(a / (1 - a)), math.log(frac / (1 - frac)), math.log(t / (1 - t))])
+    eps = PARAM_MARGIN
+    if not (eps < a < 1 - eps and a < b <= 1.0 and eps < t < 1 - eps):
+        raise ValueError(
+            f"init must satisfy {eps} < a < b <= 1, a < {1 - eps} and {eps} < t < {1 - eps}, got a={a}, b={b}, t={t}"
+        )
+    width = min(max(((b - a) / (1 - a) - eps) / (1 - eps), 1e-6), 1 - 1e-6)
+    return torch.tensor(
+        [_logit((a - eps) / (1 - 2 * eps)), _logit(width), _logit((t - eps) / (1 - 2 * eps))]
+    )
 
 
 class SoftStep(nn.Module):

@@ -148,10 +148,14 @@ def test_user_step_runs_on_dense_and_chunked():
 # ----------------------------------------------------------------------------- SoftStep
 
 
-def test_params_from_raw_constraints_hold_for_extreme_raw():
-    raw = torch.tensor([[-30.0, -30.0, -30.0], [30.0, 30.0, 30.0], [0.0, 0.0, 0.0]], dtype=f64)
-    a, b, t = params_from_raw(raw)
+@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.float16, torch.bfloat16])
+def test_params_from_raw_constraints_hold_for_saturated_sigmoids(dtype):
+    raw = torch.tensor([[-1e4, -1e4, -1e4], [1e4, 1e4, 1e4], [1e4, -1e4, 0.0], [-1e4, 1e4, 1e4], [0.0, 0.0, 0.0]])
+    a, b, t = params_from_raw(raw.to(dtype))
     assert ((0 < a) & (a < b) & (b <= 1) & (0 < t) & (t < 1)).all()
+    q, k, v = torch.randn(5, 4, 3), torch.randn(5, 6, 3), torch.randn(5, 6, 2)
+    out = simwarp.warp_attend(q, k, v, a=a.float()[:, None], b=b.float()[:, None], t=t.float()[:, None])
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("init", [(0.1, 0.9, 0.5), (0.3, 0.4, 0.1)])
