@@ -22,8 +22,10 @@ from torch.autograd.function import once_differentiable
 from simwarp.backend.common import WarpSpec, key_validity, warp_logits, work_dtype
 from simwarp.similarity import paired_similarity, pairwise_similarity
 
-#: Target number of score entries per block (rows × keys), about 16 MB in float32.
-BLOCK_ELEMENTS = 1 << 22
+#: Target number of score entries per block (rows × keys): 4 MB per float32 temporary. The
+#: step math keeps a few dozen block-sized temporaries alive at peak (more in backward);
+#: larger blocks were not faster on CPU.
+BLOCK_ELEMENTS = 1 << 20
 
 
 def default_chunk_size(rows: int, m: int) -> int:
