@@ -52,28 +52,25 @@ class Step:
         return self.log_mask(u, *(torch.as_tensor(p, dtype=u.dtype, device=u.device) for p in (a, b, t))).exp()
 
 
-def _neg_inf(x: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(x, -math.inf)
+def _select(phi_band: torch.Tensor, dropped: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+    """``φ`` from its in-band expression: ``-inf`` where dropped, ``0`` above the band."""
+    return phi_band.masked_fill(above, 0.0).masked_fill(dropped, -math.inf)
 
 
 def sigmoidal_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The paper's sigmoidal step, in log space: ``φ = -softplus((log(b-u) - log(u-a)) / t)``."""
     below, above = u <= a, u >= b
     inside = ~(below | above)
-    mid = (a + b) * 0.5
-    u_in = torch.where(inside, u, mid)
-    z = (torch.log(b - u_in) - torch.log(u_in - a)) / t
-    phi = -F.softplus(z)
-    return torch.where(inside, phi, torch.where(above, torch.zeros_like(phi), _neg_inf(phi)))
+    u_in = torch.where(inside, u, (a + b) * 0.5)  # in-band stand-ins keep the logs finite
+    z = torch.log((b - u_in) / (u_in - a)) / t
+    return _select(-F.softplus(z), below, above)
 
 
 def log_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The soft log step: ``φ = t/(1-t) · (b-u) · log(u/b)`` on ``0 < u < b`` (``a`` unused)."""
     dropped, above = u <= 0, u >= b
-    inside = ~(dropped | above)
-    u_in = torch.where(inside, u, b * 0.5)
-    phi = t / (1 - t) * (b - u_in) * torch.log(u_in / b)
-    return torch.where(inside, phi, torch.where(above, torch.zeros_like(phi), _neg_inf(phi)))
+    u_in = torch.where(dropped | above, b * 0.5, u)
+    return _select(t / (1 - t) * (b - u_in) * torch.log(u_in / b), dropped, above)
 
 
 def poly_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -95,10 +92,8 @@ def poly_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Te
     """
     y = (u - (a + b) * 0.5) / (t * (b - a)) + 0.5
     dropped, above = y <= 0, y >= 1
-    inside = ~(dropped | above)
-    y_in = torch.where(inside, y, 0.5)
-    phi = torch.log(y_in * y_in * (3 - 2 * y_in))
-    return torch.where(inside, phi, torch.where(above, torch.zeros_like(phi), _neg_inf(phi)))
+    y_in = torch.where(dropped | above, 0.5, y)
+    return _select(torch.log(y_in * y_in * (3 - 2 * y_in)), dropped, above)
 
 
 def none_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

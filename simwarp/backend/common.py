@@ -89,7 +89,7 @@ def normalized_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tor
     """``u = (s - lo) / (hi - lo)`` with ``lo``, ``hi`` of shape ``(..., n, 1)``; ``u = 1`` on flat rows."""
     r = hi - lo
     flat = r <= 0
-    return torch.where(flat, torch.ones_like(s), (s - lo) / torch.where(flat, torch.ones_like(r), r))
+    return ((s - lo) / r.masked_fill(flat, 1.0)).masked_fill(flat, 1.0)
 
 
 def warp_logits(
