@@ -1,0 +1,533 @@
+"""simwarp on ``torch.distributed``: neighbours across ranks and sharded neighbour banks.
+
+Two building blocks, both on plain ``torch.distributed`` collectives (``gloo`` on CPU, ``nccl``
+on GPUs; tensors stay on the inputs' device):
+
+* **In-batch neighbours across ranks** (training): :func:`gathered_warp_attend` attends each
+  rank's *local* queries over the *global* batch (all ranks' rows concatenated in rank order),
+  leave-one-out by global index. The gather is differentiable and *exact*: its backward sums
+  the gradients of every rank's output with respect to the gathered rows (an all-reduce) and
+  hands each rank the slice of its own rows, so the gradient of the local embeddings equals the
+  single-process gradient of the *sum* of all ranks' losses (``torch.distributed.nn``'s
+  ``all_gather`` semantics; PML's ``DistributedLossWrapper(efficient=True)`` drops the other
+  ranks' terms). Ranks may hold different batch sizes.
+* **Sharded banks** (inference): :func:`sharded_warp_attend` runs the backend's two streaming
+  passes with each rank holding one shard of the bank: pass 1 all-reduces each row's min/max
+  similarity, pass 2 streams the shard with the *global* range (online softmax per shard), then
+  all-reduces the row maxima and the rescaled sums and weighted sums. The result equals the
+  single-process prediction over the concatenated bank up to float rounding; no rank ever
+  holds more than its shard and ``O(rows · chunk)`` scores. :func:`sharded_explain` merges the
+  per-shard top-k weights.
+
+All row math comes from the backend's shared pieces (:func:`simwarp.pairwise_similarity`,
+:func:`simwarp.backend.common.warp_logits`, ``resolve_params``, ``make_spec``), so every metric
+with streaming support and every registered step behaves as in :func:`simwarp.warp_attend`.
+
+Every function here is a *collective*: all ranks of the group must call it, in the same order,
+with the same non-tensor arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from simwarp.backend import WarpStats, warp_attend
+from simwarp.backend.chunked import default_chunk_size
+from simwarp.backend.common import check_inputs, make_spec, resolve_params, warp_logits, work_dtype
+from simwarp.similarity import STREAMING_METRICS, pairwise_similarity
+
+__all__ = [
+    "Gathered",
+    "resolve_group",
+    "gather_rows",
+    "global_size",
+    "global_moments",
+    "leave_one_out_mask",
+    "gathered_warp_attend",
+    "sharded_warp_attend",
+    "sharded_explain",
+]
+
+GroupArg = Any  # bool | torch.distributed.ProcessGroup | None
+
+
+class Gathered(NamedTuple):
+    """Rows of all ranks concatenated in rank order.
+
+    Attributes:
+        rows: ``(N, ...)`` with ``N = sum(sizes)``; differentiable with respect to the local
+            input when it required grad.
+        offset: index of this rank's first row in ``rows``.
+        sizes: number of rows of every rank.
+    """
+
+    rows: torch.Tensor
+    offset: int
+    sizes: list[int]
+
+
+# ---------------------------------------------------------------------------------------
+# Process groups and raw collectives
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_group(gather: GroupArg) -> tuple[bool, Any]:
+    """Interpret a front end's ``gather=`` argument.
+
+    Args:
+        gather: ``False``/``None`` (off), ``True`` (the default process group) or a
+            ``torch.distributed.ProcessGroup``.
+
+    Returns:
+        ``(enabled, group)``; ``group`` is ``None`` for the default group.
+
+    Raises:
+        TypeError: for any other value. RuntimeError: when enabled but ``torch.distributed``
+        is not initialised.
+    """
+    if gather is None or gather is False:
+        return False, None
+    if gather is True:
+        group = None
+    elif dist.is_available() and isinstance(gather, dist.ProcessGroup):
+        group = gather
+    else:
+        raise TypeError(f"gather must be a bool or a torch.distributed.ProcessGroup, got {type(gather).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "gather is enabled but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group(...) first (torchrun sets up the environment)"
+        )
+    return True, group
+
+
+def _require_initialised() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
+
+
+def _all_gather_sizes(n: int, group, device: torch.device) -> list[int]:
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [int(x) for x in out]
+
+
+def _all_gather_padded(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (first dim ``sizes[r]``) through a padded all_gather."""
+    is_bool = x.dtype == torch.bool
+    if is_bool:  # not every backend gathers bool
+        x = x.to(torch.uint8)
+    width = max(sizes)
+    if x.shape[0] < width:
+        x = torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
+    x = x.contiguous()
+    bufs = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(bufs, x, group=group)
+    out = torch.cat([buf[:s] for buf, s in zip(bufs, sizes)])
+    return out.bool() if is_bool else out
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient and returns the own slice."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, offset, group):
+        ctx.sizes, ctx.offset, ctx.group, ctx.n = sizes, offset, group, x.shape[0]
+        return _all_gather_padded(x.detach(), sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.offset : ctx.offset + ctx.n], None, None, None
+
+
+def gather_rows(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> Gathered:
+    """All ranks' ``x (n_r, ...)`` concatenated in rank order, differentiable.
+
+    Ranks may have different ``n_r`` (the sizes are gathered first unless given). When ``x``
+    requires grad, the backward pass is a collective (every rank must run backward through
+    the result): it all-reduces the gradient of the gathered rows and returns this rank's
+    slice, so the local gradient includes every rank's use of these rows.
+
+    Args:
+        x: ``(n, ...)`` local rows (any dtype; only floating tensors carry gradients).
+        group: process group (``None`` = default).
+        sizes: every rank's ``n`` if already known (skips one collective).
+
+    Returns:
+        :class:`Gathered` ``(rows (N, ...), offset, sizes)``.
+    """
+    _require_initialised()
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor with at least one dim (rows first), got {getattr(x, 'shape', type(x))}")
+    if sizes is None:
+        sizes = _all_gather_sizes(x.shape[0], group, x.device)
+    rank = dist.get_rank(group)
+    if len(sizes) != dist.get_world_size(group) or sizes[rank] != x.shape[0]:
+        raise ValueError(f"sizes {sizes} do not match the group ({dist.get_world_size(group)} ranks) and x {tuple(x.shape)}")
+    offset = sum(sizes[:rank])
+    if x.requires_grad and torch.is_grad_enabled():
+        rows = _GatherRows.apply(x, sizes, offset, group)
+    else:
+        rows = _all_gather_padded(x.detach(), sizes, group)
+    return Gathered(rows, offset, sizes)
+
+
+def global_size(n: int, group=None, device: torch.device | str = "cpu") -> int:
+    """Sum of ``n`` over the ranks (e.g. the global batch or bank size). ``device`` must suit
+    the backend (CUDA for ``nccl``)."""
+    _require_initialised()
+    return sum(_all_gather_sizes(int(n), group, torch.device(device)))
+
+
+@torch.no_grad()
+def global_moments(y: torch.Tensor, group=None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Exact count, mean and sum of squared deviations (``M2``) of the rows of all ranks' ``y``.
+
+    Per-rank moments are all-gathered and merged in rank order with Chan et al.'s parallel
+    formula, so every rank gets bit-identical results without gathering ``y``.
+
+    Args:
+        y: ``(n, e)`` local rows. Returns ``count``, ``mean (e,)``, ``m2 (e,)`` in float64.
+    """
+    _require_initialised()
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise ValueError(f"y must have shape (n, e), got {getattr(y, 'shape', type(y))}")
+    yd = y.to(torch.float64)
+    nb = yd.shape[0]
+    mean = yd.mean(0) if nb else yd.new_zeros(yd.shape[1])
+    m2 = ((yd - mean) ** 2).sum(0)
+    mine = torch.cat([yd.new_tensor([float(nb)]), mean, m2])
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    e = yd.shape[1]
+    count, mu, acc = 0, yd.new_zeros(e), yd.new_zeros(e)
+    for p in parts:
+        nb = int(p[0])
+        if nb == 0:
+            continue
+        n = count + nb
+        delta = p[1 : 1 + e] - mu
+        mu = mu + delta * (nb / n)
+        acc = acc + p[1 + e :] + delta**2 * (count * nb / n)
+        count = n
+    return count, mu, acc
+
+
+def leave_one_out_mask(n: int, offset: int, total: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(n, total)`` bool, True everywhere except at ``(i, offset + i)``: local query ``i``
+    may not attend to its own row of the global batch."""
+    if offset < 0 or offset + n > total:
+        raise ValueError(f"local rows [{offset}, {offset + n}) do not fit in a global batch of {total}")
+    mask = torch.ones((n, total), dtype=torch.bool, device=device)
+    idx = torch.arange(n, device=device)
+    mask[idx, idx + offset] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------
+# In-batch neighbours across ranks (training)
+# ---------------------------------------------------------------------------------------
+
+
+def gathered_warp_attend(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    exclude_self: bool = True,
+    metric: str = "dot",
+    scale: float | None = None,
+    step: str = "sigmoidal",
+    a: float | torch.Tensor | None = None,
+    b: float | torch.Tensor | None = None,
+    t: float | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    detach_range: bool = False,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    dropout_p: float = 0.0,
+    return_stats: bool = False,
+):
+    """:func:`simwarp.warp_attend` of the local rows over the global batch (all ranks' rows).
+
+    Keys are all ranks' ``q`` and values all ranks' ``v`` (concatenated in rank order, both
+    gathered with gradients, see :func:`gather_rows`); queries are the local ``q``. With
+    ``exclude_self`` (leave-one-out) local query ``i`` skips global key ``offset + i``.
+    The local output equals rows ``offset : offset + n`` of the single-process
+    ``warp_attend(Q, Q, V, exclude_self=True)`` on the concatenated batch, and the gradients
+    of the local ``q``, ``v`` (and ``a, b, t``) equal the single-process gradients of the sum of
+    all ranks' losses.
+
+    Args:
+        q: local rows ``(n, d)`` (queries and this rank's keys); ranks may differ in ``n``.
+        v: local values ``(n, e)`` (labels, one-hot classes, ...).
+        group: process group (``None`` = default).
+        exclude_self: leave-one-out by global index.
+        metric, scale, step, a, b, t, temperature, detach_range, impl, chunk_size, dropout_p:
+            as :func:`simwarp.warp_attend` (``a, b, t`` per local row: ``(n,)``).
+        return_stats: also return the local rows' :class:`~simwarp.WarpStats`.
+
+    Returns:
+        ``(n, e)`` (and stats). Collective, also in backward.
+    """
+    _require_initialised()
+    for name, x in (("q", q), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"{name} must have shape (n, features), got {getattr(x, 'shape', type(x))}")
+    if q.shape[0] != v.shape[0]:
+        raise ValueError(f"q (n, d) and v (n, e) must have the same rows, got {tuple(q.shape)} and {tuple(v.shape)}")
+    keys = gather_rows(q, group)
+    values = gather_rows(v, group, sizes=keys.sizes)
+    total = keys.rows.shape[0]
+    mask = leave_one_out_mask(q.shape[0], keys.offset, total, q.device) if exclude_self else None
+    return warp_attend(
+        q, keys.rows, values.rows, metric=metric, scale=scale, step=step, a=a, b=b, t=t, mask=mask,
+        temperature=temperature, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
+        dropout_p=dropout_p, return_stats=return_stats,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded banks (inference)
+# ---------------------------------------------------------------------------------------
+
+_QUERY_MODES = ("replicated", "local")
+
+
+def _check_bank_inputs(q, k, v, metric: str, queries: str) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"{name} must have shape (rows, features), got {getattr(x, 'shape', type(x))}")
+    check_inputs(q, k, v, None, False)
+    if metric not in STREAMING_METRICS:
+        raise ValueError(f"metric={metric!r} cannot stream over a sharded bank; use one of {STREAMING_METRICS}")
+    if queries not in _QUERY_MODES:
+        raise ValueError(f"queries must be one of {_QUERY_MODES}, got {queries!r}")
+
+
+class _Prepared(NamedTuple):
+    q: torch.Tensor  # (n, d) work dtype: all queries this rank scores (gathered if local)
+    a: torch.Tensor
+    b: torch.Tensor
+    t: torch.Tensor
+    rows: slice  # this rank's rows of the result
+    spec: Any
+    chunk: int
+
+
+def _prepare(q, k, v, a, b, t, *, group, queries, metric, scale, step, temperature, chunk_size) -> _Prepared:
+    _require_initialised()
+    _check_bank_inputs(q, k, v, metric, queries)
+    spec = make_spec(metric, scale, step, temperature, False, False, False)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    dtype = work_dtype(q.dtype)
+    n = q.shape[0]
+    a, b, t = resolve_params(a, b, t, batch=torch.Size(), n=n, dtype=dtype, device=q.device)
+    qw = q.detach().to(dtype)
+    rows = slice(0, n)
+    if queries == "local":
+        g = gather_rows(qw, group)
+        qw = g.rows
+        rows = slice(g.offset, g.offset + n)
+        # tensors with dims are per-row step parameters and travel with their queries;
+        # floats and 0-dim tensors are shared (every rank must use the same kind)
+        a, b, t = (
+            gather_rows(p.detach().expand(n, 1).contiguous(), group, sizes=g.sizes).rows if p.dim() > 0 else p.detach()
+            for p in (a, b, t)
+        )
+    else:
+        a, b, t = a.detach(), b.detach(), t.detach()
+    chunk = default_chunk_size(qw.shape[0], max(k.shape[0], 1)) if chunk_size is None else chunk_size
+    return _Prepared(qw, a, b, t, rows, spec, chunk)
+
+
+def _blocks(m: int, chunk: int):
+    for start in range(0, m, chunk):
+        yield start, min(start + chunk, m)
+
+
+def _global_range(p: _Prepared, kw: torch.Tensor, group):
+    """Pass 1: every row's min/max similarity over all shards; ``lo, hi (n, 1)``, ``empty (n,)``."""
+    n = p.q.shape[0]
+    lo = torch.full((n,), math.inf, dtype=p.q.dtype, device=p.q.device)
+    neg_hi = torch.full_like(lo, math.inf)
+    for start, stop in _blocks(kw.shape[0], p.chunk):
+        s = pairwise_similarity(p.q, kw[start:stop], p.spec.metric, p.spec.scale)
+        lo = torch.minimum(lo, s.amin(-1))
+        neg_hi = torch.minimum(neg_hi, -s.amax(-1))
+    both = torch.cat([lo, neg_hi])  # an empty shard contributes +inf to both
+    dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
+    lo, hi = both[:n], -both[n:]
+    empty = torch.isinf(lo)
+    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    return lo.unsqueeze(-1), hi.unsqueeze(-1), empty
+
+
+def _shard_logits(p: _Prepared, kw: torch.Tensor, lo, hi, start: int, stop: int) -> torch.Tensor:
+    s = pairwise_similarity(p.q, kw[start:stop], p.spec.metric, p.spec.scale)
+    return warp_logits(s, lo, hi, None, p.a, p.b, p.t, p.spec)
+
+
+def _global_softmax(p: _Prepared, kw: torch.Tensor, vw: torch.Tensor | None, lo, hi, group):
+    """Pass 2: online softmax over the shard with the global range, then merged over ranks.
+
+    Returns ``out (n, e)`` (or None without values), ``lse (n,)``, ``kept (n,)``.
+    """
+    n = p.q.shape[0]
+    e = 0 if vw is None else vw.shape[1]
+    dtype, device = p.q.dtype, p.q.device
+    run_max = torch.full((n,), -math.inf, dtype=dtype, device=device)
+    denom = torch.zeros((n,), dtype=dtype, device=device)
+    acc = torch.zeros((n, e), dtype=dtype, device=device)
+    kept = torch.zeros((n,), dtype=dtype, device=device)
+    for start, stop in _blocks(kw.shape[0], p.chunk):
+        logits = _shard_logits(p, kw, lo, hi, start, stop)
+        new_max = torch.maximum(run_max, logits.amax(-1))
+        shift = new_max.masked_fill(torch.isinf(new_max), 0.0)
+        rescale = torch.exp(run_max - shift)
+        w = torch.exp(logits - shift.unsqueeze(-1))
+        denom = denom * rescale + w.sum(-1)
+        if e:
+            acc = acc * rescale.unsqueeze(-1) + w @ vw[start:stop]
+        kept += (logits > -math.inf).sum(-1)
+        run_max = new_max
+    gmax = run_max.clone()
+    dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+    shift = gmax.masked_fill(torch.isinf(gmax), 0.0)
+    factor = torch.exp(run_max - shift)  # 0 where this shard kept nothing for the row
+    packed = torch.cat([(denom * factor).unsqueeze(-1), kept.unsqueeze(-1), acc * factor.unsqueeze(-1)], dim=1)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    denom, kept, acc = packed[:, 0], packed[:, 1], packed[:, 2:]
+    nonempty = denom > 0
+    safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    lse = torch.where(nonempty, shift + torch.log(safe), -math.inf)
+    out = torch.where(nonempty.unsqueeze(-1), acc / safe.unsqueeze(-1), 0.0) if e else None
+    return out, lse, kept
+
+
+@torch.no_grad()
+def sharded_warp_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    queries: str = "replicated",
+    metric: str = "dot",
+    scale: float | None = None,
+    step: str = "sigmoidal",
+    a: float | torch.Tensor | None = None,
+    b: float | torch.Tensor | None = None,
+    t: float | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    return_stats: bool = False,
+):
+    """:func:`simwarp.warp_attend` over a bank sharded across ranks (inference, no gradients).
+
+    The bank is the concatenation of every rank's ``k``/``v`` shard in rank order (shards may
+    differ in size, or be empty). The result equals ``warp_attend(q, K, V)`` on the
+    concatenated bank up to float rounding (the backend's two passes, with collective
+    reductions: an all-reduce MIN of ``[lo, -hi]``, an all-reduce MAX of the online-softmax
+    row maxima and one all-reduce SUM of ``[sum, kept, weighted sums]``). Memory per rank: the
+    shard plus ``O(rows · chunk)`` scores.
+
+    Args:
+        q: queries ``(n, d)``. With ``queries="replicated"`` every rank passes the same ``q``
+            and gets the full result; with ``"local"`` every rank passes its own queries (sizes
+            may differ; they are gathered, without gradients) and gets its own rows.
+        k: this rank's bank shard ``(m_r, d)``; v: its values ``(m_r, e)``.
+        group: process group (``None`` = default).
+        metric: a streaming metric (``dot``, ``cosine``, ``l2``, ``sqeuclidean``).
+        scale, step, a, b, t, temperature: as :func:`simwarp.warp_attend`; ``a, b, t`` per
+            query (``(n,)``) or shared (floats / 0-dim tensors). With ``queries="local"`` a
+            tensor with dims is taken as per-query and gathered with the queries.
+        chunk_size: bank rows per block (default: about 4M scores per block).
+        return_stats: also return :class:`~simwarp.WarpStats` of the rows (over the whole bank).
+
+    Returns:
+        ``(n, e)`` in ``q``'s dtype (and stats). Always detached: use
+        :func:`gathered_warp_attend` or a local bank for training.
+    """
+    p = _prepare(q, k, v, a, b, t, group=group, queries=queries, metric=metric, scale=scale, step=step,
+                 temperature=temperature, chunk_size=chunk_size)
+    kw, vw = k.detach().to(p.q.dtype), v.detach().to(p.q.dtype)
+    lo, hi, empty = _global_range(p, kw, group)
+    out, lse, kept = _global_softmax(p, kw, vw, lo, hi, group)
+    r = p.rows
+    out = out[r].to(q.dtype)
+    if not return_stats:
+        return out
+    stats = WarpStats(lse=lse[r], kept=kept[r], lo=lo[r, 0], hi=hi[r, 0], empty=empty[r])
+    return out, stats
+
+
+@torch.no_grad()
+def sharded_explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    top: int = 5,
+    *,
+    group=None,
+    queries: str = "replicated",
+    metric: str = "dot",
+    scale: float | None = None,
+    step: str = "sigmoidal",
+    a: float | torch.Tensor | None = None,
+    b: float | torch.Tensor | None = None,
+    t: float | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top`` largest SoftStep weights of every query over a sharded bank.
+
+    Runs the two passes of :func:`sharded_warp_attend` (global range and normaliser), then a
+    third over the shard that keeps a running per-shard top-``top`` of the exact weights;
+    the per-shard candidates are all-gathered and merged.
+
+    Args:
+        q, k, group, queries, metric, scale, step, a, b, t, temperature, chunk_size: as
+            :func:`sharded_warp_attend` (``k`` is this rank's shard ``(m_r, d)``).
+        top: entries per query (clipped to the global bank size).
+
+    Returns:
+        ``indices (n, top)`` into the concatenated bank (rank order, long) and ``weights
+        (n, top)`` (float, largest first; entries the step dropped have weight 0).
+    """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive int, got {top!r}")
+    probe = k.new_zeros((k.shape[0], 0)) if isinstance(k, torch.Tensor) and k.dim() == 2 else k
+    p = _prepare(q, k, probe, a, b, t, group=group, queries=queries, metric=metric, scale=scale, step=step,
+                 temperature=temperature, chunk_size=chunk_size)
+    kw = k.detach().to(p.q.dtype)
+    shard_sizes = _all_gather_sizes(k.shape[0], group, k.device)
+    total = sum(shard_sizes)
+    if total == 0:
+        raise ValueError("the sharded bank is empty on every rank")
+    top = min(top, total)
+    offset = sum(shard_sizes[: dist.get_rank(group)])
+    lo, hi, _ = _global_range(p, kw, group)
+    _, lse, _ = _global_softmax(p, kw, None, lo, hi, group)
+    n = p.q.shape[0]
+    best_w = torch.full((n, top), -1.0, dtype=p.q.dtype, device=p.q.device)  # -1: padding, below any weight
+    best_i = torch.full((n, top), -1, dtype=torch.long, device=p.q.device)
+    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1)
+    for start, stop in _blocks(kw.shape[0], p.chunk):
+        w = torch.exp(_shard_logits(p, kw, lo, hi, start, stop) - finite_lse)
+        idx = torch.arange(start + offset, stop + offset, device=w.device).expand(n, -1)
+        cand_w, cand_i = torch.cat([best_w, w], dim=1), torch.cat([best_i, idx], dim=1)
+        sel = torch.topk(cand_w, top, dim=1)
+        best_w, best_i = sel.values, cand_i.gather(1, sel.indices)
+    all_w = gather_rows(best_w.T.contiguous(), group).rows  # (world * top, n): one slot per rank
+    all_i = gather_rows(best_i.T.contiguous(), group).rows
+    sel = torch.topk(all_w.T, top, dim=1)
+    r = p.rows
+    return all_i.T.gather(1, sel.indices)[r], sel.values[r].to(q.dtype)

@@ -1,0 +1,260 @@
+"""simwarp.distributed on real process groups: 2 and 4 CPU processes (gloo, loopback FileStore).
+
+One process group per world size runs every distributed computation once (module-scoped
+fixture) and saves each rank's results; the tests compare them with single-process results
+computed here (values in float64, and gradients of the local parts).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import simwarp
+from simwarp import distributed as sd
+from simwarp.steps import SoftStep
+
+D, E = 5, 3
+N_BATCH = {2: [7, 4], 4: [3, 5, 2, 4]}  # uneven per-rank batches
+M_SHARD = {2: [9, 14], 4: [6, 0, 11, 7]}  # uneven bank shards, one empty
+N_QUERY_LOCAL = {2: [4, 2], 4: [2, 3, 1, 2]}
+N_QUERY = 6
+TOP = 4
+ATOL = 1e-10
+
+
+def _offsets(sizes):
+    out, acc = [], 0
+    for s in sizes:
+        out.append(acc)
+        acc += s
+    return out
+
+
+def _data(world):
+    g = torch.Generator().manual_seed(1234)
+    n, m = sum(N_BATCH[world]), sum(M_SHARD[world])
+    return {
+        "z": torch.randn(n, D, generator=g, dtype=torch.float64),
+        "y": torch.randn(n, E, generator=g, dtype=torch.float64) * 2.0 + 1.0,
+        "g": torch.randn(n, E, generator=g, dtype=torch.float64),  # upstream gradient
+        "cls": torch.randint(0, 3, (n,), generator=g),
+        "bank_z": torch.randn(m, D, generator=g, dtype=torch.float64),
+        "bank_y": torch.randn(m, E, generator=g, dtype=torch.float64),
+        "bank_cls": torch.randint(0, 3, (m,), generator=g),
+        "q": torch.randn(N_QUERY, D, generator=g, dtype=torch.float64),
+        "ql": torch.randn(sum(N_QUERY_LOCAL[world]), D, generator=g, dtype=torch.float64),
+    }
+
+
+def _softstep():
+    torch.manual_seed(7)
+    ss = SoftStep(mode="instance", in_features=D, init=(0.2, 0.8, 0.4)).double()
+    with torch.no_grad():
+        for p in ss.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return ss
+
+
+def _rows(sizes, rank):
+    off = _offsets(sizes)[rank]
+    return slice(off, off + sizes[rank])
+
+
+# ---------------------------------------------------------------------------------------
+# What every rank runs
+# ---------------------------------------------------------------------------------------
+
+
+def _run_rank(rank: int, world: int) -> dict:
+    data = _data(world)
+    res: dict = {}
+    rb = _rows(N_BATCH[world], rank)
+
+    # 1. in-batch neighbours across ranks, leave-one-out, per-row (instance) SoftStep, grads
+    for impl, chunk in (("dense", None), ("chunked", 3)):
+        ss = _softstep()
+        z = data["z"][rb].clone().requires_grad_(True)
+        y = data["y"][rb].clone().requires_grad_(True)
+        out, stats = sd.gathered_warp_attend(
+            z, y, metric="l2", impl=impl, chunk_size=chunk, return_stats=True, **ss.kwargs(z)
+        )
+        (out * data["g"][rb]).sum().backward()
+        res[f"batch_{impl}"] = {
+            "out": out.detach(), "lse": stats.lse.detach(), "kept": stats.kept, "z_grad": z.grad, "y_grad": y.grad,
+            "ss_grad": [p.grad.clone() for p in ss.parameters()],
+        }
+
+    # 2. sharded bank, replicated queries, per-query parameters
+    ks = _rows(M_SHARD[world], rank)
+    ss = _softstep()
+    kw = ss.kwargs(data["q"])
+    out, stats = sd.sharded_warp_attend(
+        data["q"], data["bank_z"][ks], data["bank_y"][ks], metric="l2", chunk_size=4, return_stats=True, **kw
+    )
+    res["bank_replicated"] = {"out": out, "stats": stats}
+    res["bank_dot"] = sd.sharded_warp_attend(
+        data["q"], data["bank_z"][ks], data["bank_y"][ks], metric="dot", temperature=0.5, step="log", a=0.1, b=0.9
+    )
+    # float32 inputs: computed in float32 like the backend
+    res["bank_f32"] = sd.sharded_warp_attend(
+        data["q"].float(), data["bank_z"][ks].float(), data["bank_y"][ks].float(), metric="cosine"
+    )
+
+    # 3. sharded bank, local (per-rank) queries of uneven sizes
+    rq = _rows(N_QUERY_LOCAL[world], rank)
+    ql = data["ql"][rq]
+    out, stats = sd.sharded_warp_attend(
+        ql, data["bank_z"][ks], data["bank_y"][ks], queries="local", metric="l2", return_stats=True, **ss.kwargs(ql)
+    )
+    res["bank_local"] = {"out": out, "lse": stats.lse}
+
+    # 4. explain: merged top-k over shards
+    res["explain"] = sd.sharded_explain(data["q"], data["bank_z"][ks], TOP, metric="l2", chunk_size=5, **kw)
+    res["explain_local"] = sd.sharded_explain(ql, data["bank_z"][ks], TOP, queries="local", metric="l2", **ss.kwargs(ql))
+
+    # 5. helpers
+    cnt, mean, m2 = sd.global_moments(data["y"][rb])
+    res["moments"] = (cnt, mean, m2)
+    res["global_size"] = sd.global_size(N_BATCH[world][rank])
+    return res
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        res = _run_rank(rank, world)
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def group_results(request):
+    world = request.param
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "store")
+        mp.start_processes(_worker, args=(world, init_file, tmp), nprocs=world, join=True, start_method="spawn")
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return world, results
+
+
+# ---------------------------------------------------------------------------------------
+# Single-process references and comparisons
+# ---------------------------------------------------------------------------------------
+
+
+def _close(a, b, atol=ATOL, rtol=1e-9):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_gathered_batch_values_and_gradients(group_results, impl):
+    world, results = group_results
+    data = _data(world)
+    ss = _softstep()
+    z = data["z"].clone().requires_grad_(True)
+    y = data["y"].clone().requires_grad_(True)
+    out, stats = simwarp.warp_attend(z, z, y, metric="l2", exclude_self=True, return_stats=True, impl="dense", **ss.kwargs(z))
+    (out * data["g"]).sum().backward()
+    ss_grad_sum = None
+    for rank, res in enumerate(results):
+        r = res[f"batch_{impl}"]
+        rows = _rows(N_BATCH[world], rank)
+        _close(r["out"], out.detach()[rows])
+        _close(r["lse"], stats.lse.detach()[rows])
+        _close(r["kept"], stats.kept[rows])
+        _close(r["z_grad"], z.grad[rows])
+        _close(r["y_grad"], y.grad[rows])
+        ss_grad_sum = r["ss_grad"] if ss_grad_sum is None else [a + b for a, b in zip(ss_grad_sum, r["ss_grad"])]
+    # summed over ranks (what DDP all-reduces) the parameter gradients are the single-process ones
+    for got, p in zip(ss_grad_sum, ss.parameters()):
+        _close(got, p.grad)
+
+
+def test_sharded_bank_equals_single_process(group_results):
+    world, results = group_results
+    data = _data(world)
+    kw = _softstep().kwargs(data["q"])
+    with torch.no_grad():
+        ref, st = simwarp.warp_attend(data["q"], data["bank_z"], data["bank_y"], metric="l2", return_stats=True, impl="dense", **kw)
+        ref_dot = simwarp.warp_attend(data["q"], data["bank_z"], data["bank_y"], metric="dot", temperature=0.5, step="log", a=0.1, b=0.9)
+        ref32 = simwarp.warp_attend(data["q"].float(), data["bank_z"].float(), data["bank_y"].float(), metric="cosine")
+    for res in results:
+        r = res["bank_replicated"]
+        _close(r["out"], ref)
+        for name in ("lse", "kept", "lo", "hi", "empty"):
+            _close(getattr(r["stats"], name), getattr(st, name))
+        _close(res["bank_dot"], ref_dot)
+        assert res["bank_f32"].dtype == torch.float32
+        _close(res["bank_f32"], ref32, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_bank_local_queries(group_results):
+    world, results = group_results
+    data = _data(world)
+    kw = _softstep().kwargs(data["ql"])
+    with torch.no_grad():
+        ref, st = simwarp.warp_attend(data["ql"], data["bank_z"], data["bank_y"], metric="l2", return_stats=True, **kw)
+    for rank, res in enumerate(results):
+        rows = _rows(N_QUERY_LOCAL[world], rank)
+        _close(res["bank_local"]["out"], ref[rows])
+        _close(res["bank_local"]["lse"], st.lse[rows])
+
+
+def test_sharded_explain_merges_top_k(group_results):
+    world, results = group_results
+    data = _data(world)
+    for key, q in (("explain", data["q"]), ("explain_local", data["ql"])):
+        w = simwarp.warp_weights(q, data["bank_z"], metric="l2", **_softstep().kwargs(q))
+        top = torch.topk(w, TOP, dim=-1)
+        for rank, res in enumerate(results):
+            idx, wt = res[key]
+            rows = slice(None) if key == "explain" else _rows(N_QUERY_LOCAL[world], rank)
+            assert idx.dtype == torch.long and idx.shape == (top.values[rows].shape)
+            _close(wt, top.values[rows])
+            _close(w[rows].gather(1, idx), wt)  # the indices point at those weights
+
+
+def test_helpers(group_results):
+    world, results = group_results
+    data = _data(world)
+    y = data["y"]
+    for res in results:
+        cnt, mean, m2 = res["moments"]
+        assert cnt == y.shape[0]
+        _close(mean, y.mean(0))
+        _close(m2, ((y - y.mean(0)) ** 2).sum(0))
+        assert res["global_size"] == sum(N_BATCH[world])
+
+
+# ---------------------------------------------------------------------------------------
+# Without a process group
+# ---------------------------------------------------------------------------------------
+
+
+def test_resolve_group_and_errors_without_init():
+    assert sd.resolve_group(False) == (False, None)
+    assert sd.resolve_group(None) == (False, None)
+    with pytest.raises(TypeError, match="gather"):
+        sd.resolve_group("yes")
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            sd.resolve_group(True)
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            sd.sharded_warp_attend(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 1))
+
+
+def test_leave_one_out_mask():
+    m = sd.leave_one_out_mask(3, 2, 6)
+    expected = torch.ones(3, 6, dtype=torch.bool)
+    expected[0, 2] = expected[1, 3] = expected[2, 4] = False
+    assert torch.equal(m, expected)
+    with pytest.raises(ValueError, match="do not fit"):
+        sd.leave_one_out_mask(3, 4, 6)
