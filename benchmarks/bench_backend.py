@@ -2,7 +2,9 @@
 
 Each case runs in a fresh subprocess so its peak resident memory (``ru_maxrss``) can be read
 without interference; "extra" memory is the peak minus the resident size just before the call
-(inputs already allocated). Times are medians over repeats in that subprocess.
+(inputs already allocated). Times are medians over repeats in that subprocess, after a warm-up
+call: CPU time of the process (``time.process_time``, robust on a shared machine; use
+``--threads 1`` so it equals compute time) and wall time.
 
     python benchmarks/bench_backend.py                 # n=4096, d=64, m in {16k, 64k, 256k}, forward
     python benchmarks/bench_backend.py --quick         # small shapes, seconds
@@ -30,9 +32,12 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_case(impl: str, n: int, m: int, d: int, e: int, step: str, backward: bool, repeats: int) -> dict:
+def run_case(impl: str, n: int, m: int, d: int, e: int, step: str, backward: bool, repeats: int, threads: int) -> dict:
     """Runs in the child process."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     sys.path.insert(0, str(ROOT))
     import simwarp
@@ -54,15 +59,17 @@ def run_case(impl: str, n: int, m: int, d: int, e: int, step: str, backward: boo
     before = _rss_mib()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     call()  # warm-up (its peak memory counts; its time does not)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         call()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "impl": impl, "n": n, "m": m, "d": d, "e": e, "step": step, "backward": backward,
+        "impl": impl, "n": n, "m": m, "d": d, "e": e, "step": step, "backward": backward, "threads": threads,
         "median_s": statistics.median(times), "times_s": times,
+        "median_cpu_s": statistics.median(cpu_times), "cpu_times_s": cpu_times,
         "peak_extra_mib": max(peak, peak_before) - before,
     }
 
@@ -85,6 +92,7 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="also time forward+backward at the smallest m")
     parser.add_argument("--step", default="sigmoidal")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per case (0 = torch default)")
     parser.add_argument("--dense-limit-gib", type=float, default=9.0,
                         help="skip dense when one n*m float32 matrix would exceed this / 8")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "bench_backend.json"))
@@ -106,21 +114,23 @@ def main() -> None:
                     case[impl] = {"impl": impl, "n": n, "m": m, "skipped": f"needs ~{dense_gib * 8:.0f} GiB (8 n*m copies)"}
                     continue
                 case[impl] = spawn(dict(impl=impl, n=n, m=m, d=d, e=e, step=args.step, backward=backward,
-                                        repeats=args.repeats), timeout=1800)
+                                        repeats=args.repeats, threads=args.threads), timeout=1800)
             rows.append((m, backward, case))
             print(f"done m={m} backward={backward}", file=sys.stderr)
 
-    table = ["| m | pass | dense time (s) | chunked time (s) | time ratio | dense extra MiB | chunked extra MiB | memory ratio |",
+    table = ["| m | pass | dense CPU s (wall) | chunked CPU s (wall) | CPU-time ratio | dense extra MiB | chunked extra MiB | memory ratio |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for m, backward, case in rows:
         dn, ch = case["dense"], case["chunked"]
         def cell(r, key, fmt):
             return fmt.format(r[key]) if key in r else r.get("skipped", r.get("error", "-"))
-        tr = f"{ch['median_s'] / dn['median_s']:.2f}x" if "median_s" in dn and "median_s" in ch else "-"
+        tr = f"{ch['median_cpu_s'] / dn['median_cpu_s']:.2f}x" if "median_cpu_s" in dn and "median_cpu_s" in ch else "-"
         mr = f"{ch['peak_extra_mib'] / dn['peak_extra_mib']:.3f}" if "peak_extra_mib" in dn and "peak_extra_mib" in ch else "-"
-        table.append(f"| {m} | {'fwd+bwd' if backward else 'fwd'} | {cell(dn, 'median_s', '{:.3f}')} | {cell(ch, 'median_s', '{:.3f}')} | {tr} | "
+        def tcell(r):
+            return f"{r['median_cpu_s']:.2f} ({r['median_s']:.2f})" if "median_s" in r else r.get("skipped", r.get("error", "-"))
+        table.append(f"| {m} | {'fwd+bwd' if backward else 'fwd'} | {tcell(dn)} | {tcell(ch)} | {tr} | "
                      f"{cell(dn, 'peak_extra_mib', '{:.0f}')} | {cell(ch, 'peak_extra_mib', '{:.0f}')} | {mr} |")
-    header = (f"bench_backend: n={n}, d={d}, e={e}, step={args.step}, float32, CPU "
+    header = (f"bench_backend: n={n}, d={d}, e={e}, step={args.step}, float32, {args.threads or 'default'} thread(s), CPU "
               f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     print(header)
     print("\n".join(table))
