@@ -31,6 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from simwarp.backend import warp_attend, warp_weights
+from simwarp.distributed import (
+    gathered_warp_attend,
+    global_moments,
+    global_size,
+    resolve_group,
+    sharded_explain,
+    sharded_warp_attend,
+)
 from simwarp.similarity import METRICS, pairwise_similarity
 from simwarp.steps import SoftStep, get_step
 
@@ -191,8 +199,10 @@ class _WarpHeadBase(_BankMixin):
         detach_range: bool,
         impl: str,
         chunk_size: int | None,
+        gather: Any = False,
     ) -> None:
         super().__init__()
+        resolve_group(gather)  # validates; gather=True needs an initialised process group
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if metric not in METRICS:
@@ -203,6 +213,7 @@ class _WarpHeadBase(_BankMixin):
         self.in_features, self.metric, self.step_name = in_features, metric, step
         self.temperature, self.scale, self.detach_range = float(temperature), scale, detach_range
         self.impl, self.chunk_size = impl, chunk_size
+        self.gather = gather
         if step == "none":
             self.softstep: SoftStep | None = None
             self.mode = "none"
@@ -224,6 +235,23 @@ class _WarpHeadBase(_BankMixin):
         return self.softstep.kwargs(z if self.mode == "instance" else None)
 
     def _attend(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> tuple[torch.Tensor, Any]:
+        enabled, group = resolve_group(self.gather)
+        if enabled:  # batch (training) or sharded bank across ranks: simwarp.distributed
+            if loo:
+                out, stats = gathered_warp_attend(
+                    z, values, group=group, metric=self.metric, scale=self.scale, temperature=self.temperature,
+                    detach_range=self.detach_range, impl=self.impl, chunk_size=self.chunk_size,
+                    return_stats=True, **self._step_kwargs(z),
+                )
+            else:
+                out, stats = sharded_warp_attend(
+                    z, keys, values, group=group, queries="local", metric=self.metric, scale=self.scale,
+                    temperature=self.temperature, chunk_size=self.chunk_size, return_stats=True,
+                    **self._step_kwargs(z),
+                )
+            self._last_kept = stats.kept.detach()
+            self._last_keys = global_size(keys.shape[0], group, z.device) - (1 if loo else 0)
+            return out, stats
         out, stats = warp_attend(
             z, keys, values, metric=self.metric, scale=self.scale, temperature=self.temperature,
             exclude_self=loo, detach_range=self.detach_range, impl=self.impl, chunk_size=self.chunk_size,
@@ -278,13 +306,20 @@ class _WarpHeadBase(_BankMixin):
             k: number of entries (clipped to the bank size).
 
         Returns:
-            ``indices (N, k)`` into the bank (long) and their ``weights (N, k)``, largest first.
+            ``indices (N, k)`` into the bank (long) and their ``weights (N, k)``, largest first
+            (with ``gather``: indices into the concatenation of all ranks' shards, rank order).
             Entries that the step dropped have weight exactly 0.
         """
         self._require_bank()
         _check_z(z, self.in_features)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        enabled, group = resolve_group(self.gather)
+        if enabled:  # per-shard top-k merged over ranks; indices into the rank-ordered bank
+            return sharded_explain(
+                z, self.bank_z.to(z.dtype), k, group=group, queries="local", metric=self.metric, scale=self.scale,
+                temperature=self.temperature, chunk_size=self.chunk_size, **self._step_kwargs(z),
+            )
         k = min(k, self.bank_size)
         rows = max(1, EXPLAIN_BUDGET // self.bank_size)
         idx_out, w_out = [], []
@@ -329,6 +364,12 @@ class NeighborRegressionHead(_WarpHeadBase):
             compute, and ``E[y²] − E[y]²`` in :meth:`predict_with_uncertainty`). No clipping.
         scale, hidden, init, detach_range, impl, chunk_size: passed to
             :class:`simwarp.SoftStep` / :func:`simwarp.warp_attend`.
+        gather: ``False`` (default), ``True`` (default process group) or a
+            ``torch.distributed.ProcessGroup``: training attends over all ranks' batches
+            (leave-one-out by global index, exact gradients), and the bank is *sharded*: each
+            rank's ``set_bank`` holds its shard and eval predictions/:meth:`explain` cover the
+            union (exactly the single-process result, no gradients). Forward, ``set_bank`` and
+            ``explain`` then are collectives (see :mod:`simwarp.distributed`, docs/distributed.md).
 
     Shapes:
         ``forward(z (N, D), y (N, E) or (N,) if E == 1) -> (N, E)`` (or ``(N,)`` when ``y`` was 1-D).
@@ -350,10 +391,12 @@ class NeighborRegressionHead(_WarpHeadBase):
         detach_range: bool = False,
         impl: str = "auto",
         chunk_size: int | None = None,
+        gather: Any = False,
     ) -> None:
         super().__init__(
             in_features, metric=metric, step=step, mode=mode, temperature=temperature, scale=scale,
             hidden=hidden, init=init, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
+            gather=gather,
         )
         if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
             raise ValueError(f"out_features must be a positive int, got {out_features!r}")
@@ -389,9 +432,14 @@ class NeighborRegressionHead(_WarpHeadBase):
     def _update_running_stats(self, y: torch.Tensor) -> None:
         """Chan et al.'s parallel update of the exact mean and variance of all targets seen."""
         y = y.to(self.target_mean.dtype)
-        nb = y.shape[0]
-        mb = y.mean(0)
-        m2b = ((y - mb) ** 2).sum(0)
+        enabled, group = resolve_group(getattr(self, "gather", False))
+        if enabled:  # moments of all ranks' rows (global batch / sharded bank)
+            nb, mb, m2b = global_moments(y, group)
+            mb, m2b = mb.to(y.dtype), m2b.to(y.dtype)
+        else:
+            nb = y.shape[0]
+            mb = y.mean(0)
+            m2b = ((y - mb) ** 2).sum(0)
         na = int(self.targets_seen)
         n = na + nb
         delta = mb - self.target_mean
@@ -483,8 +531,8 @@ class NeighborClassificationHead(_WarpHeadBase):
         in_features: embedding size ``D``.
         num_classes: ``C``; labels are ints in ``[0, C)``.
         smoothing: ``ε`` above (``0 < ε < 1``).
-        metric, step, mode, temperature, scale, hidden, init, detach_range, impl, chunk_size:
-            as in :class:`NeighborRegressionHead`.
+        metric, step, mode, temperature, scale, hidden, init, detach_range, impl, chunk_size,
+        gather: as in :class:`NeighborRegressionHead`.
     """
 
     def __init__(
@@ -503,10 +551,12 @@ class NeighborClassificationHead(_WarpHeadBase):
         detach_range: bool = False,
         impl: str = "auto",
         chunk_size: int | None = None,
+        gather: Any = False,
     ) -> None:
         super().__init__(
             in_features, metric=metric, step=step, mode=mode, temperature=temperature, scale=scale,
             hidden=hidden, init=init, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
+            gather=gather,
         )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")

@@ -17,12 +17,14 @@ import torch.multiprocessing as mp
 
 import simwarp
 from simwarp import distributed as sd
+from simwarp.heads import NeighborClassificationHead, NeighborRegressionHead
 from simwarp.steps import SoftStep
 
 D, E = 5, 3
 N_BATCH = {2: [7, 4], 4: [3, 5, 2, 4]}  # uneven per-rank batches
 M_SHARD = {2: [9, 14], 4: [6, 0, 11, 7]}  # uneven bank shards, one empty
 N_QUERY_LOCAL = {2: [4, 2], 4: [2, 3, 1, 2]}
+HEAD_SHARD = {2: [9, 14], 4: [6, 5, 6, 7]}  # set_bank needs a non-empty shard
 N_QUERY = 6
 TOP = 4
 ATOL = 1e-10
@@ -59,6 +61,47 @@ def _softstep():
         for p in ss.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     return ss
+
+
+def _head(kind, gather):
+    torch.manual_seed(5)
+    if kind == "reg":
+        head = NeighborRegressionHead(D, E, metric="l2", mode="instance", gather=gather)
+    else:
+        head = NeighborClassificationHead(D, 3, metric="cosine", mode="instance", gather=gather)
+    head = head.double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return head
+
+
+def _run_heads(data, world, rank, gather=True) -> dict:
+    """Train-mode step and sharded-bank eval of both heads (local parts when gathering)."""
+    res = {}
+    rb = _rows(N_BATCH[world], rank) if gather else slice(None)
+    rh = _rows(HEAD_SHARD[world], rank) if gather else slice(None)
+    rq = _rows(N_QUERY_LOCAL[world], rank) if gather else slice(None)
+    for kind in ("reg", "cls"):
+        head = _head(kind, gather)
+        z = data["z"][rb].clone().requires_grad_(True)
+        y = data["y"][rb] if kind == "reg" else data["cls"][rb]
+        out = head(z, y)
+        (out * data["g"][rb]).sum().backward()
+        r = {"train": out.detach(), "z_grad": z.grad, "p_grad": [p.grad.clone() for p in head.parameters()],
+             "keys": head.sparsity["neighbours"]}
+        head.eval()
+        bank_y = data["bank_y"] if kind == "reg" else data["bank_cls"]
+        head.set_bank(data["bank_z"][rh], bank_y[rh])
+        ql = data["ql"][rq]
+        r["eval"] = head(ql)
+        r["bank_keys"] = head.sparsity["neighbours"]
+        r["explain"] = head.explain(ql, TOP)
+        if kind == "reg":
+            r["uncertainty"] = head.predict_with_uncertainty(ql)
+            r["target_mean"] = head.target_mean.clone()
+        res[kind] = r
+    return res
 
 
 def _rows(sizes, rank):
@@ -118,7 +161,10 @@ def _run_rank(rank: int, world: int) -> dict:
     res["explain"] = sd.sharded_explain(data["q"], data["bank_z"][ks], TOP, metric="l2", chunk_size=5, **kw)
     res["explain_local"] = sd.sharded_explain(ql, data["bank_z"][ks], TOP, queries="local", metric="l2", **ss.kwargs(ql))
 
-    # 5. helpers
+    # 5. heads with gather=True
+    res["heads"] = _run_heads(data, world, rank)
+
+    # 6. helpers
     cnt, mean, m2 = sd.global_moments(data["y"][rb])
     res["moments"] = (cnt, mean, m2)
     res["global_size"] = sd.global_size(N_BATCH[world][rank])
@@ -220,6 +266,30 @@ def test_sharded_explain_merges_top_k(group_results):
             assert idx.dtype == torch.long and idx.shape == (top.values[rows].shape)
             _close(wt, top.values[rows])
             _close(w[rows].gather(1, idx), wt)  # the indices point at those weights
+
+
+@pytest.mark.parametrize("kind", ["reg", "cls"])
+def test_heads_gather_equal_single_process(group_results, kind):
+    world, results = group_results
+    data = _data(world)
+    ref = _run_heads(data, world, 0, gather=False)[kind]
+    grad_sum = None
+    for rank, res in enumerate(results):
+        r = res["heads"][kind]
+        rb, rq = _rows(N_BATCH[world], rank), _rows(N_QUERY_LOCAL[world], rank)
+        _close(r["train"], ref["train"][rb])
+        _close(r["z_grad"], ref["z_grad"][rb])
+        assert r["keys"] == ref["keys"] and r["bank_keys"] == ref["bank_keys"]
+        _close(r["eval"], ref["eval"][rq])
+        _close(r["explain"][1], ref["explain"][1][rq])
+        assert torch.equal(r["explain"][0], ref["explain"][0][rq])
+        if kind == "reg":
+            _close(r["uncertainty"][0], ref["uncertainty"][0][rq])
+            _close(r["uncertainty"][1], ref["uncertainty"][1][rq])
+            _close(r["target_mean"], ref["target_mean"])
+        grad_sum = r["p_grad"] if grad_sum is None else [a + b for a, b in zip(grad_sum, r["p_grad"])]
+    for got, want in zip(grad_sum, ref["p_grad"]):
+        _close(got, want)
 
 
 def test_helpers(group_results):
