@@ -38,6 +38,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from simwarp.backend import warp_attend, warp_weights
+from simwarp.distributed import gather_rows, leave_one_out_mask, resolve_group
 from simwarp.similarity import paired_similarity
 from simwarp.steps import SoftStep
 
@@ -156,7 +157,14 @@ def _self_mask(rows: torch.Tensor, m: int) -> torch.Tensor:
     return mask
 
 
-def _positive_pairs(labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool):
+def _leave_one_out(exclude_self: bool, n: int, m: int, offset: int, device) -> dict:
+    """Backend kwargs excluding anchor ``i``'s own row ``offset + i`` (a mask across ranks)."""
+    if not exclude_self or (offset == 0 and n == m):
+        return {"exclude_self": exclude_self}
+    return {"mask": leave_one_out_mask(n, offset, m, device)}
+
+
+def _positive_pairs(labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool, offset: int = 0):
     """All ``(a, p)`` with ``labels[a] == ref_labels[p]`` (``a != p`` if ``exclude_self``), in
     PML's order (row-major, as ``torch.where`` on the match matrix), without materialising it."""
     ref_sorted, order = torch.sort(ref_labels, stable=True)
@@ -166,7 +174,7 @@ def _positive_pairs(labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self
     offsets = torch.arange(a.numel(), device=labels.device) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
     p = order[torch.repeat_interleave(start, count) + offsets]
     if exclude_self:
-        keep = a != p
+        keep = a + offset != p
         a, p = a[keep], p[keep]
     return a, p, count
 
@@ -194,6 +202,7 @@ def _class_masses(
     params: tuple,
     step: str,
     warp: dict,
+    self_offset: int = 0,
 ):
     """SoftStep mass of each anchor on its own class and on all other classes, and ``lse``.
 
@@ -210,7 +219,7 @@ def _class_masses(
     if n_cls <= MAX_CLASS_COLUMNS:
         v = F.one_hot(r_cls, n_cls).to(x.dtype)
         out, stats = warp_attend(
-            x, r, v, step=step, a=a, b=b, t=t, exclude_self=exclude_self, return_stats=True, **warp
+            x, r, v, step=step, a=a, b=b, t=t, return_stats=True, **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp
         )
         own_col = F.one_hot(q_cls, n_cls).bool()
         own = out.gather(1, q_cls[:, None]).squeeze(1)
@@ -229,7 +238,7 @@ def _class_masses(
         pos = torch.searchsorted(cls_b, r_cls).clamp_max(cls_b.numel() - 1)
         col = torch.where(cls_b[pos] == r_cls, pos, cls_b.numel())  # "other" column for foreign classes
         v = F.one_hot(col, cls_b.numel() + 1).to(x.dtype)
-        mask = _self_mask(rows, m) if exclude_self else None
+        mask = _self_mask(rows + self_offset, m) if exclude_self else None
         ab, bb, tb = _row_params((a, b, t), rows)
         out, stats = warp_attend(x[rows], r, v, step=step, a=ab, b=bb, t=tb, mask=mask, return_stats=True, **warp)
         own_idx = torch.searchsorted(cls_b, q_cls[rows])
@@ -288,6 +297,20 @@ class _SoftStepLossMixin:
             )
         return x, r, same, tuple(self.softstep(cond))
 
+    def _across_ranks(self, x, r, ref_labels, same: bool, indices_tuple):
+        """With ``gather`` on: the reference set becomes all ranks' (normalised) embeddings and
+        labels, gathered with gradients. Returns ``(r, ref_labels, offset)``, ``offset`` being
+        the global index of this rank's first anchor (0 without gather)."""
+        enabled, group = resolve_group(getattr(self, "gather", False))
+        if not enabled:
+            return r, ref_labels, 0
+        if not same:
+            raise ValueError("gather=True uses the gathered batch as reference set; do not pass ref_emb")
+        if indices_tuple is not None:
+            raise ValueError("gather=True does not support an indices_tuple (miner indices are per-rank)")
+        g = gather_rows(x, group)
+        return g.rows, gather_rows(ref_labels, group, sizes=g.sizes).rows, g.offset
+
     def _warp_options(self, scale: float, temperature: float) -> dict:
         return {
             "metric": self.metric,
@@ -324,6 +347,11 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         softstep: a ready :class:`simwarp.SoftStep` (overrides ``step``/``mode``/``init``).
         detach_range: treat each row's min/max similarity as constants in backward.
         impl, chunk_size: backend implementation (``"auto"`` streams large batches).
+        gather: ``False`` (default), ``True`` (default process group) or a
+            ``torch.distributed.ProcessGroup``: every rank's anchors use *all* ranks' batch
+            embeddings and labels as neighbours, leave-one-out by global index, with exact
+            gradients (see :mod:`simwarp.distributed`); no ``ref_emb`` / ``indices_tuple``.
+            Use a sum reducer to make the sum over ranks equal the single-process loss.
         **kwargs: PML's ``distance`` (default ``LpDistance(power=2)``, normalised embeddings),
             ``reducer``, ``embedding_regularizer``, ``embedding_reg_weight``, ``collect_stats``.
 
@@ -344,6 +372,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         detach_range: bool = False,
         impl: str = "auto",
         chunk_size: int | None = None,
+        gather=False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -352,6 +381,8 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         self.softmax_scale = float(softmax_scale)
         self.add_to_recordable_attributes(list_of_names=["softmax_scale"], is_stat=False)
         self._init_softstep(softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size)
+        resolve_group(gather)  # validates; True needs an initialised process group
+        self.gather = gather
 
     def get_default_distance(self):
         return LpDistance(power=2)
@@ -368,11 +399,12 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         if n <= 1:
             return self.zero_losses()
         x, r, same, params = self._prepare(embeddings, ref_emb)
+        r, ref_labels, offset = self._across_ranks(x, r, ref_labels, same, indices_tuple)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype, using_ref=not same)
         classes, inv = torch.unique(torch.cat([labels, ref_labels.to(labels.device)]), return_inverse=True)
         own, _, _ = _class_masses(
             x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params,
-            step=self.softstep.step, warp=self._warp_options(self.softmax_scale, 1.0),
+            step=self.softstep.step, warp=self._warp_options(self.softmax_scale, 1.0), self_offset=offset,
         )
         non_zero = own > 0
         if not bool(non_zero.any()):
@@ -435,6 +467,7 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         detach_range: bool = False,
         impl: str = "auto",
         chunk_size: int | None = None,
+        gather=False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -443,6 +476,8 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         self.temperature = float(temperature)
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
         self._init_softstep(softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size)
+        resolve_group(gather)  # validates; True needs an initialised process group
+        self.gather = gather
 
     def get_default_distance(self):
         return CosineSimilarity()
@@ -459,10 +494,12 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         x, r, same, params = self._prepare(embeddings, ref_emb)
         warp = self._warp_options(1.0, self.temperature)
         step = self.softstep.step
+        r, ref_labels, offset = self._across_ranks(x, r, ref_labels, same, indices_tuple)
+        m = r.shape[0]
         if indices_tuple is None:
             ref_labels = ref_labels.to(labels.device)
             exclude_self = ref_labels is labels or same
-            a1, p, count = _positive_pairs(labels, ref_labels, exclude_self)
+            a1, p, count = _positive_pairs(labels, ref_labels, exclude_self, offset)
             num_neg = int((m - count).sum())
             if len(a1) <= 1 and num_neg <= 1:
                 return self.zero_losses()
@@ -470,7 +507,8 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
                 return self.zero_losses()
             classes, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
             _, other, lse = _class_masses(
-                x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params, step=step, warp=warp
+                x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params, step=step, warp=warp,
+                self_offset=offset,
             )
         else:
             a1, p, a2, neg = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
@@ -529,6 +567,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         detach_range: bool = False,
         impl: str = "auto",
         chunk_size: int | None = None,
+        gather=False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -537,6 +576,8 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         self.softmax_scale = float(softmax_scale)
         self.add_to_recordable_attributes(list_of_names=["softmax_scale"], is_stat=False)
         self._init_softstep(softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size)
+        resolve_group(gather)  # validates; True needs an initialised process group
+        self.gather = gather
 
     def get_default_distance(self):
         return LpDistance(power=2)
@@ -571,11 +612,13 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
             raise ValueError(f"labels {tuple(labels.shape)} and ref_labels {tuple(ref_labels.shape)} differ in width")
         _check_indices_tuple(indices_tuple, n, m)
         x, r, same, (a, b, t) = self._prepare(embeddings, ref_emb)
-        if same and n <= 1:
+        r, y_ref, offset = self._across_ranks(x, r, y_ref, same, indices_tuple)
+        if same and r.shape[0] <= 1:
             return self.zero_losses()
         v = y_ref.to(device=x.device, dtype=x.dtype)
         pred, stats = warp_attend(
-            x, r, v, step=self.softstep.step, a=a, b=b, t=t, exclude_self=same, return_stats=True,
+            x, r, v, step=self.softstep.step, a=a, b=b, t=t, return_stats=True,
+            **_leave_one_out(same, n, r.shape[0], offset, x.device),
             **self._warp_options(self.softmax_scale, 1.0),
         )
         keep = ~stats.empty

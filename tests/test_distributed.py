@@ -104,6 +104,26 @@ def _run_heads(data, world, rank, gather=True) -> dict:
     return res
 
 
+def _run_losses(data, world, rank, gather=True) -> dict:
+    """Each loss with a sum reducer: per-rank loss and the local embeddings' gradient."""
+    from pytorch_metric_learning.reducers import SumReducer
+
+    rb = _rows(N_BATCH[world], rank) if gather else slice(None)
+    res = {}
+    for name, cls, labels in (
+        ("nca", simwarp.SoftStepNCALoss, data["cls"]),
+        ("contrastive", simwarp.SoftStepContrastiveLoss, data["cls"]),
+        ("regression", simwarp.SoftStepNeighborRegressionLoss, data["y"]),
+    ):
+        torch.manual_seed(3)
+        loss_fn = cls(mode="instance", embedding_size=D, reducer=SumReducer(), gather=gather).double()
+        z = data["z"][rb].clone().requires_grad_(True)
+        loss = loss_fn(z, labels[rb])
+        loss.backward()
+        res[name] = {"loss": loss.detach(), "z_grad": z.grad, "p_grad": [p.grad.clone() for p in loss_fn.parameters()]}
+    return res
+
+
 def _rows(sizes, rank):
     off = _offsets(sizes)[rank]
     return slice(off, off + sizes[rank])
@@ -164,7 +184,10 @@ def _run_rank(rank: int, world: int) -> dict:
     # 5. heads with gather=True
     res["heads"] = _run_heads(data, world, rank)
 
-    # 6. helpers
+    # 6. losses with gather=True
+    res["losses"] = _run_losses(data, world, rank)
+
+    # 7. helpers
     cnt, mean, m2 = sd.global_moments(data["y"][rb])
     res["moments"] = (cnt, mean, m2)
     res["global_size"] = sd.global_size(N_BATCH[world][rank])
@@ -288,6 +311,21 @@ def test_heads_gather_equal_single_process(group_results, kind):
             _close(r["uncertainty"][1], ref["uncertainty"][1][rq])
             _close(r["target_mean"], ref["target_mean"])
         grad_sum = r["p_grad"] if grad_sum is None else [a + b for a, b in zip(grad_sum, r["p_grad"])]
+    for got, want in zip(grad_sum, ref["p_grad"]):
+        _close(got, want)
+
+
+@pytest.mark.parametrize("name", ["nca", "contrastive", "regression"])
+def test_losses_gather_equal_single_process(group_results, name):
+    world, results = group_results
+    ref = _run_losses(_data(world), world, 0, gather=False)[name]
+    total, grad_sum = 0.0, None
+    for rank, res in enumerate(results):
+        r = res["losses"][name]
+        total = total + r["loss"]
+        _close(r["z_grad"], ref["z_grad"][_rows(N_BATCH[world], rank)])
+        grad_sum = r["p_grad"] if grad_sum is None else [a + b for a, b in zip(grad_sum, r["p_grad"])]
+    _close(total, ref["loss"])
     for got, want in zip(grad_sum, ref["p_grad"]):
         _close(got, want)
 
