@@ -7,7 +7,7 @@ Core API:
 * :mod:`simwarp.steps`: the step registry (``register_step``).
 """
 
-from simwarp import steps
+from simwarp import distributed, steps
 from simwarp.attention import (
     MultiheadSoftStepAttention,
     SoftStepAttention,
@@ -46,6 +46,7 @@ __all__ = [
     "pairwise_similarity",
     "register_step",
     "steps",
+    "distributed",
     "warp_attend",
     "warp_weights",
 ]
