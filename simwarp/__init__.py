@@ -2,7 +2,7 @@
 
 Core API:
 
-* :func:`warp_attend` / :func:`warp_weights`: the batched SoftStep backend.
+* :func:`warp_attend` / :func:`warp_weights` / :func:`warp_range`: the batched SoftStep backend.
 * :class:`SoftStep`: learned step parameters (global, per head, or per instance).
 * :mod:`simwarp.steps`: the step registry (``register_step``).
 """
@@ -14,7 +14,7 @@ from simwarp.attention import (
     softstep_attention,
     swap_attention,
 )
-from simwarp.backend import WarpStats, warp_attend, warp_weights
+from simwarp.backend import WarpStats, warp_attend, warp_range, warp_weights
 from simwarp.heads import (
     KNNRegressionHead,
     LinearHead,
@@ -48,5 +48,6 @@ __all__ = [
     "steps",
     "distributed",
     "warp_attend",
+    "warp_range",
     "warp_weights",
 ]

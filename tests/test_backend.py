@@ -335,3 +335,45 @@ def test_dropout_is_unbiased_and_validated(impl):
     torch.testing.assert_close(mean, ref, atol=0.15, rtol=0)
     with pytest.raises(ValueError, match="dropout_p"):
         simwarp.warp_attend(q, k, v, dropout_p=1.0)
+
+
+# ----------------------------------------------------------------------------- fixed row range
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("metric,step", [("dot", "sigmoidal"), ("l2", "log"), ("cosine", "poly")])
+def test_row_range_combines_key_shards_exactly(impl, metric, step):
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 6, 4, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(2, 11, 4, generator=gen, dtype=f64)
+    v = torch.randn(2, 11, 3, generator=gen, dtype=f64)
+    mask = torch.rand(2, 6, 11, generator=gen) > 0.3
+    kw = dict(metric=metric, step=step, a=0.3, b=0.7)
+    full, full_stats = simwarp.warp_attend(q, k, v, mask=mask, impl="dense", detach_range=True, return_stats=True, **kw)
+    parts = [slice(0, 4), slice(4, 4), slice(4, 11)]  # one shard empty
+    ranges = [simwarp.warp_range(q, k[:, p], metric=metric, mask=mask[..., p], chunk_size=3) for p in parts]
+    lo = torch.stack([r[0].masked_fill(r[2], math.inf) for r in ranges]).amin(0)
+    hi = torch.stack([r[1].masked_fill(r[2], -math.inf) for r in ranges]).amax(0)
+    torch.testing.assert_close(lo.masked_fill(full_stats.empty, 0), full_stats.lo)
+    torch.testing.assert_close(hi.masked_fill(full_stats.empty, 0), full_stats.hi)
+    outs, lses = [], []
+    for p in parts:
+        o, st = simwarp.warp_attend(q, k[:, p], v[:, p], mask=mask[..., p], row_range=(lo, hi), impl=impl,
+                                    chunk_size=2, return_stats=True, **kw)
+        outs.append(o)
+        lses.append(st.lse)
+    lse = torch.logsumexp(torch.stack(lses), 0)
+    merged = sum(torch.exp(x - lse).nan_to_num(0.0).unsqueeze(-1) * o for x, o in zip(lses, outs))
+    torch.testing.assert_close(merged, full)
+    torch.testing.assert_close(lse, full_stats.lse)
+    g_full = torch.autograd.grad(full.sum(), q)[0]
+    g_merged = torch.autograd.grad(merged.sum(), q)[0]
+    torch.testing.assert_close(g_merged, g_full)
+
+
+def test_row_range_errors():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="row_range"):
+        simwarp.warp_attend(q, k, v, row_range=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"row_range\[0\] \(lo\) of shape \(3,\)"):
+        simwarp.warp_attend(q, k, v, row_range=(torch.zeros(3), 1.0))

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from simwarp.backend.chunked import chunked_warp_attend
+from simwarp.backend.chunked import chunked_warp_attend, chunked_warp_range
 from simwarp.backend.common import (
     IMPLS,
     WarpStats,
@@ -28,7 +28,7 @@ from simwarp.backend.common import (
 from simwarp.backend.dense import dense_warp_attend, dense_weights
 from simwarp.similarity import STREAMING_METRICS
 
-__all__ = ["warp_attend", "warp_weights", "WarpStats", "IMPLS", "DENSE_AUTO_LIMIT"]
+__all__ = ["warp_attend", "warp_weights", "warp_range", "WarpStats", "IMPLS", "DENSE_AUTO_LIMIT"]
 
 #: ``impl="auto"`` materialises (dense) when ``rows · keys`` is at most this many entries.
 DENSE_AUTO_LIMIT = 1 << 18
@@ -101,6 +101,7 @@ def warp_attend(
     chunk_size: int | None = None,
     return_stats: bool = False,
     dropout_p: float = 0.0,
+    row_range: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
     """SoftStep-weighted average of ``v`` over the keys ``k`` for every query in ``q``.
 
@@ -136,6 +137,11 @@ def warp_attend(
         dropout_p: inverted dropout on the weights (``w_ij`` zeroed with probability
             ``dropout_p``, survivors scaled by ``1 / (1 - dropout_p)``), as in SDPA. Always applied
             when > 0: pass 0 at evaluation. Reproducible under ``torch.manual_seed``.
+        row_range: ``(lo, hi)`` broadcastable to the rows ``(..., n)``: normalise with this
+            fixed range instead of each row's own (treated as constants in backward). For
+            combining calls over parts of one key set (a bank sharded across devices: see
+            :func:`warp_range` and :mod:`simwarp.distributed`); a row may then keep no key of
+            this call (zero output, ``lse = -inf``).
 
     Returns:
         ``(..., n, e)`` output, and with ``return_stats`` a :class:`WarpStats`. A row with no
@@ -154,24 +160,73 @@ def warp_attend(
     n, m = q.shape[-2], k.shape[-2]
     dtype = work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
+    row_range = _check_row_range(row_range, batch, n, dtype, q.device)
     if n == 0 or m == 0:
         out = q.new_zeros((*batch, n, v.shape[-1])) + 0.0 * v.sum()  # keeps autograd connected
         return (out, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else out
     chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device, spec=spec, tensors=(q, k, v))
-    if chosen == "triton" and dropout_p > 0:  # the fused kernels have no dropout
+    if chosen == "triton" and (dropout_p > 0 or row_range is not None):  # not in the fused kernels
         if impl == "triton":
-            raise ValueError("impl='triton' does not support dropout_p > 0; use impl='auto' or 'chunked'")
+            raise ValueError("impl='triton' supports neither dropout_p > 0 nor row_range; use impl='auto' or 'chunked'")
         chosen = "chunked"
     if chosen == "dense":
-        out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p)
+        out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p, row_range)
     elif chosen == "chunked":
-        out, *rest = chunked_warp_attend(q, k, v, a, b, t, mask, spec, chunk_size, dropout_p)
+        out, *rest = chunked_warp_attend(q, k, v, a, b, t, mask, spec, chunk_size, dropout_p, row_range)
         stats = WarpStats(*rest)
     else:
         from simwarp.backend.triton import triton_warp_attend
 
         out, stats = triton_warp_attend(q, k, v, a, b, t, mask, spec)
     return (out, stats) if return_stats else out
+
+
+def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if row_range is None:
+        return None
+    if not isinstance(row_range, (tuple, list)) or len(row_range) != 2:
+        raise TypeError(f"row_range must be a (lo, hi) pair or None, got {type(row_range).__name__}")
+    out = []
+    for name, x in zip(("row_range[0] (lo)", "row_range[1] (hi)"), row_range):
+        x = torch.as_tensor(x, dtype=dtype, device=device)
+        try:
+            if torch.broadcast_shapes(x.shape, (*batch, n)) != (*batch, n):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to the rows {(*batch, n)}") from None
+        out.append(x.detach())
+    return out[0], out[1]
+
+
+@torch.no_grad()
+def warp_range(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    metric: str = "dot",
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    exclude_self: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1 alone: each row's similarity range over its valid keys, streaming (no gradients).
+
+    Returns ``(lo, hi, empty)``, each ``(..., n)``; rows with no valid key have ``lo = hi = 0``
+    and ``empty = True``. Reduce the ranges of several key sets (min of ``lo``, max of ``hi``
+    over the non-empty parts) and pass them back as ``warp_attend(..., row_range=(lo, hi))``.
+    """
+    probe = k[..., :1].new_empty((*k.shape[:-1], 1))
+    batch = check_inputs(q, k, probe, mask, exclude_self)
+    spec = make_spec(metric, scale, "none", 1.0, causal, exclude_self, True)
+    if spec.metric not in STREAMING_METRICS:
+        raise ValueError(f"warp_range streams over keys: metric must be one of {STREAMING_METRICS}, got {metric!r}")
+    n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
+    if n == 0 or m == 0:
+        stats = _empty_stats(batch, n, m, dtype, q.device)
+        return stats.lo, stats.hi, stats.empty
+    lo, hi, empty = chunked_warp_range(q, k, mask, spec, chunk_size)
+    return lo.expand(*batch, n), hi.expand(*batch, n), empty.expand(*batch, n)
 
 
 def _empty_stats(batch, n: int, m: int, dtype, device) -> WarpStats:
@@ -200,6 +255,7 @@ def warp_weights(
     impl: str = "auto",
     chunk_size: int | None = None,
     return_stats: bool = False,
+    row_range: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
     """The dense ``(..., n, m)`` weight matrix of :func:`warp_attend`, for analysis.
 
@@ -213,8 +269,9 @@ def warp_weights(
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range)
     n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
+    row_range = _check_row_range(row_range, batch, n, dtype, q.device)
     if n == 0 or m == 0:
         w = q.new_zeros((*batch, n, m), dtype=dtype)
         return (w, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else w
-    w, stats = dense_weights(q, k, a, b, t, mask, spec)
+    w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range)
     return (w, stats) if return_stats else w

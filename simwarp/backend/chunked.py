@@ -38,38 +38,58 @@ def _blocks(m: int, chunk: int):
         yield start, min(start + chunk, m)
 
 
+class _KeyBlocks:
+    """Similarities and key validity of one call, block by block (shared by both passes)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, mask, spec: WarpSpec, batch, dtype) -> None:
+        self.n, self.m = q.shape[-2], k.shape[-2]
+        self.qw, self.kw, self.spec = q.to(dtype), k.to(dtype), spec
+        self.mask = None if mask is None else mask.expand(*batch, self.n, self.m)
+
+    def __call__(self, start: int, stop: int):
+        s = pairwise_similarity(self.qw, self.kw[..., start:stop, :], self.spec.metric, self.spec.scale)
+        valid = key_validity(
+            self.mask, self.n, start, stop,
+            causal=self.spec.causal, exclude_self=self.spec.exclude_self, device=self.qw.device,
+        )
+        return s, valid
+
+
+def streaming_range(blocks: _KeyBlocks, batch, chunk: int):
+    """Pass 1: each row's min/max over valid keys and their key indices (first index wins ties).
+
+    Returns ``lo, hi, argmin, argmax, empty``, each ``(*batch, n)``; empty rows get ``lo = hi = 0``.
+    """
+    dtype, device, n = blocks.qw.dtype, blocks.qw.device, blocks.n
+    lo = torch.full((*batch, n), math.inf, dtype=dtype, device=device)
+    hi = torch.full((*batch, n), -math.inf, dtype=dtype, device=device)
+    argmin = torch.zeros((*batch, n), dtype=torch.long, device=device)
+    argmax = torch.zeros_like(argmin)
+    for start, stop in _blocks(blocks.m, chunk):
+        s, valid = blocks(start, stop)
+        block_min, idx_min = (s if valid is None else s.masked_fill(~valid, math.inf)).min(-1)
+        block_max, idx_max = (s if valid is None else s.masked_fill(~valid, -math.inf)).max(-1)
+        new_min, new_max = block_min < lo, block_max > hi
+        lo, argmin = torch.where(new_min, block_min, lo), torch.where(new_min, idx_min + start, argmin)
+        hi, argmax = torch.where(new_max, block_max, hi), torch.where(new_max, idx_max + start, argmax)
+    empty = torch.isinf(lo)
+    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0), argmin, argmax, empty
+
+
 class _ChunkedWarp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int):
+    def forward(ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int, row_range):
         dtype = work_dtype(q.dtype)
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
-        mask_x = None if mask is None else mask.expand(*batch, n, m)
-        qw = q.to(dtype)
-        kw = k.to(dtype)
+        scores = _KeyBlocks(q, k, mask, spec, batch, dtype)
 
-        def scores(start: int, stop: int):
-            s = pairwise_similarity(qw, kw[..., start:stop, :], spec.metric, spec.scale)
-            valid = key_validity(
-                mask_x, n, start, stop, causal=spec.causal, exclude_self=spec.exclude_self, device=q.device
-            )
-            return s, valid
-
-        # Pass 1: row range over valid keys (first index wins ties).
-        lo = torch.full((*batch, n), math.inf, dtype=dtype, device=q.device)
-        hi = torch.full((*batch, n), -math.inf, dtype=dtype, device=q.device)
-        argmin = torch.zeros((*batch, n), dtype=torch.long, device=q.device)
-        argmax = torch.zeros_like(argmin)
-        for start, stop in _blocks(m, chunk):
-            s, valid = scores(start, stop)
-            block_min, idx_min = (s if valid is None else s.masked_fill(~valid, math.inf)).min(-1)
-            block_max, idx_max = (s if valid is None else s.masked_fill(~valid, -math.inf)).max(-1)
-            new_min, new_max = block_min < lo, block_max > hi
-            lo, argmin = torch.where(new_min, block_min, lo), torch.where(new_min, idx_min + start, argmin)
-            hi, argmax = torch.where(new_max, block_max, hi), torch.where(new_max, idx_max + start, argmax)
-        empty = torch.isinf(lo)
-        lo = lo.masked_fill(empty, 0.0)
-        hi = hi.masked_fill(empty, 0.0)
+        if row_range is None:
+            lo, hi, argmin, argmax, empty = streaming_range(scores, batch, chunk)
+        else:  # a range fixed by the caller (e.g. over a bank sharded across ranks): a constant
+            lo, hi = (x.detach().to(dtype).expand(*batch, n) for x in row_range)
+            argmin = argmax = torch.zeros((*batch, n), dtype=torch.long, device=q.device)
+            empty = None  # known after pass 2
         lo1, hi1 = lo.unsqueeze(-1), hi.unsqueeze(-1)
 
         # Pass 2: step + online softmax + value accumulation.
@@ -77,9 +97,12 @@ class _ChunkedWarp(torch.autograd.Function):
         denom = torch.zeros((*batch, n), dtype=dtype, device=q.device)
         acc = torch.zeros((*batch, n, e), dtype=dtype, device=q.device)
         kept = torch.zeros((*batch, n), dtype=dtype, device=q.device)
+        any_valid = torch.zeros((*batch, n), dtype=torch.bool, device=q.device)
         dropout = _Dropout(dropout_p, seed, q.device)
         for start, stop in _blocks(m, chunk):
             s, valid = scores(start, stop)
+            if empty is None:
+                any_valid |= True if valid is None else valid.any(-1)
             logits = warp_logits(s, lo1, hi1, valid, a, b, t, spec)
             new_max = torch.maximum(run_max, logits.amax(-1))
             shift = new_max.masked_fill(torch.isinf(new_max), 0.0)
@@ -89,13 +112,15 @@ class _ChunkedWarp(torch.autograd.Function):
             acc = acc * rescale.unsqueeze(-1) + dropout(p) @ v[..., start:stop, :].to(dtype)
             kept += (logits > -math.inf).sum(-1)
             run_max = new_max
+        if empty is None:
+            empty = ~any_valid
         nonempty = denom > 0
         denom = torch.where(nonempty, denom, 1.0)
         out = torch.where(nonempty.unsqueeze(-1), acc / denom.unsqueeze(-1), 0.0)
         lse = torch.where(nonempty, run_max + torch.log(denom), -math.inf)
 
         ctx.spec, ctx.chunk, ctx.has_mask = spec, chunk, mask is not None
-        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.dropout_p, ctx.seed, ctx.fixed_range = dropout_p, seed, row_range is not None
         optional_mask = () if mask is None else (mask,)
         ctx.save_for_backward(q, k, v, a, b, t, *optional_mask, out, lse, lo, hi, argmin, argmax)
         ctx.mark_non_differentiable(kept, lo, hi, empty)
@@ -121,7 +146,7 @@ class _ChunkedWarp(torch.autograd.Function):
             delta_row = delta_row - g_lse.to(dtype)
         lse_safe = lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1)
 
-        track_range = not spec.detach_range and (need_q or need_k)
+        track_range = not (spec.detach_range or ctx.fixed_range) and (need_q or need_k)
         q_ = q.detach().requires_grad_(need_q)
         a_, b_, t_ = (p.detach().requires_grad_(need) for p, need in ((a, need_a), (b, need_b), (t, need_t)))
         lo_ = lo.detach().unsqueeze(-1).requires_grad_(track_range)
@@ -177,7 +202,7 @@ class _ChunkedWarp(torch.autograd.Function):
 
         if need_q and dq is None:
             dq = torch.zeros_like(q)
-        return dq, dk, dv, da, db, dt, None, None, None, None, None
+        return dq, dk, dv, da, db, dt, None, None, None, None, None, None
 
 
 class _Dropout:
@@ -198,13 +223,25 @@ class _Dropout:
         return w * keep / (1.0 - self.p)
 
 
+def _chunk_for(q, k, v, chunk_size: int | None):
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
+    rows = q.shape[-2] * math.prod(batch)
+    return batch, (default_chunk_size(rows, k.shape[-2]) if chunk_size is None else chunk_size)
+
+
 def chunked_warp_attend(
-    q, k, v, a, b, t, mask, spec: WarpSpec, chunk_size: int | None, dropout_p: float = 0.0
+    q, k, v, a, b, t, mask, spec: WarpSpec, chunk_size: int | None, dropout_p: float = 0.0, row_range=None
 ):
     """Streaming forward/backward; returns ``(out, lse, kept, lo, hi, empty)``."""
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    rows = q.shape[-2] * math.prod(batch)
-    chunk = default_chunk_size(rows, k.shape[-2]) if chunk_size is None else chunk_size
+    _, chunk = _chunk_for(q, k, v, chunk_size)
     # Seed drawn from torch's default generator, so torch.manual_seed makes dropout reproducible.
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
-    return _ChunkedWarp.apply(q, k, v, a, b, t, mask, spec, chunk, dropout_p, seed)
+    return _ChunkedWarp.apply(q, k, v, a, b, t, mask, spec, chunk, dropout_p, seed, row_range)
+
+
+@torch.no_grad()
+def chunked_warp_range(q, k, mask, spec: WarpSpec, chunk_size: int | None):
+    """Pass 1 alone: ``(lo, hi, empty)`` per row, streaming over key blocks (no gradients)."""
+    batch, chunk = _chunk_for(q, k, None, chunk_size)
+    lo, hi, _, _, empty = streaming_range(_KeyBlocks(q, k, mask, spec, batch, work_dtype(q.dtype)), batch, chunk)
+    return lo, hi, empty
