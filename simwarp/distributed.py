@@ -12,16 +12,17 @@ on GPUs; tensors stay on the inputs' device):
   ``all_gather`` semantics; PML's ``DistributedLossWrapper(efficient=True)`` drops the other
   ranks' terms). Ranks may hold different batch sizes.
 * **Sharded banks** (inference): :func:`sharded_warp_attend` runs the backend's two streaming
-  passes with each rank holding one shard of the bank: pass 1 all-reduces each row's min/max
-  similarity, pass 2 streams the shard with the *global* range (online softmax per shard), then
-  all-reduces the row maxima and the rescaled sums and weighted sums. The result equals the
+  passes with each rank holding one shard of the bank: pass 1 (:func:`simwarp.warp_range` on the
+  shard) all-reduces each row's min/max similarity; pass 2 runs :func:`simwarp.warp_attend` on
+  the shard with the *global* range (``row_range``), then merges the shards' outputs through
+  their log-normalisers (an all-reduce MAX and one SUM). The result equals the
   single-process prediction over the concatenated bank up to float rounding; no rank ever
   holds more than its shard and ``O(rows · chunk)`` scores. :func:`sharded_explain` merges the
   per-shard top-k weights.
 
-All row math comes from the backend's shared pieces (:func:`simwarp.pairwise_similarity`,
-:func:`simwarp.backend.common.warp_logits`, ``resolve_params``, ``make_spec``), so every metric
-with streaming support and every registered step behaves as in :func:`simwarp.warp_attend`.
+All row math is the backend's (``warp_range``, ``warp_attend``/``warp_weights`` with
+``row_range``), so every metric with streaming support and every registered step behaves as in
+:func:`simwarp.warp_attend`.
 
 Every function here is a *collective*: all ranks of the group must call it, in the same order,
 with the same non-tensor arguments.
@@ -35,10 +36,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from simwarp.backend import WarpStats, warp_attend
+from simwarp.backend import WarpStats, warp_attend, warp_range, warp_weights
 from simwarp.backend.chunked import default_chunk_size
-from simwarp.backend.common import check_inputs, make_spec, resolve_params, warp_logits, work_dtype
-from simwarp.similarity import STREAMING_METRICS, pairwise_similarity
+from simwarp.backend.common import check_inputs, make_spec, resolve_params, work_dtype
+from simwarp.similarity import STREAMING_METRICS
 
 __all__ = [
     "Gathered",
@@ -354,66 +355,56 @@ def _blocks(m: int, chunk: int):
         yield start, min(start + chunk, m)
 
 
+def _backend_kwargs(p: _Prepared) -> dict:
+    """The backend arguments of a prepared call (per-row parameters back to ``(n,)``)."""
+    a, b, t = (x.squeeze(-1) if x.dim() > 0 else x for x in (p.a, p.b, p.t))
+    return dict(metric=p.spec.metric, scale=p.spec.scale, step=p.spec.step.name, a=a, b=b, t=t,
+                temperature=p.spec.temperature, chunk_size=p.chunk)
+
+
 def _global_range(p: _Prepared, kw: torch.Tensor, group):
-    """Pass 1: every row's min/max similarity over all shards; ``lo, hi (n, 1)``, ``empty (n,)``."""
+    """Pass 1: every row's min/max similarity over all shards (the backend's :func:`warp_range`
+    on the shard, then one all-reduce MIN of ``[lo, -hi]``); ``lo, hi (n,)``, ``empty (n,)``."""
     n = p.q.shape[0]
-    lo = torch.full((n,), math.inf, dtype=p.q.dtype, device=p.q.device)
-    neg_hi = torch.full_like(lo, math.inf)
-    for start, stop in _blocks(kw.shape[0], p.chunk):
-        s = pairwise_similarity(p.q, kw[start:stop], p.spec.metric, p.spec.scale)
-        lo = torch.minimum(lo, s.amin(-1))
-        neg_hi = torch.minimum(neg_hi, -s.amax(-1))
-    both = torch.cat([lo, neg_hi])  # an empty shard contributes +inf to both
-    dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
+    lo, hi, empty = warp_range(p.q, kw, metric=p.spec.metric, scale=p.spec.scale, chunk_size=p.chunk)
+    both = torch.cat([lo.masked_fill(empty, math.inf), (-hi).masked_fill(empty, math.inf)])
+    dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)  # an empty shard contributes +inf
     lo, hi = both[:n], -both[n:]
     empty = torch.isinf(lo)
-    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    return lo.unsqueeze(-1), hi.unsqueeze(-1), empty
+    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0), empty
 
 
-def _shard_logits(p: _Prepared, kw: torch.Tensor, lo, hi, start: int, stop: int) -> torch.Tensor:
-    s = pairwise_similarity(p.q, kw[start:stop], p.spec.metric, p.spec.scale)
-    return warp_logits(s, lo, hi, None, p.a, p.b, p.t, p.spec)
+def _merge_over_ranks(lse: torch.Tensor, parts: list[torch.Tensor], group):
+    """Combine per-shard results normalised by their own log-normaliser ``lse (n,)``: returns
+    the global ``lse`` and ``Σ_r exp(lse_r - lse) · part_r`` for every ``part (n, c)``."""
+    gmax = lse.clone()
+    dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+    shift = gmax.masked_fill(torch.isinf(gmax), 0.0)
+    factor = torch.exp(lse - shift)  # 0 where this shard kept nothing for the row
+    packed = torch.cat([factor.unsqueeze(-1), *(x * factor.unsqueeze(-1) for x in parts)], dim=1)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    denom = packed[:, 0]
+    nonempty = denom > 0
+    safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    merged, widths, col = [], [x.shape[1] for x in parts], 1
+    for width in widths:
+        merged.append(torch.where(nonempty.unsqueeze(-1), packed[:, col : col + width] / safe.unsqueeze(-1), 0.0))
+        col += width
+    return torch.where(nonempty, shift + torch.log(safe), -math.inf), merged
 
 
 def _global_softmax(p: _Prepared, kw: torch.Tensor, vw: torch.Tensor | None, lo, hi, group):
-    """Pass 2: online softmax over the shard with the global range, then merged over ranks.
-
-    Returns ``out (n, e)`` (or None without values), ``lse (n,)``, ``kept (n,)``.
-    """
-    n = p.q.shape[0]
-    e = 0 if vw is None else vw.shape[1]
-    dtype, device = p.q.dtype, p.q.device
-    run_max = torch.full((n,), -math.inf, dtype=dtype, device=device)
-    denom = torch.zeros((n,), dtype=dtype, device=device)
-    acc = torch.zeros((n, e), dtype=dtype, device=device)
-    kept = torch.zeros((n,), dtype=dtype, device=device)
-    for start, stop in _blocks(kw.shape[0], p.chunk):
-        logits = _shard_logits(p, kw, lo, hi, start, stop)
-        new_max = torch.maximum(run_max, logits.amax(-1))
-        shift = new_max.masked_fill(torch.isinf(new_max), 0.0)
-        rescale = torch.exp(run_max - shift)
-        w = torch.exp(logits - shift.unsqueeze(-1))
-        denom = denom * rescale + w.sum(-1)
-        if e:
-            acc = acc * rescale.unsqueeze(-1) + w @ vw[start:stop]
-        kept += (logits > -math.inf).sum(-1)
-        run_max = new_max
-    gmax = run_max.clone()
-    dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-    shift = gmax.masked_fill(torch.isinf(gmax), 0.0)
-    factor = torch.exp(run_max - shift)  # 0 where this shard kept nothing for the row
-    packed = torch.cat([(denom * factor).unsqueeze(-1), kept.unsqueeze(-1), acc * factor.unsqueeze(-1)], dim=1)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    denom, kept, acc = packed[:, 0], packed[:, 1], packed[:, 2:]
-    nonempty = denom > 0
-    safe = torch.where(nonempty, denom, torch.ones_like(denom))
-    lse = torch.where(nonempty, shift + torch.log(safe), -math.inf)
-    out = torch.where(nonempty.unsqueeze(-1), acc / safe.unsqueeze(-1), 0.0) if e else None
-    return out, lse, kept
+    """Pass 2: the backend on this shard with the global range (``row_range``), merged over
+    ranks through the shards' log-normalisers. Returns ``out (n, e)`` (or None without
+    values), ``lse (n,)``, ``kept (n,)``."""
+    values = kw.new_zeros((kw.shape[0], 0)) if vw is None else vw
+    out, stats = warp_attend(p.q, kw, values, row_range=(lo, hi), return_stats=True, **_backend_kwargs(p))
+    lse, (out,) = _merge_over_ranks(stats.lse, [out], group)
+    kept = stats.kept.clone()
+    dist.all_reduce(kept, op=dist.ReduceOp.SUM, group=group)
+    return (out if vw is not None else None), lse, kept
 
 
-@torch.no_grad()
 def sharded_warp_attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -436,8 +427,8 @@ def sharded_warp_attend(
     The bank is the concatenation of every rank's ``k``/``v`` shard in rank order (shards may
     differ in size, or be empty). The result equals ``warp_attend(q, K, V)`` on the
     concatenated bank up to float rounding (the backend's two passes, with collective
-    reductions: an all-reduce MIN of ``[lo, -hi]``, an all-reduce MAX of the online-softmax
-    row maxima and one all-reduce SUM of ``[sum, kept, weighted sums]``). Memory per rank: the
+    reductions: an all-reduce MIN of ``[lo, -hi]``, an all-reduce MAX of the shards'
+    log-normalisers and all-reduce SUMs of the rescaled shard outputs and kept counts). Memory per rank: the
     shard plus ``O(rows · chunk)`` scores.
 
     Args:
@@ -466,7 +457,7 @@ def sharded_warp_attend(
     out = out[r].to(q.dtype)
     if not return_stats:
         return out
-    stats = WarpStats(lse=lse[r], kept=kept[r], lo=lo[r, 0], hi=hi[r, 0], empty=empty[r])
+    stats = WarpStats(lse=lse[r], kept=kept[r], lo=lo[r], hi=hi[r], empty=empty[r])
     return out, stats
 
 
@@ -519,9 +510,10 @@ def sharded_explain(
     n = p.q.shape[0]
     best_w = torch.full((n, top), -1.0, dtype=p.q.dtype, device=p.q.device)  # -1: padding, below any weight
     best_i = torch.full((n, top), -1, dtype=torch.long, device=p.q.device)
-    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1)
+    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     for start, stop in _blocks(kw.shape[0], p.chunk):
-        w = torch.exp(_shard_logits(p, kw, lo, hi, start, stop) - finite_lse)
+        w, block = warp_weights(p.q, kw[start:stop], row_range=(lo, hi), return_stats=True, **_backend_kwargs(p))
+        w = w * torch.exp(block.lse - finite_lse).unsqueeze(-1)  # block-normalised -> global weights
         idx = torch.arange(start + offset, stop + offset, device=w.device).expand(n, -1)
         cand_w, cand_i = torch.cat([best_w, w], dim=1), torch.cat([best_i, idx], dim=1)
         sel = torch.topk(cand_w, top, dim=1)
