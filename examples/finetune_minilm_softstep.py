@@ -95,7 +95,7 @@ def main() -> None:
 
     with AttentionMonitor(model) as mon, torch.no_grad():
         loss0, acc0 = loss_and_acc(test, y_test)
-    print(f"step={args.step!r} before fine-tuning: held-out loss {loss0.item():.4f}  accuracy {acc0:.2f}  "
+    print(f"step={args.step!r} before fine-tuning: held-out loss {loss0.item():.4g}  accuracy {acc0:.2f}  "
           f"kept fraction {mean_kept(mon):.3f}")
 
     model.train()
@@ -111,7 +111,7 @@ def main() -> None:
         loss, acc = loss_and_acc(test, y_test)
     print(f"held-out loss {loss.item():.4f}  accuracy {acc:.2f}")
     print(f"final: step={args.step!r} mode={args.mode} seed={args.seed} steps={args.steps}  "
-          f"held-out loss {loss.item():.4f}  accuracy {acc:.2f}  kept fraction {mean_kept(mon):.3f}")
+          f"held-out loss {loss.item():.4g}  accuracy {acc:.2f}  kept fraction {mean_kept(mon):.3f}")
     print("kept fraction per layer and head (held-out batch):")
     print(mon.summary(digits=2))
 
