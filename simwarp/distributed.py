@@ -441,7 +441,7 @@ def sharded_warp_attend(
         scale, step, a, b, t, temperature: as :func:`simwarp.warp_attend`; ``a, b, t`` per
             query (``(n,)``) or shared (floats / 0-dim tensors). With ``queries="local"`` a
             tensor with dims is taken as per-query and gathered with the queries.
-        chunk_size: bank rows per block (default: about 1M scores per block).
+        chunk_size: bank rows per block (default: about 256K scores per block).
         return_stats: also return :class:`~simwarp.WarpStats` of the rows (over the whole bank).
 
     Returns:

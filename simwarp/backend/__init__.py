@@ -132,7 +132,7 @@ def warp_attend(
         temperature: softmax temperature ``τ > 0``.
         detach_range: treat each row's min/max as constants in backward.
         impl: ``"auto"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
-        chunk_size: key-block width of the chunked path (default: about 1M scores per block).
+        chunk_size: key-block width of the chunked path (default: about 256K scores per block).
         return_stats: also return :class:`WarpStats`.
         dropout_p: inverted dropout on the weights (``w_ij`` zeroed with probability
             ``dropout_p``, survivors scaled by ``1 / (1 - dropout_p)``), as in SDPA. Always applied

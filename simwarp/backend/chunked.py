@@ -22,10 +22,10 @@ from torch.autograd.function import once_differentiable
 from simwarp.backend.common import WarpSpec, key_validity, warp_logits, work_dtype
 from simwarp.similarity import paired_similarity, pairwise_similarity
 
-#: Target number of score entries per block (rows × keys): 4 MB per float32 temporary. The
+#: Target number of score entries per block (rows × keys): 1 MB per float32 temporary. The
 #: step math keeps a few dozen block-sized temporaries alive at peak (more in backward);
-#: larger blocks were not faster on CPU.
-BLOCK_ELEMENTS = 1 << 20
+#: larger blocks were not faster on CPU (benchmarks/RESULTS.md).
+BLOCK_ELEMENTS = 1 << 18
 
 
 def default_chunk_size(rows: int, m: int) -> int:
