@@ -311,6 +311,16 @@ class _SoftStepLossMixin:
         g = gather_rows(x, group)
         return g.rows, gather_rows(ref_labels, group, sizes=g.sizes).rows, g.offset
 
+    def _zero_losses(self, *graph: torch.Tensor) -> dict:
+        """PML's zero loss, kept connected to ``graph`` (e.g. the gathered batch) so that every
+        rank still runs the gather's backward collective: a rank returning a detached zero while
+        others back-propagate would hang them."""
+        connected = [x.sum() * 0.0 for x in graph if x.requires_grad]
+        if not connected:
+            return self.zero_losses()
+        zero = torch.stack(connected).sum()
+        return {"loss": {"losses": zero, "indices": None, "reduction_type": "already_reduced"}}
+
     def _warp_options(self, scale: float, temperature: float) -> dict:
         return {
             "metric": self.metric,
@@ -396,10 +406,10 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
             raise ValueError("ref_labels are required when ref_emb is given")
         _check_class_labels(ref_labels, m, "ref_labels")
         _check_indices_tuple(indices_tuple, n, m)
-        if n <= 1:
-            return self.zero_losses()
         x, r, same, params = self._prepare(embeddings, ref_emb)
         r, ref_labels, offset = self._across_ranks(x, r, ref_labels, same, indices_tuple)
+        if r.shape[0] <= 1 or n == 0:
+            return self._zero_losses(x, r)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype, using_ref=not same)
         classes, inv = torch.unique(torch.cat([labels, ref_labels.to(labels.device)]), return_inverse=True)
         own, _, _ = _class_masses(
@@ -408,7 +418,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         )
         non_zero = own > 0
         if not bool(non_zero.any()):
-            return self.zero_losses()  # PML's NCALoss returns NaN here (mean of nothing)
+            return self._zero_losses(x, r)  # PML's NCALoss returns NaN here (mean of nothing)
         loss = -torch.log(own[non_zero]) * miner_weights[non_zero]
         return {
             "loss": {
@@ -502,9 +512,9 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             a1, p, count = _positive_pairs(labels, ref_labels, exclude_self, offset)
             num_neg = int((m - count).sum())
             if len(a1) <= 1 and num_neg <= 1:
-                return self.zero_losses()
+                return self._zero_losses(x, r)
             if len(a1) == 0 or num_neg == 0:
-                return self.zero_losses()
+                return self._zero_losses(x, r)
             classes, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
             _, other, lse = _class_masses(
                 x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params, step=step, warp=warp,
@@ -614,7 +624,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         x, r, same, (a, b, t) = self._prepare(embeddings, ref_emb)
         r, y_ref, offset = self._across_ranks(x, r, y_ref, same, indices_tuple)
         if same and r.shape[0] <= 1:
-            return self.zero_losses()
+            return self._zero_losses(x, r)
         v = y_ref.to(device=x.device, dtype=x.dtype)
         pred, stats = warp_attend(
             x, r, v, step=self.softstep.step, a=a, b=b, t=t, return_stats=True,
@@ -623,7 +633,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         )
         keep = ~stats.empty
         if not bool(keep.any()):
-            return self.zero_losses()
+            return self._zero_losses(x, r)
         weights = lmu.convert_to_weights(indices_tuple, y, dtype=x.dtype, using_ref=not same)
         err = (pred - y.to(pred.dtype)).pow(2).mean(1)
         return {

@@ -121,6 +121,16 @@ def _run_losses(data, world, rank, gather=True) -> dict:
         loss = loss_fn(z, labels[rb])
         loss.backward()
         res[name] = {"loss": loss.detach(), "z_grad": z.grad, "p_grad": [p.grad.clone() for p in loss_fn.parameters()]}
+    if gather:
+        # rank 0's anchors have no positive anywhere: its loss is zero, but it must still join
+        # the gather's backward collective, or the other ranks would hang here
+        labels = data["cls"][rb].clone()
+        if rank == 0:
+            labels = 10_000 + torch.arange(labels.shape[0])
+        z = data["z"][rb].clone().requires_grad_(True)
+        loss = simwarp.SoftStepNCALoss(reducer=SumReducer(), gather=True).double()(z, labels)
+        loss.backward()
+        res["nca_rank0_without_positives"] = {"loss": loss.detach(), "z_grad": z.grad}
     return res
 
 
@@ -328,6 +338,15 @@ def test_losses_gather_equal_single_process(group_results, name):
     _close(total, ref["loss"])
     for got, want in zip(grad_sum, ref["p_grad"]):
         _close(got, want)
+
+
+def test_loss_gather_rank_without_positives_does_not_hang(group_results):
+    world, results = group_results
+    for rank, res in enumerate(results):
+        r = res["losses"]["nca_rank0_without_positives"]
+        assert torch.isfinite(r["loss"]) and torch.isfinite(r["z_grad"]).all()
+        if rank == 0:
+            assert r["loss"] == 0
 
 
 def test_helpers(group_results):
