@@ -258,6 +258,8 @@ class _SoftStepLossMixin:
 
     def _init_softstep(
         self,
+        scale_name: str,
+        scale_value: float,
         softstep: SoftStep | None,
         step: str,
         mode: str,
@@ -267,7 +269,16 @@ class _SoftStepLossMixin:
         detach_range: bool,
         impl: str,
         chunk_size: int | None,
+        gather,
     ) -> None:
+        """The constructor body shared by the losses: the similarity multiplier (``softmax_scale``
+        or ``temperature``, recorded like PML's own), the SoftStep, backend options, gather."""
+        if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float)) or not scale_value > 0:
+            raise ValueError(f"{scale_name} must be a positive float, got {scale_value!r}")
+        setattr(self, scale_name, float(scale_value))
+        self.add_to_recordable_attributes(list_of_names=[scale_name], is_stat=False)
+        resolve_group(gather)  # validates; True needs an initialised process group
+        self.gather = gather
         if softstep is not None:
             if not isinstance(softstep, SoftStep):
                 raise TypeError(f"softstep must be a simwarp.SoftStep or None, got {type(softstep).__name__}")
@@ -386,13 +397,9 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-            raise ValueError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
-        self.softmax_scale = float(softmax_scale)
-        self.add_to_recordable_attributes(list_of_names=["softmax_scale"], is_stat=False)
-        self._init_softstep(softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size)
-        resolve_group(gather)  # validates; True needs an initialised process group
-        self.gather = gather
+        self._init_softstep(
+            "softmax_scale", softmax_scale, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
+        )
 
     def get_default_distance(self):
         return LpDistance(power=2)
@@ -481,13 +488,9 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
-        self.temperature = float(temperature)
-        self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
-        self._init_softstep(softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size)
-        resolve_group(gather)  # validates; True needs an initialised process group
-        self.gather = gather
+        self._init_softstep(
+            "temperature", temperature, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
+        )
 
     def get_default_distance(self):
         return CosineSimilarity()
@@ -581,13 +584,9 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-            raise ValueError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
-        self.softmax_scale = float(softmax_scale)
-        self.add_to_recordable_attributes(list_of_names=["softmax_scale"], is_stat=False)
-        self._init_softstep(softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size)
-        resolve_group(gather)  # validates; True needs an initialised process group
-        self.gather = gather
+        self._init_softstep(
+            "softmax_scale", softmax_scale, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
+        )
 
     def get_default_distance(self):
         return LpDistance(power=2)
