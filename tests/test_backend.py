@@ -205,6 +205,25 @@ def test_auto_picks_dense_for_small_and_chunked_for_large(monkeypatch):
     assert calls == ["dense", "chunked", "dense"]
 
 
+def test_auto_falls_back_to_chunked_when_fused_kernels_fail(monkeypatch):
+    pytest.importorskip("triton")
+    import simwarp.backend as backend
+    import simwarp.backend.triton as fused
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX compile error")
+
+    q, k, v = torch.randn(5, 4, dtype=f64), torch.randn(7, 4, dtype=f64), torch.randn(7, 2, dtype=f64)
+    reference = simwarp.warp_attend(q, k, v, impl="dense")
+    monkeypatch.setattr(backend, "_choose_impl", lambda *a, **k: "triton")
+    monkeypatch.setattr(fused, "triton_warp_attend", broken)
+    with pytest.warns(RuntimeWarning, match="falls back to the chunked backend"):
+        out = simwarp.warp_attend(q, k, v)
+    torch.testing.assert_close(out, reference)
+    with pytest.raises(RuntimeError, match="PTX"):
+        simwarp.warp_attend(q, k, v, impl="triton")
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -177,7 +178,19 @@ def warp_attend(
     else:
         from simwarp.backend.triton import triton_warp_attend
 
-        out, stats = triton_warp_attend(q, k, v, a, b, t, mask, spec)
+        try:
+            out, stats = triton_warp_attend(q, k, v, a, b, t, mask, spec)
+        except Exception as err:  # a kernel that fails to compile or launch on this GPU/toolchain
+            if impl == "triton":
+                raise
+            warnings.warn(
+                f"simwarp: the fused Triton kernels failed ({type(err).__name__}: {err}); "
+                "impl='auto' falls back to the chunked backend. Pass impl='triton' to see the error.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            out, *rest = chunked_warp_attend(q, k, v, a, b, t, mask, spec, chunk_size, dropout_p, row_range)
+            stats = WarpStats(*rest)
     return (out, stats) if return_stats else out
 
 
