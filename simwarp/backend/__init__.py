@@ -31,8 +31,9 @@ from simwarp.similarity import STREAMING_METRICS
 
 __all__ = ["warp_attend", "warp_weights", "warp_range", "WarpStats", "IMPLS", "DENSE_AUTO_LIMIT"]
 
-#: ``impl="auto"`` materialises (dense) when ``rows · keys`` is at most this many entries.
-DENSE_AUTO_LIMIT = 1 << 18
+#: ``impl="auto"`` materialises (dense) when ``rows · keys`` is at most this many entries: below
+#: about 1-2M entries the dense path is faster on CPU (fwd+bwd), and its memory is still small.
+DENSE_AUTO_LIMIT = 1 << 20
 
 
 def _triton_available(device: torch.device) -> bool:
