@@ -87,7 +87,7 @@ class _ChunkedWarp(torch.autograd.Function):
         if row_range is None:
             lo, hi, argmin, argmax, empty = streaming_range(scores, batch, chunk)
         else:  # a range fixed by the caller (e.g. over a bank sharded across ranks): a constant
-            lo, hi = (x.detach().to(dtype).expand(*batch, n) for x in row_range)
+            lo, hi = (x.detach().to(dtype).expand(*batch, n).clone() for x in row_range)
             argmin = argmax = torch.zeros((*batch, n), dtype=torch.long, device=q.device)
             empty = None  # known after pass 2
         lo1, hi1 = lo.unsqueeze(-1), hi.unsqueeze(-1)
