@@ -37,7 +37,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from simwarp.backend import warp_attend, warp_weights
+from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
 from simwarp.distributed import gather_rows, leave_one_out_mask, resolve_group
 from simwarp.similarity import paired_similarity
 from simwarp.steps import SoftStep
@@ -206,8 +206,10 @@ def _class_masses(
 ):
     """SoftStep mass of each anchor on its own class and on all other classes, and ``lse``.
 
-    One backend call with ``v = one_hot(ref classes)`` when there are at most
-    :data:`MAX_CLASS_COLUMNS` classes. Otherwise anchors are sorted by class and processed in
+    Small problems (``n · m`` within the backend's dense limit, ``impl`` "auto" or "dense")
+    take the weight matrix from :func:`simwarp.warp_weights` and sum it per class. Otherwise one
+    backend call with ``v = one_hot(ref classes)`` when there are at most
+    :data:`MAX_CLASS_COLUMNS` classes; beyond that anchors are sorted by class and processed in
     blocks of at most that many classes, each with ``v`` restricted to the block's classes
     plus one "other" column, so that ``v`` stays narrow. Every call sees all reference keys,
     so the row range is always over all candidate neighbours.
@@ -216,6 +218,12 @@ def _class_masses(
     """
     n, m = x.shape[0], r.shape[0]
     a, b, t = params
+    if warp["impl"] in ("auto", "dense") and n * m <= DENSE_AUTO_LIMIT:
+        w, stats = warp_weights(
+            x, r, step=step, a=a, b=b, t=t, return_stats=True, **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp
+        )
+        own = (w * (q_cls[:, None] == r_cls[None, :])).sum(1)
+        return own, w.sum(1) - own, stats.lse
     if n_cls <= MAX_CLASS_COLUMNS:
         v = F.one_hot(r_cls, n_cls).to(x.dtype)
         out, stats = warp_attend(

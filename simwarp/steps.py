@@ -42,10 +42,15 @@ DEFAULT_T: float = 0.5
 
 @dataclass(frozen=True)
 class Step:
-    """A registered step: ``log_mask(u, a, b, t) -> φ`` (same shape as ``u``)."""
+    """A registered step: ``log_mask(u, a, b, t) -> φ`` (same shape as ``u``).
+
+    ``warps=False`` marks a step whose ``φ`` is identically 0 (``"none"``), so the backend can
+    skip the range normalisation and the step entirely.
+    """
 
     name: str
     log_mask: StepFn
+    warps: bool = True
 
     def mask(self, u: torch.Tensor, a, b, t) -> torch.Tensor:
         """The multiplicative mask ``m(u) = exp(φ)`` (for plots and analysis)."""
@@ -143,7 +148,7 @@ BUILTIN_STEPS = ("sigmoidal", "log", "poly", "none")
 register_step("sigmoidal", sigmoidal_log_mask)
 register_step("log", log_log_mask)
 register_step("poly", poly_log_mask)
-register_step("none", none_log_mask)
+_REGISTRY["none"] = Step("none", none_log_mask, warps=False)  # identically 0: the backend skips it
 
 
 # ---------------------------------------------------------------------------------------

@@ -108,8 +108,9 @@ def warp_logits(
         s: ``(..., n, c)`` similarities; ``lo``, ``hi``: ``(..., n, 1)``; ``valid``: bool
             broadcastable to ``s`` or ``None``; ``a, b, t``: broadcastable to ``(..., n, 1)``.
     """
-    phi = spec.step.log_mask(normalized_range(s, lo, hi), a, b, t)
-    logits = s / spec.temperature + phi if spec.temperature != 1.0 else s + phi
+    logits = s / spec.temperature if spec.temperature != 1.0 else s
+    if spec.step.warps:
+        logits = logits + spec.step.log_mask(normalized_range(s, lo, hi), a, b, t)
     if valid is not None:
         logits = logits.masked_fill(~valid, -math.inf)
     return logits
