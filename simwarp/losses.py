@@ -203,8 +203,10 @@ def _class_masses(
     step: str,
     warp: dict,
     self_offset: int = 0,
+    with_lse: bool = True,
 ):
-    """SoftStep mass of each anchor on its own class and on all other classes, and ``lse``.
+    """SoftStep mass of each anchor on its own class and on all other classes, and ``lse``
+    (``None`` on the small-problem path unless ``with_lse``).
 
     Small problems (``n · m`` within the backend's dense limit, ``impl`` "auto" or "dense")
     take the weight matrix from :func:`simwarp.warp_weights` and sum it per class. Otherwise one
@@ -219,11 +221,14 @@ def _class_masses(
     n, m = x.shape[0], r.shape[0]
     a, b, t = params
     if warp["impl"] in ("auto", "dense") and n * m <= DENSE_AUTO_LIMIT:
-        w, stats = warp_weights(
-            x, r, step=step, a=a, b=b, t=t, return_stats=True, **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp
+        w = warp_weights(
+            x, r, step=step, a=a, b=b, t=t, return_stats=with_lse,
+            **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp,
         )
-        own = (w * (q_cls[:, None] == r_cls[None, :])).sum(1)
-        return own, w.sum(1) - own, stats.lse
+        w, lse = w if with_lse else (w, None)
+        same = torch.where(q_cls[:, None] == r_cls[None, :], 1.0, 0.0).to(w.dtype)  # float: bool products are slow
+        own = (w * same).sum(1)
+        return own, w.sum(1) - own, None if lse is None else lse.lse
     if n_cls <= MAX_CLASS_COLUMNS:
         v = F.one_hot(r_cls, n_cls).to(x.dtype)
         out, stats = warp_attend(
@@ -430,6 +435,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         own, _, _ = _class_masses(
             x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params,
             step=self.softstep.step, warp=self._warp_options(self.softmax_scale, 1.0), self_offset=offset,
+            with_lse=False,
         )
         non_zero = own > 0
         if not bool(non_zero.any()):

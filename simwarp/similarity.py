@@ -34,20 +34,54 @@ def default_scale(metric: str, dim: int) -> float:
     return dim**-0.5 if metric == "dot" else 1.0
 
 
-def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``sqrt(max(x, 0))`` whose gradient is 0 (not inf or NaN) where ``x <= 0``.
+class _SafeSqrt(torch.autograd.Function):
+    # y = sqrt(max(x, 0)); ∂x = g / (2 y), taken as 0 where y = 0. The reciprocal is formed as
+    # y / (y² + tiny), which is 1/y to within float rounding for every y that can come out of a
+    # squared distance, and exactly 0 at y = 0, without a data-dependent select.
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clamp_min(0.0).sqrt_()
+        ctx.save_for_backward(y)
+        return y
 
-    The zero entries are replaced *before* the square root, so that masking them
-    afterwards never multiplies an infinite derivative by zero.
-    """
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return (y * y).add_(torch.finfo(y.dtype).tiny).reciprocal_().mul_(y).mul_(g).mul_(0.5)
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(x, 0))`` whose gradient is 0 (not inf or NaN) where ``x <= 0``."""
+    return _SafeSqrt.apply(x)
+
+
+class _SquaredDistance(torch.autograd.Function):
+    # d²_ij = |q_i|² + |k_j|² - 2 q_i·k_j, clamped at 0 against rounding. The backward is that of
+    # the smooth expression (the clamp only ever acts on numerically-zero distances, where the
+    # true gradient is 0 too): ∂q = 2 (q Σ_j g - g k),  ∂k = 2 (k Σ_i g - gᵀ q).
+    @staticmethod
+    def forward(ctx, q, k):
+        ctx.save_for_backward(q, k)
+        d2 = torch.matmul(q, k.transpose(-1, -2)).mul_(-2.0)  # in place: one pass per term
+        return d2.add_(q.pow(2).sum(-1, keepdim=True)).add_(k.pow(2).sum(-1).unsqueeze(-2)).clamp_min_(0.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad
+        gq = gk = None
+        if need_q:
+            gq = (q * g.sum(-1, keepdim=True) - torch.matmul(g, k)).mul_(2.0).sum_to_size(q.shape)
+        if need_k:
+            gk = (k * g.sum(-2).unsqueeze(-1) - torch.matmul(g.transpose(-1, -2), q)).mul_(2.0).sum_to_size(k.shape)
+        return gq, gk
 
 
 def _squared_distance(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    qq = q.pow(2).sum(-1, keepdim=True)
-    kk = k.pow(2).sum(-1).unsqueeze(-2)
-    return (qq + kk - 2.0 * (q @ k.transpose(-1, -2))).clamp_min(0.0)
+    """``(..., n, m)`` squared Euclidean distances (``>= 0``) between the rows of ``q`` and ``k``."""
+    return _SquaredDistance.apply(q, k)
 
 
 def pairwise_similarity(
@@ -71,7 +105,7 @@ def pairwise_similarity(
     elif metric == "cosine":
         s = F.normalize(q, dim=-1, eps=_COSINE_EPS) @ F.normalize(k, dim=-1, eps=_COSINE_EPS).transpose(-1, -2)
     elif metric == "sqeuclidean":
-        s = -_squared_distance(q, k)
+        return _squared_distance(q, k).mul_(-c)  # a fresh tensor: negate and scale in place
     elif metric == "l2":
         s = -safe_sqrt(_squared_distance(q, k))
     else:  # l1: materialises (..., n, m, d); dense path only

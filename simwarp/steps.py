@@ -57,27 +57,176 @@ class Step:
         return self.log_mask(u, *(torch.as_tensor(p, dtype=u.dtype, device=u.device) for p in (a, b, t))).exp()
 
 
-def _select(phi_band: torch.Tensor, dropped: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
-    """``φ`` from its in-band expression: ``-inf`` where dropped, ``0`` above the band."""
-    return phi_band.masked_fill(above, 0.0).masked_fill(dropped, -math.inf)
+# Each built-in step is one autograd node with a closed-form backward, written for CPU speed:
+# no data-dependent `where`/`masked_fill` (an order of magnitude slower than arithmetic on
+# random masks) and no transcendental evaluated at 0, ±inf or a subnormal (slow paths of the
+# vectorised math library). Every log therefore sees a clamped, normal argument, and a dropped
+# neighbour gets its exact -inf from a division by the 0/1 sign of its band coordinate
+# (`_drop`). The backward divides only by quantities clamped away from 0 (`_guard`); entries
+# outside the band, whose true partials are 0, receive a zero upstream gradient from the
+# backend's softmax and so contribute exactly 0.
 
 
+def _guard(dtype: torch.dtype) -> float:
+    """Lower clamp for divisors in the backward: far below any in-band value, yet its
+    reciprocal times the largest per-row factors (``1/t``, ``1/(b-a)``) stays finite."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+def _safe_log_(x: torch.Tensor) -> torch.Tensor:
+    """In-place ``log`` of ``x >= 0`` with the argument clamped to the normal range."""
+    info = torch.finfo(x.dtype)
+    return x.clamp_(info.tiny, info.max).log_()
+
+
+def _drop_(phi: torch.Tensor, band_coordinate: torch.Tensor) -> torch.Tensor:
+    """``φ = -inf`` where ``band_coordinate`` (``>= 0``) is 0; ``φ`` must be ``< 0`` there."""
+    return phi.div_(band_coordinate.sign())
+
+
+def _reduce(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a broadcast gradient back to the shape of the input it belongs to."""
+    return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
+
+
+def _row_constant(*params: torch.Tensor) -> bool:
+    """Whether the parameters are constant along the key (last) dimension."""
+    return all(p.dim() == 0 or p.shape[-1] == 1 for p in params)
+
+
+def _upcast(fn):
+    """Run a step in float32 for 16-bit inputs (its guards need float32's range)."""
+
+    def step(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if u.dtype in (torch.float16, torch.bfloat16):
+            return fn(u.float(), *(p.float() for p in (a, b, t))).to(u.dtype)
+        return fn(u, a, b, t)
+
+    step.__name__, step.__qualname__, step.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return step
+
+
+class _SigmoidalStep(torch.autograd.Function):
+    # φ = log σ(-z), z = log(q / p) / t with p = (u-a)⁺, q = (b-u)⁺ (q/p clamped to the normal
+    # range, so z is finite: below the band σ(-z) underflows and _drop_ makes φ = -inf; above it
+    # σ(-z) = 1). With σ = sigmoid(z) and h = gφ σ / t:
+    # ∂u = h (1/p + 1/q),  ∂a = -h / p,  ∂b = -h / q,  ∂t = h z.
+    @staticmethod
+    def forward(ctx, u, a, b, t):
+        p = (u - a).clamp_min_(0.0)
+        z = _safe_log_((b - u).clamp_min_(0.0).div_(p)).div_(t)
+        ctx.save_for_backward(u, a, b, t, z)
+        return _drop_(_safe_log_(torch.neg(z).sigmoid_()), p)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_phi):
+        u, a, b, t, z = ctx.saved_tensors
+        need_u, need_a, need_b, need_t = ctx.needs_input_grad
+        guard = _guard(u.dtype)
+        h = torch.sigmoid(z).mul_(g_phi).div_(t)
+        gu = ga = gb = gt = None
+        if need_u or need_a:
+            h_p = (u - a).clamp_min_(guard)
+            h_p = torch.div(h, h_p, out=h_p)
+            ga = _reduce(h_p, a).neg() if need_a else None
+        if need_u or need_b:
+            h_q = (b - u).clamp_min_(guard)
+            h_q = torch.div(h, h_q, out=h_q)
+            gb = _reduce(h_q, b).neg() if need_b else None
+        if need_u:
+            gu = _reduce(h_p.add_(h_q), u)
+        if need_t:
+            gt = _reduce(h.mul_(z), t)
+        return gu, ga, gb, gt
+
+
+@_upcast
 def sigmoidal_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The paper's sigmoidal step, in log space: ``φ = -softplus((log(b-u) - log(u-a)) / t)``."""
-    below, above = u <= a, u >= b
-    inside = ~(below | above)
-    u_in = torch.where(inside, u, (a + b) * 0.5)  # in-band stand-ins keep the logs finite
-    z = torch.log((b - u_in) / (u_in - a)) / t
-    return _select(-F.softplus(z), below, above)
+    """The paper's sigmoidal step, in log space: ``φ = -softplus((log(b-u) - log(u-a)) / t)``.
+
+    Partials inside the band, with ``p = u - a``, ``q = b - u``, ``z = log(q/p)/t`` and
+    ``σ = sigmoid(z)``: ``φ_u = σ (1/p + 1/q) / t``, ``φ_a = -σ / (t p)``, ``φ_b = -σ / (t q)``,
+    ``φ_t = σ z / t`` (zero outside the band).
+    """
+    return _SigmoidalStep.apply(u, a, b, t)
 
 
+class _LogStep(torch.autograd.Function):
+    # φ = k (b - v) log(v / b) with v = clamp(u, 0, b), k = t / (1 - t). Partials:
+    # ∂u = k ((b - v)/v - log(v/b)),  ∂b = k (log(v/b) - (b - v)/b),  ∂t = φ / (t (1 - t)).
+    @staticmethod
+    def forward(ctx, u, a, b, t):
+        v = torch.minimum(u, b).clamp_min_(0.0)
+        ctx.save_for_backward(u, b, t)
+        phi = _safe_log_(v / b).mul_(b - v).mul_(t / (1 - t))  # v = b gives 0
+        return _drop_(phi, v)  # u <= 0
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_phi):
+        u, b, t = ctx.saved_tensors
+        need_u, _, need_b, need_t = ctx.needs_input_grad
+        v = torch.minimum(u, b).clamp_min_(_guard(u.dtype))
+        k = t / (1 - t)
+        log_vb = torch.log(v / b)
+        gap = b - v
+        gu = gb = gt = None
+        if need_u:
+            gu = _reduce((gap / v).sub_(log_vb).mul_(k).mul_(g_phi), u)
+        if need_b:
+            gb = _reduce((log_vb - gap / b).mul_(k).mul_(g_phi), b)
+        if need_t:
+            gt = _reduce((log_vb.mul_(gap)).mul_(g_phi).div_((1 - t) ** 2), t)
+        return gu, None, gb, gt
+
+
+@_upcast
 def log_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The soft log step: ``φ = t/(1-t) · (b-u) · log(u/b)`` on ``0 < u < b`` (``a`` unused)."""
-    dropped, above = u <= 0, u >= b
-    u_in = torch.where(dropped | above, b * 0.5, u)
-    return _select(t / (1 - t) * (b - u_in) * torch.log(u_in / b), dropped, above)
+    return _LogStep.apply(u, a, b, t)
 
 
+class _PolyStep(torch.autograd.Function):
+    # φ = log m(y), m = y² (3 - 2y) on y = clamp((u - (a+b)/2) c + 1/2, 0, 1), c = 1 / (t (b - a)).
+    # With φ_y = 6 (1 - y) / (y (3 - 2y)) and h = gφ φ_y c:  ∂u = h,  ∂a = h (u - b) / (b - a),
+    # ∂b = -h (u - a) / (b - a),  ∂t = -h (y - 1/2) / (c t).
+    @staticmethod
+    def forward(ctx, u, a, b, t):
+        c = 1 / (t * (b - a))
+        y = (u * c).add_(0.5 - (a + b) * 0.5 * c).clamp_(0.0, 1.0)
+        ctx.save_for_backward(u, a, b, t, y)
+        m = torch.mul(y, -2.0).add_(3.0).mul_(y).mul_(y)  # 0 for y <= 0, 1 for y >= 1
+        return _drop_(_safe_log_(m), y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_phi):
+        u, a, b, t, y = ctx.saved_tensors
+        need_u, need_a, need_b, need_t = ctx.needs_input_grad
+        width = b - a
+        c = 1 / (t * width)
+        y_in = y.clamp_min(_guard(u.dtype))  # y = 0 is dropped (gφ = 0 there); φ_y(1) = 0
+        den = torch.mul(y_in, -2.0).add_(3.0).mul_(y_in)
+        h = y_in.neg_().add_(1.0).mul_(6.0).div_(den).mul_(g_phi).mul_(c)  # gφ φ_y c, in y_in's buffer
+        gu = _reduce(h, u) if need_u else None
+        ga = gb = gt = None
+        if _row_constant(a, b, t):  # per-row sums S0 = Σ h, S1 = Σ h u, S2 = Σ h y
+            s0 = h.sum(-1, keepdim=True)
+            if need_a or need_b:
+                s1 = (h * u).sum(-1, keepdim=True)
+                ga = _reduce((s1 - b * s0) / width, a) if need_a else None
+                gb = _reduce((a * s0 - s1) / width, b) if need_b else None
+            if need_t:
+                gt = _reduce(((h * y).sum(-1, keepdim=True) - 0.5 * s0) / (-c * t), t)
+        else:
+            ga = _reduce(h * (u - b) / width, a) if need_a else None
+            gb = _reduce(-h * (u - a) / width, b) if need_b else None
+            gt = _reduce((y - 0.5).mul_(h).div_(-c * t), t) if need_t else None
+        return gu, ga, gb, gt
+
+
+@_upcast
 def poly_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Transcendental-free step: a cubic smoothstep on a band of width ``t·(b-a)`` centred in ``[a, b]``.
 
@@ -89,16 +238,14 @@ def poly_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Te
         m(u) = 1                 for y >= 1   (every u >= b keeps its full weight)
 
     ``m`` is C¹ (zero slope at both band ends), monotone, and costs a subtract, a fused
-    multiply-add and three multiplies per score. ``t → 0`` approaches a hard threshold at the
+    multiply-add and three multiplies per score (the fused kernels multiply by ``m``; this
+    log-space form takes one ``log``). ``t → 0`` approaches a hard threshold at the
     band's midpoint; ``t = 1`` spreads the smoothstep over all of ``[a, b]``. In log space
     (``φ = log m``) its partial derivatives inside the band are, with ``x = (u - a)/(b - a)``
     and ``φ_y = 6 (1 - y) / (y (3 - 2y))``: ``φ_u = φ_y c``, ``φ_a = φ_y c (x - 1)``,
     ``φ_b = -φ_y c x``, ``φ_t = -φ_y (y - 1/2) / t`` (zero outside the band).
     """
-    y = (u - (a + b) * 0.5) / (t * (b - a)) + 0.5
-    dropped, above = y <= 0, y >= 1
-    y_in = torch.where(dropped | above, 0.5, y)
-    return _select(torch.log(y_in * y_in * (3 - 2 * y_in)), dropped, above)
+    return _PolyStep.apply(u, a, b, t)
 
 
 def none_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -117,7 +264,9 @@ def register_step(name: str, fn: StepFn, *, overwrite: bool = False) -> Step:
         fn: ``fn(u, a, b, t) -> φ`` with ``u`` of shape ``(..., n, m)`` and ``a, b, t``
             broadcastable to it (``(..., n, 1)``); returns ``log m(u)`` with ``-inf`` for
             dropped neighbours. Must be gradient safe (see the module docstring) and keep
-            the row's best key (``u = 1``) finite.
+            the row's best key (``u = 1``) finite. The backend evaluates the step on whole
+            blocks, invalid keys included, and masks afterwards; registered steps therefore
+            receive ``u`` clamped to ``[0, 1]``.
         overwrite: allow replacing an existing step.
     """
     if not isinstance(name, str) or not name:
@@ -126,7 +275,12 @@ def register_step(name: str, fn: StepFn, *, overwrite: bool = False) -> Step:
         raise TypeError(f"step function for {name!r} must be callable, got {type(fn).__name__}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"step {name!r} is already registered; pass overwrite=True to replace it")
-    step = Step(name, fn)
+    def clamped(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return fn(u.clamp(0.0, 1.0), a, b, t)
+
+    clamped.__name__ = clamped.__qualname__ = getattr(fn, "__name__", name)
+    clamped.__doc__ = getattr(fn, "__doc__", None)
+    step = Step(name, clamped)
     _REGISTRY[name] = step
     return step
 
@@ -145,10 +299,13 @@ def available_steps() -> tuple[str, ...]:
 
 
 BUILTIN_STEPS = ("sigmoidal", "log", "poly", "none")
-register_step("sigmoidal", sigmoidal_log_mask)
-register_step("log", log_log_mask)
-register_step("poly", poly_log_mask)
-_REGISTRY["none"] = Step("none", none_log_mask, warps=False)  # identically 0: the backend skips it
+# The built-in steps accept any real u (invalid keys may lie outside [0, 1]): no clamp needed.
+_REGISTRY.update(
+    sigmoidal=Step("sigmoidal", sigmoidal_log_mask),
+    log=Step("log", log_log_mask),
+    poly=Step("poly", poly_log_mask),
+    none=Step("none", none_log_mask, warps=False),  # identically 0: the backend skips it
+)
 
 
 # ---------------------------------------------------------------------------------------

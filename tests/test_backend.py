@@ -74,6 +74,42 @@ def test_chunked_matches_dense_float64(metric, step, param_kind, mask_kind):
     assert all(torch.isfinite(g).all() for g in grads_c)
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 3])
+@pytest.mark.parametrize(
+    "metric,step,param_kind,mask_kind",
+    [c for c in CASES if c[0] in ("dot", "l2") and c[1] in ("sigmoidal", "poly") and c[2] in ("head", "row")],
+)
+def test_dense_row_blocks_match_chunked(monkeypatch, rows_per_block, metric, step, param_kind, mask_kind):
+    """The dense path splits rows into blocks; every block boundary (causal and self masks,
+    per-row parameters, row_range-free stats) must leave values and gradients unchanged."""
+    import simwarp.backend.dense as dense
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"blocks-{metric}-{step}-{param_kind}-{mask_kind}".encode()))
+    batch, n, d, e = (2, 3), 7, 4, 3
+    m = n if mask_kind == "self" else 9
+    q = torch.randn(*batch, n, d, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(batch[0], 1, m, d, generator=gen, dtype=f64, requires_grad=True)
+    v = torch.randn(1, batch[1], m, e, generator=gen, dtype=f64, requires_grad=True)
+    kw = {"metric": metric, "step": step}
+    if mask_kind == "random":
+        kw["mask"] = torch.rand(batch[0], 1, n, m, generator=gen) > 0.4
+    elif mask_kind == "causal":
+        kw["causal"] = True
+    elif mask_kind == "self":
+        kw["exclude_self"] = True
+    params = _params(param_kind, batch, n, gen)
+    monkeypatch.setattr(dense, "ROW_BLOCK_ELEMENTS", rows_per_block * m * 6)
+    out_d, stats_d, grads_d = _run(q, k, v, params, "dense", **kw)
+    out_c, stats_c, grads_c = _run(q, k, v, params, "chunked", chunk_size=4, **kw)
+    torch.testing.assert_close(out_d, out_c, rtol=1e-10, atol=1e-12)
+    for field in ("lse", "kept", "lo", "hi", "empty"):
+        torch.testing.assert_close(getattr(stats_d, field), getattr(stats_c, field), rtol=1e-10, atol=1e-12)
+    for gd, gc in zip(grads_d, grads_c):
+        torch.testing.assert_close(gd, gc, rtol=1e-8, atol=1e-10)
+    w = simwarp.warp_weights(q, k, a=params[0], b=params[1], t=params[2], **kw)
+    torch.testing.assert_close(w @ v, out_d, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
 @pytest.mark.parametrize("metric,step", [("dot", "sigmoidal"), ("l2", "log"), ("cosine", "poly"), ("sqeuclidean", "none")])
 def test_gradcheck(impl, metric, step):
@@ -194,8 +230,8 @@ def test_auto_picks_dense_for_small_and_chunked_for_large(monkeypatch):
     import simwarp.backend as backend
 
     calls = []
-    monkeypatch.setattr(backend, "chunked_warp_attend", lambda *a: calls.append("chunked") or (a[0][..., :1],) * 6)
-    monkeypatch.setattr(backend, "dense_warp_attend", lambda *a: calls.append("dense") or (a[0][..., :1], None))
+    monkeypatch.setattr(backend, "chunked_warp_attend", lambda *a, **kw: calls.append("chunked") or (a[0][..., :1],) * 6)
+    monkeypatch.setattr(backend, "dense_warp_attend", lambda *a, **kw: calls.append("dense") or (a[0][..., :1], None))
     small = torch.randn(4, 3)
     simwarp.warp_attend(small, small, small)
     big_n = int(math.isqrt(DENSE_AUTO_LIMIT)) + 1

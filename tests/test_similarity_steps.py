@@ -202,3 +202,86 @@ def test_softstep_parameters_are_trained_through_the_backend():
         grads = [p.grad for p in step.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert any(g.abs().sum() > 0 for g in grads)
+
+
+# Plain-autograd statements of the built-in steps (the old, slow but obviously correct forms):
+# the closed-form autograd Functions must agree with them in value and in every gradient.
+def _select(phi, dropped, above):
+    return phi.masked_fill(above, 0.0).masked_fill(dropped, -math.inf)
+
+
+def _sigmoidal_reference(u, a, b, t):
+    below, above = u <= a, u >= b
+    u_in = torch.where(below | above, (a + b) * 0.5, u)
+    z = torch.log((b - u_in) / (u_in - a)) / t
+    softplus = z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))  # exact (F.softplus switches to z above 20)
+    return _select(-softplus, below, above)
+
+
+def _log_reference(u, a, b, t):
+    dropped, above = u <= 0, u >= b
+    u_in = torch.where(dropped | above, b * 0.5, u)
+    return _select(t / (1 - t) * (b - u_in) * torch.log(u_in / b), dropped, above)
+
+
+def _poly_reference(u, a, b, t):
+    y = (u - (a + b) * 0.5) / (t * (b - a)) + 0.5
+    dropped, above = y <= 0, y >= 1
+    y_in = torch.where(dropped | above, 0.5, y)
+    return _select(torch.log(y_in * y_in * (3 - 2 * y_in)), dropped, above)
+
+
+@pytest.mark.parametrize(
+    "name,reference", [("sigmoidal", _sigmoidal_reference), ("log", _log_reference), ("poly", _poly_reference)]
+)
+@pytest.mark.parametrize("param_shape", [(), (6, 1), (2, 6, 1), (6, 9)])
+def test_closed_form_steps_match_autograd_reference(name, reference, param_shape):
+    gen = torch.Generator().manual_seed(zlib_seed(name, param_shape))
+    u = (torch.rand(2, 6, 9, generator=gen, dtype=f64) * 1.4 - 0.2).requires_grad_()  # invalid keys leave [0, 1]
+    a = 0.05 + 0.4 * torch.rand(param_shape, generator=gen, dtype=f64)
+    b = (a + 0.05 + 0.5 * torch.rand(param_shape, generator=gen, dtype=f64)).clamp(max=1.0)
+    t = 0.05 + 0.9 * torch.rand(param_shape, generator=gen, dtype=f64)
+    a, b, t = (x.requires_grad_() for x in (a, b, t))
+    got, want = get_step(name).log_mask(u, a, b, t), reference(u, a, b, t)
+    assert torch.equal(got == -math.inf, want == -math.inf), "exactly the same neighbours dropped"
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-12, atol=1e-12)
+    # the backend's softmax sends a zero gradient to dropped entries
+    seed = torch.randn(got.shape, generator=gen, dtype=f64).masked_fill(~finite, 0.0)
+    g_got = torch.autograd.grad(got.masked_fill(~finite, 0.0), (u, a, b, t), seed, allow_unused=True, materialize_grads=True)
+    g_want = torch.autograd.grad(want.masked_fill(~finite, 0.0), (u, a, b, t), seed, allow_unused=True, materialize_grads=True)
+    for x, y in zip(g_got, g_want):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["sigmoidal", "log", "poly"])
+def test_closed_form_steps_gradcheck(name):
+    gen = torch.Generator().manual_seed(7)
+    u = (0.1 + 0.8 * torch.rand(3, 5, generator=gen, dtype=f64)).requires_grad_()
+    a = torch.full((3, 1), 0.15, dtype=f64, requires_grad=True)
+    b = torch.tensor([[0.8], [0.9], [1.0]], dtype=f64, requires_grad=True)
+    t = torch.tensor(0.6, dtype=f64, requires_grad=True)
+    step = get_step(name).log_mask
+    assert torch.autograd.gradcheck(lambda *x: step(*x).exp(), (u, a, b, t))
+
+
+def test_user_steps_see_u_clamped_to_the_unit_interval():
+    seen = []
+
+    def recording(u, a, b, t):
+        seen.append((float(u.min()), float(u.max())))
+        return torch.log(u)  # NaN for u < 0 without the clamp
+
+    register_step("test_recording", recording, overwrite=True)
+    q, k, v = torch.randn(4, 3, dtype=f64), torch.randn(6, 3, dtype=f64), torch.randn(6, 2, dtype=f64)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, 0] = False  # an invalid key may lie outside the valid keys' range
+    out = simwarp.warp_attend(q, k, v, step="test_recording", mask=mask, impl="dense")
+    assert torch.isfinite(out).all()
+    assert all(0.0 <= lo and hi <= 1.0 for lo, hi in seen)
+
+
+def zlib_seed(*parts) -> int:
+    import zlib
+
+    return zlib.crc32(repr(parts).encode())

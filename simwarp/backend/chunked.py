@@ -19,7 +19,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from simwarp.backend.common import WarpSpec, key_validity, warp_logits, work_dtype
+from simwarp.backend.common import WarpSpec, key_bias, warp_logits, work_dtype
 from simwarp.similarity import paired_similarity, pairwise_similarity
 
 #: Target number of score entries per block (rows × keys): 1 MB per float32 temporary. The
@@ -48,11 +48,11 @@ class _KeyBlocks:
 
     def __call__(self, start: int, stop: int):
         s = pairwise_similarity(self.qw, self.kw[..., start:stop, :], self.spec.metric, self.spec.scale)
-        valid = key_validity(
-            self.mask, self.n, start, stop,
-            causal=self.spec.causal, exclude_self=self.spec.exclude_self, device=self.qw.device,
+        bias = key_bias(
+            self.mask, self.n, start, stop, causal=self.spec.causal, exclude_self=self.spec.exclude_self,
+            dtype=s.dtype, device=s.device,
         )
-        return s, valid
+        return s, bias
 
 
 def streaming_range(blocks: _KeyBlocks, batch, chunk: int):
@@ -66,9 +66,9 @@ def streaming_range(blocks: _KeyBlocks, batch, chunk: int):
     argmin = torch.zeros((*batch, n), dtype=torch.long, device=device)
     argmax = torch.zeros_like(argmin)
     for start, stop in _blocks(blocks.m, chunk):
-        s, valid = blocks(start, stop)
-        block_min, idx_min = (s if valid is None else s.masked_fill(~valid, math.inf)).min(-1)
-        block_max, idx_max = (s if valid is None else s.masked_fill(~valid, -math.inf)).max(-1)
+        s, bias = blocks(start, stop)
+        block_min, idx_min = (s if bias is None else s - bias).min(-1)
+        block_max, idx_max = (s if bias is None else s + bias).max(-1)
         new_min, new_max = block_min < lo, block_max > hi
         lo, argmin = torch.where(new_min, block_min, lo), torch.where(new_min, idx_min + start, argmin)
         hi, argmax = torch.where(new_max, block_max, hi), torch.where(new_max, idx_max + start, argmax)
@@ -100,10 +100,10 @@ class _ChunkedWarp(torch.autograd.Function):
         any_valid = torch.zeros((*batch, n), dtype=torch.bool, device=q.device)
         dropout = _Dropout(dropout_p, seed, q.device)
         for start, stop in _blocks(m, chunk):
-            s, valid = scores(start, stop)
+            s, bias = scores(start, stop)
             if empty is None:
-                any_valid |= True if valid is None else valid.any(-1)
-            logits = warp_logits(s, lo1, hi1, valid, a, b, t, spec)
+                any_valid |= True if bias is None else bias.amax(-1) > -math.inf
+            logits = warp_logits(s, lo1, hi1, bias, a, b, t, spec)
             new_max = torch.maximum(run_max, logits.amax(-1))
             shift = new_max.masked_fill(torch.isinf(new_max), 0.0)
             rescale = torch.exp(run_max - shift)
@@ -160,12 +160,12 @@ class _ChunkedWarp(torch.autograd.Function):
         for start, stop in _blocks(m, ctx.chunk):
             k_c = k[..., start:stop, :].detach().requires_grad_(need_k)
             v_c = v[..., start:stop, :].to(dtype)
-            valid = key_validity(
-                mask_x, n, start, stop, causal=spec.causal, exclude_self=spec.exclude_self, device=q.device
+            bias = key_bias(
+                mask_x, n, start, stop, causal=spec.causal, exclude_self=spec.exclude_self, dtype=dtype, device=q.device
             )
             with torch.enable_grad():
                 s = pairwise_similarity(q_.to(dtype), k_c.to(dtype), spec.metric, spec.scale)
-                logits = warp_logits(s, lo_, hi_, valid, a_, b_, t_, spec)
+                logits = warp_logits(s, lo_, hi_, bias, a_, b_, t_, spec)
             w = torch.exp(logits.detach() - lse_safe)
             w_out = dropout(w)  # the weights that multiplied v in forward
             if need_v:

@@ -56,7 +56,7 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def key_validity(
+def key_bias(
     mask: torch.Tensor | None,
     n: int,
     start: int,
@@ -64,39 +64,83 @@ def key_validity(
     *,
     causal: bool,
     exclude_self: bool,
+    dtype: torch.dtype,
     device: torch.device,
+    row_start: int = 0,
 ) -> torch.Tensor | None:
-    """Validity of keys ``start:stop`` for all ``n`` query rows; ``None`` = all valid.
+    """Validity of keys ``start:stop`` for the ``n`` query rows ``row_start:row_start + n`` as an
+    additive bias: ``0`` where the key is valid, ``-inf`` where it is not; ``None`` = all valid.
 
-    ``mask`` must already be expanded to ``(..., n, m)`` (a view). Causal is top-left
-    aligned, as in :func:`torch.nn.functional.scaled_dot_product_attention`: key ``j`` is
-    visible to query ``i`` iff ``j <= i``.
+    ``mask`` must already be expanded to ``(..., n, m)`` over these rows (a view). Causal is
+    top-left aligned, as in :func:`torch.nn.functional.scaled_dot_product_attention`: key ``j``
+    is visible to query ``i`` iff ``j <= i``. A bias (rather than a bool mask applied with
+    ``masked_fill``) costs one add per use, has an identity gradient, and the structural parts
+    are built from diagonals instead of index comparisons.
     """
-    valid = None if mask is None else mask[..., start:stop]
+    bias = None
     if causal or exclude_self:
-        rows = torch.arange(n, device=device)[:, None]
-        cols = torch.arange(start, stop, device=device)[None, :]
-        structural = torch.ones((n, stop - start), dtype=torch.bool, device=device)
-        if causal:
-            structural &= cols <= rows
+        width, offset = stop - start, row_start - start  # row i meets key i + row_start at column i + offset
+        if causal:  # key column c is hidden from row i iff c - i > offset
+            bias = torch.full((n, width), -math.inf, dtype=dtype, device=device).triu_(offset + 1)
+        else:
+            bias = torch.zeros((n, width), dtype=dtype, device=device)
         if exclude_self:
-            structural &= cols != rows
-        valid = structural if valid is None else valid & structural
-    return valid
+            bias.diagonal(offset=offset).fill_(-math.inf)
+    if mask is not None:
+        zero = torch.zeros((), dtype=dtype, device=device)
+        user = torch.where(mask[..., start:stop], zero, -math.inf)
+        bias = user if bias is None else user + bias
+    return bias
+
+
+def row_is_empty(bias: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """``(..., n)`` bool: rows of ``shape = (..., n, c)`` with no valid key under ``bias``."""
+    if bias is None:
+        return torch.zeros(shape[:-1], dtype=torch.bool, device=device)
+    return (bias.amax(-1) == -math.inf).expand(shape[:-1])
+
+
+class _NormalizedRange(torch.autograd.Function):
+    # u = (s - lo) / r with r = hi - lo, u = 1 on flat rows (r <= 0), where it is constant.
+    # With inv = 1/r (0 on flat rows): ∂s = g inv, ∂lo = inv Σ g (u - 1), ∂hi = -inv Σ g u.
+    @staticmethod
+    def forward(ctx, s, lo, hi):
+        r = hi - lo
+        flat = r <= 0
+        inv = torch.where(flat, 0.0, 1.0 / r.masked_fill(flat, 1.0))  # per row: cheap
+        u = (s * inv).add_(flat.to(s.dtype) - lo * inv)
+        ctx.save_for_backward(u, inv)
+        ctx.shapes = s.shape, lo.shape, hi.shape
+        return u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        u, inv = ctx.saved_tensors
+        s_shape, lo_shape, hi_shape = ctx.shapes
+        need_s, need_lo, need_hi = ctx.needs_input_grad
+        gs = (g * inv).sum_to_size(s_shape) if need_s else None
+        g_lo = g_hi = None
+        if need_lo or need_hi:
+            g_u = (g * u).sum(-1, keepdim=True)
+            if need_lo:
+                g_lo = ((g_u - g.sum(-1, keepdim=True)) * inv).sum_to_size(lo_shape)
+            if need_hi:
+                g_hi = (-g_u * inv).sum_to_size(hi_shape)
+        return gs, g_lo, g_hi
 
 
 def normalized_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``u = (s - lo) / (hi - lo)`` with ``lo``, ``hi`` of shape ``(..., n, 1)``; ``u = 1`` on flat rows."""
-    r = hi - lo
-    flat = r <= 0
-    return ((s - lo) / r.masked_fill(flat, 1.0)).masked_fill(flat, 1.0)
+    """``u = (s - lo) / (hi - lo)`` with ``lo``, ``hi`` of shape ``(..., n, 1)``; ``u = 1`` on flat
+    rows (with zero gradient there). ``s``: ``(..., n, c)``."""
+    return _NormalizedRange.apply(s, lo, hi)
 
 
 def warp_logits(
     s: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
-    valid: torch.Tensor | None,
+    bias: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
     t: torch.Tensor,
@@ -105,15 +149,20 @@ def warp_logits(
     """Logits ``ℓ = s / τ + φ(u)`` for a block of keys, ``-inf`` where invalid or dropped.
 
     Args:
-        s: ``(..., n, c)`` similarities; ``lo``, ``hi``: ``(..., n, 1)``; ``valid``: bool
-            broadcastable to ``s`` or ``None``; ``a, b, t``: broadcastable to ``(..., n, 1)``.
+        s: ``(..., n, c)`` similarities; ``lo``, ``hi``: ``(..., n, 1)``; ``bias``: validity
+            from :func:`key_bias`, broadcastable to ``s``, or ``None``; ``a, b, t``:
+            broadcastable to ``(..., n, 1)``.
     """
-    logits = s / spec.temperature if spec.temperature != 1.0 else s
     if spec.step.warps:
-        logits = logits + spec.step.log_mask(normalized_range(s, lo, hi), a, b, t)
-    if valid is not None:
-        logits = logits.masked_fill(~valid, -math.inf)
-    return logits
+        phi = spec.step.log_mask(normalized_range(s, lo, hi), a, b, t)
+        logits = torch.add(phi, s, alpha=1.0 / spec.temperature)  # a new tensor: safe to update in place
+    else:
+        logits = s / spec.temperature if spec.temperature != 1.0 else s
+    if bias is None:
+        return logits
+    if logits is not s and logits.shape == torch.broadcast_shapes(logits.shape, bias.shape):
+        return logits.add_(bias)
+    return logits + bias
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,13 @@
-"""The materialising reference: the whole ``(..., n, m)`` matrix at once, plain autograd.
+"""The materialising implementation: the whole ``(..., n, m)`` matrix, autograd over the row math.
 
 Any metric and any registered step; small inputs only (memory grows as ``n · m``). It is the
 oracle every other implementation is tested against.
+
+Rows are independent, so the matrix is built in blocks of whole rows
+(:data:`ROW_BLOCK_ELEMENTS` scores each): every block runs the complete contract (its rows'
+range, step and softmax) with no recomputation, while its temporaries stay cache-sized. On CPU
+the elementwise row math is memory-bound, and blocking makes it several times faster than one
+pass over the full matrix per operation (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -10,74 +16,146 @@ import math
 
 import torch
 
-from simwarp.backend.common import WarpSpec, WarpStats, key_validity, warp_logits, work_dtype
+from simwarp.backend.common import WarpSpec, WarpStats, key_bias, row_is_empty, warp_logits, work_dtype
 from simwarp.similarity import pairwise_similarity
 
 
 def dense_logits(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    s: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
     t: torch.Tensor,
     mask: torch.Tensor | None,
     spec: WarpSpec,
     row_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+    row_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(logits, lo, hi, empty)``: logits ``(..., n, m)``, the rest ``(..., n)``.
-    ``row_range``: a fixed ``(lo, hi)`` (constants) instead of the rows' own range."""
-    dtype = work_dtype(q.dtype)
-    n, m = q.shape[-2], k.shape[-2]
-    s = pairwise_similarity(q.to(dtype), k.to(dtype), spec.metric, spec.scale)
+    """Return ``(logits, lo, hi, empty)`` for similarities ``s (..., n, m)``: logits
+    ``(..., n, m)``, the rest ``(..., n)``. ``row_range``: a fixed ``(lo, hi)`` (constants)
+    instead of the rows' own range; ``row_start``: index of ``s``'s first row in the call (for
+    ``causal`` / ``exclude_self``)."""
+    n, m = s.shape[-2], s.shape[-1]
     if mask is not None:  # the mask may carry leading dims that only v has
         s = s.expand(torch.broadcast_shapes(s.shape, mask.shape))
-    valid = key_validity(
+    bias = key_bias(
         None if mask is None else mask.expand(s.shape),
-        n, 0, m, causal=spec.causal, exclude_self=spec.exclude_self, device=s.device,
+        n, 0, m, causal=spec.causal, exclude_self=spec.exclude_self, dtype=s.dtype, device=s.device, row_start=row_start,
     )
+    empty = row_is_empty(bias, s.shape, s.device)
     # min/max with indices route the range gradient to one key per row (the first on ties),
     # exactly as the streaming implementations do.
-    if valid is None:
-        empty = torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
-    else:
-        valid = valid.expand(s.shape)
-        empty = ~valid.any(-1)
     if row_range is not None:
-        lo, hi = (x.detach().to(dtype).expand(s.shape[:-1]) for x in row_range)
-    elif valid is None:
+        lo, hi = (x.detach().to(s.dtype).expand(s.shape[:-1]) for x in row_range)
+    elif bias is None:
         lo, hi = s.min(-1).values, s.max(-1).values
     else:
-        lo = s.masked_fill(~valid, math.inf).min(-1).values.masked_fill(empty, 0.0)
-        hi = s.masked_fill(~valid, -math.inf).max(-1).values.masked_fill(empty, 0.0)
+        lo = (s - bias).min(-1).values.masked_fill(empty, 0.0)
+        hi = (s + bias).max(-1).values.masked_fill(empty, 0.0)
     if spec.detach_range:
         lo, hi = lo.detach(), hi.detach()
-    logits = warp_logits(s, lo.unsqueeze(-1), hi.unsqueeze(-1), valid, a, b, t, spec)
+    logits = warp_logits(s, lo.unsqueeze(-1), hi.unsqueeze(-1), bias, a, b, t, spec)
     return logits, lo, hi, empty
 
 
-def _safe_lse(logits: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-    # logsumexp of an all -inf row is -inf with a NaN gradient: compute it on a finite stand-in.
-    return torch.logsumexp(logits.masked_fill(empty.unsqueeze(-1), 0.0), -1)
+class _RowSoftmax(torch.autograd.Function):
+    """``(w, lse)`` of logits over the last dim; a row that is all ``-inf`` gives ``w = 0`` and
+    ``lse = -inf`` with zero gradients (``torch.softmax`` gives NaN there, ``logsumexp`` a NaN
+    gradient). Backward: ``∂ℓ = w (∂w - Σ_j w ∂w + ∂lse)``."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        top = logits.amax(-1, keepdim=True)
+        top = top.masked_fill(top == -math.inf, 0.0)  # per row
+        w = (logits - top).exp_()
+        total = w.sum(-1, keepdim=True)
+        w.div_(total.clamp_min(torch.finfo(w.dtype).tiny))
+        ctx.save_for_backward(w)
+        return w, (total.log_() + top).squeeze(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_w, g_lse):
+        (w,) = ctx.saved_tensors
+        if g_w is None:
+            return w * g_lse.unsqueeze(-1)
+        shift = (w * g_w).sum(-1, keepdim=True)
+        if g_lse is not None:
+            shift = shift - g_lse.unsqueeze(-1)
+        return (g_w - shift).mul_(w)
 
 
-def dense_weights(q, k, a, b, t, mask, spec: WarpSpec, row_range=None) -> tuple[torch.Tensor, WarpStats]:
+#: Scores per row block (see the module docstring): 1 MiB per float32 temporary.
+ROW_BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(n: int, entries_per_row: int):
+    rows = max(1, min(n, ROW_BLOCK_ELEMENTS // max(entries_per_row, 1)))
+    for start in range(0, n, rows):
+        yield start, min(start + rows, n)
+
+
+def _rows(x, start: int, stop: int, dim: int):
+    """Rows ``start:stop`` of ``x`` along ``dim`` (counted from the end), unless ``x`` is
+    ``None`` or broadcast along it."""
+    if x is None or x.dim() < -dim or x.shape[dim] == 1:
+        return x
+    return x.narrow(dim, start, stop - start)
+
+
+def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop: int, count_kept: bool):
+    """Weights and stats of query rows ``start:stop``, from their similarities ``s``."""
+    logits, lo, hi, empty = dense_logits(
+        s, *(_rows(p, start, stop, -2) for p in (a, b, t)), _rows(mask, start, stop, -2), spec,
+        None if row_range is None else tuple(_rows(x, start, stop, -1) for x in row_range),
+        row_start=start,
+    )
+    w, lse = _RowSoftmax.apply(logits)
+    kept = (logits > -math.inf).sum(-1).to(w.dtype) if count_kept else torch.full_like(lse, math.nan)
+    return w, WarpStats(lse=lse, kept=kept, lo=lo.detach(), hi=hi.detach(), empty=empty)
+
+
+def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, count_kept: bool):
+    """Run ``per_block(w) -> tensor (..., rows, ·)`` over row blocks; concatenate.
+
+    The similarities come from one product for all rows; ``split`` hands out the row blocks as
+    views whose gradients autograd gathers with a single concatenation.
+    """
+    dtype = work_dtype(q.dtype)
+    s = pairwise_similarity(q.to(dtype), k.to(dtype), spec.metric, spec.scale)
+    batch = s.shape[:-2] if mask is None else torch.broadcast_shapes(s.shape[:-2], mask.shape[:-2])
+    if v is not None:
+        batch = torch.broadcast_shapes(batch, v.shape[:-2])
+    n, m = s.shape[-2:]
+    blocks = list(_row_blocks(n, m * math.prod(batch)))
+    s_blocks = s.split([stop - start for start, stop in blocks], dim=-2) if len(blocks) > 1 else (s,)
+    parts, stats = [], []
+    for (start, stop), s_block in zip(blocks, s_blocks):
+        w, st = _block_weights(s_block, a, b, t, mask, spec, row_range, start, stop, count_kept)
+        parts.append(per_block(w))
+        stats.append(st)
+    if len(parts) == 1:
+        return parts[0], stats[0]
+    return torch.cat(parts, -2), WarpStats(*(torch.cat(field, -1) for field in zip(*stats)))
+
+
+def dense_weights(
+    q, k, a, b, t, mask, spec: WarpSpec, row_range=None, count_kept: bool = True
+) -> tuple[torch.Tensor, WarpStats]:
     """Weights ``(..., n, m)`` (softmax of the logits over valid keys; all 0 on a row with no
-    valid key) and the rows' :class:`WarpStats`."""
-    logits, lo, hi, empty = dense_logits(q, k, a, b, t, mask, spec, row_range)
-    # with a fixed range a row may keep nothing although it has valid keys
-    nothing = (logits == -math.inf).all(-1) if row_range is not None else empty
-    lse = _safe_lse(logits, nothing)
-    w = torch.exp(logits - lse.unsqueeze(-1))
-    kept = (logits > -math.inf).sum(-1).to(w.dtype)
-    stats = WarpStats(lse=lse.masked_fill(nothing, -math.inf), kept=kept, lo=lo.detach(), hi=hi.detach(), empty=empty)
-    return w, stats
+    valid key) and the rows' :class:`WarpStats` (``kept`` only with ``count_kept``)."""
+    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w: w, count_kept)
 
 
 def dense_warp_attend(
-    q, k, v, a, b, t, mask, spec: WarpSpec, dropout_p: float = 0.0, row_range=None
+    q, k, v, a, b, t, mask, spec: WarpSpec, dropout_p: float = 0.0, row_range=None, count_kept: bool = True
 ) -> tuple[torch.Tensor, WarpStats]:
-    """Output ``(..., n, e)`` and :class:`WarpStats` (dropout acts on the weights, not the stats)."""
-    w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range)
-    if dropout_p > 0:
-        w = torch.nn.functional.dropout(w, dropout_p)
-    return (w @ v.to(w.dtype)).to(q.dtype), stats
+    """Output ``(..., n, e)`` and :class:`WarpStats` (dropout acts on the weights, not the stats;
+    ``kept`` only with ``count_kept``)."""
+
+    def attend(w):
+        if dropout_p > 0:
+            w = torch.nn.functional.dropout(w, dropout_p)
+        return w @ v.to(w.dtype)
+
+    out, stats = _blocked(q, k, v, a, b, t, mask, spec, row_range, attend, count_kept)
+    return out.to(q.dtype), stats
