@@ -16,7 +16,14 @@ import math
 
 import torch
 
-from simwarp.backend.common import WarpSpec, WarpStats, key_bias, row_is_empty, warp_logits, work_dtype
+from simwarp.backend.common import (
+    WarpSpec,
+    WarpStats,
+    key_bias,
+    row_is_empty,
+    warp_logits,
+    work_dtype,
+)
 from simwarp.similarity import pairwise_similarity
 
 
