@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SPEED_CASES = ("pml_nca", "softstep_nca", "softstep_nca_none", "pml_ntxent", "softstep_contrastive",
-               "softstep_contrastive_none")
+SPEED_CASES = ("pml_nca", "softstep_nca", "softstep_nca_poly", "softstep_nca_none", "pml_ntxent",
+               "softstep_contrastive", "softstep_contrastive_none")
 
 
 def _cases(arg: str | None) -> tuple[str, ...]:
@@ -64,6 +64,7 @@ def _make_loss(case: str):
         "pml_nca": lambda: pml.NCALoss(),
         "softstep_nca": lambda: sl.SoftStepNCALoss(),
         "softstep_nca_none": lambda: sl.SoftStepNCALoss(step="none"),
+        "softstep_nca_poly": lambda: sl.SoftStepNCALoss(step="poly"),
         "pml_ntxent": lambda: pml.NTXentLoss(),
         "softstep_contrastive": lambda: sl.SoftStepContrastiveLoss(),
         "softstep_contrastive_none": lambda: sl.SoftStepContrastiveLoss(step="none"),
@@ -113,36 +114,54 @@ def _ntxent_estimate_gib(n: int) -> float:
     return pos * neg * 13 / 2**30
 
 
-def run_speed(sizes, d: int, reps: int, threads: int, mem_cap_gib: float, timeout: int, cases=SPEED_CASES) -> list[dict]:
+def _run_child(case: str, n: int, d: int, reps: int, threads: int, timeout: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", case, "--n", str(n), "--d", str(d), "--reps", str(reps),
+           "--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "n": n, "d": d, "skipped": f"timeout {timeout}s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"case": case, "n": n, "d": d, "skipped": f"failed: {tail[0][:120]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_speed(
+    sizes, d: int, reps: int, threads: int, mem_cap_gib: float, timeout: int, cases=SPEED_CASES, rounds: int = 1
+) -> list[dict]:
+    """Each case in a fresh subprocess; with ``rounds > 1`` all cases run once per round, in
+    turn, and each case reports the median over rounds (load on a shared machine then hits
+    every case alike)."""
+    runs: dict[tuple[int, str], list[dict]] = {}
+    for round_ in range(rounds):
+        for n in sizes:
+            for case in cases:
+                if case == "pml_ntxent" and _ntxent_estimate_gib(n) > mem_cap_gib:
+                    runs[(n, case)] = [{"case": case, "n": n, "d": d, "skipped": f"needs ~{_ntxent_estimate_gib(n):.0f} GiB"}]
+                    continue
+                row = _run_child(case, n, d, reps, threads, timeout)
+                runs.setdefault((n, case), []).append(row)
+                shown = row.get("skipped") or f"{row['time_s']*1e3:10.1f} ms {row['peak_mib']:10.1f} MiB"
+                print(f"  round {round_ + 1}/{rounds} n={n:6d} {case:26s} {shown}", flush=True)
     rows = []
-    for n in sizes:
-        for case in cases:
-            if case == "pml_ntxent" and _ntxent_estimate_gib(n) > mem_cap_gib:
-                rows.append({"case": case, "n": n, "d": d, "skipped": f"needs ~{_ntxent_estimate_gib(n):.0f} GiB"})
-                print(f"  n={n:6d} {case:26s} skipped (PML would need ~{_ntxent_estimate_gib(n):.0f} GiB)", flush=True)
-                continue
-            cmd = [sys.executable, __file__, "--child", case, "--n", str(n), "--d", str(d), "--reps", str(reps),
-                   "--threads", str(threads)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rows.append({"case": case, "n": n, "d": d, "skipped": f"timeout {timeout}s"})
-                print(f"  n={n:6d} {case:26s} timeout", flush=True)
-                continue
-            if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-                rows.append({"case": case, "n": n, "d": d, "skipped": f"failed: {tail[0][:120]}"})
-                print(f"  n={n:6d} {case:26s} failed: {tail[0][:120]}", flush=True)
-                continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"  n={n:6d} {case:26s} {row['time_s']*1e3:10.1f} ms {row['peak_mib']:10.1f} MiB", flush=True)
+    for (n, case), rs in runs.items():
+        done = [r for r in rs if "skipped" not in r]
+        if not done:
+            rows.append(rs[0])
+            continue
+        merged = dict(done[0])
+        merged["time_s"] = statistics.median(r["time_s"] for r in done)
+        merged["peak_mib"] = statistics.median(r["peak_mib"] for r in done)
+        merged["rounds"] = len(done)
+        merged["time_s_per_round"] = [r["time_s"] for r in done]
+        rows.append(merged)
     return rows
 
 
 def speed_table(rows: list[dict]) -> str:
     base = {(r["n"], r["case"]): r for r in rows if "skipped" not in r}
-    peer = {"softstep_nca": "pml_nca", "softstep_nca_none": "pml_nca",
+    peer = {"softstep_nca": "pml_nca", "softstep_nca_none": "pml_nca", "softstep_nca_poly": "pml_nca",
             "softstep_contrastive": "pml_ntxent", "softstep_contrastive_none": "pml_ntxent"}
     lines = ["| batch | loss | fwd+bwd ms | peak MiB | time vs PML | memory: PML / ours |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -279,6 +298,7 @@ def main(argv=None) -> None:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3, help="speed: timed calls after the warm-up (0: time the warm-up)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="speed: run all cases this many times, in turn; report medians")
     ap.add_argument("--cases", default=None, help="speed: comma-separated subset of " + ",".join(SPEED_CASES))
     ap.add_argument("--mem-cap-gib", type=float, default=8.0)
     ap.add_argument("--timeout", type=int, default=900, help="speed: seconds per case")
@@ -296,8 +316,10 @@ def main(argv=None) -> None:
     result = {"machine": "CPU", "threads": args.threads}
     if args.part in ("speed", "all"):
         sizes = args.sizes or ([256, 1024, 4096, 16384] if args.full else [256, 1024, 4096])
-        print(f"speed: batch {sizes}, d={args.d}, 4 per class, median of {args.reps} after a warm-up", flush=True)
-        rows = run_speed(sizes, args.d, args.reps, args.threads, args.mem_cap_gib, args.timeout, _cases(args.cases))
+        print(f"speed: batch {sizes}, d={args.d}, 4 per class, median of {args.reps} after a warm-up, "
+              f"{args.rounds} round(s)", flush=True)
+        rows = run_speed(sizes, args.d, args.reps, args.threads, args.mem_cap_gib, args.timeout, _cases(args.cases),
+                         args.rounds)
         result["speed"] = rows
         print(speed_table(rows))
     if args.part in ("quality", "all"):

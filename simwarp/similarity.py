@@ -56,32 +56,39 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return _SafeSqrt.apply(x)
 
 
-class _SquaredDistance(torch.autograd.Function):
-    # d²_ij = |q_i|² + |k_j|² - 2 q_i·k_j, clamped at 0 against rounding. The backward is that of
-    # the smooth expression (the clamp only ever acts on numerically-zero distances, where the
-    # true gradient is 0 too): ∂q = 2 (q Σ_j g - g k),  ∂k = 2 (k Σ_i g - gᵀ q).
+class _ScaledSquaredDistance(torch.autograd.Function):
+    # c · d²_ij with d²_ij = |q_i|² + |k_j|² - 2 q_i·k_j, clamped to c·d² ∈ c·[0, ∞) against
+    # rounding. The backward is that of the smooth expression (the clamp only ever acts on
+    # numerically-zero distances, where the true gradient is 0 too): with G = c g,
+    # ∂q = 2 (q Σ_j G - G k),  ∂k = 2 (k Σ_i G - Gᵀ q).
     @staticmethod
-    def forward(ctx, q, k):
+    def forward(ctx, q, k, c: float):
         ctx.save_for_backward(q, k)
-        d2 = torch.matmul(q, k.transpose(-1, -2)).mul_(-2.0)  # in place: one pass per term
-        return d2.add_(q.pow(2).sum(-1, keepdim=True)).add_(k.pow(2).sum(-1).unsqueeze(-2)).clamp_min_(0.0)
+        ctx.c = c
+        qq, kk = q.pow(2).sum(-1, keepdim=True).mul_(c), k.pow(2).sum(-1).unsqueeze(-2).mul_(c)
+        if q.dim() == 2 and k.dim() == 2:  # one GEMM with the key norms as its C operand
+            out = torch.addmm(kk, q, k.T, alpha=-2.0 * c).add_(qq)
+        else:
+            out = torch.matmul(q, k.transpose(-1, -2)).mul_(-2.0 * c).add_(qq).add_(kk)
+        return out.clamp_min_(0.0) if c > 0 else out.clamp_max_(0.0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         q, k = ctx.saved_tensors
-        need_q, need_k = ctx.needs_input_grad
+        need_q, need_k, _ = ctx.needs_input_grad
+        g = g * (2.0 * ctx.c)
         gq = gk = None
         if need_q:
-            gq = (q * g.sum(-1, keepdim=True) - torch.matmul(g, k)).mul_(2.0).sum_to_size(q.shape)
+            gq = (q * g.sum(-1, keepdim=True) - torch.matmul(g, k)).sum_to_size(q.shape)
         if need_k:
-            gk = (k * g.sum(-2).unsqueeze(-1) - torch.matmul(g.transpose(-1, -2), q)).mul_(2.0).sum_to_size(k.shape)
-        return gq, gk
+            gk = (k * g.sum(-2).unsqueeze(-1) - torch.matmul(g.transpose(-1, -2), q)).sum_to_size(k.shape)
+        return gq, gk, None
 
 
-def _squared_distance(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``(..., n, m)`` squared Euclidean distances (``>= 0``) between the rows of ``q`` and ``k``."""
-    return _SquaredDistance.apply(q, k)
+def _squared_distance(q: torch.Tensor, k: torch.Tensor, c: float = 1.0) -> torch.Tensor:
+    """``(..., n, m)`` squared Euclidean distances between the rows of ``q`` and ``k``, times ``c``."""
+    return _ScaledSquaredDistance.apply(q, k, c)
 
 
 def pairwise_similarity(
@@ -105,7 +112,7 @@ def pairwise_similarity(
     elif metric == "cosine":
         s = F.normalize(q, dim=-1, eps=_COSINE_EPS) @ F.normalize(k, dim=-1, eps=_COSINE_EPS).transpose(-1, -2)
     elif metric == "sqeuclidean":
-        return _squared_distance(q, k).mul_(-c)  # a fresh tensor: negate and scale in place
+        return _squared_distance(q, k, -c)
     elif metric == "l2":
         s = -safe_sqrt(_squared_distance(q, k))
     else:  # l1: materialises (..., n, m, d); dense path only

@@ -42,6 +42,8 @@ def dense_logits(
     instead of the rows' own range; ``row_start``: index of ``s``'s first row in the call (for
     ``causal`` / ``exclude_self``)."""
     n, m = s.shape[-2], s.shape[-1]
+    if mask is None and spec.exclude_self and not spec.causal and row_range is None and m > 1:
+        return _leave_one_out_logits(s, a, b, t, spec, row_start)
     if mask is not None:  # the mask may carry leading dims that only v has
         s = s.expand(torch.broadcast_shapes(s.shape, mask.shape))
     bias = key_bias(
@@ -62,6 +64,32 @@ def dense_logits(
         lo, hi = lo.detach(), hi.detach()
     logits = warp_logits(s, lo.unsqueeze(-1), hi.unsqueeze(-1), bias, a, b, t, spec)
     return logits, lo, hi, empty
+
+
+def _leave_one_out_logits(s, a, b, t, spec: WarpSpec, row_start: int):
+    """:func:`dense_logits` for ``exclude_self`` alone (the leave-one-out training case), without
+    a bias matrix: each row's own key sits on one diagonal of the block, which is set to ±inf
+    in place for the range reductions (then restored) and to -inf in the logits. Neither write
+    is recorded by autograd: ``s`` is saved by no node, and the self weights are exactly 0, so
+    no gradient reaches those entries."""
+    with torch.no_grad():
+        own = s.detach().diagonal(row_start, -2, -1)
+        saved = own.clone()
+        own.fill_(math.inf)
+        lo_index = s.detach().min(-1).indices
+        own.fill_(-math.inf)
+        hi_index = s.detach().max(-1).indices
+        own.copy_(saved)
+    lo, hi = (s.gather(-1, index.unsqueeze(-1)) for index in (lo_index, hi_index))
+    if spec.detach_range:
+        lo, hi = lo.detach(), hi.detach()
+    logits = warp_logits(s, lo, hi, None, a, b, t, spec)
+    if logits is s:  # step "none" at temperature 1: the logits are the similarities themselves
+        logits = s.clone()
+    with torch.no_grad():
+        logits.diagonal(row_start, -2, -1).fill_(-math.inf)
+    empty = torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
+    return logits, lo.squeeze(-1), hi.squeeze(-1), empty
 
 
 class _RowSoftmax(torch.autograd.Function):
@@ -122,22 +150,16 @@ def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop
 
 
 def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, count_kept: bool):
-    """Run ``per_block(w) -> tensor (..., rows, ·)`` over row blocks; concatenate.
-
-    The similarities come from one product for all rows; ``split`` hands out the row blocks as
-    views whose gradients autograd gathers with a single concatenation.
-    """
+    """Run ``per_block(w) -> tensor (..., rows, ·)`` over row blocks; concatenate."""
     dtype = work_dtype(q.dtype)
-    s = pairwise_similarity(q.to(dtype), k.to(dtype), spec.metric, spec.scale)
-    batch = s.shape[:-2] if mask is None else torch.broadcast_shapes(s.shape[:-2], mask.shape[:-2])
-    if v is not None:
-        batch = torch.broadcast_shapes(batch, v.shape[:-2])
-    n, m = s.shape[-2:]
-    blocks = list(_row_blocks(n, m * math.prod(batch)))
-    s_blocks = s.split([stop - start for start, stop in blocks], dim=-2) if len(blocks) > 1 else (s,)
+    qw, kw = q.to(dtype), k.to(dtype)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
+    if mask is not None:
+        batch = torch.broadcast_shapes(batch, mask.shape[:-2])
     parts, stats = [], []
-    for (start, stop), s_block in zip(blocks, s_blocks):
-        w, st = _block_weights(s_block, a, b, t, mask, spec, row_range, start, stop, count_kept)
+    for start, stop in _row_blocks(q.shape[-2], k.shape[-2] * math.prod(batch)):
+        s = pairwise_similarity(_rows(qw, start, stop, -2), kw, spec.metric, spec.scale)
+        w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, count_kept)
         parts.append(per_block(w))
         stats.append(st)
     if len(parts) == 1:
