@@ -145,7 +145,7 @@ def run_speed(
                 shown = row.get("skipped") or f"{row['time_s']*1e3:10.1f} ms {row['peak_mib']:10.1f} MiB"
                 print(f"  round {round_ + 1}/{rounds} n={n:6d} {case:26s} {shown}", flush=True)
     rows = []
-    for (n, case), rs in runs.items():
+    for rs in runs.values():
         done = [r for r in rs if "skipped" not in r]
         if not done:
             rows.append(rs[0])

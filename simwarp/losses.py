@@ -226,7 +226,9 @@ def _class_masses(
             **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp,
         )
         w, lse = w if with_lse else (w, None)
-        same = torch.where(q_cls[:, None] == r_cls[None, :], 1.0, 0.0).to(w.dtype)  # float: bool products are slow
+        # 1 where the classes (small integers, exact in floating point) agree, else 0, built
+        # with float arithmetic: bool comparisons and float-by-bool products are slow on CPU
+        same = (q_cls.to(w.dtype)[:, None] - r_cls.to(w.dtype)[None, :]).abs_().clamp_max_(1.0).neg_().add_(1.0)
         own = (w * same).sum(1)
         return own, w.sum(1) - own, None if lse is None else lse.lse
     if n_cls <= MAX_CLASS_COLUMNS:

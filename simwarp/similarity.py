@@ -77,12 +77,11 @@ class _ScaledSquaredDistance(torch.autograd.Function):
     def backward(ctx, g):
         q, k = ctx.saved_tensors
         need_q, need_k, _ = ctx.needs_input_grad
-        g = g * (2.0 * ctx.c)
-        gq = gk = None
+        gq = gk = None  # the factor 2c is applied to the small (rows × d) results
         if need_q:
-            gq = (q * g.sum(-1, keepdim=True) - torch.matmul(g, k)).sum_to_size(q.shape)
+            gq = (q * g.sum(-1, keepdim=True) - torch.matmul(g, k)).mul_(2.0 * ctx.c).sum_to_size(q.shape)
         if need_k:
-            gk = (k * g.sum(-2).unsqueeze(-1) - torch.matmul(g.transpose(-1, -2), q)).sum_to_size(k.shape)
+            gk = (k * g.sum(-2).unsqueeze(-1) - torch.matmul(g.transpose(-1, -2), q)).mul_(2.0 * ctx.c).sum_to_size(k.shape)
         return gq, gk, None
 
 

@@ -44,26 +44,45 @@ class Step:
     """A registered step: ``log_mask(u, a, b, t) -> φ`` (same shape as ``u``).
 
     ``warps=False`` marks a step whose ``φ`` is identically 0 (``"none"``), so the backend can
-    skip the range normalisation and the step entirely.
+    skip the range normalisation and the step entirely. ``rule`` is the closed form of a
+    built-in step (:class:`StepRule`); the backend fuses it with the range normalisation.
     """
 
     name: str
     log_mask: StepFn
     warps: bool = True
+    rule: StepRule | None = None
 
     def mask(self, u: torch.Tensor, a, b, t) -> torch.Tensor:
         """The multiplicative mask ``m(u) = exp(φ)`` (for plots and analysis)."""
         return self.log_mask(u, *(torch.as_tensor(p, dtype=u.dtype, device=u.device) for p in (a, b, t))).exp()
 
 
-# Each built-in step is one autograd node with a closed-form backward, written for CPU speed:
-# no data-dependent `where`/`masked_fill` (an order of magnitude slower than arithmetic on
-# random masks) and no transcendental evaluated at 0, ±inf or a subnormal (slow paths of the
-# vectorised math library). Every log therefore sees a clamped, normal argument, and a dropped
-# neighbour gets its exact -inf from a division by the 0/1 sign of its band coordinate
-# (`_drop`). The backward divides only by quantities clamped away from 0 (`_guard`); entries
-# outside the band, whose true partials are 0, receive a zero upstream gradient from the
-# backend's softmax and so contribute exactly 0.
+# The built-in steps have closed forms (`StepRule`), written for CPU speed: no data-dependent
+# `where`/`masked_fill` (an order of magnitude slower than arithmetic on random masks) and no
+# transcendental evaluated at 0, ±inf or a subnormal (slow paths of the vectorised math
+# library). Every log sees a clamped, normal argument, and a dropped neighbour gets its exact
+# -inf from a division by the 0/1 sign of its band coordinate (`_drop_`). The backward divides
+# only by quantities clamped away from 0 (`_guard`); entries outside the band, whose true
+# partials are 0, receive a zero upstream gradient from the backend's softmax and so
+# contribute exactly 0.
+
+
+class StepRule:
+    """Closed form of a step: ``forward(u, a, b, t) -> (φ, saved)`` and
+    ``backward(saved, g_φ, needs) -> (g_u, g_a, g_b, g_t)``.
+
+    ``g_u`` has ``φ``'s (full) shape and is a fresh tensor the caller may update in place;
+    ``g_a, g_b, g_t`` are reduced to the parameters' shapes, ``None`` where ``needs`` is False.
+    """
+
+    @staticmethod
+    def forward(u, a, b, t) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(saved, g_phi, needs) -> tuple:
+        raise NotImplementedError
 
 
 def _guard(dtype: torch.dtype) -> float:
@@ -83,9 +102,9 @@ def _drop_(phi: torch.Tensor, band_coordinate: torch.Tensor) -> torch.Tensor:
     return phi.div_(band_coordinate.sign())
 
 
-def _reduce(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _reduce(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """Sum a broadcast gradient back to the shape of the input it belongs to."""
-    return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
+    return grad.sum_to_size(like.shape) if grad is not None and grad.shape != like.shape else grad
 
 
 def _row_constant(*params: torch.Tensor) -> bool:
@@ -93,35 +112,22 @@ def _row_constant(*params: torch.Tensor) -> bool:
     return all(p.dim() == 0 or p.shape[-1] == 1 for p in params)
 
 
-def _upcast(fn):
-    """Run a step in float32 for 16-bit inputs (its guards need float32's range)."""
+class SigmoidalRule(StepRule):
+    """φ = log σ(-z), z = log(q / p) / t with p = (u-a)⁺, q = (b-u)⁺ (q/p clamped to the normal
+    range, so z is finite: below the band σ(-z) underflows and `_drop_` makes φ = -inf; above
+    it σ(-z) = 1). With σ = sigmoid(z) and h = g_φ σ / t:
+    ∂u = h (1/p + 1/q),  ∂a = -h / p,  ∂b = -h / q,  ∂t = h z."""
 
-    def step(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if u.dtype in (torch.float16, torch.bfloat16):
-            return fn(u.float(), *(p.float() for p in (a, b, t))).to(u.dtype)
-        return fn(u, a, b, t)
-
-    step.__name__, step.__qualname__, step.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
-    return step
-
-
-class _SigmoidalStep(torch.autograd.Function):
-    # φ = log σ(-z), z = log(q / p) / t with p = (u-a)⁺, q = (b-u)⁺ (q/p clamped to the normal
-    # range, so z is finite: below the band σ(-z) underflows and _drop_ makes φ = -inf; above it
-    # σ(-z) = 1). With σ = sigmoid(z) and h = gφ σ / t:
-    # ∂u = h (1/p + 1/q),  ∂a = -h / p,  ∂b = -h / q,  ∂t = h z.
     @staticmethod
-    def forward(ctx, u, a, b, t):
+    def forward(u, a, b, t):
         p = (u - a).clamp_min_(0.0)
         z = _safe_log_((b - u).clamp_min_(0.0).div_(p)).div_(t)
-        ctx.save_for_backward(u, a, b, t, z)
-        return _drop_(_safe_log_(torch.neg(z).sigmoid_()), p)
+        return _drop_(_safe_log_(torch.neg(z).sigmoid_()), p), (u, a, b, t, z)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_phi):
-        u, a, b, t, z = ctx.saved_tensors
-        need_u, need_a, need_b, need_t = ctx.needs_input_grad
+    def backward(saved, g_phi, needs):
+        u, a, b, t, z = saved
+        need_u, need_a, need_b, need_t = needs
         guard = _guard(u.dtype)
         h = torch.sigmoid(z).mul_(g_phi).div_(t)
         gu = ga = gb = gt = None
@@ -134,45 +140,33 @@ class _SigmoidalStep(torch.autograd.Function):
             h_q = torch.div(h, h_q, out=h_q)
             gb = _reduce(h_q, b).neg() if need_b else None
         if need_u:
-            gu = _reduce(h_p.add_(h_q), u)
+            gu = h_p.add_(h_q)
         if need_t:
             gt = _reduce(h.mul_(z), t)
         return gu, ga, gb, gt
 
 
-@_upcast
-def sigmoidal_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The paper's sigmoidal step, in log space: ``φ = -softplus((log(b-u) - log(u-a)) / t)``.
+class LogRule(StepRule):
+    """φ = k (b - v) log(v / b) with v = clamp(u, 0, b), k = t / (1 - t) (``a`` unused).
+    ∂u = k ((b - v)/v - log(v/b)),  ∂b = k (log(v/b) - (b - v)/b),  ∂t = φ / (t (1 - t))."""
 
-    Partials inside the band, with ``p = u - a``, ``q = b - u``, ``z = log(q/p)/t`` and
-    ``σ = sigmoid(z)``: ``φ_u = σ (1/p + 1/q) / t``, ``φ_a = -σ / (t p)``, ``φ_b = -σ / (t q)``,
-    ``φ_t = σ z / t`` (zero outside the band).
-    """
-    return _SigmoidalStep.apply(u, a, b, t)
-
-
-class _LogStep(torch.autograd.Function):
-    # φ = k (b - v) log(v / b) with v = clamp(u, 0, b), k = t / (1 - t). Partials:
-    # ∂u = k ((b - v)/v - log(v/b)),  ∂b = k (log(v/b) - (b - v)/b),  ∂t = φ / (t (1 - t)).
     @staticmethod
-    def forward(ctx, u, a, b, t):
+    def forward(u, a, b, t):
         v = torch.minimum(u, b).clamp_min_(0.0)
-        ctx.save_for_backward(u, b, t)
         phi = _safe_log_(v / b).mul_(b - v).mul_(t / (1 - t))  # v = b gives 0
-        return _drop_(phi, v)  # u <= 0
+        return _drop_(phi, v), (u, b, t)  # u <= 0 is dropped
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_phi):
-        u, b, t = ctx.saved_tensors
-        need_u, _, need_b, need_t = ctx.needs_input_grad
-        v = torch.minimum(u, b).clamp_min_(_guard(u.dtype))
+    def backward(saved, g_phi, needs):
+        u, b, t = saved
+        need_u, _, need_b, need_t = needs
+        v = torch.minimum(u, b).clamp_min_(_guard(u.dtype))  # u <= 0 is dropped: g_φ = 0 there
         k = t / (1 - t)
         log_vb = torch.log(v / b)
         gap = b - v
         gu = gb = gt = None
         if need_u:
-            gu = _reduce((gap / v).sub_(log_vb).mul_(k).mul_(g_phi), u)
+            gu = (gap / v).sub_(log_vb).mul_(k).mul_(g_phi)
         if need_b:
             gb = _reduce((log_vb - gap / b).mul_(k).mul_(g_phi), b)
         if need_t:
@@ -180,35 +174,27 @@ class _LogStep(torch.autograd.Function):
         return gu, None, gb, gt
 
 
-@_upcast
-def log_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The soft log step: ``φ = t/(1-t) · (b-u) · log(u/b)`` on ``0 < u < b`` (``a`` unused)."""
-    return _LogStep.apply(u, a, b, t)
+class PolyRule(StepRule):
+    """φ = log m(y), m = y² (3 - 2y) on y = clamp((u - (a+b)/2) c + 1/2, 0, 1), c = 1/(t (b - a)).
+    With φ_y = 6 (1 - y) / (y (3 - 2y)) and h = g_φ φ_y c:  ∂u = h,  ∂a = h (u - b) / (b - a),
+    ∂b = -h (u - a) / (b - a),  ∂t = -h (y - 1/2) / (c t)."""
 
-
-class _PolyStep(torch.autograd.Function):
-    # φ = log m(y), m = y² (3 - 2y) on y = clamp((u - (a+b)/2) c + 1/2, 0, 1), c = 1 / (t (b - a)).
-    # With φ_y = 6 (1 - y) / (y (3 - 2y)) and h = gφ φ_y c:  ∂u = h,  ∂a = h (u - b) / (b - a),
-    # ∂b = -h (u - a) / (b - a),  ∂t = -h (y - 1/2) / (c t).
     @staticmethod
-    def forward(ctx, u, a, b, t):
+    def forward(u, a, b, t):
         c = 1 / (t * (b - a))
         y = (u * c).add_(0.5 - (a + b) * 0.5 * c).clamp_(0.0, 1.0)
-        ctx.save_for_backward(u, a, b, t, y)
         m = torch.mul(y, -2.0).add_(3.0).mul_(y).mul_(y)  # 0 for y <= 0, 1 for y >= 1
-        return _drop_(_safe_log_(m), y)
+        return _drop_(_safe_log_(m), y), (u, a, b, t, y)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_phi):
-        u, a, b, t, y = ctx.saved_tensors
-        need_u, need_a, need_b, need_t = ctx.needs_input_grad
+    def backward(saved, g_phi, needs):
+        u, a, b, t, y = saved
+        need_u, need_a, need_b, need_t = needs
         width = b - a
         c = 1 / (t * width)
-        y_in = y.clamp_min(_guard(u.dtype))  # y = 0 is dropped (gφ = 0 there); φ_y(1) = 0
+        y_in = y.clamp_min(_guard(u.dtype))  # y = 0 is dropped (g_φ = 0 there); φ_y(1) = 0
         den = torch.mul(y_in, -2.0).add_(3.0).mul_(y_in)
-        h = y_in.neg_().add_(1.0).mul_(6.0).div_(den).mul_(g_phi).mul_(c)  # gφ φ_y c, in y_in's buffer
-        gu = _reduce(h, u) if need_u else None
+        h = y_in.neg_().add_(1.0).mul_(6.0).div_(den).mul_(g_phi).mul_(c)  # g_φ φ_y c, in y_in's buffer
         ga = gb = gt = None
         if _row_constant(a, b, t):  # per-row sums S0 = Σ h, S1 = Σ h u, S2 = Σ h y
             s0 = h.sum(-1, keepdim=True)
@@ -222,11 +208,57 @@ class _PolyStep(torch.autograd.Function):
             ga = _reduce(h * (u - b) / width, a) if need_a else None
             gb = _reduce(-h * (u - a) / width, b) if need_b else None
             gt = _reduce((y - 0.5).mul_(h).div_(-c * t), t) if need_t else None
-        return gu, ga, gb, gt
+        return (h if need_u else None), ga, gb, gt
 
 
-@_upcast
-def poly_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+class _ClosedFormStep(torch.autograd.Function):
+    """One autograd node for a :class:`StepRule` (the step used on its own)."""
+
+    @staticmethod
+    def forward(ctx, u, a, b, t, rule: type[StepRule]):
+        phi, saved = rule.forward(u, a, b, t)
+        ctx.rule = rule
+        ctx.save_for_backward(*saved)
+        return phi
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_phi):
+        u = ctx.saved_tensors[0]
+        gu, ga, gb, gt = ctx.rule.backward(ctx.saved_tensors, g_phi, ctx.needs_input_grad[:4])
+        return _reduce(gu, u), ga, gb, gt, None
+
+
+def _rule_step(rule: type[StepRule], doc: str) -> StepFn:
+    """The ``log_mask`` of a closed-form step (16-bit inputs run in float32: the guards need its range)."""
+
+    def log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if u.dtype in (torch.float16, torch.bfloat16):
+            return _ClosedFormStep.apply(u.float(), a.float(), b.float(), t.float(), rule).to(u.dtype)
+        return _ClosedFormStep.apply(u, a, b, t, rule)
+
+    log_mask.__doc__ = doc
+    return log_mask
+
+
+sigmoidal_log_mask = _rule_step(
+    SigmoidalRule,
+    """The paper's sigmoidal step, in log space: ``φ = -softplus((log(b-u) - log(u-a)) / t)``.
+
+    Partials inside the band, with ``p = u - a``, ``q = b - u``, ``z = log(q/p)/t`` and
+    ``σ = sigmoid(z)``: ``φ_u = σ (1/p + 1/q) / t``, ``φ_a = -σ / (t p)``, ``φ_b = -σ / (t q)``,
+    ``φ_t = σ z / t`` (zero outside the band).
+    """,
+)
+sigmoidal_log_mask.__name__ = sigmoidal_log_mask.__qualname__ = "sigmoidal_log_mask"
+
+log_log_mask = _rule_step(
+    LogRule, """The soft log step: ``φ = t/(1-t) · (b-u) · log(u/b)`` on ``0 < u < b`` (``a`` unused)."""
+)
+log_log_mask.__name__ = log_log_mask.__qualname__ = "log_log_mask"
+
+poly_log_mask = _rule_step(
+    PolyRule,
     """Transcendental-free step: a cubic smoothstep on a band of width ``t·(b-a)`` centred in ``[a, b]``.
 
     With ``c = 1 / (t (b - a))`` (one reciprocal per row) and
@@ -243,8 +275,9 @@ def poly_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Te
     (``φ = log m``) its partial derivatives inside the band are, with ``x = (u - a)/(b - a)``
     and ``φ_y = 6 (1 - y) / (y (3 - 2y))``: ``φ_u = φ_y c``, ``φ_a = φ_y c (x - 1)``,
     ``φ_b = -φ_y c x``, ``φ_t = -φ_y (y - 1/2) / t`` (zero outside the band).
-    """
-    return _PolyStep.apply(u, a, b, t)
+    """,
+)
+poly_log_mask.__name__ = poly_log_mask.__qualname__ = "poly_log_mask"
 
 
 def none_log_mask(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -300,9 +333,9 @@ def available_steps() -> tuple[str, ...]:
 BUILTIN_STEPS = ("sigmoidal", "log", "poly", "none")
 # The built-in steps accept any real u (invalid keys may lie outside [0, 1]): no clamp needed.
 _REGISTRY.update(
-    sigmoidal=Step("sigmoidal", sigmoidal_log_mask),
-    log=Step("log", log_log_mask),
-    poly=Step("poly", poly_log_mask),
+    sigmoidal=Step("sigmoidal", sigmoidal_log_mask, rule=SigmoidalRule),
+    log=Step("log", log_log_mask, rule=LogRule),
+    poly=Step("poly", poly_log_mask, rule=PolyRule),
     none=Step("none", none_log_mask, warps=False),  # identically 0: the backend skips it
 )
 

@@ -136,6 +136,50 @@ def normalized_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tor
     return _NormalizedRange.apply(s, lo, hi)
 
 
+class _WarpLogits(torch.autograd.Function):
+    # One node for ℓ = s/τ + φ(u), u = (s - lo)/(hi - lo), with a closed-form step (StepRule).
+    # Backward (GRADIENTS.md): with g_u from the rule and inv = 1/(hi - lo) (0 on flat rows),
+    # ∂s = g/τ + g_u inv,  ∂lo = inv Σ_j g_u (u - 1),  ∂hi = -inv Σ_j g_u u. With `range_index`
+    # (the keys lo and hi were read from) ∂lo and ∂hi go straight into ∂s at those keys.
+    @staticmethod
+    def forward(ctx, s, lo, hi, a, b, t, rule, inv_temperature: float, range_index):
+        r = hi - lo
+        flat = r <= 0
+        inv = torch.where(flat, 0.0, 1.0 / r.masked_fill(flat, 1.0))  # per row: cheap
+        u = (s * inv).add_(flat.to(s.dtype) - lo * inv)
+        phi, saved = rule.forward(u, a, b, t)
+        ctx.rule, ctx.inv_temperature, ctx.n_saved = rule, inv_temperature, len(saved)
+        ctx.shapes = s.shape, lo.shape, hi.shape
+        ctx.has_index = range_index is not None
+        ctx.save_for_backward(u, inv, *saved, *(range_index or ()))
+        return phi.add_(s, alpha=inv_temperature)  # φ is the rule's fresh output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        u, inv, *rest = ctx.saved_tensors
+        saved, index = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        need_s, need_lo, need_hi, need_a, need_b, need_t = ctx.needs_input_grad[:6]
+        s_shape, lo_shape, hi_shape = ctx.shapes
+        track_range = ctx.has_index and need_s or need_lo or need_hi
+        gu, ga, gb, gt = ctx.rule.backward(saved, g, (need_s or track_range, need_a, need_b, need_t))
+        g_lo = g_hi = gs = None
+        if track_range:
+            sum_gu_u = (gu * u).sum(-1, keepdim=True)
+            g_lo = (sum_gu_u - gu.sum(-1, keepdim=True)).mul_(inv)
+            g_hi = sum_gu_u.mul_(inv).neg_()
+        if need_s:
+            gs = gu.mul_(inv).add_(g, alpha=ctx.inv_temperature)
+            if ctx.has_index:
+                lo_index, hi_index = index
+                gs.scatter_add_(-1, lo_index.unsqueeze(-1), g_lo).scatter_add_(-1, hi_index.unsqueeze(-1), g_hi)
+                g_lo = g_hi = None
+            gs = gs.sum_to_size(s_shape)
+        if g_lo is not None:
+            g_lo, g_hi = g_lo.sum_to_size(lo_shape), g_hi.sum_to_size(hi_shape)
+        return gs, g_lo, g_hi, ga, gb, gt, None, None, None
+
+
 def warp_logits(
     s: torch.Tensor,
     lo: torch.Tensor,
@@ -145,6 +189,7 @@ def warp_logits(
     b: torch.Tensor,
     t: torch.Tensor,
     spec: WarpSpec,
+    range_index: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits ``ℓ = s / τ + φ(u)`` for a block of keys, ``-inf`` where invalid or dropped.
 
@@ -152,8 +197,19 @@ def warp_logits(
         s: ``(..., n, c)`` similarities; ``lo``, ``hi``: ``(..., n, 1)``; ``bias``: validity
             from :func:`key_bias`, broadcastable to ``s``, or ``None``; ``a, b, t``:
             broadcastable to ``(..., n, 1)``.
+        range_index: ``(argmin, argmax)``, each ``(..., n)``: the keys of ``s`` that ``lo`` and
+            ``hi`` are (as constants) when the range is the rows' own; their gradients then go
+            to ``s`` at these keys (built-in steps). ``None``: ``lo``, ``hi`` are inputs of
+            their own.
     """
-    if spec.step.warps:
+    if spec.step.warps and spec.step.rule is not None:
+        track = range_index is not None and not spec.detach_range and s.requires_grad
+        if range_index is not None:
+            lo, hi = lo.detach(), hi.detach()
+        logits = _WarpLogits.apply(s, lo, hi, a, b, t, spec.step.rule, 1.0 / spec.temperature, range_index if track else None)
+    elif spec.step.warps:
+        if range_index is not None and not spec.detach_range:
+            lo, hi = (s.gather(-1, i.unsqueeze(-1)) for i in range_index)
         phi = spec.step.log_mask(normalized_range(s, lo, hi), a, b, t)
         logits = torch.add(phi, s, alpha=1.0 / spec.temperature)  # a new tensor: safe to update in place
     else:

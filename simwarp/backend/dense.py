@@ -53,16 +53,15 @@ def dense_logits(
     empty = row_is_empty(bias, s.shape, s.device)
     # min/max with indices route the range gradient to one key per row (the first on ties),
     # exactly as the streaming implementations do.
+    index = None
     if row_range is not None:
         lo, hi = (x.detach().to(s.dtype).expand(s.shape[:-1]) for x in row_range)
-    elif bias is None:
-        lo, hi = s.min(-1).values, s.max(-1).values
     else:
-        lo = (s - bias).min(-1).values.masked_fill(empty, 0.0)
-        hi = (s + bias).max(-1).values.masked_fill(empty, 0.0)
-    if spec.detach_range:
-        lo, hi = lo.detach(), hi.detach()
-    logits = warp_logits(s, lo.unsqueeze(-1), hi.unsqueeze(-1), bias, a, b, t, spec)
+        with torch.no_grad():
+            (lo, lo_index), (hi, hi_index) = (s if bias is None else s - bias).min(-1), (s if bias is None else s + bias).max(-1)
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+        index = (lo_index, hi_index) if spec.step.warps else None  # step "none": the range is only reported
+    logits = warp_logits(s, lo.unsqueeze(-1), hi.unsqueeze(-1), bias, a, b, t, spec, range_index=index)
     return logits, lo, hi, empty
 
 
@@ -80,10 +79,8 @@ def _leave_one_out_logits(s, a, b, t, spec: WarpSpec, row_start: int):
         own.fill_(-math.inf)
         hi_index = s.detach().max(-1).indices
         own.copy_(saved)
-    lo, hi = (s.gather(-1, index.unsqueeze(-1)) for index in (lo_index, hi_index))
-    if spec.detach_range:
-        lo, hi = lo.detach(), hi.detach()
-    logits = warp_logits(s, lo, hi, None, a, b, t, spec)
+    lo, hi = (s.detach().gather(-1, index.unsqueeze(-1)) for index in (lo_index, hi_index))
+    logits = warp_logits(s, lo, hi, None, a, b, t, spec, range_index=(lo_index, hi_index))
     if logits is s:  # step "none" at temperature 1: the logits are the similarities themselves
         logits = s.clone()
     with torch.no_grad():
