@@ -1,13 +1,13 @@
-"""The materialising implementation: the whole ``(..., n, m)`` matrix, autograd over the row math.
+"""The materialising implementation: the whole ``(..., n, m)`` matrix, one autograd graph.
 
 Any metric and any registered step; small inputs only (memory grows as ``n · m``). It is the
-oracle every other implementation is tested against.
+reference the streaming and fused implementations are tested against (the built-in steps'
+closed forms are themselves tested against plain-autograd statements in the tests).
 
 Rows are independent, so the matrix is built in blocks of whole rows
 (:data:`ROW_BLOCK_ELEMENTS` scores each): every block runs the complete contract (its rows'
-range, step and softmax) with no recomputation, while its temporaries stay cache-sized. On CPU
-the elementwise row math is memory-bound, and blocking makes it several times faster than one
-pass over the full matrix per operation (``benchmarks/RESULTS.md``).
+range, step and softmax) with no recomputation, and its temporaries stay bounded and
+cache-sized however large the call.
 """
 
 from __future__ import annotations
