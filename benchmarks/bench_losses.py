@@ -114,11 +114,18 @@ def _ntxent_estimate_gib(n: int) -> float:
     return pos * neg * 13 / 2**30
 
 
-def _run_child(case: str, n: int, d: int, reps: int, threads: int, timeout: int) -> dict:
+#: glibc settings that stop the heap from being trimmed and re-faulted between calls: on a
+#: virtual machine each page fault of a fresh allocation costs ~1 µs, which adds several ms of
+#: run-to-run noise to a 20-40 ms loss call (``--stable-malloc``).
+STABLE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def _run_child(case: str, n: int, d: int, reps: int, threads: int, timeout: int, stable_malloc: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", case, "--n", str(n), "--d", str(d), "--reps", str(reps),
            "--threads", str(threads)]
+    env = {**os.environ, **STABLE_MALLOC} if stable_malloc else None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"case": case, "n": n, "d": d, "skipped": f"timeout {timeout}s"}
     if proc.returncode != 0:
@@ -128,7 +135,8 @@ def _run_child(case: str, n: int, d: int, reps: int, threads: int, timeout: int)
 
 
 def run_speed(
-    sizes, d: int, reps: int, threads: int, mem_cap_gib: float, timeout: int, cases=SPEED_CASES, rounds: int = 1
+    sizes, d: int, reps: int, threads: int, mem_cap_gib: float, timeout: int, cases=SPEED_CASES, rounds: int = 1,
+    stable_malloc: bool = False,
 ) -> list[dict]:
     """Each case in a fresh subprocess; with ``rounds > 1`` all cases run once per round, in
     turn, and each case reports the median over rounds (load on a shared machine then hits
@@ -140,7 +148,7 @@ def run_speed(
                 if case == "pml_ntxent" and _ntxent_estimate_gib(n) > mem_cap_gib:
                     runs[(n, case)] = [{"case": case, "n": n, "d": d, "skipped": f"needs ~{_ntxent_estimate_gib(n):.0f} GiB"}]
                     continue
-                row = _run_child(case, n, d, reps, threads, timeout)
+                row = _run_child(case, n, d, reps, threads, timeout, stable_malloc)
                 runs.setdefault((n, case), []).append(row)
                 shown = row.get("skipped") or f"{row['time_s']*1e3:10.1f} ms {row['peak_mib']:10.1f} MiB"
                 print(f"  round {round_ + 1}/{rounds} n={n:6d} {case:26s} {shown}", flush=True)
@@ -298,6 +306,8 @@ def main(argv=None) -> None:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3, help="speed: timed calls after the warm-up (0: time the warm-up)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stable-malloc", action="store_true",
+                    help="speed: run the cases with glibc heap trimming off (less page-fault noise)")
     ap.add_argument("--rounds", type=int, default=1, help="speed: run all cases this many times, in turn; report medians")
     ap.add_argument("--cases", default=None, help="speed: comma-separated subset of " + ",".join(SPEED_CASES))
     ap.add_argument("--mem-cap-gib", type=float, default=8.0)
@@ -319,7 +329,8 @@ def main(argv=None) -> None:
         print(f"speed: batch {sizes}, d={args.d}, 4 per class, median of {args.reps} after a warm-up, "
               f"{args.rounds} round(s)", flush=True)
         rows = run_speed(sizes, args.d, args.reps, args.threads, args.mem_cap_gib, args.timeout, _cases(args.cases),
-                         args.rounds)
+                         args.rounds, args.stable_malloc)
+        result["stable_malloc"] = args.stable_malloc
         result["speed"] = rows
         print(speed_table(rows))
     if args.part in ("quality", "all"):

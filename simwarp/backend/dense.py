@@ -116,8 +116,9 @@ class _RowSoftmax(torch.autograd.Function):
         return (g_w - shift).mul_(w)
 
 
-#: Scores per row block (see the module docstring): 1 MiB per float32 temporary.
-ROW_BLOCK_ELEMENTS = 1 << 18
+#: Scores per row block (see the module docstring): 4 MiB per float32 temporary; equal to
+#: ``DENSE_AUTO_LIMIT``, so calls that ``impl="auto"`` sends here run as one block.
+ROW_BLOCK_ELEMENTS = 1 << 20
 
 
 def _row_blocks(n: int, entries_per_row: int):
