@@ -432,3 +432,30 @@ def test_row_range_errors():
         simwarp.warp_attend(q, k, v, row_range=torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"row_range\[0\] \(lo\) of shape \(3,\)"):
         simwarp.warp_attend(q, k, v, row_range=(torch.zeros(3), 1.0))
+
+
+@pytest.mark.parametrize("step", ["sigmoidal", "poly", "none"])
+@pytest.mark.parametrize("mask_kind", ["none", "self", "causal", "random"])
+def test_dense_without_stats_matches_with_stats(step, mask_kind):
+    """Without return_stats the dense path may use PyTorch's fused softmax: same values and
+    gradients as the stats path (which also yields the log-normaliser)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"nostats-{step}-{mask_kind}".encode()))
+    q = torch.randn(2, 7, 4, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(2, 7, 4, generator=gen, dtype=f64, requires_grad=True)
+    v = torch.randn(2, 7, 3, generator=gen, dtype=f64)
+    kw = {"step": step, "impl": "dense", "metric": "l2"}
+    if mask_kind == "self":
+        kw["exclude_self"] = True
+    elif mask_kind == "causal":
+        kw["causal"] = True
+    elif mask_kind == "random":
+        kw["mask"] = torch.rand(2, 7, 7, generator=gen) > 0.5
+        kw["mask"][0, 3] = False  # a row without any valid key
+    plain = simwarp.warp_attend(q, k, v, **kw)
+    with_stats, _ = simwarp.warp_attend(q, k, v, return_stats=True, **kw)
+    torch.testing.assert_close(plain, with_stats, rtol=1e-12, atol=1e-14)
+    g_plain = torch.autograd.grad(plain.sum(), (q, k))
+    g_stats = torch.autograd.grad(with_stats.sum(), (q, k))
+    for x, y in zip(g_plain, g_stats):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(plain).all()

@@ -172,7 +172,7 @@ def warp_attend(
             raise ValueError("impl='triton' supports neither dropout_p > 0 nor row_range; use impl='auto' or 'chunked'")
         chosen = "chunked"
     if chosen == "dense":
-        out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p, row_range, count_kept=return_stats)
+        out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p, row_range, with_stats=return_stats)
     elif chosen == "chunked":
         out, *rest = chunked_warp_attend(q, k, v, a, b, t, mask, spec, chunk_size, dropout_p, row_range)
         stats = WarpStats(*rest)
@@ -287,5 +287,5 @@ def warp_weights(
     if n == 0 or m == 0:
         w = q.new_zeros((*batch, n, m), dtype=dtype)
         return (w, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else w
-    w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range, count_kept=return_stats)
+    w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range, with_stats=return_stats)
     return (w, stats) if return_stats else w

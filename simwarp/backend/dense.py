@@ -135,19 +135,27 @@ def _rows(x, start: int, stop: int, dim: int):
     return x.narrow(dim, start, stop - start)
 
 
-def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop: int, count_kept: bool):
-    """Weights and stats of query rows ``start:stop``, from their similarities ``s``."""
+def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop: int, with_stats: bool):
+    """Weights and stats of query rows ``start:stop``, from their similarities ``s``; without
+    ``with_stats`` the stats' ``lse`` and ``kept`` are NaN (not computed)."""
     logits, lo, hi, empty = dense_logits(
         s, *(_rows(p, start, stop, -2) for p in (a, b, t)), _rows(mask, start, stop, -2), spec,
         None if row_range is None else tuple(_rows(x, start, stop, -1) for x in row_range),
         row_start=start,
     )
-    w, lse = _RowSoftmax.apply(logits)
-    kept = (logits > -math.inf).sum(-1).to(w.dtype) if count_kept else torch.full_like(lse, math.nan)
+    # Every row keeps a key unless it has none (`empty`) or its range is fixed from outside
+    # (a built-in step always keeps the row's best key, u = 1).
+    some_kept = row_range is None and (spec.step.rule is not None or not spec.step.warps) and not bool(empty.any())
+    if with_stats or logits.device.type != "cpu" or not some_kept:
+        w, lse = _RowSoftmax.apply(logits)
+    else:  # no log-normaliser wanted and no all -inf row: PyTorch's fused CPU softmax
+        w = torch.softmax(logits, -1)
+        lse = torch.full(logits.shape[:-1], math.nan, dtype=w.dtype, device=w.device)
+    kept = (logits > -math.inf).sum(-1).to(w.dtype) if with_stats else torch.full_like(lse, math.nan)
     return w, WarpStats(lse=lse, kept=kept, lo=lo.detach(), hi=hi.detach(), empty=empty)
 
 
-def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, count_kept: bool):
+def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_stats: bool):
     """Run ``per_block(w) -> tensor (..., rows, ·)`` over row blocks; concatenate."""
     dtype = work_dtype(q.dtype)
     qw, kw = q.to(dtype), k.to(dtype)
@@ -157,7 +165,7 @@ def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, count
     parts, stats = [], []
     for start, stop in _row_blocks(q.shape[-2], k.shape[-2] * math.prod(batch)):
         s = pairwise_similarity(_rows(qw, start, stop, -2), kw, spec.metric, spec.scale)
-        w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, count_kept)
+        w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, with_stats)
         parts.append(per_block(w))
         stats.append(st)
     if len(parts) == 1:
@@ -166,23 +174,23 @@ def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, count
 
 
 def dense_weights(
-    q, k, a, b, t, mask, spec: WarpSpec, row_range=None, count_kept: bool = True
+    q, k, a, b, t, mask, spec: WarpSpec, row_range=None, with_stats: bool = True
 ) -> tuple[torch.Tensor, WarpStats]:
     """Weights ``(..., n, m)`` (softmax of the logits over valid keys; all 0 on a row with no
-    valid key) and the rows' :class:`WarpStats` (``kept`` only with ``count_kept``)."""
-    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w: w, count_kept)
+    valid key) and the rows' :class:`WarpStats` (``lse`` and ``kept`` only with ``with_stats``)."""
+    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w: w, with_stats)
 
 
 def dense_warp_attend(
-    q, k, v, a, b, t, mask, spec: WarpSpec, dropout_p: float = 0.0, row_range=None, count_kept: bool = True
+    q, k, v, a, b, t, mask, spec: WarpSpec, dropout_p: float = 0.0, row_range=None, with_stats: bool = True
 ) -> tuple[torch.Tensor, WarpStats]:
     """Output ``(..., n, e)`` and :class:`WarpStats` (dropout acts on the weights, not the stats;
-    ``kept`` only with ``count_kept``)."""
+    ``lse`` and ``kept`` only with ``with_stats``)."""
 
     def attend(w):
         if dropout_p > 0:
             w = torch.nn.functional.dropout(w, dropout_p)
         return w @ v.to(w.dtype)
 
-    out, stats = _blocked(q, k, v, a, b, t, mask, spec, row_range, attend, count_kept)
+    out, stats = _blocked(q, k, v, a, b, t, mask, spec, row_range, attend, with_stats)
     return out.to(q.dtype), stats
