@@ -220,7 +220,7 @@ def _class_masses(
     """
     n, m = x.shape[0], r.shape[0]
     a, b, t = params
-    if warp["impl"] == "dense" or (warp["impl"] == "auto" and n * m <= DENSE_AUTO_LIMIT):
+    if warp["impl"] in ("auto", "dense") and n * m <= DENSE_AUTO_LIMIT:
         w = warp_weights(
             x, r, step=step, a=a, b=b, t=t, return_stats=with_lse,
             **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp,
@@ -347,20 +347,13 @@ class _SoftStepLossMixin:
         zero = torch.stack(connected).sum()
         return {"loss": {"losses": zero, "indices": None, "reduction_type": "already_reduced"}}
 
-    def _warp_options(self, scale: float, temperature: float, rows: int, keys: int) -> dict:
-        """Backend options for ``rows`` anchors against ``keys`` candidates. Above the dense
-        limit, ``impl="auto"`` becomes key streaming (``"chunked"``): bounded memory is the
-        point of these losses at large batches, and blocks of whole rows would hold a full
-        row of candidates per anchor."""
-        impl = self.impl
-        if impl == "auto" and rows * keys > DENSE_AUTO_LIMIT:
-            impl = "chunked"
+    def _warp_options(self, scale: float, temperature: float) -> dict:
         return {
             "metric": self.metric,
             "scale": scale,
             "temperature": temperature,
             "detach_range": self.detach_range,
-            "impl": impl,
+            "impl": self.impl,
             "chunk_size": self.chunk_size,
         }
 
@@ -443,7 +436,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         classes, inv = torch.unique(torch.cat([labels, ref_labels.to(labels.device)]), return_inverse=True)
         own, _, _ = _class_masses(
             x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params,
-            step=self.softstep.step, warp=self._warp_options(self.softmax_scale, 1.0, n, r.shape[0]), self_offset=offset,
+            step=self.softstep.step, warp=self._warp_options(self.softmax_scale, 1.0), self_offset=offset,
             with_lse=False,
         )
         non_zero = own > 0
@@ -528,10 +521,10 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         if indices_tuple is None and ref_labels is None:
             raise ValueError("ref_labels are required when ref_emb is given without an indices_tuple")
         x, r, same, params = self._prepare(embeddings, ref_emb)
+        warp = self._warp_options(1.0, self.temperature)
         step = self.softstep.step
         r, ref_labels, offset = self._across_ranks(x, r, ref_labels, same, indices_tuple)
         m = r.shape[0]
-        warp = self._warp_options(1.0, self.temperature, n, m)
         if indices_tuple is None:
             ref_labels = ref_labels.to(labels.device)
             exclude_self = ref_labels is labels or same
@@ -651,7 +644,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         pred, stats = warp_attend(
             x, r, v, step=self.softstep.step, a=a, b=b, t=t, return_stats=True,
             **_leave_one_out(same, n, r.shape[0], offset, x.device),
-            **self._warp_options(self.softmax_scale, 1.0, n, r.shape[0]),
+            **self._warp_options(self.softmax_scale, 1.0),
         )
         keep = ~stats.empty
         if not bool(keep.any()):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import simwarp
-from simwarp.backend import DENSE_AUTO_LIMIT, ROWS_AUTO_MAX_ROW
+from simwarp.backend import DENSE_AUTO_LIMIT
 
 f64 = torch.float64
 METRICS = ("dot", "cosine", "l2", "sqeuclidean")
@@ -226,24 +226,19 @@ def test_empty_inputs():
     assert torch.equal(out, torch.zeros(2, 4, 3)) and stats.empty.all()
 
 
-def test_auto_picks_dense_for_small_rows_for_moderate_and_chunked_for_huge_rows(monkeypatch):
+def test_auto_picks_dense_for_small_and_chunked_for_large(monkeypatch):
     import simwarp.backend as backend
 
     calls = []
     monkeypatch.setattr(backend, "chunked_warp_attend", lambda *a, **kw: calls.append("chunked") or (a[0][..., :1],) * 6)
-    monkeypatch.setattr(
-        backend, "dense_warp_attend",
-        lambda *a, **kw: calls.append("rows" if kw.get("recompute") else "dense") or (a[0][..., :1], None),
-    )
+    monkeypatch.setattr(backend, "dense_warp_attend", lambda *a, **kw: calls.append("dense") or (a[0][..., :1], None))
     small = torch.randn(4, 3)
     simwarp.warp_attend(small, small, small)
     big_n = int(math.isqrt(DENSE_AUTO_LIMIT)) + 1
     big = torch.randn(big_n, 2)
-    simwarp.warp_attend(big, big, big)  # 1025 keys per row: whole rows fit a block
-    simwarp.warp_attend(big, big, big, metric="l1")  # l1 is dense-only
-    bank = torch.randn(ROWS_AUTO_MAX_ROW + 1, 2)
-    simwarp.warp_attend(small[:2, :2], bank, bank)  # one row alone exceeds a block: key streaming
-    assert calls == ["dense", "rows", "dense", "chunked"]
+    simwarp.warp_attend(big, big, big)
+    simwarp.warp_attend(big, big, big, metric="l1")
+    assert calls == ["dense", "chunked", "dense"]
 
 
 def test_auto_falls_back_to_chunked_when_fused_kernels_fail(monkeypatch):
@@ -464,70 +459,3 @@ def test_dense_without_stats_matches_with_stats(step, mask_kind):
     for x, y in zip(g_plain, g_stats):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     assert torch.isfinite(plain).all()
-
-
-@pytest.mark.parametrize("rows_per_block", [1, 3])
-@pytest.mark.parametrize(
-    "metric,step,param_kind,mask_kind",
-    [c for c in CASES if c[0] in ("dot", "sqeuclidean") and c[1] in ("sigmoidal", "log") and c[2] in ("scalar", "row")],
-)
-def test_rows_impl_matches_chunked(rows_per_block, metric, step, param_kind, mask_kind):
-    """impl="rows" (checkpointed blocks of whole rows; causal blocks skip the keys they cannot
-    see) against the key-streaming implementation, float64, values, stats and all gradients."""
-    gen = torch.Generator().manual_seed(zlib.crc32(f"rows-{metric}-{step}-{param_kind}-{mask_kind}".encode()))
-    batch, n, d, e = (2, 3), 8, 4, 3
-    m = n if mask_kind in ("self", "causal") else 11
-    q = torch.randn(*batch, n, d, generator=gen, dtype=f64, requires_grad=True)
-    k = torch.randn(batch[0], 1, m, d, generator=gen, dtype=f64, requires_grad=True)
-    v = torch.randn(1, batch[1], m, e, generator=gen, dtype=f64, requires_grad=True)
-    kw = {"metric": metric, "step": step}
-    if mask_kind == "random":
-        kw["mask"] = torch.rand(batch[0], 1, n, m, generator=gen) > 0.4
-    elif mask_kind == "causal":
-        kw["causal"] = True
-    elif mask_kind == "self":
-        kw["exclude_self"] = True
-    params = _params(param_kind, batch, n, gen)
-    out_r, stats_r, grads_r = _run(q, k, v, params, "rows", chunk_size=rows_per_block, **kw)
-    out_c, stats_c, grads_c = _run(q, k, v, params, "chunked", chunk_size=4, **kw)
-    torch.testing.assert_close(out_r, out_c, rtol=1e-10, atol=1e-12)
-    for field in ("lse", "kept", "lo", "hi", "empty"):
-        torch.testing.assert_close(getattr(stats_r, field), getattr(stats_c, field), rtol=1e-10, atol=1e-12)
-    for gr, gc in zip(grads_r, grads_c):
-        torch.testing.assert_close(gr, gc, rtol=1e-8, atol=1e-10)
-
-
-def test_rows_impl_gradcheck_and_dropout_replay():
-    gen = torch.Generator().manual_seed(11)
-    q = torch.randn(5, 3, generator=gen, dtype=f64, requires_grad=True)
-    k = torch.randn(7, 3, generator=gen, dtype=f64, requires_grad=True)
-    v = torch.randn(7, 2, generator=gen, dtype=f64, requires_grad=True)
-    a = torch.tensor(0.2, dtype=f64, requires_grad=True)
-
-    def fn(q, k, v, a, dropout_p=0.0):
-        torch.manual_seed(0)  # the same dropout masks on every evaluation
-        return simwarp.warp_attend(q, k, v, a=a, impl="rows", chunk_size=2, dropout_p=dropout_p, metric="l2")
-
-    assert torch.autograd.gradcheck(fn, (q, k, v, a))
-    assert torch.autograd.gradcheck(lambda *x: fn(*x, dropout_p=0.3), (q, k, v, a))
-
-
-def test_rows_impl_keeps_only_block_sized_tensors_for_backward():
-    n = m = 64
-    q = torch.randn(n, 8, requires_grad=True)
-    v = torch.randn(m, 2)
-    largest = []
-
-    def pack(x):
-        largest.append(x.numel())
-        return x
-
-    for impl, rows in (("dense", None), ("rows", 4)):
-        largest.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            out = simwarp.warp_attend(q, q, v, impl=impl, chunk_size=rows, exclude_self=True)
-        if impl == "dense":
-            assert max(largest) >= n * m
-        else:
-            assert max(largest) < n * m // 4  # inputs and per-row stats only, no (n, m) matrix
-        out.sum().backward()

@@ -4,7 +4,6 @@
 ``impl``     implementation
 =========== =================================================================================
 ``dense``    materialises ``(..., n, m)``; any metric and step; the test oracle
-``rows``     streams over blocks of whole rows, ``O(block rows · m)`` memory, block recomputed in backward
 ``chunked``  two-pass streaming over key blocks, ``O(rows · chunk)`` memory, CPU and CUDA
 ``triton``   fused GPU kernels (when available)
 ``auto``     the fastest correct path for the inputs
@@ -30,17 +29,11 @@ from simwarp.backend.common import (
 from simwarp.backend.dense import dense_warp_attend, dense_weights
 from simwarp.similarity import STREAMING_METRICS
 
-__all__ = ["warp_attend", "warp_weights", "warp_range", "WarpStats", "IMPLS", "DENSE_AUTO_LIMIT", "ROWS_AUTO_MAX_ROW"]
+__all__ = ["warp_attend", "warp_weights", "warp_range", "WarpStats", "IMPLS", "DENSE_AUTO_LIMIT"]
 
 #: ``impl="auto"`` materialises (dense) when ``rows · keys`` is at most this many entries: below
 #: about 1-2M entries the dense path is faster on CPU (fwd+bwd), and its memory is still small.
 DENSE_AUTO_LIMIT = 1 << 20
-
-#: Above :data:`DENSE_AUTO_LIMIT`, ``impl="auto"`` streams over blocks of whole rows
-#: (``"rows"``) while one row of all heads, ``keys · prod(batch)``, has at most this many
-#: scores, and over key blocks (``"chunked"``) beyond: whole rows need no range pass and no
-#: online softmax, so they are faster, but a block holds at least one full row.
-ROWS_AUTO_MAX_ROW = 1 << 20
 
 
 def _triton_available(device: torch.device) -> bool:
@@ -58,8 +51,7 @@ def _triton_available(device: torch.device) -> bool:
 
 
 def _choose_impl(
-    impl: str, metric: str, entries: int, device: torch.device, *, spec=None, tensors: tuple | None = None,
-    row_entries: int | None = None,
+    impl: str, metric: str, entries: int, device: torch.device, *, spec=None, tensors: tuple | None = None
 ) -> str:
     """Pick the implementation. ``spec`` (WarpSpec) and ``tensors`` (``(q, k, v)``) let
     ``impl="auto"`` choose the fused kernels on CUDA when they support the call (step, dtype,
@@ -72,7 +64,7 @@ def _choose_impl(
             f"kernels (simwarp.backend.triton, which needs the 'triton' package); got device {device}"
         )
     if metric not in STREAMING_METRICS:
-        if impl in ("rows", "chunked", "triton"):
+        if impl in ("chunked", "triton"):
             raise ValueError(f"metric={metric!r} is only available with impl='dense' (got impl={impl!r})")
         return "dense"
     if impl == "triton" and spec is not None and tensors is not None:
@@ -87,9 +79,7 @@ def _choose_impl(
 
             if supports(*tensors, spec):
                 return "triton"
-        if entries <= DENSE_AUTO_LIMIT:
-            return "dense"
-        return "rows" if row_entries is not None and row_entries <= ROWS_AUTO_MAX_ROW else "chunked"
+        return "dense" if entries <= DENSE_AUTO_LIMIT else "chunked"
     return impl
 
 
@@ -143,12 +133,8 @@ def warp_attend(
         exclude_self: leave-one-out; needs ``n == m`` and removes the diagonal.
         temperature: softmax temperature ``τ > 0``.
         detach_range: treat each row's min/max as constants in backward.
-        impl: ``"auto"``, ``"dense"``, ``"rows"``, ``"chunked"`` or ``"triton"`` (see the
-            module docstring). ``"auto"``: fused kernels on CUDA when they support the call;
-            else dense up to :data:`DENSE_AUTO_LIMIT` scores, ``"rows"`` while a row (all
-            heads) has at most :data:`ROWS_AUTO_MAX_ROW` scores, ``"chunked"`` beyond.
-        chunk_size: ``"chunked"``: key-block width (default: about 256K scores per block);
-            ``"rows"``: query rows per block (default: about 1M scores per block).
+        impl: ``"auto"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
+        chunk_size: key-block width of the chunked path (default: about 256K scores per block).
         return_stats: also return :class:`WarpStats`.
         dropout_p: inverted dropout on the weights (``w_ij`` zeroed with probability
             ``dropout_p``, survivors scaled by ``1 / (1 - dropout_p)``), as in SDPA. Always applied
@@ -180,18 +166,13 @@ def warp_attend(
     if n == 0 or m == 0:
         out = q.new_zeros((*batch, n, v.shape[-1])) + 0.0 * v.sum()  # keeps autograd connected
         return (out, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else out
-    chosen = _choose_impl(
-        impl, metric, math.prod(batch) * n * m, q.device, spec=spec, tensors=(q, k, v), row_entries=math.prod(batch) * m
-    )
+    chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device, spec=spec, tensors=(q, k, v))
     if chosen == "triton" and (dropout_p > 0 or row_range is not None):  # not in the fused kernels
         if impl == "triton":
             raise ValueError("impl='triton' supports neither dropout_p > 0 nor row_range; use impl='auto' or 'chunked'")
         chosen = "chunked"
-    if chosen in ("dense", "rows"):
-        out, stats = dense_warp_attend(
-            q, k, v, a, b, t, mask, spec, dropout_p, row_range, with_stats=return_stats,
-            recompute=chosen == "rows", rows_per_block=chunk_size if chosen == "rows" else None,
-        )
+    if chosen == "dense":
+        out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p, row_range, with_stats=return_stats)
     elif chosen == "chunked":
         out, *rest = chunked_warp_attend(q, k, v, a, b, t, mask, spec, chunk_size, dropout_p, row_range)
         stats = WarpStats(*rest)

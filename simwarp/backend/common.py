@@ -16,7 +16,7 @@ import torch
 from simwarp.similarity import check_metric
 from simwarp.steps import DEFAULT_A, DEFAULT_B, DEFAULT_T, Step, get_step
 
-IMPLS = ("auto", "dense", "rows", "chunked", "triton")
+IMPLS = ("auto", "dense", "chunked", "triton")
 
 
 class WarpStats(NamedTuple):

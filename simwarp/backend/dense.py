@@ -6,9 +6,8 @@ closed forms are themselves tested against plain-autograd statements in the test
 
 Rows are independent, so the matrix is built in blocks of whole rows
 (:data:`ROW_BLOCK_ELEMENTS` scores each): every block runs the complete contract (its rows'
-range, step and softmax), and its temporaries stay bounded however large the call. The
-``"rows"`` implementation is this path with every block checkpointed (recomputed in backward),
-so that nothing of size ``(n, m)`` is kept.
+range, step and softmax) with no recomputation, and its temporaries stay bounded and
+cache-sized however large the call.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from simwarp.backend.common import (
     WarpSpec,
@@ -123,8 +121,8 @@ class _RowSoftmax(torch.autograd.Function):
 ROW_BLOCK_ELEMENTS = 1 << 20
 
 
-def _row_blocks(n: int, entries_per_row: int, rows: int | None = None):
-    rows = rows or max(1, min(n, ROW_BLOCK_ELEMENTS // max(entries_per_row, 1)))
+def _row_blocks(n: int, entries_per_row: int):
+    rows = max(1, min(n, ROW_BLOCK_ELEMENTS // max(entries_per_row, 1)))
     for start in range(0, n, rows):
         yield start, min(start + rows, n)
 
@@ -157,37 +155,19 @@ def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop
     return w, WarpStats(lse=lse, kept=kept, lo=lo.detach(), hi=hi.detach(), empty=empty)
 
 
-def _run_block(qw, kw, v, a, b, t, mask, row_range, start: int, stop: int, spec: WarpSpec, attend, with_stats: bool):
-    """One row block: ``attend(w, v)`` (or ``w`` itself) and the rows' stats fields. Under
-    ``causal`` only keys ``< stop`` can be visible to rows ``< stop``: the others are not computed."""
-    keys = kw.shape[-2]
-    if spec.causal and attend is not None and stop < keys:
-        keys = stop
-        kw, v, mask = kw.narrow(-2, 0, keys), v.narrow(-2, 0, keys), None if mask is None else mask.narrow(-1, 0, keys)
-    s = pairwise_similarity(_rows(qw, start, stop, -2), kw, spec.metric, spec.scale)
-    w, stats = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, with_stats)
-    return (w if attend is None else attend(w, v)), *stats
-
-
-def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, attend, with_stats: bool, recompute: bool = False,
-             rows_per_block: int | None = None):
-    """Run the row blocks and concatenate: ``attend(w, v) -> (..., rows, e)`` per block, or the
-    weights themselves when ``attend`` is None. With ``recompute`` each block is checkpointed
-    (``torch.utils.checkpoint``): only its inputs are kept for backward, which recomputes it."""
+def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_stats: bool):
+    """Run ``per_block(w) -> tensor (..., rows, ·)`` over row blocks; concatenate."""
     dtype = work_dtype(q.dtype)
     qw, kw = q.to(dtype), k.to(dtype)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
     if mask is not None:
         batch = torch.broadcast_shapes(batch, mask.shape[:-2])
     parts, stats = [], []
-    for start, stop in _row_blocks(q.shape[-2], k.shape[-2] * math.prod(batch), rows_per_block):
-        args = (qw, kw, v, a, b, t, mask, row_range, start, stop, spec, attend, with_stats)
-        if recompute:
-            part, *fields = checkpoint(_run_block, *args, use_reentrant=False)
-        else:
-            part, *fields = _run_block(*args)
-        parts.append(part)
-        stats.append(WarpStats(*fields))
+    for start, stop in _row_blocks(q.shape[-2], k.shape[-2] * math.prod(batch)):
+        s = pairwise_similarity(_rows(qw, start, stop, -2), kw, spec.metric, spec.scale)
+        w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, with_stats)
+        parts.append(per_block(w))
+        stats.append(st)
     if len(parts) == 1:
         return parts[0], stats[0]
     return torch.cat(parts, -2), WarpStats(*(torch.cat(field, -1) for field in zip(*stats)))
@@ -198,21 +178,19 @@ def dense_weights(
 ) -> tuple[torch.Tensor, WarpStats]:
     """Weights ``(..., n, m)`` (softmax of the logits over valid keys; all 0 on a row with no
     valid key) and the rows' :class:`WarpStats` (``lse`` and ``kept`` only with ``with_stats``)."""
-    return _blocked(q, k, None, a, b, t, mask, spec, row_range, None, with_stats)
+    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w: w, with_stats)
 
 
 def dense_warp_attend(
-    q, k, v, a, b, t, mask, spec: WarpSpec, dropout_p: float = 0.0, row_range=None, with_stats: bool = True,
-    recompute: bool = False, rows_per_block: int | None = None,
+    q, k, v, a, b, t, mask, spec: WarpSpec, dropout_p: float = 0.0, row_range=None, with_stats: bool = True
 ) -> tuple[torch.Tensor, WarpStats]:
     """Output ``(..., n, e)`` and :class:`WarpStats` (dropout acts on the weights, not the stats;
-    ``lse`` and ``kept`` only with ``with_stats``). ``recompute=True`` is ``impl="rows"``: memory
-    ``O(rows_per_block · m)`` in forward and backward, each block recomputed in backward."""
+    ``lse`` and ``kept`` only with ``with_stats``)."""
 
-    def attend(w, v):
+    def attend(w):
         if dropout_p > 0:
             w = torch.nn.functional.dropout(w, dropout_p)
         return w @ v.to(w.dtype)
 
-    out, stats = _blocked(q, k, v, a, b, t, mask, spec, row_range, attend, with_stats, recompute, rows_per_block)
+    out, stats = _blocked(q, k, v, a, b, t, mask, spec, row_range, attend, with_stats)
     return out.to(q.dtype), stats
