@@ -143,10 +143,17 @@ def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop
         None if row_range is None else tuple(_rows(x, start, stop, -1) for x in row_range),
         row_start=start,
     )
-    # Every row keeps a key unless it has none (`empty`) or its range is fixed from outside
-    # (a built-in step always keeps the row's best key, u = 1).
-    some_kept = row_range is None and (spec.step.rule is not None or not spec.step.warps) and not bool(empty.any())
-    if with_stats or logits.device.type != "cpu" or not some_kept:
+    # PyTorch's fused softmax needs a kept key in every row: true unless a row has no valid key
+    # (`empty`, checked on CPU only: no device sync) or its range is fixed from outside (a
+    # built-in step always keeps the row's best key, u = 1).
+    fused = (
+        not with_stats
+        and logits.device.type == "cpu"
+        and row_range is None
+        and (spec.step.rule is not None or not spec.step.warps)
+        and not bool(empty.any())
+    )
+    if not fused:
         w, lse = _RowSoftmax.apply(logits)
     else:  # no log-normaliser wanted and no all -inf row: PyTorch's fused CPU softmax
         w = torch.softmax(logits, -1)
