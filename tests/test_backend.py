@@ -459,3 +459,23 @@ def test_dense_without_stats_matches_with_stats(step, mask_kind):
     for x, y in zip(g_plain, g_stats):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     assert torch.isfinite(plain).all()
+
+
+@pytest.mark.parametrize("step", ["sigmoidal", "log", "poly"])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_step_parameter_gradients_with_frozen_inputs(step, exclude_self):
+    """Only a, b, t learn (frozen embeddings): the warp node's parameter-only backward."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"frozen-{step}-{exclude_self}".encode()))
+    q = torch.randn(7, 4, generator=gen, dtype=f64)
+    k = q if exclude_self else torch.randn(9, 4, generator=gen, dtype=f64)
+    v = torch.randn(k.shape[0], 2, generator=gen, dtype=f64)
+    grads = []
+    for impl in ("dense", "chunked"):
+        a = torch.tensor(0.2, dtype=f64, requires_grad=True)
+        b = torch.full((7,), 0.8, dtype=f64, requires_grad=True)
+        t = torch.tensor(0.4, dtype=f64, requires_grad=True)
+        out = simwarp.warp_attend(q, k, v, a=a, b=b, t=t, step=step, impl=impl, chunk_size=4, exclude_self=exclude_self)
+        grads.append(torch.autograd.grad(out.sum(), (a, b, t), allow_unused=True, materialize_grads=True))
+    for gd, gc in zip(*grads):
+        torch.testing.assert_close(gd, gc, rtol=1e-9, atol=1e-12)
+    assert grads[0][1].abs().sum() > 0
