@@ -221,16 +221,16 @@ def _class_masses(
     n, m = x.shape[0], r.shape[0]
     a, b, t = params
     if warp["impl"] in ("auto", "dense") and n * m <= DENSE_AUTO_LIMIT:
-        w = warp_weights(
+        result = warp_weights(
             x, r, step=step, a=a, b=b, t=t, return_stats=with_lse,
             **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp,
         )
-        w, lse = w if with_lse else (w, None)
+        w, stats = result if with_lse else (result, None)
         # 1 where the classes (small integers, exact in floating point) agree, else 0, built
         # with float arithmetic: bool comparisons and float-by-bool products are slow on CPU
         same = (q_cls.to(w.dtype)[:, None] - r_cls.to(w.dtype)[None, :]).abs_().clamp_max_(1.0).neg_().add_(1.0)
         own = (w * same).sum(1)
-        return own, w.sum(1) - own, None if lse is None else lse.lse
+        return own, w.sum(1) - own, None if stats is None else stats.lse
     if n_cls <= MAX_CLASS_COLUMNS:
         v = F.one_hot(r_cls, n_cls).to(x.dtype)
         out, stats = warp_attend(

@@ -42,6 +42,13 @@ def _run(q, k, v, params, impl, **kw):
     return out, stats, grads
 
 
+def _mask_kwargs(kind: str, batch, n: int, m: int, gen) -> dict:
+    """Backend kwargs for a mask kind: none, a random mask broadcast over heads, causal, self."""
+    if kind == "random":
+        return {"mask": torch.rand(batch[0], 1, n, m, generator=gen) > 0.4}
+    return {"causal": True} if kind == "causal" else {"exclude_self": True} if kind == "self" else {}
+
+
 CASES = list(itertools.product(METRICS, STEPS, ("float", "scalar", "head", "row"), ("none", "random", "causal", "self")))
 
 
@@ -56,12 +63,7 @@ def test_chunked_matches_dense_float64(metric, step, param_kind, mask_kind):
     k = torch.randn(batch[0], 1, m, d, generator=gen, dtype=f64, requires_grad=True)  # broadcast over heads
     v = torch.randn(1, batch[1], m, e, generator=gen, dtype=f64, requires_grad=True)
     kw = {"metric": metric, "step": step, "temperature": 0.7}
-    if mask_kind == "random":
-        kw["mask"] = torch.rand(batch[0], 1, n, m, generator=gen) > 0.4
-    elif mask_kind == "causal":
-        kw["causal"] = True
-    elif mask_kind == "self":
-        kw["exclude_self"] = True
+    kw.update(_mask_kwargs(mask_kind, batch, n, m, gen))
     params = _params(param_kind, batch, n, gen)
     chunk = int(torch.randint(1, m + 2, (1,), generator=gen))
     out_d, stats_d, grads_d = _run(q, k, v, params, "dense", **kw)
@@ -91,12 +93,7 @@ def test_dense_row_blocks_match_chunked(monkeypatch, rows_per_block, metric, ste
     k = torch.randn(batch[0], 1, m, d, generator=gen, dtype=f64, requires_grad=True)
     v = torch.randn(1, batch[1], m, e, generator=gen, dtype=f64, requires_grad=True)
     kw = {"metric": metric, "step": step}
-    if mask_kind == "random":
-        kw["mask"] = torch.rand(batch[0], 1, n, m, generator=gen) > 0.4
-    elif mask_kind == "causal":
-        kw["causal"] = True
-    elif mask_kind == "self":
-        kw["exclude_self"] = True
+    kw.update(_mask_kwargs(mask_kind, batch, n, m, gen))
     params = _params(param_kind, batch, n, gen)
     monkeypatch.setattr(dense, "ROW_BLOCK_ELEMENTS", rows_per_block * m * 6)
     out_d, stats_d, grads_d = _run(q, k, v, params, "dense", **kw)

@@ -19,7 +19,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from simwarp.backend.common import WarpSpec, key_bias, warp_logits, work_dtype
+from simwarp.backend.common import WarpSpec, key_bias, row_is_empty, warp_logits, work_dtype
 from simwarp.similarity import paired_similarity, pairwise_similarity
 
 #: Target number of score entries per block (rows × keys): 1 MB per float32 temporary. The
@@ -102,7 +102,7 @@ class _ChunkedWarp(torch.autograd.Function):
         for start, stop in _blocks(m, chunk):
             s, bias = scores(start, stop)
             if empty is None:
-                any_valid |= True if bias is None else bias.amax(-1) > -math.inf
+                any_valid |= ~row_is_empty(bias, s.shape, s.device)
             logits = warp_logits(s, lo1, hi1, bias, a, b, t, spec)
             new_max = torch.maximum(run_max, logits.amax(-1))
             shift = new_max.masked_fill(torch.isinf(new_max), 0.0)

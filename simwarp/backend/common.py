@@ -100,15 +100,28 @@ def row_is_empty(bias: torch.Tensor | None, shape: torch.Size, device: torch.dev
     return (bias.amax(-1) == -math.inf).expand(shape[:-1])
 
 
+def _unit_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, inv)``: ``u = (s - lo) · inv`` with ``inv = 1 / (hi - lo)`` per row, and on flat rows
+    (``hi <= lo``) ``inv = 0``, ``u = 1``."""
+    r = hi - lo
+    flat = r <= 0
+    inv = torch.where(flat, 0.0, 1.0 / r.masked_fill(flat, 1.0))  # per row: cheap
+    return (s * inv).add_(flat.to(s.dtype) - lo * inv), inv
+
+
+def _range_gradients(g_u: torch.Tensor, u: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂lo, ∂hi)`` of ``u`` from ``g_u = ∂L/∂u``: ``inv Σ_j g_u (u - 1)`` and ``-inv Σ_j g_u u``
+    (zero on flat rows, where ``inv = 0``); shapes ``(..., n, 1)``."""
+    sum_gu_u = (g_u * u).sum(-1, keepdim=True)
+    return (sum_gu_u - g_u.sum(-1, keepdim=True)).mul_(inv), sum_gu_u.mul_(inv).neg_()
+
+
 class _NormalizedRange(torch.autograd.Function):
     # u = (s - lo) / r with r = hi - lo, u = 1 on flat rows (r <= 0), where it is constant.
-    # With inv = 1/r (0 on flat rows): ∂s = g inv, ∂lo = inv Σ g (u - 1), ∂hi = -inv Σ g u.
+    # ∂s = g inv, and ∂lo, ∂hi from _range_gradients.
     @staticmethod
     def forward(ctx, s, lo, hi):
-        r = hi - lo
-        flat = r <= 0
-        inv = torch.where(flat, 0.0, 1.0 / r.masked_fill(flat, 1.0))  # per row: cheap
-        u = (s * inv).add_(flat.to(s.dtype) - lo * inv)
+        u, inv = _unit_range(s, lo, hi)
         ctx.save_for_backward(u, inv)
         ctx.shapes = s.shape, lo.shape, hi.shape
         return u
@@ -122,11 +135,8 @@ class _NormalizedRange(torch.autograd.Function):
         gs = (g * inv).sum_to_size(s_shape) if need_s else None
         g_lo = g_hi = None
         if need_lo or need_hi:
-            g_u = (g * u).sum(-1, keepdim=True)
-            if need_lo:
-                g_lo = ((g_u - g.sum(-1, keepdim=True)) * inv).sum_to_size(lo_shape)
-            if need_hi:
-                g_hi = (-g_u * inv).sum_to_size(hi_shape)
+            g_lo, g_hi = _range_gradients(g, u, inv)
+            g_lo, g_hi = g_lo.sum_to_size(lo_shape), g_hi.sum_to_size(hi_shape)
         return gs, g_lo, g_hi
 
 
@@ -139,14 +149,11 @@ def normalized_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tor
 class _WarpLogits(torch.autograd.Function):
     # One node for ℓ = s/τ + φ(u), u = (s - lo)/(hi - lo), with a closed-form step (StepRule).
     # Backward (GRADIENTS.md): with g_u from the rule and inv = 1/(hi - lo) (0 on flat rows),
-    # ∂s = g/τ + g_u inv,  ∂lo = inv Σ_j g_u (u - 1),  ∂hi = -inv Σ_j g_u u. With `range_index`
+    # ∂s = g/τ + g_u inv, and ∂lo, ∂hi from _range_gradients. With `range_index`
     # (the keys lo and hi were read from) ∂lo and ∂hi go straight into ∂s at those keys.
     @staticmethod
     def forward(ctx, s, lo, hi, a, b, t, rule, inv_temperature: float, range_index):
-        r = hi - lo
-        flat = r <= 0
-        inv = torch.where(flat, 0.0, 1.0 / r.masked_fill(flat, 1.0))  # per row: cheap
-        u = (s * inv).add_(flat.to(s.dtype) - lo * inv)
+        u, inv = _unit_range(s, lo, hi)
         phi, saved = rule.forward(u, a, b, t)
         ctx.rule, ctx.inv_temperature, ctx.n_saved = rule, inv_temperature, len(saved)
         ctx.shapes = s.shape, lo.shape, hi.shape
@@ -165,9 +172,7 @@ class _WarpLogits(torch.autograd.Function):
         gu, ga, gb, gt = ctx.rule.backward(saved, g, (need_s or track_range, need_a, need_b, need_t))
         g_lo = g_hi = gs = None
         if track_range:
-            sum_gu_u = (gu * u).sum(-1, keepdim=True)
-            g_lo = (sum_gu_u - gu.sum(-1, keepdim=True)).mul_(inv)
-            g_hi = sum_gu_u.mul_(inv).neg_()
+            g_lo, g_hi = _range_gradients(gu, u, inv)
         if need_s:
             gs = gu.mul_(inv).add_(g, alpha=ctx.inv_temperature)
             if ctx.has_index:
