@@ -60,25 +60,35 @@ class Step:
 
 # The built-in steps have closed forms (`StepRule`), written for CPU speed: no data-dependent
 # `where`/`masked_fill` (an order of magnitude slower than arithmetic on random masks) and no
-# transcendental evaluated at 0, ±inf or a subnormal (slow paths of the vectorised math
-# library). Every log sees a clamped, normal argument, and a dropped neighbour gets its exact
-# -inf from a division by the 0/1 sign of its band coordinate (`_drop_`). The backward divides
-# only by quantities clamped away from 0 (`_guard`); entries outside the band, whose true
-# partials are 0, receive a zero upstream gradient from the backend's softmax and so
-# contribute exactly 0.
+# transcendental evaluated at 0, ±inf, a subnormal or an underflowing result (slow paths of the
+# vectorised math library). Every log sees a clamped, normal argument, and a dropped neighbour
+# gets its exact -inf (log form) or 0 (mask form) from the 0/1 indicator of its band coordinate
+# (`_inside`). The backward divides only by quantities clamped away from 0 (`_guard`); entries
+# outside the band, whose true partials are 0, receive a zero upstream gradient from the
+# backend's softmax and so contribute exactly 0.
 
 
 class StepRule:
-    """Closed form of a step: ``forward(u, a, b, t) -> (φ, saved)`` and
-    ``backward(saved, g_φ, needs) -> (g_u, g_a, g_b, g_t)``.
+    """Closed form of a step: ``forward(u, a, b, t) -> (φ, saved)``, its mask form
+    ``mask(u, a, b, t) -> (m, saved)`` and ``backward(saved, g_φ, needs) -> (g_u, g_a, g_b, g_t)``.
 
-    ``g_u`` has ``φ``'s (full) shape and is a fresh tensor the caller may update in place;
-    ``g_a, g_b, g_t`` are reduced to the parameters' shapes, ``None`` where ``needs`` is False.
+    ``mask`` returns ``m = exp(φ)`` (exactly 0 where ``φ = -inf``; where ``m`` would fall below
+    the smallest normal number it may be raised to about that size) and the same ``saved`` as
+    ``forward``, so one ``backward`` (in terms of ``g_φ``) serves both forms. It lets the backend
+    multiply the softmax numerator by ``m`` instead of adding ``φ`` to the logits, which saves the
+    ``log`` (and, for ``"poly"``, is free of transcendentals). ``g_u`` has ``φ``'s (full) shape and
+    is a fresh tensor the caller may update in place; ``g_a, g_b, g_t`` are reduced to the
+    parameters' shapes, ``None`` where ``needs`` is False.
     """
 
     @staticmethod
     def forward(u, a, b, t) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         raise NotImplementedError
+
+    @classmethod
+    def mask(cls, u, a, b, t) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        phi, saved = cls.forward(u, a, b, t)
+        return phi.exp_(), saved
 
     @staticmethod
     def backward(saved, g_phi, needs) -> tuple:
@@ -97,9 +107,20 @@ def _safe_log_(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_(info.tiny, info.max).log_()
 
 
+def _inside(band_coordinate: torch.Tensor) -> torch.Tensor:
+    """The 0/1 indicator of ``band_coordinate > 0`` for ``band_coordinate >= 0`` (between 0 and 1
+    on subnormal values, where the mask it multiplies is below the normal range anyway)."""
+    return torch.mul(band_coordinate, 1 / torch.finfo(band_coordinate.dtype).tiny).clamp_max_(1.0)
+
+
 def _drop_(phi: torch.Tensor, band_coordinate: torch.Tensor) -> torch.Tensor:
     """``φ = -inf`` where ``band_coordinate`` (``>= 0``) is 0; ``φ`` must be ``< 0`` there."""
-    return phi.div_(band_coordinate.sign())
+    return phi.div_(_inside(band_coordinate))
+
+
+def _sigmoid_bound(dtype: torch.dtype) -> float:
+    """A bound on ``|z|`` that keeps ``sigmoid(-|z|)`` in the normal range (off its slow path)."""
+    return -math.log(torch.finfo(dtype).tiny) - 1.0
 
 
 def _reduce(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -114,15 +135,27 @@ def _row_constant(*params: torch.Tensor) -> bool:
 
 class SigmoidalRule(StepRule):
     """φ = log σ(-z), z = log(q / p) / t with p = (u-a)⁺, q = (b-u)⁺ (q/p clamped to the normal
-    range, so z is finite: below the band σ(-z) underflows and `_drop_` makes φ = -inf; above
-    it σ(-z) = 1). With σ = sigmoid(z) and h = g_φ σ / t:
+    range and |z| bounded, so z is finite: below the band `_drop_` makes φ = -inf, above it
+    σ(-z) = 1). With σ = sigmoid(z) and h = g_φ σ / t:
     ∂u = h (1/p + 1/q),  ∂a = -h / p,  ∂b = -h / q,  ∂t = h z."""
 
     @staticmethod
-    def forward(u, a, b, t):
+    def _band(u, a, b, t):
+        """``p`` and ``z``; ``|z|`` is bounded where ``σ(±z)`` would leave the normal range,
+        which changes ``φ`` and the partials by less than the smallest normal number."""
         p = (u - a).clamp_min_(0.0)
-        z = _safe_log_((b - u).clamp_min_(0.0).div_(p)).div_(t)
+        bound = _sigmoid_bound(u.dtype)
+        return p, _safe_log_((b - u).clamp_min_(0.0).div_(p)).div_(t).clamp_(-bound, bound)
+
+    @staticmethod
+    def forward(u, a, b, t):
+        p, z = SigmoidalRule._band(u, a, b, t)
         return _drop_(_safe_log_(torch.neg(z).sigmoid_()), p), (u, a, b, t, z)
+
+    @staticmethod
+    def mask(u, a, b, t):
+        p, z = SigmoidalRule._band(u, a, b, t)
+        return torch.neg(z).sigmoid_().mul_(_inside(p)), (u, a, b, t, z)
 
     @staticmethod
     def backward(saved, g_phi, needs):
@@ -181,10 +214,14 @@ class PolyRule(StepRule):
 
     @staticmethod
     def forward(u, a, b, t):
+        m, saved = PolyRule.mask(u, a, b, t)
+        return _drop_(_safe_log_(m), saved[-1]), saved
+
+    @staticmethod
+    def mask(u, a, b, t):
         c = 1 / (t * (b - a))
         y = (u * c).add_(0.5 - (a + b) * 0.5 * c).clamp_(0.0, 1.0)
-        m = torch.mul(y, -2.0).add_(3.0).mul_(y).mul_(y)  # 0 for y <= 0, 1 for y >= 1
-        return _drop_(_safe_log_(m), y), (u, a, b, t, y)
+        return torch.mul(y, -2.0).add_(3.0).mul_(y).mul_(y), (u, a, b, t, y)  # 0 for y <= 0, 1 for y >= 1
 
     @staticmethod
     def backward(saved, g_phi, needs):

@@ -194,6 +194,31 @@ def test_huge_and_tiny_magnitudes(impl, magnitude):
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("temperature", [0.05, 1.0])
+def test_float32_matches_float64_at_loss_scale(impl, step, temperature):
+    """Float32 weights and gradients against float64 where similarities are large (squared
+    distances of unnormalised embeddings, as in metric learning) and the row's own key is
+    excluded: the mask form's exponent and the leave-one-out diagonal must not lose precision."""
+    gen = torch.Generator().manual_seed(11)
+    x64 = torch.randn(48, 16, generator=gen, dtype=f64) * 3
+    kw = {"metric": "sqeuclidean", "step": step, "temperature": temperature, "exclude_self": True}
+    w64 = simwarp.warp_weights(x64, x64, impl=impl, chunk_size=16, **kw) if impl == "dense" else None
+    probe = torch.randn(48, 3, generator=gen, dtype=f64)
+    outs, grads = [], []
+    for dtype in (f64, torch.float32):
+        x = x64.to(dtype).requires_grad_()
+        out = simwarp.warp_attend(x, x, probe.to(dtype), impl=impl, chunk_size=16, **kw)
+        outs.append(out.double())
+        grads.append(torch.autograd.grad(out.pow(2).sum(), x)[0].double())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3 * float(grads[0].abs().max()))
+    if w64 is not None:
+        assert torch.equal(w64.diagonal(), torch.zeros(48, dtype=f64))
+        torch.testing.assert_close(w64.sum(-1), torch.ones(48, dtype=f64))
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs(impl, dtype):
     gen = torch.Generator().manual_seed(3)

@@ -254,6 +254,28 @@ def test_closed_form_steps_match_autograd_reference(name, reference, param_shape
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
+@pytest.mark.parametrize("name", ["sigmoidal", "log", "poly"])
+def test_mask_form_is_exp_of_log_form(name, dtype):
+    """StepRule.mask (multiplied into the softmax numerator) equals exp(forward), with exact
+    zeros on the same entries, and saves what the shared backward reads."""
+    rule = get_step(name).rule
+    gen = torch.Generator().manual_seed(zlib_seed("mask", name))
+    u = (torch.rand(6, 40, generator=gen, dtype=f64) * 1.4 - 0.2).to(dtype)
+    u[:, :3] = torch.tensor([0.0, 1.0, 0.3], dtype=dtype)  # band edges and a = 0.3 itself
+    a = torch.tensor([[0.3]] * 6, dtype=dtype)
+    b = torch.tensor([[0.7], [0.9], [1.0], [0.31], [0.5], [0.8]], dtype=dtype)
+    t = torch.tensor([[0.5], [0.05], [0.95], [0.3], [0.002], [0.5]], dtype=dtype)
+    phi, saved_log = rule.forward(u, a, b, t)
+    m, saved_mask = rule.mask(u, a, b, t)
+    assert torch.equal(m == 0, phi == -math.inf), "the same neighbours dropped"
+    assert ((m >= 0) & (m <= 1)).all()
+    tiny = torch.finfo(dtype).tiny
+    torch.testing.assert_close(m, phi.exp(), rtol=128 * torch.finfo(dtype).eps, atol=tiny)  # exp amplifies |φ| eps
+    for x, y in zip(saved_mask, saved_log):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["sigmoidal", "log", "poly"])
 def test_closed_form_steps_gradcheck(name):
     gen = torch.Generator().manual_seed(7)

@@ -19,7 +19,14 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from simwarp.backend.common import WarpSpec, key_bias, row_is_empty, warp_logits, work_dtype
+from simwarp.backend.common import (
+    WarpSpec,
+    key_bias,
+    row_extremum,
+    row_is_empty,
+    warp_logits,
+    work_dtype,
+)
 from simwarp.similarity import paired_similarity, pairwise_similarity
 
 #: Target number of score entries per block (rows × keys): 1 MB per float32 temporary. The
@@ -67,8 +74,8 @@ def streaming_range(blocks: _KeyBlocks, batch, chunk: int):
     argmax = torch.zeros_like(argmin)
     for start, stop in _blocks(blocks.m, chunk):
         s, bias = blocks(start, stop)
-        block_min, idx_min = (s if bias is None else s - bias).min(-1)
-        block_max, idx_max = (s if bias is None else s + bias).max(-1)
+        block_min, idx_min = row_extremum(s if bias is None else s - bias, largest=False)
+        block_max, idx_max = row_extremum(s if bias is None else s + bias, largest=True)
         new_min, new_max = block_min < lo, block_max > hi
         lo, argmin = torch.where(new_min, block_min, lo), torch.where(new_min, idx_min + start, argmin)
         hi, argmax = torch.where(new_max, block_max, hi), torch.where(new_max, idx_max + start, argmax)

@@ -13,6 +13,7 @@ cache-sized however large the call.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -20,11 +21,71 @@ from simwarp.backend.common import (
     WarpSpec,
     WarpStats,
     key_bias,
+    row_extremum,
     row_is_empty,
+    unit_range,
+    warp_backward,
     warp_logits,
     work_dtype,
 )
 from simwarp.similarity import pairwise_similarity
+
+
+class _RowSetup(NamedTuple):
+    """What both forms of the row math need besides the similarities and the step parameters."""
+
+    s: torch.Tensor  # (..., n, m), expanded to the mask's leading dims
+    bias: torch.Tensor | None  # validity (key_bias), or None
+    self_offset: int | None  # leave-one-out without a bias: the diagonal holding each row's own key
+    lo: torch.Tensor  # (..., n), constants
+    hi: torch.Tensor
+    index: tuple[torch.Tensor, torch.Tensor] | None  # keys lo and hi were read from (their gradient goes there)
+    empty: torch.Tensor  # (..., n) bool
+
+
+def _row_setup(s, mask, spec: WarpSpec, row_range, row_start: int) -> _RowSetup:
+    """Validity and range of the rows of ``s``. ``row_range``: a fixed ``(lo, hi)`` (constants)
+    instead of the rows' own range; ``row_start``: index of ``s``'s first row in the call (for
+    ``causal`` / ``exclude_self``)."""
+    n, m = s.shape[-2], s.shape[-1]
+    if mask is None and spec.exclude_self and not spec.causal and row_range is None and m > 1:
+        return _leave_one_out_setup(s, row_start)
+    if mask is not None:  # the mask may carry leading dims that only v has
+        s = s.expand(torch.broadcast_shapes(s.shape, mask.shape))
+    bias = key_bias(
+        None if mask is None else mask.expand(s.shape),
+        n, 0, m, causal=spec.causal, exclude_self=spec.exclude_self, dtype=s.dtype, device=s.device, row_start=row_start,
+    )
+    empty = row_is_empty(bias, s.shape, s.device)
+    # min/max with indices route the range gradient to one key per row (the first on ties),
+    # exactly as the streaming implementations do.
+    if row_range is not None:
+        lo, hi = (x.detach().to(s.dtype).expand(s.shape[:-1]) for x in row_range)
+        return _RowSetup(s, bias, None, lo, hi, None, empty)
+    with torch.no_grad():
+        lo, lo_index = row_extremum(s if bias is None else s - bias, largest=False)
+        hi, hi_index = row_extremum(s if bias is None else s + bias, largest=True)
+    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    return _RowSetup(s, bias, None, lo, hi, (lo_index, hi_index), empty)
+
+
+def _leave_one_out_setup(s, row_start: int) -> _RowSetup:
+    """:func:`_row_setup` for ``exclude_self`` alone (the leave-one-out training case), without
+    a bias matrix: each row's own key sits on one diagonal of the block, which is set to ±inf
+    in place for the range reductions (then restored). The write is not recorded by autograd:
+    ``s`` is saved by no node, and the self weights are exactly 0, so no gradient reaches
+    those entries."""
+    with torch.no_grad():
+        own = s.detach().diagonal(row_start, -2, -1)
+        saved = own.clone()
+        own.fill_(math.inf)
+        lo_index = row_extremum(s.detach(), largest=False)[1]
+        own.fill_(-math.inf)
+        hi_index = row_extremum(s.detach(), largest=True)[1]
+        own.copy_(saved)
+        lo, hi = (s.detach().gather(-1, index.unsqueeze(-1)).squeeze(-1) for index in (lo_index, hi_index))
+    empty = torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
+    return _RowSetup(s, None, row_start, lo, hi, (lo_index, hi_index), empty)
 
 
 def dense_logits(
@@ -41,52 +102,15 @@ def dense_logits(
     ``(..., n, m)``, the rest ``(..., n)``. ``row_range``: a fixed ``(lo, hi)`` (constants)
     instead of the rows' own range; ``row_start``: index of ``s``'s first row in the call (for
     ``causal`` / ``exclude_self``)."""
-    n, m = s.shape[-2], s.shape[-1]
-    if mask is None and spec.exclude_self and not spec.causal and row_range is None and m > 1:
-        return _leave_one_out_logits(s, a, b, t, spec, row_start)
-    if mask is not None:  # the mask may carry leading dims that only v has
-        s = s.expand(torch.broadcast_shapes(s.shape, mask.shape))
-    bias = key_bias(
-        None if mask is None else mask.expand(s.shape),
-        n, 0, m, causal=spec.causal, exclude_self=spec.exclude_self, dtype=s.dtype, device=s.device, row_start=row_start,
-    )
-    empty = row_is_empty(bias, s.shape, s.device)
-    # min/max with indices route the range gradient to one key per row (the first on ties),
-    # exactly as the streaming implementations do.
-    index = None
-    if row_range is not None:
-        lo, hi = (x.detach().to(s.dtype).expand(s.shape[:-1]) for x in row_range)
-    else:
+    rows = _row_setup(s, mask, spec, row_range, row_start)
+    index = rows.index if spec.step.warps else None  # step "none": the range is only reported
+    logits = warp_logits(rows.s, rows.lo.unsqueeze(-1), rows.hi.unsqueeze(-1), rows.bias, a, b, t, spec, range_index=index)
+    if rows.self_offset is not None:
+        if logits is s:  # step "none" at temperature 1: the logits are the similarities themselves
+            logits = s.clone()
         with torch.no_grad():
-            (lo, lo_index), (hi, hi_index) = (s if bias is None else s - bias).min(-1), (s if bias is None else s + bias).max(-1)
-        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-        index = (lo_index, hi_index) if spec.step.warps else None  # step "none": the range is only reported
-    logits = warp_logits(s, lo.unsqueeze(-1), hi.unsqueeze(-1), bias, a, b, t, spec, range_index=index)
-    return logits, lo, hi, empty
-
-
-def _leave_one_out_logits(s, a, b, t, spec: WarpSpec, row_start: int):
-    """:func:`dense_logits` for ``exclude_self`` alone (the leave-one-out training case), without
-    a bias matrix: each row's own key sits on one diagonal of the block, which is set to ±inf
-    in place for the range reductions (then restored) and to -inf in the logits. Neither write
-    is recorded by autograd: ``s`` is saved by no node, and the self weights are exactly 0, so
-    no gradient reaches those entries."""
-    with torch.no_grad():
-        own = s.detach().diagonal(row_start, -2, -1)
-        saved = own.clone()
-        own.fill_(math.inf)
-        lo_index = s.detach().min(-1).indices
-        own.fill_(-math.inf)
-        hi_index = s.detach().max(-1).indices
-        own.copy_(saved)
-    lo, hi = (s.detach().gather(-1, index.unsqueeze(-1)) for index in (lo_index, hi_index))
-    logits = warp_logits(s, lo, hi, None, a, b, t, spec, range_index=(lo_index, hi_index))
-    if logits is s:  # step "none" at temperature 1: the logits are the similarities themselves
-        logits = s.clone()
-    with torch.no_grad():
-        logits.diagonal(row_start, -2, -1).fill_(-math.inf)
-    empty = torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
-    return logits, lo.squeeze(-1), hi.squeeze(-1), empty
+            logits.diagonal(rows.self_offset, -2, -1).fill_(-math.inf)
+    return logits, rows.lo, rows.hi, rows.empty
 
 
 class _RowSoftmax(torch.autograd.Function):
@@ -108,12 +132,79 @@ class _RowSoftmax(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_w, g_lse):
         (w,) = ctx.saved_tensors
-        if g_w is None:
-            return w * g_lse.unsqueeze(-1)
-        shift = (w * g_w).sum(-1, keepdim=True)
-        if g_lse is not None:
-            shift = shift - g_lse.unsqueeze(-1)
-        return (g_w - shift).mul_(w)
+        return _softmax_backward(w, g_w, g_lse)
+
+
+def _softmax_backward(w, g_w, g_lse):
+    """``∂ℓ`` of ``(w, lse)`` = softmax and log-normaliser of ``ℓ``: ``w (∂w - Σ_j w ∂w + ∂lse)``."""
+    if g_w is None:
+        return w * g_lse.unsqueeze(-1)
+    shift = (w * g_w).sum(-1, keepdim=True)
+    if g_lse is not None:
+        shift = shift - g_lse.unsqueeze(-1)
+    return (g_w - shift).mul_(w)
+
+
+_LOG2_E = 1.0 / math.log(2.0)
+
+
+class _MaskedSoftmax(torch.autograd.Function):
+    """``(w, lse, kept)`` of ``ℓ = s/τ + φ(u)`` (plus validity) over the last dim, evaluated in
+    the mask form of a built-in step: ``w ∝ m(u) · exp((s - hi)/τ)`` with ``m = exp(φ)`` from
+    :meth:`StepRule.mask`. The rows' own range is required: their best valid key (``s = hi``,
+    ``u = 1``) has ``m = 1``, so ``hi/τ`` is the largest logit and the normaliser is at least
+    about 1. This saves the ``log`` of the mask and the ``exp`` of ``φ``; the exponential itself
+    is taken as ``exp2``, PyTorch's fastest, with its argument clamped to the normal range
+    (weights below ``2^-126``, ``2^-1022`` in float64, relative to the best key's are raised
+    to that). Backward: the softmax's ``∂ℓ`` into :func:`warp_backward`.
+    """
+
+    @staticmethod
+    def forward(ctx, s, lo, hi, a, b, t, bias, self_offset, rule, inv_temperature: float, range_index, count_kept: bool):
+        u, inv = unit_range(s, lo, hi)
+        m, saved = rule.mask(u, a, b, t)
+        lowest = math.log2(torch.finfo(s.dtype).tiny)
+        scale = _LOG2_E * inv_temperature
+        e = torch.add(hi * -scale, s, alpha=scale).clamp_(lowest, 0.0)  # log2 of the numerator
+        if bias is not None:  # s is expanded to the mask's shape, so the bias broadcasts to it
+            e.add_(bias)
+        e = e.exp2_().mul_(m)
+        if self_offset is not None:
+            e.diagonal(self_offset, -2, -1).zero_()
+        kept = torch.full(s.shape[:-1], math.nan, dtype=s.dtype, device=s.device)
+        if count_kept:
+            valid = m if bias is None else m.add_(bias)
+            if self_offset is not None:
+                valid.diagonal(self_offset, -2, -1).zero_()
+            kept = (valid > 0).sum(-1).to(s.dtype)
+        total = e.sum(-1, keepdim=True)
+        w = e.mul_(total.clamp_min(torch.finfo(e.dtype).tiny).reciprocal())
+        lse = total.log_().add_(hi, alpha=inv_temperature).squeeze(-1)
+        ctx.rule, ctx.inv_temperature, ctx.n_saved = rule, inv_temperature, len(saved)
+        ctx.shapes = s.shape, lo.shape, hi.shape
+        ctx.save_for_backward(w, u, inv, *saved, *(range_index or ()))
+        ctx.mark_non_differentiable(kept)
+        return w, lse, kept
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_w, g_lse, _):
+        w, u, inv, *rest = ctx.saved_tensors
+        saved, index = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        g = _softmax_backward(w, g_w, g_lse)
+        grads = warp_backward(
+            g, u, inv, ctx.rule, saved, index or None, ctx.needs_input_grad[:6], ctx.inv_temperature, ctx.shapes
+        )
+        return (*grads, None, None, None, None, None, None)
+
+
+def _masked_softmax(s, a, b, t, rows: _RowSetup, spec: WarpSpec, count_kept: bool):
+    """``(w, lse, kept)`` through :class:`_MaskedSoftmax` (built-in warping steps, own range)."""
+    track = rows.index is not None and not spec.detach_range and s.requires_grad
+    return _MaskedSoftmax.apply(
+        rows.s, rows.lo.unsqueeze(-1), rows.hi.unsqueeze(-1), a, b, t, rows.bias, rows.self_offset,
+        spec.step.rule, 1.0 / spec.temperature, rows.index if track else None, count_kept,
+    )
 
 
 #: Scores per row block (see the module docstring): 4 MiB per float32 temporary; equal to
@@ -137,12 +228,15 @@ def _rows(x, start: int, stop: int, dim: int):
 
 def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop: int, with_stats: bool):
     """Weights and stats of query rows ``start:stop``, from their similarities ``s``; without
-    ``with_stats`` the stats' ``lse`` and ``kept`` are NaN (not computed)."""
-    logits, lo, hi, empty = dense_logits(
-        s, *(_rows(p, start, stop, -2) for p in (a, b, t)), _rows(mask, start, stop, -2), spec,
-        None if row_range is None else tuple(_rows(x, start, stop, -1) for x in row_range),
-        row_start=start,
-    )
+    ``with_stats`` the stats' ``lse`` and ``kept`` may be NaN (not computed)."""
+    a, b, t = (_rows(p, start, stop, -2) for p in (a, b, t))
+    mask = _rows(mask, start, stop, -2)
+    row_range = None if row_range is None else tuple(_rows(x, start, stop, -1) for x in row_range)
+    if spec.step.rule is not None and spec.step.warps and row_range is None:
+        rows = _row_setup(s, mask, spec, row_range, start)
+        w, lse, kept = _masked_softmax(s, a, b, t, rows, spec, count_kept=with_stats)
+        return w, WarpStats(lse=lse, kept=kept, lo=rows.lo, hi=rows.hi, empty=rows.empty)
+    logits, lo, hi, empty = dense_logits(s, a, b, t, mask, spec, row_range, row_start=start)
     # PyTorch's fused softmax needs a kept key in every row: true unless a row has no valid key
     # (`empty`, checked on CPU only: no device sync) or its range is fixed from outside (a
     # built-in step always keeps the row's best key, u = 1).
