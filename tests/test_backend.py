@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from step_references import log_reference, poly_reference, sigmoidal_reference
 
 import simwarp
 from simwarp.backend import DENSE_AUTO_LIMIT
@@ -74,6 +75,40 @@ def test_chunked_matches_dense_float64(metric, step, param_kind, mask_kind):
     for gc, gd in zip(grads_c, grads_d):
         torch.testing.assert_close(gc, gd, rtol=1e-8, atol=1e-10)
     assert all(torch.isfinite(g).all() for g in grads_c)
+
+
+def _plain_step(name):
+    """The built-in step `name` as a user step: its plain-autograd statement from
+    test_similarity_steps, which the backend runs in the log form with autograd gradients."""
+    reference = {"sigmoidal": sigmoidal_reference, "log": log_reference, "poly": poly_reference}[name]
+    return simwarp.register_step(f"test_plain_{name}", reference, overwrite=True).name
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize(
+    "metric,step,param_kind,mask_kind",
+    [c for c in CASES if c[1] != "none" and (c[0], c[2]) in (("dot", "row"), ("l2", "head"), ("cosine", "scalar"))],
+)
+def test_builtin_steps_match_plain_autograd_user_steps(impl, metric, step, param_kind, mask_kind):
+    """An independent check of the mask form (dense and chunked share its numerator and
+    backward): the same step registered as a user step takes the general path (log form,
+    online softmax, autograd through the step)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"plain-{impl}-{metric}-{step}-{param_kind}-{mask_kind}".encode()))
+    batch, n, d, e = (2, 3), 6, 4, 3
+    m = n if mask_kind == "self" else 8
+    q = torch.randn(*batch, n, d, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(batch[0], 1, m, d, generator=gen, dtype=f64, requires_grad=True)
+    v = torch.randn(1, batch[1], m, e, generator=gen, dtype=f64, requires_grad=True)
+    kw = {"metric": metric, "temperature": 0.6, "chunk_size": 3}
+    kw.update(_mask_kwargs(mask_kind, batch, n, m, gen))
+    params = _params(param_kind, batch, n, gen)
+    out, stats, grads = _run(q, k, v, params, impl, step=step, **kw)
+    out_p, stats_p, grads_p = _run(q, k, v, params, impl, step=_plain_step(step), **kw)
+    torch.testing.assert_close(out, out_p, rtol=1e-10, atol=1e-12)
+    for field in ("lse", "kept", "lo", "hi", "empty"):
+        torch.testing.assert_close(getattr(stats, field), getattr(stats_p, field), rtol=1e-10, atol=1e-12)
+    for g, g_p in zip(grads, grads_p):
+        torch.testing.assert_close(g, g_p, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("rows_per_block", [1, 3])

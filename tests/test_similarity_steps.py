@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from step_references import log_reference, poly_reference, sigmoidal_reference
 
 import simwarp
 from simwarp.similarity import (
@@ -204,35 +205,8 @@ def test_softstep_parameters_are_trained_through_the_backend():
         assert any(g.abs().sum() > 0 for g in grads)
 
 
-# Plain-autograd statements of the built-in steps (the old, slow but obviously correct forms):
-# the closed-form autograd Functions must agree with them in value and in every gradient.
-def _select(phi, dropped, above):
-    return phi.masked_fill(above, 0.0).masked_fill(dropped, -math.inf)
-
-
-def _sigmoidal_reference(u, a, b, t):
-    below, above = u <= a, u >= b
-    u_in = torch.where(below | above, (a + b) * 0.5, u)
-    z = torch.log((b - u_in) / (u_in - a)) / t
-    softplus = z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))  # exact (F.softplus switches to z above 20)
-    return _select(-softplus, below, above)
-
-
-def _log_reference(u, a, b, t):
-    dropped, above = u <= 0, u >= b
-    u_in = torch.where(dropped | above, b * 0.5, u)
-    return _select(t / (1 - t) * (b - u_in) * torch.log(u_in / b), dropped, above)
-
-
-def _poly_reference(u, a, b, t):
-    y = (u - (a + b) * 0.5) / (t * (b - a)) + 0.5
-    dropped, above = y <= 0, y >= 1
-    y_in = torch.where(dropped | above, 0.5, y)
-    return _select(torch.log(y_in * y_in * (3 - 2 * y_in)), dropped, above)
-
-
 @pytest.mark.parametrize(
-    "name,reference", [("sigmoidal", _sigmoidal_reference), ("log", _log_reference), ("poly", _poly_reference)]
+    "name,reference", [("sigmoidal", sigmoidal_reference), ("log", log_reference), ("poly", poly_reference)]
 )
 @pytest.mark.parametrize("param_shape", [(), (6, 1), (2, 6, 1), (6, 9)])
 def test_closed_form_steps_match_autograd_reference(name, reference, param_shape):

@@ -1,15 +1,20 @@
 """Two-pass streaming over key blocks in plain PyTorch (CPU and CUDA).
 
 Forward (DESIGN §3): pass 1 keeps each row's running min/max (and their key indices) over
-valid keys; pass 2 recomputes scores block by block, applies the step and runs an online
+valid keys; pass 2 recomputes scores block by block, applies the step and accumulates the
 softmax into the output. Only per-row statistics are saved for backward.
 
-Backward recomputes each block under autograd and pulls ``dℓ = w (δ - D)`` back through the
-block's graph (similarity, range normalisation, step), so every metric and every registered
-step gets exact gradients without a hand-written derivative. The gradient of the row range
-(``∂L/∂lo``, ``∂L/∂hi`` accumulated over blocks) is finally routed to the argmin/argmax key of
-each row (the first such key on ties), as in ``GRADIENTS.md``. Memory is ``O(rows · chunk)``
-in both directions.
+For the built-in steps over the rows' own range, pass 1 has found each row's largest logit
+(its best key, ``m = 1``), so pass 2 sums the mask form's numerators
+(:func:`~simwarp.backend.common.masked_numerator`) directly, with no running maximum, and the
+backward applies the closed-form :func:`~simwarp.backend.common.warp_backward` per block. User
+steps and a range fixed from outside take the general path: an online softmax over
+``ℓ = s/τ + φ(u)``, and a backward that pulls ``dℓ = w (δ - D)`` back through each block's
+autograd graph, so every registered step gets exact gradients without a hand-written
+derivative. Either way only the similarity is differentiated by autograd. The gradient of the
+row range (``∂L/∂lo``, ``∂L/∂hi`` accumulated over blocks) is finally routed to the
+argmin/argmax key of each row (the first such key on ties), as in ``GRADIENTS.md``. Memory is
+``O(rows · chunk)`` in both directions.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from torch.autograd.function import once_differentiable
 from simwarp.backend.common import (
     WarpSpec,
     key_bias,
+    known_maximum,
+    masked_numerator,
     row_extremum,
     row_is_empty,
+    warp_backward,
     warp_logits,
     work_dtype,
 )
@@ -46,35 +54,47 @@ def _blocks(m: int, chunk: int):
 
 
 class _KeyBlocks:
-    """Similarities and key validity of one call, block by block (shared by both passes)."""
+    """Key validity of one call, block by block (shared by both passes and the backward).
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, mask, spec: WarpSpec, batch, dtype) -> None:
-        self.n, self.m = q.shape[-2], k.shape[-2]
-        self.qw, self.kw, self.spec = q.to(dtype), k.to(dtype), spec
-        self.mask = None if mask is None else mask.expand(*batch, self.n, self.m)
+    With ``self_diagonal`` (``exclude_self`` alone) no bias is built: each row's own key lies
+    on one diagonal of the block, returned as its offset, for the mask form to zero.
+    """
 
-    def __call__(self, start: int, stop: int):
-        s = pairwise_similarity(self.qw, self.kw[..., start:stop, :], self.spec.metric, self.spec.scale)
+    def __init__(self, n: int, m: int, mask, spec: WarpSpec, batch, dtype, device, self_diagonal: bool) -> None:
+        self.n, self.m, self.spec, self.dtype, self.device = n, m, spec, dtype, device
+        self.mask = None if mask is None else mask.expand(*batch, n, m)
+        self.self_diagonal = self_diagonal and spec.exclude_self and not spec.causal and mask is None
+
+    def validity(self, start: int, stop: int) -> tuple[torch.Tensor | None, int | None]:
+        """``(bias, self_offset)`` of keys ``start:stop``."""
+        if self.self_diagonal:
+            return None, -start
+        spec = self.spec
         bias = key_bias(
-            self.mask, self.n, start, stop, causal=self.spec.causal, exclude_self=self.spec.exclude_self,
-            dtype=s.dtype, device=s.device,
+            self.mask, self.n, start, stop, causal=spec.causal, exclude_self=spec.exclude_self,
+            dtype=self.dtype, device=self.device,
         )
-        return s, bias
+        return bias, None
 
 
-def streaming_range(blocks: _KeyBlocks, batch, chunk: int):
+def streaming_range(qw, kw, blocks: _KeyBlocks, spec: WarpSpec, batch, chunk: int):
     """Pass 1: each row's min/max over valid keys and their key indices (first index wins ties).
 
     Returns ``lo, hi, argmin, argmax, empty``, each ``(*batch, n)``; empty rows get ``lo = hi = 0``.
     """
-    dtype, device, n = blocks.qw.dtype, blocks.qw.device, blocks.n
+    dtype, device, n = qw.dtype, qw.device, blocks.n
     lo = torch.full((*batch, n), math.inf, dtype=dtype, device=device)
     hi = torch.full((*batch, n), -math.inf, dtype=dtype, device=device)
     argmin = torch.zeros((*batch, n), dtype=torch.long, device=device)
     argmax = torch.zeros_like(argmin)
     for start, stop in _blocks(blocks.m, chunk):
-        s, bias = blocks(start, stop)
+        s = pairwise_similarity(qw, kw[..., start:stop, :], spec.metric, spec.scale)
+        bias, self_offset = blocks.validity(start, stop)
+        if self_offset is not None:  # s is this pass's own: the own keys can be overwritten
+            s.diagonal(self_offset, -2, -1).fill_(math.inf)
         block_min, idx_min = row_extremum(s if bias is None else s - bias, largest=False)
+        if self_offset is not None:
+            s.diagonal(self_offset, -2, -1).fill_(-math.inf)
         block_max, idx_max = row_extremum(s if bias is None else s + bias, largest=True)
         new_min, new_max = block_min < lo, block_max > hi
         lo, argmin = torch.where(new_min, block_min, lo), torch.where(new_min, idx_min + start, argmin)
@@ -89,17 +109,19 @@ class _ChunkedWarp(torch.autograd.Function):
         dtype = work_dtype(q.dtype)
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
-        scores = _KeyBlocks(q, k, mask, spec, batch, dtype)
+        qw, kw = q.to(dtype), k.to(dtype)
+        mask_form = known_maximum(spec, row_range)
+        blocks = _KeyBlocks(n, m, mask, spec, batch, dtype, q.device, self_diagonal=mask_form)
 
         if row_range is None:
-            lo, hi, argmin, argmax, empty = streaming_range(scores, batch, chunk)
+            lo, hi, argmin, argmax, empty = streaming_range(qw, kw, blocks, spec, batch, chunk)
         else:  # a range fixed by the caller (e.g. over a bank sharded across ranks): a constant
             lo, hi = (x.detach().to(dtype).expand(*batch, n).clone() for x in row_range)
             argmin = argmax = torch.zeros((*batch, n), dtype=torch.long, device=q.device)
             empty = None  # known after pass 2
         lo1, hi1 = lo.unsqueeze(-1), hi.unsqueeze(-1)
 
-        # Pass 2: step + online softmax + value accumulation.
+        # Pass 2: step + softmax + value accumulation.
         run_max = torch.full((*batch, n), -math.inf, dtype=dtype, device=q.device)
         denom = torch.zeros((*batch, n), dtype=dtype, device=q.device)
         acc = torch.zeros((*batch, n, e), dtype=dtype, device=q.device)
@@ -107,7 +129,15 @@ class _ChunkedWarp(torch.autograd.Function):
         any_valid = torch.zeros((*batch, n), dtype=torch.bool, device=q.device)
         dropout = _Dropout(dropout_p, seed, q.device)
         for start, stop in _blocks(m, chunk):
-            s, bias = scores(start, stop)
+            s = pairwise_similarity(qw, kw[..., start:stop, :], spec.metric, spec.scale)
+            bias, self_offset = blocks.validity(start, stop)
+            v_block = v[..., start:stop, :].to(dtype)
+            if mask_form:
+                num = masked_numerator(s, lo1, hi1, bias, a, b, t, spec, self_offset=self_offset, count_kept=True)
+                denom += num.e.sum(-1)
+                acc += dropout(num.e) @ v_block
+                kept += num.kept
+                continue
             if empty is None:
                 any_valid |= ~row_is_empty(bias, s.shape, s.device)
             logits = warp_logits(s, lo1, hi1, bias, a, b, t, spec)
@@ -116,20 +146,22 @@ class _ChunkedWarp(torch.autograd.Function):
             rescale = torch.exp(run_max - shift)
             p = torch.exp(logits - shift.unsqueeze(-1))
             denom = denom * rescale + p.sum(-1)
-            acc = acc * rescale.unsqueeze(-1) + dropout(p) @ v[..., start:stop, :].to(dtype)
+            acc = acc * rescale.unsqueeze(-1) + dropout(p) @ v_block
             kept += (logits > -math.inf).sum(-1)
             run_max = new_max
         if empty is None:
             empty = ~any_valid
+        if mask_form:
+            run_max = hi / spec.temperature
         nonempty = denom > 0
-        denom = torch.where(nonempty, denom, 1.0)
-        out = torch.where(nonempty.unsqueeze(-1), acc / denom.unsqueeze(-1), 0.0)
+        inv_denom = torch.where(nonempty, 1.0 / torch.where(nonempty, denom, 1.0), 0.0)
+        out = acc * inv_denom.unsqueeze(-1)
         lse = torch.where(nonempty, run_max + torch.log(denom), -math.inf)
 
-        ctx.spec, ctx.chunk, ctx.has_mask = spec, chunk, mask is not None
+        ctx.spec, ctx.chunk, ctx.has_mask, ctx.mask_form = spec, chunk, mask is not None, mask_form
         ctx.dropout_p, ctx.seed, ctx.fixed_range = dropout_p, seed, row_range is not None
         optional_mask = () if mask is None else (mask,)
-        ctx.save_for_backward(q, k, v, a, b, t, *optional_mask, out, lse, lo, hi, argmin, argmax)
+        ctx.save_for_backward(q, k, v, a, b, t, *optional_mask, out, lse, inv_denom, lo, hi, argmin, argmax)
         ctx.mark_non_differentiable(kept, lo, hi, empty)
         return out.to(q.dtype), lse, kept, lo, hi, empty
 
@@ -139,19 +171,21 @@ class _ChunkedWarp(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         q, k, v, a, b, t = saved[:6]
         mask = saved[6] if ctx.has_mask else None
-        out, lse, lo, hi, argmin, argmax = saved[-6:]
+        out, lse, inv_denom, lo, hi, argmin, argmax = saved[-7:]
         spec: WarpSpec = ctx.spec
         need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
         dtype = work_dtype(q.dtype)
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
-        mask_x = None if mask is None else mask.expand(*batch, n, m)
+        blocks = _KeyBlocks(n, m, mask, spec, batch, dtype, q.device, self_diagonal=ctx.mask_form)
 
         g = torch.zeros_like(out) if g_out is None else g_out.to(dtype)
         delta_row = (g * out).sum(-1)  # D in GRADIENTS.md
         if g_lse is not None:
             delta_row = delta_row - g_lse.to(dtype)
+        delta_row = delta_row.unsqueeze(-1)
         lse_safe = lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1)
+        inv_denom = inv_denom.unsqueeze(-1)
 
         track_range = not (spec.detach_range or ctx.fixed_range) and (need_q or need_k)
         q_ = q.detach().requires_grad_(need_q)
@@ -160,32 +194,51 @@ class _ChunkedWarp(torch.autograd.Function):
         hi_ = hi.detach().unsqueeze(-1).requires_grad_(track_range)
         graph_leaves = [q_, a_, b_, t_, lo_, hi_]
         sums: list[torch.Tensor | None] = [None] * len(graph_leaves)
+
+        def accumulate(i: int, grad: torch.Tensor | None) -> None:
+            if grad is not None:
+                sums[i] = grad if sums[i] is None else sums[i] + grad
+
         dk = torch.zeros_like(k) if need_k else None
         dv = torch.zeros_like(v) if need_v else None
-
+        need_s = need_q or need_k
         dropout = _Dropout(ctx.dropout_p, ctx.seed, q.device)
         for start, stop in _blocks(m, ctx.chunk):
             k_c = k[..., start:stop, :].detach().requires_grad_(need_k)
             v_c = v[..., start:stop, :].to(dtype)
-            bias = key_bias(
-                mask_x, n, start, stop, causal=spec.causal, exclude_self=spec.exclude_self, dtype=dtype, device=q.device
-            )
+            bias, self_offset = blocks.validity(start, stop)
             with torch.enable_grad():
                 s = pairwise_similarity(q_.to(dtype), k_c.to(dtype), spec.metric, spec.scale)
-                logits = warp_logits(s, lo_, hi_, bias, a_, b_, t_, spec)
-            w = torch.exp(logits.detach() - lse_safe)
+                if not ctx.mask_form:
+                    logits = warp_logits(s, lo_, hi_, bias, a_, b_, t_, spec)
+            if ctx.mask_form:
+                num = masked_numerator(s.detach(), lo_.detach(), hi_.detach(), bias, a, b, t, spec, self_offset=self_offset)
+                w = num.e.mul_(inv_denom)
+            else:
+                w = torch.exp(logits.detach() - lse_safe)
             w_out = dropout(w)  # the weights that multiplied v in forward
             if need_v:
                 dv[..., start:stop, :] += (w_out.transpose(-1, -2) @ g).sum_to_size(v_c.shape).to(v.dtype)
-            d_logits = w_out * (g @ v_c.transpose(-1, -2)) - w * delta_row.unsqueeze(-1)
-            wrt = [x for x in (*graph_leaves, k_c) if x.requires_grad]
-            if not wrt:
+            d_logits = (g @ v_c.transpose(-1, -2)).mul_(w_out).sub_(w * delta_row)
+            if ctx.mask_form:
+                needs = (need_s, track_range, track_range, need_a, need_b, need_t)
+                shapes = (s.shape, lo_.shape, hi_.shape)
+                gs, g_lo, g_hi, ga, gb, gt = warp_backward(
+                    d_logits, num.u, num.inv, spec.step.rule, num.saved, None, needs, 1.0 / spec.temperature, shapes
+                )
+                for i, grad in zip(range(1, 6), (ga, gb, gt, g_lo, g_hi)):
+                    accumulate(i, grad)
+                root, seed_grad = s, gs
+            else:
+                root, seed_grad = logits, d_logits
+            wrt = [x for x in (q_, k_c) if x.requires_grad]
+            if not ctx.mask_form:
+                wrt += [x for x in graph_leaves[1:] if x.requires_grad]
+            if not wrt or seed_grad is None:
                 continue
-            grads = dict(zip(map(id, wrt), torch.autograd.grad(logits, wrt, d_logits, allow_unused=True)))
+            grads = dict(zip(map(id, wrt), torch.autograd.grad(root, wrt, seed_grad, allow_unused=True)))
             for i, leaf in enumerate(graph_leaves):
-                gi = grads.get(id(leaf))
-                if gi is not None:
-                    sums[i] = gi if sums[i] is None else sums[i] + gi
+                accumulate(i, grads.get(id(leaf)))
             if need_k and grads.get(id(k_c)) is not None:
                 dk[..., start:stop, :] += grads[id(k_c)]
 
@@ -250,5 +303,7 @@ def chunked_warp_attend(
 def chunked_warp_range(q, k, mask, spec: WarpSpec, chunk_size: int | None):
     """Pass 1 alone: ``(lo, hi, empty)`` per row, streaming over key blocks (no gradients)."""
     batch, chunk = _chunk_for(q, k, None, chunk_size)
-    lo, hi, _, _, empty = streaming_range(_KeyBlocks(q, k, mask, spec, batch, work_dtype(q.dtype)), batch, chunk)
+    dtype = work_dtype(q.dtype)
+    blocks = _KeyBlocks(q.shape[-2], k.shape[-2], mask, spec, batch, dtype, q.device, self_diagonal=True)
+    lo, hi, _, _, empty = streaming_range(q.to(dtype), k.to(dtype), blocks, spec, batch, chunk)
     return lo, hi, empty

@@ -181,10 +181,12 @@ def warp_backward(g, u, inv, rule, rule_saved, range_index, needs, inv_temperatu
     and ``∂lo``, ``∂hi`` from :func:`_range_gradients`; with ``range_index`` (the keys ``lo`` and
     ``hi`` were read from) those go straight into ``∂s`` at these keys. ``needs``: the
     ``needs_input_grad`` of ``(s, lo, hi, a, b, t)``; ``shapes``: those of ``s``, ``lo``, ``hi``.
-    Returns ``(∂s, ∂lo, ∂hi, ∂a, ∂b, ∂t)``, ``None`` where not needed.
+    ``rule=None`` is step ``"none"``. Returns ``(∂s, ∂lo, ∂hi, ∂a, ∂b, ∂t)``, ``None`` where not needed.
     """
     need_s, need_lo, need_hi, need_a, need_b, need_t = needs
     s_shape, lo_shape, hi_shape = shapes
+    if rule is None:  # step "none": ℓ = s/τ
+        return (g * inv_temperature).sum_to_size(s_shape) if need_s else None, None, None, None, None, None
     track_range = range_index is not None and need_s or need_lo or need_hi
     gu, ga, gb, gt = rule.backward(rule_saved, g, (need_s or track_range, need_a, need_b, need_t))
     g_lo = g_hi = gs = None
@@ -264,6 +266,75 @@ def warp_logits(
     if logits is not s and logits.shape == torch.broadcast_shapes(logits.shape, bias.shape):
         return logits.add_(bias)
     return logits + bias
+
+
+def known_maximum(spec: WarpSpec, row_range) -> bool:
+    """Whether the mask form applies: a built-in step (or none) over the rows' own range, so
+    each row's best valid key (``s = hi``, ``u = 1``) has ``m = 1`` and ``hi/τ`` is its largest logit."""
+    return row_range is None and (spec.step.rule is not None or not spec.step.warps)
+
+
+_LOG2_E = 1.0 / math.log(2.0)
+
+
+class MaskedNumerator(NamedTuple):
+    """The mask form of a block of scores (see :func:`masked_numerator`)."""
+
+    e: torch.Tensor  # (..., n, c): m(u) · exp((s - hi)/τ), exactly 0 where invalid or dropped
+    u: torch.Tensor | None  # what warp_backward needs (None for step "none")
+    inv: torch.Tensor | None
+    saved: tuple
+    kept: torch.Tensor | None  # (..., n) keys with m > 0 among the valid ones, if counted
+
+
+def masked_numerator(
+    s: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: torch.Tensor,
+    spec: WarpSpec,
+    *,
+    self_offset: int | None = None,
+    count_kept: bool = False,
+) -> MaskedNumerator:
+    """Softmax numerators of a block of keys in the mask form of a built-in step.
+
+    ``e = m(u) · exp((s - hi)/τ)`` with ``m = exp(φ)`` from :meth:`StepRule.mask`, where ``hi``
+    (``(..., n, 1)``) is the maximum over the rows' valid keys (:func:`known_maximum`), so
+    ``e <= 1`` and the normaliser ``Σ_j e_j >= ~1``: no running maximum is needed, the
+    ``log`` of the mask and the ``exp`` of ``φ`` are saved, and the exponential is taken as
+    ``exp2`` (PyTorch's fastest) of an argument clamped to ``[log2(tiny), 0]`` (numerators
+    below the normal range are raised to it; invalid keys with ``s > hi`` stay finite before
+    the bias zeroes them). ``bias``: validity from :func:`key_bias`, broadcastable to ``s``;
+    ``self_offset``: instead of a bias, the diagonal of ``s`` that holds each row's own key
+    (excluded). ``s`` must already have the full broadcast shape.
+    """
+    scale = _LOG2_E / spec.temperature
+    lowest = math.log2(torch.finfo(s.dtype).tiny)
+    e = torch.sub(s, hi).mul_(scale).clamp_(lowest, 0.0)
+    if bias is not None:
+        e.add_(bias)
+    e.exp2_()
+    u = inv = m = None
+    saved: tuple = ()
+    if spec.step.warps:
+        u, inv = unit_range(s, lo, hi)
+        m, saved = spec.step.rule.mask(u, a, b, t)
+        e.mul_(m)
+    if self_offset is not None:
+        e.diagonal(self_offset, -2, -1).zero_()
+    kept = None
+    if count_kept:
+        valid = torch.ones_like(e) if m is None else m
+        if bias is not None:
+            valid = valid.add_(bias)
+        if self_offset is not None:
+            valid.diagonal(self_offset, -2, -1).zero_()
+        kept = (valid > 0).sum(-1).to(s.dtype)
+    return MaskedNumerator(e, u, inv, saved, kept)
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from simwarp.backend.common import (
     WarpSpec,
     WarpStats,
     key_bias,
+    masked_numerator,
     row_extremum,
     row_is_empty,
-    unit_range,
     warp_backward,
     warp_logits,
     work_dtype,
@@ -145,44 +145,21 @@ def _softmax_backward(w, g_w, g_lse):
     return (g_w - shift).mul_(w)
 
 
-_LOG2_E = 1.0 / math.log(2.0)
-
-
 class _MaskedSoftmax(torch.autograd.Function):
-    """``(w, lse, kept)`` of ``ℓ = s/τ + φ(u)`` (plus validity) over the last dim, evaluated in
-    the mask form of a built-in step: ``w ∝ m(u) · exp((s - hi)/τ)`` with ``m = exp(φ)`` from
-    :meth:`StepRule.mask`. The rows' own range is required: their best valid key (``s = hi``,
-    ``u = 1``) has ``m = 1``, so ``hi/τ`` is the largest logit and the normaliser is at least
-    about 1. This saves the ``log`` of the mask and the ``exp`` of ``φ``; the exponential itself
-    is taken as ``exp2``, PyTorch's fastest, with its argument clamped to the normal range
-    (weights below ``2^-126``, ``2^-1022`` in float64, relative to the best key's are raised
-    to that). Backward: the softmax's ``∂ℓ`` into :func:`warp_backward`.
-    """
+    """``(w, lse, kept)`` of ``ℓ = s/τ + φ(u)`` (plus validity) over the last dim, from the mask
+    form's numerators (:func:`masked_numerator`; the rows' own range is required). Backward:
+    the softmax's ``∂ℓ`` into :func:`warp_backward`."""
 
     @staticmethod
-    def forward(ctx, s, lo, hi, a, b, t, bias, self_offset, rule, inv_temperature: float, range_index, count_kept: bool):
-        u, inv = unit_range(s, lo, hi)
-        m, saved = rule.mask(u, a, b, t)
-        lowest = math.log2(torch.finfo(s.dtype).tiny)
-        scale = _LOG2_E * inv_temperature
-        e = torch.add(hi * -scale, s, alpha=scale).clamp_(lowest, 0.0)  # log2 of the numerator
-        if bias is not None:  # s is expanded to the mask's shape, so the bias broadcasts to it
-            e.add_(bias)
-        e = e.exp2_().mul_(m)
-        if self_offset is not None:
-            e.diagonal(self_offset, -2, -1).zero_()
-        kept = torch.full(s.shape[:-1], math.nan, dtype=s.dtype, device=s.device)
-        if count_kept:
-            valid = m if bias is None else m.add_(bias)
-            if self_offset is not None:
-                valid.diagonal(self_offset, -2, -1).zero_()
-            kept = (valid > 0).sum(-1).to(s.dtype)
-        total = e.sum(-1, keepdim=True)
-        w = e.mul_(total.clamp_min(torch.finfo(e.dtype).tiny).reciprocal())
-        lse = total.log_().add_(hi, alpha=inv_temperature).squeeze(-1)
-        ctx.rule, ctx.inv_temperature, ctx.n_saved = rule, inv_temperature, len(saved)
+    def forward(ctx, s, lo, hi, a, b, t, bias, self_offset, spec: WarpSpec, range_index, count_kept: bool):
+        num = masked_numerator(s, lo, hi, bias, a, b, t, spec, self_offset=self_offset, count_kept=count_kept)
+        total = num.e.sum(-1, keepdim=True)
+        w = num.e.mul_(total.clamp_min(torch.finfo(s.dtype).tiny).reciprocal())
+        lse = total.log_().add_(hi, alpha=1.0 / spec.temperature).squeeze(-1)
+        kept = torch.full(s.shape[:-1], math.nan, dtype=s.dtype, device=s.device) if num.kept is None else num.kept
+        ctx.spec, ctx.n_saved = spec, len(num.saved)
         ctx.shapes = s.shape, lo.shape, hi.shape
-        ctx.save_for_backward(w, u, inv, *saved, *(range_index or ()))
+        ctx.save_for_backward(w, num.u, num.inv, *num.saved, *(range_index or ()))
         ctx.mark_non_differentiable(kept)
         return w, lse, kept
 
@@ -192,10 +169,11 @@ class _MaskedSoftmax(torch.autograd.Function):
         w, u, inv, *rest = ctx.saved_tensors
         saved, index = rest[: ctx.n_saved], rest[ctx.n_saved :]
         g = _softmax_backward(w, g_w, g_lse)
+        spec: WarpSpec = ctx.spec
         grads = warp_backward(
-            g, u, inv, ctx.rule, saved, index or None, ctx.needs_input_grad[:6], ctx.inv_temperature, ctx.shapes
+            g, u, inv, spec.step.rule, saved, index or None, ctx.needs_input_grad[:6], 1.0 / spec.temperature, ctx.shapes
         )
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _masked_softmax(s, a, b, t, rows: _RowSetup, spec: WarpSpec, count_kept: bool):
@@ -203,7 +181,7 @@ def _masked_softmax(s, a, b, t, rows: _RowSetup, spec: WarpSpec, count_kept: boo
     track = rows.index is not None and not spec.detach_range and s.requires_grad
     return _MaskedSoftmax.apply(
         rows.s, rows.lo.unsqueeze(-1), rows.hi.unsqueeze(-1), a, b, t, rows.bias, rows.self_offset,
-        spec.step.rule, 1.0 / spec.temperature, rows.index if track else None, count_kept,
+        spec, rows.index if track else None, count_kept,
     )
 
 
