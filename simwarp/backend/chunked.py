@@ -53,26 +53,41 @@ def _blocks(m: int, chunk: int):
         yield start, min(start + chunk, m)
 
 
+def _from_row(x: torch.Tensor | None, r0: int) -> torch.Tensor | None:
+    """Rows ``r0:`` of a per-row tensor ``(..., n, ·)``; broadcast tensors (size 1 there, or
+    fewer than 2 dims) and ``r0 = 0`` pass through."""
+    if x is None or r0 == 0 or x.dim() < 2 or x.shape[-2] == 1:
+        return x
+    return x[..., r0:, :]
+
+
 class _KeyBlocks:
     """Key validity of one call, block by block (shared by both passes and the backward).
 
-    With ``self_diagonal`` (``exclude_self`` alone) no bias is built: each row's own key lies
-    on one diagonal of the block, returned as its offset, for the mask form to zero.
+    With ``skip`` (the mask form): under ``causal``, the rows before a block's first key see
+    none of it and are left out (:meth:`first_row`), which halves causal work; and with
+    ``exclude_self`` alone no bias is built: each row's own key lies on one diagonal of the
+    block, returned as its offset, for the mask form to zero.
     """
 
-    def __init__(self, n: int, m: int, mask, spec: WarpSpec, batch, dtype, device, self_diagonal: bool) -> None:
+    def __init__(self, n: int, m: int, mask, spec: WarpSpec, batch, dtype, device, skip: bool) -> None:
         self.n, self.m, self.spec, self.dtype, self.device = n, m, spec, dtype, device
         self.mask = None if mask is None else mask.expand(*batch, n, m)
-        self.self_diagonal = self_diagonal and spec.exclude_self and not spec.causal and mask is None
+        self.skip_rows = skip and spec.causal
+        self.self_diagonal = skip and spec.exclude_self and not spec.causal and mask is None
 
-    def validity(self, start: int, stop: int) -> tuple[torch.Tensor | None, int | None]:
-        """``(bias, self_offset)`` of keys ``start:stop``."""
+    def first_row(self, start: int) -> int:
+        """The first query row that may see key ``start`` (``n``: none does)."""
+        return min(start, self.n) if self.skip_rows else 0
+
+    def validity(self, start: int, stop: int, r0: int = 0) -> tuple[torch.Tensor | None, int | None]:
+        """``(bias, self_offset)`` of keys ``start:stop`` for query rows ``r0:``."""
         if self.self_diagonal:
-            return None, -start
+            return None, r0 - start
         spec = self.spec
         bias = key_bias(
-            self.mask, self.n, start, stop, causal=spec.causal, exclude_self=spec.exclude_self,
-            dtype=self.dtype, device=self.device,
+            _from_row(self.mask, r0), self.n - r0, start, stop, causal=spec.causal, exclude_self=spec.exclude_self,
+            dtype=self.dtype, device=self.device, row_start=r0,
         )
         return bias, None
 
@@ -88,17 +103,23 @@ def streaming_range(qw, kw, blocks: _KeyBlocks, spec: WarpSpec, batch, chunk: in
     argmin = torch.zeros((*batch, n), dtype=torch.long, device=device)
     argmax = torch.zeros_like(argmin)
     for start, stop in _blocks(blocks.m, chunk):
-        s = pairwise_similarity(qw, kw[..., start:stop, :], spec.metric, spec.scale)
-        bias, self_offset = blocks.validity(start, stop)
+        r0 = blocks.first_row(start)
+        if r0 >= n:
+            break
+        s = pairwise_similarity(_from_row(qw, r0), kw[..., start:stop, :], spec.metric, spec.scale)
+        bias, self_offset = blocks.validity(start, stop, r0)
         if self_offset is not None:  # s is this pass's own: the own keys can be overwritten
             s.diagonal(self_offset, -2, -1).fill_(math.inf)
         block_min, idx_min = row_extremum(s if bias is None else s - bias, largest=False)
         if self_offset is not None:
             s.diagonal(self_offset, -2, -1).fill_(-math.inf)
         block_max, idx_max = row_extremum(s if bias is None else s + bias, largest=True)
-        new_min, new_max = block_min < lo, block_max > hi
-        lo, argmin = torch.where(new_min, block_min, lo), torch.where(new_min, idx_min + start, argmin)
-        hi, argmax = torch.where(new_max, block_max, hi), torch.where(new_max, idx_max + start, argmax)
+        lo_r, hi_r, argmin_r, argmax_r = (x[..., r0:] for x in (lo, hi, argmin, argmax))
+        new_min, new_max = block_min < lo_r, block_max > hi_r
+        argmin_r.copy_(torch.where(new_min, idx_min + start, argmin_r))
+        argmax_r.copy_(torch.where(new_max, idx_max + start, argmax_r))
+        lo_r.copy_(torch.where(new_min, block_min, lo_r))
+        hi_r.copy_(torch.where(new_max, block_max, hi_r))
     empty = torch.isinf(lo)
     return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0), argmin, argmax, empty
 
@@ -111,7 +132,7 @@ class _ChunkedWarp(torch.autograd.Function):
         n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
         qw, kw = q.to(dtype), k.to(dtype)
         mask_form = known_maximum(spec, row_range)
-        blocks = _KeyBlocks(n, m, mask, spec, batch, dtype, q.device, self_diagonal=mask_form)
+        blocks = _KeyBlocks(n, m, mask, spec, batch, dtype, q.device, skip=mask_form)
 
         if row_range is None:
             lo, hi, argmin, argmax, empty = streaming_range(qw, kw, blocks, spec, batch, chunk)
@@ -129,14 +150,20 @@ class _ChunkedWarp(torch.autograd.Function):
         any_valid = torch.zeros((*batch, n), dtype=torch.bool, device=q.device)
         dropout = _Dropout(dropout_p, seed, q.device)
         for start, stop in _blocks(m, chunk):
-            s = pairwise_similarity(qw, kw[..., start:stop, :], spec.metric, spec.scale)
-            bias, self_offset = blocks.validity(start, stop)
+            r0 = blocks.first_row(start)
+            if r0 >= n:
+                break
+            s = pairwise_similarity(_from_row(qw, r0), kw[..., start:stop, :], spec.metric, spec.scale)
+            bias, self_offset = blocks.validity(start, stop, r0)
             v_block = v[..., start:stop, :].to(dtype)
             if mask_form:
-                num = masked_numerator(s, lo1, hi1, bias, a, b, t, spec, self_offset=self_offset, count_kept=True)
-                denom += num.e.sum(-1)
-                acc += dropout(num.e) @ v_block
-                kept += num.kept
+                num = masked_numerator(
+                    s, *(_from_row(x, r0) for x in (lo1, hi1)), bias, *(_from_row(x, r0) for x in (a, b, t)), spec,
+                    self_offset=self_offset, count_kept=True,
+                )
+                denom[..., r0:] += num.e.sum(-1)
+                acc[..., r0:, :] += dropout(num.e) @ v_block
+                kept[..., r0:] += num.kept
                 continue
             if empty is None:
                 any_valid |= ~row_is_empty(bias, s.shape, s.device)
@@ -177,7 +204,7 @@ class _ChunkedWarp(torch.autograd.Function):
         dtype = work_dtype(q.dtype)
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
-        blocks = _KeyBlocks(n, m, mask, spec, batch, dtype, q.device, self_diagonal=ctx.mask_form)
+        blocks = _KeyBlocks(n, m, mask, spec, batch, dtype, q.device, skip=ctx.mask_form)
 
         g = torch.zeros_like(out) if g_out is None else g_out.to(dtype)
         delta_row = (g * out).sum(-1)  # D in GRADIENTS.md
@@ -195,39 +222,51 @@ class _ChunkedWarp(torch.autograd.Function):
         graph_leaves = [q_, a_, b_, t_, lo_, hi_]
         sums: list[torch.Tensor | None] = [None] * len(graph_leaves)
 
-        def accumulate(i: int, grad: torch.Tensor | None) -> None:
-            if grad is not None:
-                sums[i] = grad if sums[i] is None else sums[i] + grad
+        def accumulate(i: int, grad: torch.Tensor | None, r0: int = 0) -> None:
+            """Add a block's gradient for ``graph_leaves[i]``, computed for rows ``r0:`` only."""
+            if grad is None:
+                return
+            leaf = graph_leaves[i]
+            if grad.shape != leaf.shape:  # a per-row leaf, seen from row r0 on
+                full = torch.zeros_like(leaf)
+                full.narrow(-2, r0, grad.shape[-2]).copy_(grad)
+                grad = full
+            sums[i] = grad if sums[i] is None else sums[i] + grad
 
         dk = torch.zeros_like(k) if need_k else None
         dv = torch.zeros_like(v) if need_v else None
         need_s = need_q or need_k
         dropout = _Dropout(ctx.dropout_p, ctx.seed, q.device)
         for start, stop in _blocks(m, ctx.chunk):
+            r0 = blocks.first_row(start)
+            if r0 >= n:
+                break
             k_c = k[..., start:stop, :].detach().requires_grad_(need_k)
             v_c = v[..., start:stop, :].to(dtype)
-            bias, self_offset = blocks.validity(start, stop)
+            bias, self_offset = blocks.validity(start, stop, r0)
             with torch.enable_grad():
-                s = pairwise_similarity(q_.to(dtype), k_c.to(dtype), spec.metric, spec.scale)
+                s = pairwise_similarity(_from_row(q_, r0).to(dtype), k_c.to(dtype), spec.metric, spec.scale)
                 if not ctx.mask_form:
                     logits = warp_logits(s, lo_, hi_, bias, a_, b_, t_, spec)
+            g_r, delta_r = _from_row(g, r0), _from_row(delta_row, r0)
             if ctx.mask_form:
-                num = masked_numerator(s.detach(), lo_.detach(), hi_.detach(), bias, a, b, t, spec, self_offset=self_offset)
-                w = num.e.mul_(inv_denom)
+                lo_r, hi_r, a_r, b_r, t_r = (_from_row(x, r0) for x in (lo_, hi_, a_, b_, t_))
+                num = masked_numerator(s.detach(), lo_r.detach(), hi_r.detach(), bias, a_r, b_r, t_r, spec, self_offset=self_offset)
+                w = num.e.mul_(_from_row(inv_denom, r0))
             else:
                 w = torch.exp(logits.detach() - lse_safe)
             w_out = dropout(w)  # the weights that multiplied v in forward
             if need_v:
-                dv[..., start:stop, :] += (w_out.transpose(-1, -2) @ g).sum_to_size(v_c.shape).to(v.dtype)
-            d_logits = (g @ v_c.transpose(-1, -2)).mul_(w_out).sub_(w * delta_row)
+                dv[..., start:stop, :] += (w_out.transpose(-1, -2) @ g_r).sum_to_size(v_c.shape).to(v.dtype)
+            d_logits = (g_r @ v_c.transpose(-1, -2)).mul_(w_out).sub_(w * delta_r)
             if ctx.mask_form:
                 needs = (need_s, track_range, track_range, need_a, need_b, need_t)
-                shapes = (s.shape, lo_.shape, hi_.shape)
+                shapes = (s.shape, lo_r.shape, hi_r.shape)
                 gs, g_lo, g_hi, ga, gb, gt = warp_backward(
                     d_logits, num.u, num.inv, spec.step.rule, num.saved, None, needs, 1.0 / spec.temperature, shapes
                 )
                 for i, grad in zip(range(1, 6), (ga, gb, gt, g_lo, g_hi)):
-                    accumulate(i, grad)
+                    accumulate(i, grad, r0)
                 root, seed_grad = s, gs
             else:
                 root, seed_grad = logits, d_logits
@@ -304,6 +343,6 @@ def chunked_warp_range(q, k, mask, spec: WarpSpec, chunk_size: int | None):
     """Pass 1 alone: ``(lo, hi, empty)`` per row, streaming over key blocks (no gradients)."""
     batch, chunk = _chunk_for(q, k, None, chunk_size)
     dtype = work_dtype(q.dtype)
-    blocks = _KeyBlocks(q.shape[-2], k.shape[-2], mask, spec, batch, dtype, q.device, self_diagonal=True)
+    blocks = _KeyBlocks(q.shape[-2], k.shape[-2], mask, spec, batch, dtype, q.device, skip=True)
     lo, hi, _, _, empty = streaming_range(q.to(dtype), k.to(dtype), blocks, spec, batch, chunk)
     return lo, hi, empty
