@@ -208,8 +208,9 @@ def _class_masses(
     """SoftStep mass of each anchor on its own class and on all other classes, and ``lse``
     (``None`` on the small-problem path unless ``with_lse``).
 
-    Small problems (``n · m`` within the backend's dense limit, ``impl`` "auto" or "dense")
-    take the weight matrix from :func:`simwarp.warp_weights` and sum it per class. Otherwise one
+    With ``impl="dense"``, and with ``"auto"`` for small problems (``n · m`` within the
+    backend's dense limit), the weight matrix comes from :func:`simwarp.warp_weights` and is
+    summed per class (fastest; memory grows as ``n · m``). Otherwise one
     backend call with ``v = one_hot(ref classes)`` when there are at most
     :data:`MAX_CLASS_COLUMNS` classes; beyond that anchors are sorted by class and processed in
     blocks of at most that many classes, each with ``v`` restricted to the block's classes
@@ -220,7 +221,7 @@ def _class_masses(
     """
     n, m = x.shape[0], r.shape[0]
     a, b, t = params
-    if warp["impl"] in ("auto", "dense") and n * m <= DENSE_AUTO_LIMIT:
+    if warp["impl"] == "dense" or (warp["impl"] == "auto" and n * m <= DENSE_AUTO_LIMIT):
         result = warp_weights(
             x, r, step=step, a=a, b=b, t=t, return_stats=with_lse,
             **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp,
@@ -382,7 +383,9 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         init: initial ``(a, b, t)``.
         softstep: a ready :class:`simwarp.SoftStep` (overrides ``step``/``mode``/``init``).
         detach_range: treat each row's min/max similarity as constants in backward.
-        impl, chunk_size: backend implementation (``"auto"`` streams large batches).
+        impl, chunk_size: backend implementation: ``"auto"`` streams batches above 2^20
+            anchor-neighbour pairs (memory ``O(n · chunk)``); ``"dense"`` materialises the
+            weight matrix at any size (faster, memory ``O(n · m)``).
         gather: ``False`` (default), ``True`` (default process group) or a
             ``torch.distributed.ProcessGroup``: every rank's anchors use *all* ranks' batch
             embeddings and labels as neighbours, leave-one-out by global index, with exact

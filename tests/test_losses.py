@@ -231,6 +231,23 @@ def test_gradcheck_instance_mode(cls):
     assert loss.softstep.net.weight.grad is not None and loss.softstep.net.weight.grad.abs().sum() > 0
 
 
+def test_nca_dense_materialises_beyond_the_auto_limit(monkeypatch):
+    """impl="dense" takes the weight-matrix path at any size; "auto" streams past the limit;
+    both give the same loss and gradients."""
+    import simwarp.losses as sl
+
+    monkeypatch.setattr(sl, "DENSE_AUTO_LIMIT", 100)
+    calls = []
+    original = sl.warp_weights
+    monkeypatch.setattr(sl, "warp_weights", lambda *a, **k: calls.append(k["impl"]) or original(*a, **k))
+    x = torch.randn(40, 6, dtype=f64)
+    y = torch.randint(0, 5, (40,))
+    la, lb, ga, gb = _pair(SoftStepNCALoss(impl="dense"), SoftStepNCALoss(impl="auto"), x, y)
+    assert calls == ["dense"]
+    torch.testing.assert_close(la, lb, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ga, gb, atol=1e-10, rtol=1e-8)
+
+
 def test_streaming_equals_dense_at_larger_batch():
     x = torch.randn(240, 16)
     y = torch.randint(0, 90, (240,))
