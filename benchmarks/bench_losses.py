@@ -44,10 +44,17 @@ if str(ROOT) not in sys.path:
 
 SPEED_CASES = ("pml_nca", "softstep_nca", "softstep_nca_poly", "softstep_nca_none", "pml_ntxent",
                "softstep_contrastive", "softstep_contrastive_none")
+#: Cases run only when named in ``--cases``: SoftStep NCA with ``impl="dense"`` (the weight
+#: matrix materialised at any batch size: the fast, memory-hungry choice).
+EXTRA_CASES = ("softstep_nca_dense",)
 
 
 def _cases(arg: str | None) -> tuple[str, ...]:
-    return SPEED_CASES if not arg else tuple(arg.split(","))
+    cases = SPEED_CASES if not arg else tuple(arg.split(","))
+    unknown = [c for c in cases if c not in SPEED_CASES + EXTRA_CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; choose from {SPEED_CASES + EXTRA_CASES}")
+    return cases
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,6 +72,7 @@ def _make_loss(case: str):
         "softstep_nca": lambda: sl.SoftStepNCALoss(),
         "softstep_nca_none": lambda: sl.SoftStepNCALoss(step="none"),
         "softstep_nca_poly": lambda: sl.SoftStepNCALoss(step="poly"),
+        "softstep_nca_dense": lambda: sl.SoftStepNCALoss(impl="dense"),
         "pml_ntxent": lambda: pml.NTXentLoss(),
         "softstep_contrastive": lambda: sl.SoftStepContrastiveLoss(),
         "softstep_contrastive_none": lambda: sl.SoftStepContrastiveLoss(step="none"),
@@ -114,6 +122,11 @@ def _ntxent_estimate_gib(n: int) -> float:
     return pos * neg * 13 / 2**30
 
 
+def _dense_estimate_gib(n: int) -> float:
+    """SoftStep NCA with ``impl="dense"``: about seven float32 ``n × n`` matrices at peak."""
+    return 7 * 4 * n * n / 2**30
+
+
 #: glibc settings that stop the heap from being trimmed and re-faulted between calls: on a
 #: virtual machine each page fault of a fresh allocation costs ~1 µs, which adds several ms of
 #: run-to-run noise to a 20-40 ms loss call (``--stable-malloc``).
@@ -148,6 +161,9 @@ def run_speed(
                 if case == "pml_ntxent" and _ntxent_estimate_gib(n) > mem_cap_gib:
                     runs[(n, case)] = [{"case": case, "n": n, "d": d, "skipped": f"needs ~{_ntxent_estimate_gib(n):.0f} GiB"}]
                     continue
+                if case == "softstep_nca_dense" and _dense_estimate_gib(n) > mem_cap_gib:
+                    runs[(n, case)] = [{"case": case, "n": n, "d": d, "skipped": f"needs ~{_dense_estimate_gib(n):.0f} GiB"}]
+                    continue
                 row = _run_child(case, n, d, reps, threads, timeout, stable_malloc)
                 runs.setdefault((n, case), []).append(row)
                 shown = row.get("skipped") or f"{row['time_s']*1e3:10.1f} ms {row['peak_mib']:10.1f} MiB"
@@ -169,7 +185,7 @@ def run_speed(
 
 def speed_table(rows: list[dict]) -> str:
     base = {(r["n"], r["case"]): r for r in rows if "skipped" not in r}
-    peer = {"softstep_nca": "pml_nca", "softstep_nca_none": "pml_nca", "softstep_nca_poly": "pml_nca",
+    peer = {"softstep_nca": "pml_nca", "softstep_nca_none": "pml_nca", "softstep_nca_poly": "pml_nca", "softstep_nca_dense": "pml_nca",
             "softstep_contrastive": "pml_ntxent", "softstep_contrastive_none": "pml_ntxent"}
     lines = ["| batch | loss | fwd+bwd ms | peak MiB | time vs PML | memory: PML / ours |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -309,7 +325,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stable-malloc", action="store_true",
                     help="speed: run the cases with glibc heap trimming off (less page-fault noise)")
     ap.add_argument("--rounds", type=int, default=1, help="speed: run all cases this many times, in turn; report medians")
-    ap.add_argument("--cases", default=None, help="speed: comma-separated subset of " + ",".join(SPEED_CASES))
+    ap.add_argument("--cases", default=None, help="speed: comma-separated cases from " + ",".join(SPEED_CASES + EXTRA_CASES))
     ap.add_argument("--mem-cap-gib", type=float, default=8.0)
     ap.add_argument("--timeout", type=int, default=900, help="speed: seconds per case")
     ap.add_argument("--seeds", type=int, default=5)
