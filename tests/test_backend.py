@@ -346,6 +346,7 @@ def _qkv():
         (lambda q, k, v: dict(b=torch.full((3,), 0.9)), ValueError, r"b of shape \(3,\)"),
         (lambda q, k, v: dict(a="0.1"), TypeError, "a must be a float"),
         (lambda q, k, v: dict(temperature=0.0), ValueError, "temperature"),
+        (lambda q, k, v: dict(temperature=1e-40), ValueError, "temperature must be at least"),
         (lambda q, k, v: dict(scale=-1.0), ValueError, "scale"),
         (lambda q, k, v: dict(chunk_size=0), ValueError, "chunk_size"),
         (lambda q, k, v: dict(metric="l1", impl="chunked"), ValueError, "only available with impl='dense'"),

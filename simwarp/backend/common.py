@@ -447,6 +447,8 @@ def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_ran
         raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    if 1.0 / temperature > torch.finfo(torch.float32).max:  # 1/τ must be a finite float32 factor
+        raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.3g}, got {temperature!r}")
     return WarpSpec(
         metric=metric,
         scale=scale,
