@@ -286,10 +286,9 @@ def gathered_warp_attend(
         raise ValueError(f"q (n, d) and v (n, e) must have the same rows, got {tuple(q.shape)} and {tuple(v.shape)}")
     keys = gather_rows(q, group)
     values = gather_rows(v, group, sizes=keys.sizes)
-    total = keys.rows.shape[0]
-    mask = leave_one_out_mask(q.shape[0], keys.offset, total, q.device) if exclude_self else None
     return warp_attend(
-        q, keys.rows, values.rows, metric=metric, scale=scale, step=step, a=a, b=b, t=t, mask=mask,
+        q, keys.rows, values.rows, metric=metric, scale=scale, step=step, a=a, b=b, t=t,
+        exclude_self=bool(exclude_self), self_offset=keys.offset if exclude_self else 0,
         temperature=temperature, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
         dropout_p=dropout_p, return_stats=return_stats,
     )

@@ -38,7 +38,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
-from simwarp.distributed import gather_rows, leave_one_out_mask, resolve_group
+from simwarp.distributed import gather_rows, resolve_group
 from simwarp.similarity import paired_similarity
 from simwarp.steps import SoftStep
 
@@ -150,18 +150,9 @@ def _check_indices_tuple(indices_tuple, n: int, m: int) -> None:
         raise ValueError("indices_tuple (anchors, positives, negatives) must have equal lengths")
 
 
-def _self_mask(rows: torch.Tensor, m: int) -> torch.Tensor:
-    """``(len(rows), m)`` bool, False at ``(r, rows[r])``: leave-one-out for a block of anchors."""
-    mask = torch.ones((rows.numel(), m), dtype=torch.bool, device=rows.device)
-    mask[torch.arange(rows.numel(), device=rows.device), rows] = False
-    return mask
-
-
-def _leave_one_out(exclude_self: bool, n: int, m: int, offset: int, device) -> dict:
-    """Backend kwargs excluding anchor ``i``'s own row ``offset + i`` (a mask across ranks)."""
-    if not exclude_self or (offset == 0 and n == m):
-        return {"exclude_self": exclude_self}
-    return {"mask": leave_one_out_mask(n, offset, m, device)}
+def _leave_one_out(exclude_self: bool, offset: int) -> dict:
+    """Backend kwargs excluding anchor ``i``'s own row, reference ``offset + i``."""
+    return {"exclude_self": True, "self_offset": offset} if exclude_self else {}
 
 
 def _positive_pairs(labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool, offset: int = 0):
@@ -224,7 +215,7 @@ def _class_masses(
     if warp["impl"] == "dense" or (warp["impl"] == "auto" and n * m <= DENSE_AUTO_LIMIT):
         result = warp_weights(
             x, r, step=step, a=a, b=b, t=t, return_stats=with_lse,
-            **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp,
+            **_leave_one_out(exclude_self, self_offset), **warp,
         )
         w, stats = result if with_lse else (result, None)
         # 1 where the classes (small integers, exact in floating point) agree, else 0, built
@@ -235,7 +226,7 @@ def _class_masses(
     if n_cls <= MAX_CLASS_COLUMNS:
         v = F.one_hot(r_cls, n_cls).to(x.dtype)
         out, stats = warp_attend(
-            x, r, v, step=step, a=a, b=b, t=t, return_stats=True, **_leave_one_out(exclude_self, n, m, self_offset, x.device), **warp
+            x, r, v, step=step, a=a, b=b, t=t, return_stats=True, **_leave_one_out(exclude_self, self_offset), **warp
         )
         own_col = F.one_hot(q_cls, n_cls).bool()
         own = out.gather(1, q_cls[:, None]).squeeze(1)
@@ -245,6 +236,13 @@ def _class_masses(
     sorted_cls = q_cls[order]
     present = torch.unique(sorted_cls)  # the anchors' classes, sorted
     per_block = max(int(MAX_CLASS_COLUMNS), 1)
+    if exclude_self:
+        # The anchors are references self_offset .. self_offset + n - 1: put those in the
+        # anchors' class order, so that each block of anchors meets its own references on one
+        # diagonal (the backend's self_offset) instead of through a mask.
+        perm = torch.arange(m, device=order.device)
+        perm[self_offset : self_offset + n] = order + self_offset
+        r, r_cls = r[perm], r_cls[perm]
     own_parts, other_parts, lse_parts = [], [], []
     for g in range(0, present.numel(), per_block):
         cls_b = present[g : g + per_block]
@@ -254,9 +252,11 @@ def _class_masses(
         pos = torch.searchsorted(cls_b, r_cls).clamp_max(cls_b.numel() - 1)
         col = torch.where(cls_b[pos] == r_cls, pos, cls_b.numel())  # "other" column for foreign classes
         v = F.one_hot(col, cls_b.numel() + 1).to(x.dtype)
-        mask = _self_mask(rows + self_offset, m) if exclude_self else None
         ab, bb, tb = _row_params((a, b, t), rows)
-        out, stats = warp_attend(x[rows], r, v, step=step, a=ab, b=bb, t=tb, mask=mask, return_stats=True, **warp)
+        out, stats = warp_attend(
+            x[rows], r, v, step=step, a=ab, b=bb, t=tb, return_stats=True,
+            **_leave_one_out(exclude_self, self_offset + lo_row), **warp,
+        )
         own_idx = torch.searchsorted(cls_b, q_cls[rows])
         own_parts.append(out.gather(1, own_idx[:, None]).squeeze(1))
         other_parts.append(out.scatter(1, own_idx[:, None], 0.0).sum(1))
@@ -646,7 +646,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         v = y_ref.to(device=x.device, dtype=x.dtype)
         pred, stats = warp_attend(
             x, r, v, step=self.softstep.step, a=a, b=b, t=t, return_stats=True,
-            **_leave_one_out(same, n, r.shape[0], offset, x.device),
+            **_leave_one_out(same, offset),
             **self._warp_options(self.softmax_scale, 1.0),
         )
         keep = ~stats.empty

@@ -111,6 +111,35 @@ def test_builtin_steps_match_plain_autograd_user_steps(impl, metric, step, param
         torch.testing.assert_close(g, g_p, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("offset,causal", [(0, False), (3, False), (5, False), (2, True)])
+def test_self_offset_equals_the_explicit_mask(monkeypatch, impl, step, offset, causal):
+    """exclude_self with self_offset: query i loses key i + offset, exactly as a mask would
+    remove it (values, stats and gradients), with row blocks and key blocks that cut through."""
+    import simwarp.backend.dense as dense
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"offset-{impl}-{step}-{offset}-{causal}".encode()))
+    n, m = 7, 12
+    monkeypatch.setattr(dense, "ROW_BLOCK_ELEMENTS", 3 * m * 2)  # 3 query rows per dense block
+    q = torch.randn(2, n, 4, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(2, m, 4, generator=gen, dtype=f64, requires_grad=True)
+    v = torch.randn(2, m, 3, generator=gen, dtype=f64, requires_grad=True)
+    params = _params("row", (2,), n, gen)
+    mask = torch.ones(n, m, dtype=torch.bool)
+    mask[torch.arange(n), torch.arange(n) + offset] = False
+    kw = {"metric": "l2", "step": step, "causal": causal, "chunk_size": 5}
+    out, stats, grads = _run(q, k, v, params, impl, exclude_self=True, self_offset=offset, **kw)
+    out_m, stats_m, grads_m = _run(q, k, v, params, impl, mask=mask, **kw)
+    torch.testing.assert_close(out, out_m, rtol=1e-10, atol=1e-12)
+    for field in ("lse", "kept", "lo", "hi", "empty"):
+        torch.testing.assert_close(getattr(stats, field), getattr(stats_m, field), rtol=1e-10, atol=1e-12)
+    for g, g_m in zip(grads, grads_m):
+        torch.testing.assert_close(g, g_m, rtol=1e-8, atol=1e-10)
+    lo, hi, empty = simwarp.warp_range(q, k, metric="l2", causal=causal, exclude_self=True, self_offset=offset)
+    torch.testing.assert_close((lo, hi), (stats_m.lo, stats_m.hi))
+
+
 @pytest.mark.parametrize("rows_per_block", [1, 3])
 @pytest.mark.parametrize(
     "metric,step,param_kind,mask_kind",
@@ -337,7 +366,10 @@ def _qkv():
         (lambda q, k, v: dict(metric="hamming"), ValueError, "metric must be one of"),
         (lambda q, k, v: dict(step="hard"), ValueError, "step must be one of"),
         (lambda q, k, v: dict(impl="fast"), ValueError, "impl must be one of"),
-        (lambda q, k, v: dict(exclude_self=True), ValueError, "exclude_self=True needs"),
+        (lambda q, k, v: dict(q=torch.randn(2, 6, 3), exclude_self=True), ValueError, "exclude_self=True needs"),
+        (lambda q, k, v: dict(exclude_self=True, self_offset=2), ValueError, r"n \+ self_offset <= m"),
+        (lambda q, k, v: dict(self_offset=1), ValueError, "needs exclude_self=True"),
+        (lambda q, k, v: dict(exclude_self=True, self_offset=-1), ValueError, "non-negative int"),
         (lambda q, k, v: dict(mask=torch.ones(4, 4, dtype=torch.bool)), ValueError, r"mask of shape \(4, 4\)"),
         (lambda q, k, v: dict(mask=torch.ones(4, 5)), TypeError, "bool tensor"),
         (lambda q, k, v: dict(a=1.5), ValueError, r"a must lie in"),

@@ -121,6 +121,22 @@ def _run_losses(data, world, rank, gather=True) -> dict:
         loss = loss_fn(z, labels[rb])
         loss.backward()
         res[name] = {"loss": loss.detach(), "z_grad": z.grad, "p_grad": [p.grad.clone() for p in loss_fn.parameters()]}
+    # NCA over class blocks (few class columns per backend call, streamed): each block of
+    # anchors meets its own rows of the global batch through the backend's self_offset
+    import simwarp.losses as sl
+
+    saved_columns, sl.MAX_CLASS_COLUMNS = sl.MAX_CLASS_COLUMNS, 2
+    try:
+        torch.manual_seed(3)
+        loss_fn = simwarp.SoftStepNCALoss(
+            mode="instance", embedding_size=D, reducer=SumReducer(), gather=gather, impl="chunked", chunk_size=5
+        ).double()
+        z = data["z"][rb].clone().requires_grad_(True)
+        loss = loss_fn(z, data["cls"][rb])
+        loss.backward()
+        res["nca_blocked"] = {"loss": loss.detach(), "z_grad": z.grad, "p_grad": [p.grad.clone() for p in loss_fn.parameters()]}
+    finally:
+        sl.MAX_CLASS_COLUMNS = saved_columns
     if gather:
         # rank 0's anchors have no positive anywhere: its loss is zero, but it must still join
         # the gather's backward collective, or the other ranks would hang here
@@ -325,7 +341,7 @@ def test_heads_gather_equal_single_process(group_results, kind):
         _close(got, want)
 
 
-@pytest.mark.parametrize("name", ["nca", "contrastive", "regression"])
+@pytest.mark.parametrize("name", ["nca", "contrastive", "regression", "nca_blocked"])
 def test_losses_gather_equal_single_process(group_results, name):
     world, results = group_results
     ref = _run_losses(_data(world), world, 0, gather=False)[name]

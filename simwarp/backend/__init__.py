@@ -97,6 +97,7 @@ def warp_attend(
     mask: torch.Tensor | None = None,
     causal: bool = False,
     exclude_self: bool = False,
+    self_offset: int = 0,
     temperature: float = 1.0,
     detach_range: bool = False,
     impl: str = "auto",
@@ -130,7 +131,11 @@ def warp_attend(
             tensors and floats; :class:`simwarp.SoftStep` guarantees it by construction).
         mask: bool, broadcastable to ``(..., n, m)``; True = the key may be used.
         causal: key ``j`` is visible to query ``i`` iff ``j <= i`` (top-left aligned, as SDPA).
-        exclude_self: leave-one-out; needs ``n == m`` and removes the diagonal.
+        exclude_self: leave-one-out: query ``i`` may not use key ``i + self_offset`` (its own
+            row); needs ``n + self_offset <= m``.
+        self_offset: with ``exclude_self``, where the queries' own rows start among the keys
+            (default 0, the diagonal). For queries that are a slice of the keys (one rank's or
+            one block's rows of a larger batch), without materialising a mask.
         temperature: softmax temperature ``τ > 0``.
         detach_range: treat each row's min/max as constants in backward.
         impl: ``"auto"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
@@ -153,8 +158,8 @@ def warp_attend(
     Raises:
         TypeError / ValueError: on bad types, shapes, devices or parameter values.
     """
-    batch = check_inputs(q, k, v, mask, exclude_self)
-    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range)
+    batch = check_inputs(q, k, v, mask, exclude_self, self_offset)
+    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
@@ -222,6 +227,7 @@ def warp_range(
     mask: torch.Tensor | None = None,
     causal: bool = False,
     exclude_self: bool = False,
+    self_offset: int = 0,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1 alone: each row's similarity range over its valid keys, streaming (no gradients).
@@ -231,8 +237,8 @@ def warp_range(
     over the non-empty parts) and pass them back as ``warp_attend(..., row_range=(lo, hi))``.
     """
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
-    batch = check_inputs(q, k, probe, mask, exclude_self)
-    spec = make_spec(metric, scale, "none", 1.0, causal, exclude_self, True)
+    batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
+    spec = make_spec(metric, scale, "none", 1.0, causal, exclude_self, True, self_offset)
     if spec.metric not in STREAMING_METRICS:
         raise ValueError(f"warp_range streams over keys: metric must be one of {STREAMING_METRICS}, got {metric!r}")
     n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
@@ -264,6 +270,7 @@ def warp_weights(
     mask: torch.Tensor | None = None,
     causal: bool = False,
     exclude_self: bool = False,
+    self_offset: int = 0,
     temperature: float = 1.0,
     detach_range: bool = False,
     impl: str = "auto",
@@ -279,8 +286,8 @@ def warp_weights(
     """
     del impl, chunk_size
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
-    batch = check_inputs(q, k, probe, mask, exclude_self)
-    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range)
+    batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
+    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
     n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
     row_range = _check_row_range(row_range, batch, n, dtype, q.device)

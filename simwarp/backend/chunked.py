@@ -82,12 +82,12 @@ class _KeyBlocks:
 
     def validity(self, start: int, stop: int, r0: int = 0) -> tuple[torch.Tensor | None, int | None]:
         """``(bias, self_offset)`` of keys ``start:stop`` for query rows ``r0:``."""
-        if self.self_diagonal:
-            return None, r0 - start
         spec = self.spec
+        if self.self_diagonal:
+            return None, r0 + spec.self_offset - start
         bias = key_bias(
             _from_row(self.mask, r0), self.n - r0, start, stop, causal=spec.causal, exclude_self=spec.exclude_self,
-            dtype=self.dtype, device=self.device, row_start=r0,
+            dtype=self.dtype, device=self.device, row_start=r0, self_offset=spec.self_offset,
         )
         return bias, None
 

@@ -49,6 +49,7 @@ class WarpSpec:
     causal: bool
     exclude_self: bool
     detach_range: bool
+    self_offset: int = 0  # with exclude_self: query i's own key is key i + self_offset
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,13 +68,15 @@ def key_bias(
     dtype: torch.dtype,
     device: torch.device,
     row_start: int = 0,
+    self_offset: int = 0,
 ) -> torch.Tensor | None:
     """Validity of keys ``start:stop`` for the ``n`` query rows ``row_start:row_start + n`` as an
     additive bias: ``0`` where the key is valid, ``-inf`` where it is not; ``None`` = all valid.
 
     ``mask`` must already be expanded to ``(..., n, m)`` over these rows (a view). Causal is
     top-left aligned, as in :func:`torch.nn.functional.scaled_dot_product_attention`: key ``j``
-    is visible to query ``i`` iff ``j <= i``. A bias (rather than a bool mask applied with
+    is visible to query ``i`` iff ``j <= i``; with ``exclude_self`` query ``i`` loses key
+    ``i + self_offset``. A bias (rather than a bool mask applied with
     ``masked_fill``) costs one add per use, has an identity gradient, and the structural parts
     are built from diagonals instead of index comparisons.
     """
@@ -85,7 +88,7 @@ def key_bias(
         else:
             bias = torch.zeros((n, width), dtype=dtype, device=device)
         if exclude_self:
-            bias.diagonal(offset=offset).fill_(-math.inf)
+            bias.diagonal(offset=offset + self_offset).fill_(-math.inf)
     if mask is not None:
         zero = torch.zeros((), dtype=dtype, device=device)
         user = torch.where(mask[..., start:stop], zero, -math.inf)
@@ -346,7 +349,7 @@ def _shape(x) -> tuple:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
 
 
-def check_inputs(q, k, v, mask, exclude_self: bool) -> torch.Size:
+def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> torch.Size:
     """Validate tensors; return the broadcast leading (batch) shape."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
@@ -370,7 +373,16 @@ def check_inputs(q, k, v, mask, exclude_self: bool) -> torch.Size:
             f"leading dims of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} do not broadcast"
         ) from None
     n, m = q.shape[-2], k.shape[-2]
-    if exclude_self and n != m:
+    if isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0:
+        raise ValueError(f"self_offset must be a non-negative int, got {self_offset!r}")
+    if self_offset and not exclude_self:
+        raise ValueError(f"self_offset={self_offset} needs exclude_self=True")
+    if exclude_self and n + self_offset > m:
+        if self_offset:
+            raise ValueError(
+                f"exclude_self with self_offset={self_offset} needs n + self_offset <= m (every query's own key "
+                f"among the keys), got q {_shape(q)} and k {_shape(k)}"
+            )
         raise ValueError(f"exclude_self=True needs as many queries as keys, got q {_shape(q)} and k {_shape(k)}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
@@ -437,7 +449,7 @@ def resolve_params(
     return tuple(p.unsqueeze(-1) if p.dim() > 0 else p for p in (a, b, t))
 
 
-def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range) -> WarpSpec:
+def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset: int = 0) -> WarpSpec:
     check_metric(metric)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -457,4 +469,5 @@ def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_ran
         causal=bool(causal),
         exclude_self=bool(exclude_self),
         detach_range=bool(detach_range),
+        self_offset=int(self_offset) if exclude_self else 0,
     )

@@ -49,12 +49,13 @@ def _row_setup(s, mask, spec: WarpSpec, row_range, row_start: int) -> _RowSetup:
     ``causal`` / ``exclude_self``)."""
     n, m = s.shape[-2], s.shape[-1]
     if mask is None and spec.exclude_self and not spec.causal and row_range is None and m > 1:
-        return _leave_one_out_setup(s, row_start)
+        return _leave_one_out_setup(s, row_start + spec.self_offset)
     if mask is not None:  # the mask may carry leading dims that only v has
         s = s.expand(torch.broadcast_shapes(s.shape, mask.shape))
     bias = key_bias(
         None if mask is None else mask.expand(s.shape),
         n, 0, m, causal=spec.causal, exclude_self=spec.exclude_self, dtype=s.dtype, device=s.device, row_start=row_start,
+        self_offset=spec.self_offset,
     )
     empty = row_is_empty(bias, s.shape, s.device)
     # min/max with indices route the range gradient to one key per row (the first on ties),
@@ -69,14 +70,15 @@ def _row_setup(s, mask, spec: WarpSpec, row_range, row_start: int) -> _RowSetup:
     return _RowSetup(s, bias, None, lo, hi, (lo_index, hi_index), empty)
 
 
-def _leave_one_out_setup(s, row_start: int) -> _RowSetup:
+def _leave_one_out_setup(s, own_offset: int) -> _RowSetup:
     """:func:`_row_setup` for ``exclude_self`` alone (the leave-one-out training case), without
-    a bias matrix: each row's own key sits on one diagonal of the block, which is set to ±inf
+    a bias matrix: each row's own key sits on one diagonal of the block (offset ``own_offset``:
+    the block's first row index plus the call's ``self_offset``), which is set to ±inf
     in place for the range reductions (then restored). The write is not recorded by autograd:
     ``s`` is saved by no node, and the self weights are exactly 0, so no gradient reaches
     those entries."""
     with torch.no_grad():
-        own = s.detach().diagonal(row_start, -2, -1)
+        own = s.detach().diagonal(own_offset, -2, -1)
         saved = own.clone()
         own.fill_(math.inf)
         lo_index = row_extremum(s.detach(), largest=False)[1]
@@ -85,7 +87,7 @@ def _leave_one_out_setup(s, row_start: int) -> _RowSetup:
         own.copy_(saved)
         lo, hi = (s.detach().gather(-1, index.unsqueeze(-1)).squeeze(-1) for index in (lo_index, hi_index))
     empty = torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
-    return _RowSetup(s, None, row_start, lo, hi, (lo_index, hi_index), empty)
+    return _RowSetup(s, None, own_offset, lo, hi, (lo_index, hi_index), empty)
 
 
 def dense_logits(

@@ -131,6 +131,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if v.shape[-1] > MAX_VALUE_DIM:
         return f"value dim {v.shape[-1]} > {MAX_VALUE_DIM}"
+    if spec.self_offset:
+        return f"exclude_self with self_offset={spec.self_offset} (the kernels exclude the diagonal only)"
     return None
 
 
