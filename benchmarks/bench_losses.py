@@ -11,6 +11,11 @@ Two parts, both measured against their PML baselines in the same run:
   forward+backward calls after one warm-up call. PML's NTXentLoss builds a
   (positive pairs × negative pairs) matrix; cases whose estimated size exceeds ``--mem-cap-gib``
   are reported as skipped with the estimate rather than run.
+* ``--interleave``: time only, all cases of a batch size in *one* subprocess, their calls
+  alternating (case 1, case 2, ..., case 1, ...), ``--reps`` calls each after a warm-up, median
+  per case. Fresh processes differ by up to ~30 % in speed on a shared VM (memory layout, host
+  load); alternating calls in one process see the same conditions, so their ratios are the
+  steadier ones. Memory needs one process per case: use the default mode for it.
 * ``quality``: a small MLP embedding network trained on scikit-learn's digits (8×8 images,
   10 classes; packaged, no download) with each loss; Precision@1 and MAP@R of the test split
   against the training split, from PML's ``AccuracyCalculator`` (torch k-NN, no faiss), over
@@ -20,6 +25,7 @@ Usage::
 
     python benchmarks/bench_losses.py                 # both parts, defaults (a few minutes)
     python benchmarks/bench_losses.py --part speed --full
+    python benchmarks/bench_losses.py --part speed --sizes 1024 --interleave --reps 60 --stable-malloc
     python benchmarks/bench_losses.py --part quality --seeds 5 --out benchmarks/out/losses.json
 """
 
@@ -115,6 +121,52 @@ def _child(case: str, n: int, d: int, reps: int, threads: int) -> None:
     }))
 
 
+def _child_interleaved(cases: list[str], n: int, d: int, reps: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, d, generator=gen)
+    y = torch.randperm(n, generator=gen) // 4
+    losses = {case: _make_loss(case) for case in cases}
+
+    def call(loss_fn) -> float:
+        emb = x.clone().requires_grad_()
+        t0 = time.perf_counter()
+        loss_fn(emb, y).backward()
+        return time.perf_counter() - t0
+
+    for loss_fn in losses.values():  # warm-up
+        call(loss_fn)
+    times: dict[str, list[float]] = {case: [] for case in cases}
+    for i in range(max(reps, 1)):
+        order = cases if i % 2 == 0 else cases[::-1]  # no case always runs right after the same one
+        for case in order:
+            times[case].append(call(losses[case]))
+    print(json.dumps([
+        {"case": case, "n": n, "d": d, "time_s": statistics.median(ts), "reps": len(ts), "peak_mib": float("nan")}
+        for case, ts in times.items()
+    ]))
+
+
+def run_interleaved(sizes, d: int, reps: int, threads: int, timeout: int, cases, stable_malloc: bool) -> list[dict]:
+    """Per batch size, all (runnable) cases in one subprocess with alternating calls."""
+    rows = []
+    for n in sizes:
+        runnable = [c for c in cases if not (c == "pml_ntxent" and _ntxent_estimate_gib(n) > 8.0)]
+        cmd = [sys.executable, __file__, "--child-interleave", ",".join(runnable), "--n", str(n), "--d", str(d),
+               "--reps", str(reps), "--threads", str(threads)]
+        env = {**os.environ, **STABLE_MALLOC} if stable_malloc else None
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"interleaved child failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        for r in got:
+            print(f"  n={n:6d} {r['case']:26s} {r['time_s'] * 1e3:10.1f} ms (interleaved, {r['reps']} calls)", flush=True)
+        rows += got
+    return rows
+
+
 def _ntxent_estimate_gib(n: int) -> float:
     """PML NTXentLoss on labels arange(n)//4: pos pairs × neg pairs entries, in at least a float
     and a bool matrix plus two float temporaries (13 bytes per entry)."""
@@ -194,10 +246,13 @@ def speed_table(rows: list[dict]) -> str:
             continue
         ratio_t = ratio_m = ""
         ref = base.get((r["n"], peer.get(r["case"], "")))
+        measured_memory = r["peak_mib"] == r["peak_mib"]  # NaN in interleaved mode
         if ref is not None:
             ratio_t = f"{r['time_s'] / ref['time_s']:.2f}x"
-            ratio_m = f"{ref['peak_mib'] / max(r['peak_mib'], 1e-9):.1f}x"
-        lines.append(f"| {r['n']} | {r['case']} | {r['time_s']*1e3:.1f} | {r['peak_mib']:.1f} | {ratio_t} | {ratio_m} |")
+            if measured_memory:
+                ratio_m = f"{ref['peak_mib'] / max(r['peak_mib'], 1e-9):.1f}x"
+        memory = f"{r['peak_mib']:.1f}" if measured_memory else "—"
+        lines.append(f"| {r['n']} | {r['case']} | {r['time_s']*1e3:.1f} | {memory} | {ratio_t} | {ratio_m} |")
     return "\n".join(lines)
 
 
@@ -325,6 +380,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stable-malloc", action="store_true",
                     help="speed: run the cases with glibc heap trimming off (less page-fault noise)")
     ap.add_argument("--rounds", type=int, default=1, help="speed: run all cases this many times, in turn; report medians")
+    ap.add_argument("--interleave", action="store_true",
+                    help="speed: time all cases of a size in one process, calls alternating (no memory)")
     ap.add_argument("--cases", default=None, help="speed: comma-separated cases from " + ",".join(SPEED_CASES + EXTRA_CASES))
     ap.add_argument("--mem-cap-gib", type=float, default=8.0)
     ap.add_argument("--timeout", type=int, default=900, help="speed: seconds per case")
@@ -334,19 +391,27 @@ def main(argv=None) -> None:
     ap.add_argument("--emb-dim", type=int, default=32)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "losses.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-interleave", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         _child(args.child, args.n, args.d, args.reps, args.threads)
+        return
+    if args.child_interleave:
+        _child_interleaved(args.child_interleave.split(","), args.n, args.d, args.reps, args.threads)
         return
     result = {"machine": "CPU", "threads": args.threads}
     if args.part in ("speed", "all"):
         sizes = args.sizes or ([256, 1024, 4096, 16384] if args.full else [256, 1024, 4096])
         print(f"speed: batch {sizes}, d={args.d}, 4 per class, median of {args.reps} after a warm-up, "
               f"{args.rounds} round(s)", flush=True)
-        rows = run_speed(sizes, args.d, args.reps, args.threads, args.mem_cap_gib, args.timeout, _cases(args.cases),
-                         args.rounds, args.stable_malloc)
-        result["stable_malloc"] = args.stable_malloc
+        if args.interleave:
+            rows = run_interleaved(sizes, args.d, args.reps, args.threads, args.timeout, _cases(args.cases),
+                                   args.stable_malloc)
+        else:
+            rows = run_speed(sizes, args.d, args.reps, args.threads, args.mem_cap_gib, args.timeout,
+                             _cases(args.cases), args.rounds, args.stable_malloc)
+        result["stable_malloc"], result["interleave"] = args.stable_malloc, args.interleave
         result["speed"] = rows
         print(speed_table(rows))
     if args.part in ("quality", "all"):
