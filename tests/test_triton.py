@@ -96,14 +96,16 @@ CASES = [
     ("l2", "poly", "head", {"mask": "general", "exclude_self": True}),
     ("dot", "log", "row", {"causal": True, "detach_range": True}),
     ("cosine", "sigmoidal", "row", {"causal": True, "mask": "padding", "n": 19}),
+    ("dot", "sigmoidal", "head", {"exclude_self": True, "self_offset": 5, "n": 20}),
+    ("sqeuclidean", "poly", "row", {"exclude_self": True, "self_offset": 17, "n": 20, "causal": True}),
 ]
 
 
-@check(cases={f"{c[0]}-{c[1]}-{c[2]}": c for c in CASES})
+@check(cases={f"{c[0]}-{c[1]}-{c[2]}" + (f"-offset{c[3]['self_offset']}" if "self_offset" in c[3] else ""): c for c in CASES})
 def check_matches_dense_float64(metric, step, pkind, opts):
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}{step}{pkind}".encode()))
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}{step}{pkind}{opts.get('self_offset', '')}".encode()))
     B, H, m, d, e = 1, 2, 37, 20, 5
-    n = m if opts.get("exclude_self") else opts.get("n", 33)
+    n = opts.get("n", m if opts.get("exclude_self") else 33)
     q = torch.randn(B, H, n, d, generator=gen, dtype=f64)
     k = torch.randn(1, H, m, d, generator=gen, dtype=f64)  # broadcast over the batch
     v = torch.randn(B, 1, m, e, generator=gen, dtype=f64)
@@ -114,7 +116,7 @@ def check_matches_dense_float64(metric, step, pkind, opts):
     elif opts.get("mask") == "general":
         mask = torch.rand(B, H, n, m, generator=gen) > 0.3
     spec = make_spec(metric, None, step, opts.get("temperature", 1.0), opts.get("causal", False),
-                     opts.get("exclude_self", False), opts.get("detach_range", False))
+                     opts.get("exclude_self", False), opts.get("detach_range", False), opts.get("self_offset", 0))
     _compare(q, k, v, _params(pkind, (B, H), n, gen), mask, spec)
 
 

@@ -59,13 +59,13 @@ def _scores(q, k, qq, kk, scale, METRIC: tl.constexpr, PREC: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _validity(offs_m, offs_n, n, m, mask_base, smn, smm,
+def _validity(offs_m, offs_n, n, m, mask_base, smn, smm, self_off,
               HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr):
     valid = (offs_m[:, None] < n) & (offs_n[None, :] < m)
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    if EXCL:
-        valid = valid & (offs_n[None, :] != offs_m[:, None])
+    if EXCL:  # query i's own key is key i + self_off
+        valid = valid & (offs_n[None, :] != offs_m[:, None] + self_off)
     if HAS_MASK:
         mk = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smn + offs_n[None, :].to(tl.int64) * smm,
                      mask=valid, other=0)
@@ -228,7 +228,7 @@ def _metric_coef(ds, dist2, scale, METRIC: tl.constexpr):
 def range_kernel(
     Q, K, MASK, CONSTS, LOP, HIP, AMINP, AMAXP, TMAX,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, n_qb, n_kb, kb_per_split,
+    B1, B, n, m, d, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
@@ -265,7 +265,7 @@ def range_kernel(
         kf = k.to(ACC)
         kk = tl.sum(kf * kf, 1)
         s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-        valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
+        valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
         s_lo = tl.where(valid, s, float("inf"))
         s_hi = tl.where(valid, s, float("-inf"))
         blk_lo = tl.min(s_lo, 1)
@@ -296,7 +296,7 @@ def range_kernel(
 def attend_kernel(
     Q, K, V, MASK, PRM, CONSTS, RS, TMAX, OUT, LSE, KEPT, ACCP, DENP, KEPTP, SKIP,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, n_splits,
+    B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, n_splits, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -356,7 +356,7 @@ def attend_kernel(
             kf = k.to(ACC)
             kk = tl.sum(kf * kf, 1)
             s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
+            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
             u = _normalised(s, lo, inv_r)
             x = (s - hi[:, None]) * xscale
             p, keep = _step_weight(x, u, valid, a2, b2, t2, STEP, BAND_BRANCH)
@@ -394,7 +394,7 @@ def bwd_dq_kernel(
     Q, K, V, DO, MASK, PRM, CONSTS, RS, TMAX, DQ, RSUM,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, TM_BM, TM_BN,
+    B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, TM_BM, TM_BN, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -462,7 +462,7 @@ def bwd_dq_kernel(
             kf = k.to(ACC)
             kk = tl.sum(kf * kf, 1)
             s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
+            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
             u = _normalised(s, lo, inv_r)
             x = (s * inv_tau - lse[:, None]) * LOG2E
             w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
@@ -496,7 +496,7 @@ def bwd_dkdv_kernel(
     Q, K, V, DO, MASK, PRM, CONSTS, RS, TMAX, DK, DV,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, TM_BM, TM_BN,
+    B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, TM_BM, TM_BN, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -555,7 +555,7 @@ def bwd_dkdv_kernel(
             qf = q.to(ACC)
             qq = tl.sum(qf * qf, 1)
             s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, HAS_MASK, CAUSAL, EXCL)
+            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
             u = _normalised(s, lo, inv_r)
             x = (s * inv_tau - lse[:, None]) * LOG2E
             w, keep, phi_u, _pa, _pb, _pt = _step_weight_grad(x, u, valid, a[:, None], b[:, None], t[:, None], STEP)

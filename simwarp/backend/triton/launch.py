@@ -107,6 +107,7 @@ class _Plan:
     exclude_self: bool
     detach_range: bool
     interpret: bool
+    self_offset: int
     config: KernelConfig
 
 
@@ -131,8 +132,6 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if v.shape[-1] > MAX_VALUE_DIM:
         return f"value dim {v.shape[-1]} > {MAX_VALUE_DIM}"
-    if spec.self_offset:
-        return f"exclude_self with self_offset={spec.self_offset} (the kernels exclude the diagonal only)"
     return None
 
 
@@ -225,7 +224,7 @@ class _TritonWarp(torch.autograd.Function):
         grid = (n_qb, B, S)
         mod.range_kernel[grid](
             q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
-            *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, **common,
+            *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, **common,
         )
         if S == 1:
             lo, hi, argmin, argmax = lo_p[0], hi_p[0], amin_p[0], amax_p[0]
@@ -252,7 +251,7 @@ class _TritonWarp(torch.autograd.Function):
         skip = torch.empty((B, n_qb, S, 2), dtype=torch.int32, device=dev)
         mod.attend_kernel[grid](
             q4, k4, v4, mask4, prm, consts, rs, tmax, out, lse, kept, accp, denp, keptp, skip,
-            *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, S,
+            *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, S, plan.self_offset,
             STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch, BLOCK_E=BE, **common,
         )
         if S > 1:
@@ -320,7 +319,7 @@ class _TritonWarp(torch.autograd.Function):
             rsum = torch.empty((5, S, B, n), dtype=acc, device=dev)
             mod.bwd_dq_kernel[(n_qb, B, S)](
                 q4, k4, v4, g, mask4, prm, consts, rs, tmax, dq_p, rsum, *args,
-                B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, cfg.block_m, cfg.block_n, **common,
+                B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, cfg.block_m, cfg.block_n, plan.self_offset, **common,
             )
             sums = rsum.sum(1)
             dq = dq_p.sum(0)
@@ -331,7 +330,7 @@ class _TritonWarp(torch.autograd.Function):
             dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
             mod.bwd_dkdv_kernel[(n_kb, B)](
                 q4, k4, v4, g, mask4, prm, consts, rs, tmax, dk, dv, *args,
-                B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, cfg.block_m, cfg.block_n,
+                B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, cfg.block_m, cfg.block_n, plan.self_offset,
                 NEED_DK=need_k, NEED_DV=need_v, **common,
             )
             dk = dk.view(*batch, m, d) if need_k else None
@@ -398,7 +397,7 @@ def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None) -> _
     return _Plan(
         metric=METRIC_CODES[spec.metric], step=KERNEL_STEPS[spec.step.name], scale=float(scale),
         inv_tau=1.0 / spec.temperature, causal=spec.causal, exclude_self=spec.exclude_self,
-        detach_range=spec.detach_range, interpret=interpret, config=cfg,
+        detach_range=spec.detach_range, interpret=interpret, self_offset=spec.self_offset, config=cfg,
     )
 
 
