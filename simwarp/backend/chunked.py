@@ -29,8 +29,8 @@ from simwarp.backend.common import (
     key_bias,
     known_maximum,
     masked_numerator,
-    row_extremum,
     row_is_empty,
+    row_range_indices,
     warp_backward,
     warp_logits,
     work_dtype,
@@ -107,13 +107,7 @@ def streaming_range(qw, kw, blocks: _KeyBlocks, spec: WarpSpec, batch, chunk: in
         if r0 >= n:
             break
         s = pairwise_similarity(_from_row(qw, r0), kw[..., start:stop, :], spec.metric, spec.scale)
-        bias, self_offset = blocks.validity(start, stop, r0)
-        if self_offset is not None:  # s is this pass's own: the own keys can be overwritten
-            s.diagonal(self_offset, -2, -1).fill_(math.inf)
-        block_min, idx_min = row_extremum(s if bias is None else s - bias, largest=False)
-        if self_offset is not None:
-            s.diagonal(self_offset, -2, -1).fill_(-math.inf)
-        block_max, idx_max = row_extremum(s if bias is None else s + bias, largest=True)
+        block_min, idx_min, block_max, idx_max = row_range_indices(s, *blocks.validity(start, stop, r0))
         lo_r, hi_r, argmin_r, argmax_r = (x[..., r0:] for x in (lo, hi, argmin, argmax))
         new_min, new_max = block_min < lo_r, block_max > hi_r
         argmin_r.copy_(torch.where(new_min, idx_min + start, argmin_r))

@@ -131,6 +131,33 @@ def row_extremum(x: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Te
     return torch.where(tail_wins, tail_values, block_values), torch.where(tail_wins, tail_index + blocks * width, index)
 
 
+def row_range_indices(
+    s: torch.Tensor, bias: torch.Tensor | None, self_offset: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lo, lo_index, hi, hi_index)``: each row's min/max over its valid keys and the first
+    key attaining each (no gradients). Invalid keys are those under ``bias`` (from
+    :func:`key_bias`) or, with ``self_offset``, on that diagonal of ``s`` (each row's own key),
+    which is set to ±inf in place for the reductions and restored (so ``s`` must not be saved
+    for backward yet); a row with no valid key gets ``±inf``."""
+    with torch.no_grad():
+        own = s.detach().diagonal(self_offset, -2, -1) if self_offset is not None else None
+        kept = None if own is None else own.clone()
+        if own is not None:
+            own.fill_(math.inf)
+        lo, lo_index = row_extremum(s if bias is None else s - bias, largest=False)
+        if own is not None:
+            own.fill_(-math.inf)
+        hi, hi_index = row_extremum(s if bias is None else s + bias, largest=True)
+        if own is not None:
+            own.copy_(kept)
+    return lo, lo_index, hi, hi_index
+
+
+def routed_range_index(range_index, spec: WarpSpec, s: torch.Tensor):
+    """``range_index`` if the range gradient must reach ``s`` through those keys, else ``None``."""
+    return range_index if range_index is not None and not spec.detach_range and s.requires_grad else None
+
+
 def unit_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, inv)``: ``u = (s - lo) · inv`` with ``inv = 1 / (hi - lo)`` per row, and on flat rows
     (``hi <= lo``) ``inv = 0``, ``u = 1``."""
@@ -253,10 +280,10 @@ def warp_logits(
             their own.
     """
     if spec.step.warps and spec.step.rule is not None:
-        track = range_index is not None and not spec.detach_range and s.requires_grad
+        routed = routed_range_index(range_index, spec, s)
         if range_index is not None:
             lo, hi = lo.detach(), hi.detach()
-        logits = _WarpLogits.apply(s, lo, hi, a, b, t, spec.step.rule, 1.0 / spec.temperature, range_index if track else None)
+        logits = _WarpLogits.apply(s, lo, hi, a, b, t, spec.step.rule, 1.0 / spec.temperature, routed)
     elif spec.step.warps:
         if range_index is not None and not spec.detach_range:
             lo, hi = (s.gather(-1, i.unsqueeze(-1)) for i in range_index)

@@ -21,9 +21,11 @@ from simwarp.backend.common import (
     WarpSpec,
     WarpStats,
     key_bias,
+    known_maximum,
     masked_numerator,
-    row_extremum,
+    routed_range_index,
     row_is_empty,
+    row_range_indices,
     warp_backward,
     warp_logits,
     work_dtype,
@@ -63,9 +65,7 @@ def _row_setup(s, mask, spec: WarpSpec, row_range, row_start: int) -> _RowSetup:
     if row_range is not None:
         lo, hi = (x.detach().to(s.dtype).expand(s.shape[:-1]) for x in row_range)
         return _RowSetup(s, bias, None, lo, hi, None, empty)
-    with torch.no_grad():
-        lo, lo_index = row_extremum(s if bias is None else s - bias, largest=False)
-        hi, hi_index = row_extremum(s if bias is None else s + bias, largest=True)
+    lo, lo_index, hi, hi_index = row_range_indices(s, bias, None)
     lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     return _RowSetup(s, bias, None, lo, hi, (lo_index, hi_index), empty)
 
@@ -73,19 +73,9 @@ def _row_setup(s, mask, spec: WarpSpec, row_range, row_start: int) -> _RowSetup:
 def _leave_one_out_setup(s, own_offset: int) -> _RowSetup:
     """:func:`_row_setup` for ``exclude_self`` alone (the leave-one-out training case), without
     a bias matrix: each row's own key sits on one diagonal of the block (offset ``own_offset``:
-    the block's first row index plus the call's ``self_offset``), which is set to ±inf
-    in place for the range reductions (then restored). The write is not recorded by autograd:
-    ``s`` is saved by no node, and the self weights are exactly 0, so no gradient reaches
-    those entries."""
-    with torch.no_grad():
-        own = s.detach().diagonal(own_offset, -2, -1)
-        saved = own.clone()
-        own.fill_(math.inf)
-        lo_index = row_extremum(s.detach(), largest=False)[1]
-        own.fill_(-math.inf)
-        hi_index = row_extremum(s.detach(), largest=True)[1]
-        own.copy_(saved)
-        lo, hi = (s.detach().gather(-1, index.unsqueeze(-1)).squeeze(-1) for index in (lo_index, hi_index))
+    the block's first row index plus the call's ``self_offset``), excluded from the range
+    reductions in place (:func:`row_range_indices`) and from the weights by the softmax."""
+    lo, lo_index, hi, hi_index = row_range_indices(s, None, own_offset)
     empty = torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
     return _RowSetup(s, None, own_offset, lo, hi, (lo_index, hi_index), empty)
 
@@ -180,10 +170,9 @@ class _MaskedSoftmax(torch.autograd.Function):
 
 def _masked_softmax(s, a, b, t, rows: _RowSetup, spec: WarpSpec, count_kept: bool):
     """``(w, lse, kept)`` through :class:`_MaskedSoftmax` (built-in warping steps, own range)."""
-    track = rows.index is not None and not spec.detach_range and s.requires_grad
     return _MaskedSoftmax.apply(
         rows.s, rows.lo.unsqueeze(-1), rows.hi.unsqueeze(-1), a, b, t, rows.bias, rows.self_offset,
-        spec, rows.index if track else None, count_kept,
+        spec, routed_range_index(rows.index, spec, s), count_kept,
     )
 
 
@@ -212,19 +201,17 @@ def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop
     a, b, t = (_rows(p, start, stop, -2) for p in (a, b, t))
     mask = _rows(mask, start, stop, -2)
     row_range = None if row_range is None else tuple(_rows(x, start, stop, -1) for x in row_range)
-    if spec.step.rule is not None and spec.step.warps and row_range is None:
+    if spec.step.warps and known_maximum(spec, row_range):  # the mask form
         rows = _row_setup(s, mask, spec, row_range, start)
         w, lse, kept = _masked_softmax(s, a, b, t, rows, spec, count_kept=with_stats)
         return w, WarpStats(lse=lse, kept=kept, lo=rows.lo, hi=rows.hi, empty=rows.empty)
     logits, lo, hi, empty = dense_logits(s, a, b, t, mask, spec, row_range, row_start=start)
-    # PyTorch's fused softmax needs a kept key in every row: true unless a row has no valid key
-    # (`empty`, checked on CPU only: no device sync) or its range is fixed from outside (a
-    # built-in step always keeps the row's best key, u = 1).
+    # PyTorch's fused softmax needs a kept key in every row: true for step "none" unless a row
+    # has no valid key (`empty`, checked on CPU only: no device sync).
     fused = (
         not with_stats
         and logits.device.type == "cpu"
-        and row_range is None
-        and (spec.step.rule is not None or not spec.step.warps)
+        and known_maximum(spec, row_range)
         and not bool(empty.any())
     )
     if not fused:
