@@ -182,6 +182,26 @@ def _row_params(params: tuple, rows: torch.Tensor | None):
     return tuple(p[rows] if p.dim() > 0 else p for p in params)
 
 
+def _own_class_mass(w: torch.Tensor, q_cls: torch.Tensor, r_cls: torch.Tensor) -> torch.Tensor:
+    """``(n,)``: each anchor's weight on the references of its own class, ``Σ_{j: r_j = q_i} w_ij``,
+    for weights ``w (n, m)``. Where classes are small (at most ``m / 8`` references each) the
+    own-class entries are gathered (their gradient is a scatter into ``w``'s), otherwise summed
+    under a 0/1 class-match matrix."""
+    m = r_cls.numel()
+    sorted_cls, order = torch.sort(r_cls, stable=True)
+    start = torch.searchsorted(sorted_cls, q_cls)
+    count = torch.searchsorted(sorted_cls, q_cls, right=True) - start
+    width = int(count.max()) if count.numel() else 0
+    if width * 8 <= m:
+        slot = torch.arange(width, device=w.device)
+        columns = order[(start[:, None] + slot).clamp_max_(max(m - 1, 0))]
+        return (w.gather(1, columns) * (slot < count[:, None]).to(w.dtype)).sum(1)
+    # 1 where the classes (small integers, exact in floating point) agree, else 0, built
+    # with float arithmetic: bool comparisons and float-by-bool products are slow on CPU
+    same = (q_cls.to(w.dtype)[:, None] - r_cls.to(w.dtype)[None, :]).abs_().clamp_max_(1.0).neg_().add_(1.0)
+    return (w * same).sum(1)
+
+
 def _class_masses(
     x: torch.Tensor,
     r: torch.Tensor,
@@ -218,10 +238,7 @@ def _class_masses(
             **_leave_one_out(exclude_self, self_offset), **warp,
         )
         w, stats = result if with_lse else (result, None)
-        # 1 where the classes (small integers, exact in floating point) agree, else 0, built
-        # with float arithmetic: bool comparisons and float-by-bool products are slow on CPU
-        same = (q_cls.to(w.dtype)[:, None] - r_cls.to(w.dtype)[None, :]).abs_().clamp_max_(1.0).neg_().add_(1.0)
-        own = (w * same).sum(1)
+        own = _own_class_mass(w, q_cls, r_cls)
         return own, w.sum(1) - own, None if stats is None else stats.lse
     if n_cls <= MAX_CLASS_COLUMNS:
         v = F.one_hot(r_cls, n_cls).to(x.dtype)

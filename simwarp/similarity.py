@@ -56,15 +56,49 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return _SafeSqrt.apply(x)
 
 
+def _self_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``q`` and ``k`` are one 2-D tensor (all pairs of a batch with itself): then the
+    gradients for ``q`` and ``k`` add up, and one GEMM with ``g + gᵀ`` replaces two."""
+    return q is k and q.dim() == 2
+
+
+def _plus_transpose(g: torch.Tensor) -> torch.Tensor:
+    """``g + gᵀ`` of a square matrix (``copy_`` has a fast path for a transposed source; the
+    elementwise ``g + g.T`` is 4x slower)."""
+    return torch.empty_like(g).copy_(g.T).add_(g)
+
+
+class _Gram(torch.autograd.Function):
+    # q kᵀ; backward ∂q = g k, ∂k = gᵀ q, or ∂q = (g + gᵀ) q when q is k.
+    @staticmethod
+    def forward(ctx, q, k):
+        ctx.save_for_backward(q, k)
+        ctx.same = _self_pairs(q, k)
+        return q @ k.transpose(-1, -2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        if ctx.same:
+            return _plus_transpose(g) @ q, None
+        need_q, need_k = ctx.needs_input_grad
+        gq = (g @ k).sum_to_size(q.shape) if need_q else None
+        gk = (g.transpose(-1, -2) @ q).sum_to_size(k.shape) if need_k else None
+        return gq, gk
+
+
 class _ScaledSquaredDistance(torch.autograd.Function):
     # c · d²_ij with d²_ij = |q_i|² + |k_j|² - 2 q_i·k_j, clamped to c·d² ∈ c·[0, ∞) against
     # rounding. The backward is that of the smooth expression (the clamp only ever acts on
     # numerically-zero distances, where the true gradient is 0 too): with G = c g,
-    # ∂q = 2 (q Σ_j G - G k),  ∂k = 2 (k Σ_i G - Gᵀ q).
+    # ∂q = 2 (q Σ_j G - G k),  ∂k = 2 (k Σ_i G - Gᵀ q); when q is k, their sum
+    # 2 (q Σ_j (G + Gᵀ) - (G + Gᵀ) q).
     @staticmethod
     def forward(ctx, q, k, c: float):
         ctx.save_for_backward(q, k)
         ctx.c = c
+        ctx.same = _self_pairs(q, k)
         qq, kk = q.pow(2).sum(-1, keepdim=True).mul_(c), k.pow(2).sum(-1).unsqueeze(-2).mul_(c)
         if q.dim() == 2 and k.dim() == 2:  # one GEMM with the key norms as its C operand
             out = torch.addmm(kk, q, k.T, alpha=-2.0 * c).add_(qq)
@@ -76,6 +110,9 @@ class _ScaledSquaredDistance(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         q, k = ctx.saved_tensors
+        if ctx.same:
+            g = _plus_transpose(g)
+            return (q * g.sum(-1, keepdim=True) - g @ q).mul_(2.0 * ctx.c), None, None
         need_q, need_k, _ = ctx.needs_input_grad
         gq = gk = None  # the factor 2c is applied to the small (rows × d) results
         if need_q:
@@ -107,9 +144,10 @@ def pairwise_similarity(
     check_metric(metric)
     c = default_scale(metric, q.shape[-1]) if scale is None else scale
     if metric == "dot":
-        s = q @ k.transpose(-1, -2)
+        s = _Gram.apply(q, k)
     elif metric == "cosine":
-        s = F.normalize(q, dim=-1, eps=_COSINE_EPS) @ F.normalize(k, dim=-1, eps=_COSINE_EPS).transpose(-1, -2)
+        qn = F.normalize(q, dim=-1, eps=_COSINE_EPS)
+        s = _Gram.apply(qn, qn if k is q else F.normalize(k, dim=-1, eps=_COSINE_EPS))
     elif metric == "sqeuclidean":
         return _squared_distance(q, k, -c)
     elif metric == "l2":

@@ -118,11 +118,6 @@ def _drop_(phi: torch.Tensor, band_coordinate: torch.Tensor) -> torch.Tensor:
     return phi.div_(_inside(band_coordinate))
 
 
-def _sigmoid_bound(dtype: torch.dtype) -> float:
-    """A bound on ``|z|`` that keeps ``sigmoid(-|z|)`` in the normal range (off its slow path)."""
-    return -math.log(torch.finfo(dtype).tiny) - 1.0
-
-
 def _reduce(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """Sum a broadcast gradient back to the shape of the input it belongs to."""
     return grad.sum_to_size(like.shape) if grad is not None and grad.shape != like.shape else grad
@@ -134,49 +129,67 @@ def _row_constant(*params: torch.Tensor) -> bool:
 
 
 class SigmoidalRule(StepRule):
-    """φ = log σ(-z), z = log(q / p) / t with p = (u-a)⁺, q = (b-u)⁺ (q/p clamped to the normal
-    range and |z| bounded, so z is finite: below the band `_drop_` makes φ = -inf, above it
-    σ(-z) = 1). With σ = sigmoid(z) and h = g_φ σ / t:
-    ∂u = h (1/p + 1/q),  ∂a = -h / p,  ∂b = -h / q,  ∂t = h z."""
+    """On the band coordinate ``x = (u-a)/(b-a)`` clamped to ``[0, 1]``, with ``ρ = log2((1-x)/x)``:
+    ``m = 1 / (1 + 2^(ρ/t))`` (0 at ``x = 0``, 1 at ``x = 1``), ``φ = log m = -softplus(ρ ln2 / t)``.
+    With ``h = g_φ (1 - m) / (t x (1 - x))`` (``= g_φ φ_x``):
+    ``∂u = h / (b-a)``,  ``∂a = h (x - 1) / (b-a)``,  ``∂b = -h x / (b-a)``,  ``∂t = g_φ (1 - m) ρ ln2 / t²``.
+
+    ``ρ`` is taken of a ratio clamped to the normal range and ``ρ/t`` is clamped to
+    ``[log2(tiny), log2(max) + 1]``, so ``2^(ρ/t)`` is either normal or ``inf`` (``m = 0``
+    exactly: at ``x = 0``, or where ``m`` would be below about ``2^-128``) and no transcendental
+    meets 0, inf or a subnormal."""
 
     @staticmethod
-    def _band(u, a, b, t):
-        """``p`` and ``z``; ``|z|`` is bounded where ``σ(±z)`` would leave the normal range,
-        which changes ``φ`` and the partials by less than the smallest normal number."""
-        p = (u - a).clamp_min_(0.0)
-        bound = _sigmoid_bound(u.dtype)
-        return p, _safe_log_((b - u).clamp_min_(0.0).div_(p)).div_(t).clamp_(-bound, bound)
+    def _coordinates(u, a, b, t):
+        """``x`` (clamped to ``[0, 1]``) and ``ρ``."""
+        info = torch.finfo(u.dtype)
+        x = torch.sub(u, a).mul_(1 / (b - a)).clamp_(0.0, 1.0)
+        rho = torch.mul(x, -1.0).add_(1.0).div_(x).clamp_(info.tiny, info.max).log2_()
+        return x, rho
+
+    @staticmethod
+    def _exponent(rho, t):
+        """``ρ / t`` clamped so that ``2^(ρ/t)`` is normal or ``inf``."""
+        info = torch.finfo(rho.dtype)
+        return torch.div(rho, t).clamp_(math.log2(info.tiny), math.log2(info.max) + 1.0)
 
     @staticmethod
     def forward(u, a, b, t):
-        p, z = SigmoidalRule._band(u, a, b, t)
-        return _drop_(_safe_log_(torch.neg(z).sigmoid_()), p), (u, a, b, t, z)
+        m, saved = SigmoidalRule.mask(u, a, b, t)
+        x, rho = saved[:2]
+        # softplus is linear above `threshold` (error e^-threshold): 40 is exact in float64
+        phi = torch.nn.functional.softplus(SigmoidalRule._exponent(rho, t).mul_(math.log(2.0)), threshold=40.0).neg_()
+        return _drop_(phi, x), saved
 
     @staticmethod
     def mask(u, a, b, t):
-        p, z = SigmoidalRule._band(u, a, b, t)
-        return torch.neg(z).sigmoid_().mul_(_inside(p)), (u, a, b, t, z)
+        x, rho = SigmoidalRule._coordinates(u, a, b, t)
+        m = SigmoidalRule._exponent(rho, t).exp2_().add_(1.0).reciprocal_()
+        return m, (x, rho, m, a, b, t)
 
     @staticmethod
     def backward(saved, g_phi, needs):
-        u, a, b, t, z = saved
+        x, rho, m, a, b, t = saved
         need_u, need_a, need_b, need_t = needs
-        guard = _guard(u.dtype)
-        h = torch.sigmoid(z).mul_(g_phi).div_(t)
-        gu = ga = gb = gt = None
-        if need_u or need_a:
-            h_p = (u - a).clamp_min_(guard)
-            h_p = torch.div(h, h_p, out=h_p)
-            ga = _reduce(h_p, a).neg() if need_a else None
-        if need_u or need_b:
-            h_q = (b - u).clamp_min_(guard)
-            h_q = torch.div(h, h_q, out=h_q)
-            gb = _reduce(h_q, b).neg() if need_b else None
-        if need_u:
-            gu = h_p.add_(h_q)
-        if need_t:
-            gt = _reduce(h.mul_(z), t)
-        return gu, ga, gb, gt
+        g_kept = torch.addcmul(g_phi, g_phi, m, value=-1.0)  # g_φ (1 - m)
+        # g_φ φ_x t; 0 outside the band (x(1-x) = 0 meets g_φ (1 - m) = 0 there)
+        h = torch.addcmul(x, x, x, value=-1.0).clamp_min_(_guard(x.dtype))
+        h = torch.div(g_kept, h, out=h)
+        width = b - a
+        ga = gb = gt = None
+        if _row_constant(a, b, t):  # per-row sums Σ h and Σ h x
+            if need_a or need_b:
+                s0 = h.sum(-1, keepdim=True)
+                s1 = torch.linalg.vecdot(h, x).unsqueeze(-1)
+                ga = _reduce((s1 - s0) / (t * width), a) if need_a else None
+                gb = _reduce(s1 / (-t * width), b) if need_b else None
+            if need_t:
+                gt = _reduce(torch.linalg.vecdot(g_kept, rho).unsqueeze(-1) * (math.log(2.0) / t**2), t)
+        else:
+            ga = _reduce((x - 1.0).mul_(h).div_(t * width), a) if need_a else None
+            gb = _reduce(torch.mul(h, x).div_(-t * width), b) if need_b else None
+            gt = _reduce(g_kept.mul(rho).mul_(math.log(2.0) / t**2), t) if need_t else None
+        return (h.mul_(1 / (t * width)) if need_u else None), ga, gb, gt
 
 
 class LogRule(StepRule):

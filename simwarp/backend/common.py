@@ -358,9 +358,12 @@ def masked_numerator(
         e.diagonal(self_offset, -2, -1).zero_()
     kept = None
     if count_kept:
-        valid = torch.ones_like(e) if m is None else m
-        if bias is not None:
-            valid = valid.add_(bias)
+        if m is None:
+            valid = torch.ones_like(e)
+        else:  # m is saved for backward: not updated in place
+            valid = m + bias if bias is not None else m.clone() if self_offset is not None else m
+        if bias is not None and m is None:
+            valid.add_(bias)
         if self_offset is not None:
             valid.diagonal(self_offset, -2, -1).zero_()
         kept = (valid > 0).sum(-1).to(s.dtype)

@@ -131,10 +131,11 @@ def _softmax_backward(w, g_w, g_lse):
     """``∂ℓ`` of ``(w, lse)`` = softmax and log-normaliser of ``ℓ``: ``w (∂w - Σ_j w ∂w + ∂lse)``."""
     if g_w is None:
         return w * g_lse.unsqueeze(-1)
-    shift = (w * g_w).sum(-1, keepdim=True)
+    g = w * g_w
+    shift = g.sum(-1, keepdim=True)
     if g_lse is not None:
         shift = shift - g_lse.unsqueeze(-1)
-    return (g_w - shift).mul_(w)
+    return g.addcmul_(w, shift, value=-1.0)  # w ∂w - w shift, in the product's buffer
 
 
 class _MaskedSoftmax(torch.autograd.Function):
@@ -190,8 +191,8 @@ def _row_blocks(n: int, entries_per_row: int):
 def _rows(x, start: int, stop: int, dim: int):
     """Rows ``start:stop`` of ``x`` along ``dim`` (counted from the end), unless ``x`` is
     ``None`` or broadcast along it."""
-    if x is None or x.dim() < -dim or x.shape[dim] == 1:
-        return x
+    if x is None or x.dim() < -dim or x.shape[dim] == 1 or (start == 0 and stop == x.shape[dim]):
+        return x  # (the whole of x keeps its identity: see similarity._self_pairs)
     return x.narrow(dim, start, stop - start)
 
 
