@@ -70,7 +70,8 @@ class Step:
 
 class StepRule:
     """Closed form of a step: ``forward(u, a, b, t) -> (φ, saved)``, its mask form
-    ``mask(u, a, b, t) -> (m, saved)`` and ``backward(saved, g_φ, needs) -> (g_u, g_a, g_b, g_t)``.
+    ``mask(u, a, b, t) -> (m, saved)`` and
+    ``backward(saved, g_φ, needs, range_sums) -> (g_u, g_a, g_b, g_t, sums)``.
 
     ``mask`` returns ``m = exp(φ)`` (exactly 0 where ``φ = -inf``; where ``m`` would fall below
     the smallest normal number it may be raised to about that size) and the same ``saved`` as
@@ -78,7 +79,9 @@ class StepRule:
     multiply the softmax numerator by ``m`` instead of adding ``φ`` to the logits, which saves the
     ``log`` (and, for ``"poly"``, is free of transcendentals). ``g_u`` has ``φ``'s (full) shape and
     is a fresh tensor the caller may update in place; ``g_a, g_b, g_t`` are reduced to the
-    parameters' shapes, ``None`` where ``needs`` is False.
+    parameters' shapes, ``None`` where ``needs`` is False. With ``range_sums`` (the caller needs
+    the gradient of the range normalisation) a rule may return ``sums = (Σ_j g_u, Σ_j g_u u)``
+    per row (shape ``(..., n, 1)``), which it often has at hand; ``None`` lets the caller compute them.
     """
 
     @staticmethod
@@ -91,7 +94,7 @@ class StepRule:
         return phi.exp_(), saved
 
     @staticmethod
-    def backward(saved, g_phi, needs) -> tuple:
+    def backward(saved, g_phi, needs, range_sums: bool = False) -> tuple:
         raise NotImplementedError
 
 
@@ -168,28 +171,29 @@ class SigmoidalRule(StepRule):
         return m, (x, rho, m, a, b, t)
 
     @staticmethod
-    def backward(saved, g_phi, needs):
+    def backward(saved, g_phi, needs, range_sums: bool = False):
         x, rho, m, a, b, t = saved
         need_u, need_a, need_b, need_t = needs
+        width = b - a
         g_kept = torch.addcmul(g_phi, g_phi, m, value=-1.0)  # g_φ (1 - m)
         # g_φ φ_x t; 0 outside the band (x(1-x) = 0 meets g_φ (1 - m) = 0 there)
         h = torch.addcmul(x, x, x, value=-1.0).clamp_min_(_guard(x.dtype))
         h = torch.div(g_kept, h, out=h)
-        width = b - a
-        ga = gb = gt = None
-        if _row_constant(a, b, t):  # per-row sums Σ h and Σ h x
-            if need_a or need_b:
-                s0 = h.sum(-1, keepdim=True)
-                s1 = torch.linalg.vecdot(h, x).unsqueeze(-1)
-                ga = _reduce((s1 - s0) / (t * width), a) if need_a else None
-                gb = _reduce(s1 / (-t * width), b) if need_b else None
-            if need_t:
-                gt = _reduce(torch.linalg.vecdot(g_kept, rho).unsqueeze(-1) * (math.log(2.0) / t**2), t)
-        else:
+        if not _row_constant(a, b, t):
             ga = _reduce((x - 1.0).mul_(h).div_(t * width), a) if need_a else None
             gb = _reduce(torch.mul(h, x).div_(-t * width), b) if need_b else None
-            gt = _reduce(g_kept.mul(rho).mul_(math.log(2.0) / t**2), t) if need_t else None
-        return (h.mul_(1 / (t * width)) if need_u else None), ga, gb, gt
+            gt = _reduce(g_kept.mul_(rho).mul_(math.log(2.0) / t**2), t) if need_t else None
+            return (h.mul_(1 / (t * width)) if need_u else None), ga, gb, gt, None
+        gt = g_kept.mul_(rho).sum(-1, keepdim=True).mul_(math.log(2.0) / t**2) if need_t else None
+        gu = h.mul_(1 / (t * width))  # ∂u
+        ga = gb = sums = None
+        if need_a or need_b or range_sums:  # with S0 = Σ ∂u, Sx = Σ ∂u x (and u = a + x (b - a) in the band)
+            s0 = gu.sum(-1, keepdim=True)
+            sx = torch.linalg.vecdot(gu, x).unsqueeze(-1)
+            ga = _reduce(sx - s0, a) if need_a else None
+            gb = _reduce(-sx, b) if need_b else None
+            sums = (s0, a * s0 + width * sx) if range_sums else None
+        return (gu if need_u else None), ga, gb, _reduce(gt, t), sums
 
 
 class LogRule(StepRule):
@@ -203,7 +207,7 @@ class LogRule(StepRule):
         return _drop_(phi, v), (u, b, t)  # u <= 0 is dropped
 
     @staticmethod
-    def backward(saved, g_phi, needs):
+    def backward(saved, g_phi, needs, range_sums: bool = False):
         u, b, t = saved
         need_u, _, need_b, need_t = needs
         v = torch.minimum(u, b).clamp_min_(_guard(u.dtype))  # u <= 0 is dropped: g_φ = 0 there
@@ -217,7 +221,7 @@ class LogRule(StepRule):
             gb = _reduce((log_vb - gap / b).mul_(k).mul_(g_phi), b)
         if need_t:
             gt = _reduce((log_vb.mul_(gap)).mul_(g_phi).div_((1 - t) ** 2), t)
-        return gu, None, gb, gt
+        return gu, None, gb, gt, None
 
 
 class PolyRule(StepRule):
@@ -237,7 +241,7 @@ class PolyRule(StepRule):
         return torch.mul(y, -2.0).add_(3.0).mul_(y).mul_(y), (u, a, b, t, y)  # 0 for y <= 0, 1 for y >= 1
 
     @staticmethod
-    def backward(saved, g_phi, needs):
+    def backward(saved, g_phi, needs, range_sums: bool = False):
         u, a, b, t, y = saved
         need_u, need_a, need_b, need_t = needs
         width = b - a
@@ -245,20 +249,21 @@ class PolyRule(StepRule):
         y_in = y.clamp_min(_guard(u.dtype))  # y = 0 is dropped (g_φ = 0 there); φ_y(1) = 0
         den = torch.mul(y_in, -2.0).add_(3.0).mul_(y_in)
         h = y_in.neg_().add_(1.0).mul_(6.0).div_(den).mul_(g_phi).mul_(c)  # g_φ φ_y c, in y_in's buffer
-        ga = gb = gt = None
+        ga = gb = gt = sums = None
         if _row_constant(a, b, t):  # per-row sums S0 = Σ h, S1 = Σ h u, S2 = Σ h y
             s0 = h.sum(-1, keepdim=True)
-            if need_a or need_b:
-                s1 = (h * u).sum(-1, keepdim=True)
+            if need_a or need_b or range_sums:
+                s1 = torch.linalg.vecdot(h, u).unsqueeze(-1)
                 ga = _reduce((s1 - b * s0) / width, a) if need_a else None
                 gb = _reduce((a * s0 - s1) / width, b) if need_b else None
+                sums = (s0, s1) if range_sums else None
             if need_t:
-                gt = _reduce(((h * y).sum(-1, keepdim=True) - 0.5 * s0) / (-c * t), t)
+                gt = _reduce((torch.linalg.vecdot(h, y).unsqueeze(-1) - 0.5 * s0) / (-c * t), t)
         else:
             ga = _reduce(h * (u - b) / width, a) if need_a else None
             gb = _reduce(-h * (u - a) / width, b) if need_b else None
             gt = _reduce((y - 0.5).mul_(h).div_(-c * t), t) if need_t else None
-        return (h if need_u else None), ga, gb, gt
+        return (h if need_u else None), ga, gb, gt, sums
 
 
 class _ClosedFormStep(torch.autograd.Function):
@@ -275,7 +280,7 @@ class _ClosedFormStep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_phi):
         u = ctx.saved_tensors[0]
-        gu, ga, gb, gt = ctx.rule.backward(ctx.saved_tensors, g_phi, ctx.needs_input_grad[:4])
+        gu, ga, gb, gt, _ = ctx.rule.backward(ctx.saved_tensors, g_phi, ctx.needs_input_grad[:4])
         return _reduce(gu, u), ga, gb, gt, None
 
 

@@ -167,11 +167,12 @@ def unit_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[tor
     return (s * inv).add_(flat.to(s.dtype) - lo * inv), inv
 
 
-def _range_gradients(g_u: torch.Tensor, u: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _range_gradients(g_u: torch.Tensor, u: torch.Tensor, inv: torch.Tensor, sums=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(∂lo, ∂hi)`` of ``u`` from ``g_u = ∂L/∂u``: ``inv Σ_j g_u (u - 1)`` and ``-inv Σ_j g_u u``
-    (zero on flat rows, where ``inv = 0``); shapes ``(..., n, 1)``."""
-    sum_gu_u = (g_u * u).sum(-1, keepdim=True)
-    return (sum_gu_u - g_u.sum(-1, keepdim=True)).mul_(inv), sum_gu_u.mul_(inv).neg_()
+    (zero on flat rows, where ``inv = 0``); shapes ``(..., n, 1)``. ``sums``: ``(Σ_j g_u, Σ_j g_u u)``
+    if already known (:meth:`StepRule.backward`)."""
+    sum_gu, sum_gu_u = sums if sums is not None else (g_u.sum(-1, keepdim=True), torch.linalg.vecdot(g_u, u).unsqueeze(-1))
+    return (sum_gu_u - sum_gu).mul_(inv), (sum_gu_u * inv).neg_()
 
 
 class _NormalizedRange(torch.autograd.Function):
@@ -218,10 +219,10 @@ def warp_backward(g, u, inv, rule, rule_saved, range_index, needs, inv_temperatu
     if rule is None:  # step "none": ℓ = s/τ
         return (g * inv_temperature).sum_to_size(s_shape) if need_s else None, None, None, None, None, None
     track_range = range_index is not None and need_s or need_lo or need_hi
-    gu, ga, gb, gt = rule.backward(rule_saved, g, (need_s or track_range, need_a, need_b, need_t))
+    gu, ga, gb, gt, sums = rule.backward(rule_saved, g, (need_s or track_range, need_a, need_b, need_t), track_range)
     g_lo = g_hi = gs = None
     if track_range:
-        g_lo, g_hi = _range_gradients(gu, u, inv)
+        g_lo, g_hi = _range_gradients(gu, u, inv, sums)
     if need_s:
         gs = gu.mul_(inv).add_(g, alpha=inv_temperature)
         if range_index is not None:
