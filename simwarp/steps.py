@@ -93,6 +93,14 @@ class StepRule:
         phi, saved = cls.forward(u, a, b, t)
         return phi.exp_(), saved
 
+    @classmethod
+    def mask_affine(cls, s, scale, shift, a, b, t) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """``mask`` of ``u = s · scale + shift`` (``scale``, ``shift``: per-row constants) and
+        ``u`` itself, or ``None`` if ``backward`` always returns the range sums without it."""
+        u = (s * scale).add_(shift)
+        m, saved = cls.mask(u, a, b, t)
+        return m, saved, u
+
     @staticmethod
     def backward(saved, g_phi, needs, range_sums: bool = False) -> tuple:
         raise NotImplementedError
@@ -143,14 +151,6 @@ class SigmoidalRule(StepRule):
     meets 0, inf or a subnormal."""
 
     @staticmethod
-    def _coordinates(u, a, b, t):
-        """``x`` (clamped to ``[0, 1]``) and ``ρ``."""
-        info = torch.finfo(u.dtype)
-        x = torch.sub(u, a).mul_(1 / (b - a)).clamp_(0.0, 1.0)
-        rho = torch.mul(x, -1.0).add_(1.0).div_(x).clamp_(info.tiny, info.max).log2_()
-        return x, rho
-
-    @staticmethod
     def _exponent(rho, t):
         """``ρ / t`` clamped so that ``2^(ρ/t)`` is normal or ``inf``."""
         info = torch.finfo(rho.dtype)
@@ -166,7 +166,20 @@ class SigmoidalRule(StepRule):
 
     @staticmethod
     def mask(u, a, b, t):
-        x, rho = SigmoidalRule._coordinates(u, a, b, t)
+        x = torch.sub(u, a).mul_(1 / (b - a)).clamp_(0.0, 1.0)
+        return SigmoidalRule._mask_of_band(x, a, b, t)
+
+    @staticmethod
+    def mask_affine(s, scale, shift, a, b, t):
+        width = 1 / (b - a)  # x = (u - a)/(b - a) straight from s, without u
+        x = torch.mul(s, scale * width).add_((shift - a) * width).clamp_(0.0, 1.0)
+        m, saved = SigmoidalRule._mask_of_band(x, a, b, t)
+        return m, saved, None
+
+    @staticmethod
+    def _mask_of_band(x, a, b, t):
+        info = torch.finfo(x.dtype)
+        rho = torch.mul(x, -1.0).add_(1.0).div_(x).clamp_(info.tiny, info.max).log2_()
         m = SigmoidalRule._exponent(rho, t).exp2_().add_(1.0).reciprocal_()
         return m, (x, rho, m, a, b, t)
 
@@ -183,7 +196,11 @@ class SigmoidalRule(StepRule):
             ga = _reduce((x - 1.0).mul_(h).div_(t * width), a) if need_a else None
             gb = _reduce(torch.mul(h, x).div_(-t * width), b) if need_b else None
             gt = _reduce(g_kept.mul_(rho).mul_(math.log(2.0) / t**2), t) if need_t else None
-            return (h.mul_(1 / (t * width)) if need_u else None), ga, gb, gt, None
+            gu = h.mul_(1 / (t * width))
+            sums = None
+            if range_sums:  # u = a + x (b - a) wherever ∂u is not 0
+                sums = (gu.sum(-1, keepdim=True), (x * width).add_(a).mul_(gu).sum(-1, keepdim=True))
+            return (gu if need_u or range_sums else None), ga, gb, gt, sums
         gt = g_kept.mul_(rho).sum(-1, keepdim=True).mul_(math.log(2.0) / t**2) if need_t else None
         gu = h.mul_(1 / (t * width))  # ∂u
         ga = gb = sums = None

@@ -158,13 +158,20 @@ def routed_range_index(range_index, spec: WarpSpec, s: torch.Tensor):
     return range_index if range_index is not None and not spec.detach_range and s.requires_grad else None
 
 
-def unit_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, inv)``: ``u = (s - lo) · inv`` with ``inv = 1 / (hi - lo)`` per row, and on flat rows
-    (``hi <= lo``) ``inv = 0``, ``u = 1``."""
+def unit_affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inv, shift)`` per row with ``u = s · inv + shift = (s - lo) / (hi - lo)``; on flat rows
+    (``hi <= lo``) ``inv = 0`` and ``shift = 1`` (``u = 1``)."""
     r = hi - lo
     flat = r <= 0
     inv = torch.where(flat, 0.0, 1.0 / r.masked_fill(flat, 1.0))  # per row: cheap
-    return (s * inv).add_(flat.to(s.dtype) - lo * inv), inv
+    return inv, flat.to(lo.dtype) - lo * inv
+
+
+def unit_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, inv)``: ``u = (s - lo) · inv`` with ``inv = 1 / (hi - lo)`` per row, and on flat rows
+    (``hi <= lo``) ``inv = 0``, ``u = 1``."""
+    inv, shift = unit_affine(lo, hi)
+    return (s * inv).add_(shift), inv
 
 
 def _range_gradients(g_u: torch.Tensor, u: torch.Tensor, inv: torch.Tensor, sums=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +319,7 @@ class MaskedNumerator(NamedTuple):
     """The mask form of a block of scores (see :func:`masked_numerator`)."""
 
     e: torch.Tensor  # (..., n, c): m(u) · exp((s - hi)/τ), exactly 0 where invalid or dropped
-    u: torch.Tensor | None  # what warp_backward needs (None for step "none")
+    u: torch.Tensor | None  # what warp_backward needs (None for step "none", or if the rule sums for itself)
     inv: torch.Tensor | None
     saved: tuple
     kept: torch.Tensor | None  # (..., n) keys with m > 0 among the valid ones, if counted
@@ -352,8 +359,8 @@ def masked_numerator(
     u = inv = m = None
     saved: tuple = ()
     if spec.step.warps:
-        u, inv = unit_range(s, lo, hi)
-        m, saved = spec.step.rule.mask(u, a, b, t)
+        inv, shift = unit_affine(lo, hi)
+        m, saved, u = spec.step.rule.mask_affine(s, inv, shift, a, b, t)
         e.mul_(m)
     if self_offset is not None:
         e.diagonal(self_offset, -2, -1).zero_()
