@@ -133,6 +133,19 @@ def test_reducers_and_regularizer_match_pml(reducer):
         _close(*_pair(ours, ref, x, y), tol=1e-8)
 
 
+@pytest.mark.parametrize("n_classes", [2, 40])  # few: the class-match matrix; many: the gather
+def test_own_class_mass(n_classes):
+    gen = torch.Generator().manual_seed(n_classes)
+    w = torch.rand(30, 50, generator=gen, dtype=f64, requires_grad=True)
+    q_cls = torch.randint(0, n_classes + 3, (30,), generator=gen)  # some anchors' classes have no reference
+    r_cls = torch.randint(0, n_classes, (50,), generator=gen)
+    want = (w * (q_cls[:, None] == r_cls[None, :])).sum(1)
+    got = sl._own_class_mass(w, q_cls, r_cls)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    seed = torch.randn(30, generator=gen, dtype=f64)
+    torch.testing.assert_close(*(torch.autograd.grad(y, w, seed)[0] for y in (got, want)), rtol=0, atol=0)
+
+
 def test_chunked_backend_matches_pml():
     x = torch.randn(96, 8, dtype=f64)
     y = torch.randint(0, 6, (96,))

@@ -43,6 +43,26 @@ def test_pairwise_similarity_matches_definition(metric):
     torch.testing.assert_close(paired_similarity(q, k[:5], metric), diag)
 
 
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "sqeuclidean"])
+@pytest.mark.parametrize("leading", [(), (2,)])
+def test_all_pairs_of_a_batch_with_itself(metric, leading):
+    """pairwise_similarity(x, x) (one tensor: one GEMM with g + gᵀ in the backward when 2-D)
+    has the value and gradient of the same call on a distinct alias of x."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(*leading, 9, 4, generator=gen, dtype=f64, requires_grad=True)
+    seed = torch.randn(*leading, 9, 9, generator=gen, dtype=f64)
+    seed.diagonal(0, -2, -1).zero_()  # l2 at distance 0 (+ rounding): sqrt' amplifies rounding noise
+    same = pairwise_similarity(x, x, metric)
+    alias = pairwise_similarity(x, x.view_as(x), metric)
+    torch.testing.assert_close(same, alias, rtol=1e-12, atol=1e-12)
+    (g_same,) = torch.autograd.grad(same, x, seed)
+    (g_alias,) = torch.autograd.grad(alias, x, seed)
+    torch.testing.assert_close(g_same, g_alias, rtol=1e-12, atol=1e-12)
+    off_diagonal = 1.0 - torch.eye(5, dtype=f64)  # l2 is not differentiable at distance 0
+    y = x[..., :5, :].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda y: pairwise_similarity(y, y, metric) * off_diagonal, (y,))
+
+
 def test_scale_and_defaults():
     q, k = torch.randn(3, 16, dtype=f64), torch.randn(4, 16, dtype=f64)
     assert default_scale("dot", 16) == 0.25 and default_scale("l2", 16) == 1.0
