@@ -21,6 +21,7 @@ from simwarp.backend.chunked import chunked_warp_attend, chunked_warp_range
 from simwarp.backend.common import (
     IMPLS,
     WarpStats,
+    broadcast_shape,
     check_inputs,
     make_spec,
     resolve_params,
@@ -209,7 +210,7 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
     for name, x in zip(("row_range[0] (lo)", "row_range[1] (hi)"), row_range):
         x = torch.as_tensor(x, dtype=dtype, device=device)
         try:
-            if torch.broadcast_shapes(x.shape, (*batch, n)) != (*batch, n):
+            if broadcast_shape(x.shape, (*batch, n)) != (*batch, n):
                 raise RuntimeError
         except RuntimeError:
             raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to the rows {(*batch, n)}") from None

@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from simwarp.backend.common import (
     WarpSpec,
+    broadcast_shape,
     key_bias,
     known_maximum,
     masked_numerator,
@@ -122,7 +123,7 @@ class _ChunkedWarp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int, row_range):
         dtype = work_dtype(q.dtype)
-        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
         qw, kw = q.to(dtype), k.to(dtype)
         mask_form = known_maximum(spec, row_range)
@@ -196,7 +197,7 @@ class _ChunkedWarp(torch.autograd.Function):
         spec: WarpSpec = ctx.spec
         need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
         dtype = work_dtype(q.dtype)
-        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
         blocks = _KeyBlocks(n, m, mask, spec, batch, dtype, q.device, skip=ctx.mask_form)
 
@@ -317,7 +318,7 @@ class _Dropout:
 
 
 def _chunk_for(q, k, v, chunk_size: int | None):
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
+    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
     rows = q.shape[-2] * math.prod(batch)
     return batch, (default_chunk_size(rows, k.shape[-2]) if chunk_size is None else chunk_size)
 

@@ -52,6 +52,20 @@ class WarpSpec:
     self_offset: int = 0  # with exclude_self: query i's own key is key i + self_offset
 
 
+def broadcast_shape(*shapes) -> torch.Size:
+    """:func:`torch.broadcast_shapes` of plain shapes, in plain Python (about 10x faster: it is
+    called several times per backend call); raises ``RuntimeError`` where they do not broadcast."""
+    ndim = max(map(len, shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, d in enumerate(shape, ndim - len(shape)):
+            if d != 1:
+                if out[i] != 1 and out[i] != d:
+                    raise RuntimeError(f"shapes {[tuple(x) for x in shapes]} do not broadcast")
+                out[i] = d
+    return torch.Size(out)
+
+
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Internal compute dtype: float64 stays float64, everything else computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -301,7 +315,7 @@ def warp_logits(
         logits = s / spec.temperature if spec.temperature != 1.0 else s
     if bias is None:
         return logits
-    if logits is not s and logits.shape == torch.broadcast_shapes(logits.shape, bias.shape):
+    if logits is not s and logits.shape == broadcast_shape(logits.shape, bias.shape):
         return logits.add_(bias)
     return logits + bias
 
@@ -405,7 +419,7 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k (..., m, d) and v (..., m, e) must share m, got k {_shape(k)} and v {_shape(v)}")
     try:
-        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except RuntimeError:
         raise ValueError(
             f"leading dims of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} do not broadcast"
@@ -430,7 +444,7 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
         if mask.device != q.device:
             raise ValueError(f"mask must be on q's device {q.device}, got {mask.device}")
         try:
-            if torch.broadcast_shapes(mask.shape, (*batch, n, m)) != (*batch, n, m):
+            if broadcast_shape(mask.shape, (*batch, n, m)) != (*batch, n, m):
                 raise RuntimeError
         except RuntimeError:
             raise ValueError(
@@ -470,7 +484,7 @@ def resolve_params(
             if x.device != device:
                 raise ValueError(f"{name} must be on the inputs' device {device}, got {x.device}")
             try:
-                if torch.broadcast_shapes(x.shape, (*batch, n)) != (*batch, n):
+                if broadcast_shape(x.shape, (*batch, n)) != (*batch, n):
                     raise RuntimeError
             except RuntimeError:
                 raise ValueError(
@@ -479,6 +493,14 @@ def resolve_params(
             x = x.to(dtype)
         out.append(x)
     a, b, t = out
+    if device.type == "cpu" and a.dim() == b.dim() == t.dim() == 0:
+        a_, b_, t_ = torch.stack([a.detach(), b.detach(), t.detach()]).tolist()  # one read, no per-check ops
+        if not (0.0 < a_ < 1.0 and 0.0 < b_ <= 1.0 and 0.0 < t_ < 1.0 and a_ < b_):  # False for NaN too
+            _check_param_values("a", a, 0.0, 1.0, high_inclusive=False)
+            _check_param_values("b", b, 0.0, 1.0, high_inclusive=True)
+            _check_param_values("t", t, 0.0, 1.0, high_inclusive=False)
+            raise ValueError("a must be smaller than b for every row (0 < a < b <= 1)")
+        return a, b, t
     _check_param_values("a", a, 0.0, 1.0, high_inclusive=False)
     _check_param_values("b", b, 0.0, 1.0, high_inclusive=True)
     _check_param_values("t", t, 0.0, 1.0, high_inclusive=False)

@@ -20,6 +20,7 @@ import torch
 from simwarp.backend.common import (
     WarpSpec,
     WarpStats,
+    broadcast_shape,
     key_bias,
     known_maximum,
     masked_numerator,
@@ -53,7 +54,7 @@ def _row_setup(s, mask, spec: WarpSpec, row_range, row_start: int) -> _RowSetup:
     if mask is None and spec.exclude_self and not spec.causal and row_range is None and m > 1:
         return _leave_one_out_setup(s, row_start + spec.self_offset)
     if mask is not None:  # the mask may carry leading dims that only v has
-        s = s.expand(torch.broadcast_shapes(s.shape, mask.shape))
+        s = s.expand(broadcast_shape(s.shape, mask.shape))
     bias = key_bias(
         None if mask is None else mask.expand(s.shape),
         n, 0, m, causal=spec.causal, exclude_self=spec.exclude_self, dtype=s.dtype, device=s.device, row_start=row_start,
@@ -228,9 +229,9 @@ def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_
     """Run ``per_block(w) -> tensor (..., rows, ·)`` over row blocks; concatenate."""
     dtype = work_dtype(q.dtype)
     qw, kw = q.to(dtype), k.to(dtype)
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
+    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
     if mask is not None:
-        batch = torch.broadcast_shapes(batch, mask.shape[:-2])
+        batch = broadcast_shape(batch, mask.shape[:-2])
     parts, stats = [], []
     for start, stop in _row_blocks(q.shape[-2], k.shape[-2] * math.prod(batch)):
         s = pairwise_similarity(_rows(qw, start, stop, -2), kw, spec.metric, spec.scale)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from simwarp import steps as _steps
-from simwarp.backend.common import WarpSpec
+from simwarp.backend.common import WarpSpec, broadcast_shape
 from simwarp.similarity import default_scale, paired_similarity
 
 METRIC_CODES = {"dot": 0, "cosine": 0, "sqeuclidean": 1, "l2": 2}
@@ -195,7 +195,7 @@ class _TritonWarp(torch.autograd.Function):
         tl_acc = _tl_acc(mod, q.dtype)
         prec = "ieee" if (q.dtype == torch.float64 or not cfg.allow_tf32) else "tf32"
         dev = q.device
-        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
         B = math.prod(batch)
         B1 = batch[-1] if len(batch) else 1
