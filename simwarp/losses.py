@@ -182,20 +182,29 @@ def _row_params(params: tuple, rows: torch.Tensor | None):
     return tuple(p[rows] if p.dim() > 0 else p for p in params)
 
 
-def _own_class_mass(w: torch.Tensor, q_cls: torch.Tensor, r_cls: torch.Tensor) -> torch.Tensor:
-    """``(n,)``: each anchor's weight on the references of its own class, ``Σ_{j: r_j = q_i} w_ij``,
-    for weights ``w (n, m)``. Where classes are small (at most ``m / 8`` references each) the
-    own-class entries are gathered (their gradient is a scatter into ``w``'s), otherwise summed
-    under a 0/1 class-match matrix."""
+def _own_class_columns(q_cls: torch.Tensor, r_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(columns (n, c), valid (n, c))``: the references of each anchor's own class, padded to
+    the largest class (``valid`` 0/1 in ``r_cls``-independent float), or ``None`` where classes
+    are large (more than ``m / 8`` references: a class-match matrix is then cheaper)."""
     m = r_cls.numel()
     sorted_cls, order = torch.sort(r_cls, stable=True)
     start = torch.searchsorted(sorted_cls, q_cls)
     count = torch.searchsorted(sorted_cls, q_cls, right=True) - start
     width = int(count.max()) if count.numel() else 0
-    if width * 8 <= m:
-        slot = torch.arange(width, device=w.device)
-        columns = order[(start[:, None] + slot).clamp_max_(max(m - 1, 0))]
-        return (w.gather(1, columns) * (slot < count[:, None]).to(w.dtype)).sum(1)
+    if width * 8 > m:
+        return None
+    slot = torch.arange(width, device=q_cls.device)
+    return order[(start[:, None] + slot).clamp_max_(max(m - 1, 0))], slot < count[:, None]
+
+
+def _own_class_mass(w: torch.Tensor, q_cls: torch.Tensor, r_cls: torch.Tensor) -> torch.Tensor:
+    """``(n,)``: each anchor's weight on the references of its own class, ``Σ_{j: r_j = q_i} w_ij``,
+    for weights ``w (n, m)``: gathered where classes are small, else summed under a 0/1
+    class-match matrix."""
+    own = _own_class_columns(q_cls, r_cls)
+    if own is not None:
+        columns, valid = own
+        return (w.gather(1, columns) * valid.to(w.dtype)).sum(1)
     # 1 where the classes (small integers, exact in floating point) agree, else 0, built
     # with float arithmetic: bool comparisons and float-by-bool products are slow on CPU
     same = (q_cls.to(w.dtype)[:, None] - r_cls.to(w.dtype)[None, :]).abs_().clamp_max_(1.0).neg_().add_(1.0)
@@ -217,7 +226,7 @@ def _class_masses(
     with_lse: bool = True,
 ):
     """SoftStep mass of each anchor on its own class and on all other classes, and ``lse``
-    (``None`` on the small-problem path unless ``with_lse``).
+    (``None`` on the small-problem path unless ``with_lse``; there ``other`` may be ``None`` too).
 
     With ``impl="dense"``, and with ``"auto"`` for small problems (``n · m`` within the
     backend's dense limit), the weight matrix comes from :func:`simwarp.warp_weights` and is
@@ -233,10 +242,13 @@ def _class_masses(
     n, m = x.shape[0], r.shape[0]
     a, b, t = params
     if warp["impl"] == "dense" or (warp["impl"] == "auto" and n * m <= DENSE_AUTO_LIMIT):
-        result = warp_weights(
-            x, r, step=step, a=a, b=b, t=t, return_stats=with_lse,
-            **_leave_one_out(exclude_self, self_offset), **warp,
-        )
+        kwargs = dict(step=step, a=a, b=b, t=t, **_leave_one_out(exclude_self, self_offset), **warp)
+        own_columns = None if with_lse else _own_class_columns(q_cls, r_cls)
+        if own_columns is not None:  # only the own-class mass is wanted: read the weights there
+            columns, valid = own_columns
+            own = (warp_weights(x, r, columns=columns, **kwargs) * valid.to(x.dtype)).sum(1)
+            return own, None, None
+        result = warp_weights(x, r, return_stats=with_lse, **kwargs)
         w, stats = result if with_lse else (result, None)
         own = _own_class_mass(w, q_cls, r_cls)
         return own, w.sum(1) - own, None if stats is None else stats.lse

@@ -278,12 +278,18 @@ def warp_weights(
     chunk_size: int | None = None,
     return_stats: bool = False,
     row_range: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
     """The dense ``(..., n, m)`` weight matrix of :func:`warp_attend`, for analysis.
 
     Same arguments as :func:`warp_attend` (``impl`` and ``chunk_size`` are accepted and
     ignored: the matrix is materialised). Rows sum to 1 over valid keys; rows without a valid
     key are all zero. With ``return_stats`` also returns :class:`WarpStats`.
+
+    ``columns``: int64 key indices ``(..., n, c)`` (leading dims broadcastable to the batch):
+    return only the weights at those keys, ``w.gather(-1, columns)`` of shape ``(..., n, c)``.
+    The gradient then never forms a dense ``(..., n, m)`` gradient of the weights, which makes
+    "weight mass on a few chosen neighbours" objectives (NCA) cheaper than gathering from ``w``.
     """
     del impl, chunk_size
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
@@ -292,8 +298,29 @@ def warp_weights(
     n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
     row_range = _check_row_range(row_range, batch, n, dtype, q.device)
+    _check_columns(columns, batch, n, m)
     if n == 0 or m == 0:
-        w = q.new_zeros((*batch, n, m), dtype=dtype)
+        width = m if columns is None else columns.shape[-1]
+        w = q.new_zeros((*batch, n, width), dtype=dtype)
         return (w, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else w
-    w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range, with_stats=return_stats)
+    w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range, with_stats=return_stats, columns=columns)
     return (w, stats) if return_stats else w
+
+
+def _check_columns(columns, batch, n: int, m: int) -> None:
+    if columns is None:
+        return
+    if not isinstance(columns, torch.Tensor) or columns.dtype != torch.int64:
+        raise TypeError(f"columns must be an int64 tensor of key indices or None, got {_describe(columns)}")
+    try:
+        if columns.dim() < 2 or columns.shape[-2] != n or broadcast_shape(columns.shape[:-2], batch) != batch:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"columns of shape {tuple(columns.shape)} must be (..., n, c) with n = {n} and leading dims "
+                         f"broadcastable to {tuple(batch)}") from None
+    if columns.device.type == "cpu" and columns.numel() and not bool(((columns >= 0) & (columns < m)).all()):
+        raise ValueError(f"columns must index the m = {m} keys, got values in [{int(columns.min())}, {int(columns.max())}]")
+
+
+def _describe(x) -> str:
+    return f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__

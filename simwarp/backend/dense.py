@@ -139,13 +139,28 @@ def _softmax_backward(w, g_w, g_lse):
     return g.addcmul_(w, shift, value=-1.0)  # w ∂w - w shift, in the product's buffer
 
 
+def _column_softmax_backward(w, columns, g_cols, g_lse):
+    """:func:`_softmax_backward` for ``∂w`` given at ``columns`` only (``g_cols``, 0 elsewhere)."""
+    if g_cols is None:
+        return w * g_lse.unsqueeze(-1)
+    w_g = w.gather(-1, columns).mul_(g_cols)
+    shift = w_g.sum(-1, keepdim=True)
+    if g_lse is not None:
+        shift = shift - g_lse.unsqueeze(-1)
+    return torch.mul(w, shift.neg_()).scatter_add_(-1, columns, w_g)
+
+
 class _MaskedSoftmax(torch.autograd.Function):
     """``(w, lse, kept)`` of ``ℓ = s/τ + φ(u)`` (plus validity) over the last dim, from the mask
     form's numerators (:func:`masked_numerator`; the rows' own range is required). Backward:
-    the softmax's ``∂ℓ`` into :func:`warp_backward`."""
+    the softmax's ``∂ℓ`` into :func:`warp_backward`.
+
+    With ``columns`` (``(..., n, c)`` key indices) the first output is ``w`` read at those keys
+    only; its backward builds ``∂ℓ = w (∂w - Σ_j w ∂w + ∂lse)`` from the ``c`` entries of ``∂w``
+    (one scaled copy of ``w`` plus a scatter) instead of from a dense ``∂w`` that is 0 elsewhere."""
 
     @staticmethod
-    def forward(ctx, s, lo, hi, a, b, t, bias, self_offset, spec: WarpSpec, range_index, count_kept: bool):
+    def forward(ctx, s, lo, hi, a, b, t, bias, self_offset, spec: WarpSpec, range_index, count_kept: bool, columns):
         num = masked_numerator(s, lo, hi, bias, a, b, t, spec, self_offset=self_offset, count_kept=count_kept)
         total = num.e.sum(-1, keepdim=True)
         w = num.e.mul_(total.clamp_min(torch.finfo(s.dtype).tiny).reciprocal())
@@ -153,28 +168,32 @@ class _MaskedSoftmax(torch.autograd.Function):
         kept = torch.full(s.shape[:-1], math.nan, dtype=s.dtype, device=s.device) if num.kept is None else num.kept
         ctx.spec, ctx.n_saved = spec, len(num.saved)
         ctx.shapes = s.shape, lo.shape, hi.shape
-        ctx.save_for_backward(w, num.u, num.inv, *num.saved, *(range_index or ()))
+        ctx.columns = columns is not None
+        ctx.save_for_backward(w, num.u, num.inv, *num.saved, *(range_index or ()), *((columns,) if ctx.columns else ()))
         ctx.mark_non_differentiable(kept)
-        return w, lse, kept
+        return (w if columns is None else w.gather(-1, columns)), lse, kept
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_w, g_lse, _):
         w, u, inv, *rest = ctx.saved_tensors
+        columns = rest.pop() if ctx.columns else None
         saved, index = rest[: ctx.n_saved], rest[ctx.n_saved :]
-        g = _softmax_backward(w, g_w, g_lse)
+        g = _softmax_backward(w, g_w, g_lse) if columns is None else _column_softmax_backward(w, columns, g_w, g_lse)
         spec: WarpSpec = ctx.spec
         grads = warp_backward(
             g, u, inv, spec.step.rule, saved, index or None, ctx.needs_input_grad[:6], 1.0 / spec.temperature, ctx.shapes
         )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
-def _masked_softmax(s, a, b, t, rows: _RowSetup, spec: WarpSpec, count_kept: bool):
+def _masked_softmax(s, a, b, t, rows: _RowSetup, spec: WarpSpec, count_kept: bool, columns=None):
     """``(w, lse, kept)`` through :class:`_MaskedSoftmax` (built-in warping steps, own range)."""
+    if columns is not None:
+        columns = columns.expand(*rows.s.shape[:-1], columns.shape[-1])
     return _MaskedSoftmax.apply(
         rows.s, rows.lo.unsqueeze(-1), rows.hi.unsqueeze(-1), a, b, t, rows.bias, rows.self_offset,
-        spec, routed_range_index(rows.index, spec, s), count_kept,
+        spec, routed_range_index(rows.index, spec, s), count_kept, columns,
     )
 
 
@@ -197,15 +216,17 @@ def _rows(x, start: int, stop: int, dim: int):
     return x.narrow(dim, start, stop - start)
 
 
-def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop: int, with_stats: bool):
+def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop: int, with_stats: bool, columns=None):
     """Weights and stats of query rows ``start:stop``, from their similarities ``s``; without
-    ``with_stats`` the stats' ``lse`` and ``kept`` may be NaN (not computed)."""
+    ``with_stats`` the stats' ``lse`` and ``kept`` may be NaN (not computed). With ``columns``
+    the weights are read at those keys only."""
     a, b, t = (_rows(p, start, stop, -2) for p in (a, b, t))
     mask = _rows(mask, start, stop, -2)
+    columns = _rows(columns, start, stop, -2)
     row_range = None if row_range is None else tuple(_rows(x, start, stop, -1) for x in row_range)
     if spec.step.warps and known_maximum(spec, row_range):  # the mask form
         rows = _row_setup(s, mask, spec, row_range, start)
-        w, lse, kept = _masked_softmax(s, a, b, t, rows, spec, count_kept=with_stats)
+        w, lse, kept = _masked_softmax(s, a, b, t, rows, spec, count_kept=with_stats, columns=columns)
         return w, WarpStats(lse=lse, kept=kept, lo=rows.lo, hi=rows.hi, empty=rows.empty)
     logits, lo, hi, empty = dense_logits(s, a, b, t, mask, spec, row_range, row_start=start)
     # PyTorch's fused softmax needs a kept key in every row: true for step "none" unless a row
@@ -222,10 +243,12 @@ def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop
         w = torch.softmax(logits, -1)
         lse = torch.full(logits.shape[:-1], math.nan, dtype=w.dtype, device=w.device)
     kept = (logits > -math.inf).sum(-1).to(w.dtype) if with_stats else torch.full_like(lse, math.nan)
+    if columns is not None:
+        w = w.gather(-1, columns.expand(*w.shape[:-1], columns.shape[-1]))
     return w, WarpStats(lse=lse, kept=kept, lo=lo.detach(), hi=hi.detach(), empty=empty)
 
 
-def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_stats: bool):
+def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_stats: bool, columns=None):
     """Run ``per_block(w) -> tensor (..., rows, ·)`` over row blocks; concatenate."""
     dtype = work_dtype(q.dtype)
     qw, kw = q.to(dtype), k.to(dtype)
@@ -235,7 +258,7 @@ def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_
     parts, stats = [], []
     for start, stop in _row_blocks(q.shape[-2], k.shape[-2] * math.prod(batch)):
         s = pairwise_similarity(_rows(qw, start, stop, -2), kw, spec.metric, spec.scale)
-        w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, with_stats)
+        w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, with_stats, columns)
         parts.append(per_block(w))
         stats.append(st)
     if len(parts) == 1:
@@ -244,11 +267,12 @@ def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_
 
 
 def dense_weights(
-    q, k, a, b, t, mask, spec: WarpSpec, row_range=None, with_stats: bool = True
+    q, k, a, b, t, mask, spec: WarpSpec, row_range=None, with_stats: bool = True, columns=None
 ) -> tuple[torch.Tensor, WarpStats]:
     """Weights ``(..., n, m)`` (softmax of the logits over valid keys; all 0 on a row with no
-    valid key) and the rows' :class:`WarpStats` (``lse`` and ``kept`` only with ``with_stats``)."""
-    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w: w, with_stats)
+    valid key) and the rows' :class:`WarpStats` (``lse`` and ``kept`` only with ``with_stats``).
+    With ``columns`` (``(..., n, c)`` key indices): the weights at those keys, ``(..., n, c)``."""
+    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w: w, with_stats, columns)
 
 
 def dense_warp_attend(
