@@ -405,6 +405,50 @@ def test_warp_weights_matches_warp_attend():
     torch.testing.assert_close(stats.kept, (w > 0).sum(-1).to(f64))
 
 
+@pytest.mark.parametrize("step", [*STEPS, "test_plain_sigmoidal"])
+@pytest.mark.parametrize("mask_kind", ["none", "random", "self", "causal"])
+def test_weights_at_columns_equal_gathered_weights(step, mask_kind):
+    """warp_weights(columns=...) (its own backward on the mask-form path) == w.gather, values,
+    stats and every gradient, with duplicated and padded columns and per-row parameters."""
+    if step == "test_plain_sigmoidal":
+        simwarp.register_step(step, sigmoidal_reference, overwrite=True)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"columns-{step}-{mask_kind}".encode()))
+    batch, n, m, c = (2, 3), 5, 7, 4
+    m = n if mask_kind == "self" else m
+    q = torch.randn(*batch, n, 4, generator=gen, dtype=f64, requires_grad=True)
+    k = torch.randn(batch[0], 1, m, 4, generator=gen, dtype=f64, requires_grad=True)
+    a, b, t = _params("row", batch, n, gen)
+    columns = torch.randint(0, m, (batch[1], n, c), generator=gen)  # broadcast over the first batch dim
+    columns[..., -1] = columns[..., 0]  # a duplicate
+    kw = dict(metric="sqeuclidean", step=step, a=a, b=b, t=t, temperature=0.7, return_stats=True)
+    kw.update(_mask_kwargs(mask_kind, batch, n, m, gen))
+    seed = torch.randn(*batch, n, c, generator=gen, dtype=f64)
+    got, got_stats = simwarp.warp_weights(q, k, columns=columns, **kw)
+    w, want_stats = simwarp.warp_weights(q, k, **kw)
+    want = w.gather(-1, columns.expand(*batch, n, c))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for field in ("lse", "kept", "lo", "hi", "empty"):
+        torch.testing.assert_close(getattr(got_stats, field), getattr(want_stats, field))
+    leaves = (q, k, a, b, t)
+    extra = 0.3 * got_stats.lse.masked_fill(got_stats.empty, 0.0).sum()
+    g_got = torch.autograd.grad((got * seed).sum() + extra, leaves, allow_unused=True, materialize_grads=True)
+    extra = 0.3 * want_stats.lse.masked_fill(want_stats.empty, 0.0).sum()
+    g_want = torch.autograd.grad((want * seed).sum() + extra, leaves, allow_unused=True, materialize_grads=True)
+    for x, y in zip(g_got, g_want):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_columns_errors():
+    q, k = torch.randn(3, 2), torch.randn(5, 2)
+    with pytest.raises(TypeError, match="int64"):
+        simwarp.warp_weights(q, k, columns=torch.zeros(3, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"columns of shape \(4, 2\)"):
+        simwarp.warp_weights(q, k, columns=torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="m = 5 keys"):
+        simwarp.warp_weights(q, k, columns=torch.full((3, 2), 5))
+    assert simwarp.warp_weights(q, k, columns=torch.zeros(3, 0, dtype=torch.int64)).shape == (3, 0)
+
+
 @st.composite
 def _problem(draw):
     n = draw(st.integers(1, 7))
