@@ -179,7 +179,7 @@ class SigmoidalRule(StepRule):
     @staticmethod
     def _mask_of_band(x, a, b, t):
         info = torch.finfo(x.dtype)
-        rho = torch.mul(x, -1.0).add_(1.0).div_(x).clamp_(info.tiny, info.max).log2_()
+        rho = torch.reciprocal(x).sub_(1.0).clamp_(info.tiny, info.max).log2_()  # (1 - x)/x = 1/x - 1
         m = SigmoidalRule._exponent(rho, t).exp2_().add_(1.0).reciprocal_()
         return m, (x, rho, m, a, b, t)
 
