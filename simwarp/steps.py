@@ -206,7 +206,7 @@ class SigmoidalRule(StepRule):
         ga = gb = sums = None
         if need_a or need_b or range_sums:  # with S0 = Σ ∂u, Sx = Σ ∂u x (and u = a + x (b - a) in the band)
             s0 = gu.sum(-1, keepdim=True)
-            sx = torch.linalg.vecdot(gu, x).unsqueeze(-1)
+            sx = torch.mul(gu, x, out=g_kept).sum(-1, keepdim=True)  # g_kept's buffer is free (and warm)
             ga = _reduce(sx - s0, a) if need_a else None
             gb = _reduce(-sx, b) if need_b else None
             sums = (s0, a * s0 + width * sx) if range_sums else None
