@@ -182,6 +182,15 @@ def _row_params(params: tuple, rows: torch.Tensor | None):
     return tuple(p[rows] if p.dim() > 0 else p for p in params)
 
 
+def _class_indices(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Labels and reference labels as indices ``0 .. n_classes - 1`` of their union."""
+    if ref_labels is labels:  # the usual batch-against-itself call: half the work
+        classes, inv = torch.unique(labels, return_inverse=True)
+        return inv, inv, classes.numel()
+    classes, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
+    return inv[: labels.numel()], inv[labels.numel() :], classes.numel()
+
+
 def _own_class_columns(q_cls: torch.Tensor, r_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(columns (n, c), valid (n, c))``: the references of each anchor's own class, padded to
     the largest class (``valid`` 0/1 in ``r_cls``-independent float), or ``None`` where classes
@@ -465,9 +474,9 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         if r.shape[0] <= 1 or n == 0:
             return self._zero_losses(x, r)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype, using_ref=not same)
-        classes, inv = torch.unique(torch.cat([labels, ref_labels.to(labels.device)]), return_inverse=True)
+        q_cls, r_cls, n_cls = _class_indices(labels, ref_labels.to(labels.device))
         own, _, _ = _class_masses(
-            x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params,
+            x, r, q_cls, r_cls, n_cls, exclude_self=same, params=params,
             step=self.softstep.step, warp=self._warp_options(self.softmax_scale, 1.0), self_offset=offset,
             with_lse=False,
         )
@@ -566,9 +575,9 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
                 return self._zero_losses(x, r)
             if len(a1) == 0 or num_neg == 0:
                 return self._zero_losses(x, r)
-            classes, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
+            q_cls, r_cls, n_cls = _class_indices(labels, ref_labels)
             _, other, lse = _class_masses(
-                x, r, inv[:n], inv[n:], classes.numel(), exclude_self=same, params=params, step=step, warp=warp,
+                x, r, q_cls, r_cls, n_cls, exclude_self=same, params=params, step=step, warp=warp,
                 self_offset=offset,
             )
         else:

@@ -434,10 +434,11 @@ def params_from_raw(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     eps = PARAM_MARGIN
     if raw.dtype in (torch.float16, torch.bfloat16):  # too coarse near 1 to keep b > a
         raw = raw.float()
-    a = eps + (1 - 2 * eps) * torch.sigmoid(raw[..., 0])
-    b = a + (eps + (1 - eps) * torch.sigmoid(raw[..., 1])) * (1 - a)
-    t = eps + (1 - 2 * eps) * torch.sigmoid(raw[..., 2])
-    return a, b, t
+    # one sigmoid and one affine map for all three (few autograd nodes: this runs every step)
+    low = torch.tensor([eps, eps, eps], dtype=raw.dtype, device=raw.device)
+    span = torch.tensor([1 - 2 * eps, 1 - eps, 1 - 2 * eps], dtype=raw.dtype, device=raw.device)
+    a, width, t = torch.addcmul(low, torch.sigmoid(raw[..., :3]), span).unbind(-1)
+    return a, torch.addcmul(a, width, 1 - a), t
 
 
 def _logit(p: float) -> float:

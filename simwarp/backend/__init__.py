@@ -318,8 +318,10 @@ def _check_columns(columns, batch, n: int, m: int) -> None:
     except RuntimeError:
         raise ValueError(f"columns of shape {tuple(columns.shape)} must be (..., n, c) with n = {n} and leading dims "
                          f"broadcastable to {tuple(batch)}") from None
-    if columns.device.type == "cpu" and columns.numel() and not bool(((columns >= 0) & (columns < m)).all()):
-        raise ValueError(f"columns must index the m = {m} keys, got values in [{int(columns.min())}, {int(columns.max())}]")
+    if columns.device.type == "cpu" and columns.numel():
+        low, high = (int(x) for x in torch.aminmax(columns))
+        if low < 0 or high >= m:
+            raise ValueError(f"columns must index the m = {m} keys, got values in [{low}, {high}]")
 
 
 def _describe(x) -> str:
