@@ -62,8 +62,9 @@ class Step:
 # `where`/`masked_fill` (an order of magnitude slower than arithmetic on random masks) and no
 # transcendental evaluated at 0, ±inf, a subnormal or an underflowing result (slow paths of the
 # vectorised math library). Every log sees a clamped, normal argument, and a dropped neighbour
-# gets its exact -inf (log form) or 0 (mask form) from the 0/1 indicator of its band coordinate
-# (`_inside`). The backward divides only by quantities clamped away from 0 (`_guard`); entries
+# gets its exact -inf (log form) from the 0/1 indicator of its band coordinate (`_inside`) and
+# its exact 0 (mask form) from that indicator or, for "sigmoidal", from an exponential clamped to
+# overflow to inf. The backward divides only by quantities clamped away from 0 (`_guard`); entries
 # outside the band, whose true partials are 0, receive a zero upstream gradient from the
 # backend's softmax and so contribute exactly 0.
 
