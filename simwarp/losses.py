@@ -192,9 +192,9 @@ def _class_indices(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torc
 
 
 def _own_class_columns(q_cls: torch.Tensor, r_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(columns (n, c), valid (n, c))``: the references of each anchor's own class, padded to
-    the largest class (``valid`` 0/1 in ``r_cls``-independent float), or ``None`` where classes
-    are large (more than ``m / 8`` references: a class-match matrix is then cheaper)."""
+    """``(columns (n, c), valid (n, c) bool)``: the references of each anchor's own class, padded
+    to the largest class (``valid`` marks the real entries), or ``None`` where classes are large
+    (more than ``m / 8`` references: a class-match matrix is then cheaper)."""
     m = r_cls.numel()
     sorted_cls, order = torch.sort(r_cls, stable=True)
     start = torch.searchsorted(sorted_cls, q_cls)

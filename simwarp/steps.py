@@ -75,7 +75,7 @@ class StepRule:
     ``backward(saved, g_φ, needs, range_sums) -> (g_u, g_a, g_b, g_t, sums)``.
 
     ``mask`` returns ``m = exp(φ)`` (exactly 0 where ``φ = -inf``; where ``m`` would fall below
-    the smallest normal number it may be raised to about that size) and the same ``saved`` as
+    the smallest normal number it may be raised to about that size or flushed to 0) and the same ``saved`` as
     ``forward``, so one ``backward`` (in terms of ``g_φ``) serves both forms. It lets the backend
     multiply the softmax numerator by ``m`` instead of adding ``φ`` to the logits, which saves the
     ``log`` (and, for ``"poly"``, is free of transcendentals). ``g_u`` has ``φ``'s (full) shape and

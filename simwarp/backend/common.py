@@ -380,11 +380,8 @@ def masked_numerator(
         e.diagonal(self_offset, -2, -1).zero_()
     kept = None
     if count_kept:
-        if m is None:
-            valid = torch.ones_like(e)
-        else:  # m is saved for backward: not updated in place
-            valid = m + bias if bias is not None else m.clone() if self_offset is not None else m
-        if bias is not None and m is None:
+        valid = torch.ones_like(e) if m is None else m.clone()  # m is saved for backward
+        if bias is not None:
             valid.add_(bias)
         if self_offset is not None:
             valid.diagonal(self_offset, -2, -1).zero_()
