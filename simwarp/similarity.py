@@ -69,7 +69,8 @@ def _plus_transpose(g: torch.Tensor) -> torch.Tensor:
 
 
 class _Gram(torch.autograd.Function):
-    # q kᵀ; backward ∂q = g k, ∂k = gᵀ q, or ∂q = (g + gᵀ) q when q is k.
+    # q kᵀ; backward ∂q = g k, ∂k = gᵀ q, or ∂q = (g + gᵀ) q when q is k. The backward is made
+    # of differentiable operations, so double backward works as through a plain matmul.
     @staticmethod
     def forward(ctx, q, k):
         ctx.save_for_backward(q, k)
@@ -77,7 +78,6 @@ class _Gram(torch.autograd.Function):
         return q @ k.transpose(-1, -2)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         q, k = ctx.saved_tensors
         if ctx.same:

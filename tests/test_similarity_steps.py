@@ -61,6 +61,10 @@ def test_all_pairs_of_a_batch_with_itself(metric, leading):
     off_diagonal = 1.0 - torch.eye(5, dtype=f64)  # l2 is not differentiable at distance 0
     y = x[..., :5, :].detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda y: pairwise_similarity(y, y, metric) * off_diagonal, (y,))
+    if metric in ("dot", "cosine"):  # as through a plain matmul, double backward works
+        assert torch.autograd.gradgradcheck(lambda y: pairwise_similarity(y, y, metric), (y,))
+        k = torch.randn(3, 4, generator=gen, dtype=f64, requires_grad=True)
+        assert torch.autograd.gradgradcheck(lambda y, k: pairwise_similarity(y, k, metric), (y, k))
 
 
 def test_scale_and_defaults():
