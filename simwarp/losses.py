@@ -206,13 +206,12 @@ def _own_class_columns(q_cls: torch.Tensor, r_cls: torch.Tensor) -> tuple[torch.
     return order[(start[:, None] + slot).clamp_max_(max(m - 1, 0))], slot < count[:, None]
 
 
-def _own_class_mass(w: torch.Tensor, q_cls: torch.Tensor, r_cls: torch.Tensor) -> torch.Tensor:
+def _own_class_mass(w: torch.Tensor, q_cls: torch.Tensor, r_cls: torch.Tensor, own_columns) -> torch.Tensor:
     """``(n,)``: each anchor's weight on the references of its own class, ``Σ_{j: r_j = q_i} w_ij``,
-    for weights ``w (n, m)``: gathered where classes are small, else summed under a 0/1
-    class-match matrix."""
-    own = _own_class_columns(q_cls, r_cls)
-    if own is not None:
-        columns, valid = own
+    for weights ``w (n, m)``: gathered at ``own_columns`` (from :func:`_own_class_columns`) where
+    classes are small, else summed under a 0/1 class-match matrix."""
+    if own_columns is not None:
+        columns, valid = own_columns
         return (w.gather(1, columns) * valid.to(w.dtype)).sum(1)
     # 1 where the classes (small integers, exact in floating point) agree, else 0, built
     # with float arithmetic: bool comparisons and float-by-bool products are slow on CPU
@@ -252,14 +251,14 @@ def _class_masses(
     a, b, t = params
     if warp["impl"] == "dense" or (warp["impl"] == "auto" and n * m <= DENSE_AUTO_LIMIT):
         kwargs = dict(step=step, a=a, b=b, t=t, **_leave_one_out(exclude_self, self_offset), **warp)
-        own_columns = None if with_lse else _own_class_columns(q_cls, r_cls)
-        if own_columns is not None:  # only the own-class mass is wanted: read the weights there
+        own_columns = _own_class_columns(q_cls, r_cls)
+        if own_columns is not None and not with_lse:  # only the own-class mass is wanted: read the weights there
             columns, valid = own_columns
             own = (warp_weights(x, r, columns=columns, **kwargs) * valid.to(x.dtype)).sum(1)
             return own, None, None
         result = warp_weights(x, r, return_stats=with_lse, **kwargs)
         w, stats = result if with_lse else (result, None)
-        own = _own_class_mass(w, q_cls, r_cls)
+        own = _own_class_mass(w, q_cls, r_cls, own_columns)
         return own, w.sum(1) - own, None if stats is None else stats.lse
     if n_cls <= MAX_CLASS_COLUMNS:
         v = F.one_hot(r_cls, n_cls).to(x.dtype)
