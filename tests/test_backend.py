@@ -50,7 +50,7 @@ def _mask_kwargs(kind: str, batch, n: int, m: int, gen) -> dict:
     return {"causal": True} if kind == "causal" else {"exclude_self": True} if kind == "self" else {}
 
 
-def _qkv(gen, batch, n: int, m: int, d: int, e: int):
+def _batched_qkv(gen, batch, n: int, m: int, d: int, e: int):
     """q ``(*batch, n, d)``, k ``(batch[0], 1, m, d)`` (broadcast over heads) and v
     ``(1, batch[1], m, e)``, float64, requiring grad."""
     q = torch.randn(*batch, n, d, generator=gen, dtype=f64, requires_grad=True)
@@ -69,7 +69,7 @@ def test_chunked_matches_dense_float64(metric, step, param_kind, mask_kind):
     n = int(torch.randint(1, 12, (1,), generator=gen))
     m = n if mask_kind == "self" else int(torch.randint(1, 15, (1,), generator=gen))
     d, e = 5, 3
-    q, k, v = _qkv(gen, batch, n, m, d, e)
+    q, k, v = _batched_qkv(gen, batch, n, m, d, e)
     kw = {"metric": metric, "step": step, "temperature": 0.7}
     kw.update(_mask_kwargs(mask_kind, batch, n, m, gen))
     params = _params(param_kind, batch, n, gen)
@@ -103,7 +103,7 @@ def test_builtin_steps_match_plain_autograd_user_steps(impl, metric, step, param
     gen = torch.Generator().manual_seed(zlib.crc32(f"plain-{impl}-{metric}-{step}-{param_kind}-{mask_kind}".encode()))
     batch, n, d, e = (2, 3), 6, 4, 3
     m = n if mask_kind == "self" else 8
-    q, k, v = _qkv(gen, batch, n, m, d, e)
+    q, k, v = _batched_qkv(gen, batch, n, m, d, e)
     kw = {"metric": metric, "temperature": 0.6, "chunk_size": 3}
     kw.update(_mask_kwargs(mask_kind, batch, n, m, gen))
     params = _params(param_kind, batch, n, gen)
@@ -158,7 +158,7 @@ def test_dense_row_blocks_match_chunked(monkeypatch, rows_per_block, metric, ste
     gen = torch.Generator().manual_seed(zlib.crc32(f"blocks-{metric}-{step}-{param_kind}-{mask_kind}".encode()))
     batch, n, d, e = (2, 3), 7, 4, 3
     m = n if mask_kind == "self" else 9
-    q, k, v = _qkv(gen, batch, n, m, d, e)
+    q, k, v = _batched_qkv(gen, batch, n, m, d, e)
     kw = {"metric": metric, "step": step}
     kw.update(_mask_kwargs(mask_kind, batch, n, m, gen))
     params = _params(param_kind, batch, n, gen)
