@@ -161,7 +161,7 @@ def adasplash_method():
         return None
 
     def run(q, k, v, causal):
-        return adasplash(q, k, v, alpha=1.5, niter=10, is_causal=causal)
+        return adasplash(q, k, v, alpha=1.5, is_causal=causal)  # the package's own niter default
 
     return run
 
@@ -296,6 +296,49 @@ def check_bank(device, log, m: int = BANK[1]) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
+SWEEP_SHAPES = SHAPES[1:]
+# Launch configurations tried against the defaults (forward-only and backward-only changes).
+SWEEP_CONFIGS = {
+    "fwd 128x64 w4": dict(block_m=128, block_n=64, num_warps=4),
+    "fwd 64x64 w4": dict(block_m=64, block_n=64, num_warps=4, bwd_block_m=32, bwd_block_n=32),
+    "bwd 64x32 w4": dict(bwd_block_m=64, bwd_block_n=32, bwd_num_warps=4),
+    "bwd 64x64 w8": dict(bwd_block_m=64, bwd_block_n=64, bwd_num_warps=8),
+}
+
+
+def sweep_configs(device, args, log) -> list[dict]:
+    """Time :class:`KernelConfig` alternatives against the defaults (``step="poly"``,
+    non-causal, bf16) on the target shapes, with SDPA in the same loop as the yardstick."""
+    from simwarp.backend.triton import KernelConfig
+
+    rows = []
+    for shape in SWEEP_SHAPES:
+        q, k, v = (fresh(shape, torch.bfloat16, device, s, requires_grad=True) for s in (41, 42, 43))
+        spec = make_spec("dot", None, "poly", 1.0, False, False, False)
+        prm = resolve_params(A, B_, T, batch=torch.Size(shape[:2]), n=shape[2], dtype=torch.float32, device=device)
+        for backward in (False, True):
+            sd = bench_case("sdpa", sdpa, q, k, v, False, backward, args)
+            for name, kw in [("default", {})] + list(SWEEP_CONFIGS.items()):
+                if name.startswith("fwd" if backward else "bwd"):
+                    continue
+                cfg = KernelConfig(**kw)
+
+                def run(q, k, v, causal, cfg=cfg, prm=prm, spec=spec):
+                    return triton_warp_attend(q, k, v, *prm, None, spec, config=cfg)[0]
+
+                rec = bench_case(f"poly {name}", run, q, k, v, False, backward, args)
+                rec.update(shape=list(shape), config=kw, sdpa_ms=sd.get("ms"))
+                if "ms" in rec and "ms" in sd:
+                    rec["ratio_sdpa"] = rec["ms"] / sd["ms"]
+                rows.append(rec)
+                ratio = f"x{rec['ratio_sdpa']:.2f} SDPA" if "ratio_sdpa" in rec else rec.get("error", "")
+                log(f"  {'·'.join(map(str, shape)):16s} {'fwd+bwd' if backward else 'fwd':7s} {name:16s} "
+                    f"{rec.get('ms', float('nan')):8.3f} ms  {ratio}")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def clustered(shape, device, seed, clusters: int, noise: float = 0.5):
     """q, k, v where tokens come in contiguous clusters with orthogonal centres (like local
     structure in a sequence): for each query, keys of other clusters fall far below ``a``, so
@@ -309,6 +352,18 @@ def clustered(shape, device, seed, clusters: int, noise: float = 0.5):
     k = base + noise * torch.randn(shape, generator=g, device=device)
     v = torch.randn(shape, generator=g, device=device)
     return [x.to(torch.bfloat16) for x in (q, k, v)]
+
+
+def skipped_fraction(q, k, v, step, causal, a=A, b=B_, t=T) -> float:
+    """Fraction of visited key tiles that the fused forward skipped (NaN if it cannot say)."""
+    try:
+        spec = make_spec("dot", None, step, 1.0, causal, False, False)
+        prm = resolve_params(a, b, t, batch=q.shape[:-2], n=q.shape[-2], dtype=torch.float32, device=q.device)
+        with torch.no_grad():
+            *_, frac = triton_warp_attend(q, k, v, *prm, None, spec, return_skipped=True)
+        return float(frac)
+    except Exception:  # noqa: BLE001 - a statistic, not a check
+        return float("nan")
 
 
 def bench_case(name, fn, q, k, v, causal, backward, args):
@@ -349,6 +404,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=420.0, help="seconds; later optional cases are skipped")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--compile-all", action="store_true", help="torch.compile on every shape (slow)")
+    p.add_argument("--sweep", action="store_true", help="also time KernelConfig alternatives (step poly)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.case_seconds = 10, 2, 0.6
@@ -421,12 +477,7 @@ def main(argv=None) -> int:
                         rec["ratio_sdpa"] = rec["ms"] / sd["ms"]
                         rec["mem_ratio_sdpa"] = rec["peak_gib"] / max(sd["peak_gib"], 1e-9)
                     if name.startswith("fused") and "ms" in rec and not backward:
-                        spec = make_spec("dot", None, name.split("_", 1)[1], 1.0, causal, False, False)
-                        prm = resolve_params(A, B_, T, batch=torch.Size(shape[:2]), n=shape[2],
-                                             dtype=torch.float32, device=device)
-                        with torch.no_grad():
-                            *_, frac = triton_warp_attend(q, k, v, *prm, None, spec, return_skipped=True)
-                        rec["skipped"] = float(frac)
+                        rec["skipped"] = skipped_fraction(q, k, v, name.split("_", 1)[1], causal)
                     result["timings"].append(rec)
                     log(_fmt(rec))
                     save()
@@ -435,14 +486,32 @@ def main(argv=None) -> int:
 
     # Stretch goal: clustered inputs where most key blocks are skipped.
     log("\n## block skipping (clustered inputs, step sigmoidal a=0.6, b=0.9)")
-    for shape in shapes[:2]:
+    try:
+        _bench_clustered(shapes[:2], device, args, result, log, save)
+    except Exception:  # noqa: BLE001 - optional section
+        log(traceback.format_exc())
+
+    if args.sweep:
+        log("\n## launch-configuration sweep (poly, non-causal, bf16; same run)")
+        try:
+            result["sweep"] = sweep_configs(device, args, log)
+        except Exception:  # noqa: BLE001 - optional section
+            log(traceback.format_exc())
+        save()
+
+    _table(result["timings"], log)
+    bad = [c for c in result["checks"] if not c.get("ok")]
+    log(f"\nchecks: {len(result['checks']) - len(bad)} ok, {len(bad)} failed; {time.perf_counter() - t0:.0f} s; JSON: {out_path}")
+    save()
+    return 0 if not bad else 2
+
+
+def _bench_clustered(shapes, device, args, result, log, save) -> None:
+    for shape in shapes:
         q, k, v = clustered(shape, device, 7, clusters=CLUSTERS)
         for x in (q, k, v):
             x.requires_grad_()
-        spec = make_spec("dot", None, "sigmoidal", 1.0, False, False, False)
-        prm = resolve_params(0.6, 0.9, 0.5, batch=torch.Size(shape[:2]), n=shape[2], dtype=torch.float32, device=device)
-        with torch.no_grad():
-            *_, frac = triton_warp_attend(q, k, v, *prm, None, spec, return_skipped=True)
+        frac = skipped_fraction(q, k, v, "sigmoidal", False, a=0.6, b=0.9, t=0.5)
 
         def sparse_fused(q, k, v, causal):
             return simwarp.warp_attend(q, k, v, step="sigmoidal", a=0.6, b=0.9, t=0.5, causal=causal, impl="triton")
@@ -456,19 +525,13 @@ def main(argv=None) -> int:
             if "ms" in rec and "ms" in sd:
                 rec["ratio_sdpa"] = rec["ms"] / sd["ms"]
                 rec["mem_ratio_sdpa"] = rec["peak_gib"] / max(sd["peak_gib"], 1e-9)
-            rec["skipped"] = float(frac)
+            rec["skipped"] = frac
             result["timings"] += [sd, rec]
             log(_fmt(sd))
             log(_fmt(rec))
             save()
         del q, k, v
         torch.cuda.empty_cache()
-
-    _table(result["timings"], log)
-    bad = [c for c in result["checks"] if not c.get("ok")]
-    log(f"\nchecks: {len(result['checks']) - len(bad)} ok, {len(bad)} failed; {time.perf_counter() - t0:.0f} s; JSON: {out_path}")
-    save()
-    return 0 if not bad else 2
 
 
 def _fmt(rec) -> str:

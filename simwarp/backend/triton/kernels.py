@@ -20,8 +20,8 @@ once with ``TRITON_INTERPRET=1`` (CPU tensors in the interpreter).
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ---------------------------------------------------------------------------------------

@@ -79,8 +79,8 @@ class KernelConfig:
         num_splits: key-axis splits per query block (``None``: automatic, more when the grid
             is small, e.g. a neighbour bank with few queries).
         num_warps, num_stages, bwd_num_warps, bwd_num_stages: Triton launch options.
-        allow_tf32: float32 inputs use TF32 tensor cores (faster, ~1e-3 relative error);
-            default False = exact float32 products.
+        allow_tf32: float32 products in one TF32 pass (faster, ~1e-3 relative error);
+            default False = three TF32 passes (``tf32x3``: float32 accuracy on tensor cores).
         band_branch: evaluate the step's band math only in tiles that have in-band entries.
     """
 
@@ -136,11 +136,15 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
 
 
 def _resolve_config(cfg: KernelConfig, d: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
+    # Defaults chosen so that no kernel spills registers on sm_90 (ptxas -v over every step and
+    # metric; benchmarks/RESULTS.md): 8 warps for the forward tile, small backward tiles, and
+    # smaller tiles again for float32, whose products run as three TF32 products (tf32x3).
     big = d > 128
-    bm = cfg.block_m or (64 if big else 128)
+    wide = dtype in (torch.float32, torch.float64)
+    bm = cfg.block_m or (64 if big or wide else 128)
     bn = cfg.block_n or (32 if big else 64)
-    bbm = cfg.bwd_block_m or min(bm, 32 if big else 64)
-    bbn = cfg.bwd_block_n or min(bn, 32 if big else 64)
+    bbm = cfg.bwd_block_m or min(bm, 32)
+    bbn = cfg.bwd_block_n or min(bn, 32 if big or wide or d > 64 else 64)
     for name, x in (("block_m", bm), ("block_n", bn), ("bwd_block_m", bbm), ("bwd_block_n", bbn)):
         if x < 16 or x & (x - 1):
             raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {x}")
@@ -150,9 +154,9 @@ def _resolve_config(cfg: KernelConfig, d: int, dtype: torch.dtype, interpret: bo
         )
     return replace(
         cfg, block_m=bm, block_n=bn, bwd_block_m=bbm, bwd_block_n=bbn,
-        num_warps=cfg.num_warps or (4 if d <= 64 else 8),
+        num_warps=cfg.num_warps or 8,
         num_stages=cfg.num_stages or (3 if d <= 64 else 2),
-        bwd_num_warps=cfg.bwd_num_warps or (4 if d <= 64 else 8),
+        bwd_num_warps=cfg.bwd_num_warps or (8 if wide or big else 4),
         bwd_num_stages=cfg.bwd_num_stages or (2 if d <= 128 else 1),
     )
 
@@ -193,7 +197,7 @@ class _TritonWarp(torch.autograd.Function):
         cfg = plan.config
         acc = _acc_dtype(q.dtype)
         tl_acc = _tl_acc(mod, q.dtype)
-        prec = "ieee" if (q.dtype == torch.float64 or not cfg.allow_tf32) else "tf32"
+        prec = "ieee" if q.dtype == torch.float64 else ("tf32" if cfg.allow_tf32 else "tf32x3")
         dev = q.device
         batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -285,7 +289,7 @@ class _TritonWarp(torch.autograd.Function):
         dev = q.device
         acc = _acc_dtype(q.dtype)
         tl_acc = _tl_acc(mod, q.dtype)
-        prec = "ieee" if (q.dtype == torch.float64 or not cfg.allow_tf32) else "tf32"
+        prec = "ieee" if q.dtype == torch.float64 else ("tf32" if cfg.allow_tf32 else "tf32x3")
 
         g = torch.zeros((B, n, e), dtype=q.dtype, device=dev) if g_out is None else g_out.reshape(B, n, e)
         g = g.to(v.dtype).contiguous()
