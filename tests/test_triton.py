@@ -59,23 +59,25 @@ def _params(kind, batch, n, gen):
     return a, b, t
 
 
-def _loss_and_grads(fn, tensors, mask, spec, **kw):
-    leaves = [x.detach().clone().requires_grad_() for x in tensors]
+def _loss_and_grads(fn, tensors, mask, spec, needs=(True,) * 6, **kw):
+    leaves = [x.detach().clone().requires_grad_(need) for x, need in zip(tensors, needs)]
     out, stats = fn(*leaves, mask, spec, **kw)[:2]
     weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
     loss = (out.double() * weights).sum() + 0.3 * stats.lse.masked_fill(stats.empty, 0.0).sum()
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    wrt = [x for x in leaves if x.requires_grad]
+    grads = iter(torch.autograd.grad(loss, wrt, allow_unused=True))
+    grads = [next(grads) if x.requires_grad else None for x in leaves]
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
     return out, stats, grads
 
 
-def _compare(q, k, v, params, mask, spec, config=SMALL, atol=1e-10, check_grads=True):
+def _compare(q, k, v, params, mask, spec, config=SMALL, atol=1e-10, check_grads=True, needs=(True,) * 6):
     n = q.shape[-2]
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     a, b, t = resolve_params(*params, batch=batch, n=n, dtype=f64, device=q.device)
     tensors = (q, k, v, a, b, t)
-    out, stats, grads = _loss_and_grads(triton_warp_attend, tensors, mask, spec, config=config)
-    ref, rstats, rgrads = _loss_and_grads(dense_warp_attend, tensors, mask, spec)
+    out, stats, grads = _loss_and_grads(triton_warp_attend, tensors, mask, spec, needs, config=config)
+    ref, rstats, rgrads = _loss_and_grads(dense_warp_attend, tensors, mask, spec, needs)
     torch.testing.assert_close(out, ref, atol=atol, rtol=0)
     for name in ("lse", "kept", "lo", "hi", "empty"):
         torch.testing.assert_close(getattr(stats, name), getattr(rstats, name), atol=atol, rtol=0, msg=name)
@@ -184,9 +186,34 @@ def check_block_skipping_is_exact_and_reported():
     *_, skipped = triton_warp_attend(q, k, v, a, b, t, None, spec, config=cfg, return_skipped=True)
     assert 0.3 <= float(skipped) < 1.0
     _compare(q, k, v, params, None, spec, config=cfg)
+    off = KernelConfig(block_m=16, block_n=16, block_skipping=False)
+    *_, skipped_off = triton_warp_attend(q, k, v, a, b, t, None, spec, config=off, return_skipped=True)
+    assert float(skipped_off) == 0.0
+    _compare(q, k, v, params, None, spec, config=off)
     spec_none = make_spec("dot", 1.0, "none", 1.0, False, False, False)
     *_, skipped_none = triton_warp_attend(q, k, v, a, b, t, None, spec_none, config=cfg, return_skipped=True)
     assert float(skipped_none) == 0.0
+
+
+@check(cases={
+    "sigmoidal-qkv-skipping": ("dot", "sigmoidal", (True, True, True, False, False, False), True),
+    "sigmoidal-qkv-no-skipping": ("dot", "sigmoidal", (True, True, True, False, False, False), False),
+    "poly-q-only": ("l2", "poly", (True, False, False, False, False, False), True),
+    "none-kv-no-skipping": ("sqeuclidean", "none", (False, True, True, False, False, False), False),
+    "log-t-only": ("cosine", "log", (False, False, False, False, False, True), False),
+})
+def check_gradient_subsets_and_skipping_off(metric, step, needs, skipping):
+    """The kernels specialise on which gradients are asked for (range sums, parameter sums,
+    argmin/argmax tracking) and on block skipping; every combination matches the reference."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}{step}{needs}{skipping}".encode()))
+    n, m, d, e = 30, 37, 12, 3
+    q = torch.randn(2, n, d, generator=gen, dtype=f64)
+    k = torch.randn(2, m, d, generator=gen, dtype=f64)
+    v = torch.randn(2, m, e, generator=gen, dtype=f64)
+    mask = torch.rand(2, n, m, generator=gen) > 0.2
+    spec = make_spec(metric, None, step, 1.0, True, False, False)
+    cfg = KernelConfig(block_m=16, block_n=16, block_skipping=skipping)
+    _compare(q, k, v, _params("row", (2,), n, gen), mask, spec, config=cfg, needs=needs)
 
 
 @check(cases={"float32": (torch.float32, 2e-5), "bfloat16": (torch.bfloat16, 3e-2), "float16": (torch.float16, 5e-3)})

@@ -462,6 +462,12 @@ def _check_param_values(name: str, x: torch.Tensor, low: float, high: float, hig
         raise ValueError(f"{name} must lie in ({low}, {high}{bound}, got values in [{xd.min().item()}, {xd.max().item()}]")
 
 
+def _same_device(x: torch.device, y: torch.device | str) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when the index is left open."""
+    y = torch.device(y)
+    return x.type == y.type and (x.index is None or y.index is None or x.index == y.index)
+
+
 def resolve_params(
     a, b, t, *, batch: torch.Size, n: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -478,7 +484,7 @@ def resolve_params(
         else:
             if not x.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-            if x.device != device:
+            if not _same_device(x.device, device):
                 raise ValueError(f"{name} must be on the inputs' device {device}, got {x.device}")
             try:
                 if broadcast_shape(x.shape, (*batch, n)) != (*batch, n):
@@ -490,7 +496,7 @@ def resolve_params(
             x = x.to(dtype)
         out.append(x)
     a, b, t = out
-    if device.type == "cpu" and a.dim() == b.dim() == t.dim() == 0:
+    if torch.device(device).type == "cpu" and a.dim() == b.dim() == t.dim() == 0:
         a_, b_, t_ = torch.stack([a.detach(), b.detach(), t.detach()]).tolist()  # one read, no per-check ops
         if not (0.0 < a_ < 1.0 and 0.0 < b_ <= 1.0 and 0.0 < t_ < 1.0 and a_ < b_):  # False for NaN too
             _check_param_values("a", a, 0.0, 1.0, high_inclusive=False)

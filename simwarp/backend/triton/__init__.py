@@ -77,6 +77,6 @@ def triton_warp_attend(
     stats = WarpStats(lse=lse, kept=kept, lo=lo, hi=hi, empty=empty)
     if not return_skipped:
         return out, stats
-    counts = skip.sum(dim=(0, 1, 2), dtype=torch.float64)
+    counts = skip.reshape(-1, 2).sum(0, dtype=torch.float64)
     fraction = counts[0] / counts[1].clamp_min(1.0)
     return out, stats, fraction

@@ -90,16 +90,6 @@ def _rows_dropped(ub, a, b, t, STEP: tl.constexpr):
 
 
 @triton.jit
-def _tile_skippable(tm, offs_m, n, lo, inv_r, emp, a, b, t, STEP: tl.constexpr):
-    """A tile is skippable when every row is out of range, empty, or has all of the tile's keys
-    dropped, judged from ``tm`` = the tile's largest valid score over all its rows (pass 1)."""
-    tmv = lo * 0.0 + tm
-    ub = (tmv - lo) * inv_r
-    ok = (offs_m >= n) | (emp > 0) | (tmv == float("-inf")) | ((inv_r > 0) & _rows_dropped(ub, a, b, t, STEP))
-    return tl.min(ok.to(tl.int32), axis=0)
-
-
-@triton.jit
 def _normalised(s, lo, inv_r):
     return tl.where(inv_r[:, None] > 0, (s - lo[:, None]) * inv_r[:, None], 1.0)
 
@@ -230,9 +220,11 @@ def range_kernel(
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, smk0, smk1, smkn, smkm,
     B1, B, n, m, d, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRACK_ARG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Per query block and key split: row min / max (and, with ``TRACK_ARG``, the first key
+    attaining each, for the range gradient) and every key tile's largest valid score."""
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -268,16 +260,18 @@ def range_kernel(
         valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
         s_lo = tl.where(valid, s, float("inf"))
         s_hi = tl.where(valid, s, float("-inf"))
-        blk_lo = tl.min(s_lo, 1)
-        blk_hi = tl.max(s_hi, 1)
-        idx_lo = tl.argmin(s_lo, 1, tie_break_left=True).to(tl.int32) + kb * BLOCK_N
-        idx_hi = tl.argmax(s_hi, 1, tie_break_left=True).to(tl.int32) + kb * BLOCK_N
-        new_lo = blk_lo < run_lo
-        new_hi = blk_hi > run_hi
-        run_lo = tl.where(new_lo, blk_lo, run_lo)
-        arg_lo = tl.where(new_lo, idx_lo, arg_lo)
-        run_hi = tl.where(new_hi, blk_hi, run_hi)
-        arg_hi = tl.where(new_hi, idx_hi, arg_hi)
+        if TRACK_ARG:
+            blk_lo, idx_lo = tl.min(s_lo, 1, return_indices=True, return_indices_tie_break_left=True)
+            blk_hi, idx_hi = tl.max(s_hi, 1, return_indices=True, return_indices_tie_break_left=True)
+            new_lo = blk_lo < run_lo
+            new_hi = blk_hi > run_hi
+            arg_lo = tl.where(new_lo, idx_lo.to(tl.int32) + kb * BLOCK_N, arg_lo)
+            arg_hi = tl.where(new_hi, idx_hi.to(tl.int32) + kb * BLOCK_N, arg_hi)
+        else:
+            blk_lo = tl.min(s_lo, 1)
+            blk_hi = tl.max(s_hi, 1)
+        run_lo = tl.minimum(run_lo, blk_lo)
+        run_hi = tl.maximum(run_hi, blk_hi)
         tl.store(tm_base + kb, tl.max(blk_hi, 0))
     out_off = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
     row_ok = offs_m < n
@@ -288,17 +282,116 @@ def range_kernel(
 
 
 # ---------------------------------------------------------------------------------------
+# Between the passes: which key tiles every row of a query block drops
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tile_flags_kernel(
+    RS, PRM, TMAX, FLAGS, COUNTS, B, n, m, n_qb, n_kb,
+    STEP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILES: tl.constexpr,
+):
+    """``FLAGS[b, qb, kb] = 1`` where every row of query block ``qb`` is out of range, empty, or
+    drops all of key tile ``kb`` (judged from the tile's largest valid score, pass 1), and for
+    tiles past the causal diagonal; such tiles have weight exactly 0 and pass 2 and the backward
+    skip them. ``COUNTS[b, qb] = (skipped, visited)`` tiles. One program per query block; ``RS``
+    holds ``lo, hi, inv_r, empty``."""
+    pid_q = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    q_start = pid_q * BLOCK_M
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n
+    rows = pid_b.to(tl.int64) * n + offs_m
+    plane = (pid_b.to(tl.int64) * 0 + B) * n
+    lo = tl.load(RS + rows, mask=row_ok, other=0.0)[:, None]
+    inv_r = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)[:, None]
+    emp = tl.load(RS + 3 * plane + rows, mask=row_ok, other=1.0)[:, None]
+    a = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
+    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
+    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
+    n_vis = n_kb
+    if CAUSAL:
+        n_vis = tl.minimum(n_kb, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
+    base = (pid_b.to(tl.int64) * n_qb + pid_q) * n_kb
+    n_skip = tl.zeros([], tl.int32)
+    for k0 in range(0, n_kb, TILES):
+        offs_t = k0 + tl.arange(0, TILES)
+        visited = offs_t < n_vis
+        tm = tl.load(TMAX + base + offs_t, mask=visited, other=float("-inf"))[None, :]
+        ub = (tm - lo) * inv_r
+        ok = (~row_ok[:, None]) | (emp > 0) | (tm == float("-inf")) | ((inv_r > 0) & _rows_dropped(ub, a, b, t, STEP))
+        flag = tl.min(ok.to(tl.int32), axis=0)
+        tl.store(FLAGS + base + offs_t, flag.to(tl.int8), mask=offs_t < n_kb)
+        n_skip += tl.sum(tl.where(visited, flag, 0), axis=0)
+    slot = (pid_b.to(tl.int64) * n_qb + pid_q) * 2
+    tl.store(COUNTS + slot, n_skip)
+    tl.store(COUNTS + slot + 1, n_vis)
+
+
+@triton.jit
+def compact_kernel(FLAGS, LIST, COUNT, s_batch, s_outer, s_inner, n_inner, TILES: tl.constexpr):
+    """``LIST[b, o, :COUNT[b, o]]``: the inner indices ``i`` (ascending) with ``FLAGS[b, o, i] == 0``
+    (strided, so the same kernel lists a row's key tiles or a column's query blocks). The tile
+    loops then run over these lists without a branch, which keeps their loads pipelined."""
+    pid_o = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    src = FLAGS + pid_b.to(tl.int64) * s_batch + pid_o.to(tl.int64) * s_outer
+    slot = pid_b.to(tl.int64) * tl.num_programs(0) + pid_o
+    dst = LIST + slot * n_inner
+    count = tl.zeros([], tl.int32)
+    for i0 in range(0, n_inner, TILES):
+        offs = i0 + tl.arange(0, TILES)
+        ok = offs < n_inner
+        keep = ((tl.load(src + offs.to(tl.int64) * s_inner, mask=ok, other=1) == 0) & ok).to(tl.int32)
+        pos = count + tl.cumsum(keep, 0) - keep
+        tl.store(dst + pos, offs, mask=keep != 0)
+        count += tl.sum(keep, 0)
+    tl.store(COUNT + slot, count)
+
+
+# ---------------------------------------------------------------------------------------
 # Forward pass 2: step + softmax (known row maximum) + value accumulation, with tile skipping
 # ---------------------------------------------------------------------------------------
 
 
 @triton.jit
+def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
+                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
+                 METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+                 HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                 PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    col_ok = offs_n < m
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
+                mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
+    kk = tl.zeros([BLOCK_N], ACC)
+    if METRIC != 0:
+        kf = k.to(ACC)
+        kk = tl.sum(kf * kf, 1)
+    s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
+    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
+    u = _normalised(s, lo, inv_r)
+    x = (s - hi[:, None]) * xscale
+    p, keep = _step_weight(x, u, valid, a2, b2, t2, STEP, BAND_BRANCH)
+    acc += _dot(p.to(v.dtype), v, PREC, ACC, UPCAST)
+    denom += tl.sum(p, 1)
+    kept += tl.sum(keep.to(ACC), 1)
+    return acc, denom, kept
+
+
+@triton.jit
 def attend_kernel(
-    Q, K, V, MASK, PRM, CONSTS, RS, TMAX, OUT, LSE, KEPT, ACCP, DENP, KEPTP, SKIP,
+    Q, K, V, MASK, PRM, CONSTS, RS, LIST, COUNT, OUT, LSE, KEPT, ACCP, DENP, KEPTP,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, n_splits, self_off,
+    B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
+    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr, SKIP_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -314,8 +407,10 @@ def attend_kernel(
     row_ok = offs_m < n
     q = tl.load(Q + b0 * sq0 + b1 * sq1 + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
-    qf = q.to(ACC)
-    qq = tl.sum(qf * qf, 1)
+    qq = tl.zeros([BLOCK_M], ACC)
+    if METRIC != 0:
+        qf = q.to(ACC)
+        qq = tl.sum(qf * qf, 1)
     scale = tl.load(CONSTS)
     inv_tau = tl.load(CONSTS + 1)
     rows = pid_b.to(tl.int64) * n + offs_m
@@ -323,13 +418,9 @@ def attend_kernel(
     lo = tl.load(RS + rows, mask=row_ok, other=0.0)
     hi = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
     inv_r = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
-    emp = tl.load(RS + 3 * plane + rows, mask=row_ok, other=1.0)
-    a = tl.load(PRM + rows, mask=row_ok, other=0.5)
-    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
-    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
-    a2 = a[:, None]
-    b2 = b[:, None]
-    t2 = t[:, None]
+    a2 = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
+    b2 = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
+    t2 = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
     xscale = inv_tau * LOG2E
     k_base = K + b0 * sk0 + b1 * sk1
     v_base = V + b0 * sv0 + b1 * sv1
@@ -338,33 +429,27 @@ def attend_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_E], ACC)
     denom = tl.zeros([BLOCK_M], ACC)
     kept = tl.zeros([BLOCK_M], ACC)
-    n_skip = tl.zeros([], tl.int32)
     kb_lo = pid_s * kb_per_split
     kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
     if CAUSAL:
         kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
-    tm_base = TMAX + (pid_b.to(tl.int64) * n_qb + pid_q) * n_kb
-    for kb in range(kb_lo, kb_hi):
-        tm = tl.load(tm_base + kb)
-        skip = _tile_skippable(tm, offs_m, n, lo, inv_r, emp, a, b, t, STEP)
-        n_skip += skip
-        if skip == 0:
-            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < m
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
-                        mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
-            kf = k.to(ACC)
-            kk = tl.sum(kf * kf, 1)
-            s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
-            u = _normalised(s, lo, inv_r)
-            x = (s - hi[:, None]) * xscale
-            p, keep = _step_weight(x, u, valid, a2, b2, t2, STEP, BAND_BRANCH)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
-                        mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-            acc += _dot(p.to(v.dtype), v, PREC, ACC, UPCAST)
-            denom += tl.sum(p, 1)
-            kept += tl.sum(keep.to(ACC), 1)
+    if SKIP_TILES:  # the row's list of kept key tiles, shared evenly among the splits
+        slot = pid_b.to(tl.int64) * n_qb + pid_q
+        count = tl.load(COUNT + slot)
+        per = tl.cdiv(count, tl.num_programs(2))
+        i_lo = pid_s * per
+        tiles = LIST + slot * n_kb
+        for i in range(i_lo, tl.minimum(count, i_lo + per)):
+            acc, denom, kept = _attend_tile(
+                acc, denom, kept, q, qq, tl.load(tiles + i), offs_m, k_base, v_base, mask_base, n, m, d, e,
+                skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
+    else:
+        for kb in range(kb_lo, kb_hi):
+            acc, denom, kept = _attend_tile(
+                acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
+                skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
 
     if SPLIT:
         part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
@@ -379,9 +464,6 @@ def attend_kernel(
         lse = tl.where(nonempty, hi * inv_tau + tl.log(tl.where(nonempty, denom, 1.0)), float("-inf"))
         tl.store(LSE + rows, lse, mask=row_ok)
         tl.store(KEPT + rows, kept, mask=row_ok)
-    slot = ((pid_b.to(tl.int64) * n_qb + pid_q) * n_splits + pid_s) * 2
-    tl.store(SKIP + slot, n_skip)
-    tl.store(SKIP + slot + 1, tl.maximum(kb_hi - kb_lo, 0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,18 +472,66 @@ def attend_kernel(
 
 
 @triton.jit
+def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
+             n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
+             lo, inv_r, lse, delta, a2, b2, t2,
+             METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+             HAS_MASK: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+             PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    col_ok = offs_n < m
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
+                mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
+    kk = tl.zeros([BLOCK_N], ACC)
+    if METRIC != 0:
+        kf = k.to(ACC)
+        kk = tl.sum(kf * kf, 1)
+    s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
+    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
+    u = _normalised(s, lo, inv_r)
+    x = (s * inv_tau - lse[:, None]) * LOG2E
+    w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
+    dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
+    dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
+    if STEP == 0:
+        ds = dl * inv_tau
+    else:
+        dlu = dl * phi_u * inv_r[:, None]
+        ds = dl * inv_tau + dlu
+        if NEED_RANGE:
+            dlu_u = tl.sum(dlu * u, 1)
+            g_lo += dlu_u - tl.sum(dlu, 1)
+            g_hi -= dlu_u
+        if NEED_PARAMS:
+            g_a += tl.sum(dl * phi_a, 1)
+            g_b += tl.sum(dl * phi_b, 1)
+            g_t += tl.sum(dl * phi_t, 1)
+    coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
+    dq += _dot(coef.to(k.dtype), k, PREC, ACC, UPCAST)
+    if METRIC != 0:
+        rsum += tl.sum(g2, 1)
+    return dq, rsum, g_lo, g_hi, g_a, g_b, g_t
+
+
+@triton.jit
 def bwd_dq_kernel(
-    Q, K, V, DO, MASK, PRM, CONSTS, RS, TMAX, DQ, RSUM,
+    Q, K, V, DO, MASK, PRM, CONSTS, RS, LIST, COUNT, DQ, RSUM,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, TM_BM, TM_BN, self_off,
+    B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr, TM_BN: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per query block: ``dq`` (without the range scatter) and the per-row sums
-    ``G_lo, G_hi, da, db, dt`` over the keys of split ``pid_s``."""
+    ``G_lo, G_hi`` (with ``NEED_RANGE``) and ``da, db, dt`` (with ``NEED_PARAMS``) over the keys
+    of split ``pid_s``."""
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -415,7 +545,9 @@ def bwd_dq_kernel(
     q = tl.load(Q + b0 * sq0 + b1 * sq1 + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
     qf = q.to(ACC)
-    qq = tl.sum(qf * qf, 1)
+    qq = tl.zeros([BLOCK_M], ACC)
+    if METRIC != 0:
+        qq = tl.sum(qf * qf, 1)
     do = tl.load(DO + pid_b.to(tl.int64) * sdo0 + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
                  mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
     scale = tl.load(CONSTS)
@@ -426,13 +558,9 @@ def bwd_dq_kernel(
     inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
     lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
     delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
-    emp = tl.load(RS + 4 * plane + rows, mask=row_ok, other=1.0)
-    a = tl.load(PRM + rows, mask=row_ok, other=0.5)
-    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
-    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
-    a2 = a[:, None]
-    b2 = b[:, None]
-    t2 = t[:, None]
+    a2 = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
+    b2 = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
+    t2 = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
     k_base = K + b0 * sk0 + b1 * sk1
     v_base = V + b0 * sv0 + b1 * sv1
     mask_base = MASK + b0 * smk0 + b1 * smk1
@@ -448,37 +576,27 @@ def bwd_dq_kernel(
     kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
     if CAUSAL:
         kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
-    tm_row = TMAX + (pid_b.to(tl.int64) * tm_qb + q_start // TM_BM) * tm_kb
-    for kb in range(kb_lo, kb_hi):
-        tm = tl.load(tm_row + (kb * BLOCK_N) // TM_BN)
-        skip = _tile_skippable(tm, offs_m, n, lo, inv_r, emp, a, b, t, STEP)
-        if skip == 0:
-            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < m
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
-                        mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
-                        mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-            kf = k.to(ACC)
-            kk = tl.sum(kf * kf, 1)
-            s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
-            u = _normalised(s, lo, inv_r)
-            x = (s * inv_tau - lse[:, None]) * LOG2E
-            w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
-            dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
-            dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
-            dlu = dl * phi_u * inv_r[:, None]
-            ds = dl * inv_tau + dlu
-            g_lo += tl.sum(dlu * (u - 1.0), 1)
-            g_hi -= tl.sum(dlu * u, 1)
-            g_a += tl.sum(dl * phi_a, 1)
-            g_b += tl.sum(dl * phi_b, 1)
-            g_t += tl.sum(dl * phi_t, 1)
-            coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
-            dq += _dot(coef.to(k.dtype), k, PREC, ACC, UPCAST)
-            if METRIC != 0:
-                rsum += tl.sum(g2, 1)
+    if SKIP_TILES:  # kept forward tiles of this block's row, SUB backward tiles each
+        SUB = TM_BN // BLOCK_N
+        slot = pid_b.to(tl.int64) * tm_qb + q_start // TM_BM
+        count = tl.load(COUNT + slot) * SUB
+        per = tl.cdiv(count, tl.num_programs(2))
+        i_lo = pid_s * per
+        tiles = LIST + slot * tm_kb
+        for i in range(i_lo, tl.minimum(count, i_lo + per)):
+            kb = tl.load(tiles + i // SUB) * SUB + i % SUB
+            dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
+                dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
+                n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
+                lo, inv_r, lse, delta, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+                NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
+    else:
+        for kb in range(kb_lo, kb_hi):
+            dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
+                dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
+                n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
+                lo, inv_r, lse, delta, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+                NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
     if METRIC != 0:
         dq += 2.0 * rsum[:, None] * qf
     part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
@@ -492,13 +610,61 @@ def bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
+               n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
+               METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+               HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+               PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = offs_m < n
+    rows = pid_b.to(tl.int64) * n + offs_m
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
+                 mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
+    lo = tl.load(RS + rows, mask=row_ok, other=0.0)
+    inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
+    lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
+    delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
+    a = tl.load(PRM + rows, mask=row_ok, other=0.5)
+    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
+    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
+    qq = tl.zeros([BLOCK_M], ACC)
+    if METRIC != 0:
+        qf = q.to(ACC)
+        qq = tl.sum(qf * qf, 1)
+    s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
+    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
+    u = _normalised(s, lo, inv_r)
+    x = (s * inv_tau - lse[:, None]) * LOG2E
+    w, keep, phi_u, _pa, _pb, _pt = _step_weight_grad(x, u, valid, a[:, None], b[:, None], t[:, None], STEP)
+    if NEED_DV:
+        dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
+    if NEED_DK:
+        dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
+        dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
+        if STEP == 0:
+            ds = dl * inv_tau
+        else:
+            ds = dl * (inv_tau + phi_u * inv_r[:, None])
+        coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
+        dk += _dot(tl.trans(coef).to(q.dtype), q, PREC, ACC, UPCAST)
+        if METRIC != 0:
+            csum += tl.sum(g2, 0)
+    return dk, dv, csum
+
+
+@triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, DO, MASK, PRM, CONSTS, RS, TMAX, DK, DV,
+    Q, K, V, DO, MASK, PRM, CONSTS, RS, LIST, COUNT, DK, DV,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, TM_BM, TM_BN, self_off,
+    B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-    HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr, TM_BN: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -517,7 +683,9 @@ def bwd_dkdv_kernel(
     v = tl.load(V + b0 * sv0 + b1 * sv1 + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
                 mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
     kf = k.to(ACC)
-    kk = tl.sum(kf * kf, 1)
+    kk = tl.zeros([BLOCK_N], ACC)
+    if METRIC != 0:
+        kk = tl.sum(kf * kf, 1)
     scale = tl.load(CONSTS)
     inv_tau = tl.load(CONSTS + 1)
     plane = (pid_b.to(tl.int64) * 0 + B) * n
@@ -531,44 +699,24 @@ def bwd_dkdv_kernel(
     qb_lo = 0
     if CAUSAL:
         qb_lo = k_start // BLOCK_M
-    tm_col = TMAX + pid_b.to(tl.int64) * tm_qb * tm_kb + k_start // TM_BN
-    for qb in range(qb_lo, n_qb):
-        q_start = qb * BLOCK_M
-        offs_m = q_start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < n
-        rows = pid_b.to(tl.int64) * n + offs_m
-        lo = tl.load(RS + rows, mask=row_ok, other=0.0)
-        inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
-        emp = tl.load(RS + 4 * plane + rows, mask=row_ok, other=1.0)
-        a = tl.load(PRM + rows, mask=row_ok, other=0.5)
-        b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
-        t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
-        tm = tl.load(tm_col + (q_start // TM_BM) * tm_kb)
-        skip = _tile_skippable(tm, offs_m, n, lo, inv_r, emp, a, b, t, STEP)
-        if skip == 0:
-            lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
-            delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
-            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
-            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
-                         mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-            qf = q.to(ACC)
-            qq = tl.sum(qf * qf, 1)
-            s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-            valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
-            u = _normalised(s, lo, inv_r)
-            x = (s * inv_tau - lse[:, None]) * LOG2E
-            w, keep, phi_u, _pa, _pb, _pt = _step_weight_grad(x, u, valid, a[:, None], b[:, None], t[:, None], STEP)
-            if NEED_DV:
-                dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
-            if NEED_DK:
-                dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
-                dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
-                ds = dl * (inv_tau + phi_u * inv_r[:, None])
-                coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
-                dk += _dot(tl.trans(coef).to(q.dtype), q, PREC, ACC, UPCAST)
-                if METRIC != 0:
-                    csum += tl.sum(g2, 0)
+    if SKIP_TILES:  # kept forward tiles of this block's column, SUB backward query blocks each
+        SUB = TM_BM // BLOCK_M
+        slot = pid_b.to(tl.int64) * tm_kb + k_start // TM_BN
+        tiles = LIST + slot * tm_qb
+        for i in range(0, tl.load(COUNT + slot) * SUB):
+            qb = tl.load(tiles + i // SUB) * SUB + i % SUB
+            dk, dv, csum = _dkdv_tile(
+                dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
+                n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, BLOCK_M, BLOCK_D, BLOCK_E,
+                PREC, ACC, UPCAST)
+    else:
+        for qb in range(qb_lo, n_qb):
+            dk, dv, csum = _dkdv_tile(
+                dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
+                n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, BLOCK_M, BLOCK_D, BLOCK_E,
+                PREC, ACC, UPCAST)
     if METRIC != 0:
         dk += 2.0 * csum[:, None] * kf
     cols = pid_b.to(tl.int64) * m + offs_n

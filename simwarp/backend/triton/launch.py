@@ -82,6 +82,9 @@ class KernelConfig:
         allow_tf32: float32 products in one TF32 pass (faster, ~1e-3 relative error);
             default False = three TF32 passes (``tf32x3``: float32 accuracy on tensor cores).
         band_branch: evaluate the step's band math only in tiles that have in-band entries.
+        block_skipping: skip key tiles that every row of a query block drops (exact: their
+            weights are 0). Pays on inputs with local structure; without it the tile loop
+            has no branch, which lets Triton pipeline the loads (faster on dense patterns).
     """
 
     block_m: int | None = None
@@ -95,6 +98,7 @@ class KernelConfig:
     bwd_num_stages: int | None = None
     allow_tf32: bool = False
     band_branch: bool = True
+    block_skipping: bool = True
 
 
 @dataclass(frozen=True)
@@ -226,9 +230,10 @@ class _TritonWarp(torch.autograd.Function):
         amax_p = torch.empty_like(amin_p)
         tmax = torch.full((B, n_qb, n_kb), -math.inf, dtype=acc, device=dev)
         grid = (n_qb, B, S)
+        track_arg = _tracks_range(plan, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         mod.range_kernel[grid](
             q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
-            *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, **common,
+            *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg, **common,
         )
         if S == 1:
             lo, hi, argmin, argmax = lo_p[0], hi_p[0], amin_p[0], amax_p[0]
@@ -242,6 +247,17 @@ class _TritonWarp(torch.autograd.Function):
         r = hi - lo
         inv_r = torch.where(r > 0, 1.0 / torch.where(r > 0, r, 1.0), 0.0)
         rs = torch.stack([lo, hi, inv_r, empty.to(acc)]).contiguous()
+        if cfg.block_skipping:
+            flags = torch.empty((B, n_qb, n_kb), dtype=torch.int8, device=dev)
+            counts = torch.empty((B, n_qb, 2), dtype=torch.int32, device=dev)
+            mod.tile_flags_kernel[(n_qb, B)](
+                rs, prm, tmax, flags, counts, B, n, m, n_qb, n_kb, STEP=plan.step, CAUSAL=plan.causal,
+                BLOCK_M=BM, BLOCK_N=BN, TILES=min(64, _pow2(n_kb)), num_warps=4,
+            )
+            row_list, row_count = _compact(mod, flags, rows=True)
+        else:
+            flags = row_list = row_count = torch.zeros((1,), dtype=torch.int32, device=dev)
+            counts = torch.zeros((1, 2), dtype=torch.int32, device=dev)
 
         out = torch.empty((B, n, e), dtype=q.dtype, device=dev)
         lse = torch.empty((B, n), dtype=acc, device=dev)
@@ -252,11 +268,11 @@ class _TritonWarp(torch.autograd.Function):
             keptp = torch.empty_like(denp)
         else:
             accp = denp = keptp = lse
-        skip = torch.empty((B, n_qb, S, 2), dtype=torch.int32, device=dev)
         mod.attend_kernel[grid](
-            q4, k4, v4, mask4, prm, consts, rs, tmax, out, lse, kept, accp, denp, keptp, skip,
-            *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, S, plan.self_offset,
-            STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch, BLOCK_E=BE, **common,
+            q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp,
+            *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
+            STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch, SKIP_TILES=cfg.block_skipping,
+            BLOCK_E=BE, **common,
         )
         if S > 1:
             den = denp.sum(0)
@@ -269,12 +285,12 @@ class _TritonWarp(torch.autograd.Function):
         ctx.plan = plan
         ctx.dims = (batch, B, B1, n, m, d, e, n_qb, n_kb)
         ctx.has_mask = mask is not None
-        saved = [q, k, v, a, b, t, out, lse, lo, inv_r, empty, argmin, argmax, tmax]
+        saved = [q, k, v, a, b, t, out, lse, lo, inv_r, empty, argmin, argmax, flags, row_list, row_count]
         ctx.save_for_backward(*saved, *(() if mask is None else (mask,)))
         out_b = out.view(*batch, n, e)
         stats = [x.view(*batch, n) for x in (lse, kept, lo, hi, empty)]
-        ctx.mark_non_differentiable(*stats[1:], skip)
-        return (out_b, *stats, skip)
+        ctx.mark_non_differentiable(*stats[1:], counts)
+        return (out_b, *stats, counts)
 
     @staticmethod
     @once_differentiable
@@ -282,9 +298,11 @@ class _TritonWarp(torch.autograd.Function):
         plan: _Plan = ctx.plan
         cfg = plan.config
         mod = kernel_module(plan.interpret)
-        batch, B, B1, n, m, d, e, _, _ = ctx.dims
-        q, k, v, a, b, t, out, lse, lo, inv_r, empty, argmin, argmax, tmax = ctx.saved_tensors[:14]
-        mask = ctx.saved_tensors[14] if ctx.has_mask else None
+        batch, B, B1, n, m, d, e, tm_qb, tm_kb = ctx.dims
+        q, k, v, a, b, t, out, lse, lo, inv_r, empty, argmin, argmax, flags, row_list, row_count = (
+            ctx.saved_tensors[:16]
+        )
+        mask = ctx.saved_tensors[16] if ctx.has_mask else None
         need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
         dev = q.device
         acc = _acc_dtype(q.dtype)
@@ -306,10 +324,10 @@ class _TritonWarp(torch.autograd.Function):
         BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
         BD, BE = _pow2(d), _pow2(e)
         n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
-        tm_qb, tm_kb = tmax.shape[1], tmax.shape[2]
-        track_range = not plan.detach_range and (need_q or need_k)
+        track_range = _tracks_range(plan, need_q, need_k)
         common = dict(METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, EXCL=plan.exclude_self,
-                      HAS_MASK=mask is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_E=BE,
+                      HAS_MASK=mask is not None, SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
+                      TM_BN=cfg.block_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_E=BE,
                       PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
                       num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
         args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
@@ -322,8 +340,9 @@ class _TritonWarp(torch.autograd.Function):
             dq_p = torch.empty((S, B, n, d), dtype=acc, device=dev)
             rsum = torch.empty((5, S, B, n), dtype=acc, device=dev)
             mod.bwd_dq_kernel[(n_qb, B, S)](
-                q4, k4, v4, g, mask4, prm, consts, rs, tmax, dq_p, rsum, *args,
-                B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, cfg.block_m, cfg.block_n, plan.self_offset, **common,
+                q4, k4, v4, g, mask4, prm, consts, rs, row_list, row_count, dq_p, rsum, *args,
+                B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset,
+                NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, **common,
             )
             sums = rsum.sum(1)
             dq = dq_p.sum(0)
@@ -332,9 +351,10 @@ class _TritonWarp(torch.autograd.Function):
         if need_k or need_v:
             dk = torch.empty((B, m, d), dtype=acc, device=dev) if need_k else rs
             dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
+            col_list, col_count = _compact(mod, flags, rows=False) if cfg.block_skipping else (flags, flags)
             mod.bwd_dkdv_kernel[(n_kb, B)](
-                q4, k4, v4, g, mask4, prm, consts, rs, tmax, dk, dv, *args,
-                B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, cfg.block_m, cfg.block_n, plan.self_offset,
+                q4, k4, v4, g, mask4, prm, consts, rs, col_list, col_count, dk, dv, *args,
+                B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, plan.self_offset,
                 NEED_DK=need_k, NEED_DV=need_v, **common,
             )
             dk = dk.view(*batch, m, d) if need_k else None
@@ -383,6 +403,25 @@ class _TritonWarp(torch.autograd.Function):
         )
 
 
+def _compact(mod, flags: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of the tiles to visit from ``flags (B, n_qb, n_kb)``: per query block its key tiles
+    (``rows``) or per key tile its query blocks; ``(B, outer, inner)`` int32 plus counts."""
+    B, n_qb, n_kb = flags.shape
+    outer, inner = (n_qb, n_kb) if rows else (n_kb, n_qb)
+    lists = torch.empty((B, outer, inner), dtype=torch.int32, device=flags.device)
+    counts = torch.empty((B, outer), dtype=torch.int32, device=flags.device)
+    s_outer, s_inner = (n_kb, 1) if rows else (1, n_kb)
+    mod.compact_kernel[(outer, B)](flags, lists, counts, n_qb * n_kb, s_outer, s_inner, inner,
+                                   TILES=min(256, _pow2(inner)), num_warps=4)
+    return lists, counts
+
+
+def _tracks_range(plan: _Plan, need_q: bool, need_k: bool) -> bool:
+    """Whether the backward routes gradient through the row range (``lo``, ``hi``): only a step
+    depends on it, and ``detach_range`` cuts it."""
+    return plan.step != 0 and not plan.detach_range and (need_q or need_k)
+
+
 def triton_cdiv(x: int, y: int) -> int:
     return -(-x // y)
 
@@ -407,7 +446,8 @@ def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None) -> _
 
 def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConfig | None = None):
     """Run the kernels; returns ``(out, lse, kept, lo, hi, empty, skip_counts)`` where
-    ``skip_counts`` is ``(B, n_query_blocks, splits, 2)`` int32: (skipped, visited) key tiles."""
+    ``skip_counts`` is ``(..., 2)`` int32: (skipped, visited) key tiles per query block (zeros
+    without block skipping)."""
     plan = make_plan(q, spec, config)
     if spec.metric == "cosine":
         acc = _acc_dtype(q.dtype)
