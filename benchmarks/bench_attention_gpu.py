@@ -299,10 +299,14 @@ def check_bank(device, log, m: int = BANK[1]) -> dict:
 SWEEP_SHAPES = SHAPES[1:]
 # Launch configurations tried against the defaults (forward-only and backward-only changes).
 SWEEP_CONFIGS = {
-    "fwd 128x64 w4": dict(block_m=128, block_n=64, num_warps=4),
-    "fwd 64x64 w4": dict(block_m=64, block_n=64, num_warps=4, bwd_block_m=32, bwd_block_n=32),
-    "bwd 64x32 w4": dict(bwd_block_m=64, bwd_block_n=32, bwd_num_warps=4),
-    "bwd 64x64 w8": dict(bwd_block_m=64, bwd_block_n=64, bwd_num_warps=8),
+    "fwd no skipping": dict(block_skipping=False),
+    "fwd 4 warps": dict(num_warps=4),
+    "fwd 128x128": dict(block_n=128),
+    "fwd 64x64": dict(block_m=64),
+    "bwd no skipping": dict(block_skipping=False),
+    "bwd 8 warps": dict(bwd_num_warps=8),
+    "bwd 4 warps": dict(bwd_num_warps=4),
+    "bwd dq 128x32": dict(bwd_block_m=128),
 }
 
 
@@ -320,6 +324,8 @@ def sweep_configs(device, args, log) -> list[dict]:
             sd = bench_case("sdpa", sdpa, q, k, v, False, backward, args)
             for name, kw in [("default", {})] + list(SWEEP_CONFIGS.items()):
                 if name.startswith("fwd" if backward else "bwd"):
+                    continue
+                if name == f"bwd {8 if shape[-1] > 64 else 4} warps":  # the default
                     continue
                 cfg = KernelConfig(**kw)
 
@@ -405,6 +411,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--compile-all", action="store_true", help="torch.compile on every shape (slow)")
     p.add_argument("--sweep", action="store_true", help="also time KernelConfig alternatives (step poly)")
+    p.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
+    p.add_argument("--skip-peers", action="store_true", help="time only SDPA and simwarp (no naive/AdaSplash)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.case_seconds = 10, 2, 0.6
@@ -446,6 +454,8 @@ def main(argv=None) -> int:
     save()
 
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     ada = adasplash_method()
     log("\n## timing (bf16; ms = median; peak = GiB above the inputs)")
     for si, shape in enumerate(shapes):
@@ -460,7 +470,7 @@ def main(argv=None) -> int:
             methods = [("sdpa", sdpa), ("fused_sigmoidal", fused("sigmoidal")), ("fused_poly", fused("poly")),
                        ("fused_none", fused("none"))]
             over = time.perf_counter() - t0 > args.budget
-            if not over:
+            if not over and not args.skip_peers:
                 methods.append(("naive_eager", naive_softstep))
                 if not args.no_compile and (si == 0 or args.compile_all):
                     methods.append(("naive_compile", naive_compiled))

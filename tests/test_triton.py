@@ -46,7 +46,7 @@ def check(fn=None, *, cases=None):
 
 
 f64 = torch.float64
-SMALL = KernelConfig(block_m=32, block_n=16, bwd_block_m=16, bwd_block_n=16)
+SMALL = KernelConfig(block_m=32, block_n=16, bwd_block_m=16, bwd_block_n=16, bwd_kv_block_m=16, bwd_kv_block_n=16)
 
 
 def _params(kind, batch, n, gen):
@@ -201,18 +201,27 @@ def check_block_skipping_is_exact_and_reported():
     "poly-q-only": ("l2", "poly", (True, False, False, False, False, False), True),
     "none-kv-no-skipping": ("sqeuclidean", "none", (False, True, True, False, False, False), False),
     "log-t-only": ("cosine", "log", (False, False, False, False, False, True), False),
+    "even-tiles-skipping": ("dot", "poly", (True,) * 6, True, 64, 96, False),
+    "even-tiles-causal": ("sqeuclidean", "sigmoidal", (True,) * 6, True, 64, 64, True),
+    "even-tiles-no-skipping": ("dot", "sigmoidal", (True, True, True, False, False, False), False, 32, 64, False),
 })
-def check_gradient_subsets_and_skipping_off(metric, step, needs, skipping):
+def check_gradient_subsets_and_skipping_off(metric, step, needs, skipping, n=30, m=37, masked=True):
     """The kernels specialise on which gradients are asked for (range sums, parameter sums,
-    argmin/argmax tracking) and on block skipping; every combination matches the reference."""
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}{step}{needs}{skipping}".encode()))
-    n, m, d, e = 30, 37, 12, 3
+    argmin/argmax tracking), on block skipping and on tiles that divide the lengths (no bounds
+    checks, ``n``, ``m`` multiples of 32, backward tiles half the forward's); every combination
+    matches the reference."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}{step}{needs}{skipping}{n}{m}".encode()))
+    d, e = 12, 3
     q = torch.randn(2, n, d, generator=gen, dtype=f64)
     k = torch.randn(2, m, d, generator=gen, dtype=f64)
     v = torch.randn(2, m, e, generator=gen, dtype=f64)
-    mask = torch.rand(2, n, m, generator=gen) > 0.2
-    spec = make_spec(metric, None, step, 1.0, True, False, False)
-    cfg = KernelConfig(block_m=16, block_n=16, block_skipping=skipping)
+    mask = torch.rand(2, n, m, generator=gen) > 0.2 if masked else None
+    spec = make_spec(metric, None, step, 1.0, masked, False, False)
+    if masked:
+        cfg = KernelConfig(block_m=16, block_n=16, block_skipping=skipping)
+    else:
+        cfg = KernelConfig(block_m=32, block_n=32, bwd_block_m=16, bwd_block_n=16, bwd_kv_block_m=16,
+                           bwd_kv_block_n=16, block_skipping=skipping)
     _compare(q, k, v, _params("row", (2,), n, gen), mask, spec, config=cfg, needs=needs)
 
 

@@ -60,8 +60,14 @@ def _scores(q, k, qq, kk, scale, METRIC: tl.constexpr, PREC: tl.constexpr, ACC: 
 
 @triton.jit
 def _validity(offs_m, offs_n, n, m, mask_base, smn, smm, self_off,
-              HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr):
-    valid = (offs_m[:, None] < n) & (offs_n[None, :] < m)
+              HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, EVEN: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Valid (query, key) pairs of a tile. ``EVEN``: the tiles divide ``n`` and ``m`` (no ragged
+    edge), so without causal/self/mask rules every pair is valid and the selects fold away."""
+    if EVEN:
+        valid = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+    else:
+        valid = (offs_m[:, None] < n) & (offs_n[None, :] < m)
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
     if EXCL:  # query i's own key is key i + self_off
@@ -219,12 +225,13 @@ def range_kernel(
     Q, K, MASK, CONSTS, LOP, HIP, AMINP, AMAXP, TMAX,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, smk0, smk1, smkn, smkm,
     B1, B, n, m, d, n_qb, n_kb, kb_per_split, self_off,
-    METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr,
-    TRACK_ARG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN: tl.constexpr,
+    TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per query block and key split: row min / max (and, with ``TRACK_ARG``, the first key
-    attaining each, for the range gradient) and every key tile's largest valid score."""
+    attaining each, for the range gradient) and, with ``STORE_TMAX``, every key tile's largest
+    valid score (for block skipping)."""
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -257,7 +264,7 @@ def range_kernel(
         kf = k.to(ACC)
         kk = tl.sum(kf * kf, 1)
         s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-        valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
+        valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
         s_lo = tl.where(valid, s, float("inf"))
         s_hi = tl.where(valid, s, float("-inf"))
         if TRACK_ARG:
@@ -272,7 +279,8 @@ def range_kernel(
             blk_hi = tl.max(s_hi, 1)
         run_lo = tl.minimum(run_lo, blk_lo)
         run_hi = tl.maximum(run_hi, blk_hi)
-        tl.store(tm_base + kb, tl.max(blk_hi, 0))
+        if STORE_TMAX:  # a reduction across warps: only for block skipping
+            tl.store(tm_base + kb, tl.max(blk_hi, 0))
     out_off = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
     row_ok = offs_m < n
     tl.store(LOP + out_off, run_lo, mask=row_ok)
@@ -361,7 +369,8 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
                  METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
                  HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                 PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+                 PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
@@ -375,7 +384,7 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
         kf = k.to(ACC)
         kk = tl.sum(kf * kf, 1)
     s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
+    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
     u = _normalised(s, lo, inv_r)
     x = (s - hi[:, None]) * xscale
     p, keep = _step_weight(x, u, valid, a2, b2, t2, STEP, BAND_BRANCH)
@@ -391,7 +400,8 @@ def attend_kernel(
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, smk0, smk1, smkn, smkm,
     B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr, SKIP_TILES: tl.constexpr,
+    HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
+    SKIP_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -443,13 +453,15 @@ def attend_kernel(
             acc, denom, kept = _attend_tile(
                 acc, denom, kept, q, qq, tl.load(tiles + i), offs_m, k_base, v_base, mask_base, n, m, d, e,
                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST,
+                EVEN, BLOCK_M)
     else:
         for kb in range(kb_lo, kb_hi):
             acc, denom, kept = _attend_tile(
                 acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST,
+                EVEN, BLOCK_M)
 
     if SPLIT:
         part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
@@ -478,7 +490,8 @@ def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base,
              METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
              HAS_MASK: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-             PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+             PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
+             BLOCK_M: tl.constexpr):
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
@@ -492,7 +505,7 @@ def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base,
         kf = k.to(ACC)
         kk = tl.sum(kf * kf, 1)
     s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
+    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
     u = _normalised(s, lo, inv_r)
     x = (s * inv_tau - lse[:, None]) * LOG2E
     w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
@@ -525,7 +538,8 @@ def bwd_dq_kernel(
     smk0, smk1, smkn, smkm,
     B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-    HAS_MASK: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr, TM_BN: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
+    HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr,
+    TM_BN: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -589,14 +603,14 @@ def bwd_dq_kernel(
                 dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
                 n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
                 lo, inv_r, lse, delta, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
-                NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
+                NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     else:
         for kb in range(kb_lo, kb_hi):
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
                 dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
                 n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
                 lo, inv_r, lse, delta, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
-                NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
+                NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if METRIC != 0:
         dq += 2.0 * rsum[:, None] * qf
     part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
@@ -615,7 +629,8 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
                METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
                HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-               PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+               PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
@@ -637,7 +652,7 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
         qf = q.to(ACC)
         qq = tl.sum(qf * qf, 1)
     s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL)
+    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
     u = _normalised(s, lo, inv_r)
     x = (s * inv_tau - lse[:, None]) * LOG2E
     w, keep, phi_u, _pa, _pb, _pt = _step_weight_grad(x, u, valid, a[:, None], b[:, None], t[:, None], STEP)
@@ -664,7 +679,8 @@ def bwd_dkdv_kernel(
     smk0, smk1, smkn, smkm,
     B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-    HAS_MASK: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr, TM_BN: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr,
+    TM_BN: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -709,14 +725,14 @@ def bwd_dkdv_kernel(
                 dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
                 n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
                 METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, BLOCK_M, BLOCK_D, BLOCK_E,
-                PREC, ACC, UPCAST)
+                PREC, ACC, UPCAST, EVEN, BLOCK_N)
     else:
         for qb in range(qb_lo, n_qb):
             dk, dv, csum = _dkdv_tile(
                 dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
                 n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
                 METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, BLOCK_M, BLOCK_D, BLOCK_E,
-                PREC, ACC, UPCAST)
+                PREC, ACC, UPCAST, EVEN, BLOCK_N)
     if METRIC != 0:
         dk += 2.0 * csum[:, None] * kf
     cols = pid_b.to(tl.int64) * m + offs_n

@@ -75,7 +75,10 @@ class KernelConfig:
 
     Attributes:
         block_m, block_n: forward query/key tile (also the granularity of block skipping).
-        bwd_block_m, bwd_block_n: backward tiles; must divide ``block_m`` / ``block_n``.
+        bwd_block_m, bwd_block_n: tiles of the ``dq`` kernel (query blocks over key tiles);
+            must divide ``block_m`` / ``block_n``.
+        bwd_kv_block_m, bwd_kv_block_n: tiles of the ``dk``/``dv`` kernel (key blocks over
+            query tiles); must divide ``block_m`` / ``block_n``.
         num_splits: key-axis splits per query block (``None``: automatic, more when the grid
             is small, e.g. a neighbour bank with few queries).
         num_warps, num_stages, bwd_num_warps, bwd_num_stages: Triton launch options.
@@ -91,6 +94,8 @@ class KernelConfig:
     block_n: int | None = None
     bwd_block_m: int | None = None
     bwd_block_n: int | None = None
+    bwd_kv_block_m: int | None = None
+    bwd_kv_block_n: int | None = None
     num_splits: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
@@ -140,27 +145,33 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
 
 
 def _resolve_config(cfg: KernelConfig, d: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
-    # Defaults chosen so that no kernel spills registers on sm_90 (ptxas -v over every step and
-    # metric; benchmarks/RESULTS.md): 8 warps for the forward tile, small backward tiles, and
-    # smaller tiles again for float32, whose products run as three TF32 products (tf32x3).
+    # Defaults: no kernel spills registers on sm_90 (ptxas -v over every step and metric), and
+    # the backward kernels get a large outer and a small inner tile (benchmarks/RESULTS.md).
+    # float32 products run as three TF32 passes (tf32x3) and take smaller tiles.
     big = d > 128
     wide = dtype in (torch.float32, torch.float64)
     bm = cfg.block_m or (64 if big or wide else 128)
     bn = cfg.block_n or (32 if big else 64)
-    bbm = cfg.bwd_block_m or min(bm, 32)
-    bbn = cfg.bwd_block_n or min(bn, 32 if big or wide or d > 64 else 64)
-    for name, x in (("block_m", bm), ("block_n", bn), ("bwd_block_m", bbm), ("bwd_block_n", bbn)):
+    small = 32 if big or wide else None
+    bbm = cfg.bwd_block_m or min(bm, small or 64)
+    bbn = cfg.bwd_block_n or min(bn, 32)
+    kvm = cfg.bwd_kv_block_m or min(bm, 32)
+    kvn = cfg.bwd_kv_block_n or min(bn, small or 64)
+    tiles = (("block_m", bm), ("block_n", bn), ("bwd_block_m", bbm), ("bwd_block_n", bbn),
+             ("bwd_kv_block_m", kvm), ("bwd_kv_block_n", kvn))
+    for name, x in tiles:
         if x < 16 or x & (x - 1):
             raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {x}")
-    if bm % bbm or bn % bbn:
+    if bm % bbm or bn % bbn or bm % kvm or bn % kvn:
         raise ValueError(
-            f"backward tiles ({bbm}, {bbn}) must divide the forward tiles ({bm}, {bn}) (block skipping reuses them)"
+            f"backward tiles (dq {bbm}x{bbn}, dk/dv {kvm}x{kvn}) must divide the forward tiles ({bm}x{bn}) "
+            "(block skipping reuses them)"
         )
     return replace(
-        cfg, block_m=bm, block_n=bn, bwd_block_m=bbm, bwd_block_n=bbn,
+        cfg, block_m=bm, block_n=bn, bwd_block_m=bbm, bwd_block_n=bbn, bwd_kv_block_m=kvm, bwd_kv_block_n=kvn,
         num_warps=cfg.num_warps or 8,
         num_stages=cfg.num_stages or (3 if d <= 64 else 2),
-        bwd_num_warps=cfg.bwd_num_warps or (8 if wide or big else 4),
+        bwd_num_warps=cfg.bwd_num_warps or (8 if wide or d > 64 else 4),
         bwd_num_stages=cfg.bwd_num_stages or (2 if d <= 128 else 1),
     )
 
@@ -218,7 +229,9 @@ class _TritonWarp(torch.autograd.Function):
         S = _num_splits(cfg, B * n_qb, n_kb, dev)
         kps = triton_cdiv(n_kb, S)
         S = triton_cdiv(n_kb, kps)
+        even = n % BM == 0 and m % BN == 0
         common = dict(METRIC=plan.metric, CAUSAL=plan.causal, EXCL=plan.exclude_self, HAS_MASK=mask is not None,
+                      EVEN=even,
                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, ACC=tl_acc,
                       UPCAST=plan.interpret and q.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         strides = (*q4.stride(), *k4.stride())
@@ -228,12 +241,14 @@ class _TritonWarp(torch.autograd.Function):
         hi_p = torch.empty_like(lo_p)
         amin_p = torch.empty((S, B, n), dtype=torch.int32, device=dev)
         amax_p = torch.empty_like(amin_p)
-        tmax = torch.full((B, n_qb, n_kb), -math.inf, dtype=acc, device=dev)
+        tmax = (torch.full((B, n_qb, n_kb), -math.inf, dtype=acc, device=dev) if cfg.block_skipping
+                else torch.empty((1,), dtype=acc, device=dev))
         grid = (n_qb, B, S)
         track_arg = _tracks_range(plan, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         mod.range_kernel[grid](
             q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
-            *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg, **common,
+            *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg,
+            STORE_TMAX=cfg.block_skipping, **common,
         )
         if S == 1:
             lo, hi, argmin, argmax = lo_p[0], hi_p[0], amin_p[0], amax_p[0]
@@ -326,9 +341,9 @@ class _TritonWarp(torch.autograd.Function):
         n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
         track_range = _tracks_range(plan, need_q, need_k)
         common = dict(METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, EXCL=plan.exclude_self,
-                      HAS_MASK=mask is not None, SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
-                      TM_BN=cfg.block_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_E=BE,
-                      PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
+                      HAS_MASK=mask is not None, EVEN=n % cfg.block_m == 0 and m % cfg.block_n == 0,
+                      SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
+                      TM_BN=cfg.block_n, BLOCK_D=BD, BLOCK_E=BE, PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
                       num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
         args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
 
@@ -342,20 +357,21 @@ class _TritonWarp(torch.autograd.Function):
             mod.bwd_dq_kernel[(n_qb, B, S)](
                 q4, k4, v4, g, mask4, prm, consts, rs, row_list, row_count, dq_p, rsum, *args,
                 B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset,
-                NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, **common,
+                NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, BLOCK_M=BM, BLOCK_N=BN, **common,
             )
-            sums = rsum.sum(1)
-            dq = dq_p.sum(0)
+            sums = rsum[:, 0] if S == 1 else rsum.sum(1)
+            dq = dq_p[0] if S == 1 else dq_p.sum(0)
             g_lo, g_hi, da, db, dt = sums.unbind(0)
         dk = dv = None
         if need_k or need_v:
             dk = torch.empty((B, m, d), dtype=acc, device=dev) if need_k else rs
             dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
             col_list, col_count = _compact(mod, flags, rows=False) if cfg.block_skipping else (flags, flags)
-            mod.bwd_dkdv_kernel[(n_kb, B)](
+            KM, KN = cfg.bwd_kv_block_m, cfg.bwd_kv_block_n
+            mod.bwd_dkdv_kernel[(triton_cdiv(m, KN), B)](
                 q4, k4, v4, g, mask4, prm, consts, rs, col_list, col_count, dk, dv, *args,
-                B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, plan.self_offset,
-                NEED_DK=need_k, NEED_DV=need_v, **common,
+                B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset,
+                NEED_DK=need_k, NEED_DV=need_v, BLOCK_M=KM, BLOCK_N=KN, **common,
             )
             dk = dk.view(*batch, m, d) if need_k else None
             dv = dv.view(*batch, m, e) if need_v else None
