@@ -303,6 +303,7 @@ SWEEP_CONFIGS = {
     "fwd 4 warps": dict(num_warps=4),
     "fwd 128x128": dict(block_n=128),
     "fwd 64x64": dict(block_m=64),
+    "fwd 4 stages": dict(num_stages=4),
     "bwd no skipping": dict(block_skipping=False),
     "bwd 8 warps": dict(bwd_num_warps=8),
     "bwd 4 warps": dict(bwd_num_warps=4),
