@@ -300,14 +300,10 @@ SWEEP_SHAPES = SHAPES[1:]
 # Launch configurations tried against the defaults (forward-only and backward-only changes).
 SWEEP_CONFIGS = {
     "fwd no skipping": dict(block_skipping=False),
-    "fwd 4 warps": dict(num_warps=4),
-    "fwd 128x128": dict(block_n=128),
-    "fwd 64x64": dict(block_m=64),
-    "fwd 4 stages": dict(num_stages=4),
+    "fwd 128x64": dict(block_n=64),
+    "fwd 128x64 4 warps": dict(block_n=64, num_warps=4),
     "bwd no skipping": dict(block_skipping=False),
     "bwd 8 warps": dict(bwd_num_warps=8),
-    "bwd 4 warps": dict(bwd_num_warps=4),
-    "bwd dq 128x32": dict(bwd_block_m=128),
 }
 
 
@@ -325,8 +321,6 @@ def sweep_configs(device, args, log) -> list[dict]:
             sd = bench_case("sdpa", sdpa, q, k, v, False, backward, args)
             for name, kw in [("default", {})] + list(SWEEP_CONFIGS.items()):
                 if name.startswith("fwd" if backward else "bwd"):
-                    continue
-                if name == f"bwd {8 if shape[-1] > 64 else 4} warps":  # the default
                     continue
                 cfg = KernelConfig(**kw)
 

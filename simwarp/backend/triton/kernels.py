@@ -80,78 +80,89 @@ def _validity(offs_m, offs_n, n, m, mask_base, smn, smm, self_off,
 
 
 @triton.jit
-def _rows_dropped(ub, a, b, t, STEP: tl.constexpr):
-    """True where a key with normalised score ``ub`` (and so every key with a score at most
-    ``ub``: all ops are monotone) has weight exactly 0 for that row's step."""
-    if STEP == 1:
-        dropped = ub <= a
+def _band_coefs(inv_r, a, b, t, STEP: tl.constexpr):
+    """Per-row ``(alpha, beta)`` such that ``z = (s - lo) · alpha + beta`` is the step's own
+    coordinate: the band coordinate ``x = (u - a) / (b - a)`` for ``sigmoidal``, the smoothstep
+    argument ``y = (x - 1/2) / t + 1/2`` for ``poly`` (``u = 1`` on flat rows, ``inv_r = 0``).
+    One multiply-add per score instead of normalising, shifting and scaling; ``alpha >= 0`` so
+    ``z`` is monotone in ``s``, and the skip test uses the very same operations."""
+    inv_w = 1.0 / (b - a)
+    flat = inv_r <= 0.0
+    alpha = tl.where(flat, 0.0, inv_r * inv_w)
+    beta = tl.where(flat, (1.0 - a) * inv_w, -a * inv_w)
+    if STEP == 3:
+        inv_t = 1.0 / t
+        alpha = alpha * inv_t
+        beta = (beta - 0.5) * inv_t + 0.5
+    return alpha, beta
+
+
+@triton.jit
+def _step_coord(s, lo, inv_r, alpha, beta, STEP: tl.constexpr):
+    """The coordinate ``_step_weight`` expects: ``z`` (sigmoidal, poly) or ``u`` (log)."""
+    if STEP == 1 or STEP == 3:
+        z = (s - lo) * alpha + beta
     elif STEP == 2:
-        dropped = ub <= 0.0
-    elif STEP == 3:
-        y = (ub - (a + b) * 0.5) * (1.0 / (t * (b - a))) + 0.5
-        dropped = y <= 0.0
+        z = tl.where(inv_r > 0, (s - lo) * inv_r, 1.0)
     else:
-        dropped = ub != ub  # never (False; NaN-safe)
+        z = s
+    return z
+
+
+@triton.jit
+def _rows_dropped(z, STEP: tl.constexpr):
+    """True where a key at coordinate ``z`` (see ``_step_coord``; and so every key with a lower
+    score: all ops are monotone) has weight exactly 0 for that row's step."""
+    if STEP == 0:
+        dropped = z != z  # never (False; NaN-safe)
+    else:
+        dropped = z <= 0.0
     return dropped
 
 
 @triton.jit
-def _normalised(s, lo, inv_r):
-    return tl.where(inv_r[:, None] > 0, (s - lo[:, None]) * inv_r[:, None], 1.0)
+def _step_weight(x, z, valid, a, b, t, STEP: tl.constexpr, BAND_BRANCH: tl.constexpr):
+    """``p = exp2(x) · m`` for valid keys (0 elsewhere) and the kept indicator.
 
-
-@triton.jit
-def _step_weight(x, u, valid, a, b, t, STEP: tl.constexpr, BAND_BRANCH: tl.constexpr):
-    """``p = exp2(x) · m(u)`` for valid keys (0 elsewhere) and the kept indicator.
-
-    ``x`` is the log2 softmax numerator (``(s - ref) / τ · log2 e``); ``a, b, t`` are
-    ``(BM, 1)`` row parameters.
+    ``x`` is the log2 softmax numerator (``(s - ref) / τ · log2 e``), ``z`` the step's
+    coordinate (``_step_coord``); ``a, b, t`` are ``(BM, 1)`` row parameters.
     """
     if STEP == 0:
         keep = valid
         p = tl.exp2(tl.where(keep, x, float("-inf")))
-    elif STEP == 1:
-        keep = valid & (u > a)
+    elif STEP == 1:  # z = band coordinate: m = 1 / (1 + ((1 - z) / z)^(1/t))
+        keep = valid & (z > 0.0)
         p = tl.exp2(tl.where(keep, x, float("-inf")))
-        band = keep & (u < b)
+        band = keep & (z < 1.0)
         if BAND_BRANCH:
             if tl.max(band.to(tl.int32)) > 0:
-                ratio = tl.where(band, (b - u) / (u - a), 1.0)
+                ratio = tl.where(band, (1.0 - z) / z, 1.0)
                 rr = tl.exp2(tl.log2(ratio) * (1.0 / t))
                 p = tl.where(band, p / (1.0 + rr), p)
         else:
-            ratio = tl.where(band, (b - u) / (u - a), 1.0)
+            ratio = tl.where(band, (1.0 - z) / z, 1.0)
             rr = tl.exp2(tl.log2(ratio) * (1.0 / t))
             p = tl.where(band, p / (1.0 + rr), p)
     elif STEP == 2:
+        u = z
         keep = valid & (u > 0.0)
         band = keep & (u < b)
         ub = tl.where(band, u, b)
         phi2 = (t / (1.0 - t)) * (b - ub) * tl.log2(ub / b)
         p = tl.exp2(tl.where(keep, x + phi2, float("-inf")))
-    else:
-        c = 1.0 / (t * (b - a))
-        y = (u - (a + b) * 0.5) * c + 0.5
-        keep = valid & (y > 0.0)
-        band = keep & (y < 1.0)
-        p = tl.exp2(tl.where(keep, x, float("-inf")))
-        p = tl.where(band, p * (y * y * (3.0 - 2.0 * y)), p)
+    else:  # z = y: m = y² (3 - 2y) on y clamped to [0, 1] (no selects but validity)
+        keep = valid & (z > 0.0)
+        y = tl.minimum(tl.maximum(z, 0.0), 1.0)
+        p = tl.exp2(tl.where(valid, x, float("-inf"))) * (y * y * (3.0 - 2.0 * y))
     return p, keep
 
 
 @triton.jit
 def _step_weight_grad(x, u, valid, a, b, t, STEP: tl.constexpr):
-    """Backward form: ``w = exp2(x) · m(u)`` and the log-mask partials ``φ_u, φ_a, φ_b, φ_t``
-    (zero outside the band; see GRADIENTS.md and :mod:`simwarp.steps`)."""
-    zero = x * 0.0
-    if STEP == 0:
-        keep = valid
-        w = tl.exp2(tl.where(keep, x, float("-inf")))
-        phi_u = zero
-        phi_a = zero
-        phi_b = zero
-        phi_t = zero
-    elif STEP == 1:
+    """Backward form for ``sigmoidal`` and ``log``: ``w = exp2(x) · m(u)`` and the log-mask
+    partials ``φ_u, φ_a, φ_b, φ_t`` (zero outside the band; see GRADIENTS.md and
+    :mod:`simwarp.steps`). ``none`` and ``poly`` have closed forms in the tile functions."""
+    if STEP == 1:
         keep = valid & (u > a)
         band = keep & (u < b)
         w = tl.exp2(tl.where(keep, x, float("-inf")))
@@ -177,24 +188,9 @@ def _step_weight_grad(x, u, valid, a, b, t, STEP: tl.constexpr):
         w = tl.exp2(tl.where(keep, x + c * (b - ub) * lg * LOG2E, float("-inf")))
         bandf = tl.where(band, 1.0, 0.0)
         phi_u = bandf * c * ((b - ub) / ub - lg)
-        phi_a = zero
+        phi_a = x * 0.0
         phi_b = bandf * c * (lg - (b - ub) / b)
         phi_t = bandf * (b - ub) * lg / ((1.0 - t) * (1.0 - t))
-    else:
-        c = 1.0 / (t * (b - a))
-        y = (u - (a + b) * 0.5) * c + 0.5
-        keep = valid & (y > 0.0)
-        band = keep & (y < 1.0)
-        w = tl.exp2(tl.where(keep, x, float("-inf")))
-        yb = tl.where(band, y, 0.5)
-        poly = yb * yb * (3.0 - 2.0 * yb)
-        w = tl.where(band, w * poly, w)
-        phi_y = tl.where(band, 6.0 * (1.0 - yb) / (yb * (3.0 - 2.0 * yb)), 0.0)
-        xr = (u - a) / (b - a)
-        phi_u = phi_y * c
-        phi_a = phi_u * (xr - 1.0)
-        phi_b = -phi_u * xr
-        phi_t = -phi_y * (yb - 0.5) / t
     return w, keep, phi_u, phi_a, phi_b, phi_t
 
 
@@ -318,6 +314,7 @@ def tile_flags_kernel(
     a = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
     b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
     t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
+    alpha, beta = _band_coefs(inv_r, a, b, t, STEP)
     n_vis = n_kb
     if CAUSAL:
         n_vis = tl.minimum(n_kb, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
@@ -327,8 +324,8 @@ def tile_flags_kernel(
         offs_t = k0 + tl.arange(0, TILES)
         visited = offs_t < n_vis
         tm = tl.load(TMAX + base + offs_t, mask=visited, other=float("-inf"))[None, :]
-        ub = (tm - lo) * inv_r
-        ok = (~row_ok[:, None]) | (emp > 0) | (tm == float("-inf")) | ((inv_r > 0) & _rows_dropped(ub, a, b, t, STEP))
+        z = _step_coord(tm, lo, inv_r, alpha, beta, STEP)
+        ok = (~row_ok[:, None]) | (emp > 0) | (tm == float("-inf")) | ((inv_r > 0) & _rows_dropped(z, STEP))
         flag = tl.min(ok.to(tl.int32), axis=0)
         tl.store(FLAGS + base + offs_t, flag.to(tl.int8), mask=offs_t < n_kb)
         n_skip += tl.sum(tl.where(visited, flag, 0), axis=0)
@@ -366,7 +363,7 @@ def compact_kernel(FLAGS, LIST, COUNT, s_batch, s_outer, s_inner, n_inner, TILES
 @triton.jit
 def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
                  skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
-                 METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+                 alpha2, beta2, METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
                  HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                  PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
@@ -385,9 +382,9 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
         kk = tl.sum(kf * kf, 1)
     s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
     valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
-    u = _normalised(s, lo, inv_r)
+    z = _step_coord(s, lo[:, None], inv_r[:, None], alpha2, beta2, STEP)
     x = (s - hi[:, None]) * xscale
-    p, keep = _step_weight(x, u, valid, a2, b2, t2, STEP, BAND_BRANCH)
+    p, keep = _step_weight(x, z, valid, a2, b2, t2, STEP, BAND_BRANCH)
     acc += _dot(p.to(v.dtype), v, PREC, ACC, UPCAST)
     denom += tl.sum(p, 1)
     kept += tl.sum(keep.to(ACC), 1)
@@ -431,6 +428,7 @@ def attend_kernel(
     a2 = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
     b2 = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
     t2 = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
+    alpha2, beta2 = _band_coefs(inv_r[:, None], a2, b2, t2, STEP)
     xscale = inv_tau * LOG2E
     k_base = K + b0 * sk0 + b1 * sk1
     v_base = V + b0 * sv0 + b1 * sv1
@@ -453,14 +451,14 @@ def attend_kernel(
             acc, denom, kept = _attend_tile(
                 acc, denom, kept, q, qq, tl.load(tiles + i), offs_m, k_base, v_base, mask_base, n, m, d, e,
                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST,
+                alpha2, beta2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST,
                 EVEN, BLOCK_M)
     else:
         for kb in range(kb_lo, kb_hi):
             acc, denom, kept = _attend_tile(
                 acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST,
+                alpha2, beta2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST,
                 EVEN, BLOCK_M)
 
     if SPLIT:
@@ -486,7 +484,7 @@ def attend_kernel(
 @triton.jit
 def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
              n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
-             lo, inv_r, lse, delta, a2, b2, t2,
+             lo, inv_r, lse, delta, a2, b2, t2, alpha2, beta2,
              METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
              HAS_MASK: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -506,14 +504,26 @@ def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base,
         kk = tl.sum(kf * kf, 1)
     s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
     valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
-    u = _normalised(s, lo, inv_r)
     x = (s * inv_tau - lse[:, None]) * LOG2E
-    w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
     dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
-    dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
     if STEP == 0:
-        ds = dl * inv_tau
+        e = tl.exp2(tl.where(valid, x, float("-inf")))
+        ds = e * (dp - delta[:, None]) * inv_tau
+    elif STEP == 3:
+        # Smoothstep in closed form: with G = ∂L/∂y every range and parameter gradient of the
+        # row is a combination of ΣG and ΣG·(s - lo) (y is affine in s; see the epilogue).
+        sd = s - lo[:, None]
+        y = tl.minimum(tl.maximum(sd * alpha2 + beta2, 0.0), 1.0)
+        g = tl.exp2(tl.where(valid, x, float("-inf"))) * (dp - delta[:, None])
+        gy = g * (6.0 * y * (1.0 - y))
+        ds = g * (y * y * (3.0 - 2.0 * y)) * inv_tau + gy * alpha2
+        if NEED_RANGE or NEED_PARAMS:
+            g_lo += tl.sum(gy, 1)
+            g_hi += tl.sum(gy * sd, 1)
     else:
+        u = tl.where(inv_r[:, None] > 0, (s - lo[:, None]) * inv_r[:, None], 1.0)
+        w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
+        dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
         dlu = dl * phi_u * inv_r[:, None]
         ds = dl * inv_tau + dlu
         if NEED_RANGE:
@@ -572,9 +582,13 @@ def bwd_dq_kernel(
     inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
     lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
     delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
-    a2 = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
-    b2 = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
-    t2 = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
+    a = tl.load(PRM + rows, mask=row_ok, other=0.5)
+    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
+    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
+    a2 = a[:, None]
+    b2 = b[:, None]
+    t2 = t[:, None]
+    alpha2, beta2 = _band_coefs(inv_r[:, None], a2, b2, t2, STEP)
     k_base = K + b0 * sk0 + b1 * sk1
     v_base = V + b0 * sv0 + b1 * sv1
     mask_base = MASK + b0 * smk0 + b1 * smk1
@@ -602,17 +616,27 @@ def bwd_dq_kernel(
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
                 dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
                 n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
-                lo, inv_r, lse, delta, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+                lo, inv_r, lse, delta, a2, b2, t2, alpha2, beta2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
                 NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     else:
         for kb in range(kb_lo, kb_hi):
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
                 dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
                 n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
-                lo, inv_r, lse, delta, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+                lo, inv_r, lse, delta, a2, b2, t2, alpha2, beta2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
                 NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if METRIC != 0:
         dq += 2.0 * rsum[:, None] * qf
+    if STEP == 3:  # g_lo, g_hi hold ΣG, ΣG·(s - lo); with Σ G·u, every sum is linear in them
+        sg = g_lo
+        sgu = tl.where(inv_r > 0, inv_r * g_hi, sg)
+        alpha, _beta = _band_coefs(inv_r, a, b, t, STEP)
+        c_w = 1.0 / (t * (b - a) * (b - a))
+        g_a = (sgu - b * sg) * c_w
+        g_b = (a * sg - sgu) * c_w
+        g_t = ((a + b) * 0.5 * sg - sgu) / (t * t * (b - a))
+        g_lo = alpha * (sgu - sg)
+        g_hi = -alpha * sgu
     part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
     tl.store(DQ + part[:, None] * d + offs_d[None, :], dq, mask=row_ok[:, None] & (offs_d[None, :] < d))
     plane_s = tl.num_programs(2).to(tl.int64) * B * n
@@ -653,17 +677,29 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
         qq = tl.sum(qf * qf, 1)
     s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
     valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
-    u = _normalised(s, lo, inv_r)
     x = (s * inv_tau - lse[:, None]) * LOG2E
-    w, keep, phi_u, _pa, _pb, _pt = _step_weight_grad(x, u, valid, a[:, None], b[:, None], t[:, None], STEP)
+    if STEP == 0 or STEP == 3:  # w = e · m(y) with the smoothstep on y clamped to [0, 1] (poly)
+        e_ = tl.exp2(tl.where(valid, x, float("-inf")))
+        if STEP == 3:
+            alpha, beta = _band_coefs(inv_r[:, None], a[:, None], b[:, None], t[:, None], STEP)
+            y = tl.minimum(tl.maximum((s - lo[:, None]) * alpha + beta, 0.0), 1.0)
+            w = e_ * (y * y * (3.0 - 2.0 * y))
+        else:
+            w = e_
+    else:
+        u = tl.where(inv_r[:, None] > 0, (s - lo[:, None]) * inv_r[:, None], 1.0)
+        w, keep, phi_u, _pa, _pb, _pt = _step_weight_grad(x, u, valid, a[:, None], b[:, None], t[:, None], STEP)
     if NEED_DV:
         dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
     if NEED_DK:
         dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
-        dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
         if STEP == 0:
-            ds = dl * inv_tau
+            ds = w * (dp - delta[:, None]) * inv_tau
+        elif STEP == 3:
+            g = e_ * (dp - delta[:, None])
+            ds = w * (dp - delta[:, None]) * inv_tau + g * (6.0 * y * (1.0 - y)) * alpha
         else:
+            dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
             ds = dl * (inv_tau + phi_u * inv_r[:, None])
         coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
         dk += _dot(tl.trans(coef).to(q.dtype), q, PREC, ACC, UPCAST)

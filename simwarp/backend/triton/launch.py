@@ -144,14 +144,15 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
     return None
 
 
-def _resolve_config(cfg: KernelConfig, d: int, dtype: torch.dtype, interpret: bool) -> KernelConfig:
-    # Defaults: no kernel spills registers on sm_90 (ptxas -v over every step and metric), and
-    # the backward kernels get a large outer and a small inner tile (benchmarks/RESULTS.md).
-    # float32 products run as three TF32 passes (tf32x3) and take smaller tiles.
+def _resolve_config(cfg: KernelConfig, d: int, dtype: torch.dtype, step: int = 1) -> KernelConfig:
+    # Defaults timed on an H200 (benchmarks/RESULTS.md) and checked with ptxas -v for register
+    # spills: 128x128 forward tiles where the step has no transcendental band math (none, poly),
+    # 128x64 otherwise; the backward kernels get a large outer and a small inner tile and four
+    # warps. float32 products run as three TF32 passes (tf32x3) and take smaller tiles.
     big = d > 128
     wide = dtype in (torch.float32, torch.float64)
     bm = cfg.block_m or (64 if big or wide else 128)
-    bn = cfg.block_n or (32 if big else 64)
+    bn = cfg.block_n or (32 if big else 64 if wide or step in (1, 2) else 128)
     small = 32 if big or wide else None
     bbm = cfg.bwd_block_m or min(bm, small or 64)
     bbn = cfg.bwd_block_n or min(bn, 32)
@@ -171,7 +172,7 @@ def _resolve_config(cfg: KernelConfig, d: int, dtype: torch.dtype, interpret: bo
         cfg, block_m=bm, block_n=bn, bwd_block_m=bbm, bwd_block_n=bbn, bwd_kv_block_m=kvm, bwd_kv_block_n=kvn,
         num_warps=cfg.num_warps or 8,
         num_stages=cfg.num_stages or (3 if d <= 64 else 2),
-        bwd_num_warps=cfg.bwd_num_warps or (8 if wide or d > 64 else 4),
+        bwd_num_warps=cfg.bwd_num_warps or (8 if wide or big else 4),
         bwd_num_stages=cfg.bwd_num_stages or (2 if d <= 128 else 1),
     )
 
@@ -451,7 +452,7 @@ def _mask4(mask: torch.Tensor | None, batch, n: int, m: int, device) -> torch.Te
 def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None) -> _Plan:
     d = q.shape[-1]
     interpret = q.device.type == "cpu"
-    cfg = _resolve_config(config or KernelConfig(), d, q.dtype, interpret)
+    cfg = _resolve_config(config or KernelConfig(), d, q.dtype, KERNEL_STEPS[spec.step.name])
     scale = default_scale(spec.metric, d) if spec.scale is None else spec.scale
     return _Plan(
         metric=METRIC_CODES[spec.metric], step=KERNEL_STEPS[spec.step.name], scale=float(scale),
