@@ -121,6 +121,15 @@ def _rows_dropped(z, STEP: tl.constexpr):
 
 
 @triton.jit
+def _sigmoidal_band(p, z, band, t):
+    """``p · m`` in the band, ``m = 1 / (1 + ((1 - z) / z)^(1/t))``: two ``log2`` and one ``exp2``
+    instead of IEEE divisions (a weight needs no correctly rounded quotient)."""
+    zb = tl.where(band, z, 0.5)
+    rr = tl.exp2((tl.log2(1.0 - zb) - tl.log2(zb)) * (1.0 / t))
+    return tl.where(band, tl.fdiv(p, 1.0 + rr, ieee_rounding=False), p)
+
+
+@triton.jit
 def _step_weight(x, z, valid, a, b, t, STEP: tl.constexpr, BAND_BRANCH: tl.constexpr):
     """``p = exp2(x) · m`` for valid keys (0 elsewhere) and the kept indicator.
 
@@ -136,13 +145,9 @@ def _step_weight(x, z, valid, a, b, t, STEP: tl.constexpr, BAND_BRANCH: tl.const
         band = keep & (z < 1.0)
         if BAND_BRANCH:
             if tl.max(band.to(tl.int32)) > 0:
-                ratio = tl.where(band, (1.0 - z) / z, 1.0)
-                rr = tl.exp2(tl.log2(ratio) * (1.0 / t))
-                p = tl.where(band, p / (1.0 + rr), p)
+                p = _sigmoidal_band(p, z, band, t)
         else:
-            ratio = tl.where(band, (1.0 - z) / z, 1.0)
-            rr = tl.exp2(tl.log2(ratio) * (1.0 / t))
-            p = tl.where(band, p / (1.0 + rr), p)
+            p = _sigmoidal_band(p, z, band, t)
     elif STEP == 2:
         u = z
         keep = valid & (u > 0.0)
