@@ -144,15 +144,18 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
     return None
 
 
-def _resolve_config(cfg: KernelConfig, d: int, dtype: torch.dtype, step: int = 1) -> KernelConfig:
+def _resolve_config(
+    cfg: KernelConfig, d: int, dtype: torch.dtype, step: int = 1, causal: bool = False
+) -> KernelConfig:
     # Defaults timed on an H200 (benchmarks/RESULTS.md) and checked with ptxas -v for register
-    # spills: 128x128 forward tiles where the step has no transcendental band math (none, poly),
-    # 128x64 otherwise; the backward kernels get a large outer and a small inner tile and four
-    # warps. float32 products run as three TF32 passes (tf32x3) and take smaller tiles.
+    # spills: 128x128 forward tiles where the step has no transcendental band math (none, poly)
+    # and the mask is not causal (the diagonal tiles' extra selects spill there), 128x64
+    # otherwise; the backward kernels get a large outer and a small inner tile and four warps.
+    # float32 products run as three TF32 passes (tf32x3) and take smaller tiles.
     big = d > 128
     wide = dtype in (torch.float32, torch.float64)
     bm = cfg.block_m or (64 if big or wide else 128)
-    bn = cfg.block_n or (32 if big else 64 if wide or step in (1, 2) else 128)
+    bn = cfg.block_n or (32 if big else 64 if wide or causal or step in (1, 2) else 128)
     small = 32 if big or wide else None
     bbm = cfg.bwd_block_m or min(bm, small or 64)
     bbn = cfg.bwd_block_n or min(bn, 32)
@@ -452,7 +455,7 @@ def _mask4(mask: torch.Tensor | None, batch, n: int, m: int, device) -> torch.Te
 def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None) -> _Plan:
     d = q.shape[-1]
     interpret = q.device.type == "cpu"
-    cfg = _resolve_config(config or KernelConfig(), d, q.dtype, KERNEL_STEPS[spec.step.name])
+    cfg = _resolve_config(config or KernelConfig(), d, q.dtype, KERNEL_STEPS[spec.step.name], spec.causal)
     scale = default_scale(spec.metric, d) if spec.scale is None else spec.scale
     return _Plan(
         metric=METRIC_CODES[spec.metric], step=KERNEL_STEPS[spec.step.name], scale=float(scale),
