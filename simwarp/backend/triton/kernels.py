@@ -548,6 +548,67 @@ def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base,
 
 
 @triton.jit
+def _route_range(gr, IDX, rows, row_ok, qf, k_base, skm, skd, offs_d, d, DK, dk_row0, scale,
+                 METRIC: tl.constexpr, RANGE_DK: tl.constexpr, ACC: tl.constexpr):
+    """The range gradient of one extreme: ``gr · ∂s(q_i, k_j)/∂q_i`` with ``j`` the row's
+    argmin (or argmax) key, returned for ``dq``; with ``RANGE_DK`` the ``k_j`` part is added into
+    ``DK`` (atomically: rows share extreme keys). Empty rows have ``gr = 0``."""
+    idx = tl.load(IDX + rows, mask=row_ok, other=0)
+    dmask = row_ok[:, None] & (offs_d[None, :] < d)
+    kr = tl.load(k_base + idx[:, None].to(tl.int64) * skm + offs_d[None, :] * skd, mask=dmask, other=0.0).to(ACC)
+    if METRIC == 0:
+        gq = kr * scale
+        gk = qf * scale
+    else:
+        diff = qf - kr
+        if METRIC == 1:
+            gq = diff * (-2.0 * scale)
+        else:
+            nrm = tl.sqrt(tl.sum(diff * diff, 1))
+            gq = diff * tl.where(nrm > 0.0, -scale / tl.where(nrm > 0.0, nrm, 1.0), 0.0)[:, None]
+        gk = -gq
+    if RANGE_DK:
+        tl.atomic_add(DK + (dk_row0 + idx[:, None].to(tl.int64)) * d + offs_d[None, :], gr[:, None] * gk, mask=dmask)
+    return gr[:, None] * gq
+
+
+@triton.jit
+def range_grad_kernel(
+    Q, K, CONSTS, GS, AMIN, AMAX, DQ, DK,
+    sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, B1, B, n, m, d,
+    METRIC: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Route the range gradient ``G_lo, G_hi`` (``GS``, ``(2, B, n)``) through the metric at each
+    row's argmin / argmax key: adds into ``DQ`` (rows owned by this program) and, atomically,
+    into ``DK`` (rows share extreme keys). One program per query block; runs after the other
+    backward kernels."""
+    pid_q = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    b0 = (pid_b // B1).to(tl.int64)
+    b1 = (pid_b % B1).to(tl.int64)
+    offs_m = pid_q * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < n
+    dmask = row_ok[:, None] & (offs_d[None, :] < d)
+    rows = pid_b.to(tl.int64) * n + offs_m
+    q = tl.load(Q + b0 * sq0 + b1 * sq1 + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+                mask=dmask, other=0.0).to(ACC)
+    scale = tl.load(CONSTS)
+    k_base = K + b0 * sk0 + b1 * sk1
+    dk_row0 = pid_b.to(tl.int64) * m
+    g_lo = tl.load(GS + rows, mask=row_ok, other=0.0)
+    g_hi = tl.load(GS + B * n + rows, mask=row_ok, other=0.0)
+    gq = _route_range(g_lo, AMIN, rows, row_ok, q, k_base, skm, skd, offs_d, d, DK, dk_row0, scale,
+                      METRIC, NEED_DK, ACC)
+    gq += _route_range(g_hi, AMAX, rows, row_ok, q, k_base, skm, skd, offs_d, d, DK, dk_row0, scale,
+                       METRIC, NEED_DK, ACC)
+    if NEED_DQ:
+        dq_ptr = DQ + rows[:, None] * d + offs_d[None, :]
+        tl.store(dq_ptr, tl.load(dq_ptr, mask=dmask, other=0.0) + gq, mask=dmask)
+
+
+@triton.jit
 def bwd_dq_kernel(
     Q, K, V, DO, MASK, PRM, CONSTS, RS, LIST, COUNT, DQ, RSUM,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
@@ -559,9 +620,9 @@ def bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Per query block: ``dq`` (without the range scatter) and the per-row sums
-    ``G_lo, G_hi`` (with ``NEED_RANGE``) and ``da, db, dt`` (with ``NEED_PARAMS``) over the keys
-    of split ``pid_s``."""
+    """Per query block: ``dq`` (without the range gradient) and the per-row sums ``G_lo, G_hi``
+    (with ``NEED_RANGE``) and ``da, db, dt`` (with ``NEED_PARAMS``) over the keys of split
+    ``pid_s`` (all linear in the keys' contributions, so splits add up)."""
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)

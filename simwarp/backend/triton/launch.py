@@ -3,8 +3,9 @@
 Forward = ``range_kernel`` (pass 1: row min/max, first argmin/argmax, per-tile score maxima)
 then ``attend_kernel`` (pass 2: step, softmax with the row maximum known from pass 1, ``p @ v``,
 tile skipping). Backward = ``bwd_dq_kernel`` (``dq`` and the per-row sums ``G_lo, G_hi, da, db,
-dt``) and ``bwd_dkdv_kernel`` (``dk``, ``dv``), both recomputing scores; the range gradient is
-then routed to each row's argmin/argmax key with ``O(rows)`` torch ops (GRADIENTS.md).
+dt``) and ``bwd_dkdv_kernel`` (``dk``, ``dv``), both recomputing scores, then
+``range_grad_kernel`` routes ``G_lo, G_hi`` to each row's argmin/argmax key, into ``dq`` and
+atomically into ``dk`` (GRADIENTS.md).
 
 When a grid has few programs (the neighbour-bank case: few queries, up to millions of keys),
 the key axis is split over ``num_splits`` programs per query block; since the row maximum is
@@ -25,10 +26,9 @@ from torch.autograd.function import once_differentiable
 
 from simwarp import steps as _steps
 from simwarp.backend.common import WarpSpec, broadcast_shape
-from simwarp.similarity import default_scale, paired_similarity
+from simwarp.similarity import default_scale
 
 METRIC_CODES = {"dot": 0, "cosine": 0, "sqeuclidean": 1, "l2": 2}
-_METRIC_NAMES = {0: "dot", 1: "sqeuclidean", 2: "l2"}
 #: Steps with a kernel implementation, and the registered function each must still be.
 KERNEL_STEPS = {"none": 0, "sigmoidal": 1, "log": 2, "poly": 3}
 MAX_HEAD_DIM = 256
@@ -351,7 +351,19 @@ class _TritonWarp(torch.autograd.Function):
                       num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
         args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
 
-        dq = da = db = dt = g_lo = g_hi = None
+        dk = dv = None
+        if need_k or need_v:
+            dk = torch.empty((B, m, d), dtype=acc, device=dev) if need_k else rs
+            dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
+            col_list, col_count = _compact(mod, flags, rows=False) if cfg.block_skipping else (flags, flags)
+            KM, KN = cfg.bwd_kv_block_m, cfg.bwd_kv_block_n
+            mod.bwd_dkdv_kernel[(triton_cdiv(m, KN), B)](
+                q4, k4, v4, g, mask4, prm, consts, rs, col_list, col_count, dk, dv, *args,
+                B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset,
+                NEED_DK=need_k, NEED_DV=need_v, BLOCK_M=KM, BLOCK_N=KN, **common,
+            )
+        # dq after dk/dv: the range gradient is added into both at the end.
+        dq = da = db = dt = None
         if need_q or need_a or need_b or need_t or track_range:
             S = _num_splits(cfg, B * n_qb, n_kb, dev)
             kps = triton_cdiv(n_kb, S)
@@ -365,47 +377,25 @@ class _TritonWarp(torch.autograd.Function):
             )
             sums = rsum[:, 0] if S == 1 else rsum.sum(1)
             dq = dq_p[0] if S == 1 else dq_p.sum(0)
-            g_lo, g_hi, da, db, dt = sums.unbind(0)
-        dk = dv = None
-        if need_k or need_v:
-            dk = torch.empty((B, m, d), dtype=acc, device=dev) if need_k else rs
-            dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
-            col_list, col_count = _compact(mod, flags, rows=False) if cfg.block_skipping else (flags, flags)
-            KM, KN = cfg.bwd_kv_block_m, cfg.bwd_kv_block_n
-            mod.bwd_dkdv_kernel[(triton_cdiv(m, KN), B)](
-                q4, k4, v4, g, mask4, prm, consts, rs, col_list, col_count, dk, dv, *args,
-                B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset,
-                NEED_DK=need_k, NEED_DV=need_v, BLOCK_M=KM, BLOCK_N=KN, **common,
-            )
-            dk = dk.view(*batch, m, d) if need_k else None
-            dv = dv.view(*batch, m, e) if need_v else None
+            da, db, dt = sums[2], sums[3], sums[4]
+            if track_range:  # G_lo, G_hi to each row's argmin / argmax key, into dq and dk
+                mod.range_grad_kernel[(triton_cdiv(n, 32), B)](
+                    q4, k4, consts, sums, argmin, argmax, dq, dk if need_k else rs,
+                    *q4.stride(), *k4.stride(), B1, B, n, m, d,
+                    METRIC=plan.metric, NEED_DQ=need_q, NEED_DK=need_k, BLOCK_M=32, BLOCK_D=BD, ACC=tl_acc,
+                    num_warps=4,
+                )
         if dq is not None:
             dq = dq.view(*batch, n, d)
 
-        if track_range:
-            # Route G_lo / G_hi through the metric at each row's argmin / argmax key (first on ties).
-            q_ = q.detach().to(acc).requires_grad_(need_q)
-            k_ = k.detach().to(acc).requires_grad_(need_k)
-            with torch.enable_grad():
-                qx = q_.expand(*batch, n, d)
-                kx = k_.expand(*batch, m, d)
-                idx = [i.view(*batch, n).long().unsqueeze(-1).expand(*batch, n, d) for i in (argmin, argmax)]
-                picked = [torch.gather(kx, -2, ix) for ix in idx]
-                name = _METRIC_NAMES[plan.metric]
-                s_range = [paired_similarity(qx, kp, name, plan.scale) for kp in picked]
-            wrt = [x for x in (q_, k_) if x.requires_grad]
-            grads = torch.autograd.grad(
-                s_range, wrt, [g_lo.view(*batch, n), g_hi.view(*batch, n)], allow_unused=True
-            )
-            grads = dict(zip(map(id, wrt), grads))
-        else:
-            grads = {}
+        if dk is not None:
+            dk = dk.view(*batch, m, d) if need_k else None
+            dv = dv.view(*batch, m, e) if need_v else None
 
-        def reduce(grad, like, need, extra=None):
+        def reduce(grad, like, need):
             if not need or grad is None:
                 return None
-            grad = grad.sum_to_size(like.shape)
-            return (grad if extra is None else grad + extra).to(like.dtype)
+            return grad.sum_to_size(like.shape).to(like.dtype)
 
         def reduce_param(grad, p, need):
             if not need or grad is None:
@@ -415,8 +405,8 @@ class _TritonWarp(torch.autograd.Function):
             return grad.to(p.dtype)
 
         return (
-            reduce(dq, q, need_q, grads.get(id(q_)) if track_range else None),
-            reduce(dk, k, need_k, grads.get(id(k_)) if track_range else None),
+            reduce(dq, q, need_q),
+            reduce(dk, k, need_k),
             reduce(dv, v, need_v),
             reduce_param(da, a, need_a), reduce_param(db, b, need_b), reduce_param(dt, t, need_t),
             None, None,
