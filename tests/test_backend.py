@@ -616,3 +616,16 @@ def test_step_parameter_gradients_with_frozen_inputs(step, exclude_self):
     for gd, gc in zip(*grads):
         torch.testing.assert_close(gd, gc, rtol=1e-9, atol=1e-12)
     assert grads[0][1].abs().sum() > 0
+
+
+def test_resolve_params_devices():
+    """A device given as a string or without an index matches the parameters' device; a
+    parameter on another device is an error naming it."""
+    from simwarp.backend.common import resolve_params
+
+    a = torch.tensor(0.2)
+    out = resolve_params(a, 0.8, None, batch=torch.Size(), n=3, dtype=torch.float32, device="cpu")
+    assert all(x.device.type == "cpu" and x.dtype == torch.float32 for x in out)
+    with pytest.raises(ValueError, match="a must be on the inputs' device"):
+        resolve_params(torch.tensor(0.2, device="meta"), 0.8, None, batch=torch.Size(), n=3,
+                       dtype=torch.float32, device=torch.device("cpu"))

@@ -201,6 +201,7 @@ def check_block_skipping_is_exact_and_reported():
     "poly-q-only": ("l2", "poly", (True, False, False, False, False, False), True),
     "none-kv-no-skipping": ("sqeuclidean", "none", (False, True, True, False, False, False), False),
     "log-t-only": ("cosine", "log", (False, False, False, False, False, True), False),
+    "l2-k-only-range": ("l2", "sigmoidal", (False, True, False, False, False, False), True),
     "even-tiles-skipping": ("dot", "poly", (True,) * 6, True, 64, 96, False),
     "even-tiles-causal": ("sqeuclidean", "sigmoidal", (True,) * 6, True, 64, 64, True),
     "even-tiles-no-skipping": ("dot", "sigmoidal", (True, True, True, False, False, False), False, 32, 64, False),
