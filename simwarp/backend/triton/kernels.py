@@ -367,13 +367,13 @@ def compact_kernel(FLAGS, LIST, COUNT, s_batch, s_outer, s_inner, n_inner, TILES
 
 
 @triton.jit
-def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
-                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
-                 alpha2, beta2, METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-                 HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                 PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
+def _key_tile(q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm,
+              self_off, scale, METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+              HAS_MASK: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """Key tile ``kb`` seen from a query block: its keys and values, the scores (and the raw
+    squared distance, for the metric's backward) and which pairs are valid."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
@@ -386,8 +386,22 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
     if METRIC != 0:
         kf = k.to(ACC)
         kk = tl.sum(kf * kf, 1)
-    s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
+    s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
     valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
+    return k, v, s, dist2, valid
+
+
+@triton.jit
+def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
+                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
+                 alpha2, beta2, METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+                 HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                 PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    k, v, s, dist2, valid = _key_tile(
+        q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+        METRIC, CAUSAL, EXCL, HAS_MASK, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
     z = _step_coord(s, lo[:, None], inv_r[:, None], alpha2, beta2, STEP)
     x = (s - hi[:, None]) * xscale
     p, keep = _step_weight(x, z, valid, a2, b2, t2, STEP, BAND_BRANCH)
@@ -496,20 +510,9 @@ def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
              PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
              BLOCK_M: tl.constexpr):
-    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    col_ok = offs_n < m
-    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
-    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
-                mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-    kk = tl.zeros([BLOCK_N], ACC)
-    if METRIC != 0:
-        kf = k.to(ACC)
-        kk = tl.sum(kf * kf, 1)
-    s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
+    k, v, s, dist2, valid = _key_tile(
+        q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+        METRIC, CAUSAL, EXCL, HAS_MASK, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
     x = (s * inv_tau - lse[:, None]) * LOG2E
     dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
     if STEP == 0:
