@@ -502,6 +502,20 @@ def attend_kernel(
 
 
 @triton.jit
+def _backward_rows(RS, PRM, rows, row_ok, plane):
+    """Row statistics of the backward (``RS``: ``lo, inv_r, lse, delta, empty`` planes) and the
+    step parameters (``PRM``: ``a, b, t``) of ``rows``."""
+    lo = tl.load(RS + rows, mask=row_ok, other=0.0)
+    inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
+    lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
+    delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
+    a = tl.load(PRM + rows, mask=row_ok, other=0.5)
+    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
+    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
+    return lo, inv_r, lse, delta, a, b, t
+
+
+@triton.jit
 def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
              n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
              lo, inv_r, lse, delta, a2, b2, t2, alpha2, beta2,
@@ -648,13 +662,7 @@ def bwd_dq_kernel(
     inv_tau = tl.load(CONSTS + 1)
     rows = pid_b.to(tl.int64) * n + offs_m
     plane = (pid_b.to(tl.int64) * 0 + B) * n
-    lo = tl.load(RS + rows, mask=row_ok, other=0.0)
-    inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
-    lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
-    delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
-    a = tl.load(PRM + rows, mask=row_ok, other=0.5)
-    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
-    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
+    lo, inv_r, lse, delta, a, b, t = _backward_rows(RS, PRM, rows, row_ok, plane)
     a2 = a[:, None]
     b2 = b[:, None]
     t2 = t[:, None]
@@ -734,13 +742,7 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
                 mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
     do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
                  mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-    lo = tl.load(RS + rows, mask=row_ok, other=0.0)
-    inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
-    lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
-    delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
-    a = tl.load(PRM + rows, mask=row_ok, other=0.5)
-    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
-    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
+    lo, inv_r, lse, delta, a, b, t = _backward_rows(RS, PRM, rows, row_ok, plane)
     qq = tl.zeros([BLOCK_M], ACC)
     if METRIC != 0:
         qf = q.to(ACC)
