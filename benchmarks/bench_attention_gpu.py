@@ -17,9 +17,13 @@
 
 Usage (on a CUDA machine; the repo does not need to be installed)::
 
-    python benchmarks/bench_attention_gpu.py                 # about 5-8 minutes on an H100
-    python benchmarks/bench_attention_gpu.py --quick         # first shape only, fewer repeats
-    python benchmarks/bench_attention_gpu.py --out /tmp/gpu.json --budget 400
+    python benchmarks/bench_attention_gpu.py --no-compile      # about 5 minutes on an H200 (304 s)
+    python benchmarks/bench_attention_gpu.py --no-compile --skip-peers --shapes 1,2 --sweep \
+        --repeats 20 --case-seconds 1.0                        # the target shapes: about 150 s
+    python benchmarks/bench_attention_gpu.py --quick           # first shape only, fewer repeats
+
+On a machine without a GPU, ``python tools/check_kernels_sm90.py`` first checks that every kernel
+compiles for sm_90.
 """
 
 from __future__ import annotations
