@@ -216,7 +216,7 @@ class _TritonWarp(torch.autograd.Function):
         cfg = plan.config
         acc = _acc_dtype(q.dtype)
         tl_acc = _tl_acc(mod, q.dtype)
-        prec = "ieee" if q.dtype == torch.float64 else ("tf32" if cfg.allow_tf32 else "tf32x3")
+        prec = _precision(q.dtype, cfg)
         dev = q.device
         batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -233,9 +233,8 @@ class _TritonWarp(torch.autograd.Function):
         S = _num_splits(cfg, B * n_qb, n_kb, dev)
         kps = triton_cdiv(n_kb, S)
         S = triton_cdiv(n_kb, kps)
-        even = n % BM == 0 and m % BN == 0
         common = dict(METRIC=plan.metric, CAUSAL=plan.causal, EXCL=plan.exclude_self, HAS_MASK=mask is not None,
-                      EVEN=even,
+                      EVEN=_even_tiles(n, m, cfg),
                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, ACC=tl_acc,
                       UPCAST=plan.interpret and q.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         strides = (*q4.stride(), *k4.stride())
@@ -326,7 +325,7 @@ class _TritonWarp(torch.autograd.Function):
         dev = q.device
         acc = _acc_dtype(q.dtype)
         tl_acc = _tl_acc(mod, q.dtype)
-        prec = "ieee" if q.dtype == torch.float64 else ("tf32" if cfg.allow_tf32 else "tf32x3")
+        prec = _precision(q.dtype, cfg)
 
         g = torch.zeros((B, n, e), dtype=q.dtype, device=dev) if g_out is None else g_out.reshape(B, n, e)
         g = g.to(v.dtype).contiguous()
@@ -345,7 +344,7 @@ class _TritonWarp(torch.autograd.Function):
         n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
         track_range = _tracks_range(plan, need_q, need_k)
         common = dict(METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, EXCL=plan.exclude_self,
-                      HAS_MASK=mask is not None, EVEN=n % cfg.block_m == 0 and m % cfg.block_n == 0,
+                      HAS_MASK=mask is not None, EVEN=_even_tiles(n, m, cfg),
                       SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
                       TM_BN=cfg.block_n, BLOCK_D=BD, BLOCK_E=BE, PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
                       num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
@@ -411,6 +410,16 @@ class _TritonWarp(torch.autograd.Function):
             reduce_param(da, a, need_a), reduce_param(db, b, need_b), reduce_param(dt, t, need_t),
             None, None,
         )
+
+
+def _precision(dtype: torch.dtype, cfg: KernelConfig) -> str:
+    """``tl.dot`` input precision: exact for float64 (interpreter), else TF32 in one or three passes."""
+    return "ieee" if dtype == torch.float64 else ("tf32" if cfg.allow_tf32 else "tf32x3")
+
+
+def _even_tiles(n: int, m: int, cfg: KernelConfig) -> bool:
+    """The forward tiles divide ``n`` and ``m`` (so do the backward's): no bounds checks needed."""
+    return n % cfg.block_m == 0 and m % cfg.block_n == 0
 
 
 def _compact(mod, flags: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
