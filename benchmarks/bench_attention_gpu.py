@@ -304,10 +304,13 @@ SWEEP_SHAPES = SHAPES[1:]
 # Launch configurations tried against the defaults (forward-only and backward-only changes).
 SWEEP_CONFIGS = {
     "fwd no skipping": dict(block_skipping=False),
-    "fwd 128x64": dict(block_n=64),
     "fwd 128x64 4 warps": dict(block_n=64, num_warps=4),
+    "fwd 2 stages": dict(num_stages=2),
+    "fwd 4 stages": dict(num_stages=4),
     "bwd no skipping": dict(block_skipping=False),
-    "bwd 8 warps": dict(bwd_num_warps=8),
+    "bwd dq 128x32": dict(bwd_block_m=128),
+    "bwd dk/dv 64x64": dict(bwd_kv_block_m=64),
+    "bwd 3 stages": dict(bwd_num_stages=3),
 }
 
 
@@ -329,7 +332,7 @@ def sweep_configs(device, args, log) -> list[dict]:
                 cfg = KernelConfig(**kw)
 
                 def run(q, k, v, causal, cfg=cfg, prm=prm, spec=spec):
-                    return triton_warp_attend(q, k, v, *prm, None, spec, config=cfg)[0]
+                    return triton_warp_attend(q, k, v, *prm, None, spec, config=cfg, count_kept=False)[0]
 
                 rec = bench_case(f"poly {name}", run, q, k, v, False, backward, args)
                 rec.update(shape=list(shape), config=kw, sdpa_ms=sd.get("ms"))
@@ -340,6 +343,45 @@ def sweep_configs(device, args, log) -> list[dict]:
                 log(f"  {'·'.join(map(str, shape)):16s} {'fwd+bwd' if backward else 'fwd':7s} {name:16s} "
                     f"{rec.get('ms', float('nan')):8.3f} ms  {ratio}")
         del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def profile_kernels(device, args, log) -> list[dict]:
+    """Where the time goes: CUDA time per kernel (torch.profiler) of one forward+backward for
+    SDPA and the fused steps on the target shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for shape in SWEEP_SHAPES:
+        qkv = [fresh(shape, torch.bfloat16, device, s, requires_grad=True) for s in (51, 52, 53)]
+        g = torch.randn_like(qkv[0])
+
+        def step(fn, qkv=qkv, g=g):
+            for x in qkv:
+                x.grad = None
+            fn(*qkv, False).backward(g)
+
+        for name, fn in (("sdpa", sdpa), ("poly", fused("poly")), ("none", fused("none"))):
+            for _ in range(3):
+                step(fn)
+            torch.cuda.synchronize()
+            reps = 5
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    step(fn)
+                torch.cuda.synchronize()
+            kernels = {}
+            for ev in prof.key_averages():
+                us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+                if us > 0 and ev.key[:1].isalpha():
+                    kernels[ev.key] = us / reps / 1000.0
+            top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
+            total = sum(kernels.values())
+            rows.append(dict(shape=list(shape), method=name, total_ms=total, kernels_ms=dict(top)))
+            log(f"  {'·'.join(map(str, shape)):16s} {name:5s} fwd+bwd kernels {total:7.3f} ms: "
+                + ", ".join(f"{kname[:28]} {ms:.3f}" for kname, ms in top))
+        del qkv, g
         torch.cuda.empty_cache()
     return rows
 
@@ -412,6 +454,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time KernelConfig alternatives (step poly)")
     p.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
     p.add_argument("--skip-peers", action="store_true", help="time only SDPA and simwarp (no naive/AdaSplash)")
+    p.add_argument("--profile", action="store_true", help="also list CUDA time per kernel (torch.profiler)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.case_seconds = 10, 2, 0.6
@@ -504,6 +547,14 @@ def main(argv=None) -> int:
         log("\n## launch-configuration sweep (poly, non-causal, bf16; same run)")
         try:
             result["sweep"] = sweep_configs(device, args, log)
+        except Exception:  # noqa: BLE001 - optional section
+            log(traceback.format_exc())
+        save()
+
+    if args.profile:
+        log("\n## CUDA time per kernel, one forward+backward (torch.profiler; bf16, non-causal)")
+        try:
+            result["profile"] = profile_kernels(device, args, log)
         except Exception:  # noqa: BLE001 - optional section
             log(traceback.format_exc())
         save()

@@ -226,14 +226,21 @@ def check_gradient_subsets_and_skipping_off(metric, step, needs, skipping, n=30,
     _compare(q, k, v, _params("row", (2,), n, gen), mask, spec, config=cfg, needs=needs)
 
 
-@check(cases={"float32": (torch.float32, 2e-5), "bfloat16": (torch.bfloat16, 3e-2), "float16": (torch.float16, 5e-3)})
-def check_low_precision_through_warp_attend(dtype, tol):
+@check(cases={
+    "float32": (torch.float32, 2e-5, "sigmoidal"),
+    "bfloat16": (torch.bfloat16, 3e-2, "sigmoidal"),
+    "float16": (torch.float16, 5e-3, "sigmoidal"),
+    # 16-bit inputs take the other operation order in the dk/dv kernel (DV_FIRST)
+    "bfloat16-poly": (torch.bfloat16, 3e-2, "poly"),
+    "float16-log": (torch.float16, 5e-3, "log"),
+})
+def check_low_precision_through_warp_attend(dtype, tol, step):
     gen = torch.Generator().manual_seed(4)
     n, m, d, e = 24, 33, 32, 6
     q = torch.randn(2, n, d, generator=gen, dtype=f64)
     k = torch.randn(2, m, d, generator=gen, dtype=f64)
     v = torch.randn(2, m, e, generator=gen, dtype=f64)
-    kw = dict(metric="cosine", step="sigmoidal", a=0.2, b=0.7, t=0.4, causal=True, return_stats=True)
+    kw = dict(metric="cosine", step=step, a=0.2, b=0.7, t=0.4, causal=True, return_stats=True)
     leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
     out, stats = simwarp.warp_attend(*leaves, impl="triton", **kw)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -246,6 +253,23 @@ def check_low_precision_through_warp_attend(dtype, tol):
     for x, rx in zip(leaves, ref_leaves):
         assert torch.isfinite(x.grad).all()
         assert (x.grad.double() - rx.grad).abs().max() <= 10 * tol * rx.grad.abs().max()
+
+
+@check
+def check_kept_count_is_optional():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 20, 8, generator=gen, dtype=f64) for _ in range(3))
+    kw = dict(step="poly", a=0.3, b=0.8, t=0.5, impl="triton")
+    out, stats = simwarp.warp_attend(q, k, v, return_stats=True, **kw)
+    _, ref = simwarp.warp_attend(q, k, v, return_stats=True, **{**kw, "impl": "dense"})
+    torch.testing.assert_close(stats.kept, ref.kept, atol=0, rtol=0)
+    assert ((stats.kept > 0) & (stats.kept < 20)).any()  # the step drops some keys here
+    torch.testing.assert_close(simwarp.warp_attend(q, k, v, **kw), out, atol=0, rtol=0)
+    spec = make_spec("dot", None, "poly", 1.0, False, False, False)
+    prm = [torch.tensor(x, dtype=f64) for x in (0.3, 0.8, 0.5)]
+    out2, stats2 = triton_warp_attend(q, k, v, *prm, None, spec, count_kept=False)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+    assert torch.isnan(stats2.kept).all()
 
 
 @check

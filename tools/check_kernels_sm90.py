@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     # CPU tensors take the GPU kernels (the launcher would pick the interpreter for them).
     fused.unsupported_reason = lambda *a, **k: None
     make_plan = launch.make_plan
-    launch.make_plan = lambda q, spec, config: dataclasses.replace(make_plan(q, spec, config), interpret=False)
+    launch.make_plan = lambda *a, **k: dataclasses.replace(make_plan(*a, **k), interpret=False)
     launch._num_splits = lambda cfg, programs, n_kb, device: 1
 
     failures = 0

@@ -186,7 +186,7 @@ def warp_attend(
         from simwarp.backend.triton import triton_warp_attend
 
         try:
-            out, stats = triton_warp_attend(q, k, v, a, b, t, mask, spec)
+            out, stats = triton_warp_attend(q, k, v, a, b, t, mask, spec, count_kept=return_stats)
         except Exception as err:  # a kernel that fails to compile or launch on this GPU/toolchain
             if impl == "triton":
                 raise

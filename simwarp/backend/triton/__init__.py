@@ -52,6 +52,7 @@ def triton_warp_attend(
     *,
     config: KernelConfig | None = None,
     return_skipped: bool = False,
+    count_kept: bool = True,
 ):
     """Fused SoftStep attention (the backend contract of :func:`simwarp.warp_attend`).
 
@@ -63,6 +64,8 @@ def triton_warp_attend(
         config: launch knobs (:class:`KernelConfig`); ``None`` = heuristics.
         return_skipped: also return the fraction of visited key tiles that block skipping
             left out (a 0-dim float tensor on the inputs' device; no synchronisation).
+        count_kept: fill ``WarpStats.kept``; ``False`` skips the per-score count (a few
+            percent of the forward) and leaves it NaN.
 
     Returns:
         ``(out (..., n, e), WarpStats)`` and, with ``return_skipped``, the skipped fraction.
@@ -73,7 +76,7 @@ def triton_warp_attend(
     reason = unsupported_reason(q, k, v, spec)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run this call: {reason}; use impl='chunked' or 'auto'")
-    out, lse, kept, lo, hi, empty, skip = fused_warp_attend(q, k, v, a, b, t, mask, spec, config)
+    out, lse, kept, lo, hi, empty, skip = fused_warp_attend(q, k, v, a, b, t, mask, spec, config, count_kept)
     stats = WarpStats(lse=lse, kept=kept, lo=lo, hi=hi, empty=empty)
     if not return_skipped:
         return out, stats

@@ -43,19 +43,33 @@ def _dot(x, y, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _scores(q, k, qq, kk, scale, METRIC: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
             UPCAST: tl.constexpr):
-    """Similarity tile ``(BM, BN)`` and the raw squared distance (for the metric's backward)."""
+    """Raw score tile ``r`` ``(BM, BN)`` and the squared distance (for the metric's backward).
+
+    The similarity is ``s = r · _score_factor(scale)``: for ``dot`` ``r = q·k`` (the scale is
+    folded into every per-row coefficient applied to ``r``, so no tile is multiplied by it);
+    for the distance metrics ``r = s``."""
     qk = _dot(q, tl.trans(k), PREC, ACC, UPCAST)
     if METRIC == 0:
-        s = qk * scale
+        r = qk
         dist2 = qk
     else:
         dist2 = qq[:, None] + kk[None, :] - 2.0 * qk
         d2 = tl.maximum(dist2, 0.0)
         if METRIC == 1:
-            s = -(d2 * scale)
+            r = -(d2 * scale)
         else:
-            s = -(tl.sqrt(d2) * scale)
-    return s, dist2
+            r = -(tl.sqrt(d2) * scale)
+    return r, dist2
+
+
+@triton.jit
+def _score_factor(scale, METRIC: tl.constexpr):
+    """``s = r · factor`` (``_scores``); ``factor > 0``, so row extremes of ``r`` give those of ``s``."""
+    if METRIC == 0:
+        f = scale
+    else:
+        f = 1.0
+    return f
 
 
 @triton.jit
@@ -82,36 +96,50 @@ def _validity(offs_m, offs_n, n, m, mask_base, smn, smm, self_off,
 @triton.jit
 def _band_coefs(inv_r, a, b, t, STEP: tl.constexpr):
     """Per-row ``(alpha, beta)`` such that ``z = (s - lo) · alpha + beta`` is the step's own
-    coordinate: the band coordinate ``x = (u - a) / (b - a)`` for ``sigmoidal``, the smoothstep
-    argument ``y = (x - 1/2) / t + 1/2`` for ``poly`` (``u = 1`` on flat rows, ``inv_r = 0``).
-    One multiply-add per score instead of normalising, shifting and scaling; ``alpha >= 0`` so
-    ``z`` is monotone in ``s``, and the skip test uses the very same operations."""
-    inv_w = 1.0 / (b - a)
+    coordinate: ``u`` itself for ``log`` (and ``none``), the band coordinate
+    ``x = (u - a) / (b - a)`` for ``sigmoidal``, the smoothstep argument
+    ``y = (x - 1/2) / t + 1/2`` for ``poly`` (``u = 1`` on flat rows, ``inv_r = 0``)."""
     flat = inv_r <= 0.0
-    alpha = tl.where(flat, 0.0, inv_r * inv_w)
-    beta = tl.where(flat, (1.0 - a) * inv_w, -a * inv_w)
-    if STEP == 3:
-        inv_t = 1.0 / t
-        alpha = alpha * inv_t
-        beta = (beta - 0.5) * inv_t + 0.5
+    if STEP == 0 or STEP == 2:
+        alpha = tl.where(flat, 0.0, inv_r)
+        beta = tl.where(flat, 1.0, 0.0)
+    else:
+        inv_w = 1.0 / (b - a)
+        alpha = tl.where(flat, 0.0, inv_r * inv_w)
+        beta = tl.where(flat, (1.0 - a) * inv_w, -a * inv_w)
+        if STEP == 3:
+            inv_t = 1.0 / t
+            alpha = alpha * inv_t
+            beta = (beta - 0.5) * inv_t + 0.5
     return alpha, beta
 
 
 @triton.jit
-def _step_coord(s, lo, inv_r, alpha, beta, STEP: tl.constexpr):
-    """The coordinate ``_step_weight`` expects: ``z`` (sigmoidal, poly) or ``u`` (log)."""
-    if STEP == 1 or STEP == 3:
-        z = (s - lo) * alpha + beta
-    elif STEP == 2:
-        z = tl.where(inv_r > 0, (s - lo) * inv_r, 1.0)
+def _coord_coefs(lo, inv_r, a, b, t, factor, STEP: tl.constexpr):
+    """Per-row ``(al, be)`` such that ``z = fma(r, al, be)`` is the step's coordinate
+    (``_band_coefs``) straight from the raw score ``r`` (``s = r · factor``): one fused
+    multiply-add per score. ``al >= 0``, so ``z`` is monotone in ``r``; the skip test
+    (``tile_flags_kernel``) applies the very same ``fma`` to a tile's largest ``r``, which keeps
+    skipping exact."""
+    alpha, beta = _band_coefs(inv_r, a, b, t, STEP)
+    return alpha * factor, beta - lo * alpha
+
+
+@triton.jit
+def _step_coord(r, al, be, lo_raw, STEP: tl.constexpr):
+    """The step's coordinate of raw scores ``r``: ``fma(r, al, be)``, except for ``log``, whose
+    weight falls to 0 with infinite slope at ``u = 0``: there the row minimum must land on
+    ``u = 0`` exactly, so ``u = (r - lo_raw) · al`` (``lo_raw`` = the row's smallest ``r``)."""
+    if STEP == 2:
+        z = tl.where(al > 0, (r - lo_raw) * al, 1.0)
     else:
-        z = s
+        z = tl.fma(r, al, be)
     return z
 
 
 @triton.jit
 def _rows_dropped(z, STEP: tl.constexpr):
-    """True where a key at coordinate ``z`` (see ``_step_coord``; and so every key with a lower
+    """True where a key at coordinate ``z`` (see ``_coord_coefs``; and so every key with a lower
     score: all ops are monotone) has weight exactly 0 for that row's step."""
     if STEP == 0:
         dropped = z != z  # never (False; NaN-safe)
@@ -135,7 +163,7 @@ def _step_weight(x, z, valid, a, b, t, STEP: tl.constexpr, BAND_BRANCH: tl.const
     """``p = exp2(x) · m`` for valid keys (0 elsewhere) and the kept indicator.
 
     ``x`` is the log2 softmax numerator (``(s - ref) / τ · log2 e``), ``z`` the step's
-    coordinate (``_step_coord``); ``a, b, t`` are ``(BM, 1)`` row parameters.
+    coordinate (``_coord_coefs``); ``a, b, t`` are ``(BM, 1)`` row parameters.
     """
     if STEP == 0:
         keep = valid
@@ -203,10 +231,11 @@ def _step_weight_grad(x, u, valid, a, b, t, STEP: tl.constexpr):
 @triton.jit
 def _metric_coef(ds, dist2, scale, METRIC: tl.constexpr):
     """Coefficients ``G`` (``dq += G @ k``, ``dk += Gᵀ @ q``) and ``g2 = ∂L/∂dist²`` (for the
-    norm terms ``dq += 2 rowsum(g2) q``, ``dk += 2 colsum(g2) k``) of a score-gradient tile."""
+    norm terms ``dq += 2 rowsum(g2) q``, ``dk += 2 colsum(g2) k``) of a tile ``ds = ∂L/∂r`` of
+    raw-score gradients (``_scores``: for ``dot`` that already holds the scale)."""
     if METRIC == 0:
         g2 = ds * 0.0
-        coef = ds * scale
+        coef = ds
     elif METRIC == 1:
         g2 = tl.where(dist2 >= 0.0, -(ds * scale), 0.0)
         coef = -2.0 * g2
@@ -215,6 +244,76 @@ def _metric_coef(ds, dist2, scale, METRIC: tl.constexpr):
         g2 = tl.where(pos, -(ds * scale) * 0.5 / tl.sqrt(tl.where(pos, dist2, 1.0)), 0.0)
         coef = -2.0 * g2
     return coef, g2
+
+
+@triton.jit
+def _grad_coefs(lo, inv_r, lse, a, b, t, scale, inv_tau, METRIC: tl.constexpr, STEP: tl.constexpr):
+    """Per-row coefficients of the backward tiles (row vectors as ``(BM, 1)``): ``k1 = ∂(s/τ)/∂r``,
+    the exponent ``x = fma(r, xs, xb)`` (log2 of the weight before the step, ``lse`` known) and
+    ``z = fma(r, al, be)``: the smoothstep argument for ``poly``, ``u`` for the other steps."""
+    factor = _score_factor(scale, METRIC)
+    k1 = factor * inv_tau
+    if STEP == 3:
+        al, be = _coord_coefs(lo, inv_r, a, b, t, factor, STEP)
+    else:
+        al, be = _coord_coefs(lo, inv_r, a, b, t, factor, 0)
+    return k1, k1 * LOG2E, -lse * LOG2E, al, be
+
+
+@triton.jit
+def _score_grad(r, valid, dpd, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, STEP: tl.constexpr):
+    """Backward of a tile of raw scores ``r`` with ``dpd = dO·v - delta``: the weights ``w``
+    (for ``dv``), ``dr = ∂L/∂r`` and per-score terms whose row sums give the range and
+    parameter gradients (``t_lo, t_hi, t_a, t_b, t_t``; see ``bwd_dq_kernel``). Terms a kernel
+    does not use are dropped by the compiler.
+
+    ``poly`` in closed form: ``w = e·m(y)``, ``y = clamp(z)``, and with ``G = ∂L/∂y = 6·e·dpd·y(1-y)``
+    every range and parameter gradient of a row is linear in ``ΣG`` and ``ΣG·z`` (``y`` is affine
+    in ``s``), so ``t_lo = G/6``, ``t_hi = G·z/6``."""
+    x = tl.fma(r, xs, xb)
+    e = tl.exp2(tl.where(valid, x, float("-inf")))  # unused (dropped) for sigmoidal / log
+    zero = r * 0.0
+    t_lo = zero
+    t_hi = zero
+    t_a = zero
+    t_b = zero
+    t_t = zero
+    if STEP == 0:
+        w = e
+        dr = e * dpd * k1
+    elif STEP == 3:
+        z = tl.fma(r, al, be)
+        y = tl.minimum(tl.maximum(z, 0.0), 1.0)
+        y2 = y * y
+        m = y2 * (3.0 - 2.0 * y)
+        yy = y - y2
+        w = e * m
+        gd = e * dpd
+        dr = gd * (m * k1 + (6.0 * al) * yy)
+        t_lo = gd * yy
+        t_hi = t_lo * z
+    else:
+        u = _step_coord(r, al, be, lo_raw, STEP)  # al = ∂u/∂r (0 on flat rows)
+        w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
+        dl = tl.where(keep, w * dpd, 0.0)
+        dlu = dl * phi_u * inv_r  # ∂L/∂s through u, for the range sums
+        dr = dl * (k1 + phi_u * al)
+        t_lo = dlu * u - dlu
+        t_hi = -(dlu * u)
+        t_a = dl * phi_a
+        t_b = dl * phi_b
+        t_t = dl * phi_t
+    return w, dr, t_lo, t_hi, t_a, t_b, t_t
+
+
+@triton.jit
+def _bwd_weight(r, valid, xs, xb, al, be, lo_raw, a2, b2, t2, STEP: tl.constexpr):
+    """The weights ``w`` of a backward tile alone (``_score_grad``'s first output), for ``dv``
+    before ``dO·vᵀ`` is live. That lowers the register peak of float32 tiles (with d = 128 the
+    other order spills kilobytes) but raises it for 16-bit ones (``DV_FIRST`` picks). The
+    compiler shares the common subexpressions with ``_score_grad``."""
+    w, _dr, _lo, _hi, _a, _b, _t = _score_grad(r, valid, r * 0.0, 1.0, xs, xb, al, be, lo_raw, al, a2, b2, t2, STEP)
+    return w
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,9 +330,10 @@ def range_kernel(
     TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Per query block and key split: row min / max (and, with ``TRACK_ARG``, the first key
-    attaining each, for the range gradient) and, with ``STORE_TMAX``, every key tile's largest
-    valid score (for block skipping)."""
+    """Per query block and key split: row min / max of the raw scores ``r`` (``_scores``; the
+    factor to ``s`` is positive and rounding is monotone, so ``lo = min(r) · factor`` exactly),
+    with ``TRACK_ARG`` the first key attaining each (for the range gradient) and, with
+    ``STORE_TMAX``, every key tile's largest valid ``r`` (for block skipping)."""
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -265,10 +365,10 @@ def range_kernel(
                     mask=(offs_n[:, None] < m) & (offs_d[None, :] < d), other=0.0)
         kf = k.to(ACC)
         kk = tl.sum(kf * kf, 1)
-        s, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
+        r, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
         valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
-        s_lo = tl.where(valid, s, float("inf"))
-        s_hi = tl.where(valid, s, float("-inf"))
+        s_lo = tl.where(valid, r, float("inf"))
+        s_hi = tl.where(valid, r, float("-inf"))
         if TRACK_ARG:
             blk_lo, idx_lo = tl.min(s_lo, 1, return_indices=True, return_indices_tie_break_left=True)
             blk_hi, idx_hi = tl.max(s_hi, 1, return_indices=True, return_indices_tie_break_left=True)
@@ -298,15 +398,15 @@ def range_kernel(
 
 @triton.jit
 def tile_flags_kernel(
-    RS, PRM, TMAX, FLAGS, COUNTS, B, n, m, n_qb, n_kb,
-    STEP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TILES: tl.constexpr,
+    RS, PRM, CONSTS, TMAX, FLAGS, COUNTS, B, n, m, n_qb, n_kb,
+    METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILES: tl.constexpr,
 ):
     """``FLAGS[b, qb, kb] = 1`` where every row of query block ``qb`` is out of range, empty, or
     drops all of key tile ``kb`` (judged from the tile's largest valid score, pass 1), and for
     tiles past the causal diagonal; such tiles have weight exactly 0 and pass 2 and the backward
     skip them. ``COUNTS[b, qb] = (skipped, visited)`` tiles. One program per query block; ``RS``
-    holds ``lo, hi, inv_r, empty``."""
+    holds ``lo, hi, inv_r, empty, lo_raw``."""
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
     q_start = pid_q * BLOCK_M
@@ -317,10 +417,11 @@ def tile_flags_kernel(
     lo = tl.load(RS + rows, mask=row_ok, other=0.0)[:, None]
     inv_r = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)[:, None]
     emp = tl.load(RS + 3 * plane + rows, mask=row_ok, other=1.0)[:, None]
+    lo_raw = tl.load(RS + 4 * plane + rows, mask=row_ok, other=0.0)[:, None]
     a = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
     b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
     t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
-    alpha, beta = _band_coefs(inv_r, a, b, t, STEP)
+    al, be = _coord_coefs(lo, inv_r, a, b, t, _score_factor(tl.load(CONSTS), METRIC), STEP)
     n_vis = n_kb
     if CAUSAL:
         n_vis = tl.minimum(n_kb, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
@@ -330,7 +431,7 @@ def tile_flags_kernel(
         offs_t = k0 + tl.arange(0, TILES)
         visited = offs_t < n_vis
         tm = tl.load(TMAX + base + offs_t, mask=visited, other=float("-inf"))[None, :]
-        z = _step_coord(tm, lo, inv_r, alpha, beta, STEP)
+        z = _step_coord(tm, al, be, lo_raw, STEP)
         ok = (~row_ok[:, None]) | (emp > 0) | (tm == float("-inf")) | ((inv_r > 0) & _rows_dropped(z, STEP))
         flag = tl.min(ok.to(tl.int32), axis=0)
         tl.store(FLAGS + base + offs_t, flag.to(tl.int8), mask=offs_t < n_kb)
@@ -393,21 +494,22 @@ def _key_tile(q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd
 
 @triton.jit
 def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
-                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
-                 alpha2, beta2, METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-                 HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr,
+                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw, a2, b2, t2,
+                 METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+                 HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr, COUNT_KEPT: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                  PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
                  BLOCK_M: tl.constexpr):
-    k, v, s, dist2, valid = _key_tile(
+    k, v, r, dist2, valid = _key_tile(
         q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
         METRIC, CAUSAL, EXCL, HAS_MASK, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
-    z = _step_coord(s, lo[:, None], inv_r[:, None], alpha2, beta2, STEP)
-    x = (s - hi[:, None]) * xscale
-    p, keep = _step_weight(x, z, valid, a2, b2, t2, STEP, BAND_BRANCH)
+    # Two multiply-adds per score: the softmax exponent and the step's coordinate.
+    p, keep = _step_weight(tl.fma(r, xs, xb), _step_coord(r, al, be, lo_raw, STEP), valid, a2, b2, t2, STEP,
+                           BAND_BRANCH)
     acc += _dot(p.to(v.dtype), v, PREC, ACC, UPCAST)
     denom += tl.sum(p, 1)
-    kept += tl.sum(keep.to(ACC), 1)
+    if COUNT_KEPT:
+        kept += tl.sum(keep.to(ACC), 1)
     return acc, denom, kept
 
 
@@ -418,7 +520,7 @@ def attend_kernel(
     B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
-    SKIP_TILES: tl.constexpr,
+    SKIP_TILES: tl.constexpr, COUNT_KEPT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -445,11 +547,15 @@ def attend_kernel(
     lo = tl.load(RS + rows, mask=row_ok, other=0.0)
     hi = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
     inv_r = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
+    lo_raw = tl.load(RS + 4 * plane + rows, mask=row_ok, other=0.0)[:, None]
     a2 = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
     b2 = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
     t2 = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
-    alpha2, beta2 = _band_coefs(inv_r[:, None], a2, b2, t2, STEP)
-    xscale = inv_tau * LOG2E
+    factor = _score_factor(scale, METRIC)
+    al, be = _coord_coefs(lo[:, None], inv_r[:, None], a2, b2, t2, factor, STEP)
+    # x = (s - hi) / τ · log2 e = fma(r, xs, xb): the row maximum has x = 0 (up to rounding)
+    xs = factor * inv_tau * LOG2E
+    xb = -(hi * inv_tau * LOG2E)[:, None]
     k_base = K + b0 * sk0 + b1 * sk1
     v_base = V + b0 * sv0 + b1 * sv1
     mask_base = MASK + b0 * smk0 + b1 * smk1
@@ -470,22 +576,23 @@ def attend_kernel(
         for i in range(i_lo, tl.minimum(count, i_lo + per)):
             acc, denom, kept = _attend_tile(
                 acc, denom, kept, q, qq, tl.load(tiles + i), offs_m, k_base, v_base, mask_base, n, m, d, e,
-                skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
-                alpha2, beta2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST,
-                EVEN, BLOCK_M)
+                skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw, a2, b2, t2,
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC,
+                UPCAST, EVEN, BLOCK_M)
     else:
         for kb in range(kb_lo, kb_hi):
             acc, denom, kept = _attend_tile(
                 acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
-                skm, skd, svm, sve, smkn, smkm, self_off, scale, xscale, lo, hi, inv_r, a2, b2, t2,
-                alpha2, beta2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST,
-                EVEN, BLOCK_M)
+                skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw, a2, b2, t2,
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC,
+                UPCAST, EVEN, BLOCK_M)
 
     if SPLIT:
         part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
         tl.store(ACCP + part[:, None] * e + offs_e[None, :], acc, mask=row_ok[:, None] & (offs_e[None, :] < e))
         tl.store(DENP + part, denom, mask=row_ok)
-        tl.store(KEPTP + part, kept, mask=row_ok)
+        if COUNT_KEPT:
+            tl.store(KEPTP + part, kept, mask=row_ok)
     else:
         nonempty = denom > 0.0
         out = acc / tl.where(nonempty, denom, 1.0)[:, None]
@@ -493,7 +600,8 @@ def attend_kernel(
                  mask=row_ok[:, None] & (offs_e[None, :] < e))
         lse = tl.where(nonempty, hi * inv_tau + tl.log(tl.where(nonempty, denom, 1.0)), float("-inf"))
         tl.store(LSE + rows, lse, mask=row_ok)
-        tl.store(KEPT + rows, kept, mask=row_ok)
+        if COUNT_KEPT:
+            tl.store(KEPT + rows, kept, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,60 +611,40 @@ def attend_kernel(
 
 @triton.jit
 def _backward_rows(RS, PRM, rows, row_ok, plane):
-    """Row statistics of the backward (``RS``: ``lo, inv_r, lse, delta, empty`` planes) and the
+    """Row statistics of the backward (``RS``: ``lo, inv_r, lse, delta, lo_raw`` planes) and the
     step parameters (``PRM``: ``a, b, t``) of ``rows``."""
     lo = tl.load(RS + rows, mask=row_ok, other=0.0)
     inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
     lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
     delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
+    lo_raw = tl.load(RS + 4 * plane + rows, mask=row_ok, other=0.0)
     a = tl.load(PRM + rows, mask=row_ok, other=0.5)
     b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
     t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
-    return lo, inv_r, lse, delta, a, b, t
+    return lo, inv_r, lse, delta, lo_raw, a, b, t
 
 
 @triton.jit
 def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
-             n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
-             lo, inv_r, lse, delta, a2, b2, t2, alpha2, beta2,
+             n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+             delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2,
              METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
              HAS_MASK: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
              PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
              BLOCK_M: tl.constexpr):
-    k, v, s, dist2, valid = _key_tile(
+    k, v, r, dist2, valid = _key_tile(
         q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
         METRIC, CAUSAL, EXCL, HAS_MASK, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
-    x = (s * inv_tau - lse[:, None]) * LOG2E
-    dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
-    if STEP == 0:
-        e = tl.exp2(tl.where(valid, x, float("-inf")))
-        ds = e * (dp - delta[:, None]) * inv_tau
-    elif STEP == 3:
-        # Smoothstep in closed form: with G = ∂L/∂y every range and parameter gradient of the
-        # row is a combination of ΣG and ΣG·(s - lo) (y is affine in s; see the epilogue).
-        sd = s - lo[:, None]
-        y = tl.minimum(tl.maximum(sd * alpha2 + beta2, 0.0), 1.0)
-        g = tl.exp2(tl.where(valid, x, float("-inf"))) * (dp - delta[:, None])
-        gy = g * (6.0 * y * (1.0 - y))
-        ds = g * (y * y * (3.0 - 2.0 * y)) * inv_tau + gy * alpha2
-        if NEED_RANGE or NEED_PARAMS:
-            g_lo += tl.sum(gy, 1)
-            g_hi += tl.sum(gy * sd, 1)
-    else:
-        u = tl.where(inv_r[:, None] > 0, (s - lo[:, None]) * inv_r[:, None], 1.0)
-        w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
-        dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
-        dlu = dl * phi_u * inv_r[:, None]
-        ds = dl * inv_tau + dlu
-        if NEED_RANGE:
-            dlu_u = tl.sum(dlu * u, 1)
-            g_lo += dlu_u - tl.sum(dlu, 1)
-            g_hi -= dlu_u
-        if NEED_PARAMS:
-            g_a += tl.sum(dl * phi_a, 1)
-            g_b += tl.sum(dl * phi_b, 1)
-            g_t += tl.sum(dl * phi_t, 1)
+    dpd = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST) - delta[:, None]
+    _w, ds, t_lo, t_hi, t_a, t_b, t_t = _score_grad(r, valid, dpd, k1, xs, xb, al, be, lo_raw[:, None], inv_r[:, None], a2, b2, t2, STEP)
+    if NEED_RANGE or (STEP == 3 and NEED_PARAMS):  # poly's parameter gradients need them too
+        g_lo += tl.sum(t_lo, 1)
+        g_hi += tl.sum(t_hi, 1)
+    if NEED_PARAMS and STEP != 3:
+        g_a += tl.sum(t_a, 1)
+        g_b += tl.sum(t_b, 1)
+        g_t += tl.sum(t_t, 1)
     coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
     dq += _dot(coef.to(k.dtype), k, PREC, ACC, UPCAST)
     if METRIC != 0:
@@ -662,11 +750,12 @@ def bwd_dq_kernel(
     inv_tau = tl.load(CONSTS + 1)
     rows = pid_b.to(tl.int64) * n + offs_m
     plane = (pid_b.to(tl.int64) * 0 + B) * n
-    lo, inv_r, lse, delta, a, b, t = _backward_rows(RS, PRM, rows, row_ok, plane)
+    lo, inv_r, lse, delta, lo_raw, a, b, t = _backward_rows(RS, PRM, rows, row_ok, plane)
     a2 = a[:, None]
     b2 = b[:, None]
     t2 = t[:, None]
-    alpha2, beta2 = _band_coefs(inv_r[:, None], a2, b2, t2, STEP)
+    k1, xs, xb, al, be = _grad_coefs(lo[:, None], inv_r[:, None], lse[:, None], a2, b2, t2, scale, inv_tau,
+                                     METRIC, STEP)
     k_base = K + b0 * sk0 + b1 * sk1
     v_base = V + b0 * sv0 + b1 * sv1
     mask_base = MASK + b0 * smk0 + b1 * smk1
@@ -693,22 +782,22 @@ def bwd_dq_kernel(
             kb = tl.load(tiles + i // SUB) * SUB + i % SUB
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
                 dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
-                n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
-                lo, inv_r, lse, delta, a2, b2, t2, alpha2, beta2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+                n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+                delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
                 NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     else:
         for kb in range(kb_lo, kb_hi):
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
                 dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
-                n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, inv_tau,
-                lo, inv_r, lse, delta, a2, b2, t2, alpha2, beta2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+                n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+                delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
                 NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if METRIC != 0:
         dq += 2.0 * rsum[:, None] * qf
-    if STEP == 3:  # g_lo, g_hi hold ΣG, ΣG·(s - lo); with Σ G·u, every sum is linear in them
-        sg = g_lo
-        sgu = tl.where(inv_r > 0, inv_r * g_hi, sg)
-        alpha, _beta = _band_coefs(inv_r, a, b, t, STEP)
+    if STEP == 3:  # g_lo, g_hi hold ΣG/6, ΣG·z/6 (_score_grad); with ΣG·u, every sum is linear in them
+        alpha, beta = _band_coefs(inv_r, a, b, t, STEP)
+        sg = 6.0 * g_lo
+        sgu = tl.where(inv_r > 0, (6.0 * t * (b - a)) * (g_hi - beta * g_lo), sg)  # u = (z - beta)·t(b - a)
         c_w = 1.0 / (t * (b - a) * (b - a))
         g_a = (sgu - b * sg) * c_w
         g_b = (a * sg - sgu) * c_w
@@ -729,7 +818,7 @@ def bwd_dq_kernel(
 def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
                n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
                METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-               HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+               HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, DV_FIRST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
                BLOCK_N: tl.constexpr):
@@ -742,37 +831,31 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
                 mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
     do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
                  mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-    lo, inv_r, lse, delta, a, b, t = _backward_rows(RS, PRM, rows, row_ok, plane)
+    lo, inv_r, lse, delta, lo_raw, a, b, t = _backward_rows(RS, PRM, rows, row_ok, plane)
     qq = tl.zeros([BLOCK_M], ACC)
     if METRIC != 0:
         qf = q.to(ACC)
         qq = tl.sum(qf * qf, 1)
-    s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
+    r, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
     valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
-    x = (s * inv_tau - lse[:, None]) * LOG2E
-    if STEP == 0 or STEP == 3:  # w = e · m(y) with the smoothstep on y clamped to [0, 1] (poly)
-        e_ = tl.exp2(tl.where(valid, x, float("-inf")))
-        if STEP == 3:
-            alpha, beta = _band_coefs(inv_r[:, None], a[:, None], b[:, None], t[:, None], STEP)
-            y = tl.minimum(tl.maximum((s - lo[:, None]) * alpha + beta, 0.0), 1.0)
-            w = e_ * (y * y * (3.0 - 2.0 * y))
-        else:
-            w = e_
-    else:
-        u = tl.where(inv_r[:, None] > 0, (s - lo[:, None]) * inv_r[:, None], 1.0)
-        w, keep, phi_u, _pa, _pb, _pt = _step_weight_grad(x, u, valid, a[:, None], b[:, None], t[:, None], STEP)
-    if NEED_DV:
-        dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
+    a2 = a[:, None]
+    b2 = b[:, None]
+    t2 = t[:, None]
+    k1, xs, xb, al, be = _grad_coefs(lo[:, None], inv_r[:, None], lse[:, None], a2, b2, t2, scale, inv_tau,
+                                     METRIC, STEP)
+    if DV_FIRST:  # dv before dO·vᵀ is live (see _bwd_weight)
+        if NEED_DV:
+            w = _bwd_weight(r, valid, xs, xb, al, be, lo_raw[:, None], a2, b2, t2, STEP)
+            dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
+    dpd = r * 0.0
     if NEED_DK:
-        dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
-        if STEP == 0:
-            ds = w * (dp - delta[:, None]) * inv_tau
-        elif STEP == 3:
-            g = e_ * (dp - delta[:, None])
-            ds = w * (dp - delta[:, None]) * inv_tau + g * (6.0 * y * (1.0 - y)) * alpha
-        else:
-            dl = tl.where(keep, w * (dp - delta[:, None]), 0.0)
-            ds = dl * (inv_tau + phi_u * inv_r[:, None])
+        dpd = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST) - delta[:, None]
+    w, ds, _lo, _hi, _a, _b, _t = _score_grad(r, valid, dpd, k1, xs, xb, al, be, lo_raw[:, None], inv_r[:, None],
+                                              a2, b2, t2, STEP)
+    if not DV_FIRST:
+        if NEED_DV:
+            dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
+    if NEED_DK:
         coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
         dk += _dot(tl.trans(coef).to(q.dtype), q, PREC, ACC, UPCAST)
         if METRIC != 0:
@@ -788,7 +871,7 @@ def bwd_dkdv_kernel(
     B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr,
-    TM_BN: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+    TM_BN: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, DV_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -832,14 +915,14 @@ def bwd_dkdv_kernel(
             dk, dv, csum = _dkdv_tile(
                 dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
                 n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, BLOCK_M, BLOCK_D, BLOCK_E,
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
                 PREC, ACC, UPCAST, EVEN, BLOCK_N)
     else:
         for qb in range(qb_lo, n_qb):
             dk, dv, csum = _dkdv_tile(
                 dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
                 n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, BLOCK_M, BLOCK_D, BLOCK_E,
+                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
                 PREC, ACC, UPCAST, EVEN, BLOCK_N)
     if METRIC != 0:
         dk += 2.0 * csum[:, None] * kf

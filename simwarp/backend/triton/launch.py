@@ -117,6 +117,7 @@ class _Plan:
     detach_range: bool
     interpret: bool
     self_offset: int
+    count_kept: bool
     config: KernelConfig
 
 
@@ -260,17 +261,19 @@ class _TritonWarp(torch.autograd.Function):
             argmin = amin_p.gather(0, (lo_p == lo).to(torch.uint8).argmax(0, keepdim=True))[0]
             argmax = amax_p.gather(0, (hi_p == hi).to(torch.uint8).argmax(0, keepdim=True))[0]
         empty = torch.isinf(lo)
-        lo = lo.masked_fill(empty, 0.0)
-        hi = hi.masked_fill(empty, 0.0)
+        lo_raw = lo.masked_fill(empty, 0.0)  # in units of the kernels' raw scores (_scores)
+        factor = plan.scale if plan.metric == METRIC_CODES["dot"] else 1.0
+        lo = lo_raw * factor
+        hi = hi.masked_fill(empty, 0.0) * factor
         r = hi - lo
         inv_r = torch.where(r > 0, 1.0 / torch.where(r > 0, r, 1.0), 0.0)
-        rs = torch.stack([lo, hi, inv_r, empty.to(acc)]).contiguous()
+        rs = torch.stack([lo, hi, inv_r, empty.to(acc), lo_raw]).contiguous()
         if cfg.block_skipping:
             flags = torch.empty((B, n_qb, n_kb), dtype=torch.int8, device=dev)
             counts = torch.empty((B, n_qb, 2), dtype=torch.int32, device=dev)
             mod.tile_flags_kernel[(n_qb, B)](
-                rs, prm, tmax, flags, counts, B, n, m, n_qb, n_kb, STEP=plan.step, CAUSAL=plan.causal,
-                BLOCK_M=BM, BLOCK_N=BN, TILES=min(64, _pow2(n_kb)), num_warps=4,
+                rs, prm, consts, tmax, flags, counts, B, n, m, n_qb, n_kb, METRIC=plan.metric, STEP=plan.step,
+                CAUSAL=plan.causal, BLOCK_M=BM, BLOCK_N=BN, TILES=min(64, _pow2(n_kb)), num_warps=4,
             )
             row_list, row_count = _compact(mod, flags, rows=True)
         else:
@@ -279,7 +282,8 @@ class _TritonWarp(torch.autograd.Function):
 
         out = torch.empty((B, n, e), dtype=q.dtype, device=dev)
         lse = torch.empty((B, n), dtype=acc, device=dev)
-        kept = torch.empty((B, n), dtype=acc, device=dev)
+        kept = (torch.empty if plan.count_kept else torch.full)((B, n), *(() if plan.count_kept else (math.nan,)),
+                                                              dtype=acc, device=dev)
         if S > 1:
             accp = torch.empty((S, B, n, e), dtype=acc, device=dev)
             denp = torch.empty((S, B, n), dtype=acc, device=dev)
@@ -290,7 +294,7 @@ class _TritonWarp(torch.autograd.Function):
             q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp,
             *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
             STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch, SKIP_TILES=cfg.block_skipping,
-            BLOCK_E=BE, **common,
+            COUNT_KEPT=plan.count_kept, BLOCK_E=BE, **common,
         )
         if S > 1:
             den = denp.sum(0)
@@ -298,12 +302,13 @@ class _TritonWarp(torch.autograd.Function):
             den1 = torch.where(nonempty, den, 1.0)
             out = torch.where(nonempty.unsqueeze(-1), accp.sum(0) / den1.unsqueeze(-1), 0.0).to(q.dtype)
             lse = torch.where(nonempty, hi * plan.inv_tau + torch.log(den1), -math.inf)
-            kept = keptp.sum(0)
+            if plan.count_kept:
+                kept = keptp.sum(0)
 
         ctx.plan = plan
         ctx.dims = (batch, B, B1, n, m, d, e, n_qb, n_kb)
         ctx.has_mask = mask is not None
-        saved = [q, k, v, a, b, t, out, lse, lo, inv_r, empty, argmin, argmax, flags, row_list, row_count]
+        saved = [q, k, v, a, b, t, out, lse, lo, inv_r, lo_raw, argmin, argmax, flags, row_list, row_count]
         ctx.save_for_backward(*saved, *(() if mask is None else (mask,)))
         out_b = out.view(*batch, n, e)
         stats = [x.view(*batch, n) for x in (lse, kept, lo, hi, empty)]
@@ -317,7 +322,7 @@ class _TritonWarp(torch.autograd.Function):
         cfg = plan.config
         mod = kernel_module(plan.interpret)
         batch, B, B1, n, m, d, e, tm_qb, tm_kb = ctx.dims
-        q, k, v, a, b, t, out, lse, lo, inv_r, empty, argmin, argmax, flags, row_list, row_count = (
+        q, k, v, a, b, t, out, lse, lo, inv_r, lo_raw, argmin, argmax, flags, row_list, row_count = (
             ctx.saved_tensors[:16]
         )
         mask = ctx.saved_tensors[16] if ctx.has_mask else None
@@ -333,7 +338,7 @@ class _TritonWarp(torch.autograd.Function):
         if g_lse is not None:
             delta = delta - g_lse.reshape(B, n).to(acc)
         lse_safe = lse.masked_fill(torch.isinf(lse), 0.0)
-        rs = torch.stack([lo, inv_r, lse_safe, delta, empty.to(acc)]).contiguous()
+        rs = torch.stack([lo, inv_r, lse_safe, delta, lo_raw]).contiguous()
         q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
         mask4 = _mask4(mask, batch, n, m, dev)
         prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
@@ -359,7 +364,7 @@ class _TritonWarp(torch.autograd.Function):
             mod.bwd_dkdv_kernel[(triton_cdiv(m, KN), B)](
                 q4, k4, v4, g, mask4, prm, consts, rs, col_list, col_count, dk, dv, *args,
                 B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset,
-                NEED_DK=need_k, NEED_DV=need_v, BLOCK_M=KM, BLOCK_N=KN, **common,
+                NEED_DK=need_k, NEED_DV=need_v, DV_FIRST=acc == q.dtype, BLOCK_M=KM, BLOCK_N=KN, **common,
             )
         # dq after dk/dv: the range gradient is added into both at the end.
         dq = da = db = dt = None
@@ -451,7 +456,7 @@ def _mask4(mask: torch.Tensor | None, batch, n: int, m: int, device) -> torch.Te
     return _view4(mask.view(torch.uint8), batch, n, m)
 
 
-def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None) -> _Plan:
+def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None, count_kept: bool = True) -> _Plan:
     d = q.shape[-1]
     interpret = q.device.type == "cpu"
     cfg = _resolve_config(config or KernelConfig(), d, q.dtype, KERNEL_STEPS[spec.step.name], spec.causal)
@@ -459,15 +464,17 @@ def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None) -> _
     return _Plan(
         metric=METRIC_CODES[spec.metric], step=KERNEL_STEPS[spec.step.name], scale=float(scale),
         inv_tau=1.0 / spec.temperature, causal=spec.causal, exclude_self=spec.exclude_self,
-        detach_range=spec.detach_range, interpret=interpret, self_offset=spec.self_offset, config=cfg,
+        detach_range=spec.detach_range, interpret=interpret, self_offset=spec.self_offset, count_kept=count_kept,
+        config=cfg,
     )
 
 
-def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConfig | None = None):
+def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConfig | None = None,
+                      count_kept: bool = True):
     """Run the kernels; returns ``(out, lse, kept, lo, hi, empty, skip_counts)`` where
     ``skip_counts`` is ``(..., 2)`` int32: (skipped, visited) key tiles per query block (zeros
-    without block skipping)."""
-    plan = make_plan(q, spec, config)
+    without block skipping). ``count_kept=False`` saves the per-score count (``kept`` is NaN)."""
+    plan = make_plan(q, spec, config, count_kept)
     if spec.metric == "cosine":
         acc = _acc_dtype(q.dtype)
         q = F.normalize(q.to(acc), dim=-1, eps=_COSINE_EPS).to(q.dtype)
