@@ -29,6 +29,7 @@ compiles for sm_90.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -305,12 +306,12 @@ SWEEP_SHAPES = SHAPES[1:]
 SWEEP_CONFIGS = {
     "fwd no skipping": dict(block_skipping=False),
     "fwd 128x64 4 warps": dict(block_n=64, num_warps=4),
-    "fwd 2 stages": dict(num_stages=2),
-    "fwd 4 stages": dict(num_stages=4),
     "bwd no skipping": dict(block_skipping=False),
     "bwd dq 128x32": dict(bwd_block_m=128),
-    "bwd dk/dv 64x64": dict(bwd_kv_block_m=64),
-    "bwd 3 stages": dict(bwd_num_stages=3),
+    "bwd dq 64x64": dict(bwd_block_n=64),
+    "bwd dk/dv 32x64": dict(bwd_kv_block_m=32),
+    "bwd dk/dv 128x64": dict(bwd_kv_block_m=128),
+    "bwd dk/dv 64x128": dict(bwd_kv_block_n=128),
 }
 
 
@@ -348,8 +349,9 @@ def sweep_configs(device, args, log) -> list[dict]:
 
 
 def profile_kernels(device, args, log) -> list[dict]:
-    """Where the time goes: CUDA time per kernel (torch.profiler) of one forward+backward for
-    SDPA and the fused steps on the target shapes."""
+    """Where the time goes: CUDA time per kernel (torch.profiler) of one forward (no grad) and
+    one forward+backward for SDPA and the fused steps on the target shapes. The kernel sum
+    next to the timed milliseconds shows the host's share (launches, synchronisations)."""
     from torch.profiler import ProfilerActivity, profile
 
     rows = []
@@ -357,19 +359,31 @@ def profile_kernels(device, args, log) -> list[dict]:
         qkv = [fresh(shape, torch.bfloat16, device, s, requires_grad=True) for s in (51, 52, 53)]
         g = torch.randn_like(qkv[0])
 
-        def step(fn, qkv=qkv, g=g):
+        def step(fn, backward, qkv=qkv, g=g):
+            if not backward:
+                with torch.no_grad():
+                    return fn(*qkv, False)
             for x in qkv:
                 x.grad = None
             fn(*qkv, False).backward(g)
 
-        for name, fn in (("sdpa", sdpa), ("poly", fused("poly")), ("none", fused("none"))):
+        for (name, fn), backward in itertools.product(
+            (("sdpa", sdpa), ("poly", fused("poly")), ("none", fused("none"))), (False, True)
+        ):
             for _ in range(3):
-                step(fn)
+                step(fn, backward)
             torch.cuda.synchronize()
             reps = 5
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                step(fn, backward)
+            end.record()
+            torch.cuda.synchronize()
+            timed = start.elapsed_time(end) / reps
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(reps):
-                    step(fn)
+                    step(fn, backward)
                 torch.cuda.synchronize()
             kernels = {}
             for ev in prof.key_averages():
@@ -378,9 +392,11 @@ def profile_kernels(device, args, log) -> list[dict]:
                     kernels[ev.key] = us / reps / 1000.0
             top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
             total = sum(kernels.values())
-            rows.append(dict(shape=list(shape), method=name, total_ms=total, kernels_ms=dict(top)))
-            log(f"  {'·'.join(map(str, shape)):16s} {name:5s} fwd+bwd kernels {total:7.3f} ms: "
-                + ", ".join(f"{kname[:28]} {ms:.3f}" for kname, ms in top))
+            mode = "fwd+bwd" if backward else "fwd"
+            rows.append(dict(shape=list(shape), method=name, mode=mode, timed_ms=timed, kernel_ms=total,
+                             kernels_ms=dict(top)))
+            log(f"  {'·'.join(map(str, shape)):16s} {name:5s} {mode:7s} timed {timed:7.3f} ms, kernels {total:7.3f} ms: "
+                + ", ".join(f"{kname[:24]} {ms:.3f}" for kname, ms in top))
         del qkv, g
         torch.cuda.empty_cache()
     return rows

@@ -479,8 +479,8 @@ def resolve_params(
             x = default
         if isinstance(x, bool) or not isinstance(x, (int, float, torch.Tensor)):
             raise TypeError(f"{name} must be a float, a tensor or None, got {type(x).__name__}")
-        if not isinstance(x, torch.Tensor):
-            x = torch.tensor(float(x), dtype=dtype, device=device)
+        if not isinstance(x, torch.Tensor):  # a fill, not a host-to-device copy (no stream sync)
+            x = torch.full((), float(x), dtype=dtype, device=device)
         else:
             if not x.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")

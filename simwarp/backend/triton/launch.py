@@ -151,7 +151,8 @@ def _resolve_config(
     # Defaults timed on an H200 (benchmarks/RESULTS.md) and checked with ptxas -v for register
     # spills: 128x128 forward tiles where the step has no transcendental band math (none, poly)
     # and the mask is not causal (the diagonal tiles' extra selects spill there), 128x64
-    # otherwise; the backward kernels get a large outer and a small inner tile and four warps.
+    # otherwise; dq 64x32 and dk/dv 64x64 for none/poly (1.13-1.27x faster than 32x64 at the
+    # target shapes; the sigmoidal/log tiles would spill), all with four warps.
     # float32 products run as three TF32 passes (tf32x3) and take smaller tiles.
     big = d > 128
     wide = dtype in (torch.float32, torch.float64)
@@ -160,7 +161,7 @@ def _resolve_config(
     small = 32 if big or wide else None
     bbm = cfg.bwd_block_m or min(bm, small or 64)
     bbn = cfg.bwd_block_n or min(bn, 32)
-    kvm = cfg.bwd_kv_block_m or min(bm, 32)
+    kvm = cfg.bwd_kv_block_m or min(bm, 64 if step in (0, 3) and not (big or wide) else 32)
     kvn = cfg.bwd_kv_block_n or min(bn, small or 64)
     tiles = (("block_m", bm), ("block_n", bn), ("bwd_block_m", bbm), ("bwd_block_n", bbn),
              ("bwd_kv_block_m", kvm), ("bwd_kv_block_n", kvn))
@@ -227,7 +228,7 @@ class _TritonWarp(torch.autograd.Function):
         mask4 = _mask4(mask, batch, n, m, dev)
         prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
                            for p in (a, b, t)]).contiguous()
-        consts = torch.tensor([plan.scale, plan.inv_tau], dtype=acc, device=dev)
+        consts = _consts(plan, acc, dev)
         BM, BN = cfg.block_m, cfg.block_n
         BD, BE = _pow2(d), _pow2(e)
         n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
@@ -245,8 +246,7 @@ class _TritonWarp(torch.autograd.Function):
         hi_p = torch.empty_like(lo_p)
         amin_p = torch.empty((S, B, n), dtype=torch.int32, device=dev)
         amax_p = torch.empty_like(amin_p)
-        tmax = (torch.full((B, n_qb, n_kb), -math.inf, dtype=acc, device=dev) if cfg.block_skipping
-                else torch.empty((1,), dtype=acc, device=dev))
+        tmax = torch.empty((B, n_qb, n_kb) if cfg.block_skipping else (1,), dtype=acc, device=dev)  # visited: written
         grid = (n_qb, B, S)
         track_arg = _tracks_range(plan, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         mod.range_kernel[grid](
@@ -343,7 +343,7 @@ class _TritonWarp(torch.autograd.Function):
         mask4 = _mask4(mask, batch, n, m, dev)
         prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
                            for p in (a, b, t)]).contiguous()
-        consts = torch.tensor([plan.scale, plan.inv_tau], dtype=acc, device=dev)
+        consts = _consts(plan, acc, dev)
         BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
         BD, BE = _pow2(d), _pow2(e)
         n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
@@ -444,6 +444,16 @@ def _tracks_range(plan: _Plan, need_q: bool, need_k: bool) -> bool:
     """Whether the backward routes gradient through the row range (``lo``, ``hi``): only a step
     depends on it, and ``detach_range`` cuts it."""
     return plan.step != 0 and not plan.detach_range and (need_q or need_k)
+
+
+def _consts(plan: _Plan, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[scale, 1/τ]`` on the device, built by fills: ``torch.tensor(..., device=cuda)`` would be
+    a host-to-device copy, which synchronises the stream and leaves the GPU idle while the host
+    queues the kernels that follow. (A tensor, not scalar kernel arguments, so that float64
+    runs in the interpreter keep full precision.)"""
+    consts = torch.full((2,), plan.scale, dtype=dtype, device=device)
+    consts[1:].fill_(plan.inv_tau)
+    return consts
 
 
 def triton_cdiv(x: int, y: int) -> int:
