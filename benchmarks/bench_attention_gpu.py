@@ -307,11 +307,8 @@ SWEEP_CONFIGS = {
     "fwd no skipping": dict(block_skipping=False),
     "fwd 128x64 4 warps": dict(block_n=64, num_warps=4),
     "bwd no skipping": dict(block_skipping=False),
-    "bwd dq 128x32": dict(bwd_block_m=128),
-    "bwd dq 64x64": dict(bwd_block_n=64),
+    "bwd dq 64x32": dict(bwd_block_n=32),
     "bwd dk/dv 32x64": dict(bwd_kv_block_m=32),
-    "bwd dk/dv 128x64": dict(bwd_kv_block_m=128),
-    "bwd dk/dv 64x128": dict(bwd_kv_block_n=128),
 }
 
 

@@ -118,6 +118,7 @@ class _Plan:
     interpret: bool
     self_offset: int
     count_kept: bool
+    grad_enabled: bool
     config: KernelConfig
 
 
@@ -151,8 +152,9 @@ def _resolve_config(
     # Defaults timed on an H200 (benchmarks/RESULTS.md) and checked with ptxas -v for register
     # spills: 128x128 forward tiles where the step has no transcendental band math (none, poly)
     # and the mask is not causal (the diagonal tiles' extra selects spill there), 128x64
-    # otherwise; dq 64x32 and dk/dv 64x64 for none/poly (1.13-1.27x faster than 32x64 at the
-    # target shapes; the sigmoidal/log tiles would spill), all with four warps.
+    # otherwise; dq 64x32 (64x64 for none/poly at d = 128: 1.10x) and dk/dv 64x64 for none/poly
+    # (1.13-1.27x faster than 32x64 at the target shapes; the sigmoidal/log tiles would spill),
+    # all with four warps.
     # float32 products run as three TF32 passes (tf32x3) and take smaller tiles.
     big = d > 128
     wide = dtype in (torch.float32, torch.float64)
@@ -160,7 +162,7 @@ def _resolve_config(
     bn = cfg.block_n or (32 if big else 64 if wide or causal or step in (1, 2) else 128)
     small = 32 if big or wide else None
     bbm = cfg.bwd_block_m or min(bm, small or 64)
-    bbn = cfg.bwd_block_n or min(bn, 32)
+    bbn = cfg.bwd_block_n or min(bn, 64 if step in (0, 3) and not (big or wide) and d > 64 else 32)
     kvm = cfg.bwd_kv_block_m or min(bm, 64 if step in (0, 3) and not (big or wide) else 32)
     kvn = cfg.bwd_kv_block_n or min(bn, small or 64)
     tiles = (("block_m", bm), ("block_n", bn), ("bwd_block_m", bbm), ("bwd_block_n", bbn),
@@ -248,7 +250,8 @@ class _TritonWarp(torch.autograd.Function):
         amax_p = torch.empty_like(amin_p)
         tmax = torch.empty((B, n_qb, n_kb) if cfg.block_skipping else (1,), dtype=acc, device=dev)  # visited: written
         grid = (n_qb, B, S)
-        track_arg = _tracks_range(plan, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        # needs_input_grad says True under torch.no_grad too: the plan knows the grad mode
+        track_arg = plan.grad_enabled and _tracks_range(plan, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         mod.range_kernel[grid](
             q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
             *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg,
@@ -475,7 +478,7 @@ def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None, coun
         metric=METRIC_CODES[spec.metric], step=KERNEL_STEPS[spec.step.name], scale=float(scale),
         inv_tau=1.0 / spec.temperature, causal=spec.causal, exclude_self=spec.exclude_self,
         detach_range=spec.detach_range, interpret=interpret, self_offset=spec.self_offset, count_kept=count_kept,
-        config=cfg,
+        grad_enabled=torch.is_grad_enabled(), config=cfg,
     )
 
 
