@@ -4,16 +4,17 @@ Triton's interpreter (``tests/test_triton.py``) checks the kernels' arithmetic b
 nothing, so a kernel can pass every test and still be rejected by the GPU compiler. This script
 runs the real launch code on CPU tensors with Triton's active driver replaced by a stand-in that
 reports a CUDA sm_90 target; every launch only compiles (JIT warm-up, no execution), and
-``ptxas -v`` (shipped with Triton) reports registers and spills per kernel. The launcher's
+``ptxas -v`` (shipped with Triton) reports registers and spills per kernel, and Triton's metadata
+the shared memory of a block (a launch fails above the card's limit). The launcher's
 post-processing runs on the unwritten outputs, so its values are meaningless; only compilation
 is checked.
 
 Usage::
 
     python tools/check_kernels_sm90.py                 # bf16 + float32, d = 64 / 128, all steps
-    python tools/check_kernels_sm90.py --dims 64 --steps poly --causal
+    python tools/check_kernels_sm90.py --dims 64 --steps poly --causal --no-skipping
 
-Exit status 1 if any variant fails to compile. Relies on Triton internals
+Exit status 1 if any variant fails to compile or needs more shared memory than an H100 block has. Relies on Triton internals
 (``triton.runtime.driver``, ``JITFunction.run(warmup=True)``); tested with Triton 3.9.
 """
 
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--causal", action="store_true", help="also compile the causal variants")
     p.add_argument("--capability", type=int, default=90)
+    p.add_argument("--no-skipping", action="store_true", help="also compile KernelConfig(block_skipping=False)")
+    p.add_argument("--smem-limit", type=int, default=232448, help="bytes of shared memory per block (H100/H200)")
     args = p.parse_args(argv)
 
     from triton.runtime import driver as triton_driver
@@ -96,15 +99,15 @@ def main(argv=None) -> int:
 
     import simwarp.backend.triton as fused
     from simwarp.backend.common import make_spec, resolve_params
-    from simwarp.backend.triton import launch
+    from simwarp.backend.triton import KernelConfig, launch
 
     triton_driver.set_active(_CompileOnlyDriver(args.capability))
-    compiled: list[tuple[str, int, int]] = []
+    compiled: list[tuple[str, int, int, int]] = []
     original_run = JITFunction.run
 
     def compile_only(self, *a, grid, warmup, **kw):
         kernel = original_run(self, *a, grid=grid, warmup=True, **kw)
-        compiled.append((self.__name__, *_ptxas_report(kernel.asm["ptx"], args.capability)))
+        compiled.append((self.__name__, *_ptxas_report(kernel.asm["ptx"], args.capability), kernel.metadata.shared))
         return kernel
 
     JITFunction.run = compile_only
@@ -116,7 +119,10 @@ def main(argv=None) -> int:
 
     failures = 0
     causal_options = (False, True) if args.causal else (False,)
-    for dtype_name, d, step, causal in itertools.product(args.dtypes, args.dims, args.steps, causal_options):
+    skipping_options = (True, False) if args.no_skipping else (True,)
+    for dtype_name, d, step, causal, skipping in itertools.product(
+        args.dtypes, args.dims, args.steps, causal_options, skipping_options
+    ):
         dtype = getattr(torch, dtype_name)
         compiled.clear()
         n = 512
@@ -125,14 +131,19 @@ def main(argv=None) -> int:
         prm = resolve_params(0.1, 0.9, 0.5, batch=torch.Size((1, 2)), n=n, dtype=torch.float32, device=torch.device("cpu"))
         error = ""
         try:
-            out, _ = fused.triton_warp_attend(q, k, v, *prm, None, spec)
+            out, _ = fused.triton_warp_attend(q, k, v, *prm, None, spec, config=KernelConfig(block_skipping=skipping))
             out.float().sum().backward()
         except Exception as exc:  # noqa: BLE001 - compile errors are the report; index errors are not
             if type(exc).__name__ == "CompilationError" or "compil" in str(exc).lower():
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[-1][:200]}"
+        too_big = [name for name, *_, smem in compiled if smem > args.smem_limit]
+        if too_big and not error:
+            error = f"shared memory above {args.smem_limit} B in {', '.join(too_big)}"
         failures += bool(error)
-        report = " | ".join(f"{name} {regs} regs, {spill} B spilled" for name, regs, spill in compiled)
-        print(f"{dtype_name:8s} d={d:<3d} {step:9s} causal={int(causal)}: {error or report}", flush=True)
+        report = " | ".join(f"{name} {regs} regs, {spill} B spilled, {smem // 1024} KiB smem"
+                            for name, regs, spill, smem in compiled)
+        print(f"{dtype_name:8s} d={d:<3d} {step:9s} causal={int(causal)} skipping={int(skipping)}: "
+              f"{error + ' | ' if error else ''}{report}", flush=True)
     return 1 if failures else 0
 
 

@@ -442,17 +442,6 @@ def tile_flags_kernel(
 
 
 @triton.jit
-def _visible_tiles(q_start, n_kb, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """Key tiles a query block starting at row ``q_start`` visits. The tile loops take the
-    plain range when the kept list holds all of them: a loop whose tile index is loaded from
-    memory pipelines less well (5-8 % on an H100)."""
-    n_vis = n_kb
-    if CAUSAL:
-        n_vis = tl.minimum(n_kb, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
-    return n_vis
-
-
-@triton.jit
 def compact_kernel(FLAGS, LIST, COUNT, s_batch, s_outer, s_inner, n_inner, TILES: tl.constexpr):
     """``LIST[b, o, :COUNT[b, o]]``: the inner indices ``i`` (ascending) with ``FLAGS[b, o, i] == 0``
     (strided, so the same kernel lists a row's key tiles or a column's query blocks). The tile
@@ -525,13 +514,42 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
 
 
 @triton.jit
+def _attend_tiles(acc, denom, kept, start, stop, tiles, FROM_LIST: tl.constexpr, q, qq, offs_m, k_base, v_base,
+                  mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw,
+                  a2, b2, t2, METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+                  HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr, COUNT_KEPT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
+                  ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Key tiles ``start .. stop - 1`` (``FROM_LIST``: entries ``start .. stop - 1`` of ``tiles``)."""
+    for i in range(start, stop):
+        kb = i
+        if FROM_LIST:
+            kb = tl.load(tiles + i)
+        acc, denom, kept = _attend_tile(
+            acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
+            skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw, a2, b2, t2,
+            METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC,
+            UPCAST, EVEN, BLOCK_M)
+    return acc, denom, kept
+
+
+@triton.jit
+def _visible_tiles(q_start, n_kb, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key tiles a query block starting at row ``q_start`` visits (all splits together)."""
+    n_vis = n_kb
+    if CAUSAL:
+        n_vis = tl.minimum(n_kb, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
+    return n_vis
+
+
+@triton.jit
 def attend_kernel(
     Q, K, V, MASK, PRM, CONSTS, RS, LIST, COUNT, OUT, LSE, KEPT, ACCP, DENP, KEPTP,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, smk0, smk1, smkn, smkm,
     B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
-    SKIP_TILES: tl.constexpr, COUNT_KEPT: tl.constexpr,
+    SKIP_TILES: tl.constexpr, PLAIN_LOOP: tl.constexpr, COUNT_KEPT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -578,28 +596,40 @@ def attend_kernel(
     kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
     if CAUSAL:
         kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
-    use_list = False
+    # Two loops where both fit in shared memory (PLAIN_LOOP): a plain range when the list keeps
+    # every visible tile, since a loop whose tile index is loaded from memory pipelines less well.
     if SKIP_TILES:  # the row's list of kept key tiles, shared evenly among the splits
         slot = pid_b.to(tl.int64) * n_qb + pid_q
         count = tl.load(COUNT + slot)
-        use_list = count < _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL)
-    if use_list:
         per = tl.cdiv(count, tl.num_programs(2))
         i_lo = pid_s * per
+        i_hi = tl.minimum(count, i_lo + per)
         tiles = LIST + slot * n_kb
-        for i in range(i_lo, tl.minimum(count, i_lo + per)):
-            acc, denom, kept = _attend_tile(
-                acc, denom, kept, q, qq, tl.load(tiles + i), offs_m, k_base, v_base, mask_base, n, m, d, e,
-                skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw, a2, b2, t2,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC,
-                UPCAST, EVEN, BLOCK_M)
+        if PLAIN_LOOP:
+            if count < _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL):
+                acc, denom, kept = _attend_tiles(
+                    acc, denom, kept, i_lo, i_hi, tiles, True,
+                    q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+                    xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+                    BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+            else:
+                acc, denom, kept = _attend_tiles(
+                    acc, denom, kept, kb_lo, kb_hi, tiles, False,
+                    q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+                    xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+                    BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+        else:
+            acc, denom, kept = _attend_tiles(
+                acc, denom, kept, i_lo, i_hi, tiles, True,
+                q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+                xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+                BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     else:
-        for kb in range(kb_lo, kb_hi):
-            acc, denom, kept = _attend_tile(
-                acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
-                skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw, a2, b2, t2,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC,
-                UPCAST, EVEN, BLOCK_M)
+        acc, denom, kept = _attend_tiles(
+            acc, denom, kept, kb_lo, kb_hi, LIST, False,
+            q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+            xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+            BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
 
     if SPLIT:
         part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
@@ -785,15 +815,10 @@ def bwd_dq_kernel(
     kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
     if CAUSAL:
         kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
-    use_list = False
     if SKIP_TILES:  # kept forward tiles of this block's row, SUB backward tiles each
         SUB = TM_BN // BLOCK_N
-        fwd_q = q_start // TM_BM
-        slot = pid_b.to(tl.int64) * tm_qb + fwd_q
-        count = tl.load(COUNT + slot)
-        use_list = count < _visible_tiles(fwd_q * TM_BM, tm_kb, m, TM_BM, TM_BN, CAUSAL)
-    if use_list:
-        count = count * SUB
+        slot = pid_b.to(tl.int64) * tm_qb + q_start // TM_BM
+        count = tl.load(COUNT + slot) * SUB
         per = tl.cdiv(count, tl.num_programs(2))
         i_lo = pid_s * per
         tiles = LIST + slot * tm_kb
@@ -925,19 +950,11 @@ def bwd_dkdv_kernel(
     qb_lo = 0
     if CAUSAL:
         qb_lo = k_start // BLOCK_M
-    use_list = False
     if SKIP_TILES:  # kept forward tiles of this block's column, SUB backward query blocks each
         SUB = TM_BM // BLOCK_M
-        fwd_k = k_start // TM_BN
-        slot = pid_b.to(tl.int64) * tm_kb + fwd_k
-        count = tl.load(COUNT + slot)
-        visible = tm_qb
-        if CAUSAL:  # query tiles that reach key tile fwd_k
-            visible = tm_qb - (fwd_k * TM_BN) // TM_BM
-        use_list = count < visible
-    if use_list:
+        slot = pid_b.to(tl.int64) * tm_kb + k_start // TM_BN
         tiles = LIST + slot * tm_qb
-        for i in range(0, count * SUB):
+        for i in range(0, tl.load(COUNT + slot) * SUB):
             qb = tl.load(tiles + i // SUB) * SUB + i % SUB
             dk, dv, csum = _dkdv_tile(
                 dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,

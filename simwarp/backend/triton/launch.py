@@ -152,7 +152,7 @@ def _resolve_config(
     # Defaults timed on an H200 (benchmarks/RESULTS.md) and checked with ptxas -v for register
     # spills: 128x128 forward tiles where the step has no transcendental band math (none, poly)
     # and the mask is not causal (the diagonal tiles' extra selects spill there), 128x64
-    # otherwise; dq 64x32 (64x64 for none/poly at d = 128: 1.10x) and dk/dv 64x64 for none/poly
+    # otherwise; dq 64x32 (64x64 for non-causal none/poly at d = 128: 1.10x) and dk/dv 64x64 for none/poly
     # (1.13-1.27x faster than 32x64 at the target shapes; the sigmoidal/log tiles would spill),
     # all with four warps.
     # float32 products run as three TF32 passes (tf32x3) and take smaller tiles.
@@ -162,7 +162,7 @@ def _resolve_config(
     bn = cfg.block_n or (32 if big else 64 if wide or causal or step in (1, 2) else 128)
     small = 32 if big or wide else None
     bbm = cfg.bwd_block_m or min(bm, small or 64)
-    bbn = cfg.bwd_block_n or min(bn, 64 if step in (0, 3) and not (big or wide) and d > 64 else 32)
+    bbn = cfg.bwd_block_n or min(bn, 64 if step in (0, 3) and not (big or wide or causal) and d > 64 else 32)
     kvm = cfg.bwd_kv_block_m or min(bm, 64 if step in (0, 3) and not (big or wide) else 32)
     kvn = cfg.bwd_kv_block_n or min(bn, small or 64)
     tiles = (("block_m", bm), ("block_n", bn), ("bwd_block_m", bbm), ("bwd_block_n", bbn),
@@ -297,7 +297,7 @@ class _TritonWarp(torch.autograd.Function):
             q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp,
             *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
             STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch, SKIP_TILES=cfg.block_skipping,
-            COUNT_KEPT=plan.count_kept, BLOCK_E=BE, **common,
+            PLAIN_LOOP=cfg.block_skipping and _two_loops_fit(q, BM, BN, BD, BE, cfg.num_stages), COUNT_KEPT=plan.count_kept, BLOCK_E=BE, **common,
         )
         if S > 1:
             den = denp.sum(0)
@@ -447,6 +447,19 @@ def _tracks_range(plan: _Plan, need_q: bool, need_k: bool) -> bool:
     """Whether the backward routes gradient through the row range (``lo``, ``hi``): only a step
     depends on it, and ``detach_range`` cuts it."""
     return plan.step != 0 and not plan.detach_range and (need_q or need_k)
+
+
+#: Shared memory of one thread block on sm_90 (H100/H200), the smallest of the GPUs tuned for.
+_SMEM_BYTES = 232448
+
+
+def _two_loops_fit(q: torch.Tensor, bm: int, bn: int, bd: int, be: int, stages: int) -> bool:
+    """Whether pass 2 may carry a plain tile loop beside the skip-list loop: a loop over a
+    loaded list pipelines less well (pass 2 took 1.98 ms with the list alone vs 1.71 ms with
+    both, H100/H200, bf16 2·16·8192·64), but each loop keeps its own multi-stage K/V buffers
+    (1·16·16384·128 with 128x128 tiles needed 288 KiB, more than a block may have)."""
+    per_loop = stages * bn * (bd + be) * q.element_size()
+    return 2 * per_loop + bm * bd * q.element_size() <= _SMEM_BYTES
 
 
 def _consts(plan: _Plan, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
