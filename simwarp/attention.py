@@ -296,9 +296,11 @@ def _attend(
             w = F.dropout(w, p=float(dropout_p), training=True)
         out = (w @ v.to(w.dtype)).to(query.dtype)
     else:
-        out, stats = warp_attend(
-            q, k, v, impl=impl, chunk_size=chunk_size, return_stats=True, dropout_p=float(dropout_p), **common
+        # Statistics only on request: the fused kernels then skip the per-score kept count.
+        res = warp_attend(
+            q, k, v, impl=impl, chunk_size=chunk_size, return_stats=want_stats, dropout_p=float(dropout_p), **common
         )
+        out, stats = res if want_stats else (res, None)
     if groups > 1:
         out = rearrange(out, "... h g l e -> ... (h g) l e")
         if weights is not None:
