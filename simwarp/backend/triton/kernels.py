@@ -119,7 +119,7 @@ def _coord_coefs(lo, inv_r, a, b, t, factor, STEP: tl.constexpr):
     """Per-row ``(al, be)`` such that ``z = fma(r, al, be)`` is the step's coordinate
     (``_band_coefs``) straight from the raw score ``r`` (``s = r · factor``): one fused
     multiply-add per score. ``al >= 0``, so ``z`` is monotone in ``r``; the skip test
-    (``tile_flags_kernel``) applies the very same ``fma`` to a tile's largest ``r``, which keeps
+    (``row_stats_kernel``) applies the very same ``fma`` to a tile's largest ``r``, which keeps
     skipping exact."""
     alpha, beta = _band_coefs(inv_r, a, b, t, STEP)
     return alpha * factor, beta - lo * alpha
@@ -392,21 +392,31 @@ def range_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Between the passes: which key tiles every row of a query block drops
+# Between the passes: row ranges, and which key tiles every row of a query block drops
 # ---------------------------------------------------------------------------------------
 
 
 @triton.jit
-def tile_flags_kernel(
-    RS, PRM, CONSTS, TMAX, FLAGS, COUNTS, B, n, m, n_qb, n_kb,
-    METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+def row_stats_kernel(
+    LOP, HIP, AMINP, AMAXP, PRM, CONSTS, TMAX, RS, EMPTY, AMIN, AMAX, FLAGS, COUNTS, LIST, LCOUNT,
+    S, B, n, m, n_qb, n_kb,
+    METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, TRACK_ARG: tl.constexpr,
+    SKIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
 ):
-    """``FLAGS[b, qb, kb] = 1`` where every row of query block ``qb`` is out of range, empty, or
-    drops all of key tile ``kb`` (judged from the tile's largest valid score, pass 1), and for
-    tiles past the causal diagonal; such tiles have weight exactly 0 and pass 2 and the backward
-    skip them. ``COUNTS[b, qb] = (skipped, visited)`` tiles. One program per query block; ``RS``
-    holds ``lo, hi, inv_r, empty, lo_raw``."""
+    """Between the passes, one program per query block (the forward's ``BLOCK_M`` rows):
+
+    1. each row's range from the key splits' partial minima / maxima of ``r`` (``LOP, HIP``:
+       ``(S, B, n)``; the first split attaining an extreme wins ties, as does the first key within
+       a split), written as ``RS = (lo, hi, inv_r, empty, lo_raw)`` planes (``lo, hi`` in units of
+       ``s``; ``inv_r = 0`` on flat and empty rows), ``EMPTY`` and, with ``TRACK_ARG``, the
+       argmin / argmax;
+    2. with ``SKIP``: ``FLAGS[b, qb, kb] = 1`` where every row of the block is out of range, empty
+       or drops all of key tile ``kb`` (judged from the tile's largest ``r``), and for tiles past
+       the causal diagonal: such tiles have weight exactly 0. ``COUNTS[b, qb] = (skipped,
+       visited)``, and ``LIST[b, qb, :LCOUNT[b, qb]]`` the tiles to visit, ascending.
+
+    One launch instead of a dozen small tensor operations and a separate list kernel: at short
+    sequences the launches, not the arithmetic, are what costs."""
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
     q_start = pid_q * BLOCK_M
@@ -414,38 +424,71 @@ def tile_flags_kernel(
     row_ok = offs_m < n
     rows = pid_b.to(tl.int64) * n + offs_m
     plane = (pid_b.to(tl.int64) * 0 + B) * n
-    lo = tl.load(RS + rows, mask=row_ok, other=0.0)[:, None]
-    inv_r = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)[:, None]
-    emp = tl.load(RS + 3 * plane + rows, mask=row_ok, other=1.0)[:, None]
-    lo_raw = tl.load(RS + 4 * plane + rows, mask=row_ok, other=0.0)[:, None]
-    a = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
-    b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
-    t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
-    al, be = _coord_coefs(lo, inv_r, a, b, t, _score_factor(tl.load(CONSTS), METRIC), STEP)
-    n_vis = n_kb
-    if CAUSAL:
-        n_vis = tl.minimum(n_kb, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
-    base = (pid_b.to(tl.int64) * n_qb + pid_q) * n_kb
-    n_skip = tl.zeros([], tl.int32)
-    for k0 in range(0, n_kb, TILES):
-        offs_t = k0 + tl.arange(0, TILES)
-        visited = offs_t < n_vis
-        tm = tl.load(TMAX + base + offs_t, mask=visited, other=float("-inf"))[None, :]
-        z = _step_coord(tm, al, be, lo_raw, STEP)
-        ok = (~row_ok[:, None]) | (emp > 0) | (tm == float("-inf")) | ((inv_r > 0) & _rows_dropped(z, STEP))
-        flag = tl.min(ok.to(tl.int32), axis=0)
-        tl.store(FLAGS + base + offs_t, flag.to(tl.int8), mask=offs_t < n_kb)
-        n_skip += tl.sum(tl.where(visited, flag, 0), axis=0)
-    slot = (pid_b.to(tl.int64) * n_qb + pid_q) * 2
-    tl.store(COUNTS + slot, n_skip)
-    tl.store(COUNTS + slot + 1, n_vis)
+    lo_raw = tl.load(LOP + rows, mask=row_ok, other=float("inf"))
+    hi_raw = tl.load(HIP + rows, mask=row_ok, other=float("-inf"))
+    if TRACK_ARG:
+        amin = tl.load(AMINP + rows, mask=row_ok, other=0)
+        amax = tl.load(AMAXP + rows, mask=row_ok, other=0)
+    for sp in range(1, S):
+        off = sp * plane
+        lo_s = tl.load(LOP + off + rows, mask=row_ok, other=float("inf"))
+        hi_s = tl.load(HIP + off + rows, mask=row_ok, other=float("-inf"))
+        if TRACK_ARG:
+            amin = tl.where(lo_s < lo_raw, tl.load(AMINP + off + rows, mask=row_ok, other=0), amin)
+            amax = tl.where(hi_s > hi_raw, tl.load(AMAXP + off + rows, mask=row_ok, other=0), amax)
+        lo_raw = tl.minimum(lo_raw, lo_s)
+        hi_raw = tl.maximum(hi_raw, hi_s)
+    empty = lo_raw == float("inf")
+    lo_raw = tl.where(empty, 0.0, lo_raw)
+    factor = _score_factor(tl.load(CONSTS), METRIC)
+    lo = lo_raw * factor
+    hi = tl.where(empty, 0.0, hi_raw) * factor
+    r = hi - lo
+    inv_r = tl.where(r > 0, 1.0 / tl.where(r > 0, r, 1.0), 0.0)
+    tl.store(RS + rows, lo, mask=row_ok)
+    tl.store(RS + plane + rows, hi, mask=row_ok)
+    tl.store(RS + 2 * plane + rows, inv_r, mask=row_ok)
+    tl.store(RS + 3 * plane + rows, tl.where(empty, 1.0, 0.0), mask=row_ok)
+    tl.store(RS + 4 * plane + rows, lo_raw, mask=row_ok)
+    tl.store(EMPTY + rows, empty.to(tl.int8), mask=row_ok)
+    if TRACK_ARG:
+        tl.store(AMIN + rows, amin, mask=row_ok)
+        tl.store(AMAX + rows, amax, mask=row_ok)
+    if SKIP:
+        a = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
+        b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
+        t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
+        al, be = _coord_coefs(lo[:, None], inv_r[:, None], a, b, t, factor, STEP)
+        n_vis = _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL)
+        slot = pid_b.to(tl.int64) * n_qb + pid_q
+        base = slot * n_kb
+        n_skip = tl.zeros([], tl.int32)
+        n_list = tl.zeros([], tl.int32)
+        for k0 in range(0, n_kb, TILES):
+            offs_t = k0 + tl.arange(0, TILES)
+            visited = offs_t < n_vis
+            tm = tl.load(TMAX + base + offs_t, mask=visited, other=float("-inf"))[None, :]
+            z = _step_coord(tm, al, be, lo_raw[:, None], STEP)
+            ok = ((~row_ok[:, None]) | empty[:, None] | (tm == float("-inf"))
+                  | ((inv_r[:, None] > 0) & _rows_dropped(z, STEP)))
+            flag = tl.min(ok.to(tl.int32), axis=0)
+            in_range = offs_t < n_kb
+            tl.store(FLAGS + base + offs_t, flag.to(tl.int8), mask=in_range)
+            n_skip += tl.sum(tl.where(visited, flag, 0), axis=0)
+            keep = ((flag == 0) & in_range).to(tl.int32)
+            tl.store(LIST + base + n_list + tl.cumsum(keep, 0) - keep, offs_t, mask=keep != 0)
+            n_list += tl.sum(keep, 0)
+        tl.store(COUNTS + 2 * slot, n_skip)
+        tl.store(COUNTS + 2 * slot + 1, n_vis)
+        tl.store(LCOUNT + slot, n_list)
 
 
 @triton.jit
 def compact_kernel(FLAGS, LIST, COUNT, s_batch, s_outer, s_inner, n_inner, TILES: tl.constexpr):
     """``LIST[b, o, :COUNT[b, o]]``: the inner indices ``i`` (ascending) with ``FLAGS[b, o, i] == 0``
-    (strided, so the same kernel lists a row's key tiles or a column's query blocks). The tile
-    loops then run over these lists without a branch, which keeps their loads pipelined."""
+    (strided: the backward lists each key tile's query blocks this way; ``row_stats_kernel``
+    lists the rows' key tiles itself). The tile loops then run over these lists without a
+    branch, which keeps their loads pipelined."""
     pid_o = tl.program_id(0)
     pid_b = tl.program_id(1)
     src = FLAGS + pid_b.to(tl.int64) * s_batch + pid_o.to(tl.int64) * s_outer
@@ -654,14 +697,39 @@ def attend_kernel(
 
 
 @triton.jit
-def _backward_rows(RS, PRM, rows, row_ok, plane):
-    """Row statistics of the backward (``RS``: ``lo, inv_r, lse, delta, lo_raw`` planes) and the
-    step parameters (``PRM``: ``a, b, t``) of ``rows``."""
+def bwd_rows_kernel(LSE, G, OUT, GLSE, LD, B, n, e, HAS_GLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    """``LD = (lse, delta)`` per row for the backward kernels: ``delta = rowsum(dO · O) - g_lse``
+    and ``lse`` with empty rows' ``-inf`` replaced by 0 (their weights are all 0 anyway)."""
+    pid_q = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_m = pid_q * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = offs_m < n
+    rows = pid_b.to(tl.int64) * n + offs_m
+    tile = rows[:, None] * e + offs_e[None, :]
+    tile_ok = row_ok[:, None] & (offs_e[None, :] < e)
+    g = tl.load(G + tile, mask=tile_ok, other=0.0).to(ACC)
+    o = tl.load(OUT + tile, mask=tile_ok, other=0.0).to(ACC)
+    delta = tl.sum(g * o, 1)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    plane = (pid_b.to(tl.int64) * 0 + B) * n
+    tl.store(LD + rows, tl.where(lse == float("-inf"), 0.0, lse), mask=row_ok)
+    tl.store(LD + plane + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _backward_rows(RS, LD, PRM, rows, row_ok, plane):
+    """Row statistics of the backward: the forward's ``RS`` (``lo, hi, inv_r, empty, lo_raw``
+    planes; ``row_stats_kernel``), ``LD`` (``lse, delta``; ``bwd_rows_kernel``) and the step
+    parameters (``PRM``: ``a, b, t``) of ``rows``."""
     lo = tl.load(RS + rows, mask=row_ok, other=0.0)
-    inv_r = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
-    lse = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
-    delta = tl.load(RS + 3 * plane + rows, mask=row_ok, other=0.0)
+    inv_r = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
     lo_raw = tl.load(RS + 4 * plane + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LD + rows, mask=row_ok, other=0.0)
+    delta = tl.load(LD + plane + rows, mask=row_ok, other=0.0)
     a = tl.load(PRM + rows, mask=row_ok, other=0.5)
     b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
     t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
@@ -759,7 +827,7 @@ def range_grad_kernel(
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, DO, MASK, PRM, CONSTS, RS, LIST, COUNT, DQ, RSUM,
+    Q, K, V, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DQ, RSUM,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
     B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, self_off,
@@ -794,7 +862,7 @@ def bwd_dq_kernel(
     inv_tau = tl.load(CONSTS + 1)
     rows = pid_b.to(tl.int64) * n + offs_m
     plane = (pid_b.to(tl.int64) * 0 + B) * n
-    lo, inv_r, lse, delta, lo_raw, a, b, t = _backward_rows(RS, PRM, rows, row_ok, plane)
+    lo, inv_r, lse, delta, lo_raw, a, b, t = _backward_rows(RS, LD, PRM, rows, row_ok, plane)
     a2 = a[:, None]
     b2 = b[:, None]
     t2 = t[:, None]
@@ -859,7 +927,7 @@ def bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
+def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, LD, PRM, plane, pid_b,
                n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
                METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
                HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, DV_FIRST: tl.constexpr,
@@ -875,7 +943,7 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
                 mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
     do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
                  mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-    lo, inv_r, lse, delta, lo_raw, a, b, t = _backward_rows(RS, PRM, rows, row_ok, plane)
+    lo, inv_r, lse, delta, lo_raw, a, b, t = _backward_rows(RS, LD, PRM, rows, row_ok, plane)
     qq = tl.zeros([BLOCK_M], ACC)
     if METRIC != 0:
         qf = q.to(ACC)
@@ -909,7 +977,7 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, DO, MASK, PRM, CONSTS, RS, LIST, COUNT, DK, DV,
+    Q, K, V, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DK, DV,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
     B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, self_off,
@@ -957,14 +1025,14 @@ def bwd_dkdv_kernel(
         for i in range(0, tl.load(COUNT + slot) * SUB):
             qb = tl.load(tiles + i // SUB) * SUB + i % SUB
             dk, dv, csum = _dkdv_tile(
-                dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
+                dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, LD, PRM, plane, pid_b,
                 n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
                 METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
                 PREC, ACC, UPCAST, EVEN, BLOCK_N)
     else:
         for qb in range(qb_lo, n_qb):
             dk, dv, csum = _dkdv_tile(
-                dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, PRM, plane, pid_b,
+                dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, LD, PRM, plane, pid_b,
                 n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
                 METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
                 PREC, ACC, UPCAST, EVEN, BLOCK_N)

@@ -1,8 +1,9 @@
 """Host side of the fused backend: kernel loading, launch plans and the autograd Function.
 
-Forward = ``range_kernel`` (pass 1: row min/max, first argmin/argmax, per-tile score maxima)
-then ``attend_kernel`` (pass 2: step, softmax with the row maximum known from pass 1, ``p @ v``,
-tile skipping). Backward = ``bwd_dq_kernel`` (``dq`` and the per-row sums ``G_lo, G_hi, da, db,
+Forward = ``range_kernel`` (pass 1: row min/max, first argmin/argmax, per-tile score maxima),
+``row_stats_kernel`` (row ranges over the key splits, tiles to skip and the lists of tiles to
+visit) and ``attend_kernel`` (pass 2: step, softmax with the row maximum known from pass 1,
+``p @ v``, tile skipping). Backward = ``bwd_dq_kernel`` (``dq`` and the per-row sums ``G_lo, G_hi, da, db,
 dt``) and ``bwd_dkdv_kernel`` (``dk``, ``dv``), both recomputing scores, then
 ``range_grad_kernel`` routes ``G_lo, G_hi`` to each row's argmin/argmax key, into ``dq`` and
 atomically into ``dk`` (GRADIENTS.md).
@@ -257,31 +258,27 @@ class _TritonWarp(torch.autograd.Function):
             *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg,
             STORE_TMAX=cfg.block_skipping, **common,
         )
-        if S == 1:
-            lo, hi, argmin, argmax = lo_p[0], hi_p[0], amin_p[0], amax_p[0]
-        else:  # first split holding the extreme value = lowest key index (tie rule)
-            lo, hi = lo_p.amin(0), hi_p.amax(0)
-            argmin = amin_p.gather(0, (lo_p == lo).to(torch.uint8).argmax(0, keepdim=True))[0]
-            argmax = amax_p.gather(0, (hi_p == hi).to(torch.uint8).argmax(0, keepdim=True))[0]
-        empty = torch.isinf(lo)
-        lo_raw = lo.masked_fill(empty, 0.0)  # in units of the kernels' raw scores (_scores)
-        factor = plan.scale if plan.metric == METRIC_CODES["dot"] else 1.0
-        lo = lo_raw * factor
-        hi = hi.masked_fill(empty, 0.0) * factor
-        r = hi - lo
-        inv_r = torch.where(r > 0, 1.0 / torch.where(r > 0, r, 1.0), 0.0)
-        rs = torch.stack([lo, hi, inv_r, empty.to(acc), lo_raw]).contiguous()
+        # Row ranges from the splits (and, with block skipping, the tiles every row drops and
+        # each query block's list of tiles to visit), all in one launch.
+        rs = torch.empty((5, B, n), dtype=acc, device=dev)  # lo, hi, inv_r, empty, lo_raw
+        empty = torch.empty((B, n), dtype=torch.bool, device=dev)
+        argmin = torch.empty((B, n), dtype=torch.int32, device=dev) if track_arg else amin_p
+        argmax = torch.empty((B, n), dtype=torch.int32, device=dev) if track_arg else amax_p
         if cfg.block_skipping:
             flags = torch.empty((B, n_qb, n_kb), dtype=torch.int8, device=dev)
             counts = torch.empty((B, n_qb, 2), dtype=torch.int32, device=dev)
-            mod.tile_flags_kernel[(n_qb, B)](
-                rs, prm, consts, tmax, flags, counts, B, n, m, n_qb, n_kb, METRIC=plan.metric, STEP=plan.step,
-                CAUSAL=plan.causal, BLOCK_M=BM, BLOCK_N=BN, TILES=min(64, _pow2(n_kb)), num_warps=4,
-            )
-            row_list, row_count = _compact(mod, flags, rows=True)
+            row_list = torch.empty((B, n_qb, n_kb), dtype=torch.int32, device=dev)
+            row_count = torch.empty((B, n_qb), dtype=torch.int32, device=dev)
         else:
             flags = row_list = row_count = torch.zeros((1,), dtype=torch.int32, device=dev)
             counts = torch.zeros((1, 2), dtype=torch.int32, device=dev)
+        mod.row_stats_kernel[(n_qb, B)](
+            lo_p, hi_p, amin_p, amax_p, prm, consts, tmax, rs, empty.view(torch.int8), argmin, argmax,
+            flags, counts, row_list, row_count, S, B, n, m, n_qb, n_kb,
+            METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, TRACK_ARG=track_arg, SKIP=cfg.block_skipping,
+            BLOCK_M=BM, BLOCK_N=BN, TILES=min(64, _pow2(n_kb)), num_warps=4,
+        )
+        lo, hi = rs[0], rs[1]
 
         out = torch.empty((B, n, e), dtype=q.dtype, device=dev)
         lse = torch.empty((B, n), dtype=acc, device=dev)
@@ -311,7 +308,7 @@ class _TritonWarp(torch.autograd.Function):
         ctx.plan = plan
         ctx.dims = (batch, B, B1, n, m, d, e, n_qb, n_kb)
         ctx.has_mask = mask is not None
-        saved = [q, k, v, a, b, t, out, lse, lo, inv_r, lo_raw, argmin, argmax, flags, row_list, row_count]
+        saved = [q, k, v, a, b, t, out, lse, rs, argmin, argmax, flags, row_list, row_count]
         ctx.save_for_backward(*saved, *(() if mask is None else (mask,)))
         out_b = out.view(*batch, n, e)
         stats = [x.view(*batch, n) for x in (lse, kept, lo, hi, empty)]
@@ -325,10 +322,8 @@ class _TritonWarp(torch.autograd.Function):
         cfg = plan.config
         mod = kernel_module(plan.interpret)
         batch, B, B1, n, m, d, e, tm_qb, tm_kb = ctx.dims
-        q, k, v, a, b, t, out, lse, lo, inv_r, lo_raw, argmin, argmax, flags, row_list, row_count = (
-            ctx.saved_tensors[:16]
-        )
-        mask = ctx.saved_tensors[16] if ctx.has_mask else None
+        q, k, v, a, b, t, out, lse, rs, argmin, argmax, flags, row_list, row_count = ctx.saved_tensors[:14]
+        mask = ctx.saved_tensors[14] if ctx.has_mask else None
         need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
         dev = q.device
         acc = _acc_dtype(q.dtype)
@@ -337,11 +332,12 @@ class _TritonWarp(torch.autograd.Function):
 
         g = torch.zeros((B, n, e), dtype=q.dtype, device=dev) if g_out is None else g_out.reshape(B, n, e)
         g = g.to(v.dtype).contiguous()
-        delta = (g.to(acc) * out.to(acc)).sum(-1)
-        if g_lse is not None:
-            delta = delta - g_lse.reshape(B, n).to(acc)
-        lse_safe = lse.masked_fill(torch.isinf(lse), 0.0)
-        rs = torch.stack([lo, inv_r, lse_safe, delta, lo_raw]).contiguous()
+        ld = torch.empty((2, B, n), dtype=acc, device=dev)  # lse (0 on empty rows), delta
+        glse = ld if g_lse is None else g_lse.reshape(B, n).to(acc).contiguous()
+        mod.bwd_rows_kernel[(triton_cdiv(n, 32), B)](
+            lse, g, out, glse, ld, B, n, e, HAS_GLSE=g_lse is not None, BLOCK_M=32, BLOCK_E=_pow2(e), ACC=tl_acc,
+            num_warps=4,
+        )
         q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
         mask4 = _mask4(mask, batch, n, m, dev)
         prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
@@ -362,10 +358,10 @@ class _TritonWarp(torch.autograd.Function):
         if need_k or need_v:
             dk = torch.empty((B, m, d), dtype=acc, device=dev) if need_k else rs
             dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
-            col_list, col_count = _compact(mod, flags, rows=False) if cfg.block_skipping else (flags, flags)
+            col_list, col_count = _column_lists(mod, flags) if cfg.block_skipping else (flags, flags)
             KM, KN = cfg.bwd_kv_block_m, cfg.bwd_kv_block_n
             mod.bwd_dkdv_kernel[(triton_cdiv(m, KN), B)](
-                q4, k4, v4, g, mask4, prm, consts, rs, col_list, col_count, dk, dv, *args,
+                q4, k4, v4, g, mask4, prm, consts, rs, ld, col_list, col_count, dk, dv, *args,
                 B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset,
                 NEED_DK=need_k, NEED_DV=need_v, DV_FIRST=acc == q.dtype, BLOCK_M=KM, BLOCK_N=KN, **common,
             )
@@ -378,7 +374,7 @@ class _TritonWarp(torch.autograd.Function):
             dq_p = torch.empty((S, B, n, d), dtype=acc, device=dev)
             rsum = torch.empty((5, S, B, n), dtype=acc, device=dev)
             mod.bwd_dq_kernel[(n_qb, B, S)](
-                q4, k4, v4, g, mask4, prm, consts, rs, row_list, row_count, dq_p, rsum, *args,
+                q4, k4, v4, g, mask4, prm, consts, rs, ld, row_list, row_count, dq_p, rsum, *args,
                 B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset,
                 NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, BLOCK_M=BM, BLOCK_N=BN, **common,
             )
@@ -430,16 +426,15 @@ def _even_tiles(n: int, m: int, cfg: KernelConfig) -> bool:
     return n % cfg.block_m == 0 and m % cfg.block_n == 0
 
 
-def _compact(mod, flags: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lists of the tiles to visit from ``flags (B, n_qb, n_kb)``: per query block its key tiles
-    (``rows``) or per key tile its query blocks; ``(B, outer, inner)`` int32 plus counts."""
+def _column_lists(mod, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key tile, the query blocks to visit (``flags (B, n_qb, n_kb) == 0``), for the dk/dv
+    kernel: ``(B, n_kb, n_qb)`` int32 lists plus counts. (The rows' lists come from
+    ``row_stats_kernel``.)"""
     B, n_qb, n_kb = flags.shape
-    outer, inner = (n_qb, n_kb) if rows else (n_kb, n_qb)
-    lists = torch.empty((B, outer, inner), dtype=torch.int32, device=flags.device)
-    counts = torch.empty((B, outer), dtype=torch.int32, device=flags.device)
-    s_outer, s_inner = (n_kb, 1) if rows else (1, n_kb)
-    mod.compact_kernel[(outer, B)](flags, lists, counts, n_qb * n_kb, s_outer, s_inner, inner,
-                                   TILES=min(256, _pow2(inner)), num_warps=4)
+    lists = torch.empty((B, n_kb, n_qb), dtype=torch.int32, device=flags.device)
+    counts = torch.empty((B, n_kb), dtype=torch.int32, device=flags.device)
+    mod.compact_kernel[(n_kb, B)](flags, lists, counts, n_qb * n_kb, 1, n_kb, n_qb,
+                                  TILES=min(256, _pow2(n_qb)), num_warps=4)
     return lists, counts
 
 
