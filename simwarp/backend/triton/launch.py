@@ -150,13 +150,13 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
 def _resolve_config(
     cfg: KernelConfig, d: int, dtype: torch.dtype, step: int = 1, causal: bool = False
 ) -> KernelConfig:
-    # Defaults timed on an H200 (benchmarks/RESULTS.md) and checked with ptxas -v for register
-    # spills: 128x128 forward tiles where the step has no transcendental band math (none, poly)
-    # and the mask is not causal (the diagonal tiles' extra selects spill there), 128x64
-    # otherwise; dq 64x32 (64x64 for non-causal none/poly at d = 128: 1.10x) and dk/dv 64x64 for none/poly
-    # (1.13-1.27x faster than 32x64 at the target shapes; the sigmoidal/log tiles would spill),
-    # all with four warps.
-    # float32 products run as three TF32 passes (tf32x3) and take smaller tiles.
+    # Defaults timed on an H100 and an H200 (benchmarks/RESULTS.md) and checked with ptxas -v
+    # for register spills: 128x128 forward tiles where the step has no transcendental band math
+    # (none, poly) and the mask is not causal (the diagonal tiles' extra selects spill there),
+    # 128x64 otherwise; dq 64x32 (64x64 for non-causal none/poly at d = 128: 1.10x faster) and
+    # dk/dv 64x64 for none/poly (1.13-1.27x faster than 32x64 at the target shapes; the
+    # sigmoidal/log tiles would spill), all with four warps. float32 products run as three
+    # TF32 passes (tf32x3) and take smaller tiles.
     big = d > 128
     wide = dtype in (torch.float32, torch.float64)
     bm = cfg.block_m or (64 if big or wide else 128)
