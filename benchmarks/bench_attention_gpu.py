@@ -549,28 +549,25 @@ def main(argv=None) -> int:
             del q, k, v
             torch.cuda.empty_cache()
 
+    def optional_section(title, key, run):
+        log(f"\n## {title}")
+        try:
+            rows = run()
+            if key:
+                result[key] = rows
+        except Exception:  # noqa: BLE001 - optional sections never end the run
+            log(traceback.format_exc())
+        save()
+
     # Stretch goal: clustered inputs where most key blocks are skipped.
-    log("\n## block skipping (clustered inputs, step sigmoidal a=0.6, b=0.9)")
-    try:
-        _bench_clustered(shapes[:2], device, args, result, log, save)
-    except Exception:  # noqa: BLE001 - optional section
-        log(traceback.format_exc())
-
+    optional_section("block skipping (clustered inputs, step sigmoidal a=0.6, b=0.9)", None,
+                     lambda: _bench_clustered(shapes[:2], device, args, result, log, save))
     if args.sweep:
-        log("\n## launch-configuration sweep (poly, non-causal, bf16; same run)")
-        try:
-            result["sweep"] = sweep_configs(device, args, log)
-        except Exception:  # noqa: BLE001 - optional section
-            log(traceback.format_exc())
-        save()
-
+        optional_section("launch-configuration sweep (poly, non-causal, bf16; same run)", "sweep",
+                         lambda: sweep_configs(device, args, log))
     if args.profile:
-        log("\n## CUDA time per kernel, one forward+backward (torch.profiler; bf16, non-causal)")
-        try:
-            result["profile"] = profile_kernels(device, args, log)
-        except Exception:  # noqa: BLE001 - optional section
-            log(traceback.format_exc())
-        save()
+        optional_section("CUDA time per kernel, forward (no grad) and forward+backward (torch.profiler; bf16, "
+                         "non-causal)", "profile", lambda: profile_kernels(device, args, log))
 
     _table(result["timings"], log)
     bad = [c for c in result["checks"] if not c.get("ok")]
