@@ -149,6 +149,15 @@ def _rows_dropped(z, STEP: tl.constexpr):
 
 
 @triton.jit
+def _smoothstep(z):
+    """The poly step on its coordinate: ``y = clamp(z, 0, 1)`` (the compiler folds the clamp into
+    the multiply-add that made ``z``), ``y²`` and ``m = y²(3 - 2y)``."""
+    y = tl.minimum(tl.maximum(z, 0.0), 1.0)
+    y2 = y * y
+    return y, y2, y2 * (3.0 - 2.0 * y)
+
+
+@triton.jit
 def _sigmoidal_band(p, z, band, t):
     """``p · m`` in the band, ``m = 1 / (1 + ((1 - z) / z)^(1/t))``. (The band is bound by the
     special-function unit: a variant with two ``log2`` and approximate quotients measured slower
@@ -186,8 +195,8 @@ def _step_weight(x, z, valid, a, b, t, STEP: tl.constexpr, BAND_BRANCH: tl.const
         p = tl.exp2(tl.where(keep, x + phi2, float("-inf")))
     else:  # z = y: m = y² (3 - 2y) on y clamped to [0, 1] (no selects but validity)
         keep = valid & (z > 0.0)
-        y = tl.minimum(tl.maximum(z, 0.0), 1.0)
-        p = tl.exp2(tl.where(valid, x, float("-inf"))) * (y * y * (3.0 - 2.0 * y))
+        _y, _y2, m = _smoothstep(z)
+        p = tl.exp2(tl.where(valid, x, float("-inf"))) * m
     return p, keep
 
 
@@ -250,7 +259,8 @@ def _metric_coef(ds, dist2, scale, METRIC: tl.constexpr):
 def _grad_coefs(lo, inv_r, lse, a, b, t, scale, inv_tau, METRIC: tl.constexpr, STEP: tl.constexpr):
     """Per-row coefficients of the backward tiles (row vectors as ``(BM, 1)``): ``k1 = ∂(s/τ)/∂r``,
     the exponent ``x = fma(r, xs, xb)`` (log2 of the weight before the step, ``lse`` known) and
-    ``z = fma(r, al, be)``: the smoothstep argument for ``poly``, ``u`` for the other steps."""
+    the coefficients of the step coordinate (``_step_coord``): the smoothstep argument for
+    ``poly``, ``u`` for the other steps."""
     factor = _score_factor(scale, METRIC)
     k1 = factor * inv_tau
     if STEP == 3:
@@ -283,9 +293,7 @@ def _score_grad(r, valid, dpd, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, ST
         dr = e * dpd * k1
     elif STEP == 3:
         z = tl.fma(r, al, be)
-        y = tl.minimum(tl.maximum(z, 0.0), 1.0)
-        y2 = y * y
-        m = y2 * (3.0 - 2.0 * y)
+        y, y2, m = _smoothstep(z)
         yy = y - y2
         w = e * m
         gd = e * dpd
@@ -639,35 +647,26 @@ def attend_kernel(
     kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
     if CAUSAL:
         kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
-    # Two loops where both fit in shared memory (PLAIN_LOOP): a plain range when the list keeps
-    # every visible tile, since a loop whose tile index is loaded from memory pipelines less well.
-    if SKIP_TILES:  # the row's list of kept key tiles, shared evenly among the splits
+    # Block skipping: the query block's list of kept key tiles, shared evenly among the splits.
+    # A loop whose tile index is loaded from memory pipelines less well than a plain range, so
+    # where both loops fit in shared memory (PLAIN_LOOP) a block whose list keeps every visible
+    # tile runs the plain range instead: exactly one of the two loops has iterations.
+    if SKIP_TILES:
         slot = pid_b.to(tl.int64) * n_qb + pid_q
         count = tl.load(COUNT + slot)
         per = tl.cdiv(count, tl.num_programs(2))
         i_lo = pid_s * per
         i_hi = tl.minimum(count, i_lo + per)
-        tiles = LIST + slot * n_kb
         if PLAIN_LOOP:
-            if count < _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL):
-                acc, denom, kept = _attend_tiles(
-                    acc, denom, kept, i_lo, i_hi, tiles, True,
-                    q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-                    xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
-                    BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
-            else:
-                acc, denom, kept = _attend_tiles(
-                    acc, denom, kept, kb_lo, kb_hi, tiles, False,
-                    q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-                    xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
-                    BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
-        else:
-            acc, denom, kept = _attend_tiles(
-                acc, denom, kept, i_lo, i_hi, tiles, True,
-                q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-                xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
-                BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
-    else:
+            listed = count < _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL)
+            i_hi = tl.where(listed, i_hi, i_lo)
+            kb_hi = tl.where(listed, kb_lo, kb_hi)
+        acc, denom, kept = _attend_tiles(
+            acc, denom, kept, i_lo, i_hi, LIST + slot * n_kb, True,
+            q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+            xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+            BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+    if PLAIN_LOOP or not SKIP_TILES:
         acc, denom, kept = _attend_tiles(
             acc, denom, kept, kb_lo, kb_hi, LIST, False,
             q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,

@@ -451,11 +451,12 @@ _SMEM_BYTES = 232448
 def _two_loops_fit(q: torch.Tensor, bm: int, bn: int, bd: int, be: int, stages: int) -> bool:
     """Whether pass 2 may carry a plain tile loop beside the skip-list loop: a loop over a
     loaded list pipelines less well (pass 2 took 1.98 ms with the list alone vs 1.71 ms with
-    both, H100/H200, bf16 2·16·8192·64), but each loop keeps its own multi-stage K/V buffers
-    (1·16·16384·128 with 128x128 tiles needed 288 KiB, more than a block may have)."""
+    both, H100/H200, bf16 2·16·8192·64). Budgeted as if each loop kept its own multi-stage K/V
+    buffers, as they did when the loops sat in the two branches of an ``if`` (1·16·16384·128
+    with 128x128 tiles needed 288 KiB on the GPU's Triton 3.6, more than a block may have).
+    Now the loops run one after the other and Triton 3.9 shares the buffers (160 KiB there);
+    until that is measured on a GPU the budget stays conservative."""
     per_loop = stages * bn * (bd + be) * q.element_size()
-    # Triton's own totals (sm_90, Triton 3.6 and 3.9): 288 KiB for this estimate's 288 KiB at
-    # d = 128, 112 KiB for its 208 KiB at d = 64; 8 KiB are left for scratch buffers.
     return 2 * per_loop + bm * bd * q.element_size() <= _SMEM_BYTES - 8192
 
 
