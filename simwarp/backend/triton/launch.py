@@ -282,8 +282,9 @@ class _TritonWarp(torch.autograd.Function):
 
         out = torch.empty((B, n, e), dtype=q.dtype, device=dev)
         lse = torch.empty((B, n), dtype=acc, device=dev)
-        kept = (torch.empty if plan.count_kept else torch.full)((B, n), *(() if plan.count_kept else (math.nan,)),
-                                                              dtype=acc, device=dev)
+        kept = torch.empty((B, n), dtype=acc, device=dev)
+        if not plan.count_kept:
+            kept.fill_(math.nan)
         if S > 1:
             accp = torch.empty((S, B, n, e), dtype=acc, device=dev)
             denp = torch.empty((S, B, n), dtype=acc, device=dev)
@@ -294,7 +295,8 @@ class _TritonWarp(torch.autograd.Function):
             q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp,
             *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
             STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch, SKIP_TILES=cfg.block_skipping,
-            PLAIN_LOOP=cfg.block_skipping and _two_loops_fit(q, BM, BN, BD, BE, cfg.num_stages), COUNT_KEPT=plan.count_kept, BLOCK_E=BE, **common,
+            PLAIN_LOOP=cfg.block_skipping and _two_loops_fit(q, BM, BN, BD, BE, cfg.num_stages),
+            COUNT_KEPT=plan.count_kept, BLOCK_E=BE, **common,
         )
         if S > 1:
             den = denp.sum(0)
@@ -308,7 +310,7 @@ class _TritonWarp(torch.autograd.Function):
         ctx.plan = plan
         ctx.dims = (batch, B, B1, n, m, d, e, n_qb, n_kb)
         ctx.has_mask = mask is not None
-        saved = [q, k, v, a, b, t, out, lse, rs, argmin, argmax, flags, row_list, row_count]
+        saved = [q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count]
         ctx.save_for_backward(*saved, *(() if mask is None else (mask,)))
         out_b = out.view(*batch, n, e)
         stats = [x.view(*batch, n) for x in (lse, kept, lo, hi, empty)]
@@ -322,8 +324,10 @@ class _TritonWarp(torch.autograd.Function):
         cfg = plan.config
         mod = kernel_module(plan.interpret)
         batch, B, B1, n, m, d, e, tm_qb, tm_kb = ctx.dims
-        q, k, v, a, b, t, out, lse, rs, argmin, argmax, flags, row_list, row_count = ctx.saved_tensors[:14]
-        mask = ctx.saved_tensors[14] if ctx.has_mask else None
+        q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count = (
+            ctx.saved_tensors[:16]
+        )
+        mask = ctx.saved_tensors[16] if ctx.has_mask else None
         need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
         dev = q.device
         acc = _acc_dtype(q.dtype)
@@ -340,9 +344,6 @@ class _TritonWarp(torch.autograd.Function):
         )
         q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
         mask4 = _mask4(mask, batch, n, m, dev)
-        prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
-                           for p in (a, b, t)]).contiguous()
-        consts = _consts(plan, acc, dev)
         BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
         BD, BE = _pow2(d), _pow2(e)
         n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
