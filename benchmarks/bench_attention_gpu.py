@@ -357,12 +357,7 @@ def profile_kernels(device, args, log) -> list[dict]:
         g = torch.randn_like(qkv[0])
 
         def step(fn, backward, qkv=qkv, g=g):
-            if not backward:
-                with torch.no_grad():
-                    return fn(*qkv, False)
-            for x in qkv:
-                x.grad = None
-            fn(*qkv, False).backward(g)
+            run_once(fn, *qkv, False, g if backward else None)
 
         for (name, fn), backward in itertools.product(
             (("sdpa", sdpa), ("poly", fused("poly")), ("none", fused("none"))), (False, True)
@@ -426,17 +421,22 @@ def skipped_fraction(q, k, v, step, causal, a=A, b=B_, t=T) -> float:
         return float("nan")
 
 
+def run_once(fn, q, k, v, causal, gout) -> None:
+    """One timed call: the forward under ``no_grad`` (``gout`` None), else forward+backward."""
+    if gout is None:
+        with torch.no_grad():
+            fn(q, k, v, causal)
+        return
+    for x in (q, k, v):
+        x.grad = None
+    fn(q, k, v, causal).backward(gout)
+
+
 def bench_case(name, fn, q, k, v, causal, backward, args):
     gout = torch.randn_like(q) if backward else None
 
     def once():
-        if backward:
-            for x in (q, k, v):
-                x.grad = None
-            fn(q, k, v, causal).backward(gout)
-        else:
-            with torch.no_grad():
-                fn(q, k, v, causal)
+        run_once(fn, q, k, v, causal, gout)
 
     rec = dict(method=name, backward=backward, causal=causal)
     try:
