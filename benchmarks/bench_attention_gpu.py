@@ -348,7 +348,9 @@ def sweep_configs(device, args, log) -> list[dict]:
 def profile_kernels(device, args, log) -> list[dict]:
     """Where the time goes: CUDA time per kernel (torch.profiler) of one forward (no grad) and
     one forward+backward for SDPA and the fused steps on the target shapes. The kernel sum
-    next to the timed milliseconds shows the host's share (launches, synchronisations)."""
+    next to the timed milliseconds (back-to-back calls) shows the host's share (launches,
+    synchronisations); ``host`` is the time the host spends in one call with an idle queue, which
+    a single synchronised call (the timing table) adds before the GPU starts."""
     from torch.profiler import ProfilerActivity, profile
 
     rows = []
@@ -373,6 +375,12 @@ def profile_kernels(device, args, log) -> list[dict]:
             end.record()
             torch.cuda.synchronize()
             timed = start.elapsed_time(end) / reps
+            host = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                step(fn, backward)
+                host.append((time.perf_counter() - t0) * 1000.0)
+                torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(reps):
                     step(fn, backward)
@@ -386,8 +394,9 @@ def profile_kernels(device, args, log) -> list[dict]:
             total = sum(kernels.values())
             mode = "fwd+bwd" if backward else "fwd"
             rows.append(dict(shape=list(shape), method=name, mode=mode, timed_ms=timed, kernel_ms=total,
-                             kernels_ms=dict(top)))
-            log(f"  {'·'.join(map(str, shape)):16s} {name:5s} {mode:7s} timed {timed:7.3f} ms, kernels {total:7.3f} ms: "
+                             host_ms=statistics.median(host), kernels_ms=dict(top)))
+            log(f"  {'·'.join(map(str, shape)):16s} {name:5s} {mode:7s} timed {timed:7.3f} ms, kernels {total:7.3f} ms, "
+                f"host {statistics.median(host):6.3f} ms: "
                 + ", ".join(f"{kname[:24]} {ms:.3f}" for kname, ms in top))
         del qkv, g
         torch.cuda.empty_cache()

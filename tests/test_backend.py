@@ -629,3 +629,24 @@ def test_resolve_params_devices():
     with pytest.raises(ValueError, match="a must be on the inputs' device"):
         resolve_params(torch.tensor(0.2, device="meta"), 0.8, None, batch=torch.Size(), n=3,
                        dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_float_params_are_checked_and_placed_on_any_device():
+    """Python floats are validated on the host whatever the inputs' device (tensors on an
+    accelerator are not: that would synchronise), and become one small tensor there."""
+    from simwarp.backend.common import device_constants, resolve_params
+
+    kw = dict(batch=torch.Size((2,)), n=3, dtype=torch.float64)
+    for device in ("cpu", "meta"):
+        with pytest.raises(ValueError, match=r"a must lie in \(0.0, 1.0\), got 1.5"):
+            resolve_params(1.5, None, None, device=device, **kw)
+        with pytest.raises(ValueError, match=r"t must lie in"):
+            resolve_params(None, None, float("nan"), device=device, **kw)
+        with pytest.raises(ValueError, match="a must be smaller than b"):
+            resolve_params(0.6, 0.5, None, device=device, **kw)
+        a, b, t = resolve_params(0.25, 1.0, None, device=device, **kw)
+        assert all(x.shape == () and x.dtype == torch.float64 and x.device.type == device for x in (a, b, t))
+    a, b, t = resolve_params(0.25, torch.tensor([0.5, 0.75]).view(2, 1), 0.125, device="cpu", **kw)
+    assert (float(a), float(t)) == (0.25, 0.125) and b.shape == (2, 1, 1)
+    assert device_constants([0.5, 2.0], torch.float32, "cpu").tolist() == [0.5, 2.0]
+    assert device_constants([0.5, 2.0], torch.float32, "meta").shape == (2,)

@@ -193,6 +193,13 @@ def check_block_skipping_is_exact_and_reported():
     spec_none = make_spec("dot", 1.0, "none", 1.0, False, False, False)
     *_, skipped_none = triton_warp_attend(q, k, v, a, b, t, None, spec_none, config=cfg, return_skipped=True)
     assert float(skipped_none) == 0.0
+    # 64-row query blocks: each row is judged by the tile maxima of its own 16-row group
+    q64 = direction * torch.linspace(1, 2, 64, dtype=f64)[:, None] + 0.01 * torch.randn(64, d, generator=gen, dtype=f64)
+    a, b, t = resolve_params(*params, batch=torch.Size(), n=64, dtype=f64, device=q.device)
+    wide = KernelConfig(block_m=64, block_n=16, bwd_block_m=16, bwd_block_n=16)
+    *_, skipped_wide = triton_warp_attend(q64, k, v, a, b, t, None, spec, config=wide, return_skipped=True)
+    assert 0.3 <= float(skipped_wide) < 1.0
+    _compare(q64, k, v, params, None, spec, config=wide)
 
 
 @check(cases={
@@ -270,6 +277,12 @@ def check_kept_count_is_optional():
     out2, stats2 = triton_warp_attend(q, k, v, *prm, None, spec, count_kept=False)
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
     assert torch.isnan(stats2.kept).all()
+    split = KernelConfig(block_m=16, block_n=16, num_splits=2)  # partial sums over two key splits
+    out3, stats3 = triton_warp_attend(q, k, v, *prm, None, spec, config=split, count_kept=False)
+    torch.testing.assert_close(out3, out, atol=1e-12, rtol=1e-12)
+    assert torch.isnan(stats3.kept).all()
+    _, stats4 = triton_warp_attend(q, k, v, *prm, None, spec, config=split)
+    torch.testing.assert_close(stats4.kept, ref.kept, atol=0, rtol=0)
     # under no_grad the forward skips the argmin/argmax bookkeeping of the range gradient
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     with torch.no_grad():

@@ -11,11 +11,12 @@ is checked.
 
 Usage::
 
-    python tools/check_kernels_sm90.py                 # bf16 + float32, d = 64 / 128, all steps
+    python tools/check_kernels_sm90.py                 # bf16 + float32, d = 64 / 128 / 256, all steps
     python tools/check_kernels_sm90.py --dims 64 --steps poly --causal --no-skipping
 
 Exit status 1 if any variant fails to compile or needs more shared memory than an H100 block has. Relies on Triton internals
-(``triton.runtime.driver``, ``JITFunction.run(warmup=True)``); tested with Triton 3.9.
+(``triton.runtime.driver``, ``JITFunction.run(warmup=True)``); tested with Triton 3.6 (the GPU
+machines') and 3.9.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _ptxas_report(ptx: str, capability: int) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--steps", nargs="+", default=["none", "sigmoidal", "poly", "log"])
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--causal", action="store_true", help="also compile the causal variants")

@@ -468,19 +468,48 @@ def _same_device(x: torch.device, y: torch.device | str) -> bool:
     return x.type == y.type and (x.index is None or y.index is None or x.index == y.index)
 
 
+def device_constants(values: list[float], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``values`` as a 1-D tensor on ``device`` without synchronising the stream.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable host memory, which waits for
+    every kernel already queued and leaves the GPU idle while the host queues the next ones.
+    On CUDA the values go through pinned memory with a non-blocking copy (the caching host
+    allocator keeps the source alive until the copy has run): one copy instead of a fill
+    kernel per value. Under CUDA-graph capture a copy would replay from host memory that has
+    been reused since, so there (and on other devices) each value is a fill."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
+
+
+_PARAM_RANGES = {"a": (0.0, 1.0, False), "b": (0.0, 1.0, True), "t": (0.0, 1.0, False)}
+
+
+def _check_float_param(name: str, x: float) -> None:
+    low, high, high_inclusive = _PARAM_RANGES[name]
+    if not (low < x < high or (high_inclusive and x == high)):  # False for NaN too
+        bound = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must lie in ({low}, {high}{bound}, got {x}")
+
+
 def resolve_params(
     a, b, t, *, batch: torch.Size, n: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Turn ``a, b, t`` (None, float or tensor broadcastable to ``(..., n)``) into tensors
-    of the compute dtype broadcastable to ``(..., n, 1)``; check ``0 < a < b <= 1``, ``0 < t < 1``."""
-    out = []
+    of the compute dtype broadcastable to ``(..., n, 1)``; check ``0 < a < b <= 1``, ``0 < t < 1``
+    (Python floats always, tensors where it costs no device synchronisation: on the CPU)."""
+    resolved: dict[str, torch.Tensor | float] = {}
     for name, x, default in (("a", a, DEFAULT_A), ("b", b, DEFAULT_B), ("t", t, DEFAULT_T)):
         if x is None:
             x = default
         if isinstance(x, bool) or not isinstance(x, (int, float, torch.Tensor)):
             raise TypeError(f"{name} must be a float, a tensor or None, got {type(x).__name__}")
-        if not isinstance(x, torch.Tensor):  # a fill, not a host-to-device copy (no stream sync)
-            x = torch.full((), float(x), dtype=dtype, device=device)
+        if not isinstance(x, torch.Tensor):
+            x = float(x)
+            _check_float_param(name, x)
         else:
             if not x.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
@@ -493,21 +522,19 @@ def resolve_params(
                 raise ValueError(
                     f"{name} of shape {_shape(x)} does not broadcast to the rows (..., n) = {(*batch, n)}"
                 ) from None
+            low, high, high_inclusive = _PARAM_RANGES[name]
+            _check_param_values(name, x, low, high, high_inclusive)
             x = x.to(dtype)
-        out.append(x)
-    a, b, t = out
-    if torch.device(device).type == "cpu" and a.dim() == b.dim() == t.dim() == 0:
-        a_, b_, t_ = torch.stack([a.detach(), b.detach(), t.detach()]).tolist()  # one read, no per-check ops
-        if not (0.0 < a_ < 1.0 and 0.0 < b_ <= 1.0 and 0.0 < t_ < 1.0 and a_ < b_):  # False for NaN too
-            _check_param_values("a", a, 0.0, 1.0, high_inclusive=False)
-            _check_param_values("b", b, 0.0, 1.0, high_inclusive=True)
-            _check_param_values("t", t, 0.0, 1.0, high_inclusive=False)
-            raise ValueError("a must be smaller than b for every row (0 < a < b <= 1)")
-        return a, b, t
-    _check_param_values("a", a, 0.0, 1.0, high_inclusive=False)
-    _check_param_values("b", b, 0.0, 1.0, high_inclusive=True)
-    _check_param_values("t", t, 0.0, 1.0, high_inclusive=False)
-    if a.device.type == "cpu" and bool((a.detach() >= b.detach()).any()):
+        resolved[name] = x
+    both_floats = isinstance(resolved["a"], float) and isinstance(resolved["b"], float)
+    if both_floats and resolved["a"] >= resolved["b"]:
+        raise ValueError("a must be smaller than b for every row (0 < a < b <= 1)")
+    floats = [name for name, x in resolved.items() if isinstance(x, float)]
+    if floats:  # one small tensor for all float parameters
+        values = device_constants([resolved[name] for name in floats], dtype, device)
+        resolved.update(zip(floats, values.unbind()))
+    a, b, t = resolved["a"], resolved["b"], resolved["t"]
+    if not both_floats and a.device.type == "cpu" and bool((a.detach() >= b.detach()).any()):
         raise ValueError("a must be smaller than b for every row (0 < a < b <= 1)")
     return tuple(p.unsqueeze(-1) if p.dim() > 0 else p for p in (a, b, t))
 

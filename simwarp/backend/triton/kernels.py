@@ -22,6 +22,9 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+#: Rows per tile maximum of pass 1: 16 consecutive rows lie in one warp in the MMA layouts
+#: (sm_80 and sm_90), so the maximum needs no reduction across warps (no barrier per tile).
+TMAX_ROWS = tl.constexpr(16)
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,7 +344,8 @@ def range_kernel(
     """Per query block and key split: row min / max of the raw scores ``r`` (``_scores``; the
     factor to ``s`` is positive and rounding is monotone, so ``lo = min(r) · factor`` exactly),
     with ``TRACK_ARG`` the first key attaining each (for the range gradient) and, with
-    ``STORE_TMAX``, every key tile's largest valid ``r`` (for block skipping)."""
+    ``STORE_TMAX``, every key tile's largest valid ``r`` over each group of ``TMAX_ROWS`` rows
+    (for block skipping; ``TMAX``: ``(B, n_qb, n_kb, BLOCK_M // TMAX_ROWS)``)."""
     pid_q = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -366,7 +370,7 @@ def range_kernel(
     kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
     if CAUSAL:
         kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
-    tm_base = TMAX + (pid_b.to(tl.int64) * n_qb + pid_q) * n_kb
+    tm_base = TMAX + (pid_b.to(tl.int64) * n_qb + pid_q) * n_kb * (BLOCK_M // TMAX_ROWS)
     for kb in range(kb_lo, kb_hi):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
@@ -389,14 +393,16 @@ def range_kernel(
             blk_hi = tl.max(s_hi, 1)
         run_lo = tl.minimum(run_lo, blk_lo)
         run_hi = tl.maximum(run_hi, blk_hi)
-        if STORE_TMAX:  # a reduction across warps: only for block skipping
-            tl.store(tm_base + kb, tl.max(blk_hi, 0))
+        if STORE_TMAX:
+            part = tl.max(tl.reshape(blk_hi, (BLOCK_M // TMAX_ROWS, TMAX_ROWS)), 1)
+            tl.store(tm_base + kb * (BLOCK_M // TMAX_ROWS) + tl.arange(0, BLOCK_M // TMAX_ROWS), part)
     out_off = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
     row_ok = offs_m < n
     tl.store(LOP + out_off, run_lo, mask=row_ok)
     tl.store(HIP + out_off, run_hi, mask=row_ok)
-    tl.store(AMINP + out_off, arg_lo, mask=row_ok)
-    tl.store(AMAXP + out_off, arg_hi, mask=row_ok)
+    if TRACK_ARG:
+        tl.store(AMINP + out_off, arg_lo, mask=row_ok)
+        tl.store(AMAXP + out_off, arg_hi, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,7 +425,8 @@ def row_stats_kernel(
        ``s``; ``inv_r = 0`` on flat and empty rows), ``EMPTY`` and, with ``TRACK_ARG``, the
        argmin / argmax;
     2. with ``SKIP``: ``FLAGS[b, qb, kb] = 1`` where every row of the block is out of range, empty
-       or drops all of key tile ``kb`` (judged from the tile's largest ``r``), and for tiles past
+       or drops all of key tile ``kb`` (judged from the tile's largest ``r`` over the row's group
+       of ``TMAX_ROWS`` rows), and for tiles past
        the causal diagonal: such tiles have weight exactly 0. ``COUNTS[b, qb] = (skipped,
        visited)``, and ``LIST[b, qb, :LCOUNT[b, qb]]`` the tiles to visit, ascending.
 
@@ -470,12 +477,14 @@ def row_stats_kernel(
         n_vis = _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL)
         slot = pid_b.to(tl.int64) * n_qb + pid_q
         base = slot * n_kb
+        group = tl.arange(0, BLOCK_M) // TMAX_ROWS  # each row is judged by its own group's maxima
         n_skip = tl.zeros([], tl.int32)
         n_list = tl.zeros([], tl.int32)
         for k0 in range(0, n_kb, TILES):
             offs_t = k0 + tl.arange(0, TILES)
             visited = offs_t < n_vis
-            tm = tl.load(TMAX + base + offs_t, mask=visited, other=float("-inf"))[None, :]
+            tm = tl.load(TMAX + (base + offs_t[None, :]) * (BLOCK_M // TMAX_ROWS) + group[:, None],
+                         mask=visited[None, :], other=float("-inf"))
             z = _step_coord(tm, al, be, lo_raw[:, None], STEP)
             ok = ((~row_ok[:, None]) | empty[:, None] | (tm == float("-inf"))
                   | ((inv_r[:, None] > 0) & _rows_dropped(z, STEP)))
@@ -600,7 +609,7 @@ def attend_kernel(
     B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
-    SKIP_TILES: tl.constexpr, PLAIN_LOOP: tl.constexpr, COUNT_KEPT: tl.constexpr,
+    SKIP_TILES: tl.constexpr, COUNT_KEPT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -649,29 +658,27 @@ def attend_kernel(
         kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
     # Block skipping: the query block's list of kept key tiles, shared evenly among the splits.
     # A loop whose tile index is loaded from memory pipelines less well than a plain range, so
-    # where both loops fit in shared memory (PLAIN_LOOP) a block whose list keeps every visible
-    # tile runs the plain range instead: exactly one of the two loops has iterations.
+    # a block whose list keeps every visible tile runs the plain range instead: exactly one of
+    # the two loops has iterations (they run one after the other and share shared memory).
     if SKIP_TILES:
         slot = pid_b.to(tl.int64) * n_qb + pid_q
         count = tl.load(COUNT + slot)
         per = tl.cdiv(count, tl.num_programs(2))
         i_lo = pid_s * per
         i_hi = tl.minimum(count, i_lo + per)
-        if PLAIN_LOOP:
-            listed = count < _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL)
-            i_hi = tl.where(listed, i_hi, i_lo)
-            kb_hi = tl.where(listed, kb_lo, kb_hi)
+        listed = count < _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL)
+        i_hi = tl.where(listed, i_hi, i_lo)
+        kb_hi = tl.where(listed, kb_lo, kb_hi)
         acc, denom, kept = _attend_tiles(
             acc, denom, kept, i_lo, i_hi, LIST + slot * n_kb, True,
             q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
             xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
             BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
-    if PLAIN_LOOP or not SKIP_TILES:
-        acc, denom, kept = _attend_tiles(
-            acc, denom, kept, kb_lo, kb_hi, LIST, False,
-            q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-            xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
-            BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+    acc, denom, kept = _attend_tiles(
+        acc, denom, kept, kb_lo, kb_hi, LIST, False,
+        q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+        xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+        BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
 
     if SPLIT:
         part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
@@ -688,6 +695,9 @@ def attend_kernel(
         tl.store(LSE + rows, lse, mask=row_ok)
         if COUNT_KEPT:
             tl.store(KEPT + rows, kept, mask=row_ok)
+    if not COUNT_KEPT:  # not asked for: NaN marks the count as absent (no separate fill launch)
+        if pid_s == 0:
+            tl.store(KEPT + rows, tl.full([BLOCK_M], float("nan"), ACC), mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------

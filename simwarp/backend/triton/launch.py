@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from simwarp import steps as _steps
-from simwarp.backend.common import WarpSpec, broadcast_shape
+from simwarp.backend.common import WarpSpec, broadcast_shape, device_constants
 from simwarp.similarity import default_scale
 
 METRIC_CODES = {"dot": 0, "cosine": 0, "sqeuclidean": 1, "l2": 2}
@@ -37,6 +37,9 @@ MAX_VALUE_DIM = 256
 _COSINE_EPS = 1e-12
 
 _MODULES: dict[bool, object] = {}
+#: Launch option of every kernel: multiply-adds fused (FFMA), which the per-score arithmetic is
+#: written for. Triton <= 3.9 fuses by default; 3.10 will not, and 3.9 warns when it is left unset.
+_FUSION = dict(enable_fp_fusion=True)
 
 
 def interpreting() -> bool:
@@ -179,7 +182,8 @@ def _resolve_config(
     return replace(
         cfg, block_m=bm, block_n=bn, bwd_block_m=bbm, bwd_block_n=bbn, bwd_kv_block_m=kvm, bwd_kv_block_n=kvn,
         num_warps=cfg.num_warps or 8,
-        num_stages=cfg.num_stages or (3 if d <= 64 else 2),
+        # float32 at d > 128: two stages of K/V tiles need 256 KiB of shared memory, over sm_90's 227
+        num_stages=cfg.num_stages or (3 if d <= 64 else 1 if big and wide else 2),
         bwd_num_warps=cfg.bwd_num_warps or (8 if wide or big else 4),
         bwd_num_stages=cfg.bwd_num_stages or (2 if d <= 128 else 1),
     )
@@ -227,10 +231,9 @@ class _TritonWarp(torch.autograd.Function):
         n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
         B = math.prod(batch)
         B1 = batch[-1] if len(batch) else 1
-        q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
-        mask4 = _mask4(mask, batch, n, m, dev)
-        prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
-                           for p in (a, b, t)]).contiguous()
+        # Pass 1 goes to the GPU first: everything else is host work that overlaps it.
+        q4, k4 = _view4(q, batch, n, d), _view4(k, batch, m, d)
+        mask4 = _mask4(mask, batch, n, m, q4)
         consts = _consts(plan, acc, dev)
         BM, BN = cfg.block_m, cfg.block_n
         BD, BE = _pow2(d), _pow2(e)
@@ -241,61 +244,56 @@ class _TritonWarp(torch.autograd.Function):
         common = dict(METRIC=plan.metric, CAUSAL=plan.causal, EXCL=plan.exclude_self, HAS_MASK=mask is not None,
                       EVEN=_even_tiles(n, m, cfg),
                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, ACC=tl_acc,
-                      UPCAST=plan.interpret and q.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      UPCAST=plan.interpret and q.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_FUSION)
         strides = (*q4.stride(), *k4.stride())
         mstrides = mask4.stride()
 
-        lo_p = torch.empty((S, B, n), dtype=acc, device=dev)
-        hi_p = torch.empty_like(lo_p)
-        amin_p = torch.empty((S, B, n), dtype=torch.int32, device=dev)
-        amax_p = torch.empty_like(amin_p)
-        tmax = torch.empty((B, n_qb, n_kb) if cfg.block_skipping else (1,), dtype=acc, device=dev)  # visited: written
-        grid = (n_qb, B, S)
         # needs_input_grad says True under torch.no_grad too: the plan knows the grad mode
         track_arg = plan.grad_enabled and _tracks_range(plan, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        lo_p, hi_p = _buffers(acc, dev, (S, B, n), (S, B, n))
+        # without tracking the argmin/argmax pointers are never dereferenced: any tensor will do
+        amin_p, amax_p = _buffers(torch.int32, dev, (S, B, n), (S, B, n)) if track_arg else (lo_p, lo_p)
+        tmax_shape = (B, n_qb, n_kb, BM // mod.TMAX_ROWS.value) if cfg.block_skipping else (1,)
+        tmax = torch.empty(tmax_shape, dtype=acc, device=dev)  # visited tiles: written
+        grid = (n_qb, B, S)
         mod.range_kernel[grid](
             q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
             *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg,
             STORE_TMAX=cfg.block_skipping, **common,
         )
+        v4 = _view4(v, batch, m, e)
+        prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
+                           for p in (a, b, t)]).contiguous()
         # Row ranges from the splits (and, with block skipping, the tiles every row drops and
         # each query block's list of tiles to visit), all in one launch.
         rs = torch.empty((5, B, n), dtype=acc, device=dev)  # lo, hi, inv_r, empty, lo_raw
         empty = torch.empty((B, n), dtype=torch.bool, device=dev)
-        argmin = torch.empty((B, n), dtype=torch.int32, device=dev) if track_arg else amin_p
-        argmax = torch.empty((B, n), dtype=torch.int32, device=dev) if track_arg else amax_p
+        argmin, argmax = _buffers(torch.int32, dev, (B, n), (B, n)) if track_arg else (amin_p, amax_p)
         if cfg.block_skipping:
             flags = torch.empty((B, n_qb, n_kb), dtype=torch.int8, device=dev)
-            counts = torch.empty((B, n_qb, 2), dtype=torch.int32, device=dev)
-            row_list = torch.empty((B, n_qb, n_kb), dtype=torch.int32, device=dev)
-            row_count = torch.empty((B, n_qb), dtype=torch.int32, device=dev)
-        else:
-            flags = row_list = row_count = torch.zeros((1,), dtype=torch.int32, device=dev)
+            counts, row_list, row_count = _buffers(torch.int32, dev, (B, n_qb, 2), (B, n_qb, n_kb), (B, n_qb))
+        else:  # the lists are never read: the counts (zero skipped, zero visited) stand in
             counts = torch.zeros((1, 2), dtype=torch.int32, device=dev)
+            flags = row_list = row_count = counts
         mod.row_stats_kernel[(n_qb, B)](
             lo_p, hi_p, amin_p, amax_p, prm, consts, tmax, rs, empty.view(torch.int8), argmin, argmax,
             flags, counts, row_list, row_count, S, B, n, m, n_qb, n_kb,
             METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, TRACK_ARG=track_arg, SKIP=cfg.block_skipping,
-            BLOCK_M=BM, BLOCK_N=BN, TILES=min(64, _pow2(n_kb)), num_warps=4,
+            BLOCK_M=BM, BLOCK_N=BN, TILES=min(64, _pow2(n_kb)), num_warps=4, **_FUSION,
         )
         lo, hi = rs[0], rs[1]
 
         out = torch.empty((B, n, e), dtype=q.dtype, device=dev)
         lse = torch.empty((B, n), dtype=acc, device=dev)
-        kept = torch.empty((B, n), dtype=acc, device=dev)
-        if not plan.count_kept:
-            kept.fill_(math.nan)
+        kept = torch.empty((B, n), dtype=acc, device=dev)  # NaN from the kernel without count_kept
         if S > 1:
-            accp = torch.empty((S, B, n, e), dtype=acc, device=dev)
-            denp = torch.empty((S, B, n), dtype=acc, device=dev)
-            keptp = torch.empty_like(denp)
+            accp, denp, keptp = _buffers(acc, dev, (S, B, n, e), (S, B, n), (S, B, n))
         else:
             accp = denp = keptp = lse
         mod.attend_kernel[grid](
             q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp,
             *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
             STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch, SKIP_TILES=cfg.block_skipping,
-            PLAIN_LOOP=cfg.block_skipping and _two_loops_fit(q, BM, BN, BD, BE, cfg.num_stages),
             COUNT_KEPT=plan.count_kept, BLOCK_E=BE, **common,
         )
         if S > 1:
@@ -340,10 +338,10 @@ class _TritonWarp(torch.autograd.Function):
         glse = ld if g_lse is None else g_lse.reshape(B, n).to(acc).contiguous()
         mod.bwd_rows_kernel[(triton_cdiv(n, 32), B)](
             lse, g, out, glse, ld, B, n, e, HAS_GLSE=g_lse is not None, BLOCK_M=32, BLOCK_E=_pow2(e), ACC=tl_acc,
-            num_warps=4,
+            num_warps=4, **_FUSION,
         )
         q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
-        mask4 = _mask4(mask, batch, n, m, dev)
+        mask4 = _mask4(mask, batch, n, m, q4)
         BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
         BD, BE = _pow2(d), _pow2(e)
         n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
@@ -352,7 +350,7 @@ class _TritonWarp(torch.autograd.Function):
                       HAS_MASK=mask is not None, EVEN=_even_tiles(n, m, cfg),
                       SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
                       TM_BN=cfg.block_n, BLOCK_D=BD, BLOCK_E=BE, PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
-                      num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
+                      num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, **_FUSION)
         args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
 
         dk = dv = None
@@ -387,7 +385,7 @@ class _TritonWarp(torch.autograd.Function):
                     q4, k4, consts, sums, argmin, argmax, dq, dk if need_k else rs,
                     *q4.stride(), *k4.stride(), B1, B, n, m, d,
                     METRIC=plan.metric, NEED_DQ=need_q, NEED_DK=need_k, BLOCK_M=32, BLOCK_D=BD, ACC=tl_acc,
-                    num_warps=4,
+                    num_warps=4, **_FUSION,
                 )
         if dq is not None:
             dq = dq.view(*batch, n, d)
@@ -435,7 +433,7 @@ def _column_lists(mod, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     lists = torch.empty((B, n_kb, n_qb), dtype=torch.int32, device=flags.device)
     counts = torch.empty((B, n_kb), dtype=torch.int32, device=flags.device)
     mod.compact_kernel[(n_kb, B)](flags, lists, counts, n_qb * n_kb, 1, n_kb, n_qb,
-                                  TILES=min(256, _pow2(n_qb)), num_warps=4)
+                                  TILES=min(256, _pow2(n_qb)), num_warps=4, **_FUSION)
     return lists, counts
 
 
@@ -445,40 +443,30 @@ def _tracks_range(plan: _Plan, need_q: bool, need_k: bool) -> bool:
     return plan.step != 0 and not plan.detach_range and (need_q or need_k)
 
 
-#: Shared memory of one thread block on sm_90 (H100/H200), the smallest of the GPUs tuned for.
-_SMEM_BYTES = 232448
-
-
-def _two_loops_fit(q: torch.Tensor, bm: int, bn: int, bd: int, be: int, stages: int) -> bool:
-    """Whether pass 2 may carry a plain tile loop beside the skip-list loop: a loop over a
-    loaded list pipelines less well (pass 2 took 1.98 ms with the list alone vs 1.71 ms with
-    both, H100/H200, bf16 2·16·8192·64). Budgeted as if each loop kept its own multi-stage K/V
-    buffers, as they did when the loops sat in the two branches of an ``if`` (1·16·16384·128
-    with 128x128 tiles needed 288 KiB on the GPU's Triton 3.6, more than a block may have).
-    Now the loops run one after the other and Triton 3.9 shares the buffers (160 KiB there);
-    until that is measured on a GPU the budget stays conservative."""
-    per_loop = stages * bn * (bd + be) * q.element_size()
-    return 2 * per_loop + bm * bd * q.element_size() <= _SMEM_BYTES - 8192
-
-
 def _consts(plan: _Plan, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[scale, 1/τ]`` on the device, built by fills: ``torch.tensor(..., device=cuda)`` would be
-    a host-to-device copy, which synchronises the stream and leaves the GPU idle while the host
-    queues the kernels that follow. (A tensor, not scalar kernel arguments, so that float64
-    runs in the interpreter keep full precision.)"""
-    consts = torch.full((2,), plan.scale, dtype=dtype, device=device)
-    consts[1:].fill_(plan.inv_tau)
-    return consts
+    """``[scale, 1/τ]`` on the device (a tensor, not scalar kernel arguments, so that float64
+    runs in the interpreter keep full precision)."""
+    return device_constants([plan.scale, plan.inv_tau], dtype, device)
 
 
 def triton_cdiv(x: int, y: int) -> int:
     return -(-x // y)
 
 
-def _mask4(mask: torch.Tensor | None, batch, n: int, m: int, device) -> torch.Tensor:
+def _mask4(mask: torch.Tensor | None, batch, n: int, m: int, placeholder: torch.Tensor) -> torch.Tensor:
+    """The mask as a ``(B0, B1, n, m)`` uint8 view; without a mask (``HAS_MASK=False``, never
+    read) ``placeholder`` with zero strides stands in, so no tensor is made for it."""
     if mask is None:
-        return torch.zeros((1, 1, 1, 1), dtype=torch.uint8, device=device).expand(1, 1, 1, 1)
+        return placeholder.as_strided((1, 1, 1, 1), (0, 0, 0, 0))
     return _view4(mask.view(torch.uint8), batch, n, m)
+
+
+def _buffers(dtype: torch.dtype, device: torch.device, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Uninitialised contiguous tensors of the given shapes carved from one allocation (fewer
+    allocator calls on the launch path, which is host-bound at short sequences)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
 
 
 def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None, count_kept: bool = True) -> _Plan:
