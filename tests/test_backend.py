@@ -648,5 +648,15 @@ def test_float_params_are_checked_and_placed_on_any_device():
         assert all(x.shape == () and x.dtype == torch.float64 and x.device.type == device for x in (a, b, t))
     a, b, t = resolve_params(0.25, torch.tensor([0.5, 0.75]).view(2, 1), 0.125, device="cpu", **kw)
     assert (float(a), float(t)) == (0.25, 0.125) and b.shape == (2, 1, 1)
+    # tensors: 0-dim ones are read once for all checks, others checked elementwise (CPU only)
+    for bad, match in (
+        (dict(a=torch.tensor(1.5)), "a must lie in"),
+        (dict(b=torch.tensor(0.0, dtype=torch.float64)), "b must lie in"),
+        (dict(a=torch.tensor(0.6), b=0.5), "a must be smaller than b"),
+        (dict(a=0.6, b=torch.tensor([[0.9], [0.5]])), "a must be smaller than b"),
+        (dict(t=torch.tensor([[0.5], [1.0]])), "t must lie in"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            resolve_params(*(bad.get(name) for name in "abt"), device="cpu", **kw)
     assert device_constants([0.5, 2.0], torch.float32, "cpu").tolist() == [0.5, 2.0]
     assert device_constants([0.5, 2.0], torch.float32, "meta").shape == (2,)

@@ -522,21 +522,31 @@ def resolve_params(
                 raise ValueError(
                     f"{name} of shape {_shape(x)} does not broadcast to the rows (..., n) = {(*batch, n)}"
                 ) from None
-            low, high, high_inclusive = _PARAM_RANGES[name]
-            _check_param_values(name, x, low, high, high_inclusive)
             x = x.to(dtype)
         resolved[name] = x
-    both_floats = isinstance(resolved["a"], float) and isinstance(resolved["b"], float)
-    if both_floats and resolved["a"] >= resolved["b"]:
+    on_cpu = torch.device(device).type == "cpu"  # every tensor is on ``device`` (checked above)
+    tensors = {name: x for name, x in resolved.items() if isinstance(x, torch.Tensor)}
+    on_host = {name: x for name, x in resolved.items() if isinstance(x, float)}
+    if tensors and on_cpu and all(x.dim() == 0 for x in tensors.values()):
+        # one read for every check: small CPU calls are bound by per-operation overhead
+        on_host.update(zip(tensors, torch.stack([x.detach() for x in tensors.values()]).tolist()))
+        for name in tensors:
+            _check_float_param(name, on_host[name])
+    else:
+        for name, x in tensors.items():
+            _check_param_values(name, x, *_PARAM_RANGES[name])
+    if "a" in on_host and "b" in on_host:
+        a_ge_b = on_host["a"] >= on_host["b"]
+    else:  # a tensor among them: checked on the CPU only
+        a_, b_ = (x.detach() if isinstance(x, torch.Tensor) else x for x in (resolved["a"], resolved["b"]))
+        a_ge_b = on_cpu and bool((a_ >= b_).any())
+    if a_ge_b:
         raise ValueError("a must be smaller than b for every row (0 < a < b <= 1)")
     floats = [name for name, x in resolved.items() if isinstance(x, float)]
     if floats:  # one small tensor for all float parameters
         values = device_constants([resolved[name] for name in floats], dtype, device)
         resolved.update(zip(floats, values.unbind()))
-    a, b, t = resolved["a"], resolved["b"], resolved["t"]
-    if not both_floats and a.device.type == "cpu" and bool((a.detach() >= b.detach()).any()):
-        raise ValueError("a must be smaller than b for every row (0 < a < b <= 1)")
-    return tuple(p.unsqueeze(-1) if p.dim() > 0 else p for p in (a, b, t))
+    return tuple(p.unsqueeze(-1) if p.dim() > 0 else p for p in (resolved["a"], resolved["b"], resolved["t"]))
 
 
 def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset: int = 0) -> WarpSpec:

@@ -466,7 +466,7 @@ def _buffers(dtype: torch.dtype, device: torch.device, *shapes: tuple[int, ...])
     allocator calls on the launch path, which is host-bound at short sequences)."""
     sizes = [math.prod(shape) for shape in shapes]
     flat = torch.empty(sum(sizes), dtype=dtype, device=device)
-    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+    return [part.view(shape) for part, shape in zip(flat.split_with_sizes(sizes), shapes)]
 
 
 def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None, count_kept: bool = True) -> _Plan:
