@@ -365,6 +365,7 @@ def test_multihead_trains_and_keeps_state_dict_keys():
     assert torch.isfinite(w).all()
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # torch's own fast path
 def test_encoder_layer_and_encoder_none_match_torch():
     torch.manual_seed(3)
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)

@@ -360,7 +360,7 @@ def test_anchors_without_positives_contribute_nothing():
 def test_regression_degenerate():
     x = torch.randn(1, 3, requires_grad=True)
     value = SoftStepNeighborRegressionLoss()(x, torch.randn(1))
-    assert float(value) == 0.0 and torch.isfinite(torch.autograd.grad(value, x)[0]).all()
+    assert float(value.detach()) == 0.0 and torch.isfinite(torch.autograd.grad(value, x)[0]).all()
 
 
 # ---------------------------------------------------------------------------------------

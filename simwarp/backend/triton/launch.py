@@ -15,6 +15,7 @@ known after pass 1 the partial sums combine by plain addition.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -150,6 +151,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
     return None
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of hashable arguments, on every call's path
 def _resolve_config(
     cfg: KernelConfig, d: int, dtype: torch.dtype, step: int = 1, causal: bool = False
 ) -> KernelConfig:
