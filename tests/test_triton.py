@@ -202,6 +202,30 @@ def check_block_skipping_is_exact_and_reported():
     _compare(q64, k, v, params, None, spec, config=wide)
 
 
+@check
+def check_causal_loops_split_at_the_diagonal():
+    """Causal loops run the tiles left of the diagonal block without the causal mask and the
+    rest with it, in lists of kept tiles too (backward tiles half the forward's, so each list
+    entry covers two; tiles before the diagonal skipped; ragged and rectangular; key splits)."""
+    gen = torch.Generator().manual_seed(11)
+    d, e = 8, 3
+    direction = torch.randn(d, generator=gen, dtype=f64)
+    direction /= direction.norm()
+    spec = make_spec("dot", 1.0, "sigmoidal", 1.0, True, False, False)
+    tiles = dict(block_m=32, block_n=32, bwd_block_m=16, bwd_block_n=16, bwd_kv_block_m=16, bwd_kv_block_n=16)
+    for n, m in ((75, 75), (100, 70)):
+        # keys sorted along one direction: each row's early keys fall below a and are skipped
+        q = direction * torch.linspace(1, 2, n, dtype=f64)[:, None] + 0.05 * torch.randn(n, d, generator=gen, dtype=f64)
+        k = direction * torch.linspace(-3, 3, m, dtype=f64)[:, None] + 0.05 * torch.randn(m, d, generator=gen, dtype=f64)
+        v = torch.randn(m, e, generator=gen, dtype=f64)
+        for extra in ({}, {"num_splits": 2}, {"block_skipping": False}):
+            cfg = KernelConfig(**tiles, **extra)
+            a, b, t = resolve_params(0.6, 0.9, 0.5, batch=torch.Size(), n=n, dtype=f64, device=q.device)
+            *_, skipped = triton_warp_attend(q, k, v, a, b, t, None, spec, config=cfg, return_skipped=True)
+            assert (float(skipped) > 0.1) == cfg.block_skipping, (n, m, extra, float(skipped))
+            _compare(q, k, v, (0.6, 0.9, 0.5), None, spec, config=cfg)
+
+
 @check(cases={
     "sigmoidal-qkv-skipping": ("dot", "sigmoidal", (True, True, True, False, False, False), True),
     "sigmoidal-qkv-no-skipping": ("dot", "sigmoidal", (True, True, True, False, False, False), False),

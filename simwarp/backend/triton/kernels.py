@@ -333,6 +333,73 @@ def _bwd_weight(r, valid, xs, xb, al, be, lo_raw, a2, b2, t2, STEP: tl.constexpr
 
 
 @triton.jit
+def _causal_split(q_start, kb_lo, kb_hi, BLOCK_N: tl.constexpr):
+    """The first key tile (clamped to ``kb_lo .. kb_hi``) that some row of the query block
+    starting at ``q_start`` may not fully see: tiles before it end at or before the block's
+    first row, so every key of them is visible to every row (``j <= i``)."""
+    return tl.maximum(kb_lo, tl.minimum(kb_hi, (q_start + 1) // BLOCK_N))
+
+
+@triton.jit
+def _tile_index(i, tiles, FROM_LIST: tl.constexpr, SUB: tl.constexpr):
+    """Tile visited at step ``i`` of a loop: ``i`` itself, or entry ``i`` of a list of coarse
+    (forward) tiles, each of which covers ``SUB`` consecutive fine (backward) tiles."""
+    if FROM_LIST:
+        return tl.load(tiles + i // SUB) * SUB + i % SUB
+    return i
+
+
+@triton.jit
+def _entries_before(tiles, count, first, SUB: tl.constexpr, CHUNK: tl.constexpr):
+    """How many steps of a loop over the ascending list ``tiles[:count]`` (``SUB`` fine tiles per
+    entry, as in ``_tile_index``) visit a fine tile below ``first``: where a causal loop over a
+    list switches between its unmasked and its masked part."""
+    total = tl.zeros([], tl.int32)
+    for j0 in range(0, count, CHUNK):
+        offs = j0 + tl.arange(0, CHUNK)
+        coarse = tl.load(tiles + offs, mask=offs < count, other=first)  # padding contributes 0
+        total += tl.sum(tl.minimum(tl.maximum(first - coarse * SUB, 0), SUB), 0)
+    return total
+
+
+@triton.jit
+def _range_tiles(run_lo, run_hi, arg_lo, arg_hi, start, stop, q, qq, offs_m, k_base, mask_base, tm_base,
+                 n, m, d, skm, skd, smkn, smkm, self_off, scale,
+                 METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr,
+                 EVEN: tl.constexpr, TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Pass 1 over key tiles ``start .. stop - 1``: running row min / max (and first arg)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for kb in range(start, stop):
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
+                    mask=(offs_n[:, None] < m) & (offs_d[None, :] < d), other=0.0)
+        kf = k.to(ACC)
+        kk = tl.sum(kf * kf, 1)
+        r, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
+        valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
+        s_lo = tl.where(valid, r, float("inf"))
+        s_hi = tl.where(valid, r, float("-inf"))
+        if TRACK_ARG:
+            blk_lo, idx_lo = tl.min(s_lo, 1, return_indices=True, return_indices_tie_break_left=True)
+            blk_hi, idx_hi = tl.max(s_hi, 1, return_indices=True, return_indices_tie_break_left=True)
+            new_lo = blk_lo < run_lo
+            new_hi = blk_hi > run_hi
+            arg_lo = tl.where(new_lo, idx_lo.to(tl.int32) + kb * BLOCK_N, arg_lo)
+            arg_hi = tl.where(new_hi, idx_hi.to(tl.int32) + kb * BLOCK_N, arg_hi)
+        else:
+            blk_lo = tl.min(s_lo, 1)
+            blk_hi = tl.max(s_hi, 1)
+        run_lo = tl.minimum(run_lo, blk_lo)
+        run_hi = tl.maximum(run_hi, blk_hi)
+        if STORE_TMAX:
+            part = tl.max(tl.reshape(blk_hi, (BLOCK_M // TMAX_ROWS, TMAX_ROWS)), 1)
+            tl.store(tm_base + kb * (BLOCK_M // TMAX_ROWS) + tl.arange(0, BLOCK_M // TMAX_ROWS), part)
+    return run_lo, run_hi, arg_lo, arg_hi
+
+
+@triton.jit
 def range_kernel(
     Q, K, MASK, CONSTS, LOP, HIP, AMINP, AMAXP, TMAX,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, smk0, smk1, smkn, smkm,
@@ -371,31 +438,17 @@ def range_kernel(
     if CAUSAL:
         kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
     tm_base = TMAX + (pid_b.to(tl.int64) * n_qb + pid_q) * n_kb * (BLOCK_M // TMAX_ROWS)
-    for kb in range(kb_lo, kb_hi):
-        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < m) & (offs_d[None, :] < d), other=0.0)
-        kf = k.to(ACC)
-        kk = tl.sum(kf * kf, 1)
-        r, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-        valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
-        s_lo = tl.where(valid, r, float("inf"))
-        s_hi = tl.where(valid, r, float("-inf"))
-        if TRACK_ARG:
-            blk_lo, idx_lo = tl.min(s_lo, 1, return_indices=True, return_indices_tie_break_left=True)
-            blk_hi, idx_hi = tl.max(s_hi, 1, return_indices=True, return_indices_tie_break_left=True)
-            new_lo = blk_lo < run_lo
-            new_hi = blk_hi > run_hi
-            arg_lo = tl.where(new_lo, idx_lo.to(tl.int32) + kb * BLOCK_N, arg_lo)
-            arg_hi = tl.where(new_hi, idx_hi.to(tl.int32) + kb * BLOCK_N, arg_hi)
-        else:
-            blk_lo = tl.min(s_lo, 1)
-            blk_hi = tl.max(s_hi, 1)
-        run_lo = tl.minimum(run_lo, blk_lo)
-        run_hi = tl.maximum(run_hi, blk_hi)
-        if STORE_TMAX:
-            part = tl.max(tl.reshape(blk_hi, (BLOCK_M // TMAX_ROWS, TMAX_ROWS)), 1)
-            tl.store(tm_base + kb * (BLOCK_M // TMAX_ROWS) + tl.arange(0, BLOCK_M // TMAX_ROWS), part)
+    if CAUSAL:  # tiles left of the diagonal block need no causal mask: fewer selects per score
+        kb_mid = _causal_split(q_start, kb_lo, kb_hi, BLOCK_N)
+        run_lo, run_hi, arg_lo, arg_hi = _range_tiles(
+            run_lo, run_hi, arg_lo, arg_hi, kb_lo, kb_mid, q, qq, offs_m, k_base, mask_base, tm_base, n, m, d, skm, skd,
+            smkn, smkm, self_off, scale, METRIC, False, EXCL, HAS_MASK, EVEN,
+            TRACK_ARG, STORE_TMAX, BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
+        kb_lo = kb_mid
+    run_lo, run_hi, arg_lo, arg_hi = _range_tiles(
+        run_lo, run_hi, arg_lo, arg_hi, kb_lo, kb_hi, q, qq, offs_m, k_base, mask_base, tm_base, n, m, d, skm, skd,
+        smkn, smkm, self_off, scale, METRIC, CAUSAL, EXCL, HAS_MASK, EVEN,
+        TRACK_ARG, STORE_TMAX, BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
     out_off = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
     row_ok = offs_m < n
     tl.store(LOP + out_off, run_lo, mask=row_ok)
@@ -669,11 +722,28 @@ def attend_kernel(
         listed = count < _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL)
         i_hi = tl.where(listed, i_hi, i_lo)
         kb_hi = tl.where(listed, kb_lo, kb_hi)
+        if CAUSAL:  # listed tiles left of the diagonal block first, without the causal mask
+            i_mid = _entries_before(LIST + slot * n_kb, count, (q_start + 1) // BLOCK_N, 1, 64)
+            i_mid = tl.maximum(i_lo, tl.minimum(i_hi, i_mid))
+            acc, denom, kept = _attend_tiles(
+                acc, denom, kept, i_lo, i_mid, LIST + slot * n_kb, True,
+                q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off,
+                scale, xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK, BAND_BRANCH,
+                COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+            i_lo = i_mid
         acc, denom, kept = _attend_tiles(
             acc, denom, kept, i_lo, i_hi, LIST + slot * n_kb, True,
             q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
             xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
             BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+    if CAUSAL:  # tiles left of the diagonal block need no causal mask: fewer selects per score
+        kb_mid = _causal_split(q_start, kb_lo, kb_hi, BLOCK_N)
+        acc, denom, kept = _attend_tiles(
+            acc, denom, kept, kb_lo, kb_mid, LIST, False,
+            q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+            xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+            BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+        kb_lo = kb_mid
     acc, denom, kept = _attend_tiles(
         acc, denom, kept, kb_lo, kb_hi, LIST, False,
         q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
@@ -892,27 +962,40 @@ def bwd_dq_kernel(
     kb_hi = tl.minimum(n_kb, kb_lo + kb_per_split)
     if CAUSAL:
         kb_hi = tl.minimum(kb_hi, tl.cdiv(tl.minimum(m, q_start + BLOCK_M), BLOCK_N))
-    if SKIP_TILES:  # kept forward tiles of this block's row, SUB backward tiles each
+    # Key tiles to visit: the block's list of kept forward tiles (SUB backward tiles each) or the
+    # plain range, shared evenly among the splits.
+    if SKIP_TILES:
         SUB = TM_BN // BLOCK_N
         slot = pid_b.to(tl.int64) * tm_qb + q_start // TM_BM
-        count = tl.load(COUNT + slot) * SUB
-        per = tl.cdiv(count, tl.num_programs(2))
-        i_lo = pid_s * per
         tiles = LIST + slot * tm_kb
-        for i in range(i_lo, tl.minimum(count, i_lo + per)):
-            kb = tl.load(tiles + i // SUB) * SUB + i % SUB
-            dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
-                dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
-                n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-                delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
-                NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+        count = tl.load(COUNT + slot)
+        per = tl.cdiv(count * SUB, tl.num_programs(2))
+        start = pid_s * per
+        stop = tl.minimum(count * SUB, start + per)
     else:
-        for kb in range(kb_lo, kb_hi):
+        SUB = 1
+        tiles = LIST
+        count = 0
+        start = kb_lo
+        stop = kb_hi
+    if CAUSAL:  # tiles left of the diagonal block first, without the causal mask
+        first_masked = (q_start + 1) // BLOCK_N
+        if SKIP_TILES:
+            first_masked = _entries_before(tiles, count, first_masked, SUB, 64)
+        mid = tl.maximum(start, tl.minimum(stop, first_masked))
+        for i in range(start, mid):
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
-                dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
-                n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-                delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+                dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, _tile_index(i, tiles, SKIP_TILES, SUB), offs_m,
+                k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+                delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK,
                 NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+        start = mid
+    for i in range(start, stop):
+        dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
+            dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, _tile_index(i, tiles, SKIP_TILES, SUB), offs_m,
+            k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+            delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+            NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if METRIC != 0:
         dq += 2.0 * rsum[:, None] * qf
     if STEP == 3:  # g_lo, g_hi hold ΣG/6, ΣG·z/6 (_score_grad); with ΣG·u, every sum is linear in them
@@ -1024,27 +1107,41 @@ def bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_E], ACC)
     csum = tl.zeros([BLOCK_N], ACC)
-    qb_lo = 0
-    if CAUSAL:
-        qb_lo = k_start // BLOCK_M
-    if SKIP_TILES:  # kept forward tiles of this block's column, SUB backward query blocks each
+    # Query blocks to visit: the key block's list of kept forward tiles (SUB backward query blocks
+    # each) or the plain range (from the diagonal on, if causal).
+    if SKIP_TILES:
         SUB = TM_BM // BLOCK_M
         slot = pid_b.to(tl.int64) * tm_kb + k_start // TM_BN
         tiles = LIST + slot * tm_qb
-        for i in range(0, tl.load(COUNT + slot) * SUB):
-            qb = tl.load(tiles + i // SUB) * SUB + i % SUB
-            dk, dv, csum = _dkdv_tile(
-                dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, LD, PRM, plane, pid_b,
-                n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
-                PREC, ACC, UPCAST, EVEN, BLOCK_N)
+        count = tl.load(COUNT + slot)
+        start = 0
+        stop = count * SUB
     else:
-        for qb in range(qb_lo, n_qb):
+        SUB = 1
+        tiles = LIST
+        count = 0
+        start = 0
+        if CAUSAL:
+            start = k_start // BLOCK_M
+        stop = n_qb
+    if CAUSAL:  # the diagonal query blocks first, with the causal mask; every later one sees all keys
+        first_full = tl.cdiv(k_start + BLOCK_N - 1, BLOCK_M)
+        if SKIP_TILES:
+            first_full = _entries_before(tiles, count, first_full, SUB, 64)
+        mid = tl.maximum(start, tl.minimum(stop, first_full))
+        for i in range(start, mid):
             dk, dv, csum = _dkdv_tile(
-                dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, LD, PRM, plane, pid_b,
-                n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
-                METRIC, STEP, CAUSAL, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
+                dk, dv, csum, k, v, kk, _tile_index(i, tiles, SKIP_TILES, SUB), offs_n, q_base, do_base, mask_base,
+                RS, LD, PRM, plane, pid_b, n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
+                METRIC, STEP, True, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
                 PREC, ACC, UPCAST, EVEN, BLOCK_N)
+        start = mid
+    for i in range(start, stop):  # no causal mask here (see above)
+        dk, dv, csum = _dkdv_tile(
+            dk, dv, csum, k, v, kk, _tile_index(i, tiles, SKIP_TILES, SUB), offs_n, q_base, do_base, mask_base,
+            RS, LD, PRM, plane, pid_b, n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
+            METRIC, STEP, False, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
+            PREC, ACC, UPCAST, EVEN, BLOCK_N)
     if METRIC != 0:
         dk += 2.0 * csum[:, None] * kf
     cols = pid_b.to(tl.int64) * m + offs_n
