@@ -302,43 +302,47 @@ def check_bank(device, log, m: int = BANK[1]) -> dict:
 
 
 SWEEP_SHAPES = SHAPES[1:]
-# Launch configurations tried against the defaults (forward-only and backward-only changes).
+# Launch configurations tried against the defaults (forward-only and backward-only changes),
+# each as (causal, KernelConfig fields).
 SWEEP_CONFIGS = {
-    "fwd no skipping": dict(block_skipping=False),
-    "fwd 128x64 4 warps": dict(block_n=64, num_warps=4),
-    "bwd no skipping": dict(block_skipping=False),
-    "bwd dq 64x32": dict(bwd_block_n=32),
-    "bwd dk/dv 32x64": dict(bwd_kv_block_m=32),
+    "fwd no skipping": (False, dict(block_skipping=False)),
+    "fwd 128x64 4 warps": (False, dict(block_n=64, num_warps=4)),
+    "fwd causal 128x128": (True, dict(block_n=128)),
+    "bwd no skipping": (False, dict(block_skipping=False)),
+    "bwd dq 64x32": (False, dict(bwd_block_n=32)),
+    "bwd dk/dv 32x64": (False, dict(bwd_kv_block_m=32)),
+    "bwd causal 128x128": (True, dict(block_n=128)),
 }
 
 
 def sweep_configs(device, args, log) -> list[dict]:
-    """Time :class:`KernelConfig` alternatives against the defaults (``step="poly"``,
-    non-causal, bf16) on the target shapes, with SDPA in the same loop as the yardstick."""
+    """Time :class:`KernelConfig` alternatives against the defaults (``step="poly"``, bf16,
+    non-causal and causal) on the target shapes, with SDPA in the same loop as the yardstick."""
     from simwarp.backend.triton import KernelConfig
 
     rows = []
     for shape in SWEEP_SHAPES:
         q, k, v = (fresh(shape, torch.bfloat16, device, s, requires_grad=True) for s in (41, 42, 43))
-        spec = make_spec("dot", None, "poly", 1.0, False, False, False)
         prm = resolve_params(A, B_, T, batch=torch.Size(shape[:2]), n=shape[2], dtype=torch.float32, device=device)
-        for backward in (False, True):
-            sd = bench_case("sdpa", sdpa, q, k, v, False, backward, args)
-            for name, kw in [("default", {})] + list(SWEEP_CONFIGS.items()):
-                if name.startswith("fwd" if backward else "bwd"):
+        for backward, causal in itertools.product((False, True), (False, True)):
+            sd = bench_case("sdpa", sdpa, q, k, v, causal, backward, args)
+            spec = make_spec("dot", None, "poly", 1.0, causal, False, False)
+            configs = [("causal default" if causal else "default", (causal, {}))] + list(SWEEP_CONFIGS.items())
+            for name, (config_causal, kw) in configs:
+                if config_causal != causal or name.startswith("fwd" if backward else "bwd"):
                     continue
                 cfg = KernelConfig(**kw)
 
                 def run(q, k, v, causal, cfg=cfg, prm=prm, spec=spec):
                     return triton_warp_attend(q, k, v, *prm, None, spec, config=cfg, count_kept=False)[0]
 
-                rec = bench_case(f"poly {name}", run, q, k, v, False, backward, args)
+                rec = bench_case(f"poly {name}", run, q, k, v, causal, backward, args)
                 rec.update(shape=list(shape), config=kw, sdpa_ms=sd.get("ms"))
                 if "ms" in rec and "ms" in sd:
                     rec["ratio_sdpa"] = rec["ms"] / sd["ms"]
                 rows.append(rec)
                 ratio = f"x{rec['ratio_sdpa']:.2f} SDPA" if "ratio_sdpa" in rec else rec.get("error", "")
-                log(f"  {'·'.join(map(str, shape)):16s} {'fwd+bwd' if backward else 'fwd':7s} {name:16s} "
+                log(f"  {'·'.join(map(str, shape)):16s} {'fwd+bwd' if backward else 'fwd':7s} {name:19s} "
                     f"{rec.get('ms', float('nan')):8.3f} ms  {ratio}")
         del q, k, v
         torch.cuda.empty_cache()
