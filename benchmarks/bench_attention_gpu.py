@@ -307,6 +307,7 @@ SWEEP_SHAPES = SHAPES[1:]
 SWEEP_CONFIGS = {
     "fwd no skipping": (False, dict(block_skipping=False)),
     "fwd 128x64 4 warps": (False, dict(block_n=64, num_warps=4)),
+    "fwd pass-1 pipelined": (False, dict(pipeline_range=True)),
     "fwd causal 128x128": (True, dict(block_n=128)),
     "bwd no skipping": (False, dict(block_skipping=False)),
     "bwd dq 64x32": (False, dict(bwd_block_n=32)),

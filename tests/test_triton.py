@@ -14,6 +14,7 @@ import subprocess
 import sys
 import traceback
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,9 @@ def check_block_skipping_is_exact_and_reported():
     *_, skipped_wide = triton_warp_attend(q64, k, v, a, b, t, None, spec, config=wide, return_skipped=True)
     assert 0.3 <= float(skipped_wide) < 1.0
     _compare(q64, k, v, params, None, spec, config=wide)
+    # pass 1 software-pipelined (next tile's product before this tile's reductions): same results
+    for cfg in (KernelConfig(block_m=16, block_n=16, pipeline_range=True), replace(wide, pipeline_range=True)):
+        _compare(q, k, v, params, None, spec, config=cfg)
 
 
 @check
@@ -218,7 +222,7 @@ def check_causal_loops_split_at_the_diagonal():
         q = direction * torch.linspace(1, 2, n, dtype=f64)[:, None] + 0.05 * torch.randn(n, d, generator=gen, dtype=f64)
         k = direction * torch.linspace(-3, 3, m, dtype=f64)[:, None] + 0.05 * torch.randn(m, d, generator=gen, dtype=f64)
         v = torch.randn(m, e, generator=gen, dtype=f64)
-        for extra in ({}, {"num_splits": 2}, {"block_skipping": False}):
+        for extra in ({}, {"num_splits": 2}, {"block_skipping": False}, {"pipeline_range": True, "num_splits": 2}):
             cfg = KernelConfig(**tiles, **extra)
             a, b, t = resolve_params(0.6, 0.9, 0.5, batch=torch.Size(), n=n, dtype=f64, device=q.device)
             *_, skipped = triton_warp_attend(q, k, v, a, b, t, None, spec, config=cfg, return_skipped=True)

@@ -363,39 +363,75 @@ def _entries_before(tiles, count, first, SUB: tl.constexpr, CHUNK: tl.constexpr)
 
 
 @triton.jit
+def _tile_scores(q, qq, k_base, kb, key_end, d, skm, skd, scale, METRIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """Raw scores ``r`` of the query block against key tile ``kb`` (keys from ``key_end`` on read as 0)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
+                mask=(offs_n[:, None] < key_end) & (offs_d[None, :] < d), other=0.0)
+    kf = k.to(ACC)
+    kk = tl.sum(kf * kf, 1)
+    r, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
+    return r
+
+
+@triton.jit
+def _range_update(run_lo, run_hi, arg_lo, arg_hi, r, kb, offs_m, mask_base, tm_base, n, m, smkn, smkm, self_off,
+                  CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN: tl.constexpr,
+                  TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Fold key tile ``kb``'s scores into the running row min / max (and first arg), and store
+    its maxima per group of ``TMAX_ROWS`` rows."""
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
+    s_lo = tl.where(valid, r, float("inf"))
+    s_hi = tl.where(valid, r, float("-inf"))
+    if TRACK_ARG:
+        blk_lo, idx_lo = tl.min(s_lo, 1, return_indices=True, return_indices_tie_break_left=True)
+        blk_hi, idx_hi = tl.max(s_hi, 1, return_indices=True, return_indices_tie_break_left=True)
+        new_lo = blk_lo < run_lo
+        new_hi = blk_hi > run_hi
+        arg_lo = tl.where(new_lo, idx_lo.to(tl.int32) + kb * BLOCK_N, arg_lo)
+        arg_hi = tl.where(new_hi, idx_hi.to(tl.int32) + kb * BLOCK_N, arg_hi)
+    else:
+        blk_lo = tl.min(s_lo, 1)
+        blk_hi = tl.max(s_hi, 1)
+    run_lo = tl.minimum(run_lo, blk_lo)
+    run_hi = tl.maximum(run_hi, blk_hi)
+    if STORE_TMAX:
+        part = tl.max(tl.reshape(blk_hi, (BLOCK_M // TMAX_ROWS, TMAX_ROWS)), 1)
+        tl.store(tm_base + kb * (BLOCK_M // TMAX_ROWS) + tl.arange(0, BLOCK_M // TMAX_ROWS), part)
+    return run_lo, run_hi, arg_lo, arg_hi
+
+
+@triton.jit
 def _range_tiles(run_lo, run_hi, arg_lo, arg_hi, start, stop, q, qq, offs_m, k_base, mask_base, tm_base,
                  n, m, d, skm, skd, smkn, smkm, self_off, scale,
                  METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr,
-                 EVEN: tl.constexpr, TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """Pass 1 over key tiles ``start .. stop - 1``: running row min / max (and first arg)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    for kb in range(start, stop):
-        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < m) & (offs_d[None, :] < d), other=0.0)
-        kf = k.to(ACC)
-        kk = tl.sum(kf * kf, 1)
-        r, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
-        valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
-        s_lo = tl.where(valid, r, float("inf"))
-        s_hi = tl.where(valid, r, float("-inf"))
-        if TRACK_ARG:
-            blk_lo, idx_lo = tl.min(s_lo, 1, return_indices=True, return_indices_tie_break_left=True)
-            blk_hi, idx_hi = tl.max(s_hi, 1, return_indices=True, return_indices_tie_break_left=True)
-            new_lo = blk_lo < run_lo
-            new_hi = blk_hi > run_hi
-            arg_lo = tl.where(new_lo, idx_lo.to(tl.int32) + kb * BLOCK_N, arg_lo)
-            arg_hi = tl.where(new_hi, idx_hi.to(tl.int32) + kb * BLOCK_N, arg_hi)
-        else:
-            blk_lo = tl.min(s_lo, 1)
-            blk_hi = tl.max(s_hi, 1)
-        run_lo = tl.minimum(run_lo, blk_lo)
-        run_hi = tl.maximum(run_hi, blk_hi)
-        if STORE_TMAX:
-            part = tl.max(tl.reshape(blk_hi, (BLOCK_M // TMAX_ROWS, TMAX_ROWS)), 1)
-            tl.store(tm_base + kb * (BLOCK_M // TMAX_ROWS) + tl.arange(0, BLOCK_M // TMAX_ROWS), part)
+                 EVEN: tl.constexpr, TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, PIPELINE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                 ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """Pass 1 over key tiles ``start .. stop - 1``. ``PIPELINE``: the next tile's product is issued
+    before this tile's reductions, so the tensor cores and the min/max run at the same time
+    (SASS: the reductions sit between the next tile's HGMMAs), at the price of a second
+    accumulator (about 166 instead of 94 registers at d = 64: one block per SM instead of two)
+    and one product on zeros past the last tile."""
+    if PIPELINE:
+        r_next = _tile_scores(q, qq, k_base, start, tl.where(start < stop, m, 0), d, skm, skd, scale, METRIC,
+                              BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
+        for kb in range(start, stop):
+            r = r_next
+            r_next = _tile_scores(q, qq, k_base, kb + 1, tl.where(kb + 1 < stop, m, 0), d, skm, skd, scale, METRIC,
+                                  BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
+            run_lo, run_hi, arg_lo, arg_hi = _range_update(
+                run_lo, run_hi, arg_lo, arg_hi, r, kb, offs_m, mask_base, tm_base, n, m, smkn, smkm, self_off,
+                CAUSAL, EXCL, HAS_MASK, EVEN, TRACK_ARG, STORE_TMAX, BLOCK_M, BLOCK_N)
+    else:
+        for kb in range(start, stop):
+            r = _tile_scores(q, qq, k_base, kb, m, d, skm, skd, scale, METRIC, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
+            run_lo, run_hi, arg_lo, arg_hi = _range_update(
+                run_lo, run_hi, arg_lo, arg_hi, r, kb, offs_m, mask_base, tm_base, n, m, smkn, smkm, self_off,
+                CAUSAL, EXCL, HAS_MASK, EVEN, TRACK_ARG, STORE_TMAX, BLOCK_M, BLOCK_N)
     return run_lo, run_hi, arg_lo, arg_hi
 
 
@@ -405,8 +441,8 @@ def range_kernel(
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, smk0, smk1, smkn, smkm,
     B1, B, n, m, d, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN: tl.constexpr,
-    TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+    TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, PIPELINE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per query block and key split: row min / max of the raw scores ``r`` (``_scores``; the
     factor to ``s`` is positive and rounding is monotone, so ``lo = min(r) · factor`` exactly),
@@ -443,12 +479,12 @@ def range_kernel(
         run_lo, run_hi, arg_lo, arg_hi = _range_tiles(
             run_lo, run_hi, arg_lo, arg_hi, kb_lo, kb_mid, q, qq, offs_m, k_base, mask_base, tm_base, n, m, d, skm, skd,
             smkn, smkm, self_off, scale, METRIC, False, EXCL, HAS_MASK, EVEN,
-            TRACK_ARG, STORE_TMAX, BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
+            TRACK_ARG, STORE_TMAX, PIPELINE, BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
         kb_lo = kb_mid
     run_lo, run_hi, arg_lo, arg_hi = _range_tiles(
         run_lo, run_hi, arg_lo, arg_hi, kb_lo, kb_hi, q, qq, offs_m, k_base, mask_base, tm_base, n, m, d, skm, skd,
         smkn, smkm, self_off, scale, METRIC, CAUSAL, EXCL, HAS_MASK, EVEN,
-        TRACK_ARG, STORE_TMAX, BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
+        TRACK_ARG, STORE_TMAX, PIPELINE, BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
     out_off = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
     row_ok = offs_m < n
     tl.store(LOP + out_off, run_lo, mask=row_ok)

@@ -93,6 +93,9 @@ class KernelConfig:
         block_skipping: skip key tiles that every row of a query block drops (exact: their
             weights are 0). Pays on inputs with local structure; without it the tile loop
             has no branch, which lets Triton pipeline the loads (faster on dense patterns).
+        pipeline_range: pass 1 issues the next tile's product before reducing the current
+            one (tensor cores and min/max overlap, but twice the accumulator registers);
+            off until timed on a GPU (``benchmarks/bench_attention_gpu.py --sweep``).
     """
 
     block_m: int | None = None
@@ -109,6 +112,7 @@ class KernelConfig:
     allow_tf32: bool = False
     band_branch: bool = True
     block_skipping: bool = True
+    pipeline_range: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,7 @@ class _TritonWarp(torch.autograd.Function):
         mod.range_kernel[grid](
             q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
             *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg,
-            STORE_TMAX=cfg.block_skipping, **common,
+            STORE_TMAX=cfg.block_skipping, PIPELINE=cfg.pipeline_range, **common,
         )
         v4 = _view4(v, batch, m, e)
         prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
