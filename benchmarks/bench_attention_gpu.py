@@ -13,13 +13,16 @@
    simwarp fused (steps sigmoidal, poly, none), SDPA (flash backend), the naive materialised
    SoftStep in eager mode and under torch.compile, AdaSplash (alpha = 1.5) when importable,
    plus a clustered input where most key blocks are skipped (the stretch goal).
-3. A table of ratios to SDPA, and JSON (written after every case) to ``--out``.
+3. Optional: ``--sweep`` (KernelConfig alternatives), ``--graphs`` (the forward replayed from
+   CUDA graphs: the GPU's share without the host's launch work), ``--profile`` (CUDA time per
+   kernel and the host's time per call).
+4. A table of ratios to SDPA, and JSON (written after every case) to ``--out``.
 
 Usage (on a CUDA machine; the repo does not need to be installed)::
 
     python benchmarks/bench_attention_gpu.py --no-compile      # about 5 minutes on an H200 (304 s)
     python benchmarks/bench_attention_gpu.py --no-compile --skip-peers --shapes 1,2 --sweep \
-        --repeats 20 --case-seconds 1.0                        # the target shapes: about 150 s
+        --graphs --profile --repeats 20 --case-seconds 1.0     # the target shapes: about 4 minutes
     python benchmarks/bench_attention_gpu.py --quick           # first shape only, fewer repeats
 
 On a machine without a GPU, ``python tools/check_kernels_sm90.py`` first checks that every kernel
@@ -350,6 +353,45 @@ def sweep_configs(device, args, log) -> list[dict]:
     return rows
 
 
+def graph_timings(device, args, log) -> list[dict]:
+    """Forward (no grad) replayed from a CUDA graph: the host's launch work is gone and what is
+    left is the GPU's, as in a model under ``torch.compile(mode="reduce-overhead")``. SDPA and
+    the fused steps on the target shapes, non-causal and causal."""
+    rows = []
+    for shape in SWEEP_SHAPES:
+        q, k, v = (fresh(shape, torch.bfloat16, device, s) for s in (61, 62, 63))
+        for causal in (False, True):
+            base = None
+            for name, fn in (("sdpa", sdpa), ("poly", fused("poly")), ("none", fused("none"))):
+                rec = dict(shape=list(shape), method=name, causal=causal)
+                try:
+                    with torch.no_grad():
+                        side = torch.cuda.Stream()
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):  # compile and warm up outside the capture
+                            for _ in range(3):
+                                fn(q, k, v, causal)
+                        torch.cuda.current_stream().wait_stream(side)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            fn(q, k, v, causal)
+                    rec["ms"] = time_call(graph.replay, warmup=args.warmup, repeats=args.repeats,
+                                          max_seconds=args.case_seconds)
+                except Exception as exc:  # noqa: BLE001 - recorded, the section goes on
+                    rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                if name == "sdpa":
+                    base = rec
+                if base and "ms" in base and "ms" in rec:
+                    rec["ratio_sdpa"] = rec["ms"] / base["ms"]
+                rows.append(rec)
+                ratio = f"x{rec['ratio_sdpa']:.2f} SDPA" if "ratio_sdpa" in rec else rec.get("error", "")
+                log(f"  {'·'.join(map(str, shape)):16s} causal={int(causal)} fwd (graph) {name:5s} "
+                    f"{rec.get('ms', float('nan')):8.3f} ms  {ratio}")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def profile_kernels(device, args, log) -> list[dict]:
     """Where the time goes: CUDA time per kernel (torch.profiler) of one forward (no grad) and
     one forward+backward for SDPA and the fused steps on the target shapes. The kernel sum
@@ -482,6 +524,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
     p.add_argument("--skip-peers", action="store_true", help="time only SDPA and simwarp (no naive/AdaSplash)")
     p.add_argument("--profile", action="store_true", help="also list CUDA time per kernel (torch.profiler)")
+    p.add_argument("--graphs", action="store_true", help="also time the forward replayed from CUDA graphs")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.case_seconds = 10, 2, 0.6
@@ -579,6 +622,9 @@ def main(argv=None) -> int:
     if args.sweep:
         optional_section("launch-configuration sweep (poly, non-causal, bf16; same run)", "sweep",
                          lambda: sweep_configs(device, args, log))
+    if args.graphs:
+        optional_section("forward replayed from a CUDA graph (no host work; bf16, no grad)", "graphs",
+                         lambda: graph_timings(device, args, log))
     if args.profile:
         optional_section("CUDA time per kernel, forward (no grad) and forward+backward (torch.profiler; bf16, "
                          "non-causal)", "profile", lambda: profile_kernels(device, args, log))
