@@ -319,6 +319,13 @@ SWEEP_CONFIGS = {
 }
 
 
+def _ratio_text(rec: dict, sdpa_rec: dict | None) -> str:
+    """Set ``rec["ratio_sdpa"]`` when both were timed; the ratio (or the error) for the log."""
+    if sdpa_rec and "ms" in sdpa_rec and "ms" in rec:
+        rec["ratio_sdpa"] = rec["ms"] / sdpa_rec["ms"]
+    return f"x{rec['ratio_sdpa']:.2f} SDPA" if "ratio_sdpa" in rec else rec.get("error", "")
+
+
 def sweep_configs(device, args, log) -> list[dict]:
     """Time :class:`KernelConfig` alternatives against the defaults (``step="poly"``, bf16,
     non-causal and causal) on the target shapes, with SDPA in the same loop as the yardstick."""
@@ -342,10 +349,8 @@ def sweep_configs(device, args, log) -> list[dict]:
 
                 rec = bench_case(f"poly {name}", run, q, k, v, causal, backward, args)
                 rec.update(shape=list(shape), config=kw, sdpa_ms=sd.get("ms"))
-                if "ms" in rec and "ms" in sd:
-                    rec["ratio_sdpa"] = rec["ms"] / sd["ms"]
+                ratio = _ratio_text(rec, sd)
                 rows.append(rec)
-                ratio = f"x{rec['ratio_sdpa']:.2f} SDPA" if "ratio_sdpa" in rec else rec.get("error", "")
                 log(f"  {'·'.join(map(str, shape)):16s} {'fwd+bwd' if backward else 'fwd':7s} {name:19s} "
                     f"{rec.get('ms', float('nan')):8.3f} ms  {ratio}")
         del q, k, v
@@ -381,10 +386,8 @@ def graph_timings(device, args, log) -> list[dict]:
                     rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 if name == "sdpa":
                     base = rec
-                if base and "ms" in base and "ms" in rec:
-                    rec["ratio_sdpa"] = rec["ms"] / base["ms"]
+                ratio = _ratio_text(rec, base)
                 rows.append(rec)
-                ratio = f"x{rec['ratio_sdpa']:.2f} SDPA" if "ratio_sdpa" in rec else rec.get("error", "")
                 log(f"  {'·'.join(map(str, shape)):16s} causal={int(causal)} fwd (graph) {name:5s} "
                     f"{rec.get('ms', float('nan')):8.3f} ms  {ratio}")
         del q, k, v
