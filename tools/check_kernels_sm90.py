@@ -13,6 +13,7 @@ Usage::
 
     python tools/check_kernels_sm90.py                 # bf16 + float32, d = 64 / 128 / 256, all steps
     python tools/check_kernels_sm90.py --dims 64 --steps poly --causal --no-skipping
+    python tools/check_kernels_sm90.py --pipeline-range --dtypes bfloat16   # pass 1 software-pipelined
 
 Exit status 1 if any variant fails to compile or needs more shared memory than an H100 block has. Relies on Triton internals
 (``triton.runtime.driver``, ``JITFunction.run(warmup=True)``); tested with Triton 3.6 (the GPU
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--causal", action="store_true", help="also compile the causal variants")
     p.add_argument("--capability", type=int, default=90)
     p.add_argument("--no-skipping", action="store_true", help="also compile KernelConfig(block_skipping=False)")
+    p.add_argument("--pipeline-range", action="store_true", help="compile with KernelConfig(pipeline_range=True)")
     p.add_argument("--smem-limit", type=int, default=232448, help="bytes of shared memory per block (H100/H200)")
     args = p.parse_args(argv)
 
@@ -130,9 +132,10 @@ def main(argv=None) -> int:
         q, k, v = (torch.randn(1, 2, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
         spec = make_spec("dot", None, step, 1.0, causal, False, False)
         prm = resolve_params(0.1, 0.9, 0.5, batch=torch.Size((1, 2)), n=n, dtype=torch.float32, device=torch.device("cpu"))
+        config = KernelConfig(block_skipping=skipping, pipeline_range=args.pipeline_range)
         error = ""
         try:
-            out, _ = fused.triton_warp_attend(q, k, v, *prm, None, spec, config=KernelConfig(block_skipping=skipping))
+            out, _ = fused.triton_warp_attend(q, k, v, *prm, None, spec, config=config)
             out.float().sum().backward()
         except Exception as exc:  # noqa: BLE001 - compile errors are the report; index errors are not
             if type(exc).__name__ == "CompilationError" or "compil" in str(exc).lower():
