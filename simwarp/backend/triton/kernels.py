@@ -1011,7 +1011,6 @@ def bwd_dq_kernel(
     else:
         SUB = 1
         tiles = LIST
-        count = 0
         start = kb_lo
         stop = kb_hi
     if CAUSAL:  # tiles left of the diagonal block first, without the causal mask
@@ -1155,7 +1154,6 @@ def bwd_dkdv_kernel(
     else:
         SUB = 1
         tiles = LIST
-        count = 0
         start = 0
         if CAUSAL:
             start = k_start // BLOCK_M
