@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _has(module: str) -> bool:
@@ -64,8 +65,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown dataset(s) {unknown}; choose from {', '.join(DATASETS)}", file=sys.stderr)
         return 2
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device} requested but CUDA is not available here", file=sys.stderr)
+        return 2
+    if args.threads < 0:
+        print(f"--threads must be a positive number of threads (0 = torch's choice), got {args.threads}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"--out {args.out!r} exists and is not a folder", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(scikit-learn digits, a regression target on images) and a synthetic periodic manifold; print RMSE, "
         "R² and kept fraction, and write a PNG and a JSON file. No network access needed.",
     )
-    demo.add_argument("--quick", action="store_true", help="small subsets and a short budget (~20-30 s)")
+    demo.add_argument("--quick", action="store_true", help="small subsets and a short budget (about a minute on 2 CPU cores)")
     demo.add_argument("--dataset", action="append", metavar="NAME",
                       help="data set to use (repeatable): diabetes, boston, diamonds, digits, tweets, periodic, hetero; "
                       "default: digits and periodic")

@@ -13,6 +13,7 @@ validation and test rows from a bank of the training rows' embeddings.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -278,6 +279,8 @@ def run_demo(
 
     cfg = TrainConfig(epochs=15, patience=6, max_train=400) if quick else TrainConfig(epochs=60, patience=12)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out={str(out)!r} exists and is not a folder")
     results: dict[str, dict[str, dict]] = {}
     rows = []
     for name in datasets:
@@ -294,7 +297,10 @@ def run_demo(
     png = out / "demo.png"
     _plot(results, png)
     js = out / "demo.json"
-    js.write_text(json.dumps({"config": asdict(cfg), "seed": seed, "quick": quick, "rows": rows}, indent=2))
+    # NaN (no kept fraction for the linear head, R² of a constant target) is not JSON: null
+    json_rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+    js.write_text(json.dumps({"config": asdict(cfg), "seed": seed, "quick": quick, "rows": json_rows}, indent=2,
+                             allow_nan=False))
     for name in datasets:
         lin, ss = results[name]["linear"]["rmse"], results[name][DEFAULT_SOFTSTEP]["rmse"]
         print_fn(f"{name}: SoftStep head test RMSE {ss:.4g} vs linear {lin:.4g} (ratio {ss / lin:.2f})")

@@ -23,6 +23,7 @@ Classes:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simwarp.backend import warp_attend, warp_weights
+from simwarp.backend import IMPLS, warp_attend, warp_weights
 from simwarp.distributed import (
     gathered_warp_attend,
     global_moments,
@@ -58,6 +59,18 @@ _HEAD_MODES = ("global", "instance")
 
 def _shape(x: Any) -> tuple:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+
+
+def _int_arg(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as a Python int ``>= minimum`` (NumPy integers accepted, bools not)."""
+    try:
+        as_int = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        as_int = None
+    if as_int is None or as_int < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return as_int
 
 
 def _check_z(z: Any, in_features: int, name: str = "z") -> None:
@@ -108,12 +121,16 @@ class _BankMixin(nn.Module):
     def set_bank(self, z: torch.Tensor, y: torch.Tensor) -> None:
         """Store ``z (M, in_features)`` and their labels as the inference bank (detached).
 
-        The bank follows the inputs' device and dtype; labels are checked (shape, NaN).
+        The bank follows the inputs' device and dtype; embeddings and labels are checked
+        (shapes, NaN and inf).
         """
         _check_z(z, self.in_features)
         y = self._check_labels(y, z.shape[0])
         if z.shape[0] == 0:
             raise ValueError("set_bank needs at least one entry, got z of shape (0, D)")
+        if not bool(torch.isfinite(z).all()):
+            bad = int((~torch.isfinite(z)).any(dim=-1).sum())
+            raise ValueError(f"z (bank embeddings, shape {_shape(z)}) has NaN or inf in {bad} row(s); drop or fix them first")
         self.bank_z = z.detach().clone()
         self.bank_y = y.detach().clone()
         self._on_bank_set()
@@ -172,13 +189,25 @@ class _BankMixin(nn.Module):
                 "before predicting in eval mode (or pass y in training mode)"
             )
 
+    def _bank_problem(self, z: torch.Tensor, y: torch.Tensor) -> str | None:
+        """Why a stored bank ``(z, y)`` does not fit this head's configuration (None: it fits)."""
+        if z.dim() != 2 or z.shape[1] != self.in_features:
+            return f"bank_z has shape {_shape(z)}, the head expects (M, in_features={self.in_features})"
+        expected = tuple(self.bank_y.shape[1:])
+        if y.shape != (z.shape[0], *expected):
+            return f"bank_y has shape {_shape(y)}, the head expects {(z.shape[0], *expected)}"
+        return None
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        for key in self._BANK_KEYS:
-            full = prefix + key
-            if full in state_dict and isinstance(state_dict[full], torch.Tensor):
-                cur = getattr(self, key)
-                src = state_dict[full]
-                setattr(self, key, torch.empty(src.shape, dtype=src.dtype, device=cur.device))
+        z, y = (state_dict.get(prefix + key) for key in self._BANK_KEYS)
+        if isinstance(z, torch.Tensor) and isinstance(y, torch.Tensor):
+            problem = self._bank_problem(z, y)
+            if problem is not None:
+                error_msgs.append(f"{type(self).__name__}: {problem} (was the state dict saved from another configuration?)")
+                return
+            # the bank's size is data, not configuration: resize the buffers to the stored bank
+            self.bank_z = torch.empty(z.shape, dtype=z.dtype, device=self.bank_z.device)
+            self.bank_y = torch.empty(y.shape, dtype=y.dtype, device=self.bank_y.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
@@ -203,13 +232,17 @@ class _WarpHeadBase(_BankMixin):
     ) -> None:
         super().__init__()
         resolve_group(gather)  # validates; gather=True needs an initialised process group
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        in_features = _int_arg("in_features", in_features)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         get_step(step)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+        if (
+            not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not 0 < temperature < math.inf
+        ):
+            raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.in_features, self.metric, self.step_name = in_features, metric, step
         self.temperature, self.scale, self.detach_range = float(temperature), scale, detach_range
         self.impl, self.chunk_size = impl, chunk_size
@@ -291,6 +324,10 @@ class _WarpHeadBase(_BankMixin):
         """Current ``a, b, t`` (global: scalars; instance: one per row of ``z``), detached."""
         if self.softstep is None:
             return {}
+        if self.mode == "instance":
+            if z is None:
+                raise ValueError("step_params needs z (N, in_features) in instance mode: each row has its own (a, b, t)")
+            _check_z(z, self.in_features)
         a, b, t = self.softstep(z if self.mode == "instance" else None)
         return {"a": a.detach(), "b": b.detach(), "t": t.detach()}
 
@@ -312,8 +349,7 @@ class _WarpHeadBase(_BankMixin):
         """
         self._require_bank()
         _check_z(z, self.in_features)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = _int_arg("k", k)
         enabled, group = resolve_group(self.gather)
         if enabled:  # per-shard top-k merged over ranks; indices into the rank-ordered bank
             return sharded_explain(
@@ -398,9 +434,7 @@ class NeighborRegressionHead(_WarpHeadBase):
             hidden=hidden, init=init, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
             gather=gather,
         )
-        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
-            raise ValueError(f"out_features must be a positive int, got {out_features!r}")
-        self.out_features = out_features
+        self.out_features = out_features = _int_arg("out_features", out_features)
         self.standardize_targets = bool(standardize_targets)
         self._init_bank((out_features,), torch.get_default_dtype())
         self.register_buffer("target_mean", torch.zeros(out_features))
@@ -410,18 +444,24 @@ class NeighborRegressionHead(_WarpHeadBase):
 
     # -- labels and standardisation ---------------------------------------------------------
 
-    def _check_labels(self, y: Any, n: int, name: str = "y") -> torch.Tensor:
+    def _check_label_shape(self, y: Any, n: int, name: str = "y") -> bool:
+        """Check that ``y`` has shape ``(n, out_features)`` (or ``(n,)`` for one target);
+        returns whether it is 1-D."""
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
-        if y.dim() == 1 and self.out_features == 1:
-            y = y.unsqueeze(-1)
-        if y.dim() != 2 or y.shape[0] != n:
+        one_d = y.dim() == 1 and self.out_features == 1
+        if (y.dim() != 2 and not one_d) or y.shape[0] != n:
             raise ValueError(
                 f"{name} must have shape (N={n}, out_features={self.out_features})"
                 + (" or (N,)" if self.out_features == 1 else "") + f", got {_shape(y)}"
             )
-        if y.shape[1] != self.out_features:
+        if not one_d and y.shape[1] != self.out_features:
             raise ValueError(f"{name} has {y.shape[1]} targets but the head has out_features={self.out_features} (shape {_shape(y)})")
+        return one_d
+
+    def _check_labels(self, y: Any, n: int, name: str = "y") -> torch.Tensor:
+        if self._check_label_shape(y, n, name):
+            y = y.unsqueeze(-1)
         if not y.is_floating_point():
             y = y.to(torch.get_default_dtype())
         if bool(torch.isnan(y).any()) or bool(torch.isinf(y).any()):
@@ -462,15 +502,22 @@ class NeighborRegressionHead(_WarpHeadBase):
             self._target_m2.zero_()
             self._update_running_stats(y)
 
+    def _target_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Copies: autograd keeps them for the backward, and the next training forward updates
+        # the buffers in place (two forwards before one backward must work).
+        return self.target_mean.to(like, copy=True), self.target_std.to(like, copy=True)
+
     def _standardize(self, y: torch.Tensor) -> torch.Tensor:
         if not self.standardize_targets:
             return y
-        return (y - self.target_mean.to(y)) / self.target_std.to(y)
+        mean, std = self._target_stats(y)
+        return (y - mean) / std
 
     def _unstandardize(self, y: torch.Tensor) -> torch.Tensor:
         if not self.standardize_targets:
             return y
-        return y * self.target_std.to(y) + self.target_mean.to(y)
+        mean, std = self._target_stats(y)
+        return y * std + mean
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -487,8 +534,8 @@ class NeighborRegressionHead(_WarpHeadBase):
             out, _ = self._attend(z, z, values_fn(ys), loo=True)
         else:
             self._require_bank()
-            if y is not None and isinstance(y, torch.Tensor):
-                squeeze = y.dim() == 1
+            if y is not None:
+                squeeze = self._check_label_shape(y, z.shape[0])
             ys = self._standardize(self.bank_y.to(z.dtype))
             out, _ = self._attend(z, self.bank_z.to(z.dtype), values_fn(ys), loo=False)
         return out, squeeze
@@ -497,7 +544,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         """Predict targets ``(N, out_features)``.
 
         Training mode with ``y``: leave-one-out over the batch (needs ``N >= 2``). Otherwise:
-        from the bank (``y`` is then only used to match its 1-D shape).
+        from the bank (``y`` is then only checked for its shape, and a 1-D ``y`` gives ``(N,)``).
         """
         out, squeeze = self._raw_forward(z, y, lambda ys: ys)
         out = self._unstandardize(out)
@@ -511,12 +558,21 @@ class NeighborRegressionHead(_WarpHeadBase):
             ``var = Σ_j w_ij (y_j − mean_i)²`` with the head's SoftStep weights.
         """
         e = self.out_features
-        out, _ = self._raw_forward(z, None, lambda ys: torch.cat([ys, ys * ys], dim=-1))
+        centre: list[torch.Tensor] = []
+
+        def moments(ys: torch.Tensor) -> torch.Tensor:
+            # centred on the bank's mean, so E[y²] − E[y]² does not cancel when |mean| >> std
+            centre.append(ys.mean(0))
+            d = ys - centre[0]
+            return torch.cat([d, d * d], dim=-1)
+
+        out, _ = self._raw_forward(z, None, moments)
         m1, m2 = out[..., :e], out[..., e:]
         var = (m2 - m1 * m1).clamp_min(0.0)
-        if self.standardize_targets:
-            var = var * self.target_std.to(var) ** 2
-        return self._unstandardize(m1), var
+        if self.standardize_targets:  # in float32 at least: std² alone can overflow float16
+            std = self.target_std.to(var.device, torch.promote_types(var.dtype, torch.float32))
+            var = (var.to(std.dtype) * std**2).to(var.dtype)
+        return self._unstandardize(m1 + centre[0]), var
 
 
 class NeighborClassificationHead(_WarpHeadBase):
@@ -558,8 +614,7 @@ class NeighborClassificationHead(_WarpHeadBase):
             hidden=hidden, init=init, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
             gather=gather,
         )
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        num_classes = _int_arg("num_classes", num_classes, minimum=2)
         if not 0.0 < smoothing < 1.0:
             raise ValueError(f"smoothing must lie in (0, 1), got {smoothing!r}")
         self.num_classes, self.smoothing = num_classes, float(smoothing)
@@ -569,8 +624,8 @@ class NeighborClassificationHead(_WarpHeadBase):
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
         if y.is_floating_point():
-            if bool(torch.isnan(y).any()):
-                raise ValueError(f"{name} contains NaN labels")
+            if not bool(torch.isfinite(y).all()):
+                raise ValueError(f"{name} contains NaN or inf labels")
             if bool((y != y.round()).any()):
                 raise TypeError(f"{name} must hold integer class labels, got non-integer floats")
         if y.dim() != 1 or y.shape[0] != n:
@@ -581,6 +636,12 @@ class NeighborClassificationHead(_WarpHeadBase):
                 f"{name} labels must lie in [0, num_classes={self.num_classes}), got range [{int(y.min())}, {int(y.max())}]"
             )
         return y
+
+    def _bank_problem(self, z: torch.Tensor, y: torch.Tensor) -> str | None:
+        problem = super()._bank_problem(z, y)
+        if problem is None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            problem = f"bank_y holds labels in [{int(y.min())}, {int(y.max())}], outside [0, num_classes={self.num_classes})"
+        return problem
 
     def _log_probs(self, mass: torch.Tensor) -> torch.Tensor:
         eps = self.smoothing
@@ -597,6 +658,8 @@ class NeighborClassificationHead(_WarpHeadBase):
             mass, _ = self._attend(z, z, onehot, loo=True)
         else:
             self._require_bank()
+            if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != z.shape[0]):
+                raise ValueError(f"y must have shape (N={z.shape[0]},) of class indices, got {_shape(y)}")
             onehot = F.one_hot(self.bank_y, self.num_classes).to(z.dtype)
             mass, _ = self._attend(z, self.bank_z.to(z.dtype), onehot, loo=False)
         return self._log_probs(mass)
@@ -626,17 +689,15 @@ class KNNRegressionHead(_BankMixin):
 
     def __init__(self, in_features: int, out_features: int = 1, k: int = 10, metric: str = "l2") -> None:
         super().__init__()
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
-            raise ValueError(f"out_features must be a positive int, got {out_features!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        in_features, out_features, k = (
+            _int_arg("in_features", in_features), _int_arg("out_features", out_features), _int_arg("k", k)
+        )
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.in_features, self.out_features, self.k, self.metric = in_features, out_features, k, metric
         self._init_bank((out_features,), torch.get_default_dtype())
 
+    _check_label_shape = NeighborRegressionHead._check_label_shape
     _check_labels = NeighborRegressionHead._check_labels
 
     def _topk_mean(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> torch.Tensor:
@@ -665,6 +726,8 @@ class KNNRegressionHead(_BankMixin):
             out = self._topk_mean(z.detach(), z.detach(), y2.to(z.dtype), loo=True)
         else:
             self._require_bank()
+            if y is not None:
+                self._check_label_shape(y, z.shape[0])
             out = self._topk_mean(z.detach(), self.bank_z.to(z.dtype), self.bank_y.to(z.dtype), loo=False)
         return out.squeeze(-1) if squeeze else out
 
@@ -676,6 +739,8 @@ class LinearHead(nn.Linear):
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.in_features:
             raise ValueError(f"z must have shape (..., in_features={self.in_features}), got {_shape(z)}")
+        if y is not None and z.dim() >= 2 and (not isinstance(y, torch.Tensor) or y.shape[:1] != z.shape[:1]):
+            raise ValueError(f"y must have {z.shape[0]} rows like z (shape {_shape(z)}), got shape {_shape(y)}")
         out = super().forward(z)
         if isinstance(y, torch.Tensor) and y.dim() == out.dim() - 1 and self.out_features == 1:
             out = out.squeeze(-1)

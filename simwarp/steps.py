@@ -530,7 +530,12 @@ class SoftStep(nn.Module):
                 raise ValueError(
                     f"cond must have last dim in_features={self.in_features}, got shape {tuple(cond.shape)}"
                 )
-            return params_from_raw(self.net(cond))
+            if not isinstance(cond, torch.Tensor) or not cond.is_floating_point():
+                raise TypeError(f"cond must be a floating-point tensor, got {getattr(cond, 'dtype', type(cond).__name__)}")
+            weight = next(self.net.parameters())
+            # the step parameters are the network's dtype, like global mode's, whatever the
+            # queries' dtype (the backend casts a, b, t to the compute dtype)
+            return params_from_raw(self.net(cond.to(weight.dtype)))
         a, b, t = params_from_raw(self.raw)
         if self.mode == "per_head":
             return a[:, None], b[:, None], t[:, None]
@@ -549,7 +554,7 @@ class SoftStep(nn.Module):
     def extra_repr(self) -> str:
         extra = f"mode={self.mode!r}, step={self.step!r}"
         if self.mode == "global":
-            a, b, t = (float(p) for p in self())
+            a, b, t = (float(p.detach()) for p in self())
             extra += f", a={a:.3f}, b={b:.3f}, t={t:.3f}"
         elif self.mode == "per_head":
             extra += f", num_heads={self.num_heads}"

@@ -47,10 +47,37 @@ def test_demo_quick_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "demo.png").stat().st_size > 10_000
-    rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
+    def no_constants(name):  # NaN / Infinity are not JSON
+        raise AssertionError(f"demo.json holds {name}")
+
+    rows = json.loads((tmp_path / "demo.json").read_text(), parse_constant=no_constants)["rows"]
     assert {r["dataset"] for r in rows} == {"digits", "periodic"}
     assert {r["head"] for r in rows} == {"linear", "softstep-instance"}
     for r in rows:
         assert r["rmse"] > 0 and r["rmse"] == r["rmse"]
+        assert (r["kept_fraction"] is None) == (r["head"] == "linear")
     assert "wrote" in proc.stdout and "demo.png" in proc.stdout
     assert "test RMSE" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "foo"], "is not a torch device"),
+        (["--threads", "-1"], "--threads must be a positive"),
+    ],
+)
+def test_demo_rejects_bad_arguments_before_training(argv, message, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    assert cli.main(["demo", "--quick", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_rejects_an_out_path_that_is_a_file(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "taken"
+    path.write_text("")
+    assert cli.main(["demo", "--quick", "--out", str(path)]) == 2
+    assert "is not a folder" in capsys.readouterr().err

@@ -351,3 +351,138 @@ def test_make_head_kinds():
     assert make_head("nona", 4).softstep is None
     with pytest.raises(ValueError, match="kind"):
         make_head("mlp", 4)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_two_forwards_before_one_backward(standardize):
+    # the running target statistics are updated in place by every training forward; the
+    # graph of the first call must not depend on the buffers themselves
+    head = NeighborRegressionHead(4, 1, standardize_targets=standardize)
+    z = torch.randn(8, 4, requires_grad=True)
+    y, y2 = torch.randn(8), torch.randn(8) * 5 + 3
+    (head(z, y).sum() + head(z, y2).sum()).backward()
+    assert torch.isfinite(z.grad).all()
+    head.set_bank(z.detach(), y)
+    head.eval()
+    q = torch.randn(3, 4, requires_grad=True)
+    head.train()
+    (head.eval()(q).sum() + head.train()(z, y2).sum()).backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_bank_embeddings_must_be_finite():
+    head = NeighborRegressionHead(4)
+    zb = torch.randn(5, 4)
+    zb[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"z \(bank embeddings, shape \(5, 4\)\) has NaN or inf in 1 row"):
+        head.set_bank(zb, torch.randn(5))
+    zb[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        NeighborClassificationHead(4, 3).set_bank(zb, torch.tensor([0, 1, 2, 0, 1]))
+
+
+def test_nan_queries_in_instance_mode_name_the_cause():
+    head = NeighborRegressionHead(4, mode="instance")
+    head.set_bank(torch.randn(6, 4), torch.randn(6))
+    q = torch.randn(2, 4)
+    q[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN.*queries"):
+        head.eval()(q)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_predict_with_uncertainty_large_offset_does_not_cancel(standardize):
+    g = torch.Generator().manual_seed(0)
+    zb = torch.randn(40, 3, generator=g)
+    yb = 1e4 + torch.randn(40, 1, generator=g)
+    head = NeighborRegressionHead(3, mode="global", standardize_targets=standardize)
+    head.set_bank(zb, yb)
+    head.eval()
+    q = torch.randn(4, 3, generator=g)
+    mean, var = head.predict_with_uncertainty(q)
+    head64 = NeighborRegressionHead(3, mode="global", standardize_targets=standardize).double()
+    head64.load_state_dict(head.state_dict())
+    head64.eval()
+    mean64, var64 = head64.predict_with_uncertainty(q.double())
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-3, atol=1e-4)
+
+
+def test_predict_with_uncertainty_half_precision_queries_do_not_overflow():
+    g = torch.Generator().manual_seed(0)
+    zb = torch.randn(30, 3, generator=g)
+    yb = 1000 + 300 * zb[:, :1].sign() + 100 * torch.randn(30, 1, generator=g)  # std² > fp16 max > local var
+    head = NeighborRegressionHead(3, mode="global", temperature=0.2)
+    head.set_bank(zb, yb)
+    head.eval()
+    q = torch.randn(3, 3, generator=g)
+    mean16, var16 = head.predict_with_uncertainty(q.half())
+    mean32, var32 = head.predict_with_uncertainty(q)
+    assert head.target_std.item() ** 2 > torch.finfo(torch.float16).max > var32.max() > 1e3
+    assert torch.isfinite(var16).all()
+    torch.testing.assert_close(var16.float(), var32, rtol=2e-2, atol=1.0)
+    torch.testing.assert_close(mean16.float(), mean32, rtol=2e-3, atol=1.0)
+
+
+def test_load_state_dict_rejects_a_bank_of_another_configuration():
+    src = KNNRegressionHead(4, 1)
+    src.set_bank(torch.randn(5, 4), torch.randn(5))
+    with pytest.raises(RuntimeError, match=r"bank_y has shape \(5, 1\), the head expects \(5, 2\)"):
+        KNNRegressionHead(4, 2).load_state_dict(src.state_dict())
+    glob = NeighborRegressionHead(4, mode="global")
+    glob.set_bank(torch.randn(5, 4), torch.randn(5))
+    with pytest.raises(RuntimeError, match=r"bank_z has shape \(5, 4\).*in_features=5"):
+        NeighborRegressionHead(5, mode="global").load_state_dict(glob.state_dict())
+    clf = NeighborClassificationHead(4, 5, mode="global")
+    clf.set_bank(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 4]))
+    with pytest.raises(RuntimeError, match=r"labels in \[0, 4\], outside \[0, num_classes=3\)"):
+        NeighborClassificationHead(4, 3, mode="global").load_state_dict(clf.state_dict())
+    fresh = NeighborClassificationHead(4, 5, mode="global")  # a bank of another size is data: fine
+    fresh.load_state_dict(clf.state_dict())
+    assert fresh.bank_size == 5
+
+
+def test_eval_mode_checks_the_shape_of_y():
+    z = torch.randn(5, 4)
+    reg = NeighborRegressionHead(4)
+    reg.set_bank(torch.randn(6, 4), torch.randn(6))
+    reg.eval()
+    assert reg(z, torch.randn(5)).shape == (5,)
+    with pytest.raises(ValueError, match=r"N=5"):
+        reg(z, torch.randn(3))
+    knn = KNNRegressionHead(4, 1, k=2)
+    knn.set_bank(torch.randn(6, 4), torch.randn(6))
+    with pytest.raises(ValueError, match=r"N=5"):
+        knn.eval()(z, torch.randn(3))
+    clf = NeighborClassificationHead(4, 3)
+    clf.set_bank(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(ValueError, match=r"N=5"):
+        clf.eval()(z, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="5 rows"):
+        LinearHead(4, 1)(z, torch.randn(3))
+
+
+def test_constructor_arguments():
+    np = pytest.importorskip("numpy")
+    head = NeighborRegressionHead(np.int64(4), np.int64(2))
+    assert (head.in_features, head.out_features) == (4, 2) and type(head.in_features) is int
+    assert KNNRegressionHead(np.int32(3), k=np.int64(2)).k == 2
+    with pytest.raises(ValueError, match="impl must be one of"):
+        NeighborRegressionHead(4, impl="fast")
+    with pytest.raises(ValueError, match="temperature must be a positive finite float"):
+        NeighborRegressionHead(4, temperature=float("inf"))
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        NeighborRegressionHead(True)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+        NeighborClassificationHead(4, 1)
+    with pytest.raises(ValueError, match="inf labels"):
+        NeighborClassificationHead(4, 3)(torch.randn(3, 4), torch.tensor([0.0, float("inf"), 1.0]))
+
+
+def test_instance_head_accepts_queries_of_another_float_dtype():
+    head = NeighborRegressionHead(4)  # float32 parameters
+    z, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    out = head(z, y)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="step_params needs z"):
+        head.step_params()
