@@ -28,6 +28,8 @@ loss's parameters to the optimiser together with the model's
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -120,6 +122,8 @@ def _check_embeddings(embeddings, ref_emb) -> None:
         raise ValueError(
             f"embeddings {tuple(embeddings.shape)} and ref_emb {tuple(ref_emb.shape)} must share embedding_size"
         )
+    if embeddings.dtype != ref_emb.dtype:
+        raise TypeError(f"embeddings ({embeddings.dtype}) and ref_emb ({ref_emb.dtype}) must share a dtype")
 
 
 def _check_class_labels(labels, n: int, name: str) -> None:
@@ -131,6 +135,11 @@ def _check_class_labels(labels, n: int, name: str) -> None:
         raise ValueError(f"{name} must have shape ({n},) to match the embeddings, got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
+
+
+def _index_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Class labels as int64 (bool and narrow integer labels sort and search like any other)."""
+    return labels if labels.dtype == torch.int64 else labels.long()
 
 
 def _check_indices_tuple(indices_tuple, n: int, m: int) -> None:
@@ -158,6 +167,7 @@ def _leave_one_out(exclude_self: bool, offset: int) -> dict:
 def _positive_pairs(labels: torch.Tensor, ref_labels: torch.Tensor, exclude_self: bool, offset: int = 0):
     """All ``(a, p)`` with ``labels[a] == ref_labels[p]`` (``a != p`` if ``exclude_self``), in
     PML's order (row-major, as ``torch.where`` on the match matrix), without materialising it."""
+    labels, ref_labels = _index_labels(labels), _index_labels(ref_labels)
     ref_sorted, order = torch.sort(ref_labels, stable=True)
     start = torch.searchsorted(ref_sorted, labels, right=False)
     count = torch.searchsorted(ref_sorted, labels, right=True) - start
@@ -176,6 +186,17 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))), float("-inf"))
 
 
+def _resolved_mass(mass: torch.Tensor, keys: int) -> torch.Tensor:
+    """``mass`` with values of at most ``keys · tiny`` set to 0 (and no gradient there).
+
+    The backend raises softmax numerators below the dtype's normal range to its smallest
+    normal number ``tiny`` (and normalisers are at least 1), so a mass of ``keys · tiny`` or
+    less is below what the dtype resolves: its ``log`` would be a made-up value near
+    ``-87`` (float32) and its gradient ``1 / mass`` overflows to inf (then NaN)."""
+    floor = keys * torch.finfo(mass.dtype).tiny
+    return torch.where(mass > floor, mass, torch.zeros_like(mass))
+
+
 def _row_params(params: tuple, rows: torch.Tensor | None):
     if rows is None:
         return params
@@ -184,7 +205,10 @@ def _row_params(params: tuple, rows: torch.Tensor | None):
 
 def _class_indices(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Labels and reference labels as indices ``0 .. n_classes - 1`` of their union."""
-    if ref_labels is labels:  # the usual batch-against-itself call: half the work
+    same = ref_labels is labels
+    labels = _index_labels(labels)
+    ref_labels = labels if same else _index_labels(ref_labels)
+    if same:  # the usual batch-against-itself call: half the work
         classes, inv = torch.unique(labels, return_inverse=True)
         return inv, inv, classes.numel()
     classes, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
@@ -206,17 +230,17 @@ def _own_class_columns(q_cls: torch.Tensor, r_cls: torch.Tensor) -> tuple[torch.
     return order[(start[:, None] + slot).clamp_max_(max(m - 1, 0))], slot < count[:, None]
 
 
-def _own_class_mass(w: torch.Tensor, q_cls: torch.Tensor, r_cls: torch.Tensor, own_columns) -> torch.Tensor:
-    """``(n,)``: each anchor's weight on the references of its own class, ``Σ_{j: r_j = q_i} w_ij``,
-    for weights ``w (n, m)``: gathered at ``own_columns`` (from :func:`_own_class_columns`) where
-    classes are small, else summed under a 0/1 class-match matrix."""
-    if own_columns is not None:
-        columns, valid = own_columns
-        return (w.gather(1, columns) * valid.to(w.dtype)).sum(1)
-    # 1 where the classes (small integers, exact in floating point) agree, else 0, built
-    # with float arithmetic: bool comparisons and float-by-bool products are slow on CPU
-    same = (q_cls.to(w.dtype)[:, None] - r_cls.to(w.dtype)[None, :]).abs_().clamp_max_(1.0).neg_().add_(1.0)
-    return (w * same).sum(1)
+def _split_class_mass(w: torch.Tensor, q_cls: torch.Tensor, r_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``own (n,)``, ``other (n,)``: each anchor's weight on the references of its own class,
+    ``Σ_{j: r_j = q_i} w_ij``, and on all other classes, for weights ``w (n, m)``. Both are
+    summed directly: ``w.sum(1) - own`` would cancel to 0 where the own class holds nearly
+    all the weight (two views of one image), the very rows whose negatives matter."""
+    # 1 where the classes differ, else 0 (classes are small integers, exact in floating
+    # point), built with float arithmetic: bool comparisons and float-by-bool products are
+    # slow on CPU
+    other_class = (q_cls.to(w.dtype)[:, None] - r_cls.to(w.dtype)[None, :]).abs_().clamp_max_(1.0)
+    w_other = w * other_class
+    return (w - w_other).sum(1), w_other.sum(1)
 
 
 def _class_masses(
@@ -251,15 +275,15 @@ def _class_masses(
     a, b, t = params
     if warp["impl"] == "dense" or (warp["impl"] == "auto" and n * m <= DENSE_AUTO_LIMIT):
         kwargs = dict(step=step, a=a, b=b, t=t, **_leave_one_out(exclude_self, self_offset), **warp)
-        own_columns = _own_class_columns(q_cls, r_cls)
-        if own_columns is not None and not with_lse:  # only the own-class mass is wanted: read the weights there
+        own_columns = None if with_lse else _own_class_columns(q_cls, r_cls)
+        if own_columns is not None:  # only the own-class mass is wanted: read the weights there
             columns, valid = own_columns
             own = (warp_weights(x, r, columns=columns, **kwargs) * valid.to(x.dtype)).sum(1)
             return own, None, None
         result = warp_weights(x, r, return_stats=with_lse, **kwargs)
         w, stats = result if with_lse else (result, None)
-        own = _own_class_mass(w, q_cls, r_cls, own_columns)
-        return own, w.sum(1) - own, None if stats is None else stats.lse
+        own, other = _split_class_mass(w, q_cls, r_cls)
+        return own, other, None if stats is None else stats.lse
     if n_cls <= MAX_CLASS_COLUMNS:
         v = F.one_hot(r_cls, n_cls).to(x.dtype)
         out, stats = warp_attend(
@@ -326,8 +350,10 @@ class _SoftStepLossMixin:
     ) -> None:
         """The constructor body shared by the losses: the similarity multiplier (``softmax_scale``
         or ``temperature``, recorded like PML's own), the SoftStep, backend options, gather."""
-        if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float)) or not scale_value > 0:
-            raise ValueError(f"{scale_name} must be a positive float, got {scale_value!r}")
+        if isinstance(scale_value, torch.Tensor) and scale_value.numel() == 1 and not scale_value.requires_grad:
+            scale_value = scale_value.item()
+        if isinstance(scale_value, bool) or not isinstance(scale_value, numbers.Real) or not 0 < scale_value < math.inf:
+            raise ValueError(f"{scale_name} must be a positive finite float, got {scale_value!r}")
         setattr(self, scale_name, float(scale_value))
         self.add_to_recordable_attributes(list_of_names=[scale_name], is_stat=False)
         resolve_group(gather)  # validates; True needs an initialised process group
@@ -346,6 +372,14 @@ class _SoftStepLossMixin:
         self.impl = impl
         self.chunk_size = chunk_size
         self.metric, self.prenormalise = backend_metric(self.distance)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """PML's ``forward``; shapes are checked first so that errors name them."""
+        _check_embeddings(embeddings, embeddings if ref_emb is None else ref_emb)
+        _check_class_labels(labels, embeddings.shape[0], "labels")
+        if ref_emb is not None:
+            _check_class_labels(ref_labels, ref_emb.shape[0], "ref_labels")
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _prepare(self, embeddings: torch.Tensor, ref_emb: torch.Tensor):
         """Embeddings as the backend sees them (after PML's normalisation if it applies),
@@ -479,10 +513,12 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
             step=self.softstep.step, warp=self._warp_options(self.softmax_scale, 1.0), self_offset=offset,
             with_lse=False,
         )
+        own = _resolved_mass(own, r.shape[0])
         non_zero = own > 0
         if not bool(non_zero.any()):
             return self._zero_losses(x, r)  # PML's NCALoss returns NaN here (mean of nothing)
-        loss = -torch.log(own[non_zero]) * miner_weights[non_zero]
+        # in the embeddings' dtype, like PML's losses (the masses are float32 for half inputs)
+        loss = (-torch.log(own[non_zero]) * miner_weights[non_zero]).to(embeddings.dtype)
         return {
             "loss": {
                 "losses": loss,
@@ -594,7 +630,7 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             w, stats = warp_weights(x, r, step=step, a=a, b=b, t=t, mask=candidates, return_stats=True, **warp)
             other = (w * neg_count.to(w.dtype)).sum(1)
             lse = stats.lse
-        neg_lse = lse + _safe_log(other)  # log Σ_n m_in e^{s_in/τ} per anchor; -inf without negatives
+        neg_lse = lse + _safe_log(_resolved_mass(other, m))  # log Σ_n m_in e^{s_in/τ} per anchor; -inf without negatives
         pos = paired_similarity(x[a1], r[p], self.metric, 1.0) / self.temperature
         losses = F.softplus(neg_lse[a1].to(pos.dtype) - pos)
         return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}

@@ -139,11 +139,74 @@ def test_own_class_mass(n_classes):
     w = torch.rand(30, 50, generator=gen, dtype=f64, requires_grad=True)
     q_cls = torch.randint(0, n_classes + 3, (30,), generator=gen)  # some anchors' classes have no reference
     r_cls = torch.randint(0, n_classes, (50,), generator=gen)
-    want = (w * (q_cls[:, None] == r_cls[None, :])).sum(1)
-    got = sl._own_class_mass(w, q_cls, r_cls, sl._own_class_columns(q_cls, r_cls))
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
-    seed = torch.randn(30, generator=gen, dtype=f64)
-    torch.testing.assert_close(*(torch.autograd.grad(y, w, seed)[0] for y in (got, want)), rtol=0, atol=0)
+    same = q_cls[:, None] == r_cls[None, :]
+    want_own, want_other = (w * same).sum(1), (w * ~same).sum(1)
+    got_own, got_other = sl._split_class_mass(w, q_cls, r_cls)
+    columns = sl._own_class_columns(q_cls, r_cls)
+    if columns is not None:  # the gathered form used when only the own-class mass is wanted
+        torch.testing.assert_close((w.gather(1, columns[0]) * columns[1]).sum(1), want_own, rtol=1e-12, atol=0)
+    for got, want in ((got_own, want_own), (got_other, want_other)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        seed = torch.randn(30, generator=gen, dtype=f64)
+        grads = (torch.autograd.grad(y, w, seed, retain_graph=True)[0] for y in (got, want))
+        torch.testing.assert_close(*grads, rtol=0, atol=0)
+
+
+def test_other_class_mass_does_not_cancel():
+    # two views of each image: the own class holds all but ~e^-40 of each row's weight, and the
+    # negatives' mass must still be resolved (it was w.sum(1) - own, i.e. 0, before)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 32, generator=gen)
+    x = torch.cat([base, base + 0.02 * torch.randn(16, 32, generator=gen)])
+    y = torch.arange(4).repeat_interleave(4).repeat(2)
+    for temperature in (0.07, 0.03, 0.02):
+        pml = pml_losses.NTXentLoss(temperature, reducer=reducers.DoNothingReducer())(x.double(), y)["loss"]["losses"]
+        for impl in ("dense", "chunked"):
+            ours = SoftStepContrastiveLoss(temperature, step="none", impl=impl, reducer=reducers.DoNothingReducer())(x, y)
+            torch.testing.assert_close(ours["loss"]["losses"].double(), pml, rtol=2e-6, atol=2e-5)
+
+
+@pytest.mark.parametrize("step", ["sigmoidal", "log", "none"])
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_unresolved_masses_give_no_nan_gradient(step, impl):
+    # a large softmax_scale puts some anchors' own-class mass below float32's normal range
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        x = torch.randn(8, 4, generator=gen, requires_grad=True)
+        y = torch.randint(0, 3, (8,), generator=gen)
+        loss_fn = SoftStepNCALoss(64.0, step=step, impl=impl)
+        loss = loss_fn(x, y)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        for p in loss_fn.parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all()
+    # a mass below the floor is dropped on every path alike
+    x = torch.tensor([[0.0], [1.0], [10.0], [10.5]])
+    y = torch.tensor([0, 1, 0, 1])
+    losses = [
+        SoftStepNCALoss(10.0, step=step, impl=i, distance=D.LpDistance(power=2, normalize_embeddings=False))(x, y)
+        for i in ("dense", "chunked")
+    ]
+    assert losses[0].item() == losses[1].item() == 0.0
+
+
+def test_labels_and_scalar_arguments():
+    np = pytest.importorskip("numpy")
+    x, y = torch.randn(10, 4), torch.tensor([0, 1] * 5)
+    for loss_fn in (SoftStepNCALoss(), SoftStepContrastiveLoss()):
+        torch.testing.assert_close(loss_fn(x, y.bool()), loss_fn(x, y))
+        with pytest.raises(ValueError, match=r"labels must have shape \(10,\).*got \(4,\)"):
+            loss_fn(x, y[:4])
+        with pytest.raises(TypeError, match="must share a dtype"):
+            loss_fn(x, y, ref_emb=x.double(), ref_labels=y)
+    assert SoftStepNCALoss(np.float32(0.5)).softmax_scale == 0.5
+    assert SoftStepContrastiveLoss(torch.tensor(0.25)).temperature == 0.25
+    for bad in (float("inf"), 0.0, -1.0, True):
+        with pytest.raises(ValueError, match="temperature must be a positive finite float"):
+            SoftStepContrastiveLoss(bad)
+    half = x.bfloat16()
+    for impl in ("dense", "chunked"):
+        assert SoftStepNCALoss(impl=impl)(half, y).dtype == torch.bfloat16
 
 
 def test_chunked_backend_matches_pml():

@@ -284,7 +284,8 @@ def warp_weights(
 
     Same arguments as :func:`warp_attend` (``impl`` and ``chunk_size`` are accepted and
     ignored: the matrix is materialised). Rows sum to 1 over valid keys; rows without a valid
-    key are all zero. With ``return_stats`` also returns :class:`WarpStats`.
+    key are all zero. With ``return_stats`` also returns :class:`WarpStats`. The weights are in
+    the compute dtype: float32 for float16/bfloat16 inputs (small weights stay resolved).
 
     ``columns``: int64 key indices ``(..., n, c)`` (leading dims broadcastable to the batch):
     return only the weights at those keys, ``w.gather(-1, columns)`` of shape ``(..., n, c)``.
