@@ -17,6 +17,7 @@ sequence) outputs zeros here, where SDPA outputs NaN.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from simwarp.backend import warp_attend, warp_weights
+from simwarp.backend.common import as_real
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
 from simwarp.steps import SoftStep
 
@@ -50,7 +52,7 @@ class AttentionStats(NamedTuple):
 
     Attributes:
         lse: log-normaliser (``-inf`` on rows with no valid key); differentiable.
-        kept: number of keys with non-zero weight.
+        kept: number of keys the step keeps (mask not 0; every valid key for ``step="none"``).
         valid: number of keys the row was allowed to attend to (mask, causal, padding).
         lo, hi: the row's similarity range over valid keys.
         empty: True where the row has no valid key (its output is exactly 0).
@@ -226,7 +228,8 @@ def softstep_attention(
             SDPA; modules pass it only in training).
         is_causal: causal mask, top-left aligned (query ``i`` sees keys ``j <= i``), as SDPA.
             May be combined with ``attn_mask``.
-        scale: score scale; ``None`` = ``1 / sqrt(E)``.
+        scale: score scale; ``None`` = ``1 / sqrt(E)``. Any finite real, as SDPA: ``0`` gives
+            uniform weights over the valid keys, a negative scale negates the scores.
         enable_gqa: grouped-query attention: ``Hq`` a multiple of ``H``; query head ``h`` uses
             key/value head ``h // (Hq / H)``. Computed by broadcasting, keys are not copied.
         step: a registered step (``"sigmoidal"``, ``"log"``, ``"none"``, …).
@@ -261,17 +264,26 @@ def _attend(
     impl: str = "auto",
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, AttentionStats | None, torch.Tensor | None]:
-    """The shared core: ``(out, stats or None, weights (before dropout) or None)``."""
+    """The shared core: ``(out, stats or None, weights or None)``; the weights are those that
+    met the values (after dropout, as ``nn.MultiheadAttention`` and transformers' eager
+    attention return them)."""
     groups = _check_sdpa_shapes(query, key, value, enable_gqa)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    dropout_p = as_real("dropout_p", dropout_p, "a float in [0, 1)")
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     n, s = query.shape[-2], key.shape[-2]
     mask = _as_bool_mask(attn_mask, query, s)
     q, k, v = query, key, value
+    if scale is not None:
+        scale = as_real("scale", scale, "a finite float or None")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+        if scale <= 0:  # as SDPA: 0 gives uniform weights, a negative scale negates the scores
+            q, scale = query * scale, 1.0
     a, b, t = (step_kwargs.get(name) for name in ("a", "b", "t"))
     if groups > 1:
         hk = key.shape[-3]
-        q = rearrange(query, "... (h g) l e -> ... h g l e", h=hk)
+        q = rearrange(q, "... (h g) l e -> ... h g l e", h=hk)
         k, v = key.unsqueeze(-3), value.unsqueeze(-3)
         if mask is not None:
             mask = _split_heads(mask.reshape((1,) * max(0, query.dim() - mask.dim()) + mask.shape), hk, groups, 2)
@@ -291,9 +303,9 @@ def _attend(
         # materialises them (warp_weights, dense (..., L, S)); dropout (training only) is then
         # applied to that matrix before it meets the values. Memory grows as L · S here.
         w, stats = warp_weights(q, k, return_stats=True, **common)
-        weights = w
         if dropout_p > 0.0:
             w = F.dropout(w, p=float(dropout_p), training=True)
+        weights = w
         out = (w @ v.to(w.dtype)).to(query.dtype)
     else:
         # Statistics only on request: the fused kernels then skip the per-score kept count.
@@ -396,7 +408,8 @@ class SoftStepAttention(nn.Module):
         **backend: Any,
     ) -> tuple[torch.Tensor, AttentionStats | None, torch.Tensor | None]:
         """Like :meth:`forward`, returning ``(out, stats or None, weights or None)``; with
-        ``need_weights`` the weights ``(B, H, L, S)`` (before dropout) are materialised."""
+        ``need_weights`` the weights ``(B, H, L, S)`` are materialised (after dropout: those
+        that met the values, as ``nn.MultiheadAttention`` returns them)."""
         if query.dim() >= 3 and query.shape[-3] != self.num_heads:
             raise ValueError(
                 f"query has {query.shape[-3]} heads but this SoftStepAttention has num_heads={self.num_heads} "
@@ -484,8 +497,27 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         missing = [m for m in missing if not m.startswith("softstep.")]
         if missing or unexpected:
             raise ValueError(f"could not copy the weights of {type(mha).__name__}: missing {missing}, unexpected {unexpected}")
+        for name, param in mha.named_parameters():  # frozen weights stay frozen
+            new.get_parameter(name).requires_grad_(param.requires_grad)
         new.train(mha.training)
         return new
+
+    def _forward_nested(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        """Nested (ragged) batches, as ``nn.TransformerEncoder`` passes them in inference when it
+        was built with ``enable_nested_tensor`` from a layer swapped beforehand: padded, attended
+        with the padding masked, and returned nested like the input."""
+        if not (query.is_nested and key.is_nested and value.is_nested and self.batch_first):
+            raise ValueError("nested tensors are supported for batch_first modules with nested query, key and value")
+        q_lengths = [x.shape[0] for x in query.unbind()]
+        k_lengths = torch.tensor([x.shape[0] for x in key.unbind()], device=key.device)
+        query, key, value = (x.to_padded_tensor(0.0) for x in (query, key, value))
+        padding = torch.arange(key.shape[1], device=key.device)[None, :] >= k_lengths[:, None]
+        out, _ = self.forward(
+            query, key, value, key_padding_mask=padding, need_weights=False, attn_mask=attn_mask, is_causal=is_causal
+        )
+        return torch.nested.nested_tensor([row[:n] for row, n in zip(out, q_lengths, strict=True)])
 
     def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         e = self.embed_dim
@@ -513,6 +545,8 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         for name, x in (("query", query), ("key", key), ("value", value)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._forward_nested(query, key, value, attn_mask, is_causal), None
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(
@@ -607,15 +641,21 @@ def swap_attention(model: nn.Module, **softstep_kwargs: Any) -> nn.Module:
 
     ``softstep_kwargs`` (``mode``, ``step``, ``init``, ``hidden``) configure every new module.
     ``nn.TransformerEncoder`` modules get ``use_nested_tensor = False`` (their nested-tensor
-    inference path would bypass the attention modules). Returns the model (a new module when
-    ``model`` itself is an ``nn.MultiheadAttention``); the swap is in place otherwise.
+    inference path would bypass the attention modules; an encoder built later from a swapped
+    layer keeps it, and the SoftStep modules accept its nested batches). A module shared by
+    several parents is replaced by one shared SoftStep module. Frozen parameters stay frozen.
+    Returns the model (a new module when ``model`` itself is an ``nn.MultiheadAttention``); the
+    swap is in place otherwise.
     """
     if isinstance(model, nn.MultiheadAttention) and not isinstance(model, MultiheadSoftStepAttention):
         return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)
+    replaced: dict[int, MultiheadSoftStepAttention] = {}
     for module in list(model.modules()):
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
         for name, child in list(module.named_children()):
             if isinstance(child, nn.MultiheadAttention) and not isinstance(child, MultiheadSoftStepAttention):
-                setattr(module, name, MultiheadSoftStepAttention.from_multihead(child, **softstep_kwargs))
+                if id(child) not in replaced:
+                    replaced[id(child)] = MultiheadSoftStepAttention.from_multihead(child, **softstep_kwargs)
+                setattr(module, name, replaced[id(child)])
     return model

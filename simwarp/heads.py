@@ -558,12 +558,12 @@ class NeighborRegressionHead(_WarpHeadBase):
             ``var = Σ_j w_ij (y_j − mean_i)²`` with the head's SoftStep weights.
         """
         e = self.out_features
-        centre: list[torch.Tensor] = []
+        # centred on the targets' mean (the bank's, on every rank alike when it is sharded), so
+        # that E[y²] − E[y]² does not cancel when |mean| >> std; 0 once standardised
+        centre = self._standardize(self.target_mean.to(z))
 
         def moments(ys: torch.Tensor) -> torch.Tensor:
-            # centred on the bank's mean, so E[y²] − E[y]² does not cancel when |mean| >> std
-            centre.append(ys.mean(0))
-            d = ys - centre[0]
+            d = ys - centre
             return torch.cat([d, d * d], dim=-1)
 
         out, _ = self._raw_forward(z, None, moments)
@@ -572,7 +572,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         if self.standardize_targets:  # in float32 at least: std² alone can overflow float16
             std = self.target_std.to(var.device, torch.promote_types(var.dtype, torch.float32))
             var = (var.to(std.dtype) * std**2).to(var.dtype)
-        return self._unstandardize(m1 + centre[0]), var
+        return self._unstandardize(m1 + centre), var
 
 
 class NeighborClassificationHead(_WarpHeadBase):

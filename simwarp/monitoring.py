@@ -1,6 +1,6 @@
 """Monitoring SoftStep attention: per-layer, per-head kept fraction.
 
-The *kept fraction* of a query row is the number of keys with non-zero weight divided by the
+The *kept fraction* of a query row is the number of keys the step keeps (mask not 0) divided by the
 number of keys it was allowed to attend to (mask, causal, padding); a head's value is the
 mean over the non-empty rows of the batch. It is 1 for softmax attention (``step="none"``) and
 falls as the learned step drops weak keys.
@@ -38,8 +38,10 @@ class AttentionMonitor:
     """Context manager recording the statistics of every SoftStep attention layer of ``model``.
 
     Args:
-        model: any module tree. Layers created lazily during the ``with`` block (transformers
-            models without :func:`attach_softstep`) are picked up at read time.
+        model: any module tree. The layers are those present on entry: a transformers model
+            switched to ``"softstep"`` without :func:`attach_softstep` creates its layers at its
+            first call, which is then not recorded (later calls in a new ``with`` block are).
+            Call ``attach_softstep(model)`` first, as for training.
     """
 
     def __init__(self, model: nn.Module) -> None:

@@ -15,8 +15,12 @@ metric          similarity                                  default scale
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from simwarp._autograd import first_order
 
 METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean", "l1")
 STREAMING_METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean")
@@ -45,7 +49,7 @@ class _SafeSqrt(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return (y * y).add_(torch.finfo(y.dtype).tiny).reciprocal_().mul_(y).mul_(g).mul_(0.5)
@@ -107,7 +111,7 @@ class _ScaledSquaredDistance(torch.autograd.Function):
         return out.clamp_min_(0.0) if c > 0 else out.clamp_max_(0.0)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g):
         q, k = ctx.saved_tensors
         if ctx.same:
@@ -127,6 +131,24 @@ def _squared_distance(q: torch.Tensor, k: torch.Tensor, c: float = 1.0) -> torch
     return _ScaledSquaredDistance.apply(q, k, c)
 
 
+def _check_pair(q, k, scale, k_layout: str) -> None:
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape (..., rows, d) with d >= 1, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q (..., n, d) and k {k_layout} must share d, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf
+    ):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+
+
 def pairwise_similarity(
     q: torch.Tensor, k: torch.Tensor, metric: str = "dot", scale: float | None = None
 ) -> torch.Tensor:
@@ -142,6 +164,7 @@ def pairwise_similarity(
         ``(..., n, m)`` similarities.
     """
     check_metric(metric)
+    _check_pair(q, k, scale, "(..., m, d)")
     c = default_scale(metric, q.shape[-1]) if scale is None else scale
     if metric == "dot":
         s = _Gram.apply(q, k)
@@ -163,6 +186,7 @@ def paired_similarity(
     """Row-wise similarity ``sim(q[..., i, :], k[..., i, :])``; same function as
     :func:`pairwise_similarity` on its diagonal. ``q``, ``k``: ``(..., n, d)`` → ``(..., n)``."""
     check_metric(metric)
+    _check_pair(q, k, scale, "(..., n, d)")
     c = default_scale(metric, q.shape[-1]) if scale is None else scale
     if metric == "dot":
         s = (q * k).sum(-1)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from simwarp._autograd import first_order
+
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 DEFAULT_A: float = 0.1
@@ -196,13 +198,14 @@ class SigmoidalRule(StepRule):
         if not _row_constant(a, b, t):
             ga = _reduce((x - 1.0).mul_(h).div_(t * width), a) if need_a else None
             gb = _reduce(torch.mul(h, x).div_(-t * width), b) if need_b else None
-            gt = _reduce(g_kept.mul_(rho).mul_(math.log(2.0) / t**2), t) if need_t else None
+            # ln2 / t, then / t: t² alone is subnormal (then 1/t² inf, and 0 · inf NaN) for t < 1e-19
+            gt = _reduce(g_kept.mul_(rho).mul_(math.log(2.0) / t).div_(t), t) if need_t else None
             gu = h.mul_(1 / (t * width))
             sums = None
             if range_sums:  # u = a + x (b - a) wherever ∂u is not 0
                 sums = (gu.sum(-1, keepdim=True), (x * width).add_(a).mul_(gu).sum(-1, keepdim=True))
             return (gu if need_u or range_sums else None), ga, gb, gt, sums
-        gt = g_kept.mul_(rho).sum(-1, keepdim=True).mul_(math.log(2.0) / t**2) if need_t else None
+        gt = g_kept.mul_(rho).sum(-1, keepdim=True).mul_(math.log(2.0) / t).div_(t) if need_t else None
         gu = h.mul_(1 / (t * width))  # ∂u
         ga = gb = sums = None
         if need_a or need_b or range_sums:  # with S0 = Σ ∂u, Sx = Σ ∂u x (and u = a + x (b - a) in the band)
@@ -295,7 +298,7 @@ class _ClosedFormStep(torch.autograd.Function):
         return phi
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g_phi):
         u = ctx.saved_tensors[0]
         gu, ga, gb, gt, _ = ctx.rule.backward(ctx.saved_tensors, g_phi, ctx.needs_input_grad[:4])

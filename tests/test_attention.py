@@ -428,3 +428,61 @@ def test_encoder_layer_fast_path_does_not_bypass_softstep():
         ref = layer(x)
         out = swap_attention(copy.deepcopy(layer), init=(0.4, 0.6, 0.3))(x)
     assert not torch.allclose(out, ref, atol=1e-4)
+
+
+def test_encoder_built_after_the_swap_takes_nested_batches():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
+    reference = nn.TransformerEncoder(copy.deepcopy(layer), num_layers=2, enable_nested_tensor=False).eval()
+    swapped_layer = simwarp.swap_attention(layer, step="none")
+    encoder = nn.TransformerEncoder(swapped_layer, num_layers=2).eval()  # nested-tensor path on
+    encoder.load_state_dict(simwarp.swap_attention(copy.deepcopy(reference), step="none").state_dict())
+    assert encoder.use_nested_tensor
+    x = torch.randn(2, 3, 16)
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    with torch.no_grad():
+        got = encoder(x, src_key_padding_mask=pad)
+        want = reference(x, src_key_padding_mask=pad)
+    keep = ~pad
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_swap_keeps_sharing_and_frozen_parameters():
+    mha = nn.MultiheadAttention(16, 4)
+    mha.in_proj_weight.requires_grad_(False)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(mha)
+            self.b = nn.ModuleList([mha])
+
+    model = simwarp.swap_attention(Two())
+    assert isinstance(model.a[0], simwarp.MultiheadSoftStepAttention) and model.a[0] is model.b[0]
+    assert not model.a[0].in_proj_weight.requires_grad and model.a[0].out_proj.weight.requires_grad
+    assert sum(1 for _ in model.parameters()) == sum(1 for _ in model.a[0].parameters())
+
+
+def test_returned_weights_are_the_ones_that_met_the_values():
+    torch.manual_seed(0)
+    layer = SoftStepAttention(2, 4)
+    q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 3)
+    torch.manual_seed(1)
+    out, _, weights = layer.attend(q, k, v, dropout_p=0.5, need_weights=True)
+    torch.testing.assert_close(out, weights @ v)
+    kept = weights > 0
+    assert 0 < kept.sum() < (layer.attend(q, k, v, need_weights=True)[2] > 0).sum()
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7, 0.3])
+def test_scale_accepts_what_sdpa_accepts(scale):
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    want = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    for given in (scale, np.float32(scale), torch.tensor(scale)):
+        got = simwarp.softstep_attention(q, k, v, scale=given, step="none")
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="scale must be a finite float"):
+        simwarp.softstep_attention(q, k, v, scale=math.inf, step="none")
+    out = simwarp.softstep_attention(q, k, v, dropout_p=np.float32(0.0), step="none")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))

@@ -660,3 +660,46 @@ def test_float_params_are_checked_and_placed_on_any_device():
             resolve_params(*(bad.get(name) for name in "abt"), device="cpu", **kw)
     assert device_constants([0.5, 2.0], torch.float32, "cpu").tolist() == [0.5, 2.0]
     assert device_constants([0.5, 2.0], torch.float32, "meta").shape == (2,)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_double_backward_is_an_error_not_a_silent_first_order_gradient(impl, metric):
+    q = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    k, v = torch.randn(2, 7, 4, dtype=torch.float64), torch.randn(2, 7, 3, dtype=torch.float64)
+    out = simwarp.warp_attend(q, k, v, metric=metric, impl=impl)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    (g,) = torch.autograd.grad(simwarp.warp_attend(q, k, v, metric=metric, impl=impl).sum(), q)  # first order
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(simwarp.pairwise_similarity(q, k, metric="l2").sum(), q, create_graph=True)
+
+
+@pytest.mark.parametrize("step", ["sigmoidal", "log", "poly"])
+def test_tiny_t_has_a_finite_gradient(step):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 4, generator=gen) for n in (3, 9, 9))
+    for value in (1e-20, 1e-30, 1e-38):
+        for a in (0.1, torch.full((1, 3), 0.1)):
+            t = torch.tensor(value, requires_grad=True)
+            simwarp.warp_attend(q, k, v, t=t, a=a, step=step).sum().backward()
+            assert torch.isfinite(t.grad)
+
+
+@pytest.mark.parametrize("impl", ["auto", "dense", "chunked"])
+def test_empty_batch_and_clear_errors(impl):
+    out = simwarp.warp_attend(torch.randn(0, 9, 8), torch.randn(0, 13, 8), torch.randn(0, 13, 4), impl=impl)
+    assert out.shape == (0, 9, 4)
+    with pytest.raises(ValueError, match=r"d >= 1"):
+        simwarp.warp_attend(torch.randn(2, 3, 0), torch.randn(2, 4, 0), torch.randn(2, 4, 2), impl=impl)
+    with pytest.raises(ValueError, match="must share d"):
+        simwarp.pairwise_similarity(torch.randn(3, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"\(\.\.\., rows, d\)"):
+        simwarp.pairwise_similarity(torch.randn(4), torch.randn(5, 4))
+    with pytest.raises(TypeError, match="share a dtype"):
+        simwarp.pairwise_similarity(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        simwarp.pairwise_similarity(torch.ones(3, 4, dtype=torch.long), torch.ones(5, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        simwarp.pairwise_similarity(torch.randn(3, 4), torch.randn(5, 4), scale=-1.0)

@@ -21,6 +21,7 @@ from simwarp.backend.chunked import chunked_warp_attend, chunked_warp_range
 from simwarp.backend.common import (
     IMPLS,
     WarpStats,
+    as_real,
     broadcast_shape,
     check_inputs,
     make_spec,
@@ -163,13 +164,14 @@ def warp_attend(
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    dropout_p = as_real("dropout_p", dropout_p, "a float in [0, 1)")
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     n, m = q.shape[-2], k.shape[-2]
     dtype = work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
     row_range = _check_row_range(row_range, batch, n, dtype, q.device)
-    if n == 0 or m == 0:
+    if n == 0 or m == 0 or math.prod(batch) == 0:
         out = q.new_zeros((*batch, n, v.shape[-1])) + 0.0 * v.sum()  # keeps autograd connected
         return (out, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else out
     chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device, spec=spec, tensors=(q, k, v))
@@ -243,7 +245,7 @@ def warp_range(
     if spec.metric not in STREAMING_METRICS:
         raise ValueError(f"warp_range streams over keys: metric must be one of {STREAMING_METRICS}, got {metric!r}")
     n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
-    if n == 0 or m == 0:
+    if n == 0 or m == 0 or math.prod(batch) == 0:
         stats = _empty_stats(batch, n, m, dtype, q.device)
         return stats.lo, stats.hi, stats.empty
     lo, hi, empty = chunked_warp_range(q, k, mask, spec, chunk_size)
@@ -300,7 +302,7 @@ def warp_weights(
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
     row_range = _check_row_range(row_range, batch, n, dtype, q.device)
     _check_columns(columns, batch, n, m)
-    if n == 0 or m == 0:
+    if n == 0 or m == 0 or math.prod(batch) == 0:
         width = m if columns is None else columns.shape[-1]
         w = q.new_zeros((*batch, n, width), dtype=dtype)
         return (w, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else w

@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from simwarp._autograd import first_order
 from simwarp.backend.common import (
     WarpSpec,
     broadcast_shape,
@@ -188,7 +188,7 @@ class _ChunkedWarp(torch.autograd.Function):
         return out.to(q.dtype), lse, kept, lo, hi, empty
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_out, g_lse, *_unused):
         saved = list(ctx.saved_tensors)
         q, k, v, a, b, t = saved[:6]

@@ -8,11 +8,13 @@ keys → ``u = (s - lo) / (hi - lo)`` (``u = 1`` on a flat row) → logits
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from simwarp._autograd import first_order
 from simwarp.similarity import check_metric
 from simwarp.steps import DEFAULT_A, DEFAULT_B, DEFAULT_T, Step, get_step
 
@@ -25,7 +27,9 @@ class WarpStats(NamedTuple):
     Attributes:
         lse: log-normaliser ``log Σ_j m_ij exp(s_ij / τ)`` over valid keys (``-inf`` for a row
             with no valid key). Differentiable.
-        kept: number of keys with non-zero weight (float).
+        kept: number of valid keys the step keeps, i.e. whose mask ``m(u)`` is not 0 (float).
+            Their weights are not exactly 0, though softmax can make them negligible: for
+            ``step="none"`` every valid key counts.
         lo: minimum similarity over the row's valid keys (0 for an empty row).
         hi: maximum similarity over the row's valid keys (0 for an empty row).
         empty: True where the row has no valid key (its output is exactly 0).
@@ -207,7 +211,7 @@ class _NormalizedRange(torch.autograd.Function):
         return u
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g):
         u, inv = ctx.saved_tensors
         s_shape, lo_shape, hi_shape = ctx.shapes
@@ -269,7 +273,7 @@ class _WarpLogits(torch.autograd.Function):
         return phi.add_(s, alpha=inv_temperature)  # φ is the rule's fresh output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g):
         u, inv, *rest = ctx.saved_tensors
         saved, index = rest[: ctx.n_saved], rest[ctx.n_saved :]
@@ -413,6 +417,8 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q (..., n, d) and k (..., m, d) must share d, got q {_shape(q)} and k {_shape(k)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q and k need at least one feature (d >= 1), got q {_shape(q)} and k {_shape(k)}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k (..., m, d) and v (..., m, e) must share m, got k {_shape(k)} and v {_shape(v)}")
     try:
@@ -554,14 +560,24 @@ def resolve_params(
     return tuple(p.unsqueeze(-1) if p.dim() > 0 else p for p in (resolved["a"], resolved["b"], resolved["t"]))
 
 
+def as_real(name: str, value, kind: str) -> float:
+    """``value`` as a Python float: Python and NumPy reals and one-element tensors without
+    gradient are accepted (as SDPA accepts them), bools and anything else are a ``TypeError``
+    that names ``name``; ``kind`` says what is expected."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    return float(value)
+
+
 def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset: int = 0) -> WarpSpec:
     check_metric(metric)
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        scale = as_real("scale", scale, "a positive finite float or None")
+        if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
-        scale = float(scale)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
+    temperature = as_real("temperature", temperature, "a positive float")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
     if 1.0 / temperature > torch.finfo(torch.float32).max:  # 1/τ must be a finite float32 factor

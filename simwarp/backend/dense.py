@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from simwarp._autograd import first_order
 from simwarp.backend.common import (
     WarpSpec,
     WarpStats,
@@ -122,7 +123,7 @@ class _RowSoftmax(torch.autograd.Function):
         return w, (total.log_() + top).squeeze(-1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g_w, g_lse):
         (w,) = ctx.saved_tensors
         return _softmax_backward(w, g_w, g_lse)
@@ -174,7 +175,7 @@ class _MaskedSoftmax(torch.autograd.Function):
         return (w if columns is None else w.gather(-1, columns)), lse, kept
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g_w, g_lse, _):
         w, u, inv, *rest = ctx.saved_tensors
         columns = rest.pop() if ctx.columns else None

@@ -1040,7 +1040,7 @@ def bwd_dq_kernel(
         c_w = 1.0 / (t * (b - a) * (b - a))
         g_a = (sgu - b * sg) * c_w
         g_b = (a * sg - sgu) * c_w
-        g_t = ((a + b) * 0.5 * sg - sgu) / (t * t * (b - a))
+        g_t = ((a + b) * 0.5 * sg - sgu) / t / (t * (b - a))  # t * t is subnormal for t < 1e-19
         g_lo = alpha * (sgu - sg)
         g_hi = -alpha * sgu
     part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m

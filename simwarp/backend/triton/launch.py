@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from simwarp import steps as _steps
+from simwarp._autograd import first_order
 from simwarp.backend.common import WarpSpec, broadcast_shape, device_constants
 from simwarp.similarity import default_scale
 
@@ -322,7 +322,7 @@ class _TritonWarp(torch.autograd.Function):
         return (out_b, *stats, counts)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_out, g_lse, *_unused):
         plan: _Plan = ctx.plan
         cfg = plan.config
