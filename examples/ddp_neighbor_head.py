@@ -70,7 +70,9 @@ def main() -> None:
     torch.manual_seed(0)  # identical initial weights (DDP also broadcasts them)
     model = Model(x.shape[1]).to(device)
     encoder, head = model.encoder, model.head
-    # bank buffers differ per rank (shards): do not let DDP broadcast buffers
+    # bank buffers differ per rank (shards): do not let DDP broadcast buffers. torch >= 2.13 calls
+    # broadcast_buffers deprecated, but its own warning says to keep broadcast_buffers=False for
+    # rank-local buffers (forward_sync_buffers=False would still sync them once, at init)
     ddp = DDP(model, broadcast_buffers=False)
     opt = torch.optim.Adam(ddp.parameters(), lr=3e-3)
 
