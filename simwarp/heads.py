@@ -442,6 +442,18 @@ class NeighborRegressionHead(_WarpHeadBase):
         self.register_buffer("targets_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("_target_m2", torch.zeros(out_features))
 
+    _STAT_BUFFERS = ("target_mean", "target_std", "_target_m2")
+
+    def _apply(self, fn, recurse=True):
+        # ``.half()`` / ``.to(bfloat16)`` keep the running target statistics in float32: sums of
+        # squared targets overflow float16 (65504) long before the data are unusual
+        super()._apply(fn, recurse)
+        for name in self._STAT_BUFFERS:
+            buf = getattr(self, name)
+            if buf.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, name, buf.float())
+        return self
+
     # -- labels and standardisation ---------------------------------------------------------
 
     def _check_label_shape(self, y: Any, n: int, name: str = "y") -> bool:

@@ -486,3 +486,15 @@ def test_instance_head_accepts_queries_of_another_float_dtype():
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="step_params needs z"):
         head.step_params()
+
+
+def test_half_precision_head_keeps_float32_target_statistics():
+    head = NeighborRegressionHead(4).half()
+    assert head.target_mean.dtype == head._target_m2.dtype == torch.float32
+    assert head.bank_z.dtype == torch.float16
+    y = (1000 + 300 * torch.randn(200)).half()  # Σ y² ≈ 2e8: inf in float16
+    head.set_bank(torch.randn(200, 4).half(), y)
+    assert torch.isfinite(head.target_std).all() and 250 < head.target_std.item() < 350
+    fresh = NeighborRegressionHead(4).half()
+    fresh.load_state_dict(head.state_dict())
+    torch.testing.assert_close(fresh.target_std, head.target_std)
