@@ -1,4 +1,4 @@
-"""Autograd helpers shared by the backends."""
+"""Autograd and autocast helpers shared by the backends."""
 
 from __future__ import annotations
 
@@ -27,5 +27,30 @@ def first_order(backward: Callable) -> Callable:
                 "through them is not supported"
             )
         return inner(ctx, *grads)
+
+    return wrapper
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # an older signature, or a device type autocast does not know
+        return False
+
+
+def outside_autocast(fn: Callable) -> Callable:
+    """Run ``fn(x, ...)`` with autocast off on ``x``'s device.
+
+    The backend chooses its own precision (float32 arithmetic for half inputs, the fused kernels'
+    tensor-core products); under autocast, its custom autograd functions would otherwise see a
+    product autocast to half precision in forward and the inputs' float32 in backward, a dtype
+    mismatch. Autocast still applies to the layers that produce the inputs."""
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
 
     return wrapper

@@ -517,7 +517,7 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         out, _ = self.forward(
             query, key, value, key_padding_mask=padding, need_weights=False, attn_mask=attn_mask, is_causal=is_causal
         )
-        return torch.nested.nested_tensor([row[:n] for row, n in zip(out, q_lengths, strict=True)])
+        return torch.nested.as_nested_tensor([row[:n] for row, n in zip(out, q_lengths, strict=True)])  # keeps autograd
 
     def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         e = self.embed_dim

@@ -189,25 +189,27 @@ class _BankMixin(nn.Module):
                 "before predicting in eval mode (or pass y in training mode)"
             )
 
-    def _bank_problem(self, z: torch.Tensor, y: torch.Tensor) -> str | None:
-        """Why a stored bank ``(z, y)`` does not fit this head's configuration (None: it fits)."""
-        if z.dim() != 2 or z.shape[1] != self.in_features:
+    def _bank_problem(self, z: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
+        """Why a stored bank ``z`` and/or ``y`` does not fit this head's configuration (None: it fits)."""
+        if z is not None and (z.dim() != 2 or z.shape[1] != self.in_features):
             return f"bank_z has shape {_shape(z)}, the head expects (M, in_features={self.in_features})"
         expected = tuple(self.bank_y.shape[1:])
-        if y.shape != (z.shape[0], *expected):
-            return f"bank_y has shape {_shape(y)}, the head expects {(z.shape[0], *expected)}"
+        if y is not None and (y.dim() != 1 + len(expected) or tuple(y.shape[1:]) != expected):
+            return f"bank_y has shape {_shape(y)}, the head expects (M, {', '.join(map(str, expected))})".replace(", )", ")")
+        if z is not None and y is not None and z.shape[0] != y.shape[0]:
+            return f"bank_z {_shape(z)} and bank_y {_shape(y)} hold different numbers of entries"
         return None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        z, y = (state_dict.get(prefix + key) for key in self._BANK_KEYS)
-        if isinstance(z, torch.Tensor) and isinstance(y, torch.Tensor):
-            problem = self._bank_problem(z, y)
-            if problem is not None:
-                error_msgs.append(f"{type(self).__name__}: {problem} (was the state dict saved from another configuration?)")
-                return
-            # the bank's size is data, not configuration: resize the buffers to the stored bank
-            self.bank_z = torch.empty(z.shape, dtype=z.dtype, device=self.bank_z.device)
-            self.bank_y = torch.empty(y.shape, dtype=y.dtype, device=self.bank_y.device)
+        stored = {key: state_dict.get(prefix + key) for key in self._BANK_KEYS}
+        stored = {key: x if isinstance(x, torch.Tensor) else None for key, x in stored.items()}
+        problem = self._bank_problem(stored["bank_z"], stored["bank_y"])
+        if problem is not None:
+            error_msgs.append(f"{type(self).__name__}: {problem} (was the state dict saved from another configuration?)")
+            return
+        for key, x in stored.items():  # the bank's size is data, not configuration: follow the stored bank
+            if x is not None:
+                setattr(self, key, torch.empty(x.shape, dtype=x.dtype, device=getattr(self, key).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
@@ -546,7 +548,7 @@ class NeighborRegressionHead(_WarpHeadBase):
             out, _ = self._attend(z, z, values_fn(ys), loo=True)
         else:
             self._require_bank()
-            if y is not None:
+            if isinstance(y, torch.Tensor):
                 squeeze = self._check_label_shape(y, z.shape[0])
             ys = self._standardize(self.bank_y.to(z.dtype))
             out, _ = self._attend(z, self.bank_z.to(z.dtype), values_fn(ys), loo=False)
@@ -649,9 +651,9 @@ class NeighborClassificationHead(_WarpHeadBase):
             )
         return y
 
-    def _bank_problem(self, z: torch.Tensor, y: torch.Tensor) -> str | None:
+    def _bank_problem(self, z: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
         problem = super()._bank_problem(z, y)
-        if problem is None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+        if problem is None and y is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             problem = f"bank_y holds labels in [{int(y.min())}, {int(y.max())}], outside [0, num_classes={self.num_classes})"
         return problem
 
@@ -670,7 +672,7 @@ class NeighborClassificationHead(_WarpHeadBase):
             mass, _ = self._attend(z, z, onehot, loo=True)
         else:
             self._require_bank()
-            if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != z.shape[0]):
+            if isinstance(y, torch.Tensor) and (y.dim() != 1 or y.shape[0] != z.shape[0]):
                 raise ValueError(f"y must have shape (N={z.shape[0]},) of class indices, got {_shape(y)}")
             onehot = F.one_hot(self.bank_y, self.num_classes).to(z.dtype)
             mass, _ = self._attend(z, self.bank_z.to(z.dtype), onehot, loo=False)
@@ -738,7 +740,7 @@ class KNNRegressionHead(_BankMixin):
             out = self._topk_mean(z.detach(), z.detach(), y2.to(z.dtype), loo=True)
         else:
             self._require_bank()
-            if y is not None:
+            if isinstance(y, torch.Tensor):
                 self._check_label_shape(y, z.shape[0])
             out = self._topk_mean(z.detach(), self.bank_z.to(z.dtype), self.bank_y.to(z.dtype), loo=False)
         return out.squeeze(-1) if squeeze else out
@@ -751,7 +753,7 @@ class LinearHead(nn.Linear):
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.in_features:
             raise ValueError(f"z must have shape (..., in_features={self.in_features}), got {_shape(z)}")
-        if y is not None and z.dim() >= 2 and (not isinstance(y, torch.Tensor) or y.shape[:1] != z.shape[:1]):
+        if isinstance(y, torch.Tensor) and y.dim() >= 1 and z.dim() >= 2 and y.shape[0] != z.shape[0]:
             raise ValueError(f"y must have {z.shape[0]} rows like z (shape {_shape(z)}), got shape {_shape(y)}")
         out = super().forward(z)
         if isinstance(y, torch.Tensor) and y.dim() == out.dim() - 1 and self.out_features == 1:

@@ -187,12 +187,15 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
 
 
 def _resolved_mass(mass: torch.Tensor, keys: int) -> torch.Tensor:
-    """``mass`` with values of at most ``keys · tiny`` set to 0 (and no gradient there).
+    """``mass`` with values of at most ``keys · tiny`` set to 0 (and no gradient there), in the
+    compute dtype (float32 for half-precision masses).
 
     The backend raises softmax numerators below the dtype's normal range to its smallest
     normal number ``tiny`` (and normalisers are at least 1), so a mass of ``keys · tiny`` or
     less is below what the dtype resolves: its ``log`` would be a made-up value near
     ``-87`` (float32) and its gradient ``1 / mass`` overflows to inf (then NaN)."""
+    if mass.dtype in (torch.float16, torch.bfloat16):  # the backend computed it in float32
+        mass = mass.float()
     floor = keys * torch.finfo(mass.dtype).tiny
     return torch.where(mass > floor, mass, torch.zeros_like(mass))
 

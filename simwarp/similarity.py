@@ -16,11 +16,12 @@ metric          similarity                                  default scale
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
-from simwarp._autograd import first_order
+from simwarp._autograd import first_order, outside_autocast
 
 METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean", "l1")
 STREAMING_METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean")
@@ -143,12 +144,13 @@ def _check_pair(q, k, scale, k_layout: str) -> None:
         raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q (..., n, d) and k {k_layout} must share d, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf
+    if scale is not None and not isinstance(scale, torch.Tensor) and (  # a tensor scale may be learned
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
     ):
-        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+        raise ValueError(f"scale must be a finite number, a tensor or None, got {scale!r}")
 
 
+@outside_autocast
 def pairwise_similarity(
     q: torch.Tensor, k: torch.Tensor, metric: str = "dot", scale: float | None = None
 ) -> torch.Tensor:
@@ -180,6 +182,7 @@ def pairwise_similarity(
     return s * c if c != 1.0 else s
 
 
+@outside_autocast
 def paired_similarity(
     q: torch.Tensor, k: torch.Tensor, metric: str = "dot", scale: float | None = None
 ) -> torch.Tensor:

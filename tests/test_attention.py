@@ -486,3 +486,12 @@ def test_scale_accepts_what_sdpa_accepts(scale):
         simwarp.softstep_attention(q, k, v, scale=math.inf, step="none")
     out = simwarp.softstep_attention(q, k, v, dropout_p=np.float32(0.0), step="none")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_nested_batches_keep_gradients_in_training():
+    mha = simwarp.MultiheadSoftStepAttention(8, 2, batch_first=True).train()
+    a = torch.randn(3, 8, requires_grad=True)
+    nested = torch.nested.as_nested_tensor([a, torch.randn(5, 8)])
+    out, _ = mha(nested, nested, nested)
+    out.to_padded_tensor(0.0).sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0 and mha.in_proj_weight.grad is not None

@@ -701,5 +701,32 @@ def test_empty_batch_and_clear_errors(impl):
         simwarp.pairwise_similarity(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating-point"):
         simwarp.pairwise_similarity(torch.ones(3, 4, dtype=torch.long), torch.ones(5, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="scale must be a positive"):
-        simwarp.pairwise_similarity(torch.randn(3, 4), torch.randn(5, 4), scale=-1.0)
+
+
+def test_pairwise_similarity_scales():
+    np = pytest.importorskip("numpy")
+    q, k = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    base = simwarp.pairwise_similarity(q, k, scale=1.0)
+    torch.testing.assert_close(simwarp.pairwise_similarity(q, k, scale=np.float64(0.5)), 0.5 * base)
+    torch.testing.assert_close(simwarp.pairwise_similarity(q, k, scale=-1.0), -base)
+    learned = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    simwarp.pairwise_similarity(q, k, scale=learned).sum().backward()
+    torch.testing.assert_close(learned.grad, base.sum())
+    with pytest.raises(ValueError, match="finite number"):
+        simwarp.pairwise_similarity(q, k, scale=math.inf)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2"])
+def test_autocast_region_computes_in_the_inputs_dtype(impl, metric):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 8, generator=gen, requires_grad=True) for n in (6, 9, 9))
+    want = simwarp.warp_attend(q, k, v, impl=impl, metric=metric)
+    (want_grad,) = torch.autograd.grad(want.sum(), q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = simwarp.warp_attend(q, k, v, impl=impl, metric=metric)
+        sims = simwarp.pairwise_similarity(q, k, metric=metric)
+    (got_grad,) = torch.autograd.grad(got.sum() + 0 * sims.sum(), q)
+    assert got.dtype == sims.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)

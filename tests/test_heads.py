@@ -427,7 +427,7 @@ def test_predict_with_uncertainty_half_precision_queries_do_not_overflow():
 def test_load_state_dict_rejects_a_bank_of_another_configuration():
     src = KNNRegressionHead(4, 1)
     src.set_bank(torch.randn(5, 4), torch.randn(5))
-    with pytest.raises(RuntimeError, match=r"bank_y has shape \(5, 1\), the head expects \(5, 2\)"):
+    with pytest.raises(RuntimeError, match=r"bank_y has shape \(5, 1\), the head expects \(M, 2\)"):
         KNNRegressionHead(4, 2).load_state_dict(src.state_dict())
     glob = NeighborRegressionHead(4, mode="global")
     glob.set_bank(torch.randn(5, 4), torch.randn(5))
@@ -498,3 +498,31 @@ def test_half_precision_head_keeps_float32_target_statistics():
     fresh = NeighborRegressionHead(4).half()
     fresh.load_state_dict(head.state_dict())
     torch.testing.assert_close(fresh.target_std, head.target_std)
+
+
+def test_partial_state_dicts_and_lenient_y():
+    head = NeighborRegressionHead(4, 1)
+    z = torch.randn(5, 4)
+    result = head.load_state_dict({"bank_z": z}, strict=False)  # a bank_z alone still loads
+    assert head.bank_z.shape == (5, 4) and "bank_y" in result.missing_keys
+    with pytest.raises(RuntimeError, match="different numbers of entries"):
+        NeighborRegressionHead(4, 1).load_state_dict({"bank_z": z, "bank_y": torch.randn(3, 1)}, strict=False)
+    head.set_bank(z, torch.randn(5))
+    head.eval()
+    np = pytest.importorskip("numpy")
+    assert head(torch.randn(2, 4), np.zeros(2)).shape == (2, 1)  # non-tensor y: ignored, as documented
+    lin = LinearHead(4, 1)
+    assert lin(torch.randn(3, 4), torch.tensor(0.0)).shape == (3, 1)
+    assert lin(torch.randn(3, 4), torch.zeros(3)).shape == (3,)
+
+
+def test_heads_train_under_autocast():
+    encoder = nn.Linear(6, 4)
+    for head in (NeighborRegressionHead(4), NeighborClassificationHead(4, 3)):
+        x = torch.randn(16, 6)
+        y = torch.randn(16) if isinstance(head, NeighborRegressionHead) else torch.randint(0, 3, (16,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(encoder(x), y)
+        loss = F.mse_loss(out.float(), y) if y.is_floating_point() else F.nll_loss(out.float(), y)
+        loss.backward()
+        assert torch.isfinite(encoder.weight.grad).all()

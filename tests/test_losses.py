@@ -477,3 +477,25 @@ def test_errors():
         SoftStepNeighborRegressionLoss()(x, torch.randn(5, 2))
     with pytest.raises(ValueError, match="together"):
         SoftStepNeighborRegressionLoss()(x, torch.randn(6), ref_emb=torch.randn(3, 4))
+
+
+def test_half_precision_streaming_losses_match_float32():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (300,), generator=gen)
+    x = torch.randn(10, 32, generator=gen)[labels] + 0.5 * torch.randn(300, 32, generator=gen)
+    for loss_fn in (SoftStepContrastiveLoss(0.1, impl="chunked"), SoftStepNCALoss(impl="chunked")):
+        full = loss_fn(x, labels)
+        half = loss_fn(x.half(), labels)
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half.float(), full, rtol=5e-3, atol=1e-3)
+
+
+def test_losses_under_autocast():
+    model = torch.nn.Linear(8, 6)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    for loss_fn in (SoftStepNCALoss(), SoftStepContrastiveLoss(), SoftStepNCALoss(impl="chunked")):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(x), y)
+        loss.float().backward()
+        assert torch.isfinite(loss.float()) and torch.isfinite(model.weight.grad).all()

@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from simwarp._autograd import outside_autocast
 from simwarp.backend.chunked import chunked_warp_attend, chunked_warp_range
 from simwarp.backend.common import (
     IMPLS,
@@ -85,6 +86,7 @@ def _choose_impl(
     return impl
 
 
+@outside_autocast
 def warp_attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -221,6 +223,7 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
 
 
 @torch.no_grad()
+@outside_autocast
 def warp_range(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -260,6 +263,7 @@ def _empty_stats(batch, n: int, m: int, dtype, device) -> WarpStats:
     )
 
 
+@outside_autocast
 def warp_weights(
     q: torch.Tensor,
     k: torch.Tensor,
