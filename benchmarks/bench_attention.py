@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_io import write_json
+
 from simwarp import softstep_attention  # noqa: E402
 
 METHODS = ("sdpa", "softstep")
@@ -176,7 +178,7 @@ def main() -> None:
         )
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "out" / "bench_attention.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json(out, {"meta": meta, "rows": rows})
     print(f"\nwrote {out}")
 
 

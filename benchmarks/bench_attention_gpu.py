@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import platform
 import statistics
@@ -46,6 +45,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_io import write_json
 
 import simwarp  # noqa: E402
 from simwarp.backend.common import make_spec, resolve_params  # noqa: E402
@@ -550,7 +551,7 @@ def main(argv=None) -> int:
 
     def save():
         result["seconds"] = time.perf_counter() - t0
-        out_path.write_text(json.dumps(result, indent=1))
+        write_json(out_path, result, indent=1)
 
     log(f"# {result['card']}  torch {torch.__version__}  triton {triton.__version__}")
     log("## correctness (fresh inputs, outputs poisoned with NaN before each run)")

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_io import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,10 +89,13 @@ def spawn(args: dict, timeout: float) -> dict:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from simwarp.steps import BUILTIN_STEPS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward at the smallest m")
-    parser.add_argument("--step", default="sigmoidal")
+    parser.add_argument("--step", default="sigmoidal", choices=list(BUILTIN_STEPS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per case (0 = torch default)")
     parser.add_argument("--dense-limit-gib", type=float, default=9.0,
@@ -136,7 +141,7 @@ def main() -> None:
     print("\n".join(table))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"header": header, "rows": [c for _, _, c in rows]}, indent=2))
+    write_json(out, {"header": header, "rows": [c for _, _, c in rows]})
     print(f"wrote {out}")
 
 

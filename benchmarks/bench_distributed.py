@@ -15,7 +15,6 @@ and the max deviation of the output from the baseline's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -24,6 +23,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_io import write_json
+
+from simwarp.cli import positive_int
 
 BLOCKS = 16  # the bank is generated as BLOCKS seeded blocks; ranks own contiguous blocks
 
@@ -99,9 +101,9 @@ def _baseline_entry(_rank: int, cfg: dict, out_dir: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bank", type=int, default=131072)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--queries", type=int, default=1024)
+    p.add_argument("--bank", type=positive_int, default=131072)
+    p.add_argument("--dim", type=positive_int, default=64)
+    p.add_argument("--queries", type=positive_int, default=1024)
     p.add_argument("--ranks", default="1,2,4")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--chunk", type=int, default=1024, help="bank rows per block (0: the backend default)")
@@ -113,7 +115,10 @@ def main() -> None:
     if args.bank % BLOCKS:
         raise SystemExit(f"--bank must be a multiple of {BLOCKS}")
     cfg = {"bank": args.bank, "dim": args.dim, "queries": args.queries, "threads": args.threads, "chunk": args.chunk or None}
-    ranks = [int(r) for r in args.ranks.split(",")]
+    try:
+        ranks = [positive_int(r) for r in args.ranks.split(",")]
+    except argparse.ArgumentTypeError as err:
+        p.error(f"--ranks: comma-separated positive ints, {err}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_baseline_entry, args=(cfg, tmp), nprocs=1, join=True, start_method="spawn")
@@ -143,8 +148,7 @@ def main() -> None:
         print(f"{r['config']:32s} {r['time_s']:8.2f} {r['time_ratio']:7.2f} {r['peak_rss_mb_per_rank']:12.0f} "
               f"{r['rss_growth_mb_per_rank']:10.0f} {r['growth_ratio']:7.2f} {r['max_abs_diff_vs_baseline']:10.2e}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"config": cfg, "rows": rows}, f, indent=2)
+    write_json(args.out, {"config": cfg, "rows": rows})
     print(f"wrote {args.out}")
 
 

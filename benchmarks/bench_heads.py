@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_io import write_json
 
 from simwarp.datasets import load_dataset  # noqa: E402
 from simwarp.demo import TrainConfig, knn_on_embeddings, split_indices, train_and_evaluate  # noqa: E402
@@ -191,8 +192,8 @@ def main(argv=None) -> int:
                     print(f"   seed {seed} {'knn (k=10)':<18s} test RMSE {k['rmse']:.4g}  R² {k['r2']:.3f}", flush=True)
             rows = summarise(runs)
             pairs = [row for a, b in step_pairs(heads) for row in paired(runs, a, b)]
-            out.write_text(json.dumps({"meta": meta, "runs": runs, "summary": rows, "paired": pairs,
-                                       "elapsed_s": time.perf_counter() - t0}, indent=2))
+            write_json(out, {"meta": meta, "runs": runs, "summary": rows, "paired": pairs,
+                             "elapsed_s": time.perf_counter() - t0})
     rows = summarise(runs)
     print()
     print(markdown(rows))

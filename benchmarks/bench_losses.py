@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_io import write_json
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -420,7 +422,7 @@ def main(argv=None) -> None:
         result["quality"] = rows
         print(quality_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from simwarp import NeighborRegressionHead
+from simwarp.cli import positive_int
 
 
 class Model(nn.Module):
@@ -44,8 +45,8 @@ class Model(nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=64, help="rows per rank and step")
+    parser.add_argument("--epochs", type=positive_int, default=30)
+    parser.add_argument("--batch", type=positive_int, default=64, help="rows per rank and step")
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     args = parser.parse_args()
 

@@ -25,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from simwarp.cli import non_negative_int, positive_float, positive_int  # noqa: E402
 from simwarp.integrations.transformers import attach_softstep, register  # noqa: E402
 from simwarp.monitoring import AttentionMonitor  # noqa: E402
 from simwarp.steps import BUILTIN_STEPS  # noqa: E402
@@ -51,13 +52,13 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
     p.add_argument("--mode", default="per_head", choices=["per_head", "instance", "global"])
     p.add_argument("--step", default="sigmoidal", choices=list(BUILTIN_STEPS),
                    help="step function of the attached SoftStep (none = softmax attention baseline)")
-    p.add_argument("--log-every", type=int, default=5, help="print the training loss every N steps")
-    p.add_argument("--seed", type=int, default=0, help="torch seed (classifier init) and data shuffle")
+    p.add_argument("--log-every", type=positive_int, default=5, help="print the training loss every N steps")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="torch seed (classifier init) and data shuffle")
     args = p.parse_args()
     torch.manual_seed(args.seed)
 

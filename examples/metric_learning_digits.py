@@ -18,14 +18,15 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from simwarp.cli import non_negative_int, positive_int
 from simwarp.losses import SoftStepContrastiveLoss, SoftStepNCALoss, SoftStepNeighborRegressionLoss
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--loss", choices=("nca", "contrastive", "regression"), default="contrastive")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=positive_int, default=20)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 

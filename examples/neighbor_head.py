@@ -9,6 +9,7 @@ one prediction, and round-trips the trained head (with its bank) through torch.s
 
 from __future__ import annotations
 
+import argparse
 import io
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 import simwarp
 
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 torch.manual_seed(0)
 X, y = load_diabetes(return_X_y=True)
 X = torch.tensor((X - X.mean(0)) / X.std(0), dtype=torch.float32)

@@ -9,6 +9,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def _number(kind: type, minimum: float, strict: bool):
+    """An argparse ``type=`` for numbers ``> minimum`` (``strict``) or ``>= minimum``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+#: argparse ``type=`` helpers, shared with the example scripts.
+positive_int = _number(int, 0, strict=True)
+non_negative_int = _number(int, 0, strict=False)
+positive_float = _number(float, 0.0, strict=True)
+
+
 def _has(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -73,9 +95,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device} requested but CUDA is not available here", file=sys.stderr)
         return 2
-    if args.threads < 0:
-        print(f"--threads must be a positive number of threads (0 = torch's choice), got {args.threads}", file=sys.stderr)
-        return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"--out {args.out!r} exists and is not a folder", file=sys.stderr)
@@ -106,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="data set to use (repeatable): diabetes, boston, diamonds, digits, tweets, periodic, hetero; "
                       "default: digits and periodic")
     demo.add_argument("--out", default="simwarp-demo", help="output folder for demo.png and demo.json (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
-    demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (default: 0 = torch's choice)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=cmd_demo)
     info = sub.add_parser("info", help="version, steps, metrics, backends, CUDA/triton availability")

@@ -29,3 +29,14 @@ def test_page_examples_run_in_order(page, tmp_path, monkeypatch):
     namespace = {"__name__": "__docs__"}  # later blocks of a page continue earlier ones
     for i, block in enumerate(blocks):
         exec(compile(block, f"{page}[python block {i}]", "exec"), namespace)
+
+
+def test_doc_links_stay_inside_the_docs():
+    # mkdocs builds docs/ alone: a relative link out of it is dead on the built site
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            resolved = (page.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT / "docs"), f"{page.name} links outside docs/: {target}"
+            assert resolved.exists(), f"{page.name} links to a missing file: {target}"
