@@ -78,7 +78,8 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "dataset": ds, "head": head, "n": len(rs),
                 "rmse_mean": float(rmse.mean()), "rmse_sd": float(rmse.std(ddof=1)) if len(rs) > 1 else 0.0,
                 "r2_mean": float(np.mean([r["r2"] for r in rs])),
-                "ratio_vs_linear": float(ratio), "wins_vs_linear": f"{wins}/{len(paired)}",
+                "ratio_vs_linear": float(ratio),
+                "wins_vs_linear": f"{wins}/{len(paired)}" if head != "linear" else "–",
                 "kept_fraction": float(np.nanmean([r["kept_fraction"] for r in rs])) if head != "linear" else float("nan"),
                 "seconds": float(np.mean([r.get("seconds", 0.0) for r in rs])),
             })
