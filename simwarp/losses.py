@@ -233,17 +233,18 @@ def _own_class_columns(q_cls: torch.Tensor, r_cls: torch.Tensor) -> tuple[torch.
     return order[(start[:, None] + slot).clamp_max_(max(m - 1, 0))], slot < count[:, None]
 
 
-def _split_class_mass(w: torch.Tensor, q_cls: torch.Tensor, r_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``own (n,)``, ``other (n,)``: each anchor's weight on the references of its own class,
-    ``Σ_{j: r_j = q_i} w_ij``, and on all other classes, for weights ``w (n, m)``. Both are
-    summed directly: ``w.sum(1) - own`` would cancel to 0 where the own class holds nearly
-    all the weight (two views of one image), the very rows whose negatives matter."""
+def _class_mass(w: torch.Tensor, q_cls: torch.Tensor, r_cls: torch.Tensor, *, own: bool) -> torch.Tensor:
+    """``(n,)``: each anchor's weight on the references of its own class (``own``),
+    ``Σ_{j: r_j = q_i} w_ij``, or of all other classes, for weights ``w (n, m)``. Each is summed
+    directly: the other's complement ``w.sum(1) - ...`` cancels to 0 where one side holds
+    nearly all the weight (two views of one image: the negatives' mass is what matters)."""
     # 1 where the classes differ, else 0 (classes are small integers, exact in floating
     # point), built with float arithmetic: bool comparisons and float-by-bool products are
     # slow on CPU
-    other_class = (q_cls.to(w.dtype)[:, None] - r_cls.to(w.dtype)[None, :]).abs_().clamp_max_(1.0)
-    w_other = w * other_class
-    return (w - w_other).sum(1), w_other.sum(1)
+    select = (q_cls.to(w.dtype)[:, None] - r_cls.to(w.dtype)[None, :]).abs_().clamp_max_(1.0)
+    if own:
+        select.neg_().add_(1.0)
+    return (w * select).sum(1)
 
 
 def _class_masses(
@@ -260,8 +261,11 @@ def _class_masses(
     self_offset: int = 0,
     with_lse: bool = True,
 ):
-    """SoftStep mass of each anchor on its own class and on all other classes, and ``lse``
-    (``None`` on the small-problem path unless ``with_lse``; there ``other`` may be ``None`` too).
+    """SoftStep mass of each anchor on its own class and on all other classes, and ``lse``.
+
+    On the small-problem path only what is asked for is computed: ``own`` without
+    ``with_lse`` (``other`` and ``lse`` are then ``None``), else ``other`` and ``lse`` (``own``
+    is ``None``).
 
     With ``impl="dense"``, and with ``"auto"`` for small problems (``n · m`` within the
     backend's dense limit), the weight matrix comes from :func:`simwarp.warp_weights` and is
@@ -283,10 +287,10 @@ def _class_masses(
             columns, valid = own_columns
             own = (warp_weights(x, r, columns=columns, **kwargs) * valid.to(x.dtype)).sum(1)
             return own, None, None
-        result = warp_weights(x, r, return_stats=with_lse, **kwargs)
-        w, stats = result if with_lse else (result, None)
-        own, other = _split_class_mass(w, q_cls, r_cls)
-        return own, other, None if stats is None else stats.lse
+        if not with_lse:  # the own class is large: sum under a class-match matrix
+            return _class_mass(warp_weights(x, r, **kwargs), q_cls, r_cls, own=True), None, None
+        w, stats = warp_weights(x, r, return_stats=True, **kwargs)
+        return None, _class_mass(w, q_cls, r_cls, own=False), stats.lse
     if n_cls <= MAX_CLASS_COLUMNS:
         v = F.one_hot(r_cls, n_cls).to(x.dtype)
         out, stats = warp_attend(
