@@ -730,3 +730,29 @@ def test_autocast_region_computes_in_the_inputs_dtype(impl, metric):
     assert got.dtype == sims.dtype == torch.float32
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_float_parameters_are_checked_as_the_compute_dtype_holds_them():
+    q, k, v = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 2)
+    for kwargs, message in (
+        ({"a": 0.998046875, "b": 0.99804689453125}, "a must be smaller than b"),
+        ({"t": 1 - 1e-9}, r"got 0.999999999 \(1.0 in the compute dtype\)"),
+        ({"t": 1e-50}, "t must lie in"),
+        ({"a": 1e-50, "b": 1e-46}, "a must lie in"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            simwarp.warp_attend(q, k, v, **kwargs)
+    out = simwarp.warp_attend(q.double(), k.double(), v.double(), t=1 - 1e-9)  # representable in float64
+    assert torch.isfinite(out).all()
+
+
+def test_user_step_constant_in_its_parameters_backpropagates():
+    name = "test_hard_band_constant"
+    if name not in simwarp.steps.available_steps():
+        simwarp.register_step(name, lambda u, a, b, t: torch.where(u > a, torch.zeros_like(u), torch.full_like(u, -math.inf)))
+    q, k, v = torch.randn(2, 8, 4), torch.randn(2, 80, 4), torch.randn(2, 80, 3)
+    a = torch.tensor(0.1, requires_grad=True)
+    out = simwarp.warp_attend(q, k, v, step=name, impl="chunked", a=a, chunk_size=16)
+    if out.requires_grad:
+        out.sum().backward()
+    assert a.grad is None or a.grad == 0

@@ -268,7 +268,7 @@ class _ChunkedWarp(torch.autograd.Function):
             wrt = [x for x in (q_, k_c) if x.requires_grad]
             if not ctx.mask_form:
                 wrt += [x for x in graph_leaves[1:] if x.requires_grad]
-            if not wrt or seed_grad is None:
+            if not wrt or seed_grad is None or not root.requires_grad:  # e.g. a user step constant in a, b, t
                 continue
             grads = dict(zip(map(id, wrt), torch.autograd.grad(root, wrt, seed_grad, allow_unused=True)))
             for i, leaf in enumerate(graph_leaves):
@@ -277,7 +277,7 @@ class _ChunkedWarp(torch.autograd.Function):
                 dk[..., start:stop, :] += grads[id(k_c)]
 
         dq, da, db, dt, g_lo, g_hi = sums
-        if track_range and (g_lo is not None or g_hi is not None):
+        if track_range and (g_lo is not None or g_hi is not None) and (need_q or need_k):
             # Route ∂L/∂lo and ∂L/∂hi to the similarity of each row's argmin / argmax key.
             k_leaf = k.detach().requires_grad_(need_k)
             with torch.enable_grad():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -499,11 +500,19 @@ def device_constants(values: list[float], dtype: torch.dtype, device: torch.devi
 _PARAM_RANGES = {"a": (0.0, 1.0, False), "b": (0.0, 1.0, True), "t": (0.0, 1.0, False)}
 
 
-def _check_float_param(name: str, x: float) -> None:
+def _rounded(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to ``dtype`` (float32 or float64, the compute dtypes), as a Python float."""
+    if dtype == torch.float32:
+        return struct.unpack("f", struct.pack("f", x))[0] if abs(x) < 3.4e38 else x
+    return x
+
+
+def _check_float_param(name: str, x: float, given: float | None = None) -> None:
     low, high, high_inclusive = _PARAM_RANGES[name]
     if not (low < x < high or (high_inclusive and x == high)):  # False for NaN too
         bound = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must lie in ({low}, {high}{bound}, got {x}")
+        shown = f"{given} ({x} in the compute dtype)" if given is not None and given != x else f"{x}"
+        raise ValueError(f"{name} must lie in ({low}, {high}{bound}, got {shown}")
 
 
 def resolve_params(
@@ -519,8 +528,8 @@ def resolve_params(
         if isinstance(x, bool) or not isinstance(x, (int, float, torch.Tensor)):
             raise TypeError(f"{name} must be a float, a tensor or None, got {type(x).__name__}")
         if not isinstance(x, torch.Tensor):
-            x = float(x)
-            _check_float_param(name, x)
+            given, x = float(x), _rounded(float(x), dtype)  # checked as computed: 1 - 1e-9 is 1.0 in float32
+            _check_float_param(name, x, given)
         else:
             if not x.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
