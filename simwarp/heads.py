@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -80,6 +81,18 @@ def _check_z(z: Any, in_features: int, name: str = "z") -> None:
         raise ValueError(f"{name} must have shape (N, in_features={in_features}), got {_shape(z)}")
     if not z.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
+
+
+def _to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor (also inside dicts, lists and tuples) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [_to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # namedtuples too
+    return batch
 
 
 def _progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
@@ -150,16 +163,32 @@ class _BankMixin(nn.Module):
         loader: Iterable,
         device: torch.device | str | None = None,
         progress: bool = True,
+        label_key: str = "labels",
     ) -> None:
         """Encode a data set and store it as the bank.
+
+        Use a loader over the whole data set in a fixed order (``shuffle=False``, no
+        ``drop_last``): every row becomes a bank entry, and :meth:`explain`'s indices are
+        positions in that order. A ``DataLoader`` with ``drop_last=True`` gets a warning.
 
         Args:
             encoder: maps a batch ``x`` to ``z (B, in_features)``; ``None`` = ``x`` already is ``z``.
                 Run without gradients and in eval mode (its mode is restored afterwards).
-            loader: iterable of ``(x, y)`` batches (e.g. a ``DataLoader``); batches bound the memory.
-            device: where to move each ``x`` and ``y`` before encoding (``None``: leave them).
+            loader: iterable of ``(x, y)`` batches (e.g. a ``DataLoader``), or of dicts in the
+                Hugging Face style: ``y = batch[label_key]`` and the encoder is called as
+                ``encoder(**rest)``. Batches bound the memory.
+            device: where to move each batch's tensors (also inside dicts, lists and tuples)
+                before encoding (``None``: leave them).
             progress: show a progress bar (needs ``tqdm``).
+            label_key: the labels' key in dict batches.
         """
+        if getattr(loader, "drop_last", False):
+            warnings.warn(
+                "fit_bank: the loader has drop_last=True, so the rows of its last incomplete batch are "
+                "left out of the bank; use a loader without drop_last (and without shuffle)",
+                UserWarning,
+                stacklevel=2,
+            )
         was_training = encoder.training if encoder is not None else False
         if encoder is not None:
             encoder.eval()
@@ -167,12 +196,29 @@ class _BankMixin(nn.Module):
         try:
             total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
             for batch in _progress(loader, progress, "simwarp: encoding bank", total):
-                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise TypeError("fit_bank expects the loader to yield (x, y) batches")
-                x, y = batch[0], batch[1]
                 if device is not None:
-                    x, y = x.to(device), y.to(device)
-                z = encoder(x) if encoder is not None else x
+                    batch = _to_device(batch, device)
+                if isinstance(batch, Mapping):
+                    if label_key not in batch:
+                        raise KeyError(f"fit_bank: a dict batch needs its labels under label_key={label_key!r}, got keys {list(batch)}")
+                    y = batch[label_key]
+                    inputs = {k: v for k, v in batch.items() if k != label_key}
+                    z = encoder(**inputs) if encoder is not None else None
+                    if z is None:
+                        raise TypeError("fit_bank: dict batches need an encoder (called as encoder(**inputs))")
+                elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+                    x, y = batch[0], batch[1]
+                    z = encoder(x) if encoder is not None else x
+                else:
+                    raise TypeError(
+                        f"fit_bank expects the loader to yield (x, y) batches or dicts with a {label_key!r} key, "
+                        f"got {type(batch).__name__}"
+                    )
+                if not isinstance(z, torch.Tensor):
+                    raise TypeError(
+                        f"fit_bank: the encoder must return the embeddings z (B, in_features) as a tensor, got "
+                        f"{type(z).__name__} (wrap a model that returns an output object)"
+                    )
                 zs.append(z.detach())
                 ys.append(torch.as_tensor(y).detach())
         finally:
@@ -364,7 +410,7 @@ class _WarpHeadBase(_BankMixin):
         for start in range(0, z.shape[0], rows):
             zq = z[start : start + rows]
             w = warp_weights(
-                zq, self.bank_z, metric=self.metric, scale=self.scale, temperature=self.temperature,
+                zq, self.bank_z.to(zq.dtype), metric=self.metric, scale=self.scale, temperature=self.temperature,
                 detach_range=self.detach_range, **self._step_kwargs(zq),
             )
             top = torch.topk(w, k, dim=-1)
@@ -478,7 +524,8 @@ class NeighborRegressionHead(_WarpHeadBase):
             y = y.unsqueeze(-1)
         if not y.is_floating_point():
             y = y.to(torch.get_default_dtype())
-        if bool(torch.isnan(y).any()) or bool(torch.isinf(y).any()):
+        # read back on the host, so not under torch.compile (it would break the graph)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(y).all()):
             raise ValueError(f"{name} contains NaN or inf labels; drop or impute them first")
         return y
 
@@ -494,7 +541,8 @@ class NeighborRegressionHead(_WarpHeadBase):
             nb = y.shape[0]
             mb = y.mean(0)
             m2b = ((y - mb) ** 2).sum(0)
-        na = int(self.targets_seen)
+        # counts as tensors: no host read-back (torch.compile traces this without a graph break)
+        na = self.targets_seen.to(y.dtype)
         n = na + nb
         delta = mb - self.target_mean
         self.target_mean += delta * (nb / n)
@@ -503,7 +551,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         self._refresh_std()
 
     def _refresh_std(self) -> None:
-        n = max(int(self.targets_seen), 1)
+        n = self.targets_seen.clamp_min(1).to(self._target_m2.dtype)
         std = (self._target_m2 / n).sqrt()
         # a constant target keeps std 1 (no division by ~0)
         self.target_std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
@@ -763,7 +811,7 @@ class LinearHead(nn.Linear):
     def set_bank(self, z: torch.Tensor, y: torch.Tensor) -> None:
         """No-op: a linear head needs no bank (kept so heads are interchangeable)."""
 
-    def fit_bank(self, encoder, loader, device=None, progress: bool = True) -> None:
+    def fit_bank(self, encoder, loader, device=None, progress: bool = True, label_key: str = "labels") -> None:
         """No-op: a linear head needs no bank."""
 
     def clear_bank(self) -> None:

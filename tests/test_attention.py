@@ -495,3 +495,9 @@ def test_nested_batches_keep_gradients_in_training():
     out, _ = mha(nested, nested, nested)
     out.to_padded_tensor(0.0).sum().backward()
     assert a.grad is not None and a.grad.abs().sum() > 0 and mha.in_proj_weight.grad is not None
+
+
+def test_softstep_attention_traces_without_graph_breaks():
+    q = torch.randn(2, 4, 16, 8)
+    explanation = torch._dynamo.explain(lambda x: simwarp.softstep_attention(x, x, x, a=torch.tensor(0.2)))(q)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:120] for b in explanation.break_reasons]

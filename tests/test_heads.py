@@ -526,3 +526,46 @@ def test_heads_train_under_autocast():
         loss = F.mse_loss(out.float(), y) if y.is_floating_point() else F.nll_loss(out.float(), y)
         loss.backward()
         assert torch.isfinite(encoder.weight.grad).all()
+
+
+def test_fit_bank_takes_dict_batches_and_warns_on_drop_last():
+    class DictEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 4)
+
+        def forward(self, features, scale):
+            return self.linear(features) * scale
+
+    rows = [{"features": torch.randn(5, 3), "scale": torch.ones(5, 1), "labels": torch.randn(5)} for _ in range(3)]
+    head = NeighborRegressionHead(4)
+    encoder = DictEncoder()
+    head.fit_bank(encoder, rows, device="cpu", progress=False)
+    assert head.bank_size == 15
+    with torch.no_grad():
+        want = torch.cat([encoder(r["features"], r["scale"]) for r in rows])
+    torch.testing.assert_close(head.bank_z, want)
+    with pytest.raises(KeyError, match="label_key='target'"):
+        head.fit_bank(encoder, rows, progress=False, label_key="target")
+    data = torch.utils.data.TensorDataset(torch.randn(10, 4), torch.randn(10))
+    with pytest.warns(UserWarning, match="drop_last"):
+        head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=4, drop_last=True), progress=False)
+    assert head.bank_size == 8
+
+
+def test_explain_with_a_bank_of_another_dtype():
+    head = NeighborRegressionHead(4, mode="global")
+    head.set_bank(torch.randn(12, 4).bfloat16(), torch.randn(12))
+    idx, w = head.explain(torch.randn(3, 4), k=2)
+    assert idx.shape == w.shape == (3, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx2, _ = head.explain(torch.randn(3, 4), k=2)
+    assert idx2.shape == (3, 2)
+
+
+def test_training_forward_traces_without_graph_breaks():
+    # no host read-backs on the training path: torch.compile keeps one graph
+    head = NeighborRegressionHead(8, mode="global")
+    explanation = torch._dynamo.explain(head)(torch.randn(32, 8), torch.randn(32))
+    assert explanation.graph_break_count == 0, [str(b.reason)[:120] for b in explanation.break_reasons]
+    assert int(head.targets_seen) == 32

@@ -60,7 +60,7 @@ class WarpSpec:
 def broadcast_shape(*shapes) -> torch.Size:
     """:func:`torch.broadcast_shapes` of plain shapes, in plain Python (about 10x faster: it is
     called several times per backend call); raises ``RuntimeError`` where they do not broadcast."""
-    ndim = max(map(len, shapes), default=0)
+    ndim = max([0, *map(len, shapes)])  # no ``default=``: torch.compile cannot trace it
     out = [1] * ndim
     for shape in shapes:
         for i, d in enumerate(shape, ndim - len(shape)):
@@ -460,7 +460,7 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
 def _check_param_values(name: str, x: torch.Tensor, low: float, high: float, high_inclusive: bool) -> None:
     # Only checked where it costs no device synchronisation (CPU tensors); accelerator
     # tensors are trusted, as produced by SoftStep they are valid by construction.
-    if x.device.type != "cpu" or x.numel() == 0:
+    if x.device.type != "cpu" or x.numel() == 0 or torch.compiler.is_compiling():
         return
     xd = x.detach()
     bad = (xd <= low) | ((xd > high) if high_inclusive else (xd >= high)) | torch.isnan(xd)
@@ -544,7 +544,10 @@ def resolve_params(
                 ) from None
             x = x.to(dtype)
         resolved[name] = x
-    on_cpu = torch.device(device).type == "cpu"  # every tensor is on ``device`` (checked above)
+    # Tensor values are read back only on the CPU in eager mode: on accelerators that would
+    # synchronise, and under torch.compile it would break the graph (as on accelerators, tensor
+    # parameters are then trusted; SoftStep produces valid ones by construction).
+    on_cpu = torch.device(device).type == "cpu" and not torch.compiler.is_compiling()
     tensors = {name: x for name, x in resolved.items() if isinstance(x, torch.Tensor)}
     on_host = {name: x for name, x in resolved.items() if isinstance(x, float)}
     if tensors and on_cpu and all(x.dim() == 0 for x in tensors.values()):
