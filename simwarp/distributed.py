@@ -118,6 +118,32 @@ def _all_gather_sizes(n: int, group, device: torch.device) -> list[int]:
     return [int(x) for x in out]
 
 
+_LAYOUT_DTYPES = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool,
+)
+
+
+def _all_gather_layout(x: torch.Tensor, group, name: str) -> list[int]:
+    """Every rank's row count of ``x``, gathered together with its dtype and row shape, which
+    must agree on every rank: each rank sees every layout, so all of them raise the same
+    error (a mismatch would otherwise corrupt the gathered rows or abort the collective)."""
+    code = _LAYOUT_DTYPES.index(x.dtype) if x.dtype in _LAYOUT_DTYPES else len(_LAYOUT_DTYPES)
+    row = math.prod(x.shape[1:])
+    t = torch.tensor([x.shape[0], code, x.dim(), row], dtype=torch.long, device=x.device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    layouts = [tuple(int(v) for v in o) for o in out]
+    if len({lay[1:] for lay in layouts}) > 1:
+        def describe(lay):
+            dtype = _LAYOUT_DTYPES[lay[1]] if lay[1] < len(_LAYOUT_DTYPES) else "another dtype"
+            return f"{dtype}, {lay[2]}-D with {lay[3]} values per row"
+
+        per_rank = "; ".join(f"rank {r}: {describe(lay)}" for r, lay in enumerate(layouts))
+        raise ValueError(f"{name} must have the same dtype and row shape on every rank, got {per_rank}")
+    return [lay[0] for lay in layouts]
+
+
 def _all_gather_padded(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     """Concatenate every rank's ``x`` (first dim ``sizes[r]``) through a padded all_gather."""
     is_bool = x.dtype == torch.bool
@@ -168,7 +194,7 @@ def gather_rows(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> 
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"x must be a tensor with at least one dim (rows first), got {getattr(x, 'shape', type(x))}")
     if sizes is None:
-        sizes = _all_gather_sizes(x.shape[0], group, x.device)
+        sizes = _all_gather_layout(x, group, "the gathered rows")
     rank = dist.get_rank(group)
     if len(sizes) != dist.get_world_size(group) or sizes[rank] != x.shape[0]:
         raise ValueError(f"sizes {sizes} do not match the group ({dist.get_world_size(group)} ranks) and x {tuple(x.shape)}")
@@ -498,7 +524,7 @@ def sharded_explain(
     p = _prepare(q, k, probe, a, b, t, group=group, queries=queries, metric=metric, scale=scale, step=step,
                  temperature=temperature, chunk_size=chunk_size)
     kw = k.detach().to(p.q.dtype)
-    shard_sizes = _all_gather_sizes(k.shape[0], group, k.device)
+    shard_sizes = _all_gather_layout(kw, group, "the bank shards (k)")
     total = sum(shard_sizes)
     if total == 0:
         raise ValueError("the sharded bank is empty on every rank")

@@ -135,11 +135,12 @@ class _BankMixin(nn.Module):
         """Store ``z (M, in_features)`` and their labels as the inference bank (detached).
 
         The bank follows the inputs' device and dtype; embeddings and labels are checked
-        (shapes, NaN and inf).
+        (shapes, NaN and inf). With ``gather``, this rank's shard may be empty (the bank is
+        the union of the shards).
         """
         _check_z(z, self.in_features)
         y = self._check_labels(y, z.shape[0])
-        if z.shape[0] == 0:
+        if z.shape[0] == 0 and not resolve_group(getattr(self, "gather", False))[0]:
             raise ValueError("set_bank needs at least one entry, got z of shape (0, D)")
         if not bool(torch.isfinite(z).all()):
             bad = int((~torch.isfinite(z)).any(dim=-1).sum())
@@ -228,8 +229,12 @@ class _BankMixin(nn.Module):
             raise ValueError("fit_bank got an empty loader")
         self.set_bank(torch.cat(zs), torch.cat(ys))
 
-    def _require_bank(self) -> None:
-        if not self.has_bank:
+    def _require_bank(self, device: torch.device) -> None:
+        enabled, group = resolve_group(getattr(self, "gather", False))
+        # a sharded bank may be empty on this rank: every rank asks about the union (a
+        # collective, so that all of them raise together or none does)
+        size = global_size(self.bank_size, group, device) if enabled else self.bank_size
+        if size == 0:
             raise RuntimeError(
                 f"{type(self).__name__} has no bank: call set_bank(z, y) or fit_bank(encoder, loader) "
                 "before predicting in eval mode (or pass y in training mode)"
@@ -395,8 +400,8 @@ class _WarpHeadBase(_BankMixin):
             (with ``gather``: indices into the concatenation of all ranks' shards, rank order).
             Entries that the step dropped have weight exactly 0.
         """
-        self._require_bank()
         _check_z(z, self.in_features)
+        self._require_bank(z.device)
         k = _int_arg("k", k)
         enabled, group = resolve_group(self.gather)
         if enabled:  # per-shard top-k merged over ranks; indices into the rank-ordered bank
@@ -595,7 +600,7 @@ class NeighborRegressionHead(_WarpHeadBase):
             ys = self._standardize(y2.to(z.dtype))
             out, _ = self._attend(z, z, values_fn(ys), loo=True)
         else:
-            self._require_bank()
+            self._require_bank(z.device)
             if isinstance(y, torch.Tensor):
                 squeeze = self._check_label_shape(y, z.shape[0])
             ys = self._standardize(self.bank_y.to(z.dtype))
@@ -719,7 +724,7 @@ class NeighborClassificationHead(_WarpHeadBase):
             onehot = F.one_hot(y, self.num_classes).to(z.dtype)
             mass, _ = self._attend(z, z, onehot, loo=True)
         else:
-            self._require_bank()
+            self._require_bank(z.device)
             if isinstance(y, torch.Tensor) and (y.dim() != 1 or y.shape[0] != z.shape[0]):
                 raise ValueError(f"y must have shape (N={z.shape[0]},) of class indices, got {_shape(y)}")
             onehot = F.one_hot(self.bank_y, self.num_classes).to(z.dtype)
@@ -787,7 +792,7 @@ class KNNRegressionHead(_BankMixin):
             y2 = self._check_labels(y, z.shape[0])
             out = self._topk_mean(z.detach(), z.detach(), y2.to(z.dtype), loo=True)
         else:
-            self._require_bank()
+            self._require_bank(z.device)
             if isinstance(y, torch.Tensor):
                 self._check_label_shape(y, z.shape[0])
             out = self._topk_mean(z.detach(), self.bank_z.to(z.dtype), self.bank_y.to(z.dtype), loo=False)

@@ -417,10 +417,11 @@ class _SoftStepLossMixin:
         return g.rows, gather_rows(ref_labels, group, sizes=g.sizes).rows, g.offset
 
     def _zero_losses(self, *graph: torch.Tensor) -> dict:
-        """PML's zero loss, kept connected to ``graph`` (e.g. the gathered batch) so that every
-        rank still runs the gather's backward collective: a rank returning a detached zero while
-        others back-propagate would hang them."""
-        connected = [x.sum() * 0.0 for x in graph if x.requires_grad]
+        """PML's zero loss, kept connected to ``graph`` (e.g. the gathered batch) and to the
+        loss's own parameters, so that every rank still runs the gather's backward collective
+        and DDP sees every parameter used: a rank returning a detached zero while others
+        back-propagate would hang them."""
+        connected = [x.sum() * 0.0 for x in (*graph, *self.parameters()) if x.requires_grad]
         if not connected:
             return self.zero_losses()
         zero = torch.stack(connected).sum()
@@ -624,10 +625,8 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             )
         else:
             a1, p, a2, neg = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-            if all(len(i) <= 1 for i in (a1, p, a2, neg)):
-                return self.zero_losses()
-            if len(a1) == 0 or len(a2) == 0:
-                return self.zero_losses()
+            if all(len(i) <= 1 for i in (a1, p, a2, neg)) or len(a1) == 0 or len(a2) == 0:
+                return self._zero_losses(x, r)
             candidates = torch.zeros((n, m), dtype=torch.bool, device=x.device)
             candidates[a1, p] = True
             candidates[a2, neg] = True

@@ -24,7 +24,7 @@ D, E = 5, 3
 N_BATCH = {2: [7, 4], 4: [3, 5, 2, 4]}  # uneven per-rank batches
 M_SHARD = {2: [9, 14], 4: [6, 0, 11, 7]}  # uneven bank shards, one empty
 N_QUERY_LOCAL = {2: [4, 2], 4: [2, 3, 1, 2]}
-HEAD_SHARD = {2: [9, 14], 4: [6, 5, 6, 7]}  # set_bank needs a non-empty shard
+HEAD_SHARD = {2: [9, 14], 4: [6, 0, 11, 7]}  # uneven head bank shards, one empty
 N_QUERY = 6
 TOP = 4
 ATOL = 1e-10
@@ -214,6 +214,11 @@ def _run_rank(rank: int, world: int) -> dict:
     res["losses"] = _run_losses(data, world, rank)
 
     # 7. helpers
+    try:  # a layout mismatch across ranks: every rank raises, none corrupts or hangs
+        sd.gather_rows(torch.zeros(2, 3, dtype=torch.float16 if rank == 0 else torch.bfloat16))
+        res["layout_error"] = None
+    except ValueError as err:
+        res["layout_error"] = str(err)
     cnt, mean, m2 = sd.global_moments(data["y"][rb])
     res["moments"] = (cnt, mean, m2)
     res["global_size"] = sd.global_size(N_BATCH[world][rank])
@@ -401,3 +406,10 @@ def test_leave_one_out_mask():
     assert torch.equal(m, expected)
     with pytest.raises(ValueError, match="do not fit"):
         sd.leave_one_out_mask(3, 4, 6)
+
+
+def test_layout_mismatch_raises_on_every_rank(group_results):
+    world, results = group_results
+    for res in results:
+        message = res["layout_error"]
+        assert message is not None and "rank 0: torch.float16" in message and "rank 1: torch.bfloat16" in message

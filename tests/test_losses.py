@@ -499,3 +499,13 @@ def test_losses_under_autocast():
             loss = loss_fn(model(x), y)
         loss.float().backward()
         assert torch.isfinite(loss.float()) and torch.isfinite(model.weight.grad).all()
+
+
+def test_zero_loss_reaches_the_step_parameters():
+    # DDP needs every parameter in the graph on every rank, also on a batch without positives
+    for loss_fn in (SoftStepNCALoss(), SoftStepContrastiveLoss()):
+        x = torch.randn(4, 6, requires_grad=True)
+        loss = loss_fn(x, torch.arange(4))  # every label unique: no positive pair
+        assert loss.item() == 0.0
+        loss.backward()
+        assert all(p.grad is not None and (p.grad == 0).all() for p in loss_fn.parameters())
