@@ -39,7 +39,7 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def outside_autocast(fn: Callable) -> Callable:
-    """Run ``fn(x, ...)`` with autocast off on ``x``'s device.
+    """Run ``fn`` with autocast off on the device of its first tensor argument.
 
     The backend chooses its own precision (float32 arithmetic for half inputs, the fused kernels'
     tensor-core products); under autocast, its custom autograd functions would otherwise see a
@@ -47,10 +47,11 @@ def outside_autocast(fn: Callable) -> Callable:
     mismatch. Autocast still applies to the layers that produce the inputs."""
 
     @functools.wraps(fn)
-    def wrapper(x, *args, **kwargs):
-        if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
+    def wrapper(*args, **kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is not None and _autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
-                return fn(x, *args, **kwargs)
-        return fn(x, *args, **kwargs)
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     return wrapper

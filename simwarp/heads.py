@@ -95,6 +95,17 @@ def _to_device(batch: Any, device: torch.device | str) -> Any:
     return batch
 
 
+def _drops_rows(loader: Any) -> bool:
+    """Whether a ``DataLoader`` leaves rows out: its batch sampler drops a last incomplete batch."""
+    batches = getattr(loader, "batch_sampler", None)
+    if not isinstance(batches, torch.utils.data.BatchSampler) or not batches.drop_last:
+        return False
+    try:
+        return len(batches.sampler) % batches.batch_size != 0
+    except TypeError:  # a sampler without a length: it may drop rows
+        return True
+
+
 def _progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
     if not enabled:
         return iterable
@@ -183,7 +194,7 @@ class _BankMixin(nn.Module):
             progress: show a progress bar (needs ``tqdm``).
             label_key: the labels' key in dict batches.
         """
-        if getattr(loader, "drop_last", False):
+        if _drops_rows(loader):
             warnings.warn(
                 "fit_bank: the loader has drop_last=True, so the rows of its last incomplete batch are "
                 "left out of the bank; use a loader without drop_last (and without shuffle)",
@@ -497,15 +508,22 @@ class NeighborRegressionHead(_WarpHeadBase):
 
     _STAT_BUFFERS = ("target_mean", "target_std", "_target_m2")
 
-    def _apply(self, fn, recurse=True):
-        # ``.half()`` / ``.to(bfloat16)`` keep the running target statistics in float32: sums of
-        # squared targets overflow float16 (65504) long before the data are unusual
-        super()._apply(fn, recurse)
+    def _stats_in_float32(self) -> None:
+        # the running target statistics stay at least float32: sums of squared targets
+        # overflow float16 (65504) long before the data are unusual
         for name in self._STAT_BUFFERS:
             buf = getattr(self, name)
             if buf.dtype in (torch.float16, torch.bfloat16):
                 setattr(self, name, buf.float())
+
+    def _apply(self, fn, recurse=True):  # .half(), .to(torch.bfloat16)
+        super()._apply(fn, recurse)
+        self._stats_in_float32()
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict(..., assign=True)
+        super()._load_from_state_dict(*args, **kwargs)
+        self._stats_in_float32()
 
     # -- labels and standardisation ---------------------------------------------------------
 

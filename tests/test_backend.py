@@ -756,3 +756,12 @@ def test_user_step_constant_in_its_parameters_backpropagates():
     if out.requires_grad:
         out.sum().backward()
     assert a.grad is None or a.grad == 0
+
+
+def test_backend_functions_take_keyword_arguments():
+    q, k, v = torch.randn(5, 4), torch.randn(6, 4), torch.randn(6, 3)
+    torch.testing.assert_close(simwarp.warp_attend(q=q, k=k, v=v), simwarp.warp_attend(q, k, v))
+    torch.testing.assert_close(simwarp.warp_weights(q=q, k=k), simwarp.warp_weights(q, k))
+    torch.testing.assert_close(simwarp.pairwise_similarity(q=q, k=k), simwarp.pairwise_similarity(q, k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert simwarp.warp_attend(q=q, k=k, v=v).dtype == torch.float32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -498,6 +499,10 @@ def test_half_precision_head_keeps_float32_target_statistics():
     fresh = NeighborRegressionHead(4).half()
     fresh.load_state_dict(head.state_dict())
     torch.testing.assert_close(fresh.target_std, head.target_std)
+    half_state = {k: v.half() if v.is_floating_point() else v for k, v in head.state_dict().items()}
+    assigned = NeighborRegressionHead(4)
+    assigned.load_state_dict(half_state, assign=True)
+    assert assigned.target_mean.dtype == assigned._target_m2.dtype == torch.float32
 
 
 def test_partial_state_dicts_and_lenient_y():
@@ -551,6 +556,13 @@ def test_fit_bank_takes_dict_batches_and_warns_on_drop_last():
     with pytest.warns(UserWarning, match="drop_last"):
         head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=4, drop_last=True), progress=False)
     assert head.bank_size == 8
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(10)), 3, drop_last=True)
+    with pytest.warns(UserWarning, match="drop_last"):
+        head.fit_bank(None, torch.utils.data.DataLoader(data, batch_sampler=sampler), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped: no warning
+        head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=5, drop_last=True), progress=False)
+    assert head.bank_size == 10
 
 
 def test_explain_with_a_bank_of_another_dtype():
