@@ -257,7 +257,8 @@ class _BankMixin(nn.Module):
             return f"bank_z has shape {_shape(z)}, the head expects (M, in_features={self.in_features})"
         expected = tuple(self.bank_y.shape[1:])
         if y is not None and (y.dim() != 1 + len(expected) or tuple(y.shape[1:]) != expected):
-            return f"bank_y has shape {_shape(y)}, the head expects (M, {', '.join(map(str, expected))})".replace(", )", ")")
+            layout = f"(M, {', '.join(map(str, expected))})" if expected else "(M,)"
+            return f"bank_y has shape {_shape(y)}, the head expects {layout}"
         if z is not None and y is not None and z.shape[0] != y.shape[0]:
             return f"bank_z {_shape(z)} and bank_y {_shape(y)} hold different numbers of entries"
         return None
