@@ -36,9 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_io import write_json
-
 from simwarp import softstep_attention  # noqa: E402
+from simwarp._io import write_json  # noqa: E402
 
 METHODS = ("sdpa", "softstep")
 

@@ -46,9 +46,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_io import write_json
-
 import simwarp  # noqa: E402
+from simwarp._io import write_json  # noqa: E402
 from simwarp.backend.common import make_spec, resolve_params  # noqa: E402
 from simwarp.backend.triton import triton_warp_attend  # noqa: E402
 

@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-from bench_io import write_json
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,6 +88,7 @@ def spawn(args: dict, timeout: float) -> dict:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
+    from simwarp._io import write_json
     from simwarp.steps import BUILTIN_STEPS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

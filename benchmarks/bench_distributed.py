@@ -23,8 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_io import write_json
 
+from simwarp._io import write_json
 from simwarp.cli import positive_int
 
 BLOCKS = 16  # the bank is generated as BLOCKS seeded blocks; ranks own contiguous blocks

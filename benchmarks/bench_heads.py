@@ -37,8 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_io import write_json
-
+from simwarp._io import write_json  # noqa: E402
 from simwarp.datasets import load_dataset  # noqa: E402
 from simwarp.demo import TrainConfig, knn_on_embeddings, split_indices, train_and_evaluate  # noqa: E402
 

@@ -41,14 +41,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench_io import write_json
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from simwarp._io import write_json  # noqa: E402
 
 SPEED_CASES = ("pml_nca", "softstep_nca", "softstep_nca_poly", "softstep_nca_none", "pml_ntxent",
                "softstep_contrastive", "softstep_contrastive_none")

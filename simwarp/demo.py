@@ -13,7 +13,6 @@ validation and test rows from a bank of the training rows' embeddings.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simwarp._io import write_json
 from simwarp.datasets import RegressionData, load_dataset
 from simwarp.heads import KNNRegressionHead, make_head
 
@@ -275,7 +275,6 @@ def run_demo(
 
     Returns ``{"rows": [...], "png": path, "json": path}``.
     """
-    import json
 
     cfg = TrainConfig(epochs=15, patience=6, max_train=400) if quick else TrainConfig(epochs=60, patience=12)
     out = Path(out)
@@ -297,10 +296,8 @@ def run_demo(
     png = out / "demo.png"
     _plot(results, png)
     js = out / "demo.json"
-    # NaN (no kept fraction for the linear head, R² of a constant target) is not JSON: null
-    json_rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
-    js.write_text(json.dumps({"config": asdict(cfg), "seed": seed, "quick": quick, "rows": json_rows}, indent=2,
-                             allow_nan=False))
+    # NaN (no kept fraction for the linear head, R² of a constant target) is written as null
+    write_json(js, {"config": asdict(cfg), "seed": seed, "quick": quick, "rows": rows})
     for name in datasets:
         lin, ss = results[name]["linear"]["rmse"], results[name][DEFAULT_SOFTSTEP]["rmse"]
         print_fn(f"{name}: SoftStep head test RMSE {ss:.4g} vs linear {lin:.4g} (ratio {ss / lin:.2f})")

@@ -111,11 +111,16 @@ def _require_initialised() -> None:
         raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
 
 
-def _all_gather_sizes(n: int, group, device: torch.device) -> list[int]:
-    t = torch.tensor([n], dtype=torch.long, device=device)
+def _all_gather_ints(values: list[int], group, device: torch.device) -> list[tuple[int, ...]]:
+    """Every rank's ``values`` (the same number on each rank), in rank order."""
+    t = torch.tensor(values, dtype=torch.long, device=device)
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, t, group=group)
-    return [int(x) for x in out]
+    return [tuple(int(v) for v in o) for o in out]
+
+
+def _all_gather_sizes(n: int, group, device: torch.device) -> list[int]:
+    return [size for (size,) in _all_gather_ints([n], group, device)]
 
 
 _LAYOUT_DTYPES = (
@@ -129,11 +134,7 @@ def _all_gather_layout(x: torch.Tensor, group, name: str) -> list[int]:
     must agree on every rank: each rank sees every layout, so all of them raise the same
     error (a mismatch would otherwise corrupt the gathered rows or abort the collective)."""
     code = _LAYOUT_DTYPES.index(x.dtype) if x.dtype in _LAYOUT_DTYPES else len(_LAYOUT_DTYPES)
-    row = math.prod(x.shape[1:])
-    t = torch.tensor([x.shape[0], code, x.dim(), row], dtype=torch.long, device=x.device)
-    out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t, group=group)
-    layouts = [tuple(int(v) for v in o) for o in out]
+    layouts = _all_gather_ints([x.shape[0], code, x.dim(), math.prod(x.shape[1:])], group, x.device)
     if len({lay[1:] for lay in layouts}) > 1:
         def describe(lay):
             dtype = _LAYOUT_DTYPES[lay[1]] if lay[1] < len(_LAYOUT_DTYPES) else "another dtype"

@@ -29,7 +29,6 @@ loss's parameters to the optimiser together with the model's
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +39,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
+from simwarp.backend.common import as_real
 from simwarp.distributed import gather_rows, resolve_group
 from simwarp.similarity import paired_similarity
 from simwarp.steps import SoftStep
@@ -357,11 +357,13 @@ class _SoftStepLossMixin:
     ) -> None:
         """The constructor body shared by the losses: the similarity multiplier (``softmax_scale``
         or ``temperature``, recorded like PML's own), the SoftStep, backend options, gather."""
-        if isinstance(scale_value, torch.Tensor) and scale_value.numel() == 1 and not scale_value.requires_grad:
-            scale_value = scale_value.item()
-        if isinstance(scale_value, bool) or not isinstance(scale_value, numbers.Real) or not 0 < scale_value < math.inf:
+        try:
+            value = as_real(scale_name, scale_value, "a positive finite float")
+        except TypeError:
+            value = math.nan
+        if not 0 < value < math.inf:
             raise ValueError(f"{scale_name} must be a positive finite float, got {scale_value!r}")
-        setattr(self, scale_name, float(scale_value))
+        setattr(self, scale_name, value)
         self.add_to_recordable_attributes(list_of_names=[scale_name], is_stat=False)
         resolve_group(gather)  # validates; True needs an initialised process group
         self.gather = gather

@@ -1,4 +1,4 @@
-"""Output shared by the benchmark scripts: strict JSON (no NaN / Infinity tokens)."""
+"""Result files of the demo and the benchmark scripts: strict JSON (no NaN / Infinity tokens)."""
 
 from __future__ import annotations
 
