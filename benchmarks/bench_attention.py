@@ -1,7 +1,10 @@
 """SoftStep attention vs SDPA (torch.nn.functional.scaled_dot_product_attention) on CPU.
 
 Both are measured in the same run on the same inputs ``(B, H, L, E)``, self-attention,
-non-causal and causal. Reported per configuration:
+non-causal and causal. ``--peers`` adds the sparse-attention peers of the ``entmax`` package
+(``pip install entmax``, in the ``bench`` extra): ``entmax15(QKᵀ/√E) V`` and
+``sparsemax(QKᵀ/√E) V``, the way they are used in attention (the full score matrix
+materialised; masked scores set to ``-inf``). Reported per configuration:
 
 * time: median wall-clock seconds of ``--repeats`` calls (after one warm-up call);
 * peak memory: the extra peak resident memory of one call, measured in a *fresh subprocess*
@@ -15,6 +18,7 @@ Usage::
     python benchmarks/bench_attention.py                 # L in {512, 2048, 8192}, a few minutes on 2 cores
     python benchmarks/bench_attention.py --full          # more heads, backward too
     python benchmarks/bench_attention.py --out results.json
+    python benchmarks/bench_attention.py --peers --lengths 512 2048 --backward
 
 The GPU numbers come with the fused-kernel issue.
 """
@@ -40,6 +44,16 @@ from simwarp import softstep_attention  # noqa: E402
 from simwarp._io import write_json  # noqa: E402
 
 METHODS = ("sdpa", "softstep")
+PEERS = ("entmax15", "sparsemax")
+
+
+def materialised(mapping, q, k, v, causal: bool):
+    """``mapping(QKᵀ/√E) V`` with the whole score matrix in memory (how entmax is used in attention)."""
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    if causal:
+        n, m = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool).triu(1), float("-inf"))
+    return mapping(scores, dim=-1) @ v
 
 
 def make_inputs(b: int, h: int, n: int, e: int, seed: int = 0, requires_grad: bool = False):
@@ -50,6 +64,10 @@ def make_inputs(b: int, h: int, n: int, e: int, seed: int = 0, requires_grad: bo
 def call(method: str, q, k, v, causal: bool, step: str):
     if method == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if method in PEERS:
+        import entmax
+
+        return materialised(getattr(entmax, method), q, k, v, causal)
     return softstep_attention(q, k, v, is_causal=causal, step=step)
 
 
@@ -122,6 +140,7 @@ def main() -> None:
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--no-causal", action="store_true", help="skip the causal rows")
     p.add_argument("--full", action="store_true", help="8 heads, forward and forward+backward")
+    p.add_argument("--peers", action="store_true", help=f"also time {', '.join(PEERS)} (package entmax)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/out/bench_attention.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -135,6 +154,13 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    methods = METHODS
+    if args.peers:
+        try:
+            import entmax  # noqa: F401
+        except ImportError:
+            p.error("--peers needs the entmax package: pip install entmax (or the bench extra)")
+        methods = (*METHODS, *PEERS)
     heads = 8 if args.full else args.heads
     modes = [False, True] if args.full else [args.backward]
     rows = []
@@ -145,17 +171,18 @@ def main() -> None:
                 reps = max(1, args.repeats if n <= 2048 else 1)
                 cell = {"B": args.batch, "H": heads, "L": n, "E": args.dim, "causal": causal,
                         "pass": "fwd+bwd" if backward else "fwd"}
-                for method in METHODS:
+                for method in methods:
                     cell[f"{method}_s"] = time_it(method, shape, causal, args.step, backward, reps, warmup=n <= 2048)
                     cell[f"{method}_peak_mib"] = peak_memory(method, shape, causal, args.step, backward,
                                                               args.threads) / 2**20
-                cell["time_ratio"] = cell["softstep_s"] / cell["sdpa_s"]
-                cell["mem_ratio"] = cell["softstep_peak_mib"] / max(cell["sdpa_peak_mib"], 1e-9)
+                for method in methods[1:]:
+                    suffix = "" if method == "softstep" else f"_{method}"
+                    cell[f"time_ratio{suffix}"] = cell[f"{method}_s"] / cell["sdpa_s"]
+                    cell[f"mem_ratio{suffix}"] = cell[f"{method}_peak_mib"] / max(cell["sdpa_peak_mib"], 1e-9)
                 rows.append(cell)
                 print(
-                    f"{cell['pass']:7s} L={n:5d} causal={causal!s:5s} | sdpa {cell['sdpa_s']*1e3:9.1f} ms "
-                    f"{cell['sdpa_peak_mib']:8.1f} MiB | softstep {cell['softstep_s']*1e3:9.1f} ms "
-                    f"{cell['softstep_peak_mib']:8.1f} MiB | time x{cell['time_ratio']:.1f} mem x{cell['mem_ratio']:.1f}",
+                    f"{cell['pass']:7s} L={n:5d} causal={causal!s:5s} | "
+                    + " | ".join(f"{m} {cell[f'{m}_s']*1e3:9.1f} ms {cell[f'{m}_peak_mib']:8.1f} MiB" for m in methods),
                     flush=True,
                 )
     meta = {
@@ -164,17 +191,19 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "step": args.step,
+        "methods": list(methods),
         "memory": "extra peak RSS of one call in a fresh subprocess (VmHWM after reset, minus RSS before)",
         "time": "median wall-clock of repeated calls after a warm-up (L > 2048: one call, no warm-up)",
     }
     print()
-    print("| pass | L | causal | SDPA ms | SoftStep ms | time ratio | SDPA peak MiB | SoftStep peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    names = {"sdpa": "SDPA", "softstep": "SoftStep", "entmax15": "entmax15", "sparsemax": "sparsemax"}
+    print("| pass | L | causal | SDPA ms | " + " | ".join(f"{names[m]} ms (ratio)" for m in methods[1:])
+          + " | " + " | ".join(f"{names[m]} peak MiB" for m in methods) + " |")
+    print("|---|---|---|---|" + "---|" * (2 * len(methods) - 1))
     for r in rows:
-        print(
-            f"| {r['pass']} | {r['L']} | {r['causal']} | {r['sdpa_s']*1e3:.1f} | {r['softstep_s']*1e3:.1f} | "
-            f"{r['time_ratio']:.1f}x | {r['sdpa_peak_mib']:.1f} | {r['softstep_peak_mib']:.1f} |"
-        )
+        times = " | ".join(f"{r[f'{m}_s']*1e3:.1f} ({r[f'{m}_s'] / r['sdpa_s']:.1f}x)" for m in methods[1:])
+        mems = " | ".join(f"{r[f'{m}_peak_mib']:.1f}" for m in methods)
+        print(f"| {r['pass']} | {r['L']} | {r['causal']} | {r['sdpa_s']*1e3:.1f} | {times} | {mems} |")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "out" / "bench_attention.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"meta": meta, "rows": rows})

@@ -3,8 +3,10 @@ encoder is trained end to end (packaged real data, no downloads).
 
 Heads (same encoder, same budget, same splits, early stopping on a validation split):
 ``linear``, ``nona`` (neighbour attention without warping, ``step="none"``), ``softstep-global``,
-``softstep-instance``, and ``knn`` (hard top-k on the embeddings learned by the
-``softstep-instance`` run of the same seed).
+``softstep-instance``, ``knn`` (hard top-k on the embeddings learned by the
+``softstep-instance`` run of the same seed), and ``sklearn-knn`` (scikit-learn's
+``KNeighborsRegressor`` on the standardised input features, no encoder; ``n_neighbors`` and
+``weights`` chosen on the validation split from :data:`SKLEARN_KNN_GRID`).
 
 ``--heads`` selects heads (default: all of the above). Step-qualified kinds
 ``softstep-<step>-global`` / ``softstep-<step>-instance`` (e.g. ``softstep-poly-global``) train the
@@ -39,13 +41,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simwarp._io import write_json  # noqa: E402
 from simwarp.datasets import load_dataset  # noqa: E402
-from simwarp.demo import TrainConfig, knn_on_embeddings, split_indices, train_and_evaluate  # noqa: E402
+from simwarp.demo import (  # noqa: E402
+    TrainConfig,
+    knn_on_embeddings,
+    split_indices,
+    standardised_splits,
+    train_and_evaluate,
+)
 
 REAL = ("diabetes", "boston", "diamonds", "digits", "tweets")
 SYNTH = ("periodic", "hetero")
 TRAINED_HEADS = ("linear", "nona", "softstep-global", "softstep-instance")
-ALL_HEADS = (*TRAINED_HEADS, "knn")
+ALL_HEADS = (*TRAINED_HEADS, "knn", "sklearn-knn")
 SIZES = {"diamonds": 3000, "tweets": 2000}
+SKLEARN_KNN_GRID = {"n_neighbors": (1, 2, 3, 5, 8, 12, 20, 30, 50), "weights": ("uniform", "distance")}
+
+
+def sklearn_knn(data, splits, cfg: TrainConfig, seed: int) -> dict:
+    """scikit-learn's ``KNeighborsRegressor`` under the heads' protocol (same splits, same
+    standardisation, same training rows), its two hyper-parameters picked on the validation split."""
+    from sklearn.model_selection import ParameterGrid
+    from sklearn.neighbors import KNeighborsRegressor
+
+    std = standardised_splits(data, splits, cfg.max_train)
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = std.train, std.val, std.test
+    t0 = time.perf_counter()
+    best = None
+    for params in ParameterGrid(SKLEARN_KNN_GRID):
+        if params["n_neighbors"] > len(ytr):
+            continue
+        model = KNeighborsRegressor(**params).fit(Xtr, ytr)
+        val = float(np.sqrt(np.mean((model.predict(Xva) - yva) ** 2))) * std.y_scale
+        if best is None or val < best[0]:
+            best = (val, params, model)
+    val, params, model = best
+    pred = model.predict(Xte) * std.y_scale + std.y_mean
+    true = yte * std.y_scale + std.y_mean
+    err = pred - true
+    return {"dataset": data.name, "head": "sklearn-knn", "seed": seed, "rmse": float(np.sqrt(np.mean(err**2))),
+            "r2": float(1.0 - np.mean(err**2) / np.var(true)), "val_rmse": val, "params": params,
+            "seconds": time.perf_counter() - t0, "kept_fraction": params["n_neighbors"] / len(ytr)}
 
 
 def parse_head(kind: str) -> tuple[str, dict]:
@@ -176,7 +211,7 @@ def main(argv=None) -> int:
         print(f"== {ds}: {data.description} ({len(data)} rows, {data.X.shape[1]} features)", flush=True)
         for seed in range(seeds):
             splits = split_indices(len(data), seed)
-            for head in (h for h in heads if h != "knn"):
+            for head in (h for h in heads if h not in ("knn", "sklearn-knn")):
                 base, extra = parse_head(head)
                 hcfg = dataclasses.replace(cfg, head_kwargs={**cfg.head_kwargs, **extra}) if extra else cfg
                 r = train_and_evaluate(data, base, hcfg, seed=seed, progress=False, splits=splits)
@@ -190,6 +225,11 @@ def main(argv=None) -> int:
                     k = knn_on_embeddings(r, k=10)
                     runs.append({key: k[key] for key in ("dataset", "head", "seed", "rmse", "r2", "kept_fraction")})
                     print(f"   seed {seed} {'knn (k=10)':<18s} test RMSE {k['rmse']:.4g}  R² {k['r2']:.3f}", flush=True)
+            if "sklearn-knn" in heads:
+                r = sklearn_knn(data, splits, cfg, seed)
+                runs.append(r)
+                print(f"   seed {seed} {'sklearn-knn':<18s} test RMSE {r['rmse']:.4g}  R² {r['r2']:.3f}  "
+                      f"k={r['params']['n_neighbors']} weights={r['params']['weights']}", flush=True)
             rows = summarise(runs)
             pairs = [row for a, b in step_pairs(heads) for row in paired(runs, a, b)]
             write_json(out, {"meta": meta, "runs": runs, "summary": rows, "paired": pairs,

@@ -27,7 +27,7 @@ from simwarp._io import write_json
 from simwarp.datasets import RegressionData, load_dataset
 from simwarp.heads import KNNRegressionHead, make_head
 
-__all__ = ["TrainConfig", "make_encoder", "split_indices", "train_and_evaluate", "knn_on_embeddings", "run_demo"]
+__all__ = ["TrainConfig", "StandardisedSplits", "make_encoder", "split_indices", "standardised_splits", "train_and_evaluate", "knn_on_embeddings", "run_demo"]
 
 
 @dataclass
@@ -57,6 +57,39 @@ def split_indices(n: int, seed: int, val: float = 0.15, test: float = 0.2) -> tu
     perm = np.random.default_rng(seed).permutation(n)
     n_test, n_val = int(round(n * test)), int(round(n * val))
     return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]
+
+
+@dataclass(frozen=True)
+class StandardisedSplits:
+    """Train / validation / test ``(X, y)`` arrays standardised with the training split's statistics.
+
+    ``y`` is standardised too (``(y - y_mean) / y_scale``); map predictions back with
+    ``pred * y_scale + y_mean`` before computing metrics in the targets' units.
+    """
+
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    y_mean: float
+    y_scale: float
+
+
+def standardised_splits(
+    data: RegressionData, splits: tuple[np.ndarray, np.ndarray, np.ndarray], max_train: int | None = None
+) -> StandardisedSplits:
+    """The protocol every head (and every baseline) of a comparison sees: the first ``max_train``
+    training rows, features and targets standardised with those rows' mean and standard deviation."""
+    tr, va, te = splits
+    if max_train is not None:
+        tr = tr[:max_train]
+    X, y = data.X, data.y
+    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
+    ymu, ysd = float(y[tr].mean()), float(y[tr].std() + 1e-12)
+
+    def part(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (X[idx] - mu) / sd, (y[idx] - ymu) / ysd
+
+    return StandardisedSplits(part(tr), part(va), part(te), ymu, ysd)
 
 
 def _metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -97,22 +130,14 @@ def train_and_evaluate(
     arrays (test), and the trained ``encoder``/``head`` plus the tensors used (for kNN, plots).
     """
     device = torch.device(device)
-    tr, va, te = splits if splits is not None else split_indices(len(data), seed)
-    if cfg.max_train is not None:
-        tr = tr[: cfg.max_train]
-    X, y = data.X, data.y
-    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
-    ymu, ysd = float(y[tr].mean()), float(y[tr].std() + 1e-12)
-
-    def tens(idx):
-        return (
-            torch.as_tensor((X[idx] - mu) / sd, device=device),
-            torch.as_tensor((y[idx] - ymu) / ysd, device=device),
-        )
-
-    (Xtr, ytr), (Xva, yva), (Xte, yte) = tens(tr), tens(va), tens(te)
+    std = standardised_splits(data, splits if splits is not None else split_indices(len(data), seed), cfg.max_train)
+    ymu, ysd = std.y_mean, std.y_scale
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = (
+        (torch.as_tensor(X, device=device), torch.as_tensor(y, device=device))
+        for X, y in (std.train, std.val, std.test)
+    )
     torch.manual_seed(seed)
-    encoder = make_encoder(X.shape[1], cfg.hidden, cfg.emb_dim).to(device)
+    encoder = make_encoder(data.X.shape[1], cfg.hidden, cfg.emb_dim).to(device)
     head = make_head(head_kind, cfg.emb_dim, 1, **cfg.head_kwargs).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -79,3 +79,24 @@ def test_demo_rejects_an_out_path_that_is_a_file(tmp_path, capsys):
     path.write_text("")
     assert cli.main(["demo", "--quick", "--out", str(path)]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_standardised_splits_use_only_the_training_rows():
+    import numpy as np
+
+    from simwarp.datasets import RegressionData
+    from simwarp.demo import split_indices, standardised_splits
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(200, 3)) * [1.0, 10.0, 0.1] + [5.0, -3.0, 0.0]).astype(np.float32)
+    data = RegressionData(name="toy", kind="table", X=X, y=(X[:, 0] * 4 + 100).astype(np.float32), description="toy")
+    splits = split_indices(len(data), seed=1)
+    std = standardised_splits(data, splits, max_train=50)
+    Xtr, ytr = std.train
+    assert Xtr.shape == (50, 3) and std.val[0].shape[0] == len(splits[1]) and std.test[0].shape[0] == len(splits[2])
+    np.testing.assert_allclose(Xtr.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(Xtr.std(0), 1, atol=1e-4)
+    np.testing.assert_allclose(ytr.mean(), 0, atol=1e-5)
+    test_rows = splits[2]
+    np.testing.assert_allclose(std.test[1] * std.y_scale + std.y_mean, data.y[test_rows], rtol=1e-5)
+    assert std.val[0].mean() != 0  # validation rows are scaled with the training statistics, not their own
