@@ -294,7 +294,9 @@ def gathered_warp_attend(
     all ranks' losses.
 
     Args:
-        q: local rows ``(n, d)`` (queries and this rank's keys); ranks may differ in ``n``.
+        q: local rows ``(n, d)`` (queries and this rank's keys); ranks may differ in ``n``, and
+            a rank may hold 1 or 0 rows; with ``exclude_self`` the global batch needs at least 2
+            (a ``ValueError`` on every rank otherwise).
         v: local values ``(n, e)`` (labels, one-hot classes, ...).
         group: process group (``None`` = default).
         exclude_self: leave-one-out by global index.
@@ -312,6 +314,11 @@ def gathered_warp_attend(
     if q.shape[0] != v.shape[0]:
         raise ValueError(f"q (n, d) and v (n, e) must have the same rows, got {tuple(q.shape)} and {tuple(v.shape)}")
     keys = gather_rows(q, group)
+    if exclude_self and sum(keys.sizes) < 2:  # every rank sees the same sizes: all raise, none waits
+        raise ValueError(
+            f"leave-one-out over the global batch needs at least 2 rows across ranks (each row is predicted "
+            f"from the others), got {keys.sizes} rows per rank"
+        )
     values = gather_rows(v, group, sizes=keys.sizes)
     return warp_attend(
         q, keys.rows, values.rows, metric=metric, scale=scale, step=step, a=a, b=b, t=t,

@@ -360,6 +360,8 @@ class _WarpHeadBase(_BankMixin):
         return out, stats
 
     def _check_training_batch(self, z: torch.Tensor) -> None:
+        if resolve_group(self.gather)[0]:
+            return  # the neighbours are every rank's rows: simwarp.distributed checks the global batch
         if z.shape[0] < 2:
             raise ValueError(
                 f"training a neighbour head needs at least 2 rows per batch (each row is predicted from the "
@@ -372,8 +374,9 @@ class _WarpHeadBase(_BankMixin):
     def sparsity(self) -> dict[str, float]:
         """Kept-neighbour statistics of the last forward pass: ``kept_fraction`` (mean share of
         valid neighbours with non-zero weight), its ``min``/``max`` over rows, ``kept_mean``
-        (mean count) and ``neighbours`` (valid neighbours per row). Empty before the first call."""
-        if self._last_kept is None or self._last_keys == 0:
+        (mean count) and ``neighbours`` (valid neighbours per row). Empty before the first call
+        and after a call without rows or without neighbours."""
+        if self._last_kept is None or self._last_keys == 0 or self._last_kept.numel() == 0:
             return {}
         kept = self._last_kept.float()
         frac = kept / self._last_keys
@@ -629,7 +632,8 @@ class NeighborRegressionHead(_WarpHeadBase):
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict targets ``(N, out_features)``.
 
-        Training mode with ``y``: leave-one-out over the batch (needs ``N >= 2``). Otherwise:
+        Training mode with ``y``: leave-one-out over the batch (needs ``N >= 2``; with ``gather``,
+        over every rank's rows, and a rank may hold fewer). Otherwise:
         from the bank (``y`` is then only checked for its shape, and a 1-D ``y`` gives ``(N,)``).
         """
         out, squeeze = self._raw_forward(z, y, lambda ys: ys)
@@ -735,7 +739,7 @@ class NeighborClassificationHead(_WarpHeadBase):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities ``(N, num_classes)``: leave-one-out over the batch in training mode
-        with ``y`` (needs ``N >= 2``), else from the bank."""
+        with ``y`` (needs ``N >= 2``; with ``gather``, over every rank's rows), else from the bank."""
         _check_z(z, self.in_features)
         if self.training and y is not None:
             self._check_training_batch(z)

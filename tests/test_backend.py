@@ -315,6 +315,24 @@ def test_empty_inputs():
     assert torch.equal(out, torch.zeros(2, 4, 3)) and stats.empty.all()
 
 
+@pytest.mark.parametrize("rows, keys", [(0, 5), (4, 0)])
+def test_empty_calls_keep_every_input_in_the_graph(rows, keys):
+    """A backward through a call without rows or keys reaches every input (zero gradients, never
+    None): DDP expects every parameter to get a gradient, and a gather's backward collective
+    must run on a rank with no rows. Huge finite inputs must not turn the zeros into NaN."""
+    q = torch.full((rows, 3), 3e38).requires_grad_()
+    k = torch.full((keys, 3), 3e38).requires_grad_()
+    v = torch.randn(keys, 2, requires_grad=True)
+    a, b, t = (torch.full((rows,), x, requires_grad=True) for x in (0.2, 0.8, 0.5))
+    out = simwarp.warp_attend(q, k, v, a=a, b=b, t=t, metric="cosine")
+    assert torch.equal(out, torch.zeros(rows, 2))
+    w = simwarp.warp_weights(q, k, a=a, b=b, t=t, metric="cosine")
+    assert torch.equal(w, torch.zeros(rows, keys))
+    grads = torch.autograd.grad((out.sum() + w.sum()), (q, k, v, a, b, t), allow_unused=False)
+    for x, g in zip((q, k, v, a, b, t), grads):
+        assert torch.equal(g, torch.zeros_like(x))
+
+
 def test_auto_picks_dense_for_small_and_chunked_for_large(monkeypatch):
     import simwarp.backend as backend
 

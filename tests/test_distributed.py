@@ -25,6 +25,7 @@ N_BATCH = {2: [7, 4], 4: [3, 5, 2, 4]}  # uneven per-rank batches
 M_SHARD = {2: [9, 14], 4: [6, 0, 11, 7]}  # uneven bank shards, one empty
 N_QUERY_LOCAL = {2: [4, 2], 4: [2, 3, 1, 2]}
 HEAD_SHARD = {2: [9, 14], 4: [6, 0, 11, 7]}  # uneven head bank shards, one empty
+HEAD_BATCH = {2: [1, 6], 4: [3, 1, 0, 4]}  # heads' training batches: ranks with 1 and 0 rows
 N_QUERY = 6
 TOP = 4
 ATOL = 1e-10
@@ -79,7 +80,7 @@ def _head(kind, gather):
 def _run_heads(data, world, rank, gather=True) -> dict:
     """Train-mode step and sharded-bank eval of both heads (local parts when gathering)."""
     res = {}
-    rb = _rows(N_BATCH[world], rank) if gather else slice(None)
+    rb = _rows(HEAD_BATCH[world], rank) if gather else slice(None, sum(HEAD_BATCH[world]))
     rh = _rows(HEAD_SHARD[world], rank) if gather else slice(None)
     rq = _rows(N_QUERY_LOCAL[world], rank) if gather else slice(None)
     for kind in ("reg", "cls"):
@@ -89,7 +90,7 @@ def _run_heads(data, world, rank, gather=True) -> dict:
         out = head(z, y)
         (out * data["g"][rb]).sum().backward()
         r = {"train": out.detach(), "z_grad": z.grad, "p_grad": [p.grad.clone() for p in head.parameters()],
-             "keys": head.sparsity["neighbours"]}
+             "keys": head.sparsity.get("neighbours")}  # None on a rank without rows
         head.eval()
         bank_y = data["bank_y"] if kind == "reg" else data["bank_cls"]
         head.set_bank(data["bank_z"][rh], bank_y[rh])
@@ -214,6 +215,11 @@ def _run_rank(rank: int, world: int) -> dict:
     res["losses"] = _run_losses(data, world, rank)
 
     # 7. helpers
+    try:  # a global batch of one row cannot be left one out: every rank raises, none hangs
+        sd.gathered_warp_attend(data["z"][:1] if rank == 0 else data["z"][:0], data["y"][:1] if rank == 0 else data["y"][:0])
+        res["tiny_batch_error"] = None
+    except ValueError as err:
+        res["tiny_batch_error"] = str(err)
     try:  # a layout mismatch across ranks: every rank raises, none corrupts or hangs
         sd.gather_rows(torch.zeros(2, 3, dtype=torch.float16 if rank == 0 else torch.bfloat16))
         res["layout_error"] = None
@@ -330,10 +336,10 @@ def test_heads_gather_equal_single_process(group_results, kind):
     grad_sum = None
     for rank, res in enumerate(results):
         r = res["heads"][kind]
-        rb, rq = _rows(N_BATCH[world], rank), _rows(N_QUERY_LOCAL[world], rank)
+        rb, rq = _rows(HEAD_BATCH[world], rank), _rows(N_QUERY_LOCAL[world], rank)
         _close(r["train"], ref["train"][rb])
         _close(r["z_grad"], ref["z_grad"][rb])
-        assert r["keys"] == ref["keys"] and r["bank_keys"] == ref["bank_keys"]
+        assert r["keys"] == (ref["keys"] if HEAD_BATCH[world][rank] else None) and r["bank_keys"] == ref["bank_keys"]
         _close(r["eval"], ref["eval"][rq])
         _close(r["explain"][1], ref["explain"][1][rq])
         assert torch.equal(r["explain"][0], ref["explain"][0][rq])
@@ -413,3 +419,11 @@ def test_layout_mismatch_raises_on_every_rank(group_results):
     for res in results:
         message = res["layout_error"]
         assert message is not None and "rank 0: torch.float16" in message and "rank 1: torch.bfloat16" in message
+
+
+def test_global_batch_of_one_row_raises_on_every_rank(group_results):
+    world, results = group_results
+    expected = str([1] + [0] * (world - 1))
+    for res in results:
+        message = res["tiny_batch_error"]
+        assert message is not None and "at least 2 rows across ranks" in message and expected in message

@@ -86,6 +86,17 @@ def _choose_impl(
     return impl
 
 
+def _zeros_linked_to(zeros: torch.Tensor, *inputs) -> torch.Tensor:
+    """``zeros`` that autograd links to every input that requires grad, so that a backward through
+    an empty call still runs each input's graph: its parameters get (zero) gradients, as DDP
+    expects, and collectives in it (the gathers of :mod:`simwarp.distributed`) run on every rank.
+    ``(x * 0).sum()``, not ``0 * x.sum()``: the sum of large finite inputs may overflow."""
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            zeros = zeros + (x * 0).sum().to(zeros.dtype)
+    return zeros
+
+
 @outside_autocast
 def warp_attend(
     q: torch.Tensor,
@@ -174,7 +185,7 @@ def warp_attend(
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
     row_range = _check_row_range(row_range, batch, n, dtype, q.device)
     if n == 0 or m == 0 or math.prod(batch) == 0:
-        out = q.new_zeros((*batch, n, v.shape[-1])) + 0.0 * v.sum()  # keeps autograd connected
+        out = _zeros_linked_to(q.new_zeros((*batch, n, v.shape[-1])), q, k, v, a, b, t)
         return (out, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else out
     chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device, spec=spec, tensors=(q, k, v))
     if chosen == "triton" and (dropout_p > 0 or row_range is not None):  # not in the fused kernels
@@ -308,7 +319,7 @@ def warp_weights(
     _check_columns(columns, batch, n, m)
     if n == 0 or m == 0 or math.prod(batch) == 0:
         width = m if columns is None else columns.shape[-1]
-        w = q.new_zeros((*batch, n, width), dtype=dtype)
+        w = _zeros_linked_to(q.new_zeros((*batch, n, width), dtype=dtype), q, k, a, b, t)
         return (w, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else w
     w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range, with_stats=return_stats, columns=columns)
     return (w, stats) if return_stats else w
