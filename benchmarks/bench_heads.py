@@ -120,13 +120,17 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def step_pairs(heads) -> list[tuple[str, str]]:
-    """``(softstep-<step>-<mode>, softstep-<mode>)`` for every step-qualified head whose sigmoidal twin ran."""
+def comparison_pairs(heads) -> list[tuple[str, str]]:
+    """Paired comparisons to report: ``(softstep-<step>-<mode>, softstep-<mode>)`` for every
+    step-qualified head whose sigmoidal twin ran, and every trained neighbour head against
+    ``sklearn-knn`` when that ran."""
     pairs = []
     for h in heads:
         base, extra = parse_head(h)
         if extra.get("step", "sigmoidal") != "sigmoidal" and base in heads:
             pairs.append((h, base))
+    if "sklearn-knn" in heads:
+        pairs += [(h, "sklearn-knn") for h in heads if h not in ("linear", "knn", "sklearn-knn")]
     return pairs
 
 
@@ -231,13 +235,13 @@ def main(argv=None) -> int:
                 print(f"   seed {seed} {'sklearn-knn':<18s} test RMSE {r['rmse']:.4g}  R² {r['r2']:.3f}  "
                       f"k={r['params']['n_neighbors']} weights={r['params']['weights']}", flush=True)
             rows = summarise(runs)
-            pairs = [row for a, b in step_pairs(heads) for row in paired(runs, a, b)]
+            pairs = [row for a, b in comparison_pairs(heads) for row in paired(runs, a, b)]
             write_json(out, {"meta": meta, "runs": runs, "summary": rows, "paired": pairs,
                              "elapsed_s": time.perf_counter() - t0})
     rows = summarise(runs)
     print()
     print(markdown(rows))
-    pairs = [row for a, b in step_pairs(heads) for row in paired(runs, a, b)]
+    pairs = [row for a, b in comparison_pairs(heads) for row in paired(runs, a, b)]
     if pairs:
         print()
         print(paired_markdown(pairs))
