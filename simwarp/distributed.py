@@ -49,6 +49,7 @@ __all__ = [
     "global_moments",
     "leave_one_out_mask",
     "gathered_warp_attend",
+    "gathered_warp_attend_with_sizes",
     "sharded_warp_attend",
     "sharded_explain",
 ]
@@ -307,6 +308,16 @@ def gathered_warp_attend(
     Returns:
         ``(n, e)`` (and stats). Collective, also in backward.
     """
+    return gathered_warp_attend_with_sizes(
+        q, v, group=group, exclude_self=exclude_self, metric=metric, scale=scale, step=step, a=a, b=b, t=t,
+        temperature=temperature, detach_range=detach_range, impl=impl, chunk_size=chunk_size, dropout_p=dropout_p,
+        return_stats=return_stats,
+    )[0]
+
+
+def gathered_warp_attend_with_sizes(q: torch.Tensor, v: torch.Tensor, *, group=None, exclude_self: bool = True, **kwargs):
+    """:func:`gathered_warp_attend` and every rank's row count (``list[int]``, rank order), which
+    the gather learns anyway: callers that need the global batch size pay no extra collective."""
     _require_initialised()
     for name, x in (("q", q), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -320,12 +331,11 @@ def gathered_warp_attend(
             f"from the others), got {keys.sizes} rows per rank"
         )
     values = gather_rows(v, group, sizes=keys.sizes)
-    return warp_attend(
-        q, keys.rows, values.rows, metric=metric, scale=scale, step=step, a=a, b=b, t=t,
-        exclude_self=bool(exclude_self), self_offset=keys.offset if exclude_self else 0,
-        temperature=temperature, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
-        dropout_p=dropout_p, return_stats=return_stats,
+    result = warp_attend(
+        q, keys.rows, values.rows, exclude_self=bool(exclude_self), self_offset=keys.offset if exclude_self else 0,
+        **kwargs,
     )
+    return result, list(keys.sizes)
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from torch import nn
 
 from simwarp.backend import IMPLS, warp_attend, warp_weights
 from simwarp.distributed import (
-    gathered_warp_attend,
+    gathered_warp_attend_with_sizes,
     global_moments,
     global_size,
     resolve_group,
@@ -125,6 +125,9 @@ class _BankMixin(nn.Module):
 
     in_features: int
     _BANK_KEYS = ("bank_z", "bank_y")
+    #: ``(local entries, entries over all ranks)`` of the current bank under ``gather``, so that
+    #: predictions do not pay a collective each to learn the union's size; reset with the bank.
+    _bank_union: tuple[int, int] | None = None
 
     def _init_bank(self, y_shape: tuple[int, ...], y_dtype: torch.dtype) -> None:
         self.register_buffer("bank_z", torch.zeros(0, self.in_features))
@@ -158,6 +161,7 @@ class _BankMixin(nn.Module):
             raise ValueError(f"z (bank embeddings, shape {_shape(z)}) has NaN or inf in {bad} row(s); drop or fix them first")
         self.bank_z = z.detach().clone()
         self.bank_y = y.detach().clone()
+        self._bank_union = None
         self._on_bank_set()
 
     def _on_bank_set(self) -> None:
@@ -167,6 +171,7 @@ class _BankMixin(nn.Module):
         """Drop the bank (keeps the learned parameters)."""
         self.bank_z = self.bank_z.new_zeros((0, self.in_features))
         self.bank_y = self.bank_y.new_zeros((0, *self.bank_y.shape[1:]))
+        self._bank_union = None
 
     @torch.no_grad()
     def fit_bank(
@@ -244,12 +249,18 @@ class _BankMixin(nn.Module):
         enabled, group = resolve_group(getattr(self, "gather", False))
         # a sharded bank may be empty on this rank: every rank asks about the union (a
         # collective, so that all of them raise together or none does)
-        size = global_size(self.bank_size, group, device) if enabled else self.bank_size
+        size = self._bank_union_size(group, device) if enabled else self.bank_size
         if size == 0:
             raise RuntimeError(
                 f"{type(self).__name__} has no bank: call set_bank(z, y) or fit_bank(encoder, loader) "
                 "before predicting in eval mode (or pass y in training mode)"
             )
+
+    def _bank_union_size(self, group, device: torch.device) -> int:
+        """Entries of the bank over all ranks (``gather``): a collective once per bank, then cached."""
+        if self._bank_union is None or self._bank_union[0] != self.bank_size:
+            self._bank_union = (self.bank_size, global_size(self.bank_size, group, device))
+        return self._bank_union[1]
 
     def _bank_problem(self, z: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
         """Why a stored bank ``z`` and/or ``y`` does not fit this head's configuration (None: it fits)."""
@@ -270,6 +281,7 @@ class _BankMixin(nn.Module):
         if problem is not None:
             error_msgs.append(f"{type(self).__name__}: {problem} (was the state dict saved from another configuration?)")
             return
+        self._bank_union = None
         for key, x in stored.items():  # the bank's size is data, not configuration: follow the stored bank
             if x is not None:
                 setattr(self, key, torch.empty(x.shape, dtype=x.dtype, device=getattr(self, key).device))
@@ -336,19 +348,20 @@ class _WarpHeadBase(_BankMixin):
         enabled, group = resolve_group(self.gather)
         if enabled:  # batch (training) or sharded bank across ranks: simwarp.distributed
             if loo:
-                out, stats = gathered_warp_attend(
+                (out, stats), sizes = gathered_warp_attend_with_sizes(
                     z, values, group=group, metric=self.metric, scale=self.scale, temperature=self.temperature,
                     detach_range=self.detach_range, impl=self.impl, chunk_size=self.chunk_size,
                     return_stats=True, **self._step_kwargs(z),
                 )
+                self._last_keys = sum(sizes) - 1
             else:
                 out, stats = sharded_warp_attend(
                     z, keys, values, group=group, queries="local", metric=self.metric, scale=self.scale,
                     temperature=self.temperature, chunk_size=self.chunk_size, return_stats=True,
                     **self._step_kwargs(z),
                 )
+                self._last_keys = self._bank_union_size(group, z.device)
             self._last_kept = stats.kept.detach()
-            self._last_keys = global_size(keys.shape[0], group, z.device) - (1 if loo else 0)
             return out, stats
         out, stats = warp_attend(
             z, keys, values, metric=self.metric, scale=self.scale, temperature=self.temperature,
@@ -726,6 +739,12 @@ class NeighborClassificationHead(_WarpHeadBase):
                 f"{name} labels must lie in [0, num_classes={self.num_classes}), got range [{int(y.min())}, {int(y.max())}]"
             )
         return y
+
+    def _bank_union_size(self, group, device: torch.device) -> int:
+        """Entries of the bank over all ranks (``gather``): a collective once per bank, then cached."""
+        if self._bank_union is None or self._bank_union[0] != self.bank_size:
+            self._bank_union = (self.bank_size, global_size(self.bank_size, group, device))
+        return self._bank_union[1]
 
     def _bank_problem(self, z: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
         problem = super()._bank_problem(z, y)

@@ -19,7 +19,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from simwarp._autograd import first_order, outside_autocast
 
@@ -59,6 +58,15 @@ class _SafeSqrt(torch.autograd.Function):
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(max(x, 0))`` whose gradient is 0 (not inf or NaN) where ``x <= 0``."""
     return _SafeSqrt.apply(x)
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x / ‖x‖`` along the last dim, the ``cosine`` metric's normalisation. Rows with norm at
+    most ``1e-12`` (a zero, padding or dead-ReLU embedding: no direction) become 0 with gradient
+    0, as ``l2``'s safe square root does at distance 0; ``F.normalize`` would give them a
+    gradient of ``1 / eps`` (``1e12``, inf once cast to float16). Differentiable twice."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.where(norm > _COSINE_EPS, x / norm.clamp_min(_COSINE_EPS), 0.0)
 
 
 def _self_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -171,8 +179,8 @@ def pairwise_similarity(
     if metric == "dot":
         s = _Gram.apply(q, k)
     elif metric == "cosine":
-        qn = F.normalize(q, dim=-1, eps=_COSINE_EPS)
-        s = _Gram.apply(qn, qn if k is q else F.normalize(k, dim=-1, eps=_COSINE_EPS))
+        qn = unit_rows(q)
+        s = _Gram.apply(qn, qn if k is q else unit_rows(k))
     elif metric == "sqeuclidean":
         return _squared_distance(q, k, -c)
     elif metric == "l2":
@@ -194,7 +202,7 @@ def paired_similarity(
     if metric == "dot":
         s = (q * k).sum(-1)
     elif metric == "cosine":
-        s = (F.normalize(q, dim=-1, eps=_COSINE_EPS) * F.normalize(k, dim=-1, eps=_COSINE_EPS)).sum(-1)
+        s = (unit_rows(q) * unit_rows(k)).sum(-1)
     elif metric == "sqeuclidean":
         s = -(q - k).pow(2).sum(-1)
     elif metric == "l2":

@@ -238,6 +238,47 @@ def test_degenerate_rows(impl, step):
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_rows_with_a_range_too_small_to_divide_by_are_flat(impl, dtype):
+    """Similarities a subnormal distance apart (a range whose reciprocal overflows) make a flat
+    row, uniform weights over its keys, never NaN; a normal tiny range still normalises."""
+    tiny = torch.finfo(dtype).tiny
+    x = 1e-20 if dtype == torch.float32 else 1e-160  # similarities x² · (1, 3, 2): subnormal
+    q = torch.tensor([[x]], dtype=dtype)
+    v = torch.tensor([[0.0], [1.0], [2.0]], dtype=dtype)
+    cases = (
+        (q, torch.tensor([[x], [3 * x], [2 * x]], dtype=dtype), 1.0),  # flat: the mean of v
+        (torch.ones(1, 1, dtype=dtype), torch.tensor([[0.0], [4 * tiny], [2 * tiny]], dtype=dtype), 4 / 3),  # u = 0, 1, 1/2
+    )
+    for query, keys, expected in cases:
+        out, stats = simwarp.warp_attend(query, keys, v, scale=1.0, impl=impl, chunk_size=2, return_stats=True)
+        assert out.item() == pytest.approx(expected, rel=1e-6), keys
+        assert not stats.empty.any() and stats.kept.item() >= 1
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, f64])
+def test_cosine_zero_rows_have_zero_gradient(impl, dtype):
+    """A zero (padding, dead-ReLU) embedding has no direction: its cosine is 0 with gradient 0
+    (F.normalize's would be 1/eps = 1e12, inf in float16), and the other rows are unaffected."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, generator=gen, dtype=f64)
+    q[1] = 0.0
+    k = torch.randn(5, 4, generator=gen, dtype=f64)
+    k[2] = 0.0
+    v = torch.randn(5, 2, generator=gen, dtype=f64)
+    qx, kx = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+    out = simwarp.warp_attend(qx, kx, v.to(dtype), metric="cosine", impl=impl, chunk_size=2)
+    gq, gk = torch.autograd.grad(out.float().sum(), (qx, kx))
+    assert torch.isfinite(gq).all() and torch.isfinite(gk).all()
+    assert torch.equal(gq[1], torch.zeros_like(gq[1])) and torch.equal(gk[2], torch.zeros_like(gk[2]))
+    torch.testing.assert_close(out[1].double(), v.mean(0), atol=2e-3, rtol=0)  # flat row: uniform weights
+    s = simwarp.pairwise_similarity(q, k, metric="cosine")
+    assert torch.equal(s[1], torch.zeros(5, dtype=f64)) and torch.equal(s[:, 2], torch.zeros(3, dtype=f64))
+    torch.testing.assert_close(s[0], torch.nn.functional.cosine_similarity(q[:1], k, dim=-1).masked_fill(torch.arange(5) == 2, 0))
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
 def test_leave_one_out_l2_with_duplicates_trains_without_nan(impl):
     z = torch.randn(8, 4, dtype=f64)
     z[3] = z[2]  # zero distance between two different rows as well as on the diagonal
@@ -319,8 +360,11 @@ def test_empty_inputs():
 def test_empty_calls_keep_every_input_in_the_graph(rows, keys):
     """A backward through a call without rows or keys reaches every input (zero gradients, never
     None): DDP expects every parameter to get a gradient, and a gather's backward collective
-    must run on a rank with no rows. Huge finite inputs must not turn the zeros into NaN."""
-    q = torch.full((rows, 3), 3e38).requires_grad_()
+    must run on a rank with no rows. Huge, infinite or NaN inputs must not reach the zeros."""
+    q = torch.full((rows, 3), 3e38)
+    q[:1, 0] = math.inf
+    q[1:2, 1] = math.nan
+    q.requires_grad_()
     k = torch.full((keys, 3), 3e38).requires_grad_()
     v = torch.randn(keys, 2, requires_grad=True)
     a, b, t = (torch.full((rows,), x, requires_grad=True) for x in (0.2, 0.8, 0.5))

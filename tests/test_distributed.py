@@ -79,18 +79,33 @@ def _head(kind, gather):
 
 def _run_heads(data, world, rank, gather=True) -> dict:
     """Train-mode step and sharded-bank eval of both heads (local parts when gathering)."""
-    res = {}
+    import simwarp.heads as heads_module
+
     rb = _rows(HEAD_BATCH[world], rank) if gather else slice(None, sum(HEAD_BATCH[world]))
+
+    size_calls = []  # the heads' own global_size collectives (the union of a bank: once per bank)
+    counted = heads_module.global_size
+    heads_module.global_size = lambda *args: size_calls.append(args) or counted(*args)
+    try:
+        return _run_heads_counted(data, world, rank, gather, rb, size_calls)
+    finally:
+        heads_module.global_size = counted
+
+
+def _run_heads_counted(data, world, rank, gather, rb, size_calls) -> dict:
+    res = {}
     rh = _rows(HEAD_SHARD[world], rank) if gather else slice(None)
     rq = _rows(N_QUERY_LOCAL[world], rank) if gather else slice(None)
     for kind in ("reg", "cls"):
         head = _head(kind, gather)
         z = data["z"][rb].clone().requires_grad_(True)
         y = data["y"][rb] if kind == "reg" else data["cls"][rb]
+        size_calls.clear()
         out = head(z, y)
         (out * data["g"][rb]).sum().backward()
         r = {"train": out.detach(), "z_grad": z.grad, "p_grad": [p.grad.clone() for p in head.parameters()],
-             "keys": head.sparsity.get("neighbours")}  # None on a rank without rows
+             "keys": head.sparsity.get("neighbours"),  # None on a rank without rows
+             "train_size_calls": len(size_calls)}
         head.eval()
         bank_y = data["bank_y"] if kind == "reg" else data["bank_cls"]
         head.set_bank(data["bank_z"][rh], bank_y[rh])
@@ -101,6 +116,7 @@ def _run_heads(data, world, rank, gather=True) -> dict:
         if kind == "reg":
             r["uncertainty"] = head.predict_with_uncertainty(ql)
             r["target_mean"] = head.target_mean.clone()
+        r["eval_size_calls"] = len(size_calls)
         res[kind] = r
     return res
 
@@ -340,6 +356,7 @@ def test_heads_gather_equal_single_process(group_results, kind):
         _close(r["train"], ref["train"][rb])
         _close(r["z_grad"], ref["z_grad"][rb])
         assert r["keys"] == (ref["keys"] if HEAD_BATCH[world][rank] else None) and r["bank_keys"] == ref["bank_keys"]
+        assert r["train_size_calls"] == 0 and r["eval_size_calls"] == 1  # the bank's union: asked once
         _close(r["eval"], ref["eval"][rq])
         _close(r["explain"][1], ref["explain"][1][rq])
         assert torch.equal(r["explain"][0], ref["explain"][0][rq])

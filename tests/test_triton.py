@@ -152,6 +152,44 @@ def check_degenerate_rows_ties_and_causal_rectangular():
 
 
 @check
+def check_subnormal_ranges_are_flat():
+    """As in the dense and chunked paths: a row whose range is below float32's smallest normal
+    number is flat (uniform weights), not NaN or empty; a normal tiny range still normalises."""
+    import simwarp
+
+    tiny, x = torch.finfo(torch.float32).tiny, 1e-20
+    v = torch.tensor([[0.0], [1.0], [2.0]])
+    cases = (
+        (torch.tensor([[x]]), torch.tensor([[x], [3 * x], [2 * x]]), 1.0),
+        (torch.ones(1, 1), torch.tensor([[0.0], [4 * tiny], [2 * tiny]]), 4 / 3),
+    )
+    for query, keys, expected in cases:
+        for impl in ("triton", "chunked"):
+            out, stats = simwarp.warp_attend(query, keys, v, scale=1.0, impl=impl, return_stats=True)
+            assert abs(out.item() - expected) < 1e-6, (impl, out.item(), expected)
+            assert not stats.empty.any() and stats.kept.item() >= 1, impl
+
+
+@check
+def check_cosine_zero_rows_have_zero_gradient():
+    """The fused path normalises like the others (similarity.unit_rows): a zero row's gradient is 0."""
+    import simwarp
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(1, 20, 16, generator=gen), torch.randn(1, 24, 16, generator=gen), torch.randn(1, 24, 3, generator=gen)
+    q[0, 3] = 0.0
+    k[0, 5] = 0.0
+    grads = {}
+    for impl in ("triton", "chunked"):
+        qx, kx = q.clone().requires_grad_(), k.clone().requires_grad_()
+        out = simwarp.warp_attend(qx, kx, v, metric="cosine", impl=impl)
+        grads[impl] = torch.autograd.grad(out.sum(), (qx, kx))
+        assert (grads[impl][0][0, 3] == 0).all() and (grads[impl][1][0, 5] == 0).all(), impl
+    for g, rg in zip(grads["triton"], grads["chunked"]):
+        torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-3)
+
+
+@check
 def check_key_splits_bank_case_and_ties():
     """Few queries against many keys (the neighbour-bank layout): the key axis is split over
     programs and the partial sums are combined; tied minima/maxima in different splits route

@@ -90,10 +90,11 @@ def _zeros_linked_to(zeros: torch.Tensor, *inputs) -> torch.Tensor:
     """``zeros`` that autograd links to every input that requires grad, so that a backward through
     an empty call still runs each input's graph: its parameters get (zero) gradients, as DDP
     expects, and collectives in it (the gathers of :mod:`simwarp.distributed`) run on every rank.
-    ``(x * 0).sum()``, not ``0 * x.sum()``: the sum of large finite inputs may overflow."""
+    The link is the sum of an empty slice: exactly 0 whatever the inputs hold (inf or NaN in a
+    query row must not reach the other rows)."""
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.requires_grad:
-            zeros = zeros + (x * 0).sum().to(zeros.dtype)
+            zeros = zeros + x.reshape(-1)[:0].sum().to(zeros.dtype)
     return zeros
 
 

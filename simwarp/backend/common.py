@@ -179,16 +179,21 @@ def routed_range_index(range_index, spec: WarpSpec, s: torch.Tensor):
 
 def unit_affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inv, shift)`` per row with ``u = s · inv + shift = (s - lo) / (hi - lo)``; on flat rows
-    (``hi <= lo``) ``inv = 0`` and ``shift = 1`` (``u = 1``)."""
+    ``inv = 0`` and ``shift = 1`` (``u = 1``).
+
+    A row is flat when ``hi - lo`` is below the dtype's smallest normal number ``tiny``: all
+    similarities equal, or a subnormal range, whose reciprocal overflows. (Any larger range
+    divides safely: ``1 / r <= 1 / tiny``, and ``|lo| / r <= 2^24`` as ``r`` is at least one
+    unit in the last place of ``lo``.)"""
     r = hi - lo
-    flat = r <= 0
+    flat = r < torch.finfo(r.dtype).tiny
     inv = torch.where(flat, 0.0, 1.0 / r.masked_fill(flat, 1.0))  # per row: cheap
     return inv, flat.to(lo.dtype) - lo * inv
 
 
 def unit_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, inv)``: ``u = (s - lo) · inv`` with ``inv = 1 / (hi - lo)`` per row, and on flat rows
-    (``hi <= lo``) ``inv = 0``, ``u = 1``."""
+    (:func:`unit_affine`) ``inv = 0``, ``u = 1``."""
     inv, shift = unit_affine(lo, hi)
     return (s * inv).add_(shift), inv
 
@@ -202,7 +207,7 @@ def _range_gradients(g_u: torch.Tensor, u: torch.Tensor, inv: torch.Tensor, sums
 
 
 class _NormalizedRange(torch.autograd.Function):
-    # u = (s - lo) / r with r = hi - lo, u = 1 on flat rows (r <= 0), where it is constant.
+    # u = (s - lo) / r with r = hi - lo, u = 1 on flat rows (unit_affine), where it is constant.
     # ∂s = g inv, and ∂lo, ∂hi from _range_gradients.
     @staticmethod
     def forward(ctx, s, lo, hi):

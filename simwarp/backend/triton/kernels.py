@@ -548,7 +548,8 @@ def row_stats_kernel(
     lo = lo_raw * factor
     hi = tl.where(empty, 0.0, hi_raw) * factor
     r = hi - lo
-    inv_r = tl.where(r > 0, 1.0 / tl.where(r > 0, r, 1.0), 0.0)
+    steep = r >= 1.1754943508222875e-38  # flat rows as common.unit_affine: r below float32's smallest normal
+    inv_r = tl.where(steep, 1.0 / tl.where(steep, r, 1.0), 0.0)
     tl.store(RS + rows, lo, mask=row_ok)
     tl.store(RS + plane + rows, hi, mask=row_ok)
     tl.store(RS + 2 * plane + rows, inv_r, mask=row_ok)

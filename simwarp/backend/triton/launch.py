@@ -23,19 +23,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from simwarp import steps as _steps
 from simwarp._autograd import first_order
 from simwarp.backend.common import WarpSpec, broadcast_shape, device_constants
-from simwarp.similarity import default_scale
+from simwarp.similarity import default_scale, unit_rows
 
 METRIC_CODES = {"dot": 0, "cosine": 0, "sqeuclidean": 1, "l2": 2}
 #: Steps with a kernel implementation, and the registered function each must still be.
 KERNEL_STEPS = {"none": 0, "sigmoidal": 1, "log": 2, "poly": 3}
 MAX_HEAD_DIM = 256
 MAX_VALUE_DIM = 256
-_COSINE_EPS = 1e-12
 
 _MODULES: dict[bool, object] = {}
 #: Launch option of every kernel: multiply-adds fused (FFMA), which the per-score arithmetic is
@@ -496,6 +494,6 @@ def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConf
     plan = make_plan(q, spec, config, count_kept)
     if spec.metric == "cosine":
         acc = _acc_dtype(q.dtype)
-        q = F.normalize(q.to(acc), dim=-1, eps=_COSINE_EPS).to(q.dtype)
-        k = F.normalize(k.to(acc), dim=-1, eps=_COSINE_EPS).to(k.dtype)
+        q = unit_rows(q.to(acc)).to(q.dtype)
+        k = unit_rows(k.to(acc)).to(k.dtype)
     return _TritonWarp.apply(q, k, v, a, b, t, mask, plan)
