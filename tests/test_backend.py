@@ -749,6 +749,18 @@ def test_tiny_t_has_a_finite_gradient(step):
             assert torch.isfinite(t.grad)
 
 
+def test_flags_and_numpy_parameters():
+    np = pytest.importorskip("numpy")
+    q = torch.randn(3, 4, dtype=f64)
+    ref = simwarp.warp_attend(q, q, q, a=0.25, causal=True, exclude_self=True)
+    got = simwarp.warp_attend(q, q, q, a=np.float32(0.25), causal=np.bool_(True), exclude_self=1)
+    torch.testing.assert_close(got, ref)
+    for flag in ("causal", "exclude_self", "detach_range"):
+        for bad in ("yes", None, 2, torch.tensor(True)):
+            with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+                simwarp.warp_attend(q, q, q, **{flag: bad})
+
+
 @pytest.mark.parametrize("impl", ["auto", "dense", "chunked"])
 def test_empty_batch_and_clear_errors(impl):
     out = simwarp.warp_attend(torch.randn(0, 9, 8), torch.randn(0, 13, 8), torch.randn(0, 13, 4), impl=impl)

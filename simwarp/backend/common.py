@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy
 import torch
 
 from simwarp._autograd import first_order
@@ -530,7 +531,7 @@ def resolve_params(
     for name, x, default in (("a", a, DEFAULT_A), ("b", b, DEFAULT_B), ("t", t, DEFAULT_T)):
         if x is None:
             x = default
-        if isinstance(x, bool) or not isinstance(x, (int, float, torch.Tensor)):
+        if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):  # NumPy reals too
             raise TypeError(f"{name} must be a float, a tensor or None, got {type(x).__name__}")
         if not isinstance(x, torch.Tensor):
             given, x = float(x), _rounded(float(x), dtype)  # checked as computed: 1 - 1e-9 is 1.0 in float32
@@ -588,6 +589,14 @@ def as_real(name: str, value, kind: str) -> float:
     return float(value)
 
 
+def as_flag(name: str, value) -> bool:
+    """``value`` as a bool: Python and NumPy bools, and the ints 0 and 1; anything else (a string,
+    None, a tensor) is a ``TypeError`` that names ``name``."""
+    if isinstance(value, (bool, numpy.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset: int = 0) -> WarpSpec:
     check_metric(metric)
     if scale is not None:
@@ -604,8 +613,8 @@ def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_ran
         scale=scale,
         step=get_step(step),
         temperature=float(temperature),
-        causal=bool(causal),
-        exclude_self=bool(exclude_self),
-        detach_range=bool(detach_range),
+        causal=as_flag("causal", causal),
+        exclude_self=as_flag("exclude_self", exclude_self),
+        detach_range=as_flag("detach_range", detach_range),
         self_offset=int(self_offset) if exclude_self else 0,
     )
