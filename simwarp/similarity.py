@@ -69,12 +69,6 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > _COSINE_EPS, x / norm.clamp_min(_COSINE_EPS), 0.0)
 
 
-def _self_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``q`` and ``k`` are one 2-D tensor (all pairs of a batch with itself): then the
-    gradients for ``q`` and ``k`` add up, and one GEMM with ``g + gᵀ`` replaces two."""
-    return q is k and q.dim() == 2
-
-
 def _plus_transpose(g: torch.Tensor) -> torch.Tensor:
     """``g + gᵀ`` of a square matrix (``copy_`` has a fast path for a transposed source; the
     elementwise ``g + g.T`` is 4x slower)."""
@@ -82,23 +76,31 @@ def _plus_transpose(g: torch.Tensor) -> torch.Tensor:
 
 
 class _Gram(torch.autograd.Function):
-    # q kᵀ; backward ∂q = g k, ∂k = gᵀ q, or ∂q = (g + gᵀ) q when q is k. The backward is made
-    # of differentiable operations, so double backward works as through a plain matmul.
+    # q kᵀ, or q qᵀ when k is None (all pairs of one batch: passed once, as torch.compile cannot
+    # trace a tensor given twice); backward ∂q = g k, ∂k = gᵀ q, or ∂q = (g + gᵀ) q for q qᵀ.
+    # The backward is made of differentiable operations, so double backward works as through
+    # a plain matmul.
     @staticmethod
     def forward(ctx, q, k):
         ctx.save_for_backward(q, k)
-        ctx.same = _self_pairs(q, k)
-        return q @ k.transpose(-1, -2)
+        return q @ (q if k is None else k).transpose(-1, -2)
 
     @staticmethod
     def backward(ctx, g):
         q, k = ctx.saved_tensors
-        if ctx.same:
-            return _plus_transpose(g) @ q, None
+        if k is None:
+            if q.dim() == 2:
+                return _plus_transpose(g) @ q, None
+            return (g + g.transpose(-1, -2)) @ q, None
         need_q, need_k = ctx.needs_input_grad
         gq = (g @ k).sum_to_size(q.shape) if need_q else None
         gk = (g.transpose(-1, -2) @ q).sum_to_size(k.shape) if need_k else None
         return gq, gk
+
+
+def _gram(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q kᵀ`` through :class:`_Gram` (``q`` given once when ``k is q``)."""
+    return _Gram.apply(q, None if k is q else k)
 
 
 class _ScaledSquaredDistance(torch.autograd.Function):
@@ -106,12 +108,12 @@ class _ScaledSquaredDistance(torch.autograd.Function):
     # rounding. The backward is that of the smooth expression (the clamp only ever acts on
     # numerically-zero distances, where the true gradient is 0 too): with G = c g,
     # ∂q = 2 (q Σ_j G - G k),  ∂k = 2 (k Σ_i G - Gᵀ q); when q is k, their sum
-    # 2 (q Σ_j (G + Gᵀ) - (G + Gᵀ) q).
+    # 2 (q Σ_j (G + Gᵀ) - (G + Gᵀ) q). As in _Gram, k is None when the pairs are q's own.
     @staticmethod
     def forward(ctx, q, k, c: float):
         ctx.save_for_backward(q, k)
         ctx.c = c
-        ctx.same = _self_pairs(q, k)
+        k = q if k is None else k
         qq, kk = q.pow(2).sum(-1, keepdim=True).mul_(c), k.pow(2).sum(-1).unsqueeze(-2).mul_(c)
         if q.dim() == 2 and k.dim() == 2:  # one GEMM with the key norms as its C operand
             out = torch.addmm(kk, q, k.T, alpha=-2.0 * c).add_(qq)
@@ -123,9 +125,9 @@ class _ScaledSquaredDistance(torch.autograd.Function):
     @first_order
     def backward(ctx, g):
         q, k = ctx.saved_tensors
-        if ctx.same:
-            g = _plus_transpose(g)
-            return (q * g.sum(-1, keepdim=True) - g @ q).mul_(2.0 * ctx.c), None, None
+        if k is None:
+            g = _plus_transpose(g) if g.dim() == 2 else g + g.transpose(-1, -2)
+            return (q * g.sum(-1, keepdim=True) - g @ q).mul_(2.0 * ctx.c).sum_to_size(q.shape), None, None
         need_q, need_k, _ = ctx.needs_input_grad
         gq = gk = None  # the factor 2c is applied to the small (rows × d) results
         if need_q:
@@ -137,7 +139,7 @@ class _ScaledSquaredDistance(torch.autograd.Function):
 
 def _squared_distance(q: torch.Tensor, k: torch.Tensor, c: float = 1.0) -> torch.Tensor:
     """``(..., n, m)`` squared Euclidean distances between the rows of ``q`` and ``k``, times ``c``."""
-    return _ScaledSquaredDistance.apply(q, k, c)
+    return _ScaledSquaredDistance.apply(q, None if k is q else k, c)
 
 
 def _check_pair(q, k, scale, k_layout: str) -> None:
@@ -177,10 +179,10 @@ def pairwise_similarity(
     _check_pair(q, k, scale, "(..., m, d)")
     c = default_scale(metric, q.shape[-1]) if scale is None else scale
     if metric == "dot":
-        s = _Gram.apply(q, k)
+        s = _gram(q, k)
     elif metric == "cosine":
         qn = unit_rows(q)
-        s = _Gram.apply(qn, qn if k is q else unit_rows(k))
+        s = _gram(qn, qn if k is q else unit_rows(k))
     elif metric == "sqeuclidean":
         return _squared_distance(q, k, -c)
     elif metric == "l2":

@@ -158,7 +158,15 @@ def row_range_indices(
     key attaining each (no gradients). Invalid keys are those under ``bias`` (from
     :func:`key_bias`) or, with ``self_offset``, on that diagonal of ``s`` (each row's own key),
     which is set to ±inf in place for the reductions and restored (so ``s`` must not be saved
-    for backward yet); a row with no valid key gets ``±inf``."""
+    for backward yet); a row with no valid key gets ``±inf``. Under ``torch.compile`` the
+    diagonal is masked out of place instead (``s`` may be a view made inside an autograd
+    function, which compiled graphs must not write to; the compiler fuses the mask into the
+    reductions)."""
+    if self_offset is not None and torch.compiler.is_compiling():
+        n, m = s.shape[-2:]
+        own = torch.arange(n, device=s.device).unsqueeze(-1) + self_offset == torch.arange(m, device=s.device)
+        own_bias = torch.zeros((n, m), dtype=s.dtype, device=s.device).masked_fill_(own, -math.inf)
+        return row_range_indices(s, own_bias if bias is None else bias + own_bias, None)
     with torch.no_grad():
         own = s.detach().diagonal(self_offset, -2, -1) if self_offset is not None else None
         kept = None if own is None else own.clone()

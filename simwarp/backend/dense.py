@@ -213,7 +213,7 @@ def _rows(x, start: int, stop: int, dim: int):
     """Rows ``start:stop`` of ``x`` along ``dim`` (counted from the end), unless ``x`` is
     ``None`` or broadcast along it."""
     if x is None or x.dim() < -dim or x.shape[dim] == 1 or (start == 0 and stop == x.shape[dim]):
-        return x  # (the whole of x keeps its identity: see similarity._self_pairs)
+        return x  # (the whole of x keeps its identity: see similarity._gram)
     return x.narrow(dim, start, stop - start)
 
 
