@@ -94,13 +94,20 @@ def additive_mask_to_bool(mask: torch.Tensor, name: str = "attn_mask") -> torch.
         return mask
     if not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor, got dtype {mask.dtype}")
+    if mask.requires_grad:
+        raise ValueError(
+            f"{name} requires grad: it carries a learned score bias (e.g. the relative-position tables that "
+            "BEiT and Swin add through the attention mask), which SoftStep attention cannot apply; it accepts "
+            "bool masks and fixed additive masks of 0 and -inf"
+        )
     blocked = mask <= MASKED_BIAS_THRESHOLD
     if not bool((blocked | (mask == 0)).all()):
         bad = mask[~(blocked | (mask == 0))]
         raise ValueError(
             f"{name} holds finite non-zero additive biases (e.g. {bad.flatten()[:3].tolist()}): SoftStep "
             f"attention accepts bool masks or additive masks whose entries are 0 (attend) or -inf / <= "
-            f"{MASKED_BIAS_THRESHOLD:g} (masked). Score biases such as ALiBi are not supported."
+            f"{MASKED_BIAS_THRESHOLD:g} (masked). Score biases (ALiBi, relative-position tables, Swin's -100 "
+            f"window masks) are not supported."
         )
     return ~blocked
 

@@ -111,6 +111,57 @@ def test_state_dict_training_and_save_round_trip(tmp_path):
     assert load_softstep_state(restored, tmp_path) == sorted(keys)
 
 
+def _perturbed_softstep(model):
+    keys = [k for k in model.state_dict() if ".softstep." in k]
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for i, k in enumerate(keys):
+            params[k].add_(0.1 * (i + 1))
+    return {k: params[k].detach().clone() for k in keys}
+
+
+def test_round_trip_through_transformers_key_renaming(tmp_path):
+    """transformers 5 saves some models under other names than their modules' (ViT:
+    ``layers.0`` is ``encoder.layer.0`` in the file); the SoftStep parameters follow."""
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.ViTModel(cfg).eval()
+    attach_softstep(model, mode="per_head")
+    want = _perturbed_softstep(model)
+    model.save_pretrained(tmp_path)
+    restored = from_pretrained(tmp_path, auto_class=transformers.ViTModel).eval()
+    for k, v in want.items():
+        torch.testing.assert_close(restored.state_dict()[k], v)
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(pixel_values=pixels).last_hidden_state, model(pixel_values=pixels).last_hidden_state)
+
+
+def test_base_checkpoint_into_a_head_model(tmp_path):
+    base = tiny_bert()
+    attach_softstep(base, mode="per_head")
+    want = _perturbed_softstep(base)
+    base.save_pretrained(tmp_path)
+    clf = from_pretrained(tmp_path, auto_class=transformers.BertForSequenceClassification, num_labels=2)
+    for k, v in want.items():
+        torch.testing.assert_close(clf.state_dict()["bert." + k], v)
+
+
+def test_learned_score_biases_and_sinks_are_refused():
+    from simwarp.integrations.transformers import softstep_attention_forward
+
+    model = tiny_bert()
+    attach_softstep(model)
+    module = next(iter(attention_modules(model).values()))
+    q = torch.randn(1, 4, 5, 8)
+    bias = torch.zeros(1, 1, 5, 5, requires_grad=True)  # e.g. a relative-position table folded into the mask
+    with pytest.raises(ValueError, match="learned score bias"):
+        softstep_attention_forward(module, q, q, q, bias)
+    with pytest.raises(ValueError, match="attention sinks"):
+        softstep_attention_forward(module, q, q, q, None, s_aux=torch.zeros(4))
+
+
 def test_lazy_creation_warns_and_output_attentions():
     register()
     model = transformers.BertModel(tiny_bert().config).eval()

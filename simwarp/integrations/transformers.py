@@ -133,6 +133,12 @@ def softstep_attention_forward(
             "softstep attention cannot apply `position_bias` (an additive score bias, e.g. T5 relative positions); "
             "use a model without score biases"
         )
+    for sink in ("s_aux", "sinks"):
+        if kwargs.get(sink) is not None:
+            raise ValueError(
+                f"softstep attention cannot apply attention sinks (`{sink}`, e.g. GPT-OSS: a learned extra "
+                "logit in every softmax row); use a model without sinks"
+            )
     layer = getattr(module, "softstep", None)
     if not isinstance(layer, SoftStepAttention):
         opts = dict(_DEFAULT_ATTACH)
@@ -268,18 +274,48 @@ def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict) -> l
             state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         else:
             raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
-    own = {k for k in model.state_dict() if ".softstep." in f".{k}"}
-    # checkpoints of a base model saved from a head model carry a prefix (e.g. "bert."): match by suffix
+    own = {k: v for k, v in model.state_dict().items() if ".softstep." in f".{k}"}
+    stored = {k: v for k, v in state.items() if ".softstep." in f".{k}"}
     picked = {}
-    for k in own:
-        hits = [sk for sk in state if sk == k or sk.endswith("." + k)]
-        if hits:
-            picked[k] = state[hits[0]]
-    missing = sorted(own - set(picked))
+    for key in own:
+        hit = _stored_key(key, stored) or _stored_key(_checkpoint_name(model, key, own[key]), stored)
+        if hit is not None:
+            picked[key] = stored[hit]
+    missing = sorted(set(own) - set(picked))
     if missing:
-        raise KeyError(f"the checkpoint has no SoftStep parameters for {missing[:3]}{'…' if len(missing) > 3 else ''}")
+        raise KeyError(
+            f"the checkpoint has no SoftStep parameters for {missing[:3]}{'…' if len(missing) > 3 else ''} "
+            f"(it holds {len(stored)} SoftStep entries, e.g. {sorted(stored)[:2]})"
+        )
     model.load_state_dict(picked, strict=False)
     return sorted(picked)
+
+
+def _stored_key(key: str | None, stored: dict) -> str | None:
+    """The checkpoint entry for the model's ``key``: the same name, or one that differs by a
+    leading prefix on either side (a base model saved from a head model carries ``"bert."``; a
+    head model loaded from a base checkpoint lacks it). Ambiguous prefixes match nothing."""
+    if key is None:
+        return None
+    if key in stored:
+        return key
+    hits = [sk for sk in stored if sk.endswith("." + key) or key.endswith("." + sk)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _checkpoint_name(model: nn.Module, key: str, tensor: torch.Tensor) -> str | None:
+    """The name ``save_pretrained`` gives the model's ``key`` in a checkpoint, where transformers
+    renames weights between its model and checkpoint layouts (transformers 5: ViT, LLaVA, ...);
+    ``None`` where it has no renaming for this model or this transformers has no such step."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    try:
+        renamed = revert_weight_conversion(model, {key: tensor})
+    except Exception:  # noqa: BLE001 - transformers internals: no renaming known for this model
+        return None
+    return next(iter(renamed)) if len(renamed) == 1 else None
 
 
 def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: Any) -> nn.Module:
