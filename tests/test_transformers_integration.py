@@ -162,6 +162,23 @@ def test_learned_score_biases_and_sinks_are_refused():
         softstep_attention_forward(module, q, q, q, None, s_aux=torch.zeros(4))
 
 
+@pytest.mark.parametrize("arch", ["t5", "gemma2", "beit"])
+def test_attach_refuses_models_with_score_modifiers(arch):
+    small = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    if arch == "t5":
+        model = transformers.T5EncoderModel(transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                                  num_heads=2))
+    elif arch == "gemma2":
+        model = transformers.Gemma2Model(transformers.Gemma2Config(vocab_size=50, hidden_size=16, head_dim=8,
+                                                                   num_key_value_heads=1, **small))
+    else:
+        model = transformers.BeitModel(transformers.BeitConfig(image_size=16, patch_size=4, hidden_size=16,
+                                                               use_relative_position_bias=True, **small))
+    with pytest.raises(ValueError, match="cannot apply"):
+        attach_softstep(model)
+    assert not any(".softstep." in k for k in model.state_dict())
+
+
 def test_lazy_creation_warns_and_output_attentions():
     register()
     model = transformers.BertModel(tiny_bert().config).eval()

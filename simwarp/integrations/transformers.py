@@ -237,6 +237,9 @@ def attach_softstep(
         ``model.config.softstep`` (saved by ``save_pretrained``).
     """
     opts = {"mode": mode, "step": step, "init": None if init is None else list(init), "hidden": hidden}
+    problem = _score_modifier(model)
+    if problem is not None:
+        raise ValueError(f"{type(model).__name__} {problem}, which SoftStep attention cannot apply")
     found = attention_modules(model)
     if not found:
         raise ValueError(
@@ -256,6 +259,23 @@ def attach_softstep(
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(ATTN_NAME)
     return attached
+
+
+#: Parameter names of score modifiers that transformers passes around the attention mask:
+#: relative-position biases (T5 and its descendants, BEiT, Swin) and attention sinks (GPT-OSS).
+_SCORE_MODIFIER_PARAMETERS = ("relative_attention_bias", "relative_position_bias", "sinks")
+
+
+def _score_modifier(model: nn.Module) -> str | None:
+    """Why ``model``'s attention scores are more than ``q·k`` under a key mask (None: they are not).
+    The attention function refuses these at run time too; here the user learns it at attach time."""
+    softcap = getattr(getattr(model, "config", None), "attn_logit_softcapping", None)
+    if softcap is not None:
+        return f"caps its attention logits (config.attn_logit_softcapping={softcap})"
+    for name, _ in model.named_parameters():
+        if any(part.startswith(_SCORE_MODIFIER_PARAMETERS) for part in name.split(".")):
+            return f"adds a learned score bias or sink to its attention scores ({name})"
+    return None
 
 
 def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict) -> list[str]:
