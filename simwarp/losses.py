@@ -29,6 +29,7 @@ loss's parameters to the optimiser together with the model's
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -357,6 +358,11 @@ class _SoftStepLossMixin:
     ) -> None:
         """The constructor body shared by the losses: the similarity multiplier (``softmax_scale``
         or ``temperature``, recorded like PML's own), the SoftStep, backend options, gather."""
+        if isinstance(scale_value, torch.Tensor) and scale_value.requires_grad:
+            raise TypeError(
+                f"{scale_name} must be a positive finite float; a tensor that requires grad (a learnable "
+                f"{scale_name}) is not supported: the backend takes it as a constant"
+            )
         try:
             value = as_real(scale_name, scale_value, "a positive finite float")
         except TypeError:
@@ -375,12 +381,29 @@ class _SoftStepLossMixin:
         else:
             if mode not in ("global", "instance"):
                 raise ValueError(f"mode must be 'global' or 'instance', got {mode!r}")
+            if mode == "global" and (embedding_size is not None or hidden is not None):
+                warnings.warn(
+                    "embedding_size and hidden shape the per-anchor network of mode='instance'; with "
+                    "mode='global' (one learned step) they are ignored",
+                    UserWarning,
+                    stacklevel=3,
+                )
             softstep = SoftStep(mode=mode, in_features=embedding_size, hidden=hidden, step=step, init=init)
         self.softstep = softstep
         self.detach_range = bool(detach_range)
         self.impl = impl
         self.chunk_size = chunk_size
-        self.metric, self.prenormalise = backend_metric(self.distance)
+        backend_metric(self.distance)  # fails early on an unsupported distance
+
+    @property
+    def metric(self) -> str:
+        """The backend metric of the current ``self.distance`` (read per call, as PML does)."""
+        return backend_metric(self.distance)[0]
+
+    @property
+    def prenormalise(self) -> bool:
+        """Whether embeddings go through ``self.distance.normalize`` first."""
+        return backend_metric(self.distance)[1]
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """PML's ``forward``; shapes are checked first so that errors name them."""
@@ -394,8 +417,13 @@ class _SoftStepLossMixin:
         """Embeddings as the backend sees them (after PML's normalisation if it applies),
         whether the reference set is the batch itself, and the step parameters per anchor."""
         same = ref_emb is embeddings
-        x = self.distance.normalize(embeddings) if self.prenormalise else embeddings
-        r = x if same else (self.distance.normalize(ref_emb) if self.prenormalise else ref_emb)
+        prenormalise = self.prenormalise
+        x = self.distance.normalize(embeddings) if prenormalise else embeddings
+        r = x if same else (self.distance.normalize(ref_emb) if prenormalise else ref_emb)
+        if getattr(self.distance, "collect_stats", False):  # the norms PML's distances record
+            self.distance.reset_stats()
+            maybe = self.distance.maybe_normalize
+            self.distance.set_default_stats(embeddings, ref_emb, maybe(embeddings), maybe(ref_emb))
         cond = x if self.softstep.mode == "instance" else None
         if cond is not None and cond.shape[-1] != self.softstep.in_features:
             raise ValueError(

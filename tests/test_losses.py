@@ -509,3 +509,37 @@ def test_zero_loss_reaches_the_step_parameters():
         assert loss.item() == 0.0
         loss.backward()
         assert all(p.grad is not None and (p.grad == 0).all() for p in loss_fn.parameters())
+
+
+def test_distance_changed_after_construction_is_used():
+    """PML's losses read ``self.distance`` on every call; so do simwarp's."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=gen)
+    ours, theirs = SoftStepNCALoss(step="none"), pml_losses.NCALoss()
+    for loss in (ours, theirs):
+        loss.distance = D.CosineSimilarity()
+    assert ours.metric == "cosine"
+    torch.testing.assert_close(ours(x, y), theirs(x, y))
+    ours.distance = D.SNRDistance()
+    with pytest.raises(TypeError, match="distance must be one of"):
+        ours(x, y)
+
+
+def test_distance_statistics_are_recorded_like_pml():
+    x = torch.randn(10, 4, dtype=torch.float64) * 3
+    y = torch.randint(0, 2, (10,))
+    ours = SoftStepNCALoss(distance=D.LpDistance(power=2, collect_stats=True))
+    theirs = pml_losses.NCALoss(distance=D.LpDistance(power=2, collect_stats=True))
+    ours(x, y)
+    theirs(x, y)
+    for stat in ("initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm", "final_avg_ref_norm"):
+        assert getattr(ours.distance, stat) == pytest.approx(getattr(theirs.distance, stat)), stat
+
+
+def test_learnable_temperature_and_global_mode_options_are_reported():
+    with pytest.raises(TypeError, match="learnable temperature"):
+        SoftStepContrastiveLoss(temperature=torch.nn.Parameter(torch.tensor(0.1)))
+    assert SoftStepContrastiveLoss(temperature=torch.tensor(0.1)).temperature == pytest.approx(0.1)
+    with pytest.warns(UserWarning, match="ignored"):
+        SoftStepNCALoss(embedding_size=32, hidden=16)
