@@ -41,7 +41,7 @@ from simwarp.distributed import (
     sharded_explain,
     sharded_warp_attend,
 )
-from simwarp.similarity import METRICS, pairwise_similarity
+from simwarp.similarity import METRICS, pairwise_similarity, unit_rows
 from simwarp.steps import SoftStep, get_step
 
 __all__ = [
@@ -55,6 +55,10 @@ __all__ = [
 
 #: scores materialised at once by :meth:`explain` and the kNN head (queries × bank entries).
 EXPLAIN_BUDGET = 1 << 22
+#: the kNN head's smallest block of queries, above the budget where the bank is large (32 rows
+#: of a million-entry bank are 128 MiB in float32): each block's GEMM reads the whole bank,
+#: which must serve more than a handful of queries.
+KNN_MIN_ROWS = 32
 _HEAD_MODES = ("global", "instance")
 
 
@@ -788,8 +792,8 @@ class KNNRegressionHead(_BankMixin):
     """Hard top-``k`` neighbour average (baseline): ``ŷ_i = mean of the labels of the k most
     similar rows`` (leave-one-out over the batch in training, the bank at inference).
 
-    Similarities come from :func:`simwarp.pairwise_similarity`, blocked over queries so memory
-    stays bounded. The average has no gradient with respect to ``z`` (top-k is piecewise
+    Neighbours are ranked by the metric's similarity (one GEMM per block of queries, the keys
+    prepared once per call), blocked over queries so memory stays bounded. The average has no gradient with respect to ``z`` (top-k is piecewise
     constant): use it on embeddings learned with another head.
 
     Args:
@@ -814,10 +818,11 @@ class KNNRegressionHead(_BankMixin):
         if m < 1:
             raise ValueError(f"the kNN head needs at least one neighbour per row, got {keys.shape[0]} keys (loo={loo})")
         k = min(self.k, m)
-        rows = max(1, EXPLAIN_BUDGET // keys.shape[0])
+        rows = max(KNN_MIN_ROWS, EXPLAIN_BUDGET // keys.shape[0])
+        rank = self._ranking(keys)
         outs = []
         for start in range(0, z.shape[0], rows):
-            s = pairwise_similarity(z[start : start + rows], keys, metric=self.metric)
+            s = rank(z[start : start + rows])
             if loo:
                 idx = torch.arange(start, start + s.shape[0], device=z.device)
                 s = s.clone()
@@ -825,6 +830,20 @@ class KNNRegressionHead(_BankMixin):
             top = torch.topk(s, k, dim=-1).indices
             outs.append(values[top].mean(dim=1))
         return torch.cat(outs) if outs else values.new_zeros((0, values.shape[-1]))
+
+    def _ranking(self, keys: torch.Tensor):
+        """``queries (r, D) -> (r, M)`` scores that order each row's keys as the metric's
+        similarity does, with the per-key work done once per call instead of once per block of
+        queries: one GEMM per block (``dot``; ``cosine`` on unit keys; ``l2`` and ``sqeuclidean``
+        as ``2 q·k - |k|²``, which drops the row constant ``-|q|²``)."""
+        if self.metric == "l1":
+            return lambda q: pairwise_similarity(q, keys, metric="l1")
+        if self.metric == "cosine":
+            keys = unit_rows(keys)
+        if self.metric in ("dot", "cosine"):
+            return lambda q: q @ keys.T
+        norms = keys.square().sum(-1)
+        return lambda q: torch.addmm(norms, q, keys.T, beta=-1.0, alpha=2.0)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""

@@ -344,6 +344,19 @@ def test_knn_head_is_hard_topk_average():
     torch.testing.assert_close(head(z[:4]), y[d.topk(3, largest=False).indices].mean(1))
 
 
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "sqeuclidean", "l1"])
+def test_knn_head_ranks_like_the_metric(monkeypatch, metric):
+    monkeypatch.setattr(simwarp.heads, "KNN_MIN_ROWS", 2)
+    monkeypatch.setattr(simwarp.heads, "EXPLAIN_BUDGET", 50)  # blocks of 2 queries
+    gen = torch.Generator().manual_seed(3)
+    bank, bank_y = torch.randn(25, 6, generator=gen, dtype=torch.float64), torch.randn(25, 2, generator=gen, dtype=torch.float64)
+    queries = torch.randn(7, 6, generator=gen, dtype=torch.float64)
+    head = KNNRegressionHead(6, 2, k=4, metric=metric).double().eval()
+    head.set_bank(bank, bank_y)
+    top = simwarp.pairwise_similarity(queries, bank, metric=metric).topk(4, dim=-1).indices
+    torch.testing.assert_close(head(queries), bank_y[top].mean(1))
+
+
 def test_make_head_kinds():
     for kind in simwarp.heads.HEAD_KINDS:
         h = make_head(kind, 4, 1)
