@@ -94,7 +94,8 @@ def _zeros_linked_to(zeros: torch.Tensor, *inputs) -> torch.Tensor:
     query row must not reach the other rows)."""
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.requires_grad:
-            zeros = zeros + x.reshape(-1)[:0].sum().to(zeros.dtype)
+            empty = x.narrow(-1, 0, 0) if x.dim() else x.reshape(1)[:0]  # views: nothing copied
+            zeros = zeros + empty.sum().to(zeros.dtype)
     return zeros
 
 
