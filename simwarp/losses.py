@@ -388,7 +388,11 @@ class _SoftStepLossMixin:
                     UserWarning,
                     stacklevel=3,
                 )
-            softstep = SoftStep(mode=mode, in_features=embedding_size, hidden=hidden, step=step, init=init)
+            instance = mode == "instance"
+            softstep = SoftStep(
+                mode=mode, in_features=embedding_size if instance else None, hidden=hidden if instance else None,
+                step=step, init=init,
+            )
         self.softstep = softstep
         self.detach_range = bool(detach_range)
         self.impl = impl

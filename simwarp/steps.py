@@ -23,6 +23,8 @@ reaches autograd from the entries it discards.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -375,16 +377,31 @@ def register_step(name: str, fn: StepFn, *, overwrite: bool = False) -> Step:
             the row's best key (``u = 1``) finite. The backend evaluates the step on whole
             blocks, invalid keys included, and masks afterwards; registered steps therefore
             receive ``u`` clamped to ``[0, 1]``.
-        overwrite: allow replacing an existing step.
+        overwrite: allow replacing an existing user step (the built-in steps cannot be
+            replaced: their closed forms and kernels would be lost for the process).
+
+    The step's output is checked for shape and dtype (it must be ``u``'s) on every call;
+    its values are not (that would cost a device synchronisation): keep ``φ(1) = 0`` so the
+    best key survives, or rows can come out all zero without being flagged ``empty``.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"step name must be a non-empty str, got {name!r}")
     if not callable(fn):
         raise TypeError(f"step function for {name!r} must be callable, got {type(fn).__name__}")
+    if name in BUILTIN_STEPS:
+        raise ValueError(f"{name!r} is a built-in step (with closed forms and kernels); register yours under another name")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"step {name!r} is already registered; pass overwrite=True to replace it")
+
     def clamped(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return fn(u.clamp(0.0, 1.0), a, b, t)
+        phi = fn(u.clamp(0.0, 1.0), a, b, t)
+        # shape and dtype are free to check (no device synchronisation); values are not checked
+        if not isinstance(phi, torch.Tensor) or phi.shape != u.shape or phi.dtype != u.dtype:
+            raise ValueError(
+                f"step {name!r} must return log m(u) as a tensor of u's shape {tuple(u.shape)} and dtype "
+                f"{u.dtype}, got {tuple(getattr(phi, 'shape', ()))} {getattr(phi, 'dtype', type(phi).__name__)}"
+            )
+        return phi
 
     clamped.__name__ = clamped.__qualname__ = getattr(fn, "__name__", name)
     clamped.__doc__ = getattr(fn, "__doc__", None)
@@ -456,6 +473,11 @@ def raw_from_params(a: float, b: float, t: float) -> torch.Tensor:
         raise ValueError(
             f"init must satisfy {eps} < a < b <= 1, a < {1 - eps} and {eps} < t < {1 - eps}, got a={a}, b={b}, t={t}"
         )
+    if (b - a) / (1 - a) < eps * (1 + 1e-6):
+        raise ValueError(
+            f"init b - a must be at least {eps} · (1 - a) = {eps * (1 - a):.3g} (the margin that keeps learned "
+            f"steps valid, simwarp.steps.PARAM_MARGIN), got a={a}, b={b}"
+        )
     width = min(max(((b - a) / (1 - a) - eps) / (1 - eps), 1e-6), 1 - 1e-6)
     return torch.tensor(
         [_logit((a - eps) / (1 - 2 * eps)), _logit(width), _logit((t - eps) / (1 - 2 * eps))]
@@ -498,6 +520,15 @@ class SoftStep(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value, needed in (("in_features", in_features, "instance"), ("num_heads", num_heads, "per_head"),
+                                    ("hidden", hidden, "instance")):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if mode != needed:
+                warnings.warn(f"SoftStep(mode={mode!r}) ignores {name} (it shapes mode={needed!r})", UserWarning, stacklevel=2)
+        in_features, num_heads, hidden = (None if x is None else int(x) for x in (in_features, num_heads, hidden))
         get_step(step)
         init = (DEFAULT_A, DEFAULT_B, DEFAULT_T) if init is None else tuple(float(x) for x in init)
         if len(init) != 3:

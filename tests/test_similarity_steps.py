@@ -149,12 +149,26 @@ def test_step_gradients_are_finite_everywhere(name):
 
 def test_step_registry():
     assert {"sigmoidal", "log", "none"} <= set(available_steps())
+    for builtin in ("sigmoidal", "poly"):  # their closed forms and kernels cannot be taken back
+        with pytest.raises(ValueError, match="built-in step"):
+            register_step(builtin, lambda u, a, b, t: u, overwrite=True)
+    register_step("test_registry_twice", lambda u, a, b, t: torch.zeros_like(u), overwrite=True)
     with pytest.raises(ValueError, match="already registered"):
-        register_step("sigmoidal", lambda u, a, b, t: u)
+        register_step("test_registry_twice", lambda u, a, b, t: u)
     with pytest.raises(ValueError, match="step must be one of"):
         get_step("nope")
     with pytest.raises(TypeError):
         register_step("bad", 3)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_user_step_with_a_wrong_output_is_named(impl):
+    q = torch.randn(4, 3, dtype=f64)
+    register_step("test_wrong_shape", lambda u, a, b, t: u[..., :1] * 0, overwrite=True)
+    register_step("test_wrong_dtype", lambda u, a, b, t: (u * 0).float(), overwrite=True)
+    for name in ("test_wrong_shape", "test_wrong_dtype"):
+        with pytest.raises(ValueError, match=f"step '{name}' must return log m"):
+            simwarp.warp_attend(q, q, q, step=name, impl=impl)
 
 
 def test_user_step_runs_on_dense_and_chunked():
@@ -310,3 +324,18 @@ def zlib_seed(*parts) -> int:
     import zlib
 
     return zlib.crc32(repr(parts).encode())
+
+
+def test_softstep_arguments_are_checked():
+    for kwargs in ({"mode": "instance", "in_features": 8, "hidden": 0}, {"mode": "instance", "in_features": 8, "hidden": 2.5},
+                   {"mode": "per_head", "num_heads": True}, {"mode": "instance", "in_features": True}):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            SoftStep(**kwargs)
+    with pytest.warns(UserWarning, match="ignores hidden"):
+        SoftStep(mode="global", hidden=16)
+    with pytest.warns(UserWarning, match="ignores in_features"):
+        SoftStep(mode="per_head", num_heads=2, in_features=4)
+    with pytest.raises(ValueError, match="init b - a must be at least"):
+        SoftStep(init=(0.1, 0.1000001, 0.5))
+    a, b, t = (x.detach() for x in SoftStep(init=(0.1, 0.2, 0.5))())
+    assert (float(a), float(b), float(t)) == pytest.approx((0.1, 0.2, 0.5), abs=1e-6)
