@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simwarp.backend import IMPLS, warp_attend, warp_weights
+from simwarp.backend.common import as_flag
 from simwarp.distributed import (
     gathered_warp_attend_with_sizes,
     global_moments,
@@ -325,7 +326,8 @@ class _WarpHeadBase(_BankMixin):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.in_features, self.metric, self.step_name = in_features, metric, step
-        self.temperature, self.scale, self.detach_range = float(temperature), scale, detach_range
+        self.temperature, self.scale = float(temperature), scale
+        self.detach_range = as_flag("detach_range", detach_range)
         self.impl, self.chunk_size = impl, chunk_size
         self.gather = gather
         if step == "none":

@@ -179,6 +179,27 @@ def test_attach_refuses_models_with_score_modifiers(arch):
     assert not any(".softstep." in k for k in model.state_dict())
 
 
+def test_attach_looks_only_at_the_modules_it_replaces():
+    """CLAP's audio tower runs its own eager Swin attention (with relative-position tables);
+    its text tower dispatches through transformers' interface and takes SoftStep."""
+    text = transformers.ClapTextConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, projection_dim=8)
+    audio = transformers.ClapAudioConfig(spec_size=64, window_size=4, num_mel_bins=16, depths=[1, 1],
+                                         num_attention_heads=[1, 2], patch_embeds_hidden_size=8, hidden_size=16,
+                                         projection_dim=8, enable_fusion=False)
+    model = transformers.ClapModel(transformers.ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(),
+                                                           projection_dim=8)).eval()
+    attached = attach_softstep(model)
+    assert len(attached) == 1 and all("text_model" in name for name in attached)
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        text_features = model.get_text_features(input_ids=ids)
+        out = model(input_ids=ids, input_features=torch.randn(2, 1, 64, 16))
+    text_features = getattr(text_features, "pooler_output", text_features)
+    assert text_features.shape == (2, 8) and torch.isfinite(text_features).all()
+    assert out.logits_per_text.shape == (2, 2)  # (random audio weights can give NaN, with or without SoftStep)
+
+
 def test_lazy_creation_warns_and_output_attentions():
     register()
     model = transformers.BertModel(tiny_bert().config).eval()

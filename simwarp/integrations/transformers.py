@@ -237,15 +237,15 @@ def attach_softstep(
         ``model.config.softstep`` (saved by ``save_pretrained``).
     """
     opts = {"mode": mode, "step": step, "init": None if init is None else list(init), "hidden": hidden}
-    problem = _score_modifier(model)
-    if problem is not None:
-        raise ValueError(f"{type(model).__name__} {problem}, which SoftStep attention cannot apply")
     found = attention_modules(model)
     if not found:
         raise ValueError(
             f"no attention module dispatching through transformers' ALL_ATTENTION_FUNCTIONS found in "
             f"{type(model).__name__}"
         )
+    problem = _score_modifier(model, found)
+    if problem is not None:
+        raise ValueError(f"{type(model).__name__} {problem}, which SoftStep attention cannot apply")
     attached = {}
     for name, module in found.items():
         if overwrite or not isinstance(getattr(module, "softstep", None), SoftStepAttention):
@@ -266,15 +266,24 @@ def attach_softstep(
 _SCORE_MODIFIER_PARAMETERS = ("relative_attention_bias", "relative_position_bias", "sinks")
 
 
-def _score_modifier(model: nn.Module) -> str | None:
-    """Why ``model``'s attention scores are more than ``q·k`` under a key mask (None: they are not).
-    The attention function refuses these at run time too; here the user learns it at attach time."""
+def _score_modifier(model: nn.Module, found: dict[str, nn.Module]) -> str | None:
+    """Why the scores of ``model``'s attention modules ``found`` are more than ``q·k`` under a
+    key mask (None: they are not). Only the parameters of those modules and of the layers
+    holding them count (a tower with its own eager attention, e.g. CLAP's Swin audio encoder,
+    is not SoftStep's concern); biases kept elsewhere and passed through the mask are refused
+    at run time."""
     softcap = getattr(getattr(model, "config", None), "attn_logit_softcapping", None)
     if softcap is not None:
         return f"caps its attention logits (config.attn_logit_softcapping={softcap})"
-    for name, _ in model.named_parameters():
-        if any(part.startswith(_SCORE_MODIFIER_PARAMETERS) for part in name.split(".")):
-            return f"adds a learned score bias or sink to its attention scores ({name})"
+    # each attention module and the layer around it (BEiT keeps its table on the layer)
+    owners = dict(found)
+    for name in found:
+        parent = name.rpartition(".")[0]
+        owners.setdefault(parent, model.get_submodule(parent))
+    for owner_name, owner in owners.items():
+        for name, _ in owner.named_parameters():
+            if any(part.startswith(_SCORE_MODIFIER_PARAMETERS) for part in name.split(".")):
+                return f"adds a learned score bias or sink to its attention scores ({owner_name}.{name})"
     return None
 
 
