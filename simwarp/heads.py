@@ -42,7 +42,7 @@ from simwarp.distributed import (
     sharded_explain,
     sharded_warp_attend,
 )
-from simwarp.similarity import METRICS, pairwise_similarity, unit_rows
+from simwarp.similarity import METRICS, similarity_ranker
 from simwarp.steps import SoftStep, get_step
 
 __all__ = [
@@ -746,12 +746,6 @@ class NeighborClassificationHead(_WarpHeadBase):
             )
         return y
 
-    def _bank_union_size(self, group, device: torch.device) -> int:
-        """Entries of the bank over all ranks (``gather``): a collective once per bank, then cached."""
-        if self._bank_union is None or self._bank_union[0] != self.bank_size:
-            self._bank_union = (self.bank_size, global_size(self.bank_size, group, device))
-        return self._bank_union[1]
-
     def _bank_problem(self, z: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
         problem = super()._bank_problem(z, y)
         if problem is None and y is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
@@ -821,7 +815,7 @@ class KNNRegressionHead(_BankMixin):
             raise ValueError(f"the kNN head needs at least one neighbour per row, got {keys.shape[0]} keys (loo={loo})")
         k = min(self.k, m)
         rows = max(KNN_MIN_ROWS, EXPLAIN_BUDGET // keys.shape[0])
-        rank = self._ranking(keys)
+        rank = similarity_ranker(keys, self.metric)
         outs = []
         for start in range(0, z.shape[0], rows):
             s = rank(z[start : start + rows])
@@ -832,20 +826,6 @@ class KNNRegressionHead(_BankMixin):
             top = torch.topk(s, k, dim=-1).indices
             outs.append(values[top].mean(dim=1))
         return torch.cat(outs) if outs else values.new_zeros((0, values.shape[-1]))
-
-    def _ranking(self, keys: torch.Tensor):
-        """``queries (r, D) -> (r, M)`` scores that order each row's keys as the metric's
-        similarity does, with the per-key work done once per call instead of once per block of
-        queries: one GEMM per block (``dot``; ``cosine`` on unit keys; ``l2`` and ``sqeuclidean``
-        as ``2 q·k - |k|²``, which drops the row constant ``-|q|²``)."""
-        if self.metric == "l1":
-            return lambda q: pairwise_similarity(q, keys, metric="l1")
-        if self.metric == "cosine":
-            keys = unit_rows(keys)
-        if self.metric in ("dot", "cosine"):
-            return lambda q: q @ keys.T
-        norms = keys.square().sum(-1)
-        return lambda q: torch.addmm(norms, q, keys.T, beta=-1.0, alpha=2.0)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""
