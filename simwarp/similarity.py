@@ -115,11 +115,8 @@ class _ScaledSquaredDistance(torch.autograd.Function):
         ctx.save_for_backward(q, k)
         ctx.c = c
         k = q if k is None else k
-        qq, kk = q.pow(2).sum(-1, keepdim=True).mul_(c), k.pow(2).sum(-1).unsqueeze(-2).mul_(c)
-        if q.dim() == 2 and k.dim() == 2:  # one GEMM with the key norms as its C operand
-            out = torch.addmm(kk, q, k.T, alpha=-2.0 * c).add_(qq)
-        else:
-            out = torch.matmul(q, k.transpose(-1, -2)).mul_(-2.0 * c).add_(qq).add_(kk)
+        qq, kk = q.pow(2).sum(-1, keepdim=True).mul_(c), k.pow(2).sum(-1).mul_(c)
+        out = _norms_plus_gram(q, k, kk, alpha=-2.0 * c, beta=1.0).add_(qq)
         return out.clamp_min_(0.0) if c > 0 else out.clamp_max_(0.0)
 
     @staticmethod
@@ -136,6 +133,17 @@ class _ScaledSquaredDistance(torch.autograd.Function):
         if need_k:
             gk = (k * g.sum(-2).unsqueeze(-1) - torch.matmul(g.transpose(-1, -2), q)).mul_(2.0 * ctx.c).sum_to_size(k.shape)
         return gq, gk, None
+
+
+def _norms_plus_gram(q: torch.Tensor, k: torch.Tensor, norms: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """``beta · norms_j + alpha · q_i·k_j`` ``(..., n, m)`` for key norms ``(..., m)`` and
+    ``beta = ±1``: one GEMM with the norms as its C operand for matrices. The squared distance
+    and :class:`PreparedKeys` share it, so their scores agree to the bit (the streaming passes
+    rely on that: the backward recomputes the forward's similarities)."""
+    if q.dim() == 2 and k.dim() == 2:
+        return torch.addmm(norms, q, k.T, beta=beta, alpha=alpha)
+    out = torch.matmul(q, k.transpose(-1, -2)).mul_(alpha)
+    return out.add_(norms.unsqueeze(-2)) if beta == 1.0 else out.sub_(norms.unsqueeze(-2))
 
 
 def _squared_distance(q: torch.Tensor, k: torch.Tensor, c: float = 1.0) -> torch.Tensor:
@@ -193,20 +201,103 @@ def pairwise_similarity(
     return s * c if c != 1.0 else s
 
 
+class PreparedKeys:
+    """The per-key half of :func:`pairwise_similarity`, done once for many query or key blocks.
+
+    :meth:`scores` gives, for queries ``q`` and keys ``k[..., start:stop, :]``, a score ``r``
+    that holds all the per-key work in one GEMM (``dot``: ``q·k``; ``cosine``: ``q·k̂`` on unit
+    keys; ``l2`` and ``sqeuclidean``: ``2 q·k - |k|²`` up to a positive factor, with the key
+    norms computed here), so that each row's similarities are a non-decreasing function of its
+    scores (:meth:`BlockSimilarity.similarity_`). Row maxima, minima and top-k can therefore be
+    taken on ``r``. ``l1`` has no such split: its scores are its similarities. No gradients.
+
+    Args:
+        keys: ``(..., m, d)``.
+        metric: one of :data:`METRICS`.
+        scale: the similarity's positive multiplier (``None``: :func:`default_scale`); only
+            ``sqeuclidean`` folds it into the scores.
+    """
+
+    def __init__(self, keys: torch.Tensor, metric: str = "dot", scale: float | None = None) -> None:
+        check_metric(metric)
+        self.metric = metric
+        self.scale = default_scale(metric, keys.shape[-1]) if scale is None else scale
+        if isinstance(self.scale, torch.Tensor) or not self.scale > 0:
+            raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+        self.keys = unit_rows(keys) if metric == "cosine" else keys
+        self.norms, self.alpha, self.beta = None, 1.0, 1.0
+        with torch.no_grad():
+            if metric == "l2":  # r = 2 q·k - |k|²; the scale applies after the square root
+                self.norms, self.alpha, self.beta = keys.pow(2).sum(-1), 2.0, -1.0
+            elif metric == "sqeuclidean":  # exactly the first step of _ScaledSquaredDistance(c = -scale)
+                self.norms, self.alpha = keys.pow(2).sum(-1).mul_(-self.scale), 2.0 * self.scale
+
+    @torch.no_grad()
+    def scores(self, q: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``(..., n, stop - start)`` scores of queries ``q`` ``(..., n, d)`` against keys
+        ``start:stop`` (all keys by default)."""
+        k = self.keys[..., start:stop, :]
+        if self.metric == "l1":
+            return pairwise_similarity(q, k, "l1", 1.0)
+        if self.norms is None:
+            return torch.matmul(q, k.transpose(-1, -2))
+        return _norms_plus_gram(q, k, self.norms[..., start:stop], self.alpha, self.beta)
+
+
 def similarity_ranker(keys: torch.Tensor, metric: str = "dot") -> Callable[[torch.Tensor], torch.Tensor]:
     """``queries (r, d) -> (r, m)`` scores that order each row's keys ``(m, d)`` exactly as
-    :func:`pairwise_similarity` does (for top-k), with the per-key work done once: one GEMM per
-    call (``dot``; ``cosine`` on unit keys; ``l2`` and ``sqeuclidean`` as ``2 q·k - |k|²``, which
-    drops the row constant ``-|q|²``). The scores are not the similarities themselves."""
-    check_metric(metric)
-    if metric == "l1":
-        return lambda q: pairwise_similarity(q, keys, metric="l1")
-    if metric == "cosine":
-        keys = unit_rows(keys)
-    if metric in ("dot", "cosine"):
-        return lambda q: q @ keys.T
-    norms = keys.square().sum(-1)
-    return lambda q: torch.addmm(norms, q, keys.T, beta=-1.0, alpha=2.0)
+    :func:`pairwise_similarity` does (for top-k), with the per-key work done once
+    (:class:`PreparedKeys`). The scores are not the similarities themselves."""
+    return PreparedKeys(keys, metric).scores
+
+
+class BlockSimilarity:
+    """``pairwise_similarity(q, k, metric, scale)`` key block by key block, without gradients,
+    for the streaming passes: :meth:`scores` (one GEMM per block, the key norms and unit rows
+    prepared once per call, :class:`PreparedKeys`) and :meth:`similarity_`, each row's
+    non-decreasing map from scores to similarities. A row's extremes over keys can therefore be
+    taken on the scores and only the extremes mapped (one square root per row instead of one
+    per score for ``l2``). The similarities are the bits :func:`pairwise_similarity` computes
+    for the same blocks.
+
+    Args:
+        q: queries ``(..., n, d)``; ``k``: keys ``(..., m, d)`` (leading dims broadcast).
+        metric: one of :data:`METRICS`; ``scale``: a positive multiplier or ``None``
+            (:func:`default_scale`).
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, metric: str, scale: float | None) -> None:
+        self.keys = PreparedKeys(k, metric, scale)
+        self.metric, self.scale = metric, self.keys.scale
+        self.q = unit_rows(q) if metric == "cosine" else q
+        self.q_norms = None
+        if metric in ("l2", "sqeuclidean"):
+            self.q_norms = q.pow(2).sum(-1, keepdim=True)
+            if metric == "sqeuclidean":
+                self.q_norms.mul_(-self.scale)
+
+    def scores(self, start: int, stop: int, row_start: int = 0) -> torch.Tensor:
+        """``(..., n - row_start, stop - start)`` scores of query rows ``row_start:`` against
+        keys ``start:stop``."""
+        return self.keys.scores(_rows_from(self.q, row_start), start, stop)
+
+    @torch.no_grad()
+    def similarity_(self, r: torch.Tensor, row_start: int = 0) -> torch.Tensor:
+        """Similarities of query rows ``row_start:`` from their scores ``r`` ``(..., rows, ·)``,
+        in place. ``±inf`` scores (an empty row's extremes) may map to finite values: test
+        emptiness on the scores."""
+        c = self.scale
+        if self.metric == "l2":  # |q - k|² = |q|² - (2 q·k - |k|²)
+            s = r.neg_().add_(_rows_from(self.q_norms, row_start)).clamp_min_(0.0).sqrt_().neg_()
+            return s.mul_(c) if c != 1.0 else s
+        if self.metric == "sqeuclidean":
+            return r.add_(_rows_from(self.q_norms, row_start)).clamp_max_(0.0)
+        return r.mul_(c) if c != 1.0 else r
+
+
+def _rows_from(x: torch.Tensor, row_start: int) -> torch.Tensor:
+    """Rows ``row_start:`` of ``(..., n, ·)`` (a broadcast row dim of size 1 passes through)."""
+    return x if row_start == 0 or x.shape[-2] == 1 else x[..., row_start:, :]
 
 
 @outside_autocast

@@ -84,6 +84,26 @@ def test_chunked_matches_dense_float64(metric, step, param_kind, mask_kind):
     assert all(torch.isfinite(g).all() for g in grads_c)
 
 
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "sqeuclidean"])
+@pytest.mark.parametrize("mask_kind", ["none", "random", "causal", "self"])
+def test_chunked_inference_matches_training_forward(metric, mask_kind):
+    """Without gradients pass 1 skips the argmin/argmax keys (vectorised reductions): the
+    forward must not change."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}-{mask_kind}".encode()))
+    n = 13
+    m = n if mask_kind == "self" else 29
+    q, k, v = (x.float() for x in _batched_qkv(gen, (2, 3), n, m, 5, 3))
+    kw = {"metric": metric, "step": "sigmoidal", "impl": "chunked", "chunk_size": 6, "return_stats": True}
+    kw.update(_mask_kwargs(mask_kind, (2, 3), n, m, gen))
+    out_train, stats_train = simwarp.warp_attend(q, k, v, **kw)
+    with torch.no_grad():
+        out_infer, stats_infer = simwarp.warp_attend(q, k, v, **kw)
+    assert out_train.requires_grad and not out_infer.requires_grad
+    assert torch.equal(out_train.detach(), out_infer)
+    for field in ("lse", "kept", "lo", "hi", "empty"):
+        assert torch.equal(getattr(stats_train, field), getattr(stats_infer, field)), field
+
+
 def _plain_step(name):
     """The built-in step `name` as a user step: its plain-autograd statement from
     test_similarity_steps, which the backend runs in the log form with autograd gradients."""

@@ -7,6 +7,8 @@ from step_references import log_reference, poly_reference, sigmoidal_reference
 import simwarp
 from simwarp.similarity import (
     METRICS,
+    BlockSimilarity,
+    PreparedKeys,
     default_scale,
     paired_similarity,
     pairwise_similarity,
@@ -65,6 +67,40 @@ def test_all_pairs_of_a_batch_with_itself(metric, leading):
         assert torch.autograd.gradgradcheck(lambda y: pairwise_similarity(y, y, metric), (y,))
         k = torch.randn(3, 4, generator=gen, dtype=f64, requires_grad=True)
         assert torch.autograd.gradgradcheck(lambda y, k: pairwise_similarity(y, k, metric), (y, k))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+@pytest.mark.parametrize("leading", [(), (2, 3)])
+@pytest.mark.parametrize("scale", [None, 0.37])
+def test_block_similarity_is_pairwise_similarity_to_the_bit(metric, dtype, leading, scale):
+    """The streaming passes take similarities from BlockSimilarity and the backward recomputes
+    them with pairwise_similarity: the two must agree exactly, block by block and from any row
+    on; and each row's similarities must be non-decreasing in its scores (extremes are taken on
+    the scores)."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(*leading, 9, 6, generator=gen, dtype=dtype) * 3
+    k = torch.randn(*leading[:1], *([1] if leading else []), 23, 6, generator=gen, dtype=dtype) * 3
+    k[..., 4, :] = q[..., 0, :].reshape(-1, 6)[0]  # a key at distance 0 from a query
+    sim = BlockSimilarity(q, k, metric, scale)
+    for start, stop, row_start in ((0, 23, 0), (0, 7, 0), (7, 23, 3), (22, 23, 8)):
+        r = sim.scores(start, stop, row_start)
+        s = sim.similarity_(r.clone(), row_start)
+        expected = pairwise_similarity(q[..., row_start:, :], k[..., start:stop, :], metric, scale)
+        assert torch.equal(s, expected), (start, stop, row_start)
+        order = r.argsort(-1)
+        assert (s.gather(-1, order).diff(dim=-1) >= 0).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_prepared_keys_rank_like_the_similarity(metric):
+    q, k = torch.randn(6, 5, dtype=f64), torch.randn(40, 5, dtype=f64)
+    scores = PreparedKeys(k, metric).scores(q)
+    top = scores.topk(7, dim=-1).indices
+    assert torch.equal(top, pairwise_similarity(q, k, metric).topk(7, dim=-1).indices)
+    torch.testing.assert_close(PreparedKeys(k, metric).scores(q, 10, 30), scores[:, 10:30])  # another GEMM: not bitwise
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        PreparedKeys(k, metric, scale=-1.0)
 
 
 def test_scale_and_defaults():

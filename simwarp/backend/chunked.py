@@ -36,7 +36,7 @@ from simwarp.backend.common import (
     warp_logits,
     work_dtype,
 )
-from simwarp.similarity import paired_similarity, pairwise_similarity
+from simwarp.similarity import BlockSimilarity, paired_similarity, pairwise_similarity
 
 #: Target number of score entries per block (rows × keys): 1 MB per float32 temporary. The
 #: step math keeps a few dozen block-sized temporaries alive at peak (more in backward);
@@ -93,47 +93,52 @@ class _KeyBlocks:
         return bias, None
 
 
-def streaming_range(qw, kw, blocks: _KeyBlocks, spec: WarpSpec, batch, chunk: int):
-    """Pass 1: each row's min/max over valid keys and their key indices (first index wins ties).
+def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int, indices: bool = True):
+    """Pass 1: each row's min/max over valid keys and, with ``indices``, their key indices
+    (first index wins ties; else ``None``). The extremes are taken on the blocks' scores and
+    mapped to similarities at the end (:class:`~simwarp.similarity.BlockSimilarity`).
 
     Returns ``lo, hi, argmin, argmax, empty``, each ``(*batch, n)``; empty rows get ``lo = hi = 0``.
     """
-    dtype, device, n = qw.dtype, qw.device, blocks.n
-    lo = torch.full((*batch, n), math.inf, dtype=dtype, device=device)
-    hi = torch.full((*batch, n), -math.inf, dtype=dtype, device=device)
-    argmin = torch.zeros((*batch, n), dtype=torch.long, device=device)
-    argmax = torch.zeros_like(argmin)
+    q, n = sim.q, blocks.n
+    lo = torch.full((*batch, n), math.inf, dtype=q.dtype, device=q.device)
+    hi = torch.full((*batch, n), -math.inf, dtype=q.dtype, device=q.device)
+    argmin = torch.zeros((*batch, n), dtype=torch.long, device=q.device) if indices else None
+    argmax = torch.zeros_like(argmin) if indices else None
     for start, stop in _blocks(blocks.m, chunk):
         r0 = blocks.first_row(start)
         if r0 >= n:
             break
-        s = pairwise_similarity(_from_row(qw, r0), kw[..., start:stop, :], spec.metric, spec.scale)
-        block_min, idx_min, block_max, idx_max = row_range_indices(s, *blocks.validity(start, stop, r0))
-        lo_r, hi_r, argmin_r, argmax_r = (x[..., r0:] for x in (lo, hi, argmin, argmax))
+        r = sim.scores(start, stop, r0)
+        block_min, idx_min, block_max, idx_max = row_range_indices(r, *blocks.validity(start, stop, r0), indices=indices)
+        lo_r, hi_r = lo[..., r0:], hi[..., r0:]
         new_min, new_max = block_min < lo_r, block_max > hi_r
-        argmin_r.copy_(torch.where(new_min, idx_min + start, argmin_r))
-        argmax_r.copy_(torch.where(new_max, idx_max + start, argmax_r))
+        if indices:
+            argmin_r, argmax_r = argmin[..., r0:], argmax[..., r0:]
+            argmin_r.copy_(torch.where(new_min, idx_min + start, argmin_r))
+            argmax_r.copy_(torch.where(new_max, idx_max + start, argmax_r))
         lo_r.copy_(torch.where(new_min, block_min, lo_r))
         hi_r.copy_(torch.where(new_max, block_max, hi_r))
     empty = torch.isinf(lo)
-    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0), argmin, argmax, empty
+    lo, hi = (sim.similarity_(x.masked_fill_(empty, 0.0).unsqueeze(-1)).squeeze(-1) for x in (lo, hi))
+    return lo.masked_fill_(empty, 0.0), hi.masked_fill_(empty, 0.0), argmin, argmax, empty
 
 
 class _ChunkedWarp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int, row_range):
+    def forward(ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int, row_range, indices: bool):
         dtype = work_dtype(q.dtype)
         batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
-        qw, kw = q.to(dtype), k.to(dtype)
+        sim = BlockSimilarity(q.to(dtype), k.to(dtype), spec.metric, spec.scale)
         mask_form = known_maximum(spec, row_range)
         blocks = _KeyBlocks(n, m, mask, spec, batch, dtype, q.device, skip=mask_form)
 
         if row_range is None:
-            lo, hi, argmin, argmax, empty = streaming_range(qw, kw, blocks, spec, batch, chunk)
+            lo, hi, argmin, argmax, empty = streaming_range(sim, blocks, batch, chunk, indices)
         else:  # a range fixed by the caller (e.g. over a bank sharded across ranks): a constant
             lo, hi = (x.detach().to(dtype).expand(*batch, n).clone() for x in row_range)
-            argmin = argmax = torch.zeros((*batch, n), dtype=torch.long, device=q.device)
+            argmin = argmax = None
             empty = None  # known after pass 2
         lo1, hi1 = lo.unsqueeze(-1), hi.unsqueeze(-1)
 
@@ -148,7 +153,7 @@ class _ChunkedWarp(torch.autograd.Function):
             r0 = blocks.first_row(start)
             if r0 >= n:
                 break
-            s = pairwise_similarity(_from_row(qw, r0), kw[..., start:stop, :], spec.metric, spec.scale)
+            s = sim.similarity_(sim.scores(start, stop, r0), r0)
             bias, self_offset = blocks.validity(start, stop, r0)
             v_block = v[..., start:stop, :].to(dtype)
             if mask_form:
@@ -296,7 +301,7 @@ class _ChunkedWarp(torch.autograd.Function):
 
         if need_q and dq is None:
             dq = torch.zeros_like(q)
-        return dq, dk, dv, da, db, dt, None, None, None, None, None, None
+        return dq, dk, dv, da, db, dt, None, None, None, None, None, None, None
 
 
 class _Dropout:
@@ -330,7 +335,9 @@ def chunked_warp_attend(
     _, chunk = _chunk_for(q, k, v, chunk_size)
     # Seed drawn from torch's default generator, so torch.manual_seed makes dropout reproducible.
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
-    return _ChunkedWarp.apply(q, k, v, a, b, t, mask, spec, chunk, dropout_p, seed, row_range)
+    # The argmin/argmax keys only route the range gradient; the indexed reductions are slow on CPU.
+    indices = torch.is_grad_enabled() and not spec.detach_range and (q.requires_grad or k.requires_grad)
+    return _ChunkedWarp.apply(q, k, v, a, b, t, mask, spec, chunk, dropout_p, seed, row_range, indices)
 
 
 @torch.no_grad()
@@ -339,5 +346,6 @@ def chunked_warp_range(q, k, mask, spec: WarpSpec, chunk_size: int | None):
     batch, chunk = _chunk_for(q, k, None, chunk_size)
     dtype = work_dtype(q.dtype)
     blocks = _KeyBlocks(q.shape[-2], k.shape[-2], mask, spec, batch, dtype, q.device, skip=True)
-    lo, hi, _, _, empty = streaming_range(q.to(dtype), k.to(dtype), blocks, spec, batch, chunk)
+    sim = BlockSimilarity(q.to(dtype), k.to(dtype), spec.metric, spec.scale)
+    lo, hi, _, _, empty = streaming_range(sim, blocks, batch, chunk, indices=False)
     return lo, hi, empty

@@ -152,10 +152,12 @@ def row_extremum(x: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Te
 
 
 def row_range_indices(
-    s: torch.Tensor, bias: torch.Tensor | None, self_offset: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    s: torch.Tensor, bias: torch.Tensor | None, self_offset: int | None, *, indices: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``(lo, lo_index, hi, hi_index)``: each row's min/max over its valid keys and the first
-    key attaining each (no gradients). Invalid keys are those under ``bias`` (from
+    key attaining each (no gradients; without ``indices`` the indices are ``None`` and the
+    reductions are vectorised ``amin``/``amax``, several times faster on CPU than the indexed
+    ones). Invalid keys are those under ``bias`` (from
     :func:`key_bias`) or, with ``self_offset``, on that diagonal of ``s`` (each row's own key),
     which is set to ±inf in place for the reductions and restored (so ``s`` must not be saved
     for backward yet); a row with no valid key gets ``±inf``. Under ``torch.compile`` the
@@ -166,16 +168,22 @@ def row_range_indices(
         n, m = s.shape[-2:]
         own = torch.arange(n, device=s.device).unsqueeze(-1) + self_offset == torch.arange(m, device=s.device)
         own_bias = torch.zeros((n, m), dtype=s.dtype, device=s.device).masked_fill_(own, -math.inf)
-        return row_range_indices(s, own_bias if bias is None else bias + own_bias, None)
+        return row_range_indices(s, own_bias if bias is None else bias + own_bias, None, indices=indices)
+
+    def extremum(x: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if indices:
+            return row_extremum(x, largest)
+        return (x.amax(-1) if largest else x.amin(-1)), None
+
     with torch.no_grad():
         own = s.detach().diagonal(self_offset, -2, -1) if self_offset is not None else None
         kept = None if own is None else own.clone()
         if own is not None:
             own.fill_(math.inf)
-        lo, lo_index = row_extremum(s if bias is None else s - bias, largest=False)
+        lo, lo_index = extremum(s if bias is None else s - bias, largest=False)
         if own is not None:
             own.fill_(-math.inf)
-        hi, hi_index = row_extremum(s if bias is None else s + bias, largest=True)
+        hi, hi_index = extremum(s if bias is None else s + bias, largest=True)
         if own is not None:
             own.copy_(kept)
     return lo, lo_index, hi, hi_index
@@ -398,13 +406,13 @@ def masked_numerator(
     if self_offset is not None:
         e.diagonal(self_offset, -2, -1).zero_()
     kept = None
-    if count_kept:  # on bools: a quarter of the memory traffic of a float copy of m
-        valid = torch.ones(e.shape, dtype=torch.bool, device=e.device) if m is None else m > 0
+    if count_kept:  # sign(m) in {0, 1}: a float sum (a sum of bools converts them to int64 first, 4x slower on CPU)
+        valid = torch.ones_like(e) if m is None else torch.sign(m)
         if bias is not None:
-            valid &= bias > -math.inf
+            valid.masked_fill_(bias == -math.inf, 0.0)
         if self_offset is not None:
-            valid.diagonal(self_offset, -2, -1).fill_(False)
-        kept = valid.sum(-1).to(s.dtype)
+            valid.diagonal(self_offset, -2, -1).zero_()
+        kept = valid.sum(-1)
     return MaskedNumerator(e, u, inv, saved, kept)
 
 
