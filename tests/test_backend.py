@@ -84,16 +84,19 @@ def test_chunked_matches_dense_float64(metric, step, param_kind, mask_kind):
     assert all(torch.isfinite(g).all() for g in grads_c)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "dense"])
 @pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "sqeuclidean"])
 @pytest.mark.parametrize("mask_kind", ["none", "random", "causal", "self"])
-def test_chunked_inference_matches_training_forward(metric, mask_kind):
-    """Without gradients pass 1 skips the argmin/argmax keys (vectorised reductions): the
+def test_inference_matches_training_forward(impl, metric, mask_kind):
+    """Without gradients the range reductions skip the argmin/argmax keys (vectorised): the
     forward must not change."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}-{mask_kind}".encode()))
     n = 13
     m = n if mask_kind == "self" else 29
     q, k, v = (x.float() for x in _batched_qkv(gen, (2, 3), n, m, 5, 3))
-    kw = {"metric": metric, "step": "sigmoidal", "impl": "chunked", "chunk_size": 6, "return_stats": True}
+    kw = {"metric": metric, "step": "sigmoidal", "impl": impl, "return_stats": True}
+    if impl == "chunked":
+        kw["chunk_size"] = 6
     kw.update(_mask_kwargs(mask_kind, (2, 3), n, m, gen))
     out_train, stats_train = simwarp.warp_attend(q, k, v, **kw)
     with torch.no_grad():

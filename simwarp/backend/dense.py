@@ -53,7 +53,7 @@ def _row_setup(s, mask, spec: WarpSpec, row_range, row_start: int) -> _RowSetup:
     ``causal`` / ``exclude_self``)."""
     n, m = s.shape[-2], s.shape[-1]
     if mask is None and spec.exclude_self and not spec.causal and row_range is None and m > 1:
-        return _leave_one_out_setup(s, row_start + spec.self_offset)
+        return _leave_one_out_setup(s, row_start + spec.self_offset, spec)
     if mask is not None:  # the mask may carry leading dims that only v has
         s = s.expand(broadcast_shape(s.shape, mask.shape))
     bias = key_bias(
@@ -67,19 +67,24 @@ def _row_setup(s, mask, spec: WarpSpec, row_range, row_start: int) -> _RowSetup:
     if row_range is not None:
         lo, hi = (x.detach().to(s.dtype).expand(s.shape[:-1]) for x in row_range)
         return _RowSetup(s, bias, None, lo, hi, None, empty)
-    lo, lo_index, hi, hi_index = row_range_indices(s, bias, None)
+    lo, lo_index, hi, hi_index = row_range_indices(s, bias, None, indices=_routes_range(s, spec))
     lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    return _RowSetup(s, bias, None, lo, hi, (lo_index, hi_index), empty)
+    return _RowSetup(s, bias, None, lo, hi, (lo_index, hi_index) if lo_index is not None else None, empty)
 
 
-def _leave_one_out_setup(s, own_offset: int) -> _RowSetup:
+def _routes_range(s: torch.Tensor, spec: WarpSpec) -> bool:
+    """Whether the range gradient flows back to ``s`` (else its key indices are not needed)."""
+    return s.requires_grad and not spec.detach_range and spec.step.warps
+
+
+def _leave_one_out_setup(s, own_offset: int, spec: WarpSpec) -> _RowSetup:
     """:func:`_row_setup` for ``exclude_self`` alone (the leave-one-out training case), without
     a bias matrix: each row's own key sits on one diagonal of the block (offset ``own_offset``:
     the block's first row index plus the call's ``self_offset``), excluded from the range
     reductions in place (:func:`row_range_indices`) and from the weights by the softmax."""
-    lo, lo_index, hi, hi_index = row_range_indices(s, None, own_offset)
+    lo, lo_index, hi, hi_index = row_range_indices(s, None, own_offset, indices=_routes_range(s, spec))
     empty = torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
-    return _RowSetup(s, None, own_offset, lo, hi, (lo_index, hi_index), empty)
+    return _RowSetup(s, None, own_offset, lo, hi, (lo_index, hi_index) if lo_index is not None else None, empty)
 
 
 def dense_logits(
