@@ -115,7 +115,7 @@ class _ScaledSquaredDistance(torch.autograd.Function):
         ctx.save_for_backward(q, k)
         ctx.c = c
         k = q if k is None else k
-        qq, kk = q.pow(2).sum(-1, keepdim=True).mul_(c), k.pow(2).sum(-1).mul_(c)
+        qq, kk = squared_norms(q).unsqueeze(-1).mul_(c), squared_norms(k).mul_(c)
         out = _norms_plus_gram(q, k, kk, alpha=-2.0 * c, beta=1.0).add_(qq)
         return out.clamp_min_(0.0) if c > 0 else out.clamp_max_(0.0)
 
@@ -133,6 +133,24 @@ class _ScaledSquaredDistance(torch.autograd.Function):
         if need_k:
             gk = (k * g.sum(-2).unsqueeze(-1) - torch.matmul(g.transpose(-1, -2), q)).mul_(2.0 * ctx.c).sum_to_size(k.shape)
         return gq, gk, None
+
+
+#: Entries per slice in :func:`squared_norms` (1 MiB temporaries in float32).
+_NORM_SLICE_ELEMENTS = 1 << 18
+
+
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """``|x_i|²`` over the last dim, ``(..., m, d) -> (..., m)``, in slices of rows: no
+    temporary the size of ``x`` (a neighbour bank can be large). Row by row the same bits as
+    ``x.pow(2).sum(-1)``."""
+    rows = max(1, _NORM_SLICE_ELEMENTS // max(1, x[..., :1, :].numel()))
+    if x.dim() < 2 or x.shape[-2] <= rows:
+        return x.pow(2).sum(-1)
+    out = x.new_empty(x.shape[:-1])
+    for start in range(0, x.shape[-2], rows):  # into one buffer: results kept between the
+        # freed temporaries would fragment the heap (glibc then grows it by every temporary)
+        out[..., start : start + rows] = x[..., start : start + rows, :].pow(2).sum(-1)
+    return out
 
 
 def _norms_plus_gram(q: torch.Tensor, k: torch.Tensor, norms: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -218,25 +236,32 @@ class PreparedKeys:
             ``sqeuclidean`` folds it into the scores.
     """
 
-    def __init__(self, keys: torch.Tensor, metric: str = "dot", scale: float | None = None) -> None:
+    def __init__(
+        self, keys: torch.Tensor, metric: str = "dot", scale: float | None = None, *, unit_keys_once: bool = True
+    ) -> None:
         check_metric(metric)
         self.metric = metric
         self.scale = default_scale(metric, keys.shape[-1]) if scale is None else scale
         if isinstance(self.scale, torch.Tensor) or not self.scale > 0:
             raise ValueError(f"scale must be a positive float or None, got {scale!r}")
-        self.keys = unit_rows(keys) if metric == "cosine" else keys
+        # cosine: a unit copy of all keys, or (unit_keys_once=False) each block normalised as
+        # it is scored: O(block) memory, the bits of pairwise_similarity on that block.
+        self.unit_blocks = metric == "cosine" and not unit_keys_once
+        self.keys = unit_rows(keys) if metric == "cosine" and unit_keys_once else keys
         self.norms, self.alpha, self.beta = None, 1.0, 1.0
         with torch.no_grad():
             if metric == "l2":  # r = 2 q·k - |k|²; the scale applies after the square root
-                self.norms, self.alpha, self.beta = keys.pow(2).sum(-1), 2.0, -1.0
+                self.norms, self.alpha, self.beta = squared_norms(keys), 2.0, -1.0
             elif metric == "sqeuclidean":  # exactly the first step of _ScaledSquaredDistance(c = -scale)
-                self.norms, self.alpha = keys.pow(2).sum(-1).mul_(-self.scale), 2.0 * self.scale
+                self.norms, self.alpha = squared_norms(keys).mul_(-self.scale), 2.0 * self.scale
 
     @torch.no_grad()
     def scores(self, q: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(..., n, stop - start)`` scores of queries ``q`` ``(..., n, d)`` against keys
         ``start:stop`` (all keys by default)."""
         k = self.keys[..., start:stop, :]
+        if self.unit_blocks:
+            k = unit_rows(k)
         if self.metric == "l1":
             return pairwise_similarity(q, k, "l1", 1.0)
         if self.norms is None:
@@ -253,8 +278,9 @@ def similarity_ranker(keys: torch.Tensor, metric: str = "dot") -> Callable[[torc
 
 class BlockSimilarity:
     """``pairwise_similarity(q, k, metric, scale)`` key block by key block, without gradients,
-    for the streaming passes: :meth:`scores` (one GEMM per block, the key norms and unit rows
-    prepared once per call, :class:`PreparedKeys`) and :meth:`similarity_`, each row's
+    for the streaming passes: :meth:`scores` (one GEMM per block; the query side and the key
+    norms prepared once per call, :class:`PreparedKeys`; memory ``O(n + m)`` besides the
+    blocks) and :meth:`similarity_`, each row's
     non-decreasing map from scores to similarities. A row's extremes over keys can therefore be
     taken on the scores and only the extremes mapped (one square root per row instead of one
     per score for ``l2``). The similarities are the bits :func:`pairwise_similarity` computes
@@ -267,12 +293,12 @@ class BlockSimilarity:
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, metric: str, scale: float | None) -> None:
-        self.keys = PreparedKeys(k, metric, scale)
+        self.keys = PreparedKeys(k, metric, scale, unit_keys_once=False)
         self.metric, self.scale = metric, self.keys.scale
         self.q = unit_rows(q) if metric == "cosine" else q
         self.q_norms = None
         if metric in ("l2", "sqeuclidean"):
-            self.q_norms = q.pow(2).sum(-1, keepdim=True)
+            self.q_norms = squared_norms(q).unsqueeze(-1)
             if metric == "sqeuclidean":
                 self.q_norms.mul_(-self.scale)
 

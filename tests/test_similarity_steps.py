@@ -375,3 +375,12 @@ def test_softstep_arguments_are_checked():
         SoftStep(init=(0.1, 0.1000001, 0.5))
     a, b, t = (x.detach() for x in SoftStep(init=(0.1, 0.2, 0.5))())
     assert (float(a), float(b), float(t)) == pytest.approx((0.1, 0.2, 0.5), abs=1e-6)
+
+
+def test_squared_norms_in_slices_are_the_same_bits(monkeypatch):
+    import simwarp.similarity as similarity
+
+    x = torch.randn(2, 37, 5) * 10
+    monkeypatch.setattr(similarity, "_NORM_SLICE_ELEMENTS", 80)
+    assert torch.equal(similarity.squared_norms(x), x.pow(2).sum(-1))
+    assert similarity.squared_norms(torch.randn(0, 3)).shape == (0,)
