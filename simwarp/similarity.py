@@ -236,6 +236,7 @@ class PreparedKeys:
             ``sqeuclidean`` folds it into the scores.
     """
 
+    @torch.no_grad()
     def __init__(
         self, keys: torch.Tensor, metric: str = "dot", scale: float | None = None, *, unit_keys_once: bool = True
     ) -> None:
@@ -249,11 +250,10 @@ class PreparedKeys:
         self.unit_blocks = metric == "cosine" and not unit_keys_once
         self.keys = unit_rows(keys) if metric == "cosine" and unit_keys_once else keys
         self.norms, self.alpha, self.beta = None, 1.0, 1.0
-        with torch.no_grad():
-            if metric == "l2":  # r = 2 q·k - |k|²; the scale applies after the square root
-                self.norms, self.alpha, self.beta = squared_norms(keys), 2.0, -1.0
-            elif metric == "sqeuclidean":  # exactly the first step of _ScaledSquaredDistance(c = -scale)
-                self.norms, self.alpha = squared_norms(keys).mul_(-self.scale), 2.0 * self.scale
+        if metric == "l2":  # r = 2 q·k - |k|²; the scale applies after the square root
+            self.norms, self.alpha, self.beta = squared_norms(keys), 2.0, -1.0
+        elif metric == "sqeuclidean":  # exactly the first step of _ScaledSquaredDistance(c = -scale)
+            self.norms, self.alpha = squared_norms(keys).mul_(-self.scale), 2.0 * self.scale
 
     @torch.no_grad()
     def scores(self, q: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -280,11 +280,10 @@ class BlockSimilarity:
     """``pairwise_similarity(q, k, metric, scale)`` key block by key block, without gradients,
     for the streaming passes: :meth:`scores` (one GEMM per block; the query side and the key
     norms prepared once per call, :class:`PreparedKeys`; memory ``O(n + m)`` besides the
-    blocks) and :meth:`similarity_`, each row's
-    non-decreasing map from scores to similarities. A row's extremes over keys can therefore be
-    taken on the scores and only the extremes mapped (one square root per row instead of one
-    per score for ``l2``). The similarities are the bits :func:`pairwise_similarity` computes
-    for the same blocks.
+    blocks) and :meth:`similarity_`, each row's non-decreasing map from scores to
+    similarities. A row's extremes over keys can therefore be taken on the scores and only the
+    extremes mapped (one square root per row instead of one per score for ``l2``). The
+    similarities are the bits :func:`pairwise_similarity` computes for the same blocks.
 
     Args:
         q: queries ``(..., n, d)``; ``k``: keys ``(..., m, d)`` (leading dims broadcast).
@@ -292,6 +291,7 @@ class BlockSimilarity:
             (:func:`default_scale`).
     """
 
+    @torch.no_grad()
     def __init__(self, q: torch.Tensor, k: torch.Tensor, metric: str, scale: float | None) -> None:
         self.keys = PreparedKeys(k, metric, scale, unit_keys_once=False)
         self.metric, self.scale = metric, self.keys.scale
