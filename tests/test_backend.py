@@ -884,3 +884,26 @@ def test_compiled_leave_one_out_matches_eager(metric):
     (gg,) = torch.autograd.grad(got, x2)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(gg, gw)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("self_offset", [None, -2, 0, 3])
+def test_first_extreme_index_matches_the_indexed_reductions(with_bias, self_offset):
+    """The streaming pass 1 on CPU searches key indices only in the rows a block improves
+    (first_extreme_index): the same first-on-ties indices as row_range_indices."""
+    from simwarp.backend.common import first_extreme_index, key_bias, row_range_indices
+
+    gen = torch.Generator().manual_seed(3 + (self_offset or 0))
+    s = torch.randint(0, 4, (2, 1, 7, 9), generator=gen).float()  # many ties; batch broadcast below
+    rows = torch.rand(2, 3, 7, generator=gen) > 0.4
+    bias = None
+    if with_bias:
+        mask = torch.rand(2, 3, 7, 9, generator=gen) > 0.3
+        bias = key_bias(mask, 7, 0, 9, causal=False, exclude_self=False, dtype=s.dtype, device=s.device)
+    full = s.expand(2, 3, 7, 9).clone()
+    lo, lo_index, hi, hi_index = row_range_indices(full, bias, self_offset)
+    for largest, index, value in ((False, lo_index, lo), (True, hi_index, hi)):
+        found = first_extreme_index(s, bias, self_offset, rows, largest)
+        has_key = value[rows].isfinite()
+        assert torch.equal(found[has_key], index[rows][has_key])
+    assert torch.equal(full, s.expand(2, 3, 7, 9))  # s is left as it was

@@ -27,6 +27,7 @@ from simwarp._autograd import first_order
 from simwarp.backend.common import (
     WarpSpec,
     broadcast_shape,
+    first_extreme_index,
     key_bias,
     known_maximum,
     masked_numerator,
@@ -110,10 +111,17 @@ def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int,
         if r0 >= n:
             break
         r = sim.scores(start, stop, r0)
-        block_min, idx_min, block_max, idx_max = row_range_indices(r, *blocks.validity(start, stop, r0), indices=indices)
+        bias, self_offset = blocks.validity(start, stop, r0)
+        # On CPU the indexed reductions are scalar loops: take the block's extremes vectorised
+        # and search the indices only in the rows whose running extreme the block improves.
+        later = indices and r.device.type == "cpu"
+        block_min, idx_min, block_max, idx_max = row_range_indices(r, bias, self_offset, indices=indices and not later)
         lo_r, hi_r = lo[..., r0:], hi[..., r0:]
         new_min, new_max = block_min < lo_r, block_max > hi_r
-        if indices:
+        if later:
+            argmin[..., r0:][new_min] = first_extreme_index(r, bias, self_offset, new_min, largest=False) + start
+            argmax[..., r0:][new_max] = first_extreme_index(r, bias, self_offset, new_max, largest=True) + start
+        elif indices:
             argmin_r, argmax_r = argmin[..., r0:], argmax[..., r0:]
             argmin_r.copy_(torch.where(new_min, idx_min + start, argmin_r))
             argmax_r.copy_(torch.where(new_max, idx_max + start, argmax_r))

@@ -189,6 +189,28 @@ def row_range_indices(
     return lo, lo_index, hi, hi_index
 
 
+def first_extreme_index(
+    s: torch.Tensor, bias: torch.Tensor | None, self_offset: int | None, rows: torch.Tensor, largest: bool
+) -> torch.Tensor:
+    """The first key index of the max (``largest``) or min of the valid keys of the selected
+    ``rows`` (bool, ``s``'s shape without the key dim, possibly broadcast-larger), as a 1-D
+    tensor in ``rows``' order: :func:`row_range_indices`' indices for a subset of rows. The
+    streaming pass 1 uses it on CPU for the rows whose running extreme a block improves (few
+    after the first blocks), so that most blocks need only the vectorised reductions."""
+    with torch.no_grad():
+        shape = (*rows.shape, s.shape[-1])
+        x = s.detach().expand(shape)[rows]  # (K, keys), a copy
+        if bias is not None:
+            picked = bias.expand(shape)[rows]
+            x = x.add_(picked) if largest else x.sub_(picked)
+        if self_offset is not None:
+            which, row = torch.arange(x.shape[0], device=x.device), rows.nonzero()[:, -1]
+            own = row + self_offset
+            inside = (own >= 0) & (own < x.shape[-1])
+            x[which[inside], own[inside]] = -math.inf if largest else math.inf
+        return x.argmax(-1) if largest else x.argmin(-1)
+
+
 def routed_range_index(range_index, spec: WarpSpec, s: torch.Tensor):
     """``range_index`` if the range gradient must reach ``s`` through those keys, else ``None``."""
     return range_index if range_index is not None and not spec.detach_range and s.requires_grad else None
