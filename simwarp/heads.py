@@ -42,7 +42,7 @@ from simwarp.distributed import (
     sharded_explain,
     sharded_warp_attend,
 )
-from simwarp.similarity import METRICS, similarity_ranker
+from simwarp.similarity import METRICS, PreparedKeys
 from simwarp.steps import SoftStep, get_step
 
 __all__ = [
@@ -56,10 +56,9 @@ __all__ = [
 
 #: scores materialised at once by :meth:`explain` and the kNN head (queries × bank entries).
 EXPLAIN_BUDGET = 1 << 22
-#: the kNN head's smallest block of queries, above the budget where the bank is large (32 rows
-#: of a million-entry bank are 128 MiB in float32): each block's GEMM reads the whole bank,
-#: which must serve more than a handful of queries.
-KNN_MIN_ROWS = 32
+#: queries per block of the kNN head: each key block's GEMM serves this many queries (the
+#: block has ``EXPLAIN_BUDGET`` scores, 16 MiB in float32, however large the bank).
+KNN_ROWS = 256
 _HEAD_MODES = ("global", "instance")
 
 
@@ -814,18 +813,28 @@ class KNNRegressionHead(_BankMixin):
         if m < 1:
             raise ValueError(f"the kNN head needs at least one neighbour per row, got {keys.shape[0]} keys (loo={loo})")
         k = min(self.k, m)
-        rows = max(KNN_MIN_ROWS, EXPLAIN_BUDGET // keys.shape[0])
-        rank = similarity_ranker(keys, self.metric)
-        outs = []
-        for start in range(0, z.shape[0], rows):
-            s = rank(z[start : start + rows])
-            if loo:
-                idx = torch.arange(start, start + s.shape[0], device=z.device)
-                s = s.clone()
-                s[torch.arange(s.shape[0], device=z.device), idx] = -math.inf
-            top = torch.topk(s, k, dim=-1).indices
-            outs.append(values[top].mean(dim=1))
-        return torch.cat(outs) if outs else values.new_zeros((0, values.shape[-1]))
+        prepared = PreparedKeys(keys, self.metric)
+        # blocks of KNN_ROWS queries × width keys (EXPLAIN_BUDGET scores); each block's top-k
+        # is merged into the running top-k of its queries
+        width = max(k, EXPLAIN_BUDGET // KNN_ROWS)
+        out = values.new_empty((z.shape[0], values.shape[-1]))
+        for start in range(0, z.shape[0], KNN_ROWS):
+            zq = z[start : start + KNN_ROWS]
+            best_s = best_i = None
+            for key_start in range(0, keys.shape[0], width):
+                s = prepared.scores(zq, key_start, key_start + width)
+                if loo:  # each query's own key, where this block holds it
+                    own = torch.arange(start, start + zq.shape[0], device=z.device) - key_start
+                    inside = (own >= 0) & (own < s.shape[1])
+                    s[torch.arange(zq.shape[0], device=z.device)[inside], own[inside]] = -math.inf
+                top_s, top_i = torch.topk(s, min(k, s.shape[1]), dim=-1)
+                if best_s is not None:
+                    top_s, top_i = torch.cat([best_s, top_s], -1), torch.cat([best_i, top_i + key_start], -1)
+                    top_s, pick = torch.topk(top_s, k, dim=-1)
+                    top_i = top_i.gather(-1, pick)
+                best_s, best_i = top_s, top_i
+            out[start : start + zq.shape[0]] = values[best_i].mean(dim=1)
+        return out
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""

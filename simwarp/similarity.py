@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 
 import torch
 
@@ -267,13 +266,6 @@ class PreparedKeys:
         if self.norms is None:
             return torch.matmul(q, k.transpose(-1, -2))
         return _norms_plus_gram(q, k, self.norms[..., start:stop], self.alpha, self.beta)
-
-
-def similarity_ranker(keys: torch.Tensor, metric: str = "dot") -> Callable[[torch.Tensor], torch.Tensor]:
-    """``queries (r, d) -> (r, m)`` scores that order each row's keys ``(m, d)`` exactly as
-    :func:`pairwise_similarity` does (for top-k), with the per-key work done once
-    (:class:`PreparedKeys`). The scores are not the similarities themselves."""
-    return PreparedKeys(keys, metric).scores
 
 
 class BlockSimilarity:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -345,9 +346,10 @@ def test_knn_head_is_hard_topk_average():
 
 
 @pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "sqeuclidean", "l1"])
-def test_knn_head_ranks_like_the_metric(monkeypatch, metric):
-    monkeypatch.setattr(simwarp.heads, "KNN_MIN_ROWS", 2)
-    monkeypatch.setattr(simwarp.heads, "EXPLAIN_BUDGET", 50)  # blocks of 2 queries
+@pytest.mark.parametrize("budget", [6, 12, 1 << 22])  # key blocks of 3 (< k), 6 and all 25 keys
+def test_knn_head_ranks_like_the_metric(monkeypatch, metric, budget):
+    monkeypatch.setattr(simwarp.heads, "KNN_ROWS", 2)
+    monkeypatch.setattr(simwarp.heads, "EXPLAIN_BUDGET", budget)
     gen = torch.Generator().manual_seed(3)
     bank, bank_y = torch.randn(25, 6, generator=gen, dtype=torch.float64), torch.randn(25, 2, generator=gen, dtype=torch.float64)
     queries = torch.randn(7, 6, generator=gen, dtype=torch.float64)
@@ -355,6 +357,9 @@ def test_knn_head_ranks_like_the_metric(monkeypatch, metric):
     head.set_bank(bank, bank_y)
     top = simwarp.pairwise_similarity(queries, bank, metric=metric).topk(4, dim=-1).indices
     torch.testing.assert_close(head(queries), bank_y[top].mean(1))
+    head.train()  # leave-one-out over the batch: each row's own key may fall in any block
+    s = simwarp.pairwise_similarity(bank, bank, metric=metric).fill_diagonal_(-math.inf)
+    torch.testing.assert_close(head(bank, bank_y), bank_y[s.topk(4, dim=-1).indices].mean(1))
 
 
 def test_make_head_kinds():
