@@ -787,9 +787,11 @@ class KNNRegressionHead(_BankMixin):
     """Hard top-``k`` neighbour average (baseline): ``ŷ_i = mean of the labels of the k most
     similar rows`` (leave-one-out over the batch in training, the bank at inference).
 
-    Neighbours are ranked by the metric's similarity (one GEMM per block of queries, the keys
-    prepared once per call), blocked over queries so memory stays bounded. The average has no gradient with respect to ``z`` (top-k is piecewise
-    constant): use it on embeddings learned with another head.
+    Neighbours are ranked by the metric's similarity, streamed in blocks of ``KNN_ROWS``
+    queries × key blocks (one GEMM each, the key norms prepared once per call) with a running
+    top-k, so memory stays bounded (``EXPLAIN_BUDGET`` scores) however large the bank. The
+    average has no gradient with respect to ``z`` (top-k is piecewise constant): use it on
+    embeddings learned with another head.
 
     Args:
         in_features: ``D``. out_features: ``E``. k: neighbours. metric: similarity.
