@@ -142,8 +142,10 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     """``|x_i|²`` over the last dim, ``(..., m, d) -> (..., m)``, in slices of rows: no
     temporary the size of ``x`` (a neighbour bank can be large). Row by row the same bits as
     ``x.pow(2).sum(-1)``."""
+    if x.dim() < 2:
+        return x.pow(2).sum(-1)
     rows = max(1, _NORM_SLICE_ELEMENTS // max(1, x[..., :1, :].numel()))
-    if x.dim() < 2 or x.shape[-2] <= rows:
+    if x.shape[-2] <= rows:
         return x.pow(2).sum(-1)
     out = x.new_empty(x.shape[:-1])
     for start in range(0, x.shape[-2], rows):  # into one buffer: results kept between the
@@ -226,7 +228,8 @@ class PreparedKeys:
     keys; ``l2`` and ``sqeuclidean``: ``2 q·k - |k|²`` up to a positive factor, with the key
     norms computed here), so that each row's similarities are a non-decreasing function of its
     scores (:meth:`BlockSimilarity.similarity_`). Row maxima, minima and top-k can therefore be
-    taken on ``r``. ``l1`` has no such split: its scores are its similarities. No gradients.
+    taken on ``r``. ``l1`` has no such split: its scores are its similarities. For use without
+    autograd (detached inputs, ``torch.no_grad`` or inside an autograd function's forward).
 
     Args:
         keys: ``(..., m, d)``.
@@ -235,7 +238,6 @@ class PreparedKeys:
             ``sqeuclidean`` folds it into the scores.
     """
 
-    @torch.no_grad()
     def __init__(
         self, keys: torch.Tensor, metric: str = "dot", scale: float | None = None, *, unit_keys_once: bool = True
     ) -> None:
@@ -254,7 +256,6 @@ class PreparedKeys:
         elif metric == "sqeuclidean":  # exactly the first step of _ScaledSquaredDistance(c = -scale)
             self.norms, self.alpha = squared_norms(keys).mul_(-self.scale), 2.0 * self.scale
 
-    @torch.no_grad()
     def scores(self, q: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(..., n, stop - start)`` scores of queries ``q`` ``(..., n, d)`` against keys
         ``start:stop`` (all keys by default)."""
@@ -269,8 +270,8 @@ class PreparedKeys:
 
 
 class BlockSimilarity:
-    """``pairwise_similarity(q, k, metric, scale)`` key block by key block, without gradients,
-    for the streaming passes: :meth:`scores` (one GEMM per block; the query side and the key
+    """``pairwise_similarity(q, k, metric, scale)`` key block by key block, without autograd
+    (inside the streaming passes' forward): :meth:`scores` (one GEMM per block; the query side and the key
     norms prepared once per call, :class:`PreparedKeys`; memory ``O(n + m)`` besides the
     blocks) and :meth:`similarity_`, each row's non-decreasing map from scores to
     similarities. A row's extremes over keys can therefore be taken on the scores and only the
@@ -283,7 +284,6 @@ class BlockSimilarity:
             (:func:`default_scale`).
     """
 
-    @torch.no_grad()
     def __init__(self, q: torch.Tensor, k: torch.Tensor, metric: str, scale: float | None) -> None:
         self.keys = PreparedKeys(k, metric, scale, unit_keys_once=False)
         self.metric, self.scale = metric, self.keys.scale
@@ -299,7 +299,6 @@ class BlockSimilarity:
         keys ``start:stop``."""
         return self.keys.scores(_rows_from(self.q, row_start), start, stop)
 
-    @torch.no_grad()
     def similarity_(self, r: torch.Tensor, row_start: int = 0) -> torch.Tensor:
         """Similarities of query rows ``row_start:`` from their scores ``r`` ``(..., rows, ·)``,
         in place. ``±inf`` scores (an empty row's extremes) may map to finite values: test

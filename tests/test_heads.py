@@ -346,7 +346,7 @@ def test_knn_head_is_hard_topk_average():
 
 
 @pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "sqeuclidean", "l1"])
-@pytest.mark.parametrize("budget", [6, 12, 1 << 22])  # key blocks of 3 (< k), 6 and all 25 keys
+@pytest.mark.parametrize("budget", [6, 12, 1 << 22])  # key blocks of k = 4 (the narrowest), 6 and all 25 keys
 def test_knn_head_ranks_like_the_metric(monkeypatch, metric, budget):
     monkeypatch.setattr(simwarp.heads, "KNN_ROWS", 2)
     monkeypatch.setattr(simwarp.heads, "EXPLAIN_BUDGET", budget)

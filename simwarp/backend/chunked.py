@@ -96,8 +96,11 @@ class _KeyBlocks:
 
 def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int, indices: bool = True):
     """Pass 1: each row's min/max over valid keys and, with ``indices``, their key indices
-    (first index wins ties; else ``None``). The extremes are taken on the blocks' scores and
-    mapped to similarities at the end (:class:`~simwarp.similarity.BlockSimilarity`).
+    (first index wins ties; else ``None``). Without ``indices`` the extremes are taken on the
+    blocks' scores and only they are mapped to similarities
+    (:class:`~simwarp.similarity.BlockSimilarity`); with them, on the similarities, whose
+    ties (rounding, ``l2``'s clamp at distance 0) the scores may not share: the range
+    gradient goes to the first key of equal similarity, as in the dense path.
 
     Returns ``lo, hi, argmin, argmax, empty``, each ``(*batch, n)``; empty rows get ``lo = hi = 0``.
     """
@@ -111,10 +114,13 @@ def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int,
         if r0 >= n:
             break
         r = sim.scores(start, stop, r0)
+        if indices:
+            r = sim.similarity_(r, r0)
         bias, self_offset = blocks.validity(start, stop, r0)
         # On CPU the indexed reductions are scalar loops: take the block's extremes vectorised
-        # and search the indices only in the rows whose running extreme the block improves.
-        later = indices and r.device.type == "cpu"
+        # and search the indices only in the rows whose running extreme the block improves
+        # (boolean indexing: data-dependent shapes, so not under torch.compile).
+        later = indices and r.device.type == "cpu" and not torch.compiler.is_compiling()
         block_min, idx_min, block_max, idx_max = row_range_indices(r, bias, self_offset, indices=indices and not later)
         lo_r, hi_r = lo[..., r0:], hi[..., r0:]
         new_min, new_max = block_min < lo_r, block_max > hi_r
@@ -128,8 +134,10 @@ def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int,
         lo_r.copy_(torch.where(new_min, block_min, lo_r))
         hi_r.copy_(torch.where(new_max, block_max, hi_r))
     empty = torch.isinf(lo)
-    lo, hi = (sim.similarity_(x.masked_fill_(empty, 0.0).unsqueeze(-1)).squeeze(-1) for x in (lo, hi))
-    return lo.masked_fill_(empty, 0.0), hi.masked_fill_(empty, 0.0), argmin, argmax, empty
+    lo, hi = lo.masked_fill_(empty, 0.0), hi.masked_fill_(empty, 0.0)
+    if not indices:
+        lo, hi = (sim.similarity_(x.unsqueeze(-1)).squeeze(-1).masked_fill_(empty, 0.0) for x in (lo, hi))
+    return lo, hi, argmin, argmax, empty
 
 
 class _ChunkedWarp(torch.autograd.Function):
