@@ -157,8 +157,8 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
 def _norms_plus_gram(q: torch.Tensor, k: torch.Tensor, norms: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """``beta · norms_j + alpha · q_i·k_j`` ``(..., n, m)`` for key norms ``(..., m)`` and
     ``beta = ±1``: one GEMM with the norms as its C operand for matrices. The squared distance
-    and :class:`PreparedKeys` share it, so their scores agree to the bit (the streaming passes
-    rely on that: the backward recomputes the forward's similarities)."""
+    and :class:`PreparedKeys` share it, so that their scores agree to the bit for contiguous
+    inputs (the streaming backward recomputes the forward's similarities)."""
     if q.dim() == 2 and k.dim() == 2:
         return torch.addmm(norms, q, k.T, beta=beta, alpha=alpha)
     out = torch.matmul(q, k.transpose(-1, -2)).mul_(alpha)
@@ -275,8 +275,9 @@ class BlockSimilarity:
     norms prepared once per call, :class:`PreparedKeys`; memory ``O(n + m)`` besides the
     blocks) and :meth:`similarity_`, each row's non-decreasing map from scores to
     similarities. A row's extremes over keys can therefore be taken on the scores and only the
-    extremes mapped (one square root per row instead of one per score for ``l2``). The
-    similarities are the bits :func:`pairwise_similarity` computes for the same blocks.
+    extremes mapped (one square root per row instead of one per score for ``l2``). For
+    contiguous inputs the similarities are the bits :func:`pairwise_similarity` computes for
+    the same blocks (other layouts may take other GEMM kernels: an ulp apart).
 
     Args:
         q: queries ``(..., n, d)``; ``k``: keys ``(..., m, d)`` (leading dims broadcast).
