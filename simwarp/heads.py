@@ -120,6 +120,35 @@ def _progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = 
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
+def streaming_topk(queries: torch.Tensor, keys: torch.Tensor, metric: str, k: int, exclude_self: bool = False) -> torch.Tensor:
+    """Indices ``(N, k)`` of each query's ``k`` most similar keys ``(M, d)`` (any order on ties).
+
+    Streams blocks of ``KNN_ROWS`` queries × ``EXPLAIN_BUDGET / KNN_ROWS`` keys (one GEMM each,
+    :class:`~simwarp.similarity.PreparedKeys`) and merges each block's top-k into a running one,
+    so memory is bounded however large the bank. ``exclude_self``: query ``i`` never picks key
+    ``i`` (leave-one-out over a batch). Needs ``k <= M`` (``M - 1`` with ``exclude_self``)."""
+    prepared = PreparedKeys(keys, metric)
+    width = max(k, EXPLAIN_BUDGET // KNN_ROWS)
+    out = torch.empty((queries.shape[0], k), dtype=torch.long, device=queries.device)
+    for start in range(0, queries.shape[0], KNN_ROWS):
+        zq = queries[start : start + KNN_ROWS]
+        best_s = best_i = None
+        for key_start in range(0, keys.shape[0], width):
+            s = prepared.scores(zq, key_start, key_start + width)
+            if exclude_self:  # each query's own key, where this block holds it
+                own = torch.arange(start, start + zq.shape[0], device=zq.device) - key_start
+                inside = (own >= 0) & (own < s.shape[1])
+                s[torch.arange(zq.shape[0], device=zq.device)[inside], own[inside]] = -math.inf
+            top_s, top_i = torch.topk(s, min(k, s.shape[1]), dim=-1)
+            if best_s is not None:
+                top_s, top_i = torch.cat([best_s, top_s], -1), torch.cat([best_i, top_i + key_start], -1)
+                top_s, pick = torch.topk(top_s, k, dim=-1)
+                top_i = top_i.gather(-1, pick)
+            best_s, best_i = top_s, top_i
+        out[start : start + zq.shape[0]] = best_i
+    return out
+
+
 class _BankMixin(nn.Module):
     """Bank of stored embeddings ``bank_z (M, D)`` and labels ``bank_y`` held as buffers.
 
@@ -421,8 +450,10 @@ class _WarpHeadBase(_BankMixin):
     def explain(self, z: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most influential bank entries per query.
 
-        Weights come from :func:`simwarp.warp_weights` on blocks of queries (each block sees the
-        whole bank, so weights are exact); memory is bounded by ``EXPLAIN_BUDGET`` scores.
+        The weights are exact. For the built-in steps (weights non-decreasing in the similarity)
+        the bank is streamed: the rows' range and normaliser, a top-k of the similarities, then
+        those k weights; a user step takes :func:`simwarp.warp_weights` on blocks of queries
+        over the whole bank. Memory is bounded by ``EXPLAIN_BUDGET`` scores either way.
 
         Args:
             z: queries ``(N, in_features)``.
@@ -443,6 +474,9 @@ class _WarpHeadBase(_BankMixin):
                 temperature=self.temperature, chunk_size=self.chunk_size, **self._step_kwargs(z),
             )
         k = min(k, self.bank_size)
+        step = get_step(self._step_kwargs(z)["step"])
+        if (step.rule is not None or not step.warps) and z.shape[0]:
+            return self._explain_by_similarity(z, k)
         rows = max(1, EXPLAIN_BUDGET // self.bank_size)
         idx_out, w_out = [], []
         for start in range(0, z.shape[0], rows):
@@ -458,6 +492,29 @@ class _WarpHeadBase(_BankMixin):
             empty = z.new_zeros((0, k))
             return empty.long(), empty
         return torch.cat(idx_out), torch.cat(w_out)
+
+    def _explain_by_similarity(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`explain` for the built-in steps, streamed: their weights are non-decreasing in
+        the similarity, so the top-k weights are those of the top-k similarities. One backend
+        call for each row's range and normaliser (``lo``, ``hi``, ``lse``), a streaming top-k,
+        then the weights of those k keys with the range fixed, renormalised to the whole row."""
+        keys = self.bank_z.to(z.dtype)
+        kwargs = self._step_kwargs(z)
+        common = dict(metric=self.metric, scale=self.scale, temperature=self.temperature, step=kwargs["step"])
+        _, stats = warp_attend(
+            z, keys, keys.new_zeros((keys.shape[0], 0)), detach_range=self.detach_range, impl=self.impl,
+            chunk_size=self.chunk_size, return_stats=True, **common, **{p: kwargs[p] for p in "abt" if p in kwargs},
+        )
+        top = streaming_topk(z, keys, self.metric, k)
+        # each query is a batch of one row against its own k keys: per-row parameters (N,) -> (N, 1)
+        params = {p: kwargs[p].unsqueeze(-1) if kwargs[p].dim() else kwargs[p] for p in "abt" if p in kwargs}
+        w, part = warp_weights(
+            z.unsqueeze(1), keys[top], row_range=(stats.lo.unsqueeze(-1), stats.hi.unsqueeze(-1)),
+            return_stats=True, **common, **params,
+        )
+        w = w.squeeze(1) * torch.exp(part.lse - stats.lse.unsqueeze(-1))  # k-key normaliser -> the row's
+        w, order = torch.sort(w, dim=-1, descending=True)
+        return top.gather(-1, order), w
 
     def extra_repr(self) -> str:
         return (
@@ -815,28 +872,8 @@ class KNNRegressionHead(_BankMixin):
         if m < 1:
             raise ValueError(f"the kNN head needs at least one neighbour per row, got {keys.shape[0]} keys (loo={loo})")
         k = min(self.k, m)
-        prepared = PreparedKeys(keys, self.metric)
-        # blocks of KNN_ROWS queries × width keys (EXPLAIN_BUDGET scores); each block's top-k
-        # is merged into the running top-k of its queries
-        width = max(k, EXPLAIN_BUDGET // KNN_ROWS)
-        out = values.new_empty((z.shape[0], values.shape[-1]))
-        for start in range(0, z.shape[0], KNN_ROWS):
-            zq = z[start : start + KNN_ROWS]
-            best_s = best_i = None
-            for key_start in range(0, keys.shape[0], width):
-                s = prepared.scores(zq, key_start, key_start + width)
-                if loo:  # each query's own key, where this block holds it
-                    own = torch.arange(start, start + zq.shape[0], device=z.device) - key_start
-                    inside = (own >= 0) & (own < s.shape[1])
-                    s[torch.arange(zq.shape[0], device=z.device)[inside], own[inside]] = -math.inf
-                top_s, top_i = torch.topk(s, min(k, s.shape[1]), dim=-1)
-                if best_s is not None:
-                    top_s, top_i = torch.cat([best_s, top_s], -1), torch.cat([best_i, top_i + key_start], -1)
-                    top_s, pick = torch.topk(top_s, k, dim=-1)
-                    top_i = top_i.gather(-1, pick)
-                best_s, best_i = top_s, top_i
-            out[start : start + zq.shape[0]] = values[best_i].mean(dim=1)
-        return out
+        top = streaming_topk(z, keys, self.metric, k, exclude_self=loo)
+        return values[top].mean(dim=1) if z.shape[0] else values.new_zeros((0, values.shape[-1]))
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""

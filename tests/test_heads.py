@@ -212,6 +212,35 @@ def test_explain_matches_dense_weights_and_chunks(monkeypatch):
     torch.testing.assert_close(wt.sum(-1), torch.ones(7, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("kind", ["regression", "classification"])
+@pytest.mark.parametrize("mode,step", [("global", "sigmoidal"), ("instance", "poly"), ("instance", "log"), ("global", "none"), ("global", "bump")])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_explain_is_the_top_of_the_dense_weights(monkeypatch, kind, mode, step, metric):
+    """explain streams for the built-in steps (top-k weights = top-k similarities) and falls
+    back to dense weights for a user step (here non-monotone): both give the dense top-k."""
+    simwarp.register_step("bump", lambda u, a, b, t: -((u - 0.5) ** 2) / t, overwrite=True)
+    monkeypatch.setattr(simwarp.heads, "EXPLAIN_BUDGET", 60)  # key blocks of 4 in the streaming top-k
+    gen = torch.Generator().manual_seed(7)
+    bank = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    if kind == "regression":
+        head = NeighborRegressionHead(5, 1, metric=metric, mode=mode, step=step).double()
+        labels = torch.randn(40, generator=gen, dtype=torch.float64)
+    else:
+        head = NeighborClassificationHead(5, 3, metric=metric, mode=mode, step=step).double()
+        labels = torch.randint(0, 3, (40,), generator=gen)
+    _randomise(head)
+    head.set_bank(bank, labels)
+    q = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    kwargs = head._step_kwargs(q)
+    w = simwarp.warp_weights(q, bank, metric=metric, scale=head.scale, temperature=head.temperature, **kwargs)
+    want = torch.topk(w, 4, dim=-1)
+    idx, wt = head.explain(q, k=4)
+    torch.testing.assert_close(wt, want.values)
+    torch.testing.assert_close(w.gather(-1, idx), wt)  # the indices hold those weights
+    head.eval()
+    assert head.explain(q[:0], k=4)[0].shape == (0, 4)
+
+
 def test_large_bank_streams_through_chunked_backend():
     torch.manual_seed(0)
     bank_z, bank_y = torch.randn(3000, 8), torch.randn(3000, 1)
