@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simwarp._autograd import outside_autocast
 from simwarp.backend import IMPLS, warp_attend, warp_weights
 from simwarp.backend.common import as_flag
 from simwarp.distributed import (
@@ -120,13 +121,15 @@ def _progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = 
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
+@outside_autocast
 def streaming_topk(queries: torch.Tensor, keys: torch.Tensor, metric: str, k: int, exclude_self: bool = False) -> torch.Tensor:
     """Indices ``(N, k)`` of each query's ``k`` most similar keys ``(M, d)`` (any order on ties).
 
     Streams blocks of ``KNN_ROWS`` queries × ``EXPLAIN_BUDGET / KNN_ROWS`` keys (one GEMM each,
     :class:`~simwarp.similarity.PreparedKeys`) and merges each block's top-k into a running one,
     so memory is bounded however large the bank. ``exclude_self``: query ``i`` never picks key
-    ``i`` (leave-one-out over a batch). Needs ``k <= M`` (``M - 1`` with ``exclude_self``)."""
+    ``i`` (leave-one-out over a batch). Needs ``k <= M`` (``M - 1`` with ``exclude_self``).
+    Scores in the inputs' dtype, with autocast off (it would rank in half precision)."""
     prepared = PreparedKeys(keys, metric)
     width = max(k, EXPLAIN_BUDGET // KNN_ROWS)
     out = torch.empty((queries.shape[0], k), dtype=torch.long, device=queries.device)
@@ -450,10 +453,8 @@ class _WarpHeadBase(_BankMixin):
     def explain(self, z: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most influential bank entries per query.
 
-        The weights are exact. For the built-in steps (weights non-decreasing in the similarity)
-        the bank is streamed: the rows' range and normaliser, a top-k of the similarities, then
-        those k weights; a user step takes :func:`simwarp.warp_weights` on blocks of queries
-        over the whole bank. Memory is bounded by ``EXPLAIN_BUDGET`` scores either way.
+        Weights come from :func:`simwarp.warp_weights` on blocks of queries (each block sees the
+        whole bank, so weights are exact); memory is bounded by ``EXPLAIN_BUDGET`` scores.
 
         Args:
             z: queries ``(N, in_features)``.
@@ -474,9 +475,6 @@ class _WarpHeadBase(_BankMixin):
                 temperature=self.temperature, chunk_size=self.chunk_size, **self._step_kwargs(z),
             )
         k = min(k, self.bank_size)
-        step = get_step(self._step_kwargs(z)["step"])
-        if (step.rule is not None or not step.warps) and z.shape[0]:
-            return self._explain_by_similarity(z, k)
         rows = max(1, EXPLAIN_BUDGET // self.bank_size)
         idx_out, w_out = [], []
         for start in range(0, z.shape[0], rows):
@@ -492,29 +490,6 @@ class _WarpHeadBase(_BankMixin):
             empty = z.new_zeros((0, k))
             return empty.long(), empty
         return torch.cat(idx_out), torch.cat(w_out)
-
-    def _explain_by_similarity(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`explain` for the built-in steps, streamed: their weights are non-decreasing in
-        the similarity, so the top-k weights are those of the top-k similarities. One backend
-        call for each row's range and normaliser (``lo``, ``hi``, ``lse``), a streaming top-k,
-        then the weights of those k keys with the range fixed, renormalised to the whole row."""
-        keys = self.bank_z.to(z.dtype)
-        kwargs = self._step_kwargs(z)
-        common = dict(metric=self.metric, scale=self.scale, temperature=self.temperature, step=kwargs["step"])
-        _, stats = warp_attend(
-            z, keys, keys.new_zeros((keys.shape[0], 0)), detach_range=self.detach_range, impl=self.impl,
-            chunk_size=self.chunk_size, return_stats=True, **common, **{p: kwargs[p] for p in "abt" if p in kwargs},
-        )
-        top = streaming_topk(z, keys, self.metric, k)
-        # each query is a batch of one row against its own k keys: per-row parameters (N,) -> (N, 1)
-        params = {p: kwargs[p].unsqueeze(-1) if kwargs[p].dim() else kwargs[p] for p in "abt" if p in kwargs}
-        w, part = warp_weights(
-            z.unsqueeze(1), keys[top], row_range=(stats.lo.unsqueeze(-1), stats.hi.unsqueeze(-1)),
-            return_stats=True, **common, **params,
-        )
-        w = w.squeeze(1) * torch.exp(part.lse - stats.lse.unsqueeze(-1))  # k-key normaliser -> the row's
-        w, order = torch.sort(w, dim=-1, descending=True)
-        return top.gather(-1, order), w
 
     def extra_repr(self) -> str:
         return (

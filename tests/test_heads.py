@@ -241,6 +241,21 @@ def test_explain_is_the_top_of_the_dense_weights(monkeypatch, kind, mode, step, 
     assert head.explain(q[:0], k=4)[0].shape == (0, 4)
 
 
+def test_explain_weights_stay_exact_at_large_logits():
+    """|s|/τ ~ 1e7 in float32: weights normalised from two separately computed similarity sets
+    (a streaming top-k rescaled by exp(lse_k - lse), tried and reverted) were off by factors up
+    to e^8; explain's weights must be the dense weights."""
+    torch.manual_seed(0)
+    head = NeighborRegressionHead(5, 1, metric="sqeuclidean", step="sigmoidal", temperature=0.05)
+    bank = torch.randn(40, 5) * 1e3
+    head.set_bank(bank, torch.randn(40))
+    z = torch.randn(9, 5) * 1e3
+    idx, w = head.explain(z, k=3)
+    dense = simwarp.warp_weights(z, bank, metric="sqeuclidean", temperature=0.05, **head._step_kwargs(z))
+    torch.testing.assert_close(w, dense.topk(3, dim=-1).values)
+    assert (w.sum(-1) <= 1 + 1e-6).all()
+
+
 def test_large_bank_streams_through_chunked_backend():
     torch.manual_seed(0)
     bank_z, bank_y = torch.randn(3000, 8), torch.randn(3000, 1)
