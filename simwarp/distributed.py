@@ -541,7 +541,11 @@ def sharded_explain(
     probe = k.new_zeros((k.shape[0], 0)) if isinstance(k, torch.Tensor) and k.dim() == 2 else k
     p = _prepare(q, k, probe, a, b, t, group=group, queries=queries, metric=metric, scale=scale, step=step,
                  temperature=temperature, chunk_size=chunk_size)
-    kw = k.detach().to(p.q.dtype)
+    # In float64: each block's weights are rescaled by exp(lse_block - lse), two normalisers of
+    # size |s|/τ computed apart; in float32 their rounding (|s|/τ · 2^-24) reaches the weights as
+    # a factor exp(error), e^8 at |s|/τ ~ 1e7.
+    p = p._replace(q=p.q.double())
+    kw = k.detach().double()
     shard_sizes = _all_gather_layout(kw, group, "the bank shards (k)")
     total = sum(shard_sizes)
     if total == 0:

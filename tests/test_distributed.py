@@ -223,6 +223,10 @@ def _run_rank(rank: int, world: int) -> dict:
     # 4. explain: merged top-k over shards
     res["explain"] = sd.sharded_explain(data["q"], data["bank_z"][ks], TOP, metric="l2", chunk_size=5, **kw)
     res["explain_local"] = sd.sharded_explain(ql, data["bank_z"][ks], TOP, queries="local", metric="l2", **ss.kwargs(ql))
+    # float32 at |s|/τ ~ 1e7: the block-to-global rescaling of the weights must stay exact
+    res["explain_large"] = sd.sharded_explain(
+        data["q"].float() * 1e3, data["bank_z"][ks].float() * 1e3, TOP, metric="sqeuclidean", temperature=0.05, chunk_size=4
+    )
 
     # 5. heads with gather=True
     res["heads"] = _run_heads(data, world, rank)
@@ -342,6 +346,16 @@ def test_sharded_explain_merges_top_k(group_results):
             assert idx.dtype == torch.long and idx.shape == (top.values[rows].shape)
             _close(wt, top.values[rows])
             _close(w[rows].gather(1, idx), wt)  # the indices point at those weights
+
+
+def test_sharded_explain_is_exact_at_large_logits(group_results):
+    world, results = group_results
+    data = _data(world)
+    w = simwarp.warp_weights(data["q"].float() * 1e3, data["bank_z"].float() * 1e3, metric="sqeuclidean", temperature=0.05)
+    for res in results:
+        idx, wt = res["explain_large"]
+        torch.testing.assert_close(wt, w.topk(TOP, dim=-1).values, rtol=1e-5, atol=1e-30)
+        assert (wt.sum(-1) <= 1 + 1e-6).all()
 
 
 @pytest.mark.parametrize("kind", ["reg", "cls"])
