@@ -543,9 +543,10 @@ def sharded_explain(
                  temperature=temperature, chunk_size=chunk_size)
     # In float64: each block's weights are rescaled by exp(lse_block - lse), two normalisers of
     # size |s|/τ computed apart; in float32 their rounding (|s|/τ · 2^-24) reaches the weights as
-    # a factor exp(error), e^8 at |s|/τ ~ 1e7.
-    p = p._replace(q=p.q.double())
-    kw = k.detach().double()
+    # a factor exp(error), e^8 at |s|/τ ~ 1e7. (MPS has no float64.)
+    exact = torch.float32 if p.q.device.type == "mps" else torch.float64
+    p = p._replace(q=p.q.to(exact))
+    kw = k.detach().to(exact)
     shard_sizes = _all_gather_layout(kw, group, "the bank shards (k)")
     total = sum(shard_sizes)
     if total == 0:
