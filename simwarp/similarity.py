@@ -271,9 +271,9 @@ class PreparedKeys:
 
 class BlockSimilarity:
     """``pairwise_similarity(q, k, metric, scale)`` key block by key block, without autograd
-    (inside the streaming passes' forward): :meth:`scores` (one GEMM per block; the query side and the key
-    norms prepared once per call, :class:`PreparedKeys`; memory ``O(n + m)`` besides the
-    blocks) and :meth:`similarity_`, each row's non-decreasing map from scores to
+    (inside the streaming passes' forward): :meth:`scores` (one GEMM per block; the query side
+    and the key norms prepared once per call, :class:`PreparedKeys`; memory ``O(n + m)``
+    besides the blocks) and :meth:`similarity_`, each row's non-decreasing map from scores to
     similarities. A row's extremes over keys can therefore be taken on the scores and only the
     extremes mapped (one square root per row instead of one per score for ``l2``). For
     contiguous inputs the similarities are the bits :func:`pairwise_similarity` computes for
@@ -298,7 +298,7 @@ class BlockSimilarity:
     def scores(self, start: int, stop: int, row_start: int = 0) -> torch.Tensor:
         """``(..., n - row_start, stop - start)`` scores of query rows ``row_start:`` against
         keys ``start:stop``."""
-        return self.keys.scores(_rows_from(self.q, row_start), start, stop)
+        return self.keys.scores(rows_from(self.q, row_start), start, stop)
 
     def similarity_(self, r: torch.Tensor, row_start: int = 0) -> torch.Tensor:
         """Similarities of query rows ``row_start:`` from their scores ``r`` ``(..., rows, ·)``,
@@ -306,16 +306,19 @@ class BlockSimilarity:
         emptiness on the scores."""
         c = self.scale
         if self.metric == "l2":  # |q - k|² = |q|² - (2 q·k - |k|²)
-            s = r.neg_().add_(_rows_from(self.q_norms, row_start)).clamp_min_(0.0).sqrt_().neg_()
+            s = r.neg_().add_(rows_from(self.q_norms, row_start)).clamp_min_(0.0).sqrt_().neg_()
             return s.mul_(c) if c != 1.0 else s
         if self.metric == "sqeuclidean":
-            return r.add_(_rows_from(self.q_norms, row_start)).clamp_max_(0.0)
+            return r.add_(rows_from(self.q_norms, row_start)).clamp_max_(0.0)
         return r.mul_(c) if c != 1.0 else r
 
 
-def _rows_from(x: torch.Tensor, row_start: int) -> torch.Tensor:
-    """Rows ``row_start:`` of ``(..., n, ·)`` (a broadcast row dim of size 1 passes through)."""
-    return x if row_start == 0 or x.shape[-2] == 1 else x[..., row_start:, :]
+def rows_from(x: torch.Tensor | None, row_start: int) -> torch.Tensor | None:
+    """Rows ``row_start:`` of a per-row tensor ``(..., n, ·)``; ``None``, broadcast tensors
+    (size 1 there, or fewer than 2 dims) and ``row_start = 0`` pass through."""
+    if x is None or row_start == 0 or x.dim() < 2 or x.shape[-2] == 1:
+        return x
+    return x[..., row_start:, :]
 
 
 @outside_autocast

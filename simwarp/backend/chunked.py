@@ -37,7 +37,7 @@ from simwarp.backend.common import (
     warp_logits,
     work_dtype,
 )
-from simwarp.similarity import BlockSimilarity, paired_similarity, pairwise_similarity
+from simwarp.similarity import BlockSimilarity, paired_similarity, pairwise_similarity, rows_from
 
 #: Target number of score entries per block (rows × keys): 1 MB per float32 temporary. The
 #: step math keeps a few dozen block-sized temporaries alive at peak (more in backward);
@@ -53,14 +53,6 @@ def default_chunk_size(rows: int, m: int) -> int:
 def _blocks(m: int, chunk: int):
     for start in range(0, m, chunk):
         yield start, min(start + chunk, m)
-
-
-def _from_row(x: torch.Tensor | None, r0: int) -> torch.Tensor | None:
-    """Rows ``r0:`` of a per-row tensor ``(..., n, ·)``; broadcast tensors (size 1 there, or
-    fewer than 2 dims) and ``r0 = 0`` pass through."""
-    if x is None or r0 == 0 or x.dim() < 2 or x.shape[-2] == 1:
-        return x
-    return x[..., r0:, :]
 
 
 class _KeyBlocks:
@@ -88,7 +80,7 @@ class _KeyBlocks:
         if self.self_diagonal:
             return None, r0 + spec.self_offset - start
         bias = key_bias(
-            _from_row(self.mask, r0), self.n - r0, start, stop, causal=spec.causal, exclude_self=spec.exclude_self,
+            rows_from(self.mask, r0), self.n - r0, start, stop, causal=spec.causal, exclude_self=spec.exclude_self,
             dtype=self.dtype, device=self.device, row_start=r0, self_offset=spec.self_offset,
         )
         return bias, None
@@ -174,7 +166,7 @@ class _ChunkedWarp(torch.autograd.Function):
             v_block = v[..., start:stop, :].to(dtype)
             if mask_form:
                 num = masked_numerator(
-                    s, *(_from_row(x, r0) for x in (lo1, hi1)), bias, *(_from_row(x, r0) for x in (a, b, t)), spec,
+                    s, *(rows_from(x, r0) for x in (lo1, hi1)), bias, *(rows_from(x, r0) for x in (a, b, t)), spec,
                     self_offset=self_offset, count_kept=True,
                 )
                 denom[..., r0:] += num.e.sum(-1)
@@ -261,14 +253,14 @@ class _ChunkedWarp(torch.autograd.Function):
             v_c = v[..., start:stop, :].to(dtype)
             bias, self_offset = blocks.validity(start, stop, r0)
             with torch.enable_grad():
-                s = pairwise_similarity(_from_row(q_, r0).to(dtype), k_c.to(dtype), spec.metric, spec.scale)
+                s = pairwise_similarity(rows_from(q_, r0).to(dtype), k_c.to(dtype), spec.metric, spec.scale)
                 if not ctx.mask_form:
                     logits = warp_logits(s, lo_, hi_, bias, a_, b_, t_, spec)
-            g_r, delta_r = _from_row(g, r0), _from_row(delta_row, r0)
+            g_r, delta_r = rows_from(g, r0), rows_from(delta_row, r0)
             if ctx.mask_form:
-                lo_r, hi_r, a_r, b_r, t_r = (_from_row(x, r0) for x in (lo_, hi_, a_, b_, t_))
+                lo_r, hi_r, a_r, b_r, t_r = (rows_from(x, r0) for x in (lo_, hi_, a_, b_, t_))
                 num = masked_numerator(s.detach(), lo_r.detach(), hi_r.detach(), bias, a_r, b_r, t_r, spec, self_offset=self_offset)
-                w = num.e.mul_(_from_row(inv_denom, r0))
+                w = num.e.mul_(rows_from(inv_denom, r0))
             else:
                 w = torch.exp(logits.detach() - lse_safe)
             w_out = dropout(w)  # the weights that multiplied v in forward
