@@ -1,8 +1,9 @@
-"""Autograd and autocast helpers shared by the backends."""
+"""Autograd, autocast and tracing helpers shared by the backends and front ends."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -39,15 +40,27 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def outside_autocast(fn: Callable) -> Callable:
-    """Run ``fn`` with autocast off on the device of its first tensor argument.
+    """Run ``fn`` with autocast off on the device of its first tensor argument, and refuse
+    ``torch.func`` transforms with an error that says why.
 
     The backend chooses its own precision (float32 arithmetic for half inputs, the fused kernels'
     tensor-core products); under autocast, its custom autograd functions would otherwise see a
     product autocast to half precision in forward and the inputs' float32 in backward, a dtype
-    mismatch. Autocast still applies to the layers that produce the inputs."""
+    mismatch. Autocast still applies to the layers that produce the inputs.
+
+    Those functions stream over key blocks with data-dependent control flow and hand-written
+    backward passes, which ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jvp``) cannot
+    transform; ordinary autograd, ``torch.compile`` and ``torch.export`` work."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if torch._C._are_functorch_transforms_active():
+            raise NotImplementedError(
+                f"simwarp.{fn.__name__} does not support torch.func transforms (grad, vmap, jacrev, jvp): "
+                "its autograd functions stream over key blocks with hand-written backward passes. Use "
+                "ordinary autograd (loss.backward() or torch.autograd.grad); per-sample gradients need "
+                "one backward per sample"
+            )
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if x is not None and _autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
@@ -55,3 +68,24 @@ def outside_autocast(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def is_finite_real(x) -> bool:
+    """``math.isfinite`` for a real number, written as comparisons so that ``torch.compile`` can
+    trace it on the symbolic floats of ``dynamic=True`` (``math.isfinite`` breaks the graph)."""
+    return -math.inf < x < math.inf
+
+
+def require(
+    condition: torch.Tensor, message: str, detail: Callable[[], str] | None = None, error: type[Exception] = ValueError
+) -> None:
+    """Raise ``error(message)`` unless the boolean tensor ``condition`` holds everywhere.
+
+    Eager: read back on the host, and ``detail()`` (if given) is appended, e.g. the offending
+    values. Under ``torch.compile`` / ``torch.export``: an assertion inside the graph with
+    ``message`` alone, raised as a ``RuntimeError`` when the compiled code runs, so a data check
+    costs no graph break."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition.all(), message)
+    elif not bool(condition.all()):
+        raise error(message if detail is None else f"{message}{detail()}")

@@ -17,7 +17,6 @@ sequence) outputs zeros here, where SDPA outputs NaN.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from simwarp._autograd import is_finite_real, require
 from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import as_real
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
@@ -101,14 +101,14 @@ def additive_mask_to_bool(mask: torch.Tensor, name: str = "attn_mask") -> torch.
             "bool masks and fixed additive masks of 0 and -inf"
         )
     blocked = mask <= MASKED_BIAS_THRESHOLD
-    if not bool((blocked | (mask == 0)).all()):
-        bad = mask[~(blocked | (mask == 0))]
-        raise ValueError(
-            f"{name} holds finite non-zero additive biases (e.g. {bad.flatten()[:3].tolist()}): SoftStep "
-            f"attention accepts bool masks or additive masks whose entries are 0 (attend) or -inf / <= "
-            f"{MASKED_BIAS_THRESHOLD:g} (masked). Score biases (ALiBi, relative-position tables, Swin's -100 "
-            f"window masks) are not supported."
-        )
+    allowed = blocked | (mask == 0)
+    require(
+        allowed,
+        f"{name} holds finite non-zero additive biases: SoftStep attention accepts bool masks or additive "
+        f"masks whose entries are 0 (attend) or -inf / <= {MASKED_BIAS_THRESHOLD:g} (masked). Score biases "
+        "(ALiBi, relative-position tables, Swin's -100 window masks) are not supported.",
+        lambda: f" Found e.g. {mask[~allowed].flatten()[:3].tolist()}.",
+    )
     return ~blocked
 
 
@@ -283,7 +283,7 @@ def _attend(
     q, k, v = query, key, value
     if scale is not None:
         scale = as_real("scale", scale, "a finite float or None")
-        if not math.isfinite(scale):
+        if not is_finite_real(scale):
             raise ValueError(f"scale must be a finite float or None, got {scale!r}")
         if scale <= 0:  # as SDPA: 0 gives uniform weights, a negative scale negates the scores
             q, scale = query * scale, 1.0

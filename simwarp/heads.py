@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simwarp._autograd import outside_autocast
+from simwarp._autograd import outside_autocast, require
 from simwarp.backend import IMPLS, warp_attend, warp_weights
 from simwarp.backend.common import as_flag
 from simwarp.distributed import (
@@ -390,24 +390,29 @@ class _WarpHeadBase(_BankMixin):
                     detach_range=self.detach_range, impl=self.impl, chunk_size=self.chunk_size,
                     return_stats=True, **self._step_kwargs(z),
                 )
-                self._last_keys = sum(sizes) - 1
+                keys_seen = sum(sizes) - 1
             else:
                 out, stats = sharded_warp_attend(
                     z, keys, values, group=group, queries="local", metric=self.metric, scale=self.scale,
                     temperature=self.temperature, chunk_size=self.chunk_size, return_stats=True,
                     **self._step_kwargs(z),
                 )
-                self._last_keys = self._bank_union_size(group, z.device)
-            self._last_kept = stats.kept.detach()
+                keys_seen = self._bank_union_size(group, z.device)
+            self._record_kept(stats.kept, keys_seen)
             return out, stats
         out, stats = warp_attend(
             z, keys, values, metric=self.metric, scale=self.scale, temperature=self.temperature,
             exclude_self=loo, detach_range=self.detach_range, impl=self.impl, chunk_size=self.chunk_size,
             return_stats=True, **self._step_kwargs(z),
         )
-        self._last_kept = stats.kept.detach()
-        self._last_keys = keys.shape[0] - (1 if loo else 0)
+        self._record_kept(stats.kept, keys.shape[0] - (1 if loo else 0))
         return out, stats
+
+    def _record_kept(self, kept: torch.Tensor, keys: int) -> None:
+        """Keep the kept counts for :attr:`sparsity`; not in an exported program, whose
+        modules hold only registered state (monitoring has no meaning there)."""
+        if not getattr(torch.compiler, "is_exporting", lambda: False)():  # (torch >= 2.5)
+            self._last_kept, self._last_keys = kept.detach(), keys
 
     def _check_training_batch(self, z: torch.Tensor) -> None:
         if resolve_group(self.gather)[0]:
@@ -601,9 +606,7 @@ class NeighborRegressionHead(_WarpHeadBase):
             y = y.unsqueeze(-1)
         if not y.is_floating_point():
             y = y.to(torch.get_default_dtype())
-        # read back on the host, so not under torch.compile (it would break the graph)
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(y).all()):
-            raise ValueError(f"{name} contains NaN or inf labels; drop or impute them first")
+        require(torch.isfinite(y), f"{name} contains NaN or inf labels; drop or impute them first")
         return y
 
     @torch.no_grad()
@@ -764,16 +767,16 @@ class NeighborClassificationHead(_WarpHeadBase):
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
         if y.is_floating_point():
-            if not bool(torch.isfinite(y).all()):
-                raise ValueError(f"{name} contains NaN or inf labels")
-            if bool((y != y.round()).any()):
-                raise TypeError(f"{name} must hold integer class labels, got non-integer floats")
+            require(torch.isfinite(y), f"{name} contains NaN or inf labels")
+            require(y == y.round(), f"{name} must hold integer class labels, got non-integer floats", error=TypeError)
         if y.dim() != 1 or y.shape[0] != n:
             raise ValueError(f"{name} must have shape (N={n},) of class indices, got {_shape(y)}")
         y = y.long()
-        if n and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(
-                f"{name} labels must lie in [0, num_classes={self.num_classes}), got range [{int(y.min())}, {int(y.max())}]"
+        if n:
+            require(
+                (y >= 0) & (y < self.num_classes),
+                f"{name} labels must lie in [0, num_classes={self.num_classes})",
+                lambda: f", got range [{int(y.min())}, {int(y.max())}]",
             )
         return y
 

@@ -15,12 +15,11 @@ metric          similarity                                  default scale
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
-from simwarp._autograd import first_order, outside_autocast
+from simwarp._autograd import first_order, is_finite_real, outside_autocast
 
 METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean", "l1")
 STREAMING_METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean")
@@ -183,7 +182,7 @@ def _check_pair(q, k, scale, k_layout: str) -> None:
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q (..., n, d) and k {k_layout} must share d, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if scale is not None and not isinstance(scale, torch.Tensor) and (  # a tensor scale may be learned
-        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not is_finite_real(scale)
     ):
         raise ValueError(f"scale must be a finite number, a tensor or None, got {scale!r}")
 

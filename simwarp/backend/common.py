@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy
 import torch
 
-from simwarp._autograd import first_order
+from simwarp._autograd import first_order, is_finite_real
 from simwarp.similarity import check_metric
 from simwarp.steps import DEFAULT_A, DEFAULT_B, DEFAULT_T, Step, get_step
 
@@ -547,7 +546,7 @@ _PARAM_RANGES = {"a": (0.0, 1.0, False), "b": (0.0, 1.0, True), "t": (0.0, 1.0, 
 def _rounded(x: float, dtype: torch.dtype) -> float:
     """``x`` rounded to ``dtype`` (float32 or float64, the compute dtypes), as a Python float."""
     if dtype == torch.float32:
-        return struct.unpack("f", struct.pack("f", x))[0] if abs(x) < 3.4e38 else x
+        return float(numpy.float32(x)) if abs(x) < 3.4e38 else x
     return x
 
 
@@ -639,10 +638,10 @@ def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_ran
     check_metric(metric)
     if scale is not None:
         scale = as_real("scale", scale, "a positive finite float or None")
-        if not math.isfinite(scale) or scale <= 0:
+        if not is_finite_real(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     temperature = as_real("temperature", temperature, "a positive float")
-    if not math.isfinite(temperature) or temperature <= 0:
+    if not is_finite_real(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
     if 1.0 / temperature > torch.finfo(torch.float32).max:  # 1/τ must be a finite float32 factor
         raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.3g}, got {temperature!r}")

@@ -209,7 +209,10 @@ ROW_BLOCK_ELEMENTS = 1 << 20
 
 
 def _row_blocks(n: int, entries_per_row: int):
-    rows = max(1, min(n, ROW_BLOCK_ELEMENTS // max(entries_per_row, 1)))
+    if n * entries_per_row <= ROW_BLOCK_ELEMENTS:  # one block; n stays symbolic under torch.compile / export
+        yield 0, n
+        return
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(entries_per_row, 1))
     for start in range(0, n, rows):
         yield start, min(start + rows, n)
 
@@ -236,10 +239,12 @@ def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop
         return w, WarpStats(lse=lse, kept=kept, lo=rows.lo, hi=rows.hi, empty=rows.empty)
     logits, lo, hi, empty = dense_logits(s, a, b, t, mask, spec, row_range, row_start=start)
     # PyTorch's fused softmax needs a kept key in every row: true for step "none" unless a row
-    # has no valid key (`empty`, checked on CPU only: no device sync).
+    # has no valid key (`empty`, checked on CPU only: no device sync, and not under
+    # torch.compile, which would break the graph on the read-back).
     fused = (
         not with_stats
         and logits.device.type == "cpu"
+        and not torch.compiler.is_compiling()
         and known_maximum(spec, row_range)
         and not bool(empty.any())
     )

@@ -1,0 +1,145 @@
+"""The front ends under torch.compile, torch.export and torch.func.
+
+Compiled code must match eager without graph breaks where a host read-back is not inherent
+(data checks become in-graph assertions), dynamic shapes must stay symbolic, and torch.func
+transforms, which the streaming autograd functions do not support, must fail with an error
+that says so. ``backend="aot_eager"`` traces exactly as inductor does without compiling C++.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.export import Dim, export
+
+import simwarp
+from simwarp import NeighborClassificationHead, NeighborRegressionHead
+
+
+def compiled(fn, **kwargs):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="aot_eager", fullgraph=True, **kwargs)
+
+
+def test_dynamic_shapes_trace_the_parameter_checks_and_keep_the_batch_symbolic():
+    """dynamic=True makes Python floats symbolic: the finiteness checks of temperature and
+    scale, and the float32 rounding of the step parameters, must trace (math.isfinite and
+    struct.pack did not), and new batch sizes must not recompile."""
+    from torch._dynamo.utils import counters
+
+    def attend(q, tau):
+        return simwarp.warp_attend(q, q, q, temperature=tau, scale=0.5)
+
+    counters.clear()
+    f = compiled(attend, dynamic=True)
+    for n in (6, 9, 12):
+        q = torch.randn(2, n, 4)
+        torch.testing.assert_close(f(q, 0.7), attend(q, 0.7))
+    assert counters["stats"]["unique_graphs"] == 1
+
+    head = NeighborRegressionHead(8, mode="global")
+    f = compiled(head, dynamic=True)
+    for n in (16, 24):
+        z, y = torch.randn(n, 8), torch.randn(n)
+        torch.testing.assert_close(f(z, y), head(z, y))
+
+
+@pytest.mark.parametrize("step", ["sigmoidal", "none"])
+def test_dense_attention_trains_in_one_graph(step):
+    """step="none" took PyTorch's fused softmax after reading the empty-row flag back (a graph
+    break); compiled code takes the general softmax."""
+
+    def loss(q):
+        return simwarp.softstep_attention(q, q, q, step=step, is_causal=True).square().sum()
+
+    q = torch.randn(2, 2, 12, 8)
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    want, got = loss(q1), compiled(loss)(q2)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(q2.grad, q1.grad)
+
+
+def test_additive_masks_trace_and_still_refuse_score_biases():
+    """nn.TransformerEncoder turns even a bool padding mask into an additive float one; the
+    check that it holds only 0 and -inf is an in-graph assertion when compiled."""
+    layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    encoder = simwarp.swap_attention(torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False))
+    x = torch.randn(2, 6, 16)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, -2:] = True
+    torch.testing.assert_close(compiled(encoder)(x, src_key_padding_mask=padding), encoder(x, src_key_padding_mask=padding))
+
+    def attend(q, mask):
+        return simwarp.softstep_attention(q, q, q, attn_mask=mask)
+
+    q = torch.randn(1, 2, 4, 8)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(4)
+    f = compiled(attend)
+    torch.testing.assert_close(f(q, causal), attend(q, causal))
+    alibi = causal + torch.arange(4.0)  # finite non-zero biases
+    with pytest.raises(ValueError, match="finite non-zero additive biases"):
+        attend(q, alibi)
+    with pytest.raises(RuntimeError, match="finite non-zero additive biases"):
+        f(q, alibi)
+
+
+def test_classification_head_trains_in_one_graph_and_checks_labels_in_it():
+    head = NeighborClassificationHead(8, num_classes=3, mode="global")
+    z, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    f = compiled(head)
+    torch.testing.assert_close(f(z, y), head(z, y))
+    with pytest.raises(RuntimeError, match="labels must lie in"):
+        f(z, torch.full((16,), 3))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=3\), got range \[3, 3\]"):
+        head(z, torch.full((16,), 3))
+
+
+def test_regression_head_checks_labels_inside_the_graph():
+    head = NeighborRegressionHead(8, mode="global")
+    z, y = torch.randn(16, 8), torch.randn(16)
+    y[3] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or inf labels"):
+        compiled(head)(z, y)
+
+
+def test_export_keeps_the_batch_and_sequence_dynamic():
+    """The dense path's row blocking specialised the number of rows (export refused a dynamic
+    batch, and compile recompiled per sequence length)."""
+    head = NeighborRegressionHead(8, mode="global").eval()
+    head.set_bank(torch.randn(30, 8), torch.randn(30))
+    program = export(head, (torch.randn(5, 8),), dynamic_shapes=({0: Dim("n", min=2, max=1000)},))
+    z = torch.randn(17, 8)
+    torch.testing.assert_close(program.module()(z), head(z))
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = simwarp.SoftStepAttention(2, 4)
+
+        def forward(self, q):
+            return self.attn(q, q, q, is_causal=True)
+
+    model = Attention().eval()
+    program = export(model, (torch.randn(1, 2, 6, 4),), dynamic_shapes=({2: Dim("L", min=2, max=64)},))
+    q = torch.randn(1, 2, 11, 4)
+    torch.testing.assert_close(program.module()(q), model(q))
+
+
+def test_torch_func_transforms_are_refused_with_a_clear_error():
+    from torch.func import grad, vmap
+
+    q = torch.randn(2, 6, 4)
+    with pytest.raises(NotImplementedError, match="does not support torch.func"):
+        grad(lambda q: simwarp.warp_attend(q, q, q).sum())(q)
+    with pytest.raises(NotImplementedError, match="does not support torch.func"):
+        vmap(lambda q: simwarp.softstep_attention(q, q, q))(q.unsqueeze(1))
+    with pytest.raises(NotImplementedError, match="does not support torch.func"):
+        grad(lambda e: simwarp.SoftStepNCALoss()(e, torch.arange(6) % 2))(torch.randn(6, 4))
+    # functional_call with ordinary autograd is fine
+    head = NeighborRegressionHead(4, mode="global")
+    params = dict(head.named_parameters())
+    out = torch.func.functional_call(head, params, (torch.randn(8, 4), torch.randn(8)))
+    out.sum().backward()
+    assert all(p.grad is not None for p in params.values())
