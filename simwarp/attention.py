@@ -133,7 +133,7 @@ def _as_bool_mask(attn_mask: Any, q: torch.Tensor, s: int) -> torch.Tensor | Non
 # ---------------------------------------------------------------------------------------
 
 
-def _split_heads(x: torch.Tensor, heads: int, groups: int, rows_dims: int) -> torch.Tensor:
+def _split_heads(x: torch.Tensor, heads: int, groups: int, rows_dims: int, name: str) -> torch.Tensor:
     """View ``x`` (broadcastable to ``(..., heads * groups, *rows)``) as ``(..., heads, groups, *rows)``.
 
     ``rows_dims`` is the number of trailing dims after the head dim (2 for masks ``(L, S)``, 1
@@ -142,6 +142,11 @@ def _split_heads(x: torch.Tensor, heads: int, groups: int, rows_dims: int) -> to
     if x.dim() <= rows_dims:
         return x
     hd = x.shape[-rows_dims - 1]
+    if hd not in (1, heads * groups):
+        raise ValueError(
+            f"{name} of shape {tuple(x.shape)} has {hd} heads where the query has {heads * groups} "
+            f"(key/value heads: {heads}); give one value per query head or 1"
+        )
     if hd == heads * groups and groups > 1:
         return x.unflatten(-rows_dims - 1, (heads, groups))
     return x.unsqueeze(-rows_dims - 1)
@@ -293,12 +298,12 @@ def _attend(
         q = rearrange(q, "... (h g) l e -> ... h g l e", h=hk)
         k, v = key.unsqueeze(-3), value.unsqueeze(-3)
         if mask is not None:
-            mask = _split_heads(mask.reshape((1,) * max(0, query.dim() - mask.dim()) + mask.shape), hk, groups, 2)
+            mask = _split_heads(mask.reshape((1,) * max(0, query.dim() - mask.dim()) + mask.shape), hk, groups, 2, "attn_mask")
         a, b, t = (
-            _split_heads(p.reshape((1,) * max(0, query.dim() - 1 - p.dim()) + p.shape), hk, groups, 1)
+            _split_heads(p.reshape((1,) * max(0, query.dim() - 1 - p.dim()) + p.shape), hk, groups, 1, name)
             if isinstance(p, torch.Tensor) and p.dim() >= 2
             else p
-            for p in (a, b, t)
+            for name, p in zip("abt", (a, b, t))
         )
     common = dict(
         metric="dot", scale=scale, step=step_kwargs.get("step", "sigmoidal"), a=a, b=b, t=t, mask=mask,

@@ -103,6 +103,16 @@ def test_gqa_instance_params_and_stats_layout():
     assert st.kept.shape == (2, 4, 5)
 
 
+@pytest.mark.parametrize("name", ["a", "attn_mask"])
+def test_gqa_refuses_per_key_head_parameters_and_masks(name):
+    """With GQA, a head dim that is neither 1 nor the query heads does not broadcast to
+    (B, Hq, L): it was applied once per key/value group without a word (SDPA refuses such masks)."""
+    q, k, v = qkv(h=4, hk=2)
+    given = {"a": torch.full((2, 1), 0.2, dtype=D64), "attn_mask": torch.ones(2, 5, 7, dtype=torch.bool)}[name]
+    with pytest.raises(ValueError, match=rf"{name} of shape .* has 2 heads where the query has 4"):
+        softstep_attention(q, k, v, enable_gqa=True, **{name: given})
+
+
 # ---------------------------------------------------------------------------------------
 # SoftStep semantics through the backend
 # ---------------------------------------------------------------------------------------

@@ -946,3 +946,27 @@ def test_chunked_inference_compiles_to_one_graph(metric):
 
     q, k, v = torch.randn(2, 12, 4), torch.randn(2, 12, 4), torch.randn(2, 12, 3)
     torch.testing.assert_close(torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v), attend(q, k, v))
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("params", [{}, {"a": "rows"}, {"t": "heads"}, {"a": "rows", "step": "log"}])
+def test_batch_dims_carried_by_v_and_the_parameters_alone(impl, params):
+    """q and k broadcast over a batch dim that only v (and the step parameters) carry: the dense
+    path crashed on per-row parameters (an in-place product on the smaller similarity block)
+    and returned stats of q's batch instead of (..., n)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 3, generator=gen, dtype=f64), torch.randn(1, 5, 3, generator=gen, dtype=f64)
+    v = torch.randn(2, 5, 2, generator=gen, dtype=f64)
+    kwargs = {"step": params.get("step", "sigmoidal")}
+    if "a" in params:
+        kwargs["a"] = torch.tensor([[0.1, 0.2, 0.3, 0.15], [0.3, 0.05, 0.1, 0.2]], dtype=f64)
+    if "t" in params:
+        kwargs["t"] = torch.tensor([[0.3], [0.7]], dtype=f64)
+    out, stats = simwarp.warp_attend(q, k, v, impl=impl, chunk_size=2, return_stats=True, **kwargs)
+    assert out.shape == (2, 4, 2)
+    assert all(x.shape == (2, 4) for x in stats)
+    for i in range(2):  # batch entry by entry, parameters of that entry
+        single = {key: x[i] if isinstance(x, torch.Tensor) else x for key, x in kwargs.items()}
+        ref, ref_stats = simwarp.warp_attend(q[0], k[0], v[i], impl="dense", return_stats=True, **single)
+        torch.testing.assert_close(out[i], ref)
+        torch.testing.assert_close(stats.lse[i], ref_stats.lse)
