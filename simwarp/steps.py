@@ -99,9 +99,18 @@ class StepRule:
         return phi.exp_(), saved
 
     @classmethod
-    def mask_affine(cls, s, scale, shift, a, b, t) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
-        """``mask`` of ``u = s · scale + shift`` (``scale``, ``shift``: per-row constants) and
-        ``u`` itself, or ``None`` if ``backward`` always returns the range sums without it."""
+    def mask_affine(
+        cls, s, gap, scale, shift, a, b, t
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """``mask`` of ``u = s · scale + shift = 1 + gap · scale`` and ``u`` itself, or ``None``
+        if ``backward`` always returns the range sums without it.
+
+        ``scale``, ``shift``: per-row constants (:func:`~simwarp.backend.common.unit_affine`);
+        ``gap = s - hi``, the scores' distance below the row maximum (the caller overwrites it
+        afterwards: do not keep it). Rounding puts one end of the range exactly where it
+        belongs: ``s · scale + shift`` (here) is exactly 0 at the row minimum, which the ``log``
+        step needs (its weight falls to 0 with infinite slope there); ``1 + gap · scale`` is
+        exactly 1 at the row maximum (the ``sigmoidal`` step, steep below ``b = 1``)."""
         u = (s * scale).add_(shift)
         m, saved = cls.mask(u, a, b, t)
         return m, saved, u
@@ -175,9 +184,12 @@ class SigmoidalRule(StepRule):
         return SigmoidalRule._mask_of_band(x, a, b, t)
 
     @staticmethod
-    def mask_affine(s, scale, shift, a, b, t):
-        width = 1 / (b - a)  # x = (u - a)/(b - a) straight from s, without u
-        x = torch.mul(s, scale * width).add_((shift - a) * width).clamp_(0.0, 1.0)
+    def mask_affine(s, gap, scale, shift, a, b, t):
+        # x = (u - a)/(b - a) straight from the gap below the row maximum, without u: the best
+        # key gets x = (1 - a)/(b - a) exactly, 1 for b = 1 (with 1 - ulp it would lie in the
+        # band, where φ's partials are ~ulp^(1/t - 1)/t: O(1) for t near 1)
+        width = 1 / (b - a)
+        x = torch.mul(gap, scale * width).add_((1 - a) / (b - a)).clamp_(0.0, 1.0)
         m, saved = SigmoidalRule._mask_of_band(x, a, b, t)
         return m, saved, None
 

@@ -328,6 +328,26 @@ def check_low_precision_through_warp_attend(dtype, tol, step):
         assert (x.grad.double() - rx.grad).abs().max() <= 10 * tol * rx.grad.abs().max()
 
 
+@check(cases={f"{dtype}-t{t}": (dtype, t) for dtype in ("float32", "float64") for t in (0.9, 0.99)})
+def check_sigmoidal_at_b_one_has_no_partials_at_the_best_key(dtype, t):
+    """With b = 1 the best key (u = 1) lies at the band's upper end, where the sigmoidal step's
+    partials are steep for t near 1; the kernels' fma rounded its u to 1 - ulp (inside the band)
+    and grad b (and, with detach_range, grad q and k) came out wrong by up to 0.26."""
+    dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, rows, cols, generator=gen, dtype=f64) for rows, cols in ((8, 16), (40, 16), (40, 3)))
+    grads = {}
+    for impl, cast in (("triton", dtype), ("dense", f64)):
+        leaves = [x.to(cast).requires_grad_() for x in (q, k)]
+        b = torch.ones(1, 8, dtype=cast, requires_grad=True)
+        out = simwarp.warp_attend(*leaves, v.to(cast), a=0.3, b=b, t=t, impl=impl, detach_range=True)
+        (out.double() * torch.linspace(-1, 1, 3, dtype=f64)).sum().backward()
+        grads[impl] = [x.grad.double() for x in (*leaves, b)]
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for got, want in zip(grads["triton"], grads["dense"]):
+        assert (got - want).abs().max() <= tol * max(1.0, float(want.abs().max()))
+
+
 @check
 def check_kept_count_is_optional():
     gen = torch.Generator().manual_seed(6)

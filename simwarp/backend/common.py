@@ -412,17 +412,18 @@ def masked_numerator(
     ``self_offset``: instead of a bias, the diagonal of ``s`` that holds each row's own key
     (excluded). ``s`` must already have the full broadcast shape.
     """
-    scale = _LOG2_E / spec.temperature
-    lowest = math.log2(torch.finfo(s.dtype).tiny)
-    e = torch.sub(s, hi).mul_(scale).clamp_(lowest, 0.0)
-    if bias is not None:
-        e.add_(bias)
-    e.exp2_()
+    gap = torch.sub(s, hi)
     u = inv = m = None
     saved: tuple = ()
     if spec.step.warps:
         inv, shift = unit_affine(lo, hi)
-        m, saved, u = spec.step.rule.mask_affine(s, inv, shift, a, b, t)
+        m, saved, u = spec.step.rule.mask_affine(s, gap, inv, shift, a, b, t)
+    lowest = math.log2(torch.finfo(s.dtype).tiny)
+    e = gap.mul_(_LOG2_E / spec.temperature).clamp_(lowest, 0.0)
+    if bias is not None:
+        e.add_(bias)
+    e.exp2_()
+    if m is not None:
         e.mul_(m)
     if self_offset is not None:
         e.diagonal(self_offset, -2, -1).zero_()

@@ -129,12 +129,16 @@ def _coord_coefs(lo, inv_r, a, b, t, factor, STEP: tl.constexpr):
 
 
 @triton.jit
-def _step_coord(r, al, be, lo_raw, STEP: tl.constexpr):
+def _step_coord(r, al, be, pin_raw, STEP: tl.constexpr):
     """The step's coordinate of raw scores ``r``: ``fma(r, al, be)``, except for ``log``, whose
     weight falls to 0 with infinite slope at ``u = 0``: there the row minimum must land on
-    ``u = 0`` exactly, so ``u = (r - lo_raw) · al`` (``lo_raw`` = the row's smallest ``r``)."""
+    ``u = 0`` exactly, so ``u = (r - pin_raw) · al``.
+
+    ``pin_raw`` (``RS`` plane 4, ``row_stats_kernel``) is the raw score whose coordinate must be
+    exact: the row's smallest ``r`` for ``log``, its largest for ``sigmoidal`` (``u = 1``; see
+    ``_score_grad``), unused by the other steps."""
     if STEP == 2:
-        z = tl.where(al > 0, (r - lo_raw) * al, 1.0)
+        z = tl.where(al > 0, (r - pin_raw) * al, 1.0)
     else:
         z = tl.fma(r, al, be)
     return z
@@ -274,7 +278,7 @@ def _grad_coefs(lo, inv_r, lse, a, b, t, scale, inv_tau, METRIC: tl.constexpr, S
 
 
 @triton.jit
-def _score_grad(r, valid, dpd, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, STEP: tl.constexpr):
+def _score_grad(r, valid, dpd, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, STEP: tl.constexpr):
     """Backward of a tile of raw scores ``r`` with ``dpd = dO·v - delta``: the weights ``w``
     (for ``dv``), ``dr = ∂L/∂r`` and per-score terms whose row sums give the range and
     parameter gradients (``t_lo, t_hi, t_a, t_b, t_t``; see ``bwd_dq_kernel``). Terms a kernel
@@ -304,7 +308,13 @@ def _score_grad(r, valid, dpd, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, ST
         t_lo = gd * yy
         t_hi = t_lo * z
     else:
-        u = _step_coord(r, al, be, lo_raw, STEP)  # al = ∂u/∂r (0 on flat rows)
+        if STEP == 1:
+            # u from the gap below the row maximum, so the best key has u = 1 exactly: fma(r, al,
+            # be) may round it to 1 - ulp, which with b = 1 lies in the band, where φ's partials
+            # are steep for t near 1 (≈ ulp^(1/t - 1) / t). al = ∂u/∂r (0 on flat rows: u = 1)
+            u = tl.fma(r - pin_raw, al, 1.0)
+        else:
+            u = _step_coord(r, al, be, pin_raw, STEP)
         w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
         dl = tl.where(keep, w * dpd, 0.0)
         dlu = dl * phi_u * inv_r  # ∂L/∂s through u, for the range sums
@@ -318,12 +328,12 @@ def _score_grad(r, valid, dpd, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, ST
 
 
 @triton.jit
-def _bwd_weight(r, valid, xs, xb, al, be, lo_raw, a2, b2, t2, STEP: tl.constexpr):
+def _bwd_weight(r, valid, xs, xb, al, be, pin_raw, a2, b2, t2, STEP: tl.constexpr):
     """The weights ``w`` of a backward tile alone (``_score_grad``'s first output), for ``dv``
     before ``dO·vᵀ`` is live. That lowers the register peak of float32 tiles (with d = 128 the
     other order spills kilobytes) but raises it for 16-bit ones (``DV_FIRST`` picks). The
     compiler shares the common subexpressions with ``_score_grad``."""
-    w, _dr, _lo, _hi, _a, _b, _t = _score_grad(r, valid, r * 0.0, 1.0, xs, xb, al, be, lo_raw, al, a2, b2, t2, STEP)
+    w, _dr, _lo, _hi, _a, _b, _t = _score_grad(r, valid, r * 0.0, 1.0, xs, xb, al, be, pin_raw, al, a2, b2, t2, STEP)
     return w
 
 
@@ -510,9 +520,9 @@ def row_stats_kernel(
 
     1. each row's range from the key splits' partial minima / maxima of ``r`` (``LOP, HIP``:
        ``(S, B, n)``; the first split attaining an extreme wins ties, as does the first key within
-       a split), written as ``RS = (lo, hi, inv_r, empty, lo_raw)`` planes (``lo, hi`` in units of
-       ``s``; ``inv_r = 0`` on flat and empty rows), ``EMPTY`` and, with ``TRACK_ARG``, the
-       argmin / argmax;
+       a split), written as ``RS = (lo, hi, inv_r, empty, pin_raw)`` planes (``lo, hi`` in units
+       of ``s``; ``inv_r = 0`` on flat and empty rows; ``pin_raw``: see ``_step_coord``),
+       ``EMPTY`` and, with ``TRACK_ARG``, the argmin / argmax;
     2. with ``SKIP``: ``FLAGS[b, qb, kb] = 1`` where every row of the block is out of range, empty
        or drops all of key tile ``kb`` (judged from the tile's largest ``r`` over the row's group
        of ``TMAX_ROWS`` rows), and for tiles past
@@ -554,7 +564,10 @@ def row_stats_kernel(
     tl.store(RS + plane + rows, hi, mask=row_ok)
     tl.store(RS + 2 * plane + rows, inv_r, mask=row_ok)
     tl.store(RS + 3 * plane + rows, tl.where(empty, 1.0, 0.0), mask=row_ok)
-    tl.store(RS + 4 * plane + rows, lo_raw, mask=row_ok)
+    if STEP == 1:
+        tl.store(RS + 4 * plane + rows, tl.where(empty, 0.0, hi_raw), mask=row_ok)
+    else:
+        tl.store(RS + 4 * plane + rows, lo_raw, mask=row_ok)
     tl.store(EMPTY + rows, empty.to(tl.int8), mask=row_ok)
     if TRACK_ARG:
         tl.store(AMIN + rows, amin, mask=row_ok)
@@ -644,7 +657,7 @@ def _key_tile(q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd
 
 @triton.jit
 def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
-                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw, a2, b2, t2,
+                 skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, pin_raw, a2, b2, t2,
                  METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
                  HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr, COUNT_KEPT: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -654,7 +667,7 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
         q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
         METRIC, CAUSAL, EXCL, HAS_MASK, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
     # Two multiply-adds per score: the softmax exponent and the step's coordinate.
-    p, keep = _step_weight(tl.fma(r, xs, xb), _step_coord(r, al, be, lo_raw, STEP), valid, a2, b2, t2, STEP,
+    p, keep = _step_weight(tl.fma(r, xs, xb), _step_coord(r, al, be, pin_raw, STEP), valid, a2, b2, t2, STEP,
                            BAND_BRANCH)
     acc += _dot(p.to(v.dtype), v, PREC, ACC, UPCAST)
     denom += tl.sum(p, 1)
@@ -665,7 +678,7 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
 
 @triton.jit
 def _attend_tiles(acc, denom, kept, start, stop, tiles, FROM_LIST: tl.constexpr, q, qq, offs_m, k_base, v_base,
-                  mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw,
+                  mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, pin_raw,
                   a2, b2, t2, METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
                   HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr, COUNT_KEPT: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
@@ -677,7 +690,7 @@ def _attend_tiles(acc, denom, kept, start, stop, tiles, FROM_LIST: tl.constexpr,
             kb = tl.load(tiles + i)
         acc, denom, kept = _attend_tile(
             acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
-            skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, lo_raw, a2, b2, t2,
+            skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, pin_raw, a2, b2, t2,
             METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC,
             UPCAST, EVEN, BLOCK_M)
     return acc, denom, kept
@@ -726,7 +739,7 @@ def attend_kernel(
     lo = tl.load(RS + rows, mask=row_ok, other=0.0)
     hi = tl.load(RS + plane + rows, mask=row_ok, other=0.0)
     inv_r = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
-    lo_raw = tl.load(RS + 4 * plane + rows, mask=row_ok, other=0.0)[:, None]
+    pin_raw = tl.load(RS + 4 * plane + rows, mask=row_ok, other=0.0)[:, None]
     a2 = tl.load(PRM + rows, mask=row_ok, other=0.5)[:, None]
     b2 = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)[:, None]
     t2 = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)[:, None]
@@ -765,26 +778,26 @@ def attend_kernel(
             acc, denom, kept = _attend_tiles(
                 acc, denom, kept, i_lo, i_mid, LIST + slot * n_kb, True,
                 q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off,
-                scale, xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK, BAND_BRANCH,
+                scale, xs, xb, al, be, pin_raw, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK, BAND_BRANCH,
                 COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
             i_lo = i_mid
         acc, denom, kept = _attend_tiles(
             acc, denom, kept, i_lo, i_hi, LIST + slot * n_kb, True,
             q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-            xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+            xs, xb, al, be, pin_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
             BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if CAUSAL:  # tiles left of the diagonal block need no causal mask: fewer selects per score
         kb_mid = _causal_split(q_start, kb_lo, kb_hi, BLOCK_N)
         acc, denom, kept = _attend_tiles(
             acc, denom, kept, kb_lo, kb_mid, LIST, False,
             q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-            xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+            xs, xb, al, be, pin_raw, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
             BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
         kb_lo = kb_mid
     acc, denom, kept = _attend_tiles(
         acc, denom, kept, kb_lo, kb_hi, LIST, False,
         q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-        xs, xb, al, be, lo_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
+        xs, xb, al, be, pin_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
         BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
 
     if SPLIT:
@@ -838,24 +851,24 @@ def bwd_rows_kernel(LSE, G, OUT, GLSE, LD, B, n, e, HAS_GLSE: tl.constexpr, BLOC
 
 @triton.jit
 def _backward_rows(RS, LD, PRM, rows, row_ok, plane):
-    """Row statistics of the backward: the forward's ``RS`` (``lo, hi, inv_r, empty, lo_raw``
+    """Row statistics of the backward: the forward's ``RS`` (``lo, hi, inv_r, empty, pin_raw``
     planes; ``row_stats_kernel``), ``LD`` (``lse, delta``; ``bwd_rows_kernel``) and the step
     parameters (``PRM``: ``a, b, t``) of ``rows``."""
     lo = tl.load(RS + rows, mask=row_ok, other=0.0)
     inv_r = tl.load(RS + 2 * plane + rows, mask=row_ok, other=0.0)
-    lo_raw = tl.load(RS + 4 * plane + rows, mask=row_ok, other=0.0)
+    pin_raw = tl.load(RS + 4 * plane + rows, mask=row_ok, other=0.0)
     lse = tl.load(LD + rows, mask=row_ok, other=0.0)
     delta = tl.load(LD + plane + rows, mask=row_ok, other=0.0)
     a = tl.load(PRM + rows, mask=row_ok, other=0.5)
     b = tl.load(PRM + plane + rows, mask=row_ok, other=1.0)
     t = tl.load(PRM + 2 * plane + rows, mask=row_ok, other=0.5)
-    return lo, inv_r, lse, delta, lo_raw, a, b, t
+    return lo, inv_r, lse, delta, pin_raw, a, b, t
 
 
 @triton.jit
 def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
              n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-             delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2,
+             delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2,
              METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
              HAS_MASK: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -865,7 +878,7 @@ def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base,
         q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
         METRIC, CAUSAL, EXCL, HAS_MASK, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
     dpd = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST) - delta[:, None]
-    _w, ds, t_lo, t_hi, t_a, t_b, t_t = _score_grad(r, valid, dpd, k1, xs, xb, al, be, lo_raw[:, None], inv_r[:, None], a2, b2, t2, STEP)
+    _w, ds, t_lo, t_hi, t_a, t_b, t_t = _score_grad(r, valid, dpd, k1, xs, xb, al, be, pin_raw[:, None], inv_r[:, None], a2, b2, t2, STEP)
     if NEED_RANGE or (STEP == 3 and NEED_PARAMS):  # poly's parameter gradients need them too
         g_lo += tl.sum(t_lo, 1)
         g_hi += tl.sum(t_hi, 1)
@@ -978,7 +991,7 @@ def bwd_dq_kernel(
     inv_tau = tl.load(CONSTS + 1)
     rows = pid_b.to(tl.int64) * n + offs_m
     plane = (pid_b.to(tl.int64) * 0 + B) * n
-    lo, inv_r, lse, delta, lo_raw, a, b, t = _backward_rows(RS, LD, PRM, rows, row_ok, plane)
+    lo, inv_r, lse, delta, pin_raw, a, b, t = _backward_rows(RS, LD, PRM, rows, row_ok, plane)
     a2 = a[:, None]
     b2 = b[:, None]
     t2 = t[:, None]
@@ -1023,14 +1036,14 @@ def bwd_dq_kernel(
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
                 dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, _tile_index(i, tiles, SKIP_TILES, SUB), offs_m,
                 k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-                delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK,
+                delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK,
                 NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
         start = mid
     for i in range(start, stop):
         dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, _tile_index(i, tiles, SKIP_TILES, SUB), offs_m,
             k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-            delta, k1, xs, xb, al, be, lo_raw, inv_r, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+            delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
             NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if METRIC != 0:
         dq += 2.0 * rsum[:, None] * qf
@@ -1071,7 +1084,7 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
                 mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
     do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
                  mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-    lo, inv_r, lse, delta, lo_raw, a, b, t = _backward_rows(RS, LD, PRM, rows, row_ok, plane)
+    lo, inv_r, lse, delta, pin_raw, a, b, t = _backward_rows(RS, LD, PRM, rows, row_ok, plane)
     qq = tl.zeros([BLOCK_M], ACC)
     if METRIC != 0:
         qf = q.to(ACC)
@@ -1085,12 +1098,12 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
                                      METRIC, STEP)
     if DV_FIRST:  # dv before dO·vᵀ is live (see _bwd_weight)
         if NEED_DV:
-            w = _bwd_weight(r, valid, xs, xb, al, be, lo_raw[:, None], a2, b2, t2, STEP)
+            w = _bwd_weight(r, valid, xs, xb, al, be, pin_raw[:, None], a2, b2, t2, STEP)
             dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
     dpd = r * 0.0
     if NEED_DK:
         dpd = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST) - delta[:, None]
-    w, ds, _lo, _hi, _a, _b, _t = _score_grad(r, valid, dpd, k1, xs, xb, al, be, lo_raw[:, None], inv_r[:, None],
+    w, ds, _lo, _hi, _a, _b, _t = _score_grad(r, valid, dpd, k1, xs, xb, al, be, pin_raw[:, None], inv_r[:, None],
                                               a2, b2, t2, STEP)
     if not DV_FIRST:
         if NEED_DV:

@@ -270,7 +270,7 @@ class _TritonWarp(torch.autograd.Function):
                            for p in (a, b, t)]).contiguous()
         # Row ranges from the splits (and, with block skipping, the tiles every row drops and
         # each query block's list of tiles to visit), all in one launch.
-        rs = torch.empty((5, B, n), dtype=acc, device=dev)  # lo, hi, inv_r, empty, lo_raw
+        rs = torch.empty((5, B, n), dtype=acc, device=dev)  # lo, hi, inv_r, empty, pin_raw (kernels._step_coord)
         empty = torch.empty((B, n), dtype=torch.bool, device=dev)
         argmin, argmax = _buffers(torch.int32, dev, (B, n), (B, n)) if track_arg else (amin_p, amax_p)
         if cfg.block_skipping:
