@@ -434,6 +434,29 @@ def test_auto_falls_back_to_chunked_when_fused_kernels_fail(monkeypatch):
         simwarp.warp_attend(q, k, v, impl="triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("metric", ["l2", "dot"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_auto_keeps_16_bit_l2_training_off_the_fused_backward(monkeypatch, dtype, metric, grad):
+    """The fused l2 backward rounds its 1/distance coefficients to the 16-bit input dtype and
+    cancels them against q (float16: 10-60 % errors near neighbours, inf past 65504): "auto"
+    takes the float32 streaming path for that case only."""
+    pytest.importorskip("triton")
+    import simwarp.backend as backend
+    import simwarp.backend.triton as fused
+    from simwarp.backend.common import make_spec
+
+    monkeypatch.setattr(backend, "_triton_available", lambda device: True)
+    monkeypatch.setattr(fused, "supports", lambda *args: True)
+    spec = make_spec(metric, None, "sigmoidal", 1.0, False, False, False)
+    q, k, v = (torch.randn(4, 8, dtype=dtype, requires_grad=grad) for _ in range(3))
+    chosen = backend._choose_impl("auto", metric, 16, torch.device("cuda"), spec=spec, tensors=(q, k, v))
+    imprecise = metric == "l2" and dtype != torch.float32 and grad
+    assert chosen == ("dense" if imprecise else "triton")
+    with torch.no_grad():  # inference has no backward: the kernels are fine
+        assert backend._choose_impl("auto", metric, 16, torch.device("cuda"), spec=spec, tensors=(q, k, v)) == "triton"
+
+
 # ----------------------------------------------------------------------------- errors
 
 

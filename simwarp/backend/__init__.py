@@ -80,10 +80,24 @@ def _choose_impl(
         if device.type == "cuda" and spec is not None and tensors is not None and _triton_available(device):
             from simwarp.backend.triton import supports
 
-            if supports(*tensors, spec):
+            if supports(*tensors, spec) and not _imprecise_fused_backward(spec, *tensors):
                 return "triton"
         return "dense" if entries <= DENSE_AUTO_LIMIT else "chunked"
     return impl
+
+
+def _imprecise_fused_backward(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the fused backward would lose the gradient's precision: for ``l2`` it forms
+    ``dq = Σ_j c_ij (q_i - k_j)`` as ``q_i Σ_j c_ij - Σ_j c_ij k_j`` with the coefficients
+    ``c ∝ 1/distance`` rounded to the 16-bit input dtype (tensor-core products). For near
+    neighbours the two terms cancel (errors of 10-60 % in float16; ``inf`` once ``c`` passes
+    65504), where the streaming path, which computes in float32, stays accurate."""
+    return (
+        spec.metric == "l2"
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad)
+    )
 
 
 def _zeros_linked_to(zeros: torch.Tensor, *inputs) -> torch.Tensor:
