@@ -39,7 +39,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
+from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import as_real
 from simwarp.distributed import gather_rows, resolve_group
 from simwarp.similarity import paired_similarity
@@ -56,6 +56,14 @@ __all__ = [
 #: at most this many classes each (see :func:`_class_masses`); it bounds the width of the
 #: one-hot value matrix, i.e. the extra ``rows · keys · classes`` work of the backend call.
 MAX_CLASS_COLUMNS = 128
+
+#: ``impl="auto"`` materialises the anchor × neighbour weights up to this many pairs (batch
+#: 4096) and streams beyond. Higher than the backend's general limit: the losses' dense path
+#: reads class masses straight from the weights (one Gram product for a batch with itself),
+#: where streaming sums one-hot value columns per key block. At batch 4096 (one thread) the
+#: dense NCA loss takes 0.5x the streamed time with 350 MiB, where PML's ``NCALoss`` takes
+#: 1.1x the dense time with 650 MiB (benchmarks/RESULTS.md).
+LOSS_DENSE_LIMIT = 1 << 24
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,8 +276,8 @@ def _class_masses(
     ``with_lse`` (``other`` and ``lse`` are then ``None``), else ``other`` and ``lse`` (``own``
     is ``None``).
 
-    With ``impl="dense"``, and with ``"auto"`` for small problems (``n · m`` within the
-    backend's dense limit), the weight matrix comes from :func:`simwarp.warp_weights` and is
+    With ``impl="dense"``, and with ``"auto"`` up to :data:`LOSS_DENSE_LIMIT` pairs
+    ``n · m``, the weight matrix comes from :func:`simwarp.warp_weights` and is
     summed per class (fastest; memory grows as ``n · m``). Otherwise one
     backend call with ``v = one_hot(ref classes)`` when there are at most
     :data:`MAX_CLASS_COLUMNS` classes; beyond that anchors are sorted by class and processed in
@@ -281,7 +289,7 @@ def _class_masses(
     """
     n, m = x.shape[0], r.shape[0]
     a, b, t = params
-    if warp["impl"] == "dense" or (warp["impl"] == "auto" and n * m <= DENSE_AUTO_LIMIT):
+    if warp["impl"] == "dense" or (warp["impl"] == "auto" and n * m <= LOSS_DENSE_LIMIT):
         kwargs = dict(step=step, a=a, b=b, t=t, **_leave_one_out(exclude_self, self_offset), **warp)
         own_columns = None if with_lse else _own_class_columns(q_cls, r_cls)
         if own_columns is not None:  # only the own-class mass is wanted: read the weights there
@@ -496,9 +504,10 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         init: initial ``(a, b, t)``.
         softstep: a ready :class:`simwarp.SoftStep` (overrides ``step``/``mode``/``init``).
         detach_range: treat each row's min/max similarity as constants in backward.
-        impl, chunk_size: backend implementation: ``"auto"`` streams batches above 2^20
-            anchor-neighbour pairs (memory ``O(n · chunk)``); ``"dense"`` materialises the
-            weight matrix at any size (faster, memory ``O(n · m)``).
+        impl, chunk_size: backend implementation: ``"auto"`` streams batches above 2^24
+            anchor-neighbour pairs (batch 4096; memory ``O(n · chunk)``); ``"dense"``
+            materialises the weight matrix at any size (faster, memory ``O(n · m)``),
+            ``"chunked"`` streams at any size.
         gather: ``False`` (default), ``True`` (default process group) or a
             ``torch.distributed.ProcessGroup``: every rank's anchors use *all* ranks' batch
             embeddings and labels as neighbours, leave-one-out by global index, with exact

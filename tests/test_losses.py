@@ -312,7 +312,7 @@ def test_nca_dense_materialises_beyond_the_auto_limit(monkeypatch):
     both give the same loss and gradients."""
     import simwarp.losses as sl
 
-    monkeypatch.setattr(sl, "DENSE_AUTO_LIMIT", 100)
+    monkeypatch.setattr(sl, "LOSS_DENSE_LIMIT", 100)
     calls = []
     original = sl.warp_weights
     monkeypatch.setattr(sl, "warp_weights", lambda *a, **k: calls.append(k["impl"]) or original(*a, **k))
