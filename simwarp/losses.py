@@ -66,6 +66,11 @@ MAX_CLASS_COLUMNS = 128
 LOSS_DENSE_LIMIT = 1 << 24
 
 
+def _materialises(impl: str, n: int, m: int) -> bool:
+    """Whether a loss over ``n`` anchors and ``m`` neighbours takes the dense path."""
+    return impl == "dense" or (impl == "auto" and n * m <= LOSS_DENSE_LIMIT)
+
+
 # ---------------------------------------------------------------------------------------
 # PML distance -> backend metric
 # ---------------------------------------------------------------------------------------
@@ -289,7 +294,7 @@ def _class_masses(
     """
     n, m = x.shape[0], r.shape[0]
     a, b, t = params
-    if warp["impl"] == "dense" or (warp["impl"] == "auto" and n * m <= LOSS_DENSE_LIMIT):
+    if _materialises(warp["impl"], n, m):
         kwargs = dict(step=step, a=a, b=b, t=t, **_leave_one_out(exclude_self, self_offset), **warp)
         own_columns = None if with_lse else _own_class_columns(q_cls, r_cls)
         if own_columns is not None:  # only the own-class mass is wanted: read the weights there
@@ -766,10 +771,11 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         if same and r.shape[0] <= 1:
             return self._zero_losses(x, r)
         v = y_ref.to(device=x.device, dtype=x.dtype)
+        warp = self._warp_options(self.softmax_scale, 1.0)
+        if _materialises(warp["impl"], n, r.shape[0]):
+            warp["impl"] = "dense"
         pred, stats = warp_attend(
-            x, r, v, step=self.softstep.step, a=a, b=b, t=t, return_stats=True,
-            **_leave_one_out(same, offset),
-            **self._warp_options(self.softmax_scale, 1.0),
+            x, r, v, step=self.softstep.step, a=a, b=b, t=t, return_stats=True, **_leave_one_out(same, offset), **warp
         )
         keep = ~stats.empty
         if not bool(keep.any()):

@@ -307,6 +307,23 @@ def test_gradcheck_instance_mode(cls):
     assert loss.softstep.net.weight.grad is not None and loss.softstep.net.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("limit", [100, 40 * 40])
+def test_regression_loss_materialises_up_to_the_loss_limit(monkeypatch, limit):
+    """"auto" takes the dense backend up to LOSS_DENSE_LIMIT pairs (faster than streaming on
+    CPU at batch 4096) and streams beyond; same loss and gradients."""
+    import simwarp.losses as sl
+
+    monkeypatch.setattr(sl, "LOSS_DENSE_LIMIT", limit)
+    calls = []
+    original = sl.warp_attend
+    monkeypatch.setattr(sl, "warp_attend", lambda *a, **k: calls.append(k["impl"]) or original(*a, **k))
+    x, y = torch.randn(40, 6, dtype=f64), torch.randn(40, 2, dtype=f64)
+    la, lb, ga, gb = _pair(SoftStepNeighborRegressionLoss(impl="auto"), SoftStepNeighborRegressionLoss(impl="chunked"), x, y)
+    assert calls == ["dense" if limit >= 40 * 40 else "auto", "chunked"]
+    torch.testing.assert_close(la, lb, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ga, gb, atol=1e-10, rtol=1e-8)
+
+
 def test_nca_dense_materialises_beyond_the_auto_limit(monkeypatch):
     """impl="dense" takes the weight-matrix path at any size; "auto" streams past the limit;
     both give the same loss and gradients."""
