@@ -40,17 +40,30 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def outside_autocast(fn: Callable) -> Callable:
-    """Run ``fn`` with autocast off on the device of its first tensor argument, and refuse
-    ``torch.func`` transforms with an error that says why.
+    """Run ``fn`` with autocast off on the device of its first tensor argument.
 
     The backend chooses its own precision (float32 arithmetic for half inputs, the fused kernels'
     tensor-core products); under autocast, its custom autograd functions would otherwise see a
     product autocast to half precision in forward and the inputs' float32 in backward, a dtype
-    mismatch. Autocast still applies to the layers that produce the inputs.
+    mismatch. Autocast still applies to the layers that produce the inputs."""
 
-    Those functions stream over key blocks with data-dependent control flow and hand-written
-    backward passes, which ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jvp``) cannot
-    transform; ordinary autograd, ``torch.compile`` and ``torch.export`` work."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is not None and _autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def without_functorch(fn: Callable) -> Callable:
+    """Refuse ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``) with an error
+    that says why: the backend's autograd functions stream over key blocks with data-dependent
+    control flow and hand-written backward passes, which functorch cannot transform (its own
+    error names neither simwarp nor the reason). Ordinary autograd, ``torch.compile`` and
+    ``torch.export`` work."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -61,10 +74,6 @@ def outside_autocast(fn: Callable) -> Callable:
                 "ordinary autograd (loss.backward() or torch.autograd.grad); per-sample gradients need "
                 "one backward per sample"
             )
-        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if x is not None and _autocast_enabled(x.device.type):
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                return fn(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return wrapper

@@ -39,7 +39,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from simwarp.backend import warp_attend, warp_weights
+from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
 from simwarp.backend.common import as_real
 from simwarp.distributed import gather_rows, resolve_group
 from simwarp.similarity import paired_similarity
@@ -57,18 +57,20 @@ __all__ = [
 #: one-hot value matrix, i.e. the extra ``rows · keys · classes`` work of the backend call.
 MAX_CLASS_COLUMNS = 128
 
-#: ``impl="auto"`` materialises the anchor × neighbour weights up to this many pairs (batch
-#: 4096) and streams beyond. Higher than the backend's general limit: the losses' dense path
-#: reads class masses straight from the weights (one Gram product for a batch with itself),
-#: where streaming sums one-hot value columns per key block. At batch 4096 (one thread) the
-#: dense NCA loss takes 0.5x the streamed time with 350 MiB, where PML's ``NCALoss`` takes
-#: 1.1x the dense time with 650 MiB (benchmarks/RESULTS.md).
+#: On CPU, ``impl="auto"`` materialises the anchor × neighbour weights up to this many pairs
+#: (batch 4096) and streams beyond. Higher than the backend's general limit: the losses' dense
+#: path reads class masses straight from the weights (one Gram product for a batch with
+#: itself), where streaming sums one-hot value columns per key block. At batch 4096 (one
+#: thread) the dense NCA loss takes 0.5x the streamed time with 350 MiB, where PML's
+#: ``NCALoss`` takes 1.1x the dense time with 650 MiB (benchmarks/RESULTS.md). Other devices
+#: keep the backend's limit (``DENSE_AUTO_LIMIT``), above which CUDA takes the fused kernels.
 LOSS_DENSE_LIMIT = 1 << 24
 
 
-def _materialises(impl: str, n: int, m: int) -> bool:
-    """Whether a loss over ``n`` anchors and ``m`` neighbours takes the dense path."""
-    return impl == "dense" or (impl == "auto" and n * m <= LOSS_DENSE_LIMIT)
+def _materialises(impl: str, n: int, m: int, device: torch.device) -> bool:
+    """Whether a loss over ``n`` anchors and ``m`` neighbours on ``device`` takes the dense path."""
+    limit = LOSS_DENSE_LIMIT if device.type == "cpu" else DENSE_AUTO_LIMIT
+    return impl == "dense" or (impl == "auto" and n * m <= limit)
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ def _class_masses(
     is ``None``).
 
     With ``impl="dense"``, and with ``"auto"`` up to :data:`LOSS_DENSE_LIMIT` pairs
-    ``n · m``, the weight matrix comes from :func:`simwarp.warp_weights` and is
+    ``n · m`` on CPU (the backend's limit elsewhere), the weight matrix comes from :func:`simwarp.warp_weights` and is
     summed per class (fastest; memory grows as ``n · m``). Otherwise one
     backend call with ``v = one_hot(ref classes)`` when there are at most
     :data:`MAX_CLASS_COLUMNS` classes; beyond that anchors are sorted by class and processed in
@@ -294,7 +296,7 @@ def _class_masses(
     """
     n, m = x.shape[0], r.shape[0]
     a, b, t = params
-    if _materialises(warp["impl"], n, m):
+    if _materialises(warp["impl"], n, m, x.device):
         kwargs = dict(step=step, a=a, b=b, t=t, **_leave_one_out(exclude_self, self_offset), **warp)
         own_columns = None if with_lse else _own_class_columns(q_cls, r_cls)
         if own_columns is not None:  # only the own-class mass is wanted: read the weights there
@@ -510,7 +512,8 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         softstep: a ready :class:`simwarp.SoftStep` (overrides ``step``/``mode``/``init``).
         detach_range: treat each row's min/max similarity as constants in backward.
         impl, chunk_size: backend implementation: ``"auto"`` streams batches above 2^24
-            anchor-neighbour pairs (batch 4096; memory ``O(n · chunk)``); ``"dense"``
+            anchor-neighbour pairs on CPU (batch 4096; 2^20 elsewhere; memory
+            ``O(n · chunk)``); ``"dense"``
             materialises the weight matrix at any size (faster, memory ``O(n · m)``),
             ``"chunked"`` streams at any size.
         gather: ``False`` (default), ``True`` (default process group) or a
@@ -772,7 +775,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
             return self._zero_losses(x, r)
         v = y_ref.to(device=x.device, dtype=x.dtype)
         warp = self._warp_options(self.softmax_scale, 1.0)
-        if _materialises(warp["impl"], n, r.shape[0]):
+        if x.device.type == "cpu" and _materialises(warp["impl"], n, r.shape[0], x.device):
             warp["impl"] = "dense"
         pred, stats = warp_attend(
             x, r, v, step=self.softstep.step, a=a, b=b, t=t, return_stats=True, **_leave_one_out(same, offset), **warp

@@ -14,6 +14,7 @@ from torch.export import Dim, export
 
 import simwarp
 from simwarp import NeighborClassificationHead, NeighborRegressionHead
+from simwarp.similarity import paired_similarity
 
 
 def compiled(fn, **kwargs):
@@ -137,6 +138,11 @@ def test_torch_func_transforms_are_refused_with_a_clear_error():
         vmap(lambda q: simwarp.softstep_attention(q, q, q))(q.unsqueeze(1))
     with pytest.raises(NotImplementedError, match="does not support torch.func"):
         grad(lambda e: simwarp.SoftStepNCALoss()(e, torch.arange(6) % 2))(torch.randn(6, 4))
+    # the similarity functions are plain tensor code: transforms work there
+    k = torch.randn(6, 4)
+    torch.testing.assert_close(grad(lambda q: paired_similarity(q, k, "cosine").sum())(q[0]),
+                               torch.autograd.functional.vjp(lambda q: paired_similarity(q, k, "cosine"),
+                                                             q[0], torch.ones(6))[1])
     # functional_call with ordinary autograd is fine
     head = NeighborRegressionHead(4, mode="global")
     params = dict(head.named_parameters())

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from simwarp._autograd import outside_autocast
+from simwarp._autograd import outside_autocast, without_functorch
 from simwarp.backend.chunked import chunked_warp_attend, chunked_warp_range
 from simwarp.backend.common import (
     IMPLS,
@@ -87,14 +87,13 @@ def _choose_impl(
 
 
 def _imprecise_fused_backward(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the fused backward would lose the gradient's precision: for ``l2`` it forms
-    ``dq = Σ_j c_ij (q_i - k_j)`` as ``q_i Σ_j c_ij - Σ_j c_ij k_j`` with the coefficients
-    ``c ∝ 1/distance`` rounded to the 16-bit input dtype (tensor-core products). For near
-    neighbours the two terms cancel (errors of 10-60 % in float16; ``inf`` once ``c`` passes
-    65504), where the streaming path, which computes in float32, stays accurate."""
+    """Whether the fused backward could overflow: it rounds its per-score gradient
+    coefficients to the input dtype for the tensor-core products (as FlashAttention does), and
+    for ``l2`` they carry ``1/distance``, which passes float16's 65504 for near neighbours
+    (``inf`` gradients; the PyTorch paths compute in float32)."""
     return (
         spec.metric == "l2"
-        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.dtype == torch.float16
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad)
     )
@@ -113,6 +112,7 @@ def _zeros_linked_to(zeros: torch.Tensor, *inputs) -> torch.Tensor:
     return zeros
 
 
+@without_functorch
 @outside_autocast
 def warp_attend(
     q: torch.Tensor,
@@ -250,6 +250,7 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
 
 
 @torch.no_grad()
+@without_functorch
 @outside_autocast
 def warp_range(
     q: torch.Tensor,
@@ -290,6 +291,7 @@ def _empty_stats(batch, n: int, m: int, dtype, device) -> WarpStats:
     )
 
 
+@without_functorch
 @outside_autocast
 def warp_weights(
     q: torch.Tensor,

@@ -269,8 +269,8 @@ def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_
     parts, stats = [], []
     for start, stop in _row_blocks(q.shape[-2], k.shape[-2] * math.prod(batch)):
         s = pairwise_similarity(_rows(qw, start, stop, -2), kw, spec.metric, spec.scale)
-        if s.shape[:-2] != batch:  # leading dims that only v or the mask carry (a view)
-            s = s.expand(*batch, *s.shape[-2:])
+        if s.shape[:-2] != batch:  # leading dims that only v carries (rare: a copy, as
+            s = s.expand(*batch, *s.shape[-2:]).contiguous()  # leave-one-out writes s in place)
         w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, with_stats, columns)
         parts.append(per_block(w))
         stats.append(st)
