@@ -203,6 +203,8 @@ def check_small(device, log) -> list[dict]:
         ("l2", "sigmoidal", dict(exclude_self=True)),
         ("dot", "none", dict(causal=True)),
         ("dot", "poly", dict(causal=True, detach_range=True)),
+        # b = 1, t near 1: the best key (u = 1) at the band's steep upper end (session 11's fix)
+        ("dot", "sigmoidal", dict(b_one=True, detach_range=True)),
     ]
     for i, (metric, step, o) in enumerate(cases):
         n, m, d, e = (SMALL[0], SMALL[0], *SMALL[2:]) if o.get("exclude_self") else SMALL
@@ -219,6 +221,8 @@ def check_small(device, log) -> list[dict]:
         a = 0.05 + 0.3 * torch.rand((*shape_b, n), generator=g, device=device)
         b = (a + 0.1 + 0.5 * torch.rand((*shape_b, n), generator=g, device=device)).clamp(max=1.0)
         t = 0.1 + 0.8 * torch.rand((*shape_b, n), generator=g, device=device)
+        if o.get("b_one"):
+            b, t = torch.ones_like(b), 0.9 + 0.09 * torch.rand((*shape_b, n), generator=g, device=device)
 
         call = dict(tensors=(q, k, v, a, b, t), batch=shape_b, mask=mask, spec=spec, device=device)
         out, gs = _loss_grads(triton_warp_attend, torch.float32, **call)
