@@ -283,9 +283,10 @@ def _class_masses(
     ``with_lse`` (``other`` and ``lse`` are then ``None``), else ``other`` and ``lse`` (``own``
     is ``None``).
 
-    With ``impl="dense"``, and with ``"auto"`` up to :data:`LOSS_DENSE_LIMIT` pairs
-    ``n · m`` on CPU (the backend's limit elsewhere), the weight matrix comes from :func:`simwarp.warp_weights` and is
-    summed per class (fastest; memory grows as ``n · m``). Otherwise one
+    With ``impl="dense"``, and with ``"auto"`` up to :data:`LOSS_DENSE_LIMIT` pairs ``n · m``
+    on CPU (the backend's limit elsewhere), the weight matrix comes from
+    :func:`simwarp.warp_weights` and is summed per class (fastest; memory grows as
+    ``n · m``). Otherwise one
     backend call with ``v = one_hot(ref classes)`` when there are at most
     :data:`MAX_CLASS_COLUMNS` classes; beyond that anchors are sorted by class and processed in
     blocks of at most that many classes, each with ``v`` restricted to the block's classes
@@ -513,9 +514,8 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         detach_range: treat each row's min/max similarity as constants in backward.
         impl, chunk_size: backend implementation: ``"auto"`` streams batches above 2^24
             anchor-neighbour pairs on CPU (batch 4096; 2^20 elsewhere; memory
-            ``O(n · chunk)``); ``"dense"``
-            materialises the weight matrix at any size (faster, memory ``O(n · m)``),
-            ``"chunked"`` streams at any size.
+            ``O(n · chunk)``); ``"dense"`` materialises the weight matrix at any size
+            (faster, memory ``O(n · m)``), ``"chunked"`` streams at any size.
         gather: ``False`` (default), ``True`` (default process group) or a
             ``torch.distributed.ProcessGroup``: every rank's anchors use *all* ranks' batch
             embeddings and labels as neighbours, leave-one-out by global index, with exact
@@ -776,7 +776,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         v = y_ref.to(device=x.device, dtype=x.dtype)
         warp = self._warp_options(self.softmax_scale, 1.0)
         if x.device.type == "cpu" and _materialises(warp["impl"], n, r.shape[0], x.device):
-            warp["impl"] = "dense"
+            warp["impl"] = "dense"  # (elsewhere "auto" stays: on CUDA it may take the fused kernels)
         pred, stats = warp_attend(
             x, r, v, step=self.softstep.step, a=a, b=b, t=t, return_stats=True, **_leave_one_out(same, offset), **warp
         )
