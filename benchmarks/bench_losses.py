@@ -53,8 +53,10 @@ from simwarp._io import write_json  # noqa: E402
 SPEED_CASES = ("pml_nca", "softstep_nca", "softstep_nca_poly", "softstep_nca_none", "pml_ntxent",
                "softstep_contrastive", "softstep_contrastive_none")
 #: Cases run only when named in ``--cases``: SoftStep NCA with ``impl="dense"`` (the weight
-#: matrix materialised at any batch size: the fast, memory-hungry choice).
-EXTRA_CASES = ("softstep_nca_dense",)
+#: matrix materialised at any batch size: the fast, memory-hungry choice) and with
+#: ``impl="chunked"`` (streamed at any batch size: the lean choice; ``"auto"`` streams on CPU
+#: above batch 4096).
+EXTRA_CASES = ("softstep_nca_dense", "softstep_nca_chunked")
 
 
 def _cases(arg: str | None) -> tuple[str, ...]:
@@ -81,6 +83,7 @@ def _make_loss(case: str):
         "softstep_nca_none": lambda: sl.SoftStepNCALoss(step="none"),
         "softstep_nca_poly": lambda: sl.SoftStepNCALoss(step="poly"),
         "softstep_nca_dense": lambda: sl.SoftStepNCALoss(impl="dense"),
+        "softstep_nca_chunked": lambda: sl.SoftStepNCALoss(impl="chunked"),
         "pml_ntxent": lambda: pml.NTXentLoss(),
         "softstep_contrastive": lambda: sl.SoftStepContrastiveLoss(),
         "softstep_contrastive_none": lambda: sl.SoftStepContrastiveLoss(step="none"),
@@ -240,7 +243,7 @@ def run_speed(
 def speed_table(rows: list[dict]) -> str:
     base = {(r["n"], r["case"]): r for r in rows if "skipped" not in r}
     peer = {"softstep_nca": "pml_nca", "softstep_nca_none": "pml_nca", "softstep_nca_poly": "pml_nca", "softstep_nca_dense": "pml_nca",
-            "softstep_contrastive": "pml_ntxent", "softstep_contrastive_none": "pml_ntxent"}
+            "softstep_nca_chunked": "pml_nca", "softstep_contrastive": "pml_ntxent", "softstep_contrastive_none": "pml_ntxent"}
     lines = ["| batch | loss | fwd+bwd ms | peak MiB | time vs PML | memory: PML / ours |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
