@@ -80,13 +80,13 @@ def _choose_impl(
         if device.type == "cuda" and spec is not None and tensors is not None and _triton_available(device):
             from simwarp.backend.triton import supports
 
-            if supports(*tensors, spec) and not _imprecise_fused_backward(spec, *tensors):
+            if supports(*tensors, spec) and not _imprecise_fused_backward(spec, *tensors[:2]):
                 return "triton"
         return "dense" if entries <= DENSE_AUTO_LIMIT else "chunked"
     return impl
 
 
-def _imprecise_fused_backward(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def _imprecise_fused_backward(spec, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the fused backward could overflow: it rounds its per-score gradient
     coefficients to the input dtype for the tensor-core products (as FlashAttention does), and
     for ``l2`` they carry ``1/distance``, which passes float16's 65504 for near neighbours
