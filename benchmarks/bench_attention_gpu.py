@@ -6,14 +6,18 @@
      metrics x steps x masks;
    * a mid shape in bfloat16 vs the float32 chunked path (relative error, no NaN);
    * ``step="none"`` vs SDPA on the benchmark shapes (the fused path must equal softmax attention);
-   * the neighbour-bank layout (few queries, many keys: key splits) vs chunked float32.
+   * the neighbour-bank layout (few queries, many keys: key splits) vs chunked float32;
+   * dropout inside the kernels vs the float64 reference with the kernels' mask
+     (``dropout_keep_mask``) applied to its weights (values and all gradients).
 2. Timing (torch.cuda.Event, median of repeats after warm-up) and peak memory
    (torch.cuda.max_memory_allocated above the inputs) on B·H·N·D = 4·16·2048·64,
    2·16·8192·64, 1·16·16384·128, causal and not, forward and forward+backward, bfloat16:
    simwarp fused (steps sigmoidal, poly, none), SDPA (flash backend), the naive materialised
    SoftStep in eager mode and under torch.compile, AdaSplash (alpha = 1.5) when importable,
    plus a clustered input where most key blocks are skipped (the stretch goal).
-3. Optional: ``--sweep`` (KernelConfig alternatives), ``--graphs`` (the forward replayed from
+3. Optional: ``--dropout P`` (training with attention dropout: forward+backward with
+   ``dropout_p = P`` against SDPA's flash kernel with the same rate, and the chunked path that
+   ran dropout before the kernels had it), ``--sweep`` (KernelConfig alternatives), ``--graphs`` (the forward replayed from
    CUDA graphs: the GPU's share without the host's launch work), ``--profile`` (CUDA time per
    kernel and the host's time per call).
 4. A table of ratios to SDPA, and JSON (written after every case) to ``--out``.
@@ -24,6 +28,7 @@ Usage (on a CUDA machine; the repo does not need to be installed)::
     python benchmarks/bench_attention_gpu.py --no-compile --skip-peers --shapes 1,2 --sweep \
         --graphs --profile --repeats 20 --case-seconds 1.0     # the target shapes: about 4 minutes
     python benchmarks/bench_attention_gpu.py --quick           # first shape only, fewer repeats
+    python benchmarks/bench_attention_gpu.py --no-compile --skip-peers --shapes 0,1 --dropout 0.1
 
 On a machine without a GPU, ``python tools/check_kernels_sm90.py`` first checks that every kernel
 compiles for sm_90.
@@ -49,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import simwarp  # noqa: E402
 from simwarp._io import write_json  # noqa: E402
 from simwarp.backend.common import make_spec, resolve_params  # noqa: E402
-from simwarp.backend.triton import triton_warp_attend  # noqa: E402
+from simwarp.backend.triton import dropout_keep_mask, triton_warp_attend  # noqa: E402
 
 SHAPES = [(4, 16, 2048, 64), (2, 16, 8192, 64), (1, 16, 16384, 128)]
 A, B_, T = 0.1, 0.9, 0.5  # the SoftStep defaults
@@ -238,6 +243,44 @@ def check_small(device, log) -> list[dict]:
         row = dict(check="small_vs_dense_f64", metric=metric, step=step, opts=str(o), ok=bool(ok), **errs)
         rows.append(row)
         log(f"  [{'ok' if ok else 'FAIL'}] {metric:11s} {step:9s} {o}  " + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
+    return rows
+
+
+def check_dropout(device, log, p: float = 0.3) -> list[dict]:
+    """float32 kernels with dropout vs dense float64 with the kernels' mask on its weights."""
+    from simwarp.backend.dense import dense_weights
+    from simwarp.backend.triton.launch import dropout_threshold
+
+    rows = []
+    cases = [("dot", "sigmoidal", dict(causal=True)), ("cosine", "poly", dict(mask=True)), ("dot", "none", dict())]
+    n, m, d, e = SMALL
+    shape_b = (2, 3)
+    for i, (metric, step, o) in enumerate(cases):
+        q, k, v = (fresh((*shape_b, rows_, cols), torch.float32, device, 600 + 10 * i + j)
+                   for j, (rows_, cols) in enumerate(((n, d), (m, d), (m, e))))
+        mask = fresh((2, 1, 1, m), torch.float32, device, 700 + i) > -0.8 if o.get("mask") else None
+        spec = make_spec(metric, None, step, 1.0, o.get("causal", False), False, False)
+        seed = torch.tensor([9000 + i], dtype=torch.int64, device=device)
+        factor = dropout_keep_mask(seed, 6, n, m, p).view(*shape_b, n, m).double()
+        factor *= 65536 / (65536 - dropout_threshold(p))
+
+        def fused_call(q, k, v, a, b, t, mask, spec, seed=seed):
+            return triton_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p=p, dropout_seed=seed)
+
+        def reference(q, k, v, a, b, t, mask, spec, factor=factor):
+            w, stats = dense_weights(q, k, a, b, t, mask, spec, None)
+            return (w * factor) @ v, stats
+
+        prm = tuple(torch.tensor(x, device=device) for x in (0.2, 0.7, 0.4))
+        call = dict(tensors=(q, k, v, *prm), batch=shape_b, mask=mask, spec=spec, device=device)
+        out, gs = _loss_grads(fused_call, torch.float32, **call)
+        ref, rgs = _loss_grads(reference, torch.float64, **call)
+        errs = {"out": rel_err(out, ref)} | {f"d{nm}": rel_err(x, y) for nm, x, y in zip("qkv", gs, rgs)}
+        finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(x).all()) for x in gs)
+        ok = finite and errs["out"] < 1e-4 and max(errs["dq"], errs["dk"], errs["dv"]) < 1e-3
+        rows.append(dict(check="dropout_vs_dense_f64", metric=metric, step=step, opts=str(o), ok=bool(ok), **errs))
+        log(f"  [{'ok' if ok else 'FAIL'}] dropout {p} {metric:8s} {step:9s} {o}  "
+            + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
     return rows
 
 
@@ -532,6 +575,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-peers", action="store_true", help="time only SDPA and simwarp (no naive/AdaSplash)")
     p.add_argument("--profile", action="store_true", help="also list CUDA time per kernel (torch.profiler)")
     p.add_argument("--graphs", action="store_true", help="also time the forward replayed from CUDA graphs")
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="also time forward+backward with attention dropout P (vs SDPA with dropout P)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.case_seconds = 10, 2, 0.6
@@ -558,7 +603,7 @@ def main(argv=None) -> int:
 
     log(f"# {result['card']}  torch {torch.__version__}  triton {triton.__version__}")
     log("## correctness (fresh inputs, outputs poisoned with NaN before each run)")
-    for fn in (check_small, check_mid_bf16):
+    for fn in (check_small, check_dropout, check_mid_bf16):
         try:
             result["checks"] += fn(device, log)
         except Exception:  # noqa: BLE001
@@ -626,6 +671,9 @@ def main(argv=None) -> int:
     # Stretch goal: clustered inputs where most key blocks are skipped.
     optional_section("block skipping (clustered inputs, step sigmoidal a=0.6, b=0.9)", None,
                      lambda: _bench_clustered(shapes[:2], device, args, result, log, save))
+    if args.dropout > 0:
+        optional_section(f"training with attention dropout {args.dropout} (fwd+bwd, bf16; vs SDPA flash with "
+                         "the same dropout)", None, lambda: _bench_dropout(shapes, device, args, result, log, save))
     if args.sweep:
         optional_section("launch-configuration sweep (poly, non-causal, bf16; same run)", "sweep",
                          lambda: sweep_configs(device, args, log))
@@ -669,6 +717,45 @@ def _bench_clustered(shapes, device, args, result, log, save) -> None:
             save()
         del q, k, v
         torch.cuda.empty_cache()
+
+
+def _bench_dropout(shapes, device, args, result, log, save) -> None:
+    p = args.dropout
+
+    def sdpa_dropout(q, k, v, causal):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)
+
+    def simwarp_dropout(step, impl):
+        def run(q, k, v, causal):
+            return simwarp.warp_attend(q, k, v, step=step, a=A, b=B_, t=T, causal=causal, impl=impl, dropout_p=p)
+
+        return run
+
+    methods = [("sdpa", sdpa_dropout), ("fused_sigmoidal", simwarp_dropout("sigmoidal", "triton")),
+               ("fused_poly", simwarp_dropout("poly", "triton")), ("fused_none", simwarp_dropout("none", "triton")),
+               ("chunked_sigmoidal", simwarp_dropout("sigmoidal", "chunked"))]
+    for si, shape in enumerate(shapes):
+        for causal in (False, True):
+            q, k, v = (fresh(shape, torch.bfloat16, device, s, requires_grad=True) for s in (1, 2, 3))
+            sd = None
+            for name, fn in methods:
+                if name.startswith("chunked") and (si > 0 or causal):  # the old path: one point of comparison
+                    continue
+                rec = bench_case(name, fn, q, k, v, causal, True, args)
+                rec["shape"], rec["input"] = list(shape), f"dropout {p}"
+                if name == "sdpa":
+                    sd = rec
+                if sd and "ms" in rec and "ms" in sd:
+                    rec["ratio_sdpa"] = rec["ms"] / sd["ms"]
+                    rec["mem_ratio_sdpa"] = rec["peak_gib"] / max(sd["peak_gib"], 1e-9)
+                result["timings"].append(rec)
+                log(_fmt(rec))
+                save()
+            del q, k, v
+            torch.cuda.empty_cache()
 
 
 def _fmt(rec) -> str:

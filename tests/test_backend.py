@@ -434,6 +434,29 @@ def test_auto_falls_back_to_chunked_when_fused_kernels_fail(monkeypatch):
         simwarp.warp_attend(q, k, v, impl="triton")
 
 
+def test_dropout_goes_to_the_fused_kernels_and_row_range_does_not(monkeypatch):
+    pytest.importorskip("triton")
+    import simwarp.backend as backend
+    import simwarp.backend.triton as fused
+
+    calls = []
+
+    def spy(q, k, v, a, b, t, mask, spec, **kwargs):
+        calls.append(kwargs["dropout_p"])
+        return backend.dense_warp_attend(q, k, v, a, b, t, mask, spec, kwargs["dropout_p"])
+
+    q, k, v = torch.randn(5, 4, dtype=f64), torch.randn(7, 4, dtype=f64), torch.randn(7, 2, dtype=f64)
+    monkeypatch.setattr(backend, "_choose_impl", lambda *a, **k: "triton")
+    monkeypatch.setattr(fused, "triton_warp_attend", spy)
+    simwarp.warp_attend(q, k, v, dropout_p=0.25)
+    simwarp.warp_attend(q, k, v, impl="triton", dropout_p=0.5)
+    assert calls == [0.25, 0.5]
+    simwarp.warp_attend(q, k, v, row_range=(-1.0, 1.0))  # auto: the chunked path
+    assert calls == [0.25, 0.5]
+    with pytest.raises(ValueError, match="row_range"):
+        simwarp.warp_attend(q, k, v, impl="triton", row_range=(-1.0, 1.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("metric", ["l2", "dot"])
 @pytest.mark.parametrize("grad", [True, False])

@@ -375,6 +375,109 @@ def check_kept_count_is_optional():
         torch.testing.assert_close(simwarp.warp_attend(*leaves, **kw), out, atol=0, rtol=0)
 
 
+DROPOUT_CASES = {
+    # metric, step, param kind, dropout_p, options (as CASES), kernel config
+    "dot-sigmoidal-causal": ("dot", "sigmoidal", "row", 0.3, {"causal": True}, SMALL),
+    "l2-poly-general-mask": ("l2", "poly", "head", 0.5, {"mask": "general", "exclude_self": True}, SMALL),
+    "cosine-log-splits": ("cosine", "log", "scalar", 0.1, {"temperature": 0.7}, replace(SMALL, num_splits=2)),
+    "dot-none-padding": ("dot", "none", "row", 0.2, {"mask": "padding"}, SMALL),
+    "sqeuclidean-sigmoidal-detach-noskip": (
+        "sqeuclidean", "sigmoidal", "row", 0.7, {"detach_range": True}, replace(SMALL, block_skipping=False)),
+}
+
+
+def _dropout_problem(metric, step, pkind, opts):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"dropout{metric}{step}".encode()))
+    B, H, n, m, d, e = 2, 2, 33, 37, 20, 5
+    n = m if opts.get("exclude_self") else n
+    q = torch.randn(B, H, n, d, generator=gen, dtype=f64)
+    k = torch.randn(1, H, m, d, generator=gen, dtype=f64)
+    v = torch.randn(B, 1, m, e, generator=gen, dtype=f64)
+    mask = None
+    if opts.get("mask") == "padding":
+        mask = torch.ones(B, 1, 1, m, dtype=torch.bool)
+        mask[1, ..., 30:] = False
+    elif opts.get("mask") == "general":
+        mask = torch.rand(B, H, n, m, generator=gen) > 0.3
+    spec = make_spec(metric, None, step, opts.get("temperature", 1.0), opts.get("causal", False),
+                     opts.get("exclude_self", False), opts.get("detach_range", False))
+    a, b, t = resolve_params(*_params(pkind, (B, H), n, gen), batch=(B, H), n=n, dtype=f64, device=q.device)
+    return (q, k, v, a, b, t), mask, spec
+
+
+@check(cases=DROPOUT_CASES)
+def check_dropout_matches_dense_with_its_mask(metric, step, pkind, p, opts, config):
+    """Fused dropout = the dense float64 reference with the kernels' mask applied to the weights
+    (survivors scaled by 1 / P(keep)): forward, statistics (those without dropout) and every
+    gradient, so the backward kernels replay the forward's mask."""
+    from simwarp.backend.triton.launch import dropout_keep_mask, dropout_threshold
+
+    tensors, mask, spec = _dropout_problem(metric, step, pkind, opts)
+    q, k, v = tensors[:3]
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    n, m = q.shape[-2], k.shape[-2]
+    seed = torch.tensor([0x5EED_0000_1234 + len(metric)], dtype=torch.int64)
+    keep = dropout_keep_mask(seed, batch.numel(), n, m, p).view(*batch, n, m)
+    factor = keep.to(f64) * (65536 / (65536 - dropout_threshold(p)))
+    assert 0.5 * (1 - p) < keep.double().mean() < 1.5 * (1 - p)
+
+    def reference(q, k, v, a, b, t, mask, spec):
+        out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec)
+        weights, _ = simwarp.backend.dense.dense_weights(q, k, a, b, t, mask, spec, None, with_stats=False)
+        return (weights * factor) @ v, stats
+
+    out, stats, grads = _loss_and_grads(triton_warp_attend, tensors, mask, spec, config=config, dropout_p=p,
+                                        dropout_seed=seed)
+    ref, rstats, rgrads = _loss_and_grads(reference, tensors, mask, spec)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    for name in ("lse", "kept", "lo", "hi", "empty"):
+        torch.testing.assert_close(getattr(stats, name), getattr(rstats, name), atol=1e-10, rtol=0, msg=name)
+    for name, g, rg in zip("q k v a b t".split(), grads, rgrads):
+        torch.testing.assert_close(g, rg, atol=1e-10, rtol=1e-9, msg=f"grad {name}")
+
+
+@check
+def check_dropout_mask_is_fixed_by_the_seed_and_uniform():
+    """One mask per (seed, batch entry, query, key), whatever the tiles; fresh seeds per call
+    from torch's generator; keep rates within 4 sd of 1 - p; rows, keys and batch entries
+    independent (no repeated patterns across the 8 draws of one Philox call)."""
+    from simwarp.backend.triton.launch import dropout_keep_mask
+
+    gen = torch.Generator().manual_seed(8)
+    n, m, d, e = 40, 48, 16, 48
+    q = torch.randn(2, n, d, generator=gen, dtype=f64)
+    k = torch.randn(2, m, d, generator=gen, dtype=f64)
+    eye = torch.eye(m, dtype=f64).expand(2, m, m)  # v = I: the output is the dropped weight matrix
+    spec = make_spec("dot", None, "none", 1.0, False, False, False)
+    prm = [torch.tensor(x, dtype=f64) for x in (0.1, 0.9, 0.5)]
+    seed = torch.tensor([42], dtype=torch.int64)
+    keep = dropout_keep_mask(seed, 2, n, m, 0.25)
+    configs = [SMALL, replace(SMALL, block_m=16, block_n=32, bwd_block_n=32, bwd_kv_block_n=16, num_splits=3),
+               KernelConfig(block_m=64, block_n=64)]
+    for config in configs:
+        out, _ = triton_warp_attend(q, k, eye, *prm, None, spec, config=config, dropout_p=0.25, dropout_seed=seed)
+        assert torch.equal(out > 0, keep), config
+    assert not torch.equal(keep, dropout_keep_mask(seed + 1, 2, n, m, 0.25))
+    assert not torch.equal(keep[0], keep[1])
+    torch.manual_seed(3)
+    first = simwarp.warp_attend(q, k, eye, step="none", impl="triton", dropout_p=0.25)
+    second = simwarp.warp_attend(q, k, eye, step="none", impl="triton", dropout_p=0.25)
+    torch.manual_seed(3)
+    again = simwarp.warp_attend(q, k, eye, step="none", impl="triton", dropout_p=0.25)
+    assert not torch.equal(first, second) and torch.equal(first, again)
+    for p in (0.1, 0.9):
+        rate = dropout_keep_mask(torch.tensor([7], dtype=torch.int64), 2, 128, 256, p).double().mean()
+        assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / (2 * 128 * 256)) ** 0.5, (p, rate)
+    big = dropout_keep_mask(torch.tensor([7], dtype=torch.int64), 4, 128, 512, 0.5).double()
+    assert abs(big.mean() - 0.5) < 4 * 0.5 / big.numel() ** 0.5
+    x = big - 0.5
+    for name, corr in (("keys", (x[..., 1:] * x[..., :-1]).mean()), ("keys 8 apart", (x[..., 8:] * x[..., :-8]).mean()),
+                       ("rows", (x[:, 1:] * x[:, :-1]).mean()), ("batch", (x[1:] * x[:-1]).mean())):
+        assert abs(corr) < 4 * 0.25 / x[0].numel() ** 0.5, (name, corr)
+    per_slot = big.view(4, 128, 64, 8).mean((0, 1, 2))  # each of the 8 draws of a Philox call
+    assert (per_slot - 0.5).abs().max() < 4 * 0.5 / (big.numel() / 8) ** 0.5, per_slot
+
+
 @check
 def check_dispatch_and_errors():
     q = torch.randn(3, 9, 16)

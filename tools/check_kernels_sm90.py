@@ -14,6 +14,7 @@ Usage::
     python tools/check_kernels_sm90.py                 # bf16 + float32, d = 64 / 128 / 256, all steps
     python tools/check_kernels_sm90.py --dims 64 --steps poly --causal --no-skipping
     python tools/check_kernels_sm90.py --pipeline-range --dtypes bfloat16   # pass 1 software-pipelined
+    python tools/check_kernels_sm90.py --dims 64 128 --dropout 0.1          # with dropout in the kernels
 
 Exit status 1 if any variant fails to compile or needs more shared memory than an H100 block has. Relies on Triton internals
 (``triton.runtime.driver``, ``JITFunction.run(warmup=True)``); tested with Triton 3.6 (the GPU
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--capability", type=int, default=90)
     p.add_argument("--no-skipping", action="store_true", help="also compile KernelConfig(block_skipping=False)")
     p.add_argument("--pipeline-range", action="store_true", help="compile with KernelConfig(pipeline_range=True)")
+    p.add_argument("--dropout", type=float, default=0.0, help="compile the dropout variants (dropout_p > 0)")
     p.add_argument("--smem-limit", type=int, default=232448, help="bytes of shared memory per block (H100/H200)")
     args = p.parse_args(argv)
 
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
         config = KernelConfig(block_skipping=skipping, pipeline_range=args.pipeline_range)
         error = ""
         try:
-            out, _ = fused.triton_warp_attend(q, k, v, *prm, None, spec, config=config)
+            out, _ = fused.triton_warp_attend(q, k, v, *prm, None, spec, config=config, dropout_p=args.dropout)
             out.float().sum().backward()
         except Exception as exc:  # noqa: BLE001 - compile errors are the report; index errors are not
             if type(exc).__name__ == "CompilationError" or "compil" in str(exc).lower():

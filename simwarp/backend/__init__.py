@@ -174,7 +174,9 @@ def warp_attend(
         return_stats: also return :class:`WarpStats`.
         dropout_p: inverted dropout on the weights (``w_ij`` zeroed with probability
             ``dropout_p``, survivors scaled by ``1 / (1 - dropout_p)``), as in SDPA. Always applied
-            when > 0: pass 0 at evaluation. Reproducible under ``torch.manual_seed``.
+            when > 0: pass 0 at evaluation. Reproducible under ``torch.manual_seed`` (per
+            implementation: the fused kernels draw their own masks, with ``dropout_p`` rounded
+            to a multiple of 2^-16; see docs/kernels.md).
         row_range: ``(lo, hi)`` broadcastable to the rows ``(..., n)``: normalise with this
             fixed range instead of each row's own (treated as constants in backward). For
             combining calls over parts of one key set (a bank sharded across devices: see
@@ -204,9 +206,9 @@ def warp_attend(
         out = _zeros_linked_to(q.new_zeros((*batch, n, v.shape[-1])), q, k, v, a, b, t)
         return (out, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else out
     chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device, spec=spec, tensors=(q, k, v))
-    if chosen == "triton" and (dropout_p > 0 or row_range is not None):  # not in the fused kernels
+    if chosen == "triton" and row_range is not None:  # not in the fused kernels
         if impl == "triton":
-            raise ValueError("impl='triton' supports neither dropout_p > 0 nor row_range; use impl='auto' or 'chunked'")
+            raise ValueError("impl='triton' does not support row_range; use impl='auto' or 'chunked'")
         chosen = "chunked"
     if chosen == "dense":
         out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p, row_range, with_stats=return_stats)
@@ -217,7 +219,7 @@ def warp_attend(
         from simwarp.backend.triton import triton_warp_attend
 
         try:
-            out, stats = triton_warp_attend(q, k, v, a, b, t, mask, spec, count_kept=return_stats)
+            out, stats = triton_warp_attend(q, k, v, a, b, t, mask, spec, count_kept=return_stats, dropout_p=dropout_p)
         except Exception as err:  # a kernel that fails to compile or launch on this GPU/toolchain
             if impl == "triton":
                 raise

@@ -7,7 +7,8 @@ Supported: metrics ``dot``, ``cosine``, ``sqeuclidean``, ``l2``; steps ``sigmoid
 ``poly``, ``none``; any bool mask (causal, ``exclude_self``, key padding and general masks
 are applied inside the kernels); float16 / bfloat16 / float32 inputs with float32
 accumulation (float64 only in the CPU interpreter); head and value dims up to 256; any
-sequence lengths. CUDA tensors run compiled kernels; CPU tensors run the same kernels in
+sequence lengths; dropout on the weights (Philox draws inside the kernels, replayed in the
+backward). CUDA tensors run compiled kernels; CPU tensors run the same kernels in
 Triton's interpreter when ``TRITON_INTERPRET=1`` (tests).
 """
 
@@ -20,6 +21,7 @@ from simwarp.backend.common import WarpSpec, WarpStats
 from simwarp.backend.triton.launch import (
     KERNEL_STEPS,
     KernelConfig,
+    dropout_keep_mask,
     fused_warp_attend,
     interpreting,
     unsupported_reason,
@@ -28,6 +30,7 @@ from simwarp.backend.triton.launch import (
 __all__ = [
     "KERNEL_STEPS",
     "KernelConfig",
+    "dropout_keep_mask",
     "interpreting",
     "supports",
     "triton_warp_attend",
@@ -53,6 +56,8 @@ def triton_warp_attend(
     config: KernelConfig | None = None,
     return_skipped: bool = False,
     count_kept: bool = True,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ):
     """Fused SoftStep attention (the backend contract of :func:`simwarp.warp_attend`).
 
@@ -66,6 +71,11 @@ def triton_warp_attend(
             left out (a 0-dim float tensor on the inputs' device; no synchronisation).
         count_kept: fill ``WarpStats.kept``; ``False`` skips the per-score count (a few
             percent of the forward) and leaves it NaN.
+        dropout_p: inverted dropout on the weights, drawn inside the kernels (16-bit draws:
+            ``dropout_p`` is rounded to a multiple of 2^-16, survivors are scaled by
+            ``1 / P(keep)`` of that rounded rate). The statistics are those without dropout.
+        dropout_seed: the masks' key, a 1-element int64 tensor on the inputs' device (default:
+            drawn from torch's generator); :func:`dropout_keep_mask` returns the mask it gives.
 
     Returns:
         ``(out (..., n, e), WarpStats)`` and, with ``return_skipped``, the skipped fraction.
@@ -76,7 +86,9 @@ def triton_warp_attend(
     reason = unsupported_reason(q, k, v, spec)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run this call: {reason}; use impl='chunked' or 'auto'")
-    out, lse, kept, lo, hi, empty, skip = fused_warp_attend(q, k, v, a, b, t, mask, spec, config, count_kept)
+    out, lse, kept, lo, hi, empty, skip = fused_warp_attend(
+        q, k, v, a, b, t, mask, spec, config, count_kept, dropout_p, dropout_seed
+    )
     stats = WarpStats(lse=lse, kept=kept, lo=lo, hi=hi, empty=empty)
     if not return_skipped:
         return out, stats

@@ -44,6 +44,57 @@ def _dot(x, y, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _halves(r):
+    """The two 16-bit halves of a uint32 tile, interleaved along the last axis (int32)."""
+    return tl.interleave((r & 0xFFFF).to(tl.int32), (r >> 16).to(tl.int32))
+
+
+@triton.jit
+def _dropout_keep(seed, batch, offs_m, col0, threshold, BLOCK_N: tl.constexpr):
+    """Which scores of the tile ``(rows offs_m, keys col0 .. col0 + BLOCK_N)`` of batch entry
+    ``batch`` survive dropout (a bool tile).
+
+    Key ``j`` of row ``i`` is dropped when its 16-bit draw is below ``threshold``. The draws are
+    a function of ``(seed, batch, i, j)`` alone, so the forward and both backward kernels see
+    the same mask whatever their tile shapes: one Philox-4x32 call per group of eight keys
+    (counters ``j // 8``, ``i``, ``batch``, 0) gives eight 16-bit draws, as FlashAttention
+    takes several draws from each call. ``col0`` and ``BLOCK_N`` are multiples of 8."""
+    groups = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+    c0 = (groups[None, :] + offs_m[:, None] * 0).to(tl.uint32)
+    c1 = (offs_m[:, None] + groups[None, :] * 0).to(tl.uint32)
+    c2 = c1 * 0 + batch.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c1 * 0)
+    draws = tl.interleave(tl.interleave(_halves(r0), _halves(r1)), tl.interleave(_halves(r2), _halves(r3)))
+    return draws >= threshold
+
+
+@triton.jit
+def _dropout_constants(SEED, CONSTS, like, DROPOUT: tl.constexpr):
+    """``(seed, keep_scale)`` of a launch: the Philox key and ``1 / P(keep)`` (``CONSTS[2]``);
+    placeholders (never used) without dropout. ``like``: a scalar of the accumulator dtype."""
+    seed = 0
+    keep_scale = like
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = tl.load(CONSTS + 2)
+    return seed, keep_scale
+
+
+@triton.jit
+def dropout_mask_kernel(SEED, KEEP, n, m, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which scores survive dropout, ``KEEP (B, n, m)`` (int8): the mask the attention kernels
+    apply for ``SEED`` (a reference for tests, and for users who need the mask)."""
+    pid_q = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_m = pid_q * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), pid_b, offs_m, pid_k * BLOCK_N, threshold, BLOCK_N)
+    ptr = KEEP + (pid_b.to(tl.int64) * n + offs_m[:, None]) * m + offs_n[None, :]
+    tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < n) & (offs_n[None, :] < m))
+
+
+@triton.jit
 def _scores(q, k, qq, kk, scale, METRIC: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
             UPCAST: tl.constexpr):
     """Raw score tile ``r`` ``(BM, BN)`` and the squared distance (for the metric's backward).
@@ -658,8 +709,10 @@ def _key_tile(q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd
 @triton.jit
 def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
                  skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, pin_raw, a2, b2, t2,
+                 seed, batch, threshold, keep_scale,
                  METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
                  HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr, COUNT_KEPT: tl.constexpr,
+                 DROPOUT: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                  PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
                  BLOCK_M: tl.constexpr):
@@ -669,7 +722,10 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
     # Two multiply-adds per score: the softmax exponent and the step's coordinate.
     p, keep = _step_weight(tl.fma(r, xs, xb), _step_coord(r, al, be, pin_raw, STEP), valid, a2, b2, t2, STEP,
                            BAND_BRANCH)
-    acc += _dot(p.to(v.dtype), v, PREC, ACC, UPCAST)
+    pv = p
+    if DROPOUT:  # on the values' side only: the normaliser sums the weights before dropout
+        pv = tl.where(_dropout_keep(seed, batch, offs_m, kb * BLOCK_N, threshold, BLOCK_N), p * keep_scale, 0.0)
+    acc += _dot(pv.to(v.dtype), v, PREC, ACC, UPCAST)
     denom += tl.sum(p, 1)
     if COUNT_KEPT:
         kept += tl.sum(keep.to(ACC), 1)
@@ -679,8 +735,9 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
 @triton.jit
 def _attend_tiles(acc, denom, kept, start, stop, tiles, FROM_LIST: tl.constexpr, q, qq, offs_m, k_base, v_base,
                   mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, pin_raw,
-                  a2, b2, t2, METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-                  HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr, COUNT_KEPT: tl.constexpr,
+                  a2, b2, t2, seed, batch, threshold, keep_scale,
+                  METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
+                  HAS_MASK: tl.constexpr, BAND_BRANCH: tl.constexpr, COUNT_KEPT: tl.constexpr, DROPOUT: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                   ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr):
     """Key tiles ``start .. stop - 1`` (``FROM_LIST``: entries ``start .. stop - 1`` of ``tiles``)."""
@@ -691,7 +748,8 @@ def _attend_tiles(acc, denom, kept, start, stop, tiles, FROM_LIST: tl.constexpr,
         acc, denom, kept = _attend_tile(
             acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
             skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, pin_raw, a2, b2, t2,
-            METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC,
+            seed, batch, threshold, keep_scale,
+            METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC,
             UPCAST, EVEN, BLOCK_M)
     return acc, denom, kept
 
@@ -707,12 +765,12 @@ def _visible_tiles(q_start, n_kb, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 @triton.jit
 def attend_kernel(
-    Q, K, V, MASK, PRM, CONSTS, RS, LIST, COUNT, OUT, LSE, KEPT, ACCP, DENP, KEPTP,
+    Q, K, V, MASK, PRM, CONSTS, RS, LIST, COUNT, OUT, LSE, KEPT, ACCP, DENP, KEPTP, SEED,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, self_off,
+    B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, self_off, threshold,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
-    SKIP_TILES: tl.constexpr, COUNT_KEPT: tl.constexpr,
+    SKIP_TILES: tl.constexpr, COUNT_KEPT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -734,6 +792,7 @@ def attend_kernel(
         qq = tl.sum(qf * qf, 1)
     scale = tl.load(CONSTS)
     inv_tau = tl.load(CONSTS + 1)
+    seed, keep_scale = _dropout_constants(SEED, CONSTS, inv_tau, DROPOUT)
     rows = pid_b.to(tl.int64) * n + offs_m
     plane = (pid_b.to(tl.int64) * 0 + B) * n
     lo = tl.load(RS + rows, mask=row_ok, other=0.0)
@@ -778,27 +837,27 @@ def attend_kernel(
             acc, denom, kept = _attend_tiles(
                 acc, denom, kept, i_lo, i_mid, LIST + slot * n_kb, True,
                 q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off,
-                scale, xs, xb, al, be, pin_raw, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK, BAND_BRANCH,
-                COUNT_KEPT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+                scale, xs, xb, al, be, pin_raw, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP, False, EXCL,
+                HAS_MASK, BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
             i_lo = i_mid
         acc, denom, kept = _attend_tiles(
             acc, denom, kept, i_lo, i_hi, LIST + slot * n_kb, True,
             q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-            xs, xb, al, be, pin_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
-            BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+            xs, xb, al, be, pin_raw, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+            BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if CAUSAL:  # tiles left of the diagonal block need no causal mask: fewer selects per score
         kb_mid = _causal_split(q_start, kb_lo, kb_hi, BLOCK_N)
         acc, denom, kept = _attend_tiles(
             acc, denom, kept, kb_lo, kb_mid, LIST, False,
             q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-            xs, xb, al, be, pin_raw, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
-            BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+            xs, xb, al, be, pin_raw, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP, False, EXCL, HAS_MASK,
+            BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
         kb_lo = kb_mid
     acc, denom, kept = _attend_tiles(
         acc, denom, kept, kb_lo, kb_hi, LIST, False,
         q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-        xs, xb, al, be, pin_raw, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, BLOCK_N,
-        BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+        xs, xb, al, be, pin_raw, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
+        BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
 
     if SPLIT:
         part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
@@ -868,16 +927,19 @@ def _backward_rows(RS, LD, PRM, rows, row_ok, plane):
 @triton.jit
 def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
              n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-             delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2,
+             delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, seed, batch, threshold, keep_scale,
              METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
-             HAS_MASK: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
+             HAS_MASK: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr, DROPOUT: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
              PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
              BLOCK_M: tl.constexpr):
     k, v, r, dist2, valid = _key_tile(
         q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
         METRIC, CAUSAL, EXCL, HAS_MASK, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
-    dpd = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST) - delta[:, None]
+    dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
+    if DROPOUT:  # ∂L/∂w of a dropped score is 0
+        dp = tl.where(_dropout_keep(seed, batch, offs_m, kb * BLOCK_N, threshold, BLOCK_N), dp * keep_scale, 0.0)
+    dpd = dp - delta[:, None]
     _w, ds, t_lo, t_hi, t_a, t_b, t_t = _score_grad(r, valid, dpd, k1, xs, xb, al, be, pin_raw[:, None], inv_r[:, None], a2, b2, t2, STEP)
     if NEED_RANGE or (STEP == 3 and NEED_PARAMS):  # poly's parameter gradients need them too
         g_lo += tl.sum(t_lo, 1)
@@ -956,13 +1018,13 @@ def range_grad_kernel(
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DQ, RSUM,
+    Q, K, V, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DQ, RSUM, SEED,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, self_off,
+    B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, self_off, threshold,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr,
-    TM_BN: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr,
+    TM_BN: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -989,6 +1051,7 @@ def bwd_dq_kernel(
                  mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
     scale = tl.load(CONSTS)
     inv_tau = tl.load(CONSTS + 1)
+    seed, keep_scale = _dropout_constants(SEED, CONSTS, inv_tau, DROPOUT)
     rows = pid_b.to(tl.int64) * n + offs_m
     plane = (pid_b.to(tl.int64) * 0 + B) * n
     lo, inv_r, lse, delta, pin_raw, a, b, t = _backward_rows(RS, LD, PRM, rows, row_ok, plane)
@@ -1036,15 +1099,15 @@ def bwd_dq_kernel(
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
                 dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, _tile_index(i, tiles, SKIP_TILES, SUB), offs_m,
                 k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-                delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, METRIC, STEP, False, EXCL, HAS_MASK,
-                NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+                delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP,
+                False, EXCL, HAS_MASK, NEED_RANGE, NEED_PARAMS, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
         start = mid
     for i in range(start, stop):
         dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, _tile_index(i, tiles, SKIP_TILES, SUB), offs_m,
             k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
-            delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
-            NEED_RANGE, NEED_PARAMS, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
+            delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP,
+            CAUSAL, EXCL, HAS_MASK, NEED_RANGE, NEED_PARAMS, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if METRIC != 0:
         dq += 2.0 * rsum[:, None] * qf
     if STEP == 3:  # g_lo, g_hi hold ΣG/6, ΣG·z/6 (_score_grad); with ΣG·u, every sum is linear in them
@@ -1070,8 +1133,10 @@ def bwd_dq_kernel(
 @triton.jit
 def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, LD, PRM, plane, pid_b,
                n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
+               k_start, seed, threshold, keep_scale,
                METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
                HAS_MASK: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, DV_FIRST: tl.constexpr,
+               DROPOUT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
                BLOCK_N: tl.constexpr):
@@ -1096,17 +1161,27 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
     t2 = t[:, None]
     k1, xs, xb, al, be = _grad_coefs(lo[:, None], inv_r[:, None], lse[:, None], a2, b2, t2, scale, inv_tau,
                                      METRIC, STEP)
+    survive = valid
+    if DROPOUT:
+        survive = _dropout_keep(seed, pid_b, offs_m, k_start, threshold, BLOCK_N)
     if DV_FIRST:  # dv before dO·vᵀ is live (see _bwd_weight)
         if NEED_DV:
             w = _bwd_weight(r, valid, xs, xb, al, be, pin_raw[:, None], a2, b2, t2, STEP)
+            if DROPOUT:
+                w = tl.where(survive, w * keep_scale, 0.0)
             dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
     dpd = r * 0.0
     if NEED_DK:
-        dpd = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST) - delta[:, None]
+        dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
+        if DROPOUT:  # ∂L/∂w of a dropped score is 0
+            dp = tl.where(survive, dp * keep_scale, 0.0)
+        dpd = dp - delta[:, None]
     w, ds, _lo, _hi, _a, _b, _t = _score_grad(r, valid, dpd, k1, xs, xb, al, be, pin_raw[:, None], inv_r[:, None],
                                               a2, b2, t2, STEP)
     if not DV_FIRST:
         if NEED_DV:
+            if DROPOUT:
+                w = tl.where(survive, w * keep_scale, 0.0)
             dv += _dot(tl.trans(w).to(do.dtype), do, PREC, ACC, UPCAST)
     if NEED_DK:
         coef, g2 = _metric_coef(ds, dist2, scale, METRIC)
@@ -1118,13 +1193,14 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DK, DV,
+    Q, K, V, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DK, DV, SEED,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
-    B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, self_off,
+    B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, self_off, threshold,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr,
     TM_BN: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, DV_FIRST: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -1148,6 +1224,7 @@ def bwd_dkdv_kernel(
         kk = tl.sum(kf * kf, 1)
     scale = tl.load(CONSTS)
     inv_tau = tl.load(CONSTS + 1)
+    seed, keep_scale = _dropout_constants(SEED, CONSTS, inv_tau, DROPOUT)
     plane = (pid_b.to(tl.int64) * 0 + B) * n
     q_base = Q + b0 * sq0 + b1 * sq1
     do_base = DO + pid_b.to(tl.int64) * sdo0
@@ -1181,14 +1258,16 @@ def bwd_dkdv_kernel(
             dk, dv, csum = _dkdv_tile(
                 dk, dv, csum, k, v, kk, _tile_index(i, tiles, SKIP_TILES, SUB), offs_n, q_base, do_base, mask_base,
                 RS, LD, PRM, plane, pid_b, n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
-                METRIC, STEP, True, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
+                k_start, seed, threshold, keep_scale,
+                METRIC, STEP, True, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, DROPOUT, BLOCK_M, BLOCK_D, BLOCK_E,
                 PREC, ACC, UPCAST, EVEN, BLOCK_N)
         start = mid
     for i in range(start, stop):  # no causal mask here (see above)
         dk, dv, csum = _dkdv_tile(
             dk, dv, csum, k, v, kk, _tile_index(i, tiles, SKIP_TILES, SUB), offs_n, q_base, do_base, mask_base,
             RS, LD, PRM, plane, pid_b, n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
-            METRIC, STEP, False, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, BLOCK_M, BLOCK_D, BLOCK_E,
+            k_start, seed, threshold, keep_scale,
+            METRIC, STEP, False, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, DROPOUT, BLOCK_M, BLOCK_D, BLOCK_E,
             PREC, ACC, UPCAST, EVEN, BLOCK_N)
     if METRIC != 0:
         dk += 2.0 * csum[:, None] * kf

@@ -127,6 +127,7 @@ class _Plan:
     count_kept: bool
     grad_enabled: bool
     config: KernelConfig
+    dropout_threshold: int = 0  # dropout_p in units of 2^-16 (kernels._dropout_keep); 0 = off
 
 
 def _pow2(x: int, low: int = 16) -> int:
@@ -224,7 +225,7 @@ def _tl_acc(mod, dtype: torch.dtype):
 
 class _TritonWarp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, a, b, t, mask, plan: _Plan):
+    def forward(ctx, q, k, v, a, b, t, mask, seed, plan: _Plan):
         mod = kernel_module(plan.interpret)
         cfg = plan.config
         acc = _acc_dtype(q.dtype)
@@ -239,6 +240,8 @@ class _TritonWarp(torch.autograd.Function):
         q4, k4 = _view4(q, batch, n, d), _view4(k, batch, m, d)
         mask4 = _mask4(mask, batch, n, m, q4)
         consts = _consts(plan, acc, dev)
+        if seed is None:  # no dropout: the kernels never read it
+            seed = consts
         BM, BN = cfg.block_m, cfg.block_n
         BD, BE = _pow2(d), _pow2(e)
         n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
@@ -295,10 +298,11 @@ class _TritonWarp(torch.autograd.Function):
         else:
             accp = denp = keptp = lse
         mod.attend_kernel[grid](
-            q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp,
+            q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp, seed,
             *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
-            STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch, SKIP_TILES=cfg.block_skipping,
-            COUNT_KEPT=plan.count_kept, BLOCK_E=BE, **common,
+            plan.dropout_threshold, STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch,
+            SKIP_TILES=cfg.block_skipping, COUNT_KEPT=plan.count_kept, DROPOUT=plan.dropout_threshold > 0,
+            BLOCK_E=BE, **common,
         )
         if S > 1:
             den = denp.sum(0)
@@ -312,7 +316,7 @@ class _TritonWarp(torch.autograd.Function):
         ctx.plan = plan
         ctx.dims = (batch, B, B1, n, m, d, e, n_qb, n_kb)
         ctx.has_mask = mask is not None
-        saved = [q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count]
+        saved = [q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count, seed]
         ctx.save_for_backward(*saved, *(() if mask is None else (mask,)))
         out_b = out.view(*batch, n, e)
         stats = [x.view(*batch, n) for x in (lse, kept, lo, hi, empty)]
@@ -326,10 +330,10 @@ class _TritonWarp(torch.autograd.Function):
         cfg = plan.config
         mod = kernel_module(plan.interpret)
         batch, B, B1, n, m, d, e, tm_qb, tm_kb = ctx.dims
-        q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count = (
-            ctx.saved_tensors[:16]
+        q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count, seed = (
+            ctx.saved_tensors[:17]
         )
-        mask = ctx.saved_tensors[16] if ctx.has_mask else None
+        mask = ctx.saved_tensors[17] if ctx.has_mask else None
         need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
         dev = q.device
         acc = _acc_dtype(q.dtype)
@@ -354,6 +358,7 @@ class _TritonWarp(torch.autograd.Function):
                       HAS_MASK=mask is not None, EVEN=_even_tiles(n, m, cfg),
                       SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
                       TM_BN=cfg.block_n, BLOCK_D=BD, BLOCK_E=BE, PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
+                      DROPOUT=plan.dropout_threshold > 0,
                       num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, **_FUSION)
         args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
 
@@ -364,8 +369,8 @@ class _TritonWarp(torch.autograd.Function):
             col_list, col_count = _column_lists(mod, flags) if cfg.block_skipping else (flags, flags)
             KM, KN = cfg.bwd_kv_block_m, cfg.bwd_kv_block_n
             mod.bwd_dkdv_kernel[(triton_cdiv(m, KN), B)](
-                q4, k4, v4, g, mask4, prm, consts, rs, ld, col_list, col_count, dk, dv, *args,
-                B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset,
+                q4, k4, v4, g, mask4, prm, consts, rs, ld, col_list, col_count, dk, dv, seed, *args,
+                B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
                 NEED_DK=need_k, NEED_DV=need_v, DV_FIRST=acc == q.dtype, BLOCK_M=KM, BLOCK_N=KN, **common,
             )
         # dq after dk/dv: the range gradient is added into both at the end.
@@ -377,8 +382,8 @@ class _TritonWarp(torch.autograd.Function):
             dq_p = torch.empty((S, B, n, d), dtype=acc, device=dev)
             rsum = torch.empty((5, S, B, n), dtype=acc, device=dev)
             mod.bwd_dq_kernel[(n_qb, B, S)](
-                q4, k4, v4, g, mask4, prm, consts, rs, ld, row_list, row_count, dq_p, rsum, *args,
-                B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset,
+                q4, k4, v4, g, mask4, prm, consts, rs, ld, row_list, row_count, dq_p, rsum, seed, *args,
+                B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
                 NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, BLOCK_M=BM, BLOCK_N=BN, **common,
             )
             sums = rsum[:, 0] if S == 1 else rsum.sum(1)
@@ -415,7 +420,7 @@ class _TritonWarp(torch.autograd.Function):
             reduce(dk, k, need_k),
             reduce(dv, v, need_v),
             reduce_param(da, a, need_a), reduce_param(db, b, need_b), reduce_param(dt, t, need_t),
-            None, None,
+            None, None, None,
         )
 
 
@@ -448,9 +453,43 @@ def _tracks_range(plan: _Plan, need_q: bool, need_k: bool) -> bool:
 
 
 def _consts(plan: _Plan, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[scale, 1/τ]`` on the device (a tensor, not scalar kernel arguments, so that float64
-    runs in the interpreter keep full precision)."""
-    return device_constants([plan.scale, plan.inv_tau], dtype, device)
+    """``[scale, 1/τ, 1/P(keep)]`` on the device (a tensor, not scalar kernel arguments, so that
+    float64 runs in the interpreter keep full precision)."""
+    return device_constants([plan.scale, plan.inv_tau, _keep_scale(plan.dropout_threshold)], dtype, device)
+
+
+#: Dropout draws are 16-bit (``kernels._dropout_keep``): ``dropout_p`` is rounded to a multiple of 2^-16.
+DROPOUT_LEVELS = 1 << 16
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """``dropout_p`` in units of 2^-16, the kernels' resolution (0 = no dropout)."""
+    return min(DROPOUT_LEVELS - 1, round(dropout_p * DROPOUT_LEVELS))
+
+
+def _keep_scale(threshold: int) -> float:
+    """The inverted-dropout factor ``1 / P(keep)`` of the drawn mask: the expected output is
+    the output without dropout, exactly."""
+    return DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold)
+
+
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """A Philox key for one call's dropout, drawn from torch's generator of ``device`` (so
+    ``torch.manual_seed`` reproduces the masks; CUDA graphs draw a new key per replay)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, n: int, m: int, dropout_p: float) -> torch.Tensor:
+    """The ``(batch, n, m)`` bool mask of scores that survive dropout in a fused call with this
+    ``seed`` (a 1-element int64 tensor on the call's device) and ``dropout_p``, over the call's
+    flattened batch. Survivors are scaled by ``1 / P(keep)``, ``P(keep) = 1 - dropout_threshold(p) / 2^16``."""
+    mod = kernel_module(seed.device.type == "cpu")
+    keep = torch.empty((batch, n, m), dtype=torch.int8, device=seed.device)
+    bm, bn = 64, 128
+    mod.dropout_mask_kernel[(triton_cdiv(n, bm), triton_cdiv(m, bn), batch)](
+        seed, keep, n, m, dropout_threshold(dropout_p), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **_FUSION
+    )
+    return keep.bool()
 
 
 def triton_cdiv(x: int, y: int) -> int:
@@ -473,7 +512,9 @@ def _buffers(dtype: torch.dtype, device: torch.device, *shapes: tuple[int, ...])
     return [part.view(shape) for part, shape in zip(flat.split_with_sizes(sizes), shapes)]
 
 
-def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None, count_kept: bool = True) -> _Plan:
+def make_plan(
+    q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None, count_kept: bool = True, dropout_p: float = 0.0
+) -> _Plan:
     d = q.shape[-1]
     interpret = q.device.type == "cpu"
     cfg = _resolve_config(config or KernelConfig(), d, q.dtype, KERNEL_STEPS[spec.step.name], spec.causal)
@@ -482,18 +523,24 @@ def make_plan(q: torch.Tensor, spec: WarpSpec, config: KernelConfig | None, coun
         metric=METRIC_CODES[spec.metric], step=KERNEL_STEPS[spec.step.name], scale=float(scale),
         inv_tau=1.0 / spec.temperature, causal=spec.causal, exclude_self=spec.exclude_self,
         detach_range=spec.detach_range, interpret=interpret, self_offset=spec.self_offset, count_kept=count_kept,
-        grad_enabled=torch.is_grad_enabled(), config=cfg,
+        grad_enabled=torch.is_grad_enabled(), config=cfg, dropout_threshold=dropout_threshold(dropout_p),
     )
 
 
 def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConfig | None = None,
-                      count_kept: bool = True):
+                      count_kept: bool = True, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
     """Run the kernels; returns ``(out, lse, kept, lo, hi, empty, skip_counts)`` where
     ``skip_counts`` is ``(..., 2)`` int32: (skipped, visited) key tiles per query block (zeros
-    without block skipping). ``count_kept=False`` saves the per-score count (``kept`` is NaN)."""
-    plan = make_plan(q, spec, config, count_kept)
+    without block skipping). ``count_kept=False`` saves the per-score count (``kept`` is NaN).
+    ``dropout_p > 0``: inverted dropout on the weights with the mask of :func:`dropout_keep_mask`
+    for ``seed`` (default: :func:`dropout_seed`)."""
+    plan = make_plan(q, spec, config, count_kept, dropout_p)
+    if plan.dropout_threshold == 0:
+        seed = None
+    elif seed is None:
+        seed = dropout_seed(q.device)
     if spec.metric == "cosine":
         acc = _acc_dtype(q.dtype)
         q = unit_rows(q.to(acc)).to(q.dtype)
         k = unit_rows(k.to(acc)).to(k.dtype)
-    return _TritonWarp.apply(q, k, v, a, b, t, mask, plan)
+    return _TritonWarp.apply(q, k, v, a, b, t, mask, seed, plan)
