@@ -148,6 +148,52 @@ def test_base_checkpoint_into_a_head_model(tmp_path):
         torch.testing.assert_close(clf.state_dict()["bert." + k], v)
 
 
+def test_attach_switches_models_inside_a_wrapper_module():
+    class Classifier(torch.nn.Module):  # the usual fine-tuning wrapper around a backbone
+        def __init__(self):
+            super().__init__()
+            self.backbone = tiny_bert()
+            self.out = torch.nn.Linear(32, 2)
+
+        def forward(self, ids, mask):
+            return self.out(self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+
+    model = Classifier().eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        before = model(ids, mask)
+    attach_softstep(model, init=(0.6, 0.9, 0.5))
+    assert model.backbone.config._attn_implementation == "softstep"
+    assert model.backbone.config.softstep["init"] == [0.6, 0.9, 0.5]
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, mask), before)  # a sparse step changes the outputs
+    model(ids, mask).sum().backward()
+    assert model.backbone.encoder.layer[0].attention.self.softstep.step.raw.grad is not None
+    attention = model.backbone.encoder.layer[0].attention.self
+    holder = torch.nn.Module()
+    holder.attention = attention  # attention layers without their transformers model
+    with pytest.raises(ValueError, match="set_implementation=False"):
+        attach_softstep(holder)
+    assert attach_softstep(holder, set_implementation=False)
+
+
+def test_attaching_other_options_needs_overwrite_and_checkpoints_stay_loadable(tmp_path):
+    model = tiny_bert()
+    attach_softstep(model, mode="per_head")
+    attach_softstep(model, mode="per_head")  # the same options again: kept, no error
+    with pytest.raises(ValueError, match="overwrite=True"):
+        attach_softstep(model, mode="global")
+    assert model.config.softstep["mode"] == "per_head"
+    attach_softstep(model, mode="global", overwrite=True)
+    assert model.encoder.layer[0].attention.self.softstep.step.raw.shape == (3,)
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert loaded.config.softstep["mode"] == "global"
+    assert from_pretrained(tmp_path, mode="global").config.softstep["mode"] == "global"
+    with pytest.raises(ValueError, match="saved with"):
+        from_pretrained(tmp_path, mode="per_head")
+
+
 def test_learned_score_biases_and_sinks_are_refused():
     from simwarp.integrations.transformers import softstep_attention_forward
 

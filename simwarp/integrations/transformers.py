@@ -229,12 +229,19 @@ def attach_softstep(
         step: registered step; ``"none"`` reproduces softmax attention.
         init, hidden: see :class:`simwarp.SoftStep`.
         set_implementation: also register ``"softstep"`` and switch the model to it
-            (``model.set_attn_implementation("softstep")``).
-        overwrite: replace existing ``softstep`` submodules (default: keep them).
+            (``set_attn_implementation("softstep")`` on ``model`` or, for a wrapper module, on
+            each transformers model inside it).
+        overwrite: replace existing ``softstep`` submodules (default: keep them; attaching
+            again with other options then raises, since the kept modules have the old ones).
 
     Returns:
-        ``{attention module name: SoftStepAttention}``. The options are recorded in
-        ``model.config.softstep`` (saved by ``save_pretrained``).
+        ``{attention module name: SoftStepAttention}``. The options are recorded in the
+        ``config.softstep`` of each transformers model (saved by ``save_pretrained``).
+
+    Raises:
+        ValueError: no supported attention module, a score modifier SoftStep cannot apply,
+            other options than those already attached (without ``overwrite``), or (with
+            ``set_implementation``) no transformers model to switch.
     """
     opts = {"mode": mode, "step": step, "init": None if init is None else list(init), "hidden": hidden}
     found = attention_modules(model)
@@ -246,19 +253,50 @@ def attach_softstep(
     problem = _score_modifier(model, found)
     if problem is not None:
         raise ValueError(f"{type(model).__name__} {problem}, which SoftStep attention cannot apply")
+    models = _outermost_pretrained(model)
+    if set_implementation and not models:
+        raise ValueError(
+            f"{type(model).__name__} contains no transformers model (a module with set_attn_implementation) "
+            "to switch to SoftStep attention; pass set_implementation=False and switch it yourself"
+        )
+    kept = not overwrite and any(isinstance(getattr(m, "softstep", None), SoftStepAttention) for m in found.values())
+    if kept:
+        for pretrained in models:
+            recorded = getattr(pretrained.config, _CONFIG_KEY, None)
+            if recorded is not None and dict(recorded) != opts:
+                raise ValueError(
+                    f"{type(pretrained).__name__} already has SoftStep attention with {dict(recorded)}, not {opts}; "
+                    "pass overwrite=True to replace its step parameters"
+                )
     attached = {}
     for name, module in found.items():
         if overwrite or not isinstance(getattr(module, "softstep", None), SoftStepAttention):
             module.softstep = _new_softstep(module, opts)
         attached[name] = module.softstep
-    config = getattr(model, "config", None)
-    if config is not None:
-        setattr(config, _CONFIG_KEY, opts)
+    for pretrained in models:
+        setattr(pretrained.config, _CONFIG_KEY, opts)
     if set_implementation:
         register()
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(ATTN_NAME)
+        for pretrained in models:
+            pretrained.set_attn_implementation(ATTN_NAME)
     return attached
+
+
+def _outermost_pretrained(model: nn.Module) -> list[nn.Module]:
+    """The transformers models in ``model``'s tree (modules with ``set_attn_implementation``
+    and a ``config``) that no other one contains: ``[model]`` itself for a ``PreTrainedModel``,
+    the backbones of a wrapper module (a classifier around a ``BertModel``, a
+    ``SentenceTransformer``)."""
+
+    def is_pretrained(module: nn.Module) -> bool:
+        return hasattr(module, "set_attn_implementation") and hasattr(module, "config")
+
+    if is_pretrained(model):
+        return [model]
+    outer: list[nn.Module] = []
+    for _, child in model.named_children():
+        outer += _outermost_pretrained(child)
+    return outer
 
 
 #: Parameter names of score modifiers that transformers passes around the attention mask:
@@ -285,6 +323,11 @@ def _score_modifier(model: nn.Module, found: dict[str, nn.Module]) -> str | None
             if any(part.startswith(_SCORE_MODIFIER_PARAMETERS) for part in name.split(".")):
                 return f"adds a learned score bias or sink to its attention scores ({owner_name}.{name})"
     return None
+
+
+def _as_saved(value: Any) -> Any:
+    """An option as ``config.json`` stores it (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict) -> list[str]:
@@ -362,6 +405,13 @@ def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: A
     attach = {k: kwargs.pop(k) for k in list(kwargs) if k in _DEFAULT_ATTACH}
     model = auto_class.from_pretrained(path, attn_implementation=ATTN_NAME, **kwargs)
     saved = getattr(model.config, _CONFIG_KEY, None)
+    conflicts = {k: v for k, v in attach.items() if saved and k in saved and _as_saved(v) != saved[k]}
+    if conflicts:
+        raise ValueError(
+            f"{path} holds SoftStep parameters saved with {dict(saved)}; {conflicts} conflicts with them. "
+            "Leave those options out to load the saved steps, or load the model with transformers and call "
+            "attach_softstep(model, ..., overwrite=True) for fresh ones"
+        )
     opts = dict(_DEFAULT_ATTACH)
     opts.update(saved or {})
     opts.update(attach)
