@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _number(kind: type, minimum: float, strict: bool):
-    """An argparse ``type=`` for numbers ``> minimum`` (``strict``) or ``>= minimum``."""
+def _number(kind: type, minimum: float, strict: bool, maximum: float = math.inf):
+    """An argparse ``type=`` for numbers ``> minimum`` (``strict``) or ``>= minimum``, and ``<= maximum``."""
 
     def parse(text: str):
         try:
@@ -20,6 +20,8 @@ def _number(kind: type, minimum: float, strict: bool):
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not (value > minimum if strict else value >= minimum) or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -30,6 +32,16 @@ def _number(kind: type, minimum: float, strict: bool):
 positive_int = _number(int, 0, strict=True)
 non_negative_int = _number(int, 0, strict=False)
 positive_float = _number(float, 0.0, strict=True)
+#: a seed every generator accepts (NumPy, torch)
+seed_int = _number(int, 0, strict=False, maximum=2**32 - 1)
+
+#: device types the demo trains on, with how to tell whether this machine has one
+_DEVICE_AVAILABLE = {
+    "cpu": lambda torch: True,
+    "cuda": lambda torch: torch.cuda.is_available(),
+    "mps": lambda torch: torch.backends.mps.is_available(),
+    "xpu": lambda torch: hasattr(torch, "xpu") and torch.xpu.is_available(),
+}
 
 
 def _has(module: str) -> bool:
@@ -83,7 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from simwarp.datasets import DATASETS, MissingExtraError
     from simwarp.demo import DEMO_DATASETS, run_demo
 
-    datasets = tuple(args.dataset) if args.dataset else DEMO_DATASETS
+    datasets = tuple(dict.fromkeys(args.dataset)) if args.dataset else DEMO_DATASETS  # each once
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         print(f"unknown dataset(s) {unknown}; choose from {', '.join(DATASETS)}", file=sys.stderr)
@@ -93,12 +105,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except RuntimeError:
         print(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)", file=sys.stderr)
         return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"--device {args.device} requested but CUDA is not available here", file=sys.stderr)
+    if device.type not in _DEVICE_AVAILABLE:
+        print(f"--device {args.device!r}: the demo trains on {', '.join(_DEVICE_AVAILABLE)}", file=sys.stderr)
+        return 2
+    if not _DEVICE_AVAILABLE[device.type](torch):
+        print(f"--device {args.device} requested but {device.type} is not available here", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"--out {args.out!r} exists and is not a folder", file=sys.stderr)
+    try:  # before training, so that a bad path does not cost the whole run
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".simwarp-write-test").touch()
+        (out / ".simwarp-write-test").unlink()
+    except OSError as err:
+        print(f"--out {args.out!r}: cannot write there ({err.strerror or err})", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="data set to use (repeatable): diabetes, boston, diamonds, digits, tweets, periodic, hetero; "
                       "default: digits and periodic")
     demo.add_argument("--out", default="simwarp-demo", help="output folder for demo.png and demo.json (default: %(default)s)")
-    demo.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--seed", type=seed_int, default=0, help="random seed, 0 to 2^32 - 1 (default: %(default)s)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     demo.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (default: 0 = torch's choice)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")

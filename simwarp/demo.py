@@ -305,6 +305,7 @@ def run_demo(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out={str(out)!r} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)  # before training: a path that cannot be made fails now
     results: dict[str, dict[str, dict]] = {}
     rows = []
     for name in datasets:
@@ -317,7 +318,6 @@ def run_demo(
             results[name][kind] = r
             rows.append({k: r[k] for k in ("dataset", "head", "rmse", "r2", "kept_fraction", "epochs", "seconds")})
     _table(rows, print_fn)
-    out.mkdir(parents=True, exist_ok=True)
     png = out / "demo.png"
     _plot(results, png)
     js = out / "demo.json"

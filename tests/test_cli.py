@@ -66,7 +66,9 @@ def test_demo_rejects_bad_arguments_before_training(capsys):
     pytest.importorskip("matplotlib")
     assert cli.main(["demo", "--quick", "--device", "foo"]) == 2
     assert "is not a torch device" in capsys.readouterr().err
-    for argv in (["--threads", "-1"], ["--seed", "-1"], ["--seed", "x"]):
+    assert cli.main(["demo", "--quick", "--device", "meta"]) == 2
+    assert "trains on cpu" in capsys.readouterr().err
+    for argv in (["--threads", "-1"], ["--seed", "-1"], ["--seed", "x"], ["--seed", str(2**64)]):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["demo", "--quick", *argv])
         assert exit_info.value.code == 2
@@ -79,7 +81,21 @@ def test_demo_rejects_an_out_path_that_is_a_file(tmp_path, capsys):
     path = tmp_path / "taken"
     path.write_text("")
     assert cli.main(["demo", "--quick", "--out", str(path)]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "cannot write there" in capsys.readouterr().err
+    assert cli.main(["demo", "--quick", "--out", str(path / "below")]) == 2  # checked before training
+    assert "cannot write there" in capsys.readouterr().err
+
+
+def test_demo_trains_a_repeated_dataset_once(monkeypatch, tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    import simwarp.demo
+
+    seen = []
+    monkeypatch.setattr(simwarp.demo, "run_demo", lambda datasets, **kw: seen.append(datasets))
+    assert cli.main(["demo", "--dataset", "periodic", "--dataset", "digits", "--dataset", "periodic",
+                     "--out", str(tmp_path)]) == 0
+    assert seen == [("periodic", "digits")]
 
 
 def test_standardised_splits_use_only_the_training_rows():

@@ -444,7 +444,7 @@ def check_dropout_mask_is_fixed_by_the_seed_and_uniform():
     from simwarp.backend.triton.launch import dropout_keep_mask
 
     gen = torch.Generator().manual_seed(8)
-    n, m, d, e = 40, 48, 16, 48
+    n, m, d = 40, 48, 16
     q = torch.randn(2, n, d, generator=gen, dtype=f64)
     k = torch.randn(2, m, d, generator=gen, dtype=f64)
     eye = torch.eye(m, dtype=f64).expand(2, m, m)  # v = I: the output is the dropped weight matrix
