@@ -156,7 +156,8 @@ class _BankMixin(nn.Module):
     """Bank of stored embeddings ``bank_z (M, D)`` and labels ``bank_y`` held as buffers.
 
     An empty bank has ``M = 0``. Loading a state dict resizes the bank buffers to the stored
-    shapes, so a trained head round-trips with its bank through ``state_dict`` / ``torch.save``.
+    shapes (keeping the head's dtype and device, as for any buffer), so a trained head
+    round-trips with its bank through ``state_dict`` / ``torch.save``.
     """
 
     in_features: int
@@ -178,7 +179,8 @@ class _BankMixin(nn.Module):
     def has_bank(self) -> bool:
         return self.bank_size > 0
 
-    def _check_labels(self, y: Any, n: int, name: str = "y") -> torch.Tensor:  # pragma: no cover - abstract
+    def _check_labels(self, y: Any, z: torch.Tensor, name: str = "y") -> torch.Tensor:  # pragma: no cover - abstract
+        """``y`` checked as the labels of the rows of ``z`` (and converted for the backend)."""
         raise NotImplementedError
 
     def set_bank(self, z: torch.Tensor, y: torch.Tensor) -> None:
@@ -189,7 +191,7 @@ class _BankMixin(nn.Module):
         the union of the shards).
         """
         _check_z(z, self.in_features)
-        y = self._check_labels(y, z.shape[0])
+        y = self._check_labels(y, z)
         if z.shape[0] == 0 and not resolve_group(getattr(self, "gather", False))[0]:
             raise ValueError("set_bank needs at least one entry, got z of shape (0, D)")
         if not bool(torch.isfinite(z).all()):
@@ -267,6 +269,11 @@ class _BankMixin(nn.Module):
                         f"fit_bank expects the loader to yield (x, y) batches or dicts with a {label_key!r} key, "
                         f"got {type(batch).__name__}"
                     )
+                if not isinstance(z, torch.Tensor) and encoder is None:
+                    raise TypeError(
+                        f"fit_bank: without an encoder each batch's x is used as the embeddings z (B, in_features) "
+                        f"and must be a tensor, got {type(z).__name__} (convert it, e.g. with torch.as_tensor, or pass an encoder)"
+                    )
                 if not isinstance(z, torch.Tensor):
                     raise TypeError(
                         f"fit_bank: the encoder must return the embeddings z (B, in_features) as a tensor, got "
@@ -282,6 +289,9 @@ class _BankMixin(nn.Module):
         self.set_bank(torch.cat(zs), torch.cat(ys))
 
     def _require_bank(self, device: torch.device) -> None:
+        problem = self._bank_shape_problem(self.bank_z, self.bank_y)  # shapes only: no read-back under export
+        if problem is not None:  # e.g. load_state_dict(..., strict=False) with only one of the two
+            raise ValueError(f"{type(self).__name__}: {problem}; store a bank with set_bank(z, y) or fit_bank")
         enabled, group = resolve_group(getattr(self, "gather", False))
         # a sharded bank may be empty on this rank: every rank asks about the union (a
         # collective, so that all of them raise together or none does)
@@ -300,6 +310,10 @@ class _BankMixin(nn.Module):
 
     def _bank_problem(self, z: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
         """Why a stored bank ``z`` and/or ``y`` does not fit this head's configuration (None: it fits)."""
+        return self._bank_shape_problem(z, y)
+
+    def _bank_shape_problem(self, z: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
+        """:meth:`_bank_problem` for the shapes alone (reads no values)."""
         if z is not None and (z.dim() != 2 or z.shape[1] != self.in_features):
             return f"bank_z has shape {_shape(z)}, the head expects (M, in_features={self.in_features})"
         expected = tuple(self.bank_y.shape[1:])
@@ -319,8 +333,9 @@ class _BankMixin(nn.Module):
             return
         self._bank_union = None
         for key, x in stored.items():  # the bank's size is data, not configuration: follow the stored bank
-            if x is not None:
-                setattr(self, key, torch.empty(x.shape, dtype=x.dtype, device=getattr(self, key).device))
+            if x is not None:  # (its dtype and device stay the head's, as for every other buffer)
+                current = getattr(self, key)
+                setattr(self, key, torch.empty(x.shape, dtype=current.dtype, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
@@ -601,44 +616,53 @@ class NeighborRegressionHead(_WarpHeadBase):
             raise ValueError(f"{name} has {y.shape[1]} targets but the head has out_features={self.out_features} (shape {_shape(y)})")
         return one_d
 
-    def _check_labels(self, y: Any, n: int, name: str = "y") -> torch.Tensor:
-        if self._check_label_shape(y, n, name):
+    def _check_labels(self, y: Any, z: torch.Tensor, name: str = "y") -> torch.Tensor:
+        if self._check_label_shape(y, z.shape[0], name):
             y = y.unsqueeze(-1)
-        if not y.is_floating_point():
-            y = y.to(torch.get_default_dtype())
+        if not y.is_floating_point():  # integer targets: as exact as z's dtype (the default dtype at least)
+            default = torch.get_default_dtype()
+            y = y.to(torch.promote_types(z.dtype, default) if z.is_floating_point() else default)
         require(torch.isfinite(y), f"{name} contains NaN or inf labels; drop or impute them first")
         return y
 
     @torch.no_grad()
     def _update_running_stats(self, y: torch.Tensor) -> None:
-        """Chan et al.'s parallel update of the exact mean and variance of all targets seen."""
-        y = y.to(self.target_mean.dtype)
+        """Chan et al.'s parallel update of the exact mean and variance of all targets seen.
+
+        Computed in float64 (float32 on MPS, which has none) and stored in the buffers' dtype:
+        in float32, squared deviations overflow once the targets reach about 1e19. The sum of
+        squared deviations ``_target_m2`` (``n`` times the variance) then saturates at inf in
+        its buffer, and the next update takes it back from ``target_std`` (to that buffer's
+        rounding); so the statistics stay right wherever the mean and std are representable.
+        """
+        exact = torch.float32 if y.device.type == "mps" else torch.float64
+        y = y.to(exact)
         enabled, group = resolve_group(getattr(self, "gather", False))
         if enabled:  # moments of all ranks' rows (global batch / sharded bank)
             nb, mb, m2b = global_moments(y, group)
-            mb, m2b = mb.to(y.dtype), m2b.to(y.dtype)
+            mb, m2b = mb.to(exact), m2b.to(exact)
         else:
             nb = y.shape[0]
             mb = y.mean(0)
             m2b = ((y - mb) ** 2).sum(0)
         # counts as tensors: no host read-back (torch.compile traces this without a graph break)
-        na = self.targets_seen.to(y.dtype)
+        na = self.targets_seen.to(exact)
+        mean, m2 = self.target_mean.to(exact), self._target_m2.to(exact)
+        m2 = torch.where(torch.isfinite(m2), m2, na * self.target_std.to(exact) ** 2)
         n = na + nb
-        delta = mb - self.target_mean
-        self.target_mean += delta * (nb / n)
-        self._target_m2 += m2b + delta**2 * (na * nb / n)
+        delta = mb - mean
+        mean = mean + delta * (nb / n)
+        m2 = m2 + m2b + delta**2 * (na * nb / n)
+        self.target_mean.copy_(mean)
+        self._target_m2.copy_(m2)
         self.targets_seen += nb
-        self._refresh_std()
-
-    def _refresh_std(self) -> None:
-        n = self.targets_seen.clamp_min(1).to(self._target_m2.dtype)
-        std = (self._target_m2 / n).sqrt()
+        std = (m2 / n.clamp_min(1)).sqrt()
         # a constant target keeps std 1 (no division by ~0)
         self.target_std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
 
     def _on_bank_set(self) -> None:
         with torch.no_grad():
-            y = self.bank_y.to(self.target_mean.device, self.target_mean.dtype)
+            y = self.bank_y.to(self.target_mean.device)
             self.targets_seen.zero_()
             self.target_mean.zero_()
             self._target_m2.zero_()
@@ -670,7 +694,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         if self.training and y is not None:
             self._check_training_batch(z)
             squeeze = y.dim() == 1 if isinstance(y, torch.Tensor) else False
-            y2 = self._check_labels(y, z.shape[0])
+            y2 = self._check_labels(y, z)
             self._update_running_stats(y2)
             ys = self._standardize(y2.to(z.dtype))
             out, _ = self._attend(z, z, values_fn(ys), loo=True)
@@ -763,7 +787,8 @@ class NeighborClassificationHead(_WarpHeadBase):
         self.num_classes, self.smoothing = num_classes, float(smoothing)
         self._init_bank((), torch.long)
 
-    def _check_labels(self, y: Any, n: int, name: str = "y") -> torch.Tensor:
+    def _check_labels(self, y: Any, z: torch.Tensor, name: str = "y") -> torch.Tensor:
+        n = z.shape[0]
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
         if y.is_floating_point():
@@ -796,7 +821,7 @@ class NeighborClassificationHead(_WarpHeadBase):
         _check_z(z, self.in_features)
         if self.training and y is not None:
             self._check_training_batch(z)
-            y = self._check_labels(y, z.shape[0])
+            y = self._check_labels(y, z)
             onehot = F.one_hot(y, self.num_classes).to(z.dtype)
             mass, _ = self._attend(z, z, onehot, loo=True)
         else:
@@ -858,7 +883,7 @@ class KNNRegressionHead(_BankMixin):
         _check_z(z, self.in_features)
         squeeze = isinstance(y, torch.Tensor) and y.dim() == 1
         if self.training and y is not None:
-            y2 = self._check_labels(y, z.shape[0])
+            y2 = self._check_labels(y, z)
             out = self._topk_mean(z.detach(), z.detach(), y2.to(z.dtype), loo=True)
         else:
             self._require_bank(z.device)

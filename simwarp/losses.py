@@ -39,6 +39,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from simwarp._autograd import require
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
 from simwarp.backend.common import as_real
 from simwarp.distributed import gather_rows, resolve_group
@@ -706,7 +707,8 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
     class labels turn this into a classification objective). With ``ref_emb`` the neighbours
     are the reference embeddings and their ``ref_labels (m,)`` / ``(m, e)`` (no leave-one-out).
     An ``indices_tuple`` from a miner weights the anchors as PML's ``NCALoss`` does. Anchors
-    without any neighbour (a batch of one) give no loss.
+    without any neighbour (a batch of one) give no loss. NaN or inf targets raise a
+    ``ValueError`` (as the neighbour heads do), not a NaN loss.
 
     Args:
         softmax_scale: multiplier of the similarities, > 0.
@@ -746,6 +748,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
             raise TypeError(f"{name} must be a torch.Tensor of continuous targets, got {type(y).__name__}")
         if y.dim() not in (1, 2) or y.shape[0] != n:
             raise ValueError(f"{name} must have shape ({n},) or ({n}, e) to match the embeddings, got {tuple(y.shape)}")
+        require(torch.isfinite(y), f"{name} contains NaN or inf targets; drop or impute them first")
         return y[:, None] if y.dim() == 1 else y
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):

@@ -73,6 +73,44 @@ def test_standardisation_is_exact_running_statistics():
     torch.testing.assert_close(head.target_mean, head.bank_y.mean(0))
 
 
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+def test_running_statistics_of_huge_targets(magnitude):
+    # in float32 the squared deviations overflowed: std inf (NaN predictions) or m2 NaN (std reset to 1)
+    g = torch.Generator().manual_seed(0)
+    head = NeighborRegressionHead(4, 1)
+    ys = [torch.randn(8, generator=g) * magnitude for _ in range(3)]  # several updates: m2 saturates
+    for y in ys:
+        out = head(torch.randn(8, 4, generator=g), y)
+        assert torch.isfinite(out).all()
+    ally = torch.cat(ys).double()
+    assert head.target_std.dtype == torch.float32
+    torch.testing.assert_close(head.target_std.double(), ally.std(unbiased=False)[None], rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(head.target_mean.double(), ally.mean()[None], rtol=1e-6, atol=magnitude * 1e-6)
+    head.set_bank(torch.randn(8, 4, generator=g), ys[0])
+    torch.testing.assert_close(head.target_std.double(), ys[0].double().std(unbiased=False)[None], rtol=1e-6, atol=0.0)
+    with torch.no_grad():
+        assert torch.isfinite(head.eval()(torch.randn(3, 4, generator=g))).all()
+
+
+def test_integer_targets_keep_the_precision_of_the_embeddings():
+    big = 2**24 + 1  # not a float32
+    head = NeighborRegressionHead(3, 1).eval()
+    head.set_bank(torch.randn(1, 3, dtype=torch.float64), torch.tensor([big]))
+    assert head.bank_y.dtype == torch.float64
+    with torch.no_grad():
+        assert head(torch.randn(2, 3, dtype=torch.float64)).flatten().tolist() == [big, big]
+    head.train()
+    out = head(torch.randn(4, 3, dtype=torch.float64), torch.full((4,), big))
+    torch.testing.assert_close(out, torch.full((4,), float(big), dtype=torch.float64), rtol=0.0, atol=1e-6)
+    head.set_bank(torch.randn(2, 3), torch.tensor([1, 2]))  # float32 (or half) embeddings: the default dtype
+    assert head.bank_y.dtype == torch.float32
+    head.set_bank(torch.randn(2, 3).half(), torch.tensor([70000, 2]))  # beyond float16: still finite
+    assert head.bank_y.dtype == torch.float32 and head.bank_y[0].item() == 70000
+    knn = KNNRegressionHead(3, 1, k=1)
+    knn.set_bank(torch.randn(1, 3, dtype=torch.float64), torch.tensor([big]))
+    assert knn.bank_y.dtype == torch.float64
+
+
 def test_standardisation_does_not_change_predictions_and_no_clipping():
     z, y = _data()
     y = y * 100.0 + 500.0  # far outside [0, 1]
@@ -331,6 +369,21 @@ def test_fit_bank_with_loader_restores_encoder_mode():
         head.fit_bank(enc, [], progress=False)
 
 
+def test_fit_bank_without_encoder_names_non_tensor_batches():
+    np = pytest.importorskip("numpy")
+    head = NeighborRegressionHead(4)
+    batches = [(np.zeros((5, 4), dtype=np.float32), np.zeros(5))]
+    with pytest.raises(TypeError, match=r"without an encoder each batch's x .* must be a tensor, got ndarray"):
+        head.fit_bank(None, batches, progress=False)
+
+    class ToList(nn.Module):
+        def forward(self, x):
+            return x.tolist()
+
+    with pytest.raises(TypeError, match="the encoder must return the embeddings z"):
+        head.fit_bank(ToList(), [(torch.zeros(5, 4), torch.zeros(5))], progress=False)
+
+
 def test_clear_errors():
     head = NeighborRegressionHead(4, 2)
     z = torch.randn(6, 4)
@@ -581,6 +634,47 @@ def test_partial_state_dicts_and_lenient_y():
     lin = LinearHead(4, 1)
     assert lin(torch.randn(3, 4), torch.tensor(0.0)).shape == (3, 1)
     assert lin(torch.randn(3, 4), torch.zeros(3)).shape == (3,)
+
+
+def test_a_bank_loaded_without_its_other_half_is_refused_before_use():
+    src = NeighborRegressionHead(4, 2).eval()
+    src.set_bank(torch.randn(30, 4), torch.randn(30, 2))
+    state = src.state_dict()
+    head = NeighborRegressionHead(4, 2).eval()
+    head.load_state_dict({k: v for k, v in state.items() if k != "bank_y"}, strict=False)
+    message = r"NeighborRegressionHead: bank_z \(30, 4\) and bank_y \(0, 2\) hold different numbers of entries"
+    for call in (head, head.predict_with_uncertainty, head.explain):
+        with pytest.raises(ValueError, match=message):
+            call(torch.randn(3, 4))
+    clf = NeighborClassificationHead(4, 3).eval()
+    clf.load_state_dict({"bank_y": torch.tensor([0, 1, 2])}, strict=False)  # labels without embeddings
+    with pytest.raises(ValueError, match=r"bank_z \(0, 4\) and bank_y \(3,\)"):
+        clf(torch.randn(2, 4))
+    knn = KNNRegressionHead(4, 2).eval()
+    knn.load_state_dict({"bank_z": state["bank_z"]}, strict=False)
+    with pytest.raises(ValueError, match=r"KNNRegressionHead: bank_z \(30, 4\) and bank_y \(0, 2\)"):
+        knn(torch.randn(2, 4))
+    head.set_bank(torch.randn(5, 4), torch.randn(5, 2))  # a new bank mends it
+    assert head(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_loading_a_state_dict_keeps_the_heads_bank_dtype():
+    src = NeighborRegressionHead(4, 2, mode="global").double().eval()
+    src.set_bank(torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64))
+    head = NeighborRegressionHead(4, 2, mode="global").eval()
+    head.load_state_dict(src.state_dict())  # like the parameters: cast to the head's float32
+    assert head.bank_z.dtype == head.bank_y.dtype == next(head.parameters()).dtype == torch.float32
+    assert head.bank_size == 10
+    q = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(head(q.float()), src(q).float())
+    wide = NeighborRegressionHead(4, 2, mode="global").double()
+    wide.load_state_dict(head.state_dict())
+    assert wide.bank_z.dtype == wide.bank_y.dtype == torch.float64
+    clf = NeighborClassificationHead(4, 3)
+    clf.load_state_dict({"bank_z": torch.randn(3, 4, dtype=torch.float64), "bank_y": torch.tensor([0, 2, 1], dtype=torch.int32)},
+                        strict=False)
+    assert clf.bank_z.dtype == torch.float32 and clf.bank_y.dtype == torch.long
 
 
 def test_heads_train_under_autocast():

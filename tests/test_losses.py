@@ -443,6 +443,17 @@ def test_regression_degenerate():
     assert float(value.detach()) == 0.0 and torch.isfinite(torch.autograd.grad(value, x)[0]).all()
 
 
+def test_regression_loss_refuses_non_finite_targets():
+    # it returned NaN; the heads raise ValueError for the same targets
+    x = torch.randn(6, 4)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="labels contains NaN or inf targets"):
+            SoftStepNeighborRegressionLoss()(x, torch.tensor([bad, 0.0, 1.0, 2.0, 3.0, 4.0]))
+    with pytest.raises(ValueError, match="ref_labels contains NaN or inf targets"):
+        SoftStepNeighborRegressionLoss()(x, torch.zeros(6, 2), ref_emb=torch.randn(3, 4),
+                                          ref_labels=torch.tensor([[0.0, 1.0], [float("-inf"), 0.0], [2.0, 0.0]]))
+
+
 # ---------------------------------------------------------------------------------------
 # PML integration and errors
 # ---------------------------------------------------------------------------------------
