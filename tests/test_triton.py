@@ -380,7 +380,9 @@ DROPOUT_CASES = {
     "dot-sigmoidal-causal": ("dot", "sigmoidal", "row", 0.3, {"causal": True}, SMALL),
     "l2-poly-general-mask": ("l2", "poly", "head", 0.5, {"mask": "general", "exclude_self": True}, SMALL),
     "cosine-log-splits": ("cosine", "log", "scalar", 0.1, {"temperature": 0.7}, replace(SMALL, num_splits=2)),
-    "dot-none-padding": ("dot", "none", "row", 0.2, {"mask": "padding"}, SMALL),
+    # backward tiles half the forward's: block skipping lists SUB = 2 backward tiles per entry
+    "dot-none-padding-sub2": ("dot", "none", "row", 0.2, {"mask": "padding"},
+                              replace(SMALL, block_n=32, bwd_block_n=16, bwd_kv_block_n=16)),
     "sqeuclidean-sigmoidal-detach-noskip": (
         "sqeuclidean", "sigmoidal", "row", 0.7, {"detach_range": True}, replace(SMALL, block_skipping=False)),
 }
