@@ -481,6 +481,33 @@ def check_dropout_mask_is_fixed_by_the_seed_and_uniform():
 
 
 @check
+def check_torch_compile_breaks_the_graph_around_the_kernels():
+    """Dynamo traced into the launch code and the interpreted kernels and failed on fake tensors
+    (a hard error); the fused call is now a graph break that runs eagerly, gradients included."""
+    import torch._dynamo
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 24, 16, generator=gen, requires_grad=True) for _ in range(3))
+
+    def loss(q, k, v):
+        return simwarp.warp_attend(q * 2.0, k, v, impl="triton", step="poly", causal=True, dropout_p=0.2).square().sum()
+
+    torch.manual_seed(5)
+    ref = loss(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v))
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    out = torch.compile(loss, backend="eager")(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="disable"):  # fullgraph: the break is reported, not hidden
+        torch.compile(loss, backend="eager", fullgraph=True)(q, k, v)
+
+
+@check
 def check_dispatch_and_errors():
     q = torch.randn(3, 9, 16)
     kv = torch.randn(3, 11, 16)

@@ -533,7 +533,18 @@ def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConf
     ``skip_counts`` is ``(..., 2)`` int32: (skipped, visited) key tiles per query block (zeros
     without block skipping). ``count_kept=False`` saves the per-score count (``kept`` is NaN).
     ``dropout_p > 0``: inverted dropout on the weights with the mask of :func:`dropout_keep_mask`
-    for ``seed`` (default: :func:`dropout_seed`)."""
+    for ``seed`` (default: :func:`dropout_seed`).
+
+    Under ``torch.compile`` the call is a graph break: it runs eagerly, its autograd joins the
+    compiled graphs' as usual. (Dynamo traced into the launch code and the interpreted kernels
+    and failed on fake tensors, a hard error rather than a break.)"""
+    args = (q, k, v, a, b, t, mask, spec, config, count_kept, dropout_p, seed)
+    if torch.compiler.is_compiling():
+        return _opaque_fused_warp_attend(*args)
+    return _fused_warp_attend(*args)
+
+
+def _fused_warp_attend(q, k, v, a, b, t, mask, spec, config, count_kept, dropout_p, seed):
     plan = make_plan(q, spec, config, count_kept, dropout_p)
     if plan.dropout_threshold == 0:
         seed = None
@@ -544,3 +555,6 @@ def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConf
         q = unit_rows(q.to(acc)).to(q.dtype)
         k = unit_rows(k.to(acc)).to(k.dtype)
     return _TritonWarp.apply(q, k, v, a, b, t, mask, seed, plan)
+
+
+_opaque_fused_warp_attend = torch.compiler.disable(_fused_warp_attend, recursive=True)
