@@ -8,7 +8,8 @@
    * ``step="none"`` vs SDPA on the benchmark shapes (the fused path must equal softmax attention);
    * the neighbour-bank layout (few queries, many keys: key splits) vs chunked float32;
    * dropout inside the kernels vs the float64 reference with the kernels' mask
-     (``dropout_keep_mask``) applied to its weights (values and all gradients).
+     (``dropout_keep_mask``) applied to its weights (values and all gradients);
+   * ``torch.compile`` (inductor) of a function around the fused call (a graph break) vs eager.
 2. Timing (torch.cuda.Event, median of repeats after warm-up) and peak memory
    (torch.cuda.max_memory_allocated above the inputs) on B·H·N·D = 4·16·2048·64,
    2·16·8192·64, 1·16·16384·128, causal and not, forward and forward+backward, bfloat16:
@@ -282,6 +283,27 @@ def check_dropout(device, log, p: float = 0.3) -> list[dict]:
         log(f"  [{'ok' if ok else 'FAIL'}] dropout {p} {metric:8s} {step:9s} {o}  "
             + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
     return rows
+
+
+def check_compile(device, log) -> list[dict]:
+    """torch.compile around the fused call: the kernels run eagerly at a graph break; the compiled
+    function must equal eager (values and gradients, dropout included: same seed draws)."""
+    q, k, v = (fresh((2, 4, 256, 64), torch.float32, device, 800 + i, requires_grad=True) for i in range(3))
+
+    def loss(q, k, v):
+        out = simwarp.warp_attend(torch.tanh(q), k, v, step="sigmoidal", causal=True, impl="triton", dropout_p=0.1)
+        return (out * out).sum()
+
+    torch.manual_seed(11)
+    ref = loss(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v))
+    torch.manual_seed(11)
+    out = torch.compile(loss)(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v))
+    errs = {"out": rel_err(out, ref)} | {f"d{nm}": rel_err(g, rg) for nm, g, rg in zip("qkv", grads, ref_grads)}
+    ok = max(errs.values()) < 1e-5
+    log(f"  [{'ok' if ok else 'FAIL'}] torch.compile around the fused call  " + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
+    return [dict(check="compile_vs_eager", ok=bool(ok), **errs)]
 
 
 def check_mid_bf16(device, log) -> list[dict]:
@@ -603,7 +625,7 @@ def main(argv=None) -> int:
 
     log(f"# {result['card']}  torch {torch.__version__}  triton {triton.__version__}")
     log("## correctness (fresh inputs, outputs poisoned with NaN before each run)")
-    for fn in (check_small, check_dropout, check_mid_bf16):
+    for fn in (check_small, check_dropout, check_compile, check_mid_bf16):
         try:
             result["checks"] += fn(device, log)
         except Exception:  # noqa: BLE001
