@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(scikit-learn digits, a regression target on images) and a synthetic periodic manifold; print RMSE, "
         "R² and kept fraction, and write a PNG and a JSON file. No network access needed.",
     )
-    demo.add_argument("--quick", action="store_true", help="small subsets (400 training rows; seconds on 2 CPU cores)")
+    demo.add_argument("--quick", action="store_true", help="small subsets (400 training rows; under a minute on 2 CPU cores)")
     demo.add_argument("--dataset", action="append", metavar="NAME",
                       help="data set to use (repeatable): diabetes, boston, diamonds, digits, tweets, periodic, hetero; "
                       "default: digits and periodic")

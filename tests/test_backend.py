@@ -434,7 +434,7 @@ def test_auto_falls_back_to_chunked_when_fused_kernels_fail(monkeypatch):
         simwarp.warp_attend(q, k, v, impl="triton")
 
 
-def test_dropout_goes_to_the_fused_kernels_and_row_range_does_not(monkeypatch):
+def test_fused_dropout_is_opt_in_under_auto_and_row_range_stays_chunked(monkeypatch):
     pytest.importorskip("triton")
     import simwarp.backend as backend
     import simwarp.backend.triton as fused
@@ -448,11 +448,15 @@ def test_dropout_goes_to_the_fused_kernels_and_row_range_does_not(monkeypatch):
     q, k, v = torch.randn(5, 4, dtype=f64), torch.randn(7, 4, dtype=f64), torch.randn(7, 2, dtype=f64)
     monkeypatch.setattr(backend, "_choose_impl", lambda *a, **k: "triton")
     monkeypatch.setattr(fused, "triton_warp_attend", spy)
-    simwarp.warp_attend(q, k, v, dropout_p=0.25)
     simwarp.warp_attend(q, k, v, impl="triton", dropout_p=0.5)
-    assert calls == [0.25, 0.5]
+    simwarp.warp_attend(q, k, v, dropout_p=0.25)  # auto: chunked until the fused dropout ran on a GPU
+    assert calls == [0.5]
+    monkeypatch.setattr(backend, "FUSED_DROPOUT_BY_DEFAULT", True)
+    simwarp.warp_attend(q, k, v, dropout_p=0.25)
+    simwarp.warp_attend(q, k, v)
+    assert calls == [0.5, 0.25, 0.0]
     simwarp.warp_attend(q, k, v, row_range=(-1.0, 1.0))  # auto: the chunked path
-    assert calls == [0.25, 0.5]
+    assert calls == [0.5, 0.25, 0.0]
     with pytest.raises(ValueError, match="row_range"):
         simwarp.warp_attend(q, k, v, impl="triton", row_range=(-1.0, 1.0))
 

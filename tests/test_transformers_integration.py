@@ -173,8 +173,10 @@ def test_attach_switches_models_inside_a_wrapper_module():
     holder = torch.nn.Module()
     holder.attention = attention  # attention layers without their transformers model
     with pytest.raises(ValueError, match="set_implementation=False"):
-        attach_softstep(holder)
-    assert attach_softstep(holder, set_implementation=False)
+        attach_softstep(holder, init=(0.6, 0.9, 0.5))
+    assert attach_softstep(holder, init=(0.6, 0.9, 0.5), set_implementation=False)
+    with pytest.raises(ValueError, match="overwrite=True"):  # no config to compare with: the modules know
+        attach_softstep(holder, set_implementation=False)
 
 
 def test_attaching_other_options_needs_overwrite_and_checkpoints_stay_loadable(tmp_path):

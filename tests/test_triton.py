@@ -438,6 +438,33 @@ def check_dropout_matches_dense_with_its_mask(metric, step, pkind, p, opts, conf
         torch.testing.assert_close(g, rg, atol=1e-10, rtol=1e-9, msg=f"grad {name}")
 
 
+@check(cases={"float16": (torch.float16, 5e-3), "bfloat16": (torch.bfloat16, 3e-2)})
+def check_dropout_in_16_bit(dtype, tol):
+    """16-bit inputs take the other operation order in the dk/dv kernel (DV_FIRST off): dropout
+    on that path too, against float64 on the same rounded inputs with the kernels' mask."""
+    from simwarp.backend.dense import dense_weights
+    from simwarp.backend.triton.launch import dropout_keep_mask, dropout_threshold
+
+    gen = torch.Generator().manual_seed(12)
+    n, m, d, e, p = 24, 40, 32, 8, 0.4
+    q, k, v = (torch.randn(2, rows, cols, generator=gen, dtype=f64) for rows, cols in ((n, d), (m, d), (m, e)))
+    seed = torch.tensor([77], dtype=torch.int64)
+    factor = dropout_keep_mask(seed, 2, n, m, p).to(f64) * (65536 / (65536 - dropout_threshold(p)))
+    spec = make_spec("dot", None, "sigmoidal", 1.0, True, False, False)
+    prm = [torch.tensor(x, dtype=f64) for x in (0.2, 0.8, 0.4)]
+    leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    out, _ = triton_warp_attend(*leaves, *(x.float() for x in prm), None, spec, dropout_p=p, dropout_seed=seed)
+    (out.float() ** 2).sum().backward()
+    ref_leaves = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
+    w, _ = dense_weights(*ref_leaves[:2], *prm, None, spec, None, with_stats=False)
+    ref = (w * factor) @ ref_leaves[2]
+    (ref**2).sum().backward()
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    for x, rx in zip(leaves, ref_leaves):
+        assert torch.isfinite(x.grad).all()
+        assert (x.grad.double() - rx.grad).abs().max() <= 10 * tol * rx.grad.abs().max()
+
+
 @check
 def check_dropout_mask_is_fixed_by_the_seed_and_uniform():
     """One mask per (seed, batch entry, query, key), whatever the tiles; fresh seeds per call
@@ -520,6 +547,14 @@ def check_dispatch_and_errors():
                            make_spec("dot", None, "test_triton_user_step", 1.0, False, False, False))
     with pytest.raises(ValueError, match="dense"):
         simwarp.warp_attend(q, kv, kv, impl="triton", metric="l1")
+    prm = [torch.tensor(x) for x in (0.1, 0.9, 0.5)]
+    spec = make_spec("dot", None, "none", 1.0, False, False, False)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="dropout_p"):
+            triton_warp_attend(q, kv, kv, *prm, None, spec, dropout_p=bad)
+    for bad in (3, torch.tensor([1.0]), torch.tensor([1, 2])):
+        with pytest.raises(TypeError, match="dropout_seed"):
+            triton_warp_attend(q, kv, kv, *prm, None, spec, dropout_p=0.1, dropout_seed=bad)
     with pytest.raises(ValueError, match="must divide"):
         triton_warp_attend(q, kv, kv, *(torch.tensor(x) for x in (0.1, 0.9, 0.5)), None,
                            make_spec("dot", None, "none", 1.0, False, False, False),

@@ -53,6 +53,13 @@ def _triton_available(device: torch.device) -> bool:
     return True
 
 
+#: Whether ``impl="auto"`` sends ``dropout_p > 0`` to the fused kernels. Their dropout is
+#: checked against float64 in Triton's interpreter and compiles for sm_90, but has not run on
+#: a GPU yet (docs/kernels.md); until ``benchmarks/bench_attention_gpu.py`` has checked it
+#: there, ``"auto"`` keeps the chunked path for dropout and ``impl="triton"`` opts in.
+FUSED_DROPOUT_BY_DEFAULT = False
+
+
 def _choose_impl(
     impl: str, metric: str, entries: int, device: torch.device, *, spec=None, tensors: tuple | None = None
 ) -> str:
@@ -209,6 +216,8 @@ def warp_attend(
     if chosen == "triton" and row_range is not None:  # not in the fused kernels
         if impl == "triton":
             raise ValueError("impl='triton' does not support row_range; use impl='auto' or 'chunked'")
+        chosen = "chunked"
+    if chosen == "triton" and impl == "auto" and dropout_p > 0 and not FUSED_DROPOUT_BY_DEFAULT:
         chosen = "chunked"
     if chosen == "dense":
         out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p, row_range, with_stats=return_stats)

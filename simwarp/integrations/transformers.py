@@ -103,6 +103,7 @@ def _new_softstep(module: nn.Module, opts: dict) -> SoftStepAttention:
     ref = next((p for p in module.parameters() if p.is_floating_point()), None)
     if ref is not None:  # follow the model's device (the step parameters stay float32 unless it is float64)
         layer.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
+    layer.attach_options = dict(opts)  # what attach_softstep compares a later call with
     return layer
 
 
@@ -223,7 +224,9 @@ def attach_softstep(
     """Give every attention module of ``model`` its own learned step (a ``softstep`` submodule).
 
     Args:
-        model: a transformers ``PreTrainedModel`` (or any module tree containing its layers).
+        model: a transformers ``PreTrainedModel``, or any module tree containing one (your
+            classifier around a backbone). Bare layers without their model need
+            ``set_implementation=False``.
         mode: ``"per_head"`` (H × 3 values per layer), ``"instance"`` (a Linear per layer maps each
             query vector to its ``(a, b, t)``) or ``"global"`` (3 values per layer).
         step: registered step; ``"none"`` reproduces softmax attention.
@@ -256,16 +259,15 @@ def attach_softstep(
     models = _outermost_pretrained(model)
     if set_implementation and not models:
         raise ValueError(
-            f"{type(model).__name__} contains no transformers model (a module with set_attn_implementation) "
-            "to switch to SoftStep attention; pass set_implementation=False and switch it yourself"
+            f"{type(model).__name__} contains no transformers PreTrainedModel to switch to SoftStep attention; "
+            "pass set_implementation=False and switch it yourself"
         )
-    kept = not overwrite and any(isinstance(getattr(m, "softstep", None), SoftStepAttention) for m in found.values())
-    if kept:
-        for pretrained in models:
-            recorded = getattr(pretrained.config, _CONFIG_KEY, None)
-            if recorded is not None and dict(recorded) != opts:
+    if not overwrite:
+        for name, module in found.items():
+            existing = getattr(getattr(module, "softstep", None), "attach_options", None)
+            if existing is not None and existing != opts:
                 raise ValueError(
-                    f"{type(pretrained).__name__} already has SoftStep attention with {dict(recorded)}, not {opts}; "
+                    f"{name} already has SoftStep attention with {existing}, not {opts}; "
                     "pass overwrite=True to replace its step parameters"
                 )
     attached = {}
@@ -278,20 +280,20 @@ def attach_softstep(
     if set_implementation:
         register()
         for pretrained in models:
-            pretrained.set_attn_implementation(ATTN_NAME)
+            if hasattr(pretrained, "set_attn_implementation"):
+                pretrained.set_attn_implementation(ATTN_NAME)
+            else:  # transformers before set_attn_implementation existed
+                pretrained.config._attn_implementation = ATTN_NAME
     return attached
 
 
 def _outermost_pretrained(model: nn.Module) -> list[nn.Module]:
-    """The transformers models in ``model``'s tree (modules with ``set_attn_implementation``
-    and a ``config``) that no other one contains: ``[model]`` itself for a ``PreTrainedModel``,
-    the backbones of a wrapper module (a classifier around a ``BertModel``, a
-    ``SentenceTransformer``)."""
+    """The transformers models (``PreTrainedModel``) in ``model``'s tree that no other one
+    contains: ``[model]`` itself for a ``PreTrainedModel``, the backbones of a wrapper module (a
+    classifier around a ``BertModel``, a ``SentenceTransformer``)."""
+    from transformers import PreTrainedModel
 
-    def is_pretrained(module: nn.Module) -> bool:
-        return hasattr(module, "set_attn_implementation") and hasattr(module, "config")
-
-    if is_pretrained(model):
+    if isinstance(model, PreTrainedModel):
         return [model]
     outer: list[nn.Module] = []
     for _, child in model.named_children():

@@ -86,6 +86,7 @@ def triton_warp_attend(
     reason = unsupported_reason(q, k, v, spec)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run this call: {reason}; use impl='chunked' or 'auto'")
+    _check_dropout(dropout_p, dropout_seed, q.device)
     out, lse, kept, lo, hi, empty, skip = fused_warp_attend(
         q, k, v, a, b, t, mask, spec, config, count_kept, dropout_p, dropout_seed
     )
@@ -95,3 +96,15 @@ def triton_warp_attend(
     counts = skip.reshape(-1, 2).sum(0, dtype=torch.float64)
     fraction = counts[0] / counts[1].clamp_min(1.0)
     return out, stats, fraction
+
+
+def _check_dropout(dropout_p, seed, device: torch.device) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if seed is None:
+        return
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        got = f"{seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, torch.Tensor) else type(seed).__name__
+        raise TypeError(f"dropout_seed must be a 1-element int64 tensor or None, got {got}")
+    if seed.device != device:
+        raise ValueError(f"dropout_seed must be on the inputs' device {device}, got {seed.device}")
