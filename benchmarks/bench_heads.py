@@ -11,7 +11,10 @@ Heads (same encoder, same budget, same splits, early stopping on a validation sp
 ``--heads`` selects heads (default: all of the above). Step-qualified kinds
 ``softstep-<step>-global`` / ``softstep-<step>-instance`` (e.g. ``softstep-poly-global``) train the
 same neighbour head with another registered step (``softstep-global`` is ``step="sigmoidal"``);
-``knn`` needs a ``softstep-instance`` run in the same invocation.
+``knn`` needs a ``softstep-instance`` run in the same invocation. A ``raw-`` prefix
+(``raw-softstep-global``, ``raw-nona``) trains that head without an encoder, on the standardised
+input features: the like-for-like comparison with ``sklearn-knn`` (same features, same metric;
+only the neighbour weighting differs).
 
 Reports mean ± sd of test RMSE over seeds, the RMSE ratio to the linear head, and the paired
 win rate (share of seeds where a head's test RMSE is below the linear head's).
@@ -83,15 +86,19 @@ def sklearn_knn(data, splits, cfg: TrainConfig, seed: int) -> dict:
             "seconds": time.perf_counter() - t0, "kept_fraction": params["n_neighbors"] / len(ytr)}
 
 
-def parse_head(kind: str) -> tuple[str, dict]:
-    """Map a head name to ``(make_head kind, head kwargs)``; ``softstep-<step>-<mode>`` sets ``step``."""
+def parse_head(kind: str) -> tuple[str, dict, str]:
+    """Map a head name to ``(make_head kind, head kwargs, encoder)``; ``softstep-<step>-<mode>``
+    sets ``step``, a ``raw-`` prefix drops the encoder (``TrainConfig.encoder = "none"``)."""
     from simwarp.steps import BUILTIN_STEPS
 
+    if kind.startswith("raw-") and kind[4:] not in ("knn", "sklearn-knn"):
+        base, extra, _ = parse_head(kind[4:])
+        return base, extra, "none"
     if kind in ALL_HEADS:
-        return kind, {}
+        return kind, {}, "mlp"
     parts = kind.split("-")
     if len(parts) == 3 and parts[0] == "softstep" and parts[2] in ("global", "instance") and parts[1] in BUILTIN_STEPS:
-        return f"softstep-{parts[2]}", {"step": parts[1]}
+        return f"softstep-{parts[2]}", {"step": parts[1]}, "mlp"
     raise ValueError(f"unknown head {kind!r}: use one of {ALL_HEADS} or softstep-<step>-<global|instance> "
                      f"with step in {BUILTIN_STEPS}")
 
@@ -126,7 +133,7 @@ def comparison_pairs(heads) -> list[tuple[str, str]]:
     ``sklearn-knn`` when that ran."""
     pairs = []
     for h in heads:
-        base, extra = parse_head(h)
+        base, extra, _ = parse_head(h)
         if extra.get("step", "sigmoidal") != "sigmoidal" and base in heads:
             pairs.append((h, base))
     if "sklearn-knn" in heads:
@@ -216,8 +223,8 @@ def main(argv=None) -> int:
         for seed in range(seeds):
             splits = split_indices(len(data), seed)
             for head in (h for h in heads if h not in ("knn", "sklearn-knn")):
-                base, extra = parse_head(head)
-                hcfg = dataclasses.replace(cfg, head_kwargs={**cfg.head_kwargs, **extra}) if extra else cfg
+                base, extra, encoder = parse_head(head)
+                hcfg = dataclasses.replace(cfg, head_kwargs={**cfg.head_kwargs, **extra}, encoder=encoder)
                 r = train_and_evaluate(data, base, hcfg, seed=seed, progress=False, splits=splits)
                 r["head"] = head
                 keep = {k: r[k] for k in ("dataset", "head", "seed", "rmse", "r2", "val_rmse", "epochs",

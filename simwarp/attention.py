@@ -17,6 +17,7 @@ sequence) outputs zeros here, where SDPA outputs NaN.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -486,9 +487,12 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
             embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
             device=device, dtype=dtype,
         )
+        #: the step options (``swap_attention`` compares a later call with them)
+        self.softstep_options = {"mode": mode, "step": step, "init": None if init is None else tuple(init),
+                                 "hidden": hidden}
         self.softstep = SoftStepAttention(num_heads, self.head_dim, mode=mode, step=step, init=init, hidden=hidden)
-        if device is not None or dtype is not None:
-            self.softstep.to(device=device)
+        if device is not None or dtype is not None:  # factory kwargs apply to every parameter
+            self.softstep.to(device=device, dtype=dtype)
         self.register_forward_pre_hook(_disable_fused_fast_path)
 
     @classmethod
@@ -647,7 +651,7 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         return out, weights
 
 
-def swap_attention(model: nn.Module, **softstep_kwargs: Any) -> nn.Module:
+def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwargs: Any) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` by a :class:`MultiheadSoftStepAttention`
     that keeps its weights (also inside ``nn.TransformerEncoderLayer`` / ``DecoderLayer``).
 
@@ -655,19 +659,56 @@ def swap_attention(model: nn.Module, **softstep_kwargs: Any) -> nn.Module:
     ``nn.TransformerEncoder`` modules get ``use_nested_tensor = False`` (their nested-tensor
     inference path would bypass the attention modules; an encoder built later from a swapped
     layer keeps it, and the SoftStep modules accept its nested batches). A module shared by
-    several parents is replaced by one shared SoftStep module. Frozen parameters stay frozen.
-    Returns the model (a new module when ``model`` itself is an ``nn.MultiheadAttention``); the
-    swap is in place otherwise.
+    several parents, or held twice by one, is replaced by one shared SoftStep module. Frozen
+    parameters stay frozen. Subclasses of ``nn.MultiheadAttention`` that override ``forward``
+    are left alone, with a warning (their forward would be lost). Modules swapped earlier keep
+    their step unless ``overwrite=True`` (fresh step parameters with the new options); asking
+    for other options without it raises. Returns the model (a new module when ``model`` itself
+    is an ``nn.MultiheadAttention``); the swap is in place otherwise.
     """
-    if isinstance(model, nn.MultiheadAttention) and not isinstance(model, MultiheadSoftStepAttention):
+    if _swappable(model):
         return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)
     replaced: dict[int, MultiheadSoftStepAttention] = {}
     for module in list(model.modules()):
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.MultiheadAttention) and not isinstance(child, MultiheadSoftStepAttention):
+        if isinstance(module, MultiheadSoftStepAttention) and softstep_kwargs:
+            _restep(module, softstep_kwargs, overwrite)
+        # _modules, not named_children(): that skips a second name for the same module
+        for name, child in list(module._modules.items()):
+            if child is not None and _swappable(child):
                 if id(child) not in replaced:
                     replaced[id(child)] = MultiheadSoftStepAttention.from_multihead(child, **softstep_kwargs)
                 setattr(module, name, replaced[id(child)])
     return model
+
+
+def _swappable(module: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` (not yet swapped) whose forward is the stock one."""
+    if not isinstance(module, nn.MultiheadAttention) or isinstance(module, MultiheadSoftStepAttention):
+        return False
+    if type(module).forward is not nn.MultiheadAttention.forward:
+        warnings.warn(
+            f"swap_attention leaves {type(module).__name__} alone: it overrides nn.MultiheadAttention.forward, "
+            "which a MultiheadSoftStepAttention would drop", UserWarning, stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _restep(module: MultiheadSoftStepAttention, softstep_kwargs: dict, overwrite: bool) -> None:
+    """Give an already swapped module the requested step options (``overwrite``) or check it has them."""
+    current = getattr(module, "softstep_options", None)  # None: pickled before it was recorded
+    wanted = {**(current or {}), **softstep_kwargs}
+    if wanted.get("init") is not None:
+        wanted["init"] = tuple(wanted["init"])
+    if wanted == current or (current is None and not overwrite):
+        return
+    if not overwrite:
+        raise ValueError(
+            f"swap_attention: the model already has SoftStep attention with {current}, not "
+            f"{wanted}; pass overwrite=True for fresh step parameters with the new options"
+        )
+    ref = module.out_proj.weight
+    module.softstep = SoftStepAttention(module.num_heads, module.head_dim, **wanted).to(ref.device, ref.dtype)
+    module.softstep_options = wanted

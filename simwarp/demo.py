@@ -43,6 +43,9 @@ class TrainConfig:
     emb_dim: int = 32
     max_train: int | None = None
     head_kwargs: dict = field(default_factory=dict)
+    #: ``"mlp"`` (:func:`make_encoder`) or ``"none"``: the head sees the standardised features
+    #: (a neighbour head on a fixed metric, as scikit-learn's ``KNeighborsRegressor``)
+    encoder: str = "mlp"
 
 
 def make_encoder(in_features: int, hidden: int = 128, emb_dim: int = 32) -> nn.Module:
@@ -137,17 +140,23 @@ def train_and_evaluate(
         for X, y in (std.train, std.val, std.test)
     )
     torch.manual_seed(seed)
-    encoder = make_encoder(data.X.shape[1], cfg.hidden, cfg.emb_dim).to(device)
-    head = make_head(head_kind, cfg.emb_dim, 1, **cfg.head_kwargs).to(device)
+    if cfg.encoder not in ("mlp", "none"):
+        raise ValueError(f"TrainConfig.encoder must be 'mlp' or 'none', got {cfg.encoder!r}")
+    if cfg.encoder == "mlp":
+        encoder, emb_dim = make_encoder(data.X.shape[1], cfg.hidden, cfg.emb_dim).to(device), cfg.emb_dim
+    else:
+        encoder, emb_dim = nn.Identity(), data.X.shape[1]
+    head = make_head(head_kind, emb_dim, 1, **cfg.head_kwargs).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # nothing to learn (no encoder and a parameter-free head, e.g. step="none"): evaluate as is
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
     gen = torch.Generator().manual_seed(seed)
     best = (float("inf"), None, 0)
     bad = 0
     t0 = time.perf_counter()
     n = Xtr.shape[0]
     bs = min(cfg.batch_size, n)
-    epochs = range(cfg.epochs)
+    epochs = range(cfg.epochs if opt is not None else 0)
     bar = None
     if progress:
         try:
@@ -181,7 +190,10 @@ def train_and_evaluate(
             break
     if bar is not None:
         bar.close()
-    assert best[1] is not None
+    if best[1] is None:  # not trained
+        val = float(torch.sqrt(F.mse_loss(_predict(encoder, head, Xva, (Xtr, ytr)), yva))) * ysd
+        best = (val, (copy.deepcopy(encoder.state_dict()), copy.deepcopy(head.state_dict())), 0)
+        epoch = -1
     encoder.load_state_dict(best[1][0])
     head.load_state_dict(best[1][1])
     pred = _predict(encoder, head, Xte, (Xtr, ytr)).cpu().numpy() * ysd + ymu

@@ -473,6 +473,51 @@ def test_swap_keeps_sharing_and_frozen_parameters():
     assert sum(1 for _ in model.parameters()) == sum(1 for _ in model.a[0].parameters())
 
 
+def test_swap_replaces_every_name_of_a_module_and_leaves_custom_forwards_alone():
+    mha = nn.MultiheadAttention(8, 2)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn_a = self.attn_b = mha  # one parent, two names (named_children() yields one)
+            self.stack = nn.ModuleList([mha] * 3)
+
+    model = simwarp.swap_attention(Twice())
+    swapped = [model.attn_a, model.attn_b, *model.stack]
+    assert all(m is swapped[0] for m in swapped) and isinstance(swapped[0], simwarp.MultiheadSoftStepAttention)
+
+    class Gated(nn.MultiheadAttention):
+        def forward(self, *args, **kwargs):
+            out, w = super().forward(*args, **kwargs)
+            return out * 0.5, w
+
+    holder = nn.Sequential(Gated(8, 2))
+    with pytest.warns(UserWarning, match="overrides nn.MultiheadAttention.forward"):
+        simwarp.swap_attention(holder)
+    assert type(holder[0]) is Gated
+
+
+def test_swap_again_with_other_options_needs_overwrite():
+    layer = simwarp.swap_attention(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), step="none")
+    simwarp.swap_attention(layer, step="none")  # the same options: nothing to do
+    with pytest.raises(ValueError, match="overwrite=True"):
+        simwarp.swap_attention(layer, step="sigmoidal", mode="instance")
+    assert layer.self_attn.softstep_options["step"] == "none"
+    simwarp.swap_attention(layer, step="sigmoidal", mode="instance", overwrite=True)
+    assert layer.self_attn.softstep_options == {"mode": "instance", "step": "sigmoidal", "init": None, "hidden": None}
+    assert layer.self_attn.softstep.mode == "instance"
+    out = layer(torch.randn(2, 5, 8))
+    assert out.shape == (2, 5, 8) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_step_parameters_follow_the_module_dtype(dtype):
+    built = simwarp.MultiheadSoftStepAttention(8, 2, dtype=dtype, mode="instance")
+    copied = simwarp.MultiheadSoftStepAttention.from_multihead(nn.MultiheadAttention(8, 2, dtype=dtype))
+    for module in (built, copied):
+        assert {p.dtype for p in module.parameters()} == {dtype}
+
+
 def test_returned_weights_are_the_ones_that_met_the_values():
     torch.manual_seed(0)
     layer = SoftStepAttention(2, 4)
