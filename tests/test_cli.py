@@ -98,6 +98,21 @@ def test_demo_trains_a_repeated_dataset_once(monkeypatch, tmp_path):
     assert seen == [("periodic", "digits")]
 
 
+def test_train_and_evaluate_without_an_encoder():
+    from simwarp.datasets import load_dataset
+    from simwarp.demo import TrainConfig, train_and_evaluate
+
+    pytest.importorskip("sklearn")
+    data = load_dataset("diabetes")
+    cfg = TrainConfig(epochs=3, patience=3, encoder="none")
+    trained = train_and_evaluate(data, "softstep-global", cfg, progress=False)
+    assert trained["head_module"].in_features == data.X.shape[1] and trained["epochs"] == 3
+    fixed = train_and_evaluate(data, "nona", cfg, progress=False)  # nothing to learn: evaluated as is
+    assert fixed["epochs"] == 0 and np.isfinite(fixed["rmse"]) and fixed["rmse"] > 0
+    with pytest.raises(ValueError, match="encoder"):
+        train_and_evaluate(data, "linear", TrainConfig(epochs=1, encoder="identity"), progress=False)
+
+
 def test_standardised_splits_use_only_the_training_rows():
     import numpy as np
 
