@@ -14,7 +14,8 @@ same neighbour head with another registered step (``softstep-global`` is ``step=
 ``knn`` needs a ``softstep-instance`` run in the same invocation. A ``raw-`` prefix
 (``raw-softstep-global``, ``raw-nona``) trains that head without an encoder, on the standardised
 input features: the like-for-like comparison with ``sklearn-knn`` (same features, same metric;
-only the neighbour weighting differs).
+only the neighbour weighting differs); ``scaled-`` adds one learned scalar on those features
+(a learned bandwidth, ``TrainConfig.encoder = "scale"``).
 
 Reports mean ± sd of test RMSE over seeds, the RMSE ratio to the linear head, and the paired
 win rate (share of seeds where a head's test RMSE is below the linear head's).
@@ -91,9 +92,10 @@ def parse_head(kind: str) -> tuple[str, dict, str]:
     sets ``step``, a ``raw-`` prefix drops the encoder (``TrainConfig.encoder = "none"``)."""
     from simwarp.steps import BUILTIN_STEPS
 
-    if kind.startswith("raw-") and kind[4:] not in ("knn", "sklearn-knn"):
-        base, extra, _ = parse_head(kind[4:])
-        return base, extra, "none"
+    for prefix, encoder in (("raw-", "none"), ("scaled-", "scale")):
+        if kind.startswith(prefix) and kind[len(prefix):] not in ("knn", "sklearn-knn"):
+            base, extra, _ = parse_head(kind[len(prefix):])
+            return base, extra, encoder
     if kind in ALL_HEADS:
         return kind, {}, "mlp"
     parts = kind.split("-")
