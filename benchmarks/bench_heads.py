@@ -14,8 +14,8 @@ same neighbour head with another registered step (``softstep-global`` is ``step=
 ``knn`` needs a ``softstep-instance`` run in the same invocation. A ``raw-`` prefix
 (``raw-softstep-global``, ``raw-nona``) trains that head without an encoder, on the standardised
 input features: the like-for-like comparison with ``sklearn-knn`` (same features, same metric;
-only the neighbour weighting differs); ``scaled-`` adds one learned scalar on those features
-(a learned bandwidth, ``TrainConfig.encoder = "scale"``).
+only the neighbour weighting differs); ``scaled-`` also learns the bandwidth (the head's
+``learn_scale=True``).
 
 Reports mean ± sd of test RMSE over seeds, the RMSE ratio to the linear head, and the paired
 win rate (share of seeds where a head's test RMSE is below the linear head's).
@@ -92,10 +92,10 @@ def parse_head(kind: str) -> tuple[str, dict, str]:
     sets ``step``, a ``raw-`` prefix drops the encoder (``TrainConfig.encoder = "none"``)."""
     from simwarp.steps import BUILTIN_STEPS
 
-    for prefix, encoder in (("raw-", "none"), ("scaled-", "scale")):
-        if kind.startswith(prefix) and kind[len(prefix):] not in ("knn", "sklearn-knn"):
+    for prefix, scaled in (("raw-", False), ("scaled-", True)):
+        if kind.startswith(prefix) and kind[len(prefix):] not in ("knn", "sklearn-knn", "linear"):
             base, extra, _ = parse_head(kind[len(prefix):])
-            return base, extra, encoder
+            return base, {**extra, "learn_scale": True} if scaled else extra, "none"
     if kind in ALL_HEADS:
         return kind, {}, "mlp"
     parts = kind.split("-")

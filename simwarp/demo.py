@@ -43,10 +43,9 @@ class TrainConfig:
     emb_dim: int = 32
     max_train: int | None = None
     head_kwargs: dict = field(default_factory=dict)
-    #: ``"mlp"`` (:func:`make_encoder`), ``"none"``: the head sees the standardised features (a
-    #: neighbour head on a fixed metric, as scikit-learn's ``KNeighborsRegressor``), or
-    #: ``"scale"``: those features times one learned positive scalar (for ``l2``, a learned
-    #: softmax temperature: the head's only free bandwidth)
+    #: ``"mlp"`` (:func:`make_encoder`) or ``"none"``: the head sees the standardised features
+    #: (a neighbour head on a fixed metric, as scikit-learn's ``KNeighborsRegressor``; give it
+    #: ``head_kwargs={"learn_scale": True}`` for a learned bandwidth)
     encoder: str = "mlp"
 
 
@@ -55,18 +54,6 @@ def make_encoder(in_features: int, hidden: int = 128, emb_dim: int = 32) -> nn.M
     return nn.Sequential(
         nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, emb_dim)
     )
-
-
-class LearnedScale(nn.Module):
-    """``x · exp(s)`` with one learned scalar ``s`` (0 at first): a learned bandwidth for a
-    neighbour head on fixed features."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.log_scale.exp()
 
 
 def split_indices(n: int, seed: int, val: float = 0.15, test: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,12 +141,12 @@ def train_and_evaluate(
         for X, y in (std.train, std.val, std.test)
     )
     torch.manual_seed(seed)
-    if cfg.encoder not in ("mlp", "none", "scale"):
-        raise ValueError(f"TrainConfig.encoder must be 'mlp', 'none' or 'scale', got {cfg.encoder!r}")
+    if cfg.encoder not in ("mlp", "none"):
+        raise ValueError(f"TrainConfig.encoder must be 'mlp' or 'none', got {cfg.encoder!r}")
     if cfg.encoder == "mlp":
         encoder, emb_dim = make_encoder(data.X.shape[1], cfg.hidden, cfg.emb_dim).to(device), cfg.emb_dim
     else:
-        encoder, emb_dim = (nn.Identity() if cfg.encoder == "none" else LearnedScale()).to(device), data.X.shape[1]
+        encoder, emb_dim = nn.Identity(), data.X.shape[1]
     head = make_head(head_kind, emb_dim, 1, **cfg.head_kwargs).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
     # nothing to learn (no encoder and a parameter-free head, e.g. step="none"): evaluate as is

@@ -357,6 +357,7 @@ class _WarpHeadBase(_BankMixin):
         impl: str,
         chunk_size: int | None,
         gather: Any = False,
+        learn_scale: bool = False,
     ) -> None:
         super().__init__()
         resolve_group(gather)  # validates; gather=True needs an initialised process group
@@ -376,6 +377,14 @@ class _WarpHeadBase(_BankMixin):
         self.detach_range = as_flag("detach_range", detach_range)
         self.impl, self.chunk_size = impl, chunk_size
         self.gather = gather
+        if as_flag("learn_scale", learn_scale):
+            if metric == "cosine":
+                raise ValueError("learn_scale needs a metric whose similarity grows with the embeddings' scale "
+                                 "(l2, sqeuclidean, dot, l1); cosine ignores it: scale it with temperature instead")
+            #: log of the learned factor on the embeddings (queries and bank alike): the bandwidth
+            self.log_scale = nn.Parameter(torch.zeros(()))
+        else:
+            self.register_parameter("log_scale", None)
         if step == "none":
             self.softstep: SoftStep | None = None
             self.mode = "none"
@@ -396,21 +405,27 @@ class _WarpHeadBase(_BankMixin):
             return {"step": "none"}
         return self.softstep.kwargs(z if self.mode == "instance" else None)
 
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings as the similarity sees them: times the learned scale (``learn_scale``)."""
+        return x if self.log_scale is None else x * self.log_scale.exp().to(x.dtype)
+
     def _attend(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> tuple[torch.Tensor, Any]:
+        step_kwargs = self._step_kwargs(z)  # the instance network sees the embeddings as they come
+        z, keys = self._scaled(z), self._scaled(keys)
         enabled, group = resolve_group(self.gather)
         if enabled:  # batch (training) or sharded bank across ranks: simwarp.distributed
             if loo:
                 (out, stats), sizes = gathered_warp_attend_with_sizes(
                     z, values, group=group, metric=self.metric, scale=self.scale, temperature=self.temperature,
                     detach_range=self.detach_range, impl=self.impl, chunk_size=self.chunk_size,
-                    return_stats=True, **self._step_kwargs(z),
+                    return_stats=True, **step_kwargs,
                 )
                 keys_seen = sum(sizes) - 1
             else:
                 out, stats = sharded_warp_attend(
                     z, keys, values, group=group, queries="local", metric=self.metric, scale=self.scale,
                     temperature=self.temperature, chunk_size=self.chunk_size, return_stats=True,
-                    **self._step_kwargs(z),
+                    **step_kwargs,
                 )
                 keys_seen = self._bank_union_size(group, z.device)
             self._record_kept(stats.kept, keys_seen)
@@ -418,7 +433,7 @@ class _WarpHeadBase(_BankMixin):
         out, stats = warp_attend(
             z, keys, values, metric=self.metric, scale=self.scale, temperature=self.temperature,
             exclude_self=loo, detach_range=self.detach_range, impl=self.impl, chunk_size=self.chunk_size,
-            return_stats=True, **self._step_kwargs(z),
+            return_stats=True, **step_kwargs,
         )
         self._record_kept(stats.kept, keys.shape[0] - (1 if loo else 0))
         return out, stats
@@ -491,8 +506,9 @@ class _WarpHeadBase(_BankMixin):
         enabled, group = resolve_group(self.gather)
         if enabled:  # per-shard top-k merged over ranks; indices into the rank-ordered bank
             return sharded_explain(
-                z, self.bank_z.to(z.dtype), k, group=group, queries="local", metric=self.metric, scale=self.scale,
-                temperature=self.temperature, chunk_size=self.chunk_size, **self._step_kwargs(z),
+                self._scaled(z), self._scaled(self.bank_z.to(z.dtype)), k, group=group, queries="local",
+                metric=self.metric, scale=self.scale, temperature=self.temperature, chunk_size=self.chunk_size,
+                **self._step_kwargs(z),
             )
         k = min(k, self.bank_size)
         rows = max(1, EXPLAIN_BUDGET // self.bank_size)
@@ -500,8 +516,8 @@ class _WarpHeadBase(_BankMixin):
         for start in range(0, z.shape[0], rows):
             zq = z[start : start + rows]
             w = warp_weights(
-                zq, self.bank_z.to(zq.dtype), metric=self.metric, scale=self.scale, temperature=self.temperature,
-                detach_range=self.detach_range, **self._step_kwargs(zq),
+                self._scaled(zq), self._scaled(self.bank_z.to(zq.dtype)), metric=self.metric, scale=self.scale,
+                temperature=self.temperature, detach_range=self.detach_range, **self._step_kwargs(zq),
             )
             top = torch.topk(w, k, dim=-1)
             idx_out.append(top.indices)
@@ -514,7 +530,8 @@ class _WarpHeadBase(_BankMixin):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, metric={self.metric!r}, step={self.step_name!r}, "
-            f"mode={self.mode!r}, temperature={self.temperature}, bank={self.bank_size}"
+            f"mode={self.mode!r}, temperature={self.temperature}, learn_scale={self.log_scale is not None}, "
+            f"bank={self.bank_size}"
         )
 
 
@@ -544,6 +561,10 @@ class NeighborRegressionHead(_WarpHeadBase):
             rank's ``set_bank`` holds its shard and eval predictions/:meth:`explain` cover the
             union (exactly the single-process result, no gradients). Forward, ``set_bank`` and
             ``explain`` then are collectives (see :mod:`simwarp.distributed`, docs/distributed.md).
+        learn_scale: learn one factor ``e^s`` (``log_scale``, 0 at first) on the embeddings
+            before the similarity: for ``l2`` the softmax bandwidth (``dot``, ``sqeuclidean``: its
+            square). Use it on fixed features (no encoder), where nothing else sets the
+            bandwidth; not for ``cosine``.
 
     Shapes:
         ``forward(z (N, D), y (N, E) or (N,) if E == 1) -> (N, E)`` (or ``(N,)`` when ``y`` was 1-D).
@@ -566,11 +587,12 @@ class NeighborRegressionHead(_WarpHeadBase):
         impl: str = "auto",
         chunk_size: int | None = None,
         gather: Any = False,
+        learn_scale: bool = False,
     ) -> None:
         super().__init__(
             in_features, metric=metric, step=step, mode=mode, temperature=temperature, scale=scale,
             hidden=hidden, init=init, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
-            gather=gather,
+            gather=gather, learn_scale=learn_scale,
         )
         self.out_features = out_features = _int_arg("out_features", out_features)
         self.standardize_targets = bool(standardize_targets)
@@ -755,7 +777,7 @@ class NeighborClassificationHead(_WarpHeadBase):
         num_classes: ``C``; labels are ints in ``[0, C)``.
         smoothing: ``ε`` above (``0 < ε < 1``).
         metric, step, mode, temperature, scale, hidden, init, detach_range, impl, chunk_size,
-        gather: as in :class:`NeighborRegressionHead`.
+        gather, learn_scale: as in :class:`NeighborRegressionHead`.
     """
 
     def __init__(
@@ -775,11 +797,12 @@ class NeighborClassificationHead(_WarpHeadBase):
         impl: str = "auto",
         chunk_size: int | None = None,
         gather: Any = False,
+        learn_scale: bool = False,
     ) -> None:
         super().__init__(
             in_features, metric=metric, step=step, mode=mode, temperature=temperature, scale=scale,
             hidden=hidden, init=init, detach_range=detach_range, impl=impl, chunk_size=chunk_size,
-            gather=gather,
+            gather=gather, learn_scale=learn_scale,
         )
         num_classes = _int_arg("num_classes", num_classes, minimum=2)
         if not 0.0 < smoothing < 1.0:

@@ -109,8 +109,9 @@ def test_train_and_evaluate_without_an_encoder():
     assert trained["head_module"].in_features == data.X.shape[1] and trained["epochs"] == 3
     fixed = train_and_evaluate(data, "nona", cfg, progress=False)  # nothing to learn: evaluated as is
     assert fixed["epochs"] == 0 and np.isfinite(fixed["rmse"]) and fixed["rmse"] > 0
-    scaled = train_and_evaluate(data, "nona", TrainConfig(epochs=3, patience=3, encoder="scale"), progress=False)
-    assert scaled["epochs"] == 3 and scaled["encoder"].log_scale.item() != 0.0  # the bandwidth is learned
+    cfg_scaled = TrainConfig(epochs=3, patience=3, encoder="none", head_kwargs={"learn_scale": True})
+    scaled = train_and_evaluate(data, "nona", cfg_scaled, progress=False)
+    assert scaled["epochs"] == 3 and scaled["head_module"].log_scale.item() != 0.0  # the bandwidth is learned
     with pytest.raises(ValueError, match="encoder"):
         train_and_evaluate(data, "linear", TrainConfig(epochs=1, encoder="identity"), progress=False)
 

@@ -737,3 +737,33 @@ def test_training_forward_traces_without_graph_breaks():
     explanation = torch._dynamo.explain(head)(torch.randn(32, 8), torch.randn(32))
     assert explanation.graph_break_count == 0, [str(b.reason)[:120] for b in explanation.break_reasons]
     assert int(head.targets_seen) == 32
+
+
+@pytest.mark.parametrize("metric", ["l2", "dot"])
+def test_learn_scale_is_a_learned_factor_on_the_embeddings(metric):
+    torch.manual_seed(0)
+    z, y, zb, yb = torch.randn(6, 4), torch.randn(6), torch.randn(20, 4), torch.randn(20)
+    head = NeighborRegressionHead(4, 1, metric=metric, mode="global", learn_scale=True)
+    plain = NeighborRegressionHead(4, 1, metric=metric, mode="global")
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if k != "log_scale"})
+    assert "log_scale" in head.state_dict() and "log_scale" not in plain.state_dict()
+    with torch.no_grad():
+        head.log_scale.fill_(0.7)
+    factor = math.exp(0.7)
+    out = head(z, y)  # training: leave-one-out in the batch
+    torch.testing.assert_close(out, plain(z * factor, y))
+    out.sum().backward()
+    assert head.log_scale.grad is not None and float(head.log_scale.grad) != 0.0
+    head.eval()
+    plain.eval()
+    head.set_bank(zb, yb)
+    plain.set_bank(zb * factor, yb)
+    torch.testing.assert_close(head(z), plain(z * factor))
+    for got, want in zip(head.explain(z, 3), plain.explain(z * factor, 3)):
+        torch.testing.assert_close(got, want)
+    assert "learn_scale=True" in repr(head)
+    with pytest.raises(ValueError, match="cosine"):
+        NeighborRegressionHead(4, 1, metric="cosine", learn_scale=True)
+    classifier = NeighborClassificationHead(4, 3, learn_scale=True)
+    classifier(z, torch.tensor([0, 1, 2, 0, 1, 2])).sum().backward()
+    assert classifier.log_scale.grad is not None
