@@ -67,7 +67,7 @@ def _softstep():
 def _head(kind, gather):
     torch.manual_seed(5)
     if kind == "reg":
-        head = NeighborRegressionHead(D, E, metric="l2", mode="instance", gather=gather)
+        head = NeighborRegressionHead(D, E, metric="l2", mode="instance", gather=gather, learn_scale=True)
     else:
         head = NeighborClassificationHead(D, 3, metric="cosine", mode="instance", gather=gather)
     head = head.double()
