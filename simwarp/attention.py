@@ -18,6 +18,7 @@ sequence) outputs zeros here, where SDPA outputs NaN.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from simwarp._autograd import is_finite_real, require
 from simwarp.backend import warp_attend, warp_weights
@@ -361,6 +363,10 @@ class SoftStepAttention(nn.Module):
         track_stats: when True, every forward stores :class:`AttentionStats` in ``last_stats``
             (see :class:`simwarp.monitoring.AttentionMonitor`).
         last_stats: the statistics of the last forward with ``track_stats`` (detached).
+
+    :meth:`register_stats_hook` adds a callback that receives those statistics after every
+    call with ``track_stats`` (the monitor's way to see each call, whichever path calls
+    :meth:`attend`).
     """
 
     def __init__(
@@ -384,6 +390,14 @@ class SoftStepAttention(nn.Module):
         )
         self.track_stats = False
         self.last_stats: AttentionStats | None = None
+        self._stats_hooks: OrderedDict[int, Any] = OrderedDict()  # (RemovableHandle keeps a weak reference)
+
+    def register_stats_hook(self, hook) -> RemovableHandle:
+        """``hook(module, stats)`` runs after every call that records :class:`AttentionStats`
+        (``track_stats``); returns a handle whose ``remove()`` unregisters it."""
+        handle = RemovableHandle(self._stats_hooks)
+        self._stats_hooks[handle.id] = hook
+        return handle
 
     def forward(
         self,
@@ -435,6 +449,8 @@ class SoftStepAttention(nn.Module):
         )
         if self.track_stats and stats is not None:
             self.last_stats = AttentionStats(*(f.detach() for f in stats))
+            for hook in list(getattr(self, "_stats_hooks", {}).values()):  # (absent in modules pickled before)
+                hook(self, self.last_stats)
         return out, (stats if return_stats else None), weights
 
     def extra_repr(self) -> str:

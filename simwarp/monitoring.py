@@ -15,8 +15,11 @@ Usage::
 Every :class:`simwarp.SoftStepAttention` (inside :class:`simwarp.MultiheadSoftStepAttention`,
 or attached to a transformers model by :func:`simwarp.integrations.transformers.attach_softstep`)
 records :class:`simwarp.attention.AttentionStats` of its last forward while ``track_stats`` is
-set; the monitor sets it on entry and restores it on exit. Recording costs one extra reduction
-of the mask per call.
+set; the monitor sets it on entry, collects each call's statistics with a stats hook
+(:meth:`simwarp.SoftStepAttention.register_stats_hook`; nested monitors do not disturb each other) and restores the flag on exit. Recording costs one
+extra reduction of the mask per call. ``AttentionMonitor(model, accumulate=True)`` averages
+over every call in the block (gradient accumulation, evaluation over a data loader) instead of
+reporting the last one.
 """
 
 from __future__ import annotations
@@ -42,31 +45,55 @@ class AttentionMonitor:
             switched to ``"softstep"`` without :func:`attach_softstep` creates its layers at its
             first call, which is then not recorded (later calls in a new ``with`` block are).
             Call ``attach_softstep(model)`` first, as for training.
+        accumulate: :meth:`kept_fraction` averages over all rows of all calls in the block
+            (default: the last call of each layer).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, accumulate: bool = False) -> None:
         self.model = model
+        self.accumulate = bool(accumulate)
         self._previous: dict[str, bool] = {}
+        self._hooks: list = []
+        self._last: dict[str, AttentionStats] = {}
+        self._sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: (Σ fraction, rows) per head
 
     def __enter__(self) -> AttentionMonitor:
+        self._last, self._sums = {}, {}
         for name, m in attention_modules(self.model).items():
             self._previous[name] = m.track_stats
             m.track_stats = True
-            m.last_stats = None
+            self._hooks.append(m.register_stats_hook(lambda module, stats, name=name: self._record(name, stats)))
         return self
 
     def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for name, m in attention_modules(self.model).items():
             m.track_stats = self._previous.get(name, False)
         self._previous = {}
 
+    def _record(self, name: str, stats: AttentionStats) -> None:
+        self._last[name] = stats
+        if self.accumulate:
+            frac = stats.kept_fraction
+            ok = (~stats.empty).to(frac.dtype)
+            dims = tuple(d for d in range(frac.dim()) if d != frac.dim() - 2)
+            total, rows = (frac * ok).sum(dims), ok.sum(dims)
+            if name in self._sums:
+                total, rows = total + self._sums[name][0], rows + self._sums[name][1]
+            self._sums[name] = (total, rows)
+
     def stats(self) -> dict[str, AttentionStats]:
         """The last recorded :class:`AttentionStats` per layer (``(B, H, L)`` fields)."""
-        return {n: m.last_stats for n, m in attention_modules(self.model).items() if m.last_stats is not None}
+        return dict(self._last)
 
     def kept_fraction(self) -> dict[str, torch.Tensor]:
-        """Per layer, the ``(H,)`` mean kept fraction of each head (over non-empty rows)."""
-        return {n: s.head_kept_fraction() for n, s in self.stats().items()}
+        """Per layer, the ``(H,)`` mean kept fraction of each head over non-empty rows: of the
+        last call, or (``accumulate``) of every call in the block."""
+        if self.accumulate:
+            return {n: total / rows.clamp_min(1) for n, (total, rows) in self._sums.items()}
+        return {n: s.head_kept_fraction() for n, s in self._last.items()}
 
     def summary(self, digits: int = 3) -> str:
         """A plain-text table: one line per layer, the kept fraction of each head."""

@@ -431,6 +431,30 @@ def test_monitor_per_layer_per_head_kept_fraction():
     assert all(not m.track_stats for m in enc.modules() if isinstance(m, SoftStepAttention))
 
 
+def test_monitor_accumulates_over_calls_and_nests():
+    torch.manual_seed(0)
+    layer = swap_attention(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
+                           init=(0.3, 0.8, 0.5)).eval()
+    x1, x2 = torch.randn(2, 10, 16), torch.randn(3, 10, 16)
+    name = "self_attn.softstep"
+    with torch.no_grad():
+        with AttentionMonitor(layer) as first:
+            layer(x1)
+        with AttentionMonitor(layer) as second:
+            layer(x2)
+        with AttentionMonitor(layer, accumulate=True) as both, AttentionMonitor(layer) as inner:
+            layer(x1)
+            layer(x2)
+    f1, f2 = first.kept_fraction()[name], second.kept_fraction()[name]
+    assert not torch.allclose(f1, f2)
+    # rows weigh equally: 2·10 rows of the first call, 3·10 of the second
+    torch.testing.assert_close(both.kept_fraction()[name], (2 * f1 + 3 * f2) / 5)
+    torch.testing.assert_close(inner.kept_fraction()[name], f2)  # the last call
+    torch.testing.assert_close(both.stats()[name].kept, second.stats()[name].kept)  # a nested monitor's
+    assert first.kept_fraction()[name] is not None  # entering later monitors kept its record
+    assert not layer.self_attn.softstep._stats_hooks and not layer.self_attn.softstep.track_stats
+
+
 def test_encoder_layer_fast_path_does_not_bypass_softstep():
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
     x = torch.randn(2, 6, 16)
