@@ -395,8 +395,9 @@ class SoftStepAttention(nn.Module):
     def register_stats_hook(self, hook) -> RemovableHandle:
         """``hook(module, stats)`` runs after every call that records :class:`AttentionStats`
         (``track_stats``); returns a handle whose ``remove()`` unregisters it."""
-        handle = RemovableHandle(self._stats_hooks)
-        self._stats_hooks[handle.id] = hook
+        hooks = self.__dict__.setdefault("_stats_hooks", OrderedDict())  # (modules pickled before it existed)
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
         return handle
 
     def forward(
