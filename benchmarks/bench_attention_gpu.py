@@ -301,6 +301,12 @@ def check_compile(device, log) -> list[dict]:
     out = torch.compile(loss)(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v))
     errs = {"out": rel_err(out, ref)} | {f"d{nm}": rel_err(g, rg) for nm, g, rg in zip("qkv", grads, ref_grads)}
+
+    def infer(q, k, v):  # without gradients: the operator simwarp::fused_warp_inference, one graph
+        return simwarp.warp_attend(torch.tanh(q), k, v, step="sigmoidal", causal=True, impl="triton")
+
+    with torch.no_grad():
+        errs["infer_fullgraph"] = rel_err(torch.compile(infer, fullgraph=True)(q, k, v), infer(q, k, v))
     ok = max(errs.values()) < 1e-5
     log(f"  [{'ok' if ok else 'FAIL'}] torch.compile around the fused call  " + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
     return [dict(check="compile_vs_eager", ok=bool(ok), **errs)]

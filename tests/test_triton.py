@@ -535,6 +535,34 @@ def check_torch_compile_breaks_the_graph_around_the_kernels():
 
 
 @check
+def check_inference_compiles_whole_and_exports():
+    """Without gradients the fused call is the operator simwarp::fused_warp_inference: one graph
+    (fullgraph=True) and torch.export, with a dynamic batch."""
+    import torch._dynamo
+
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=gen) for _ in range(3))
+    mask = torch.rand(2, 1, 40, 40, generator=gen) > 0.2
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return simwarp.warp_attend(torch.tanh(q), k, v, mask=mask, impl="triton", step="sigmoidal", a=0.2) * 2
+
+    model = Attend()
+    ref = model(q, k, v, mask)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="eager", fullgraph=True)(q, k, v, mask), ref)
+    batch = torch.export.Dim("batch")
+    shapes = {"q": {0: batch}, "k": {0: batch}, "v": {0: batch}, "mask": {0: batch}}
+    program = torch.export.export(model, (q, k, v, mask), dynamic_shapes=shapes)
+    assert any("fused_warp_inference" in str(node.target) for node in program.graph.nodes)
+    q3, k3, v3 = (torch.randn(3, 3, 40, 16, generator=gen) for _ in range(3))
+    mask3 = torch.rand(3, 1, 40, 40, generator=gen) > 0.2
+    torch.testing.assert_close(program.module()(q3, k3, v3, mask3), model(q3, k3, v3, mask3))
+
+
+@check
 def check_dispatch_and_errors():
     q = torch.randn(3, 9, 16)
     kv = torch.randn(3, 11, 16)

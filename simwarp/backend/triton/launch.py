@@ -535,11 +535,21 @@ def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConf
     ``dropout_p > 0``: inverted dropout on the weights with the mask of :func:`dropout_keep_mask`
     for ``seed`` (default: :func:`dropout_seed`).
 
-    Under ``torch.compile`` the call is a graph break: it runs eagerly, its autograd joins the
-    compiled graphs' as usual. (Dynamo traced into the launch code and the interpreted kernels
-    and failed on fake tensors, a hard error rather than a break.)"""
+    Under ``torch.compile`` / ``torch.export``, an inference call (no gradient needed, default
+    config, no dropout) is the custom operator ``simwarp::fused_warp_inference``: opaque to the
+    tracer, so ``fullgraph=True`` and export work. Any other call is a graph break: it runs
+    eagerly, its autograd joins the compiled graphs' as usual. (Dynamo traced into the launch
+    code and the interpreted kernels and failed on fake tensors, a hard error rather than a
+    break.) The inference operator returns no tile-skipping counts (zeros of shape ``(1, 2)``)."""
     args = (q, k, v, a, b, t, mask, spec, config, count_kept, dropout_p, seed)
     if torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, a, b, t))
+        if not needs_grad and config is None and dropout_p == 0:
+            results = fused_warp_inference(
+                q, k, v, a, b, t, mask, spec.metric, spec.scale, spec.step.name, spec.temperature, spec.causal,
+                spec.exclude_self, spec.self_offset, count_kept,
+            )
+            return (*results, q.new_zeros((1, 2), dtype=torch.int32))
         return _opaque_fused_warp_attend(*args)
     return _fused_warp_attend(*args)
 
@@ -558,3 +568,30 @@ def _fused_warp_attend(q, k, v, a, b, t, mask, spec, config, count_kept, dropout
 
 
 _opaque_fused_warp_attend = torch.compiler.disable(_fused_warp_attend, recursive=True)
+
+
+@torch.library.custom_op("simwarp::fused_warp_inference", mutates_args=())
+def fused_warp_inference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
+    mask: torch.Tensor | None, metric: str, scale: float | None, step: str, temperature: float, causal: bool,
+    exclude_self: bool, self_offset: int, count_kept: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused forward without autograd, as one operator for ``torch.compile`` and
+    ``torch.export``: ``(out, lse, kept, lo, hi, empty)`` of :func:`fused_warp_attend`."""
+    from simwarp.backend.common import make_spec
+
+    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, True, self_offset)
+    with torch.no_grad():
+        out, lse, kept, lo, hi, empty, _ = _fused_warp_attend(q, k, v, a, b, t, mask, spec, None, count_kept, 0.0, None)
+    return out, lse, kept, lo.clone(), hi.clone(), empty  # lo, hi: views of one buffer; outputs may not alias
+
+
+@fused_warp_inference.register_fake
+def _(q, k, v, a, b, t, mask, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept):
+    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    n, e = q.shape[-2], v.shape[-1]
+    rows = q.new_empty((*batch, n), dtype=_acc_dtype(q.dtype))
+    return (
+        q.new_empty((*batch, n, e)), rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows),
+        q.new_empty((*batch, n), dtype=torch.bool),
+    )
