@@ -226,202 +226,210 @@ def _tl_acc(mod, dtype: torch.dtype):
 class _TritonWarp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, a, b, t, mask, seed, plan: _Plan):
-        mod = kernel_module(plan.interpret)
-        cfg = plan.config
-        acc = _acc_dtype(q.dtype)
-        tl_acc = _tl_acc(mod, q.dtype)
-        prec = _precision(q.dtype, cfg)
-        dev = q.device
-        batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-        n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-        B = math.prod(batch)
-        B1 = batch[-1] if len(batch) else 1
-        # Pass 1 goes to the GPU first: everything else is host work that overlaps it.
-        q4, k4 = _view4(q, batch, n, d), _view4(k, batch, m, d)
-        mask4 = _mask4(mask, batch, n, m, q4)
-        consts = _consts(plan, acc, dev)
-        if seed is None:  # no dropout: the kernels never read it
-            seed = consts
-        BM, BN = cfg.block_m, cfg.block_n
-        BD, BE = _pow2(d), _pow2(e)
-        n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
-        S = _num_splits(cfg, B * n_qb, n_kb, dev)
-        kps = triton_cdiv(n_kb, S)
-        S = triton_cdiv(n_kb, kps)
-        common = dict(METRIC=plan.metric, CAUSAL=plan.causal, EXCL=plan.exclude_self, HAS_MASK=mask is not None,
-                      EVEN=_even_tiles(n, m, cfg),
-                      BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, ACC=tl_acc,
-                      UPCAST=plan.interpret and q.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_FUSION)
-        strides = (*q4.stride(), *k4.stride())
-        mstrides = mask4.stride()
-
         # needs_input_grad says True under torch.no_grad too: the plan knows the grad mode
         track_arg = plan.grad_enabled and _tracks_range(plan, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        lo_p, hi_p = _buffers(acc, dev, (S, B, n), (S, B, n))
-        # without tracking the argmin/argmax pointers are never dereferenced: any tensor will do
-        amin_p, amax_p = _buffers(torch.int32, dev, (S, B, n), (S, B, n)) if track_arg else (lo_p, lo_p)
-        tmax_shape = (B, n_qb, n_kb, BM // mod.TMAX_ROWS.value) if cfg.block_skipping else (1,)
-        tmax = torch.empty(tmax_shape, dtype=acc, device=dev)  # visited tiles: written
-        grid = (n_qb, B, S)
-        mod.range_kernel[grid](
-            q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
-            *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg,
-            STORE_TMAX=cfg.block_skipping, PIPELINE=cfg.pipeline_range, **common,
-        )
-        v4 = _view4(v, batch, m, e)
-        prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
-                           for p in (a, b, t)]).contiguous()
-        # Row ranges from the splits (and, with block skipping, the tiles every row drops and
-        # each query block's list of tiles to visit), all in one launch.
-        rs = torch.empty((5, B, n), dtype=acc, device=dev)  # lo, hi, inv_r, empty, pin_raw (kernels._step_coord)
-        empty = torch.empty((B, n), dtype=torch.bool, device=dev)
-        argmin, argmax = _buffers(torch.int32, dev, (B, n), (B, n)) if track_arg else (amin_p, amax_p)
-        if cfg.block_skipping:
-            flags = torch.empty((B, n_qb, n_kb), dtype=torch.int8, device=dev)
-            counts, row_list, row_count = _buffers(torch.int32, dev, (B, n_qb, 2), (B, n_qb, n_kb), (B, n_qb))
-        else:  # the lists are never read: the counts (zero skipped, zero visited) stand in
-            counts = torch.zeros((1, 2), dtype=torch.int32, device=dev)
-            flags = row_list = row_count = counts
-        mod.row_stats_kernel[(n_qb, B)](
-            lo_p, hi_p, amin_p, amax_p, prm, consts, tmax, rs, empty.view(torch.int8), argmin, argmax,
-            flags, counts, row_list, row_count, S, B, n, m, n_qb, n_kb,
-            METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, TRACK_ARG=track_arg, SKIP=cfg.block_skipping,
-            BLOCK_M=BM, BLOCK_N=BN, TILES=min(64, _pow2(n_kb)), num_warps=4, **_FUSION,
-        )
-        lo, hi = rs[0], rs[1]
-
-        out = torch.empty((B, n, e), dtype=q.dtype, device=dev)
-        lse = torch.empty((B, n), dtype=acc, device=dev)
-        kept = torch.empty((B, n), dtype=acc, device=dev)  # NaN from the kernel without count_kept
-        if S > 1:
-            accp, denp, keptp = _buffers(acc, dev, (S, B, n, e), (S, B, n), (S, B, n))
-        else:
-            accp = denp = keptp = lse
-        mod.attend_kernel[grid](
-            q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp, seed,
-            *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
-            plan.dropout_threshold, STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch,
-            SKIP_TILES=cfg.block_skipping, COUNT_KEPT=plan.count_kept, DROPOUT=plan.dropout_threshold > 0,
-            BLOCK_E=BE, **common,
-        )
-        if S > 1:
-            den = denp.sum(0)
-            nonempty = den > 0
-            den1 = torch.where(nonempty, den, 1.0)
-            out = torch.where(nonempty.unsqueeze(-1), accp.sum(0) / den1.unsqueeze(-1), 0.0).to(q.dtype)
-            lse = torch.where(nonempty, hi * plan.inv_tau + torch.log(den1), -math.inf)
-            if plan.count_kept:
-                kept = keptp.sum(0)
-
-        ctx.plan = plan
-        ctx.dims = (batch, B, B1, n, m, d, e, n_qb, n_kb)
-        ctx.has_mask = mask is not None
-        saved = [q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count, seed]
+        out_b, stats, counts, saved, dims = _launch_forward(q, k, v, a, b, t, mask, seed, plan, track_arg)
+        ctx.plan, ctx.dims, ctx.has_mask = plan, dims, mask is not None
         ctx.save_for_backward(*saved, *(() if mask is None else (mask,)))
-        out_b = out.view(*batch, n, e)
-        stats = [x.view(*batch, n) for x in (lse, kept, lo, hi, empty)]
         ctx.mark_non_differentiable(*stats[1:], counts)
         return (out_b, *stats, counts)
 
     @staticmethod
     @first_order
     def backward(ctx, g_out, g_lse, *_unused):
-        plan: _Plan = ctx.plan
-        cfg = plan.config
-        mod = kernel_module(plan.interpret)
-        batch, B, B1, n, m, d, e, tm_qb, tm_kb = ctx.dims
-        q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count, seed = (
-            ctx.saved_tensors[:17]
-        )
         mask = ctx.saved_tensors[17] if ctx.has_mask else None
-        need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
-        dev = q.device
-        acc = _acc_dtype(q.dtype)
-        tl_acc = _tl_acc(mod, q.dtype)
-        prec = _precision(q.dtype, cfg)
+        grads = _launch_backward(ctx.plan, ctx.dims, ctx.saved_tensors[:17], mask, g_out, g_lse,
+                                 tuple(ctx.needs_input_grad[:6]))
+        return (*grads, None, None, None)
 
-        g = torch.zeros((B, n, e), dtype=q.dtype, device=dev) if g_out is None else g_out.reshape(B, n, e)
-        g = g.to(v.dtype).contiguous()
-        ld = torch.empty((2, B, n), dtype=acc, device=dev)  # lse (0 on empty rows), delta
-        glse = ld if g_lse is None else g_lse.reshape(B, n).to(acc).contiguous()
-        mod.bwd_rows_kernel[(triton_cdiv(n, 32), B)](
-            lse, g, out, glse, ld, B, n, e, HAS_GLSE=g_lse is not None, BLOCK_M=32, BLOCK_E=_pow2(e), ACC=tl_acc,
-            num_warps=4, **_FUSION,
+
+def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
+    """The forward kernels. Returns ``(out, [lse, kept, lo, hi, empty], skip_counts, saved,
+    dims)``: ``saved`` (17 tensors) and ``dims`` are what :func:`_launch_backward` needs."""
+    mod = kernel_module(plan.interpret)
+    cfg = plan.config
+    acc = _acc_dtype(q.dtype)
+    tl_acc = _tl_acc(mod, q.dtype)
+    prec = _precision(q.dtype, cfg)
+    dev = q.device
+    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    B = math.prod(batch)
+    B1 = batch[-1] if len(batch) else 1
+    # Pass 1 goes to the GPU first: everything else is host work that overlaps it.
+    q4, k4 = _view4(q, batch, n, d), _view4(k, batch, m, d)
+    mask4 = _mask4(mask, batch, n, m, q4)
+    consts = _consts(plan, acc, dev)
+    if seed is None:  # no dropout: the kernels never read it
+        seed = consts
+    BM, BN = cfg.block_m, cfg.block_n
+    BD, BE = _pow2(d), _pow2(e)
+    n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
+    S = _num_splits(cfg, B * n_qb, n_kb, dev)
+    kps = triton_cdiv(n_kb, S)
+    S = triton_cdiv(n_kb, kps)
+    common = dict(METRIC=plan.metric, CAUSAL=plan.causal, EXCL=plan.exclude_self, HAS_MASK=mask is not None,
+                  EVEN=_even_tiles(n, m, cfg),
+                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, ACC=tl_acc,
+                  UPCAST=plan.interpret and q.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_FUSION)
+    strides = (*q4.stride(), *k4.stride())
+    mstrides = mask4.stride()
+
+    lo_p, hi_p = _buffers(acc, dev, (S, B, n), (S, B, n))
+    # without tracking the argmin/argmax pointers are never dereferenced: any tensor will do
+    amin_p, amax_p = _buffers(torch.int32, dev, (S, B, n), (S, B, n)) if track_arg else (lo_p, lo_p)
+    tmax_shape = (B, n_qb, n_kb, BM // mod.TMAX_ROWS.value) if cfg.block_skipping else (1,)
+    tmax = torch.empty(tmax_shape, dtype=acc, device=dev)  # visited tiles: written
+    grid = (n_qb, B, S)
+    mod.range_kernel[grid](
+        q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
+        *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg,
+        STORE_TMAX=cfg.block_skipping, PIPELINE=cfg.pipeline_range, **common,
+    )
+    v4 = _view4(v, batch, m, e)
+    prm = torch.stack([p.to(acc).expand(*batch, n, 1).reshape(B, n) if p.dim() else p.to(acc).expand(B, n)
+                       for p in (a, b, t)]).contiguous()
+    # Row ranges from the splits (and, with block skipping, the tiles every row drops and
+    # each query block's list of tiles to visit), all in one launch.
+    rs = torch.empty((5, B, n), dtype=acc, device=dev)  # lo, hi, inv_r, empty, pin_raw (kernels._step_coord)
+    empty = torch.empty((B, n), dtype=torch.bool, device=dev)
+    argmin, argmax = _buffers(torch.int32, dev, (B, n), (B, n)) if track_arg else (amin_p, amax_p)
+    if cfg.block_skipping:
+        flags = torch.empty((B, n_qb, n_kb), dtype=torch.int8, device=dev)
+        counts, row_list, row_count = _buffers(torch.int32, dev, (B, n_qb, 2), (B, n_qb, n_kb), (B, n_qb))
+    else:  # the lists are never read: the counts (zero skipped, zero visited) stand in
+        counts = torch.zeros((1, 2), dtype=torch.int32, device=dev)
+        flags = row_list = row_count = counts
+    mod.row_stats_kernel[(n_qb, B)](
+        lo_p, hi_p, amin_p, amax_p, prm, consts, tmax, rs, empty.view(torch.int8), argmin, argmax,
+        flags, counts, row_list, row_count, S, B, n, m, n_qb, n_kb,
+        METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, TRACK_ARG=track_arg, SKIP=cfg.block_skipping,
+        BLOCK_M=BM, BLOCK_N=BN, TILES=min(64, _pow2(n_kb)), num_warps=4, **_FUSION,
+    )
+    lo, hi = rs[0], rs[1]
+
+    out = torch.empty((B, n, e), dtype=q.dtype, device=dev)
+    lse = torch.empty((B, n), dtype=acc, device=dev)
+    kept = torch.empty((B, n), dtype=acc, device=dev)  # NaN from the kernel without count_kept
+    if S > 1:
+        accp, denp, keptp = _buffers(acc, dev, (S, B, n, e), (S, B, n), (S, B, n))
+    else:
+        accp = denp = keptp = lse
+    mod.attend_kernel[grid](
+        q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp, seed,
+        *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
+        plan.dropout_threshold, STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch,
+        SKIP_TILES=cfg.block_skipping, COUNT_KEPT=plan.count_kept, DROPOUT=plan.dropout_threshold > 0,
+        BLOCK_E=BE, **common,
+    )
+    if S > 1:
+        den = denp.sum(0)
+        nonempty = den > 0
+        den1 = torch.where(nonempty, den, 1.0)
+        out = torch.where(nonempty.unsqueeze(-1), accp.sum(0) / den1.unsqueeze(-1), 0.0).to(q.dtype)
+        lse = torch.where(nonempty, hi * plan.inv_tau + torch.log(den1), -math.inf)
+        if plan.count_kept:
+            kept = keptp.sum(0)
+
+    saved = (q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count, seed)
+    out_b = out.view(*batch, n, e)
+    stats = [x.view(*batch, n) for x in (lse, kept, lo, hi, empty)]
+    return out_b, stats, counts, saved, (batch, B, B1, n, m, d, e, n_qb, n_kb)
+
+
+def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
+    """The backward kernels: gradients of ``q, k, v, a, b, t`` (``None`` where ``needs`` is False)."""
+    cfg = plan.config
+    mod = kernel_module(plan.interpret)
+    batch, B, B1, n, m, d, e, tm_qb, tm_kb = dims
+    q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count, seed = saved
+    need_q, need_k, need_v, need_a, need_b, need_t = needs
+    dev = q.device
+    acc = _acc_dtype(q.dtype)
+    tl_acc = _tl_acc(mod, q.dtype)
+    prec = _precision(q.dtype, cfg)
+
+    g = torch.zeros((B, n, e), dtype=q.dtype, device=dev) if g_out is None else g_out.reshape(B, n, e)
+    g = g.to(v.dtype).contiguous()
+    ld = torch.empty((2, B, n), dtype=acc, device=dev)  # lse (0 on empty rows), delta
+    glse = ld if g_lse is None else g_lse.reshape(B, n).to(acc).contiguous()
+    mod.bwd_rows_kernel[(triton_cdiv(n, 32), B)](
+        lse, g, out, glse, ld, B, n, e, HAS_GLSE=g_lse is not None, BLOCK_M=32, BLOCK_E=_pow2(e), ACC=tl_acc,
+        num_warps=4, **_FUSION,
+    )
+    q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
+    mask4 = _mask4(mask, batch, n, m, q4)
+    BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
+    BD, BE = _pow2(d), _pow2(e)
+    n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
+    track_range = _tracks_range(plan, need_q, need_k)
+    common = dict(METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, EXCL=plan.exclude_self,
+                  HAS_MASK=mask is not None, EVEN=_even_tiles(n, m, cfg),
+                  SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
+                  TM_BN=cfg.block_n, BLOCK_D=BD, BLOCK_E=BE, PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
+                  DROPOUT=plan.dropout_threshold > 0,
+                  num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, **_FUSION)
+    args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
+
+    dk = dv = None
+    if need_k or need_v:
+        dk = torch.empty((B, m, d), dtype=acc, device=dev) if need_k else rs
+        dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
+        col_list, col_count = _column_lists(mod, flags) if cfg.block_skipping else (flags, flags)
+        KM, KN = cfg.bwd_kv_block_m, cfg.bwd_kv_block_n
+        mod.bwd_dkdv_kernel[(triton_cdiv(m, KN), B)](
+            q4, k4, v4, g, mask4, prm, consts, rs, ld, col_list, col_count, dk, dv, seed, *args,
+            B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
+            NEED_DK=need_k, NEED_DV=need_v, DV_FIRST=acc == q.dtype, BLOCK_M=KM, BLOCK_N=KN, **common,
         )
-        q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
-        mask4 = _mask4(mask, batch, n, m, q4)
-        BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
-        BD, BE = _pow2(d), _pow2(e)
-        n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
-        track_range = _tracks_range(plan, need_q, need_k)
-        common = dict(METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, EXCL=plan.exclude_self,
-                      HAS_MASK=mask is not None, EVEN=_even_tiles(n, m, cfg),
-                      SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
-                      TM_BN=cfg.block_n, BLOCK_D=BD, BLOCK_E=BE, PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
-                      DROPOUT=plan.dropout_threshold > 0,
-                      num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, **_FUSION)
-        args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
-
-        dk = dv = None
-        if need_k or need_v:
-            dk = torch.empty((B, m, d), dtype=acc, device=dev) if need_k else rs
-            dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
-            col_list, col_count = _column_lists(mod, flags) if cfg.block_skipping else (flags, flags)
-            KM, KN = cfg.bwd_kv_block_m, cfg.bwd_kv_block_n
-            mod.bwd_dkdv_kernel[(triton_cdiv(m, KN), B)](
-                q4, k4, v4, g, mask4, prm, consts, rs, ld, col_list, col_count, dk, dv, seed, *args,
-                B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
-                NEED_DK=need_k, NEED_DV=need_v, DV_FIRST=acc == q.dtype, BLOCK_M=KM, BLOCK_N=KN, **common,
-            )
-        # dq after dk/dv: the range gradient is added into both at the end.
-        dq = da = db = dt = None
-        if need_q or need_a or need_b or need_t or track_range:
-            S = _num_splits(cfg, B * n_qb, n_kb, dev)
-            kps = triton_cdiv(n_kb, S)
-            S = triton_cdiv(n_kb, kps)
-            dq_p = torch.empty((S, B, n, d), dtype=acc, device=dev)
-            rsum = torch.empty((5, S, B, n), dtype=acc, device=dev)
-            mod.bwd_dq_kernel[(n_qb, B, S)](
-                q4, k4, v4, g, mask4, prm, consts, rs, ld, row_list, row_count, dq_p, rsum, seed, *args,
-                B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
-                NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, BLOCK_M=BM, BLOCK_N=BN, **common,
-            )
-            sums = rsum[:, 0] if S == 1 else rsum.sum(1)
-            dq = dq_p[0] if S == 1 else dq_p.sum(0)
-            da, db, dt = sums[2], sums[3], sums[4]
-            if track_range:  # G_lo, G_hi to each row's argmin / argmax key, into dq and dk
-                mod.range_grad_kernel[(triton_cdiv(n, 32), B)](
-                    q4, k4, consts, sums, argmin, argmax, dq, dk if need_k else rs,
-                    *q4.stride(), *k4.stride(), B1, B, n, m, d,
-                    METRIC=plan.metric, NEED_DQ=need_q, NEED_DK=need_k, BLOCK_M=32, BLOCK_D=BD, ACC=tl_acc,
-                    num_warps=4, **_FUSION,
-                )
-        if dq is not None:
-            dq = dq.view(*batch, n, d)
-
-        if dk is not None:
-            dk = dk.view(*batch, m, d) if need_k else None
-            dv = dv.view(*batch, m, e) if need_v else None
-
-        def reduce(grad, like, need):
-            if not need or grad is None:
-                return None
-            return grad.sum_to_size(like.shape).to(like.dtype)
-
-        def reduce_param(grad, p, need):
-            if not need or grad is None:
-                return None
-            grad = grad.view(*batch, n)
-            grad = grad.unsqueeze(-1).sum_to_size(p.shape) if p.dim() else grad.sum()
-            return grad.to(p.dtype)
-
-        return (
-            reduce(dq, q, need_q),
-            reduce(dk, k, need_k),
-            reduce(dv, v, need_v),
-            reduce_param(da, a, need_a), reduce_param(db, b, need_b), reduce_param(dt, t, need_t),
-            None, None, None,
+    # dq after dk/dv: the range gradient is added into both at the end.
+    dq = da = db = dt = None
+    if need_q or need_a or need_b or need_t or track_range:
+        S = _num_splits(cfg, B * n_qb, n_kb, dev)
+        kps = triton_cdiv(n_kb, S)
+        S = triton_cdiv(n_kb, kps)
+        dq_p = torch.empty((S, B, n, d), dtype=acc, device=dev)
+        rsum = torch.empty((5, S, B, n), dtype=acc, device=dev)
+        mod.bwd_dq_kernel[(n_qb, B, S)](
+            q4, k4, v4, g, mask4, prm, consts, rs, ld, row_list, row_count, dq_p, rsum, seed, *args,
+            B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
+            NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, BLOCK_M=BM, BLOCK_N=BN, **common,
         )
+        sums = rsum[:, 0] if S == 1 else rsum.sum(1)
+        dq = dq_p[0] if S == 1 else dq_p.sum(0)
+        da, db, dt = sums[2], sums[3], sums[4]
+        if track_range:  # G_lo, G_hi to each row's argmin / argmax key, into dq and dk
+            mod.range_grad_kernel[(triton_cdiv(n, 32), B)](
+                q4, k4, consts, sums, argmin, argmax, dq, dk if need_k else rs,
+                *q4.stride(), *k4.stride(), B1, B, n, m, d,
+                METRIC=plan.metric, NEED_DQ=need_q, NEED_DK=need_k, BLOCK_M=32, BLOCK_D=BD, ACC=tl_acc,
+                num_warps=4, **_FUSION,
+            )
+    if dq is not None:
+        dq = dq.view(*batch, n, d)
+
+    if dk is not None:
+        dk = dk.view(*batch, m, d) if need_k else None
+        dv = dv.view(*batch, m, e) if need_v else None
+
+    def reduce(grad, like, need):
+        if not need or grad is None:
+            return None
+        return grad.sum_to_size(like.shape).to(like.dtype)
+
+    def reduce_param(grad, p, need):
+        if not need or grad is None:
+            return None
+        grad = grad.view(*batch, n)
+        grad = grad.unsqueeze(-1).sum_to_size(p.shape) if p.dim() else grad.sum()
+        return grad.to(p.dtype)
+
+    return (
+        reduce(dq, q, need_q),
+        reduce(dk, k, need_k),
+        reduce(dv, v, need_v),
+        reduce_param(da, a, need_a), reduce_param(db, b, need_b), reduce_param(dt, t, need_t),
+    )
 
 
 def _precision(dtype: torch.dtype, cfg: KernelConfig) -> str:
