@@ -507,26 +507,69 @@ def check_dropout_mask_is_fixed_by_the_seed_and_uniform():
     assert (per_slot - 0.5).abs().max() < 4 * 0.5 / (big.numel() / 8) ** 0.5, per_slot
 
 
-@check
-def check_torch_compile_breaks_the_graph_around_the_kernels():
-    """Dynamo traced into the launch code and the interpreted kernels and failed on fake tensors
-    (a hard error); the fused call is now a graph break that runs eagerly, gradients included."""
+@check(cases={"dot-sigmoidal-causal-dropout": ("dot", "sigmoidal", True, 0.2),
+              "cosine-poly-mask": ("cosine", "poly", False, 0.0), "l2-log": ("l2", "log", False, 0.0)})
+def check_training_compiles_whole(metric, step, causal, p):
+    """With gradients the fused call is simwarp::fused_warp_train and its registered backward:
+    fullgraph=True works, values and gradients equal eager (dropout included: same seed draws).
+    Dynamo used to trace into the launch code and the interpreted kernels and fail on fake
+    tensors (a hard error)."""
     import torch._dynamo
 
     gen = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(2, 24, 16, generator=gen, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 24, 16, generator=gen, requires_grad=True) for _ in range(3))
+    a = torch.full((2, 2, 24), 0.25, requires_grad=True)
+    mask = torch.rand(2, 1, 24, 24, generator=gen) > 0.2
 
-    def loss(q, k, v):
-        return simwarp.warp_attend(q * 2.0, k, v, impl="triton", step="poly", causal=True, dropout_p=0.2).square().sum()
+    def loss(q, k, v, a):
+        out = simwarp.warp_attend(q * 2.0, k, v, metric=metric, step=step, a=a, causal=causal, dropout_p=p,
+                                  mask=mask, impl="triton")
+        return out.square().sum()
 
     torch.manual_seed(5)
-    ref = loss(q, k, v)
-    ref_grads = torch.autograd.grad(ref, (q, k, v))
+    ref = loss(q, k, v, a)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, a))
     torch._dynamo.reset()
     torch.manual_seed(5)
-    out = torch.compile(loss, backend="eager")(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v))
+    out = torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v, a)
+    grads = torch.autograd.grad(out, (q, k, v, a))
     torch.testing.assert_close(out, ref)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+
+
+@check
+def check_operators_pass_opcheck():
+    """torch.library.opcheck: schemas, fake (meta) implementations against the real outputs,
+    the registered autograd, and AOT dispatch with dynamic shapes."""
+    from simwarp.backend.triton import launch
+
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 24, 16, generator=gen, requires_grad=True) for _ in range(3))
+    a, b, t = (torch.tensor(x, requires_grad=True) for x in (0.2, 0.8, 0.4))
+    mask = torch.rand(2, 24, 24, generator=gen) > 0.2
+    options = ("dot", None, "sigmoidal", 1.0, True, False, 0, True)
+    train = (q, k, v, a, b, t, mask, torch.tensor([5]), *options, False, 0.2, True)
+    inference = (*(x.detach() for x in (q, k, v, a, b, t)), mask, *options)
+    for op, args in ((launch.fused_warp_train, train), (launch.fused_warp_inference, inference)):
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, results
+
+
+@check
+def check_compile_with_an_explicit_config_breaks_the_graph():
+    import torch._dynamo
+
+    q, k, v = (torch.randn(1, 24, 16, requires_grad=True) for _ in range(3))
+    spec = make_spec("dot", None, "poly", 1.0, True, False, False)
+    prm = [torch.tensor(x) for x in (0.1, 0.9, 0.5)]
+
+    def loss(q, k, v):
+        return triton_warp_attend(q * 2.0, k, v, *prm, None, spec, config=SMALL)[0].square().sum()
+
+    ref_grads = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    torch._dynamo.reset()
+    grads = torch.autograd.grad(torch.compile(loss, backend="eager")(q, k, v), (q, k, v))
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg)
     torch._dynamo.reset()

@@ -543,22 +543,29 @@ def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConf
     ``dropout_p > 0``: inverted dropout on the weights with the mask of :func:`dropout_keep_mask`
     for ``seed`` (default: :func:`dropout_seed`).
 
-    Under ``torch.compile`` / ``torch.export``, an inference call (no gradient needed, default
-    config, no dropout) is the custom operator ``simwarp::fused_warp_inference``: opaque to the
-    tracer, so ``fullgraph=True`` and export work. Any other call is a graph break: it runs
-    eagerly, its autograd joins the compiled graphs' as usual. (Dynamo traced into the launch
-    code and the interpreted kernels and failed on fake tensors, a hard error rather than a
-    break.) The inference operator returns no tile-skipping counts (zeros of shape ``(1, 2)``)."""
+    Under ``torch.compile`` / ``torch.export`` (default config) the call is one of two custom
+    operators, opaque to the tracer, so ``fullgraph=True`` works: ``simwarp::fused_warp_inference``
+    when no gradient is needed and no dropout is asked for (export works too), else
+    ``simwarp::fused_warp_train`` with ``simwarp::fused_warp_train_backward`` as its registered
+    gradient. (Dynamo traced into the launch code and the interpreted kernels and failed on
+    fake tensors, a hard error.) Calls with an explicit ``config`` are a graph break: they run
+    eagerly. Under the operators the tile-skipping counts are zeros of shape ``(1, 2)``."""
     args = (q, k, v, a, b, t, mask, spec, config, count_kept, dropout_p, seed)
     if torch.compiler.is_compiling():
-        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, a, b, t))
-        if not needs_grad and config is None and dropout_p == 0:
-            results = fused_warp_inference(
-                q, k, v, a, b, t, mask, spec.metric, spec.scale, spec.step.name, spec.temperature, spec.causal,
-                spec.exclude_self, spec.self_offset, count_kept,
-            )
-            return (*results, q.new_zeros((1, 2), dtype=torch.int32))
-        return _opaque_fused_warp_attend(*args)
+        if config is not None:
+            return _opaque_fused_warp_attend(*args)
+        options = (spec.metric, spec.scale, spec.step.name, spec.temperature, spec.causal, spec.exclude_self,
+                   spec.self_offset, count_kept)
+        needs = [torch.is_grad_enabled() and x.requires_grad for x in (q, k, v, a, b, t)]
+        skip_counts = q.new_zeros((1, 2), dtype=torch.int32)
+        if not any(needs) and dropout_p == 0:
+            return (*fused_warp_inference(q, k, v, a, b, t, mask, *options), skip_counts)
+        if dropout_p > 0 and seed is None:
+            seed = dropout_seed(q.device)
+        track_arg = spec.step.name != "none" and not spec.detach_range and (needs[0] or needs[1])  # _tracks_range
+        q, k = _normalised_q_k(q, k, spec)  # traced (and differentiated) outside the operator
+        results = fused_warp_train(q, k, v, a, b, t, mask, seed, *options, spec.detach_range, dropout_p, track_arg)
+        return (*results[:6], skip_counts)
     return _fused_warp_attend(*args)
 
 
@@ -603,3 +610,124 @@ def _(q, k, v, a, b, t, mask, metric, scale, step, temperature, causal, exclude_
         q.new_empty((*batch, n, e)), rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows),
         q.new_empty((*batch, n), dtype=torch.bool),
     )
+
+
+# -- training under torch.compile: forward and backward as operators -----------------------
+
+_TrainOutputs = tuple[(torch.Tensor,) * 14]  # out, lse, kept, lo, hi, empty, then the 8 saved for backward
+_Gradients = tuple[(torch.Tensor,) * 6]  # of q, k, v, a, b, t
+
+
+def _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept, detach_range,
+                dropout_p) -> tuple[_Plan, WarpSpec]:
+    from simwarp.backend.common import make_spec
+
+    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
+    return replace(make_plan(q, spec, None, count_kept, dropout_p), grad_enabled=True), spec
+
+
+def _normalised_q_k(q, k, spec):
+    if spec.metric == "cosine":
+        acc = _acc_dtype(q.dtype)
+        return unit_rows(q.to(acc)).to(q.dtype), unit_rows(k.to(acc)).to(k.dtype)
+    return q, k
+
+
+@torch.library.custom_op("simwarp::fused_warp_train", mutates_args=())
+def fused_warp_train(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
+    mask: torch.Tensor | None, seed: torch.Tensor | None, metric: str, scale: float | None, step: str,
+    temperature: float, causal: bool, exclude_self: bool, self_offset: int, count_kept: bool, detach_range: bool,
+    dropout_p: float, track_arg: bool,
+) -> _TrainOutputs:
+    """The fused forward for training under ``torch.compile``: ``(out, lse, kept, lo, hi, empty)``
+    and what the backward needs (``rs, prm, consts, argmin, argmax, flags, row_list, row_count``,
+    fresh tensors: operator outputs may not alias). For ``cosine``, ``q`` and ``k`` come
+    normalised (:func:`fused_warp_attend` does it outside, where autograd sees it)."""
+    plan, _ = _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept,
+                          detach_range, dropout_p)
+    with torch.no_grad():
+        out, stats, _, saved, _ = _launch_forward(q, k, v, a, b, t, mask, seed, plan, track_arg)
+    lse, kept, lo, hi, empty = stats
+    rs, prm, consts, argmin, argmax, flags, row_list, row_count = saved[8:16]
+    if not track_arg:  # placeholders (never read): one fresh empty tensor each
+        argmin, argmax = (torch.empty(0, dtype=torch.int32, device=q.device) for _ in range(2))
+    return (out, lse, kept, lo.clone(), hi.clone(), empty, rs, prm, consts, argmin.clone(), argmax.clone(),
+            flags.clone(), row_list.clone(), row_count.clone())
+
+
+@fused_warp_train.register_fake
+def _(q, k, v, a, b, t, mask, seed, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept,
+      detach_range, dropout_p, track_arg):
+    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    B = math.prod(batch)
+    acc = _acc_dtype(q.dtype)
+    cfg = _resolve_config.__wrapped__(KernelConfig(), d, q.dtype, KERNEL_STEPS[step], causal)  # d may be symbolic
+    n_qb, n_kb = triton_cdiv(n, cfg.block_m), triton_cdiv(m, cfg.block_n)
+    rows = q.new_empty((*batch, n), dtype=acc)
+    int32 = dict(dtype=torch.int32)
+    arg = (B, n) if track_arg else (0,)
+    tiles = ((B, n_qb, n_kb), (B, n_qb, n_kb), (B, n_qb)) if cfg.block_skipping else ((1, 2),) * 3
+    return (
+        q.new_empty((*batch, n, e)), rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows),
+        q.new_empty((*batch, n), dtype=torch.bool), q.new_empty((5, B, n), dtype=acc), q.new_empty((3, B, n), dtype=acc),
+        q.new_empty((3,), dtype=acc), q.new_empty(arg, **int32), q.new_empty(arg, **int32),
+        q.new_empty(tiles[0], dtype=torch.int8 if cfg.block_skipping else torch.int32), q.new_empty(tiles[1], **int32),
+        q.new_empty(tiles[2], **int32),
+    )
+
+
+@torch.library.custom_op("simwarp::fused_warp_train_backward", mutates_args=())
+def fused_warp_train_backward(
+    g_out: torch.Tensor, g_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
+    out: torch.Tensor, lse: torch.Tensor, rs: torch.Tensor, prm: torch.Tensor, consts: torch.Tensor,
+    argmin: torch.Tensor, argmax: torch.Tensor, flags: torch.Tensor, row_list: torch.Tensor, row_count: torch.Tensor,
+    metric: str, scale: float | None, step: str, temperature: float, causal: bool, exclude_self: bool,
+    self_offset: int, detach_range: bool, dropout_p: float, needs: list[bool],
+) -> _Gradients:
+    """Gradients of ``q, k, v, a, b, t`` for :func:`fused_warp_train` (empty where not needed)."""
+    plan, _ = _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_offset, True,
+                          detach_range, dropout_p)
+    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    cfg = plan.config
+    dims = (batch, math.prod(batch), batch[-1] if len(batch) else 1, n, m, d, e,
+            triton_cdiv(n, cfg.block_m), triton_cdiv(m, cfg.block_n))
+    saved = (q, k, v, a, b, t, out.reshape(-1, n, e), lse.reshape(-1, n), rs, prm, consts, argmin, argmax, flags,
+             row_list, row_count, consts if seed is None else seed)
+    with torch.no_grad():
+        grads = _launch_backward(plan, dims, saved, mask, g_out, g_lse, tuple(needs))
+    return tuple(g if g is not None else x.new_empty(0) for g, x in zip(grads, (q, k, v, a, b, t)))
+
+
+@fused_warp_train_backward.register_fake
+def _(g_out, g_lse, q, k, v, a, b, t, mask, seed, out, lse, rs, prm, consts, argmin, argmax, flags, row_list,
+      row_count, metric, scale, step, temperature, causal, exclude_self, self_offset, detach_range, dropout_p, needs):
+    return tuple(torch.empty_like(x) if need else x.new_empty(0) for x, need in zip((q, k, v, a, b, t), needs))
+
+
+def _train_setup(ctx, inputs, output) -> None:
+    q, k, v, a, b, t, mask, seed, *options = inputs
+    ctx.options = options  # metric .. track_arg (primitives)
+    ctx.save_for_backward(q, k, v, a, b, t, mask, seed, *output[:2], *output[6:])
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _train_backward(ctx, g_out, g_lse, *_unused):
+    q, k, v, a, b, t, mask, seed, out, lse, *rest = ctx.saved_tensors
+    metric, scale, step, temperature, causal, exclude_self, self_offset, _count_kept, detach_range, dropout_p, _ = (
+        ctx.options
+    )
+    needs = [bool(x) for x in ctx.needs_input_grad[:6]]
+    if g_out is None:
+        g_out = torch.zeros_like(out)
+    grads = fused_warp_train_backward(
+        g_out, g_lse, q, k, v, a, b, t, mask, seed, out, lse, *rest, metric, scale, step, temperature, causal,
+        exclude_self, self_offset, detach_range, dropout_p, needs,
+    )
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * (len(ctx.options) + 2))
+
+
+fused_warp_train.register_autograd(_train_backward, setup_context=_train_setup)
