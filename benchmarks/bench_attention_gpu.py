@@ -9,7 +9,8 @@
    * the neighbour-bank layout (few queries, many keys: key splits) vs chunked float32;
    * dropout inside the kernels vs the float64 reference with the kernels' mask
      (``dropout_keep_mask``) applied to its weights (values and all gradients);
-   * ``torch.compile`` (inductor) of a function around the fused call (a graph break) vs eager.
+   * ``torch.compile`` (inductor, fullgraph) of functions around the fused call (custom operators)
+     vs eager, training and inference.
 2. Timing (torch.cuda.Event, median of repeats after warm-up) and peak memory
    (torch.cuda.max_memory_allocated above the inputs) on B·H·N·D = 4·16·2048·64,
    2·16·8192·64, 1·16·16384·128, causal and not, forward and forward+backward, bfloat16:
@@ -286,8 +287,8 @@ def check_dropout(device, log, p: float = 0.3) -> list[dict]:
 
 
 def check_compile(device, log) -> list[dict]:
-    """torch.compile around the fused call: the kernels run eagerly at a graph break; the compiled
-    function must equal eager (values and gradients, dropout included: same seed draws)."""
+    """torch.compile (fullgraph) of functions around the fused call, which is a custom operator
+    there: equal to eager (values and gradients, dropout included: same seed draws)."""
     q, k, v = (fresh((2, 4, 256, 64), torch.float32, device, 800 + i, requires_grad=True) for i in range(3))
 
     def loss(q, k, v):
@@ -298,7 +299,7 @@ def check_compile(device, log) -> list[dict]:
     ref = loss(q, k, v)
     ref_grads = torch.autograd.grad(ref, (q, k, v))
     torch.manual_seed(11)
-    out = torch.compile(loss)(q, k, v)
+    out = torch.compile(loss, fullgraph=True)(q, k, v)  # the fused call: custom operators
     grads = torch.autograd.grad(out, (q, k, v))
     errs = {"out": rel_err(out, ref)} | {f"d{nm}": rel_err(g, rg) for nm, g, rg in zip("qkv", grads, ref_grads)}
 
