@@ -136,8 +136,9 @@ def comparison_pairs(heads) -> list[tuple[str, str]]:
     pairs = []
     for h in heads:
         base, extra, _ = parse_head(h)
-        if extra.get("step", "sigmoidal") != "sigmoidal" and base in heads:
-            pairs.append((h, base))
+        prefix = next((p for p in ("raw-", "scaled-") if h.startswith(p)), "")
+        if extra.get("step", "sigmoidal") != "sigmoidal" and prefix + base in heads:
+            pairs.append((h, prefix + base))
     if "sklearn-knn" in heads:
         pairs += [(h, "sklearn-knn") for h in heads if h not in ("linear", "knn", "sklearn-knn")]
     return pairs

@@ -392,6 +392,10 @@ class SoftStepAttention(nn.Module):
         self.last_stats: AttentionStats | None = None
         self._stats_hooks: OrderedDict[int, Any] = OrderedDict()  # (RemovableHandle keeps a weak reference)
 
+    def __getstate__(self) -> dict:
+        # hooks belong to whoever registered them (a monitor's block): not to copies or pickles
+        return {**self.__dict__, "_stats_hooks": OrderedDict()}
+
     def register_stats_hook(self, hook) -> RemovableHandle:
         """``hook(module, stats)`` runs after every call that records :class:`AttentionStats`
         (``track_stats``); returns a handle whose ``remove()`` unregisters it."""

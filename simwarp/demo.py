@@ -191,10 +191,12 @@ def train_and_evaluate(
             break
     if bar is not None:
         bar.close()
-    if best[1] is None:  # not trained
+    if opt is None:  # nothing to train: evaluated as is
         val = float(torch.sqrt(F.mse_loss(_predict(encoder, head, Xva, (Xtr, ytr)), yva))) * ysd
         best = (val, (copy.deepcopy(encoder.state_dict()), copy.deepcopy(head.state_dict())), 0)
         epoch = -1
+    if best[1] is None:
+        raise RuntimeError(f"{head_kind} on {data.name}: training diverged (every validation RMSE was NaN)")
     encoder.load_state_dict(best[1][0])
     head.load_state_dict(best[1][1])
     pred = _predict(encoder, head, Xte, (Xtr, ytr)).cpu().numpy() * ysd + ymu

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -453,6 +454,13 @@ def test_monitor_accumulates_over_calls_and_nests():
     torch.testing.assert_close(both.stats()[name].kept, second.stats()[name].kept)  # a nested monitor's
     assert first.kept_fraction()[name] is not None  # entering later monitors kept its record
     assert not layer.self_attn.softstep._stats_hooks and not layer.self_attn.softstep.track_stats
+    with AttentionMonitor(layer) as mon:  # copies made inside a block do not take its hooks
+        clone = copy.deepcopy(layer)
+        pickled = pickle.loads(pickle.dumps(layer))
+    assert not clone.self_attn.softstep._stats_hooks and not pickled.self_attn.softstep._stats_hooks
+    with torch.no_grad():
+        clone(x1)
+    assert name not in mon.stats()
 
 
 def test_encoder_layer_fast_path_does_not_bypass_softstep():

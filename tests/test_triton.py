@@ -517,25 +517,50 @@ def check_training_compiles_whole(metric, step, causal, p):
     import torch._dynamo
 
     gen = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(2, 2, 24, 16, generator=gen, requires_grad=True) for _ in range(3))
-    a = torch.full((2, 2, 24), 0.25, requires_grad=True)
+    # q as a transposed (dense, not contiguous) view, as a multi-head module's head split gives it
+    q = torch.randn(2, 24, 2, 16, generator=gen).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, 2, 24, 16, generator=gen, requires_grad=True) for _ in range(2))
+    # per-row a, b, t (instance mode): their gradients come from one buffer
+    a, b, t = (torch.full((2, 2, 24), x, requires_grad=True) for x in (0.25, 0.8, 0.4))
     mask = torch.rand(2, 1, 24, 24, generator=gen) > 0.2
+    leaves = (q, k, v, a, b, t)
 
-    def loss(q, k, v, a):
-        out = simwarp.warp_attend(q * 2.0, k, v, metric=metric, step=step, a=a, causal=causal, dropout_p=p,
-                                  mask=mask, impl="triton")
+    def loss(q, k, v, a, b, t):
+        out = simwarp.warp_attend(q * 2.0, k, v, metric=metric, step=step, a=a, b=b, t=t, causal=causal,
+                                  dropout_p=p, mask=mask, impl="triton")
         return out.square().sum()
 
     torch.manual_seed(5)
-    ref = loss(q, k, v, a)
-    ref_grads = torch.autograd.grad(ref, (q, k, v, a))
+    ref = loss(*leaves)
+    ref_grads = torch.autograd.grad(ref, leaves)
     torch._dynamo.reset()
     torch.manual_seed(5)
-    out = torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v, a)
-    grads = torch.autograd.grad(out, (q, k, v, a))
+    out = torch.compile(loss, backend="aot_eager", fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(out, leaves)
     torch.testing.assert_close(out, ref)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg)
+
+
+@check
+def check_training_compiles_with_inductor():
+    """Inductor checks every operator output's strides against the fake implementation: the
+    gradients of a transposed q must be reported contiguous (as they are)."""
+    import torch._dynamo
+
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(1, 16, 2, 8, generator=gen).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(1, 2, 16, 8, generator=gen, requires_grad=True) for _ in range(2))
+    a = torch.full((1, 2, 16), 0.3, requires_grad=True)
+
+    def loss(q, k, v, a):
+        return simwarp.warp_attend(q * 2.0, k, v, step="sigmoidal", a=a, impl="triton").square().sum()
+
+    ref_grads = torch.autograd.grad(loss(q, k, v, a), (q, k, v, a))
+    torch._dynamo.reset()
+    grads = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v, a), (q, k, v, a))
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
 
 
 @check

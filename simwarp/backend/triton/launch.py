@@ -699,13 +699,19 @@ def fused_warp_train_backward(
              row_list, row_count, consts if seed is None else seed)
     with torch.no_grad():
         grads = _launch_backward(plan, dims, saved, mask, g_out, g_lse, tuple(needs))
-    return tuple(g if g is not None else x.new_empty(0) for g, x in zip(grads, (q, k, v, a, b, t)))
+    # fresh and contiguous, as the fake implementation says: da, db, dt can be views of one
+    # buffer (per-row a, b, t), and operator outputs may not alias
+    return tuple(
+        x.new_empty(0) if g is None else g.clone(memory_format=torch.contiguous_format)
+        if g._is_view() or not g.is_contiguous() else g
+        for g, x in zip(grads, (q, k, v, a, b, t))
+    )
 
 
 @fused_warp_train_backward.register_fake
 def _(g_out, g_lse, q, k, v, a, b, t, mask, seed, out, lse, rs, prm, consts, argmin, argmax, flags, row_list,
       row_count, metric, scale, step, temperature, causal, exclude_self, self_offset, detach_range, dropout_p, needs):
-    return tuple(torch.empty_like(x) if need else x.new_empty(0) for x, need in zip((q, k, v, a, b, t), needs))
+    return tuple(x.new_empty(x.shape) if need else x.new_empty(0) for x, need in zip((q, k, v, a, b, t), needs))
 
 
 def _train_setup(ctx, inputs, output) -> None:
