@@ -26,7 +26,7 @@ import torch
 
 from simwarp import steps as _steps
 from simwarp._autograd import first_order
-from simwarp.backend.common import WarpSpec, broadcast_shape, device_constants
+from simwarp.backend.common import WarpSpec, broadcast_shape, device_constants, make_spec
 from simwarp.similarity import default_scale, unit_rows
 
 METRIC_CODES = {"dot": 0, "cosine": 0, "sqeuclidean": 1, "l2": 2}
@@ -562,7 +562,7 @@ def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConf
             return (*fused_warp_inference(q, k, v, a, b, t, mask, *options), skip_counts)
         if dropout_p > 0 and seed is None:
             seed = dropout_seed(q.device)
-        track_arg = spec.step.name != "none" and not spec.detach_range and (needs[0] or needs[1])  # _tracks_range
+        track_arg = spec.step.name != "none" and not spec.detach_range and (needs[0] or needs[1])  # as _tracks_range
         q, k = _normalised_q_k(q, k, spec)  # traced (and differentiated) outside the operator
         results = fused_warp_train(q, k, v, a, b, t, mask, seed, *options, spec.detach_range, dropout_p, track_arg)
         return (*results[:6], skip_counts)
@@ -575,10 +575,7 @@ def _fused_warp_attend(q, k, v, a, b, t, mask, spec, config, count_kept, dropout
         seed = None
     elif seed is None:
         seed = dropout_seed(q.device)
-    if spec.metric == "cosine":
-        acc = _acc_dtype(q.dtype)
-        q = unit_rows(q.to(acc)).to(q.dtype)
-        k = unit_rows(k.to(acc)).to(k.dtype)
+    q, k = _normalised_q_k(q, k, spec)
     return _TritonWarp.apply(q, k, v, a, b, t, mask, seed, plan)
 
 
@@ -593,8 +590,6 @@ def fused_warp_inference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused forward without autograd, as one operator for ``torch.compile`` and
     ``torch.export``: ``(out, lse, kept, lo, hi, empty)`` of :func:`fused_warp_attend`."""
-    from simwarp.backend.common import make_spec
-
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, True, self_offset)
     with torch.no_grad():
         out, lse, kept, lo, hi, empty, _ = _fused_warp_attend(q, k, v, a, b, t, mask, spec, None, count_kept, 0.0, None)
@@ -619,14 +614,14 @@ _Gradients = tuple[(torch.Tensor,) * 6]  # of q, k, v, a, b, t
 
 
 def _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept, detach_range,
-                dropout_p) -> tuple[_Plan, WarpSpec]:
-    from simwarp.backend.common import make_spec
-
+                dropout_p) -> _Plan:
+    """The launch plan of an operator call (default config; the gradient is wanted)."""
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
-    return replace(make_plan(q, spec, None, count_kept, dropout_p), grad_enabled=True), spec
+    return replace(make_plan(q, spec, None, count_kept, dropout_p), grad_enabled=True)
 
 
 def _normalised_q_k(q, k, spec):
+    """``cosine``: ``q`` and ``k`` as unit rows (the kernels then take dot products); else as they are."""
     if spec.metric == "cosine":
         acc = _acc_dtype(q.dtype)
         return unit_rows(q.to(acc)).to(q.dtype), unit_rows(k.to(acc)).to(k.dtype)
@@ -644,8 +639,8 @@ def fused_warp_train(
     and what the backward needs (``rs, prm, consts, argmin, argmax, flags, row_list, row_count``,
     fresh tensors: operator outputs may not alias). For ``cosine``, ``q`` and ``k`` come
     normalised (:func:`fused_warp_attend` does it outside, where autograd sees it)."""
-    plan, _ = _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept,
-                          detach_range, dropout_p)
+    plan = _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept,
+                       detach_range, dropout_p)
     with torch.no_grad():
         out, stats, _, saved, _ = _launch_forward(q, k, v, a, b, t, mask, seed, plan, track_arg)
     lse, kept, lo, hi, empty = stats
@@ -688,8 +683,8 @@ def fused_warp_train_backward(
     self_offset: int, detach_range: bool, dropout_p: float, needs: list[bool],
 ) -> _Gradients:
     """Gradients of ``q, k, v, a, b, t`` for :func:`fused_warp_train` (empty where not needed)."""
-    plan, _ = _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_offset, True,
-                          detach_range, dropout_p)
+    plan = _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_offset, True,
+                       detach_range, dropout_p)
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     cfg = plan.config
