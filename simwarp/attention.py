@@ -723,7 +723,14 @@ def _restep(module: MultiheadSoftStepAttention, softstep_kwargs: dict, overwrite
     wanted = {**(current or {}), **softstep_kwargs}
     if wanted.get("init") is not None:
         wanted["init"] = tuple(wanted["init"])
-    if wanted == current or (current is None and not overwrite):
+    if wanted == current:
+        return
+    if current is None and not overwrite:
+        warnings.warn(
+            "swap_attention: a MultiheadSoftStepAttention saved by an older simwarp does not record its step "
+            f"options, so {softstep_kwargs} cannot be checked against them; it keeps its step (pass "
+            "overwrite=True to replace it)", UserWarning, stacklevel=3,
+        )
         return
     if not overwrite:
         raise ValueError(
