@@ -582,7 +582,21 @@ def _fused_warp_attend(q, k, v, a, b, t, mask, spec, config, count_kept, dropout
 _opaque_fused_warp_attend = torch.compiler.disable(_fused_warp_attend, recursive=True)
 
 
-@torch.library.custom_op("simwarp::fused_warp_inference", mutates_args=())
+# Operator schemas spelled out: torch 2.4 cannot infer them from postponed (string)
+# annotations (pytorch#105157, fixed later), and ``tuple[...]``/``list[...]`` handling changed
+# between versions.
+_SCHEMA_FUSED_WARP_INFERENCE = (
+    "(Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor t, Tensor? mask, str metric, float? scale, str step, float temperature, bool causal, bool exclude_self, SymInt self_offset, bool count_kept) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_SCHEMA_FUSED_WARP_TRAIN = (
+    "(Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor t, Tensor? mask, Tensor? seed, str metric, float? scale, str step, float temperature, bool causal, bool exclude_self, SymInt self_offset, bool count_kept, bool detach_range, float dropout_p, bool track_arg) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_SCHEMA_FUSED_WARP_TRAIN_BACKWARD = (
+    "(Tensor g_out, Tensor? g_lse, Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor t, Tensor? mask, Tensor? seed, Tensor out, Tensor lse, Tensor rs, Tensor prm, Tensor consts, Tensor argmin, Tensor argmax, Tensor flags, Tensor row_list, Tensor row_count, str metric, float? scale, str step, float temperature, bool causal, bool exclude_self, SymInt self_offset, bool detach_range, float dropout_p, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("simwarp::fused_warp_inference", mutates_args=(), schema=_SCHEMA_FUSED_WARP_INFERENCE)
 def fused_warp_inference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
     mask: torch.Tensor | None, metric: str, scale: float | None, step: str, temperature: float, causal: bool,
@@ -628,7 +642,7 @@ def _normalised_q_k(q, k, spec):
     return q, k
 
 
-@torch.library.custom_op("simwarp::fused_warp_train", mutates_args=())
+@torch.library.custom_op("simwarp::fused_warp_train", mutates_args=(), schema=_SCHEMA_FUSED_WARP_TRAIN)
 def fused_warp_train(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
     mask: torch.Tensor | None, seed: torch.Tensor | None, metric: str, scale: float | None, step: str,
@@ -673,7 +687,7 @@ def _(q, k, v, a, b, t, mask, seed, metric, scale, step, temperature, causal, ex
     )
 
 
-@torch.library.custom_op("simwarp::fused_warp_train_backward", mutates_args=())
+@torch.library.custom_op("simwarp::fused_warp_train_backward", mutates_args=(), schema=_SCHEMA_FUSED_WARP_TRAIN_BACKWARD)
 def fused_warp_train_backward(
     g_out: torch.Tensor, g_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None,
