@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from simwarp._autograd import is_finite_real, require
 from simwarp.backend import warp_attend, warp_weights
-from simwarp.backend.common import as_real
+from simwarp.backend.common import as_real, check_dropout_p
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
 from simwarp.steps import SoftStep
 
@@ -73,12 +73,17 @@ class AttentionStats(NamedTuple):
         """``kept / valid`` per row, ``(B, H, L)``; 0 on empty rows."""
         return torch.where(self.empty, torch.zeros_like(self.kept), self.kept / self.valid.clamp_min(1))
 
-    def head_kept_fraction(self) -> torch.Tensor:
-        """Mean kept fraction per head over all non-empty rows of the batch: ``(H,)``."""
+    def head_kept_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per head, the sum of the kept fractions of the non-empty rows and their number: ``(H,)`` each."""
         frac = self.kept_fraction.detach()
         ok = (~self.empty).to(frac.dtype)
         dims = tuple(d for d in range(frac.dim()) if d != frac.dim() - 2)
-        return (frac * ok).sum(dims) / ok.sum(dims).clamp_min(1)
+        return (frac * ok).sum(dims), ok.sum(dims)
+
+    def head_kept_fraction(self) -> torch.Tensor:
+        """Mean kept fraction per head over all non-empty rows of the batch: ``(H,)``."""
+        total, rows = self.head_kept_sums()
+        return total / rows.clamp_min(1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,9 +288,7 @@ def _attend(
     met the values (after dropout, as ``nn.MultiheadAttention`` and transformers' eager
     attention return them)."""
     groups = _check_sdpa_shapes(query, key, value, enable_gqa)
-    dropout_p = as_real("dropout_p", dropout_p, "a float in [0, 1)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = check_dropout_p(dropout_p)
     n, s = query.shape[-2], key.shape[-2]
     mask = _as_bool_mask(attn_mask, query, s)
     q, k, v = query, key, value
@@ -508,13 +511,18 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
             embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
             device=device, dtype=dtype,
         )
-        #: the step options (``swap_attention`` compares a later call with them)
-        self.softstep_options = {"mode": mode, "step": step, "init": None if init is None else tuple(init),
-                                 "hidden": hidden}
-        self.softstep = SoftStepAttention(num_heads, self.head_dim, mode=mode, step=step, init=init, hidden=hidden)
-        if device is not None or dtype is not None:  # factory kwargs apply to every parameter
-            self.softstep.to(device=device, dtype=dtype)
+        options = {"mode": mode, "step": step, "init": None if init is None else tuple(init), "hidden": hidden}
+        self.set_step(options, device=device, dtype=dtype)  # factory kwargs apply to every parameter
         self.register_forward_pre_hook(_disable_fused_fast_path)
+
+    def set_step(self, options: dict, device: Any = None, dtype: Any = None) -> None:
+        """A fresh ``softstep`` submodule with ``options`` (``mode``, ``step``, ``init``,
+        ``hidden``), recorded in ``softstep_options`` (``swap_attention`` compares a later call
+        with them)."""
+        self.softstep_options = dict(options)
+        self.softstep = SoftStepAttention(self.num_heads, self.head_dim, **options)
+        if device is not None or dtype is not None:
+            self.softstep.to(device=device, dtype=dtype)
 
     @classmethod
     def from_multihead(cls, mha: nn.MultiheadAttention, **softstep_kwargs: Any) -> MultiheadSoftStepAttention:
@@ -738,5 +746,4 @@ def _restep(module: MultiheadSoftStepAttention, softstep_kwargs: dict, overwrite
             f"{wanted}; pass overwrite=True for fresh step parameters with the new options"
         )
     ref = module.out_proj.weight
-    module.softstep = SoftStepAttention(module.num_heads, module.head_dim, **wanted).to(ref.device, ref.dtype)
-    module.softstep_options = wanted
+    module.set_step(wanted, device=ref.device, dtype=ref.dtype)

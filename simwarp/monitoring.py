@@ -76,10 +76,7 @@ class AttentionMonitor:
     def _record(self, name: str, stats: AttentionStats) -> None:
         self._last[name] = stats
         if self.accumulate:
-            frac = stats.kept_fraction
-            ok = (~stats.empty).to(frac.dtype)
-            dims = tuple(d for d in range(frac.dim()) if d != frac.dim() - 2)
-            total, rows = (frac * ok).sum(dims), ok.sum(dims)
+            total, rows = stats.head_kept_sums()
             if name in self._sums:
                 total, rows = total + self._sums[name][0], rows + self._sums[name][1]
             self._sums[name] = (total, rows)

@@ -22,8 +22,8 @@ from simwarp.backend.chunked import chunked_warp_attend, chunked_warp_range
 from simwarp.backend.common import (
     IMPLS,
     WarpStats,
-    as_real,
     broadcast_shape,
+    check_dropout_p,
     check_inputs,
     make_spec,
     resolve_params,
@@ -202,9 +202,7 @@ def warp_attend(
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    dropout_p = as_real("dropout_p", dropout_p, "a float in [0, 1)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = check_dropout_p(dropout_p)
     n, m = q.shape[-2], k.shape[-2]
     dtype = work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)

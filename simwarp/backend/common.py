@@ -627,6 +627,14 @@ def as_real(name: str, value, kind: str) -> float:
     return float(value)
 
 
+def check_dropout_p(dropout_p) -> float:
+    """``dropout_p`` as a float in ``[0, 1)`` (``TypeError`` / ``ValueError`` otherwise)."""
+    dropout_p = as_real("dropout_p", dropout_p, "a float in [0, 1)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return dropout_p
+
+
 def as_flag(name: str, value) -> bool:
     """``value`` as a bool: Python and NumPy bools, and the ints 0 and 1; anything else (a string,
     None, a tensor) is a ``TypeError`` that names ``name``."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (ImportError here = the fused backend is unavailable)
 
-from simwarp.backend.common import WarpSpec, WarpStats
+from simwarp.backend.common import WarpSpec, WarpStats, check_dropout_p
 from simwarp.backend.triton.launch import (
     KERNEL_STEPS,
     KernelConfig,
@@ -99,8 +99,7 @@ def triton_warp_attend(
 
 
 def _check_dropout(dropout_p, seed, device: torch.device) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_dropout_p(dropout_p)
     if seed is None:
         return
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:

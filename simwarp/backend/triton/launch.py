@@ -227,7 +227,7 @@ class _TritonWarp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, a, b, t, mask, seed, plan: _Plan):
         # needs_input_grad says True under torch.no_grad too: the plan knows the grad mode
-        track_arg = plan.grad_enabled and _tracks_range(plan, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        track_arg = plan.grad_enabled and _tracks_range(plan.step, plan.detach_range, *ctx.needs_input_grad[:2])
         out_b, stats, counts, saved, dims = _launch_forward(q, k, v, a, b, t, mask, seed, plan, track_arg)
         ctx.plan, ctx.dims, ctx.has_mask = plan, dims, mask is not None
         ctx.save_for_backward(*saved, *(() if mask is None else (mask,)))
@@ -243,6 +243,15 @@ class _TritonWarp(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+def _dims(q, k, v, cfg: KernelConfig) -> tuple:
+    """``(batch, B, B1, n, m, d, e, n_qb, n_kb)`` of a call: the broadcast batch, its size and
+    last dim, the sizes, and the forward's query/key tile counts."""
+    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    return (batch, math.prod(batch), batch[-1] if len(batch) else 1, n, m, d, e,
+            triton_cdiv(n, cfg.block_m), triton_cdiv(m, cfg.block_n))
+
+
 def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     """The forward kernels. Returns ``(out, [lse, kept, lo, hi, empty], skip_counts, saved,
     dims)``: ``saved`` (17 tensors) and ``dims`` are what :func:`_launch_backward` needs."""
@@ -252,10 +261,7 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     tl_acc = _tl_acc(mod, q.dtype)
     prec = _precision(q.dtype, cfg)
     dev = q.device
-    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    B = math.prod(batch)
-    B1 = batch[-1] if len(batch) else 1
+    dims = batch, B, B1, n, m, d, e, n_qb, n_kb = _dims(q, k, v, cfg)
     # Pass 1 goes to the GPU first: everything else is host work that overlaps it.
     q4, k4 = _view4(q, batch, n, d), _view4(k, batch, m, d)
     mask4 = _mask4(mask, batch, n, m, q4)
@@ -264,7 +270,6 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
         seed = consts
     BM, BN = cfg.block_m, cfg.block_n
     BD, BE = _pow2(d), _pow2(e)
-    n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
     S = _num_splits(cfg, B * n_qb, n_kb, dev)
     kps = triton_cdiv(n_kb, S)
     S = triton_cdiv(n_kb, kps)
@@ -334,7 +339,7 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     saved = (q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count, seed)
     out_b = out.view(*batch, n, e)
     stats = [x.view(*batch, n) for x in (lse, kept, lo, hi, empty)]
-    return out_b, stats, counts, saved, (batch, B, B1, n, m, d, e, n_qb, n_kb)
+    return out_b, stats, counts, saved, dims
 
 
 def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
@@ -362,7 +367,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
     BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
     BD, BE = _pow2(d), _pow2(e)
     n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
-    track_range = _tracks_range(plan, need_q, need_k)
+    track_range = _tracks_range(plan.step, plan.detach_range, need_q, need_k)
     common = dict(METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, EXCL=plan.exclude_self,
                   HAS_MASK=mask is not None, EVEN=_even_tiles(n, m, cfg),
                   SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
@@ -454,10 +459,10 @@ def _column_lists(mod, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return lists, counts
 
 
-def _tracks_range(plan: _Plan, need_q: bool, need_k: bool) -> bool:
+def _tracks_range(step: int, detach_range: bool, need_q: bool, need_k: bool) -> bool:
     """Whether the backward routes gradient through the row range (``lo``, ``hi``): only a step
-    depends on it, and ``detach_range`` cuts it."""
-    return plan.step != 0 and not plan.detach_range and (need_q or need_k)
+    (kernel code ``step``, not ``none``) depends on it, and ``detach_range`` cuts it."""
+    return step != 0 and not detach_range and (need_q or need_k)
 
 
 def _consts(plan: _Plan, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -562,7 +567,7 @@ def fused_warp_attend(q, k, v, a, b, t, mask, spec: WarpSpec, config: KernelConf
             return (*fused_warp_inference(q, k, v, a, b, t, mask, *options), skip_counts)
         if dropout_p > 0 and seed is None:
             seed = dropout_seed(q.device)
-        track_arg = spec.step.name != "none" and not spec.detach_range and (needs[0] or needs[1])  # as _tracks_range
+        track_arg = _tracks_range(KERNEL_STEPS[spec.step.name], spec.detach_range, *needs[:2])
         q, k = _normalised_q_k(q, k, spec)  # traced (and differentiated) outside the operator
         results = fused_warp_train(q, k, v, a, b, t, mask, seed, *options, spec.detach_range, dropout_p, track_arg)
         return (*results[:6], skip_counts)
@@ -668,12 +673,9 @@ def fused_warp_train(
 @fused_warp_train.register_fake
 def _(q, k, v, a, b, t, mask, seed, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept,
       detach_range, dropout_p, track_arg):
-    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    B = math.prod(batch)
     acc = _acc_dtype(q.dtype)
-    cfg = _resolve_config.__wrapped__(KernelConfig(), d, q.dtype, KERNEL_STEPS[step], causal)  # d may be symbolic
-    n_qb, n_kb = triton_cdiv(n, cfg.block_m), triton_cdiv(m, cfg.block_n)
+    cfg = _resolve_config.__wrapped__(KernelConfig(), q.shape[-1], q.dtype, KERNEL_STEPS[step], causal)  # d may be symbolic
+    batch, B, _, n, _, _, e, n_qb, n_kb = _dims(q, k, v, cfg)
     rows = q.new_empty((*batch, n), dtype=acc)
     int32 = dict(dtype=torch.int32)
     arg = (B, n) if track_arg else (0,)
@@ -699,11 +701,8 @@ def fused_warp_train_backward(
     """Gradients of ``q, k, v, a, b, t`` for :func:`fused_warp_train` (empty where not needed)."""
     plan = _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_offset, True,
                        detach_range, dropout_p)
-    batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    n, m, d, e = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    cfg = plan.config
-    dims = (batch, math.prod(batch), batch[-1] if len(batch) else 1, n, m, d, e,
-            triton_cdiv(n, cfg.block_m), triton_cdiv(m, cfg.block_n))
+    dims = _dims(q, k, v, plan.config)
+    n, e = dims[3], dims[6]
     saved = (q, k, v, a, b, t, out.reshape(-1, n, e), lse.reshape(-1, n), rs, prm, consts, argmin, argmax, flags,
              row_list, row_count, consts if seed is None else seed)
     with torch.no_grad():
