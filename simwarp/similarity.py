@@ -68,6 +68,15 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > _COSINE_EPS, x / norm.clamp_min(_COSINE_EPS), 0.0)
 
 
+def unit_rows_backward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``∂/∂x`` of ``Σ g · unit_rows(x)`` (the same rows of norm at most ``1e-12`` get 0):
+    ``(g - x̂ (x̂ · g)) / ‖x‖`` row by row, for the streaming backward passes."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    inv = torch.where(norm > _COSINE_EPS, 1.0 / norm.clamp_min(_COSINE_EPS), 0.0)
+    unit = x * inv
+    return (g - unit * (unit * g).sum(-1, keepdim=True)).mul_(inv)
+
+
 def _plus_transpose(g: torch.Tensor) -> torch.Tensor:
     """``g + gᵀ`` of a square matrix (``copy_`` has a fast path for a transposed source; the
     elementwise ``g + g.T`` is 4x slower)."""
@@ -125,12 +134,19 @@ class _ScaledSquaredDistance(torch.autograd.Function):
             g = _plus_transpose(g) if g.dim() == 2 else g + g.transpose(-1, -2)
             return (q * g.sum(-1, keepdim=True) - g @ q).mul_(2.0 * ctx.c).sum_to_size(q.shape), None, None
         need_q, need_k, _ = ctx.needs_input_grad
-        gq = gk = None  # the factor 2c is applied to the small (rows × d) results
-        if need_q:
-            gq = (q * g.sum(-1, keepdim=True) - torch.matmul(g, k)).mul_(2.0 * ctx.c).sum_to_size(q.shape)
-        if need_k:
-            gk = (k * g.sum(-2).unsqueeze(-1) - torch.matmul(g.transpose(-1, -2), q)).mul_(2.0 * ctx.c).sum_to_size(k.shape)
-        return gq, gk, None
+        return (*_squared_distance_grads(g, q, k, 2.0 * ctx.c, need_q, need_k), None)
+
+
+def _squared_distance_grads(g, q, k, factor: float, need_q: bool = True, need_k: bool = True):
+    """``(∂q, ∂k)`` of ``Σ_ij g_ij · factor/2 · ‖q_i - k_j‖²``: ``factor (q Σ_j g - g k)`` and
+    ``factor (k Σ_i g - gᵀ q)`` (``None`` where not needed), reduced to ``q``'s and ``k``'s
+    shapes. The factor is applied to the small (rows × d) results."""
+    gq = gk = None
+    if need_q:
+        gq = (q * g.sum(-1, keepdim=True) - torch.matmul(g, k)).mul_(factor).sum_to_size(q.shape)
+    if need_k:
+        gk = (k * g.sum(-2).unsqueeze(-1) - torch.matmul(g.transpose(-1, -2), q)).mul_(factor).sum_to_size(k.shape)
+    return gq, gk
 
 
 #: Entries per slice in :func:`squared_norms` (1 MiB temporaries in float32).
@@ -217,6 +233,75 @@ def pairwise_similarity(
     else:  # l1: materialises (..., n, m, d); dense path only
         s = -(q.unsqueeze(-2) - k.unsqueeze(-3)).abs().sum(-1)
     return s * c if c != 1.0 else s
+
+
+def _safe_reciprocal(y: torch.Tensor) -> torch.Tensor:
+    """``1 / y`` for distances ``y >= 0``, and 0 at ``y = 0`` (:class:`_SafeSqrt`'s form)."""
+    return (y * y).add_(torch.finfo(y.dtype).tiny).reciprocal_().mul_(y)
+
+
+def pairwise_similarity_backward(
+    g: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    s: torch.Tensor,
+    metric: str,
+    scale: float | None = None,
+    need_q: bool = True,
+    need_k: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(∂q, ∂k)`` of ``Σ g ⊙ pairwise_similarity(q, k, metric, scale)``, written out, without
+    autograd: the streaming backward passes call it once per key block, and
+    ``torch.compile`` traces it (it cannot trace ``torch.autograd.grad``). The same gradients
+    as autograd through :func:`pairwise_similarity` (``l2``: 0 at distance 0).
+
+    Args:
+        g: ``(..., n, m)`` gradient of the similarities.
+        q, k: ``(..., n, d)`` and ``(..., m, d)``, as passed to :func:`pairwise_similarity`.
+        s: ``(..., n, m)`` their similarities (``l2`` reads its distances from them).
+        metric: one of :data:`STREAMING_METRICS`; ``scale``: as in :func:`pairwise_similarity`.
+        need_q, need_k: which gradients to compute (the other comes back ``None``).
+
+    Returns:
+        ``∂q`` shaped like ``q`` and ``∂k`` like ``k`` (broadcast dims summed).
+    """
+    c = default_scale(metric, q.shape[-1]) if scale is None else scale
+    if metric in ("dot", "cosine"):
+        g = g * c if c != 1.0 else g
+        qs, ks = (unit_rows(q), unit_rows(k)) if metric == "cosine" else (q, k)
+        gq = torch.matmul(g, ks).sum_to_size(q.shape) if need_q else None
+        gk = torch.matmul(g.transpose(-1, -2), qs).sum_to_size(k.shape) if need_k else None
+        if metric == "cosine":
+            gq = None if gq is None else unit_rows_backward(q, gq)
+            gk = None if gk is None else unit_rows_backward(k, gk)
+        return gq, gk
+    if metric == "sqeuclidean":
+        return _squared_distance_grads(g, q, k, -2.0 * c, need_q, need_k)
+    if metric == "l2":  # s = -c y, y = ‖q - k‖: ∂s/∂(y²) = -c / (2 y)
+        return _squared_distance_grads(g * _safe_reciprocal(s / -c), q, k, -c, need_q, need_k)
+    raise ValueError(f"metric must be one of {STREAMING_METRICS}, got {metric!r}")
+
+
+def paired_similarity_backward(
+    g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, metric: str, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂q, ∂k)`` of ``Σ g ⊙ paired_similarity(q, k, metric, scale)`` without autograd (see
+    :func:`pairwise_similarity_backward`). ``g``: ``(..., n)``; ``q``, ``k``: ``(..., n, d)``
+    of one shape; returns two ``(..., n, d)`` tensors."""
+    c = default_scale(metric, q.shape[-1]) if scale is None else scale
+    g = (g * c if c != 1.0 else g).unsqueeze(-1)
+    if metric == "dot":
+        return g * k, g * q
+    if metric == "cosine":
+        return unit_rows_backward(q, g * unit_rows(k)), unit_rows_backward(k, g * unit_rows(q))
+    if metric in ("sqeuclidean", "l2"):
+        diff = q - k
+        if metric == "sqeuclidean":
+            gq = diff.mul_(-2.0 * g)
+        else:  # ∂‖q - k‖/∂q = (q - k) / ‖q - k‖, 0 at distance 0
+            gq = diff.mul_(_safe_reciprocal(torch.linalg.vector_norm(diff, dim=-1, keepdim=True)).mul_(-g))
+        return gq, -gq
+    raise ValueError(f"metric must be one of {STREAMING_METRICS}, got {metric!r}")
 
 
 class PreparedKeys:

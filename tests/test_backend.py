@@ -218,6 +218,25 @@ def test_gradcheck(impl, metric, step):
     assert torch.autograd.gradcheck(fn, (q, k, v, a, b, t))
 
 
+@pytest.mark.parametrize("roles", ["qqq", "qqv", "qkq", "qkk"])
+@pytest.mark.parametrize("plain", [False, True])
+def test_chunked_gradients_of_one_tensor_in_several_roles(roles, plain):
+    """Self-attention passes one tensor as q, k and v; the chunked function takes each distinct
+    tensor once (torch.compile cannot trace one given twice) and sums its roles' gradients.
+    Against dense, float64, on the mask form and on the general path (a user step)."""
+    gen = torch.Generator().manual_seed(3)
+    x, y, z = (torch.randn(2, 7, 4, generator=gen, dtype=f64, requires_grad=True) for _ in range(3))
+    pick = {"q": x, "k": y, "v": z}
+    kw = {"metric": "l2", "step": _plain_step("poly") if plain else "poly", "causal": True, "a": 0.2}
+    grads = []
+    for impl in ("dense", "chunked"):
+        q, k, v = (pick[r] for r in roles)
+        out = simwarp.warp_attend(q, k, v, impl=impl, chunk_size=3, **kw)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), (x, y, z), allow_unused=True, materialize_grads=True))
+    for gc, gd in zip(*grads):
+        torch.testing.assert_close(gc, gd, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
 def test_detach_range_drops_only_the_range_gradient(impl):
     gen = torch.Generator().manual_seed(2)

@@ -7,11 +7,14 @@ from step_references import log_reference, poly_reference, sigmoidal_reference
 import simwarp
 from simwarp.similarity import (
     METRICS,
+    STREAMING_METRICS,
     BlockSimilarity,
     PreparedKeys,
     default_scale,
     paired_similarity,
+    paired_similarity_backward,
     pairwise_similarity,
+    pairwise_similarity_backward,
     safe_sqrt,
 )
 from simwarp.steps import SoftStep, available_steps, get_step, params_from_raw, register_step
@@ -123,6 +126,38 @@ def test_l2_gradient_is_finite_at_zero_distance():
     y = torch.zeros(3, dtype=f64, requires_grad=True)
     safe_sqrt(y).sum().backward()
     assert torch.equal(y.grad, torch.zeros(3, dtype=f64))
+
+
+@pytest.mark.parametrize("metric", STREAMING_METRICS)
+@pytest.mark.parametrize("scale", [None, 0.37])
+@pytest.mark.parametrize("k_lead", [(2, 3), (3,), (1, 3)])
+def test_closed_form_similarity_gradients_are_autograds(metric, scale, k_lead):
+    """The streaming backward's closed forms against autograd through the similarity, float64,
+    broadcast leading dims, with a zero row (cosine: gradient 0) and a key equal to a query
+    (l2: distance 0, gradient 0)."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 3, 5, 4, generator=gen, dtype=f64)
+    k = torch.randn(*k_lead, 6, 4, generator=gen, dtype=f64)
+    q[0, 1, 2] = 0.0
+    k[..., 3, :] = q[-1, -1, 1]
+    q.requires_grad_(), k.requires_grad_()
+    s = pairwise_similarity(q, k, metric, scale)
+    g = torch.randn(s.shape, generator=gen, dtype=f64)
+    want = torch.autograd.grad(s, (q, k), g)
+    got = pairwise_similarity_backward(g, q.detach(), k.detach(), s.detach(), metric, scale)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    assert pairwise_similarity_backward(g, q.detach(), k.detach(), s.detach(), metric, scale, need_q=False)[0] is None
+
+    kp = k.detach().expand(2, 3, 6, 4)[..., 1:, :].clone()  # one key per query
+    kp[-1, -1, 1] = q[-1, -1, 1].detach()
+    kp.requires_grad_()
+    sp = paired_similarity(q, kp, metric, scale)
+    gp = torch.randn(sp.shape, generator=gen, dtype=f64)
+    want = torch.autograd.grad(sp, (q, kp), gp)
+    got = paired_similarity_backward(gp, q.detach(), kp.detach(), metric, scale)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- steps

@@ -10,9 +10,11 @@ For the built-in steps over the rows' own range, pass 1 has found each row's lar
 backward applies the closed-form :func:`~simwarp.backend.common.warp_backward` per block. User
 steps and a range fixed from outside take the general path: an online softmax over
 ``ℓ = s/τ + φ(u)``, and a backward that pulls ``dℓ = w (δ - D)`` back through each block's
-autograd graph, so every registered step gets exact gradients without a hand-written
-derivative. Either way only the similarity is differentiated by autograd. The gradient of the
-row range (``∂L/∂lo``, ``∂L/∂hi`` accumulated over blocks) is finally routed to the
+autograd graph of the step, so every registered step gets exact gradients without a
+hand-written derivative. Either way the similarity's own gradient is written out
+(:func:`~simwarp.similarity.pairwise_similarity_backward`), so that ``torch.compile`` traces
+the backward of the built-in steps (it cannot trace ``torch.autograd.grad``). The gradient of
+the row range (``∂L/∂lo``, ``∂L/∂hi`` accumulated over blocks) is finally routed to the
 argmin/argmax key of each row (the first such key on ties), as in ``GRADIENTS.md``. Memory is
 ``O(rows · chunk)`` in both directions.
 """
@@ -37,7 +39,12 @@ from simwarp.backend.common import (
     warp_logits,
     work_dtype,
 )
-from simwarp.similarity import BlockSimilarity, paired_similarity, pairwise_similarity, rows_from
+from simwarp.similarity import (
+    BlockSimilarity,
+    paired_similarity_backward,
+    pairwise_similarity_backward,
+    rows_from,
+)
 
 #: Target number of score entries per block (rows × keys): 1 MB per float32 temporary. The
 #: step math keeps a few dozen block-sized temporaries alive at peak (more in backward);
@@ -134,7 +141,13 @@ def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int,
 
 class _ChunkedWarp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int, row_range, indices: bool):
+    def forward(
+        ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int, row_range, indices: bool,
+        aliases: tuple[bool, str | None],
+    ):
+        ctx.aliases = aliases
+        qkv_in = (q, k, v)
+        q, k, v = _resolve(qkv_in, aliases)
         dtype = work_dtype(q.dtype)
         batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, e = q.shape[-2], k.shape[-2], v.shape[-1]
@@ -196,7 +209,7 @@ class _ChunkedWarp(torch.autograd.Function):
         ctx.spec, ctx.chunk, ctx.has_mask, ctx.mask_form = spec, chunk, mask is not None, mask_form
         ctx.dropout_p, ctx.seed, ctx.fixed_range = dropout_p, seed, row_range is not None
         optional_mask = () if mask is None else (mask,)
-        ctx.save_for_backward(q, k, v, a, b, t, *optional_mask, out, lse, inv_denom, lo, hi, argmin, argmax)
+        ctx.save_for_backward(*qkv_in, a, b, t, *optional_mask, out, lse, inv_denom, lo, hi, argmin, argmax)
         ctx.mark_non_differentiable(kept, lo, hi, empty)
         return out.to(q.dtype), lse, kept, lo, hi, empty
 
@@ -204,11 +217,13 @@ class _ChunkedWarp(torch.autograd.Function):
     @first_order
     def backward(ctx, g_out, g_lse, *_unused):
         saved = list(ctx.saved_tensors)
-        q, k, v, a, b, t = saved[:6]
+        q, k, v = _resolve(saved[:3], ctx.aliases)
+        a, b, t = saved[3:6]
         mask = saved[6] if ctx.has_mask else None
         out, lse, inv_denom, lo, hi, argmin, argmax = saved[-7:]
         spec: WarpSpec = ctx.spec
-        need_q, need_k, need_v, need_a, need_b, need_t = ctx.needs_input_grad[:6]
+        need_q, need_k, need_v = _resolve(ctx.needs_input_grad[:3], ctx.aliases)
+        need_a, need_b, need_t = ctx.needs_input_grad[3:6]
         dtype = work_dtype(q.dtype)
         batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -223,93 +238,130 @@ class _ChunkedWarp(torch.autograd.Function):
         inv_denom = inv_denom.unsqueeze(-1)
 
         track_range = not (spec.detach_range or ctx.fixed_range) and (need_q or need_k)
-        q_ = q.detach().requires_grad_(need_q)
+        need_s = need_q or need_k
+        # The step's parameters and the row range: leaves of each block's autograd graph on the
+        # general path (a user step), closed-form gradients (warp_backward) on the mask form.
         a_, b_, t_ = (p.detach().requires_grad_(need) for p, need in ((a, need_a), (b, need_b), (t, need_t)))
         lo_ = lo.detach().unsqueeze(-1).requires_grad_(track_range)
         hi_ = hi.detach().unsqueeze(-1).requires_grad_(track_range)
-        graph_leaves = [q_, a_, b_, t_, lo_, hi_]
-        sums: list[torch.Tensor | None] = [None] * len(graph_leaves)
+        step_leaves = [a_, b_, t_, lo_, hi_]
+        sums: list[torch.Tensor | None] = [None] * len(step_leaves)
 
         def accumulate(i: int, grad: torch.Tensor | None, r0: int = 0) -> None:
-            """Add a block's gradient for ``graph_leaves[i]``, computed for rows ``r0:`` only."""
+            """Add a block's gradient for ``step_leaves[i]``, computed for rows ``r0:`` only."""
             if grad is None:
                 return
-            leaf = graph_leaves[i]
+            leaf = step_leaves[i]
             if grad.shape != leaf.shape:  # a per-row leaf, seen from row r0 on
                 full = torch.zeros_like(leaf)
                 full.narrow(-2, r0, grad.shape[-2]).copy_(grad)
                 grad = full
             sums[i] = grad if sums[i] is None else sums[i] + grad
 
-        dk = torch.zeros_like(k) if need_k else None
-        dv = torch.zeros_like(v) if need_v else None
-        need_s = need_q or need_k
+        # The similarity is differentiated in closed form (pairwise_similarity_backward), so
+        # that torch.compile traces this backward for the built-in steps.
+        qw, kw = q.to(dtype), k.to(dtype)
+        sim = BlockSimilarity(qw, kw, spec.metric, spec.scale)
+        dq = torch.zeros((*q.shape[:-2], n, d), dtype=dtype, device=q.device) if need_q else None
+        dk = torch.zeros_like(k, dtype=dtype) if need_k else None
+        dv = torch.zeros_like(v, dtype=dtype) if need_v else None
         dropout = _Dropout(ctx.dropout_p, ctx.seed, q.device)
         for start, stop in _blocks(m, ctx.chunk):
             r0 = blocks.first_row(start)
             if r0 >= n:
                 break
-            k_c = k[..., start:stop, :].detach().requires_grad_(need_k)
             v_c = v[..., start:stop, :].to(dtype)
             bias, self_offset = blocks.validity(start, stop, r0)
-            with torch.enable_grad():
-                s = pairwise_similarity(rows_from(q_, r0).to(dtype), k_c.to(dtype), spec.metric, spec.scale)
-                if not ctx.mask_form:
-                    logits = warp_logits(s, lo_, hi_, bias, a_, b_, t_, spec)
+            s = sim.similarity_(sim.scores(start, stop, r0), r0)
             g_r, delta_r = rows_from(g, r0), rows_from(delta_row, r0)
             if ctx.mask_form:
                 lo_r, hi_r, a_r, b_r, t_r = (rows_from(x, r0) for x in (lo_, hi_, a_, b_, t_))
-                num = masked_numerator(s.detach(), lo_r.detach(), hi_r.detach(), bias, a_r, b_r, t_r, spec, self_offset=self_offset)
+                num = masked_numerator(s, lo_r.detach(), hi_r.detach(), bias, a_r, b_r, t_r, spec, self_offset=self_offset)
                 w = num.e.mul_(rows_from(inv_denom, r0))
             else:
+                with torch.enable_grad():
+                    s_leaf = s.requires_grad_(need_s)
+                    logits = warp_logits(s_leaf, lo_, hi_, bias, a_, b_, t_, spec)
                 w = torch.exp(logits.detach() - lse_safe)
             w_out = dropout(w)  # the weights that multiplied v in forward
             if need_v:
-                dv[..., start:stop, :] += (w_out.transpose(-1, -2) @ g_r).sum_to_size(v_c.shape).to(v.dtype)
+                dv[..., start:stop, :] += (w_out.transpose(-1, -2) @ g_r).sum_to_size(v_c.shape)
             d_logits = (g_r @ v_c.transpose(-1, -2)).mul_(w_out).sub_(w * delta_r)
             if ctx.mask_form:
                 needs = (need_s, track_range, track_range, need_a, need_b, need_t)
                 shapes = (s.shape, lo_r.shape, hi_r.shape)
-                gs, g_lo, g_hi, ga, gb, gt = warp_backward(
+                gs, *step_grads = warp_backward(
                     d_logits, num.u, num.inv, spec.step.rule, num.saved, None, needs, 1.0 / spec.temperature, shapes
                 )
-                for i, grad in zip(range(1, 6), (ga, gb, gt, g_lo, g_hi)):
+                for i, grad in enumerate(step_grads[2:] + step_grads[:2]):  # (a, b, t, lo, hi)
                     accumulate(i, grad, r0)
-                root, seed_grad = s, gs
             else:
-                root, seed_grad = logits, d_logits
-            wrt = [x for x in (q_, k_c) if x.requires_grad]
-            if not ctx.mask_form:
-                wrt += [x for x in graph_leaves[1:] if x.requires_grad]
-            if not wrt or seed_grad is None or not root.requires_grad:  # e.g. a user step constant in a, b, t
+                wrt = [x for x in (s_leaf, *step_leaves) if x.requires_grad]
+                if not wrt or not logits.requires_grad:  # e.g. a user step constant in a, b, t
+                    continue
+                grads = dict(zip(map(id, wrt), torch.autograd.grad(logits, wrt, d_logits, allow_unused=True)))
+                for i, leaf in enumerate(step_leaves):
+                    accumulate(i, grads.get(id(leaf)))
+                gs = grads.get(id(s_leaf))
+            if gs is None:
                 continue
-            grads = dict(zip(map(id, wrt), torch.autograd.grad(root, wrt, seed_grad, allow_unused=True)))
-            for i, leaf in enumerate(graph_leaves):
-                accumulate(i, grads.get(id(leaf)))
-            if need_k and grads.get(id(k_c)) is not None:
-                dk[..., start:stop, :] += grads[id(k_c)]
+            dq_r, dk_c = pairwise_similarity_backward(
+                gs, rows_from(qw, r0), kw[..., start:stop, :], s, spec.metric, spec.scale, need_q, need_k
+            )
+            if need_q:
+                dq[..., r0:, :] += dq_r
+            if need_k:
+                dk[..., start:stop, :] += dk_c
 
-        dq, da, db, dt, g_lo, g_hi = sums
-        if track_range and (g_lo is not None or g_hi is not None) and (need_q or need_k):
+        da, db, dt, g_lo, g_hi = sums
+        if track_range and (g_lo is not None or g_hi is not None):
             # Route ∂L/∂lo and ∂L/∂hi to the similarity of each row's argmin / argmax key.
-            k_leaf = k.detach().requires_grad_(need_k)
-            with torch.enable_grad():
-                kx = k_leaf.to(dtype).expand(*batch, m, d)
-                qx = q_.to(dtype).expand(*batch, n, d)
-                picked = [torch.gather(kx, -2, idx.unsqueeze(-1).expand(*batch, n, d)) for idx in (argmin, argmax)]
-                s_range = [paired_similarity(qx, kp, spec.metric, spec.scale) for kp in picked]
-            seeds = [torch.zeros_like(s_range[0]) if gr is None else gr.squeeze(-1) for gr in (g_lo, g_hi)]
-            wrt = [x for x in (q_, k_leaf) if x.requires_grad]
-            range_grads = torch.autograd.grad(s_range, wrt, seeds, allow_unused=True)
-            range_grads = dict(zip(map(id, wrt), range_grads))
-            if need_q and range_grads.get(id(q_)) is not None:
-                dq = range_grads[id(q_)] if dq is None else dq + range_grads[id(q_)]
-            if need_k and range_grads.get(id(k_leaf)) is not None:
-                dk += range_grads[id(k_leaf)]
+            kx, qx = kw.expand(*batch, m, d), qw.expand(*batch, n, d)
+            for idx, g_ext in ((argmin, g_lo), (argmax, g_hi)):
+                if g_ext is None:
+                    continue
+                index = idx.unsqueeze(-1).expand(*batch, n, d)
+                dq_e, dk_e = paired_similarity_backward(
+                    g_ext.squeeze(-1).expand(*batch, n), qx, torch.gather(kx, -2, index), spec.metric, spec.scale
+                )
+                if need_q:
+                    dq += dq_e.sum_to_size(dq.shape)
+                if need_k:
+                    dk += torch.zeros_like(kx).scatter_add_(-2, index, dk_e).sum_to_size(k.shape)
 
-        if need_q and dq is None:
-            dq = torch.zeros_like(q)
-        return dq, dk, dv, da, db, dt, None, None, None, None, None, None, None
+        dq, dk, dv = (None if x is None else x.to(like.dtype) for x, like in ((dq, q), (dk, k), (dv, v)))
+        dq, dk, dv = _sum_roles((dq, dk, dv), ctx.aliases)
+        return dq, dk, dv, da, db, dt, None, None, None, None, None, None, None, None
+
+
+def _aliases(q, k, v) -> tuple[int, int]:
+    """The slot (0 = q, 1 = k, 2 = v) of the tensor that fills the ``k`` and ``v`` roles.
+
+    Self-attention passes one tensor for all three, and ``torch.compile`` cannot trace an
+    autograd function given one tensor twice: each tensor is passed once (``None`` in the slots
+    of its other roles) and the gradients of its roles are summed in backward."""
+    return (0 if k is q else 1), (0 if v is q else 1 if v is k else 2)
+
+
+def _distinct(qkv: tuple, aliases: tuple[int, int]) -> tuple:
+    """``(q, k, v)`` with ``None`` in the slots of aliased roles."""
+    return tuple(x if i == 0 or src == i else None for i, (x, src) in enumerate(zip(qkv, (0, *aliases))))
+
+
+def _resolve(qkv: tuple, aliases: tuple[int, int]) -> tuple:
+    """Undo :func:`_distinct` (on the tensors or on their ``needs_input_grad`` flags)."""
+    q, k = qkv[0], qkv[aliases[0]]
+    return q, k, (q, k, qkv[2])[aliases[1]]
+
+
+def _sum_roles(grads: tuple, aliases: tuple[int, int]) -> tuple:
+    """The gradients of ``(q, k, v)``'s roles summed into the slots :func:`_distinct` keeps."""
+    out = list(grads)
+    for role, src in ((2, aliases[1]), (1, aliases[0])):  # v's may go to k's slot first
+        if src != role and out[role] is not None:
+            out[src] = out[role] if out[src] is None else out[src] + out[role]
+            out[role] = None
+    return tuple(out)
 
 
 class _Dropout:
@@ -345,7 +397,8 @@ def chunked_warp_attend(
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
     # The argmin/argmax keys only route the range gradient; the indexed reductions are slow on CPU.
     indices = torch.is_grad_enabled() and not spec.detach_range and (q.requires_grad or k.requires_grad)
-    return _ChunkedWarp.apply(q, k, v, a, b, t, mask, spec, chunk, dropout_p, seed, row_range, indices)
+    aliases = _aliases(q, k, v)
+    return _ChunkedWarp.apply(*_distinct((q, k, v), aliases), a, b, t, mask, spec, chunk, dropout_p, seed, row_range, indices, aliases)
 
 
 @torch.no_grad()
