@@ -323,7 +323,7 @@ def _attend(
         w, stats = warp_weights(q, k, return_stats=True, **common)
         if dropout_p > 0.0:
             w = F.dropout(w, p=float(dropout_p), training=True)
-        weights = w
+        weights = w.to(query.dtype)  # as the attention they replace returns them
         out = (w @ v.to(w.dtype)).to(query.dtype)
     else:
         # Statistics only on request: the fused kernels then skip the per-score kept count.
@@ -526,24 +526,30 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
 
     @classmethod
     def from_multihead(cls, mha: nn.MultiheadAttention, **softstep_kwargs: Any) -> MultiheadSoftStepAttention:
-        """A SoftStep copy of ``mha`` with its projection weights (same device and dtype).
+        """A SoftStep version of ``mha`` that shares its parameters and its ``out_proj`` module
+        (the same objects: tied weights stay tied, frozen ones frozen, and an optimizer built
+        before keeps training them); the step parameters get ``mha``'s device and dtype.
 
         ``softstep_kwargs``: ``mode``, ``step``, ``init``, ``hidden`` (see the class).
         """
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
+        _check_softstep_options(softstep_kwargs)
         ref = mha.out_proj.weight
         new = cls(
             mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
             add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
             batch_first=mha.batch_first, device=ref.device, dtype=ref.dtype, **softstep_kwargs,
         )
-        missing, unexpected = new.load_state_dict(mha.state_dict(), strict=False)
-        missing = [m for m in missing if not m.startswith("softstep.")]
-        if missing or unexpected:
-            raise ValueError(f"could not copy the weights of {type(mha).__name__}: missing {missing}, unexpected {unexpected}")
-        for name, param in mha.named_parameters():  # frozen weights stay frozen
-            new.get_parameter(name).requires_grad_(param.requires_grad)
+        # The Parameter objects themselves (load_state_dict(assign=True) would also reset their
+        # requires_grad to the fresh module's), and out_proj as a module: shared stays shared.
+        layout = {name: p is None for name, p in new._parameters.items()}
+        if layout != {name: p is None for name, p in mha._parameters.items()}:
+            raise ValueError(f"could not take the parameters of {type(mha).__name__}: {sorted(mha._parameters)}")
+        for name, param in mha._parameters.items():
+            if param is not None:
+                setattr(new, name, param)
+        new.out_proj = mha.out_proj
         new.train(mha.training)
         return new
 
@@ -668,10 +674,8 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
             q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=causal, need_weights=need_weights
         )
         out = self.out_proj(rearrange(out, "n h l d -> l n (h d)"))
-        if weights is not None:
-            weights = weights.to(query.dtype)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
         if self.batch_first and batched:
             out = out.transpose(0, 1)
         if not batched:
@@ -682,7 +686,8 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
 
 def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwargs: Any) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` by a :class:`MultiheadSoftStepAttention`
-    that keeps its weights (also inside ``nn.TransformerEncoderLayer`` / ``DecoderLayer``).
+    that keeps its parameters (the same objects, :meth:`MultiheadSoftStepAttention.from_multihead`;
+    also inside ``nn.TransformerEncoderLayer`` / ``DecoderLayer``).
 
     ``softstep_kwargs`` (``mode``, ``step``, ``init``, ``hidden``) configure every new module.
     ``nn.TransformerEncoder`` modules get ``use_nested_tensor = False`` (their nested-tensor
@@ -695,6 +700,7 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     for other options without it raises. Returns the model (a new module when ``model`` itself
     is an ``nn.MultiheadAttention``); the swap is in place otherwise.
     """
+    _check_softstep_options(softstep_kwargs)
     if _swappable(model):
         return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)
     replaced: dict[int, MultiheadSoftStepAttention] = {}
@@ -710,6 +716,18 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
                     replaced[id(child)] = MultiheadSoftStepAttention.from_multihead(child, **softstep_kwargs)
                 setattr(module, name, replaced[id(child)])
     return model
+
+
+_SOFTSTEP_OPTIONS = ("mode", "step", "init", "hidden")
+
+
+def _check_softstep_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(_SOFTSTEP_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"unexpected step options {unknown}: swap_attention and from_multihead take {list(_SOFTSTEP_OPTIONS)} "
+            "(the new modules get the device and dtype of the modules they replace)"
+        )
 
 
 def _swappable(module: nn.Module) -> bool:

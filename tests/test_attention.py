@@ -163,6 +163,23 @@ def test_dropout_training_is_real_dropout():
     torch.testing.assert_close(attn(q, k, v), attn(q, k, v))
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_dropout_one_drops_every_weight_as_sdpa(impl):
+    """SDPA, nn.Dropout and nn.MultiheadAttention accept p = 1 (a zero output); it was refused."""
+    q, k, v = (x.requires_grad_() for x in qkv(dtype=torch.float32))
+    out, stats = softstep_attention(q, k, v, dropout_p=1.0, impl=impl, return_stats=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(stats.lse).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    mha = nn.MultiheadAttention(8, 2, dropout=1.0, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    swapped = MultiheadSoftStepAttention.from_multihead(mha, step="none")
+    for module in (mha, swapped):
+        out, weights = module(x, x, x)
+        torch.testing.assert_close(out, mha.out_proj.bias.expand_as(out))  # zero attention: the bias
+        assert torch.equal(weights, torch.zeros_like(weights))
+
+
 # ---------------------------------------------------------------------------------------
 # Reliability: degenerate rows, dtypes, errors
 # ---------------------------------------------------------------------------------------
@@ -503,6 +520,41 @@ def test_swap_keeps_sharing_and_frozen_parameters():
     assert isinstance(model.a[0], simwarp.MultiheadSoftStepAttention) and model.a[0] is model.b[0]
     assert not model.a[0].in_proj_weight.requires_grad and model.a[0].out_proj.weight.requires_grad
     assert sum(1 for _ in model.parameters()) == sum(1 for _ in model.a[0].parameters())
+
+
+def test_swap_keeps_the_parameter_objects_tied_weights_and_an_earlier_optimizer():
+    """from_multihead copied the weights through state_dict(): tied parameters and a shared
+    out_proj came apart, and an optimizer built before the swap trained dead copies."""
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.MultiheadAttention(8, 2, batch_first=True), nn.MultiheadAttention(8, 2, batch_first=True)
+            self.b.out_proj = self.a.out_proj
+            self.b.in_proj_weight = self.a.in_proj_weight
+
+        def forward(self, x):
+            return self.b(self.a(x, x, x)[0], x, x)[0]
+
+    model = Tied()
+    before = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    simwarp.swap_attention(model, step="none")
+    after = {name: p for name, p in model.named_parameters(remove_duplicate=False) if "softstep" not in name}
+    assert after.keys() == before.keys() and all(after[name] is before[name] for name in before)
+    assert model.a.out_proj is model.b.out_proj and model.a.in_proj_weight is model.b.in_proj_weight
+    old = model.a.in_proj_weight.detach().clone()
+    model(torch.randn(2, 5, 8)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model.a.in_proj_weight.detach(), old)
+
+
+def test_swap_names_unknown_options():
+    with pytest.raises(TypeError, match=r"unexpected step options \['dtype'\]"):
+        simwarp.swap_attention(nn.Sequential(nn.MultiheadAttention(8, 2)), dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"unexpected step options \['device'\]"):
+        simwarp.MultiheadSoftStepAttention.from_multihead(nn.MultiheadAttention(8, 2), device="cpu")
 
 
 def test_swap_replaces_every_name_of_a_module_and_leaves_custom_forwards_alone():

@@ -280,6 +280,23 @@ def test_degenerate_rows(impl, step):
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_non_finite_scores_give_nan_rows_not_empty_ones(impl, step, bad):
+    """A query with an inf or NaN feature (an fp16 overflow upstream) has ±inf / NaN scores:
+    its row is NaN, as in SDPA, and not flagged empty. The chunked pass 1 took a -inf minimum
+    for its start value: the row was flagged empty and step "none" gave it finite values."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(4, n, 3, generator=gen, dtype=f64) for n in (3, 6, 6))
+    q[1, 1, 2] = bad
+    out, stats = simwarp.warp_attend(q, k, v, step=step, impl=impl, chunk_size=4, return_stats=True)
+    assert torch.isnan(out[1, 1]).all() and not stats.empty.any()
+    rest = torch.ones(4, 3, dtype=torch.bool)
+    rest[1, 1] = False
+    assert torch.isfinite(out[rest]).all()
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, f64])
 def test_rows_with_a_range_too_small_to_divide_by_are_flat(impl, dtype):
     """Similarities a subnormal distance apart (a range whose reciprocal overflows) make a flat
@@ -679,8 +696,8 @@ def test_dropout_is_unbiased_and_validated(impl):
     ref = simwarp.warp_attend(q, k, v, impl="dense")
     mean = torch.stack([simwarp.warp_attend(q, k, v, impl=impl, dropout_p=0.5) for _ in range(400)]).mean(0)
     torch.testing.assert_close(mean, ref, atol=0.15, rtol=0)
-    with pytest.raises(ValueError, match="dropout_p"):
-        simwarp.warp_attend(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\], got 1.5"):
+        simwarp.warp_attend(q, k, v, dropout_p=1.5)
 
 
 # ----------------------------------------------------------------------------- fixed row range

@@ -264,6 +264,21 @@ def test_lazy_creation_warns_and_output_attentions():
         model(input_ids=ids, attention_mask=mask)  # no second warning: the parameters exist now
 
 
+def test_output_attentions_come_in_the_model_dtype():
+    ids, mask = batch()
+    maps = {}
+    for impl in ("eager", "softstep"):
+        model = tiny_bert().to(torch.bfloat16)
+        if impl == "softstep":
+            attach_softstep(model, step="none")
+        else:
+            model.set_attn_implementation("eager")
+        with torch.no_grad():
+            maps[impl] = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[0]
+    assert maps["softstep"].dtype == maps["eager"].dtype == torch.bfloat16
+    torch.testing.assert_close(maps["softstep"], maps["eager"], atol=2e-2, rtol=2e-2)
+
+
 def test_gqa_decoder_model_matches_sdpa():
     cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)

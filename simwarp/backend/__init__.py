@@ -180,8 +180,8 @@ def warp_attend(
         chunk_size: key-block width of the chunked path (default: about 256K scores per block).
         return_stats: also return :class:`WarpStats`.
         dropout_p: inverted dropout on the weights (``w_ij`` zeroed with probability
-            ``dropout_p``, survivors scaled by ``1 / (1 - dropout_p)``), as in SDPA. Always applied
-            when > 0: pass 0 at evaluation. Reproducible under ``torch.manual_seed`` (per
+            ``dropout_p`` in ``[0, 1]``, survivors scaled by ``1 / (1 - dropout_p)``), as in
+            SDPA (1: a zero output). Always applied when > 0: pass 0 at evaluation. Reproducible under ``torch.manual_seed`` (per
             implementation: the fused kernels draw their own masks, with ``dropout_p`` rounded
             to a multiple of 2^-16; see docs/kernels.md).
         row_range: ``(lo, hi)`` broadcastable to the rows ``(..., n)``: normalise with this
@@ -203,6 +203,9 @@ def warp_attend(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     dropout_p = check_dropout_p(dropout_p)
+    drop_all = dropout_p == 1.0  # every weight dropped: zero output and zero gradients through it
+    if drop_all:
+        dropout_p = 0.0
     n, m = q.shape[-2], k.shape[-2]
     dtype = work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
@@ -238,6 +241,8 @@ def warp_attend(
             )
             out, *rest = chunked_warp_attend(q, k, v, a, b, t, mask, spec, chunk_size, dropout_p, row_range)
             stats = WarpStats(*rest)
+    if drop_all:
+        out = out * 0.0
     return (out, stats) if return_stats else out
 
 

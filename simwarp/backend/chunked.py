@@ -122,7 +122,8 @@ def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int,
         later = indices and r.device.type == "cpu" and not torch.compiler.is_compiling()
         block_min, idx_min, block_max, idx_max = row_range_indices(r, bias, self_offset, indices=indices and not later)
         lo_r, hi_r = lo[..., r0:], hi[..., r0:]
-        new_min, new_max = block_min < lo_r, block_max > hi_r
+        # A NaN extreme (a NaN score) is kept, so that the row's output is NaN as on the dense path
+        new_min, new_max = (block_min < lo_r) | block_min.isnan(), (block_max > hi_r) | block_max.isnan()
         if later:
             argmin[..., r0:][new_min] = first_extreme_index(r, bias, self_offset, new_min, largest=False) + start
             argmax[..., r0:][new_max] = first_extreme_index(r, bias, self_offset, new_max, largest=True) + start
@@ -132,7 +133,7 @@ def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int,
             argmax_r.copy_(torch.where(new_max, idx_max + start, argmax_r))
         lo_r.copy_(torch.where(new_min, block_min, lo_r))
         hi_r.copy_(torch.where(new_max, block_max, hi_r))
-    empty = torch.isinf(lo)
+    empty = (lo == math.inf) & (hi == -math.inf)  # the start values (a valid score may be ±inf)
     lo, hi = lo.masked_fill_(empty, 0.0), hi.masked_fill_(empty, 0.0)
     if not indices:
         lo, hi = (sim.similarity_(x.unsqueeze(-1)).squeeze(-1).masked_fill_(empty, 0.0) for x in (lo, hi))

@@ -627,11 +627,13 @@ def as_real(name: str, value, kind: str) -> float:
     return float(value)
 
 
-def check_dropout_p(dropout_p) -> float:
-    """``dropout_p`` as a float in ``[0, 1)`` (``TypeError`` / ``ValueError`` otherwise)."""
-    dropout_p = as_real("dropout_p", dropout_p, "a float in [0, 1)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+def check_dropout_p(dropout_p, allow_one: bool = True) -> float:
+    """``dropout_p`` as a float in ``[0, 1]`` (``[0, 1)`` without ``allow_one``; ``TypeError`` /
+    ``ValueError`` otherwise). 1 drops every weight, as in SDPA and ``nn.Dropout``."""
+    interval = "[0, 1]" if allow_one else "[0, 1)"
+    dropout_p = as_real("dropout_p", dropout_p, f"a float in {interval}")
+    if not (0.0 <= dropout_p < 1.0 or (allow_one and dropout_p == 1.0)):
+        raise ValueError(f"dropout_p must be a float in {interval}, got {dropout_p!r}")
     return dropout_p
 
 

@@ -99,7 +99,7 @@ def triton_warp_attend(
 
 
 def _check_dropout(dropout_p, seed, device: torch.device) -> None:
-    check_dropout_p(dropout_p)
+    check_dropout_p(dropout_p, allow_one=False)  # (warp_attend handles 1)
     if seed is None:
         return
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
