@@ -663,6 +663,51 @@ def check_dispatch_and_errors():
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def test_launch_grids_fold_the_batch_into_axis_0():
+    """CUDA limits grid axes 1 and 2 to 65535 programs, and B·H can exceed that (window
+    attention: 4096 windows × 16 heads); the batch was on axis 1. It is folded into axis 0
+    (2^31 - 1 programs), which the kernels unfold (kernels._tile_and_batch)."""
+    import inspect
+
+    from simwarp.backend.triton import kernels, launch
+
+    assert launch.grid(3, 4096 * 16) == (3 * 65536,)
+    assert launch.grid(2, 70000, 4) == (140000, 4)
+    with pytest.raises(ValueError, match="exceeds CUDA's limits"):
+        launch.grid(1, 2, 70000)
+    source = inspect.getsource(kernels)
+    assert "program_id(2)" not in source and "num_programs(2)" not in source
+    assert "[(" not in inspect.getsource(launch).replace("tuple[(", "")  # every launch sizes its grid with grid()
+
+
+def test_feature_strides_whose_offsets_overflow_int32_are_made_contiguous():
+    """The kernels multiply feature offsets by the feature stride in 32 bits: a feature-major
+    bank (k = bank_t.T, 20M rows × 128) would wrap to negative offsets."""
+    from simwarp.backend.triton.launch import _view4
+
+    bank_t = torch.empty(128, 20_000_000, device="meta")
+    assert _view4(bank_t.T, torch.Size([1]), 20_000_000, 128).stride() == (128 * 20_000_000,) * 2 + (128, 1)
+    small = torch.randn(8, 16).T  # (16, 8), feature stride 16: kept as a view
+    assert _view4(small, torch.Size([1]), 16, 8).data_ptr() == small.data_ptr()
+
+
+def test_launches_make_the_inputs_cuda_device_current(monkeypatch):
+    """Triton launches on the current CUDA device and stream, not the tensors' device."""
+    import contextlib
+
+    from simwarp.backend.triton import launch
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext(entered.append(d)))
+
+    class OnCuda1:
+        device = torch.device("cuda", 1)
+
+    run = launch._launches_on(lambda x, *args, **kwargs: x.device)(lambda x, y=None: "launched")
+    assert run(OnCuda1()) == "launched" and entered == [torch.device("cuda", 1)]
+    assert run(torch.zeros(1)) == "launched" and len(entered) == 1  # CPU (interpreter): no guard
+
+
 def test_simwarp_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"

@@ -81,12 +81,22 @@ def _dropout_constants(SEED, CONSTS, like, DROPOUT: tl.constexpr):
 
 
 @triton.jit
+def _tile_and_batch(tiles):
+    """This program's ``(tile, batch entry)`` for ``tiles`` tiles per batch entry, both folded
+    into grid axis 0 (tiles fastest, as a ``(tiles, B)`` grid orders them): CUDA limits grid
+    axes 1 and 2 to 65535 programs, and a batch of ``B · H`` entries (window attention, GQA)
+    can be larger. Launches size axis 0 with :func:`simwarp.backend.triton.launch.grid`."""
+    pid = tl.program_id(0)
+    return pid % tiles, pid // tiles
+
+
+@triton.jit
 def dropout_mask_kernel(SEED, KEEP, n, m, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Which scores survive dropout, ``KEEP (B, n, m)`` (int8): the mask the attention kernels
     apply for ``SEED`` (a reference for tests, and for users who need the mask)."""
-    pid_q = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    q_tiles = tl.cdiv(n, BLOCK_M)
+    pid_qk, pid_b = _tile_and_batch(q_tiles * tl.cdiv(m, BLOCK_N))  # query tiles, then key tiles
+    pid_q, pid_k = pid_qk % q_tiles, pid_qk // q_tiles
     offs_m = pid_q * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(tl.load(SEED), pid_b, offs_m, pid_k * BLOCK_N, threshold, BLOCK_N)
@@ -510,9 +520,8 @@ def range_kernel(
     with ``TRACK_ARG`` the first key attaining each (for the range gradient) and, with
     ``STORE_TMAX``, every key tile's largest valid ``r`` over each group of ``TMAX_ROWS`` rows
     (for block skipping; ``TMAX``: ``(B, n_qb, n_kb, BLOCK_M // TMAX_ROWS)``)."""
-    pid_q = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_q, pid_b = _tile_and_batch(tl.cdiv(n, BLOCK_M))
+    pid_s = tl.program_id(1)
     b0 = (pid_b // B1).to(tl.int64)
     b1 = (pid_b % B1).to(tl.int64)
     q_start = pid_q * BLOCK_M
@@ -582,8 +591,7 @@ def row_stats_kernel(
 
     One launch instead of a dozen small tensor operations and a separate list kernel: at short
     sequences the launches, not the arithmetic, are what costs."""
-    pid_q = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_q, pid_b = _tile_and_batch(tl.cdiv(n, BLOCK_M))
     q_start = pid_q * BLOCK_M
     offs_m = q_start + tl.arange(0, BLOCK_M)
     row_ok = offs_m < n
@@ -655,15 +663,14 @@ def row_stats_kernel(
 
 
 @triton.jit
-def compact_kernel(FLAGS, LIST, COUNT, s_batch, s_outer, s_inner, n_inner, TILES: tl.constexpr):
+def compact_kernel(FLAGS, LIST, COUNT, s_batch, s_outer, s_inner, n_inner, n_outer, TILES: tl.constexpr):
     """``LIST[b, o, :COUNT[b, o]]``: the inner indices ``i`` (ascending) with ``FLAGS[b, o, i] == 0``
     (strided: the backward lists each key tile's query blocks this way; ``row_stats_kernel``
     lists the rows' key tiles itself). The tile loops then run over these lists without a
     branch, which keeps their loads pipelined."""
-    pid_o = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_o, pid_b = _tile_and_batch(n_outer)
     src = FLAGS + pid_b.to(tl.int64) * s_batch + pid_o.to(tl.int64) * s_outer
-    slot = pid_b.to(tl.int64) * tl.num_programs(0) + pid_o
+    slot = pid_b.to(tl.int64) * n_outer + pid_o
     dst = LIST + slot * n_inner
     count = tl.zeros([], tl.int32)
     for i0 in range(0, n_inner, TILES):
@@ -774,9 +781,8 @@ def attend_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_q, pid_b = _tile_and_batch(tl.cdiv(n, BLOCK_M))
+    pid_s = tl.program_id(1)
     b0 = (pid_b // B1).to(tl.int64)
     b1 = (pid_b % B1).to(tl.int64)
     q_start = pid_q * BLOCK_M
@@ -825,7 +831,7 @@ def attend_kernel(
     if SKIP_TILES:
         slot = pid_b.to(tl.int64) * n_qb + pid_q
         count = tl.load(COUNT + slot)
-        per = tl.cdiv(count, tl.num_programs(2))
+        per = tl.cdiv(count, tl.num_programs(1))
         i_lo = pid_s * per
         i_hi = tl.minimum(count, i_lo + per)
         listed = count < _visible_tiles(q_start, n_kb, m, BLOCK_M, BLOCK_N, CAUSAL)
@@ -889,8 +895,7 @@ def bwd_rows_kernel(LSE, G, OUT, GLSE, LD, B, n, e, HAS_GLSE: tl.constexpr, BLOC
                     BLOCK_E: tl.constexpr, ACC: tl.constexpr):
     """``LD = (lse, delta)`` per row for the backward kernels: ``delta = rowsum(dO · O) - g_lse``
     and ``lse`` with empty rows' ``-inf`` replaced by 0 (their weights are all 0 anyway)."""
-    pid_q = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_q, pid_b = _tile_and_batch(tl.cdiv(n, BLOCK_M))
     offs_m = pid_q * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_m < n
@@ -991,8 +996,7 @@ def range_grad_kernel(
     row's argmin / argmax key: adds into ``DQ`` (rows owned by this program) and, atomically,
     into ``DK`` (rows share extreme keys). One program per query block; runs after the other
     backward kernels."""
-    pid_q = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_q, pid_b = _tile_and_batch(tl.cdiv(n, BLOCK_M))
     b0 = (pid_b // B1).to(tl.int64)
     b1 = (pid_b % B1).to(tl.int64)
     offs_m = pid_q * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1031,9 +1035,8 @@ def bwd_dq_kernel(
     """Per query block: ``dq`` (without the range gradient) and the per-row sums ``G_lo, G_hi``
     (with ``NEED_RANGE``) and ``da, db, dt`` (with ``NEED_PARAMS``) over the keys of split
     ``pid_s`` (all linear in the keys' contributions, so splits add up)."""
-    pid_q = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_q, pid_b = _tile_and_batch(tl.cdiv(n, BLOCK_M))
+    pid_s = tl.program_id(1)
     b0 = (pid_b // B1).to(tl.int64)
     b1 = (pid_b % B1).to(tl.int64)
     q_start = pid_q * BLOCK_M
@@ -1082,7 +1085,7 @@ def bwd_dq_kernel(
         slot = pid_b.to(tl.int64) * tm_qb + q_start // TM_BM
         tiles = LIST + slot * tm_kb
         count = tl.load(COUNT + slot)
-        per = tl.cdiv(count * SUB, tl.num_programs(2))
+        per = tl.cdiv(count * SUB, tl.num_programs(1))
         start = pid_s * per
         stop = tl.minimum(count * SUB, start + per)
     else:
@@ -1122,7 +1125,7 @@ def bwd_dq_kernel(
         g_hi = -alpha * sgu
     part = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
     tl.store(DQ + part[:, None] * d + offs_d[None, :], dq, mask=row_ok[:, None] & (offs_d[None, :] < d))
-    plane_s = tl.num_programs(2).to(tl.int64) * B * n
+    plane_s = tl.num_programs(1).to(tl.int64) * B * n
     tl.store(RSUM + part, g_lo, mask=row_ok)
     tl.store(RSUM + plane_s + part, g_hi, mask=row_ok)
     tl.store(RSUM + 2 * plane_s + part, g_a, mask=row_ok)
@@ -1205,8 +1208,7 @@ def bwd_dkdv_kernel(
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per key block: ``dk`` (without the range scatter) and ``dv``, looping over query blocks."""
-    pid_k = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_k, pid_b = _tile_and_batch(tl.cdiv(m, BLOCK_N))
     b0 = (pid_b // B1).to(tl.int64)
     b1 = (pid_b % B1).to(tl.int64)
     k_start = pid_k * BLOCK_N

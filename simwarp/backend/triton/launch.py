@@ -41,6 +41,26 @@ _MODULES: dict[bool, object] = {}
 _FUSION = dict(enable_fp_fusion=True)
 
 
+def _launches_on(device_of):
+    """Run the decorated launcher with the inputs' CUDA device current (``device_of`` maps its
+    arguments to that device). Triton launches on the *current* device and its current stream,
+    not on the tensors' device: with ``q`` on ``cuda:1`` while ``cuda:0`` is current (a model
+    split over GPUs in one process), the kernels would fault or read unordered memory."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            device = device_of(*args, **kwargs)
+            if device.type != "cuda":
+                return fn(*args, **kwargs)
+            with torch.cuda.device(device):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 def interpreting() -> bool:
     """True when ``TRITON_INTERPRET=1``: CPU tensors then run the kernels in Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -209,7 +229,11 @@ def _num_splits(cfg: KernelConfig, programs: int, n_kb: int, device: torch.devic
 
 def _view4(x: torch.Tensor, batch: torch.Size, rows: int, cols: int) -> torch.Tensor:
     """``x`` broadcast to ``(*batch, rows, cols)`` as a ``(B0, B1, rows, cols)`` view (a copy
-    only when the broadcast leading dims cannot be merged)."""
+    only when the broadcast leading dims cannot be merged, or when the feature axis's offsets
+    would overflow the kernels' 32-bit arithmetic: a feature-major bank ``k = bank_t.T`` of
+    more than ~2^31 / d rows)."""
+    if x.shape[-1] > 1 and x.stride(-1) * (x.shape[-1] - 1) >= 2**31:
+        x = x.contiguous()
     b1 = batch[-1] if len(batch) else 1
     b0 = math.prod(batch) // b1 if b1 else 0
     return x.expand(*batch, rows, cols).reshape(b0, b1, rows, cols)
@@ -252,6 +276,7 @@ def _dims(q, k, v, cfg: KernelConfig) -> tuple:
             triton_cdiv(n, cfg.block_m), triton_cdiv(m, cfg.block_n))
 
 
+@_launches_on(lambda q, *args, **kwargs: q.device)
 def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     """The forward kernels. Returns ``(out, [lse, kept, lo, hi, empty], skip_counts, saved,
     dims)``: ``saved`` (17 tensors) and ``dims`` are what :func:`_launch_backward` needs."""
@@ -285,8 +310,8 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     amin_p, amax_p = _buffers(torch.int32, dev, (S, B, n), (S, B, n)) if track_arg else (lo_p, lo_p)
     tmax_shape = (B, n_qb, n_kb, BM // mod.TMAX_ROWS.value) if cfg.block_skipping else (1,)
     tmax = torch.empty(tmax_shape, dtype=acc, device=dev)  # visited tiles: written
-    grid = (n_qb, B, S)
-    mod.range_kernel[grid](
+    forward_grid = grid(n_qb, B, S)
+    mod.range_kernel[forward_grid](
         q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
         *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg,
         STORE_TMAX=cfg.block_skipping, PIPELINE=cfg.pipeline_range, **common,
@@ -305,7 +330,7 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     else:  # the lists are never read: the counts (zero skipped, zero visited) stand in
         counts = torch.zeros((1, 2), dtype=torch.int32, device=dev)
         flags = row_list = row_count = counts
-    mod.row_stats_kernel[(n_qb, B)](
+    mod.row_stats_kernel[grid(n_qb, B)](
         lo_p, hi_p, amin_p, amax_p, prm, consts, tmax, rs, empty.view(torch.int8), argmin, argmax,
         flags, counts, row_list, row_count, S, B, n, m, n_qb, n_kb,
         METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, TRACK_ARG=track_arg, SKIP=cfg.block_skipping,
@@ -320,7 +345,7 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
         accp, denp, keptp = _buffers(acc, dev, (S, B, n, e), (S, B, n), (S, B, n))
     else:
         accp = denp = keptp = lse
-    mod.attend_kernel[grid](
+    mod.attend_kernel[forward_grid](
         q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp, seed,
         *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
         plan.dropout_threshold, STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch,
@@ -342,6 +367,7 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     return out_b, stats, counts, saved, dims
 
 
+@_launches_on(lambda plan, dims, saved, *args, **kwargs: saved[0].device)
 def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
     """The backward kernels: gradients of ``q, k, v, a, b, t`` (``None`` where ``needs`` is False)."""
     cfg = plan.config
@@ -358,7 +384,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
     g = g.to(v.dtype).contiguous()
     ld = torch.empty((2, B, n), dtype=acc, device=dev)  # lse (0 on empty rows), delta
     glse = ld if g_lse is None else g_lse.reshape(B, n).to(acc).contiguous()
-    mod.bwd_rows_kernel[(triton_cdiv(n, 32), B)](
+    mod.bwd_rows_kernel[grid(triton_cdiv(n, 32), B)](
         lse, g, out, glse, ld, B, n, e, HAS_GLSE=g_lse is not None, BLOCK_M=32, BLOCK_E=_pow2(e), ACC=tl_acc,
         num_warps=4, **_FUSION,
     )
@@ -382,7 +408,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
         dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
         col_list, col_count = _column_lists(mod, flags) if cfg.block_skipping else (flags, flags)
         KM, KN = cfg.bwd_kv_block_m, cfg.bwd_kv_block_n
-        mod.bwd_dkdv_kernel[(triton_cdiv(m, KN), B)](
+        mod.bwd_dkdv_kernel[grid(triton_cdiv(m, KN), B)](
             q4, k4, v4, g, mask4, prm, consts, rs, ld, col_list, col_count, dk, dv, seed, *args,
             B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
             NEED_DK=need_k, NEED_DV=need_v, DV_FIRST=acc == q.dtype, BLOCK_M=KM, BLOCK_N=KN, **common,
@@ -395,7 +421,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
         S = triton_cdiv(n_kb, kps)
         dq_p = torch.empty((S, B, n, d), dtype=acc, device=dev)
         rsum = torch.empty((5, S, B, n), dtype=acc, device=dev)
-        mod.bwd_dq_kernel[(n_qb, B, S)](
+        mod.bwd_dq_kernel[grid(n_qb, B, S)](
             q4, k4, v4, g, mask4, prm, consts, rs, ld, row_list, row_count, dq_p, rsum, seed, *args,
             B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
             NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, BLOCK_M=BM, BLOCK_N=BN, **common,
@@ -404,7 +430,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
         dq = dq_p[0] if S == 1 else dq_p.sum(0)
         da, db, dt = sums[2], sums[3], sums[4]
         if track_range:  # G_lo, G_hi to each row's argmin / argmax key, into dq and dk
-            mod.range_grad_kernel[(triton_cdiv(n, 32), B)](
+            mod.range_grad_kernel[grid(triton_cdiv(n, 32), B)](
                 q4, k4, consts, sums, argmin, argmax, dq, dk if need_k else rs,
                 *q4.stride(), *k4.stride(), B1, B, n, m, d,
                 METRIC=plan.metric, NEED_DQ=need_q, NEED_DK=need_k, BLOCK_M=32, BLOCK_D=BD, ACC=tl_acc,
@@ -454,7 +480,7 @@ def _column_lists(mod, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     B, n_qb, n_kb = flags.shape
     lists = torch.empty((B, n_kb, n_qb), dtype=torch.int32, device=flags.device)
     counts = torch.empty((B, n_kb), dtype=torch.int32, device=flags.device)
-    mod.compact_kernel[(n_kb, B)](flags, lists, counts, n_qb * n_kb, 1, n_kb, n_qb,
+    mod.compact_kernel[grid(n_kb, B)](flags, lists, counts, n_qb * n_kb, 1, n_kb, n_qb, n_kb,
                                   TILES=min(256, _pow2(n_qb)), num_warps=4, **_FUSION)
     return lists, counts
 
@@ -492,6 +518,7 @@ def dropout_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+@_launches_on(lambda seed, *args, **kwargs: seed.device)
 def dropout_keep_mask(seed: torch.Tensor, batch: int, n: int, m: int, dropout_p: float) -> torch.Tensor:
     """The ``(batch, n, m)`` bool mask of scores that survive dropout in a fused call with this
     ``seed`` (a 1-element int64 tensor on the call's device) and ``dropout_p``, over the call's
@@ -499,10 +526,24 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, n: int, m: int, dropout_p:
     mod = kernel_module(seed.device.type == "cpu")
     keep = torch.empty((batch, n, m), dtype=torch.int8, device=seed.device)
     bm, bn = 64, 128
-    mod.dropout_mask_kernel[(triton_cdiv(n, bm), triton_cdiv(m, bn), batch)](
+    mod.dropout_mask_kernel[grid(triton_cdiv(n, bm) * triton_cdiv(m, bn), batch)](
         seed, keep, n, m, dropout_threshold(dropout_p), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **_FUSION
     )
     return keep.bool()
+
+
+#: CUDA's limits on the grid: 2^31 - 1 programs along axis 0, 65535 along axes 1 and 2.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def grid(tiles: int, batch: int, splits: int | None = None) -> tuple[int, ...]:
+    """A launch grid of ``tiles`` tiles for each of ``batch`` entries (folded into axis 0, tiles
+    fastest: ``kernels._tile_and_batch`` unfolds them) and, optionally, ``splits`` key splits
+    on axis 1. ``ValueError`` if CUDA could not launch it."""
+    shape = (tiles * batch,) if splits is None else (tiles * batch, splits)
+    if any(x > limit for x, limit in zip(shape, MAX_GRID)):
+        raise ValueError(f"a launch grid of {shape} programs exceeds CUDA's limits {MAX_GRID[: len(shape)]}")
+    return shape
 
 
 def triton_cdiv(x: int, y: int) -> int:
