@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -142,6 +142,7 @@ def streaming_topk(queries: torch.Tensor, keys: torch.Tensor, metric: str, k: in
                 own = torch.arange(start, start + zq.shape[0], device=zq.device) - key_start
                 inside = (own >= 0) & (own < s.shape[1])
                 s[torch.arange(zq.shape[0], device=zq.device)[inside], own[inside]] = -math.inf
+            s = s.nan_to_num_(nan=-math.inf)  # a NaN key is nobody's neighbour (topk ranks NaN first)
             top_s, top_i = torch.topk(s, min(k, s.shape[1]), dim=-1)
             if best_s is not None:
                 top_s, top_i = torch.cat([best_s, top_s], -1), torch.cat([best_i, top_i + key_start], -1)
@@ -214,7 +215,7 @@ class _BankMixin(nn.Module):
     @torch.no_grad()
     def fit_bank(
         self,
-        encoder: nn.Module | None,
+        encoder: Callable[..., torch.Tensor] | None,
         loader: Iterable,
         device: torch.device | str | None = None,
         progress: bool = True,
@@ -227,8 +228,9 @@ class _BankMixin(nn.Module):
         positions in that order. A ``DataLoader`` with ``drop_last=True`` gets a warning.
 
         Args:
-            encoder: maps a batch ``x`` to ``z (B, in_features)``; ``None`` = ``x`` already is ``z``.
-                Run without gradients and in eval mode (its mode is restored afterwards).
+            encoder: a module or any callable (a function, ``model.encode``) that maps a batch
+                ``x`` to ``z (B, in_features)``; ``None`` = ``x`` already is ``z``. Run without
+                gradients, a module in eval mode (its mode is restored afterwards).
             loader: iterable of ``(x, y)`` batches (e.g. a ``DataLoader``), or of dicts in the
                 Hugging Face style: ``y = batch[label_key]`` and the encoder is called as
                 ``encoder(**rest)``. Batches bound the memory.
@@ -244,9 +246,10 @@ class _BankMixin(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        was_training = encoder.training if encoder is not None else False
-        if encoder is not None:
-            encoder.eval()
+        module = encoder if isinstance(encoder, nn.Module) else None  # any callable is an encoder
+        was_training = module.training if module is not None else False
+        if module is not None:
+            module.eval()
         zs, ys = [], []
         try:
             total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
@@ -282,8 +285,8 @@ class _BankMixin(nn.Module):
                 zs.append(z.detach())
                 ys.append(torch.as_tensor(y).detach())
         finally:
-            if encoder is not None:
-                encoder.train(was_training)
+            if module is not None:
+                module.train(was_training)
         if not zs:
             raise ValueError("fit_bank got an empty loader")
         self.set_bank(torch.cat(zs), torch.cat(ys))
@@ -718,13 +721,13 @@ class NeighborRegressionHead(_WarpHeadBase):
             squeeze = y.dim() == 1 if isinstance(y, torch.Tensor) else False
             y2 = self._check_labels(y, z)
             self._update_running_stats(y2)
-            ys = self._standardize(y2.to(z.dtype))
+            ys = self._standardize(y2.to(_wide(z))).to(z.dtype)
             out, _ = self._attend(z, z, values_fn(ys), loo=True)
         else:
             self._require_bank(z.device)
             if isinstance(y, torch.Tensor):
                 squeeze = self._check_label_shape(y, z.shape[0])
-            ys = self._standardize(self.bank_y.to(z.dtype))
+            ys = self._standardize(self.bank_y.to(_wide(z))).to(z.dtype)
             out, _ = self._attend(z, self.bank_z.to(z.dtype), values_fn(ys), loo=False)
         return out, squeeze
 
@@ -736,7 +739,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         from the bank (``y`` is then only checked for its shape, and a 1-D ``y`` gives ``(N,)``).
         """
         out, squeeze = self._raw_forward(z, y, lambda ys: ys)
-        out = self._unstandardize(out)
+        out = self._unstandardize(out.to(_wide(z)))
         return out.squeeze(-1) if squeeze else out
 
     def predict_with_uncertainty(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -749,18 +752,18 @@ class NeighborRegressionHead(_WarpHeadBase):
         e = self.out_features
         # centred on the targets' mean (the bank's, on every rank alike when it is sharded), so
         # that E[y²] − E[y]² does not cancel when |mean| >> std; 0 once standardised
-        centre = self._standardize(self.target_mean.to(z))
+        wide = _wide(z)
+        centre = self._standardize(self.target_mean.to(z.device, wide))
 
         def moments(ys: torch.Tensor) -> torch.Tensor:
-            d = ys - centre
+            d = ys - centre.to(ys.dtype)
             return torch.cat([d, d * d], dim=-1)
 
         out, _ = self._raw_forward(z, None, moments)
-        m1, m2 = out[..., :e], out[..., e:]
+        m1, m2 = out[..., :e].to(wide), out[..., e:].to(wide)
         var = (m2 - m1 * m1).clamp_min(0.0)
-        if self.standardize_targets:  # in float32 at least: std² alone can overflow float16
-            std = self.target_std.to(var.device, torch.promote_types(var.dtype, torch.float32))
-            var = (var.to(std.dtype) * std**2).to(var.dtype)
+        if self.standardize_targets:
+            var = var * self.target_std.to(z.device, wide) ** 2
         return self._unstandardize(m1 + centre), var
 
 
@@ -838,21 +841,28 @@ class NeighborClassificationHead(_WarpHeadBase):
         eps = self.smoothing
         return torch.log(mass.clamp_min(0.0) * (1.0 - eps) + eps / self.num_classes)
 
+    def _one_hot(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(M, C)`` one-hot rows in ``dtype`` (no int64 ``M × C`` intermediate)."""
+        out = torch.zeros((labels.shape[0], self.num_classes), dtype=dtype, device=labels.device)
+        return out.scatter_(1, labels.unsqueeze(1), 1.0)
+
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities ``(N, num_classes)``: leave-one-out over the batch in training mode
-        with ``y`` (needs ``N >= 2``; with ``gather``, over every rank's rows), else from the bank."""
+        with ``y`` (needs ``N >= 2``; with ``gather``, over every rank's rows), else from the bank.
+
+        In ``z``'s dtype or float32, whichever is wider: in float16, ``ε / C`` underflows above
+        ~3400 classes and the gradient of a class's log-probability, up to ``C / ε``, overflows."""
         _check_z(z, self.in_features)
+        zw = z.to(_wide(z))
         if self.training and y is not None:
             self._check_training_batch(z)
             y = self._check_labels(y, z)
-            onehot = F.one_hot(y, self.num_classes).to(z.dtype)
-            mass, _ = self._attend(z, z, onehot, loo=True)
+            mass, _ = self._attend(zw, zw, self._one_hot(y, zw.dtype), loo=True)
         else:
             self._require_bank(z.device)
             if isinstance(y, torch.Tensor) and (y.dim() != 1 or y.shape[0] != z.shape[0]):
                 raise ValueError(f"y must have shape (N={z.shape[0]},) of class indices, got {_shape(y)}")
-            onehot = F.one_hot(self.bank_y, self.num_classes).to(z.dtype)
-            mass, _ = self._attend(z, self.bank_z.to(z.dtype), onehot, loo=False)
+            mass, _ = self._attend(zw, self.bank_z.to(zw.dtype), self._one_hot(self.bank_y, zw.dtype), loo=False)
         return self._log_probs(mass)
 
     @torch.no_grad()
@@ -899,7 +909,11 @@ class KNNRegressionHead(_BankMixin):
             raise ValueError(f"the kNN head needs at least one neighbour per row, got {keys.shape[0]} keys (loo={loo})")
         k = min(self.k, m)
         top = streaming_topk(z, keys, self.metric, k, exclude_self=loo)
-        return values[top].mean(dim=1) if z.shape[0] else values.new_zeros((0, values.shape[-1]))
+        if not z.shape[0]:
+            return values.new_zeros((0, values.shape[-1]))
+        out = values[top].mean(dim=1)
+        nan_rows = z.isnan().any(-1, keepdim=True)  # no neighbours: NaN, as the SoftStep heads give
+        return out.masked_fill(nan_rows, math.nan)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""
@@ -907,13 +921,20 @@ class KNNRegressionHead(_BankMixin):
         squeeze = isinstance(y, torch.Tensor) and y.dim() == 1
         if self.training and y is not None:
             y2 = self._check_labels(y, z)
-            out = self._topk_mean(z.detach(), z.detach(), y2.to(z.dtype), loo=True)
+            out = self._topk_mean(z.detach(), z.detach(), y2.to(_wide(z)), loo=True)
         else:
             self._require_bank(z.device)
             if isinstance(y, torch.Tensor):
                 self._check_label_shape(y, z.shape[0])
-            out = self._topk_mean(z.detach(), self.bank_z.to(z.dtype), self.bank_y.to(z.dtype), loo=False)
+            out = self._topk_mean(z.detach(), self.bank_z.to(z.dtype), self.bank_y.to(_wide(z)), loo=False)
         return out.squeeze(-1) if squeeze else out
+
+
+def _wide(z: torch.Tensor) -> torch.dtype:
+    """The regression heads' output dtype: ``z``'s, at least float32. Targets are standardised
+    and mapped back in it, so that targets beyond float16's range (prices, counts) survive a
+    float16 encoder; the backend still averages in ``z``'s dtype."""
+    return torch.promote_types(z.dtype, torch.float32)
 
 
 class LinearHead(nn.Linear):

@@ -65,14 +65,14 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     0, as ``l2``'s safe square root does at distance 0; ``F.normalize`` would give them a
     gradient of ``1 / eps`` (``1e12``, inf once cast to float16). Differentiable twice."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.where(norm > _COSINE_EPS, x / norm.clamp_min(_COSINE_EPS), 0.0)
+    return torch.where(norm <= _COSINE_EPS, 0.0, x / norm.clamp_min(_COSINE_EPS))  # NaN rows stay NaN
 
 
 def unit_rows_backward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``∂/∂x`` of ``Σ g · unit_rows(x)`` (the same rows of norm at most ``1e-12`` get 0):
     ``(g - x̂ (x̂ · g)) / ‖x‖`` row by row, for the streaming backward passes."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    inv = torch.where(norm > _COSINE_EPS, 1.0 / norm.clamp_min(_COSINE_EPS), 0.0)
+    inv = torch.where(norm <= _COSINE_EPS, 0.0, 1.0 / norm.clamp_min(_COSINE_EPS))
     unit = x * inv
     return (g - unit * (unit * g).sum(-1, keepdim=True)).mul_(inv)
 

@@ -767,3 +767,73 @@ def test_learn_scale_is_a_learned_factor_on_the_embeddings(metric):
     classifier = NeighborClassificationHead(4, 3, learn_scale=True)
     classifier(z, torch.tensor([0, 1, 2, 0, 1, 2])).sum().backward()
     assert classifier.log_scale.grad is not None
+
+
+# ----------------------------------------------------------------------------- audit (session 13)
+
+
+def test_cosine_heads_give_nan_for_nan_embeddings_instead_of_hiding_them():
+    """unit_rows took a NaN norm for a zero row: a NaN query got a finite prediction, and in
+    training the loss looked finite while the encoder's gradients were NaN."""
+    head = NeighborRegressionHead(4, metric="cosine", mode="global").eval()
+    head.set_bank(torch.randn(50, 4), torch.randn(50))
+    q = torch.randn(3, 4)
+    q[0, 0] = math.nan
+    out = head(q)
+    assert out[0].isnan().all() and torch.isfinite(out[1:]).all()
+    z, y = torch.randn(8, 4), torch.randn(8)
+    z[3, 1] = math.nan
+    assert head.train()(z, y).isnan().any()
+
+
+def test_knn_head_never_picks_nan_rows_and_gives_nan_for_nan_queries():
+    """torch.topk ranks NaN first: one NaN row was every row's nearest neighbour."""
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(100, 4, generator=g), torch.randn(100, generator=g)
+    z[5, 0] = math.nan
+    head = KNNRegressionHead(4, k=3)
+    clean = torch.ones(100, dtype=torch.bool)
+    clean[5] = False
+    got = head.train()(z, y)
+    want = KNNRegressionHead(4, k=3).train()(z[clean], y[clean])
+    assert got[5].isnan()
+    neighbours = simwarp.heads.streaming_topk(z, z, "l2", 3, exclude_self=True)
+    assert not (neighbours[clean] == 5).any()
+    assert torch.isfinite(got[clean]).all() and got[clean].shape == want.shape
+
+
+@pytest.mark.parametrize("head_type", ["softstep", "knn"])
+def test_float16_embeddings_with_targets_beyond_float16_range(head_type):
+    """The labels were cast to the embeddings' float16 before standardisation: 2e5 became inf
+    and every prediction NaN (inf for the kNN head)."""
+    g = torch.Generator().manual_seed(1)
+    z, y = torch.randn(64, 8, generator=g), 2e5 + 5e4 * torch.randn(64, generator=g)
+    make = (lambda: NeighborRegressionHead(8, mode="global")) if head_type == "softstep" else (lambda: KNNRegressionHead(8, k=5))
+    head16, head32 = make(), make()
+    out16, out32 = head16(z.half(), y), head32(z, y)
+    assert out16.dtype == torch.float32 and torch.isfinite(out16).all()
+    torch.testing.assert_close(out16, out32, rtol=2e-2, atol=0)
+    head16.eval().set_bank(z.half(), y)
+    head32.eval().set_bank(z, y)
+    torch.testing.assert_close(head16(z[:5].half()), head32(z[:5]), rtol=2e-2, atol=0)
+    if head_type == "softstep":
+        mean, var = head16.predict_with_uncertainty(z[:5].half())
+        assert mean.dtype == var.dtype == torch.float32 and torch.isfinite(var).all()
+
+
+def test_classification_head_in_float16_with_many_classes_keeps_log_probs_finite():
+    """ε / C underflowed float16 above ~3400 classes: -inf log-probabilities, NaN gradients."""
+    head = NeighborClassificationHead(8, 5000, mode="global").half()
+    z = torch.randn(64, 8, dtype=torch.float16, requires_grad=True)
+    logp = head(z, torch.randint(0, 5000, (64,)))
+    assert logp.dtype == torch.float32 and torch.isfinite(logp).all()
+    F.nll_loss(logp, torch.randint(0, 5000, (64,))).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_fit_bank_takes_any_callable_encoder():
+    model = nn.Linear(3, 4)
+    x, y = torch.randn(10, 3), torch.randn(10)
+    head = NeighborRegressionHead(4, 1)
+    head.fit_bank(lambda batch: model(batch) * 2.0, [(x[:6], y[:6]), (x[6:], y[6:])], progress=False)
+    torch.testing.assert_close(head.bank_z, model(x).detach() * 2.0)
