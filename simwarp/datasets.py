@@ -149,6 +149,8 @@ def embed_texts(texts: list[str], batch_size: int = 64, progress: bool = True, c
     Embeddings are cached under ``$SIMWARP_CACHE`` (default ``~/.cache/simwarp``) keyed by a
     hash of the texts, so the benchmark pays the encoding cost once.
     """
+    if isinstance(texts, str):  # list("abc") would embed each character
+        raise TypeError("texts must be a list of str, got one str (wrap it: [text])")
     texts = list(texts)
     if not all(isinstance(text, str) for text in texts):
         raise TypeError("texts must be a list of str")
@@ -235,6 +237,8 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, **kwargs) -> Re
         raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
         raise ValueError(f"n must be a positive int or None (the loader's default size), got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     loader = DATASETS[name]
     if n is None:
         return loader(seed=seed, **kwargs)

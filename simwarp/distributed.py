@@ -38,7 +38,13 @@ import torch.distributed as dist
 
 from simwarp.backend import WarpStats, warp_attend, warp_range, warp_weights
 from simwarp.backend.chunked import default_chunk_size
-from simwarp.backend.common import check_inputs, make_spec, resolve_params, work_dtype
+from simwarp.backend.common import (
+    check_chunk_size,
+    check_inputs,
+    make_spec,
+    resolve_params,
+    work_dtype,
+)
 from simwarp.similarity import STREAMING_METRICS
 
 __all__ = [
@@ -370,8 +376,7 @@ def _prepare(q, k, v, a, b, t, *, group, queries, metric, scale, step, temperatu
     _require_initialised()
     _check_bank_inputs(q, k, v, metric, queries)
     spec = make_spec(metric, scale, step, temperature, False, False, False)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     dtype = work_dtype(q.dtype)
     n = q.shape[0]
     a, b, t = resolve_params(a, b, t, batch=torch.Size(), n=n, dtype=dtype, device=q.device)

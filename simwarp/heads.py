@@ -29,12 +29,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from simwarp._autograd import outside_autocast, require
-from simwarp.backend import IMPLS, warp_attend, warp_weights
-from simwarp.backend.common import as_flag
+from simwarp.backend import warp_attend, warp_weights
+from simwarp.backend.common import as_flag, as_real, check_backend_options
 from simwarp.distributed import (
     gathered_warp_attend_with_sizes,
     global_moments,
@@ -131,7 +130,8 @@ def streaming_topk(queries: torch.Tensor, keys: torch.Tensor, metric: str, k: in
     ``i`` (leave-one-out over a batch). Needs ``k <= M`` (``M - 1`` with ``exclude_self``).
     Scores in the inputs' dtype, with autocast off (it would rank in half precision)."""
     prepared = PreparedKeys(keys, metric)
-    width = max(k, EXPLAIN_BUDGET // KNN_ROWS)
+    per_score = queries.shape[-1] if metric == "l1" else 1  # l1's scores hold (rows, keys, d) differences
+    width = max(k, EXPLAIN_BUDGET // (KNN_ROWS * per_score))
     out = torch.empty((queries.shape[0], k), dtype=torch.long, device=queries.device)
     for start in range(0, queries.shape[0], KNN_ROWS):
         zq = queries[start : start + KNN_ROWS]
@@ -365,18 +365,13 @@ class _WarpHeadBase(_BankMixin):
         super().__init__()
         resolve_group(gather)  # validates; gather=True needs an initialised process group
         in_features = _int_arg("in_features", in_features)
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        check_backend_options(metric, impl, chunk_size, scale)
         get_step(step)
-        if (
-            not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-            or not 0 < temperature < math.inf
-        ):
+        temperature = as_real("temperature", temperature, "a positive finite float")
+        if not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.in_features, self.metric, self.step_name = in_features, metric, step
-        self.temperature, self.scale = float(temperature), scale
+        self.temperature, self.scale = temperature, scale
         self.detach_range = as_flag("detach_range", detach_range)
         self.impl, self.chunk_size = impl, chunk_size
         self.gather = gather
@@ -598,7 +593,7 @@ class NeighborRegressionHead(_WarpHeadBase):
             gather=gather, learn_scale=learn_scale,
         )
         self.out_features = out_features = _int_arg("out_features", out_features)
-        self.standardize_targets = bool(standardize_targets)
+        self.standardize_targets = as_flag("standardize_targets", standardize_targets)
         self._init_bank((out_features,), torch.get_default_dtype())
         self.register_buffer("target_mean", torch.zeros(out_features))
         self.register_buffer("target_std", torch.ones(out_features))

@@ -41,7 +41,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from simwarp._autograd import require
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
-from simwarp.backend.common import as_real
+from simwarp.backend.common import as_flag, as_real, check_backend_options
 from simwarp.distributed import gather_rows, resolve_group
 from simwarp.similarity import paired_similarity
 from simwarp.steps import SoftStep
@@ -214,7 +214,7 @@ def _resolved_mass(mass: torch.Tensor, keys: int) -> torch.Tensor:
     if mass.dtype in (torch.float16, torch.bfloat16):  # the backend computed it in float32
         mass = mass.float()
     floor = keys * torch.finfo(mass.dtype).tiny
-    return torch.where(mass > floor, mass, torch.zeros_like(mass))
+    return torch.where(mass <= floor, torch.zeros_like(mass), mass)  # NaN (a NaN embedding) stays
 
 
 def _row_params(params: tuple, rows: torch.Tensor | None):
@@ -411,7 +411,8 @@ class _SoftStepLossMixin:
                 step=step, init=init,
             )
         self.softstep = softstep
-        self.detach_range = bool(detach_range)
+        self.detach_range = as_flag("detach_range", detach_range)
+        check_backend_options("dot", impl, chunk_size)  # (the metric follows the distance)
         self.impl = impl
         self.chunk_size = chunk_size
         backend_metric(self.distance)  # fails early on an unsupported distance
@@ -574,7 +575,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
             with_lse=False,
         )
         own = _resolved_mass(own, r.shape[0])
-        non_zero = own > 0
+        non_zero = ~(own <= 0)  # NaN masses included: a NaN loss, as PML's, not a silent 0
         if not bool(non_zero.any()):
             return self._zero_losses(x, r)  # PML's NCALoss returns NaN here (mean of nothing)
         # in the embeddings' dtype, like PML's losses (the masses are float32 for half inputs)

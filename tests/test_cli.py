@@ -160,3 +160,14 @@ def test_embed_texts_cache_keys_are_the_lists_themselves(tmp_path, monkeypatch):
     one = embed_texts(["hello\x1eworld"], progress=False)  # joined with the old separator: a collision before
     assert two.shape == (2, MINILM_DIM) and one.shape == (1, MINILM_DIM)
     np.testing.assert_allclose(embed_texts(["hello", "world"], progress=False), two)  # a cache hit
+
+
+def test_dataset_helpers_refuse_a_bare_string_and_bad_seeds():
+    from simwarp.datasets import embed_texts, load_dataset
+
+    with pytest.raises(TypeError, match="one str"):
+        embed_texts("hello world")
+    for seed in (-1, None, 1.5, 2**40):
+        with pytest.raises(ValueError, match="seed must be an int"):
+            load_dataset("periodic", n=5, seed=seed)
+    assert load_dataset("periodic", n=5, seed=3).X.shape[0] == 5

@@ -837,3 +837,44 @@ def test_fit_bank_takes_any_callable_encoder():
     head = NeighborRegressionHead(4, 1)
     head.fit_bank(lambda batch: model(batch) * 2.0, [(x[:6], y[:6]), (x[6:], y[6:])], progress=False)
     torch.testing.assert_close(head.bank_z, model(x).detach() * 2.0)
+
+
+def test_knn_l1_blocks_are_sized_by_the_differences_they_hold(monkeypatch):
+    """l1 scores materialise (rows, keys, d) differences: the key blocks were sized as if each
+    score were one number (8 GiB for a 20 000-entry bank at d = 256)."""
+    import simwarp.heads as heads
+
+    seen = []
+    original = heads.PreparedKeys.scores
+    monkeypatch.setattr(heads.PreparedKeys, "scores", lambda self, q, a=0, b=None: seen.append((q.shape[0], min(b, self.keys.shape[0]) - a)) or original(self, q, a, b))
+    q, keys = torch.randn(300, 64), torch.randn(5000, 64)
+    heads.streaming_topk(q, keys, "l1", 3)
+    assert max(rows * width * 64 for rows, width in seen) <= heads.EXPLAIN_BUDGET
+    want = torch.cdist(q, keys, p=1).topk(3, largest=False).indices
+    torch.testing.assert_close(heads.streaming_topk(q, keys, "l1", 3).sort(-1).values, want.sort(-1).values)
+
+
+def test_constructors_check_backend_options_and_accept_numpy_and_tensor_reals():
+    """Bad impl / chunk_size / scale and l1 with the chunked path failed only at the first
+    forward (a loss only once a batch outgrew the dense path); numpy and 0-d tensor
+    temperatures were refused; strings became True flags."""
+    np = pytest.importorskip("numpy")
+    assert NeighborRegressionHead(4, temperature=np.float32(0.5)).temperature == 0.5
+    assert NeighborRegressionHead(4, temperature=torch.tensor(0.5)).temperature == 0.5
+    bad = [
+        (dict(impl="fast"), ValueError, "impl must be one of"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (dict(scale=-1.0), ValueError, "scale must be a positive finite float"),
+        (dict(metric="l1", impl="chunked"), ValueError, "only available with impl='dense'"),
+        (dict(standardize_targets="no"), TypeError, "standardize_targets must be a bool"),
+    ]
+    for kwargs, error, match in bad:
+        with pytest.raises(error, match=match):
+            NeighborRegressionHead(4, **kwargs)
+    for kwargs, error, match in [
+        (dict(impl="fast"), ValueError, "impl must be one of"),
+        (dict(chunk_size=-5), ValueError, "chunk_size must be a positive int"),
+        (dict(detach_range="no"), TypeError, "detach_range must be a bool"),
+    ]:
+        with pytest.raises(error, match=match):
+            simwarp.SoftStepNCALoss(**kwargs)

@@ -571,3 +571,16 @@ def test_learnable_temperature_and_global_mode_options_are_reported():
     assert SoftStepContrastiveLoss(temperature=torch.tensor(0.1)).temperature == pytest.approx(0.1)
     with pytest.warns(UserWarning, match="ignored"):
         SoftStepNCALoss(embedding_size=32, hidden=16)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_nan_embedding_gives_a_nan_loss_not_zero(grad):
+    """One NaN row made every anchor's mass NaN, which the floor test dropped: under no_grad
+    (a validation loop) a diverged encoder showed a loss of exactly 0."""
+    from pytorch_metric_learning.losses import NCALoss
+
+    emb, labels = torch.randn(16, 4), torch.arange(16) % 4
+    emb[3, 0] = float("nan")
+    with torch.set_grad_enabled(grad):
+        assert simwarp.SoftStepNCALoss()(emb.requires_grad_(grad), labels).isnan()
+        assert NCALoss()(emb, labels).isnan()

@@ -23,6 +23,7 @@ from simwarp.backend.common import (
     IMPLS,
     WarpStats,
     broadcast_shape,
+    check_chunk_size,
     check_dropout_p,
     check_inputs,
     make_spec,
@@ -200,8 +201,7 @@ def warp_attend(
     """
     batch = check_inputs(q, k, v, mask, exclude_self, self_offset)
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     dropout_p = check_dropout_p(dropout_p)
     drop_all = dropout_p == 1.0  # every weight dropped: zero output and zero gradients through it
     if drop_all:

@@ -637,6 +637,25 @@ def check_dropout_p(dropout_p, allow_one: bool = True) -> float:
     return dropout_p
 
 
+def check_chunk_size(chunk_size) -> None:
+    """``chunk_size``: a positive int or ``None`` (``ValueError`` otherwise)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def check_backend_options(metric: str, impl: str, chunk_size, scale=None) -> None:
+    """What the backend would refuse at the first call, checked when a front end is built:
+    ``impl``, ``chunk_size``, ``scale`` and a metric that only the dense path has."""
+    check_metric(metric)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_chunk_size(chunk_size)
+    if scale is not None and not isinstance(scale, torch.Tensor):
+        make_spec(metric, scale, "none", 1.0, False, False, False)
+    if metric == "l1" and impl in ("chunked", "triton"):
+        raise ValueError(f"metric='l1' is only available with impl='dense' (got impl={impl!r})")
+
+
 def as_flag(name: str, value) -> bool:
     """``value`` as a bool: Python and NumPy bools, and the ints 0 and 1; anything else (a string,
     None, a tensor) is a ``TypeError`` that names ``name``."""
