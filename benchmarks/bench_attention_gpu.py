@@ -212,10 +212,18 @@ def check_small(device, log) -> list[dict]:
         ("dot", "poly", dict(causal=True, detach_range=True)),
         # b = 1, t near 1: the best key (u = 1) at the band's steep upper end (session 11's fix)
         ("dot", "sigmoidal", dict(b_one=True, detach_range=True)),
+        # the pins (log: u = 0 at the row minimum; sigmoidal b = 1: u = 1 at the maximum) need the
+        # backward kernels to recompute pass 1's raw scores bit for bit, also for the distances
+        ("l2", "log", dict()),
+        ("sqeuclidean", "sigmoidal", dict(b_one=True)),
+        # B·H = 69632 > 65535: the batch is folded into grid axis 0 (axes 1, 2 stop at 65535)
+        ("dot", "poly", dict(big_batch=True, causal=True)),
     ]
     for i, (metric, step, o) in enumerate(cases):
         n, m, d, e = (SMALL[0], SMALL[0], *SMALL[2:]) if o.get("exclude_self") else SMALL
         shape_b = (2, 3)
+        if o.get("big_batch"):
+            shape_b, (n, m, d, e) = (4096, 17), (8, 8, 16, 8)
         q = fresh((*shape_b, n, d), torch.float32, device, 100 + i)
         k = fresh((*shape_b, m, d), torch.float32, device, 200 + i)
         v = fresh((*shape_b, m, e), torch.float32, device, 300 + i)
