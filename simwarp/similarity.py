@@ -51,7 +51,7 @@ class _SafeSqrt(torch.autograd.Function):
     @first_order
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
-        return (y * y).add_(torch.finfo(y.dtype).tiny).reciprocal_().mul_(y).mul_(g).mul_(0.5)
+        return _safe_reciprocal(y).mul_(g).mul_(0.5)
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -182,9 +182,10 @@ def warp_attend(
         return_stats: also return :class:`WarpStats`.
         dropout_p: inverted dropout on the weights (``w_ij`` zeroed with probability
             ``dropout_p`` in ``[0, 1]``, survivors scaled by ``1 / (1 - dropout_p)``), as in
-            SDPA (1: a zero output). Always applied when > 0: pass 0 at evaluation. Reproducible under ``torch.manual_seed`` (per
-            implementation: the fused kernels draw their own masks, with ``dropout_p`` rounded
-            to a multiple of 2^-16; see docs/kernels.md).
+            SDPA (1: a zero output). Always applied when > 0: pass 0 at evaluation.
+            Reproducible under ``torch.manual_seed`` (per implementation: the fused kernels
+            draw their own masks, with ``dropout_p`` rounded to a multiple of 2^-16; see
+            docs/kernels.md).
         row_range: ``(lo, hi)`` broadcastable to the rows ``(..., n)``: normalise with this
             fixed range instead of each row's own (treated as constants in backward). For
             combining calls over parts of one key set (a bank sharded across devices: see

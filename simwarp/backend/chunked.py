@@ -144,7 +144,7 @@ class _ChunkedWarp(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int, row_range, indices: bool,
-        aliases: tuple[bool, str | None],
+        aliases: tuple[int, int],
     ):
         ctx.aliases = aliases
         qkv_in = (q, k, v)

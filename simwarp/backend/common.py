@@ -16,7 +16,7 @@ import numpy
 import torch
 
 from simwarp._autograd import first_order, is_finite_real
-from simwarp.similarity import check_metric
+from simwarp.similarity import STREAMING_METRICS, check_metric
 from simwarp.steps import DEFAULT_A, DEFAULT_B, DEFAULT_T, Step, get_step
 
 IMPLS = ("auto", "dense", "chunked", "triton")
@@ -652,8 +652,8 @@ def check_backend_options(metric: str, impl: str, chunk_size, scale=None) -> Non
     check_chunk_size(chunk_size)
     if scale is not None and not isinstance(scale, torch.Tensor):
         make_spec(metric, scale, "none", 1.0, False, False, False)
-    if metric == "l1" and impl in ("chunked", "triton"):
-        raise ValueError(f"metric='l1' is only available with impl='dense' (got impl={impl!r})")
+    if metric not in STREAMING_METRICS and impl in ("chunked", "triton"):
+        raise ValueError(f"metric={metric!r} is only available with impl='dense' (got impl={impl!r})")
 
 
 def as_flag(name: str, value) -> bool:
