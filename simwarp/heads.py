@@ -59,6 +59,10 @@ EXPLAIN_BUDGET = 1 << 22
 #: queries per block of the kNN head: each key block's GEMM serves this many queries (the
 #: block has ``EXPLAIN_BUDGET`` scores, 16 MiB in float32, however large the bank).
 KNN_ROWS = 256
+#: above this many classes the classification head weighs a bank block by block
+#: (:func:`simwarp.warp_weights`, ``EXPLAIN_BUDGET`` scores at a time) and adds each entry's
+#: weight to its class, instead of averaging one-hot rows (``M × C`` values, ``n · M · C`` flops).
+ONE_HOT_CLASSES = 64
 _HEAD_MODES = ("global", "instance")
 
 
@@ -857,8 +861,28 @@ class NeighborClassificationHead(_WarpHeadBase):
             self._require_bank(z.device)
             if isinstance(y, torch.Tensor) and (y.dim() != 1 or y.shape[0] != z.shape[0]):
                 raise ValueError(f"y must have shape (N={z.shape[0]},) of class indices, got {_shape(y)}")
-            mass, _ = self._attend(zw, self.bank_z.to(zw.dtype), self._one_hot(self.bank_y, zw.dtype), loo=False)
+            mass = self._bank_mass(zw)
         return self._log_probs(mass)
+
+    def _bank_mass(self, z: torch.Tensor) -> torch.Tensor:
+        """``(N, C)`` class masses of queries ``z`` over the bank."""
+        bank = self.bank_z.to(z.dtype)
+        if self.num_classes <= ONE_HOT_CLASSES or resolve_group(self.gather)[0]:
+            return self._attend(z, bank, self._one_hot(self.bank_y, z.dtype), loo=False)[0]
+        rows = max(1, EXPLAIN_BUDGET // self.bank_size)
+        masses, kept = [z.new_zeros((0, self.num_classes))], [z.new_zeros((0,))]
+        for start in range(0, z.shape[0], rows):
+            zq = z[start : start + rows]
+            w, stats = warp_weights(
+                self._scaled(zq), self._scaled(bank), metric=self.metric, scale=self.scale,
+                temperature=self.temperature, detach_range=self.detach_range, impl=self.impl,
+                chunk_size=self.chunk_size, return_stats=True, **self._step_kwargs(zq),
+            )
+            classes = self.bank_y.expand(zq.shape[0], -1)
+            masses.append(w.new_zeros((zq.shape[0], self.num_classes)).scatter_add(1, classes, w))
+            kept.append(stats.kept.to(z.dtype))
+        self._record_kept(torch.cat(kept), self.bank_size)
+        return torch.cat(masses)
 
     @torch.no_grad()
     def predict_proba(self, z: torch.Tensor) -> torch.Tensor:

@@ -878,3 +878,28 @@ def test_constructors_check_backend_options_and_accept_numpy_and_tensor_reals():
     ]:
         with pytest.raises(error, match=match):
             simwarp.SoftStepNCALoss(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["global", "instance"])
+def test_classification_bank_with_many_classes_is_weighed_block_by_block(monkeypatch, mode):
+    """Above ONE_HOT_CLASSES the bank's class masses come from warp_weights per block of
+    queries, added to each entry's class (the one-hot bank was M × C values per call): the same
+    log-probabilities, gradients and sparsity as the one-hot path."""
+    import simwarp.heads as heads
+
+    g = torch.Generator().manual_seed(4)
+    head = NeighborClassificationHead(6, 100, mode=mode).double()
+    head.eval().set_bank(torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randint(0, 100, (50,), generator=g))
+    monkeypatch.setattr(heads, "EXPLAIN_BUDGET", 50 * 3)  # blocks of 3 queries
+    results = []
+    for limit in (1000, 64):  # the one-hot path, then blocks
+        monkeypatch.setattr(heads, "ONE_HOT_CLASSES", limit)
+        z = torch.randn(7, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
+        out = head(z)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, 100, dtype=torch.float64)).sum(), (z, *head.parameters()))
+        results.append((out, grads, head.sparsity))
+    (out1, g1, s1), (out2, g2, s2) = results
+    torch.testing.assert_close(out2, out1)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b)
+    assert s1 == pytest.approx(s2)
