@@ -86,6 +86,21 @@ def test_chunked_attention_trains_in_one_graph(metric):
         torch.testing.assert_close(g2, g1)
 
 
+def test_chunked_attention_with_a_fixed_row_range_trains_in_one_graph():
+    """A range fixed from outside (simwarp.distributed's sharded banks) took the autograd path
+    in backward; the built-in steps now use their closed forms there too."""
+
+    def loss(x, a):
+        return simwarp.warp_attend(x, x, x, a=a, row_range=(-2.0, 3.0), impl="chunked", chunk_size=4).square().sum()
+
+    x, a = torch.randn(2, 11, 8), torch.full((2, 11), 0.2)
+    leaves = [(x.clone().requires_grad_(), a.clone().requires_grad_()) for _ in range(2)]
+    want, got = loss(*leaves[0]), compiled(loss)(*leaves[1])
+    torch.testing.assert_close(got, want)
+    for g1, g2 in zip(torch.autograd.grad(want, leaves[0]), torch.autograd.grad(got, leaves[1])):
+        torch.testing.assert_close(g2, g1)
+
+
 def test_additive_masks_trace_and_still_refuse_score_biases():
     """nn.TransformerEncoder turns even a bool padding mask into an additive float one; the
     check that it holds only 0 and -inf is an in-graph assertion when compiled."""

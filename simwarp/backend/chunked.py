@@ -9,9 +9,10 @@ For the built-in steps over the rows' own range, pass 1 has found each row's lar
 (:func:`~simwarp.backend.common.masked_numerator`) directly, with no running maximum, and the
 backward applies the closed-form :func:`~simwarp.backend.common.warp_backward` per block. User
 steps and a range fixed from outside take the general path: an online softmax over
-``ℓ = s/τ + φ(u)``, and a backward that pulls ``dℓ = w (δ - D)`` back through each block's
-autograd graph of the step, so every registered step gets exact gradients without a
-hand-written derivative. Either way the similarity's own gradient is written out
+``ℓ = s/τ + φ(u)``; its backward applies the built-in steps' closed forms
+(:func:`~simwarp.backend.common.closed_form_logits`) and pulls ``dℓ = w (δ - D)`` back through
+each block's autograd graph of a user step, so every registered step gets exact gradients
+without a hand-written derivative. Either way the similarity's own gradient is written out
 (:func:`~simwarp.similarity.pairwise_similarity_backward`), so that ``torch.compile`` traces
 the backward of the built-in steps (it cannot trace ``torch.autograd.grad``). The gradient of
 the row range (``∂L/∂lo``, ``∂L/∂hi`` accumulated over blocks) is finally routed to the
@@ -29,6 +30,7 @@ from simwarp._autograd import first_order
 from simwarp.backend.common import (
     WarpSpec,
     broadcast_shape,
+    closed_form_logits,
     first_extreme_index,
     key_bias,
     known_maximum,
@@ -275,25 +277,30 @@ class _ChunkedWarp(torch.autograd.Function):
             bias, self_offset = blocks.validity(start, stop, r0)
             s = sim.similarity_(sim.scores(start, stop, r0), r0)
             g_r, delta_r = rows_from(g, r0), rows_from(delta_row, r0)
+            lo_r, hi_r, a_r, b_r, t_r = (rows_from(x, r0) for x in (lo_, hi_, a_, b_, t_))
+            closed = None
             if ctx.mask_form:
-                lo_r, hi_r, a_r, b_r, t_r = (rows_from(x, r0) for x in (lo_, hi_, a_, b_, t_))
                 num = masked_numerator(s, lo_r.detach(), hi_r.detach(), bias, a_r, b_r, t_r, spec, self_offset=self_offset)
                 w = num.e.mul_(rows_from(inv_denom, r0))
-            else:
-                with torch.enable_grad():
-                    s_leaf = s.requires_grad_(need_s)
-                    logits = warp_logits(s_leaf, lo_, hi_, bias, a_, b_, t_, spec)
+
+                def closed(g, needs, shapes, num=num):
+                    return warp_backward(g, num.u, num.inv, spec.step.rule, num.saved, None, needs, 1.0 / spec.temperature, shapes)
+            else:  # a range fixed from outside (built-in steps: closed form) or a user step (autograd)
+                closed_form = closed_form_logits(s, lo_.detach(), hi_.detach(), bias, a_, b_, t_, spec)
+                if closed_form is not None:
+                    logits, closed = closed_form
+                else:
+                    with torch.enable_grad():
+                        s_leaf = s.requires_grad_(need_s)
+                        logits = warp_logits(s_leaf, lo_, hi_, bias, a_, b_, t_, spec)
                 w = torch.exp(logits.detach() - lse_safe)
             w_out = dropout(w)  # the weights that multiplied v in forward
             if need_v:
                 dv[..., start:stop, :] += (w_out.transpose(-1, -2) @ g_r).sum_to_size(v_c.shape)
             d_logits = (g_r @ v_c.transpose(-1, -2)).mul_(w_out).sub_(w * delta_r)
-            if ctx.mask_form:
+            if closed is not None:
                 needs = (need_s, track_range, track_range, need_a, need_b, need_t)
-                shapes = (s.shape, lo_r.shape, hi_r.shape)
-                gs, *step_grads = warp_backward(
-                    d_logits, num.u, num.inv, spec.step.rule, num.saved, None, needs, 1.0 / spec.temperature, shapes
-                )
+                gs, *step_grads = closed(d_logits, needs, (s.shape, lo_r.shape, hi_r.shape))
                 for i, grad in enumerate(step_grads[2:] + step_grads[:2]):  # (a, b, t, lo, hi)
                     accumulate(i, grad, r0)
             else:

@@ -368,6 +368,30 @@ def warp_logits(
     return logits + bias
 
 
+def closed_form_logits(s, lo, hi, bias, a, b, t, spec: WarpSpec):
+    """:func:`warp_logits` without autograd for the built-in steps and ``"none"`` (``None`` for a
+    user step), and the closed-form backward of that block: ``logits, backward`` with
+    ``backward(g, needs, shapes)`` as :func:`warp_backward` takes them. For a streaming backward
+    that ``torch.compile`` traces (no ``torch.autograd.grad``)."""
+    rule, inv_temperature = spec.step.rule, 1.0 / spec.temperature
+    if spec.step.warps and rule is None:
+        return None
+    if spec.step.warps:
+        u, inv = unit_range(s, lo, hi)
+        phi, saved = rule.forward(u, a, b, t)
+        logits = phi.add_(s, alpha=inv_temperature)
+    else:
+        u = inv = saved = None
+        logits = s * inv_temperature
+    if bias is not None:
+        logits = logits + bias
+
+    def backward(g, needs, shapes):
+        return warp_backward(g, u, inv, rule, saved, None, needs, inv_temperature, shapes)
+
+    return logits, backward
+
+
 def known_maximum(spec: WarpSpec, row_range) -> bool:
     """Whether the mask form applies: a built-in step (or none) over the rows' own range, so
     each row's best valid key (``s = hi``, ``u = 1``) has ``m = 1`` and ``hi/τ`` is its largest logit."""
