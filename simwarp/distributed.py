@@ -193,7 +193,10 @@ def gather_rows(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> 
     Args:
         x: ``(n, ...)`` local rows (any dtype; only floating tensors carry gradients).
         group: process group (``None`` = default).
-        sizes: every rank's ``n`` if already known (skips one collective).
+        sizes: every rank's ``n`` if already known (checked). The dtype and row shape are
+            gathered with the sizes either way, so a mismatch across ranks raises the same
+            ``ValueError`` on every rank instead of corrupting the rows or aborting the
+            collective (e.g. labels of another dtype, values of another width on one rank).
 
     Returns:
         :class:`Gathered` ``(rows (N, ...), offset, sizes)``.
@@ -201,11 +204,11 @@ def gather_rows(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> 
     _require_initialised()
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"x must be a tensor with at least one dim (rows first), got {getattr(x, 'shape', type(x))}")
-    if sizes is None:
-        sizes = _all_gather_layout(x, group, "the gathered rows")
+    gathered = _all_gather_layout(x, group, "the gathered rows")
+    if sizes is not None and list(sizes) != gathered:
+        raise ValueError(f"sizes {sizes} do not match the ranks' row counts {gathered}")
+    sizes = gathered
     rank = dist.get_rank(group)
-    if len(sizes) != dist.get_world_size(group) or sizes[rank] != x.shape[0]:
-        raise ValueError(f"sizes {sizes} do not match the group ({dist.get_world_size(group)} ranks) and x {tuple(x.shape)}")
     offset = sum(sizes[:rank])
     if x.requires_grad and torch.is_grad_enabled():
         rows = _GatherRows.apply(x, sizes, offset, group)
@@ -372,9 +375,44 @@ class _Prepared(NamedTuple):
     chunk: int
 
 
+def _agree_on_bank_inputs(q, k, v, metric: str, queries: str, group) -> None:
+    """:func:`_check_bank_inputs` on every rank, then one small all-gather of each rank's
+    verdict and layout, so that a bad input or a layout that differs across ranks (another
+    ``d``, value width or dtype; another number of replicated queries) raises the same
+    ``ValueError`` on every rank instead of one rank raising while the others wait in the
+    collectives (or abort inside them)."""
+    try:
+        _check_bank_inputs(q, k, v, metric, queries)
+        problem = None
+    except (TypeError, ValueError) as err:
+        problem = err
+    tensors = [x for x in (q, k, v) if isinstance(x, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+
+    def layout(x, rows: bool) -> list[int]:
+        if problem is not None:
+            return [-1] * 3
+        code = _LAYOUT_DTYPES.index(x.dtype) if x.dtype in _LAYOUT_DTYPES else len(_LAYOUT_DTYPES)
+        return [x.shape[0] if rows else -1, x.shape[1], code]
+
+    mine = [int(problem is None), *layout(q, queries == "replicated"), *layout(k, False), *layout(v, False)]
+    layouts = _all_gather_ints(mine, group, device)
+    failed = [r for r, lay in enumerate(layouts) if lay[0] == 0]
+    if failed:
+        here = f": {problem}" if problem is not None else ""
+        raise ValueError(f"invalid sharded-bank inputs on rank(s) {failed}{here}") from problem
+    if len({lay[1:] for lay in layouts}) > 1:
+        names = ("q rows (replicated)", "q features", "q dtype", "-", "k features", "k dtype", "-", "v width", "v dtype")
+        differ = [name for i, name in enumerate(names) if name != "-" and len({lay[1 + i] for lay in layouts}) > 1]
+        raise ValueError(
+            f"the sharded-bank inputs must agree across ranks in {', '.join(differ)}; per rank (q rows, q d, q dtype, "
+            f"-, k d, k dtype, -, v width, v dtype): {[lay[1:] for lay in layouts]}"
+        )
+
+
 def _prepare(q, k, v, a, b, t, *, group, queries, metric, scale, step, temperature, chunk_size) -> _Prepared:
     _require_initialised()
-    _check_bank_inputs(q, k, v, metric, queries)
+    _agree_on_bank_inputs(q, k, v, metric, queries, group)
     spec = make_spec(metric, scale, step, temperature, False, False, False)
     check_chunk_size(chunk_size)
     dtype = work_dtype(q.dtype)

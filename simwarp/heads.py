@@ -292,7 +292,10 @@ class _BankMixin(nn.Module):
             if module is not None:
                 module.train(was_training)
         if not zs:
-            raise ValueError("fit_bank got an empty loader")
+            if not resolve_group(getattr(self, "gather", False))[0]:
+                raise ValueError("fit_bank got an empty loader")
+            # an empty shard of a gathered bank: still join set_bank's collectives
+            zs, ys = [self.bank_z.new_zeros((0, self.in_features))], [self.bank_y[:0]]
         self.set_bank(torch.cat(zs), torch.cat(ys))
 
     def _require_bank(self, device: torch.device) -> None:

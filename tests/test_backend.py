@@ -758,6 +758,31 @@ def test_row_range_errors():
         simwarp.warp_attend(q, k, v, row_range=torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"row_range\[0\] \(lo\) of shape \(3,\)"):
         simwarp.warp_attend(q, k, v, row_range=(torch.zeros(3), 1.0))
+    for bad in ((math.inf, -math.inf), (1.0, -1.0), (torch.tensor([0.0, math.nan, 0.0, 0.0]), 1.0)):
+        with pytest.raises(ValueError, match="finite lo <= hi"):  # gave NaN rows silently
+            simwarp.warp_attend(q, k, v, row_range=bad)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_parts_recipe_of_the_docs_keeps_rows_without_keys_zero(impl):
+    """docs/backend.md's "Key sets in parts" recipe, with a row that no part has a key for."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 5, 4, generator=gen), torch.randn(2, 9, 4, generator=gen), torch.randn(2, 9, 3, generator=gen)
+    mask = torch.rand(2, 5, 9, generator=gen) > 0.3
+    mask[1, 2] = False
+    parts = [slice(0, 4), slice(4, 9)]
+    ranges = [simwarp.warp_range(q, k[:, p], mask=mask[..., p]) for p in parts]
+    lo = torch.stack([r[0].masked_fill(r[2], torch.inf) for r in ranges]).amin(0)
+    hi = torch.stack([r[1].masked_fill(r[2], -torch.inf) for r in ranges]).amax(0)
+    empty = torch.isinf(lo)
+    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    outs = [simwarp.warp_attend(q, k[:, p], v[:, p], mask=mask[..., p], row_range=(lo, hi), impl=impl, return_stats=True)
+            for p in parts]
+    lse = torch.logsumexp(torch.stack([st.lse for _, st in outs]), 0)
+    shift = lse.masked_fill(torch.isinf(lse), 0.0)
+    out = sum(torch.exp(st.lse - shift).unsqueeze(-1) * o for o, st in outs)
+    torch.testing.assert_close(out, simwarp.warp_attend(q, k, v, mask=mask, impl=impl))
+    assert torch.equal(out[1, 2], torch.zeros(3))
 
 
 @pytest.mark.parametrize("step", ["sigmoidal", "poly", "none"])

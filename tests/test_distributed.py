@@ -245,6 +245,23 @@ def _run_rank(rank: int, world: int) -> dict:
         res["layout_error"] = None
     except ValueError as err:
         res["layout_error"] = str(err)
+    try:  # values of another width on one rank (their sizes come with the keys' gather)
+        width = 2 if rank == 0 else 3
+        sd.gathered_warp_attend(data["z"][rb], torch.zeros(len(data["z"][rb]), width, dtype=data["z"].dtype))
+        res["value_layout_error"] = None
+    except ValueError as err:
+        res["value_layout_error"] = str(err)
+    try:  # a bank whose d differs on rank 1 only: rank 1 raised alone, the others hung
+        kd = data["bank_z"][ks] if rank != 1 else data["bank_z"][ks][:, :-1]
+        sd.sharded_warp_attend(data["q"], kd, data["bank_y"][ks], metric="l2")
+        res["bank_layout_error"] = None
+    except ValueError as err:
+        res["bank_layout_error"] = str(err)
+    # fit_bank with an empty loader on rank 1: an empty shard of the gathered bank, no hang
+    head = _head("reg", gather=True).eval()
+    shard = [] if rank == 1 else [(data["bank_z"][ks], data["bank_y"][ks])]
+    head.fit_bank(None, shard, progress=False)
+    res["empty_shard_bank"] = head.bank_size
     cnt, mean, m2 = sd.global_moments(data["y"][rb])
     res["moments"] = (cnt, mean, m2)
     res["global_size"] = sd.global_size(N_BATCH[world][rank])
@@ -450,6 +467,19 @@ def test_layout_mismatch_raises_on_every_rank(group_results):
     for res in results:
         message = res["layout_error"]
         assert message is not None and "rank 0: torch.float16" in message and "rank 1: torch.bfloat16" in message
+
+
+def test_value_layout_mismatch_raises_on_every_rank_and_empty_shards_fit(group_results):
+    """Values gathered with the keys' sizes skipped the layout check: one rank aborted inside
+    gloo, the other returned partly uninitialised rows. An empty fit_bank loader on one rank
+    raised there alone while the others waited in set_bank's collectives."""
+    world, results = group_results
+    for rank, res in enumerate(results):
+        message = res["value_layout_error"]
+        assert message is not None and "same dtype and row shape on every rank" in message
+        assert "invalid sharded-bank inputs on rank(s) [1]" in (res["bank_layout_error"] or "")
+        rows = _rows(M_SHARD[world], rank)
+        assert res["empty_shard_bank"] == (0 if rank == 1 else rows.stop - rows.start)
 
 
 def test_global_batch_of_one_row_raises_on_every_rank(group_results):

@@ -261,7 +261,15 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
         except RuntimeError:
             raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to the rows {(*batch, n)}") from None
         out.append(x.detach())
-    return out[0], out[1]
+    lo, hi = out
+    if lo.device.type == "cpu" and not torch.compiler.is_compiling():  # (no device sync elsewhere)
+        bad = ~(torch.isfinite(lo) & torch.isfinite(hi) & (lo <= hi))
+        if bool(bad.any()):
+            raise ValueError(
+                "row_range must hold finite lo <= hi for every row; mark rows without any valid key "
+                f"by lo = hi = 0 (see docs/backend.md), got {int(bad.sum())} row(s) otherwise"
+            )
+    return lo, hi
 
 
 @torch.no_grad()
