@@ -389,25 +389,23 @@ def _agree_on_bank_inputs(q, k, v, metric: str, queries: str, group) -> None:
     tensors = [x for x in (q, k, v) if isinstance(x, torch.Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
 
-    def layout(x, rows: bool) -> list[int]:
-        if problem is not None:
-            return [-1] * 3
-        code = _LAYOUT_DTYPES.index(x.dtype) if x.dtype in _LAYOUT_DTYPES else len(_LAYOUT_DTYPES)
-        return [x.shape[0] if rows else -1, x.shape[1], code]
+    def code(x) -> int:
+        return _LAYOUT_DTYPES.index(x.dtype) if x.dtype in _LAYOUT_DTYPES else len(_LAYOUT_DTYPES)
 
-    mine = [int(problem is None), *layout(q, queries == "replicated"), *layout(k, False), *layout(v, False)]
-    layouts = _all_gather_ints(mine, group, device)
+    names = ("q rows (replicated queries)", "q features", "q dtype", "k features", "k dtype", "v width", "v dtype")
+    mine = [-1] * len(names)
+    if problem is None:
+        replicated_rows = q.shape[0] if queries == "replicated" else -1
+        mine = [replicated_rows, q.shape[1], code(q), k.shape[1], code(k), v.shape[1], code(v)]
+    layouts = _all_gather_ints([int(problem is None), *mine], group, device)
     failed = [r for r, lay in enumerate(layouts) if lay[0] == 0]
     if failed:
         here = f": {problem}" if problem is not None else ""
         raise ValueError(f"invalid sharded-bank inputs on rank(s) {failed}{here}") from problem
-    if len({lay[1:] for lay in layouts}) > 1:
-        names = ("q rows (replicated)", "q features", "q dtype", "-", "k features", "k dtype", "-", "v width", "v dtype")
-        differ = [name for i, name in enumerate(names) if name != "-" and len({lay[1 + i] for lay in layouts}) > 1]
-        raise ValueError(
-            f"the sharded-bank inputs must agree across ranks in {', '.join(differ)}; per rank (q rows, q d, q dtype, "
-            f"-, k d, k dtype, -, v width, v dtype): {[lay[1:] for lay in layouts]}"
-        )
+    differ = [name for i, name in enumerate(names) if len({lay[1 + i] for lay in layouts}) > 1]
+    if differ:
+        per_rank = "; ".join(f"rank {r}: {dict(zip(names, lay[1:]))}" for r, lay in enumerate(layouts))
+        raise ValueError(f"the sharded-bank inputs must agree across ranks in {', '.join(differ)}; {per_rank}")
 
 
 def _prepare(q, k, v, a, b, t, *, group, queries, metric, scale, step, temperature, chunk_size) -> _Prepared:

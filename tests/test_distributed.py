@@ -257,6 +257,12 @@ def _run_rank(rank: int, world: int) -> dict:
         res["bank_layout_error"] = None
     except ValueError as err:
         res["bank_layout_error"] = str(err)
+    try:  # bank values of another width on one rank, each rank valid on its own: every rank hung
+        vd = data["bank_y"][ks] if rank != 1 else torch.cat([data["bank_y"][ks]] * 2, dim=1)
+        sd.sharded_warp_attend(data["q"], data["bank_z"][ks], vd, metric="l2")
+        res["bank_width_error"] = None
+    except ValueError as err:
+        res["bank_width_error"] = str(err)
     # fit_bank with an empty loader on rank 1: an empty shard of the gathered bank, no hang
     head = _head("reg", gather=True).eval()
     shard = [] if rank == 1 else [(data["bank_z"][ks], data["bank_y"][ks])]
@@ -478,6 +484,7 @@ def test_value_layout_mismatch_raises_on_every_rank_and_empty_shards_fit(group_r
         message = res["value_layout_error"]
         assert message is not None and "same dtype and row shape on every rank" in message
         assert "invalid sharded-bank inputs on rank(s) [1]" in (res["bank_layout_error"] or "")
+        assert "must agree across ranks in v width" in (res["bank_width_error"] or "")
         rows = _rows(M_SHARD[world], rank)
         assert res["empty_shard_bank"] == (0 if rank == 1 else rows.stop - rows.start)
 

@@ -254,22 +254,23 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
         raise TypeError(f"row_range must be a (lo, hi) pair or None, got {type(row_range).__name__}")
     out = []
     for name, x in zip(("row_range[0] (lo)", "row_range[1] (hi)"), row_range):
-        x = torch.as_tensor(x, dtype=dtype, device=device)
+        x = torch.as_tensor(x, dtype=dtype, device=x.device if isinstance(x, torch.Tensor) else "cpu").detach()
         try:
             if broadcast_shape(x.shape, (*batch, n)) != (*batch, n):
                 raise RuntimeError
         except RuntimeError:
             raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to the rows {(*batch, n)}") from None
-        out.append(x.detach())
+        out.append(x)
     lo, hi = out
-    if lo.device.type == "cpu" and not torch.compiler.is_compiling():  # (no device sync elsewhere)
+    # floats and CPU tensors: checked (accelerator tensors are not synchronised for a check)
+    if lo.device.type == hi.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = ~(torch.isfinite(lo) & torch.isfinite(hi) & (lo <= hi))
         if bool(bad.any()):
             raise ValueError(
                 "row_range must hold finite lo <= hi for every row; mark rows without any valid key "
                 f"by lo = hi = 0 (see docs/backend.md), got {int(bad.sum())} row(s) otherwise"
             )
-    return lo, hi
+    return lo.to(device), hi.to(device)
 
 
 @torch.no_grad()
