@@ -516,14 +516,8 @@ class _WarpHeadBase(_BankMixin):
                 **self._step_kwargs(z),
             )
         k = min(k, self.bank_size)
-        rows = max(1, EXPLAIN_BUDGET // self.bank_size)
         idx_out, w_out = [], []
-        for start in range(0, z.shape[0], rows):
-            zq = z[start : start + rows]
-            w = warp_weights(
-                self._scaled(zq), self._scaled(self.bank_z.to(zq.dtype)), metric=self.metric, scale=self.scale,
-                temperature=self.temperature, detach_range=self.detach_range, **self._step_kwargs(zq),
-            )
+        for w, _ in self._bank_weight_blocks(z):
             top = torch.topk(w, k, dim=-1)
             idx_out.append(top.indices)
             w_out.append(top.values)
@@ -531,6 +525,20 @@ class _WarpHeadBase(_BankMixin):
             empty = z.new_zeros((0, k))
             return empty.long(), empty
         return torch.cat(idx_out), torch.cat(w_out)
+
+    def _bank_weight_blocks(self, z: torch.Tensor, **backend: Any):
+        """The weights ``(rows, M)`` of the bank for blocks of queries ``z`` (and their
+        :class:`~simwarp.WarpStats`), from :func:`simwarp.warp_weights`; each block holds about
+        ``EXPLAIN_BUDGET`` scores and sees the whole bank, so the weights are exact."""
+        bank = self.bank_z.to(z.dtype)
+        rows = max(1, EXPLAIN_BUDGET // self.bank_size)
+        for start in range(0, z.shape[0], rows):
+            zq = z[start : start + rows]
+            yield warp_weights(
+                self._scaled(zq), self._scaled(bank), metric=self.metric, scale=self.scale,
+                temperature=self.temperature, detach_range=self.detach_range, return_stats=True,
+                **self._step_kwargs(zq), **backend,
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -869,20 +877,12 @@ class NeighborClassificationHead(_WarpHeadBase):
 
     def _bank_mass(self, z: torch.Tensor) -> torch.Tensor:
         """``(N, C)`` class masses of queries ``z`` over the bank."""
-        bank = self.bank_z.to(z.dtype)
         if self.num_classes <= ONE_HOT_CLASSES or resolve_group(self.gather)[0]:
-            return self._attend(z, bank, self._one_hot(self.bank_y, z.dtype), loo=False)[0]
-        rows = max(1, EXPLAIN_BUDGET // self.bank_size)
+            return self._attend(z, self.bank_z.to(z.dtype), self._one_hot(self.bank_y, z.dtype), loo=False)[0]
         masses, kept = [z.new_zeros((0, self.num_classes))], [z.new_zeros((0,))]
-        for start in range(0, z.shape[0], rows):
-            zq = z[start : start + rows]
-            w, stats = warp_weights(
-                self._scaled(zq), self._scaled(bank), metric=self.metric, scale=self.scale,
-                temperature=self.temperature, detach_range=self.detach_range, impl=self.impl,
-                chunk_size=self.chunk_size, return_stats=True, **self._step_kwargs(zq),
-            )
-            classes = self.bank_y.expand(zq.shape[0], -1)
-            masses.append(w.new_zeros((zq.shape[0], self.num_classes)).scatter_add(1, classes, w))
+        for w, stats in self._bank_weight_blocks(z, impl=self.impl, chunk_size=self.chunk_size):
+            classes = self.bank_y.expand(w.shape[0], -1)
+            masses.append(w.new_zeros((w.shape[0], self.num_classes)).scatter_add(1, classes, w))
             kept.append(stats.kept.to(z.dtype))
         self._record_kept(torch.cat(kept), self.bank_size)
         return torch.cat(masses)

@@ -100,10 +100,15 @@ class _Gram(torch.autograd.Function):
             if q.dim() == 2:
                 return _plus_transpose(g) @ q, None
             return (g + g.transpose(-1, -2)) @ q, None
-        need_q, need_k = ctx.needs_input_grad
-        gq = (g @ k).sum_to_size(q.shape) if need_q else None
-        gk = (g.transpose(-1, -2) @ q).sum_to_size(k.shape) if need_k else None
-        return gq, gk
+        return _gram_grads(g, q, k, *ctx.needs_input_grad)
+
+
+def _gram_grads(g, q, k, need_q: bool = True, need_k: bool = True):
+    """``(∂q, ∂k)`` of ``Σ g ⊙ q kᵀ``: ``g k`` and ``gᵀ q`` (``None`` where not needed), reduced
+    to ``q``'s and ``k``'s shapes (differentiable: :class:`_Gram`'s double backward)."""
+    gq = torch.matmul(g, k).sum_to_size(q.shape) if need_q else None
+    gk = torch.matmul(g.transpose(-1, -2), q).sum_to_size(k.shape) if need_k else None
+    return gq, gk
 
 
 def _gram(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -269,8 +274,7 @@ def pairwise_similarity_backward(
     if metric in ("dot", "cosine"):
         g = g * c if c != 1.0 else g
         qs, ks = (unit_rows(q), unit_rows(k)) if metric == "cosine" else (q, k)
-        gq = torch.matmul(g, ks).sum_to_size(q.shape) if need_q else None
-        gk = torch.matmul(g.transpose(-1, -2), qs).sum_to_size(k.shape) if need_k else None
+        gq, gk = _gram_grads(g, qs, ks, need_q, need_k)
         if metric == "cosine":
             gq = None if gq is None else unit_rows_backward(q, gq)
             gk = None if gk is None else unit_rows_backward(k, gk)
