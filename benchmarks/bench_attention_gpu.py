@@ -294,6 +294,40 @@ def check_dropout(device, log, p: float = 0.3) -> list[dict]:
     return rows
 
 
+def check_nonfinite(device, log) -> list[dict]:
+    """A NaN or inf among a row's valid scores gives a NaN row (output, lse) on the GPU too,
+    where pass 1 reduces with ``min.NaN``/``max.NaN`` (the interpreter takes another code path);
+    rows that never see a non-finite key equal the dense float64 result on cleaned inputs."""
+    from simwarp.backend.dense import dense_warp_attend
+
+    rows = []
+    n, d, e = 200, 64, 64  # self-attention shapes (keys = queries)
+    for i, (metric, step, dtype, grad) in enumerate([("dot", "sigmoidal", torch.bfloat16, True),
+                                                     ("l2", "poly", torch.float32, False),
+                                                     ("dot", "log", torch.float32, True)]):
+        q, k, v = (fresh((2, 3, n, c), torch.float32, device, 800 + 10 * i + j) for j, c in enumerate((d, d, e)))
+        q[0, 0, 5, 3] = float("nan")
+        q[1, 2, 9, 0] = float("inf")
+        k[0, 1, 120, 7] = float("nan")
+        poisoned = torch.zeros(2, 3, n, dtype=torch.bool, device=device)
+        poisoned[0, 0, 5] = poisoned[1, 2, 9] = True
+        poisoned[0, 1, 120:] = True  # causal: rows from the NaN key on
+        spec = make_spec(metric, None, step, 1.0, True, False, False)
+        prm = resolve_params(0.2, 0.7, 0.4, batch=torch.Size((2, 3)), n=n, dtype=torch.float32, device=device)
+        with torch.set_grad_enabled(grad):  # grad: pass 1 with the argmin / argmax bookkeeping
+            qq = q.to(dtype).requires_grad_(grad)
+            out, st = triton_warp_attend(qq, k.to(dtype), v.to(dtype), *prm, None, spec)
+        ref, _ = dense_warp_attend(*(x.nan_to_num(0.0, 0.0, 0.0).double() for x in (q, k, v)),
+                                   *(x.double() for x in prm), None, spec)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        err = rel_err(out[~poisoned].float(), ref[~poisoned])
+        ok = (bool(out[poisoned].isnan().all()) and bool(st.lse[poisoned].isnan().all())
+              and not bool(out[~poisoned].isnan().any()) and not bool(st.empty.any()) and err < tol)
+        rows.append(dict(check="nonfinite_rows", metric=metric, step=step, dtype=str(dtype), grad=grad, ok=ok, out=err))
+        log(f"  [{'ok' if ok else 'FAIL'}] non-finite rows {metric:5s} {step:9s} {dtype} grad={grad}  out={err:.1e}")
+    return rows
+
+
 def check_compile(device, log) -> list[dict]:
     """torch.compile (fullgraph) of functions around the fused call, which is a custom operator
     there: equal to eager (values and gradients, dropout included: same seed draws)."""
@@ -645,7 +679,7 @@ def main(argv=None) -> int:
 
     log(f"# {result['card']}  torch {torch.__version__}  triton {triton.__version__}")
     log("## correctness (fresh inputs, outputs poisoned with NaN before each run)")
-    for fn in (check_small, check_dropout, check_compile, check_mid_bf16):
+    for fn in (check_small, check_nonfinite, check_dropout, check_compile, check_mid_bf16):
         try:
             result["checks"] += fn(device, log)
         except Exception:  # noqa: BLE001

@@ -439,14 +439,16 @@ class _SoftStepLossMixin:
         """Embeddings as the backend sees them (after PML's normalisation if it applies),
         whether the reference set is the batch itself, and the step parameters per anchor."""
         same = ref_emb is embeddings
-        prenormalise = self.prenormalise
+        metric, prenormalise = backend_metric(self.distance)
         x = self.distance.normalize(embeddings) if prenormalise else embeddings
         r = x if same else (self.distance.normalize(ref_emb) if prenormalise else ref_emb)
         if getattr(self.distance, "collect_stats", False):  # the norms PML's distances record
             self.distance.reset_stats()
             maybe = self.distance.maybe_normalize
             self.distance.set_default_stats(embeddings, ref_emb, maybe(embeddings), maybe(ref_emb))
-        cond = x if self.softstep.mode == "instance" else None
+        cond = None
+        if self.softstep.mode == "instance":  # the embeddings the similarity sees: cosine's unit rows too
+            cond = self.distance.normalize(embeddings) if metric == "cosine" else x
         if cond is not None and cond.shape[-1] != self.softstep.in_features:
             raise ValueError(
                 f"SoftStep(mode='instance', in_features={self.softstep.in_features}) got embeddings of "

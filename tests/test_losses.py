@@ -307,6 +307,20 @@ def test_gradcheck_instance_mode(cls):
     assert loss.softstep.net.weight.grad is not None and loss.softstep.net.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("distance", [D.CosineSimilarity(), D.LpDistance(normalize_embeddings=True)])
+@pytest.mark.parametrize("cls", [SoftStepNCALoss, SoftStepContrastiveLoss])
+def test_instance_mode_reads_the_normalised_embeddings(cls, distance):
+    """The instance network sees the embeddings after the distance's normalisation (docs), so a
+    loss whose similarities ignore the embeddings' scale ignores it in instance mode too."""
+    x = torch.randn(32, 8, dtype=f64)
+    y = torch.randint(0, 4, (32,))
+    loss = cls(mode="instance", embedding_size=8, distance=distance).double()
+    with torch.no_grad():
+        for p in loss.softstep.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        torch.testing.assert_close(loss(10 * x, y), loss(x, y), atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("limit", [100, 40 * 40])
 def test_regression_loss_materialises_up_to_the_loss_limit(monkeypatch, limit):
     """"auto" takes the dense backend up to LOSS_DENSE_LIMIT pairs (faster than streaming on

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 import simwarp  # noqa: E402
 from simwarp.backend.common import make_spec, resolve_params  # noqa: E402
 from simwarp.backend.dense import dense_warp_attend  # noqa: E402
-from simwarp.backend.triton import KernelConfig, triton_warp_attend  # noqa: E402
+from simwarp.backend.triton import KernelConfig, kernels, triton_warp_attend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS: dict = {}
@@ -168,6 +169,107 @@ def check_subnormal_ranges_are_flat():
             out, stats = simwarp.warp_attend(query, keys, v, scale=1.0, impl=impl, return_stats=True)
             assert abs(out.item() - expected) < 1e-6, (impl, out.item(), expected)
             assert not stats.empty.any() and stats.kept.item() >= 1, impl
+
+
+NONFINITE_CASES = {
+    f"{metric}-{step}-{mode}": (metric, step, mode)
+    for metric, step, mode in [
+        ("dot", "sigmoidal", "train"), ("l2", "log", "train"), ("sqeuclidean", "poly", "eval"),
+        ("cosine", "none", "eval"), ("dot", "log", "splits"), ("l2", "sigmoidal", "no-skipping"),
+        ("dot", "poly", "train"),
+    ]
+}
+
+
+@check(cases=NONFINITE_CASES)
+def check_nonfinite_scores_give_nan_rows(metric, step, mode):
+    """A NaN or inf among a row's valid scores makes that row's output, lse, lo and hi NaN (not
+    empty), as a softmax row would; rows that never score a non-finite key are untouched: they
+    equal the reference on inputs whose non-finite entries are zeroed (those entries are not
+    valid for them). ``train`` keeps the argmin / argmax (other reductions) and checks the
+    clean rows' ``dq`` with non-finite queries only: a non-finite key reaches every ``dq`` whose
+    tile product holds it, as in the dense reference's ``dS @ K``."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"nonfinite{metric}{step}{mode}".encode()))
+    H, n, m, d, e = 2, 33, 40, 8, 3
+    causal = mode != "splits"
+    if mode == "splits":  # few queries, many keys: partial ranges from several key splits
+        n, m = 6, 70
+    q = torch.randn(H, n, d, generator=gen, dtype=f64)
+    k = torch.randn(H, m, d, generator=gen, dtype=f64)
+    v = torch.randn(H, m, e, generator=gen, dtype=f64)
+    q[0, 3, 1] = float("nan")
+    q[1, 4, 0] = float("inf")
+    bad_key, masked_key = (21, 30) if causal else (50, 9)
+    k_bad = k.clone()
+    k_bad[0, bad_key, 2] = float("nan")
+    k_bad[1, masked_key, 5] = -float("inf")
+    mask = torch.ones(H, n, m, dtype=torch.bool)
+    mask[1, :, masked_key] = False  # a masked non-finite key is never read
+    spec = make_spec(metric, None, step, 1.0, causal, False, False)
+    params = _params("row", (H,), n, gen)
+    config = {"splits": KernelConfig(block_m=16, block_n=16, num_splits=3),
+              "no-skipping": replace(SMALL, block_skipping=False)}.get(mode, SMALL)
+    train = mode == "train"
+
+    def run(fn, q, k, grad, weights=None, **kw):
+        q = q.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out, stats = fn(q, k, v, *resolve_params(*params, batch=torch.Size((H,)), n=n, dtype=f64, device=q.device),
+                            mask, spec, **kw)[:2]
+            if weights is not None:
+                (out.nan_to_num(0.0) * weights).sum().backward()
+        return out.detach(), stats, q.grad
+
+    def clean(x):
+        return x.nan_to_num(0.0, 0.0, 0.0)
+
+    rows = torch.arange(n)
+    poisoned = torch.zeros(H, n, dtype=torch.bool)
+    poisoned[0] = rows >= bad_key if causal else True
+    poisoned[0, 3] = poisoned[1, 4] = True
+    out, stats, _ = run(triton_warp_attend, q, k_bad, train, config=config)
+    ref, rstats, _ = run(dense_warp_attend, clean(q), k, False)
+    assert out[poisoned].isnan().all() and not out[~poisoned].isnan().any()
+    for name in ("lse", "lo", "hi"):
+        assert getattr(stats, name)[poisoned].isnan().all(), name
+        torch.testing.assert_close(getattr(stats, name)[~poisoned], getattr(rstats, name)[~poisoned], atol=1e-10, rtol=0)
+    assert not stats.empty.any()
+    torch.testing.assert_close(out[~poisoned], ref[~poisoned], atol=1e-10, rtol=0)
+    if train:
+        poisoned = torch.zeros(H, n, dtype=torch.bool)
+        poisoned[0, 3] = poisoned[1, 4] = True
+        weights = (~poisoned).to(f64)[..., None]  # the loss reads the clean rows only
+        out, _, grad = run(triton_warp_attend, q, k, True, weights, config=config)
+        _, _, rgrad = run(dense_warp_attend, clean(q), k, True, weights)
+        assert out[poisoned].isnan().all() and grad[poisoned].isnan().all()
+        torch.testing.assert_close(grad[~poisoned], rgrad[~poisoned], atol=1e-10, rtol=1e-9)
+
+
+@triton.jit
+def _reduce_rows(X, LO, HI, ILO, R: tl.constexpr, C: tl.constexpr):
+    """Rows of an ``R x C`` tile reduced with the combine functions of the GPU path."""
+    rows, cols = tl.arange(0, R), tl.arange(0, C)
+    x = tl.load(X + rows[:, None] * C + cols[None, :])
+    lo, ilo = tl.reduce((x, tl.broadcast_to(cols[None, :], (R, C))), 1, kernels._argmin_nan)
+    tl.store(LO + rows, tl.reduce(x, 1, kernels._min_nan))
+    tl.store(HI + rows, tl.reduce(x, 1, kernels._max_nan))
+    tl.store(LO + R + rows, lo)
+    tl.store(ILO + rows, ilo)
+
+
+@check
+def check_gpu_row_extremes_carry_nan():
+    """The combine functions that the GPU build of pass 1 reduces with (the interpreter's copy
+    takes NumPy's reductions instead, see ``kernels._row_extreme``): NaN wins, ties go to the
+    first column."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[3.0, 1.0, 2.0, 1.0], [nan, 1.0, 5.0, 0.0], [2.0, 7.0, 7.0, nan], [inf, -inf, 4.0, -inf]])
+    lo, hi, ilo = torch.empty(8), torch.empty(4), torch.empty(4, dtype=torch.int32)
+    _reduce_rows[(1,)](x, lo, hi, ilo, R=4, C=4)
+    expect_lo = torch.tensor([1.0, nan, nan, -inf])
+    torch.testing.assert_close(lo, expect_lo.repeat(2), equal_nan=True)
+    torch.testing.assert_close(hi, torch.tensor([3.0, nan, nan, inf]), equal_nan=True)
+    assert ilo.tolist() == [1, 0, 3, 1]
 
 
 @check

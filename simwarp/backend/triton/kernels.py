@@ -19,6 +19,7 @@ once with ``TRITON_INTERPRET=1`` (CPU tensors in the interpreter).
 
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -118,7 +119,7 @@ def _scores(q, k, qq, kk, scale, METRIC: tl.constexpr, PREC: tl.constexpr, ACC: 
         dist2 = qk
     else:
         dist2 = qq[:, None] + kk[None, :] - 2.0 * qk
-        d2 = tl.maximum(dist2, 0.0)
+        d2 = tl.maximum(dist2, 0.0, propagate_nan=tl.PropagateNan.ALL)  # a NaN input stays NaN
         if METRIC == 1:
             r = -(d2 * scale)
         else:
@@ -399,6 +400,73 @@ def _bwd_weight(r, valid, xs, xb, al, be, pin_raw, a2, b2, t2, STEP: tl.constexp
 
 
 # ---------------------------------------------------------------------------------------
+# Row extremes that carry NaN: a row with a NaN among its valid scores gets a NaN range, and
+# so a NaN output (as a row of SDPA would), where tl.min / tl.max would skip the NaN.
+# ---------------------------------------------------------------------------------------
+
+#: True in the copy of this file that Triton's CPU interpreter runs (see the module docstring).
+INTERPRETED = tl.constexpr(not isinstance(_dot, JITFunction))
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _argmin_nan(v1, i1, v2, i2):
+    """Combine of ``_row_argmin``: NaN wins, equal values go to the lower index."""
+    first = (v1 < v2) | (v1 != v1) | ((v1 == v2) & (i1 < i2))
+    return tl.where(first, v1, v2), tl.where(first, i1, i2)
+
+
+@triton.jit
+def _nan_row_terms(x):
+    """0 per row of ``x``, NaN for rows that hold a NaN (the interpreter's stand-in below)."""
+    return tl.sum(tl.where(x == x, 0.0, x), 1)
+
+
+@triton.jit
+def _row_extreme(x, LARGEST: tl.constexpr):
+    """Row minima (maxima with ``LARGEST``) of a 2-D tile, NaN where a row holds a NaN. On the GPU
+    one ``min.NaN`` / ``max.NaN`` per entry, as many instructions as ``tl.min`` / ``tl.max``.
+    The interpreter runs a user combine function as a Python loop per entry, so there the
+    NaN-skipping reduction plus a NaN sum stands in for it (same values)."""
+    if INTERPRETED:
+        if LARGEST:
+            ext = tl.max(x, 1)
+        else:
+            ext = tl.min(x, 1)
+        ext = ext + _nan_row_terms(x)
+    else:
+        if LARGEST:
+            ext = tl.reduce(x, 1, _max_nan)
+        else:
+            ext = tl.reduce(x, 1, _min_nan)
+    return ext
+
+
+@triton.jit
+def _row_argmin(x, BLOCK_N: tl.constexpr):
+    """``_row_extreme`` (minima) and the first column attaining it (int32; for a NaN row, some
+    column)."""
+    if INTERPRETED:  # (NumPy's nanargmin raises on rows of NaN alone)
+        ext, idx = tl.min(tl.where(x == x, x, float("inf")), 1, return_indices=True,
+                          return_indices_tie_break_left=True)
+        ext = ext + _nan_row_terms(x)
+        idx = idx.to(tl.int32)
+    else:
+        cols = tl.broadcast_to(tl.arange(0, BLOCK_N)[None, :], x.shape)
+        ext, idx = tl.reduce((x, cols), 1, _argmin_nan)
+    return ext, idx
+
+
+# ---------------------------------------------------------------------------------------
 # Forward pass 1: row range (min, max, first argmin / argmax) and per-tile score maxima
 # ---------------------------------------------------------------------------------------
 
@@ -457,20 +525,21 @@ def _range_update(run_lo, run_hi, arg_lo, arg_hi, r, kb, offs_m, mask_base, tm_b
     valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
     s_lo = tl.where(valid, r, float("inf"))
     s_hi = tl.where(valid, r, float("-inf"))
-    if TRACK_ARG:
-        blk_lo, idx_lo = tl.min(s_lo, 1, return_indices=True, return_indices_tie_break_left=True)
+    if TRACK_ARG:  # a NaN row needs one NaN extreme only: the maximum skips NaN (cheaper)
+        blk_lo, idx_lo = _row_argmin(s_lo, BLOCK_N)
         blk_hi, idx_hi = tl.max(s_hi, 1, return_indices=True, return_indices_tie_break_left=True)
+        idx_hi = idx_hi.to(tl.int32)
         new_lo = blk_lo < run_lo
         new_hi = blk_hi > run_hi
-        arg_lo = tl.where(new_lo, idx_lo.to(tl.int32) + kb * BLOCK_N, arg_lo)
-        arg_hi = tl.where(new_hi, idx_hi.to(tl.int32) + kb * BLOCK_N, arg_hi)
+        arg_lo = tl.where(new_lo, idx_lo + kb * BLOCK_N, arg_lo)
+        arg_hi = tl.where(new_hi, idx_hi + kb * BLOCK_N, arg_hi)
     else:
-        blk_lo = tl.min(s_lo, 1)
-        blk_hi = tl.max(s_hi, 1)
-    run_lo = tl.minimum(run_lo, blk_lo)
-    run_hi = tl.maximum(run_hi, blk_hi)
+        blk_lo = _row_extreme(s_lo, False)
+        blk_hi = _row_extreme(s_hi, True)
+    run_lo = tl.minimum(run_lo, blk_lo, propagate_nan=tl.PropagateNan.ALL)
+    run_hi = tl.maximum(run_hi, blk_hi, propagate_nan=tl.PropagateNan.ALL)
     if STORE_TMAX:
-        part = tl.max(tl.reshape(blk_hi, (BLOCK_M // TMAX_ROWS, TMAX_ROWS)), 1)
+        part = _row_extreme(tl.reshape(blk_hi, (BLOCK_M // TMAX_ROWS, TMAX_ROWS)), True)
         tl.store(tm_base + kb * (BLOCK_M // TMAX_ROWS) + tl.arange(0, BLOCK_M // TMAX_ROWS), part)
     return run_lo, run_hi, arg_lo, arg_hi
 
@@ -609,13 +678,17 @@ def row_stats_kernel(
         if TRACK_ARG:
             amin = tl.where(lo_s < lo_raw, tl.load(AMINP + off + rows, mask=row_ok, other=0), amin)
             amax = tl.where(hi_s > hi_raw, tl.load(AMAXP + off + rows, mask=row_ok, other=0), amax)
-        lo_raw = tl.minimum(lo_raw, lo_s)
-        hi_raw = tl.maximum(hi_raw, hi_s)
-    empty = lo_raw == float("inf")
-    lo_raw = tl.where(empty, 0.0, lo_raw)
+        lo_raw = _min_nan(lo_raw, lo_s)
+        hi_raw = _max_nan(hi_raw, hi_s)
+    empty = (lo_raw == float("inf")) & (hi_raw == float("-inf"))
+    # A NaN or infinite score among the row's valid ones: lo = hi = NaN, and pass 2 writes a NaN
+    # row (the other paths give NaN through the softmax; here x - x is 0 for finite x only).
+    poisoned = ~empty & ((lo_raw - lo_raw != 0.0) | (hi_raw - hi_raw != 0.0))
+    lo_raw = tl.where(empty, 0.0, tl.where(poisoned, float("nan"), lo_raw))
+    hi_raw = tl.where(empty, 0.0, tl.where(poisoned, float("nan"), hi_raw))
     factor = _score_factor(tl.load(CONSTS), METRIC)
     lo = lo_raw * factor
-    hi = tl.where(empty, 0.0, hi_raw) * factor
+    hi = hi_raw * factor
     r = hi - lo
     steep = r >= 1.1754943508222875e-38  # flat rows as common.unit_affine: r below float32's smallest normal
     inv_r = tl.where(steep, 1.0 / tl.where(steep, r, 1.0), 0.0)
@@ -624,7 +697,7 @@ def row_stats_kernel(
     tl.store(RS + 2 * plane + rows, inv_r, mask=row_ok)
     tl.store(RS + 3 * plane + rows, tl.where(empty, 1.0, 0.0), mask=row_ok)
     if STEP == 1:
-        tl.store(RS + 4 * plane + rows, tl.where(empty, 0.0, hi_raw), mask=row_ok)
+        tl.store(RS + 4 * plane + rows, hi_raw, mask=row_ok)
     else:
         tl.store(RS + 4 * plane + rows, lo_raw, mask=row_ok)
     tl.store(EMPTY + rows, empty.to(tl.int8), mask=row_ok)
@@ -873,10 +946,12 @@ def attend_kernel(
             tl.store(KEPTP + part, kept, mask=row_ok)
     else:
         nonempty = denom > 0.0
-        out = acc / tl.where(nonempty, denom, 1.0)[:, None]
+        poisoned = hi != hi  # row_stats_kernel: a NaN or inf among the row's valid scores
+        out = tl.where(poisoned[:, None], float("nan"), acc / tl.where(nonempty, denom, 1.0)[:, None])
         tl.store(OUT + rows[:, None] * e + offs_e[None, :], out.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_e[None, :] < e))
         lse = tl.where(nonempty, hi * inv_tau + tl.log(tl.where(nonempty, denom, 1.0)), float("-inf"))
+        lse = tl.where(poisoned, float("nan"), lse)
         tl.store(LSE + rows, lse, mask=row_ok)
         if COUNT_KEPT:
             tl.store(KEPT + rows, kept, mask=row_ok)

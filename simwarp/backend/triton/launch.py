@@ -356,8 +356,10 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
         den = denp.sum(0)
         nonempty = den > 0
         den1 = torch.where(nonempty, den, 1.0)
-        out = torch.where(nonempty.unsqueeze(-1), accp.sum(0) / den1.unsqueeze(-1), 0.0).to(q.dtype)
-        lse = torch.where(nonempty, hi * plan.inv_tau + torch.log(den1), -math.inf)
+        out = torch.where(nonempty.unsqueeze(-1), accp.sum(0) / den1.unsqueeze(-1), 0.0)
+        poisoned = hi.isnan()  # NaN or inf among the row's scores (kernels.row_stats_kernel)
+        out = out.masked_fill(poisoned.unsqueeze(-1), math.nan).to(q.dtype)
+        lse = torch.where(nonempty, hi * plan.inv_tau + torch.log(den1), -math.inf).masked_fill(poisoned, math.nan)
         if plan.count_kept:
             kept = keptp.sum(0)
 
