@@ -106,6 +106,35 @@ def dropout_mask_kernel(SEED, KEEP, n, m, threshold, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
+def row_norms_kernel(X, OUT, sx0, sx1, sxn, sxd, B1, rows, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ACC: tl.constexpr):
+    """``OUT[b, i] = ‖X[b, i]‖²`` in ``ACC`` (``(B, rows)``, contiguous), for the distance metrics.
+
+    Every kernel loads these (``_sq_norms``) instead of summing its own tile's squares: a sum's
+    rounding depends on the tile layout, which differs between the forward and the backward
+    kernels, and the backward must recompute pass 1's scores bit for bit (``_step_coord``)."""
+    pid_r, pid_b = _tile_and_batch(tl.cdiv(rows, BLOCK_R))
+    b0 = (pid_b // B1).to(tl.int64)
+    b1 = (pid_b % B1).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    x = tl.load(X + b0 * sx0 + b1 * sx1 + offs_r[:, None].to(tl.int64) * sxn + offs_d[None, :] * sxd,
+                mask=(offs_r[:, None] < rows) & (offs_d[None, :] < d), other=0.0).to(ACC)
+    tl.store(OUT + pid_b.to(tl.int64) * rows + offs_r, tl.sum(x * x, 1), mask=offs_r < rows)
+
+
+@triton.jit
+def _sq_norms(base, offs, count, METRIC: tl.constexpr, ACC: tl.constexpr):
+    """Squared norms of rows ``offs`` from ``row_norms_kernel``'s output at ``base`` (0 from
+    ``count`` on, as for the zero rows the tiles read there); zeros for ``dot`` (not read)."""
+    if METRIC == 0:
+        nrm = tl.zeros(offs.shape, ACC)
+    else:
+        nrm = tl.load(base + offs, mask=offs < count, other=0.0)
+    return nrm
+
+
+@triton.jit
 def _scores(q, k, qq, kk, scale, METRIC: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
             UPCAST: tl.constexpr):
     """Raw score tile ``r`` ``(BM, BN)`` and the squared distance (for the metric's backward).
@@ -502,15 +531,14 @@ def _entries_before(tiles, count, first, SUB: tl.constexpr, CHUNK: tl.constexpr)
 
 
 @triton.jit
-def _tile_scores(q, qq, k_base, kb, key_end, d, skm, skd, scale, METRIC: tl.constexpr, BLOCK_N: tl.constexpr,
+def _tile_scores(q, qq, k_base, kn_base, kb, key_end, d, skm, skd, scale, METRIC: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """Raw scores ``r`` of the query block against key tile ``kb`` (keys from ``key_end`` on read as 0)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :] * skd,
                 mask=(offs_n[:, None] < key_end) & (offs_d[None, :] < d), other=0.0)
-    kf = k.to(ACC)
-    kk = tl.sum(kf * kf, 1)
+    kk = _sq_norms(kn_base, offs_n, key_end, METRIC, ACC)
     r, _unused = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
     return r
 
@@ -545,7 +573,7 @@ def _range_update(run_lo, run_hi, arg_lo, arg_hi, r, kb, offs_m, mask_base, tm_b
 
 
 @triton.jit
-def _range_tiles(run_lo, run_hi, arg_lo, arg_hi, start, stop, q, qq, offs_m, k_base, mask_base, tm_base,
+def _range_tiles(run_lo, run_hi, arg_lo, arg_hi, start, stop, q, qq, offs_m, k_base, kn_base, mask_base, tm_base,
                  n, m, d, skm, skd, smkn, smkm, self_off, scale,
                  METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr,
                  EVEN: tl.constexpr, TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, PIPELINE: tl.constexpr,
@@ -557,18 +585,18 @@ def _range_tiles(run_lo, run_hi, arg_lo, arg_hi, start, stop, q, qq, offs_m, k_b
     accumulator (about 166 instead of 94 registers at d = 64: one block per SM instead of two)
     and one product on zeros past the last tile."""
     if PIPELINE:
-        r_next = _tile_scores(q, qq, k_base, start, tl.where(start < stop, m, 0), d, skm, skd, scale, METRIC,
+        r_next = _tile_scores(q, qq, k_base, kn_base, start, tl.where(start < stop, m, 0), d, skm, skd, scale, METRIC,
                               BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
         for kb in range(start, stop):
             r = r_next
-            r_next = _tile_scores(q, qq, k_base, kb + 1, tl.where(kb + 1 < stop, m, 0), d, skm, skd, scale, METRIC,
+            r_next = _tile_scores(q, qq, k_base, kn_base, kb + 1, tl.where(kb + 1 < stop, m, 0), d, skm, skd, scale, METRIC,
                                   BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
             run_lo, run_hi, arg_lo, arg_hi = _range_update(
                 run_lo, run_hi, arg_lo, arg_hi, r, kb, offs_m, mask_base, tm_base, n, m, smkn, smkm, self_off,
                 CAUSAL, EXCL, HAS_MASK, EVEN, TRACK_ARG, STORE_TMAX, BLOCK_M, BLOCK_N)
     else:
         for kb in range(start, stop):
-            r = _tile_scores(q, qq, k_base, kb, m, d, skm, skd, scale, METRIC, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
+            r = _tile_scores(q, qq, k_base, kn_base, kb, m, d, skm, skd, scale, METRIC, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
             run_lo, run_hi, arg_lo, arg_hi = _range_update(
                 run_lo, run_hi, arg_lo, arg_hi, r, kb, offs_m, mask_base, tm_base, n, m, smkn, smkm, self_off,
                 CAUSAL, EXCL, HAS_MASK, EVEN, TRACK_ARG, STORE_TMAX, BLOCK_M, BLOCK_N)
@@ -577,7 +605,7 @@ def _range_tiles(run_lo, run_hi, arg_lo, arg_hi, start, stop, q, qq, offs_m, k_b
 
 @triton.jit
 def range_kernel(
-    Q, K, MASK, CONSTS, LOP, HIP, AMINP, AMAXP, TMAX,
+    Q, K, QN, KN, MASK, CONSTS, LOP, HIP, AMINP, AMAXP, TMAX,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, smk0, smk1, smkn, smkm,
     B1, B, n, m, d, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN: tl.constexpr,
@@ -598,10 +626,10 @@ def range_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + b0 * sq0 + b1 * sq1 + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
                 mask=(offs_m[:, None] < n) & (offs_d[None, :] < d), other=0.0)
-    qf = q.to(ACC)
-    qq = tl.sum(qf * qf, 1)
+    qq = _sq_norms(QN + pid_b.to(tl.int64) * n, offs_m, n, METRIC, ACC)
     scale = tl.load(CONSTS)
     k_base = K + b0 * sk0 + b1 * sk1
+    kn_base = KN + pid_b.to(tl.int64) * m
     mask_base = MASK + b0 * smk0 + b1 * smk1
 
     run_lo = tl.full([BLOCK_M], float("inf"), ACC)
@@ -616,12 +644,12 @@ def range_kernel(
     if CAUSAL:  # tiles left of the diagonal block need no causal mask: fewer selects per score
         kb_mid = _causal_split(q_start, kb_lo, kb_hi, BLOCK_N)
         run_lo, run_hi, arg_lo, arg_hi = _range_tiles(
-            run_lo, run_hi, arg_lo, arg_hi, kb_lo, kb_mid, q, qq, offs_m, k_base, mask_base, tm_base, n, m, d, skm, skd,
+            run_lo, run_hi, arg_lo, arg_hi, kb_lo, kb_mid, q, qq, offs_m, k_base, kn_base, mask_base, tm_base, n, m, d, skm, skd,
             smkn, smkm, self_off, scale, METRIC, False, EXCL, HAS_MASK, EVEN,
             TRACK_ARG, STORE_TMAX, PIPELINE, BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
         kb_lo = kb_mid
     run_lo, run_hi, arg_lo, arg_hi = _range_tiles(
-        run_lo, run_hi, arg_lo, arg_hi, kb_lo, kb_hi, q, qq, offs_m, k_base, mask_base, tm_base, n, m, d, skm, skd,
+        run_lo, run_hi, arg_lo, arg_hi, kb_lo, kb_hi, q, qq, offs_m, k_base, kn_base, mask_base, tm_base, n, m, d, skm, skd,
         smkn, smkm, self_off, scale, METRIC, CAUSAL, EXCL, HAS_MASK, EVEN,
         TRACK_ARG, STORE_TMAX, PIPELINE, BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC, UPCAST)
     out_off = (pid_s.to(tl.int64) * B + pid_b) * n + offs_m
@@ -762,7 +790,7 @@ def compact_kernel(FLAGS, LIST, COUNT, s_batch, s_outer, s_inner, n_inner, n_out
 
 
 @triton.jit
-def _key_tile(q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm,
+def _key_tile(q, qq, kb, offs_m, k_base, kn_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm,
               self_off, scale, METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
               HAS_MASK: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
@@ -777,17 +805,14 @@ def _key_tile(q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd
                 mask=col_ok[:, None] & (offs_d[None, :] < d), other=0.0)
     v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
                 mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
-    kk = tl.zeros([BLOCK_N], ACC)
-    if METRIC != 0:
-        kf = k.to(ACC)
-        kk = tl.sum(kf * kf, 1)
+    kk = _sq_norms(kn_base, offs_n, m, METRIC, ACC)
     s, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
     valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
     return k, v, s, dist2, valid
 
 
 @triton.jit
-def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
+def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, kn_base, v_base, mask_base, n, m, d, e,
                  skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, pin_raw, a2, b2, t2,
                  seed, batch, threshold, keep_scale,
                  METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
@@ -797,7 +822,7 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
                  PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
                  BLOCK_M: tl.constexpr):
     k, v, r, dist2, valid = _key_tile(
-        q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+        q, qq, kb, offs_m, k_base, kn_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
         METRIC, CAUSAL, EXCL, HAS_MASK, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
     # Two multiply-adds per score: the softmax exponent and the step's coordinate.
     p, keep = _step_weight(tl.fma(r, xs, xb), _step_coord(r, al, be, pin_raw, STEP), valid, a2, b2, t2, STEP,
@@ -813,7 +838,7 @@ def _attend_tile(acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base,
 
 
 @triton.jit
-def _attend_tiles(acc, denom, kept, start, stop, tiles, FROM_LIST: tl.constexpr, q, qq, offs_m, k_base, v_base,
+def _attend_tiles(acc, denom, kept, start, stop, tiles, FROM_LIST: tl.constexpr, q, qq, offs_m, k_base, kn_base, v_base,
                   mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, pin_raw,
                   a2, b2, t2, seed, batch, threshold, keep_scale,
                   METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
@@ -826,7 +851,7 @@ def _attend_tiles(acc, denom, kept, start, stop, tiles, FROM_LIST: tl.constexpr,
         if FROM_LIST:
             kb = tl.load(tiles + i)
         acc, denom, kept = _attend_tile(
-            acc, denom, kept, q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e,
+            acc, denom, kept, q, qq, kb, offs_m, k_base, kn_base, v_base, mask_base, n, m, d, e,
             skm, skd, svm, sve, smkn, smkm, self_off, scale, xs, xb, al, be, pin_raw, a2, b2, t2,
             seed, batch, threshold, keep_scale,
             METRIC, STEP, CAUSAL, EXCL, HAS_MASK, BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC,
@@ -845,7 +870,7 @@ def _visible_tiles(q_start, n_kb, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 @triton.jit
 def attend_kernel(
-    Q, K, V, MASK, PRM, CONSTS, RS, LIST, COUNT, OUT, LSE, KEPT, ACCP, DENP, KEPTP, SEED,
+    Q, K, V, QN, KN, MASK, PRM, CONSTS, RS, LIST, COUNT, OUT, LSE, KEPT, ACCP, DENP, KEPTP, SEED,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, smk0, smk1, smkn, smkm,
     B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, self_off, threshold,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
@@ -865,10 +890,7 @@ def attend_kernel(
     row_ok = offs_m < n
     q = tl.load(Q + b0 * sq0 + b1 * sq1 + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
-    qq = tl.zeros([BLOCK_M], ACC)
-    if METRIC != 0:
-        qf = q.to(ACC)
-        qq = tl.sum(qf * qf, 1)
+    qq = _sq_norms(QN + pid_b.to(tl.int64) * n, offs_m, n, METRIC, ACC)
     scale = tl.load(CONSTS)
     inv_tau = tl.load(CONSTS + 1)
     seed, keep_scale = _dropout_constants(SEED, CONSTS, inv_tau, DROPOUT)
@@ -887,6 +909,7 @@ def attend_kernel(
     xs = factor * inv_tau * LOG2E
     xb = -(hi * inv_tau * LOG2E)[:, None]
     k_base = K + b0 * sk0 + b1 * sk1
+    kn_base = KN + pid_b.to(tl.int64) * m
     v_base = V + b0 * sv0 + b1 * sv1
     mask_base = MASK + b0 * smk0 + b1 * smk1
 
@@ -915,26 +938,26 @@ def attend_kernel(
             i_mid = tl.maximum(i_lo, tl.minimum(i_hi, i_mid))
             acc, denom, kept = _attend_tiles(
                 acc, denom, kept, i_lo, i_mid, LIST + slot * n_kb, True,
-                q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off,
+                q, qq, offs_m, k_base, kn_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off,
                 scale, xs, xb, al, be, pin_raw, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP, False, EXCL,
                 HAS_MASK, BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
             i_lo = i_mid
         acc, denom, kept = _attend_tiles(
             acc, denom, kept, i_lo, i_hi, LIST + slot * n_kb, True,
-            q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+            q, qq, offs_m, k_base, kn_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
             xs, xb, al, be, pin_raw, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
             BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if CAUSAL:  # tiles left of the diagonal block need no causal mask: fewer selects per score
         kb_mid = _causal_split(q_start, kb_lo, kb_hi, BLOCK_N)
         acc, denom, kept = _attend_tiles(
             acc, denom, kept, kb_lo, kb_mid, LIST, False,
-            q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+            q, qq, offs_m, k_base, kn_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
             xs, xb, al, be, pin_raw, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP, False, EXCL, HAS_MASK,
             BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
         kb_lo = kb_mid
     acc, denom, kept = _attend_tiles(
         acc, denom, kept, kb_lo, kb_hi, LIST, False,
-        q, qq, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+        q, qq, offs_m, k_base, kn_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
         xs, xb, al, be, pin_raw, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP, CAUSAL, EXCL, HAS_MASK,
         BAND_BRANCH, COUNT_KEPT, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
 
@@ -1005,7 +1028,7 @@ def _backward_rows(RS, LD, PRM, rows, row_ok, plane):
 
 
 @triton.jit
-def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, v_base, mask_base,
+def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base, kn_base, v_base, mask_base,
              n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
              delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, seed, batch, threshold, keep_scale,
              METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
@@ -1014,7 +1037,7 @@ def _dq_tile(dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, kb, offs_m, k_base,
              PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
              BLOCK_M: tl.constexpr):
     k, v, r, dist2, valid = _key_tile(
-        q, qq, kb, offs_m, k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+        q, qq, kb, offs_m, k_base, kn_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
         METRIC, CAUSAL, EXCL, HAS_MASK, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST)
     dp = _dot(do, tl.trans(v).to(do.dtype), PREC, ACC, UPCAST)
     if DROPOUT:  # ∂L/∂w of a dropped score is 0
@@ -1097,7 +1120,7 @@ def range_grad_kernel(
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DQ, RSUM, SEED,
+    Q, K, V, QN, KN, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DQ, RSUM, SEED,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
     B1, B, n, m, d, e, n_kb, kb_per_split, tm_qb, tm_kb, self_off, threshold,
@@ -1122,9 +1145,7 @@ def bwd_dq_kernel(
     q = tl.load(Q + b0 * sq0 + b1 * sq1 + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
     qf = q.to(ACC)
-    qq = tl.zeros([BLOCK_M], ACC)
-    if METRIC != 0:
-        qq = tl.sum(qf * qf, 1)
+    qq = _sq_norms(QN + pid_b.to(tl.int64) * n, offs_m, n, METRIC, ACC)
     do = tl.load(DO + pid_b.to(tl.int64) * sdo0 + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
                  mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
     scale = tl.load(CONSTS)
@@ -1139,6 +1160,7 @@ def bwd_dq_kernel(
     k1, xs, xb, al, be = _grad_coefs(lo[:, None], inv_r[:, None], lse[:, None], a2, b2, t2, scale, inv_tau,
                                      METRIC, STEP)
     k_base = K + b0 * sk0 + b1 * sk1
+    kn_base = KN + pid_b.to(tl.int64) * m
     v_base = V + b0 * sv0 + b1 * sv1
     mask_base = MASK + b0 * smk0 + b1 * smk1
 
@@ -1176,14 +1198,14 @@ def bwd_dq_kernel(
         for i in range(start, mid):
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
                 dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, _tile_index(i, tiles, SKIP_TILES, SUB), offs_m,
-                k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+                k_base, kn_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
                 delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP,
                 False, EXCL, HAS_MASK, NEED_RANGE, NEED_PARAMS, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
         start = mid
     for i in range(start, stop):
         dq, rsum, g_lo, g_hi, g_a, g_b, g_t = _dq_tile(
             dq, rsum, g_lo, g_hi, g_a, g_b, g_t, q, qq, do, _tile_index(i, tiles, SKIP_TILES, SUB), offs_m,
-            k_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
+            k_base, kn_base, v_base, mask_base, n, m, d, e, skm, skd, svm, sve, smkn, smkm, self_off, scale,
             delta, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, seed, pid_b, threshold, keep_scale, METRIC, STEP,
             CAUSAL, EXCL, HAS_MASK, NEED_RANGE, NEED_PARAMS, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_E, PREC, ACC, UPCAST, EVEN, BLOCK_M)
     if METRIC != 0:
@@ -1209,7 +1231,7 @@ def bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, RS, LD, PRM, plane, pid_b,
+def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, qn_base, do_base, mask_base, RS, LD, PRM, plane, pid_b,
                n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
                k_start, seed, threshold, keep_scale,
                METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
@@ -1228,10 +1250,7 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
     do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdon + offs_e[None, :] * sdoe,
                  mask=row_ok[:, None] & (offs_e[None, :] < e), other=0.0)
     lo, inv_r, lse, delta, pin_raw, a, b, t = _backward_rows(RS, LD, PRM, rows, row_ok, plane)
-    qq = tl.zeros([BLOCK_M], ACC)
-    if METRIC != 0:
-        qf = q.to(ACC)
-        qq = tl.sum(qf * qf, 1)
+    qq = _sq_norms(qn_base, offs_m, n, METRIC, ACC)
     r, dist2 = _scores(q, k, qq, kk, scale, METRIC, PREC, ACC, UPCAST)
     valid = _validity(offs_m, offs_n, n, m, mask_base, smkn, smkm, self_off, HAS_MASK, CAUSAL, EXCL, EVEN, BLOCK_M, BLOCK_N)
     a2 = a[:, None]
@@ -1271,7 +1290,7 @@ def _dkdv_tile(dk, dv, csum, k, v, kk, qb, offs_n, q_base, do_base, mask_base, R
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DK, DV, SEED,
+    Q, K, V, QN, KN, DO, MASK, PRM, CONSTS, RS, LD, LIST, COUNT, DK, DV, SEED,
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, sv0, sv1, svm, sve, sdo0, sdon, sdoe,
     smk0, smk1, smkn, smkm,
     B1, B, n, m, d, e, n_qb, tm_qb, tm_kb, self_off, threshold,
@@ -1296,14 +1315,13 @@ def bwd_dkdv_kernel(
     v = tl.load(V + b0 * sv0 + b1 * sv1 + offs_n[:, None].to(tl.int64) * svm + offs_e[None, :] * sve,
                 mask=col_ok[:, None] & (offs_e[None, :] < e), other=0.0)
     kf = k.to(ACC)
-    kk = tl.zeros([BLOCK_N], ACC)
-    if METRIC != 0:
-        kk = tl.sum(kf * kf, 1)
+    kk = _sq_norms(KN + pid_b.to(tl.int64) * m, offs_n, m, METRIC, ACC)
     scale = tl.load(CONSTS)
     inv_tau = tl.load(CONSTS + 1)
     seed, keep_scale = _dropout_constants(SEED, CONSTS, inv_tau, DROPOUT)
     plane = (pid_b.to(tl.int64) * 0 + B) * n
     q_base = Q + b0 * sq0 + b1 * sq1
+    qn_base = QN + pid_b.to(tl.int64) * n
     do_base = DO + pid_b.to(tl.int64) * sdo0
     mask_base = MASK + b0 * smk0 + b1 * smk1
 
@@ -1333,7 +1351,7 @@ def bwd_dkdv_kernel(
         mid = tl.maximum(start, tl.minimum(stop, first_full))
         for i in range(start, mid):
             dk, dv, csum = _dkdv_tile(
-                dk, dv, csum, k, v, kk, _tile_index(i, tiles, SKIP_TILES, SUB), offs_n, q_base, do_base, mask_base,
+                dk, dv, csum, k, v, kk, _tile_index(i, tiles, SKIP_TILES, SUB), offs_n, q_base, qn_base, do_base, mask_base,
                 RS, LD, PRM, plane, pid_b, n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
                 k_start, seed, threshold, keep_scale,
                 METRIC, STEP, True, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, DROPOUT, BLOCK_M, BLOCK_D, BLOCK_E,
@@ -1341,7 +1359,7 @@ def bwd_dkdv_kernel(
         start = mid
     for i in range(start, stop):  # no causal mask here (see above)
         dk, dv, csum = _dkdv_tile(
-            dk, dv, csum, k, v, kk, _tile_index(i, tiles, SKIP_TILES, SUB), offs_n, q_base, do_base, mask_base,
+            dk, dv, csum, k, v, kk, _tile_index(i, tiles, SKIP_TILES, SUB), offs_n, q_base, qn_base, do_base, mask_base,
             RS, LD, PRM, plane, pid_b, n, m, d, e, sqn, sqd, sdon, sdoe, smkn, smkm, self_off, scale, inv_tau,
             k_start, seed, threshold, keep_scale,
             METRIC, STEP, False, EXCL, HAS_MASK, NEED_DK, NEED_DV, DV_FIRST, DROPOUT, BLOCK_M, BLOCK_D, BLOCK_E,

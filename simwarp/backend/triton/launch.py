@@ -311,8 +311,9 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     tmax_shape = (B, n_qb, n_kb, BM // mod.TMAX_ROWS.value) if cfg.block_skipping else (1,)
     tmax = torch.empty(tmax_shape, dtype=acc, device=dev)  # visited tiles: written
     forward_grid = grid(n_qb, B, S)
+    qn, kn = _sq_norms(mod, plan, q4, k4, B, B1, acc, consts)
     mod.range_kernel[forward_grid](
-        q4, k4, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
+        q4, k4, qn, kn, mask4, consts, lo_p, hi_p, amin_p, amax_p, tmax,
         *strides, *mstrides, B1, B, n, m, d, n_qb, n_kb, kps, plan.self_offset, TRACK_ARG=track_arg,
         STORE_TMAX=cfg.block_skipping, PIPELINE=cfg.pipeline_range, **common,
     )
@@ -346,7 +347,7 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     else:
         accp = denp = keptp = lse
     mod.attend_kernel[forward_grid](
-        q4, k4, v4, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp, seed,
+        q4, k4, v4, qn, kn, mask4, prm, consts, rs, row_list, row_count, out, lse, kept, accp, denp, keptp, seed,
         *strides, *v4.stride(), *mstrides, B1, B, n, m, d, e, n_qb, n_kb, kps, plan.self_offset,
         plan.dropout_threshold, STEP=plan.step, SPLIT=S > 1, BAND_BRANCH=cfg.band_branch,
         SKIP_TILES=cfg.block_skipping, COUNT_KEPT=plan.count_kept, DROPOUT=plan.dropout_threshold > 0,
@@ -392,6 +393,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
     )
     q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
     mask4 = _mask4(mask, batch, n, m, q4)
+    qn, kn = _sq_norms(mod, plan, q4, k4, B, B1, acc, rs)  # the forward's bits (same kernel, same inputs)
     BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
     BD, BE = _pow2(d), _pow2(e)
     n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
@@ -411,7 +413,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
         col_list, col_count = _column_lists(mod, flags) if cfg.block_skipping else (flags, flags)
         KM, KN = cfg.bwd_kv_block_m, cfg.bwd_kv_block_n
         mod.bwd_dkdv_kernel[grid(triton_cdiv(m, KN), B)](
-            q4, k4, v4, g, mask4, prm, consts, rs, ld, col_list, col_count, dk, dv, seed, *args,
+            q4, k4, v4, qn, kn, g, mask4, prm, consts, rs, ld, col_list, col_count, dk, dv, seed, *args,
             B1, B, n, m, d, e, triton_cdiv(n, KM), tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
             NEED_DK=need_k, NEED_DV=need_v, DV_FIRST=acc == q.dtype, BLOCK_M=KM, BLOCK_N=KN, **common,
         )
@@ -424,7 +426,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
         dq_p = torch.empty((S, B, n, d), dtype=acc, device=dev)
         rsum = torch.empty((5, S, B, n), dtype=acc, device=dev)
         mod.bwd_dq_kernel[grid(n_qb, B, S)](
-            q4, k4, v4, g, mask4, prm, consts, rs, ld, row_list, row_count, dq_p, rsum, seed, *args,
+            q4, k4, v4, qn, kn, g, mask4, prm, consts, rs, ld, row_list, row_count, dq_p, rsum, seed, *args,
             B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
             NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, BLOCK_M=BM, BLOCK_N=BN, **common,
         )
@@ -463,6 +465,23 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
         reduce(dv, v, need_v),
         reduce_param(da, a, need_a), reduce_param(db, b, need_b), reduce_param(dt, t, need_t),
     )
+
+
+def _sq_norms(mod, plan: _Plan, q4, k4, B: int, B1: int, acc: torch.dtype, unused: torch.Tensor):
+    """``(‖q‖², ‖k‖²)`` as ``(B, n)``, ``(B, m)`` tensors for the distance metrics
+    (``kernels.row_norms_kernel``); for ``dot`` the kernels read neither: ``unused`` stands in."""
+    if plan.metric == 0:
+        return unused, unused
+    norms = []
+    for x in (q4, k4):
+        rows, d = x.shape[-2:]
+        out = torch.empty((B, rows), dtype=acc, device=x.device)
+        mod.row_norms_kernel[grid(triton_cdiv(rows, 32), B)](
+            x, out, *x.stride(), B1, rows, d, BLOCK_R=32, BLOCK_D=_pow2(d), ACC=_tl_acc(mod, x.dtype),
+            num_warps=4, **_FUSION,
+        )
+        norms.append(out)
+    return tuple(norms)
 
 
 def _precision(dtype: torch.dtype, cfg: KernelConfig) -> str:
