@@ -98,3 +98,20 @@ def require(
         torch._assert_async(condition.all(), message)
     elif not bool(condition.all()):
         raise error(message if detail is None else f"{message}{detail()}")
+
+
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing (``False`` on torch < 2.5, which cannot tell).
+
+    An exported program must run at every size its dynamic dimensions allow, so size-dependent
+    choices that are free under ``torch.compile`` (a guard, then a recompile) are made once for
+    all sizes there: one block of rows, the dense backend."""
+    return getattr(torch.compiler, "is_exporting", lambda: False)()
+
+
+def row_slices(n: int, block: int) -> list[slice]:
+    """Slices of ``block`` rows covering ``n`` rows; under ``torch.export`` one slice of all of
+    them (a loop over ``range(0, n, block)`` would fix the exported program's batch size)."""
+    if exporting():
+        return [slice(None)]
+    return [slice(start, min(start + block, n)) for start in range(0, n, block)]

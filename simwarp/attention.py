@@ -17,6 +17,7 @@ sequence) outputs zeros here, where SDPA outputs NaN.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -382,10 +383,11 @@ class SoftStepAttention(nn.Module):
         hidden: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if mode == "instance" and (not isinstance(head_dim, int) or head_dim < 1):
+        if mode == "instance" and (isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 1):
             raise ValueError(f"mode='instance' needs head_dim (the query size E) >= 1, got {head_dim!r}")
+        num_heads, head_dim = int(num_heads), int(head_dim) if isinstance(head_dim, numbers.Integral) else head_dim
         self.num_heads, self.head_dim, self.mode = num_heads, head_dim, mode
         self.step = SoftStep(
             mode=mode, in_features=head_dim if mode == "instance" else None,
@@ -445,9 +447,11 @@ class SoftStepAttention(nn.Module):
         """Like :meth:`forward`, returning ``(out, stats or None, weights or None)``; with
         ``need_weights`` the weights ``(B, H, L, S)`` are materialised (after dropout: those
         that met the values, as ``nn.MultiheadAttention`` returns them)."""
-        if query.dim() >= 3 and query.shape[-3] != self.num_heads:
+        per_head = self.mode == "per_head"  # (its step parameters need the heads dim)
+        if (query.dim() >= 3 or per_head) and (query.dim() < 3 or query.shape[-3] != self.num_heads):
+            heads = f"{query.shape[-3]} heads" if query.dim() >= 3 else "no heads dim"
             raise ValueError(
-                f"query has {query.shape[-3]} heads but this SoftStepAttention has num_heads={self.num_heads} "
+                f"query has {heads} but this SoftStepAttention has num_heads={self.num_heads} "
                 f"(query {tuple(query.shape)}, expected (B, {self.num_heads}, L, E))"
             )
         kw = self.step.kwargs(query if self.mode == "instance" else None)

@@ -60,10 +60,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from simwarp.steps import available_steps
 
     cuda = torch.cuda.is_available()
+    fused = cuda and _has("triton")
+    backends = [impl if impl != "triton" or fused else "triton (needs CUDA and the triton package)" for impl in IMPLS]
     print(f"simwarp {simwarp.__version__} (torch {torch.__version__})")
     print(f"steps:    {', '.join(available_steps())}")
     print(f"metrics:  {', '.join(METRICS)}")
-    print(f"backends: {', '.join(IMPLS)}")
+    print(f"backends: {', '.join(backends)}")
     print(f"CUDA:     {'yes (' + torch.cuda.get_device_name(0) + ')' if cuda else 'no'}")
     print(f"triton:   {'yes' if _has('triton') else 'no'}")
     extras = {

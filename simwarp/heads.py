@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simwarp._autograd import outside_autocast, require
+from simwarp._autograd import exporting, outside_autocast, require, row_slices
 from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import as_flag, as_real, check_backend_options
 from simwarp.distributed import (
@@ -137,8 +137,9 @@ def streaming_topk(queries: torch.Tensor, keys: torch.Tensor, metric: str, k: in
     per_score = queries.shape[-1] if metric == "l1" else 1  # l1's scores hold (rows, keys, d) differences
     width = max(k, EXPLAIN_BUDGET // (KNN_ROWS * per_score))
     out = torch.empty((queries.shape[0], k), dtype=torch.long, device=queries.device)
-    for start in range(0, queries.shape[0], KNN_ROWS):
-        zq = queries[start : start + KNN_ROWS]
+    for rows in row_slices(queries.shape[0], KNN_ROWS):
+        zq = queries[rows]
+        start = rows.start or 0
         best_s = best_i = None
         for key_start in range(0, keys.shape[0], width):
             s = prepared.scores(zq, key_start, key_start + width)
@@ -153,7 +154,7 @@ def streaming_topk(queries: torch.Tensor, keys: torch.Tensor, metric: str, k: in
                 top_s, pick = torch.topk(top_s, k, dim=-1)
                 top_i = top_i.gather(-1, pick)
             best_s, best_i = top_s, top_i
-        out[start : start + zq.shape[0]] = best_i
+        out[rows] = best_i
     return out
 
 
@@ -446,7 +447,7 @@ class _WarpHeadBase(_BankMixin):
     def _record_kept(self, kept: torch.Tensor, keys: int) -> None:
         """Keep the kept counts for :attr:`sparsity`; not in an exported program, whose
         modules hold only registered state (monitoring has no meaning there)."""
-        if not getattr(torch.compiler, "is_exporting", lambda: False)():  # (torch >= 2.5)
+        if not exporting():
             self._last_kept, self._last_keys = kept.detach(), keys
 
     def _check_training_batch(self, z: torch.Tensor) -> None:
@@ -531,9 +532,8 @@ class _WarpHeadBase(_BankMixin):
         :class:`~simwarp.WarpStats`), from :func:`simwarp.warp_weights`; each block holds about
         ``EXPLAIN_BUDGET`` scores and sees the whole bank, so the weights are exact."""
         bank = self.bank_z.to(z.dtype)
-        rows = max(1, EXPLAIN_BUDGET // self.bank_size)
-        for start in range(0, z.shape[0], rows):
-            zq = z[start : start + rows]
+        for rows in row_slices(z.shape[0], max(1, EXPLAIN_BUDGET // self.bank_size)):
+            zq = z[rows]
             yield warp_weights(
                 self._scaled(zq), self._scaled(bank), metric=self.metric, scale=self.scale,
                 temperature=self.temperature, detach_range=self.detach_range, return_stats=True,

@@ -168,6 +168,8 @@ def _check_indices_tuple(indices_tuple, n: int, m: int) -> None:
     for x, bound in zip(indices_tuple, bounds):
         if not isinstance(x, torch.Tensor) or x.dim() != 1:
             raise ValueError(f"indices_tuple entries must be 1-D index tensors, got {type(x).__name__}")
+        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"indices_tuple entries must be integer index tensors, got dtype {x.dtype}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= bound):
             raise ValueError(f"indices_tuple holds an index outside [0, {bound}) for a batch of {n} x {m} pairs")
     if len(indices_tuple) == 4 and (len(indices_tuple[0]) != len(indices_tuple[1]) or len(indices_tuple[2]) != len(indices_tuple[3])):
@@ -749,8 +751,10 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
     def _targets(y, n: int, name: str) -> torch.Tensor:
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of continuous targets, got {type(y).__name__}")
-        if y.dim() not in (1, 2) or y.shape[0] != n:
-            raise ValueError(f"{name} must have shape ({n},) or ({n}, e) to match the embeddings, got {tuple(y.shape)}")
+        if y.dim() not in (1, 2) or y.shape[0] != n or (y.dim() == 2 and y.shape[1] == 0):
+            raise ValueError(
+                f"{name} must have shape ({n},) or ({n}, e) with e >= 1 to match the embeddings, got {tuple(y.shape)}"
+            )
         require(torch.isfinite(y), f"{name} contains NaN or inf targets; drop or impute them first")
         return y[:, None] if y.dim() == 1 else y
 

@@ -572,12 +572,14 @@ class SoftStep(nn.Module):
         if self.mode == "instance":
             if cond is None:
                 raise ValueError("SoftStep(mode='instance') needs a conditioning tensor `cond`")
+            if not isinstance(cond, torch.Tensor):
+                raise TypeError(f"cond must be a floating-point torch.Tensor, got {type(cond).__name__}")
+            if not cond.is_floating_point():
+                raise TypeError(f"cond must be a floating-point tensor, got dtype {cond.dtype}")
             if cond.shape[-1] != self.in_features:
                 raise ValueError(
                     f"cond must have last dim in_features={self.in_features}, got shape {tuple(cond.shape)}"
                 )
-            if not isinstance(cond, torch.Tensor) or not cond.is_floating_point():
-                raise TypeError(f"cond must be a floating-point tensor, got {getattr(cond, 'dtype', type(cond).__name__)}")
             weight = next(self.net.parameters())
             # the step parameters are the network's dtype, like global mode's, whatever the
             # queries' dtype (the backend casts a, b, t to the compute dtype)

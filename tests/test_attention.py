@@ -249,6 +249,9 @@ def test_errors_are_clear():
         softstep_attention(q, k, v, torch.ones(3, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="num_heads=3"):
         SoftStepAttention(3)(q, k, v)
+    with pytest.raises(ValueError, match=r"no heads dim .* expected \(B, 4, L, E\)"):  # (named `a` before)
+        SoftStepAttention(4, 8)(q[0, 0], k[0, 0], v[0, 0])
+    assert SoftStepAttention(4, mode="global")(q[0, 0], k[0, 0], v[0, 0]).shape == v[0, 0, :5].shape
     with pytest.raises(ValueError, match="head_dim"):
         SoftStepAttention(4, mode="instance")
 

@@ -911,6 +911,13 @@ def test_flags_and_numpy_parameters():
         for bad in ("yes", None, 2, torch.tensor(True)):
             with pytest.raises(TypeError, match=f"{flag} must be a bool"):
                 simwarp.warp_attend(q, q, q, **{flag: bad})
+    # NumPy integers are ints wherever a count is asked for (as for the heads' sizes)
+    got = simwarp.warp_attend(q, q, q, a=0.25, causal=True, exclude_self=True, impl="chunked", chunk_size=np.int64(2))
+    torch.testing.assert_close(got, ref)
+    assert type(simwarp.SoftStepAttention(np.int64(2)).num_heads) is int
+    for fn in (simwarp.warp_attend, lambda q, k, v, **kw: simwarp.warp_weights(q, k, **kw)):
+        with pytest.raises(TypeError, match="return_stats must be a bool"):  # (a truthy string returned stats)
+            fn(q, q, q, return_stats="no")
 
 
 @pytest.mark.parametrize("impl", ["auto", "dense", "chunked"])

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from simwarp import cli
 
@@ -18,6 +19,12 @@ def test_info_lists_steps_metrics_backends(capsys):
     out = capsys.readouterr().out
     for word in ("simwarp 0.1.0", "sigmoidal", "l2", "chunked", "CUDA:", "triton:"):
         assert word in out
+
+
+def test_info_says_when_the_fused_backend_cannot_run(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["info"]) == 0
+    assert "triton (needs CUDA and the triton package)" in capsys.readouterr().out
 
 
 def test_demo_reports_missing_extra(monkeypatch, capsys):

@@ -99,6 +99,16 @@ def test_miner_indices_match_pml(miner):
         _close(*_pair(ours, ref, x, y, it), tol=1e-8)
 
 
+def test_indices_tuple_must_hold_integer_indices():
+    """Float (or bool) index tensors raised torch's IndexError from inside the loss."""
+    x, y = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    a, p, n = (torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([4, 5]))
+    for bad in (a.float(), a.bool()):
+        with pytest.raises(TypeError, match="indices_tuple entries must be integer index tensors"):
+            SoftStepContrastiveLoss()(x, y, (bad, p, n))
+    SoftStepContrastiveLoss()(x, y, (a.int(), p, n))
+
+
 def test_indices_tuple_without_labels_matches_pml():
     x = torch.randn(16, 6, dtype=f64)
     y = torch.randint(0, 3, (16,))
@@ -466,6 +476,8 @@ def test_regression_loss_refuses_non_finite_targets():
     with pytest.raises(ValueError, match="ref_labels contains NaN or inf targets"):
         SoftStepNeighborRegressionLoss()(x, torch.zeros(6, 2), ref_emb=torch.randn(3, 4),
                                           ref_labels=torch.tensor([[0.0, 1.0], [float("-inf"), 0.0], [2.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"e >= 1 .* got \(6, 0\)"):  # it returned a NaN loss
+        SoftStepNeighborRegressionLoss()(x.requires_grad_(), torch.randn(6, 0))
 
 
 # ---------------------------------------------------------------------------------------

@@ -301,6 +301,10 @@ def test_softstep_bad_arguments():
         SoftStep("instance", in_features=3)(None)
     with pytest.raises(ValueError, match="in_features=3"):
         SoftStep("instance", in_features=3)(torch.randn(2, 4))
+    with pytest.raises(TypeError, match="torch.Tensor, got list"):  # (an AttributeError before)
+        SoftStep("instance", in_features=3)([[1.0, 2.0, 3.0]])
+    with pytest.raises(TypeError, match="got dtype torch.int64"):
+        SoftStep("instance", in_features=3)(torch.ones(2, 3, dtype=torch.long))
 
 
 def test_softstep_parameters_are_trained_through_the_backend():

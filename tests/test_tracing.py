@@ -167,6 +167,31 @@ def test_export_keeps_the_batch_and_sequence_dynamic():
     torch.testing.assert_close(program.module()(q), model(q))
 
 
+def test_exported_programs_run_across_their_whole_dynamic_range():
+    """``impl="auto"`` picked dense or chunked by size, and the kNN and many-class heads looped
+    over blocks of rows: export turned each into a guard or a fixed batch, so an exported
+    program failed above the example's size. Export now takes the size-free path."""
+    bank_z, bank_y = torch.randn(2000, 4), torch.randn(2000)
+    regression = NeighborRegressionHead(4).eval()
+    regression.set_bank(bank_z, bank_y)
+    knn = simwarp.KNNRegressionHead(4, k=3).eval()
+    knn.set_bank(bank_z, bank_y)
+    classes = simwarp.NeighborClassificationHead(4, 70).eval()
+    classes.set_bank(bank_z, torch.randint(0, 70, (2000,)))
+    for head in (regression, knn, classes):
+        program = export(head, (torch.randn(5, 4),), dynamic_shapes=({0: Dim("batch", min=1, max=4096)},))
+        for rows in (1, 600, 4096):
+            z = torch.randn(rows, 4)
+            torch.testing.assert_close(program.module()(z), head(z), msg=f"{type(head).__name__} at {rows} rows")
+
+    attention = simwarp.SoftStepAttention(2, 4).eval()
+    dims = {0: Dim("B", min=1, max=8), 2: Dim("L", min=2, max=2048)}
+    program = export(attention, (torch.randn(2, 2, 6, 4),) * 3, dynamic_shapes=(dims,) * 3)
+    for shape in ((1, 2, 5, 4), (3, 2, 900, 4)):
+        q = torch.randn(shape)
+        torch.testing.assert_close(program.module()(q, q, q), attention(q, q, q), atol=1e-5, rtol=1e-5)
+
+
 def test_torch_func_transforms_are_refused_with_a_clear_error():
     from torch.func import grad, vmap
 

@@ -17,11 +17,12 @@ import warnings
 
 import torch
 
-from simwarp._autograd import outside_autocast, without_functorch
+from simwarp._autograd import exporting, outside_autocast, without_functorch
 from simwarp.backend.chunked import chunked_warp_attend, chunked_warp_range
 from simwarp.backend.common import (
     IMPLS,
     WarpStats,
+    as_flag,
     broadcast_shape,
     check_chunk_size,
     check_dropout_p,
@@ -90,7 +91,8 @@ def _choose_impl(
 
             if supports(*tensors, spec) and not _imprecise_fused_backward(spec, *tensors[:2]):
                 return "triton"
-        return "dense" if entries <= DENSE_AUTO_LIMIT else "chunked"
+        # an exported program runs at every size: the dense path is the one without size-dependent loops
+        return "dense" if exporting() or entries <= DENSE_AUTO_LIMIT else "chunked"
     return impl
 
 
@@ -202,6 +204,7 @@ def warp_attend(
     """
     batch = check_inputs(q, k, v, mask, exclude_self, self_offset)
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
+    return_stats = as_flag("return_stats", return_stats)
     check_chunk_size(chunk_size)
     dropout_p = check_dropout_p(dropout_p)
     drop_all = dropout_p == 1.0  # every weight dropped: zero output and zero gradients through it
@@ -355,6 +358,7 @@ def warp_weights(
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
     batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
+    return_stats = as_flag("return_stats", return_stats)
     n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
     row_range = _check_row_range(row_range, batch, n, dtype, q.device)

@@ -136,7 +136,7 @@ def row_extremum(x: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Te
     extreme element inside it.
     """
     m, width = x.shape[-1], _EXTREMUM_BLOCK
-    if m < 8 * width or x.stride(-1) != 1 or x.device.type != "cpu":
+    if m < 8 * width or x.stride(-1) != 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
         return x.max(-1) if largest else x.min(-1)
     blocks = m // width
     head = x[..., : blocks * width].unflatten(-1, (blocks, width))
@@ -497,7 +497,7 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
             f"leading dims of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} do not broadcast"
         ) from None
     n, m = q.shape[-2], k.shape[-2]
-    if isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0:
+    if isinstance(self_offset, bool) or not isinstance(self_offset, numbers.Integral) or self_offset < 0:
         raise ValueError(f"self_offset must be a non-negative int, got {self_offset!r}")
     if self_offset and not exclude_self:
         raise ValueError(f"self_offset={self_offset} needs exclude_self=True")
@@ -663,7 +663,7 @@ def check_dropout_p(dropout_p, allow_one: bool = True) -> float:
 
 def check_chunk_size(chunk_size) -> None:
     """``chunk_size``: a positive int or ``None`` (``ValueError`` otherwise)."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from simwarp._autograd import first_order
+from simwarp._autograd import exporting, first_order
 from simwarp.backend.common import (
     WarpSpec,
     WarpStats,
@@ -209,7 +209,7 @@ ROW_BLOCK_ELEMENTS = 1 << 20
 
 
 def _row_blocks(n: int, entries_per_row: int):
-    if n * entries_per_row <= ROW_BLOCK_ELEMENTS:  # one block; n stays symbolic under torch.compile / export
+    if exporting() or n * entries_per_row <= ROW_BLOCK_ELEMENTS:  # one block: n stays symbolic
         yield 0, n
         return
     rows = max(1, ROW_BLOCK_ELEMENTS // max(entries_per_row, 1))
