@@ -176,7 +176,7 @@ NONFINITE_CASES = {
     for metric, step, mode in [
         ("dot", "sigmoidal", "train"), ("l2", "log", "train"), ("sqeuclidean", "poly", "eval"),
         ("cosine", "none", "eval"), ("dot", "log", "splits"), ("l2", "sigmoidal", "no-skipping"),
-        ("dot", "poly", "train"),
+        ("dot", "poly", "train"), ("sqeuclidean", "sigmoidal", "train-bidirectional"),
     ]
 }
 
@@ -191,7 +191,7 @@ def check_nonfinite_scores_give_nan_rows(metric, step, mode):
     tile product holds it, as in the dense reference's ``dS @ K``."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"nonfinite{metric}{step}{mode}".encode()))
     H, n, m, d, e = 2, 33, 40, 8, 3
-    causal = mode != "splits"
+    causal = mode not in ("splits", "train-bidirectional")
     if mode == "splits":  # few queries, many keys: partial ranges from several key splits
         n, m = 6, 70
     q = torch.randn(H, n, d, generator=gen, dtype=f64)
@@ -199,7 +199,7 @@ def check_nonfinite_scores_give_nan_rows(metric, step, mode):
     v = torch.randn(H, m, e, generator=gen, dtype=f64)
     q[0, 3, 1] = float("nan")
     q[1, 4, 0] = float("inf")
-    bad_key, masked_key = (21, 30) if causal else (50, 9)
+    bad_key, masked_key = (21, 30) if causal else (m - 20, 9)
     k_bad = k.clone()
     k_bad[0, bad_key, 2] = float("nan")
     k_bad[1, masked_key, 5] = -float("inf")
@@ -209,7 +209,7 @@ def check_nonfinite_scores_give_nan_rows(metric, step, mode):
     params = _params("row", (H,), n, gen)
     config = {"splits": KernelConfig(block_m=16, block_n=16, num_splits=3),
               "no-skipping": replace(SMALL, block_skipping=False)}.get(mode, SMALL)
-    train = mode == "train"
+    train = mode.startswith("train")
 
     def run(fn, q, k, grad, weights=None, **kw):
         q = q.clone().requires_grad_(grad)
@@ -245,6 +245,39 @@ def check_nonfinite_scores_give_nan_rows(metric, step, mode):
         torch.testing.assert_close(grad[~poisoned], rgrad[~poisoned], atol=1e-10, rtol=1e-9)
 
 
+@check(cases={"l2-poly": ("l2", "poly"), "dot-sigmoidal": ("dot", "sigmoidal"), "sqeuclidean-log": ("sqeuclidean", "log")})
+def check_masked_nonfinite_key_keeps_the_other_gradients(metric, step):
+    """A NaN key masked for every row: outputs, ``dv``, the other keys' ``dk`` (range gradient
+    included) and scalar step parameters' gradients equal the reference without it (the range
+    sums took 0 · NaN from its masked scores); only ``dq`` of rows sharing its tile, through the
+    tile product ``dS @ K``, and its own ``dk`` see the NaN."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"masked{metric}{step}".encode()))
+    H, n, m, d, e = 2, 20, 40, 8, 3
+    q, k, v = (torch.randn(H, rows, c, generator=gen, dtype=f64) for rows, c in ((n, d), (m, d), (m, e)))
+    mask = torch.ones(n, m, dtype=torch.bool)
+    mask[:, 21] = False
+    k_bad = k.clone()
+    k_bad[1, 21, 2] = float("nan")
+    spec = make_spec(metric, None, step, 1.0, False, False, False)
+    results = []
+    for fn, keys, kw in ((triton_warp_attend, k_bad, {"config": SMALL}), (dense_warp_attend, k, {})):
+        leaves = [x.clone().requires_grad_() for x in (q, keys, v, *(torch.tensor(x, dtype=f64) for x in (0.2, 0.7, 0.4)))]
+        prm = resolve_params(*leaves[3:], batch=torch.Size((H,)), n=n, dtype=f64, device=q.device)
+        out = fn(*leaves[:3], *prm, mask, spec, **kw)[0]
+        (out * torch.linspace(-1, 1, e, dtype=f64)).sum().backward()
+        results.append((out.detach(), *(x.grad for x in leaves)))
+    (out, dq, dk, dv, *dparams), (ref, _, rdk, rdv, *rparams) = results
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(dv, rdv, atol=1e-10, rtol=1e-9)
+    others = torch.arange(m) != 21
+    torch.testing.assert_close(dk[:, others], rdk[:, others], atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(dk[0], rdk[0], atol=1e-10, rtol=1e-9)
+    for name, g, rg in zip("abt", dparams, rparams):
+        if rg is not None:
+            torch.testing.assert_close(g, rg, atol=1e-10, rtol=1e-9, msg=name)
+    assert not dq[0].isnan().any()
+
+
 @triton.jit
 def _reduce_rows(X, LO, HI, ILO, R: tl.constexpr, C: tl.constexpr):
     """Rows of an ``R x C`` tile reduced with the combine functions of the GPU path."""
@@ -270,6 +303,25 @@ def check_gpu_row_extremes_carry_nan():
     torch.testing.assert_close(lo, expect_lo.repeat(2), equal_nan=True)
     torch.testing.assert_close(hi, torch.tensor([3.0, nan, nan, inf]), equal_nan=True)
     assert ilo.tolist() == [1, 0, 3, 1]
+
+
+@check
+def check_parameters_a_step_never_reads_get_no_gradient():
+    """``none`` reads none of ``a, b, t`` and ``log`` not ``a``: their gradient is ``None``, as on
+    the dense path (the kernels returned zeros)."""
+    q = torch.randn(1, 2, 9, 4, dtype=f64)
+    for step, unread in (("none", "abt"), ("log", "a"), ("sigmoidal", "")):
+        grads = {}
+        for fn in (dense_warp_attend, triton_warp_attend):
+            leaves = [x.clone().requires_grad_() for x in (q, *(torch.tensor(x, dtype=f64) for x in (0.2, 0.8, 0.5)))]
+            prm = resolve_params(*leaves[1:], batch=torch.Size((1, 2)), n=9, dtype=f64, device=q.device)
+            out = fn(leaves[0], leaves[0], leaves[0], *prm, None, make_spec("dot", None, step, 1.0, False, False, False))[0]
+            out.sum().backward()
+            grads[fn] = [x.grad for x in leaves[1:]]
+        for name, g, rg in zip("abt", grads[triton_warp_attend], grads[dense_warp_attend]):
+            assert (g is None) == (rg is None) == (name in unread), (step, name)
+            if g is not None:
+                torch.testing.assert_close(g, rg, atol=1e-10, rtol=1e-9)
 
 
 @check
@@ -634,14 +686,16 @@ def check_training_compiles_whole(metric, step, causal, p):
 
     torch.manual_seed(5)
     ref = loss(*leaves)
-    ref_grads = torch.autograd.grad(ref, leaves)
+    ref_grads = torch.autograd.grad(ref, leaves, allow_unused=True)  # (log never reads a)
     torch._dynamo.reset()
     torch.manual_seed(5)
     out = torch.compile(loss, backend="aot_eager", fullgraph=True)(*leaves)
-    grads = torch.autograd.grad(out, leaves)
+    grads = torch.autograd.grad(out, leaves, allow_unused=True)
     torch.testing.assert_close(out, ref)
     for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg)
+        assert (g is None) == (rg is None)
+        if g is not None:
+            torch.testing.assert_close(g, rg)
 
 
 @check

@@ -106,21 +106,32 @@ def dropout_mask_kernel(SEED, KEEP, n, m, threshold, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def row_norms_kernel(X, OUT, sx0, sx1, sxn, sxd, B1, rows, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ACC: tl.constexpr):
-    """``OUT[b, i] = ‖X[b, i]‖²`` in ``ACC`` (``(B, rows)``, contiguous), for the distance metrics.
-
-    Every kernel loads these (``_sq_norms``) instead of summing its own tile's squares: a sum's
-    rounding depends on the tile layout, which differs between the forward and the backward
-    kernels, and the backward must recompute pass 1's scores bit for bit (``_step_coord``)."""
-    pid_r, pid_b = _tile_and_batch(tl.cdiv(rows, BLOCK_R))
-    b0 = (pid_b // B1).to(tl.int64)
-    b1 = (pid_b % B1).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+def _store_sq_norms(X, OUT, b0, b1, pid_b, tile, sx0, sx1, sxn, sxd, rows, d, BLOCK_R: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    offs_r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     x = tl.load(X + b0 * sx0 + b1 * sx1 + offs_r[:, None].to(tl.int64) * sxn + offs_d[None, :] * sxd,
                 mask=(offs_r[:, None] < rows) & (offs_d[None, :] < d), other=0.0).to(ACC)
     tl.store(OUT + pid_b.to(tl.int64) * rows + offs_r, tl.sum(x * x, 1), mask=offs_r < rows)
+
+
+@triton.jit
+def row_norms_kernel(Q, K, QN, KN, sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, B1, n, m, d, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """``QN[b, i] = ‖q_i‖²`` and ``KN[b, j] = ‖k_j‖²`` in ``ACC`` (``(B, n)``, ``(B, m)``, contiguous;
+    the first tiles of each batch entry are the queries', the rest the keys'), for the distance
+    metrics. Every kernel loads these (``_sq_norms``) instead of summing its own tile's
+    squares: a sum's rounding depends on the tile layout, which differs between the forward and
+    the backward kernels, and the backward must recompute pass 1's scores bit for bit
+    (``_step_coord``)."""
+    q_tiles = tl.cdiv(n, BLOCK_R)
+    tile, pid_b = _tile_and_batch(q_tiles + tl.cdiv(m, BLOCK_R))
+    b0 = (pid_b // B1).to(tl.int64)
+    b1 = (pid_b % B1).to(tl.int64)
+    if tile < q_tiles:
+        _store_sq_norms(Q, QN, b0, b1, pid_b, tile, sq0, sq1, sqn, sqd, n, d, BLOCK_R, BLOCK_D, ACC)
+    else:
+        _store_sq_norms(K, KN, b0, b1, pid_b, tile - q_tiles, sk0, sk1, skm, skd, m, d, BLOCK_R, BLOCK_D, ACC)
 
 
 @triton.jit
@@ -300,11 +311,13 @@ def _step_weight(x, z, valid, a, b, t, STEP: tl.constexpr, BAND_BRANCH: tl.const
 
 @triton.jit
 def _step_weight_grad(x, u, valid, a, b, t, STEP: tl.constexpr):
-    """Backward form for ``sigmoidal`` and ``log``: ``w = exp2(x) · m(u)`` and the log-mask
+    """Backward form for ``sigmoidal`` and ``log``: ``w = exp2(x) · m(u)``, the log-mask
     partials ``φ_u, φ_a, φ_b, φ_t`` (zero outside the band; see GRADIENTS.md and
-    :mod:`simwarp.steps`). ``none`` and ``poly`` have closed forms in the tile functions."""
+    :mod:`simwarp.steps`) and ``u`` in the band (finite outside it, where the partials vanish:
+    a masked NaN score must not reach the row sums as 0 · NaN). ``none`` and ``poly`` have
+    closed forms in the tile functions."""
     if STEP == 1:
-        keep = valid & (u > a)
+        keep = valid & ~(u <= a)  # (a NaN row's u is NaN: kept, so its gradients are NaN as elsewhere)
         band = keep & (u < b)
         w = tl.exp2(tl.where(keep, x, float("-inf")))
         bu = tl.where(band, b - u, 1.0)
@@ -320,6 +333,7 @@ def _step_weight_grad(x, u, valid, a, b, t, STEP: tl.constexpr):
         phi_b = -st / bu
         phi_u = -(phi_a + phi_b)
         phi_t = st * (z2 * LN2)
+        u_band = ua + a
     elif STEP == 2:
         keep = valid & (u > 0.0)
         band = keep & (u < b)
@@ -332,7 +346,8 @@ def _step_weight_grad(x, u, valid, a, b, t, STEP: tl.constexpr):
         phi_a = x * 0.0
         phi_b = bandf * c * (lg - (b - ub) / b)
         phi_t = bandf * (b - ub) * lg / ((1.0 - t) * (1.0 - t))
-    return w, keep, phi_u, phi_a, phi_b, phi_t
+        u_band = ub
+    return w, keep, phi_u, phi_a, phi_b, phi_t, u_band
 
 
 @triton.jit
@@ -377,7 +392,8 @@ def _score_grad(r, valid, dpd, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, S
 
     ``poly`` in closed form: ``w = e·m(y)``, ``y = clamp(z)``, and with ``G = ∂L/∂y = 6·e·dpd·y(1-y)``
     every range and parameter gradient of a row is linear in ``ΣG`` and ``ΣG·z`` (``y`` is affine
-    in ``s``), so ``t_lo = G/6``, ``t_hi = G·z/6``."""
+    in ``s``), so ``t_lo = G/6``, ``t_hi = G·z/6`` (taken as ``G·y/6``: equal, as ``G = 0`` where the
+    clamp acts, and free of the NaN a masked non-finite score gives ``z``)."""
     x = tl.fma(r, xs, xb)
     e = tl.exp2(tl.where(valid, x, float("-inf")))  # unused (dropped) for sigmoidal / log
     zero = r * 0.0
@@ -397,7 +413,7 @@ def _score_grad(r, valid, dpd, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, S
         gd = e * dpd
         dr = gd * (m * k1 + (6.0 * al) * yy)
         t_lo = gd * yy
-        t_hi = t_lo * z
+        t_hi = t_lo * y  # = G·z/6: G is 0 where the clamp acts (y(1 - y) = 0), and y is never NaN
     else:
         if STEP == 1:
             # u from the gap below the row maximum, so the best key has u = 1 exactly: fma(r, al,
@@ -406,12 +422,12 @@ def _score_grad(r, valid, dpd, k1, xs, xb, al, be, pin_raw, inv_r, a2, b2, t2, S
             u = tl.fma(r - pin_raw, al, 1.0)
         else:
             u = _step_coord(r, al, be, pin_raw, STEP)
-        w, keep, phi_u, phi_a, phi_b, phi_t = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
+        w, keep, phi_u, phi_a, phi_b, phi_t, u_band = _step_weight_grad(x, u, valid, a2, b2, t2, STEP)
         dl = tl.where(keep, w * dpd, 0.0)
-        dlu = dl * phi_u * inv_r  # ∂L/∂s through u, for the range sums
+        dlu = dl * phi_u * inv_r  # ∂L/∂s through u, for the range sums (0 outside the band)
         dr = dl * (k1 + phi_u * al)
-        t_lo = dlu * u - dlu
-        t_hi = -(dlu * u)
+        t_lo = dlu * u_band - dlu
+        t_hi = -(dlu * u_band)
         t_a = dl * phi_a
         t_b = dl * phi_b
         t_t = dl * phi_t
@@ -555,6 +571,8 @@ def _range_update(run_lo, run_hi, arg_lo, arg_hi, r, kb, offs_m, mask_base, tm_b
     s_hi = tl.where(valid, r, float("-inf"))
     if TRACK_ARG:  # a NaN row needs one NaN extreme only: the maximum skips NaN (cheaper)
         blk_lo, idx_lo = _row_argmin(s_lo, BLOCK_N)
+        if INTERPRETED:  # (NumPy's nanargmax raises on rows of NaN alone; the minimum carries the NaN)
+            s_hi = tl.where(s_hi == s_hi, s_hi, float("-inf"))
         blk_hi, idx_hi = tl.max(s_hi, 1, return_indices=True, return_indices_tie_break_left=True)
         idx_hi = idx_hi.to(tl.int32)
         new_lo = blk_lo < run_lo
@@ -679,7 +697,9 @@ def row_stats_kernel(
        ``(S, B, n)``; the first split attaining an extreme wins ties, as does the first key within
        a split), written as ``RS = (lo, hi, inv_r, empty, pin_raw)`` planes (``lo, hi`` in units
        of ``s``; ``inv_r = 0`` on flat and empty rows; ``pin_raw``: see ``_step_coord``),
-       ``EMPTY`` and, with ``TRACK_ARG``, the argmin / argmax;
+       ``EMPTY`` and, with ``TRACK_ARG``, the argmin / argmax. A row with a NaN or inf among its
+       valid scores (a non-finite extreme) gets ``lo = hi = NaN`` and ``inv_r = 0``: pass 2
+       writes it NaN, and it skips no tile;
     2. with ``SKIP``: ``FLAGS[b, qb, kb] = 1`` where every row of the block is out of range, empty
        or drops all of key tile ``kb`` (judged from the tile's largest ``r`` over the row's group
        of ``TMAX_ROWS`` rows), and for tiles past

@@ -1,5 +1,7 @@
 """Host side of the fused backend: kernel loading, launch plans and the autograd Function.
 
+For ``l2`` and ``sqeuclidean`` both start with ``row_norms_kernel`` (the squared norms every
+kernel loads, so the backward recomputes the forward's scores exactly).
 Forward = ``range_kernel`` (pass 1: row min/max, first argmin/argmax, per-tile score maxima),
 ``row_stats_kernel`` (row ranges over the key splits, tiles to skip and the lists of tiles to
 visit) and ``attend_kernel`` (pass 2: step, softmax with the row maximum known from pass 1,
@@ -263,8 +265,16 @@ class _TritonWarp(torch.autograd.Function):
     def backward(ctx, g_out, g_lse, *_unused):
         mask = ctx.saved_tensors[17] if ctx.has_mask else None
         grads = _launch_backward(ctx.plan, ctx.dims, ctx.saved_tensors[:17], mask, g_out, g_lse,
-                                 tuple(ctx.needs_input_grad[:6]))
+                                 _read_inputs(ctx.plan.step, ctx.needs_input_grad[:6]))
         return (*grads, None, None, None)
+
+
+def _read_inputs(step: int, needs) -> tuple[bool, ...]:
+    """``needs`` (of ``q, k, v, a, b, t``) without the step parameters that kernel step ``step``
+    never reads (``none``: all three, ``log``: ``a``): their gradient is ``None``, as on the
+    dense and chunked paths, and the kernels skip their sums."""
+    q, k, v, a, b, t = (bool(x) for x in needs)
+    return q, k, v, a and step not in (0, 2), b and step != 0, t and step != 0
 
 
 def _dims(q, k, v, cfg: KernelConfig) -> tuple:
@@ -287,7 +297,8 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     prec = _precision(q.dtype, cfg)
     dev = q.device
     dims = batch, B, B1, n, m, d, e, n_qb, n_kb = _dims(q, k, v, cfg)
-    # Pass 1 goes to the GPU first: everything else is host work that overlaps it.
+    # Pass 1 (after the distance metrics' norms) goes to the GPU first: everything else is host
+    # work that overlaps it.
     q4, k4 = _view4(q, batch, n, d), _view4(k, batch, m, d)
     mask4 = _mask4(mask, batch, n, m, q4)
     consts = _consts(plan, acc, dev)
@@ -393,7 +404,6 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
     )
     q4, k4, v4 = _view4(q, batch, n, d), _view4(k, batch, m, d), _view4(v, batch, m, e)
     mask4 = _mask4(mask, batch, n, m, q4)
-    qn, kn = _sq_norms(mod, plan, q4, k4, B, B1, acc, rs)  # the forward's bits (same kernel, same inputs)
     BM, BN = cfg.bwd_block_m, cfg.bwd_block_n
     BD, BE = _pow2(d), _pow2(e)
     n_qb, n_kb = triton_cdiv(n, BM), triton_cdiv(m, BN)
@@ -407,6 +417,9 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
     args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
 
     dk = dv = None
+    need_dq = need_q or need_a or need_b or need_t or track_range
+    if need_dq or need_k or need_v:  # the forward's bits: same kernel, same inputs
+        qn, kn = _sq_norms(mod, plan, q4, k4, B, B1, acc, rs)
     if need_k or need_v:
         dk = torch.empty((B, m, d), dtype=acc, device=dev) if need_k else rs
         dv = torch.empty((B, m, e), dtype=acc, device=dev) if need_v else rs
@@ -419,7 +432,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
         )
     # dq after dk/dv: the range gradient is added into both at the end.
     dq = da = db = dt = None
-    if need_q or need_a or need_b or need_t or track_range:
+    if need_dq:
         S = _num_splits(cfg, B * n_qb, n_kb, dev)
         kps = triton_cdiv(n_kb, S)
         S = triton_cdiv(n_kb, kps)
@@ -468,20 +481,19 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
 
 
 def _sq_norms(mod, plan: _Plan, q4, k4, B: int, B1: int, acc: torch.dtype, unused: torch.Tensor):
-    """``(‖q‖², ‖k‖²)`` as ``(B, n)``, ``(B, m)`` tensors for the distance metrics
-    (``kernels.row_norms_kernel``); for ``dot`` the kernels read neither: ``unused`` stands in."""
+    """``(‖q‖², ‖k‖²)`` as ``(B, n)``, ``(B, m)`` tensors for the distance metrics, from one
+    ``kernels.row_norms_kernel`` launch; for ``dot`` the kernels read neither: ``unused`` stands in."""
     if plan.metric == 0:
         return unused, unused
-    norms = []
-    for x in (q4, k4):
-        rows, d = x.shape[-2:]
-        out = torch.empty((B, rows), dtype=acc, device=x.device)
-        mod.row_norms_kernel[grid(triton_cdiv(rows, 32), B)](
-            x, out, *x.stride(), B1, rows, d, BLOCK_R=32, BLOCK_D=_pow2(d), ACC=_tl_acc(mod, x.dtype),
-            num_warps=4, **_FUSION,
-        )
-        norms.append(out)
-    return tuple(norms)
+    (n, d), m = q4.shape[-2:], k4.shape[-2]
+    qn = torch.empty((B, n), dtype=acc, device=q4.device)
+    kn = torch.empty((B, m), dtype=acc, device=q4.device)
+    rows = 32
+    mod.row_norms_kernel[grid(triton_cdiv(n, rows) + triton_cdiv(m, rows), B)](
+        q4, k4, qn, kn, *q4.stride(), *k4.stride(), B1, n, m, d, BLOCK_R=rows, BLOCK_D=_pow2(d),
+        ACC=_tl_acc(mod, q4.dtype), num_warps=4, **_FUSION,
+    )
+    return qn, kn
 
 
 def _precision(dtype: torch.dtype, cfg: KernelConfig) -> str:
@@ -796,7 +808,7 @@ def _train_backward(ctx, g_out, g_lse, *_unused):
     metric, scale, step, temperature, causal, exclude_self, self_offset, _count_kept, detach_range, dropout_p, _ = (
         ctx.options
     )
-    needs = [bool(x) for x in ctx.needs_input_grad[:6]]
+    needs = list(_read_inputs(KERNEL_STEPS[step], ctx.needs_input_grad[:6]))
     if g_out is None:
         g_out = torch.zeros_like(out)
     grads = fused_warp_train_backward(
