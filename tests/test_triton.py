@@ -819,6 +819,17 @@ def check_dispatch_and_errors():
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def test_dropout_rates_keep_the_survivors_factor_inside_float16():
+    """At ``dropout_p`` within 1.5 · 2^-16 of 1 the rate rounded to 65535/65536 and survivors
+    were scaled by 65536: infinite in float16, whose largest value is 65504."""
+    from simwarp.backend.triton.launch import _keep_scale, dropout_threshold
+
+    assert dropout_threshold(0.1) == round(0.1 * 65536)
+    for p in (1 - 1e-6, 1 - 2**-16, 1 - 2**-15):
+        assert dropout_threshold(p) == 65534
+        assert _keep_scale(dropout_threshold(p)) <= torch.finfo(torch.float16).max
+
+
 def test_launch_grids_fold_the_batch_into_axis_0():
     """CUDA limits grid axes 1 and 2 to 65535 programs, and B·H can exceed that (window
     attention: 4096 windows × 16 heads); the batch was on axis 1. It is folded into axis 0

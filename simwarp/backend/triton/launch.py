@@ -535,8 +535,10 @@ DROPOUT_LEVELS = 1 << 16
 
 
 def dropout_threshold(dropout_p: float) -> int:
-    """``dropout_p`` in units of 2^-16, the kernels' resolution (0 = no dropout)."""
-    return min(DROPOUT_LEVELS - 1, round(dropout_p * DROPOUT_LEVELS))
+    """``dropout_p`` in units of 2^-16, the kernels' resolution (0 = no dropout), at most
+    ``1 - 2^-15``: the survivors' factor ``1 / P(keep)`` then stays at most 32768, which float16
+    weights can hold (65536, at ``1 - 2^-16``, is above float16's largest value)."""
+    return min(DROPOUT_LEVELS - 2, round(dropout_p * DROPOUT_LEVELS))
 
 
 def _keep_scale(threshold: int) -> float:
