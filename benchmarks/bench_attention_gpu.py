@@ -30,6 +30,7 @@ Usage (on a CUDA machine; the repo does not need to be installed)::
     python benchmarks/bench_attention_gpu.py --no-compile --skip-peers --shapes 1,2 --sweep \
         --graphs --profile --repeats 20 --case-seconds 1.0     # the target shapes: about 4 minutes
     python benchmarks/bench_attention_gpu.py --quick           # first shape only, fewer repeats
+    python benchmarks/bench_attention_gpu.py --checks-only --quick  # correctness alone (exit 1 on a failure)
     python benchmarks/bench_attention_gpu.py --no-compile --skip-peers --shapes 0,1 --dropout 0.1
 
 On a machine without a GPU, ``python tools/check_kernels_sm90.py`` first checks that every kernel
@@ -653,6 +654,8 @@ def main(argv=None) -> int:
     p.add_argument("--graphs", action="store_true", help="also time the forward replayed from CUDA graphs")
     p.add_argument("--dropout", type=float, default=0.0, metavar="P",
                    help="also time forward+backward with attention dropout P (vs SDPA with dropout P)")
+    p.add_argument("--checks-only", action="store_true",
+                   help="run the correctness checks (about a minute) and stop: exit status 1 if any fails")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.case_seconds = 10, 2, 0.6
@@ -692,6 +695,10 @@ def main(argv=None) -> int:
         result["checks"].append(dict(check="bank", ok=False, error=traceback.format_exc()[-2000:]))
         log(traceback.format_exc())
     save()
+    if args.checks_only:
+        failed = [c for c in result["checks"] if not c.get("ok")]
+        log(f"\n{len(result['checks']) - len(failed)} of {len(result['checks'])} checks passed; wrote {out_path}")
+        return 1 if failed else 0
 
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
