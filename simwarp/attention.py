@@ -476,6 +476,12 @@ def _disable_fused_fast_path(module: nn.Module, args: tuple) -> None:
     return None
 
 
+class MissingCausalMaskError(ValueError, RuntimeError):
+    """``is_causal=True`` without ``attn_mask`` in :class:`MultiheadSoftStepAttention`: a
+    ``ValueError`` like every bad argument here, and a ``RuntimeError`` as
+    ``nn.MultiheadAttention`` raises it, so code written for either module catches it."""
+
+
 class MultiheadSoftStepAttention(nn.MultiheadAttention):
     """:class:`torch.nn.MultiheadAttention` with SoftStep attention.
 
@@ -628,7 +634,9 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
                 f"key {tuple(key.shape)} and value {tuple(value.shape)} must share (S, N) with N={bsz} from the query"
             )
         if is_causal and attn_mask is None:
-            raise ValueError("is_causal=True is a hint that attn_mask is the causal mask: pass attn_mask too (as nn.MultiheadAttention)")
+            raise MissingCausalMaskError(
+                "is_causal=True is a hint that attn_mask is the causal mask: pass attn_mask too (as nn.MultiheadAttention)"
+            )
 
         q, k, v = self._project(query, key, value)
         h, hd = self.num_heads, self.head_dim

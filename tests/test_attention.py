@@ -382,6 +382,9 @@ def test_multihead_unbatched_causal_and_3d_mask():
         sw(xb, xb, xb, attn_mask=torch.ones(4, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="embed_dim"):
         sw(torch.randn(5, 3, 6, dtype=D64), xb, xb)
+    for error in (ValueError, RuntimeError):  # (RuntimeError: what nn.MultiheadAttention raises)
+        with pytest.raises(error, match="pass attn_mask too"):
+            sw(xb, xb, xb, is_causal=True)
 
 
 def test_multihead_trains_and_keeps_state_dict_keys():
