@@ -154,6 +154,19 @@ def _check_class_labels(labels, n: int, name: str) -> None:
         raise TypeError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
 
 
+def _class_labels(labels, n: int, name: str):
+    """``labels`` checked as :func:`_check_class_labels` does, except that floating-point labels
+    holding whole numbers (which pytorch-metric-learning accepts) become int64 class labels."""
+    if isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.dim() == 1 and labels.shape[0] == n:
+        require(
+            torch.isfinite(labels) & (labels == labels.round()),
+            f"{name} must hold class labels: floating-point labels must be whole numbers",
+        )
+        labels = labels.long()
+    _check_class_labels(labels, n, name)
+    return labels
+
+
 def _index_labels(labels: torch.Tensor) -> torch.Tensor:
     """Class labels as int64 (bool and narrow integer labels sort and search like any other)."""
     return labels if labels.dtype == torch.int64 else labels.long()
@@ -432,9 +445,9 @@ class _SoftStepLossMixin:
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """PML's ``forward``; shapes are checked first so that errors name them."""
         _check_embeddings(embeddings, embeddings if ref_emb is None else ref_emb)
-        _check_class_labels(labels, embeddings.shape[0], "labels")
+        labels = _class_labels(labels, embeddings.shape[0], "labels")
         if ref_emb is not None:
-            _check_class_labels(ref_labels, ref_emb.shape[0], "ref_labels")
+            ref_labels = _class_labels(ref_labels, ref_emb.shape[0], "ref_labels")
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _prepare(self, embeddings: torch.Tensor, ref_emb: torch.Tensor):

@@ -519,7 +519,13 @@ def test_errors():
     with pytest.raises(ValueError, match="labels are required"):
         SoftStepNCALoss()(x)
     with pytest.raises(TypeError, match="integer class labels"):
-        SoftStepContrastiveLoss()(x, torch.zeros(6))
+        SoftStepContrastiveLoss()(x, torch.zeros(6, dtype=torch.complex64))
+    # float labels holding whole numbers are class labels, as pytorch-metric-learning takes them
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    for loss_fn in (SoftStepContrastiveLoss(), SoftStepNCALoss()):
+        torch.testing.assert_close(loss_fn(x, y.double()), loss_fn(x, y))
+        with pytest.raises(ValueError, match="floating-point labels must be whole numbers"):
+            loss_fn(x, y + 0.5)
     with pytest.raises(ValueError, match="embedding_size"):
         SoftStepNCALoss()(x, torch.zeros(6, dtype=torch.long), ref_emb=torch.randn(3, 5), ref_labels=torch.zeros(3))
     with pytest.raises(ValueError, match="in_features"):
