@@ -556,11 +556,12 @@ def device_constants(values: list[float], dtype: torch.dtype, device: torch.devi
     On CUDA the values go through pinned memory with a non-blocking copy (the caching host
     allocator keeps the source alive until the copy has run): one copy instead of a fill
     kernel per value. Under CUDA-graph capture a copy would replay from host memory that has
-    been reused since, so there (and on other devices) each value is a fill."""
+    been reused since, so there, under ``torch.compile`` (whose tracer cannot ask whether a
+    capture is running) and on other devices each value is a fill."""
     device = torch.device(device)
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
-    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
     return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
 
