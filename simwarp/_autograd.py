@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -83,6 +84,11 @@ def is_finite_real(x) -> bool:
     """``math.isfinite`` for a real number, written as comparisons so that ``torch.compile`` can
     trace it on the symbolic floats of ``dynamic=True`` (``math.isfinite`` breaks the graph)."""
     return -math.inf < x < math.inf
+
+
+def is_int(x, minimum: int) -> bool:
+    """Whether ``x`` is an integer (Python or NumPy; not a bool) of at least ``minimum``."""
+    return not isinstance(x, bool) and isinstance(x, numbers.Integral) and x >= minimum
 
 
 def require(

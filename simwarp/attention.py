@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from simwarp._autograd import is_finite_real, require
+from simwarp._autograd import is_finite_real, is_int, require
 from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import as_real, check_dropout_p
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
@@ -383,9 +383,9 @@ class SoftStepAttention(nn.Module):
         hidden: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
+        if not is_int(num_heads, 1):
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if mode == "instance" and (isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 1):
+        if mode == "instance" and not is_int(head_dim, 1):
             raise ValueError(f"mode='instance' needs head_dim (the query size E) >= 1, got {head_dim!r}")
         num_heads, head_dim = int(num_heads), int(head_dim) if isinstance(head_dim, numbers.Integral) else head_dim
         self.num_heads, self.head_dim, self.mode = num_heads, head_dim, mode

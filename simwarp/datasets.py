@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from simwarp._autograd import is_int
 
 __all__ = ["DATASETS", "MissingExtraError", "RegressionData", "load_dataset", "embed_texts"]
 
@@ -235,9 +236,9 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, **kwargs) -> Re
     loader's default size); ``seed`` picks the subsample (and the synthetic draw)."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+    if n is not None and not is_int(n, 1):
         raise ValueError(f"n must be a positive int or None (the loader's default size), got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+    if not is_int(seed, 0) or seed >= 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     loader = DATASETS[name]
     if n is None:

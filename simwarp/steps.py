@@ -23,7 +23,6 @@ reaches autograd from the entries it discards.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from simwarp._autograd import first_order
+from simwarp._autograd import first_order, is_int
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -536,7 +535,7 @@ class SoftStep(nn.Module):
                                     ("hidden", hidden, "instance")):
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if not is_int(value, 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
             if mode != needed:
                 warnings.warn(f"SoftStep(mode={mode!r}) ignores {name} (it shapes mode={needed!r})", UserWarning, stacklevel=2)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy
 import torch
 
-from simwarp._autograd import first_order, is_finite_real
+from simwarp._autograd import first_order, is_finite_real, is_int
 from simwarp.similarity import STREAMING_METRICS, check_metric
 from simwarp.steps import DEFAULT_A, DEFAULT_B, DEFAULT_T, Step, get_step
 
@@ -497,7 +497,7 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
             f"leading dims of q {_shape(q)}, k {_shape(k)} and v {_shape(v)} do not broadcast"
         ) from None
     n, m = q.shape[-2], k.shape[-2]
-    if isinstance(self_offset, bool) or not isinstance(self_offset, numbers.Integral) or self_offset < 0:
+    if not is_int(self_offset, 0):
         raise ValueError(f"self_offset must be a non-negative int, got {self_offset!r}")
     if self_offset and not exclude_self:
         raise ValueError(f"self_offset={self_offset} needs exclude_self=True")
@@ -664,7 +664,7 @@ def check_dropout_p(dropout_p, allow_one: bool = True) -> float:
 
 def check_chunk_size(chunk_size) -> None:
     """``chunk_size``: a positive int or ``None`` (``ValueError`` otherwise)."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+    if chunk_size is not None and not is_int(chunk_size, 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
