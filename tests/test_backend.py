@@ -13,6 +13,7 @@ from step_references import log_reference, poly_reference, sigmoidal_reference
 
 import simwarp
 from simwarp.backend import DENSE_AUTO_LIMIT
+from simwarp.backend.common import HashedDropout
 
 f64 = torch.float64
 METRICS = ("dot", "cosine", "l2", "sqeuclidean")
@@ -676,10 +677,9 @@ def test_chunked_dropout_forward_matches_its_mask_and_gradcheck():
     p = 0.3
 
     torch.manual_seed(11)
-    out = simwarp.warp_attend(q, k, v, a=a, impl="chunked", chunk_size=5, dropout_p=p)
+    out = simwarp.warp_attend(q, k, v, a=a, impl="chunked", chunk_size=2, dropout_p=p)
     torch.manual_seed(11)
-    seed = int(torch.randint(0, 2**62, ()))
-    keep = torch.rand((2, 4, 5), generator=torch.Generator().manual_seed(seed), dtype=f64) >= p
+    keep = HashedDropout(p, HashedDropout.draw_seed(q.device), rows=4).keep(torch.Size((2, 4, 5)))
     w = simwarp.warp_weights(q, k, a=a)
     torch.testing.assert_close(out, (w * keep / (1 - p)) @ v)
 
@@ -688,6 +688,42 @@ def test_chunked_dropout_forward_matches_its_mask_and_gradcheck():
         return simwarp.warp_attend(q, k, v, a=a, impl="chunked", chunk_size=3, dropout_p=p)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, a))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_and_chunked_dropout_draw_one_mask_whatever_the_blocks(causal):
+    """Keep decisions are a hash of (seed, batch entry, row, key): the dense path and the
+    streaming one at any block width give the same outputs and gradients from one seed."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, n, e, generator=gen, dtype=f64) for n, e in ((9, 4), (11, 4), (11, 5)))
+    a = torch.full((3, 1), 0.1, dtype=f64)
+    results = []
+    for impl, chunk_size in (("dense", None), ("chunked", 3), ("chunked", 4), ("chunked", 11)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, a)]
+        torch.manual_seed(7)
+        out = simwarp.warp_attend(*leaves[:3], a=leaves[3], causal=causal, impl=impl, chunk_size=chunk_size, dropout_p=0.4)
+        results.append((out, torch.autograd.grad(out.square().sum(), leaves)))
+    (out_ref, grads_ref), *others = results
+    assert not torch.allclose(out_ref, simwarp.warp_attend(q, k, v, a=a, causal=causal))  # it did drop
+    for out, grads in others:
+        torch.testing.assert_close(out, out_ref)
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref)
+
+
+def test_hashed_dropout_masks_are_uniform_and_independent():
+    drop = HashedDropout(0.25, HashedDropout.draw_seed(torch.device("cpu")), rows=256)
+    keep = drop.keep(torch.Size((4, 256, 512))).double()
+    assert abs(keep.mean().item() - 0.75) < 0.005
+    # Each batch entry, row and key column keeps its share (binomial sd: 0.12 %, 0.96 %, 1.35 %).
+    assert (keep.mean((1, 2)) - 0.75).abs().max() < 0.01
+    assert (keep.mean((0, 2)) - 0.75).abs().max() < 0.06 and (keep.mean((0, 1)) - 0.75).abs().max() < 0.08
+    flat = keep.reshape(-1, 512) - 0.75  # neighbouring rows and keys are uncorrelated
+    assert (flat[:-1] * flat[1:]).mean().abs() < 0.005 and (flat[:, :-1] * flat[:, 1:]).mean().abs() < 0.005
+    block = drop.keep(torch.Size((4, 5, 7)), row0=100, col0=300).double()
+    torch.testing.assert_close(block, keep[:, 100:105, 300:307])
+    other = HashedDropout(0.25, HashedDropout.draw_seed(torch.device("cpu")), rows=256)
+    assert (other.keep(torch.Size((4, 256, 512))).double() != keep).double().mean() > 0.3
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])

@@ -101,6 +101,27 @@ def test_chunked_attention_with_a_fixed_row_range_trains_in_one_graph():
         torch.testing.assert_close(g2, g1)
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_attention_dropout_trains_in_one_graph(impl):
+    """The chunked path replayed its dropout masks from a torch.Generator seeded with a value
+    read back from the device: two graph breaks (an error under fullgraph=True). Its masks are
+    now a hash of the position, seeded by a tensor; compiled training draws eager's masks."""
+
+    def loss(x, a):
+        out = simwarp.warp_attend(x, x, x, a=a, causal=True, impl=impl, chunk_size=4, dropout_p=0.3)
+        return out.square().sum()
+
+    x, a = torch.randn(2, 3, 13, 8), torch.full((3, 1), 0.2)
+    leaves = [(x.clone().requires_grad_(), a.clone().requires_grad_()) for _ in range(2)]
+    torch.manual_seed(0)
+    want = loss(*leaves[0])
+    torch.manual_seed(0)
+    got = compiled(loss)(*leaves[1])
+    torch.testing.assert_close(got, want)
+    for g1, g2 in zip(torch.autograd.grad(want, leaves[0]), torch.autograd.grad(got, leaves[1])):
+        torch.testing.assert_close(g2, g1)
+
+
 def test_additive_masks_trace_and_still_refuse_score_biases():
     """nn.TransformerEncoder turns even a bool padding mask into an additive float one; the
     check that it holds only 0 and -inf is an in-graph assertion when compiled."""

@@ -28,6 +28,7 @@ import torch
 
 from simwarp._autograd import first_order
 from simwarp.backend.common import (
+    HashedDropout,
     WarpSpec,
     broadcast_shape,
     closed_form_logits,
@@ -145,7 +146,7 @@ def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int,
 class _ChunkedWarp(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int, row_range, indices: bool,
+        ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed, row_range, indices: bool,
         aliases: tuple[int, int],
     ):
         ctx.aliases = aliases
@@ -172,7 +173,7 @@ class _ChunkedWarp(torch.autograd.Function):
         acc = torch.zeros((*batch, n, e), dtype=dtype, device=q.device)
         kept = torch.zeros((*batch, n), dtype=dtype, device=q.device)
         any_valid = torch.zeros((*batch, n), dtype=torch.bool, device=q.device)
-        dropout = _Dropout(dropout_p, seed, q.device)
+        dropout = HashedDropout(dropout_p, seed, n)
         for start, stop in _blocks(m, chunk):
             r0 = blocks.first_row(start)
             if r0 >= n:
@@ -186,7 +187,7 @@ class _ChunkedWarp(torch.autograd.Function):
                     self_offset=self_offset, count_kept=True,
                 )
                 denom[..., r0:] += num.e.sum(-1)
-                acc[..., r0:, :] += dropout(num.e) @ v_block
+                acc[..., r0:, :] += dropout(num.e, r0, start) @ v_block
                 kept[..., r0:] += num.kept
                 continue
             if empty is None:
@@ -197,7 +198,7 @@ class _ChunkedWarp(torch.autograd.Function):
             rescale = torch.exp(run_max - shift)
             p = torch.exp(logits - shift.unsqueeze(-1))
             denom = denom * rescale + p.sum(-1)
-            acc = acc * rescale.unsqueeze(-1) + dropout(p) @ v_block
+            acc = acc * rescale.unsqueeze(-1) + dropout(p, r0, start) @ v_block
             kept += (logits > -math.inf).sum(-1)
             run_max = new_max
         if empty is None:
@@ -210,9 +211,9 @@ class _ChunkedWarp(torch.autograd.Function):
         lse = torch.where(nonempty, run_max + torch.log(denom), -math.inf)
 
         ctx.spec, ctx.chunk, ctx.has_mask, ctx.mask_form = spec, chunk, mask is not None, mask_form
-        ctx.dropout_p, ctx.seed, ctx.fixed_range = dropout_p, seed, row_range is not None
+        ctx.dropout_p, ctx.fixed_range = dropout_p, row_range is not None
         optional_mask = () if mask is None else (mask,)
-        ctx.save_for_backward(*qkv_in, a, b, t, *optional_mask, out, lse, inv_denom, lo, hi, argmin, argmax)
+        ctx.save_for_backward(*qkv_in, a, b, t, *optional_mask, seed, out, lse, inv_denom, lo, hi, argmin, argmax)
         ctx.mark_non_differentiable(kept, lo, hi, empty)
         return out.to(q.dtype), lse, kept, lo, hi, empty
 
@@ -223,7 +224,7 @@ class _ChunkedWarp(torch.autograd.Function):
         q, k, v = _resolve(saved[:3], ctx.aliases)
         a, b, t = saved[3:6]
         mask = saved[6] if ctx.has_mask else None
-        out, lse, inv_denom, lo, hi, argmin, argmax = saved[-7:]
+        seed, out, lse, inv_denom, lo, hi, argmin, argmax = saved[-8:]
         spec: WarpSpec = ctx.spec
         need_q, need_k, need_v = _resolve(ctx.needs_input_grad[:3], ctx.aliases)
         need_a, need_b, need_t = ctx.needs_input_grad[3:6]
@@ -268,7 +269,7 @@ class _ChunkedWarp(torch.autograd.Function):
         dq = torch.zeros((*q.shape[:-2], n, d), dtype=dtype, device=q.device) if need_q else None
         dk = torch.zeros_like(k, dtype=dtype) if need_k else None
         dv = torch.zeros_like(v, dtype=dtype) if need_v else None
-        dropout = _Dropout(ctx.dropout_p, ctx.seed, q.device)
+        dropout = HashedDropout(ctx.dropout_p, seed, n)
         for start, stop in _blocks(m, ctx.chunk):
             r0 = blocks.first_row(start)
             if r0 >= n:
@@ -294,7 +295,7 @@ class _ChunkedWarp(torch.autograd.Function):
                         s_leaf = s.requires_grad_(need_s)
                         logits = warp_logits(s_leaf, lo_, hi_, bias, a_, b_, t_, spec)
                 w = torch.exp(logits.detach() - lse_safe)
-            w_out = dropout(w)  # the weights that multiplied v in forward
+            w_out = dropout(w, r0, start)  # the weights that multiplied v in forward
             if need_v:
                 dv[..., start:stop, :] += (w_out.transpose(-1, -2) @ g_r).sum_to_size(v_c.shape)
             d_logits = (g_r @ v_c.transpose(-1, -2)).mul_(w_out).sub_(w * delta_r)
@@ -372,24 +373,6 @@ def _sum_roles(grads: tuple, aliases: tuple[int, int]) -> tuple:
     return tuple(out)
 
 
-class _Dropout:
-    """Inverted dropout on weight blocks whose masks replay identically in backward: the
-    blocks are drawn in the same order from a generator seeded once per call."""
-
-    def __init__(self, p: float, seed: int, device: torch.device) -> None:
-        self.p = p
-        self.generator = None
-        if p > 0:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(seed)
-
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        if self.generator is None:
-            return w
-        keep = torch.rand(w.shape, generator=self.generator, device=w.device, dtype=w.dtype) >= self.p
-        return w * keep / (1.0 - self.p)
-
-
 def _chunk_for(q, k, v, chunk_size: int | None):
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
     rows = q.shape[-2] * math.prod(batch)
@@ -401,8 +384,7 @@ def chunked_warp_attend(
 ):
     """Streaming forward/backward; returns ``(out, lse, kept, lo, hi, empty)``."""
     _, chunk = _chunk_for(q, k, v, chunk_size)
-    # Seed drawn from torch's default generator, so torch.manual_seed makes dropout reproducible.
-    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    seed = HashedDropout.draw_seed(q.device) if dropout_p > 0 else None
     # The argmin/argmax keys only route the range gradient; the indexed reductions are slow on CPU.
     indices = torch.is_grad_enabled() and not spec.detach_range and (q.requires_grad or k.requires_grad)
     aliases = _aliases(q, k, v)
