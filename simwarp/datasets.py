@@ -28,6 +28,7 @@ naming the ``pip install`` extra.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -231,9 +232,10 @@ DATASETS: dict[str, Callable[..., RegressionData]] = {
 """Name → loader ``(n=None|int, seed=0) -> RegressionData``."""
 
 
-def load_dataset(name: str, n: int | None = None, seed: int = 0, **kwargs) -> RegressionData:
+def load_dataset(name: str, n: int | None = None, seed: int = 0, progress: bool = True, **kwargs) -> RegressionData:
     """Load a packaged data set by name (see :data:`DATASETS`). ``n`` subsamples (None = the
-    loader's default size); ``seed`` picks the subsample (and the synthetic draw)."""
+    loader's default size); ``seed`` picks the subsample (and the synthetic draw); ``progress``
+    shows a bar where loading takes a while (embedding the tweets)."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
     if n is not None and not is_int(n, 1):
@@ -241,6 +243,8 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, **kwargs) -> Re
     if not is_int(seed, 0) or seed >= 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     loader = DATASETS[name]
+    if "progress" in inspect.signature(loader).parameters:
+        kwargs["progress"] = progress
     if n is None:
         return loader(seed=seed, **kwargs)
     return loader(n=n, seed=seed, **kwargs)

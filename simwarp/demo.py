@@ -315,6 +315,8 @@ def run_demo(
 
     Returns ``{"rows": [...], "png": path, "json": path}``.
     """
+    if isinstance(datasets, str):
+        datasets = (datasets,)
 
     # Each head trains until its validation RMSE stops improving: a fixed short budget would
     # compare convergence speed (neighbour heads converge in fewer epochs), not the fits.
@@ -326,7 +328,7 @@ def run_demo(
     results: dict[str, dict[str, dict]] = {}
     rows = []
     for name in datasets:
-        data = load_dataset(name, n=700 if quick else None, seed=seed)
+        data = load_dataset(name, n=700 if quick else None, seed=seed, progress=progress)
         print_fn(f"{name}: {data.description} ({len(data)} rows, {data.X.shape[1]} features)")
         splits = split_indices(len(data), seed)
         results[name] = {}

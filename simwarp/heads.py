@@ -168,6 +168,9 @@ class _BankMixin(nn.Module):
 
     in_features: int
     _BANK_KEYS = ("bank_z", "bank_y")
+    #: Floating-point buffers kept at least float32 under ``.half()`` / ``.to(torch.bfloat16)``:
+    #: regression targets (prices, counts) and their running sums overflow float16 (65504).
+    _WIDE_BUFFERS: tuple[str, ...] = ()
     #: ``(local entries, entries over all ranks)`` of the current bank under ``gather``, so that
     #: predictions do not pay a collective each to learn the union's size; reset with the bank.
     _bank_union: tuple[int, int] | None = None
@@ -335,7 +338,26 @@ class _BankMixin(nn.Module):
             return f"bank_z {_shape(z)} and bank_y {_shape(y)} hold different numbers of entries"
         return None
 
+    def _keep_buffers_wide(self, before: dict[str, torch.Tensor] | None = None) -> None:
+        """Cast narrowed ``_WIDE_BUFFERS`` back to float32, from their values ``before`` the cast
+        where known (a float16 copy has already lost what did not fit)."""
+        for name in self._WIDE_BUFFERS:
+            buf = getattr(self, name)
+            if buf.dtype in (torch.float16, torch.bfloat16):
+                source = buf if before is None else before[name]
+                setattr(self, name, source.to(device=buf.device, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):  # .half(), .to(torch.bfloat16)
+        before = {name: getattr(self, name) for name in self._WIDE_BUFFERS}
+        super()._apply(fn, recurse)
+        self._keep_buffers_wide(before)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._load_bank_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._keep_buffers_wide()  # load_state_dict(..., assign=True) takes the stored dtypes
+
+    def _load_bank_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         stored = {key: state_dict.get(prefix + key) for key in self._BANK_KEYS}
         stored = {key: x if isinstance(x, torch.Tensor) else None for key, x in stored.items()}
         problem = self._bank_problem(stored["bank_z"], stored["bank_y"])
@@ -615,24 +637,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         self.register_buffer("targets_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("_target_m2", torch.zeros(out_features))
 
-    _STAT_BUFFERS = ("target_mean", "target_std", "_target_m2")
-
-    def _stats_in_float32(self) -> None:
-        # the running target statistics stay at least float32: sums of squared targets
-        # overflow float16 (65504) long before the data are unusual
-        for name in self._STAT_BUFFERS:
-            buf = getattr(self, name)
-            if buf.dtype in (torch.float16, torch.bfloat16):
-                setattr(self, name, buf.float())
-
-    def _apply(self, fn, recurse=True):  # .half(), .to(torch.bfloat16)
-        super()._apply(fn, recurse)
-        self._stats_in_float32()
-        return self
-
-    def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict(..., assign=True)
-        super()._load_from_state_dict(*args, **kwargs)
-        self._stats_in_float32()
+    _WIDE_BUFFERS = ("bank_y", "target_mean", "target_std", "_target_m2")
 
     # -- labels and standardisation ---------------------------------------------------------
 
@@ -641,6 +646,8 @@ class NeighborRegressionHead(_WarpHeadBase):
         returns whether it is 1-D."""
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+        if y.is_complex():
+            raise TypeError(f"{name} must hold real targets, got dtype {y.dtype}")
         one_d = y.dim() == 1 and self.out_features == 1
         if (y.dim() != 2 and not one_d) or y.shape[0] != n:
             raise ValueError(
@@ -818,9 +825,10 @@ class NeighborClassificationHead(_WarpHeadBase):
             gather=gather, learn_scale=learn_scale,
         )
         num_classes = _int_arg("num_classes", num_classes, minimum=2)
+        smoothing = as_real("smoothing", smoothing, "a float in (0, 1)")
         if not 0.0 < smoothing < 1.0:
             raise ValueError(f"smoothing must lie in (0, 1), got {smoothing!r}")
-        self.num_classes, self.smoothing = num_classes, float(smoothing)
+        self.num_classes, self.smoothing = num_classes, smoothing
         self._init_bank((), torch.long)
 
     def _check_labels(self, y: Any, z: torch.Tensor, name: str = "y") -> torch.Tensor:
@@ -829,7 +837,7 @@ class NeighborClassificationHead(_WarpHeadBase):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
         if y.is_floating_point():
             require(torch.isfinite(y), f"{name} contains NaN or inf labels")
-            require(y == y.round(), f"{name} must hold integer class labels, got non-integer floats", error=TypeError)
+            require(y == y.round(), f"{name} must hold class labels: floating-point labels must be whole numbers")
         if y.dim() != 1 or y.shape[0] != n:
             raise ValueError(f"{name} must have shape (N={n},) of class indices, got {_shape(y)}")
         y = y.long()
@@ -922,7 +930,11 @@ class KNNRegressionHead(_BankMixin):
         self.in_features, self.out_features, self.k, self.metric = in_features, out_features, k, metric
         self._init_bank((out_features,), torch.get_default_dtype())
 
+    _WIDE_BUFFERS = ("bank_y",)
     _check_label_shape = NeighborRegressionHead._check_label_shape
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, metric={self.metric!r}, bank={self.bank_size}"
     _check_labels = NeighborRegressionHead._check_labels
 
     def _topk_mean(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> torch.Tensor:
@@ -968,10 +980,21 @@ class LinearHead(nn.Linear):
             raise ValueError(f"z must have shape (..., in_features={self.in_features}), got {_shape(z)}")
         if isinstance(y, torch.Tensor) and y.dim() >= 1 and z.dim() >= 2 and y.shape[0] != z.shape[0]:
             raise ValueError(f"y must have {z.shape[0]} rows like z (shape {_shape(z)}), got shape {_shape(y)}")
+        if isinstance(y, torch.Tensor) and y.dim() == z.dim() and y.shape[-1] != self.out_features:
+            raise ValueError(f"y has {y.shape[-1]} targets but the head has out_features={self.out_features} (shape {_shape(y)})")
         out = super().forward(z)
         if isinstance(y, torch.Tensor) and y.dim() == out.dim() - 1 and self.out_features == 1:
             out = out.squeeze(-1)
         return out
+
+    @property
+    def bank_size(self) -> int:
+        """0: a linear head holds no bank."""
+        return 0
+
+    @property
+    def has_bank(self) -> bool:
+        return False
 
     def set_bank(self, z: torch.Tensor, y: torch.Tensor) -> None:
         """No-op: a linear head needs no bank (kept so heads are interchangeable)."""
@@ -988,7 +1011,12 @@ HEAD_KINDS = ("linear", "nona", "softstep-global", "softstep-instance", "knn")
 
 def make_head(kind: str, in_features: int, out_features: int = 1, **kwargs: Any) -> nn.Module:
     """Build a regression head by name: ``"linear"``, ``"nona"`` (``step="none"``),
-    ``"softstep-global"``, ``"softstep-instance"`` or ``"knn"``; ``kwargs`` go to the class."""
+    ``"softstep-global"``, ``"softstep-instance"`` or ``"knn"``; ``kwargs`` go to the class
+    (except the arguments that ``kind`` fixes: ``step`` for ``"nona"``, ``mode`` for the
+    ``softstep-*`` kinds)."""
+    fixed = {"nona": "step", "softstep-global": "mode", "softstep-instance": "mode"}.get(kind)
+    if fixed in kwargs:
+        raise ValueError(f"kind={kind!r} fixes {fixed}; pass {fixed}= to NeighborRegressionHead instead, got {fixed}={kwargs[fixed]!r}")
     if kind == "linear":
         return LinearHead(in_features, out_features, **kwargs)
     if kind == "nona":

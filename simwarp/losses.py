@@ -180,7 +180,8 @@ def _check_indices_tuple(indices_tuple, n: int, m: int) -> None:
     bounds = (n, m, m) if len(indices_tuple) == 3 else (n, m, n, m)
     for x, bound in zip(indices_tuple, bounds):
         if not isinstance(x, torch.Tensor) or x.dim() != 1:
-            raise ValueError(f"indices_tuple entries must be 1-D index tensors, got {type(x).__name__}")
+            got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"indices_tuple entries must be 1-D index tensors, got {got}")
         if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"indices_tuple entries must be integer index tensors, got dtype {x.dtype}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= bound):
@@ -395,10 +396,7 @@ class _SoftStepLossMixin:
                 f"{scale_name} must be a positive finite float; a tensor that requires grad (a learnable "
                 f"{scale_name}) is not supported: the backend takes it as a constant"
             )
-        try:
-            value = as_real(scale_name, scale_value, "a positive finite float")
-        except TypeError:
-            value = math.nan
+        value = as_real(scale_name, scale_value, "a positive finite float")
         if not 0 < value < math.inf:
             raise ValueError(f"{scale_name} must be a positive finite float, got {scale_value!r}")
         setattr(self, scale_name, value)
@@ -421,6 +419,8 @@ class _SoftStepLossMixin:
                     stacklevel=3,
                 )
             instance = mode == "instance"
+            if instance and embedding_size is None:
+                raise ValueError("mode='instance' needs embedding_size (the embeddings' width, for the per-anchor network)")
             softstep = SoftStep(
                 mode=mode, in_features=embedding_size if instance else None, hidden=hidden if instance else None,
                 step=step, init=init,
@@ -445,6 +445,8 @@ class _SoftStepLossMixin:
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """PML's ``forward``; shapes are checked first so that errors name them."""
         _check_embeddings(embeddings, embeddings if ref_emb is None else ref_emb)
+        if ref_emb is None and ref_labels is not None:
+            raise ValueError("ref_labels were given without ref_emb; pass both (PML would ignore ref_labels silently)")
         labels = _class_labels(labels, embeddings.shape[0], "labels")
         if ref_emb is not None:
             ref_labels = _class_labels(ref_labels, ref_emb.shape[0], "ref_labels")
@@ -617,11 +619,16 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         loss_ip = -log( e^{s_ip/τ} / (e^{s_ip/τ} + Σ_{n ∈ N(i)} m_in e^{s_in/τ}) )
 
     ``m_in`` is the SoftStep mask of negative ``n`` over anchor ``i``'s row, whose range is
-    taken over all of ``i``'s candidates (positives and negatives); the positive itself is not
-    warped. The step thus drops easy negatives (learned hard-negative selection).
+    taken over the whole row (every reference but ``i`` itself: positives and negatives); the
+    positive itself is not warped. The step thus drops easy negatives (learned hard-negative
+    selection).
 
     Positives and negatives come from ``labels`` (all pairs, as PML) or from ``indices_tuple``
-    (pairs or triplets from a PML miner; duplicated pairs count with multiplicity, as PML).
+    (pairs or triplets from a PML miner; duplicated pairs count with multiplicity, as PML). A
+    miner only selects which pairs enter the loss: the range stays the whole row's, so a miner
+    that returns one positive and one negative per anchor (``BatchHardMiner``,
+    ``BatchEasyHardMiner``) still places the negative on the step's slope rather than at its
+    0 or 1 end.
     With ``step="none"`` this is exactly PML's :class:`~pytorch_metric_learning.losses.NTXentLoss`.
     Anchors with no negative give zero loss; batches with at most one pair of each kind give
     a zero loss (both as PML).
@@ -697,13 +704,12 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             a1, p, a2, neg = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
             if all(len(i) <= 1 for i in (a1, p, a2, neg)) or len(a1) == 0 or len(a2) == 0:
                 return self._zero_losses(x, r)
-            candidates = torch.zeros((n, m), dtype=torch.bool, device=x.device)
-            candidates[a1, p] = True
-            candidates[a2, neg] = True
             neg_count = torch.zeros((n, m), dtype=x.dtype, device=x.device)
             neg_count.index_put_((a2, neg), torch.ones_like(a2, dtype=x.dtype), accumulate=True)
             a, b, t = params
-            w, stats = warp_weights(x, r, step=step, a=a, b=b, t=t, mask=candidates, return_stats=True, **warp)
+            # Weights over the whole row (its range and normaliser); lse + log Σ_n w_in gives
+            # log Σ_n m_in e^{s_in/τ} over the mined negatives alone.
+            w, stats = warp_weights(x, r, step=step, a=a, b=b, t=t, exclude_self=same, return_stats=True, **warp)
             other = (w * neg_count.to(w.dtype)).sum(1)
             lse = stats.lse
         neg_lse = lse + _safe_log(_resolved_mass(other, m))  # log Σ_n m_in e^{s_in/τ} per anchor; -inf without negatives
@@ -778,6 +784,10 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
             raise ValueError("labels (continuous targets) are required for SoftStepNeighborRegressionLoss")
         if (ref_emb is None) != (ref_labels is None):
             raise ValueError("ref_emb and ref_labels must be given together")
+        if isinstance(embeddings, torch.Tensor):  # as PML's forward: the targets follow the embeddings
+            labels, ref_labels = (
+                y.to(embeddings.device) if isinstance(y, torch.Tensor) else y for y in (labels, ref_labels)
+            )
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
@@ -792,6 +802,11 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         if y.shape[1] != y_ref.shape[1]:
             raise ValueError(f"labels {tuple(labels.shape)} and ref_labels {tuple(ref_labels.shape)} differ in width")
         _check_indices_tuple(indices_tuple, n, m)
+        for name, targets in (("labels", y), ("ref_labels", y_ref)):
+            require(
+                torch.isfinite(targets.to(embeddings.dtype)),
+                f"{name} overflow {embeddings.dtype}, the embeddings' dtype the loss computes in; standardise them",
+            )
         x, r, same, (a, b, t) = self._prepare(embeddings, ref_emb)
         r, y_ref, offset = self._across_ranks(x, r, y_ref, same, indices_tuple)
         if same and r.shape[0] <= 1:

@@ -105,6 +105,28 @@ def test_demo_trains_a_repeated_dataset_once(monkeypatch, tmp_path):
     assert seen == [("periodic", "digits")]
 
 
+def test_run_demo_passes_progress_to_the_loaders_and_takes_one_name(monkeypatch, tmp_path):
+    """--no-progress still showed the tweets' embedding bar (load_dataset never got the flag),
+    and run_demo(datasets="digits") iterated over the name's letters."""
+    import simwarp.datasets
+    import simwarp.demo
+
+    calls = []
+
+    def loader(n=None, seed=0, progress=True):
+        calls.append(progress)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setitem(simwarp.datasets.DATASETS, "tweets", loader)
+    with pytest.raises(RuntimeError, match="stop here"):
+        simwarp.demo.run_demo(datasets="tweets", out=tmp_path, quick=True, progress=False, print_fn=lambda *a: None)
+    assert calls == [False]
+    with pytest.raises(RuntimeError, match="stop here"):
+        simwarp.datasets.load_dataset("tweets")
+    assert calls == [False, True]
+    simwarp.datasets.load_dataset("periodic", n=10, progress=False)  # loaders without the flag take none
+
+
 def test_train_and_evaluate_without_an_encoder():
     from simwarp.datasets import load_dataset
     from simwarp.demo import TrainConfig, train_and_evaluate

@@ -467,6 +467,11 @@ def test_make_head_kinds():
     assert make_head("nona", 4).softstep is None
     with pytest.raises(ValueError, match="kind"):
         make_head("mlp", 4)
+    # an argument the kind fixes: a message, not Python's "got multiple values for keyword argument"
+    with pytest.raises(ValueError, match="kind='softstep-global' fixes mode"):
+        make_head("softstep-global", 8, mode="instance")
+    with pytest.raises(ValueError, match="kind='nona' fixes step"):
+        make_head("nona", 8, step="poly")
 
 
 @pytest.mark.parametrize("standardize", [True, False])
@@ -636,6 +641,28 @@ def test_partial_state_dicts_and_lenient_y():
     assert lin(torch.randn(3, 4), torch.zeros(3)).shape == (3,)
 
 
+def test_linear_head_is_interchangeable_with_the_neighbour_heads():
+    """It took any number of targets (a later mse_loss broadcast the mismatch away) and had no
+    has_bank / bank_size, which code written for the neighbour heads reads."""
+    z = torch.randn(6, 4)
+    for head in (LinearHead(4, 1), NeighborRegressionHead(4, 1)):
+        with pytest.raises(ValueError, match="y has 3 targets but the head has out_features=1"):
+            head(z, torch.randn(6, 3))
+    assert LinearHead(4, 2)(z, torch.randn(6, 2)).shape == (6, 2)
+    assert LinearHead(4, 1).has_bank is False and LinearHead(4, 1).bank_size == 0
+    assert repr(KNNRegressionHead(4, k=3)) == "KNNRegressionHead(in_features=4, out_features=1, k=3, metric='l2', bank=0)"
+
+
+def test_label_type_errors_name_the_argument():
+    z = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="y must hold class labels: floating-point labels must be whole numbers"):
+        NeighborClassificationHead(4, 3)(z, torch.tensor([0.5, 1, 2, 0, 1, 2]))  # as the losses say
+    with pytest.raises(TypeError, match="y must hold real targets, got dtype torch.complex64"):
+        NeighborRegressionHead(4)(z, torch.randn(6, dtype=torch.cfloat))
+    with pytest.raises(TypeError, match="smoothing must be a float in"):
+        NeighborClassificationHead(4, 3, smoothing="a")
+
+
 def test_a_bank_loaded_without_its_other_half_is_refused_before_use():
     src = NeighborRegressionHead(4, 2).eval()
     src.set_bank(torch.randn(30, 4), torch.randn(30, 2))
@@ -800,6 +827,27 @@ def test_knn_head_never_picks_nan_rows_and_gives_nan_for_nan_queries():
     neighbours = simwarp.heads.streaming_topk(z, z, "l2", 3, exclude_self=True)
     assert not (neighbours[clean] == 5).any()
     assert torch.isfinite(got[clean]).all() and got[clean].shape == want.shape
+
+
+@pytest.mark.parametrize("cast", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_type", [NeighborRegressionHead, KNNRegressionHead])
+def test_a_head_cast_to_half_keeps_its_bank_labels(head_type, cast):
+    """.half() cast bank_y with the rest: prices of 1e5 became inf, predictions NaN (inf for
+    the kNN head), silently. The labels now stay float32, from their values before the cast."""
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(64, 4, generator=g), 5e4 + 1e5 * torch.rand(64, 1, generator=g)
+    head = head_type(4).eval()
+    head.set_bank(z, y)
+    want = head(z[:3])
+    state = head.state_dict()
+    head.to(cast)
+    assert head.bank_z.dtype == cast and head.bank_y.dtype == torch.float32
+    torch.testing.assert_close(head.bank_y, y)  # not a round trip through float16
+    torch.testing.assert_close(head(z[:3].to(cast)), want, rtol=2e-2, atol=0)
+    loaded = head_type(4).eval().to(cast)
+    loaded.load_state_dict(state)
+    torch.testing.assert_close(loaded.bank_y, y)
+    torch.testing.assert_close(loaded(z[:3].to(cast)), want, rtol=2e-2, atol=0)
 
 
 @pytest.mark.parametrize("head_type", ["softstep", "knn"])

@@ -2,6 +2,8 @@
 gradients), SoftStep losses against a dense float64 reference built from warp_weights, the
 blocked (many classes) and streaming paths, PML integration, degenerate batches, errors."""
 
+import math
+
 import pytest
 import torch
 from pytorch_metric_learning import distances as D
@@ -211,9 +213,16 @@ def test_labels_and_scalar_arguments():
             loss_fn(x, y, ref_emb=x.double(), ref_labels=y)
     assert SoftStepNCALoss(np.float32(0.5)).softmax_scale == 0.5
     assert SoftStepContrastiveLoss(torch.tensor(0.25)).temperature == 0.25
-    for bad in (float("inf"), 0.0, -1.0, True):
+    for bad in (float("inf"), 0.0, -1.0):
         with pytest.raises(ValueError, match="temperature must be a positive finite float"):
             SoftStepContrastiveLoss(bad)
+    for bad in (True, "0.1"):
+        with pytest.raises(TypeError, match="temperature must be a positive finite float, got (bool|str)"):
+            SoftStepContrastiveLoss(bad)
+    with pytest.raises(ValueError, match="mode='instance' needs embedding_size"):
+        SoftStepNCALoss(mode="instance")
+    with pytest.raises(ValueError, match=r"1-D index tensors, got a tensor of shape \(1, 1\)"):
+        SoftStepContrastiveLoss()(x, y, (torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[2]])))
     half = x.bfloat16()
     for impl in ("dense", "chunked"):
         assert SoftStepNCALoss(impl=impl)(half, y).dtype == torch.bfloat16
@@ -302,6 +311,37 @@ def test_contrastive_tuple_path_equals_label_path_with_softstep():
     gt = torch.autograd.grad(lt, xa)[0]
     torch.testing.assert_close(lt.detach(), la, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(gt, ga, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("miner", ["BatchHardMiner", "BatchEasyHardMiner", "TripletMarginMiner"])
+def test_contrastive_mined_pairs_are_warped_on_the_whole_rows_range(miner):
+    """The range was taken over the mined candidates alone: with one positive and one negative
+    per anchor every negative sat at u = 0 or 1, so BatchEasyHardMiner gave a zero loss and
+    BatchHardMiner a step that never learned. The miner now only selects the pairs."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 6, generator=g, dtype=f64)
+    y = torch.randint(0, 4, (32,), generator=g)
+    tuple_ = getattr(miners, miner)()(x, y)
+    loss = SoftStepContrastiveLoss(0.2, init=(0.3, 0.8, 0.3)).double()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la = loss(xa, y, tuple_)
+
+    a1, p, a2, neg = lmu.convert_to_pairs(tuple_, y)
+    xn = torch.nn.functional.normalize(xb, dim=1)
+    a, b, t = loss.softstep()
+    w, stats = simwarp.warp_weights(xn, xn, scale=1.0, temperature=0.2, a=a, b=b, t=t, exclude_self=True, return_stats=True)
+    neg_count = torch.zeros(32, 32, dtype=f64).index_put_((a2, neg), torch.ones(len(a2), dtype=f64), accumulate=True)
+    mass = (w * neg_count).sum(1)  # 0 where the step dropped an anchor's mined negatives
+    neg_lse = stats.lse + torch.where(mass > 0, torch.log(torch.where(mass > 0, mass, 1.0)), -math.inf)
+    lb = torch.nn.functional.softplus(neg_lse[a1] - (xn[a1] * xn[p]).sum(1) / 0.2).mean()
+    torch.testing.assert_close(la, lb, atol=1e-12, rtol=1e-12)
+    ga = torch.autograd.grad(la, [xa, loss.softstep.raw])
+    gb = torch.autograd.grad(lb, [xb, loss.softstep.raw])
+    for g1, g2 in zip(ga, gb):
+        torch.testing.assert_close(g1, g2, atol=1e-10, rtol=1e-10)
+    assert la > 0 and ga[1].abs().min() > 0  # a training signal, for the step too
 
 
 @pytest.mark.parametrize("cls", [SoftStepNCALoss, SoftStepContrastiveLoss, SoftStepNeighborRegressionLoss])
@@ -478,6 +518,18 @@ def test_regression_loss_refuses_non_finite_targets():
                                           ref_labels=torch.tensor([[0.0, 1.0], [float("-inf"), 0.0], [2.0, 0.0]]))
     with pytest.raises(ValueError, match=r"e >= 1 .* got \(6, 0\)"):  # it returned a NaN loss
         SoftStepNeighborRegressionLoss()(x.requires_grad_(), torch.randn(6, 0))
+    # finite float64 targets that overflow the embeddings' float32 gave a NaN loss
+    with pytest.raises(ValueError, match="labels overflow torch.float32, the embeddings' dtype"):
+        SoftStepNeighborRegressionLoss()(x, torch.randn(6, dtype=torch.float64) * 1e300)
+
+
+def test_ref_labels_without_ref_emb_are_refused_by_every_loss():
+    x, y = torch.randn(6, 4), torch.arange(6) % 2
+    for loss in (SoftStepNCALoss(), SoftStepContrastiveLoss()):
+        with pytest.raises(ValueError, match="ref_labels were given without ref_emb"):
+            loss(x, y, ref_labels=y)
+    with pytest.raises(ValueError, match="ref_emb and ref_labels must be given together"):
+        SoftStepNeighborRegressionLoss()(x, y.float(), ref_labels=y.float())
 
 
 # ---------------------------------------------------------------------------------------
