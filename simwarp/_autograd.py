@@ -40,6 +40,18 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def autocast_like_sdpa(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` as autocast hands them to SDPA, which is on its lower-precision list: where
+    autocast is on for their device, float32 tensors become its dtype (others stay as they are).
+    Under mixed precision a rotary embedding (float32 ``cos``/``sin``) returns float32 ``q``,
+    ``k`` beside a half-precision ``v``; SDPA gets all three in half precision."""
+    device = tensors[0].device.type
+    if not _autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) if x.dtype == torch.float32 else x for x in tensors)
+
+
 def outside_autocast(fn: Callable) -> Callable:
     """Run ``fn`` with autocast off on the device of its first tensor argument.
 

@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from simwarp._autograd import is_finite_real, is_int, require
+from simwarp._autograd import autocast_like_sdpa, is_finite_real, is_int, require
 from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import as_real, check_dropout_p
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
@@ -113,7 +113,8 @@ def additive_mask_to_bool(mask: torch.Tensor, name: str = "attn_mask") -> torch.
     allowed = blocked | (mask == 0)
     require(
         allowed,
-        f"{name} holds finite non-zero additive biases: SoftStep attention accepts bool masks or additive "
+        f"{name} holds entries other than 0 and -inf / <= {MASKED_BIAS_THRESHOLD:g} (finite score biases, NaN or "
+        "+inf): SoftStep attention accepts bool masks or additive "
         f"masks whose entries are 0 (attend) or -inf / <= {MASKED_BIAS_THRESHOLD:g} (masked). Score biases "
         "(ALiBi, relative-position tables, Swin's -100 window masks) are not supported.",
         lambda: f" Found e.g. {mask[~allowed].flatten()[:3].tolist()}.",
@@ -140,6 +141,13 @@ def _as_bool_mask(attn_mask: Any, q: torch.Tensor, s: int) -> torch.Tensor | Non
 # ---------------------------------------------------------------------------------------
 # Grouped-query layout
 # ---------------------------------------------------------------------------------------
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def _split_heads(x: torch.Tensor, heads: int, groups: int, rows_dims: int, name: str) -> torch.Tensor:
@@ -289,6 +297,7 @@ def _attend(
     met the values (after dropout, as ``nn.MultiheadAttention`` and transformers' eager
     attention return them)."""
     groups = _check_sdpa_shapes(query, key, value, enable_gqa)
+    query, key, value = autocast_like_sdpa(query, key, value)
     dropout_p = check_dropout_p(dropout_p)
     n, s = query.shape[-2], key.shape[-2]
     mask = _as_bool_mask(attn_mask, query, s)
@@ -300,7 +309,13 @@ def _attend(
         if scale <= 0:  # as SDPA: 0 gives uniform weights, a negative scale negates the scores
             q, scale = query * scale, 1.0
     a, b, t = (step_kwargs.get(name) for name in ("a", "b", "t"))
-    if groups > 1:
+    if groups > 1:  # 1-D: checked before the grouped layout (..., H, G, L), which the user never sees
+        for name, p in zip("abt", (a, b, t)):
+            if isinstance(p, torch.Tensor) and p.dim() == 1 and not _broadcasts_to(p.shape, query.shape[:-1]):
+                raise ValueError(
+                    f"{name} of shape {tuple(p.shape)} does not broadcast to the rows (..., Hq, L) = "
+                    f"{tuple(query.shape[:-1])}; per query head pass shape (Hq, 1)"
+                )
         hk = key.shape[-3]
         q = rearrange(q, "... (h g) l e -> ... h g l e", h=hk)
         k, v = key.unsqueeze(-3), value.unsqueeze(-3)

@@ -112,6 +112,9 @@ def test_gqa_refuses_per_key_head_parameters_and_masks(name):
     given = {"a": torch.full((2, 1), 0.2, dtype=D64), "attn_mask": torch.ones(2, 5, 7, dtype=torch.bool)}[name]
     with pytest.raises(ValueError, match=rf"{name} of shape .* has 2 heads where the query has 4"):
         softstep_attention(q, k, v, enable_gqa=True, **{name: given})
+    if name == "a":  # (Hq,) is the rows' last dim L, not the heads: the message names the user's layout
+        with pytest.raises(ValueError, match=r"a of shape \(4,\) does not broadcast to the rows \(..., Hq, L\) = \(2, 4, 5\)"):
+            softstep_attention(q, k, v, enable_gqa=True, a=torch.full((4,), 0.2, dtype=D64))
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +149,19 @@ def test_softstep_attention_module_modes(mode):
     assert out.shape == (2, 4, 5, 3) and torch.isfinite(out).all()
     kw = attn.step.kwargs(q if mode == "instance" else None)
     torch.testing.assert_close(out, softstep_attention(q, k, v, is_causal=True, **kw))
+
+
+def test_autocast_casts_float32_inputs_as_it_does_for_sdpa():
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 4, 6, 8)
+    v = torch.randn(1, 4, 6, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.scaled_dot_product_attention(q, k, v)
+        got = simwarp.softstep_attention(q, k, v, step="none")
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    q64 = q.double()  # autocast leaves float64 alone: a mismatch stays an error naming the dtypes
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="must share a dtype"):
+        simwarp.softstep_attention(q64, k, v)
 
 
 def test_dropout_training_is_real_dropout():
@@ -259,10 +275,11 @@ def test_errors_are_clear():
 def test_additive_mask_to_bool():
     m = torch.tensor([0.0, -math.inf, -1e9, -1e4])
     assert additive_mask_to_bool(m).tolist() == [True, False, False, False]
-    with pytest.raises(ValueError, match="finite non-zero"):
+    with pytest.raises(ValueError, match=r"finite score biases.*Found e.g. \[-0.5\]"):
         additive_mask_to_bool(torch.tensor([0.0, -0.5]))
-    with pytest.raises(ValueError):
-        additive_mask_to_bool(torch.tensor([0.0, math.nan]))
+    for bad in (math.nan, math.inf):  # the message said "finite" for these too
+        with pytest.raises(ValueError, match=r"other than 0 and -inf .* NaN or \+inf"):
+            additive_mask_to_bool(torch.tensor([0.0, bad]))
     with pytest.raises(TypeError):
         additive_mask_to_bool(torch.tensor([0, 1]))
 
@@ -315,7 +332,7 @@ def test_xformers_like_biases():
          softstep_attention(q[..., 2:, :], k[..., 2:, :], v[..., 2:, :])], dim=-2,
     )
     torch.testing.assert_close(out, ref)
-    with pytest.raises(ValueError, match="finite non-zero"):
+    with pytest.raises(ValueError, match="finite score biases"):
         softstep_attention(q, k, v, FakeTensorBias())
 
 

@@ -194,6 +194,8 @@ def test_attaching_other_options_needs_overwrite_and_checkpoints_stay_loadable(t
     assert from_pretrained(tmp_path, mode="global").config.softstep["mode"] == "global"
     with pytest.raises(ValueError, match="saved with"):
         from_pretrained(tmp_path, mode="per_head")
+    with pytest.raises(ValueError, match="loads with attn_implementation='softstep', got 'sdpa'"):
+        from_pretrained(tmp_path, attn_implementation="sdpa")  # was transformers' "multiple values" TypeError
 
 
 def test_learned_score_biases_and_sinks_are_refused():
@@ -298,6 +300,25 @@ def test_gqa_decoder_model_matches_sdpa():
     torch.testing.assert_close(out_causal, ref_causal, atol=1e-5, rtol=1e-5)
 
 
+def test_rotary_decoder_trains_under_autocast():
+    """Rotary embeddings return float32 q, k beside a bfloat16 v under autocast (Trainer's
+    bf16=True); SDPA takes all three in bfloat16, the SoftStep attention refused them."""
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    ids = torch.randint(1, 50, (2, 6))
+    losses = []
+    for softstep in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        if softstep:
+            attach_softstep(model, step="none")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-2, rtol=1e-2)
+
+
 # ---------------------------------------------------------------------------------------
 # The real packaged MiniLM
 # ---------------------------------------------------------------------------------------
@@ -360,3 +381,21 @@ def test_minilm_finetune_few_steps_lowers_loss(minilm):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert final < losses[0]
     assert any(not torch.equal(b, p.detach()) for b, p in zip(before, step_params))
+
+
+def test_sentence_transformer_reload_recipe_restores_trained_steps(tmp_path):
+    """docs/attention.md's recipe: SentenceTransformer(dir) alone comes back with sdpa."""
+    st_module = pytest.importorskip("sentence_transformers")
+    st = st_module.SentenceTransformer(str(minilm_path()), device="cpu")
+    attach_softstep(st, mode="per_head")
+    with torch.no_grad():  # a trained step: not the initial one a fresh attach would give
+        for name, p in st.named_parameters():
+            if "softstep" in name:
+                p.add_(0.2)
+    st.save(str(tmp_path))
+    want = st.encode(["a first sentence"], convert_to_tensor=True)
+    plain = st_module.SentenceTransformer(str(tmp_path), device="cpu")
+    assert not torch.allclose(plain.encode(["a first sentence"], convert_to_tensor=True), want)
+    attach_softstep(plain, **plain[0].auto_model.config.softstep)
+    load_softstep_state(plain, tmp_path)
+    torch.testing.assert_close(plain.encode(["a first sentence"], convert_to_tensor=True), want)

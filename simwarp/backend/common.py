@@ -135,8 +135,12 @@ def row_extremum(x: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Te
     :data:`_EXTREMUM_BLOCK` elements (vectorised), the first extreme block, then the first
     extreme element inside it.
     """
+    # Under compile and export first: with a symbolic length, `m < 8 * width` would become a
+    # guard that caps the exported program's dynamic range.
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.stride(-1) != 1:
+        return x.max(-1) if largest else x.min(-1)
     m, width = x.shape[-1], _EXTREMUM_BLOCK
-    if m < 8 * width or x.stride(-1) != 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
+    if m < 8 * width:
         return x.max(-1) if largest else x.min(-1)
     blocks = m // width
     head = x[..., : blocks * width].unflatten(-1, (blocks, width))
