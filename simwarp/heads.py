@@ -940,7 +940,8 @@ class KNNRegressionHead(_BankMixin):
     def _topk_mean(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> torch.Tensor:
         m = keys.shape[0] - (1 if loo else 0)
         if m < 1:
-            raise ValueError(f"the kNN head needs at least one neighbour per row, got {keys.shape[0]} keys (loo={loo})")
+            hint = "; a training batch needs N >= 2 rows (use drop_last=True)" if loo else ""
+            raise ValueError(f"the kNN head needs at least one neighbour per row, got {keys.shape[0]} keys (loo={loo}){hint}")
         k = min(self.k, m)
         top = streaming_topk(z, keys, self.metric, k, exclude_self=loo)
         if not z.shape[0]:

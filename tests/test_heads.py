@@ -641,6 +641,13 @@ def test_partial_state_dicts_and_lenient_y():
     assert lin(torch.randn(3, 4), torch.zeros(3)).shape == (3,)
 
 
+def test_one_row_training_batches_point_to_drop_last_in_every_head():
+    z, y = torch.randn(1, 4), torch.randn(1)
+    for head in (NeighborRegressionHead(4), KNNRegressionHead(4)):
+        with pytest.raises(ValueError, match="drop_last=True"):
+            head(z, y)
+
+
 def test_linear_head_is_interchangeable_with_the_neighbour_heads():
     """It took any number of targets (a later mse_loss broadcast the mismatch away) and had no
     has_bank / bank_size, which code written for the neighbour heads reads."""
