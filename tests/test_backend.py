@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from step_references import log_reference, poly_reference, sigmoidal_reference
 
 import simwarp
-from simwarp.backend import DENSE_AUTO_LIMIT
-from simwarp.backend.common import HashedDropout
+from simwarp.backend import DENSE_AUTO_LIMIT, chunked
 
 f64 = torch.float64
 METRICS = ("dot", "cosine", "l2", "sqeuclidean")
@@ -677,9 +676,10 @@ def test_chunked_dropout_forward_matches_its_mask_and_gradcheck():
     p = 0.3
 
     torch.manual_seed(11)
-    out = simwarp.warp_attend(q, k, v, a=a, impl="chunked", chunk_size=2, dropout_p=p)
+    out = simwarp.warp_attend(q, k, v, a=a, impl="chunked", chunk_size=5, dropout_p=p)
     torch.manual_seed(11)
-    keep = HashedDropout(p, HashedDropout.draw_seed(q.device), rows=4).keep(torch.Size((2, 4, 5)))
+    seed = int(torch.randint(0, 2**62, ()))
+    keep = torch.rand((2, 4, 5), generator=torch.Generator().manual_seed(seed), dtype=f64) >= p
     w = simwarp.warp_weights(q, k, a=a)
     torch.testing.assert_close(out, (w * keep / (1 - p)) @ v)
 
@@ -691,39 +691,55 @@ def test_chunked_dropout_forward_matches_its_mask_and_gradcheck():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_dense_and_chunked_dropout_draw_one_mask_whatever_the_blocks(causal):
-    """Keep decisions are a hash of (seed, batch entry, row, key): the dense path and the
-    streaming one at any block width give the same outputs and gradients from one seed."""
+def test_hashed_dropout_is_one_mask_whatever_the_blocks(causal, monkeypatch):
+    """Under torch.compile the chunked path draws its masks as a hash of each weight's position
+    (no generator to trace): every block width gives the dense result with that mask, and the
+    backward replays it. Forced here in eager mode through the seed it draws."""
+    monkeypatch.setattr(chunked, "_draw_seed", chunked._draw_hash_seed)
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 3, n, e, generator=gen, dtype=f64) for n, e in ((9, 4), (11, 4), (11, 5)))
     a = torch.full((3, 1), 0.1, dtype=f64)
-    results = []
-    for impl, chunk_size in (("dense", None), ("chunked", 3), ("chunked", 4), ("chunked", 11)):
+    p = 0.4
+    torch.manual_seed(7)
+    keep = chunked.hashed_keep(chunked._draw_hash_seed(torch.device("cpu")), p, torch.Size((2, 3, 9, 11)), rows=9)
+
+    def reference(q, k, v, a):
+        w = simwarp.warp_weights(q, k, a=a, causal=causal)
+        return (w * keep / (1 - p)) @ v
+
+    for chunk_size in (3, 4, 11):
         leaves = [x.clone().requires_grad_() for x in (q, k, v, a)]
         torch.manual_seed(7)
-        out = simwarp.warp_attend(*leaves[:3], a=leaves[3], causal=causal, impl=impl, chunk_size=chunk_size, dropout_p=0.4)
-        results.append((out, torch.autograd.grad(out.square().sum(), leaves)))
-    (out_ref, grads_ref), *others = results
-    assert not torch.allclose(out_ref, simwarp.warp_attend(q, k, v, a=a, causal=causal))  # it did drop
-    for out, grads in others:
-        torch.testing.assert_close(out, out_ref)
-        for g, g_ref in zip(grads, grads_ref):
+        out = simwarp.warp_attend(*leaves[:3], a=leaves[3], causal=causal, impl="chunked", chunk_size=chunk_size, dropout_p=p)
+        want_leaves = [x.clone().requires_grad_() for x in (q, k, v, a)]
+        want = reference(*want_leaves)
+        torch.testing.assert_close(out, want)
+        for g, g_ref in zip(torch.autograd.grad(out.square().sum(), leaves), torch.autograd.grad(want.square().sum(), want_leaves)):
             torch.testing.assert_close(g, g_ref)
+
+    def fn(q, k, v, a):
+        torch.manual_seed(7)
+        return simwarp.warp_attend(q, k, v, a=a, causal=causal, impl="chunked", chunk_size=4, dropout_p=p)
+
+    assert torch.autograd.gradcheck(fn, [x.clone().requires_grad_() for x in (q[:1, :1], k[:1, :1], v[:1, :1], a[:1])])
 
 
 def test_hashed_dropout_masks_are_uniform_and_independent():
-    drop = HashedDropout(0.25, HashedDropout.draw_seed(torch.device("cpu")), rows=256)
-    keep = drop.keep(torch.Size((4, 256, 512))).double()
+    torch.manual_seed(0)
+    seed = chunked._draw_hash_seed(torch.device("cpu"))
+    keep = chunked.hashed_keep(seed, 0.25, torch.Size((4, 256, 512)), rows=256).double()
     assert abs(keep.mean().item() - 0.75) < 0.005
     # Each batch entry, row and key column keeps its share (binomial sd: 0.12 %, 0.96 %, 1.35 %).
     assert (keep.mean((1, 2)) - 0.75).abs().max() < 0.01
     assert (keep.mean((0, 2)) - 0.75).abs().max() < 0.06 and (keep.mean((0, 1)) - 0.75).abs().max() < 0.08
     flat = keep.reshape(-1, 512) - 0.75  # neighbouring rows and keys are uncorrelated
     assert (flat[:-1] * flat[1:]).mean().abs() < 0.005 and (flat[:, :-1] * flat[:, 1:]).mean().abs() < 0.005
-    block = drop.keep(torch.Size((4, 5, 7)), row0=100, col0=300).double()
+    rows = torch.corrcoef(keep.reshape(-1, 512))  # and so are all pairs of rows (sd 1/sqrt(512))
+    assert rows[~torch.eye(1024, dtype=torch.bool)].abs().max() < 7 / 512**0.5
+    block = chunked.hashed_keep(seed, 0.25, torch.Size((4, 5, 7)), rows=256, row0=100, col0=300).double()
     torch.testing.assert_close(block, keep[:, 100:105, 300:307])
-    other = HashedDropout(0.25, HashedDropout.draw_seed(torch.device("cpu")), rows=256)
-    assert (other.keep(torch.Size((4, 256, 512))).double() != keep).double().mean() > 0.3
+    other = chunked.hashed_keep(chunked._draw_hash_seed(torch.device("cpu")), 0.25, torch.Size((4, 256, 512)), rows=256)
+    assert (other.double() != keep).double().mean() > 0.3
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
@@ -1102,8 +1118,8 @@ def test_range_gradient_goes_to_the_first_key_of_equal_similarity(metric):
             qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
             simwarp.warp_attend(qq, kk, v, metric=metric, impl=impl, temperature=10.0, **kw).sum().backward()
             grads[impl] = (qq.grad, kk.grad)
-        for dense, chunked in zip(grads["dense"], grads["chunked"]):
-            torch.testing.assert_close(chunked, dense, rtol=1e-4, atol=1e-5)
+        for dense, streamed in zip(grads["dense"], grads["chunked"]):
+            torch.testing.assert_close(streamed, dense, rtol=1e-4, atol=1e-5)
     assert hits >= 3  # the data must exercise the tie
 
 

@@ -28,7 +28,6 @@ import torch
 
 from simwarp._autograd import first_order
 from simwarp.backend.common import (
-    HashedDropout,
     WarpSpec,
     broadcast_shape,
     closed_form_logits,
@@ -146,7 +145,7 @@ def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int,
 class _ChunkedWarp(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed, row_range, indices: bool,
+        ctx, q, k, v, a, b, t, mask, spec: WarpSpec, chunk: int, dropout_p: float, seed: int | torch.Tensor, row_range, indices: bool,
         aliases: tuple[int, int],
     ):
         ctx.aliases = aliases
@@ -173,7 +172,7 @@ class _ChunkedWarp(torch.autograd.Function):
         acc = torch.zeros((*batch, n, e), dtype=dtype, device=q.device)
         kept = torch.zeros((*batch, n), dtype=dtype, device=q.device)
         any_valid = torch.zeros((*batch, n), dtype=torch.bool, device=q.device)
-        dropout = HashedDropout(dropout_p, seed, n)
+        dropout = _Dropout(dropout_p, seed, n, q.device)
         for start, stop in _blocks(m, chunk):
             r0 = blocks.first_row(start)
             if r0 >= n:
@@ -212,8 +211,10 @@ class _ChunkedWarp(torch.autograd.Function):
 
         ctx.spec, ctx.chunk, ctx.has_mask, ctx.mask_form = spec, chunk, mask is not None, mask_form
         ctx.dropout_p, ctx.fixed_range = dropout_p, row_range is not None
+        hashed_seed = seed if isinstance(seed, torch.Tensor) else None  # saved: it may be a graph value
+        ctx.int_seed = None if hashed_seed is not None else seed
         optional_mask = () if mask is None else (mask,)
-        ctx.save_for_backward(*qkv_in, a, b, t, *optional_mask, seed, out, lse, inv_denom, lo, hi, argmin, argmax)
+        ctx.save_for_backward(*qkv_in, a, b, t, *optional_mask, hashed_seed, out, lse, inv_denom, lo, hi, argmin, argmax)
         ctx.mark_non_differentiable(kept, lo, hi, empty)
         return out.to(q.dtype), lse, kept, lo, hi, empty
 
@@ -224,7 +225,7 @@ class _ChunkedWarp(torch.autograd.Function):
         q, k, v = _resolve(saved[:3], ctx.aliases)
         a, b, t = saved[3:6]
         mask = saved[6] if ctx.has_mask else None
-        seed, out, lse, inv_denom, lo, hi, argmin, argmax = saved[-8:]
+        hashed_seed, out, lse, inv_denom, lo, hi, argmin, argmax = saved[-8:]
         spec: WarpSpec = ctx.spec
         need_q, need_k, need_v = _resolve(ctx.needs_input_grad[:3], ctx.aliases)
         need_a, need_b, need_t = ctx.needs_input_grad[3:6]
@@ -269,7 +270,7 @@ class _ChunkedWarp(torch.autograd.Function):
         dq = torch.zeros((*q.shape[:-2], n, d), dtype=dtype, device=q.device) if need_q else None
         dk = torch.zeros_like(k, dtype=dtype) if need_k else None
         dv = torch.zeros_like(v, dtype=dtype) if need_v else None
-        dropout = HashedDropout(ctx.dropout_p, seed, n)
+        dropout = _Dropout(ctx.dropout_p, ctx.int_seed if hashed_seed is None else hashed_seed, n, q.device)
         for start, stop in _blocks(m, ctx.chunk):
             r0 = blocks.first_row(start)
             if r0 >= n:
@@ -373,6 +374,88 @@ def _sum_roles(grads: tuple, aliases: tuple[int, int]) -> tuple:
     return tuple(out)
 
 
+_LOW32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective hash of int64 values in ``[0, 2^32)`` onto that range: two multiply-xorshift
+    rounds (constants from Wellons' hash prospector). Both multipliers are below 2^31, so the
+    products of 32-bit values stay inside int64: no overflow, in eager mode or compiled."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _LOW32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _LOW32
+    return x ^ (x >> 15)
+
+
+def _draw_hash_seed(device: torch.device) -> torch.Tensor:
+    """Two 32-bit seeds ``(2,)`` int64 for :func:`hashed_keep`, from torch's generator."""
+    return torch.randint(0, 2**32, (2,), dtype=torch.int64, device=device)
+
+
+def _draw_seed(device: torch.device) -> int | torch.Tensor:
+    """A call's dropout seed from torch's default generator (``torch.manual_seed`` reproduces
+    the masks): an int for the eager generator, a tensor (kept in the graph) under compile."""
+    if torch.compiler.is_compiling():
+        return _draw_hash_seed(device)
+    return int(torch.randint(0, 2**62, ()))
+
+
+def hashed_keep(seed: torch.Tensor, p: float, shape: torch.Size, rows: int, row0: int = 0, col0: int = 0) -> torch.Tensor:
+    """Keep decisions ``(*batch, r, c)`` of the weight block whose first query row is ``row0`` and
+    first key is ``col0``: each a hash of (seed, batch entry, row, key), kept with probability
+    ``1 - p`` rounded to a multiple of 2^-32. Any block of a call draws its part of one mask.
+
+    Args:
+        seed: int64 ``(2,)`` of values in ``[0, 2^32)``.
+        rows: query rows per batch entry (``n``), which number the rows.
+    """
+    *batch, r, c = shape
+    device = seed.device
+    entry = torch.arange(math.prod(batch), device=device).view(*batch, 1, 1)
+    row = torch.arange(row0, row0 + r, device=device).view(r, 1)
+    col = torch.arange(col0, col0 + c, device=device)
+    s0, s1 = seed.unbind()
+    row_key = _mix32(_mix32(((entry * rows + row) & _LOW32) ^ s0) ^ s1)
+    return _mix32(row_key ^ _mix32(col ^ s1)) >= _drop_threshold(p)
+
+
+def _drop_threshold(p: float) -> int:
+    return min(round(p * 2.0**32), 2**32 - 1)  # a weight is dropped where its hash is below
+
+
+class _Dropout:
+    """Inverted dropout on weight blocks whose masks the backward replays without storing them.
+
+    With an int ``seed`` (eager mode) the blocks are drawn in order from a generator seeded
+    once per call, and the backward visits them in the same order. With a tensor ``seed``
+    (under ``torch.compile``, which can neither trace a generator nor read a seed back) each
+    keep decision is :func:`hashed_keep` of the weight's position, which the compiler fuses
+    with the block's other elementwise work; in eager mode that hash costs about three
+    ``torch.rand`` draws, hence the generator there.
+    """
+
+    def __init__(self, p: float, seed: int | torch.Tensor, rows: int, device: torch.device) -> None:
+        self.p, self.rows, self.hash_seed, self.generator = p, rows, None, None
+        if p == 0:
+            return
+        if isinstance(seed, torch.Tensor):
+            self.hash_seed = seed
+            self.scale = 2.0**32 / (2**32 - _drop_threshold(p))  # 1 / P(keep) of the rounded rate
+        else:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+
+    def __call__(self, w: torch.Tensor, row0: int, col0: int) -> torch.Tensor:
+        if self.hash_seed is not None:
+            keep = hashed_keep(self.hash_seed, self.p, w.shape, self.rows, row0, col0)
+            return w * (keep.to(w.dtype) * self.scale)  # a product: a dropped NaN weight stays NaN
+        if self.generator is None:
+            return w
+        keep = torch.rand(w.shape, generator=self.generator, device=w.device, dtype=w.dtype) >= self.p
+        return w * keep / (1.0 - self.p)
+
+
 def _chunk_for(q, k, v, chunk_size: int | None):
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
     rows = q.shape[-2] * math.prod(batch)
@@ -384,7 +467,7 @@ def chunked_warp_attend(
 ):
     """Streaming forward/backward; returns ``(out, lse, kept, lo, hi, empty)``."""
     _, chunk = _chunk_for(q, k, v, chunk_size)
-    seed = HashedDropout.draw_seed(q.device) if dropout_p > 0 else None
+    seed = _draw_seed(q.device) if dropout_p > 0 else 0
     # The argmin/argmax keys only route the range gradient; the indexed reductions are slow on CPU.
     indices = torch.is_grad_enabled() and not spec.detach_range and (q.requires_grad or k.requires_grad)
     aliases = _aliases(q, k, v)

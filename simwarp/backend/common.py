@@ -666,68 +666,6 @@ def check_dropout_p(dropout_p, allow_one: bool = True) -> float:
     return dropout_p
 
 
-_LOW32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective hash of int64 values in ``[0, 2^32)`` onto that range: two multiply-xorshift
-    rounds (constants from Wellons' hash prospector). Both multipliers are below 2^31, so the
-    products of 32-bit values stay inside int64: no overflow, in eager mode or compiled."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _LOW32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _LOW32
-    return x ^ (x >> 15)
-
-
-class HashedDropout:
-    """Inverted dropout on attention weights whose keep decisions are a hash of (seed, batch
-    entry, query row, key column), as the fused kernels' Philox draws are counted by position.
-
-    Any block of a call's weights draws its part of one mask, in any order and any block
-    shape: the streaming backward replays the forward's masks without storing them, the dense
-    and streaming paths draw the same mask from the same seed, and ``torch.compile`` traces
-    it (no generator object, no value read back). ``p`` is rounded to a multiple of 2^-32 and
-    survivors are scaled by the inverse of that keep rate, so the expected output is exact.
-
-    Args:
-        p: drop probability in ``[0, 1)``; 0 makes the call a no-op.
-        seed: int64 tensor ``(2,)`` of values in ``[0, 2^32)`` (:meth:`draw_seed`).
-        rows: number of query rows per batch entry (``n``), which numbers the rows.
-    """
-
-    def __init__(self, p: float, seed: torch.Tensor | None, rows: int) -> None:
-        self.p, self.seed, self.rows = p, seed, rows
-        self.threshold = min(round(p * 2.0**32), 2**32 - 1)  # drop when hash < threshold
-        self.scale = 2.0**32 / (2**32 - self.threshold)
-
-    @staticmethod
-    def draw_seed(device: torch.device) -> torch.Tensor:
-        """A fresh seed from torch's generator on ``device`` (``torch.manual_seed`` reproduces
-        it; under ``torch.compile`` the compiler's generator draws it)."""
-        return torch.randint(0, 2**32, (2,), dtype=torch.int64, device=device)
-
-    def keep(self, shape: torch.Size, row0: int = 0, col0: int = 0) -> torch.Tensor:
-        """Boolean keep mask ``(*batch, rows, cols)`` of the block whose first query row is
-        ``row0`` and first key is ``col0``."""
-        *batch, rows, cols = shape
-        device = self.seed.device
-        entry = torch.arange(math.prod(batch), device=device).view(*batch, 1, 1)
-        row = torch.arange(row0, row0 + rows, device=device).view(rows, 1)
-        col = torch.arange(col0, col0 + cols, device=device)
-        s0, s1 = self.seed.unbind()
-        row_key = _mix32(_mix32(((entry * self.rows + row) & _LOW32) ^ s0) ^ s1)
-        col_key = _mix32(col ^ s1)
-        return _mix32(row_key ^ col_key) >= self.threshold
-
-    def __call__(self, w: torch.Tensor, row0: int = 0, col0: int = 0) -> torch.Tensor:
-        """``w`` with dropped weights zeroed and survivors scaled (``w`` itself when ``p = 0``)."""
-        if self.p == 0:
-            return w
-        # A product, not a select: a NaN weight stays NaN when it is dropped.
-        return w * (self.keep(w.shape, row0, col0).to(w.dtype) * self.scale)
-
-
 def check_chunk_size(chunk_size) -> None:
     """``chunk_size``: a positive int or ``None`` (``ValueError`` otherwise)."""
     if chunk_size is not None and not is_int(chunk_size, 1):

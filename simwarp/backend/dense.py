@@ -19,7 +19,6 @@ import torch
 
 from simwarp._autograd import exporting, first_order
 from simwarp.backend.common import (
-    HashedDropout,
     WarpSpec,
     WarpStats,
     broadcast_shape,
@@ -261,7 +260,7 @@ def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop
 
 
 def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_stats: bool, columns=None):
-    """Run ``per_block(w, first_row) -> tensor (..., rows, ·)`` over row blocks; concatenate."""
+    """Run ``per_block(w) -> tensor (..., rows, ·)`` over row blocks; concatenate."""
     dtype = work_dtype(q.dtype)
     qw, kw = q.to(dtype), k.to(dtype)
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], *(() if v is None else (v.shape[:-2],)))
@@ -273,7 +272,7 @@ def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_
         if s.shape[:-2] != batch:  # leading dims that only v carries (rare: a copy, as
             s = s.expand(*batch, *s.shape[-2:]).contiguous()  # leave-one-out writes s in place)
         w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, with_stats, columns)
-        parts.append(per_block(w, start))
+        parts.append(per_block(w))
         stats.append(st)
     if len(parts) == 1:
         return parts[0], stats[0]
@@ -286,7 +285,7 @@ def dense_weights(
     """Weights ``(..., n, m)`` (softmax of the logits over valid keys; all 0 on a row with no
     valid key) and the rows' :class:`WarpStats` (``lse`` and ``kept`` only with ``with_stats``).
     With ``columns`` (``(..., n, c)`` key indices): the weights at those keys, ``(..., n, c)``."""
-    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w, _: w, with_stats, columns)
+    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w: w, with_stats, columns)
 
 
 def dense_warp_attend(
@@ -295,10 +294,10 @@ def dense_warp_attend(
     """Output ``(..., n, e)`` and :class:`WarpStats` (dropout acts on the weights, not the stats;
     ``lse`` and ``kept`` only with ``with_stats``)."""
 
-    dropout = HashedDropout(dropout_p, HashedDropout.draw_seed(q.device) if dropout_p > 0 else None, q.shape[-2])
-
-    def attend(w, first_row):
-        return dropout(w, first_row) @ v.to(w.dtype)
+    def attend(w):
+        if dropout_p > 0:
+            w = torch.nn.functional.dropout(w, dropout_p)
+        return w @ v.to(w.dtype)
 
     out, stats = _blocked(q, k, v, a, b, t, mask, spec, row_range, attend, with_stats)
     return out.to(q.dtype), stats
