@@ -76,6 +76,7 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, out_dir: str) -> N
     dist.all_gather_object(recs, rec)
     if rank == 0:
         torch.save({"records": recs, "out": out}, os.path.join(out_dir, f"world{world}.pt"))
+    dist.barrier()  # no rank tears down while another still talks to it (gloo aborted now and then)
     dist.destroy_process_group()
 
 

@@ -280,6 +280,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         res = _run_rank(rank, world)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears down while another still talks to it (gloo aborted now and then)
     finally:
         dist.destroy_process_group()
 

