@@ -42,14 +42,14 @@ def _autocast_enabled(device_type: str) -> bool:
 
 def autocast_like_sdpa(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``tensors`` as autocast hands them to SDPA, which is on its lower-precision list: where
-    autocast is on for their device, float32 tensors become its dtype (others stay as they are).
+    autocast is on for their device, floating-point tensors other than float64 become its dtype.
     Under mixed precision a rotary embedding (float32 ``cos``/``sin``) returns float32 ``q``,
     ``k`` beside a half-precision ``v``; SDPA gets all three in half precision."""
     device = tensors[0].device.type
     if not _autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
-    return tuple(x.to(dtype) if x.dtype == torch.float32 else x for x in tensors)
+    return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in tensors)
 
 
 def outside_autocast(fn: Callable) -> Callable:

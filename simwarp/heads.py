@@ -932,10 +932,10 @@ class KNNRegressionHead(_BankMixin):
 
     _WIDE_BUFFERS = ("bank_y",)
     _check_label_shape = NeighborRegressionHead._check_label_shape
+    _check_labels = NeighborRegressionHead._check_labels
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, metric={self.metric!r}, bank={self.bank_size}"
-    _check_labels = NeighborRegressionHead._check_labels
 
     def _topk_mean(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> torch.Tensor:
         m = keys.shape[0] - (1 if loo else 0)
@@ -983,6 +983,8 @@ class LinearHead(nn.Linear):
             raise ValueError(f"y must have {z.shape[0]} rows like z (shape {_shape(z)}), got shape {_shape(y)}")
         if isinstance(y, torch.Tensor) and y.dim() == z.dim() and y.shape[-1] != self.out_features:
             raise ValueError(f"y has {y.shape[-1]} targets but the head has out_features={self.out_features} (shape {_shape(y)})")
+        if isinstance(y, torch.Tensor) and y.dim() == z.dim() - 1 and self.out_features != 1:
+            raise ValueError(f"y of shape {_shape(y)} holds one target per row; the head has out_features={self.out_features}")
         out = super().forward(z)
         if isinstance(y, torch.Tensor) and y.dim() == out.dim() - 1 and self.out_features == 1:
             out = out.squeeze(-1)

@@ -219,6 +219,14 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))), float("-inf"))
 
 
+def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last dim with ``-inf`` (and a zero gradient, never NaN) on rows
+    that are all ``-inf``."""
+    top = x.amax(-1, keepdim=True).detach()
+    top = top.masked_fill(top == -math.inf, 0.0)
+    return _safe_log(torch.exp(x - top).sum(-1)) + top.squeeze(-1)
+
+
 def _resolved_mass(mass: torch.Tensor, keys: int) -> torch.Tensor:
     """``mass`` with values of at most ``keys · tiny`` set to 0 (and no gradient there), in the
     compute dtype (float32 for half-precision masses).
@@ -700,6 +708,7 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
                 x, r, q_cls, r_cls, n_cls, exclude_self=same, params=params, step=step, warp=warp,
                 self_offset=offset,
             )
+            neg_lse = lse + _safe_log(_resolved_mass(other, m))  # log Σ_n m_in e^{s_in/τ} per anchor; -inf without negatives
         else:
             a1, p, a2, neg = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
             if all(len(i) <= 1 for i in (a1, p, a2, neg)) or len(a1) == 0 or len(a2) == 0:
@@ -707,12 +716,12 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             neg_count = torch.zeros((n, m), dtype=x.dtype, device=x.device)
             neg_count.index_put_((a2, neg), torch.ones_like(a2, dtype=x.dtype), accumulate=True)
             a, b, t = params
-            # Weights over the whole row (its range and normaliser); lse + log Σ_n w_in gives
-            # log Σ_n m_in e^{s_in/τ} over the mined negatives alone.
-            w, stats = warp_weights(x, r, step=step, a=a, b=b, t=t, exclude_self=same, return_stats=True, **warp)
-            other = (w * neg_count.to(w.dtype)).sum(1)
-            lse = stats.lse
-        neg_lse = lse + _safe_log(_resolved_mass(other, m))  # log Σ_n m_in e^{s_in/τ} per anchor; -inf without negatives
+            # Log-weights over the whole row (its range and normaliser), in log space: mined
+            # negatives far below the row's best key must not underflow to a zero mass.
+            # lse + log Σ_n count_in w_in = log Σ_n count_in m_in e^{s_in/τ}.
+            log_w, stats = warp_weights(x, r, step=step, a=a, b=b, t=t, exclude_self=same, return_stats=True, log=True, **warp)
+            counted = torch.where(neg_count > 0, log_w + torch.log(neg_count.to(log_w.dtype)), -math.inf)
+            neg_lse = stats.lse + _safe_logsumexp(counted)
         pos = paired_similarity(x[a1], r[p], self.metric, 1.0) / self.temperature
         losses = F.softplus(neg_lse[a1].to(pos.dtype) - pos)
         return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}

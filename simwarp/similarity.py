@@ -83,6 +83,13 @@ def _plus_transpose(g: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(g).copy_(g.T).add_(g)
 
 
+def _owned(out: torch.Tensor) -> torch.Tensor:
+    """A custom Function's output as a tensor of its own: matmul returns a view for a broadcast
+    query row against batched keys, and autograd forbids in-place writes to a view made inside
+    a custom Function, which callers make to the scores (leave-one-out's diagonal)."""
+    return out.clone() if out._base is not None else out
+
+
 class _Gram(torch.autograd.Function):
     # q kᵀ, or q qᵀ when k is None (all pairs of one batch: passed once, as torch.compile cannot
     # trace a tensor given twice); backward ∂q = g k, ∂k = gᵀ q, or ∂q = (g + gᵀ) q for q qᵀ.
@@ -91,7 +98,7 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
         ctx.save_for_backward(q, k)
-        return q @ (q if k is None else k).transpose(-1, -2)
+        return _owned(q @ (q if k is None else k).transpose(-1, -2))
 
     @staticmethod
     def backward(ctx, g):
@@ -129,7 +136,7 @@ class _ScaledSquaredDistance(torch.autograd.Function):
         k = q if k is None else k
         qq, kk = squared_norms(q).unsqueeze(-1).mul_(c), squared_norms(k).mul_(c)
         out = _norms_plus_gram(q, k, kk, alpha=-2.0 * c, beta=1.0).add_(qq)
-        return out.clamp_min_(0.0) if c > 0 else out.clamp_max_(0.0)
+        return _owned(out.clamp_min_(0.0) if c > 0 else out.clamp_max_(0.0))
 
     @staticmethod
     @first_order

@@ -159,6 +159,8 @@ def test_autocast_casts_float32_inputs_as_it_does_for_sdpa():
         got = simwarp.softstep_attention(q, k, v, step="none")
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float16 is cast too (all but float64)
+        assert simwarp.softstep_attention(q.half(), k, v, step="none").dtype == torch.bfloat16
     q64 = q.double()  # autocast leaves float64 alone: a mismatch stays an error naming the dtypes
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="must share a dtype"):
         simwarp.softstep_attention(q64, k, v)

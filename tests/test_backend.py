@@ -316,6 +316,46 @@ def test_rows_with_a_range_too_small_to_divide_by_are_flat(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("step", ["sigmoidal", "log", "poly"])
+def test_a_range_that_overflows_is_still_normalised(impl, step):
+    """Similarities of ±1.8e38 overflow hi − lo in float32: 1/(hi − lo) was 0, so sigmoidal's
+    (s − hi) · 0 = −inf · 0 gave a NaN row and the other steps dropped every key. The factor is
+    now (1/2)/(hi/2 − lo/2): u = 0, 1 and 1/2 as in any row."""
+    q = torch.ones(1, 1)
+    k = torch.tensor([[1.8e38], [-1.8e38], [1.0]])
+    for kk in (k, k.double()):
+        out = simwarp.warp_attend(q.to(kk.dtype), kk, torch.eye(3, dtype=kk.dtype), scale=1.0, step=step, impl=impl,
+                                  chunk_size=2, a=0.3, b=0.7)
+        torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 0.0]], dtype=kk.dtype))  # the best key takes it all
+    u = simwarp.backend.common.normalized_range(k.T, k.min().view(1, 1), k.max().view(1, 1))
+    torch.testing.assert_close(u, torch.tensor([[1.0, 0.0, 0.5]]))
+
+
+@pytest.mark.parametrize("step", ["sigmoidal", "none"])
+def test_a_nan_query_row_has_a_nan_lse_on_both_paths(step):
+    """The chunked path reported lse = -inf, the mark of a row without a valid key, for a NaN row."""
+    q, k, v = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 2)
+    q[1, 0] = math.nan
+    for impl in ("dense", "chunked"):
+        out, stats = simwarp.warp_attend(q, k, v, step=step, impl=impl, return_stats=True)
+        assert out[1].isnan().all() and stats.lse[1].isnan() and torch.isfinite(stats.lse[0]), impl
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean", "dot", "l2"])
+def test_one_broadcast_query_row_against_batched_keys_with_leave_one_out(metric):
+    """q (1, d) against k (2, m, d): matmul returned a view, and the dense path's in-place write
+    of the leave-one-out diagonal raised autograd's "Output 0 of _Gram is a view" error."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, generator=gen, dtype=f64, requires_grad=True)
+    k, v = torch.randn(2, 9, 4, generator=gen, dtype=f64), torch.randn(9, 2, generator=gen, dtype=f64)
+    outs = [simwarp.warp_attend(q, k, v, metric=metric, exclude_self=True, impl=impl) for impl in ("dense", "chunked")]
+    grads = [torch.autograd.grad(out.sum(), q)[0] for out in outs]
+    assert outs[0].shape == (2, 1, 2)
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, f64])
 def test_cosine_zero_rows_have_zero_gradient(impl, dtype):
     """A zero (padding, dead-ReLU) embedding has no direction: its cosine is 0 with gradient 0
@@ -740,6 +780,24 @@ def test_hashed_dropout_masks_are_uniform_and_independent():
     torch.testing.assert_close(block, keep[:, 100:105, 300:307])
     other = chunked.hashed_keep(chunked._draw_hash_seed(torch.device("cpu")), 0.25, torch.Size((4, 256, 512)), rows=256)
     assert (other.double() != keep).double().mean() > 0.3
+
+
+def test_log_weights_are_the_log_of_the_weights_and_stay_resolved():
+    g = torch.Generator().manual_seed(0)
+    for step in ("sigmoidal", "log", "poly", "none"):
+        q, k = torch.randn(2, 5, 4, generator=g, dtype=f64), torch.randn(2, 7, 4, generator=g, dtype=f64)
+        mask = torch.rand(2, 5, 7, generator=g) > 0.3
+        mask[0, 1] = False  # a row without a valid key: all -inf
+        kw = dict(step=step, mask=mask, a=0.2, b=0.8)
+        log_w = simwarp.warp_weights(q, k, log=True, **kw)
+        torch.testing.assert_close(log_w.exp(), simwarp.warp_weights(q, k, **kw))
+        assert (log_w[0, 1] == -math.inf).all()
+        assert torch.autograd.gradcheck(
+            lambda q, k=k, kw=kw: simwarp.warp_weights(q, k, log=True, **kw).clamp_min(-1e3), (q.requires_grad_(),)
+        )
+    far = simwarp.warp_weights(torch.ones(1, 1), torch.tensor([[10.0], [0.0], [5.0]]), scale=1.0, temperature=0.01,
+                               step="none", log=True)
+    torch.testing.assert_close(far, torch.tensor([[0.0, -1000.0, -500.0]]))  # the weights underflow to 0 there
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])

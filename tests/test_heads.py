@@ -656,6 +656,8 @@ def test_linear_head_is_interchangeable_with_the_neighbour_heads():
         with pytest.raises(ValueError, match="y has 3 targets but the head has out_features=1"):
             head(z, torch.randn(6, 3))
     assert LinearHead(4, 2)(z, torch.randn(6, 2)).shape == (6, 2)
+    with pytest.raises(ValueError, match="one target per row; the head has out_features=6"):
+        LinearHead(4, 6)(z, torch.randn(6))  # (6, 6) predictions against (6,) targets: mse_loss broadcast
     assert LinearHead(4, 1).has_bank is False and LinearHead(4, 1).bank_size == 0
     assert repr(KNNRegressionHead(4, k=3)) == "KNNRegressionHead(in_features=4, out_features=1, k=3, metric='l2', bank=0)"
 

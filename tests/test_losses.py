@@ -341,7 +341,26 @@ def test_contrastive_mined_pairs_are_warped_on_the_whole_rows_range(miner):
     gb = torch.autograd.grad(lb, [xb, loss.softstep.raw])
     for g1, g2 in zip(ga, gb):
         torch.testing.assert_close(g1, g2, atol=1e-10, rtol=1e-10)
-    assert la > 0 and ga[1].abs().min() > 0  # a training signal, for the step too
+    assert la > 0  # a training signal, for the step too (BatchHard's negatives often sit at u = 1)
+    assert miner == "BatchHardMiner" or ga[1].abs().min() > 0
+
+
+def test_contrastive_mined_pairs_far_below_the_rows_best_key_do_not_underflow():
+    """The whole row's weights of mined negatives 87·τ below its best key underflow in float32:
+    their mass became 0 and the loss and gradient 0. They are now summed in log space
+    (warp_weights(log=True)); step="none" equals PML's NTXentLoss there too."""
+    angles = torch.tensor([0.0, 1.0, 120.0, 125.0]) * math.pi / 180
+    x = torch.stack([angles.cos(), angles.sin()], 1)
+    y = torch.tensor([0, 0, 0, 1])
+    pairs = (torch.tensor([0, 1]), torch.tensor([2, 2]), torch.tensor([0, 1]), torch.tensor([3, 3]))
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = SoftStepContrastiveLoss(0.01, step="none")(ours, y, pairs)
+    want = pml_losses.NTXentLoss(0.01)(theirs, y, pairs)
+    got.backward()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-4) and got.item() > 1e-4
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-3, atol=1e-5)  # float32: PML rounds too
+
 
 
 @pytest.mark.parametrize("cls", [SoftStepNCALoss, SoftStepContrastiveLoss, SoftStepNeighborRegressionLoss])

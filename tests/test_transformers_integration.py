@@ -196,6 +196,7 @@ def test_attaching_other_options_needs_overwrite_and_checkpoints_stay_loadable(t
         from_pretrained(tmp_path, mode="per_head")
     with pytest.raises(ValueError, match="loads with attn_implementation='softstep', got 'sdpa'"):
         from_pretrained(tmp_path, attn_implementation="sdpa")  # was transformers' "multiple values" TypeError
+    assert from_pretrained(tmp_path, attn_implementation="softstep").config.softstep["mode"] == "global"
 
 
 def test_learned_score_biases_and_sinks_are_refused():

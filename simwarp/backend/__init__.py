@@ -341,6 +341,7 @@ def warp_weights(
     return_stats: bool = False,
     row_range: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
     columns: torch.Tensor | None = None,
+    log: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
     """The dense ``(..., n, m)`` weight matrix of :func:`warp_attend`, for analysis.
 
@@ -353,8 +354,15 @@ def warp_weights(
     return only the weights at those keys, ``w.gather(-1, columns)`` of shape ``(..., n, c)``.
     The gradient then never forms a dense ``(..., n, m)`` gradient of the weights, which makes
     "weight mass on a few chosen neighbours" objectives (NCA) cheaper than gathering from ``w``.
+
+    ``log``: return the log-weights ``log w_ij = ℓ_ij − lse_i`` instead (``-inf`` where the
+    weight is exactly 0: dropped by the step, masked, or every key of a row without a valid
+    one), computed from the logits as ``torch.log_softmax`` is, so a weight far below the row's
+    largest stays resolved where ``w`` underflows to 0 (at about ``87 · temperature`` below it
+    in float32).
     """
     del impl, chunk_size
+    log = as_flag("log", log)
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
     batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
@@ -365,9 +373,9 @@ def warp_weights(
     _check_columns(columns, batch, n, m)
     if n == 0 or m == 0 or math.prod(batch) == 0:
         width = m if columns is None else columns.shape[-1]
-        w = _zeros_linked_to(q.new_zeros((*batch, n, width), dtype=dtype), q, k, a, b, t)
+        w = _zeros_linked_to(q.new_full((*batch, n, width), -math.inf if log else 0.0, dtype=dtype), q, k, a, b, t)
         return (w, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else w
-    w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range, with_stats=return_stats, columns=columns)
+    w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range, with_stats=return_stats, columns=columns, log=log)
     return (w, stats) if return_stats else w
 
 

@@ -226,10 +226,13 @@ def unit_affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch
     A row is flat when ``hi - lo`` is below the dtype's smallest normal number ``tiny``: all
     similarities equal, or a subnormal range, whose reciprocal overflows. (Any larger range
     divides safely: ``1 / r <= 1 / tiny``, and ``|lo| / r <= 2^24`` as ``r`` is at least one
-    unit in the last place of ``lo``.)"""
+    unit in the last place of ``lo``.) A range that overflows (similarities beyond about half the
+    dtype's maximum) is inverted as ``(1/2) / (hi/2 - lo/2)``, so that such a row is normalised
+    like any other."""
     r = hi - lo
     flat = r < torch.finfo(r.dtype).tiny
     inv = torch.where(flat, 0.0, 1.0 / r.masked_fill(flat, 1.0))  # per row: cheap
+    inv = torch.where(r == math.inf, 0.5 / (hi * 0.5 - lo * 0.5), inv)
     return inv, flat.to(lo.dtype) - lo * inv
 
 

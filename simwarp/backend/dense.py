@@ -225,15 +225,17 @@ def _rows(x, start: int, stop: int, dim: int):
     return x.narrow(dim, start, stop - start)
 
 
-def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop: int, with_stats: bool, columns=None):
+def _block_weights(
+    s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop: int, with_stats: bool, columns=None, log: bool = False
+):
     """Weights and stats of query rows ``start:stop``, from their similarities ``s``; without
     ``with_stats`` the stats' ``lse`` and ``kept`` may be NaN (not computed). With ``columns``
-    the weights are read at those keys only."""
+    the weights are read at those keys only; with ``log``, log-weights ``logits - lse``."""
     a, b, t = (_rows(p, start, stop, -2) for p in (a, b, t))
     mask = _rows(mask, start, stop, -2)
     columns = _rows(columns, start, stop, -2)
     row_range = None if row_range is None else tuple(_rows(x, start, stop, -1) for x in row_range)
-    if spec.step.warps and known_maximum(spec, row_range):  # the mask form
+    if spec.step.warps and known_maximum(spec, row_range) and not log:  # the mask form
         rows = _row_setup(s, mask, spec, row_range, start)
         w, lse, kept = _masked_softmax(s, a, b, t, rows, spec, count_kept=with_stats, columns=columns)
         return w, WarpStats(lse=lse, kept=kept, lo=rows.lo, hi=rows.hi, empty=rows.empty)
@@ -243,6 +245,7 @@ def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop
     # torch.compile, which would break the graph on the read-back).
     fused = (
         not with_stats
+        and not log
         and logits.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and known_maximum(spec, row_range)
@@ -254,12 +257,14 @@ def _block_weights(s, a, b, t, mask, spec: WarpSpec, row_range, start: int, stop
         w = torch.softmax(logits, -1)
         lse = torch.full(logits.shape[:-1], math.nan, dtype=w.dtype, device=w.device)
     kept = (logits > -math.inf).sum(-1).to(w.dtype) if with_stats else torch.full_like(lse, math.nan)
+    if log:  # a row without a valid key: all -inf, as its logits
+        w = logits - lse.masked_fill(lse == -math.inf, 0.0).unsqueeze(-1)
     if columns is not None:
         w = w.gather(-1, columns.expand(*w.shape[:-1], columns.shape[-1]))
     return w, WarpStats(lse=lse, kept=kept, lo=lo.detach(), hi=hi.detach(), empty=empty)
 
 
-def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_stats: bool, columns=None):
+def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_stats: bool, columns=None, log=False):
     """Run ``per_block(w) -> tensor (..., rows, ·)`` over row blocks; concatenate."""
     dtype = work_dtype(q.dtype)
     qw, kw = q.to(dtype), k.to(dtype)
@@ -271,7 +276,7 @@ def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_
         s = pairwise_similarity(_rows(qw, start, stop, -2), kw, spec.metric, spec.scale)
         if s.shape[:-2] != batch:  # leading dims that only v carries (rare: a copy, as
             s = s.expand(*batch, *s.shape[-2:]).contiguous()  # leave-one-out writes s in place)
-        w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, with_stats, columns)
+        w, st = _block_weights(s, a, b, t, mask, spec, row_range, start, stop, with_stats, columns, log)
         parts.append(per_block(w))
         stats.append(st)
     if len(parts) == 1:
@@ -280,12 +285,13 @@ def _blocked(q, k, v, a, b, t, mask, spec: WarpSpec, row_range, per_block, with_
 
 
 def dense_weights(
-    q, k, a, b, t, mask, spec: WarpSpec, row_range=None, with_stats: bool = True, columns=None
+    q, k, a, b, t, mask, spec: WarpSpec, row_range=None, with_stats: bool = True, columns=None, log: bool = False
 ) -> tuple[torch.Tensor, WarpStats]:
     """Weights ``(..., n, m)`` (softmax of the logits over valid keys; all 0 on a row with no
     valid key) and the rows' :class:`WarpStats` (``lse`` and ``kept`` only with ``with_stats``).
-    With ``columns`` (``(..., n, c)`` key indices): the weights at those keys, ``(..., n, c)``."""
-    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w: w, with_stats, columns)
+    With ``columns`` (``(..., n, c)`` key indices): the weights at those keys, ``(..., n, c)``.
+    With ``log``: log-weights ``logits - lse`` (``-inf`` where the weight is 0)."""
+    return _blocked(q, k, None, a, b, t, mask, spec, row_range, lambda w: w, with_stats, columns, log)
 
 
 def dense_warp_attend(

@@ -403,11 +403,12 @@ def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: A
     _require_transformers()
     if auto_class is None:
         from transformers import AutoModel as auto_class
-    if "attn_implementation" in kwargs:
+    if kwargs.get("attn_implementation", ATTN_NAME) != ATTN_NAME:
         raise ValueError(
             f"from_pretrained loads with attn_implementation={ATTN_NAME!r}, got "
             f"{kwargs['attn_implementation']!r}; for another attention load with transformers' own from_pretrained"
         )
+    kwargs.pop("attn_implementation", None)
     register()
     attach = {k: kwargs.pop(k) for k in list(kwargs) if k in _DEFAULT_ATTACH}
     model = auto_class.from_pretrained(path, attn_implementation=ATTN_NAME, **kwargs)
