@@ -766,6 +766,7 @@ class NeighborRegressionHead(_WarpHeadBase):
             ``mean (N, E)`` and ``var (N, E)`` in the targets' units:
             ``var = Σ_j w_ij (y_j − mean_i)²`` with the head's SoftStep weights.
         """
+        _check_z(z, self.in_features)
         e = self.out_features
         # centred on the targets' mean (the bank's, on every rank alike when it is sharded), so
         # that E[y²] − E[y]² does not cancel when |mean| >> std; 0 once standardised

@@ -541,7 +541,10 @@ class SoftStep(nn.Module):
                 warnings.warn(f"SoftStep(mode={mode!r}) ignores {name} (it shapes mode={needed!r})", UserWarning, stacklevel=2)
         in_features, num_heads, hidden = (None if x is None else int(x) for x in (in_features, num_heads, hidden))
         get_step(step)
-        init = (DEFAULT_A, DEFAULT_B, DEFAULT_T) if init is None else tuple(float(x) for x in init)
+        try:
+            init = (DEFAULT_A, DEFAULT_B, DEFAULT_T) if init is None else tuple(float(x) for x in init)
+        except (TypeError, ValueError):
+            raise TypeError(f"init must be three floats (a, b, t) or None, got {init!r}") from None
         if len(init) != 3:
             raise ValueError(f"init must be (a, b, t), got {init!r}")
         raw0 = raw_from_params(*init)

@@ -1239,3 +1239,8 @@ def test_sigmoidal_at_b_one_has_no_partials_at_the_best_key(impl, t):
         grads[name] = [x.grad.double() for x in (*leaves, b)]
     for got, want in zip(grads["got"], grads["want"]):
         assert (got - want).abs().max() <= 2e-5 * max(1.0, float(want.abs().max()))
+
+
+def test_leave_one_out_with_more_queries_than_keys_says_the_rule():
+    with pytest.raises(ValueError, match=r"exclude_self=True needs n <= m .* got q \(5, 3\) and k \(4, 3\)"):
+        simwarp.warp_attend(torch.randn(5, 3), torch.randn(4, 3), torch.randn(4, 2), exclude_self=True)

@@ -960,3 +960,10 @@ def test_classification_bank_with_many_classes_is_weighed_block_by_block(monkeyp
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b)
     assert s1 == pytest.approx(s2)
+
+
+def test_predict_with_uncertainty_checks_z_as_forward_does():
+    head = NeighborRegressionHead(4).eval()
+    head.set_bank(torch.randn(10, 4), torch.randn(10))
+    with pytest.raises(TypeError, match="z must be a torch.Tensor, got ndarray"):
+        head.predict_with_uncertainty(torch.zeros(2, 4).numpy())

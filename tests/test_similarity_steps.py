@@ -423,3 +423,8 @@ def test_squared_norms_in_slices_are_the_same_bits(monkeypatch):
     monkeypatch.setattr(similarity, "_NORM_SLICE_ELEMENTS", 80)
     assert torch.equal(similarity.squared_norms(x), x.pow(2).sum(-1))
     assert similarity.squared_norms(torch.randn(0, 3)).shape == (0,)
+
+
+def test_softstep_init_that_is_not_three_numbers_names_init():
+    with pytest.raises(TypeError, match=r"init must be three floats \(a, b, t\) or None, got 'abc'"):
+        simwarp.SoftStep(init="abc")

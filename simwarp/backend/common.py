@@ -514,7 +514,9 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
                 f"exclude_self with self_offset={self_offset} needs n + self_offset <= m (every query's own key "
                 f"among the keys), got q {_shape(q)} and k {_shape(k)}"
             )
-        raise ValueError(f"exclude_self=True needs as many queries as keys, got q {_shape(q)} and k {_shape(k)}")
+        raise ValueError(
+            f"exclude_self=True needs n <= m (query i's own key is key i), got q {_shape(q)} and k {_shape(k)}"
+        )
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool tensor or None, got {type(mask).__name__}")
