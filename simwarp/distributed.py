@@ -468,13 +468,13 @@ def _merge_over_ranks(lse: torch.Tensor, parts: list[torch.Tensor], group):
     packed = torch.cat([factor.unsqueeze(-1), *(x * factor.unsqueeze(-1) for x in parts)], dim=1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     denom = packed[:, 0]
-    nonempty = denom > 0
-    safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    kept_none = denom == 0  # a NaN row (a NaN among its scores) stays NaN, as in one process
+    safe = torch.where(kept_none, torch.ones_like(denom), denom)
     merged, widths, col = [], [x.shape[1] for x in parts], 1
     for width in widths:
-        merged.append(torch.where(nonempty.unsqueeze(-1), packed[:, col : col + width] / safe.unsqueeze(-1), 0.0))
+        merged.append(torch.where(kept_none.unsqueeze(-1), 0.0, packed[:, col : col + width] / safe.unsqueeze(-1)))
         col += width
-    return torch.where(nonempty, shift + torch.log(safe), -math.inf), merged
+    return torch.where(kept_none, -math.inf, shift + torch.log(safe)), merged
 
 
 def _global_softmax(p: _Prepared, kw: torch.Tensor, vw: torch.Tensor | None, lo, hi, group):

@@ -209,6 +209,10 @@ class _BankMixin(nn.Module):
         self.bank_z = z.detach().clone()
         self.bank_y = y.detach().clone()
         self._bank_union = None
+        enabled, group = resolve_group(getattr(self, "gather", False))
+        if enabled and self._bank_union_size(group, z.device) == 0:  # a collective: every rank raises
+            self.clear_bank()
+            raise ValueError("set_bank got no entry on any rank (every shard of the bank is empty)")
         self._on_bank_set()
 
     def _on_bank_set(self) -> None:
@@ -693,8 +697,9 @@ class NeighborRegressionHead(_WarpHeadBase):
         m2 = torch.where(torch.isfinite(m2), m2, na * self.target_std.to(exact) ** 2)
         n = na + nb
         delta = mb - mean
-        mean = mean + delta * (nb / n)
-        m2 = m2 + m2b + delta**2 * (na * nb / n)
+        n_safe = n.clamp_min(1)  # no rows anywhere (nb = 0 then): the statistics stay as they are
+        mean = mean + delta * (nb / n_safe)
+        m2 = m2 + m2b + delta**2 * (na * nb / n_safe)
         self.target_mean.copy_(mean)
         self._target_m2.copy_(m2)
         self.targets_seen += nb

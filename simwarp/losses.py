@@ -42,7 +42,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from simwarp._autograd import require
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
 from simwarp.backend.common import as_flag, as_real, check_backend_options
-from simwarp.distributed import gather_rows, resolve_group
+from simwarp.distributed import gather_rows, global_size, resolve_group
 from simwarp.similarity import paired_similarity
 from simwarp.steps import SoftStep
 
@@ -699,9 +699,10 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             exclude_self = ref_labels is labels or same
             a1, p, count = _positive_pairs(labels, ref_labels, exclude_self, offset)
             num_neg = int((m - count).sum())
-            if len(a1) <= 1 and num_neg <= 1:
-                return self._zero_losses(x, r)
-            if len(a1) == 0 or num_neg == 0:
+            enabled, group = resolve_group(getattr(self, "gather", False))
+            # PML's rule for a batch with at most one pair of each kind, on the global batch
+            pairs, negatives = (global_size(c, group, x.device) for c in (len(a1), num_neg)) if enabled else (len(a1), num_neg)
+            if (pairs <= 1 and negatives <= 1) or len(a1) == 0 or num_neg == 0:
                 return self._zero_losses(x, r)
             q_cls, r_cls, n_cls = _class_indices(labels, ref_labels)
             _, other, lse = _class_masses(

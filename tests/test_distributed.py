@@ -28,6 +28,8 @@ HEAD_SHARD = {2: [9, 14], 4: [6, 0, 11, 7]}  # uneven head bank shards, one empt
 HEAD_BATCH = {2: [1, 6], 4: [3, 1, 0, 4]}  # heads' training batches: ranks with 1 and 0 rows
 N_QUERY = 6
 TOP = 4
+FEW_Z = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0.1, 0, 0]], dtype=torch.float64)
+FEW_Y = torch.tensor([0, 0, 1])
 ATOL = 1e-10
 
 
@@ -268,6 +270,25 @@ def _run_rank(rank: int, world: int) -> dict:
     shard = [] if rank == 1 else [(data["bank_z"][ks], data["bank_y"][ks])]
     head.fit_bank(None, shard, progress=False)
     res["empty_shard_bank"] = head.bank_size
+    # a NaN query against a sharded bank: a NaN row, as in one process (it raised about row_range)
+    head = NeighborRegressionHead(D, E, mode="global", gather=True).double().eval()  # global: no per-query a to refuse NaN
+    head.set_bank(data["bank_z"][ks], data["bank_y"][ks])
+    nan_q = data["q"].clone()
+    nan_q[1, 0] = float("nan")
+    with torch.no_grad():
+        res["nan_query_bank"] = head(nan_q)
+    try:  # every shard empty: the same ValueError on every rank (the statistics went NaN)
+        _head("reg", gather=True).set_bank(data["bank_z"][:0], data["bank_y"][:0])
+        res["empty_union_error"] = None
+    except ValueError as err:
+        res["empty_union_error"] = str(err)
+    # PML's "at most one pair of each kind: zero loss" rule on the global batch, not per rank:
+    # three rows [0, 0, 1] with rank 0 holding the first alone
+    from pytorch_metric_learning.reducers import SumReducer
+
+    few = (slice(0, 1), slice(1, 3))[min(rank, 1)] if rank < 2 else slice(0, 0)
+    loss = simwarp.SoftStepContrastiveLoss(step="none", gather=True, reducer=SumReducer())
+    res["contrastive_few_pairs"] = loss(FEW_Z[few], FEW_Y[few]).detach()
     cnt, mean, m2 = sd.global_moments(data["y"][rb])
     res["moments"] = (cnt, mean, m2)
     res["global_size"] = sd.global_size(N_BATCH[world][rank])
@@ -488,6 +509,34 @@ def test_value_layout_mismatch_raises_on_every_rank_and_empty_shards_fit(group_r
         assert "must agree across ranks in v width" in (res["bank_width_error"] or "")
         rows = _rows(M_SHARD[world], rank)
         assert res["empty_shard_bank"] == (0 if rank == 1 else rows.stop - rows.start)
+
+
+def test_sharded_bank_edge_cases(group_results):
+    """A NaN query gives a NaN row (every rank raised about row_range, which the user never
+    passed); a bank with every shard empty raises on every rank (the target statistics became
+    NaN); the contrastive loss applies PML's few-pairs rule to the global batch."""
+    world, results = group_results
+    data = _data(world)
+    head = NeighborRegressionHead(D, E, mode="global").double().eval()
+    head.set_bank(data["bank_z"], data["bank_y"])
+    nan_q = data["q"].clone()
+    nan_q[1, 0] = float("nan")
+    with torch.no_grad():
+        want = head(nan_q)
+    single = simwarp.SoftStepContrastiveLoss(step="none", reducer=_sum_reducer())(FEW_Z, FEW_Y)
+    assert single > 0
+    for res in results:
+        got = res["nan_query_bank"]
+        assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
+        _close(got[[0, 2, 3, 4, 5]], want[[0, 2, 3, 4, 5]])
+        assert "no entry on any rank" in (res["empty_union_error"] or "")
+    _close(sum(res["contrastive_few_pairs"] for res in results), single.detach())
+
+
+def _sum_reducer():
+    from pytorch_metric_learning.reducers import SumReducer
+
+    return SumReducer()
 
 
 def test_global_batch_of_one_row_raises_on_every_rank(group_results):

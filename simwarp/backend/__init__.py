@@ -192,7 +192,8 @@ def warp_attend(
             fixed range instead of each row's own (treated as constants in backward). For
             combining calls over parts of one key set (a bank sharded across devices: see
             :func:`warp_range` and :mod:`simwarp.distributed`); a row may then keep no key of
-            this call (zero output, ``lse = -inf``).
+            this call (zero output, ``lse = -inf``). A row whose ``lo`` and ``hi`` are both NaN
+            (a NaN among its scores, as :func:`warp_range` reports it) gives a NaN row.
 
     Returns:
         ``(..., n, e)`` output, and with ``return_stats`` a :class:`WarpStats`. A row with no
@@ -267,11 +268,12 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
     lo, hi = out
     # floats and CPU tensors: checked (accelerator tensors are not synchronised for a check)
     if lo.device.type == hi.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = ~(torch.isfinite(lo) & torch.isfinite(hi) & (lo <= hi))
+        poisoned = lo.isnan() & hi.isnan()  # a NaN among the row's scores (warp_range's report): a NaN row
+        bad = ~((torch.isfinite(lo) & torch.isfinite(hi) & (lo <= hi)) | poisoned)
         if bool(bad.any()):
             raise ValueError(
-                "row_range must hold finite lo <= hi for every row; mark rows without any valid key "
-                f"by lo = hi = 0 (see docs/backend.md), got {int(bad.sum())} row(s) otherwise"
+                "row_range must hold finite lo <= hi (or NaN for both) for every row; mark rows without any "
+                f"valid key by lo = hi = 0 (see docs/backend.md), got {int(bad.sum())} row(s) otherwise"
             )
     return lo.to(device), hi.to(device)
 
