@@ -31,7 +31,8 @@ with the same non-tensor arguments.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,7 @@ __all__ = [
     "gather_rows",
     "global_size",
     "global_moments",
+    "raise_together",
     "leave_one_out_mask",
     "gathered_warp_attend",
     "gathered_warp_attend_with_sizes",
@@ -124,6 +126,28 @@ def _all_gather_ints(values: list[int], group, device: torch.device) -> list[tup
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, t, group=group)
     return [tuple(int(v) for v in o) for o in out]
+
+
+T = TypeVar("T")
+
+
+def raise_together(check: Callable[[], T], group, device: torch.device) -> T:
+    """Run ``check`` (a call's local input checks: no collectives) and agree on its outcome
+    over the ranks before any collective of the call: where it raises on some ranks, every
+    rank raises (those ranks their own error, the others a ``ValueError`` naming them) instead
+    of the others waiting in the call's next collective until the timeout. One all-gather of
+    one integer per rank. Returns what ``check`` returns."""
+    error, result = None, None
+    try:
+        result = check()
+    except (ValueError, TypeError, RuntimeError) as err:
+        error = err
+    failed = [rank for rank, (bad,) in enumerate(_all_gather_ints([error is not None], group, device)) if bad]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"this call's inputs failed their checks on rank(s) {failed} (see the error raised there)")
+    return result
 
 
 def _all_gather_sizes(n: int, group, device: torch.device) -> list[int]:

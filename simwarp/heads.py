@@ -33,11 +33,18 @@ from torch import nn
 
 from simwarp._autograd import exporting, outside_autocast, require, row_slices
 from simwarp.backend import warp_attend, warp_weights
-from simwarp.backend.common import as_flag, as_real, check_backend_options
+from simwarp.backend.common import (
+    as_flag,
+    as_real,
+    check_backend_options,
+    resolve_params,
+    work_dtype,
+)
 from simwarp.distributed import (
     gathered_warp_attend_with_sizes,
     global_moments,
     global_size,
+    raise_together,
     resolve_group,
     sharded_explain,
     sharded_warp_attend,
@@ -199,17 +206,22 @@ class _BankMixin(nn.Module):
         (shapes, NaN and inf). With ``gather``, this rank's shard may be empty (the bank is
         the union of the shards).
         """
-        _check_z(z, self.in_features)
-        y = self._check_labels(y, z)
-        if z.shape[0] == 0 and not resolve_group(getattr(self, "gather", False))[0]:
-            raise ValueError("set_bank needs at least one entry, got z of shape (0, D)")
-        if not bool(torch.isfinite(z).all()):
-            bad = int((~torch.isfinite(z)).any(dim=-1).sum())
-            raise ValueError(f"z (bank embeddings, shape {_shape(z)}) has NaN or inf in {bad} row(s); drop or fix them first")
+        enabled, group = resolve_group(getattr(self, "gather", False))
+
+        def check() -> torch.Tensor:
+            _check_z(z, self.in_features)
+            labels = self._check_labels(y, z)
+            if z.shape[0] == 0 and not enabled:
+                raise ValueError("set_bank needs at least one entry, got z of shape (0, D)")
+            if not bool(torch.isfinite(z).all()):
+                bad = int((~torch.isfinite(z)).any(dim=-1).sum())
+                raise ValueError(f"z (bank embeddings, shape {_shape(z)}) has NaN or inf in {bad} row(s); drop or fix them first")
+            return labels
+
+        y = raise_together(check, group, self.bank_z.device) if enabled else check()
         self.bank_z = z.detach().clone()
         self.bank_y = y.detach().clone()
         self._bank_union = None
-        enabled, group = resolve_group(getattr(self, "gather", False))
         if enabled and self._bank_union_size(group, z.device) == 0:  # a collective: every rank raises
             self.clear_bank()
             raise ValueError("set_bank got no entry on any rank (every shard of the bank is empty)")
@@ -432,6 +444,25 @@ class _WarpHeadBase(_BankMixin):
 
     # -- backend calls ----------------------------------------------------------------------
 
+    def _checked(self, z: Any, check: Callable[[], Any]) -> Any:
+        """``check()``, a call's local input checks. With ``gather`` they are agreed over the
+        ranks before the call's first collective, together with the step parameters of ``z``
+        (NaN or inf there, under ``mode="instance"``, would raise in the backend after the
+        gathers): an input that fails on one rank raises on every rank, none waits."""
+        enabled, group = resolve_group(self.gather)
+        if not enabled:
+            return check()
+
+        def all_checks():
+            out = check()
+            with torch.no_grad():
+                params = self._step_kwargs(z)
+                resolve_params(params.get("a"), params.get("b"), params.get("t"), batch=torch.Size(),
+                               n=z.shape[0], dtype=work_dtype(z.dtype), device=z.device)
+            return out
+
+        return raise_together(all_checks, group, self.bank_z.device)  # the module's device suits its backend
+
     def _step_kwargs(self, z: torch.Tensor) -> dict:
         if self.softstep is None:
             return {"step": "none"}
@@ -532,9 +563,8 @@ class _WarpHeadBase(_BankMixin):
             (with ``gather``: indices into the concatenation of all ranks' shards, rank order).
             Entries that the step dropped have weight exactly 0.
         """
-        _check_z(z, self.in_features)
+        k = self._checked(z, lambda: (_check_z(z, self.in_features), _int_arg("k", k))[1])
         self._require_bank(z.device)
-        k = _int_arg("k", k)
         enabled, group = resolve_group(self.gather)
         if enabled:  # per-shard top-k merged over ranks; indices into the rank-ordered bank
             return sharded_explain(
@@ -736,19 +766,22 @@ class NeighborRegressionHead(_WarpHeadBase):
 
     def _raw_forward(self, z: torch.Tensor, y: torch.Tensor | None, values_fn) -> tuple[torch.Tensor, bool]:
         """Returns the backend output for ``values_fn(standardised labels)`` and the 1-D flag."""
-        _check_z(z, self.in_features)
-        squeeze = False
-        if self.training and y is not None:
-            self._check_training_batch(z)
-            squeeze = y.dim() == 1 if isinstance(y, torch.Tensor) else False
-            y2 = self._check_labels(y, z)
+        training = self.training and y is not None
+
+        def check() -> tuple[bool, torch.Tensor | None]:
+            _check_z(z, self.in_features)
+            if training:
+                self._check_training_batch(z)
+                return (y.dim() == 1 if isinstance(y, torch.Tensor) else False), self._check_labels(y, z)
+            return (self._check_label_shape(y, z.shape[0]) if isinstance(y, torch.Tensor) else False), None
+
+        squeeze, y2 = self._checked(z, check)
+        if training:
             self._update_running_stats(y2)
             ys = self._standardize(y2.to(_wide(z))).to(z.dtype)
             out, _ = self._attend(z, z, values_fn(ys), loo=True)
         else:
             self._require_bank(z.device)
-            if isinstance(y, torch.Tensor):
-                squeeze = self._check_label_shape(y, z.shape[0])
             ys = self._standardize(self.bank_y.to(_wide(z))).to(z.dtype)
             out, _ = self._attend(z, self.bank_z.to(z.dtype), values_fn(ys), loo=False)
         return out, squeeze
@@ -876,16 +909,23 @@ class NeighborClassificationHead(_WarpHeadBase):
 
         In ``z``'s dtype or float32, whichever is wider: in float16, ``ε / C`` underflows above
         ~3400 classes and the gradient of a class's log-probability, up to ``C / ε``, overflows."""
-        _check_z(z, self.in_features)
-        zw = z.to(_wide(z))
-        if self.training and y is not None:
-            self._check_training_batch(z)
-            y = self._check_labels(y, z)
-            mass, _ = self._attend(zw, zw, self._one_hot(y, zw.dtype), loo=True)
-        else:
-            self._require_bank(z.device)
+        training = self.training and y is not None
+
+        def check() -> torch.Tensor | None:
+            _check_z(z, self.in_features)
+            if training:
+                self._check_training_batch(z)
+                return self._check_labels(y, z)
             if isinstance(y, torch.Tensor) and (y.dim() != 1 or y.shape[0] != z.shape[0]):
                 raise ValueError(f"y must have shape (N={z.shape[0]},) of class indices, got {_shape(y)}")
+            return None
+
+        labels = self._checked(z, check)
+        zw = z.to(_wide(z))
+        if training:
+            mass, _ = self._attend(zw, zw, self._one_hot(labels, zw.dtype), loo=True)
+        else:
+            self._require_bank(z.device)
             mass = self._bank_mass(zw)
         return self._log_probs(mass)
 

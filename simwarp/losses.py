@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,14 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from simwarp._autograd import require
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
-from simwarp.backend.common import as_flag, as_real, check_backend_options
-from simwarp.distributed import gather_rows, global_size, resolve_group
+from simwarp.backend.common import (
+    as_flag,
+    as_real,
+    check_backend_options,
+    resolve_params,
+    work_dtype,
+)
+from simwarp.distributed import gather_rows, global_size, raise_together, resolve_group
 from simwarp.similarity import paired_similarity
 from simwarp.steps import SoftStep
 
@@ -452,13 +459,48 @@ class _SoftStepLossMixin:
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """PML's ``forward``; shapes are checked first so that errors name them."""
-        _check_embeddings(embeddings, embeddings if ref_emb is None else ref_emb)
-        if ref_emb is None and ref_labels is not None:
-            raise ValueError("ref_labels were given without ref_emb; pass both (PML would ignore ref_labels silently)")
-        labels = _class_labels(labels, embeddings.shape[0], "labels")
-        if ref_emb is not None:
-            ref_labels = _class_labels(ref_labels, ref_emb.shape[0], "ref_labels")
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+        def check():
+            _check_embeddings(embeddings, embeddings if ref_emb is None else ref_emb)
+            if ref_emb is None and ref_labels is not None:
+                raise ValueError("ref_labels were given without ref_emb; pass both (PML would ignore ref_labels silently)")
+            checked = _class_labels(labels, embeddings.shape[0], "labels")
+            return checked, (None if ref_emb is None else _class_labels(ref_labels, ref_emb.shape[0], "ref_labels"))
+
+        labels, ref_labels = self._checked(embeddings, check)
+        return self._linked(super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels))
+
+    #: With ``gather``: an empty slice of the gathered rows, summed (exactly 0), which
+    #: :meth:`_linked` adds to the reduced loss (set by :meth:`_across_ranks`, read once).
+    _gather_link: torch.Tensor | None = None
+
+    def _linked(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` connected to the rows gathered in this call: a reducer that drops every loss
+        of a rank (``ThresholdReducer``) returns a zero of the local embeddings alone, and that
+        rank would skip the gather's backward collective, which the other ranks wait in."""
+        link, self._gather_link = self._gather_link, None
+        return loss if link is None else loss + link
+
+    def _checked(self, embeddings, check: Callable[[], Any]) -> Any:
+        """``check()``, the call's local input checks. With ``gather`` they are agreed over the
+        ranks before the first collective, together with the instance step's parameters (NaN
+        embeddings give NaN ones, which the backend refuses after the gathers): an input that
+        fails on one rank raises on every rank, none waits."""
+        enabled, group = resolve_group(getattr(self, "gather", False))
+        if not enabled:
+            return check()
+
+        def all_checks():
+            out = check()
+            if self.softstep.mode == "instance":
+                with torch.no_grad():
+                    a, b, t = self._prepare(embeddings, embeddings)[3]
+                    resolve_params(a, b, t, batch=torch.Size(), n=embeddings.shape[0],
+                                   dtype=work_dtype(embeddings.dtype), device=embeddings.device)
+            return out
+
+        device = embeddings.device if isinstance(embeddings, torch.Tensor) else next(self.parameters()).device
+        return raise_together(all_checks, group, device)
 
     def _prepare(self, embeddings: torch.Tensor, ref_emb: torch.Tensor):
         """Embeddings as the backend sees them (after PML's normalisation if it applies),
@@ -493,6 +535,7 @@ class _SoftStepLossMixin:
         if indices_tuple is not None:
             raise ValueError("gather=True does not support an indices_tuple (miner indices are per-rank)")
         g = gather_rows(x, group)
+        self._gather_link = g.rows.narrow(-1, 0, 0).sum()
         return g.rows, gather_rows(ref_labels, group, sizes=g.sizes).rows, g.offset
 
     def _zero_losses(self, *graph: torch.Tensor) -> dict:
@@ -800,11 +843,14 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
             )
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
+        if resolve_group(getattr(self, "gather", False))[0]:  # agreed over ranks before any collective
+            self._checked(embeddings, lambda: self._checked_targets(embeddings, labels, indices_tuple, ref_emb, ref_labels))
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
-        return self.reducer(loss_dict, embeddings, labels)
+        return self._linked(self.reducer(loss_dict, embeddings, labels))
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def _checked_targets(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """The inputs checked; returns the targets ``y (n, e)`` and ``y_ref (m, e)``."""
         _check_embeddings(embeddings, ref_emb)
         n, m = embeddings.shape[0], ref_emb.shape[0]
         y = self._targets(labels, n, "labels")
@@ -817,6 +863,11 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
                 torch.isfinite(targets.to(embeddings.dtype)),
                 f"{name} overflow {embeddings.dtype}, the embeddings' dtype the loss computes in; standardise them",
             )
+        return y, y_ref
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        y, y_ref = self._checked_targets(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        n = embeddings.shape[0]
         x, r, same, (a, b, t) = self._prepare(embeddings, ref_emb)
         r, y_ref, offset = self._across_ranks(x, r, y_ref, same, indices_tuple)
         if same and r.shape[0] <= 1:

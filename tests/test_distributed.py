@@ -7,6 +7,7 @@ computed here (values in float64, and gradients of the local parts).
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 
@@ -77,6 +78,49 @@ def _head(kind, gather):
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     return head
+
+
+def _one_rank_errors(data, world, rank, rb, ks) -> dict:
+    """Inputs that are wrong on one rank only (rank 1; the last for the bank, whose shard on
+    rank 1 may be empty): every rank must raise (that rank its own error, the
+    others one naming rank 1), none may wait in a collective; and a reducer that drops every
+    loss of a rank must not make that rank skip the gather's backward."""
+    from pytorch_metric_learning.reducers import ThresholdReducer
+
+    bad = rank == 1
+    z, y, cls = data["z"][rb].clone(), data["y"][rb].clone(), data["cls"][rb]
+    cases = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            cases[name] = None
+        except (ValueError, TypeError, RuntimeError) as err:
+            cases[name] = f"{type(err).__name__}: {err}"
+
+    nan_z = z.clone()
+    if bad and len(nan_z):
+        nan_z[0, 0] = float("nan")
+    attempt("instance_nan_training", lambda: _head("reg", gather=True)(nan_z, y).sum().backward())
+    nan_y = y.clone()
+    if bad and len(nan_y):
+        nan_y[0, 0] = float("inf")
+    attempt("nan_labels", lambda: _head("reg", gather=True)(z, nan_y))
+    head = _head("reg", gather=True).eval()
+    head.set_bank(data["bank_z"][ks], data["bank_y"][ks])
+    attempt("query_width", lambda: head(data["q"][:, : D - 1] if bad else data["q"]))
+    bank_z = data["bank_z"][ks].clone()
+    if rank == world - 1:
+        bank_z[0, 0] = float("nan")
+    attempt("nan_bank", lambda: _head("reg", gather=True).set_bank(bank_z, data["bank_y"][ks]))
+    half_labels = cls.double() + (0.5 if bad else 0.0)
+    attempt("float_class_labels", lambda: simwarp.SoftStepNCALoss(gather=True)(z, half_labels))
+    attempt("instance_nan_loss", lambda: simwarp.SoftStepNCALoss(gather=True, mode="instance", embedding_size=D).double()(nan_z, cls))
+    # a ThresholdReducer that filters every loss of rank 0: its backward must still join the gather's
+    loss = simwarp.SoftStepNeighborRegressionLoss(gather=True, reducer=ThresholdReducer(low=1e9 if rank == 0 else 0.0))
+    zz = z.clone().requires_grad_()
+    attempt("reducer_drops_a_rank", lambda: loss(zz, y).backward())
+    return cases
 
 
 def _run_heads(data, world, rank, gather=True) -> dict:
@@ -289,6 +333,7 @@ def _run_rank(rank: int, world: int) -> dict:
     few = (slice(0, 1), slice(1, 3))[min(rank, 1)] if rank < 2 else slice(0, 0)
     loss = simwarp.SoftStepContrastiveLoss(step="none", gather=True, reducer=SumReducer())
     res["contrastive_few_pairs"] = loss(FEW_Z[few], FEW_Y[few]).detach()
+    res["one_rank_errors"] = _one_rank_errors(data, world, rank, rb, ks)
     cnt, mean, m2 = sd.global_moments(data["y"][rb])
     res["moments"] = (cnt, mean, m2)
     res["global_size"] = sd.global_size(N_BATCH[world][rank])
@@ -297,7 +342,9 @@ def _run_rank(rank: int, world: int) -> dict:
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a short timeout: a rank left waiting in a collective fails the test instead of hanging CI
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         res = _run_rank(rank, world)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -537,6 +584,28 @@ def _sum_reducer():
     from pytorch_metric_learning.reducers import SumReducer
 
     return SumReducer()
+
+
+@pytest.mark.parametrize("case", ["instance_nan_training", "nan_labels", "query_width", "nan_bank",
+                                  "float_class_labels", "instance_nan_loss"])
+def test_an_input_wrong_on_one_rank_raises_on_every_rank(group_results, case):
+    """Before, only the rank with the bad input raised, and the others waited in the call's
+    next collective until the process group's timeout (30 minutes by default)."""
+    world, results = group_results
+    bad = world - 1 if case == "nan_bank" else 1
+    for rank, res in enumerate(results):
+        message = res["one_rank_errors"][case]
+        assert message is not None, (case, rank)
+        if rank != bad:
+            assert f"failed their checks on rank(s) [{bad}]" in message, (case, rank, message)
+        else:
+            assert "failed their checks" not in message, (case, message)
+
+
+def test_a_reducer_that_drops_every_loss_of_a_rank_does_not_hang(group_results):
+    world, results = group_results
+    for res in results:
+        assert res["one_rank_errors"]["reducer_drops_a_rank"] is None
 
 
 def test_global_batch_of_one_row_raises_on_every_rank(group_results):
