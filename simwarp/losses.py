@@ -468,6 +468,7 @@ class _SoftStepLossMixin:
             return checked, (None if ref_emb is None else _class_labels(ref_labels, ref_emb.shape[0], "ref_labels"))
 
         labels, ref_labels = self._checked(embeddings, check)
+        self._gather_link = None  # never one left by a call that raised
         return self._linked(super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels))
 
     #: With ``gather``: an empty slice of the gathered rows, summed (exactly 0), which
@@ -845,6 +846,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
             ref_emb, ref_labels = embeddings, labels
         if resolve_group(getattr(self, "gather", False))[0]:  # agreed over ranks before any collective
             self._checked(embeddings, lambda: self._checked_targets(embeddings, labels, indices_tuple, ref_emb, ref_labels))
+        self._gather_link = None  # never one left by a call that raised
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self._linked(self.reducer(loss_dict, embeddings, labels))
