@@ -31,7 +31,7 @@ with the same non-tensor arguments.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -131,23 +131,38 @@ def _all_gather_ints(values: list[int], group, device: torch.device) -> list[tup
 T = TypeVar("T")
 
 
-def raise_together(check: Callable[[], T], group, device: torch.device) -> T:
+def raise_together(
+    check: Callable[[], T], group, device: torch.device, *, same: Sequence[int] = (), share: Sequence[int] = ()
+) -> tuple[T, list[tuple[int, ...]]]:
     """Run ``check`` (a call's local input checks: no collectives) and agree on its outcome
     over the ranks before any collective of the call: where it raises on some ranks, every
     rank raises (those ranks their own error, the others a ``ValueError`` naming them) instead
-    of the others waiting in the call's next collective until the timeout. One all-gather of
-    one integer per rank. Returns what ``check`` returns."""
+    of the others waiting in the call's next collective until the timeout.
+
+    ``same``: integers that must be equal on every rank (what kind of call this is: training
+    or inference, with or without labels); ranks that differ would run different collectives,
+    so every rank raises a ``ValueError`` naming them. ``share``: integers every rank learns
+    (e.g. its bank shard's size), returned in rank order. One all-gather of a few integers.
+
+    Returns ``(check(), every rank's share)``."""
     error, result = None, None
     try:
         result = check()
     except (ValueError, TypeError, RuntimeError) as err:
         error = err
-    failed = [rank for rank, (bad,) in enumerate(_all_gather_ints([error is not None], group, device)) if bad]
+    rows = _all_gather_ints([int(error is not None), *same, *share], group, device)
+    failed = [rank for rank, row in enumerate(rows) if row[0]]
     if error is not None:
         raise error
     if failed:
         raise ValueError(f"this call's inputs failed their checks on rank(s) {failed} (see the error raised there)")
-    return result
+    kinds = [row[1 : 1 + len(same)] for row in rows]
+    if any(kind != kinds[0] for kind in kinds):
+        raise ValueError(
+            f"the ranks made different calls (per rank: {kinds}); every rank must call the same front end in "
+            "the same mode (train/eval, with or without labels), or their collectives would not match"
+        )
+    return result, [row[1 + len(same) :] for row in rows]
 
 
 def _all_gather_sizes(n: int, group, device: torch.device) -> list[int]:
@@ -475,11 +490,16 @@ def _global_range(p: _Prepared, kw: torch.Tensor, group):
     on the shard, then one all-reduce MIN of ``[lo, -hi]``); ``lo, hi (n,)``, ``empty (n,)``."""
     n = p.q.shape[0]
     lo, hi, empty = warp_range(p.q, kw, metric=p.spec.metric, scale=p.spec.scale, chunk_size=p.chunk)
-    both = torch.cat([lo.masked_fill(empty, math.inf), (-hi).masked_fill(empty, math.inf)])
-    dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)  # an empty shard contributes +inf
-    lo, hi = both[:n], -both[n:]
-    empty = torch.isinf(lo)
-    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0), empty
+    # A NaN extreme (a NaN among the row's scores) travels as a flag of its own: MIN/MAX
+    # reductions keep or drop a NaN depending on where it sits.
+    poisoned = lo.isnan() | hi.isnan()
+    skip = empty | poisoned
+    packed = torch.cat([lo.masked_fill(skip, math.inf), (-hi).masked_fill(skip, math.inf), -poisoned.to(lo.dtype)])
+    dist.all_reduce(packed, op=dist.ReduceOp.MIN, group=group)  # an empty shard contributes +inf
+    lo, hi, poisoned = packed[:n], -packed[n : 2 * n], packed[2 * n :] < 0
+    empty = torch.isinf(lo) & ~poisoned
+    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    return lo.masked_fill(poisoned, math.nan), hi.masked_fill(poisoned, math.nan), empty
 
 
 def _merge_over_ranks(lse: torch.Tensor, parts: list[torch.Tensor], group):

@@ -89,6 +89,18 @@ def _int_arg(name: str, value: Any, minimum: int = 1) -> int:
     return as_int
 
 
+# The kinds of call a head's ranks agree on under ``gather`` (each runs its own collectives).
+_TRAIN, _PREDICT, _EXPLAIN, _SET_BANK = range(1, 5)
+
+
+def _device(z: Any, module: nn.Module) -> torch.device:
+    """Where a call's collectives run: the inputs' device (the backend's, e.g. CUDA for
+    nccl), else the module's (``z`` is not a tensor: its checks are about to fail)."""
+    if isinstance(z, torch.Tensor):
+        return z.device
+    return next(module.buffers()).device
+
+
 def _check_z(z: Any, in_features: int, name: str = "z") -> None:
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
@@ -218,11 +230,17 @@ class _BankMixin(nn.Module):
                 raise ValueError(f"z (bank embeddings, shape {_shape(z)}) has NaN or inf in {bad} row(s); drop or fix them first")
             return labels
 
-        y = raise_together(check, group, self.bank_z.device) if enabled else check()
+        union = None
+        if enabled:  # the checks agreed over ranks, and every shard's size learnt with them
+            rows = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() == 2 else 0
+            y, shares = raise_together(check, group, _device(z, self), same=(_SET_BANK,), share=(rows,))
+            union = sum(size for (size,) in shares)
+        else:
+            y = check()
         self.bank_z = z.detach().clone()
         self.bank_y = y.detach().clone()
-        self._bank_union = None
-        if enabled and self._bank_union_size(group, z.device) == 0:  # a collective: every rank raises
+        self._bank_union = None if union is None else (self.bank_size, union)
+        if union == 0:  # on every rank alike
             self.clear_bank()
             raise ValueError("set_bank got no entry on any rank (every shard of the bank is empty)")
         self._on_bank_set()
@@ -318,10 +336,13 @@ class _BankMixin(nn.Module):
             zs, ys = [self.bank_z.new_zeros((0, self.in_features))], [self.bank_y[:0]]
         self.set_bank(torch.cat(zs), torch.cat(ys))
 
-    def _require_bank(self, device: torch.device) -> None:
+    def _check_bank_shapes(self) -> None:
         problem = self._bank_shape_problem(self.bank_z, self.bank_y)  # shapes only: no read-back under export
         if problem is not None:  # e.g. load_state_dict(..., strict=False) with only one of the two
             raise ValueError(f"{type(self).__name__}: {problem}; store a bank with set_bank(z, y) or fit_bank")
+
+    def _require_bank(self, device: torch.device) -> None:
+        self._check_bank_shapes()
         enabled, group = resolve_group(getattr(self, "gather", False))
         # a sharded bank may be empty on this rank: every rank asks about the union (a
         # collective, so that all of them raise together or none does)
@@ -444,24 +465,43 @@ class _WarpHeadBase(_BankMixin):
 
     # -- backend calls ----------------------------------------------------------------------
 
-    def _checked(self, z: Any, check: Callable[[], Any]) -> Any:
+    def _checked(self, z: Any, check: Callable[[], Any], call: int) -> Any:
         """``check()``, a call's local input checks. With ``gather`` they are agreed over the
         ranks before the call's first collective, together with the step parameters of ``z``
         (NaN or inf there, under ``mode="instance"``, would raise in the backend after the
-        gathers): an input that fails on one rank raises on every rank, none waits."""
+        gathers) and the kind of ``call`` (train or predict): an input that fails on one rank
+        raises on every rank, none waits. Calls that read the bank also check its shapes and
+        learn the union's size (no collective of their own for it then)."""
         enabled, group = resolve_group(self.gather)
+        reads_bank = call != _TRAIN
         if not enabled:
-            return check()
+            out = check()
+            if reads_bank:
+                self._check_bank_shapes()
+            return out
 
         def all_checks():
             out = check()
+            if reads_bank:
+                self._check_bank_shapes()
             with torch.no_grad():
                 params = self._step_kwargs(z)
                 resolve_params(params.get("a"), params.get("b"), params.get("t"), batch=torch.Size(),
                                n=z.shape[0], dtype=work_dtype(z.dtype), device=z.device)
             return out
 
-        return raise_together(all_checks, group, self.bank_z.device)  # the module's device suits its backend
+        rows = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() == 2 else 0
+        out, shares = raise_together(all_checks, group, _device(z, self), same=(call,), share=(self.bank_size, rows))
+        if reads_bank:
+            self._bank_union = (self.bank_size, sum(bank for bank, _ in shares))
+        else:  # before the target statistics see the batch: a failing call leaves them as they were
+            sizes = [batch for _, batch in shares]
+            if sum(sizes) < 2:
+                raise ValueError(
+                    f"leave-one-out over the global batch needs at least 2 rows across ranks (each row is "
+                    f"predicted from the others), got {sizes} rows per rank; use drop_last=True"
+                )
+        return out
 
     def _step_kwargs(self, z: torch.Tensor) -> dict:
         if self.softstep is None:
@@ -563,7 +603,7 @@ class _WarpHeadBase(_BankMixin):
             (with ``gather``: indices into the concatenation of all ranks' shards, rank order).
             Entries that the step dropped have weight exactly 0.
         """
-        k = self._checked(z, lambda: (_check_z(z, self.in_features), _int_arg("k", k))[1])
+        k = self._checked(z, lambda: (_check_z(z, self.in_features), _int_arg("k", k))[1], _EXPLAIN)
         self._require_bank(z.device)
         enabled, group = resolve_group(self.gather)
         if enabled:  # per-shard top-k merged over ranks; indices into the rank-ordered bank
@@ -775,7 +815,7 @@ class NeighborRegressionHead(_WarpHeadBase):
                 return (y.dim() == 1 if isinstance(y, torch.Tensor) else False), self._check_labels(y, z)
             return (self._check_label_shape(y, z.shape[0]) if isinstance(y, torch.Tensor) else False), None
 
-        squeeze, y2 = self._checked(z, check)
+        squeeze, y2 = self._checked(z, check, _TRAIN if training else _PREDICT)
         if training:
             self._update_running_stats(y2)
             ys = self._standardize(y2.to(_wide(z))).to(z.dtype)
@@ -804,18 +844,18 @@ class NeighborRegressionHead(_WarpHeadBase):
             ``mean (N, E)`` and ``var (N, E)`` in the targets' units:
             ``var = Σ_j w_ij (y_j − mean_i)²`` with the head's SoftStep weights.
         """
-        _check_z(z, self.in_features)
         e = self.out_features
         # centred on the targets' mean (the bank's, on every rank alike when it is sharded), so
         # that E[y²] − E[y]² does not cancel when |mean| >> std; 0 once standardised
-        wide = _wide(z)
-        centre = self._standardize(self.target_mean.to(z.device, wide))
+        centres = []
 
-        def moments(ys: torch.Tensor) -> torch.Tensor:
-            d = ys - centre.to(ys.dtype)
+        def moments(ys: torch.Tensor) -> torch.Tensor:  # called after the input checks
+            centres.append(self._standardize(self.target_mean.to(ys.device, torch.promote_types(ys.dtype, torch.float32))))
+            d = ys - centres[0].to(ys.dtype)
             return torch.cat([d, d * d], dim=-1)
 
         out, _ = self._raw_forward(z, None, moments)
+        wide, centre = _wide(z), centres[0]
         m1, m2 = out[..., :e].to(wide), out[..., e:].to(wide)
         var = (m2 - m1 * m1).clamp_min(0.0)
         if self.standardize_targets:
@@ -920,7 +960,7 @@ class NeighborClassificationHead(_WarpHeadBase):
                 raise ValueError(f"y must have shape (N={z.shape[0]},) of class indices, got {_shape(y)}")
             return None
 
-        labels = self._checked(z, check)
+        labels = self._checked(z, check, _TRAIN if training else _PREDICT)
         zw = z.to(_wide(z))
         if training:
             mass, _ = self._attend(zw, zw, self._one_hot(labels, zw.dtype), loo=True)

@@ -49,7 +49,7 @@ from simwarp.backend.common import (
     resolve_params,
     work_dtype,
 )
-from simwarp.distributed import gather_rows, global_size, raise_together, resolve_group
+from simwarp.distributed import gather_rows, raise_together, resolve_group
 from simwarp.similarity import paired_similarity
 from simwarp.steps import SoftStep
 
@@ -464,6 +464,7 @@ class _SoftStepLossMixin:
             _check_embeddings(embeddings, embeddings if ref_emb is None else ref_emb)
             if ref_emb is None and ref_labels is not None:
                 raise ValueError("ref_labels were given without ref_emb; pass both (PML would ignore ref_labels silently)")
+            self._check_gather_arguments(labels, indices_tuple, ref_emb)
             checked = _class_labels(labels, embeddings.shape[0], "labels")
             return checked, (None if ref_emb is None else _class_labels(ref_labels, ref_emb.shape[0], "ref_labels"))
 
@@ -481,6 +482,17 @@ class _SoftStepLossMixin:
         rank would skip the gather's backward collective, which the other ranks wait in."""
         link, self._gather_link = self._gather_link, None
         return loss if link is None else loss + link
+
+    def _check_gather_arguments(self, labels, indices_tuple, ref_emb) -> None:
+        """What ``gather=True`` refuses, checked with the other inputs (agreed over ranks)."""
+        if not resolve_group(getattr(self, "gather", False))[0]:
+            return
+        if ref_emb is not None:
+            raise ValueError("gather=True uses the gathered batch as reference set; do not pass ref_emb")
+        if indices_tuple is not None:
+            raise ValueError("gather=True does not support an indices_tuple (miner indices are per-rank)")
+        if labels is None:
+            raise ValueError("gather=True needs labels (the gathered batch's classes or targets)")
 
     def _checked(self, embeddings, check: Callable[[], Any]) -> Any:
         """``check()``, the call's local input checks. With ``gather`` they are agreed over the
@@ -501,7 +513,7 @@ class _SoftStepLossMixin:
             return out
 
         device = embeddings.device if isinstance(embeddings, torch.Tensor) else next(self.parameters()).device
-        return raise_together(all_checks, group, device)
+        return raise_together(all_checks, group, device, same=(1,))[0]  # one kind of call: the loss
 
     def _prepare(self, embeddings: torch.Tensor, ref_emb: torch.Tensor):
         """Embeddings as the backend sees them (after PML's normalisation if it applies),
@@ -743,9 +755,12 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             exclude_self = ref_labels is labels or same
             a1, p, count = _positive_pairs(labels, ref_labels, exclude_self, offset)
             num_neg = int((m - count).sum())
-            enabled, group = resolve_group(getattr(self, "gather", False))
-            # PML's rule for a batch with at most one pair of each kind, on the global batch
-            pairs, negatives = (global_size(c, group, x.device) for c in (len(a1), num_neg)) if enabled else (len(a1), num_neg)
+            # PML's rule for a batch with at most one pair of each kind, on the global batch: the
+            # gathered labels are every rank's, so its counts need no collective
+            pairs, negatives = len(a1), num_neg
+            if resolve_group(getattr(self, "gather", False))[0]:
+                sizes = torch.unique(ref_labels, return_counts=True)[1]
+                pairs, negatives = int((sizes * (sizes - 1)).sum()), int((sizes * (m - sizes)).sum())
             if (pairs <= 1 and negatives <= 1) or len(a1) == 0 or num_neg == 0:
                 return self._zero_losses(x, r)
             q_cls, r_cls, n_cls = _class_indices(labels, ref_labels)
@@ -834,18 +849,25 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """As PML's ``BaseMetricLossFunction.forward``, but ``labels`` may be ``(n, e)``."""
         self.reset_stats()
-        if labels is None:
-            raise ValueError("labels (continuous targets) are required for SoftStepNeighborRegressionLoss")
-        if (ref_emb is None) != (ref_labels is None):
-            raise ValueError("ref_emb and ref_labels must be given together")
+
+        def check():
+            if labels is None:
+                raise ValueError("labels (continuous targets) are required for SoftStepNeighborRegressionLoss")
+            if (ref_emb is None) != (ref_labels is None):
+                raise ValueError("ref_emb and ref_labels must be given together")
+            self._check_gather_arguments(labels, indices_tuple, ref_emb)
+
+        if resolve_group(getattr(self, "gather", False))[0]:  # agreed over ranks before any collective
+            targets = labels.to(embeddings.device) if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor) else labels
+            self._checked(embeddings, lambda: (check(), self._checked_targets(embeddings, targets, indices_tuple, embeddings, targets)))
+        else:
+            check()
         if isinstance(embeddings, torch.Tensor):  # as PML's forward: the targets follow the embeddings
             labels, ref_labels = (
                 y.to(embeddings.device) if isinstance(y, torch.Tensor) else y for y in (labels, ref_labels)
             )
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
-        if resolve_group(getattr(self, "gather", False))[0]:  # agreed over ranks before any collective
-            self._checked(embeddings, lambda: self._checked_targets(embeddings, labels, indices_tuple, ref_emb, ref_labels))
         self._gather_link = None  # never one left by a call that raised
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)

@@ -95,6 +95,8 @@ def _one_rank_errors(data, world, rank, rb, ks) -> dict:
         try:
             fn()
             cases[name] = None
+        except dist.DistBackendError:
+            raise  # a timeout: the ranks are out of step, so nothing after it would mean anything
         except (ValueError, TypeError, RuntimeError) as err:
             cases[name] = f"{type(err).__name__}: {err}"
 
@@ -116,6 +118,11 @@ def _one_rank_errors(data, world, rank, rb, ks) -> dict:
     half_labels = cls.double() + (0.5 if bad else 0.0)
     attempt("float_class_labels", lambda: simwarp.SoftStepNCALoss(gather=True)(z, half_labels))
     attempt("instance_nan_loss", lambda: simwarp.SoftStepNCALoss(gather=True, mode="instance", embedding_size=D).double()(nan_z, cls))
+    # rank 0 trains while the others predict: different collectives, so every rank must refuse
+    mixed = _head("reg", gather=True)
+    mixed.set_bank(data["bank_z"][ks], data["bank_y"][ks])
+    mixed.train(rank == 0)
+    attempt("mixed_modes", lambda: mixed(z, y) if rank == 0 else mixed(data["q"]))
     # a ThresholdReducer that filters every loss of rank 0: its backward must still join the gather's
     loss = simwarp.SoftStepNeighborRegressionLoss(gather=True, reducer=ThresholdReducer(low=1e9 if rank == 0 else 0.0))
     zz = z.clone().requires_grad_()
@@ -286,6 +293,12 @@ def _run_rank(rank: int, world: int) -> dict:
         res["tiny_batch_error"] = None
     except ValueError as err:
         res["tiny_batch_error"] = str(err)
+    head = _head("reg", gather=True)
+    try:  # the same through a head: its target statistics must not have seen the failing batch
+        head(data["z"][:1] if rank == 0 else data["z"][:0], data["y"][:1] if rank == 0 else data["y"][:0])
+        res["tiny_head_error"] = None
+    except ValueError as err:
+        res["tiny_head_error"] = (str(err), int(head.targets_seen))
     try:  # a layout mismatch across ranks: every rank raises, none corrupts or hangs
         sd.gather_rows(torch.zeros(2, 3, dtype=torch.float16 if rank == 0 else torch.bfloat16))
         res["layout_error"] = None
@@ -462,7 +475,7 @@ def test_heads_gather_equal_single_process(group_results, kind):
         _close(r["train"], ref["train"][rb])
         _close(r["z_grad"], ref["z_grad"][rb])
         assert r["keys"] == (ref["keys"] if HEAD_BATCH[world][rank] else None) and r["bank_keys"] == ref["bank_keys"]
-        assert r["train_size_calls"] == 0 and r["eval_size_calls"] == 1  # the bank's union: asked once
+        assert r["train_size_calls"] == 0 and r["eval_size_calls"] == 0  # the bank's union: learnt with the agreed checks
         _close(r["eval"], ref["eval"][rq])
         _close(r["explain"][1], ref["explain"][1][rq])
         assert torch.equal(r["explain"][0], ref["explain"][0][rq])
@@ -602,6 +615,12 @@ def test_an_input_wrong_on_one_rank_raises_on_every_rank(group_results, case):
             assert "failed their checks" not in message, (case, message)
 
 
+def test_ranks_in_different_modes_all_refuse(group_results):
+    world, results = group_results
+    for res in results:
+        assert "the ranks made different calls" in (res["one_rank_errors"]["mixed_modes"] or "")
+
+
 def test_a_reducer_that_drops_every_loss_of_a_rank_does_not_hang(group_results):
     world, results = group_results
     for res in results:
@@ -612,5 +631,7 @@ def test_global_batch_of_one_row_raises_on_every_rank(group_results):
     world, results = group_results
     expected = str([1] + [0] * (world - 1))
     for res in results:
+        message, seen = res["tiny_head_error"]
+        assert "at least 2 rows across ranks" in message and expected in message and seen == 0
         message = res["tiny_batch_error"]
         assert message is not None and "at least 2 rows across ranks" in message and expected in message
