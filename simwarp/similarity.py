@@ -19,7 +19,7 @@ import numbers
 
 import torch
 
-from simwarp._autograd import first_order, is_finite_real, outside_autocast
+from simwarp._autograd import exporting, first_order, is_finite_real, outside_autocast
 
 METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean", "l1")
 STREAMING_METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean")
@@ -169,7 +169,7 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     """``|x_i|²`` over the last dim, ``(..., m, d) -> (..., m)``, in slices of rows: no
     temporary the size of ``x`` (a neighbour bank can be large). Row by row the same bits as
     ``x.pow(2).sum(-1)``."""
-    if x.dim() < 2:
+    if x.dim() < 2 or exporting():  # export: a size test would cap the program's dynamic range
         return x.pow(2).sum(-1)
     rows = max(1, _NORM_SLICE_ELEMENTS // max(1, x[..., :1, :].numel()))
     if x.shape[-2] <= rows:

@@ -209,6 +209,14 @@ def test_exported_programs_run_across_their_whole_dynamic_range():
             z = torch.randn(rows, 4)
             torch.testing.assert_close(program.module()(z), head(z), msg=f"{type(head).__name__} at {rows} rows")
 
+    # Above 2^18 / d rows the query norms were taken in slices: a guard capped the range there
+    # (4096 rows at d = 64).
+    wide = NeighborRegressionHead(64).eval()
+    wide.set_bank(torch.randn(50, 64), torch.randn(50))
+    program = export(wide, (torch.randn(5, 64),), dynamic_shapes=({0: Dim("batch", min=1, max=20_000)},))
+    z = torch.randn(5000, 64)
+    torch.testing.assert_close(program.module()(z), wide(z))
+
     attention = simwarp.SoftStepAttention(2, 4).eval()
     dims = {0: Dim("B", min=1, max=8), 2: Dim("L", min=2, max=2048)}
     program = export(attention, (torch.randn(2, 2, 6, 4),) * 3, dynamic_shapes=(dims,) * 3)

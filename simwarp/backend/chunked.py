@@ -1,6 +1,6 @@
 """Two-pass streaming over key blocks in plain PyTorch (CPU and CUDA).
 
-Forward (DESIGN §3): pass 1 keeps each row's running min/max (and their key indices) over
+Forward (docs/backend.md): pass 1 keeps each row's running min/max (and their key indices) over
 valid keys; pass 2 recomputes scores block by block, applies the step and accumulates the
 softmax into the output. Only per-row statistics are saved for backward.
 
@@ -16,7 +16,7 @@ without a hand-written derivative. Either way the similarity's own gradient is w
 (:func:`~simwarp.similarity.pairwise_similarity_backward`), so that ``torch.compile`` traces
 the backward of the built-in steps (it cannot trace ``torch.autograd.grad``). The gradient of
 the row range (``∂L/∂lo``, ``∂L/∂hi`` accumulated over blocks) is finally routed to the
-argmin/argmax key of each row (the first such key on ties), as in ``GRADIENTS.md``. Memory is
+argmin/argmax key of each row (the first such key on ties), as in ``docs/gradients.md``. Memory is
 ``O(rows · chunk)`` in both directions.
 """
 
@@ -235,7 +235,7 @@ class _ChunkedWarp(torch.autograd.Function):
         blocks = _KeyBlocks(n, m, mask, spec, batch, dtype, q.device, skip=ctx.mask_form)
 
         g = torch.zeros_like(out) if g_out is None else g_out.to(dtype)
-        delta_row = (g * out).sum(-1)  # D in GRADIENTS.md
+        delta_row = (g * out).sum(-1)  # D in docs/gradients.md
         if g_lse is not None:
             delta_row = delta_row - g_lse.to(dtype)
         delta_row = delta_row.unsqueeze(-1)

@@ -1,6 +1,6 @@
 """Row math shared by every backend implementation, and the argument checks.
 
-One row of the contract (DESIGN §1): similarities ``s`` → range ``[lo, hi]`` over the valid
+One row of the contract (docs/math.md): similarities ``s`` → range ``[lo, hi]`` over the valid
 keys → ``u = (s - lo) / (hi - lo)`` (``u = 1`` on a flat row) → logits
 ``ℓ = s / τ + φ(u)`` with ``φ = step.log_mask(u, a, b, t)``, ``-inf`` where the key is invalid.
 """
@@ -282,7 +282,7 @@ def normalized_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tor
 
 
 def warp_backward(g, u, inv, rule, rule_saved, range_index, needs, inv_temperature: float, shapes):
-    """Gradients of ``ℓ = s/τ + φ(u)``, ``u = (s - lo)/(hi - lo)``, from ``g = ∂L/∂ℓ`` (GRADIENTS.md).
+    """Gradients of ``ℓ = s/τ + φ(u)``, ``u = (s - lo)/(hi - lo)``, from ``g = ∂L/∂ℓ`` (docs/gradients.md).
 
     With ``g_u`` from the rule and ``inv = 1/(hi - lo)`` (0 on flat rows): ``∂s = g/τ + g_u inv``,
     and ``∂lo``, ``∂hi`` from :func:`_range_gradients`; with ``range_index`` (the keys ``lo`` and

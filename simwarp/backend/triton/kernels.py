@@ -312,7 +312,7 @@ def _step_weight(x, z, valid, a, b, t, STEP: tl.constexpr, BAND_BRANCH: tl.const
 @triton.jit
 def _step_weight_grad(x, u, valid, a, b, t, STEP: tl.constexpr):
     """Backward form for ``sigmoidal`` and ``log``: ``w = exp2(x) · m(u)``, the log-mask
-    partials ``φ_u, φ_a, φ_b, φ_t`` (zero outside the band; see GRADIENTS.md and
+    partials ``φ_u, φ_a, φ_b, φ_t`` (zero outside the band; see docs/gradients.md and
     :mod:`simwarp.steps`) and ``u`` in the band (finite outside it, where the partials vanish:
     a masked NaN score must not reach the row sums as 0 · NaN). ``none`` and ``poly`` have
     closed forms in the tile functions."""

@@ -8,7 +8,7 @@ visit) and ``attend_kernel`` (pass 2: step, softmax with the row maximum known f
 ``p @ v``, tile skipping). Backward = ``bwd_dq_kernel`` (``dq`` and the per-row sums ``G_lo, G_hi, da, db,
 dt``) and ``bwd_dkdv_kernel`` (``dk``, ``dv``), both recomputing scores, then
 ``range_grad_kernel`` routes ``G_lo, G_hi`` to each row's argmin/argmax key, into ``dq`` and
-atomically into ``dk`` (GRADIENTS.md).
+atomically into ``dk`` (docs/gradients.md).
 
 When a grid has few programs (the neighbour-bank case: few queries, up to millions of keys),
 the key axis is split over ``num_splits`` programs per query block; since the row maximum is
