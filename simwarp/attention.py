@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from simwarp._autograd import autocast_like_sdpa, is_finite_real, is_int, require
 from simwarp.backend import warp_attend, warp_weights
-from simwarp.backend.common import as_real, check_dropout_p
+from simwarp.backend.common import as_real, broadcasts_to, check_dropout_p
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
 from simwarp.steps import SoftStep
 
@@ -141,13 +141,6 @@ def _as_bool_mask(attn_mask: Any, q: torch.Tensor, s: int) -> torch.Tensor | Non
 # ---------------------------------------------------------------------------------------
 # Grouped-query layout
 # ---------------------------------------------------------------------------------------
-
-
-def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
 
 
 def _split_heads(x: torch.Tensor, heads: int, groups: int, rows_dims: int, name: str) -> torch.Tensor:
@@ -311,7 +304,7 @@ def _attend(
     a, b, t = (step_kwargs.get(name) for name in ("a", "b", "t"))
     if groups > 1:  # 1-D: checked before the grouped layout (..., H, G, L), which the user never sees
         for name, p in zip("abt", (a, b, t)):
-            if isinstance(p, torch.Tensor) and p.dim() == 1 and not _broadcasts_to(p.shape, query.shape[:-1]):
+            if isinstance(p, torch.Tensor) and p.dim() == 1 and not broadcasts_to(p.shape, query.shape[:-1]):
                 raise ValueError(
                     f"{name} of shape {tuple(p.shape)} does not broadcast to the rows (..., Hq, L) = "
                     f"{tuple(query.shape[:-1])}; per query head pass shape (Hq, 1)"

@@ -165,6 +165,15 @@ def raise_together(
     return result, [row[1 + len(same) :] for row in rows]
 
 
+def check_global_batch(sizes: list[int]) -> None:
+    """Leave-one-out over a batch spread over ranks (``sizes``: rows per rank) needs 2 rows in all."""
+    if sum(sizes) < 2:
+        raise ValueError(
+            f"leave-one-out over the global batch needs at least 2 rows across ranks (each row is predicted "
+            f"from the others), got {sizes} rows per rank; use drop_last=True"
+        )
+
+
 def _all_gather_sizes(n: int, group, device: torch.device) -> list[int]:
     return [size for (size,) in _all_gather_ints([n], group, device)]
 
@@ -373,11 +382,8 @@ def gathered_warp_attend_with_sizes(q: torch.Tensor, v: torch.Tensor, *, group=N
     if q.shape[0] != v.shape[0]:
         raise ValueError(f"q (n, d) and v (n, e) must have the same rows, got {tuple(q.shape)} and {tuple(v.shape)}")
     keys = gather_rows(q, group)
-    if exclude_self and sum(keys.sizes) < 2:  # every rank sees the same sizes: all raise, none waits
-        raise ValueError(
-            f"leave-one-out over the global batch needs at least 2 rows across ranks (each row is predicted "
-            f"from the others), got {keys.sizes} rows per rank"
-        )
+    if exclude_self:  # every rank sees the same sizes: all raise, none waits
+        check_global_batch(keys.sizes)
     values = gather_rows(v, group, sizes=keys.sizes)
     result = warp_attend(
         q, keys.rows, values.rows, exclude_self=bool(exclude_self), self_offset=keys.offset if exclude_self else 0,

@@ -41,6 +41,7 @@ from simwarp.backend.common import (
     work_dtype,
 )
 from simwarp.distributed import (
+    check_global_batch,
     gathered_warp_attend_with_sizes,
     global_moments,
     global_size,
@@ -474,16 +475,18 @@ class _WarpHeadBase(_BankMixin):
         learn the union's size (no collective of their own for it then)."""
         enabled, group = resolve_group(self.gather)
         reads_bank = call != _TRAIN
-        if not enabled:
+
+        def local_checks():
             out = check()
             if reads_bank:
                 self._check_bank_shapes()
             return out
 
+        if not enabled:
+            return local_checks()
+
         def all_checks():
-            out = check()
-            if reads_bank:
-                self._check_bank_shapes()
+            out = local_checks()
             with torch.no_grad():
                 params = self._step_kwargs(z)
                 resolve_params(params.get("a"), params.get("b"), params.get("t"), batch=torch.Size(),
@@ -495,12 +498,7 @@ class _WarpHeadBase(_BankMixin):
         if reads_bank:
             self._bank_union = (self.bank_size, sum(bank for bank, _ in shares))
         else:  # before the target statistics see the batch: a failing call leaves them as they were
-            sizes = [batch for _, batch in shares]
-            if sum(sizes) < 2:
-                raise ValueError(
-                    f"leave-one-out over the global batch needs at least 2 rows across ranks (each row is "
-                    f"predicted from the others), got {sizes} rows per rank; use drop_last=True"
-                )
+            check_global_batch([batch for _, batch in shares])
         return out
 
     def _step_kwargs(self, z: torch.Tensor) -> dict:
@@ -847,15 +845,15 @@ class NeighborRegressionHead(_WarpHeadBase):
         e = self.out_features
         # centred on the targets' mean (the bank's, on every rank alike when it is sharded), so
         # that E[y²] − E[y]² does not cancel when |mean| >> std; 0 once standardised
-        centres = []
+        def centre(like: torch.Tensor) -> torch.Tensor:  # read z only once it is checked
+            return self._standardize(self.target_mean.to(like.device, _wide(like)))
 
-        def moments(ys: torch.Tensor) -> torch.Tensor:  # called after the input checks
-            centres.append(self._standardize(self.target_mean.to(ys.device, torch.promote_types(ys.dtype, torch.float32))))
-            d = ys - centres[0].to(ys.dtype)
+        def moments(ys: torch.Tensor) -> torch.Tensor:
+            d = ys - centre(ys).to(ys.dtype)
             return torch.cat([d, d * d], dim=-1)
 
         out, _ = self._raw_forward(z, None, moments)
-        wide, centre = _wide(z), centres[0]
+        wide, centre = _wide(z), centre(z)
         m1, m2 = out[..., :e].to(wide), out[..., e:].to(wide)
         var = (m2 - m1 * m1).clamp_min(0.0)
         if self.standardize_targets:

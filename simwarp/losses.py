@@ -49,6 +49,7 @@ from simwarp.backend.common import (
     resolve_params,
     work_dtype,
 )
+from simwarp.backend.dense import row_logsumexp
 from simwarp.distributed import gather_rows, raise_together, resolve_group
 from simwarp.similarity import paired_similarity
 from simwarp.steps import SoftStep
@@ -224,14 +225,6 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
     """``log x`` with ``-inf`` (and a zero gradient, never NaN) where ``x <= 0``."""
     pos = x > 0
     return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))), float("-inf"))
-
-
-def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """``logsumexp`` over the last dim with ``-inf`` (and a zero gradient, never NaN) on rows
-    that are all ``-inf``."""
-    top = x.amax(-1, keepdim=True).detach()
-    top = top.masked_fill(top == -math.inf, 0.0)
-    return _safe_log(torch.exp(x - top).sum(-1)) + top.squeeze(-1)
 
 
 def _resolved_mass(mass: torch.Tensor, keys: int) -> torch.Tensor:
@@ -536,18 +529,14 @@ class _SoftStepLossMixin:
             )
         return x, r, same, tuple(self.softstep(cond))
 
-    def _across_ranks(self, x, r, ref_labels, same: bool, indices_tuple):
+    def _across_ranks(self, x, r, ref_labels):
         """With ``gather`` on: the reference set becomes all ranks' (normalised) embeddings and
         labels, gathered with gradients. Returns ``(r, ref_labels, offset)``, ``offset`` being
         the global index of this rank's first anchor (0 without gather)."""
         enabled, group = resolve_group(getattr(self, "gather", False))
         if not enabled:
             return r, ref_labels, 0
-        if not same:
-            raise ValueError("gather=True uses the gathered batch as reference set; do not pass ref_emb")
-        if indices_tuple is not None:
-            raise ValueError("gather=True does not support an indices_tuple (miner indices are per-rank)")
-        g = gather_rows(x, group)
+        g = gather_rows(x, group)  # (ref_emb and indices_tuple were refused with the inputs)
         self._gather_link = g.rows.narrow(-1, 0, 0).sum()
         return g.rows, gather_rows(ref_labels, group, sizes=g.sizes).rows, g.offset
 
@@ -647,7 +636,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         _check_class_labels(ref_labels, m, "ref_labels")
         _check_indices_tuple(indices_tuple, n, m)
         x, r, same, params = self._prepare(embeddings, ref_emb)
-        r, ref_labels, offset = self._across_ranks(x, r, ref_labels, same, indices_tuple)
+        r, ref_labels, offset = self._across_ranks(x, r, ref_labels)
         if r.shape[0] <= 1 or n == 0:
             return self._zero_losses(x, r)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype, using_ref=not same)
@@ -748,7 +737,7 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         x, r, same, params = self._prepare(embeddings, ref_emb)
         warp = self._warp_options(1.0, self.temperature)
         step = self.softstep.step
-        r, ref_labels, offset = self._across_ranks(x, r, ref_labels, same, indices_tuple)
+        r, ref_labels, offset = self._across_ranks(x, r, ref_labels)
         m = r.shape[0]
         if indices_tuple is None:
             ref_labels = ref_labels.to(labels.device)
@@ -781,7 +770,7 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             # lse + log Σ_n count_in w_in = log Σ_n count_in m_in e^{s_in/τ}.
             log_w, stats = warp_weights(x, r, step=step, a=a, b=b, t=t, exclude_self=same, return_stats=True, log=True, **warp)
             counted = torch.where(neg_count > 0, log_w + torch.log(neg_count.to(log_w.dtype)), -math.inf)
-            neg_lse = stats.lse + _safe_logsumexp(counted)
+            neg_lse = stats.lse + row_logsumexp(counted)
         pos = paired_similarity(x[a1], r[p], self.metric, 1.0) / self.temperature
         losses = F.softplus(neg_lse[a1].to(pos.dtype) - pos)
         return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
@@ -857,15 +846,15 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
                 raise ValueError("ref_emb and ref_labels must be given together")
             self._check_gather_arguments(labels, indices_tuple, ref_emb)
 
-        if resolve_group(getattr(self, "gather", False))[0]:  # agreed over ranks before any collective
-            targets = labels.to(embeddings.device) if isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor) else labels
-            self._checked(embeddings, lambda: (check(), self._checked_targets(embeddings, targets, indices_tuple, embeddings, targets)))
-        else:
-            check()
         if isinstance(embeddings, torch.Tensor):  # as PML's forward: the targets follow the embeddings
             labels, ref_labels = (
                 y.to(embeddings.device) if isinstance(y, torch.Tensor) else y for y in (labels, ref_labels)
             )
+        if resolve_group(getattr(self, "gather", False))[0]:  # agreed over ranks before any collective
+            # (with gather there is no ref_emb: the batch is its own reference set)
+            self._checked(embeddings, lambda: (check(), self._checked_targets(embeddings, labels, indices_tuple, embeddings, labels)))
+        else:
+            check()
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
         self._gather_link = None  # never one left by a call that raised
@@ -893,7 +882,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         y, y_ref = self._checked_targets(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         n = embeddings.shape[0]
         x, r, same, (a, b, t) = self._prepare(embeddings, ref_emb)
-        r, y_ref, offset = self._across_ranks(x, r, y_ref, same, indices_tuple)
+        r, y_ref, offset = self._across_ranks(x, r, y_ref)
         if same and r.shape[0] <= 1:
             return self._zero_losses(x, r)
         v = y_ref.to(device=x.device, dtype=x.dtype)

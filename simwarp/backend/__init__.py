@@ -23,7 +23,7 @@ from simwarp.backend.common import (
     IMPLS,
     WarpStats,
     as_flag,
-    broadcast_shape,
+    broadcasts_to,
     check_chunk_size,
     check_dropout_p,
     check_inputs,
@@ -259,11 +259,8 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
     out = []
     for name, x in zip(("row_range[0] (lo)", "row_range[1] (hi)"), row_range):
         x = torch.as_tensor(x, dtype=dtype, device=x.device if isinstance(x, torch.Tensor) else "cpu").detach()
-        try:
-            if broadcast_shape(x.shape, (*batch, n)) != (*batch, n):
-                raise RuntimeError
-        except RuntimeError:
-            raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to the rows {(*batch, n)}") from None
+        if not broadcasts_to(x.shape, (*batch, n)):
+            raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to the rows {(*batch, n)}")
         out.append(x)
     lo, hi = out
     # floats and CPU tensors: checked (accelerator tensors are not synchronised for a check)
@@ -386,12 +383,9 @@ def _check_columns(columns, batch, n: int, m: int) -> None:
         return
     if not isinstance(columns, torch.Tensor) or columns.dtype != torch.int64:
         raise TypeError(f"columns must be an int64 tensor of key indices or None, got {_describe(columns)}")
-    try:
-        if columns.dim() < 2 or columns.shape[-2] != n or broadcast_shape(columns.shape[:-2], batch) != batch:
-            raise RuntimeError
-    except RuntimeError:
+    if columns.dim() < 2 or columns.shape[-2] != n or not broadcasts_to(columns.shape[:-2], batch):
         raise ValueError(f"columns of shape {tuple(columns.shape)} must be (..., n, c) with n = {n} and leading dims "
-                         f"broadcastable to {tuple(batch)}") from None
+                         f"broadcastable to {tuple(batch)}")
     if columns.device.type == "cpu" and columns.numel():
         low, high = (int(x) for x in torch.aminmax(columns))
         if low < 0 or high >= m:

@@ -57,6 +57,14 @@ class WarpSpec:
     self_offset: int = 0  # with exclude_self: query i's own key is key i + self_offset
 
 
+def broadcasts_to(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target``."""
+    try:
+        return broadcast_shape(shape, target) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 def broadcast_shape(*shapes) -> torch.Size:
     """:func:`torch.broadcast_shapes` of plain shapes, in plain Python (about 10x faster: it is
     called several times per backend call); raises ``RuntimeError`` where they do not broadcast."""
@@ -524,13 +532,8 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
             raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
         if mask.device != q.device:
             raise ValueError(f"mask must be on q's device {q.device}, got {mask.device}")
-        try:
-            if broadcast_shape(mask.shape, (*batch, n, m)) != (*batch, n, m):
-                raise RuntimeError
-        except RuntimeError:
-            raise ValueError(
-                f"mask of shape {_shape(mask)} does not broadcast to (..., n, m) = {(*batch, n, m)}"
-            ) from None
+        if not broadcasts_to(mask.shape, (*batch, n, m)):
+            raise ValueError(f"mask of shape {_shape(mask)} does not broadcast to (..., n, m) = {(*batch, n, m)}")
     return batch
 
 
@@ -613,13 +616,8 @@ def resolve_params(
                 raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
             if not _same_device(x.device, device):
                 raise ValueError(f"{name} must be on the inputs' device {device}, got {x.device}")
-            try:
-                if broadcast_shape(x.shape, (*batch, n)) != (*batch, n):
-                    raise RuntimeError
-            except RuntimeError:
-                raise ValueError(
-                    f"{name} of shape {_shape(x)} does not broadcast to the rows (..., n) = {(*batch, n)}"
-                ) from None
+            if not broadcasts_to(x.shape, (*batch, n)):
+                raise ValueError(f"{name} of shape {_shape(x)} does not broadcast to the rows (..., n) = {(*batch, n)}")
             x = x.to(dtype)
         resolved[name] = x
     # Tensor values are read back only on the CPU in eager mode: on accelerators that would

@@ -112,6 +112,12 @@ def dense_logits(
     return logits, rows.lo, rows.hi, rows.empty
 
 
+def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last dim; ``-inf`` with a zero gradient on rows that are all
+    ``-inf`` (``torch.logsumexp``'s gradient is NaN there)."""
+    return _RowSoftmax.apply(x)[1]
+
+
 class _RowSoftmax(torch.autograd.Function):
     """``(w, lse)`` of logits over the last dim; a row that is all ``-inf`` gives ``w = 0`` and
     ``lse = -inf`` with zero gradients (``torch.softmax`` gives NaN there, ``logsumexp`` a NaN
