@@ -115,6 +115,13 @@ class StepRule:
         return m, saved, u
 
     @staticmethod
+    def support(saved) -> torch.Tensor:
+        """A fresh float tensor, 1 where the key lies in the step's support (``φ > -inf``, i.e.
+        ``m > 0`` in exact arithmetic) and 0 elsewhere (NaN for a NaN coordinate), from the
+        ``saved`` of ``mask``: the kept count does not depend on ``m`` underflowing."""
+        raise NotImplementedError
+
+    @staticmethod
     def backward(saved, g_phi, needs, range_sums: bool = False) -> tuple:
         raise NotImplementedError
 
@@ -193,6 +200,10 @@ class SigmoidalRule(StepRule):
         return m, saved, None
 
     @staticmethod
+    def support(saved):
+        return torch.sign(saved[0])  # x in [0, 1]
+
+    @staticmethod
     def _mask_of_band(x, a, b, t):
         info = torch.finfo(x.dtype)
         rho = torch.reciprocal(x).sub_(1.0).clamp_(info.tiny, info.max).log2_()  # (1 - x)/x = 1/x - 1
@@ -241,6 +252,10 @@ class LogRule(StepRule):
         return _drop_(phi, v), (u, b, t)  # u <= 0 is dropped
 
     @staticmethod
+    def support(saved):
+        return torch.sign(saved[0]).clamp_min_(0.0)  # u > 0
+
+    @staticmethod
     def backward(saved, g_phi, needs, range_sums: bool = False):
         u, b, t = saved
         need_u, _, need_b, need_t = needs
@@ -273,6 +288,10 @@ class PolyRule(StepRule):
         c = 1 / (t * (b - a))
         y = (u * c).add_(0.5 - (a + b) * 0.5 * c).clamp_(0.0, 1.0)
         return torch.mul(y, -2.0).add_(3.0).mul_(y).mul_(y), (u, a, b, t, y)  # 0 for y <= 0, 1 for y >= 1
+
+    @staticmethod
+    def support(saved):
+        return torch.sign(saved[-1])  # y in [0, 1]
 
     @staticmethod
     def backward(saved, g_phi, needs, range_sums: bool = False):

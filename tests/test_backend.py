@@ -280,6 +280,29 @@ def test_degenerate_rows(impl, step):
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("step", ["sigmoidal", "log", "poly"])
+def test_kept_counts_the_support_whether_or_not_the_mask_underflows(impl, step):
+    """Sharp steps give keys just inside the support a mask below float32's range. ``kept``
+    counts them all the same: on the mask form (own range), on the log form (a range fixed by
+    the caller, as in a sharded bank) and in float64. The mask form counted ``m > 0``: 479
+    against 484 for the sigmoidal step at t = 0.05, 447 against 585 for the log step."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, n, e, generator=gen) for n, e in ((5, 4), (40, 4), (40, 2)))
+    a, b, t = (0.3, 0.9, 0.995) if step == "log" else (0.3, 0.9, 0.05)
+    kw = dict(step=step, a=a, b=b, t=t, impl=impl, chunk_size=7, return_stats=True)
+    _, own = simwarp.warp_attend(q, k, v, **kw)
+    _, fixed = simwarp.warp_attend(q, k, v, row_range=(own.lo, own.hi), **kw)
+    s = simwarp.pairwise_similarity(q.double(), k.double())
+    lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
+    u = (s - lo) / (hi - lo)
+    start = {"sigmoidal": a, "log": 0.0, "poly": (a + b) / 2 - t * (b - a) / 2}[step]
+    support = (u > start).sum(-1).float()
+    if step == "sigmoidal":
+        assert (torch.sigmoid(torch.log((u - a) / (b - u)) / t) < 2.0**-126).logical_and(u > a).any()  # m underflows
+    assert torch.equal(own.kept, support) and torch.equal(fixed.kept, support)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_non_finite_scores_give_nan_rows_not_empty_ones(impl, step, bad):

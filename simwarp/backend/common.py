@@ -28,9 +28,10 @@ class WarpStats(NamedTuple):
     Attributes:
         lse: log-normaliser ``log Σ_j m_ij exp(s_ij / τ)`` over valid keys (``-inf`` for a row
             with no valid key). Differentiable.
-        kept: number of valid keys the step keeps, i.e. whose mask ``m(u)`` is not 0 (float).
-            Their weights are not exactly 0, though softmax can make them negligible: for
-            ``step="none"`` every valid key counts.
+        kept: number of valid keys the step keeps, i.e. in its support (``φ > -inf``: ``m(u) > 0``
+            in exact arithmetic, even where ``m`` underflows) (float).
+            Softmax can still make their weights negligible (exactly 0 where ``m`` underflows):
+            for ``step="none"`` every valid key counts.
         lo: minimum similarity over the row's valid keys (0 for an empty row).
         hi: maximum similarity over the row's valid keys (0 for an empty row).
         empty: True where the row has no valid key (its output is exactly 0).
@@ -423,7 +424,7 @@ class MaskedNumerator(NamedTuple):
     u: torch.Tensor | None  # what warp_backward needs (None for step "none", or if the rule sums for itself)
     inv: torch.Tensor | None
     saved: tuple
-    kept: torch.Tensor | None  # (..., n) keys with m > 0 among the valid ones, if counted
+    kept: torch.Tensor | None  # (..., n) valid keys in the step's support (m > 0 exactly), if counted
 
 
 def masked_numerator(
@@ -467,8 +468,8 @@ def masked_numerator(
     if self_offset is not None:
         e.diagonal(self_offset, -2, -1).zero_()
     kept = None
-    if count_kept:  # sign(m) in {0, 1}: a float sum (a sum of bools converts them to int64 first, 4x slower on CPU)
-        valid = torch.ones_like(e) if m is None else torch.sign(m)
+    if count_kept:  # the support in {0, 1}: a float sum (a sum of bools converts them to int64 first, 4x slower on CPU)
+        valid = torch.ones_like(e) if m is None else spec.step.rule.support(saved)
         if bias is not None:
             valid.masked_fill_(bias == -math.inf, 0.0)
         if self_offset is not None:
