@@ -148,7 +148,7 @@ def raise_together(
     error, result = None, None
     try:
         result = check()
-    except (ValueError, TypeError, RuntimeError) as err:
+    except Exception as err:  # re-raised below, once every rank knows
         error = err
     rows = _all_gather_ints([int(error is not None), *same, *share], group, device)
     failed = [rank for rank, row in enumerate(rows) if row[0]]

@@ -219,9 +219,16 @@ class _BankMixin(nn.Module):
         (shapes, NaN and inf). With ``gather``, this rank's shard may be empty (the bank is
         the union of the shards).
         """
+        self._store_bank(z, y)
+
+    def _store_bank(self, z: Any, y: Any, failure: Exception | None = None) -> None:
+        """:meth:`set_bank`; ``failure``: an error met before it on this rank (``fit_bank``'s
+        encoder), raised on every rank by the agreement under ``gather`` as the checks' own."""
         enabled, group = resolve_group(getattr(self, "gather", False))
 
         def check() -> torch.Tensor:
+            if failure is not None:
+                raise failure
             _check_z(z, self.in_features)
             labels = self._check_labels(y, z)
             if z.shape[0] == 0 and not enabled:
@@ -269,6 +276,8 @@ class _BankMixin(nn.Module):
         Use a loader over the whole data set in a fixed order (``shuffle=False``, no
         ``drop_last``): every row becomes a bank entry, and :meth:`explain`'s indices are
         positions in that order. A ``DataLoader`` with ``drop_last=True`` gets a warning.
+        Under ``gather`` each rank encodes its own shard; an error on one rank while encoding
+        is raised there and, naming it, on every other rank (none waits in a collective).
 
         Args:
             encoder: a module or any callable (a function, ``model.encode``) that maps a batch
@@ -289,6 +298,19 @@ class _BankMixin(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
+        z = y = failure = None
+        try:
+            z, y = self._encode(encoder, loader, device, progress, label_key)
+        except Exception as error:
+            if not resolve_group(getattr(self, "gather", False))[0]:
+                raise
+            failure = error  # raised on every rank by set_bank's agreement, where the others would wait
+        self._store_bank(z, y, failure)
+
+    def _encode(
+        self, encoder: Callable[..., torch.Tensor] | None, loader: Iterable, device, progress: bool, label_key: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fit_bank``'s embeddings and labels of the loader's rows."""
         module = encoder if isinstance(encoder, nn.Module) else None  # any callable is an encoder
         was_training = module.training if module is not None else False
         if module is not None:
@@ -335,7 +357,7 @@ class _BankMixin(nn.Module):
                 raise ValueError("fit_bank got an empty loader")
             # an empty shard of a gathered bank: still join set_bank's collectives
             zs, ys = [self.bank_z.new_zeros((0, self.in_features))], [self.bank_y[:0]]
-        self.set_bank(torch.cat(zs), torch.cat(ys))
+        return torch.cat(zs), torch.cat(ys)
 
     def _check_bank_shapes(self) -> None:
         problem = self._bank_shape_problem(self.bank_z, self.bank_y)  # shapes only: no read-back under export

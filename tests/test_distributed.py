@@ -97,7 +97,7 @@ def _one_rank_errors(data, world, rank, rb, ks) -> dict:
             cases[name] = None
         except dist.DistBackendError:
             raise  # a timeout: the ranks are out of step, so nothing after it would mean anything
-        except (ValueError, TypeError, RuntimeError) as err:
+        except (ValueError, TypeError, RuntimeError, KeyError) as err:
             cases[name] = f"{type(err).__name__}: {err}"
 
     nan_z = z.clone()
@@ -115,6 +115,9 @@ def _one_rank_errors(data, world, rank, rb, ks) -> dict:
     if rank == world - 1:
         bank_z[0, 0] = float("nan")
     attempt("nan_bank", lambda: _head("reg", gather=True).set_bank(bank_z, data["bank_y"][ks]))
+    # fit_bank's encoding fails on one rank (dict batches without their labels' key there)
+    batches = [{"x": data["bank_z"][ks], ("y" if bad else "labels"): data["bank_y"][ks]}]
+    attempt("fit_bank_encoding", lambda: _head("reg", gather=True).eval().fit_bank(lambda x: x, batches, progress=False))
     half_labels = cls.double() + (0.5 if bad else 0.0)
     attempt("float_class_labels", lambda: simwarp.SoftStepNCALoss(gather=True)(z, half_labels))
     attempt("instance_nan_loss", lambda: simwarp.SoftStepNCALoss(gather=True, mode="instance", embedding_size=D).double()(nan_z, cls))
@@ -600,7 +603,7 @@ def _sum_reducer():
 
 
 @pytest.mark.parametrize("case", ["instance_nan_training", "nan_labels", "query_width", "nan_bank",
-                                  "float_class_labels", "instance_nan_loss"])
+                                  "float_class_labels", "instance_nan_loss", "fit_bank_encoding"])
 def test_an_input_wrong_on_one_rank_raises_on_every_rank(group_results, case):
     """Before, only the rank with the bad input raised, and the others waited in the call's
     next collective until the process group's timeout (30 minutes by default)."""
