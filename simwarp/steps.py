@@ -527,6 +527,9 @@ class SoftStep(nn.Module):
 
     The valid ranges ``0 < a < b ≤ 1``, ``0 < t < 1`` hold by construction. Use
     :meth:`kwargs` to splat the step and its parameters into :func:`simwarp.warp_attend`.
+    A step that does not warp (``"none"``) ignores ``(a, b, t)``: they are then constants
+    (a buffer, no network), so the module has no parameters that never get a gradient
+    (which ``DistributedDataParallel`` refuses).
 
     Args:
         mode: one of :data:`MODES`.
@@ -568,15 +571,17 @@ class SoftStep(nn.Module):
             raise ValueError(f"init must be (a, b, t), got {init!r}")
         raw0 = raw_from_params(*init)
         self.mode, self.step, self.in_features, self.num_heads = mode, step, in_features, num_heads
-        if mode == "global":
+        if mode == "per_head" and (not isinstance(num_heads, int) or num_heads < 1):
+            raise ValueError(f"mode='per_head' needs num_heads >= 1, got {num_heads!r}")
+        if mode == "instance" and (not isinstance(in_features, int) or in_features < 1):
+            raise ValueError(f"mode='instance' needs in_features >= 1, got {in_features!r}")
+        if not get_step(step).warps:
+            self.register_buffer("raw", raw0.repeat(num_heads, 1) if mode == "per_head" else raw0)
+        elif mode == "global":
             self.raw = nn.Parameter(raw0.clone())
         elif mode == "per_head":
-            if not isinstance(num_heads, int) or num_heads < 1:
-                raise ValueError(f"mode='per_head' needs num_heads >= 1, got {num_heads!r}")
             self.raw = nn.Parameter(raw0.repeat(num_heads, 1))
         else:
-            if not isinstance(in_features, int) or in_features < 1:
-                raise ValueError(f"mode='instance' needs in_features >= 1, got {in_features!r}")
             last = nn.Linear(in_features if hidden is None else hidden, 3)
             nn.init.zeros_(last.weight)
             with torch.no_grad():
@@ -601,6 +606,8 @@ class SoftStep(nn.Module):
                 raise ValueError(
                     f"cond must have last dim in_features={self.in_features}, got shape {tuple(cond.shape)}"
                 )
+            if "raw" in self._buffers:  # a step that does not warp: constants, one per row
+                return tuple(p.expand(cond.shape[:-1]) for p in params_from_raw(self.raw))
             weight = next(self.net.parameters())
             # the step parameters are the network's dtype, like global mode's, whatever the
             # queries' dtype (the backend casts a, b, t to the compute dtype)

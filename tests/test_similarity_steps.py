@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -428,3 +429,38 @@ def test_squared_norms_in_slices_are_the_same_bits(monkeypatch):
 def test_softstep_init_that_is_not_three_numbers_names_init():
     with pytest.raises(TypeError, match=r"init must be three floats \(a, b, t\) or None, got 'abc'"):
         simwarp.SoftStep(init="abc")
+
+
+
+def _front_ends_with_step_none():
+    """(name, module, a call giving a loss) of every front end built with step="none"."""
+    z, y, cls = torch.randn(12, 4, requires_grad=True), torch.randn(12, 1), torch.arange(12) % 3
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    losses = ((simwarp.SoftStepNCALoss, cls), (simwarp.SoftStepContrastiveLoss, cls), (simwarp.SoftStepNeighborRegressionLoss, y))
+    for (cls_, labels), mode in itertools.product(losses, ("global", "instance")):
+        loss = cls_(step="none", mode=mode, embedding_size=4 if mode == "instance" else None)
+        yield f"{cls_.__name__}-{mode}", loss, lambda loss=loss, labels=labels: loss(z, labels)
+    for mode in ("global", "per_head", "instance"):
+        mha = simwarp.MultiheadSoftStepAttention(8, 2, step="none", mode=mode, batch_first=True)
+        yield f"attention-{mode}", mha, lambda mha=mha: mha(x, x, x)[0]
+    head = simwarp.NeighborRegressionHead(4, 1, step="none")
+    yield "head", head, lambda: head(z, y)
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in _front_ends_with_step_none()])
+def test_step_none_leaves_no_parameter_without_a_gradient(name):
+    """DistributedDataParallel refuses parameters that get no gradient. With step="none" the
+    step's (a, b, t) are unused: they were parameters all the same (losses, attention), so the
+    documented DDP recipe failed on its second iteration ("Expected to have finished reduction")."""
+    module, run = next((m, r) for n, m, r in _front_ends_with_step_none() if n == name)
+    run().sum().backward()
+    assert all(p.grad is not None for p in module.parameters()), [n for n, p in module.named_parameters() if p.grad is None]
+
+
+@pytest.mark.parametrize("mode, kw", [("global", {}), ("per_head", {"num_heads": 3}), ("instance", {"in_features": 4})])
+def test_softstep_without_warping_is_constant(mode, kw):
+    step = SoftStep(mode=mode, step="none", **kw)
+    assert not list(step.parameters()) and "raw" in step.state_dict()
+    cond = torch.randn(5, 4)
+    for got, want in zip(step(cond), SoftStep(mode=mode, **kw)(cond)):
+        torch.testing.assert_close(got, want.detach())
