@@ -152,7 +152,10 @@ def streaming_topk(queries: torch.Tensor, keys: torch.Tensor, metric: str, k: in
     :class:`~simwarp.similarity.PreparedKeys`) and merges each block's top-k into a running one,
     so memory is bounded however large the bank. ``exclude_self``: query ``i`` never picks key
     ``i`` (leave-one-out over a batch). Needs ``k <= M`` (``M - 1`` with ``exclude_self``).
-    Scores in the inputs' dtype, with autocast off (it would rank in half precision)."""
+    Scores in the backend's working precision (float16 and bfloat16 inputs in float32: in
+    their own precision the ranking picks wrong neighbours), with autocast off."""
+    dtype = work_dtype(queries.dtype)
+    queries, keys = queries.to(dtype), keys.to(dtype)
     prepared = PreparedKeys(keys, metric)
     per_score = queries.shape[-1] if metric == "l1" else 1  # l1's scores hold (rows, keys, d) differences
     width = max(k, EXPLAIN_BUDGET // (KNN_ROWS * per_score))
@@ -1053,8 +1056,8 @@ class KNNRegressionHead(_BankMixin):
         if not z.shape[0]:
             return values.new_zeros((0, values.shape[-1]))
         out = values[top].mean(dim=1)
-        nan_rows = z.isnan().any(-1, keepdim=True)  # no neighbours: NaN, as the SoftStep heads give
-        return out.masked_fill(nan_rows, math.nan)
+        bad_rows = ~torch.isfinite(z).all(-1, keepdim=True)  # no neighbours: NaN, as the SoftStep heads give
+        return out.masked_fill(bad_rows, math.nan)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""

@@ -838,6 +838,26 @@ def test_knn_head_never_picks_nan_rows_and_gives_nan_for_nan_queries():
     assert torch.isfinite(got[clean]).all() and got[clean].shape == want.shape
 
 
+def test_knn_head_gives_nan_for_infinite_queries():
+    """An inf feature made every score NaN, then -inf: the kNN head picked arbitrary rows."""
+    head = KNNRegressionHead(2, k=2).eval()
+    head.set_bank(torch.randn(10, 2), torch.arange(10.0))
+    out = head(torch.tensor([[math.inf, 0.0], [math.nan, 0.0], [-math.inf, 0.0], [0.0, 0.0]]))
+    assert out[:3].isnan().all() and torch.isfinite(out[3]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_knn_head_ranks_half_precision_embeddings_in_float32(dtype):
+    """Half-precision embeddings were ranked in their own precision: with embeddings offset
+    from 0 (l2's norms dominate the GEMM form) every bf16 prediction picked other neighbours
+    than the same values ranked in float32."""
+    g = torch.Generator().manual_seed(0)
+    bank, queries = ((torch.randn(n, 16, generator=g) + 10).to(dtype) for n in (2000, 200))
+    head = KNNRegressionHead(16, k=5).eval()
+    head.set_bank(bank, torch.randn(2000, generator=g))
+    assert torch.equal(head(queries), head(queries.float()))
+
+
 @pytest.mark.parametrize("cast", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_type", [NeighborRegressionHead, KNNRegressionHead])
 def test_a_head_cast_to_half_keeps_its_bank_labels(head_type, cast):
@@ -864,7 +884,7 @@ def test_float16_embeddings_with_targets_beyond_float16_range(head_type):
     """The labels were cast to the embeddings' float16 before standardisation: 2e5 became inf
     and every prediction NaN (inf for the kNN head)."""
     g = torch.Generator().manual_seed(1)
-    z, y = torch.randn(64, 8, generator=g), 2e5 + 5e4 * torch.randn(64, generator=g)
+    z, y = torch.randn(64, 8, generator=g).half().float(), 2e5 + 5e4 * torch.randn(64, generator=g)  # same z in both
     make = (lambda: NeighborRegressionHead(8, mode="global")) if head_type == "softstep" else (lambda: KNNRegressionHead(8, k=5))
     head16, head32 = make(), make()
     out16, out32 = head16(z.half(), y), head32(z, y)
