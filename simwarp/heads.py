@@ -513,9 +513,7 @@ class _WarpHeadBase(_BankMixin):
         def all_checks():
             out = local_checks()
             with torch.no_grad():
-                params = self._step_kwargs(z)
-                resolve_params(params.get("a"), params.get("b"), params.get("t"), batch=torch.Size(),
-                               n=z.shape[0], dtype=work_dtype(z.dtype), device=z.device)
+                self._check_step_params(z, self._step_kwargs(z))
             return out
 
         rows = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() == 2 else 0
@@ -526,6 +524,13 @@ class _WarpHeadBase(_BankMixin):
             check_global_batch([batch for _, batch in shares])
         return out
 
+    @staticmethod
+    def _check_step_params(z: torch.Tensor, step_kwargs: dict) -> None:
+        """The step parameters of ``z``, checked as the backend will (NaN or inf embeddings
+        make them NaN under ``mode="instance"``)."""
+        resolve_params(step_kwargs.get("a"), step_kwargs.get("b"), step_kwargs.get("t"), batch=torch.Size(),
+                       n=z.shape[0], dtype=work_dtype(z.dtype), device=z.device)
+
     def _step_kwargs(self, z: torch.Tensor) -> dict:
         if self.softstep is None:
             return {"step": "none"}
@@ -535,8 +540,11 @@ class _WarpHeadBase(_BankMixin):
         """Embeddings as the similarity sees them: times the learned scale (``learn_scale``)."""
         return x if self.log_scale is None else x * self.log_scale.exp().to(x.dtype)
 
-    def _attend(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool) -> tuple[torch.Tensor, Any]:
-        step_kwargs = self._step_kwargs(z)  # the instance network sees the embeddings as they come
+    def _attend(
+        self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, loo: bool, step_kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        if step_kwargs is None:
+            step_kwargs = self._step_kwargs(z)  # the instance network sees the embeddings as they come
         z, keys = self._scaled(z), self._scaled(keys)
         enabled, group = resolve_group(self.gather)
         if enabled:  # batch (training) or sharded bank across ranks: simwarp.distributed
@@ -840,9 +848,11 @@ class NeighborRegressionHead(_WarpHeadBase):
 
         squeeze, y2 = self._checked(z, check, _TRAIN if training else _PREDICT)
         if training:
+            step_kwargs = self._step_kwargs(z)
+            self._check_step_params(z, step_kwargs)  # before the target statistics see the batch
             self._update_running_stats(y2)
             ys = self._standardize(y2.to(_wide(z))).to(z.dtype)
-            out, _ = self._attend(z, z, values_fn(ys), loo=True)
+            out, _ = self._attend(z, z, values_fn(ys), loo=True, step_kwargs=step_kwargs)
         else:
             self._require_bank(z.device)
             ys = self._standardize(self.bank_y.to(_wide(z))).to(z.dtype)

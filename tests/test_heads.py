@@ -73,6 +73,20 @@ def test_standardisation_is_exact_running_statistics():
     torch.testing.assert_close(head.target_mean, head.bank_y.mean(0))
 
 
+def test_a_training_call_that_raises_leaves_the_target_statistics_as_they_were():
+    """NaN embeddings under mode="instance" raise in the backend, after the statistics had
+    taken the batch in: a loop that skipped the batch kept it in target_mean."""
+    head = NeighborRegressionHead(3, 2, mode="instance")
+    head(*_data(n=7, d=3, seed=0))
+    before = {name: buf.clone() for name, buf in head.named_buffers()}
+    z = torch.randn(8, 3)
+    z[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        head(z, torch.full((8, 2), 1000.0))
+    for name, buf in head.named_buffers():
+        assert torch.equal(buf, before[name]), name
+
+
 @pytest.mark.parametrize("magnitude", [1e20, 1e30])
 def test_running_statistics_of_huge_targets(magnitude):
     # in float32 the squared deviations overflowed: std inf (NaN predictions) or m2 NaN (std reset to 1)
