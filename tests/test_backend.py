@@ -885,6 +885,33 @@ def test_fixed_row_range_gradients_match_dense(step, mask_kind):
         torch.testing.assert_close(gc, gd, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("how", ["row_range", "user_step"])
+def test_the_best_key_sits_at_u_1_on_the_log_form_too(impl, how):
+    """``s · inv + shift`` put the best key at u = 1 - ulp on the general path (a range fixed
+    from outside, a user step): inside a sigmoidal band ending at b = 1, whose partials there
+    are O(1), so dq was off (7.08 against 5.87 here). ``u = 1 + (s - hi)/(hi - lo)`` is exact
+    at both ends; the gradients now equal the mask form's."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(*shape, generator=gen, dtype=f64) for shape in ((1, 2), (4, 2), (4, 1)))
+    kw = dict(metric="l2", a=0.2, b=1.0, t=0.99, temperature=0.05, impl=impl, chunk_size=1, detach_range=True)
+
+    def grad_q(**extra):
+        leaf = q.clone().requires_grad_()
+        simwarp.warp_attend(leaf, k, v, **{**kw, **extra}).sum().backward()
+        return leaf.grad
+
+    if how == "row_range":
+        lo, hi, _ = simwarp.warp_range(q, k, metric="l2")
+        extra = {"row_range": (lo, hi)}
+    else:
+        extra = {"step": simwarp.register_step("test_user_sigmoidal", simwarp.steps.sigmoidal_log_mask, overwrite=True).name}
+    torch.testing.assert_close(grad_q(**extra), grad_q(), rtol=1e-12, atol=1e-12)
+    s = simwarp.pairwise_similarity(q, k, metric="l2")
+    u, _ = simwarp.backend.common.unit_range(s, s.amin(-1, keepdim=True), s.amax(-1, keepdim=True))
+    assert u.max() == 1.0 and u.min() == 0.0
+
+
 def test_row_range_errors():
     q, k, v = _qkv()
     with pytest.raises(TypeError, match="row_range"):

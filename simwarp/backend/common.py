@@ -246,10 +246,21 @@ def unit_affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def unit_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, inv)``: ``u = (s - lo) · inv`` with ``inv = 1 / (hi - lo)`` per row, and on flat rows
-    (:func:`unit_affine`) ``inv = 0``, ``u = 1``."""
-    inv, shift = unit_affine(lo, hi)
-    return (s * inv).add_(shift), inv
+    """``(u, inv)``: ``u = (s - lo) / (hi - lo)`` and ``inv = 1 / (hi - lo)`` per row; on flat
+    rows (:func:`unit_affine`) ``inv = 0``, ``u = 1``.
+
+    ``u`` is taken as ``1 + (s - hi) / (hi - lo)``, a division, so that both ends are exact:
+    0 at ``s = lo`` (the ``log`` step drops the row minimum) and 1 at ``s = hi``, where
+    ``s · inv + shift`` may give ``1 - ulp``: inside a band that ends at ``b = 1``, where the
+    ``sigmoidal`` step's partials are ``O(1)`` (the mask form takes the same care,
+    :meth:`~simwarp.steps.StepRule.mask_affine`). A range that overflows is halved throughout."""
+    inv, _ = unit_affine(lo, hi)
+    r = hi - lo
+    halved = r == math.inf
+    c = torch.where(halved, 0.5, 1.0).to(r.dtype)
+    top = hi * c
+    width = torch.where(halved, top - lo * c, r).masked_fill_(r < torch.finfo(r.dtype).tiny, math.inf)  # flat: u = 1
+    return torch.addcmul(top.neg(), s, c).div_(width).add_(1.0), inv
 
 
 def _range_gradients(g_u: torch.Tensor, u: torch.Tensor, inv: torch.Tensor, sums=None) -> tuple[torch.Tensor, torch.Tensor]:
