@@ -912,6 +912,32 @@ def test_the_best_key_sits_at_u_1_on_the_log_form_too(impl, how):
     assert u.max() == 1.0 and u.min() == 0.0
 
 
+@pytest.mark.parametrize("how", ["row_range", "user_step"])
+def test_general_path_with_a_mask_batch_that_q_and_k_lack(how):
+    """The chunked general path counted empty rows on the similarities' (q, k) batch: a mask
+    (and v) with a leading dim of its own raised a RuntimeError; dense was fine."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 4, generator=gen, dtype=f64), torch.randn(5, 4, generator=gen, dtype=f64), torch.randn(2, 5, 1, generator=gen, dtype=f64)
+    mask = torch.rand(2, 3, 5, generator=gen) > 0.3
+    mask[1, 2] = False  # an empty row in one batch entry only
+    extra = {"row_range": (-3.0, 3.0)} if how == "row_range" else {
+        "step": simwarp.register_step("test_user_sigmoidal", simwarp.steps.sigmoidal_log_mask, overwrite=True).name
+    }
+    outs = [simwarp.warp_attend(q, k, v, mask=mask, impl=impl, chunk_size=2, return_stats=True, **extra) for impl in ("dense", "chunked")]
+    (out_d, st_d), (out_c, st_c) = outs
+    assert out_c.shape == (2, 3, 1)
+    torch.testing.assert_close(out_c, out_d)
+    assert torch.equal(st_c.empty, st_d.empty) and st_c.empty[1, 2] and not st_c.empty[0, 2]
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
+def test_warp_range_checks_chunk_size(chunk_size):
+    """chunk_size=-1 returned every row empty; 0 and 2.5 failed inside range()."""
+    q, k = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        simwarp.warp_range(q, k, chunk_size=chunk_size)
+
+
 def test_row_range_errors():
     q, k, v = _qkv()
     with pytest.raises(TypeError, match="row_range"):

@@ -299,6 +299,7 @@ def warp_range(
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
     batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
     spec = make_spec(metric, scale, "none", 1.0, causal, exclude_self, True, self_offset)
+    check_chunk_size(chunk_size)
     if spec.metric not in STREAMING_METRICS:
         raise ValueError(f"warp_range streams over keys: metric must be one of {STREAMING_METRICS}, got {metric!r}")
     n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)

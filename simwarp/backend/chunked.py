@@ -190,7 +190,7 @@ class _ChunkedWarp(torch.autograd.Function):
                 kept[..., r0:] += num.kept
                 continue
             if empty is None:
-                any_valid |= ~row_is_empty(bias, s.shape, s.device)
+                any_valid |= ~row_is_empty(bias, (*batch, *s.shape[-2:]), s.device)  # (the mask's batch too)
             logits = warp_logits(s, lo1, hi1, bias, a, b, t, spec)
             new_max = torch.maximum(run_max, logits.amax(-1))
             shift = new_max.masked_fill(torch.isinf(new_max), 0.0)

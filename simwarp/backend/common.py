@@ -124,7 +124,7 @@ def key_bias(
     return bias
 
 
-def row_is_empty(bias: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor:
+def row_is_empty(bias: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``(..., n)`` bool: rows of ``shape = (..., n, c)`` with no valid key under ``bias``."""
     if bias is None:
         return torch.zeros(shape[:-1], dtype=torch.bool, device=device)
