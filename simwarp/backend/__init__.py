@@ -294,7 +294,9 @@ def warp_range(
 
     Returns ``(lo, hi, empty)``, each ``(..., n)``; rows with no valid key have ``lo = hi = 0``
     and ``empty = True``. Reduce the ranges of several key sets (min of ``lo``, max of ``hi``
-    over the non-empty parts) and pass them back as ``warp_attend(..., row_range=(lo, hi))``.
+    over the non-empty parts) and pass them back as ``warp_attend(..., row_range=(lo, hi))``
+    with the same parts and ``chunk_size`` (a key block of another width may round a
+    similarity differently: on rows of near-duplicate keys that moves them out of the band).
     """
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
     batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
