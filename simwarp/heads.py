@@ -285,7 +285,8 @@ class _BankMixin(nn.Module):
         Args:
             encoder: a module or any callable (a function, ``model.encode``) that maps a batch
                 ``x`` to ``z (B, in_features)``; ``None`` = ``x`` already is ``z``. Run without
-                gradients, a module in eval mode (its mode is restored afterwards).
+                gradients, a module (or the module of a method) in eval mode (its mode is
+                restored afterwards).
             loader: iterable of ``(x, y)`` batches (e.g. a ``DataLoader``), or of dicts in the
                 Hugging Face style: ``y = batch[label_key]`` and the encoder is called as
                 ``encoder(**rest)``. Batches bound the memory.
@@ -298,6 +299,13 @@ class _BankMixin(nn.Module):
             warnings.warn(
                 "fit_bank: the loader has drop_last=True, so the rows of its last incomplete batch are "
                 "left out of the bank; use a loader without drop_last (and without shuffle)",
+                UserWarning,
+                stacklevel=2,
+            )
+        if isinstance(getattr(loader, "sampler", None), torch.utils.data.RandomSampler):
+            warnings.warn(
+                "fit_bank: the loader shuffles, so the bank holds the rows in a random order and explain()'s "
+                "indices are not positions in the data set; use a loader with shuffle=False",
                 UserWarning,
                 stacklevel=2,
             )
@@ -314,7 +322,9 @@ class _BankMixin(nn.Module):
         self, encoder: Callable[..., torch.Tensor] | None, loader: Iterable, device, progress: bool, label_key: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``fit_bank``'s embeddings and labels of the loader's rows."""
-        module = encoder if isinstance(encoder, nn.Module) else None  # any callable is an encoder
+        # any callable is an encoder; a module's method (model.encode) runs with the module in eval mode
+        module = encoder if isinstance(encoder, nn.Module) else getattr(encoder, "__self__", None)
+        module = module if isinstance(module, nn.Module) else None
         was_training = module.training if module is not None else False
         if module is not None:
             module.eval()
@@ -350,8 +360,15 @@ class _BankMixin(nn.Module):
                         f"fit_bank: the encoder must return the embeddings z (B, in_features) as a tensor, got "
                         f"{type(z).__name__} (wrap a model that returns an output object)"
                     )
+                y = torch.as_tensor(y)
+                if z.dim() != 2 or y.dim() == 0:
+                    raise ValueError(
+                        f"fit_bank: each batch must hold rows: z (B, in_features) and labels (B,) or (B, E), got z of "
+                        f"shape {_shape(z)} and labels of shape {_shape(y)} (a DataLoader with batch_size=None "
+                        "yields single samples: give it a batch size)"
+                    )
                 zs.append(z.detach())
-                ys.append(torch.as_tensor(y).detach())
+                ys.append(y.detach())
         finally:
             if module is not None:
                 module.train(was_training)

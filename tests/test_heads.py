@@ -930,6 +930,35 @@ def test_fit_bank_takes_any_callable_encoder():
     torch.testing.assert_close(head.bank_z, model(x).detach() * 2.0)
 
 
+def test_fit_bank_runs_the_module_of_a_method_encoder_in_eval_mode():
+    """fit_bank(model.encode, ...): only module encoders were switched to eval, so the bank of
+    a method encoder was drawn with dropout on (94 of 100 rows held dropout zeros)."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5))
+
+        def encode(self, x):
+            return self.net(x)
+
+    model = Model().train()
+    x, y = torch.randn(100, 6), torch.randn(100)
+    head = NeighborRegressionHead(4).eval()
+    head.fit_bank(model.encode, [(x, y)], progress=False)
+    assert model.training  # restored
+    torch.testing.assert_close(head.bank_z, model.eval().encode(x))
+
+
+def test_fit_bank_warns_on_a_shuffling_loader_and_names_single_sample_batches():
+    data = torch.utils.data.TensorDataset(torch.randn(12, 4), torch.randn(12))
+    head = NeighborRegressionHead(4).eval()
+    with pytest.warns(UserWarning, match="shuffles"):
+        head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=4, shuffle=True), progress=False)
+    with pytest.raises(ValueError, match=r"each batch must hold rows.*shape \(4,\).*batch_size=None"):
+        head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=None), progress=False)
+
+
 def test_knn_l1_blocks_are_sized_by_the_differences_they_hold(monkeypatch):
     """l1 scores materialise (rows, keys, d) differences: the key blocks were sized as if each
     score were one number (8 GiB for a 20 000-entry bank at d = 256)."""
