@@ -822,8 +822,10 @@ class NeighborRegressionHead(_WarpHeadBase):
         self._target_m2.copy_(m2)
         self.targets_seen += nb
         std = (m2 / n.clamp_min(1)).sqrt()
-        # a constant target keeps std 1 (no division by ~0)
-        self.target_std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
+        # a constant target keeps std 1 (no division by ~0): a spread below 1e-12 of the mean is
+        # rounding (the mean of equal float values need not be exact); small targets keep theirs
+        floor = (mean.abs() * 1e-12).clamp_min_(torch.finfo(torch.float32).tiny)
+        self.target_std.copy_(torch.where(std > floor, std, torch.ones_like(std)))
 
     def _on_bank_set(self) -> None:
         with torch.no_grad():

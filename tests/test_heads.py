@@ -87,6 +87,23 @@ def test_a_training_call_that_raises_leaves_the_target_statistics_as_they_were()
         assert torch.equal(buf, before[name]), name
 
 
+@pytest.mark.parametrize("value", [0.0, 0.1, 3e7])
+def test_a_constant_target_keeps_std_1_and_a_small_one_its_own(value):
+    """The threshold was absolute (1e-12): targets of size 1e-13 counted as constant, their
+    "standardised" labels (~1e-13) underflowed float16 embeddings' dtype, and every prediction
+    was the bank mean."""
+    head = NeighborRegressionHead(4, 1, mode="global")
+    for _ in range(3):  # equal values over several batches: the running mean may round
+        head(torch.randn(7, 4), torch.full((7,), value))
+    assert head.target_std.item() == 1.0
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(50, 4, generator=g), 1e-13 * torch.randn(50, 1, generator=g)
+    head.eval().set_bank(z.half(), y)
+    torch.testing.assert_close(head.target_std, y.double().std(0, unbiased=False).float())
+    pred = head(z[:5].half() + 0.01)
+    assert pred.unique().numel() == 5 and (pred - y[:5]).abs().max() < 0.5 * y.abs().max()
+
+
 @pytest.mark.parametrize("magnitude", [1e20, 1e30])
 def test_running_statistics_of_huge_targets(magnitude):
     # in float32 the squared deviations overflowed: std inf (NaN predictions) or m2 NaN (std reset to 1)
