@@ -143,6 +143,11 @@ def train_and_evaluate(
     torch.manual_seed(seed)
     if cfg.encoder not in ("mlp", "none"):
         raise ValueError(f"TrainConfig.encoder must be 'mlp' or 'none', got {cfg.encoder!r}")
+    if cfg.encoder == "mlp" and head_kind == "knn":
+        raise ValueError(
+            "head_kind='knn' cannot train an encoder (a top-k average has no gradient): train one with another "
+            "head and rank its embeddings with knn_on_embeddings, or use TrainConfig(encoder='none')"
+        )
     if cfg.encoder == "mlp":
         encoder, emb_dim = make_encoder(data.X.shape[1], cfg.hidden, cfg.emb_dim).to(device), cfg.emb_dim
     else:

@@ -1102,6 +1102,20 @@ class KNNRegressionHead(_BankMixin):
             out = self._topk_mean(z.detach(), self.bank_z.to(z.dtype), self.bank_y.to(_wide(z)), loo=False)
         return out.squeeze(-1) if squeeze else out
 
+    @torch.no_grad()
+    def explain(self, z: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank entries behind each prediction, as the SoftStep heads' ``explain``:
+        ``indices (N, k)`` of the ``k`` most similar entries, nearest first, and their
+        ``weights (N, k)``: ``1 / self.k`` for the neighbours the prediction averages, 0 beyond
+        them (NaN for a query with NaN or inf)."""
+        _check_z(z, self.in_features)
+        k = _int_arg("k", k)
+        self._require_bank(z.device)
+        k, used = min(k, self.bank_size), min(self.k, self.bank_size)
+        indices = streaming_topk(z, self.bank_z.to(z.dtype), self.metric, k)
+        weights = torch.where(torch.arange(k, device=z.device) < used, 1.0 / used, 0.0).to(_wide(z)).expand(z.shape[0], k)
+        return indices, weights.masked_fill(~torch.isfinite(z).all(-1, keepdim=True), math.nan)
+
 
 def _wide(z: torch.Tensor) -> torch.dtype:
     """The regression heads' output dtype: ``z``'s, at least float32. Targets are standardised
@@ -1158,6 +1172,10 @@ def make_head(kind: str, in_features: int, out_features: int = 1, **kwargs: Any)
     fixed = {"nona": "step", "softstep-global": "mode", "softstep-instance": "mode"}.get(kind)
     if fixed in kwargs:
         raise ValueError(f"kind={kind!r} fixes {fixed}; pass {fixed}= to NeighborRegressionHead instead, got {fixed}={kwargs[fixed]!r}")
+    if kind == "nona" and "mode" in kwargs:
+        raise ValueError(f"kind='nona' has no step, so no mode: got mode={kwargs['mode']!r}")
+    if kind.startswith("softstep-") and kwargs.get("step") == "none":
+        raise ValueError(f"kind={kind!r} is a SoftStep head: step='none' (no step) is kind='nona'")
     if kind == "linear":
         return LinearHead(in_features, out_features, **kwargs)
     if kind == "nona":

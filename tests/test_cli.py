@@ -143,6 +143,10 @@ def test_train_and_evaluate_without_an_encoder():
     assert scaled["epochs"] == 3 and scaled["head_module"].log_scale.item() != 0.0  # the bandwidth is learned
     with pytest.raises(ValueError, match="encoder"):
         train_and_evaluate(data, "linear", TrainConfig(epochs=1, encoder="identity"), progress=False)
+    # the kNN head has no gradient: PyTorch's "element 0 of tensors does not require grad" before
+    with pytest.raises(ValueError, match="head_kind='knn' cannot train an encoder"):
+        train_and_evaluate(data, "knn", TrainConfig(epochs=1), progress=False)
+    assert np.isfinite(train_and_evaluate(data, "knn", cfg, progress=False)["rmse"])
 
 
 def test_standardised_splits_use_only_the_training_rows():

@@ -503,6 +503,11 @@ def test_make_head_kinds():
         make_head("softstep-global", 8, mode="instance")
     with pytest.raises(ValueError, match="kind='nona' fixes step"):
         make_head("nona", 8, step="poly")
+    # arguments that contradict the kind were ignored (a NONA head built as "softstep-instance")
+    with pytest.raises(ValueError, match="step='none' .* is kind='nona'"):
+        make_head("softstep-instance", 8, step="none")
+    with pytest.raises(ValueError, match="kind='nona' has no step, so no mode"):
+        make_head("nona", 8, mode="global")
 
 
 @pytest.mark.parametrize("standardize", [True, False])
@@ -867,6 +872,21 @@ def test_knn_head_never_picks_nan_rows_and_gives_nan_for_nan_queries():
     neighbours = simwarp.heads.streaming_topk(z, z, "l2", 3, exclude_self=True)
     assert not (neighbours[clean] == 5).any()
     assert torch.isfinite(got[clean]).all() and got[clean].shape == want.shape
+
+
+def test_knn_head_explains_its_neighbours_like_the_softstep_heads():
+    g = torch.Generator().manual_seed(0)
+    bank, y, q = torch.randn(30, 4, generator=g), torch.randn(30, generator=g), torch.randn(5, 4, generator=g)
+    head = KNNRegressionHead(4, k=3).eval()
+    head.set_bank(bank, y)
+    idx, w = head.explain(q, k=5)
+    assert idx.shape == w.shape == (5, 5)
+    torch.testing.assert_close(idx, torch.cdist(q, bank).topk(5, largest=False).indices)  # nearest first
+    assert torch.equal(w[:, :3], torch.full((5, 3), 1 / 3)) and torch.equal(w[:, 3:], torch.zeros(5, 2))
+    torch.testing.assert_close((w[:, :, None] * head.bank_y[idx]).sum(1), head(q))
+    assert head.explain(q, k=100)[0].shape == (5, 30)
+    q[1, 0] = math.inf
+    assert head.explain(q)[1][1].isnan().all()
 
 
 def test_knn_head_gives_nan_for_infinite_queries():
