@@ -124,8 +124,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        run_demo(datasets=datasets, quick=args.quick, out=args.out, seed=args.seed, device=args.device,
-                 progress=not args.no_progress)
+        # no bars into a log file (each redraw would be a line of it)
+        progress = not args.no_progress and sys.stderr.isatty()
+        run_demo(datasets=datasets, quick=args.quick, out=args.out, seed=args.seed, device=args.device, progress=progress)
     except MissingExtraError as err:
         print(str(err), file=sys.stderr)
         return 2
@@ -143,14 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         "R² and kept fraction, and write a PNG and a JSON file. No network access needed.",
     )
     demo.add_argument("--quick", action="store_true", help="small subsets (400 training rows; under a minute on 2 CPU cores)")
-    demo.add_argument("--dataset", action="append", metavar="NAME",
-                      help="data set to use (repeatable): diabetes, boston, diamonds, digits, tweets, periodic, hetero; "
-                      "default: digits and periodic")
+    demo.add_argument("--dataset", action="extend", nargs="+", metavar="NAME",
+                      help="data set(s) to use (one or more, repeatable): diabetes, boston, diamonds, digits, tweets, "
+                      "periodic, hetero; default: digits and periodic")
     demo.add_argument("--out", default="simwarp-demo", help="output folder for demo.png and demo.json (default: %(default)s)")
     demo.add_argument("--seed", type=seed_int, default=0, help="random seed, 0 to 2^32 - 1 (default: %(default)s)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     demo.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (default: 0 = torch's choice)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="hide progress bars (they show only when stderr is a terminal)")
     demo.set_defaults(func=cmd_demo)
     info = sub.add_parser("info", help="version, steps, metrics, backends, CUDA/triton availability")
     info.set_defaults(func=cmd_info)

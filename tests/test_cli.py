@@ -103,6 +103,23 @@ def test_demo_trains_a_repeated_dataset_once(monkeypatch, tmp_path):
     assert cli.main(["demo", "--dataset", "periodic", "--dataset", "digits", "--dataset", "periodic",
                      "--out", str(tmp_path)]) == 0
     assert seen == [("periodic", "digits")]
+    # several names after one flag, as the usage line reads (it was "unrecognized arguments")
+    assert cli.main(["demo", "--dataset", "diabetes", "periodic", "--dataset", "digits", "--out", str(tmp_path)]) == 0
+    assert seen[-1] == ("diabetes", "periodic", "digits")
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_demo_shows_progress_bars_only_on_a_terminal(monkeypatch, tmp_path, tty):
+    """`simwarp demo > log 2>&1` wrote ~38 KB of bar redraws into the log."""
+    pytest.importorskip("sklearn")
+    import simwarp.demo
+
+    seen = []
+    monkeypatch.setattr(simwarp.demo, "run_demo", lambda datasets, progress, **kw: seen.append(progress))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert seen == [tty, False]
 
 
 def test_run_demo_passes_progress_to_the_loaders_and_takes_one_name(monkeypatch, tmp_path):
