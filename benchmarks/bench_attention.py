@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simwarp import softstep_attention  # noqa: E402
 from simwarp._io import write_json  # noqa: E402
+from simwarp.cli import positive_int  # noqa: E402
 
 METHODS = ("sdpa", "softstep")
 PEERS = ("entmax15", "sparsemax")
@@ -131,17 +132,17 @@ def peak_memory(method, shape, causal, step, backward, threads) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--heads", type=positive_int, default=2)
+    p.add_argument("--dim", type=positive_int, default=64)
     p.add_argument("--step", default="sigmoidal")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--no-causal", action="store_true", help="skip the causal rows")
     p.add_argument("--full", action="store_true", help="8 heads, forward and forward+backward")
     p.add_argument("--peers", action="store_true", help=f"also time {', '.join(PEERS)} (package entmax)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/out/bench_attention.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -168,7 +169,7 @@ def main() -> None:
         for n in args.lengths:
             for causal in (False,) if args.no_causal else (False, True):
                 shape = (args.batch, heads, n, args.dim)
-                reps = max(1, args.repeats if n <= 2048 else 1)
+                reps = args.repeats if n <= 2048 else 1
                 cell = {"B": args.batch, "H": heads, "L": n, "E": args.dim, "causal": causal,
                         "pass": "fwd+bwd" if backward else "fwd"}
                 for method in methods:

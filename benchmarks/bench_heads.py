@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simwarp._io import write_json  # noqa: E402
+from simwarp.cli import positive_int  # noqa: E402
 from simwarp.datasets import load_dataset  # noqa: E402
 from simwarp.demo import (  # noqa: E402
     TrainConfig,
@@ -102,7 +103,8 @@ def parse_head(kind: str) -> tuple[str, dict, str]:
     if len(parts) == 3 and parts[0] == "softstep" and parts[2] in ("global", "instance") and parts[1] in BUILTIN_STEPS:
         return f"softstep-{parts[2]}", {"step": parts[1]}, "mlp"
     raise ValueError(f"unknown head {kind!r}: use one of {ALL_HEADS} or softstep-<step>-<global|instance> "
-                     f"with step in {BUILTIN_STEPS}")
+                     f"with step in {BUILTIN_STEPS}, each optionally prefixed raw- (no encoder) or scaled- (no "
+                     "encoder, learned bandwidth)")
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -181,21 +183,21 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="5 seeds and the full training budget")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2, --full 5)")
-    p.add_argument("--datasets", nargs="+", default=None, help=f"subset of {REAL + SYNTH} (default: the 5 real sets)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 2, --full 5)")
+    p.add_argument("--datasets", nargs="+", default=None, choices=REAL + SYNTH, metavar="NAME", help=f"subset of {REAL + SYNTH} (default: the 5 real sets)")
     p.add_argument("--synthetic", action="store_true", help="also run the synthetic manifolds")
-    p.add_argument("--epochs", type=int, default=None, help="max epochs (default 30, --full 120)")
-    p.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 8, --full 15)")
-    p.add_argument("--max-train", type=int, default=None, help="cap on training rows (default 800, --full none)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="max epochs (default 30, --full 120)")
+    p.add_argument("--patience", type=positive_int, default=None, help="early-stopping patience in epochs (default 8, --full 15)")
+    p.add_argument("--max-train", type=positive_int, default=None, help="cap on training rows (default 800, --full none)")
     p.add_argument("--heads", nargs="+", default=None,
                    help=f"heads to run (default {ALL_HEADS}); also softstep-<step>-<global|instance>, e.g. softstep-poly-global")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_heads.json"))
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    seeds = args.seeds or (5 if args.full else 2)
+    seeds = args.seeds if args.seeds is not None else (5 if args.full else 2)
     datasets = tuple(args.datasets) if args.datasets else REAL + (SYNTH if args.synthetic else ())
     heads = tuple(args.heads) if args.heads else ALL_HEADS
     for h in heads:
@@ -207,11 +209,11 @@ def main(argv=None) -> int:
     if want_knn and "softstep-instance" not in heads:
         p.error("head 'knn' needs 'softstep-instance' in --heads (it reuses that run's embeddings)")
     cfg = TrainConfig(epochs=120, patience=15) if args.full else TrainConfig(epochs=30, patience=8, max_train=800)
-    if args.epochs:
+    if args.epochs is not None:
         cfg.epochs = args.epochs
-    if args.patience:
+    if args.patience is not None:
         cfg.patience = args.patience
-    if args.max_train:
+    if args.max_train is not None:
         cfg.max_train = args.max_train
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ Usage::
     python benchmarks/bench_losses.py                 # both parts, defaults (a few minutes)
     python benchmarks/bench_losses.py --part speed --full
     python benchmarks/bench_losses.py --part speed --sizes 1024 --interleave --reps 60 --stable-malloc
-    python benchmarks/bench_losses.py --part quality --seeds 5 --out benchmarks/out/losses.json
+    python benchmarks/bench_losses.py --part quality --seeds 5      # writes benchmarks/out/losses_quality.json
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from simwarp._io import write_json  # noqa: E402
+from simwarp.cli import non_negative_int, positive_int  # noqa: E402
 
 SPEED_CASES = ("pml_nca", "softstep_nca", "softstep_nca_poly", "softstep_nca_none", "pml_ntxent",
                "softstep_contrastive", "softstep_contrastive_none")
@@ -253,7 +254,7 @@ def speed_table(rows: list[dict]) -> str:
         ref = base.get((r["n"], peer.get(r["case"], "")))
         measured_memory = r["peak_mib"] == r["peak_mib"]  # NaN in interleaved mode
         if ref is not None:
-            ratio_t = f"{r['time_s'] / ref['time_s']:.2f}x"
+            ratio_t = f"{r['time_s'] / ref['time_s']:.3g}x"
             if measured_memory:
                 ratio_m = f"{ref['peak_mib'] / max(r['peak_mib'], 1e-9):.1f}x"
         memory = f"{r['peak_mib']:.1f}" if measured_memory else "—"
@@ -378,23 +379,24 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("speed", "quality", "all"), default="all")
     ap.add_argument("--full", action="store_true", help="speed: add batch 16384")
-    ap.add_argument("--sizes", type=int, nargs="*", default=None, help="speed: batch sizes (overrides --full)")
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3, help="speed: timed calls after the warm-up (0: time the warm-up)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sizes", type=positive_int, nargs="*", default=None, help="speed: batch sizes (overrides --full)")
+    ap.add_argument("--d", type=positive_int, default=128)
+    ap.add_argument("--reps", type=non_negative_int, default=3, help="speed: timed calls after the warm-up (0: time the warm-up)")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--stable-malloc", action="store_true",
                     help="speed: run the cases with glibc heap trimming off (less page-fault noise)")
-    ap.add_argument("--rounds", type=int, default=1, help="speed: run all cases this many times, in turn; report medians")
+    ap.add_argument("--rounds", type=positive_int, default=1, help="speed: run all cases this many times, in turn; report medians")
     ap.add_argument("--interleave", action="store_true",
                     help="speed: time all cases of a size in one process, calls alternating (no memory)")
     ap.add_argument("--cases", default=None, help="speed: comma-separated cases from " + ",".join(SPEED_CASES + EXTRA_CASES))
     ap.add_argument("--mem-cap-gib", type=float, default=8.0)
-    ap.add_argument("--timeout", type=int, default=900, help="speed: seconds per case")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--emb-dim", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "losses.json")
+    ap.add_argument("--timeout", type=positive_int, default=900, help="speed: seconds per case")
+    ap.add_argument("--seeds", type=positive_int, default=5)
+    ap.add_argument("--epochs", type=positive_int, default=20)
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--emb-dim", type=positive_int, default=32)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default benchmarks/out/losses_<part>.json: one file per part)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-interleave", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
@@ -424,9 +426,10 @@ def main(argv=None) -> None:
         rows = run_quality(args.seeds, args.epochs, args.batch, args.emb_dim, args.threads)
         result["quality"] = rows
         print(quality_table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result, indent=1)
-    print(f"wrote {args.out}")
+    out = args.out if args.out is not None else ROOT / "benchmarks" / "out" / f"losses_{args.part}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result, indent=1)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
