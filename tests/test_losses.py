@@ -687,3 +687,25 @@ def test_a_nan_embedding_gives_a_nan_loss_not_zero(grad):
     with torch.set_grad_enabled(grad):
         assert simwarp.SoftStepNCALoss()(emb.requires_grad_(grad), labels).isnan()
         assert NCALoss()(emb, labels).isnan()
+
+
+def test_memory_bank_recipe_reproduces_cross_batch_memory():
+    """docs/losses.md: a bank passed as ref_emb / ref_labels, with the batch's own stored copies
+    left out by PML's miner utilities, reproduces CrossBatchMemory(NTXentLoss()) at step="none"
+    (also once the bank is full and drops its oldest rows)."""
+    from pytorch_metric_learning.losses import CrossBatchMemory
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    gen = torch.Generator().manual_seed(0)
+    d, n, size = 8, 6, 20
+    memory = CrossBatchMemory(pml_losses.NTXentLoss(0.3), d, memory_size=size)
+    loss_fn = SoftStepContrastiveLoss(0.3, step="none")
+    bank, bank_labels = torch.zeros(0, d), torch.zeros(0, dtype=torch.long)
+    for _ in range(5):
+        emb, labels = torch.randn(n, d, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+        want = memory(emb, labels)
+        bank, bank_labels = torch.cat([bank, emb])[-size:], torch.cat([bank_labels, labels])[-size:]
+        start = len(bank) - n  # batch rows sit at bank rows start .. start + n - 1
+        pairs = lmu.get_all_pairs_indices(labels, bank_labels)
+        pairs = lmu.remove_self_comparisons(pairs, torch.arange(start, start + n), len(bank_labels))
+        torch.testing.assert_close(loss_fn(emb, labels, pairs, ref_emb=bank, ref_labels=bank_labels), want)
