@@ -502,6 +502,17 @@ def check_sigmoidal_at_b_one_has_no_partials_at_the_best_key(dtype, t):
         assert (got - want).abs().max() <= tol * max(1.0, float(want.abs().max()))
 
 
+@check(cases={"sigmoidal": ("sigmoidal", 0.05), "log": ("log", 0.995), "poly": ("poly", 0.05)})
+def check_kept_counts_the_support_as_the_pytorch_paths(step, t):
+    """Sharp steps put keys just inside the support at a mask below float32's range: the
+    kernels count them kept (the support), as the dense and chunked paths now do."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, n, e, generator=gen) for n, e in ((5, 4), (40, 4), (40, 2)))
+    kw = dict(step=step, a=0.3, b=0.9, t=t, return_stats=True)
+    kept = {impl: simwarp.warp_attend(q, k, v, impl=impl, chunk_size=7, **kw)[1].kept for impl in ("triton", "dense", "chunked")}
+    assert torch.equal(kept["triton"], kept["dense"]) and torch.equal(kept["triton"], kept["chunked"]), kept
+
+
 @check
 def check_kept_count_is_optional():
     gen = torch.Generator().manual_seed(6)
