@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -228,6 +229,77 @@ def test_attach_refuses_models_with_score_modifiers(arch):
     with pytest.raises(ValueError, match="cannot apply"):
         attach_softstep(model)
     assert not any(".softstep." in k for k in model.state_dict())
+
+
+def test_attach_finds_a_softcap_in_a_wrapped_backbone():
+    """The check read the outer model's config only: a module around a Gemma 2 backbone was
+    accepted and failed at its first forward."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = transformers.Gemma2Model(transformers.Gemma2Config(
+                vocab_size=50, hidden_size=16, head_dim=8, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, intermediate_size=32))
+
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        attach_softstep(Wrapper())
+
+
+def _compare_with_sdpa(make, ids, **call):
+    torch.manual_seed(0)
+    ref = make().eval()
+    model = copy.deepcopy(ref)  # its own config: attach_softstep switches the implementation there
+    attach_softstep(model, step="none")
+    assert ref.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, **call).logits, ref(input_ids=ids, **call).logits, atol=1e-5, rtol=1e-5)
+    return model
+
+
+def test_sparse_key_selection_of_deepseek_v32_is_applied():
+    """transformers folds DeepSeek-V3.2's top-k key selection into the mask only for eager and
+    sdpa; other implementations get it as `indices`, which SoftStep attention ignored (it
+    attended over every key: 0.09 off sdpa at index_topk=3)."""
+    cfg = transformers.DeepseekV32Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=8, head_dim=4, n_routed_experts=2, num_experts_per_tok=1, n_group=1,
+        topk_group=1, first_k_dense_replace=1, index_topk=3, index_head_dim=8, index_n_heads=2)
+    _compare_with_sdpa(lambda: transformers.DeepseekV32ForCausalLM(cfg), torch.randint(3, 50, (2, 10)))
+    from simwarp.integrations.transformers import softstep_attention_forward
+
+    module = next(iter(attention_modules(tiny_bert()).values()))
+    q = torch.randn(1, 4, 5, 8)
+    with pytest.raises(ValueError, match="block_indices"):
+        softstep_attention_forward(module, q, q, q, None, block_indices=torch.zeros(1, 1, 5, 1, dtype=torch.long))
+
+
+def test_gemma4_kv_shared_layers_with_logits_to_keep():
+    """Gemma 4 slices its queries after building the masks unless the implementation is named
+    "sdpa": SoftStep attention saw 4 queries, 10 keys, no mask and is_causal (0.08 off sdpa)."""
+    cfg = transformers.Gemma4TextConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, global_head_dim=8, sliding_window=4, vocab_size_per_layer_input=50,
+        hidden_size_per_layer_input=8, num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2)
+    ids = torch.randint(3, 50, (1, 10))
+    for keep in (1, 4):
+        _compare_with_sdpa(lambda: transformers.Gemma4ForCausalLM(cfg), ids, logits_to_keep=keep)
+
+
+def test_instance_mode_takes_the_query_head_size_of_mla_models():
+    """DeepSeek-V3's config.head_dim is the rotary part (4) of its 12-wide query heads: the
+    instance network was built for 4 features and the first forward raised."""
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1,
+        first_k_dense_replace=1)
+    model = transformers.DeepseekV3ForCausalLM(cfg)
+    attached = attach_softstep(model, mode="instance")
+    assert all(layer.step.in_features == 12 for layer in attached.values())
+    model(input_ids=torch.randint(3, 50, (2, 8))).logits.sum().backward()
+    assert all(p.grad is not None for layer in attached.values() for p in layer.parameters())
 
 
 def test_attach_looks_only_at_the_modules_it_replaces():

@@ -77,7 +77,7 @@ def _heads_and_dim(module: nn.Module) -> tuple[int, int]:
     if heads is None and config is not None:
         heads = getattr(config, "num_attention_heads", None)
     head_dim = None
-    for attr in ("attention_head_size", "head_dim"):
+    for attr in ("qk_head_dim", "attention_head_size", "head_dim"):  # qk_head_dim: MLA (DeepSeek), whose head_dim is its rope part
         if isinstance(getattr(module, attr, None), int):
             head_dim = getattr(module, attr)
             break
@@ -140,6 +140,11 @@ def softstep_attention_forward(
                 f"softstep attention cannot apply attention sinks (`{sink}`, e.g. GPT-OSS: a learned extra "
                 "logit in every softmax row); use a model without sinks"
             )
+    if kwargs.get("block_indices") is not None:
+        raise ValueError(
+            "softstep attention cannot apply a block-sparse key selection (`block_indices`, e.g. MiniMax-M3); "
+            "use a model without an attention indexer"
+        )
     layer = getattr(module, "softstep", None)
     if not isinstance(layer, SoftStepAttention):
         opts = dict(_DEFAULT_ATTACH)
@@ -159,11 +164,46 @@ def softstep_attention_forward(
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
     if is_causal and key.shape[2] > q_len:  # empty static-cache prefill, as sdpa_attention_forward
         key, value = key[:, :, :q_len], value[:, :, :q_len]
+    if kwargs.get("indices") is not None:  # a top-k key selection per query (DeepSeek-V3.2's indexer)
+        attention_mask, is_causal = _selected_keys_mask(kwargs["indices"], attention_mask, is_causal, key.shape[2])
     out, _, weights = layer.attend(
         query, key, value, attn_mask=attention_mask, dropout_p=float(dropout or 0.0), is_causal=is_causal,
         scale=scaling, enable_gqa=groups > 1, need_weights=bool(kwargs.get("output_attentions", False)),
     )
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _selected_keys_mask(indices: torch.Tensor, attention_mask, is_causal: bool, kv_length: int):
+    """``(mask, is_causal)`` that also drops the keys ``indices (B, L, k)`` does not select, as
+    transformers folds them into the mask for its own eager and sdpa paths (it passes them
+    as ``indices`` to every other implementation)."""
+    b, q_len = indices.shape[0], indices.shape[1]
+    keep = torch.zeros((b, q_len, kv_length), dtype=torch.bool, device=indices.device)
+    keep = keep.scatter_(-1, indices.long(), True).unsqueeze(1)  # (B, 1, L, S)
+    if attention_mask is None:
+        if is_causal:  # upper-left, as SDPA's is_causal
+            keep = keep & torch.ones(q_len, kv_length, dtype=torch.bool, device=keep.device).tril()
+        return keep, False
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & keep, is_causal
+    return attention_mask.masked_fill(~keep, -torch.inf), is_causal
+
+
+def _mask_interface(*args: Any, config: Any = None, **kwargs: Any):
+    """transformers' ``sdpa_mask``, but never skipped (``None`` for "use is_causal") for
+    models that, unless the implementation is named ``"sdpa"``, slice their queries after
+    building the masks (Gemma 4's KV-shared layers with ``logits_to_keep``, static caches):
+    the attention would see fewer queries than keys, no mask and ``is_causal``, and align
+    them at the wrong end."""
+    from transformers.masking_utils import sdpa_mask
+
+    if str(getattr(config, "model_type", "")).startswith(_SLICE_QUERIES_BY_NAME):
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, config=config, **kwargs)
+
+
+#: ``model_type`` prefixes of the models above (transformers 5).
+_SLICE_QUERIES_BY_NAME = ("gemma4",)
 
 
 def register(model: nn.Module | None = None, **attach_kwargs: Any) -> nn.Module | None:
@@ -175,10 +215,10 @@ def register(model: nn.Module | None = None, **attach_kwargs: Any) -> nn.Module 
     """
     _require_transformers()
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, softstep_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, _mask_interface)
     if model is not None:
         attach_softstep(model, **attach_kwargs)
         return model
@@ -312,9 +352,10 @@ def _score_modifier(model: nn.Module, found: dict[str, nn.Module]) -> str | None
     holding them count (a tower with its own eager attention, e.g. CLAP's Swin audio encoder,
     is not SoftStep's concern); biases kept elsewhere and passed through the mask are refused
     at run time."""
-    softcap = getattr(getattr(model, "config", None), "attn_logit_softcapping", None)
-    if softcap is not None:
-        return f"caps its attention logits (config.attn_logit_softcapping={softcap})"
+    for owner in (model, *found.values()):  # a wrapper's backbone, a text_config: the modules' own configs
+        softcap = getattr(getattr(owner, "config", None), "attn_logit_softcapping", None)
+        if softcap is not None:
+            return f"caps its attention logits (config.attn_logit_softcapping={softcap})"
     # each attention module and the layer around it (BEiT keeps its table on the layer)
     owners = dict(found)
     for name in found:
