@@ -117,7 +117,7 @@ class StepRule:
     @staticmethod
     def support(saved) -> torch.Tensor:
         """A fresh float tensor, 1 where the key lies in the step's support (``φ > -inf``, i.e.
-        ``m > 0`` in exact arithmetic) and 0 elsewhere (NaN for a NaN coordinate), from the
+        ``m > 0`` in exact arithmetic) and 0 elsewhere (also for a NaN coordinate), from the
         ``saved`` of ``mask``: the kept count does not depend on ``m`` underflowing."""
         raise NotImplementedError
 
@@ -186,7 +186,8 @@ class SigmoidalRule(StepRule):
 
     @staticmethod
     def mask(u, a, b, t):
-        x = torch.sub(u, a).mul_(1 / (b - a)).clamp_(0.0, 1.0)
+        # a division: u = b gives x = 1 exactly (times 1/(b - a) it may be 1 - ulp, inside the band)
+        x = torch.sub(u, a).div_(b - a).clamp_(0.0, 1.0)
         return SigmoidalRule._mask_of_band(x, a, b, t)
 
     @staticmethod
@@ -201,7 +202,7 @@ class SigmoidalRule(StepRule):
 
     @staticmethod
     def support(saved):
-        return torch.sign(saved[0])  # x in [0, 1]
+        return torch.sign(saved[0])  # x in [0, 1] (a NaN x gives 0: a NaN row keeps no key)
 
     @staticmethod
     def _mask_of_band(x, a, b, t):
@@ -253,7 +254,7 @@ class LogRule(StepRule):
 
     @staticmethod
     def support(saved):
-        return torch.sign(saved[0]).clamp_min_(0.0)  # u > 0
+        return torch.sign(saved[0]).clamp_min_(0.0)  # u > 0 (NaN: 0)
 
     @staticmethod
     def backward(saved, g_phi, needs, range_sums: bool = False):
@@ -291,7 +292,7 @@ class PolyRule(StepRule):
 
     @staticmethod
     def support(saved):
-        return torch.sign(saved[-1])  # y in [0, 1]
+        return torch.sign(saved[-1])  # y in [0, 1] (NaN: 0)
 
     @staticmethod
     def backward(saved, g_phi, needs, range_sums: bool = False):

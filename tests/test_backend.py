@@ -887,14 +887,15 @@ def test_fixed_row_range_gradients_match_dense(step, mask_kind):
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
 @pytest.mark.parametrize("how", ["row_range", "user_step"])
-def test_the_best_key_sits_at_u_1_on_the_log_form_too(impl, how):
+@pytest.mark.parametrize("a", [0.05, 0.2, 0.35, 0.6])  # (u - a) · 1/(1 - a) is 1 - ulp for some
+def test_the_best_key_sits_at_u_1_on_the_log_form_too(impl, how, a):
     """``s · inv + shift`` put the best key at u = 1 - ulp on the general path (a range fixed
     from outside, a user step): inside a sigmoidal band ending at b = 1, whose partials there
     are O(1), so dq was off (7.08 against 5.87 here). ``u = 1 + (s - hi)/(hi - lo)`` is exact
     at both ends; the gradients now equal the mask form's."""
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(*shape, generator=gen, dtype=f64) for shape in ((1, 2), (4, 2), (4, 1)))
-    kw = dict(metric="l2", a=0.2, b=1.0, t=0.99, temperature=0.05, impl=impl, chunk_size=1, detach_range=True)
+    kw = dict(metric="l2", a=a, b=1.0, t=0.99, temperature=0.05, impl=impl, chunk_size=1, detach_range=True)
 
     def grad_q(**extra):
         leaf = q.clone().requires_grad_()

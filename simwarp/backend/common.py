@@ -228,39 +228,42 @@ def routed_range_index(range_index, spec: WarpSpec, s: torch.Tensor):
     return range_index if range_index is not None and not spec.detach_range and s.requires_grad else None
 
 
+def _unit_scale(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(c, width, flat, inv)`` per row: ``width = c·hi - c·lo``, the range ``u`` divides by,
+    with ``c = 1/2`` where ``hi - lo`` overflows (similarities beyond about half the dtype's
+    maximum: halving is exact, and such a row is normalised like any other) and 1 elsewhere;
+    ``flat`` where ``width`` is below the dtype's smallest normal number ``tiny`` (all
+    similarities equal, or a subnormal range, whose reciprocal overflows; any larger range
+    divides safely: ``1 / r <= 1 / tiny``, and ``|lo| / r <= 2^24`` as ``r`` is at least one unit
+    in the last place of ``lo``); ``inv = 1/(hi - lo)``, 0 on flat rows."""
+    r = hi - lo
+    halved = r == math.inf
+    c = torch.where(halved, 0.5, 1.0).to(r.dtype)
+    width = torch.where(halved, hi * c - lo * c, r)
+    flat = width < torch.finfo(r.dtype).tiny
+    inv = torch.where(flat, 0.0, c / width.masked_fill(flat, 1.0))  # per row: cheap
+    return c, width, flat, inv
+
+
 def unit_affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inv, shift)`` per row with ``u = s · inv + shift = (s - lo) / (hi - lo)``; on flat rows
-    ``inv = 0`` and ``shift = 1`` (``u = 1``).
-
-    A row is flat when ``hi - lo`` is below the dtype's smallest normal number ``tiny``: all
-    similarities equal, or a subnormal range, whose reciprocal overflows. (Any larger range
-    divides safely: ``1 / r <= 1 / tiny``, and ``|lo| / r <= 2^24`` as ``r`` is at least one
-    unit in the last place of ``lo``.) A range that overflows (similarities beyond about half the
-    dtype's maximum) is inverted as ``(1/2) / (hi/2 - lo/2)``, so that such a row is normalised
-    like any other."""
-    r = hi - lo
-    flat = r < torch.finfo(r.dtype).tiny
-    inv = torch.where(flat, 0.0, 1.0 / r.masked_fill(flat, 1.0))  # per row: cheap
-    inv = torch.where(r == math.inf, 0.5 / (hi * 0.5 - lo * 0.5), inv)
+    (:func:`_unit_scale`) ``inv = 0`` and ``shift = 1`` (``u = 1``)."""
+    _, _, flat, inv = _unit_scale(lo, hi)
     return inv, flat.to(lo.dtype) - lo * inv
 
 
 def unit_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, inv)``: ``u = (s - lo) / (hi - lo)`` and ``inv = 1 / (hi - lo)`` per row; on flat
-    rows (:func:`unit_affine`) ``inv = 0``, ``u = 1``.
+    rows (:func:`_unit_scale`) ``inv = 0``, ``u = 1``.
 
     ``u`` is taken as ``1 + (s - hi) / (hi - lo)``, a division, so that both ends are exact:
     0 at ``s = lo`` (the ``log`` step drops the row minimum) and 1 at ``s = hi``, where
     ``s · inv + shift`` may give ``1 - ulp``: inside a band that ends at ``b = 1``, where the
     ``sigmoidal`` step's partials are ``O(1)`` (the mask form takes the same care,
-    :meth:`~simwarp.steps.StepRule.mask_affine`). A range that overflows is halved throughout."""
-    inv, _ = unit_affine(lo, hi)
-    r = hi - lo
-    halved = r == math.inf
-    c = torch.where(halved, 0.5, 1.0).to(r.dtype)
-    top = hi * c
-    width = torch.where(halved, top - lo * c, r).masked_fill_(r < torch.finfo(r.dtype).tiny, math.inf)  # flat: u = 1
-    return torch.addcmul(top.neg(), s, c).div_(width).add_(1.0), inv
+    :meth:`~simwarp.steps.StepRule.mask_affine`)."""
+    c, width, flat, inv = _unit_scale(lo, hi)
+    u = torch.addcmul((hi * c).neg_(), s, c).div_(width.masked_fill(flat, math.inf))  # flat: 0, so u = 1
+    return u.add_(1.0), inv
 
 
 def _range_gradients(g_u: torch.Tensor, u: torch.Tensor, inv: torch.Tensor, sums=None) -> tuple[torch.Tensor, torch.Tensor]:
