@@ -56,7 +56,8 @@ class AttentionStats(NamedTuple):
 
     Attributes:
         lse: log-normaliser (``-inf`` on rows with no valid key); differentiable.
-        kept: number of keys the step keeps (mask not 0; every valid key for ``step="none"``).
+        kept: number of keys the step keeps (in its support; every valid key for ``step="none"``;
+            NaN on a row with a NaN or inf score).
         valid: number of keys the row was allowed to attend to (mask, causal, padding).
         lo, hi: the row's similarity range over valid keys.
         empty: True where the row has no valid key (its output is exactly 0).
@@ -75,14 +76,15 @@ class AttentionStats(NamedTuple):
         return torch.where(self.empty, torch.zeros_like(self.kept), self.kept / self.valid.clamp_min(1))
 
     def head_kept_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per head, the sum of the kept fractions of the non-empty rows and their number: ``(H,)`` each."""
+        """Per head, the sum of the kept fractions of the non-empty rows with a count (not NaN
+        rows) and their number: ``(H,)`` each."""
         frac = self.kept_fraction.detach()
-        ok = (~self.empty).to(frac.dtype)
+        ok = ~self.empty & ~frac.isnan()
         dims = tuple(d for d in range(frac.dim()) if d != frac.dim() - 2)
-        return (frac * ok).sum(dims), ok.sum(dims)
+        return frac.masked_fill(~ok, 0.0).sum(dims), ok.to(frac.dtype).sum(dims)
 
     def head_kept_fraction(self) -> torch.Tensor:
-        """Mean kept fraction per head over all non-empty rows of the batch: ``(H,)``."""
+        """Mean kept fraction per head over all non-empty rows of the batch (NaN rows left out): ``(H,)``."""
         total, rows = self.head_kept_sums()
         return total / rows.clamp_min(1)
 

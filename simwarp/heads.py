@@ -610,11 +610,15 @@ class _WarpHeadBase(_BankMixin):
     def sparsity(self) -> dict[str, float]:
         """Kept-neighbour statistics of the last forward pass: ``kept_fraction`` (mean share of
         valid neighbours with non-zero weight), its ``min``/``max`` over rows, ``kept_mean``
-        (mean count) and ``neighbours`` (valid neighbours per row). Empty before the first call
-        and after a call without rows or without neighbours."""
-        if self._last_kept is None or self._last_keys == 0 or self._last_kept.numel() == 0:
+        (mean count) and ``neighbours`` (valid neighbours per row), over the rows with a count
+        (a NaN query has none). Empty before the first call and after a call without rows,
+        neighbours or counts."""
+        if self._last_kept is None or self._last_keys == 0:
             return {}
         kept = self._last_kept.float()
+        kept = kept[~kept.isnan()]
+        if kept.numel() == 0:
+            return {}
         frac = kept / self._last_keys
         return {
             "kept_fraction": float(frac.mean()),

@@ -505,7 +505,8 @@ class _SoftStepLossMixin:
                                    dtype=work_dtype(embeddings.dtype), device=embeddings.device)
             return out
 
-        device = embeddings.device if isinstance(embeddings, torch.Tensor) else next(self.parameters()).device
+        # (not a tensor: its checks are about to fail; a step="none" loss has no parameters, its step a buffer)
+        device = embeddings.device if isinstance(embeddings, torch.Tensor) else next(iter(self.softstep.state_dict().values())).device
         return raise_together(all_checks, group, device, same=(1,))[0]  # one kind of call: the loss
 
     def _prepare(self, embeddings: torch.Tensor, ref_emb: torch.Tensor):

@@ -589,6 +589,15 @@ class SoftStep(nn.Module):
                 last.bias.copy_(raw0)
             self.net = last if hidden is None else nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), last)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if "raw" in self._buffers:  # no warping: checkpoints from before it had constants held an unused network
+            old = [key for key in state_dict if key.startswith(prefix + "net.")]
+            for key in old:
+                del state_dict[key]
+            if old and prefix + "raw" not in state_dict:
+                state_dict[prefix + "raw"] = self.raw
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def forward(self, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(a, b, t)`` shaped for :func:`simwarp.warp_attend`.
 

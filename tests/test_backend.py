@@ -314,6 +314,11 @@ def test_non_finite_scores_give_nan_rows_not_empty_ones(impl, step, bad):
     q[1, 1, 2] = bad
     out, stats = simwarp.warp_attend(q, k, v, step=step, impl=impl, chunk_size=4, return_stats=True)
     assert torch.isnan(out[1, 1]).all() and not stats.empty.any()
+    # no kept count on that row (each path counted its own way: 0, every key, or some)
+    assert stats.lse[1, 1].isnan() and stats.kept[1, 1].isnan() and not stats.kept[~stats.lse.isnan()].isnan().any()
+    # the same with a fixed range (the general path: its lse was inf for an inf score)
+    out, stats = simwarp.warp_attend(q, k, v, step=step, impl=impl, chunk_size=4, return_stats=True, row_range=(-9.0, 9.0))
+    assert torch.isnan(out[1, 1]).all() and stats.lse[1, 1].isnan() and stats.kept[1, 1].isnan()
     rest = torch.ones(4, 3, dtype=torch.bool)
     rest[1, 1] = False
     assert torch.isfinite(out[rest]).all()

@@ -347,6 +347,11 @@ def test_sparsity_statistics():
     nona = NeighborRegressionHead(5, 2, step="none").double()
     nona(z, y)
     assert nona.sparsity["kept_fraction"] == 1.0
+    head.eval().set_bank(z, y)
+    queries = z[:3].clone()
+    queries[1, 0] = math.nan  # a NaN query has no count: the statistics are over the others
+    head(queries)
+    assert all(math.isfinite(value) for value in head.sparsity.values())
 
 
 def test_determinism_with_fixed_seed():

@@ -248,7 +248,10 @@ def warp_attend(
             stats = WarpStats(*rest)
     if drop_all:
         out = out * 0.0
-    return (out, stats) if return_stats else out
+    if not return_stats:
+        return out
+    # a NaN row (a NaN or inf among its valid scores) keeps no count: the paths would differ
+    return out, stats._replace(kept=stats.kept.masked_fill(stats.lse.isnan(), math.nan))
 
 
 def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:

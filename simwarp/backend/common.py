@@ -31,7 +31,8 @@ class WarpStats(NamedTuple):
         kept: number of valid keys the step keeps, i.e. in its support (``φ > -inf``: ``m(u) > 0``
             in exact arithmetic, even where ``m`` underflows) (float).
             Softmax can still make their weights negligible (exactly 0 where ``m`` underflows):
-            for ``step="none"`` every valid key counts.
+            for ``step="none"`` every valid key counts. NaN where ``lse`` is NaN (a NaN or
+            inf among the row's scores).
         lo: minimum similarity over the row's valid keys (0 for an empty row).
         hi: maximum similarity over the row's valid keys (0 for an empty row).
         empty: True where the row has no valid key (its output is exactly 0).
