@@ -154,7 +154,7 @@ def streaming_topk(queries: torch.Tensor, keys: torch.Tensor, metric: str, k: in
     ``i`` (leave-one-out over a batch). Needs ``k <= M`` (``M - 1`` with ``exclude_self``).
     Scores in the backend's working precision (float16 and bfloat16 inputs in float32: in
     their own precision the ranking picks wrong neighbours), with autocast off."""
-    dtype = work_dtype(queries.dtype)
+    dtype = work_dtype(torch.promote_types(queries.dtype, keys.dtype))
     queries, keys = queries.to(dtype), keys.to(dtype)
     prepared = PreparedKeys(keys, metric)
     per_score = queries.shape[-1] if metric == "l1" else 1  # l1's scores hold (rows, keys, d) differences
@@ -224,9 +224,10 @@ class _BankMixin(nn.Module):
         """
         self._store_bank(z, y)
 
-    def _store_bank(self, z: Any, y: Any, failure: Exception | None = None) -> None:
+    def _store_bank(self, z: Any, y: Any, failure: Exception | None = None, device=None) -> None:
         """:meth:`set_bank`; ``failure``: an error met before it on this rank (``fit_bank``'s
-        encoder), raised on every rank by the agreement under ``gather`` as the checks' own."""
+        encoder), raised on every rank by the agreement under ``gather`` as the checks' own,
+        whose collective then runs on ``device`` (where the other ranks' embeddings are) if given."""
         enabled, group = resolve_group(getattr(self, "gather", False))
 
         def check() -> torch.Tensor:
@@ -244,7 +245,8 @@ class _BankMixin(nn.Module):
         union = None
         if enabled:  # the checks agreed over ranks, and every shard's size learnt with them
             rows = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() == 2 else 0
-            y, shares = raise_together(check, group, _device(z, self), same=(_SET_BANK,), share=(rows,))
+            where = torch.device(device) if device is not None and not isinstance(z, torch.Tensor) else _device(z, self)
+            y, shares = raise_together(check, group, where, same=(_SET_BANK,), share=(rows,))
             union = sum(size for (size,) in shares)
         else:
             y = check()
@@ -302,7 +304,8 @@ class _BankMixin(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        if isinstance(getattr(loader, "sampler", None), torch.utils.data.RandomSampler):
+        sampler = getattr(loader, "sampler", None)  # (a DistributedSampler shuffles by default too)
+        if isinstance(sampler, torch.utils.data.RandomSampler) or getattr(sampler, "shuffle", False) is True:
             warnings.warn(
                 "fit_bank: the loader shuffles, so the bank holds the rows in a random order and explain()'s "
                 "indices are not positions in the data set; use a loader with shuffle=False",
@@ -316,7 +319,7 @@ class _BankMixin(nn.Module):
             if not resolve_group(getattr(self, "gather", False))[0]:
                 raise
             failure = error  # raised on every rank by set_bank's agreement, where the others would wait
-        self._store_bank(z, y, failure)
+        self._store_bank(z, y, failure, device)
 
     def _encode(
         self, encoder: Callable[..., torch.Tensor] | None, loader: Iterable, device, progress: bool, label_key: str
@@ -1103,20 +1106,28 @@ class KNNRegressionHead(_BankMixin):
             self._require_bank(z.device)
             if isinstance(y, torch.Tensor):
                 self._check_label_shape(y, z.shape[0])
-            out = self._topk_mean(z.detach(), self.bank_z.to(z.dtype), self.bank_y.to(_wide(z)), loo=False)
+            out = self._topk_mean(z.detach(), self.bank_z, self.bank_y.to(_wide(z)), loo=False)
         return out.squeeze(-1) if squeeze else out
 
     @torch.no_grad()
     def explain(self, z: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank entries behind each prediction, as the SoftStep heads' ``explain``:
         ``indices (N, k)`` of the ``k`` most similar entries, nearest first, and their
-        ``weights (N, k)``: ``1 / self.k`` for the neighbours the prediction averages, 0 beyond
-        them (NaN for a query with NaN or inf)."""
+        ``weights (N, k)``: ``1 / min(self.k, bank_size)`` for the neighbours the prediction
+        averages (the very entries it picks, also among ties), 0 beyond them (NaN for a query
+        with NaN or inf)."""
         _check_z(z, self.in_features)
         k = _int_arg("k", k)
         self._require_bank(z.device)
         k, used = min(k, self.bank_size), min(self.k, self.bank_size)
-        indices = streaming_topk(z, self.bank_z.to(z.dtype), self.metric, k)
+        indices = streaming_topk(z, self.bank_z, self.metric, used)  # forward's call
+        if k < used:
+            indices = indices[:, :k]
+        elif k > used:  # the next nearest after them: a wider search, less the entries already named
+            wider = streaming_topk(z, self.bank_z, self.metric, k)
+            named = (wider.unsqueeze(-1) == indices.unsqueeze(-2)).any(-1)
+            rest = wider.gather(-1, torch.sort(named.to(torch.uint8), dim=-1, stable=True).indices)[:, : k - used]
+            indices = torch.cat([indices, rest], -1)
         weights = torch.where(torch.arange(k, device=z.device) < used, 1.0 / used, 0.0).to(_wide(z)).expand(z.shape[0], k)
         return indices, weights.masked_fill(~torch.isfinite(z).all(-1, keepdim=True), math.nan)
 

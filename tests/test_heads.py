@@ -879,7 +879,7 @@ def test_knn_head_never_picks_nan_rows_and_gives_nan_for_nan_queries():
     assert torch.isfinite(got[clean]).all() and got[clean].shape == want.shape
 
 
-def test_knn_head_explains_its_neighbours_like_the_softstep_heads():
+def test_knn_head_explains_its_neighbours_like_the_softstep_heads(monkeypatch):
     g = torch.Generator().manual_seed(0)
     bank, y, q = torch.randn(30, 4, generator=g), torch.randn(30, generator=g), torch.randn(5, 4, generator=g)
     head = KNNRegressionHead(4, k=3).eval()
@@ -892,6 +892,16 @@ def test_knn_head_explains_its_neighbours_like_the_softstep_heads():
     assert head.explain(q, k=100)[0].shape == (5, 30)
     q[1, 0] = math.inf
     assert head.explain(q)[1][1].isnan().all()
+    # ties (duplicated entries with different labels) in key blocks as wide as k (a search for
+    # 7 breaks them otherwise than one for 3): explain names the entries the prediction averages
+    monkeypatch.setattr(simwarp.heads, "EXPLAIN_BUDGET", 1)
+    head.set_bank(bank[:10].repeat(3, 1), torch.randn(30, generator=g))
+    q = bank[:5] + 0.01
+    for k in (2, 3, 7):
+        idx, w = head.explain(q, k=k)
+        assert idx.unique(dim=-1).shape[-1] == k or all(row.unique().numel() == k for row in idx)
+        if k >= 3:
+            torch.testing.assert_close((w[:, :, None] * head.bank_y[idx]).sum(1), head(q))
 
 
 def test_knn_head_gives_nan_for_infinite_queries():
@@ -997,6 +1007,9 @@ def test_fit_bank_warns_on_a_shuffling_loader_and_names_single_sample_batches():
     head = NeighborRegressionHead(4).eval()
     with pytest.warns(UserWarning, match="shuffles"):
         head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=4, shuffle=True), progress=False)
+    shard = torch.utils.data.distributed.DistributedSampler(data, num_replicas=2, rank=0)  # shuffle=True by default
+    with pytest.warns(UserWarning, match="shuffles"):
+        head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=4, sampler=shard), progress=False)
     with pytest.raises(ValueError, match=r"each batch must hold rows.*shape \(4,\).*batch_size=None"):
         head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=None), progress=False)
 
