@@ -49,6 +49,8 @@ __all__ = [
 #: such bias makes the softmax weight underflow to exactly 0 in every float dtype, and it covers
 #: the usual conventions (``-inf``, ``torch.finfo(dtype).min``, ``-1e4``, ``-1e9``).
 MASKED_BIAS_THRESHOLD: float = -1e4
+# (formatted once: under torch.compile(dynamic=True) the float is symbolic and cannot be formatted)
+_THRESHOLD_TEXT = f"{MASKED_BIAS_THRESHOLD:g}"
 
 
 class AttentionStats(NamedTuple):
@@ -115,9 +117,9 @@ def additive_mask_to_bool(mask: torch.Tensor, name: str = "attn_mask") -> torch.
     allowed = blocked | (mask == 0)
     require(
         allowed,
-        f"{name} holds entries other than 0 and -inf / <= {MASKED_BIAS_THRESHOLD:g} (finite score biases, NaN or "
+        f"{name} holds entries other than 0 and -inf / <= {_THRESHOLD_TEXT} (finite score biases, NaN or "
         "+inf): SoftStep attention accepts bool masks or additive "
-        f"masks whose entries are 0 (attend) or -inf / <= {MASKED_BIAS_THRESHOLD:g} (masked). Score biases "
+        f"masks whose entries are 0 (attend) or -inf / <= {_THRESHOLD_TEXT} (masked). Score biases "
         "(ALiBi, relative-position tables, Swin's -100 window masks) are not supported.",
         lambda: f" Found e.g. {mask[~allowed].flatten()[:3].tolist()}.",
     )
@@ -154,7 +156,7 @@ def _split_heads(x: torch.Tensor, heads: int, groups: int, rows_dims: int, name:
     if x.dim() <= rows_dims:
         return x
     hd = x.shape[-rows_dims - 1]
-    if hd not in (1, heads * groups):
+    if hd != 1 and hd != heads * groups:  # (not `in`: dynamo mis-evaluates it on symbolic sizes)
         raise ValueError(
             f"{name} of shape {tuple(x.shape)} has {hd} heads where the query has {heads * groups} "
             f"(key/value heads: {heads}); give one value per query head or 1"

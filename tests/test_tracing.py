@@ -45,6 +45,34 @@ def test_dynamic_shapes_trace_the_parameter_checks_and_keep_the_batch_symbolic()
         torch.testing.assert_close(f(z, y), head(z, y))
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_dynamic_shapes_with_two_softstep_layers_in_one_graph(impl):
+    """dynamic=True makes Python floats symbolic: two SoftStep calls in one graph hit a dynamo
+    assertion (a module-level float read in an autograd.Function's forward)."""
+
+    def two_layers(x):
+        y = simwarp.warp_attend(x, x, x, impl=impl)
+        return simwarp.warp_attend(y, y, y, impl=impl)
+
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    out = compiled(two_layers, dynamic=True)(x)
+    torch.testing.assert_close(out, two_layers(x))
+    out.sum().backward()
+
+
+def test_dynamic_shapes_with_a_float_mask_and_grouped_heads():
+    """Under dynamic=True a float mask's error text formatted the (symbolic) threshold, a graph
+    break; per-head step parameters with grouped query heads raised a false shape error (`in`
+    on symbolic sizes)."""
+    q, mask = torch.randn(1, 2, 4, 8), torch.nn.Transformer.generate_square_subsequent_mask(4)
+    masked = compiled(lambda q, m: simwarp.softstep_attention(q, q, q, attn_mask=m), dynamic=True)
+    torch.testing.assert_close(masked(q, mask), simwarp.softstep_attention(q, q, q, attn_mask=mask))
+    att = simwarp.SoftStepAttention(4, 4, mode="per_head")
+    q, k = torch.randn(3, 4, 5, 4), torch.randn(3, 2, 5, 4)
+    grouped = compiled(lambda q, k: att(q, k, k, enable_gqa=True), dynamic=True)
+    torch.testing.assert_close(grouped(q, k), att(q, k, k, enable_gqa=True))
+
+
 @pytest.mark.parametrize("step", ["sigmoidal", "none"])
 def test_dense_attention_trains_in_one_graph(step):
     """step="none" took PyTorch's fused softmax after reading the empty-row flag back (a graph

@@ -429,7 +429,6 @@ def known_maximum(spec: WarpSpec, row_range) -> bool:
     return row_range is None and (spec.step.rule is not None or not spec.step.warps)
 
 
-_LOG2_E = 1.0 / math.log(2.0)
 
 
 class MaskedNumerator(NamedTuple):
@@ -474,7 +473,9 @@ def masked_numerator(
         inv, shift = unit_affine(lo, hi)
         m, saved, u = spec.step.rule.mask_affine(s, gap, inv, shift, a, b, t)
     lowest = math.log2(torch.finfo(s.dtype).tiny)
-    e = gap.mul_(_LOG2_E / spec.temperature).clamp_(lowest, 0.0)
+    # log2(e)/τ computed here: a module-level float read in an autograd.Function's forward breaks
+    # torch.compile(dynamic=True) of two such calls in one graph (dynamo lifts it as a symbolic input)
+    e = gap.mul_(1.0 / (math.log(2.0) * spec.temperature)).clamp_(lowest, 0.0)
     if bias is not None:
         e.add_(bias)
     e.exp2_()
