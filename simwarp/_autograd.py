@@ -82,8 +82,9 @@ def without_functorch(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         if torch._C._are_functorch_transforms_active():
             raise NotImplementedError(
-                f"simwarp.{fn.__name__} does not support torch.func transforms (grad, vmap, jacrev, jvp): "
-                "its autograd functions stream over key blocks with hand-written backward passes. Use "
+                f"simwarp.{fn.__qualname__} does not support torch.func transforms (grad, vmap, jacrev, jvp): "
+                "its autograd functions stream over key blocks with hand-written backward passes (and the "
+                "heads update running statistics and check labels on the host). Use "
                 "ordinary autograd (loss.backward() or torch.autograd.grad); per-sample gradients need "
                 "one backward per sample"
             )

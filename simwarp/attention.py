@@ -173,7 +173,7 @@ def _valid_counts(mask: torch.Tensor | None, n: int, s: int, causal: bool, devic
         allowed = tri if mask is None else mask & tri
         return allowed.sum(-1).to(torch.float32)
     if mask is None:
-        return torch.full((n,), float(s), device=device)
+        return torch.full((n,), s, dtype=torch.float32, device=device)  # (float(s) would fix a dynamic s under export)
     return mask.sum(-1).to(torch.float32)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simwarp._autograd import exporting, outside_autocast, require, row_slices
+from simwarp._autograd import exporting, outside_autocast, require, row_slices, without_functorch
 from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import (
     as_flag,
@@ -642,6 +642,7 @@ class _WarpHeadBase(_BankMixin):
         a, b, t = self.softstep(z if self.mode == "instance" else None)
         return {"a": a.detach(), "b": b.detach(), "t": t.detach()}
 
+    @without_functorch
     @torch.no_grad()
     def explain(self, z: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most influential bank entries per query.
@@ -885,6 +886,7 @@ class NeighborRegressionHead(_WarpHeadBase):
             out, _ = self._attend(z, self.bank_z.to(z.dtype), values_fn(ys), loo=False)
         return out, squeeze
 
+    @without_functorch
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict targets ``(N, out_features)``.
 
@@ -896,6 +898,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         out = self._unstandardize(out.to(_wide(z)))
         return out.squeeze(-1) if squeeze else out
 
+    @without_functorch
     def predict_with_uncertainty(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bank prediction and the weighted variance of the neighbours' labels.
 
@@ -1002,6 +1005,7 @@ class NeighborClassificationHead(_WarpHeadBase):
         out = torch.zeros((labels.shape[0], self.num_classes), dtype=dtype, device=labels.device)
         return out.scatter_(1, labels.unsqueeze(1), 1.0)
 
+    @without_functorch
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities ``(N, num_classes)``: leave-one-out over the batch in training mode
         with ``y`` (needs ``N >= 2``; with ``gather``, over every rank's rows), else from the bank.
@@ -1040,6 +1044,7 @@ class NeighborClassificationHead(_WarpHeadBase):
         self._record_kept(torch.cat(kept), self.bank_size)
         return torch.cat(masses)
 
+    @without_functorch
     @torch.no_grad()
     def predict_proba(self, z: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(N, num_classes)`` from the bank."""
@@ -1095,6 +1100,7 @@ class KNNRegressionHead(_BankMixin):
         bad_rows = ~torch.isfinite(z).all(-1, keepdim=True)  # no neighbours: NaN, as the SoftStep heads give
         return out.masked_fill(bad_rows, math.nan)
 
+    @without_functorch
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""
         _check_z(z, self.in_features)
@@ -1109,6 +1115,7 @@ class KNNRegressionHead(_BankMixin):
             out = self._topk_mean(z.detach(), self.bank_z, self.bank_y.to(_wide(z)), loo=False)
         return out.squeeze(-1) if squeeze else out
 
+    @without_functorch
     @torch.no_grad()
     def explain(self, z: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank entries behind each prediction, as the SoftStep heads' ``explain``:

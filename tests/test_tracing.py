@@ -276,6 +276,14 @@ def test_torch_func_transforms_are_refused_with_a_clear_error():
         vmap(lambda q: simwarp.softstep_attention(q, q, q))(q.unsqueeze(1))
     with pytest.raises(NotImplementedError, match="does not support torch.func"):
         grad(lambda e: simwarp.SoftStepNCALoss()(e, torch.arange(6) % 2))(torch.randn(6, 4))
+    # the heads too (they failed inside PyTorch: the running statistics, the label checks)
+    z, y = torch.randn(8, 4), torch.randn(8)
+    with pytest.raises(NotImplementedError, match="NeighborRegressionHead.forward does not support torch.func"):
+        grad(lambda z: NeighborRegressionHead(4, mode="global")(z, y).sum())(z)
+    knn = simwarp.KNNRegressionHead(4, k=2).eval()
+    knn.set_bank(torch.randn(10, 4), torch.randn(10))
+    with pytest.raises(NotImplementedError, match="KNNRegressionHead.forward does not support torch.func"):
+        vmap(knn)(z.unsqueeze(1))
     # the similarity functions are plain tensor code: transforms work there
     k = torch.randn(6, 4)
     torch.testing.assert_close(grad(lambda q: paired_similarity(q, k, "cosine").sum())(q[0]),
