@@ -307,8 +307,9 @@ class _BankMixin(nn.Module):
         sampler = getattr(loader, "sampler", None)  # (a DistributedSampler shuffles by default too)
         if isinstance(sampler, torch.utils.data.RandomSampler) or getattr(sampler, "shuffle", False) is True:
             warnings.warn(
-                "fit_bank: the loader shuffles, so the bank holds the rows in a random order and explain()'s "
-                "indices are not positions in the data set; use a loader with shuffle=False",
+                "fit_bank: the loader's sampler shuffles, so the bank holds the rows in a random order and "
+                "explain()'s indices are not positions in the data set; use a sampler in a fixed order "
+                "(shuffle=False on the DataLoader, or on a DistributedSampler)",
                 UserWarning,
                 stacklevel=2,
             )
@@ -1100,7 +1101,6 @@ class KNNRegressionHead(_BankMixin):
         bad_rows = ~torch.isfinite(z).all(-1, keepdim=True)  # no neighbours: NaN, as the SoftStep heads give
         return out.masked_fill(bad_rows, math.nan)
 
-    @without_functorch
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""
         _check_z(z, self.in_features)
@@ -1115,7 +1115,6 @@ class KNNRegressionHead(_BankMixin):
             out = self._topk_mean(z.detach(), self.bank_z, self.bank_y.to(_wide(z)), loo=False)
         return out.squeeze(-1) if squeeze else out
 
-    @without_functorch
     @torch.no_grad()
     def explain(self, z: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank entries behind each prediction, as the SoftStep heads' ``explain``:

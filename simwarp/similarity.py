@@ -24,9 +24,6 @@ from simwarp._autograd import exporting, first_order, is_finite_real, outside_au
 METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean", "l1")
 STREAMING_METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean")
 
-_COSINE_EPS = 1e-12
-
-
 def check_metric(metric: str) -> None:
     if not isinstance(metric, str) or metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -64,15 +61,17 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     most ``1e-12`` (a zero, padding or dead-ReLU embedding: no direction) become 0 with gradient
     0, as ``l2``'s safe square root does at distance 0; ``F.normalize`` would give them a
     gradient of ``1 / eps`` (``1e12``, inf once cast to float16). Differentiable twice."""
+    # 1e-12 written here, not as a module-level float: torch.compile(dynamic=True) lifts those
+    # as symbolic inputs, which fails inside an autograd.Function called twice in one graph
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.where(norm <= _COSINE_EPS, 0.0, x / norm.clamp_min(_COSINE_EPS))  # NaN rows stay NaN
+    return torch.where(norm <= 1e-12, 0.0, x / norm.clamp_min(1e-12))  # NaN rows stay NaN
 
 
 def unit_rows_backward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``∂/∂x`` of ``Σ g · unit_rows(x)`` (the same rows of norm at most ``1e-12`` get 0):
     ``(g - x̂ (x̂ · g)) / ‖x‖`` row by row, for the streaming backward passes."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    inv = torch.where(norm <= _COSINE_EPS, 0.0, 1.0 / norm.clamp_min(_COSINE_EPS))
+    inv = torch.where(norm <= 1e-12, 0.0, 1.0 / norm.clamp_min(1e-12))
     unit = x * inv
     return (g - unit * (unit * g).sum(-1, keepdim=True)).mul_(inv)
 
@@ -241,7 +240,7 @@ def pairwise_similarity(
     elif metric == "sqeuclidean":
         return _squared_distance(q, k, -c)
     elif metric == "l2":
-        s = -safe_sqrt(_squared_distance(q, k))
+        s = -safe_sqrt(_squared_distance(q, k, 1.0))  # (c given: a float default would be lifted, as above)
     else:  # l1: materialises (..., n, m, d); dense path only
         s = -(q.unsqueeze(-2) - k.unsqueeze(-3)).abs().sum(-1)
     return s * c if c != 1.0 else s

@@ -899,7 +899,7 @@ def test_knn_head_explains_its_neighbours_like_the_softstep_heads(monkeypatch):
     q = bank[:5] + 0.01
     for k in (2, 3, 7):
         idx, w = head.explain(q, k=k)
-        assert idx.unique(dim=-1).shape[-1] == k or all(row.unique().numel() == k for row in idx)
+        assert all(row.unique().numel() == k for row in idx)  # k distinct entries
         if k >= 3:
             torch.testing.assert_close((w[:, :, None] * head.bank_y[idx]).sum(1), head(q))
 

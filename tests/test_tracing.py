@@ -45,14 +45,15 @@ def test_dynamic_shapes_trace_the_parameter_checks_and_keep_the_batch_symbolic()
         torch.testing.assert_close(f(z, y), head(z, y))
 
 
-@pytest.mark.parametrize("impl", ["dense", "chunked"])
-def test_dynamic_shapes_with_two_softstep_layers_in_one_graph(impl):
+@pytest.mark.parametrize("impl, metric", [("dense", "l2"), ("chunked", "cosine")])
+def test_dynamic_shapes_with_two_softstep_layers_in_one_graph(impl, metric):
     """dynamic=True makes Python floats symbolic: two SoftStep calls in one graph hit a dynamo
-    assertion (a module-level float read in an autograd.Function's forward)."""
+    assertion (a module-level float, or a float default argument, read in an
+    autograd.Function's forward: log2(e), cosine's epsilon, l2's scale)."""
 
     def two_layers(x):
-        y = simwarp.warp_attend(x, x, x, impl=impl)
-        return simwarp.warp_attend(y, y, y, impl=impl)
+        y = simwarp.warp_attend(x, x, x, impl=impl, metric=metric)
+        return simwarp.warp_attend(y, y, y, impl=impl, metric=metric)
 
     x = torch.randn(2, 5, 4, requires_grad=True)
     out = compiled(two_layers, dynamic=True)(x)
@@ -280,10 +281,10 @@ def test_torch_func_transforms_are_refused_with_a_clear_error():
     z, y = torch.randn(8, 4), torch.randn(8)
     with pytest.raises(NotImplementedError, match="NeighborRegressionHead.forward does not support torch.func"):
         grad(lambda z: NeighborRegressionHead(4, mode="global")(z, y).sum())(z)
-    knn = simwarp.KNNRegressionHead(4, k=2).eval()
-    knn.set_bank(torch.randn(10, 4), torch.randn(10))
-    with pytest.raises(NotImplementedError, match="KNNRegressionHead.forward does not support torch.func"):
-        vmap(knn)(z.unsqueeze(1))
+    classifier = NeighborClassificationHead(4, 3, mode="global").eval()
+    classifier.set_bank(torch.randn(10, 4), torch.arange(10) % 3)
+    with pytest.raises(NotImplementedError, match="NeighborClassificationHead.forward does not support torch.func"):
+        vmap(classifier)(z.unsqueeze(1))
     # the similarity functions are plain tensor code: transforms work there
     k = torch.randn(6, 4)
     torch.testing.assert_close(grad(lambda q: paired_similarity(q, k, "cosine").sum())(q[0]),

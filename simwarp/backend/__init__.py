@@ -248,10 +248,12 @@ def warp_attend(
             stats = WarpStats(*rest)
     if drop_all:
         out = out * 0.0
-    if not return_stats:
-        return out
-    # a NaN row (a NaN or inf among its valid scores) keeps no count: the paths would differ
-    return out, stats._replace(kept=stats.kept.masked_fill(stats.lse.isnan(), math.nan))
+    return (out, _no_count_on_nan_rows(stats)) if return_stats else out
+
+
+def _no_count_on_nan_rows(stats: WarpStats) -> WarpStats:
+    """``kept`` NaN on a NaN row (a NaN or inf among its valid scores), where each path would count its own way."""
+    return stats._replace(kept=stats.kept.masked_fill(stats.lse.isnan(), math.nan))
 
 
 def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -381,7 +383,7 @@ def warp_weights(
         w = _zeros_linked_to(q.new_full((*batch, n, width), -math.inf if log else 0.0, dtype=dtype), q, k, a, b, t)
         return (w, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else w
     w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range, with_stats=return_stats, columns=columns, log=log)
-    return (w, stats) if return_stats else w
+    return (w, _no_count_on_nan_rows(stats)) if return_stats else w
 
 
 def _check_columns(columns, batch, n: int, m: int) -> None:

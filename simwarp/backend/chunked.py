@@ -208,7 +208,8 @@ class _ChunkedWarp(torch.autograd.Function):
         inv_denom = torch.where(nonempty, 1.0 / torch.where(nonempty, denom, 1.0), 0.0)
         out = acc * inv_denom.unsqueeze(-1)
         lse = torch.where(denom == 0, -math.inf, run_max + torch.log(denom))  # NaN rows stay NaN, as dense
-        lse = lse.masked_fill(run_max == math.inf, math.nan)  # an inf score (a fixed range): NaN, as dense
+        if not mask_form:  # an inf logit (a fixed range, a user step): NaN, as dense
+            lse = lse.masked_fill(run_max == math.inf, math.nan)
 
         ctx.spec, ctx.chunk, ctx.has_mask, ctx.mask_form = spec, chunk, mask is not None, mask_form
         ctx.dropout_p, ctx.fixed_range = dropout_p, row_range is not None
