@@ -304,8 +304,9 @@ class _BankMixin(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        sampler = getattr(loader, "sampler", None)  # (a DistributedSampler shuffles by default too)
-        if isinstance(sampler, torch.utils.data.RandomSampler) or getattr(sampler, "shuffle", False) is True:
+        # the loader's sampler, or that of its batch sampler (a DistributedSampler shuffles by default too)
+        samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+        if any(isinstance(x, torch.utils.data.RandomSampler) or getattr(x, "shuffle", False) is True for x in samplers):
             warnings.warn(
                 "fit_bank: the loader's sampler shuffles, so the bank holds the rows in a random order and "
                 "explain()'s indices are not positions in the data set; use a sampler in a fixed order "

@@ -1010,6 +1010,9 @@ def test_fit_bank_warns_on_a_shuffling_loader_and_names_single_sample_batches():
     shard = torch.utils.data.distributed.DistributedSampler(data, num_replicas=2, rank=0)  # shuffle=True by default
     with pytest.warns(UserWarning, match="shuffles"):
         head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=4, sampler=shard), progress=False)
+    batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data), batch_size=4, drop_last=False)
+    with pytest.warns(UserWarning, match="shuffles"):
+        head.fit_bank(None, torch.utils.data.DataLoader(data, batch_sampler=batches), progress=False)
     with pytest.raises(ValueError, match=r"each batch must hold rows.*shape \(4,\).*batch_size=None"):
         head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=None), progress=False)
 
