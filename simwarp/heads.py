@@ -878,7 +878,8 @@ class NeighborRegressionHead(_WarpHeadBase):
         squeeze, y2 = self._checked(z, check, _TRAIN if training else _PREDICT)
         if training:
             step_kwargs = self._step_kwargs(z)
-            self._check_step_params(z, step_kwargs)  # before the target statistics see the batch
+            if not resolve_group(self.gather)[0]:  # (under gather _checked has agreed on them)
+                self._check_step_params(z, step_kwargs)  # before the target statistics see the batch
             self._update_running_stats(y2)
             ys = self._standardize(y2.to(_wide(z))).to(z.dtype)
             out, _ = self._attend(z, z, values_fn(ys), loo=True, step_kwargs=step_kwargs)
@@ -1099,8 +1100,7 @@ class KNNRegressionHead(_BankMixin):
         if not z.shape[0]:
             return values.new_zeros((0, values.shape[-1]))
         out = values[top].mean(dim=1)
-        bad_rows = ~torch.isfinite(z).all(-1, keepdim=True)  # no neighbours: NaN, as the SoftStep heads give
-        return out.masked_fill(bad_rows, math.nan)
+        return out.masked_fill(_non_finite_rows(z), math.nan)  # no neighbours: NaN, as the SoftStep heads give
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, out_features)`` (``(N,)`` when ``y`` is 1-D)."""
@@ -1136,7 +1136,12 @@ class KNNRegressionHead(_BankMixin):
             rest = wider.gather(-1, torch.sort(named.to(torch.uint8), dim=-1, stable=True).indices)[:, : k - used]
             indices = torch.cat([indices, rest], -1)
         weights = torch.where(torch.arange(k, device=z.device) < used, 1.0 / used, 0.0).to(_wide(z)).expand(z.shape[0], k)
-        return indices, weights.masked_fill(~torch.isfinite(z).all(-1, keepdim=True), math.nan)
+        return indices, weights.masked_fill(_non_finite_rows(z), math.nan)
+
+
+def _non_finite_rows(z: torch.Tensor) -> torch.Tensor:
+    """``(N, 1)``: the queries with a NaN or inf feature (all their scores are NaN: no neighbour)."""
+    return ~torch.isfinite(z).all(-1, keepdim=True)
 
 
 def _wide(z: torch.Tensor) -> torch.dtype:

@@ -429,8 +429,6 @@ def known_maximum(spec: WarpSpec, row_range) -> bool:
     return row_range is None and (spec.step.rule is not None or not spec.step.warps)
 
 
-
-
 class MaskedNumerator(NamedTuple):
     """The mask form of a block of scores (see :func:`masked_numerator`)."""
 

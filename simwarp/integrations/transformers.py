@@ -189,6 +189,11 @@ def _selected_keys_mask(indices: torch.Tensor, attention_mask, is_causal: bool, 
     return attention_mask.masked_fill(~keep, -torch.inf), is_causal
 
 
+#: ``model_type`` prefixes of the models that slice their queries after building the masks
+#: unless the attention implementation is named ``"sdpa"`` (transformers 5; :func:`_mask_interface`).
+_SLICE_QUERIES_BY_NAME = ("gemma4",)
+
+
 def _mask_interface(*args: Any, config: Any = None, **kwargs: Any):
     """transformers' ``sdpa_mask``, but never skipped (``None`` for "use is_causal") for
     models that, unless the implementation is named ``"sdpa"``, slice their queries after
@@ -200,10 +205,6 @@ def _mask_interface(*args: Any, config: Any = None, **kwargs: Any):
     if str(getattr(config, "model_type", "")).startswith(_SLICE_QUERIES_BY_NAME):
         kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, config=config, **kwargs)
-
-
-#: ``model_type`` prefixes of the models above (transformers 5).
-_SLICE_QUERIES_BY_NAME = ("gemma4",)
 
 
 def register(model: nn.Module | None = None, **attach_kwargs: Any) -> nn.Module | None:
