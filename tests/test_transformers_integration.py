@@ -472,3 +472,18 @@ def test_sentence_transformer_reload_recipe_restores_trained_steps(tmp_path):
     attach_softstep(plain, **plain[0].auto_model.config.softstep)
     load_softstep_state(plain, tmp_path)
     torch.testing.assert_close(plain.encode(["a first sentence"], convert_to_tensor=True), want)
+
+
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_load_softstep_state_takes_instance_none_checkpoints_from_before_constant_steps(hidden):
+    """Before step="none" held constants, its instance-mode step saved an unused network and
+    no ``raw``; such checkpoints still load (with a prefix, as a head model saves them)."""
+    model = tiny_bert()
+    attach_softstep(model, mode="instance", step="none", hidden=hidden)
+    own = [k for k in model.state_dict() if ".softstep." in k]
+    assert own and all(k.endswith(".step.raw") for k in own)
+    net = ["net.weight", "net.bias"] if hidden is None else ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+    old = {f"bert.{k.removesuffix('raw')}{name}": torch.zeros(3) for k in own for name in net}
+    assert load_softstep_state(model, old) == []
+    with pytest.raises(KeyError, match="no SoftStep parameters"):
+        load_softstep_state(model, {"bert.encoder.layer.0.attention.self.softstep.step.other": torch.zeros(3)})

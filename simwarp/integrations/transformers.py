@@ -397,7 +397,7 @@ def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict) -> l
         hit = _stored_key(key, stored) or _stored_key(_checkpoint_name(model, key, own[key]), stored)
         if hit is not None:
             picked[key] = stored[hit]
-    missing = sorted(set(own) - set(picked))
+    missing = sorted(key for key in set(own) - set(picked) if not _held_by_old_constant_step(model, key, stored))
     if missing:
         raise KeyError(
             f"the checkpoint has no SoftStep parameters for {missing[:3]}{'…' if len(missing) > 3 else ''} "
@@ -405,6 +405,18 @@ def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict) -> l
         )
     model.load_state_dict(picked, strict=False)
     return sorted(picked)
+
+
+def _held_by_old_constant_step(model: nn.Module, key: str, stored: dict) -> bool:
+    """Whether ``key`` is the constant ``raw`` of a step that does not warp (``step="none"``)
+    and the checkpoint holds that module's network from before such steps kept constants
+    (``SoftStep(mode="instance")``): its values never reach an output, so nothing is missing."""
+    module_name, _, leaf = key.rpartition(".")
+    if leaf != "raw" or "raw" not in model.get_submodule(module_name)._buffers:
+        return False
+    return _stored_key(f"{module_name}.net.weight", stored) is not None or any(
+        _stored_key(f"{module_name}.net.{i}.weight", stored) is not None for i in (0, 2)
+    )
 
 
 def _stored_key(key: str | None, stored: dict) -> str | None:
