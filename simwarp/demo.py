@@ -213,7 +213,8 @@ def train_and_evaluate(
     res["seconds"] = time.perf_counter() - t0
     sp = getattr(head, "sparsity", {})
     res["kept_fraction"] = sp.get("kept_fraction", float("nan")) if sp else float("nan")
-    res.update(pred=pred, true=true, encoder=encoder, head_module=head, tensors=(Xtr, ytr, Xte, yte), y_scale=(ymu, ysd))
+    res.update(pred=pred, true=true, encoder=encoder, emb_dim=emb_dim, head_module=head, tensors=(Xtr, ytr, Xte, yte),
+               y_scale=(ymu, ysd))
     return res
 
 
@@ -222,7 +223,7 @@ def knn_on_embeddings(trained: dict[str, Any], k: int = 10, metric: str = "l2") 
     Xtr, ytr, Xte, yte = trained["tensors"]
     ymu, ysd = trained["y_scale"]
     enc = trained["encoder"].eval()
-    knn = KNNRegressionHead(enc[-1].out_features, 1, k=k, metric=metric).to(Xtr.device)
+    knn = KNNRegressionHead(trained["emb_dim"], 1, k=k, metric=metric).to(Xtr.device)
     pred = _predict(enc, knn, Xte, (Xtr, ytr)).cpu().numpy() * ysd + ymu
     true = yte.cpu().numpy() * ysd + ymu
     return {"head": "knn", "dataset": trained["dataset"], "seed": trained["seed"], **_metrics(pred, true),

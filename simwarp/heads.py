@@ -480,11 +480,8 @@ class _WarpHeadBase(_BankMixin):
         super().__init__()
         resolve_group(gather)  # validates; gather=True needs an initialised process group
         in_features = _int_arg("in_features", in_features)
-        check_backend_options(metric, impl, chunk_size, scale)
+        scale, temperature = check_backend_options(metric, impl, chunk_size, scale, temperature)
         get_step(step)
-        temperature = as_real("temperature", temperature, "a positive finite float")
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
         self.in_features, self.metric, self.step_name = in_features, metric, step
         self.temperature, self.scale = temperature, scale
         self.detach_range = as_flag("detach_range", detach_range)
@@ -498,12 +495,12 @@ class _WarpHeadBase(_BankMixin):
             self.log_scale = nn.Parameter(torch.zeros(()))
         else:
             self.register_parameter("log_scale", None)
+        if mode not in _HEAD_MODES:
+            raise ValueError(f"mode must be one of {_HEAD_MODES}, got {mode!r}")
         if step == "none":
             self.softstep: SoftStep | None = None
             self.mode = "none"
         else:
-            if mode not in _HEAD_MODES:
-                raise ValueError(f"mode must be one of {_HEAD_MODES}, got {mode!r}")
             self.mode = mode
             self.softstep = SoftStep(
                 mode=mode, in_features=in_features if mode == "instance" else None, hidden=hidden, step=step, init=init

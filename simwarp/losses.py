@@ -407,6 +407,11 @@ class _SoftStepLossMixin:
         value = as_real(scale_name, scale_value, "a positive finite float")
         if not 0 < value < math.inf:
             raise ValueError(f"{scale_name} must be a positive finite float, got {scale_value!r}")
+        largest = torch.finfo(torch.float32).max  # the similarities' factor must be a finite float32
+        if scale_name == "softmax_scale" and value > largest:
+            raise ValueError(f"softmax_scale must be at most {largest:.3g}, got {scale_value!r}")
+        if scale_name == "temperature" and 1.0 / value > largest:
+            raise ValueError(f"temperature must be at least {1 / largest:.3g}, got {scale_value!r}")
         setattr(self, scale_name, value)
         self.add_to_recordable_attributes(list_of_names=[scale_name], is_stat=False)
         resolve_group(gather)  # validates; True needs an initialised process group

@@ -636,6 +636,13 @@ def test_bad_arguments_raise_clear_errors(change, error, match):
         simwarp.warp_attend(*args, **kwargs)
 
 
+@pytest.mark.parametrize("option,error", [(dict(impl="fast"), "impl must be one of"), (dict(chunk_size=0), "chunk_size")])
+def test_warp_weights_checks_the_backend_options_it_ignores(option, error):
+    q, k, _ = _qkv()
+    with pytest.raises(ValueError, match=error):
+        simwarp.warp_weights(q, k, **option)
+
+
 # ----------------------------------------------------------------------------- warp_weights + properties
 
 

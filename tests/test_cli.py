@@ -146,7 +146,7 @@ def test_run_demo_passes_progress_to_the_loaders_and_takes_one_name(monkeypatch,
 
 def test_train_and_evaluate_without_an_encoder():
     from simwarp.datasets import load_dataset
-    from simwarp.demo import TrainConfig, train_and_evaluate
+    from simwarp.demo import TrainConfig, knn_on_embeddings, train_and_evaluate
 
     pytest.importorskip("sklearn")
     data = load_dataset("diabetes")
@@ -164,6 +164,9 @@ def test_train_and_evaluate_without_an_encoder():
     with pytest.raises(ValueError, match="head_kind='knn' cannot train an encoder"):
         train_and_evaluate(data, "knn", TrainConfig(epochs=1), progress=False)
     assert np.isfinite(train_and_evaluate(data, "knn", cfg, progress=False)["rmse"])
+    ranked = knn_on_embeddings(trained, k=5)  # the embeddings are the inputs themselves here
+    direct = train_and_evaluate(data, "knn", TrainConfig(epochs=3, encoder="none", head_kwargs={"k": 5}), progress=False)
+    assert ranked["rmse"] == pytest.approx(direct["rmse"])
 
 
 def test_standardised_splits_use_only_the_training_rows():

@@ -1045,17 +1045,25 @@ def test_constructors_check_backend_options_and_accept_numpy_and_tensor_reals():
         (dict(scale=-1.0), ValueError, "scale must be a positive finite float"),
         (dict(metric="l1", impl="chunked"), ValueError, "only available with impl='dense'"),
         (dict(standardize_targets="no"), TypeError, "standardize_targets must be a bool"),
+        # refused by the first forward before: values the backend cannot take
+        (dict(temperature=1e-40), ValueError, "temperature must be at least"),
+        (dict(scale=1e39), ValueError, "scale must be at most"),
+        (dict(scale=torch.tensor(2.0, requires_grad=True)), TypeError, "scale must be a positive finite float"),
+        (dict(step="none", mode="bogus"), ValueError, "mode must be one of"),
     ]
     for kwargs, error, match in bad:
         with pytest.raises(error, match=match):
             NeighborRegressionHead(4, **kwargs)
-    for kwargs, error, match in [
-        (dict(impl="fast"), ValueError, "impl must be one of"),
-        (dict(chunk_size=-5), ValueError, "chunk_size must be a positive int"),
-        (dict(detach_range="no"), TypeError, "detach_range must be a bool"),
+    assert NeighborRegressionHead(4, scale=torch.tensor(2.0)).scale == 2.0  # a float, as the backend takes it
+    for cls, kwargs, error, match in [
+        (simwarp.SoftStepNCALoss, dict(impl="fast"), ValueError, "impl must be one of"),
+        (simwarp.SoftStepNCALoss, dict(chunk_size=-5), ValueError, "chunk_size must be a positive int"),
+        (simwarp.SoftStepNCALoss, dict(detach_range="no"), TypeError, "detach_range must be a bool"),
+        (simwarp.SoftStepNCALoss, dict(softmax_scale=1e39), ValueError, "softmax_scale must be at most"),
+        (simwarp.SoftStepContrastiveLoss, dict(temperature=1e-40), ValueError, "temperature must be at least"),
     ]:
         with pytest.raises(error, match=match):
-            simwarp.SoftStepNCALoss(**kwargs)
+            cls(**kwargs)
 
 
 @pytest.mark.parametrize("mode", ["global", "instance"])

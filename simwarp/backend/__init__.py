@@ -26,6 +26,7 @@ from simwarp.backend.common import (
     broadcasts_to,
     check_chunk_size,
     check_dropout_p,
+    check_impl,
     check_inputs,
     make_spec,
     resolve_params,
@@ -68,8 +69,7 @@ def _choose_impl(
     """Pick the implementation. ``spec`` (WarpSpec) and ``tensors`` (``(q, k, v)``) let
     ``impl="auto"`` choose the fused kernels on CUDA when they support the call (step, dtype,
     head dims); without them ``"auto"`` never picks triton."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     if impl == "triton" and not _triton_available(device):
         raise ValueError(
             "impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) and the fused "
@@ -368,7 +368,8 @@ def warp_weights(
     largest stays resolved where ``w`` underflows to 0 (at about ``87 · temperature`` below it
     in float32).
     """
-    del impl, chunk_size
+    check_impl(impl)  # accepted for warp_attend's signature, checked as there, then unused
+    check_chunk_size(chunk_size)
     log = as_flag("log", log)
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
     batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)

@@ -690,17 +690,23 @@ def check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def check_backend_options(metric: str, impl: str, chunk_size, scale=None) -> None:
-    """What the backend would refuse at the first call, checked when a front end is built:
-    ``impl``, ``chunk_size``, ``scale`` and a metric that only the dense path has."""
-    check_metric(metric)
+def check_impl(impl) -> None:
+    """``impl``: one of :data:`IMPLS` (``ValueError`` otherwise)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def check_backend_options(metric: str, impl: str, chunk_size, scale=None, temperature=1.0) -> tuple[float | None, float]:
+    """What the backend would refuse at the first call, checked when a front end is built:
+    ``impl``, ``chunk_size``, ``scale``, ``temperature`` and a metric that only the dense path
+    has. Returns ``(scale, temperature)`` as the backend takes them (Python floats)."""
+    check_metric(metric)
+    check_impl(impl)
     check_chunk_size(chunk_size)
-    if scale is not None and not isinstance(scale, torch.Tensor):
-        make_spec(metric, scale, "none", 1.0, False, False, False)
+    spec = make_spec(metric, scale, "none", temperature, False, False, False)
     if metric not in STREAMING_METRICS and impl in ("chunked", "triton"):
         raise ValueError(f"metric={metric!r} is only available with impl='dense' (got impl={impl!r})")
+    return spec.scale, spec.temperature
 
 
 def as_flag(name: str, value) -> bool:
@@ -717,6 +723,8 @@ def make_spec(metric, scale, step, temperature, causal, exclude_self, detach_ran
         scale = as_real("scale", scale, "a positive finite float or None")
         if not is_finite_real(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+        if scale > torch.finfo(torch.float32).max:  # a finite float32 factor, as 1/τ below
+            raise ValueError(f"scale must be at most {torch.finfo(torch.float32).max:.3g}, got {scale!r}")
     temperature = as_real("temperature", temperature, "a positive float")
     if not is_finite_real(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
