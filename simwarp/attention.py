@@ -477,8 +477,12 @@ class SoftStepAttention(nn.Module):
                 hook(self, self.last_stats)
         return out, (stats if return_stats else None), weights
 
+    def reset_parameters(self) -> None:
+        """The step back to ``init`` (:meth:`simwarp.SoftStep.reset_parameters`)."""
+        self.step.reset_parameters()
+
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, mode={self.mode!r}"
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, mode={self.mode!r}, step={self.step.step!r}"
 
 
 def _disable_fused_fast_path(module: nn.Module, args: tuple) -> None:
@@ -506,8 +510,9 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
 
     Shapes: ``query (L, N, E)`` (``(N, L, E)`` with ``batch_first``, or unbatched ``(L, E)``),
     ``key (S, N, kdim)``, ``value (S, N, vdim)``, ``key_padding_mask (N, S)``,
-    ``attn_mask (L, S)`` or ``(N·num_heads, L, S)``. Returns ``(attn_output, attn_weights)``
-    with weights ``(N, L, S)`` (averaged) or ``(N, num_heads, L, S)`` when ``need_weights``.
+    ``attn_mask (L, S)`` or ``(N·num_heads, L, S)``. Returns ``(attn_output, attn_weights)``;
+    with ``need_weights`` the weights are ``(N, L, S)`` (averaged over heads) or
+    ``(N, num_heads, L, S)`` with ``average_attn_weights=False``, otherwise ``None``.
     """
 
     def __init__(
@@ -537,6 +542,11 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         self.set_step(options, device=device, dtype=dtype)  # factory kwargs apply to every parameter
         self.register_forward_pre_hook(_disable_fused_fast_path)
 
+    def _reset_parameters(self) -> None:
+        super()._reset_parameters()
+        if "softstep" in self._modules:  # (MultiheadAttention's constructor calls this before it exists)
+            self.softstep.reset_parameters()
+
     def set_step(self, options: dict, device: Any = None, dtype: Any = None) -> None:
         """A fresh ``softstep`` submodule with ``options`` (``mode``, ``step``, ``init``,
         ``hidden``), recorded in ``softstep_options`` (``swap_attention`` compares a later call
@@ -557,6 +567,7 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
         _check_softstep_options(softstep_kwargs)
+        _check_takeable(mha)
         ref = mha.out_proj.weight
         new = cls(
             mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
@@ -727,19 +738,37 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     _check_softstep_options(softstep_kwargs)
     if _swappable(model):
         return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)
-    replaced: dict[int, MultiheadSoftStepAttention] = {}
-    for module in list(model.modules()):
+    modules = list(model.modules())
+    # _modules, not named_children(): that skips a second name for the same module
+    swaps = [(module, name, child) for module in modules for name, child in list(module._modules.items())
+             if child is not None and _swappable(child)]
+    restepped = [m for m in modules if isinstance(m, MultiheadSoftStepAttention)] if softstep_kwargs else []
+    for _, name, child in swaps:  # everything that can fail, before the model changes
+        _check_takeable(child, name)
+    for module in restepped:  # without overwrite: a check (options that differ raise)
+        _restep(module, softstep_kwargs, overwrite)
+    for module in modules:
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
-        if isinstance(module, MultiheadSoftStepAttention) and softstep_kwargs:
-            _restep(module, softstep_kwargs, overwrite)
-        # _modules, not named_children(): that skips a second name for the same module
-        for name, child in list(module._modules.items()):
-            if child is not None and _swappable(child):
-                if id(child) not in replaced:
-                    replaced[id(child)] = MultiheadSoftStepAttention.from_multihead(child, **softstep_kwargs)
-                setattr(module, name, replaced[id(child)])
+    replaced: dict[int, MultiheadSoftStepAttention] = {}
+    for module, name, child in swaps:
+        if id(child) not in replaced:
+            replaced[id(child)] = MultiheadSoftStepAttention.from_multihead(child, **softstep_kwargs)
+        setattr(module, name, replaced[id(child)])
     return model
+
+
+def _check_takeable(mha: nn.MultiheadAttention, name: str = "mha") -> None:
+    """``from_multihead`` takes the parameter objects themselves: a parametrization (the
+    parameter computed from others) cannot be taken over."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(mha):
+        raise ValueError(
+            f"{name} ({type(mha).__name__}) has parametrized parameters {sorted(mha.parametrizations)}, which a "
+            "MultiheadSoftStepAttention cannot take over: swap first, then register the parametrization "
+            "(nothing was swapped)"
+        )
 
 
 _SOFTSTEP_OPTIONS = ("mode", "step", "init", "hidden")

@@ -330,7 +330,7 @@ class _BankMixin(nn.Module):
         # any callable is an encoder; a module's method (model.encode) runs with the module in eval mode
         module = encoder if isinstance(encoder, nn.Module) else getattr(encoder, "__self__", None)
         module = module if isinstance(module, nn.Module) else None
-        was_training = module.training if module is not None else False
+        modes = [(m, m.training) for m in module.modules()] if module is not None else []  # each, as frozen BatchNorms are
         if module is not None:
             module.eval()
         zs, ys = [], []
@@ -375,8 +375,8 @@ class _BankMixin(nn.Module):
                 zs.append(z.detach())
                 ys.append(y.detach())
         finally:
-            if module is not None:
-                module.train(was_training)
+            for submodule, training in modes:
+                submodule.training = training
         if not zs:
             if not resolve_group(getattr(self, "gather", False))[0]:
                 raise ValueError("fit_bank got an empty loader")
@@ -691,12 +691,24 @@ class _WarpHeadBase(_BankMixin):
                 **self._step_kwargs(zq), **backend,
             )
 
+    def reset_parameters(self) -> None:
+        """The learned parameters back to their start: the step at ``init``, ``log_scale`` at 0
+        (also what ``to_empty`` after building on the meta device needs). The bank is data, set
+        by :meth:`set_bank`, and stays."""
+        if self.softstep is not None:
+            self.softstep.reset_parameters()
+        if self.log_scale is not None:
+            nn.init.zeros_(self.log_scale)
+
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, metric={self.metric!r}, step={self.step_name!r}, "
+            f"in_features={self.in_features}, {self._outputs_repr()}, metric={self.metric!r}, step={self.step_name!r}, "
             f"mode={self.mode!r}, temperature={self.temperature}, learn_scale={self.log_scale is not None}, "
             f"bank={self.bank_size}"
         )
+
+    def _outputs_repr(self) -> str:
+        raise NotImplementedError
 
 
 class NeighborRegressionHead(_WarpHeadBase):
@@ -706,8 +718,8 @@ class NeighborRegressionHead(_WarpHeadBase):
         in_features: embedding size ``D`` of ``z``.
         out_features: number of targets ``E``.
         metric: similarity (``"l2"``, ``"cosine"``, ``"dot"``, ``"sqeuclidean"``, ``"l1"``).
-        step: registered step (``"sigmoidal"``, ``"log"``, or ``"none"`` = plain neighbour
-            attention without warping, the NONA baseline).
+        step: registered step (``"sigmoidal"``, ``"log"``, ``"poly"``, or ``"none"`` = plain
+            neighbour attention without warping, the NONA baseline).
         mode: ``"global"`` (3 learned scalars) or ``"instance"`` (a linear map of each query to
             its own ``(a, b, t)``). Ignored for ``step="none"``.
         temperature: softmax temperature.
@@ -767,6 +779,18 @@ class NeighborRegressionHead(_WarpHeadBase):
         self.register_buffer("_target_m2", torch.zeros(out_features))
 
     _WIDE_BUFFERS = ("bank_y", "target_mean", "target_std", "_target_m2")
+
+    def reset_parameters(self) -> None:
+        """As :meth:`_WarpHeadBase.reset_parameters`, and the running target statistics start
+        again (as ``BatchNorm``'s do; they never change a prediction, see ``standardize_targets``)."""
+        super().reset_parameters()
+        self.target_mean.zero_()
+        self.target_std.fill_(1.0)
+        self.targets_seen.zero_()
+        self._target_m2.zero_()
+
+    def _outputs_repr(self) -> str:
+        return f"out_features={self.out_features}, standardize_targets={self.standardize_targets}"
 
     # -- labels and standardisation ---------------------------------------------------------
 
@@ -971,6 +995,9 @@ class NeighborClassificationHead(_WarpHeadBase):
             raise ValueError(f"smoothing must lie in (0, 1), got {smoothing!r}")
         self.num_classes, self.smoothing = num_classes, smoothing
         self._init_bank((), torch.long)
+
+    def _outputs_repr(self) -> str:
+        return f"num_classes={self.num_classes}, smoothing={self.smoothing}"
 
     def _check_labels(self, y: Any, z: torch.Tensor, name: str = "y") -> torch.Tensor:
         n = z.shape[0]

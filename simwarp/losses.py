@@ -413,6 +413,7 @@ class _SoftStepLossMixin:
         if scale_name == "temperature" and 1.0 / value > largest:
             raise ValueError(f"temperature must be at least {1 / largest:.3g}, got {scale_value!r}")
         setattr(self, scale_name, value)
+        self._scale_name = scale_name
         self.add_to_recordable_attributes(list_of_names=[scale_name], is_stat=False)
         resolve_group(gather)  # validates; True needs an initialised process group
         self.gather = gather
@@ -556,6 +557,14 @@ class _SoftStepLossMixin:
             return self.zero_losses()
         zero = torch.stack(connected).sum()
         return {"loss": {"losses": zero, "indices": None, "reduction_type": "already_reduced"}}
+
+    def reset_parameters(self) -> None:
+        """The step back to its ``init`` (:meth:`simwarp.SoftStep.reset_parameters`)."""
+        self.softstep.reset_parameters()
+
+    def extra_repr(self) -> str:
+        name = self._scale_name
+        return f"{name}={getattr(self, name)}, detach_range={self.detach_range}, impl={self.impl!r}, gather={self.gather!r}"
 
     def _warp_options(self, scale: float, temperature: float) -> dict:
         return {

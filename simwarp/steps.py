@@ -570,28 +570,52 @@ class SoftStep(nn.Module):
             raise TypeError(f"init must be three floats (a, b, t) or None, got {init!r}") from None
         if len(init) != 3:
             raise ValueError(f"init must be (a, b, t), got {init!r}")
-        raw0 = raw_from_params(*init)
+        raw_from_params(*init)  # checks init
         self.mode, self.step, self.in_features, self.num_heads = mode, step, in_features, num_heads
+        self.init = init
         if mode == "per_head" and (not isinstance(num_heads, int) or num_heads < 1):
             raise ValueError(f"mode='per_head' needs num_heads >= 1, got {num_heads!r}")
         if mode == "instance" and (not isinstance(in_features, int) or in_features < 1):
             raise ValueError(f"mode='instance' needs in_features >= 1, got {in_features!r}")
+        shape = (num_heads, 3) if mode == "per_head" else (3,)
         if not get_step(step).warps:
-            self.register_buffer("raw", raw0.repeat(num_heads, 1) if mode == "per_head" else raw0)
-        elif mode == "global":
-            self.raw = nn.Parameter(raw0.clone())
-        elif mode == "per_head":
-            self.raw = nn.Parameter(raw0.repeat(num_heads, 1))
+            self.register_buffer("raw", torch.empty(shape))
+        elif mode in ("global", "per_head"):
+            self.raw = nn.Parameter(torch.empty(shape))
         else:
             last = nn.Linear(in_features if hidden is None else hidden, 3)
-            nn.init.zeros_(last.weight)
-            with torch.no_grad():
-                last.bias.copy_(raw0)
             self.net = last if hidden is None else nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), last)
+        self._start_at_init()
+
+    def reset_parameters(self) -> None:
+        """Back to the initial step: ``(a, b, t) = init`` for every head and row (the instance
+        network: its last layer's weights zero, a hidden layer initialised as ``nn.Linear``
+        does). Also what ``module.to_empty(...)`` after building on the meta device needs."""
+        if isinstance(getattr(self, "net", None), nn.Sequential):
+            self.net[0].reset_parameters()
+        self._start_at_init()
+
+    @torch.no_grad()
+    def _start_at_init(self) -> None:
+        raw0 = raw_from_params(*self.init)
+        if self.mode != "instance" or "raw" in self._buffers:
+            self.raw.copy_(raw0.expand_as(self.raw))
+        else:
+            last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+            last.weight.zero_()
+            last.bias.copy_(raw0)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if "raw" in self._buffers:  # no warping: checkpoints from before it had constants held an unused network
             old = [key for key in state_dict if key.startswith(prefix + "net.")]
+            if old:
+                warnings.warn(
+                    f"SoftStep(step={self.step!r}) does not warp and has no step network: the checkpoint's "
+                    f"{old} are left out (an instance-mode network, saved before such steps held constants, or "
+                    "trained with a warping step: then build the module with that step to use it)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             for key in old:
                 del state_dict[key]
             if old and prefix + "raw" not in state_dict:
@@ -639,7 +663,7 @@ class SoftStep(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f"mode={self.mode!r}, step={self.step!r}"
-        if self.mode == "global":
+        if self.mode == "global" and not self.raw.is_meta:
             a, b, t = (float(p.detach()) for p in self())
             extra += f", a={a:.3f}, b={b:.3f}, t={t:.3f}"
         elif self.mode == "per_head":

@@ -623,6 +623,26 @@ def test_swap_again_with_other_options_needs_overwrite():
     assert layer.self_attn.softstep.mode == "instance"
 
 
+def test_swap_changes_nothing_when_it_fails():
+    """A parametrized MultiheadAttention cannot be taken over, and a swapped one asked for other
+    options without overwrite raises: both before any module is replaced (the first layer was
+    swapped, the second not, before)."""
+    from torch.nn.utils import parametrize
+
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, batch_first=True), 2, enable_nested_tensor=False)
+    parametrize.register_parametrization(enc.layers[1].self_attn, "in_proj_weight", nn.Identity())
+    with pytest.raises(ValueError, match="parametrized parameters.*nothing was swapped"):
+        simwarp.swap_attention(enc)
+    assert not any(isinstance(m, simwarp.MultiheadSoftStepAttention) for m in enc.modules())
+    with pytest.raises(ValueError, match="swap first"):
+        simwarp.MultiheadSoftStepAttention.from_multihead(enc.layers[1].self_attn)
+    model = nn.ModuleList([simwarp.swap_attention(nn.TransformerEncoderLayer(8, 2, 16), step="none"),
+                           nn.TransformerEncoderLayer(8, 2, 16)])
+    with pytest.raises(ValueError, match="overwrite=True"):
+        simwarp.swap_attention(model, step="poly")
+    assert type(model[1].self_attn) is nn.MultiheadAttention
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_step_parameters_follow_the_module_dtype(dtype):
     built = simwarp.MultiheadSoftStepAttention(8, 2, dtype=dtype, mode="instance")

@@ -405,6 +405,18 @@ def test_fit_bank_with_loader_restores_encoder_mode():
         head.fit_bank(enc, [], progress=False)
 
 
+def test_fit_bank_restores_each_submodule_mode():
+    """A frozen BatchNorm in a training encoder (fine-tuning) stays in eval mode."""
+    enc = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Dropout(0.5)))
+    enc.train()
+    enc[1].eval()
+    enc[2].eval()
+    before = [m.training for m in enc.modules()]
+    x, y = torch.randn(10, 3), torch.randn(10)
+    NeighborRegressionHead(4, 1).fit_bank(enc, [(x[:4], y[:4]), (x[4:], y[4:])], progress=False)
+    assert [m.training for m in enc.modules()] == before == [True, True, False, False, False]
+
+
 def test_fit_bank_without_encoder_names_non_tensor_batches():
     np = pytest.importorskip("numpy")
     head = NeighborRegressionHead(4)

@@ -465,4 +465,56 @@ def test_softstep_without_warping_is_constant(mode, kw):
     for got, want in zip(step(cond), SoftStep(mode=mode, **kw)(cond)):
         torch.testing.assert_close(got, want.detach())
     if mode == "instance":  # a checkpoint from when it held an (unused) network still loads, strictly
-        step.load_state_dict({"net.weight": torch.zeros(3, 4), "net.bias": torch.zeros(3)})
+        with pytest.warns(UserWarning, match="left out"):  # (or one trained with a warping step: said)
+            step.load_state_dict({"net.weight": torch.zeros(3, 4), "net.bias": torch.zeros(3)})
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"mode": "per_head", "num_heads": 3}, {"mode": "instance", "in_features": 4},
+     {"mode": "instance", "in_features": 4, "hidden": 5}, {"step": "none"}, {"step": "none", "mode": "instance", "in_features": 4}],
+)
+def test_softstep_reset_parameters_and_meta_device(kw):
+    """Built on the meta device, printed, materialised with to_empty: reset_parameters puts it
+    at init (printing failed on meta tensors; to_empty left uninitialised memory)."""
+    init = (0.2, 0.7, 0.3)
+    with torch.device("meta"):
+        step = SoftStep(init=init, **kw)
+    assert "SoftStep(" in repr(step)
+    step.to_empty(device="cpu")
+    step.reset_parameters()
+    cond = torch.randn(6, 4)
+    for got, want in zip(step(cond), init):
+        torch.testing.assert_close(got.detach(), torch.full_like(got, want))
+    if step.mode == "instance" and not step.step == "none":
+        first = step.net if kw.get("hidden") is None else step.net[0]
+        assert first.weight.abs().sum() > 0 if kw.get("hidden") else first.weight.abs().sum() == 0
+    torch.manual_seed(0)
+    trained = SoftStep(init=init, **kw)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5)
+    trained.reset_parameters()
+    for got, want in zip(trained(cond), init):
+        torch.testing.assert_close(got.detach(), torch.full_like(got, want))
+
+
+def test_front_ends_reset_their_steps():
+    """reset_parameters of the heads, attention modules and losses reaches the step (and, for
+    nn.MultiheadAttention's own _reset_parameters, the swapped module's step too)."""
+    with torch.device("meta"):
+        head = simwarp.NeighborRegressionHead(6, 1, mode="global", learn_scale=True, init=(0.2, 0.7, 0.3))
+        layer = simwarp.swap_attention(torch.nn.TransformerEncoderLayer(16, 4), init=(0.2, 0.7, 0.3))
+    assert "NeighborRegressionHead(" in repr(head) and "SoftStepAttention(" in repr(layer)
+    head.to_empty(device="cpu")
+    head.reset_parameters()
+    layer.to_empty(device="cpu")
+    layer.self_attn._reset_parameters()
+    loss = simwarp.SoftStepNCALoss(init=(0.2, 0.7, 0.3))
+    with torch.no_grad():
+        loss.softstep.raw.add_(1.0)
+    loss.reset_parameters()
+    for step in (head.softstep, layer.self_attn.softstep.step, loss.softstep):
+        for got, want in zip(step(), (0.2, 0.7, 0.3)):
+            torch.testing.assert_close(got.detach(), torch.full_like(got, want))
+    assert head.log_scale.item() == 0.0 and head.target_std.eq(1).all() and head.targets_seen.item() == 0
