@@ -22,11 +22,31 @@ from simwarp.heads import (
     NeighborRegressionHead,
     make_head,
 )
-from simwarp.losses import SoftStepContrastiveLoss, SoftStepNCALoss, SoftStepNeighborRegressionLoss
 from simwarp.similarity import pairwise_similarity
 from simwarp.steps import SoftStep, register_step
 
 __version__ = "0.1.0"
+
+# The losses import pytorch-metric-learning (and through it SciPy): about half a second that
+# attention and heads users need not pay, so they load on first use.
+_LAZY = {"losses": None, "SoftStepContrastiveLoss": "losses", "SoftStepNCALoss": "losses",
+         "SoftStepNeighborRegressionLoss": "losses"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'simwarp' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module("simwarp.losses")
+    value = module if _LAZY[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "MultiheadSoftStepAttention",

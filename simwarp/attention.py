@@ -258,7 +258,7 @@ def softstep_attention(
             uniform weights over the valid keys, a negative scale negates the scores.
         enable_gqa: grouped-query attention: ``Hq`` a multiple of ``H``; query head ``h`` uses
             key/value head ``h // (Hq / H)``. Computed by broadcasting, keys are not copied.
-        step: a registered step (``"sigmoidal"``, ``"log"``, ``"none"``, …).
+        step: a registered step (``"sigmoidal"``, ``"log"``, ``"poly"``, ``"none"``, …).
         a, b, t: step parameters broadcastable to the rows ``(B, Hq, L)``: floats, per head
             ``(Hq, 1)``, per query ``(B, Hq, L)``; ``None`` = the step's defaults.
         return_stats: also return :class:`AttentionStats` (shapes ``(B, Hq, L)``).

@@ -162,10 +162,8 @@ def embed_texts(texts: list[str], batch_size: int = 64, progress: bool = True, c
     path = _cache_dir() / f"minilm_{key}.npy"
     if cache and path.exists():
         return np.load(path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     st = _require("sentence_transformers", "hf")
-    model = st.SentenceTransformer(str(minilm_path()), device="cpu")
+    model = st.SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)  # offline, without touching os.environ
     emb = model.encode(texts, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True)
     emb = np.asarray(emb, dtype=np.float32)
     if cache:

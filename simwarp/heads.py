@@ -1074,13 +1074,9 @@ class NeighborClassificationHead(_WarpHeadBase):
     @without_functorch
     @torch.no_grad()
     def predict_proba(self, z: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``(N, num_classes)`` from the bank."""
-        was = self.training
-        self.eval()
-        try:
-            return self(z).exp()
-        finally:
-            self.train(was)
+        """Class probabilities ``(N, num_classes)`` from the bank (``forward(z)`` without labels
+        reads the bank in either mode)."""
+        return self(z).exp()
 
 
 class KNNRegressionHead(_BankMixin):

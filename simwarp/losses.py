@@ -593,7 +593,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
 
     Args:
         softmax_scale: multiplier of the similarities (PML's ``softmax_scale``), > 0.
-        step: registered step name (``"sigmoidal"``, ``"log"``, ``"none"``, ...).
+        step: registered step name (``"sigmoidal"``, ``"log"``, ``"poly"``, ``"none"``, ...).
         mode: ``"global"`` (3 learned scalars) or ``"instance"`` (a Linear/MLP maps each
             anchor's embedding to its own ``(a, b, t)``; needs ``embedding_size``).
         embedding_size: embedding width, for ``mode="instance"``.

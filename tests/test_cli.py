@@ -224,3 +224,17 @@ def test_dataset_helpers_refuse_a_bare_string_and_bad_seeds():
         with pytest.raises(ValueError, match="seed must be an int"):
             load_dataset("periodic", n=5, seed=seed)
     assert load_dataset("periodic", n=5, seed=3).X.shape[0] == 5
+
+
+def test_import_leaves_the_losses_until_used():
+    """pytorch-metric-learning (and SciPy under it) took half of ``import simwarp``: attention
+    and heads users no longer pay it; the losses load on first use, under the same names."""
+    code = (
+        "import sys, simwarp\n"
+        "assert 'pytorch_metric_learning' not in sys.modules and 'simwarp.losses' not in sys.modules\n"
+        "from simwarp import SoftStepNCALoss\n"
+        "import simwarp.losses\n"
+        "assert SoftStepNCALoss is simwarp.losses.SoftStepNCALoss is simwarp.SoftStepNCALoss\n"
+        "assert {'SoftStepContrastiveLoss', 'losses'} <= set(dir(simwarp))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -165,7 +165,7 @@ def warp_attend(
         metric: ``"dot"``, ``"cosine"``, ``"l2"``, ``"sqeuclidean"`` or ``"l1"`` (dense only).
         scale: similarity multiplier; ``None`` = ``d ** -0.5`` for ``dot``, else 1.
         step: a registered step name (:mod:`simwarp.steps`): ``"sigmoidal"``, ``"log"``,
-            ``"none"`` (plain softmax) or a user step.
+            ``"poly"``, ``"none"`` (plain softmax) or a user step.
         a, b, t: step parameters, floats or tensors broadcastable to the rows ``(..., n)``
             (scalar, per head ``(H, 1)``, per query ``(..., n)``); ``None`` = the defaults of
             :mod:`simwarp.steps`. Need ``0 < a < b <= 1`` and ``0 < t < 1`` (checked for CPU
@@ -352,8 +352,8 @@ def warp_weights(
 ) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
     """The dense ``(..., n, m)`` weight matrix of :func:`warp_attend`, for analysis.
 
-    Same arguments as :func:`warp_attend` (``impl`` and ``chunk_size`` are accepted and
-    ignored: the matrix is materialised). Rows sum to 1 over valid keys; rows without a valid
+    Same arguments as :func:`warp_attend` without ``v`` and ``dropout_p`` (``impl`` and
+    ``chunk_size`` are checked and ignored: the matrix is materialised). Rows sum to 1 over valid keys; rows without a valid
     key are all zero. With ``return_stats`` also returns :class:`WarpStats`. The weights are in
     the compute dtype: float32 for float16/bfloat16 inputs (small weights stay resolved).
 
