@@ -296,14 +296,19 @@ def global_moments(y: torch.Tensor, group=None) -> tuple[int, torch.Tensor, torc
     count, mu, acc = 0, yd.new_zeros(e), yd.new_zeros(e)
     for p in parts:
         nb = int(p[0])
-        if nb == 0:
-            continue
-        n = count + nb
-        delta = p[1 : 1 + e] - mu
-        mu = mu + delta * (nb / n)
-        acc = acc + p[1 + e :] + delta**2 * (count * nb / n)
-        count = n
+        if nb:
+            count, mu, acc = merge_moments(count, mu, acc, nb, p[1 : 1 + e], p[1 + e :])
     return count, mu, acc
+
+
+def merge_moments(count_a, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b, mean_b: torch.Tensor, m2_b: torch.Tensor):
+    """Chan et al.'s parallel merge of two row sets' count, mean and ``M2`` (sum of squared
+    deviations): ``(count, mean, m2)`` of their union. Counts are ints or tensors (no host
+    read-back); with no rows on either side the other side's moments come back unchanged."""
+    count = count_a + count_b
+    safe = count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
+    delta = mean_b - mean_a
+    return count, mean_a + delta * (count_b / safe), m2_a + m2_b + delta**2 * (count_a * count_b / safe)
 
 
 def leave_one_out_mask(n: int, offset: int, total: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -45,6 +45,7 @@ from simwarp.distributed import (
     gathered_warp_attend_with_sizes,
     global_moments,
     global_size,
+    merge_moments,
     raise_together,
     resolve_group,
     sharded_explain,
@@ -844,11 +845,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         na = self.targets_seen.to(exact)
         mean, m2 = self.target_mean.to(exact), self._target_m2.to(exact)
         m2 = torch.where(torch.isfinite(m2), m2, na * self.target_std.to(exact) ** 2)
-        n = na + nb
-        delta = mb - mean
-        n_safe = n.clamp_min(1)  # no rows anywhere (nb = 0 then): the statistics stay as they are
-        mean = mean + delta * (nb / n_safe)
-        m2 = m2 + m2b + delta**2 * (na * nb / n_safe)
+        n, mean, m2 = merge_moments(na, mean, m2, nb, mb, m2b)  # no rows anywhere: as they were
         self.target_mean.copy_(mean)
         self._target_m2.copy_(m2)
         self.targets_seen += nb
