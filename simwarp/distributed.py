@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from simwarp.backend import WarpStats, warp_attend, warp_range, warp_weights
-from simwarp.backend.chunked import default_chunk_size
+from simwarp.backend.chunked import block_ranges, default_chunk_size
 from simwarp.backend.common import (
     check_chunk_size,
     check_inputs,
@@ -484,11 +484,6 @@ def _prepare(q, k, v, a, b, t, *, group, queries, metric, scale, step, temperatu
     return _Prepared(qw, a, b, t, rows, spec, chunk)
 
 
-def _blocks(m: int, chunk: int):
-    for start in range(0, m, chunk):
-        yield start, min(start + chunk, m)
-
-
 def _backend_kwargs(p: _Prepared) -> dict:
     """The backend arguments of a prepared call (per-row parameters back to ``(n,)``)."""
     a, b, t = (x.squeeze(-1) if x.dim() > 0 else x for x in (p.a, p.b, p.t))
@@ -655,7 +650,7 @@ def sharded_explain(
     best_w = torch.full((n, top), -1.0, dtype=p.q.dtype, device=p.q.device)  # -1: padding, below any weight
     best_i = torch.full((n, top), -1, dtype=torch.long, device=p.q.device)
     finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    for start, stop in _blocks(kw.shape[0], p.chunk):
+    for start, stop in block_ranges(kw.shape[0], p.chunk):
         w, block = warp_weights(p.q, kw[start:stop], row_range=(lo, hi), return_stats=True, **_backend_kwargs(p))
         w = w * torch.exp(block.lse - finite_lse).unsqueeze(-1)  # block-normalised -> global weights
         idx = torch.arange(start + offset, stop + offset, device=w.device).expand(n, -1)

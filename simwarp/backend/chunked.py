@@ -59,7 +59,8 @@ def default_chunk_size(rows: int, m: int) -> int:
     return max(1, min(m, max(64, BLOCK_ELEMENTS // max(rows, 1))))
 
 
-def _blocks(m: int, chunk: int):
+def block_ranges(m: int, chunk: int):
+    """``(start, stop)`` of the blocks of ``chunk`` keys covering ``m``."""
     for start in range(0, m, chunk):
         yield start, min(start + chunk, m)
 
@@ -110,7 +111,7 @@ def streaming_range(sim: BlockSimilarity, blocks: _KeyBlocks, batch, chunk: int,
     hi = torch.full((*batch, n), -math.inf, dtype=q.dtype, device=q.device)
     argmin = torch.zeros((*batch, n), dtype=torch.long, device=q.device) if indices else None
     argmax = torch.zeros_like(argmin) if indices else None
-    for start, stop in _blocks(blocks.m, chunk):
+    for start, stop in block_ranges(blocks.m, chunk):
         r0 = blocks.first_row(start)
         if r0 >= n:
             break
@@ -173,7 +174,7 @@ class _ChunkedWarp(torch.autograd.Function):
         kept = torch.zeros((*batch, n), dtype=dtype, device=q.device)
         any_valid = torch.zeros((*batch, n), dtype=torch.bool, device=q.device)
         dropout = _Dropout(dropout_p, seed, n, q.device)
-        for start, stop in _blocks(m, chunk):
+        for start, stop in block_ranges(m, chunk):
             r0 = blocks.first_row(start)
             if r0 >= n:
                 break
@@ -273,7 +274,7 @@ class _ChunkedWarp(torch.autograd.Function):
         dk = torch.zeros_like(k, dtype=dtype) if need_k else None
         dv = torch.zeros_like(v, dtype=dtype) if need_v else None
         dropout = _Dropout(ctx.dropout_p, ctx.int_seed if hashed_seed is None else hashed_seed, n, q.device)
-        for start, stop in _blocks(m, ctx.chunk):
+        for start, stop in block_ranges(m, ctx.chunk):
             r0 = blocks.first_row(start)
             if r0 >= n:
                 break

@@ -28,7 +28,13 @@ import torch
 
 from simwarp import steps as _steps
 from simwarp._autograd import first_order
-from simwarp.backend.common import WarpSpec, broadcast_shape, device_constants, make_spec
+from simwarp.backend.common import (
+    WarpSpec,
+    broadcast_shape,
+    device_constants,
+    make_spec,
+    work_dtype,
+)
 from simwarp.similarity import default_scale, unit_rows
 
 METRIC_CODES = {"dot": 0, "cosine": 0, "sqeuclidean": 1, "l2": 2}
@@ -241,10 +247,6 @@ def _view4(x: torch.Tensor, batch: torch.Size, rows: int, cols: int) -> torch.Te
     return x.expand(*batch, rows, cols).reshape(b0, b1, rows, cols)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tl_acc(mod, dtype: torch.dtype):
     return mod.tl.float64 if dtype == torch.float64 else mod.tl.float32
 
@@ -292,7 +294,7 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     dims)``: ``saved`` (17 tensors) and ``dims`` are what :func:`_launch_backward` needs."""
     mod = kernel_module(plan.interpret)
     cfg = plan.config
-    acc = _acc_dtype(q.dtype)
+    acc = work_dtype(q.dtype)
     tl_acc = _tl_acc(mod, q.dtype)
     prec = _precision(q.dtype, cfg)
     dev = q.device
@@ -390,7 +392,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
     q, k, v, a, b, t, out, lse, rs, prm, consts, argmin, argmax, flags, row_list, row_count, seed = saved
     need_q, need_k, need_v, need_a, need_b, need_t = needs
     dev = q.device
-    acc = _acc_dtype(q.dtype)
+    acc = work_dtype(q.dtype)
     tl_acc = _tl_acc(mod, q.dtype)
     prec = _precision(q.dtype, cfg)
 
@@ -695,7 +697,7 @@ def fused_warp_inference(
 def _(q, k, v, a, b, t, mask, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept):
     batch = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     n, e = q.shape[-2], v.shape[-1]
-    rows = q.new_empty((*batch, n), dtype=_acc_dtype(q.dtype))
+    rows = q.new_empty((*batch, n), dtype=work_dtype(q.dtype))
     return (
         q.new_empty((*batch, n, e)), rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows),
         q.new_empty((*batch, n), dtype=torch.bool),
@@ -718,7 +720,7 @@ def _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_
 def _normalised_q_k(q, k, spec):
     """``cosine``: ``q`` and ``k`` as unit rows (the kernels then take dot products); else as they are."""
     if spec.metric == "cosine":
-        acc = _acc_dtype(q.dtype)
+        acc = work_dtype(q.dtype)
         return unit_rows(q.to(acc)).to(q.dtype), unit_rows(k.to(acc)).to(k.dtype)
     return q, k
 
@@ -749,7 +751,7 @@ def fused_warp_train(
 @fused_warp_train.register_fake
 def _(q, k, v, a, b, t, mask, seed, metric, scale, step, temperature, causal, exclude_self, self_offset, count_kept,
       detach_range, dropout_p, track_arg):
-    acc = _acc_dtype(q.dtype)
+    acc = work_dtype(q.dtype)
     cfg = _resolve_config.__wrapped__(KernelConfig(), q.shape[-1], q.dtype, KERNEL_STEPS[step], causal)  # d may be symbolic
     batch, B, _, n, _, _, e, n_qb, n_kb = _dims(q, k, v, cfg)
     rows = q.new_empty((*batch, n), dtype=acc)
