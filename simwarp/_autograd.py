@@ -33,7 +33,7 @@ def first_order(backward: Callable) -> Callable:
     return wrapper
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
     except (TypeError, RuntimeError):  # an older signature, or a device type autocast does not know
@@ -46,7 +46,7 @@ def autocast_like_sdpa(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     Under mixed precision a rotary embedding (float32 ``cos``/``sin``) returns float32 ``q``,
     ``k`` beside a half-precision ``v``; SDPA gets all three in half precision."""
     device = tensors[0].device.type
-    if not _autocast_enabled(device):
+    if not autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in tensors)
@@ -63,7 +63,7 @@ def outside_autocast(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if x is not None and _autocast_enabled(x.device.type):
+        if x is not None and autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)

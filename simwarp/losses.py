@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning import reducers
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from simwarp._autograd import require
+from simwarp._autograd import autocast_enabled, require
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
 from simwarp.backend.common import (
     as_flag,
@@ -151,6 +152,27 @@ def _check_embeddings(embeddings, ref_emb) -> None:
         raise TypeError(f"embeddings ({embeddings.dtype}) and ref_emb ({ref_emb.dtype}) must share a dtype")
 
 
+def _holds(reducer, kind: type) -> bool:
+    """Whether ``reducer`` is a ``kind`` or wraps one (``MultipleReducers``, ``PerAnchorReducer``'s inner one)."""
+    if isinstance(reducer, kind):
+        return True
+    inner = [*getattr(reducer, "reducers", {}).values(), getattr(reducer, "reducer", None)]
+    return any(r is not None and _holds(r, kind) for r in inner)
+
+
+def _mixed_under_autocast(embeddings, ref_emb):
+    """Under autocast, a reference set in another floating dtype than the embeddings (a float32
+    memory bank beside bf16 model outputs, which PML's distances mix there) and the embeddings
+    both in the wider of the two dtypes; anything else as given (and checked later)."""
+    tensors = (embeddings, ref_emb)
+    if not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in tensors) or embeddings.dtype == ref_emb.dtype:
+        return embeddings, ref_emb
+    if not autocast_enabled(embeddings.device.type):
+        return embeddings, ref_emb
+    dtype = torch.promote_types(embeddings.dtype, ref_emb.dtype)
+    return embeddings.to(dtype), ref_emb.to(dtype)
+
+
 def _check_class_labels(labels, n: int, name: str) -> None:
     if labels is None:
         return
@@ -180,9 +202,11 @@ def _index_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels if labels.dtype == torch.int64 else labels.long()
 
 
-def _check_indices_tuple(indices_tuple, n: int, m: int) -> None:
+def _check_indices_tuple(indices_tuple, n: int, m: int):
+    """``indices_tuple`` checked; returned with empty entries of any dtype as int64 (PML reads
+    ``torch.tensor([])`` as no pairs)."""
     if indices_tuple is None:
-        return
+        return None
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise ValueError("indices_tuple must be (anchors, positives, negatives) or (a1, p, a2, n) index tensors")
     bounds = (n, m, m) if len(indices_tuple) == 3 else (n, m, n, m)
@@ -190,7 +214,7 @@ def _check_indices_tuple(indices_tuple, n: int, m: int) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 1:
             got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"indices_tuple entries must be 1-D index tensors, got {got}")
-        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if x.numel() and x.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"indices_tuple entries must be integer index tensors, got dtype {x.dtype}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= bound):
             raise ValueError(f"indices_tuple holds an index outside [0, {bound}) for a batch of {n} x {m} pairs")
@@ -198,6 +222,7 @@ def _check_indices_tuple(indices_tuple, n: int, m: int) -> None:
         raise ValueError("indices_tuple (a1, p, a2, n): a1/p and a2/n must have equal lengths")
     if len(indices_tuple) == 3 and not (len(indices_tuple[0]) == len(indices_tuple[1]) == len(indices_tuple[2])):
         raise ValueError("indices_tuple (anchors, positives, negatives) must have equal lengths")
+    return tuple(x if x.numel() else x.long() for x in indices_tuple)
 
 
 def _leave_one_out(exclude_self: bool, offset: int) -> dict:
@@ -465,8 +490,14 @@ class _SoftStepLossMixin:
                 raise ValueError("ref_labels were given without ref_emb; pass both (PML would ignore ref_labels silently)")
             self._check_gather_arguments(labels, indices_tuple, ref_emb)
             checked = _class_labels(labels, embeddings.shape[0], "labels")
-            return checked, (None if ref_emb is None else _class_labels(ref_labels, ref_emb.shape[0], "ref_labels"))
+            if ref_emb is None:
+                return checked, None
+            checked_ref = _class_labels(ref_labels, ref_emb.shape[0], "ref_labels")
+            # the same object stays the same object: the losses read `ref_labels is labels` as
+            # "the reference set is the batch" (PML's own test), which a conversion would break
+            return checked, (checked if ref_labels is labels else checked_ref)
 
+        embeddings, ref_emb = _mixed_under_autocast(embeddings, ref_emb)
         labels, ref_labels = self._checked(embeddings, check)
         self._gather_link = None  # never one left by a call that raised
         return self._linked(super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels))
@@ -480,7 +511,14 @@ class _SoftStepLossMixin:
         of a rank (``ThresholdReducer``) returns a zero of the local embeddings alone, and that
         rank would skip the gather's backward collective, which the other ranks wait in."""
         link, self._gather_link = self._gather_link, None
-        return loss if link is None else loss + link
+        if link is None:
+            return loss
+        if isinstance(loss, dict):  # DoNothingReducer: PML's loss dict, unreduced
+            for part in loss.values():
+                if isinstance(part, dict) and isinstance(part.get("losses"), torch.Tensor):
+                    part["losses"] = part["losses"] + link
+            return loss
+        return loss + link
 
     def _check_gather_arguments(self, labels, indices_tuple, ref_emb) -> None:
         """What ``gather=True`` refuses, checked with the other inputs (agreed over ranks)."""
@@ -492,6 +530,11 @@ class _SoftStepLossMixin:
             raise ValueError("gather=True does not support an indices_tuple (miner indices are per-rank)")
         if labels is None:
             raise ValueError("gather=True needs labels (the gathered batch's classes or targets)")
+        if isinstance(self, SoftStepContrastiveLoss) and _holds(self.reducer, reducers.PerAnchorReducer):
+            raise ValueError(
+                "gather=True with PerAnchorReducer: the positive pairs index the gathered batch, which "
+                "PerAnchorReducer sizes by the local one; reduce with another reducer or without gather"
+            )
 
     def _checked(self, embeddings, check: Callable[[], Any]) -> Any:
         """``check()``, the call's local input checks. With ``gather`` they are agreed over the
@@ -649,7 +692,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         if ref_labels is None:
             raise ValueError("ref_labels are required when ref_emb is given")
         _check_class_labels(ref_labels, m, "ref_labels")
-        _check_indices_tuple(indices_tuple, n, m)
+        indices_tuple = _check_indices_tuple(indices_tuple, n, m)
         x, r, same, params = self._prepare(embeddings, ref_emb)
         r, ref_labels, offset = self._across_ranks(x, r, ref_labels)
         if r.shape[0] <= 1 or n == 0:
@@ -746,7 +789,7 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         n, m = embeddings.shape[0], ref_emb.shape[0]
         _check_class_labels(labels, n, "labels")
         _check_class_labels(ref_labels, m, "ref_labels")
-        _check_indices_tuple(indices_tuple, n, m)
+        indices_tuple = _check_indices_tuple(indices_tuple, n, m)
         if indices_tuple is None and ref_labels is None:
             raise ValueError("ref_labels are required when ref_emb is given without an indices_tuple")
         x, r, same, params = self._prepare(embeddings, ref_emb)
@@ -853,6 +896,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """As PML's ``BaseMetricLossFunction.forward``, but ``labels`` may be ``(n, e)``."""
         self.reset_stats()
+        embeddings, ref_emb = _mixed_under_autocast(embeddings, ref_emb)
 
         def check():
             if labels is None:
@@ -885,7 +929,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         y_ref = self._targets(ref_labels, m, "ref_labels")
         if y.shape[1] != y_ref.shape[1]:
             raise ValueError(f"labels {tuple(labels.shape)} and ref_labels {tuple(ref_labels.shape)} differ in width")
-        _check_indices_tuple(indices_tuple, n, m)
+        indices_tuple = _check_indices_tuple(indices_tuple, n, m)
         for name, targets in (("labels", y), ("ref_labels", y_ref)):
             require(
                 torch.isfinite(targets.to(embeddings.dtype)),

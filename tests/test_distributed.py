@@ -130,6 +130,12 @@ def _one_rank_errors(data, world, rank, rb, ks) -> dict:
     loss = simwarp.SoftStepNeighborRegressionLoss(gather=True, reducer=ThresholdReducer(low=1e9 if rank == 0 else 0.0))
     zz = z.clone().requires_grad_()
     attempt("reducer_drops_a_rank", lambda: loss(zz, y).backward())
+    # an unreduced loss dict (DoNothingReducer) keeps its link to the gather (it raised a TypeError)
+    from pytorch_metric_learning.reducers import DoNothingReducer, PerAnchorReducer
+
+    unreduced = simwarp.SoftStepNCALoss(gather=True, reducer=DoNothingReducer())
+    attempt("do_nothing_reducer", lambda: unreduced(z.clone().requires_grad_(), cls)["loss"]["losses"].sum().backward())
+    attempt("per_anchor_contrastive", lambda: simwarp.SoftStepContrastiveLoss(gather=True, reducer=PerAnchorReducer())(z, cls))
     return cases
 
 
@@ -628,6 +634,8 @@ def test_a_reducer_that_drops_every_loss_of_a_rank_does_not_hang(group_results):
     world, results = group_results
     for res in results:
         assert res["one_rank_errors"]["reducer_drops_a_rank"] is None
+        assert res["one_rank_errors"]["do_nothing_reducer"] is None  # PML's loss dict, linked per entry
+        assert "PerAnchorReducer" in (res["one_rank_errors"]["per_anchor_contrastive"] or "")
 
 
 def test_global_batch_of_one_row_raises_on_every_rank(group_results):

@@ -692,7 +692,7 @@ def test_a_nan_embedding_gives_a_nan_loss_not_zero(grad):
 def test_memory_bank_recipe_reproduces_cross_batch_memory():
     """docs/losses.md: a bank passed as ref_emb / ref_labels, with the batch's own stored copies
     left out by PML's miner utilities, reproduces CrossBatchMemory(NTXentLoss()) at step="none"
-    (also once the bank is full and drops its oldest rows)."""
+    (also once the bank is full, when a batch wraps around the end of the circular bank)."""
     from pytorch_metric_learning.losses import CrossBatchMemory
     from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
@@ -700,12 +700,62 @@ def test_memory_bank_recipe_reproduces_cross_batch_memory():
     d, n, size = 8, 6, 20
     memory = CrossBatchMemory(pml_losses.NTXentLoss(0.3), d, memory_size=size)
     loss_fn = SoftStepContrastiveLoss(0.3, step="none")
-    bank, bank_labels = torch.zeros(0, d), torch.zeros(0, dtype=torch.long)
-    for _ in range(5):
+    bank, bank_labels = torch.zeros(size, d), torch.zeros(size, dtype=torch.long)
+    start, filled = 0, 0
+    for _ in range(6):  # the fourth batch takes rows 18, 19, 0, 1, 2, 3
         emb, labels = torch.randn(n, d, generator=gen), torch.randint(0, 3, (n,), generator=gen)
         want = memory(emb, labels)
-        bank, bank_labels = torch.cat([bank, emb])[-size:], torch.cat([bank_labels, labels])[-size:]
-        start = len(bank) - n  # batch rows sit at bank rows start .. start + n - 1
-        pairs = lmu.get_all_pairs_indices(labels, bank_labels)
-        pairs = lmu.remove_self_comparisons(pairs, torch.arange(start, start + n), len(bank_labels))
-        torch.testing.assert_close(loss_fn(emb, labels, pairs, ref_emb=bank, ref_labels=bank_labels), want)
+        rows = torch.arange(start, start + n) % size  # the recipe: where the batch sits in the bank
+        bank[rows], bank_labels[rows] = emb, labels
+        filled = min(filled + n, size)
+        pairs = lmu.get_all_pairs_indices(labels, bank_labels[:filled])
+        pairs = lmu.remove_self_comparisons(pairs, rows, filled)
+        got = loss_fn(emb, labels, pairs, ref_emb=bank[:filled], ref_labels=bank_labels[:filled])
+        torch.testing.assert_close(got, want)
+        start = (start + n) % size
+
+
+def test_float_labels_passed_as_their_own_ref_labels_keep_the_identity():
+    """ref_labels=labels (the same object) means "the batch is its reference set": float labels
+    were converted one by one into two tensors, and the contrastive loss then counted (i, i)."""
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    view = emb + 0.1 * torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=gen)
+    for loss_fn, pml in ((SoftStepContrastiveLoss(step="none"), pml_losses.NTXentLoss()),
+                         (SoftStepNCALoss(step="none"), pml_losses.NCALoss())):
+        yf = y.double()
+        want = pml(emb, y, ref_emb=view, ref_labels=y)
+        torch.testing.assert_close(loss_fn(emb, yf, ref_emb=view, ref_labels=yf), want)
+        torch.testing.assert_close(loss_fn(emb, y, ref_emb=view, ref_labels=y), want)
+
+
+def test_a_float32_bank_beside_half_embeddings_under_autocast():
+    """Under autocast a model gives bf16 embeddings beside a float32 memory bank; PML's losses
+    mix them there, and so do these (outside autocast mixed dtypes still raise)."""
+    gen = torch.Generator().manual_seed(4)
+    model = torch.nn.Linear(6, 5)
+    x, bank = torch.randn(10, 6, generator=gen), torch.randn(16, 5, generator=gen)
+    y, bank_y = torch.randint(0, 3, (10,), generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    targets, bank_targets = torch.randn(10, generator=gen), torch.randn(16, generator=gen)
+    for loss_fn, labels, ref_labels in ((SoftStepNCALoss(), y, bank_y), (SoftStepContrastiveLoss(), y, bank_y),
+                                        (simwarp.SoftStepNeighborRegressionLoss(), targets, bank_targets)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = model(x)
+            assert emb.dtype == torch.bfloat16
+            loss = loss_fn(emb, labels, ref_emb=bank, ref_labels=ref_labels)
+        want = loss_fn(emb.float(), labels, ref_emb=bank, ref_labels=ref_labels)
+        torch.testing.assert_close(loss.float(), want.float())
+        loss.backward()
+        assert torch.isfinite(model.weight.grad).all()
+        with pytest.raises(TypeError, match="must share a dtype"):
+            loss_fn(emb.detach(), labels, ref_emb=bank, ref_labels=ref_labels)
+
+
+def test_an_empty_indices_tuple_of_any_dtype_means_no_pairs():
+    """PML reads torch.tensor([]) entries (float) as "no pairs"; they were a TypeError."""
+    emb, y = torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3
+    empty = (torch.tensor([]),) * 3
+    for loss_fn, pml in ((SoftStepNCALoss(step="none"), pml_losses.NCALoss()),
+                         (SoftStepContrastiveLoss(step="none"), pml_losses.NTXentLoss())):
+        torch.testing.assert_close(loss_fn(emb, y, empty), pml(emb, y, empty))
