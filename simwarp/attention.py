@@ -86,9 +86,10 @@ class AttentionStats(NamedTuple):
         return frac.masked_fill(~ok, 0.0).sum(dims), ok.to(frac.dtype).sum(dims)
 
     def head_kept_fraction(self) -> torch.Tensor:
-        """Mean kept fraction per head over all non-empty rows of the batch (NaN rows left out): ``(H,)``."""
+        """Mean kept fraction per head over all non-empty rows of the batch (NaN rows left out):
+        ``(H,)``; NaN for a head without any such row (nothing to count, not "nothing kept")."""
         total, rows = self.head_kept_sums()
-        return total / rows.clamp_min(1)
+        return total / rows
 
 
 # ---------------------------------------------------------------------------------------

@@ -87,9 +87,10 @@ class AttentionMonitor:
 
     def kept_fraction(self) -> dict[str, torch.Tensor]:
         """Per layer, the ``(H,)`` mean kept fraction of each head over non-empty rows: of the
-        last call, or (``accumulate``) of every call in the block."""
+        last call, or (``accumulate``) of every call in the block. NaN for a head without any
+        row to count (every row empty, or NaN from NaN inputs)."""
         if self.accumulate:
-            return {n: total / rows.clamp_min(1) for n, (total, rows) in self._sums.items()}
+            return {n: total / rows for n, (total, rows) in self._sums.items()}
         return {n: s.head_kept_fraction() for n, s in self._last.items()}
 
     def summary(self, digits: int = 3) -> str:

@@ -133,6 +133,24 @@ def test_sigmoidal_matches_backend_and_is_sparse():
     assert frac.shape == (4,) and ((frac > 0) & (frac < 1)).all()
 
 
+def test_a_head_without_rows_to_count_reports_nan_not_zero():
+    """Every row NaN (NaN inputs) or empty: nothing was counted, which read as 0.00 ("the step
+    drops every key") in the monitor; now NaN, per head and in the monitor's accumulation."""
+    q, k, v = qkv(s=6)
+    q[:, 1] = float("nan")  # head 1: every row NaN
+    mask = torch.ones(q.shape[-2], 6, dtype=torch.bool)
+    _, st = softstep_attention(q, k, v, attn_mask=mask, return_stats=True)
+    frac = st.head_kept_fraction()
+    assert frac[1].isnan() and not frac[[0, 2, 3]].isnan().any()
+    layer = simwarp.swap_attention(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    x = torch.randn(2, 5, 8)
+    x[:, :, :] = float("nan")
+    for accumulate in (False, True):
+        with simwarp.monitoring.AttentionMonitor(layer, accumulate=accumulate) as mon:
+            layer(x)
+        assert all(f.isnan().all() for f in mon.kept_fraction().values())
+
+
 def test_gradients_reach_step_parameters():
     q, k, v = qkv(requires_grad=True)
     attn = SoftStepAttention(4, 8, mode="per_head").double()

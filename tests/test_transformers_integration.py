@@ -487,3 +487,62 @@ def test_load_softstep_state_takes_instance_none_checkpoints_from_before_constan
     assert load_softstep_state(model, old) == []
     with pytest.raises(KeyError, match="no SoftStep parameters"):
         load_softstep_state(model, {"bert.encoder.layer.0.attention.self.softstep.step.other": torch.zeros(3)})
+
+
+def _trained_softstep_bert():
+    model = tiny_bert()
+    attach_softstep(model, mode="per_head")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "softstep" in name:
+                p.add_(0.3)  # a trained step: not what a fresh attach gives
+    return model
+
+
+@pytest.mark.parametrize("layout", ["sharded", "subfolder_variant", "bin"])
+def test_from_pretrained_finds_the_steps_wherever_transformers_finds_the_weights(tmp_path, layout):
+    """Only <dir>/model.safetensors or pytorch_model.bin were read: sharded checkpoints (any
+    model above max_shard_size), subfolders and variants raised FileNotFoundError after the
+    model had loaded."""
+    model = _trained_softstep_bert()
+    ids, mask = batch()
+    kwargs = {}
+    if layout == "sharded":
+        model.save_pretrained(tmp_path, max_shard_size="50KB")
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    elif layout == "subfolder_variant":
+        model.save_pretrained(tmp_path / "sub", variant="v1")
+        kwargs = {"subfolder": "sub", "variant": "v1"}
+    else:  # an older checkpoint: pytorch_model.bin (transformers 5 writes safetensors only)
+        model.config.save_pretrained(tmp_path)
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    restored = from_pretrained(tmp_path, auto_class=transformers.BertModel, **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                   model(input_ids=ids, attention_mask=mask).last_hidden_state)
+    with pytest.raises(FileNotFoundError, match="no model weights"):
+        load_softstep_state(restored, tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        load_softstep_state(restored, tmp_path, subfoldr="sub")
+
+
+def test_steps_created_lazily_are_saved_and_loaded_back(tmp_path):
+    """A model loaded with attn_implementation="softstep" and no attach_softstep creates its
+    steps on the first forward; they trained, but config.softstep stayed unset, so
+    from_pretrained attached fresh steps and ignored the saved ones."""
+    model = tiny_bert()
+    register()
+    model.set_attn_implementation("softstep")
+    ids, mask = batch()
+    with pytest.warns(UserWarning, match="lazily"):
+        model(input_ids=ids, attention_mask=mask)
+    assert model.config.softstep["mode"] == "per_head"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "softstep" in name:
+                p.add_(0.3)
+    model.save_pretrained(tmp_path)
+    restored = from_pretrained(tmp_path, auto_class=transformers.BertModel).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                   model(input_ids=ids, attention_mask=mask).last_hidden_state)

@@ -27,6 +27,7 @@ that, or call :func:`attach_softstep` first).
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import warnings
 from pathlib import Path
@@ -147,11 +148,21 @@ def softstep_attention_forward(
         )
     layer = getattr(module, "softstep", None)
     if not isinstance(layer, SoftStepAttention):
+        if torch.compiler.is_compiling():  # (dynamo cannot create parameters inside a graph)
+            raise RuntimeError(
+                "softstep attention has no step parameters yet: call "
+                "simwarp.integrations.transformers.attach_softstep(model) before torch.compile"
+            )
+        config = getattr(module, "config", None)
         opts = dict(_DEFAULT_ATTACH)
-        opts.update(getattr(getattr(module, "config", None), _CONFIG_KEY, None) or {})
+        opts.update(getattr(config, _CONFIG_KEY, None) or {})
         with torch.inference_mode(False), torch.enable_grad():
             layer = _new_softstep(module, opts)
         module.softstep = layer
+        if config is not None and getattr(config, _CONFIG_KEY, None) is None:
+            # recorded as attach_softstep records it: save_pretrained keeps the options, and
+            # from_pretrained then loads these (trained) steps instead of attaching fresh ones
+            setattr(config, _CONFIG_KEY, opts)
         warnings.warn(
             f"simwarp: created SoftStep parameters lazily on {type(module).__name__}; call "
             "simwarp.integrations.transformers.attach_softstep(model) before building the optimizer so that "
@@ -374,22 +385,24 @@ def _as_saved(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict) -> list[str]:
-    """Load the ``softstep`` parameters into an attached model from a ``save_pretrained``
-    directory (``model.safetensors`` or ``pytorch_model.bin``) or a state dict. Returns the
-    loaded keys; raises when the model expects softstep parameters the source lacks."""
-    if isinstance(source, dict):
-        state = source
-    else:
-        path = Path(source)
-        if (path / "model.safetensors").exists():
-            from safetensors.torch import load_file
+#: ``from_pretrained`` arguments that say where a checkpoint's files are (passed on to
+#: transformers' file lookup by :func:`load_softstep_state`).
+_CHECKPOINT_KWARGS = ("subfolder", "variant", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 
-            state = load_file(str(path / "model.safetensors"))
-        elif (path / "pytorch_model.bin").exists():
-            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+
+def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict, **checkpoint: Any) -> list[str]:
+    """Load the ``softstep`` parameters into an attached model from a checkpoint or a state dict.
+
+    ``source``: a ``save_pretrained`` directory or a Hub model id (its weights in one file or
+    in shards, safetensors or ``.bin``, found as transformers finds them), or a state dict.
+    ``checkpoint``: where in it, as for ``from_pretrained`` (``subfolder``, ``variant``,
+    ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...). Returns the loaded keys;
+    raises when the model expects softstep parameters the source lacks.
+    """
+    unknown = sorted(set(checkpoint) - set(_CHECKPOINT_KWARGS))
+    if unknown:
+        raise TypeError(f"load_softstep_state got unexpected arguments {unknown}; it takes {list(_CHECKPOINT_KWARGS)}")
+    state = source if isinstance(source, dict) else _checkpoint_softstep_state(source, **checkpoint)
     own = {k: v for k, v in model.state_dict().items() if ".softstep." in f".{k}"}
     stored = {k: v for k, v in state.items() if ".softstep." in f".{k}"}
     picked = {}
@@ -405,6 +418,57 @@ def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict) -> l
         )
     model.load_state_dict(picked, strict=False)
     return sorted(picked)
+
+
+def _checkpoint_softstep_state(source: str | os.PathLike, variant: str | None = None, **where: Any) -> dict:
+    """The ``softstep`` entries of a checkpoint's weights: one file or the shards that hold them
+    (an index's ``weight_map``), safetensors first, as ``from_pretrained`` looks for them."""
+    from transformers.utils import (
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
+        cached_file,
+    )
+
+    def locate(name: str) -> str | None:
+        try:
+            return cached_file(str(source), name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False, **where)
+        except (OSError, ValueError) as err:  # neither a directory nor a valid Hub model id
+            raise FileNotFoundError(f"no model weights in {source}: {err}") from err
+
+    def with_variant(name: str) -> str:  # as transformers names them: model.v1.safetensors, ....index.v1.json
+        stem, _, ext = name.rpartition(".")
+        return name if variant is None else f"{stem}.{variant}.{ext}"
+
+    def softstep_entries(file: str) -> dict:
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(file)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        return {k: v for k, v in state.items() if ".softstep." in f".{k}"}
+
+    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    for name in names:
+        file = locate(with_variant(name))
+        if file is None:
+            continue
+        if not name.endswith(".json"):
+            return softstep_entries(file)
+        with open(file) as index:
+            weight_map = json.load(index)["weight_map"]
+        state = {}
+        for shard in sorted({f for k, f in weight_map.items() if ".softstep." in f".{k}"}):
+            found = locate(shard)
+            if found is None:
+                raise FileNotFoundError(f"{source}: the index {Path(file).name} names the shard {shard}, which is missing")
+            state.update(softstep_entries(found))
+        return state
+    detail = "".join(f", {k}={v!r}" for k, v in (("variant", variant), *where.items()) if v)
+    raise FileNotFoundError(f"no model weights ({', '.join(with_variant(n) for n in names)}) in {source}{detail}")
 
 
 def _held_by_old_constant_step(model: nn.Module, key: str, stored: dict) -> bool:
@@ -479,5 +543,5 @@ def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: A
     opts.update(attach)
     attach_softstep(model, **opts)
     if saved:
-        load_softstep_state(model, path)
+        load_softstep_state(model, path, **{k: v for k, v in kwargs.items() if k in _CHECKPOINT_KWARGS})
     return model
