@@ -96,8 +96,8 @@ def resolve_group(gather: GroupArg) -> tuple[bool, Any]:
         ``(enabled, group)``; ``group`` is ``None`` for the default group.
 
     Raises:
-        TypeError: for any other value. RuntimeError: when enabled but ``torch.distributed``
-        is not initialised.
+        TypeError: for any other value.
+        RuntimeError: when enabled but ``torch.distributed`` is not initialised.
     """
     if gather is None or gather is False:
         return False, None

@@ -958,8 +958,8 @@ class NeighborClassificationHead(_WarpHeadBase):
         in_features: embedding size ``D``.
         num_classes: ``C``; labels are ints in ``[0, C)``.
         smoothing: ``ε`` above (``0 < ε < 1``).
-        metric, step, mode, temperature, scale, hidden, init, detach_range, impl, chunk_size,
-        gather, learn_scale: as in :class:`NeighborRegressionHead`.
+        metric, step, mode, temperature, scale, hidden, init, detach_range, impl, chunk_size, gather, learn_scale:
+            as in :class:`NeighborRegressionHead`.
     """
 
     def __init__(
