@@ -142,6 +142,9 @@ def test_a_head_without_rows_to_count_reports_nan_not_zero():
     _, st = softstep_attention(q, k, v, attn_mask=mask, return_stats=True)
     frac = st.head_kept_fraction()
     assert frac[1].isnan() and not frac[[0, 2, 3]].isnan().any()
+    q[:, 2, 0] = float("nan")  # one NaN row of head 2: left out, the others counted
+    _, st = softstep_attention(q, k, v, attn_mask=mask, return_stats=True)
+    assert torch.isfinite(st.head_kept_fraction()[[0, 2, 3]]).all()
     layer = simwarp.swap_attention(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
     x = torch.randn(2, 5, 8)
     x[:, :, :] = float("nan")
@@ -707,3 +710,15 @@ def test_softstep_attention_traces_without_graph_breaks():
     q = torch.randn(2, 4, 16, 8)
     explanation = torch._dynamo.explain(lambda x: simwarp.softstep_attention(x, x, x, a=torch.tensor(0.2)))(q)
     assert explanation.graph_break_count == 0, [str(b.reason)[:120] for b in explanation.break_reasons]
+
+
+def test_valid_counts_follow_causal_and_padding():
+    q, k, v = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 2)
+    _, st = softstep_attention(q, k, v, is_causal=True, return_stats=True)
+    assert st.valid.flatten().tolist() == [1, 2, 3, 4, 5]
+    q, k, v = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 2)
+    padding = torch.tensor([True, True, False, True, True, False]).view(1, 1, 1, 6)
+    _, st = softstep_attention(q, k, v, attn_mask=padding, is_causal=True, return_stats=True)
+    assert st.valid.flatten().tolist() == [1, 2, 2, 3]
+    _, st = softstep_attention(q, k, v, attn_mask=padding, return_stats=True)
+    assert st.valid.flatten().tolist() == [4, 4, 4, 4]

@@ -616,6 +616,9 @@ def _qkv():
         (lambda q, k, v: dict(mask=torch.ones(4, 5)), TypeError, "bool tensor"),
         (lambda q, k, v: dict(a=1.5), ValueError, r"a must lie in"),
         (lambda q, k, v: dict(a=0.6, b=0.5), ValueError, "a must be smaller than b"),
+        (lambda q, k, v: dict(a=torch.full((4,), 0.5), b=0.5), ValueError, "a must be smaller than b"),
+        (lambda q, k, v: dict(a=torch.zeros(4)), ValueError, "a must lie in"),
+        (lambda q, k, v: dict(t=torch.zeros(4)), ValueError, "t must lie in"),
         (lambda q, k, v: dict(t=torch.tensor([0.5, 1.0])), ValueError, "does not broadcast|t must lie"),
         (lambda q, k, v: dict(b=torch.full((3,), 0.9)), ValueError, r"b of shape \(3,\)"),
         (lambda q, k, v: dict(a="0.1"), TypeError, "a must be a float"),
@@ -1333,3 +1336,63 @@ def test_sigmoidal_at_b_one_has_no_partials_at_the_best_key(impl, t):
 def test_leave_one_out_with_more_queries_than_keys_says_the_rule():
     with pytest.raises(ValueError, match=r"exclude_self=True needs n <= m .* got q \(5, 3\) and k \(4, 3\)"):
         simwarp.warp_attend(torch.randn(5, 3), torch.randn(4, 3), torch.randn(4, 2), exclude_self=True)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_row_extremum_finds_the_first_extreme_also_in_the_tail(largest):
+    """Long rows are searched in blocks of _EXTREMUM_BLOCK plus a tail: the value and the index
+    of the first extreme (the range-gradient tie rule) must come out as torch.max/min's."""
+    from simwarp.backend.common import _EXTREMUM_BLOCK, row_extremum
+
+    m = 8 * _EXTREMUM_BLOCK + 37
+    x = torch.randn(5, m, dtype=torch.float64)
+    big = 10.0 if largest else -10.0
+    x[0, m - 5] = big  # in the tail only
+    x[1, 100] = x[1, m - 3] = big  # a block and the tail tie: the block's comes first
+    x[2, m - 9] = x[2, m - 2] = big  # a tie inside the tail
+    x[3, 3] = x[3, 200] = big  # a tie between blocks
+    values, index = row_extremum(x, largest)
+    ref = x.amax(-1) if largest else x.amin(-1)
+    first = (x == ref[:, None]).to(torch.int64).argmax(-1)
+    assert torch.equal(values, ref) and torch.equal(index, first)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_a_flat_fixed_range_keeps_every_key(impl):
+    """row_range with lo == hi: every key at u = 1, inside the band of any step: the softmax."""
+    q, k, v = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 6, 3, dtype=torch.float64), torch.randn(2, 6, 2, dtype=torch.float64)
+    got = simwarp.warp_attend(q, k, v, row_range=(0.0, 0.0), step="sigmoidal", a=0.3, b=0.8, impl=impl)
+    torch.testing.assert_close(got, simwarp.warp_attend(q, k, v, step="none", impl=impl))
+
+
+def test_a_row_of_infinite_scores_has_the_same_stats_on_both_paths():
+    q = torch.tensor([[math.inf, 0.0], [1.0, 0.5]])
+    k, v = torch.rand(3, 2) + 0.1, torch.randn(3, 1)
+    (_, dense), (_, chunked) = (simwarp.warp_attend(q, k, v, impl=impl, return_stats=True) for impl in ("dense", "chunked"))
+    assert torch.equal(dense.empty, chunked.empty) and not dense.empty.any()
+    torch.testing.assert_close(chunked.lo, dense.lo, equal_nan=True)
+    torch.testing.assert_close(chunked.hi, dense.hi, equal_nan=True)
+
+
+@pytest.mark.parametrize("step", ["sigmoidal", "none"])
+def test_warp_weights_counts_nothing_on_a_nan_row(step):
+    q, k = torch.randn(3, 2), torch.randn(5, 2)
+    q[1, 0] = float("nan")
+    _, stats = simwarp.warp_weights(q, k, step=step, return_stats=True)
+    assert stats.kept[1].isnan() and not stats.kept[[0, 2]].isnan().any()
+
+
+def test_squared_distance_similarities_never_exceed_zero():
+    """-|x - y|² computed from norms and a product rounds above 0 for near-equal rows far from
+    the origin unless clamped; the range's hi (a distance of 0) must stay 0, on both paths."""
+    from simwarp.similarity import pairwise_similarity
+
+    x = 100 * torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) + 50
+    assert pairwise_similarity(x, x, "sqeuclidean").max() <= 0
+    v = torch.randn(64, 1)
+    (_, dense), (_, chunked) = (
+        simwarp.warp_attend(x, x, v, metric="sqeuclidean", impl=impl, chunk_size=16, return_stats=True)
+        for impl in ("dense", "chunked")
+    )
+    assert chunked.hi.max() <= 0 and dense.hi.max() <= 0
+    torch.testing.assert_close(chunked.hi, dense.hi)

@@ -343,6 +343,8 @@ def _run_rank(rank: int, world: int) -> dict:
     nan_q[1, 0] = float("nan")
     with torch.no_grad():
         res["nan_query_bank"] = head(nan_q)
+    _, stats = sd.sharded_warp_attend(nan_q, data["bank_z"][ks], data["bank_y"][ks], metric="l2", return_stats=True)
+    res["nan_query_stats"] = stats
     try:  # every shard empty: the same ValueError on every rank (the statistics went NaN)
         _head("reg", gather=True).set_bank(data["bank_z"][:0], data["bank_y"][:0])
         res["empty_union_error"] = None
@@ -555,6 +557,7 @@ def test_leave_one_out_mask():
     expected = torch.ones(3, 6, dtype=torch.bool)
     expected[0, 2] = expected[1, 3] = expected[2, 4] = False
     assert torch.equal(m, expected)
+    assert sd.leave_one_out_mask(2, 1, 3).tolist() == [[True, False, True], [True, True, False]]  # the last rank
     with pytest.raises(ValueError, match="do not fit"):
         sd.leave_one_out_mask(3, 4, 6)
 
@@ -599,6 +602,8 @@ def test_sharded_bank_edge_cases(group_results):
         assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
         _close(got[[0, 2, 3, 4, 5]], want[[0, 2, 3, 4, 5]])
         assert "no entry on any rank" in (res["empty_union_error"] or "")
+        stats = res["nan_query_stats"]  # a NaN row, not an empty one (as warp_attend flags it)
+        assert not stats.empty.any() and stats.lse[1].isnan() and not stats.lse[[0, 2]].isnan().any()
     _close(sum(res["contrastive_few_pairs"] for res in results), single.detach())
 
 

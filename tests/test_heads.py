@@ -1108,3 +1108,31 @@ def test_predict_with_uncertainty_checks_z_as_forward_does():
     head.set_bank(torch.randn(10, 4), torch.randn(10))
     with pytest.raises(TypeError, match="z must be a torch.Tensor, got ndarray"):
         head.predict_with_uncertainty(torch.zeros(2, 4).numpy())
+
+
+def test_classification_training_leaves_each_row_out():
+    """In training each row's class masses come from the *other* rows of the batch."""
+    g = torch.Generator().manual_seed(0)
+    head = NeighborClassificationHead(4, 3, mode="global").double().train()
+    z = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    a, b, t = head.softstep()
+    w = simwarp.warp_weights(z, z, metric="l2", a=a, b=b, t=t, exclude_self=True)
+    eps = head.smoothing
+    want = torch.log((1 - eps) * (w @ F.one_hot(y, 3).double()) + eps / 3)
+    torch.testing.assert_close(head(z, y), want)
+
+
+def test_target_statistics_edge_cases():
+    """A constant target keeps std 1 (its rounding spread is no scale); without
+    standardisation the uncertainty's mean is still the prediction; an empty bank is refused."""
+    z = torch.randn(3, 4, dtype=torch.float64)
+    head = NeighborRegressionHead(4, 1).double()
+    head.set_bank(z, torch.full((3, 1), 0.1, dtype=torch.float64))
+    assert head.target_std.eq(1).all()
+    raw = NeighborRegressionHead(4, 1, standardize_targets=False).double().eval()
+    raw.set_bank(torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64) + 100)
+    with torch.no_grad():
+        torch.testing.assert_close(raw.predict_with_uncertainty(z)[0], raw(z))
+    with pytest.raises(ValueError, match="at least one entry"):
+        head.set_bank(torch.zeros(0, 4), torch.zeros(0, 1))

@@ -759,3 +759,38 @@ def test_an_empty_indices_tuple_of_any_dtype_means_no_pairs():
     for loss_fn, pml in ((SoftStepNCALoss(step="none"), pml_losses.NCALoss()),
                          (SoftStepContrastiveLoss(step="none"), pml_losses.NTXentLoss())):
         torch.testing.assert_close(loss_fn(emb, y, empty), pml(emb, y, empty))
+
+
+def test_one_positive_pair_among_many_negatives_is_a_loss():
+    """PML's zero-loss rule needs at most one positive *and* at most one negative pair."""
+    g = torch.Generator().manual_seed(5)
+    x, ref = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randn(4, 8, generator=g, dtype=torch.float64)
+    y, ref_y = torch.tensor([0, 1, 2]), torch.tensor([0, 5, 6, 7])
+    want = pml_losses.NTXentLoss()(x, y, ref_emb=ref, ref_labels=ref_y)
+    assert want > 0
+    torch.testing.assert_close(SoftStepContrastiveLoss(step="none")(x, y, ref_emb=ref, ref_labels=ref_y), want)
+
+
+def test_contrastive_over_class_blocks_equals_the_dense_path(monkeypatch):
+    """More classes than MAX_CLASS_COLUMNS stream per group of classes: the same loss."""
+    monkeypatch.setattr(sl, "MAX_CLASS_COLUMNS", 2)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(24, 5, generator=g, dtype=torch.float64), torch.arange(24) % 6
+    loss_fn = SoftStepContrastiveLoss()
+    torch.testing.assert_close(loss_fn.__class__(impl="chunked")(x, y), loss_fn.__class__(impl="dense")(x, y))
+
+
+def test_regression_loss_edge_cases():
+    """An empty reference set gives no loss (0, as PML's zero loss); a miner's indices_tuple
+    weights the anchors as PML's convert_to_weights says."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    loss_fn = SoftStepNeighborRegressionLoss()
+    assert loss_fn(x, y, ref_emb=x[:0], ref_labels=y[:0]).item() == 0.0
+    per_anchor = SoftStepNeighborRegressionLoss(reducer=reducers.DoNothingReducer())(x, y)["loss"]["losses"]
+    anchors = torch.arange(12)
+    tuple_ = (anchors, (anchors + 1) % 16, (anchors + 5) % 16)
+    weights = lmu.convert_to_weights(tuple_, y, dtype=x.dtype)
+    torch.testing.assert_close(loss_fn(x, y, tuple_), (per_anchor * weights).mean())
