@@ -92,7 +92,7 @@ def main() -> None:
 
     def mean_kept(mon: AttentionMonitor) -> float:
         fracs = list(mon.kept_fraction().values())
-        return torch.stack(fracs).mean().item() if fracs else float("nan")
+        return torch.stack(fracs).nanmean().item() if fracs else float("nan")
 
     with AttentionMonitor(model) as mon, torch.no_grad():
         loss0, acc0 = loss_and_acc(test, y_test)

@@ -552,10 +552,10 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         """A fresh ``softstep`` submodule with ``options`` (``mode``, ``step``, ``init``,
         ``hidden``), recorded in ``softstep_options`` (``swap_attention`` compares a later call
         with them)."""
-        self.softstep_options = dict(options)
-        self.softstep = SoftStepAttention(self.num_heads, self.head_dim, **options)
+        softstep = SoftStepAttention(self.num_heads, self.head_dim, **options)
         if device is not None or dtype is not None:
-            self.softstep.to(device=device, dtype=dtype)
+            softstep.to(device=device, dtype=dtype)
+        self.softstep, self.softstep_options = softstep, dict(options)  # recorded once it was built
 
     @classmethod
     def from_multihead(cls, mha: nn.MultiheadAttention, **softstep_kwargs: Any) -> MultiheadSoftStepAttention:
@@ -739,23 +739,28 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     _check_softstep_options(softstep_kwargs)
     if _swappable(model):
         return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)
+    # Everything that can fail, before the model changes: the option values, the modules to take
+    # over, and (without overwrite) options that differ from those of modules swapped before.
+    with torch.device("meta"):
+        SoftStepAttention(1, 1, **softstep_kwargs)
     modules = list(model.modules())
-    # _modules, not named_children(): that skips a second name for the same module
-    swaps = [(module, name, child) for module in modules for name, child in list(module._modules.items())
-             if child is not None and _swappable(child)]
-    restepped = [m for m in modules if isinstance(m, MultiheadSoftStepAttention)] if softstep_kwargs else []
-    for _, name, child in swaps:  # everything that can fail, before the model changes
-        _check_takeable(child, name)
-    for module in restepped:  # without overwrite: a check (options that differ raise)
-        _restep(module, softstep_kwargs, overwrite)
+    swaps = []
     for module in modules:
-        if isinstance(module, nn.TransformerEncoder):
-            module.use_nested_tensor = False
+        for name, child in list(module._modules.items()):  # (named_children() skips a second name for a module)
+            if child is not None and _swappable(child):
+                _check_takeable(child, name)
+                swaps.append((module, name, child))
+    restepped = [m for m in modules if isinstance(m, MultiheadSoftStepAttention)] if softstep_kwargs else []
+    for module in restepped:  # without overwrite: a check
+        _restep(module, softstep_kwargs, overwrite)
     replaced: dict[int, MultiheadSoftStepAttention] = {}
     for module, name, child in swaps:
         if id(child) not in replaced:
             replaced[id(child)] = MultiheadSoftStepAttention.from_multihead(child, **softstep_kwargs)
         setattr(module, name, replaced[id(child)])
+    for module in modules:
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
     return model
 
 

@@ -304,7 +304,7 @@ def global_moments(y: torch.Tensor, group=None) -> tuple[int, torch.Tensor, torc
 def merge_moments(count_a, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b, mean_b: torch.Tensor, m2_b: torch.Tensor):
     """Chan et al.'s parallel merge of two row sets' count, mean and ``M2`` (sum of squared
     deviations): ``(count, mean, m2)`` of their union. Counts are ints or tensors (no host
-    read-back); with no rows on either side the other side's moments come back unchanged."""
+    read-back); a side without rows must hold finite moments (zeros), not an empty mean's NaN."""
     count = count_a + count_b
     safe = count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
     delta = mean_b - mean_a
@@ -461,7 +461,7 @@ def _agree_on_bank_inputs(q, k, v, metric: str, queries: str, group) -> None:
 def _prepare(q, k, v, a, b, t, *, group, queries, metric, scale, step, temperature, chunk_size) -> _Prepared:
     _require_initialised()
     _agree_on_bank_inputs(q, k, v, metric, queries, group)
-    spec = make_spec(metric, scale, step, temperature, False, False, False)
+    spec = make_spec(metric, scale, step, temperature, False, False, False, dtype=q.dtype)
     check_chunk_size(chunk_size)
     dtype = work_dtype(q.dtype)
     n = q.shape[0]

@@ -378,6 +378,11 @@ class _BankMixin(nn.Module):
         finally:
             for submodule, training in modes:
                 submodule.training = training
+            if module is not None:  # submodules created while encoding (lazily built layers): the module's mode
+                known = {id(m) for m, _ in modes}
+                for submodule in module.modules():
+                    if id(submodule) not in known:
+                        submodule.training = module.training
         if not zs:
             if not resolve_group(getattr(self, "gather", False))[0]:
                 raise ValueError("fit_bank got an empty loader")
@@ -496,7 +501,7 @@ class _WarpHeadBase(_BankMixin):
             self.log_scale = nn.Parameter(torch.zeros(()))
         else:
             self.register_parameter("log_scale", None)
-        if mode not in _HEAD_MODES:
+        if mode not in _HEAD_MODES and not (step == "none" and mode == "none"):  # ("none": what such a head reports)
             raise ValueError(f"mode must be one of {_HEAD_MODES}, got {mode!r}")
         if step == "none":
             self.softstep: SoftStep | None = None
@@ -845,7 +850,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         na = self.targets_seen.to(exact)
         mean, m2 = self.target_mean.to(exact), self._target_m2.to(exact)
         m2 = torch.where(torch.isfinite(m2), m2, na * self.target_std.to(exact) ** 2)
-        n, mean, m2 = merge_moments(na, mean, m2, nb, mb, m2b)  # no rows anywhere: as they were
+        n, mean, m2 = merge_moments(na, mean, m2, nb, mb, m2b)
         self.target_mean.copy_(mean)
         self._target_m2.copy_(m2)
         self.targets_seen += nb

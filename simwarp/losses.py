@@ -156,8 +156,9 @@ def _holds(reducer, kind: type) -> bool:
     """Whether ``reducer`` is a ``kind`` or wraps one (``MultipleReducers``, ``PerAnchorReducer``'s inner one)."""
     if isinstance(reducer, kind):
         return True
-    inner = [*getattr(reducer, "reducers", {}).values(), getattr(reducer, "reducer", None)]
-    return any(r is not None and _holds(r, kind) for r in inner)
+    held = getattr(reducer, "reducers", None)
+    inner = [*(held.values() if hasattr(held, "values") else held or ()), getattr(reducer, "reducer", None)]
+    return any(isinstance(r, torch.nn.Module) and _holds(r, kind) for r in inner)
 
 
 def _mixed_under_autocast(embeddings, ref_emb):
@@ -407,6 +408,8 @@ def _class_masses(
 class _SoftStepLossMixin:
     """Holds the :class:`SoftStep` and the backend options shared by the three losses."""
 
+    _scale_name: str
+
     def _init_softstep(
         self,
         scale_name: str,
@@ -438,7 +441,6 @@ class _SoftStepLossMixin:
         if scale_name == "temperature" and 1.0 / value > largest:
             raise ValueError(f"temperature must be at least {1 / largest:.3g}, got {scale_value!r}")
         setattr(self, scale_name, value)
-        self._scale_name = scale_name
         self.add_to_recordable_attributes(list_of_names=[scale_name], is_stat=False)
         resolve_group(gather)  # validates; True needs an initialised process group
         self.gather = gather
@@ -660,6 +662,8 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
     ``ref_labels (m,)``; returns the reduced scalar loss.
     """
 
+    _scale_name = "softmax_scale"  # the similarity multiplier's name (printed by extra_repr)
+
     def __init__(
         self,
         softmax_scale: float = 1.0,
@@ -759,6 +763,8 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
     ``ref_emb (m, d)``, ``ref_labels (m,)``; returns the reduced scalar loss.
     """
 
+    _scale_name = "temperature"  # the similarity multiplier's name (printed by extra_repr)
+
     def __init__(
         self,
         temperature: float = 0.07,
@@ -857,6 +863,8 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         **kwargs: PML's ``distance`` (default ``LpDistance(power=2)``, normalised embeddings),
             ``reducer``, ``embedding_regularizer``, ...
     """
+
+    _scale_name = "softmax_scale"  # the similarity multiplier's name (printed by extra_repr)
 
     def __init__(
         self,

@@ -98,5 +98,5 @@ class AttentionMonitor:
         lines = []
         for name, frac in self.kept_fraction().items():
             heads = " ".join(f"{x:.{digits}f}" for x in frac.tolist())
-            lines.append(f"{name}: mean {frac.mean().item():.{digits}f} | heads {heads}")
+            lines.append(f"{name}: mean {frac.nanmean().item():.{digits}f} | heads {heads}")  # (NaN: no row counted)
         return "\n".join(lines) if lines else "(no SoftStep attention call recorded)"

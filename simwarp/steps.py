@@ -510,9 +510,25 @@ def raw_from_params(a: float, b: float, t: float) -> torch.Tensor:
             f"steps valid, simwarp.steps.PARAM_MARGIN), got a={a}, b={b}"
         )
     width = min(max(((b - a) / (1 - a) - eps) / (1 - eps), 1e-6), 1 - 1e-6)
-    return torch.tensor(
-        [_logit((a - eps) / (1 - 2 * eps)), _logit(width), _logit((t - eps) / (1 - 2 * eps))]
+    return torch.tensor(  # float64: a float64 module starts at init to its own precision
+        [_logit((a - eps) / (1 - 2 * eps)), _logit(width), _logit((t - eps) / (1 - 2 * eps))], dtype=torch.float64
     )
+
+
+class _StartAtInit(nn.Linear):
+    """The instance network's output layer (``→`` raw ``(a, b, t)``). Its ``reset_parameters``
+    zeroes the weights and sets the bias to ``init``'s raw values, so every row starts at
+    ``init``, also where initialisers reset each module that holds parameters (building on the
+    meta device, FSDP), which the owning :class:`SoftStep` does not."""
+
+    def __init__(self, in_features: int, init: tuple[float, float, float]) -> None:
+        self.__dict__["init"] = init  # read by reset_parameters, which nn.Linear's constructor calls
+        super().__init__(in_features, 3)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.zero_()
+        self.bias.copy_(raw_from_params(*self.init))
 
 
 class SoftStep(nn.Module):
@@ -583,27 +599,27 @@ class SoftStep(nn.Module):
         elif mode in ("global", "per_head"):
             self.raw = nn.Parameter(torch.empty(shape))
         else:
-            last = nn.Linear(in_features if hidden is None else hidden, 3)
+            last = _StartAtInit(in_features if hidden is None else hidden, init)
             self.net = last if hidden is None else nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), last)
-        self._start_at_init()
+        if "raw" in self._parameters or "raw" in self._buffers:
+            self._start_at_init()
 
     def reset_parameters(self) -> None:
         """Back to the initial step: ``(a, b, t) = init`` for every head and row (the instance
         network: its last layer's weights zero, a hidden layer initialised as ``nn.Linear``
         does). Also what ``module.to_empty(...)`` after building on the meta device needs."""
-        if isinstance(getattr(self, "net", None), nn.Sequential):
-            self.net[0].reset_parameters()
-        self._start_at_init()
+        init = getattr(self, "init", None)
+        if init is None:
+            raise RuntimeError("this SoftStep was saved by an older simwarp and does not record its init; build a new one")
+        if "raw" in self._parameters or "raw" in self._buffers:
+            self._start_at_init()
+            return
+        for layer in ([self.net] if isinstance(self.net, nn.Linear) else [self.net[0], self.net[-1]]):
+            layer.reset_parameters()
 
     @torch.no_grad()
     def _start_at_init(self) -> None:
-        raw0 = raw_from_params(*self.init)
-        if self.mode != "instance" or "raw" in self._buffers:
-            self.raw.copy_(raw0.expand_as(self.raw))
-        else:
-            last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
-            last.weight.zero_()
-            last.bias.copy_(raw0)
+        self.raw.copy_(raw_from_params(*self.init).expand_as(self.raw))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if "raw" in self._buffers:  # no warping: checkpoints from before it had constants held an unused network

@@ -152,6 +152,7 @@ def test_a_head_without_rows_to_count_reports_nan_not_zero():
         with simwarp.monitoring.AttentionMonitor(layer, accumulate=accumulate) as mon:
             layer(x)
         assert all(f.isnan().all() for f in mon.kept_fraction().values())
+        assert "nan" in mon.summary()
 
 
 def test_gradients_reach_step_parameters():
@@ -662,6 +663,10 @@ def test_swap_changes_nothing_when_it_fails():
     with pytest.raises(ValueError, match="overwrite=True"):
         simwarp.swap_attention(model, step="poly")
     assert type(model[1].self_attn) is nn.MultiheadAttention
+    with pytest.raises(ValueError, match="step must be one of"):  # a bad value, with overwrite: nothing recorded
+        simwarp.swap_attention(model, step="bogus", overwrite=True)
+    assert model[0].self_attn.softstep_options["step"] == "none" and type(model[1].self_attn) is nn.MultiheadAttention
+    simwarp.swap_attention(model, step="none")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])

@@ -1059,14 +1059,21 @@ def test_constructors_check_backend_options_and_accept_numpy_and_tensor_reals():
         (dict(standardize_targets="no"), TypeError, "standardize_targets must be a bool"),
         # refused by the first forward before: values the backend cannot take
         (dict(temperature=1e-40), ValueError, "temperature must be at least"),
-        (dict(scale=1e39), ValueError, "scale must be at most"),
         (dict(scale=torch.tensor(2.0, requires_grad=True)), TypeError, "scale must be a positive finite float"),
         (dict(step="none", mode="bogus"), ValueError, "mode must be one of"),
+        (dict(mode="none"), ValueError, "mode must be one of"),  # only a step="none" head reports mode "none"
     ]
     for kwargs, error, match in bad:
         with pytest.raises(error, match=match):
             NeighborRegressionHead(4, **kwargs)
     assert NeighborRegressionHead(4, scale=torch.tensor(2.0)).scale == 2.0  # a float, as the backend takes it
+    nona = NeighborRegressionHead(4, step="none")
+    assert NeighborRegressionHead(4, step="none", mode=nona.mode).mode == "none"  # its own reported mode
+    huge = NeighborRegressionHead(4, 1, scale=1e39, mode="global")  # fine for float64 embeddings ...
+    z = torch.randn(6, 4)
+    assert torch.isfinite(huge.double()(z.double(), torch.randn(6, 1, dtype=torch.float64))).all()
+    with pytest.raises(ValueError, match="scale must be at most .* for torch.float32"):  # ... not for float32
+        huge.float()(z, torch.randn(6, 1))
     for cls, kwargs, error, match in [
         (simwarp.SoftStepNCALoss, dict(impl="fast"), ValueError, "impl must be one of"),
         (simwarp.SoftStepNCALoss, dict(chunk_size=-5), ValueError, "chunk_size must be a positive int"),

@@ -489,6 +489,19 @@ def test_softstep_reset_parameters_and_meta_device(kw):
     if step.mode == "instance" and not step.step == "none":
         first = step.net if kw.get("hidden") is None else step.net[0]
         assert first.weight.abs().sum() > 0 if kw.get("hidden") else first.weight.abs().sum() == 0
+    with torch.device("meta"):  # as FSDP and per-module initialisers do it: each module with its own tensors
+        again = SoftStep(init=init, **kw)
+    again.to_empty(device="cpu")
+    for module in again.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if own and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    for got, want in zip(again(cond), init):
+        torch.testing.assert_close(got.detach(), torch.full_like(got, want))
+    wide = SoftStep(init=init, **kw).double()
+    wide.reset_parameters()
+    for got, want in zip(wide(cond.double()), init):  # to float64 precision
+        torch.testing.assert_close(got.detach(), torch.full_like(got, want), rtol=1e-12, atol=1e-12)
     torch.manual_seed(0)
     trained = SoftStep(init=init, **kw)
     with torch.no_grad():

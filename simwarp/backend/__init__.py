@@ -204,7 +204,7 @@ def warp_attend(
         TypeError / ValueError: on bad types, shapes, devices or parameter values.
     """
     batch = check_inputs(q, k, v, mask, exclude_self, self_offset)
-    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
+    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset, q.dtype)
     return_stats = as_flag("return_stats", return_stats)
     check_chunk_size(chunk_size)
     dropout_p = check_dropout_p(dropout_p)
@@ -305,7 +305,7 @@ def warp_range(
     """
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
     batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
-    spec = make_spec(metric, scale, "none", 1.0, causal, exclude_self, True, self_offset)
+    spec = make_spec(metric, scale, "none", 1.0, causal, exclude_self, True, self_offset, q.dtype)
     check_chunk_size(chunk_size)
     if spec.metric not in STREAMING_METRICS:
         raise ValueError(f"warp_range streams over keys: metric must be one of {STREAMING_METRICS}, got {metric!r}")
@@ -373,7 +373,7 @@ def warp_weights(
     log = as_flag("log", log)
     probe = k[..., :1].new_empty((*k.shape[:-1], 1))
     batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
-    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset)
+    spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset, q.dtype)
     return_stats = as_flag("return_stats", return_stats)
     n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)

@@ -394,7 +394,8 @@ def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict, **ch
     """Load the ``softstep`` parameters into an attached model from a checkpoint or a state dict.
 
     ``source``: a ``save_pretrained`` directory or a Hub model id (its weights in one file or
-    in shards, safetensors or ``.bin``, found as transformers finds them), or a state dict.
+    in shards, safetensors or ``.bin``, found as transformers finds them: from the local cache,
+    or downloaded), or a state dict.
     ``checkpoint``: where in it, as for ``from_pretrained`` (``subfolder``, ``variant``,
     ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...). Returns the loaded keys;
     raises when the model expects softstep parameters the source lacks.
@@ -433,9 +434,8 @@ def _checkpoint_softstep_state(source: str | os.PathLike, variant: str | None = 
 
     def locate(name: str) -> str | None:
         try:
-            return cached_file(str(source), name, _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False, **where)
-        except (OSError, ValueError) as err:  # neither a directory nor a valid Hub model id
+            return cached_file(str(source), name, _raise_exceptions_for_missing_entries=False, **where)
+        except (OSError, ValueError) as err:  # neither a directory nor a Hub model id it could reach
             raise FileNotFoundError(f"no model weights in {source}: {err}") from err
 
     def with_variant(name: str) -> str:  # as transformers names them: model.v1.safetensors, ....index.v1.json
