@@ -546,3 +546,31 @@ def test_steps_created_lazily_are_saved_and_loaded_back(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids, attention_mask=mask).last_hidden_state,
                                    model(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_lazy_steps_of_a_composite_model_load_back(tmp_path):
+    """CLIP's attention modules hold the text/vision sub-configs: lazily created steps record
+    their options there, and from_pretrained reads them from there too (it attached fresh ones)."""
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8,
+                           patch_size=4),
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(cfg).eval()
+    register()
+    model.set_attn_implementation("softstep")
+    ids, pixels = torch.randint(2, 50, (2, 5)), torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="lazily"):
+        model(input_ids=ids, pixel_values=pixels)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "softstep" in name:
+                p.add_(0.3)
+        want = model(input_ids=ids, pixel_values=pixels).logits_per_image
+    model.save_pretrained(tmp_path)
+    restored = from_pretrained(tmp_path, auto_class=transformers.CLIPModel).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=ids, pixel_values=pixels).logits_per_image, want)

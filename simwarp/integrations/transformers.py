@@ -380,6 +380,23 @@ def _score_modifier(model: nn.Module, found: dict[str, nn.Module]) -> str | None
     return None
 
 
+def _saved_options(config: Any) -> dict | None:
+    """The SoftStep options a checkpoint's config records: its own, or those of its sub-configs
+    (a composite model's text/vision parts record them where steps were created lazily)."""
+    from transformers import PretrainedConfig
+
+    own = getattr(config, _CONFIG_KEY, None)
+    if own:
+        return own
+    found = [getattr(sub, _CONFIG_KEY) for sub in vars(config).values()
+             if isinstance(sub, PretrainedConfig) and getattr(sub, _CONFIG_KEY, None)]
+    distinct = [f for i, f in enumerate(found) if f not in found[:i]]
+    if len(distinct) > 1:
+        raise ValueError(f"the checkpoint's sub-configs record different SoftStep options {distinct}; "
+                         "load it with transformers and attach_softstep the parts yourself")
+    return distinct[0] if distinct else None
+
+
 def _as_saved(value: Any) -> Any:
     """An option as ``config.json`` stores it (tuples become lists)."""
     return list(value) if isinstance(value, tuple) else value
@@ -530,7 +547,7 @@ def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: A
     register()
     attach = {k: kwargs.pop(k) for k in list(kwargs) if k in _DEFAULT_ATTACH}
     model = auto_class.from_pretrained(path, attn_implementation=ATTN_NAME, **kwargs)
-    saved = getattr(model.config, _CONFIG_KEY, None)
+    saved = _saved_options(model.config)
     conflicts = {k: v for k, v in attach.items() if saved and k in saved and _as_saved(v) != saved[k]}
     if conflicts:
         raise ValueError(
