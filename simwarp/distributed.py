@@ -24,8 +24,10 @@ All row math is the backend's (``warp_range``, ``warp_attend``/``warp_weights`` 
 ``row_range``), so every metric with streaming support and every registered step behaves as in
 :func:`simwarp.warp_attend`.
 
-Every function here is a *collective*: all ranks of the group must call it, in the same order,
-with the same non-tensor arguments.
+Every function that communicates is a *collective*: all ranks of the group must call it, in
+the same order, with the same non-tensor arguments (``gather_rows``, ``global_size``,
+``global_moments``, ``raise_together``, the ``*_warp_attend`` functions, ``sharded_explain``).
+``resolve_group``, ``merge_moments``, ``leave_one_out_mask`` and ``check_global_batch`` are local.
 """
 
 from __future__ import annotations
@@ -280,7 +282,11 @@ def global_moments(y: torch.Tensor, group=None) -> tuple[int, torch.Tensor, torc
     formula, so every rank gets bit-identical results without gathering ``y``.
 
     Args:
-        y: ``(n, e)`` local rows. Returns ``count``, ``mean (e,)``, ``m2 (e,)`` in float64.
+        y: ``(n, e)`` local rows (a rank may hold none).
+        group: process group (``None`` = default).
+
+    Returns:
+        ``(count, mean, m2)``: the global row count (an int), ``mean (e,)`` and ``m2 (e,)`` in float64.
     """
     _require_initialised()
     if not isinstance(y, torch.Tensor) or y.dim() != 2:

@@ -727,7 +727,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         step: registered step (``"sigmoidal"``, ``"log"``, ``"poly"``, or ``"none"`` = plain
             neighbour attention without warping, the NONA baseline).
         mode: ``"global"`` (3 learned scalars) or ``"instance"`` (a linear map of each query to
-            its own ``(a, b, t)``). Ignored for ``step="none"``.
+            its own ``(a, b, t)``). Unused with ``step="none"`` (the head then reports ``"none"``).
         temperature: softmax temperature.
         standardize_targets: feed the backend ``(y - mean) / std`` and map back. The mean/std
             are exact running statistics of all training targets seen (``target_mean``,
@@ -749,7 +749,8 @@ class NeighborRegressionHead(_WarpHeadBase):
             bandwidth; not for ``cosine``.
 
     Shapes:
-        ``forward(z (N, D), y (N, E) or (N,) if E == 1) -> (N, E)`` (or ``(N,)`` when ``y`` was 1-D).
+        ``forward(z (N, D), y (N, E) or (N,) if E == 1) -> (N, E)`` (or ``(N,)`` when ``y`` was 1-D);
+        float32 for float16/bfloat16 ``z`` (targets overflow half precision).
     """
 
     def __init__(
@@ -1092,7 +1093,11 @@ class KNNRegressionHead(_BankMixin):
     embeddings learned with another head.
 
     Args:
-        in_features: ``D``. out_features: ``E``. k: neighbours. metric: similarity.
+        in_features: embedding size ``D``.
+        out_features: number of targets ``E``.
+        k: number of neighbours averaged (fewer where the bank or batch has fewer rows).
+        metric: the similarity that ranks them (``"l2"``, ``"cosine"``, ``"dot"``,
+            ``"sqeuclidean"``, ``"l1"``).
     """
 
     def __init__(self, in_features: int, out_features: int = 1, k: int = 10, metric: str = "l2") -> None:
@@ -1174,8 +1179,10 @@ def _wide(z: torch.Tensor) -> torch.dtype:
 
 
 class LinearHead(nn.Linear):
-    """``nn.Linear`` with the neighbour heads' signature ``forward(z, y=None)`` (``y`` ignored
-    except to match a 1-D target's shape), so heads are swapped with one argument."""
+    """``nn.Linear(in_features, out_features)`` with the neighbour heads' signature
+    ``forward(z (..., in_features), y=None)``, so heads are swapped with one argument: ``y`` is
+    only checked against ``z`` and the output (a 1-D ``y`` gives a 1-D output when
+    ``out_features == 1``), never used."""
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.in_features:
@@ -1218,6 +1225,8 @@ def make_head(kind: str, in_features: int, out_features: int = 1, **kwargs: Any)
     ``"softstep-global"``, ``"softstep-instance"`` or ``"knn"``; ``kwargs`` go to the class
     (except the arguments that ``kind`` fixes: ``step`` for ``"nona"``, ``mode`` for the
     ``softstep-*`` kinds)."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")
     fixed = {"nona": "step", "softstep-global": "mode", "softstep-instance": "mode"}.get(kind)
     if fixed in kwargs:
         raise ValueError(f"kind={kind!r} fixes {fixed}; pass {fixed}= to NeighborRegressionHead instead, got {fixed}={kwargs[fixed]!r}")
@@ -1233,6 +1242,4 @@ def make_head(kind: str, in_features: int, out_features: int = 1, **kwargs: Any)
         return NeighborRegressionHead(in_features, out_features, mode="global", **kwargs)
     if kind == "softstep-instance":
         return NeighborRegressionHead(in_features, out_features, mode="instance", **kwargs)
-    if kind == "knn":
-        return KNNRegressionHead(in_features, out_features, **kwargs)
-    raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")
+    return KNNRegressionHead(in_features, out_features, **kwargs)  # kind == "knn"

@@ -748,13 +748,15 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
     Anchors with no negative give zero loss; batches with at most one pair of each kind give
     a zero loss (both as PML).
 
-    Memory: with labels only, the backend streams (``O(n · chunk)`` plus the positive pairs).
-    With an ``indices_tuple`` the per-anchor candidate sets are arbitrary, so the weights are
-    materialised (``O(n · m)``, as the miner itself does).
+    Memory: with labels only, ``impl="auto"`` materialises the weights up to
+    ``LOSS_DENSE_LIMIT`` anchor-neighbour pairs (2^24 on CPU, 2^20 elsewhere) and streams above
+    that (``O(n · chunk)`` plus the positive pairs). With an ``indices_tuple`` the per-anchor
+    candidate sets are arbitrary, so the weights are materialised (``O(n · m)``, as the miner
+    itself does).
 
     Args:
         temperature: softmax temperature ``τ`` (PML's default 0.07).
-        step, mode, embedding_size, hidden, init, softstep, detach_range, impl, chunk_size:
+        step, mode, embedding_size, hidden, init, softstep, detach_range, impl, chunk_size, gather:
             as :class:`SoftStepNCALoss`.
         **kwargs: PML's ``distance`` (default ``CosineSimilarity()``), ``reducer``,
             ``embedding_regularizer``, ...
@@ -858,7 +860,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
 
     Args:
         softmax_scale: multiplier of the similarities, > 0.
-        step, mode, embedding_size, hidden, init, softstep, detach_range, impl, chunk_size:
+        step, mode, embedding_size, hidden, init, softstep, detach_range, impl, chunk_size, gather:
             as :class:`SoftStepNCALoss`.
         **kwargs: PML's ``distance`` (default ``LpDistance(power=2)``, normalised embeddings),
             ``reducer``, ``embedding_regularizer``, ...

@@ -218,13 +218,15 @@ def _check_pair(q, k, scale, k_layout: str) -> None:
 def pairwise_similarity(
     q: torch.Tensor, k: torch.Tensor, metric: str = "dot", scale: float | None = None
 ) -> torch.Tensor:
-    """All-pairs similarity.
+    """All-pairs similarity (larger = more similar: distances come negated).
 
     Args:
         q: queries ``(..., n, d)``.
         k: keys ``(..., m, d)``; leading dims broadcast with ``q``'s.
-        metric: one of :data:`METRICS`.
-        scale: multiplier; ``None`` uses :func:`default_scale`.
+        metric: ``"dot"`` (``q·k``), ``"cosine"``, ``"l2"`` (``-‖q - k‖``), ``"sqeuclidean"``
+            (``-‖q - k‖²``) or ``"l1"`` (``-Σ|q - k|``).
+        scale: multiplier (any real, or a tensor: a learnable one works here); ``None`` =
+            ``d ** -0.5`` for ``"dot"``, else 1.
 
     Returns:
         ``(..., n, m)`` similarities.

@@ -414,6 +414,14 @@ def register_step(name: str, fn: StepFn, *, overwrite: bool = False) -> Step:
     The step's output is checked for shape and dtype (it must be ``u``'s) on every call;
     its values are not (that would cost a device synchronisation): keep ``φ(1) = 0`` so the
     best key survives, or rows can come out all zero without being flagged ``empty``.
+
+    Returns:
+        The registered :class:`Step`.
+
+    Raises:
+        TypeError: an empty or non-str ``name``, or an ``fn`` that is not callable.
+        ValueError: a built-in name, or a name taken without ``overwrite``; at call time, an
+            output of another shape or dtype than ``u``.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"step name must be a non-empty str, got {name!r}")
@@ -451,6 +459,7 @@ def get_step(step: str | Step) -> Step:
 
 
 def available_steps() -> tuple[str, ...]:
+    """Names of the registered steps, the built-in ones first (``step=`` accepts each)."""
     return tuple(_REGISTRY)
 
 
@@ -554,8 +563,11 @@ class SoftStep(nn.Module):
         num_heads: number of heads (``"per_head"`` only).
         hidden: hidden width of the instance MLP; ``None`` = a single Linear.
         step: the step's registered name (kept with the parameters).
-        init: initial ``(a, b, t)``; defaults to ``(DEFAULT_A, DEFAULT_B, DEFAULT_T)``. The
-            instance network starts with zero weights so every row starts at ``init``.
+        init: initial ``(a, b, t)``; defaults to ``(0.1, 0.9, 0.5)`` (``DEFAULT_A``,
+            ``DEFAULT_B``, ``DEFAULT_T``). The learned values keep a margin inside the valid
+            ranges (:data:`PARAM_MARGIN` ``= 1e-3``), and so must ``init``: ``1e-3 < a < 0.999``,
+            ``b - a >= 1e-3 · (1 - a)``, ``b <= 1``, ``1e-3 < t < 0.999``. The instance network
+            starts with zero weights so every row starts at ``init``.
     """
 
     def __init__(

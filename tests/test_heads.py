@@ -513,8 +513,9 @@ def test_make_head_kinds():
         z, y = torch.randn(6, 4), torch.randn(6)
         assert h(z, y).shape == (6,)
     assert make_head("nona", 4).softstep is None
-    with pytest.raises(ValueError, match="kind"):
-        make_head("mlp", 4)
+    for kind in ("mlp", None):  # (None: an AttributeError before)
+        with pytest.raises(ValueError, match="kind must be one of"):
+            make_head(kind, 4)
     # an argument the kind fixes: a message, not Python's "got multiple values for keyword argument"
     with pytest.raises(ValueError, match="kind='softstep-global' fixes mode"):
         make_head("softstep-global", 8, mode="instance")

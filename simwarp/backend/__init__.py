@@ -297,6 +297,10 @@ def warp_range(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1 alone: each row's similarity range over its valid keys, streaming (no gradients).
 
+    ``q (..., n, d)``, ``k (..., m, d)`` and the options ``metric``, ``scale``, ``mask``,
+    ``causal``, ``exclude_self``, ``self_offset``, ``chunk_size`` as in :func:`warp_attend`
+    (a streaming metric: ``"l1"`` raises ``ValueError``).
+
     Returns ``(lo, hi, empty)``, each ``(..., n)``; rows with no valid key have ``lo = hi = 0``
     and ``empty = True``. Reduce the ranges of several key sets (min of ``lo``, max of ``hi``
     over the non-empty parts) and pass them back as ``warp_attend(..., row_range=(lo, hi))``

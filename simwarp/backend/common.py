@@ -35,7 +35,11 @@ class WarpStats(NamedTuple):
             inf among the row's scores).
         lo: minimum similarity over the row's valid keys (0 for an empty row).
         hi: maximum similarity over the row's valid keys (0 for an empty row).
-        empty: True where the row has no valid key (its output is exactly 0).
+        empty: True where the row has no valid key (its output is exactly 0). With a fixed
+            ``row_range``, a row whose keys in this call all fall below the band also outputs
+            0 with ``lse = -inf``, but is not empty.
+
+    The statistics are in the compute dtype: float32 for float16/bfloat16 inputs.
     """
 
     lse: torch.Tensor

@@ -410,12 +410,22 @@ _CHECKPOINT_KWARGS = ("subfolder", "variant", "revision", "cache_dir", "token", 
 def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict, **checkpoint: Any) -> list[str]:
     """Load the ``softstep`` parameters into an attached model from a checkpoint or a state dict.
 
-    ``source``: a ``save_pretrained`` directory or a Hub model id (its weights in one file or
-    in shards, safetensors or ``.bin``, found as transformers finds them: from the local cache,
-    or downloaded), or a state dict.
-    ``checkpoint``: where in it, as for ``from_pretrained`` (``subfolder``, ``variant``,
-    ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...). Returns the loaded keys;
-    raises when the model expects softstep parameters the source lacks.
+    Args:
+        model: a model after :func:`attach_softstep` (or any module holding its ``softstep`` layers).
+        source: a ``save_pretrained`` directory or a Hub model id (its weights in one file or
+            in shards, safetensors or ``.bin``, found as transformers finds them: from the
+            local cache, or downloaded), or a state dict.
+        checkpoint: where in it, as for ``from_pretrained`` (``subfolder``, ``variant``,
+            ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``,
+            ``proxies``).
+
+    Returns:
+        The loaded keys, sorted.
+
+    Raises:
+        KeyError: the model expects softstep parameters the source lacks.
+        FileNotFoundError: no weights at ``source``.
+        TypeError: other keyword arguments.
     """
     unknown = sorted(set(checkpoint) - set(_CHECKPOINT_KWARGS))
     if unknown:
