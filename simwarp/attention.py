@@ -148,6 +148,11 @@ def _as_bool_mask(attn_mask: Any, q: torch.Tensor, s: int) -> torch.Tensor | Non
 # ---------------------------------------------------------------------------------------
 
 
+def _any_heads(shape: torch.Size, rows_dims: int) -> tuple[int, ...]:
+    """``shape`` with its heads dim (the one before the last ``rows_dims``) set to 1."""
+    return tuple(1 if i == len(shape) - rows_dims - 1 else d for i, d in enumerate(shape))
+
+
 def _split_heads(x: torch.Tensor, heads: int, groups: int, rows_dims: int, name: str) -> torch.Tensor:
     """View ``x`` (broadcastable to ``(..., heads * groups, *rows)``) as ``(..., heads, groups, *rows)``.
 
@@ -307,13 +312,19 @@ def _attend(
         if scale <= 0:  # as SDPA: 0 gives uniform weights, a negative scale negates the scores
             q, scale = query * scale, 1.0
     a, b, t = (step_kwargs.get(name) for name in ("a", "b", "t"))
-    if groups > 1:  # 1-D: checked before the grouped layout (..., H, G, L), which the user never sees
+    if groups > 1:  # checked in the user's layout, before the grouped one (..., H, G, L) they never see
+        # (all but the heads dim here; _split_heads names a heads dim that fits neither 1 nor Hq)
         for name, p in zip("abt", (a, b, t)):
-            if isinstance(p, torch.Tensor) and p.dim() == 1 and not broadcasts_to(p.shape, query.shape[:-1]):
+            if isinstance(p, torch.Tensor) and not broadcasts_to(_any_heads(p.shape, 1), query.shape[:-1]):
                 raise ValueError(
                     f"{name} of shape {tuple(p.shape)} does not broadcast to the rows (..., Hq, L) = "
                     f"{tuple(query.shape[:-1])}; per query head pass shape (Hq, 1)"
                 )
+        if mask is not None and not broadcasts_to(_any_heads(mask.shape, 2), (*query.shape[:-1], s)):
+            raise ValueError(
+                f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (..., Hq, L, S) = "
+                f"{(*query.shape[:-1], s)}"
+            )
         hk = key.shape[-3]
         q = rearrange(q, "... (h g) l e -> ... h g l e", h=hk)
         k, v = key.unsqueeze(-3), value.unsqueeze(-3)

@@ -819,8 +819,8 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             if (pairs <= 1 and negatives <= 1) or len(a1) == 0 or num_neg == 0:
                 return self._zero_losses(x, r)
             q_cls, r_cls, n_cls = _class_indices(labels, ref_labels)
-            _, other, lse = _class_masses(
-                x, r, q_cls, r_cls, n_cls, exclude_self=same, params=params, step=step, warp=warp,
+            _, other, lse = _class_masses(  # (the row's range without the anchor's own row too)
+                x, r, q_cls, r_cls, n_cls, exclude_self=exclude_self, params=params, step=step, warp=warp,
                 self_offset=offset,
             )
             neg_lse = lse + _safe_log(_resolved_mass(other, m))  # log Σ_n m_in e^{s_in/τ} per anchor; -inf without negatives

@@ -727,3 +727,13 @@ def test_valid_counts_follow_causal_and_padding():
     assert st.valid.flatten().tolist() == [1, 2, 2, 3]
     _, st = softstep_attention(q, k, v, attn_mask=padding, return_stats=True)
     assert st.valid.flatten().tolist() == [4, 4, 4, 4]
+
+
+def test_gqa_shape_errors_name_the_users_layout():
+    """With grouped-query attention the backend sees (..., Hkv, G, L): shape errors named that
+    layout ("mask of shape (1, 1, 1, 3, 7)") instead of the arguments the user passed."""
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 7\) does not broadcast to \(..., Hq, L, S\) = \(2, 4, 3, 6\)"):
+        softstep_attention(q, k, v, enable_gqa=True, attn_mask=torch.ones(3, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"a of shape \(2, 4, 5\) does not broadcast to the rows"):
+        softstep_attention(q, k, v, enable_gqa=True, a=torch.full((2, 4, 5), 0.1))

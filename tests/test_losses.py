@@ -794,3 +794,13 @@ def test_regression_loss_edge_cases():
     tuple_ = (anchors, (anchors + 1) % 16, (anchors + 5) % 16)
     weights = lmu.convert_to_weights(tuple_, y, dtype=x.dtype)
     torch.testing.assert_close(loss_fn(x, y, tuple_), (per_anchor * weights).mean())
+
+
+def test_contrastive_with_its_own_labels_object_leaves_the_anchor_row_out_everywhere():
+    """ref_labels that are the labels tensor: the batch against itself (PML's NT-Xent rule).
+    The positive pairs left (i, i) out, but the row's range still held s_ii (the row maximum
+    under cosine), so the step saw other u than without ref_emb."""
+    torch.manual_seed(0)
+    e, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2])
+    loss_fn = SoftStepContrastiveLoss().double()
+    torch.testing.assert_close(loss_fn(e, y, ref_emb=e.clone(), ref_labels=y), loss_fn(e, y))
