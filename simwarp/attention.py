@@ -752,7 +752,8 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
         return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)
     # Everything that can fail, before the model changes: the option values, the modules to take
     # over, and (without overwrite) options that differ from those of modules swapped before.
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (options that another mode ignores: modules swapped before may have it)
         SoftStepAttention(1, 1, **softstep_kwargs)
     modules = list(model.modules())
     swaps = []

@@ -1225,7 +1225,7 @@ def make_head(kind: str, in_features: int, out_features: int = 1, **kwargs: Any)
     ``"softstep-global"``, ``"softstep-instance"`` or ``"knn"``; ``kwargs`` go to the class
     (except the arguments that ``kind`` fixes: ``step`` for ``"nona"``, ``mode`` for the
     ``softstep-*`` kinds)."""
-    if kind not in HEAD_KINDS:
+    if not isinstance(kind, str) or kind not in HEAD_KINDS:
         raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")
     fixed = {"nona": "step", "softstep-global": "mode", "softstep-instance": "mode"}.get(kind)
     if fixed in kwargs:

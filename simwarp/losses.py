@@ -805,9 +805,10 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         step = self.softstep.step
         r, ref_labels, offset = self._across_ranks(x, r, ref_labels)
         m = r.shape[0]
+        # the batch against itself: the same embeddings, or (PML's NT-Xent rule) the same labels
+        exclude_self = same or (labels is not None and ref_labels is labels)
         if indices_tuple is None:
             ref_labels = ref_labels.to(labels.device)
-            exclude_self = ref_labels is labels or same
             a1, p, count = _positive_pairs(labels, ref_labels, exclude_self, offset)
             num_neg = int((m - count).sum())
             # PML's rule for a batch with at most one pair of each kind, on the global batch: the
@@ -834,7 +835,9 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             # Log-weights over the whole row (its range and normaliser), in log space: mined
             # negatives far below the row's best key must not underflow to a zero mass.
             # lse + log Σ_n count_in w_in = log Σ_n count_in m_in e^{s_in/τ}.
-            log_w, stats = warp_weights(x, r, step=step, a=a, b=b, t=t, exclude_self=same, return_stats=True, log=True, **warp)
+            log_w, stats = warp_weights(
+                x, r, step=step, a=a, b=b, t=t, exclude_self=exclude_self, return_stats=True, log=True, **warp
+            )
             counted = torch.where(neg_count > 0, log_w + torch.log(neg_count.to(log_w.dtype)), -math.inf)
             neg_lse = stats.lse + row_logsumexp(counted)
         pos = paired_similarity(x[a1], r[p], self.metric, 1.0) / self.temperature

@@ -507,7 +507,8 @@ def _logit(p: float) -> float:
 
 
 def raw_from_params(a: float, b: float, t: float) -> torch.Tensor:
-    """Inverse of :func:`params_from_raw` for scalars (used for initialisation)."""
+    """Inverse of :func:`params_from_raw` for scalars (used for initialisation): a ``(3,)``
+    float64 CPU tensor."""
     eps = PARAM_MARGIN
     if not (eps < a < 1 - eps and a < b <= 1.0 and eps < t < 1 - eps):
         raise ValueError(
@@ -519,8 +520,8 @@ def raw_from_params(a: float, b: float, t: float) -> torch.Tensor:
             f"steps valid, simwarp.steps.PARAM_MARGIN), got a={a}, b={b}"
         )
     width = min(max(((b - a) / (1 - a) - eps) / (1 - eps), 1e-6), 1 - 1e-6)
-    return torch.tensor(  # float64: a float64 module starts at init to its own precision
-        [_logit((a - eps) / (1 - 2 * eps)), _logit(width), _logit((t - eps) / (1 - 2 * eps))], dtype=torch.float64
+    return torch.tensor(  # float64 (on the CPU, whatever the default device): a float64 module starts at init exactly
+        [_logit((a - eps) / (1 - 2 * eps)), _logit(width), _logit((t - eps) / (1 - 2 * eps))], dtype=torch.float64, device="cpu"
     )
 
 
@@ -534,10 +535,18 @@ class _StartAtInit(nn.Linear):
         self.__dict__["init"] = init  # read by reset_parameters, which nn.Linear's constructor calls
         super().__init__(in_features, 3)
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        self.weight.zero_()
-        self.bias.copy_(raw_from_params(*self.init))
+        _start_at(self, self.init)
+
+    def _get_name(self) -> str:
+        return "Linear"  # (what it is, for printing)
+
+
+@torch.no_grad()
+def _start_at(layer: nn.Linear, init: tuple[float, float, float]) -> None:
+    """``layer`` (the instance network's output) giving ``init`` for every input."""
+    layer.weight.zero_()
+    layer.bias.copy_(raw_from_params(*init))
 
 
 class SoftStep(nn.Module):
@@ -626,8 +635,9 @@ class SoftStep(nn.Module):
         if "raw" in self._parameters or "raw" in self._buffers:
             self._start_at_init()
             return
-        for layer in ([self.net] if isinstance(self.net, nn.Linear) else [self.net[0], self.net[-1]]):
-            layer.reset_parameters()
+        if isinstance(self.net, nn.Sequential):
+            self.net[0].reset_parameters()
+        _start_at(self.net if isinstance(self.net, nn.Linear) else self.net[-1], init)  # (also a plain Linear of an older module)
 
     @torch.no_grad()
     def _start_at_init(self) -> None:

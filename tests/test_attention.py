@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -663,6 +664,11 @@ def test_swap_changes_nothing_when_it_fails():
     with pytest.raises(ValueError, match="overwrite=True"):
         simwarp.swap_attention(model, step="poly")
     assert type(model[1].self_attn) is nn.MultiheadAttention
+    instance = simwarp.swap_attention(nn.TransformerEncoderLayer(8, 2, 16), mode="instance")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the up-front check of the options warned "per_head ignores hidden"
+        simwarp.swap_attention(instance, hidden=4, overwrite=True)
+    assert instance.self_attn.softstep_options["hidden"] == 4
     with pytest.raises(ValueError, match="step must be one of"):  # a bad value, with overwrite: nothing recorded
         simwarp.swap_attention(model, step="bogus", overwrite=True)
     assert model[0].self_attn.softstep_options["step"] == "none" and type(model[1].self_attn) is nn.MultiheadAttention

@@ -804,3 +804,7 @@ def test_contrastive_with_its_own_labels_object_leaves_the_anchor_row_out_everyw
     e, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2])
     loss_fn = SoftStepContrastiveLoss().double()
     torch.testing.assert_close(loss_fn(e, y, ref_emb=e.clone(), ref_labels=y), loss_fn(e, y))
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    pairs = lmu.get_all_pairs_indices(y)  # with a miner's pairs too
+    torch.testing.assert_close(loss_fn(e, y, pairs, ref_emb=e.clone(), ref_labels=y), loss_fn(e, y, pairs))

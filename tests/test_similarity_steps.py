@@ -512,6 +512,22 @@ def test_softstep_reset_parameters_and_meta_device(kw):
         torch.testing.assert_close(got.detach(), torch.full_like(got, want))
 
 
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_reset_of_a_step_whose_output_layer_is_a_plain_linear(hidden):
+    """A module saved before the output layer reset itself holds a plain nn.Linear there,
+    whose own reset is random: SoftStep.reset_parameters still starts it at init."""
+    step = SoftStep(mode="instance", in_features=4, hidden=hidden, init=(0.2, 0.7, 0.3))
+    plain = torch.nn.Linear(hidden or 4, 3)
+    if hidden is None:
+        step.net = plain
+    else:
+        step.net[-1] = plain
+    step.reset_parameters()
+    for got, want in zip(step(torch.randn(5, 4)), (0.2, 0.7, 0.3)):
+        torch.testing.assert_close(got.detach(), torch.full_like(got, want))
+    assert "_StartAtInit" not in repr(SoftStep(mode="instance", in_features=4))
+
+
 def test_front_ends_reset_their_steps():
     """reset_parameters of the heads, attention modules and losses reaches the step (and, for
     nn.MultiheadAttention's own _reset_parameters, the swapped module's step too)."""

@@ -574,3 +574,35 @@ def test_lazy_steps_of_a_composite_model_load_back(tmp_path):
     restored = from_pretrained(tmp_path, auto_class=transformers.CLIPModel).eval()
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids, pixel_values=pixels).logits_per_image, want)
+
+
+def test_a_composite_model_with_steps_in_one_part_loads_the_rest_fresh(tmp_path):
+    """Only CLIP's text part ran (and made its steps): loading attached steps to both parts and
+    then raised for the vision part's; it now loads the text steps and warns about the rest."""
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8,
+                           patch_size=4),
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(cfg).eval()
+    register()
+    model.set_attn_implementation("softstep")
+    ids = torch.randint(2, 50, (2, 5))
+    with pytest.warns(UserWarning, match="lazily"):
+        model.get_text_features(input_ids=ids)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "softstep" in name:
+                p.add_(0.3)
+        want = model.get_text_features(input_ids=ids)
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="vision_model.*fresh"):
+        restored = from_pretrained(tmp_path, auto_class=transformers.CLIPModel).eval()
+    with torch.no_grad():
+        got = restored.get_text_features(input_ids=ids)
+    torch.testing.assert_close(getattr(got, "pooler_output", got), getattr(want, "pooler_output", want))
+    with pytest.raises(KeyError, match="no SoftStep parameters"):
+        load_softstep_state(restored, tmp_path)  # strict by default

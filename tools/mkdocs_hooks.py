@@ -7,8 +7,8 @@ the built pages drop them.
 
 import re
 
-_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):(?=<code>)")
+_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):<code>~?")
 
 
 def on_page_content(html: str, **_: object) -> str:
-    return _ROLE.sub("", html).replace("::</p>", ":</p>")  # (reST's literal-block marker)
+    return _ROLE.sub("<code>", html).replace("::</p>", ":</p>")  # (reST's literal-block marker)

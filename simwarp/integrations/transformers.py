@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from simwarp.attention import SoftStepAttention
+from simwarp.backend.common import as_flag
 
 __all__ = [
     "ATTN_NAME",
@@ -380,21 +381,22 @@ def _score_modifier(model: nn.Module, found: dict[str, nn.Module]) -> str | None
     return None
 
 
-def _saved_options(config: Any) -> dict | None:
-    """The SoftStep options a checkpoint's config records: its own, or those of its sub-configs
-    (a composite model's text/vision parts record them where steps were created lazily)."""
+def _saved_options(config: Any) -> tuple[dict | None, bool]:
+    """The SoftStep options a checkpoint's config records, and whether they come from its
+    sub-configs (a composite model's text/vision parts record them where steps were created
+    lazily, perhaps in one part only) rather than from the config itself."""
     from transformers import PretrainedConfig
 
     own = getattr(config, _CONFIG_KEY, None)
     if own:
-        return own
+        return own, False
     found = [getattr(sub, _CONFIG_KEY) for sub in vars(config).values()
              if isinstance(sub, PretrainedConfig) and getattr(sub, _CONFIG_KEY, None)]
     distinct = [f for i, f in enumerate(found) if f not in found[:i]]
     if len(distinct) > 1:
         raise ValueError(f"the checkpoint's sub-configs record different SoftStep options {distinct}; "
                          "load it with transformers and attach_softstep the parts yourself")
-    return distinct[0] if distinct else None
+    return (distinct[0], True) if distinct else (None, False)
 
 
 def _as_saved(value: Any) -> Any:
@@ -407,7 +409,9 @@ def _as_saved(value: Any) -> Any:
 _CHECKPOINT_KWARGS = ("subfolder", "variant", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 
 
-def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict, **checkpoint: Any) -> list[str]:
+def load_softstep_state(
+    model: nn.Module, source: str | os.PathLike | dict, *, strict: bool = True, **checkpoint: Any
+) -> list[str]:
     """Load the ``softstep`` parameters into an attached model from a checkpoint or a state dict.
 
     Args:
@@ -415,6 +419,8 @@ def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict, **ch
         source: a ``save_pretrained`` directory or a Hub model id (its weights in one file or
             in shards, safetensors or ``.bin``, found as transformers finds them: from the
             local cache, or downloaded), or a state dict.
+        strict: raise when the model has SoftStep parameters the source lacks (``False``: load
+            what it holds, warn, and leave the others as they are).
         checkpoint: where in it, as for ``from_pretrained`` (``subfolder``, ``variant``,
             ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``,
             ``proxies``).
@@ -423,7 +429,7 @@ def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict, **ch
         The loaded keys, sorted.
 
     Raises:
-        KeyError: the model expects softstep parameters the source lacks.
+        KeyError: the model expects softstep parameters the source lacks (with ``strict``).
         FileNotFoundError: no weights at ``source``.
         TypeError: other keyword arguments.
     """
@@ -440,10 +446,11 @@ def load_softstep_state(model: nn.Module, source: str | os.PathLike | dict, **ch
             picked[key] = stored[hit]
     missing = sorted(key for key in set(own) - set(picked) if not _held_by_old_constant_step(model, key, stored))
     if missing:
-        raise KeyError(
-            f"the checkpoint has no SoftStep parameters for {missing[:3]}{'…' if len(missing) > 3 else ''} "
-            f"(it holds {len(stored)} SoftStep entries, e.g. {sorted(stored)[:2]})"
-        )
+        what = (f"the checkpoint has no SoftStep parameters for {missing[:3]}{'…' if len(missing) > 3 else ''} "
+                f"(it holds {len(stored)} SoftStep entries, e.g. {sorted(stored)[:2]})")
+        if as_flag("strict", strict):
+            raise KeyError(what)
+        warnings.warn(f"{what}; those keep their current (fresh) values", UserWarning, stacklevel=2)
     model.load_state_dict(picked, strict=False)
     return sorted(picked)
 
@@ -557,7 +564,7 @@ def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: A
     register()
     attach = {k: kwargs.pop(k) for k in list(kwargs) if k in _DEFAULT_ATTACH}
     model = auto_class.from_pretrained(path, attn_implementation=ATTN_NAME, **kwargs)
-    saved = _saved_options(model.config)
+    saved, in_parts = _saved_options(model.config)
     conflicts = {k: v for k, v in attach.items() if saved and k in saved and _as_saved(v) != saved[k]}
     if conflicts:
         raise ValueError(
@@ -569,6 +576,6 @@ def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: A
     opts.update(saved or {})
     opts.update(attach)
     attach_softstep(model, **opts)
-    if saved:
-        load_softstep_state(model, path, **{k: v for k, v in kwargs.items() if k in _CHECKPOINT_KWARGS})
+    if saved:  # (options from a composite model's parts: a part may never have made its steps)
+        load_softstep_state(model, path, strict=not in_parts, **{k: v for k, v in kwargs.items() if k in _CHECKPOINT_KWARGS})
     return model
