@@ -524,7 +524,8 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
     ``key (S, N, kdim)``, ``value (S, N, vdim)``, ``key_padding_mask (N, S)``,
     ``attn_mask (L, S)`` or ``(N·num_heads, L, S)``. Returns ``(attn_output, attn_weights)``;
     with ``need_weights`` the weights are ``(N, L, S)`` (averaged over heads) or
-    ``(N, num_heads, L, S)`` with ``average_attn_weights=False``, otherwise ``None``.
+    ``(N, num_heads, L, S)`` with ``average_attn_weights=False`` (without the ``N`` dim for
+    unbatched input), otherwise ``None``.
     """
 
     def __init__(

@@ -631,7 +631,8 @@ def sharded_explain(
 
     Returns:
         ``indices (n, top)`` into the concatenated bank (rank order, long) and ``weights
-        (n, top)`` (float, largest first; entries the step dropped have weight 0).
+        (n, top)`` (largest first; entries the step dropped have weight 0) in the compute
+        dtype, as :func:`simwarp.warp_weights` returns them (float32 for half-precision ``q``).
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be a positive int, got {top!r}")
@@ -667,4 +668,4 @@ def sharded_explain(
     all_i = gather_rows(best_i.T.contiguous(), group).rows
     sel = torch.topk(all_w.T, top, dim=1)
     r = p.rows
-    return all_i.T.gather(1, sel.indices)[r], sel.values[r].to(q.dtype)
+    return all_i.T.gather(1, sel.indices)[r], sel.values[r].to(work_dtype(q.dtype))  # (as warp_weights)

@@ -680,7 +680,7 @@ class _WarpHeadBase(_BankMixin):
             idx_out.append(top.indices)
             w_out.append(top.values)
         if not idx_out:
-            empty = z.new_zeros((0, k))
+            empty = z.new_zeros((0, k), dtype=work_dtype(z.dtype))
             return empty.long(), empty
         return torch.cat(idx_out), torch.cat(w_out)
 

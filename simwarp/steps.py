@@ -695,7 +695,8 @@ class SoftStep(nn.Module):
         return {"step": self.step, "a": a, "b": b, "t": t}
 
     def curve(self, u: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The current mask ``m(u)`` on a grid ``u (g,)``; ``(..., g)`` with the parameters' leading shape."""
+        """The current mask ``m(u)`` on a grid ``u (g,)``: ``(g,)`` in global mode, ``(H, 1, g)``
+        per head, ``(..., g)`` per row of ``cond (..., in_features)`` in instance mode."""
         a, b, t = (p.detach().unsqueeze(-1) for p in self(cond))
         return get_step(self.step).mask(u.to(a.dtype), a, b, t)
 

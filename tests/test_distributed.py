@@ -285,6 +285,7 @@ def _run_rank(rank: int, world: int) -> dict:
     # 4. explain: merged top-k over shards
     res["explain"] = sd.sharded_explain(data["q"], data["bank_z"][ks], TOP, metric="l2", chunk_size=5, **kw)
     res["explain_local"] = sd.sharded_explain(ql, data["bank_z"][ks], TOP, queries="local", metric="l2", **ss.kwargs(ql))
+    res["explain_half"] = sd.sharded_explain(data["q"].half(), data["bank_z"][ks].half(), TOP, metric="l2")
     # float32 at |s|/τ ~ 1e7: the block-to-global rescaling of the weights must stay exact
     res["explain_large"] = sd.sharded_explain(
         data["q"].float() * 1e3, data["bank_z"][ks].float() * 1e3, TOP, metric="sqeuclidean", temperature=0.05, chunk_size=4
@@ -462,6 +463,8 @@ def test_sharded_explain_merges_top_k(group_results):
             assert idx.dtype == torch.long and idx.shape == (top.values[rows].shape)
             _close(wt, top.values[rows])
             _close(w[rows].gather(1, idx), wt)  # the indices point at those weights
+    for res in results:  # in the compute dtype, as warp_weights and a head's explain give them
+        assert res["explain_half"][1].dtype == torch.float32
 
 
 def test_sharded_explain_is_exact_at_large_logits(group_results):

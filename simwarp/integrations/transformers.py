@@ -2,8 +2,12 @@
 
 ::
 
+    import torch
+    from transformers import AutoModel
+    from simwarp.datasets import minilm_path
     from simwarp.integrations.transformers import register, attach_softstep
 
+    path = minilm_path()                         # the packaged MiniLM, offline (or your own model)
     register()                                   # adds "softstep" to transformers' AttentionInterface
     model = AutoModel.from_pretrained(path, attn_implementation="softstep")
     attach_softstep(model, mode="per_head")      # learned (a, b, t) per layer and head, before the optimizer
@@ -21,7 +25,8 @@ options are written to ``model.config.softstep`` so that ``save_pretrained`` sto
 
 A model used with ``attn_implementation="softstep"`` before :func:`attach_softstep` creates the
 per-head parameters lazily on its first forward (with a warning: build the optimizer after
-that, or call :func:`attach_softstep` first).
+that, or call :func:`attach_softstep` first), and records the options in its config as
+:func:`attach_softstep` does.
 """
 
 from __future__ import annotations
