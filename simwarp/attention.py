@@ -582,10 +582,13 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         _check_softstep_options(softstep_kwargs)
         _check_takeable(mha)
         ref = mha.out_proj.weight
+        # Built on the meta device: its own projections are replaced by mha's below, so they
+        # allocate nothing and draw nothing from the random generator (a softmax run and a
+        # SoftStep run from one seed see the same random numbers afterwards).
         new = cls(
             mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
             add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
-            batch_first=mha.batch_first, device=ref.device, dtype=ref.dtype, **softstep_kwargs,
+            batch_first=mha.batch_first, device="meta", dtype=ref.dtype, **softstep_kwargs,
         )
         # The Parameter objects themselves (load_state_dict(assign=True) would also reset their
         # requires_grad to the fresh module's), and out_proj as a module: shared stays shared.
@@ -596,6 +599,7 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
             if param is not None:
                 setattr(new, name, param)
         new.out_proj = mha.out_proj
+        new.set_step(new.softstep_options, device=ref.device, dtype=ref.dtype)  # the step's own parameters, real
         new.train(mha.training)
         return new
 

@@ -743,3 +743,16 @@ def test_gqa_shape_errors_name_the_users_layout():
         softstep_attention(q, k, v, enable_gqa=True, attn_mask=torch.ones(3, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"a of shape \(2, 4, 5\) does not broadcast to the rows"):
         softstep_attention(q, k, v, enable_gqa=True, a=torch.full((2, 4, 5), 0.1))
+
+
+def test_swap_draws_no_random_numbers():
+    """The swapped module was built with its own (discarded) projections first: their init drew
+    from the global generator, so a softmax and a SoftStep run from one seed diverged after it."""
+    torch.manual_seed(0)
+    nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, batch_first=True), 2, enable_nested_tensor=False)
+    want = torch.randn(3)
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, batch_first=True), 2, enable_nested_tensor=False)
+    simwarp.swap_attention(enc, mode="per_head", step="none")
+    assert torch.equal(torch.randn(3), want)
+    assert not any(p.is_meta for p in enc.parameters())

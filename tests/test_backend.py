@@ -1396,3 +1396,31 @@ def test_squared_distance_similarities_never_exceed_zero():
     )
     assert chunked.hi.max() <= 0 and dense.hi.max() <= 0
     torch.testing.assert_close(chunked.hi, dense.hi)
+
+
+def test_deterministic_mode_keeps_the_fused_backward_for_deterministic_cases(monkeypatch):
+    """The fused backward adds range gradients into dk with atomics: under
+    torch.use_deterministic_algorithms(True), impl="auto" takes the chunked path, an explicit
+    impl="triton" raises (warns in warn_only mode); without dk, or without a range gradient
+    (step "none", detach_range), the fused path stays."""
+    import simwarp.backend as backend
+
+    spec = lambda step="sigmoidal", detach=False: backend.make_spec("dot", None, step, 1.0, False, False, detach)  # noqa: E731
+    k = torch.randn(5, 3, requires_grad=True)
+    assert backend._fused_backward_uses_atomics(spec(), k)
+    assert not backend._fused_backward_uses_atomics(spec("none"), k)
+    assert not backend._fused_backward_uses_atomics(spec(detach=True), k)
+    assert not backend._fused_backward_uses_atomics(spec(), k.detach())
+    with torch.no_grad():
+        assert not backend._fused_backward_uses_atomics(spec(), k)
+    assert backend._deterministic_instead_of_fused("auto") == "chunked"
+    previous, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="atomic adds"):
+            backend._deterministic_instead_of_fused("triton")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="atomic adds"):
+            assert backend._deterministic_instead_of_fused("triton") == "triton"
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)

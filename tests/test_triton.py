@@ -822,6 +822,14 @@ def check_dispatch_and_errors():
         triton_warp_attend(q, kv, kv, *(torch.tensor(x) for x in (0.1, 0.9, 0.5)), None,
                            make_spec("dot", None, "none", 1.0, False, False, False),
                            config=KernelConfig(block_m=16, block_n=16, bwd_block_m=32))
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:  # deterministic mode: the fused backward's atomics into dk are refused, not silently run
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="atomic adds"):
+            simwarp.warp_attend(q, kv.clone().requires_grad_(), kv, impl="triton", step="poly")
+        torch.testing.assert_close(simwarp.warp_attend(q, kv, kv, impl="triton", step="poly"), out_c, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.use_deterministic_algorithms(previous)
     os.environ.pop("TRITON_INTERPRET")
     try:
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):

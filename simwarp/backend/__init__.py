@@ -225,6 +225,8 @@ def warp_attend(
         chosen = "chunked"
     if chosen == "triton" and impl == "auto" and dropout_p > 0 and not FUSED_DROPOUT_BY_DEFAULT:
         chosen = "chunked"
+    if chosen == "triton" and _fused_backward_uses_atomics(spec, k) and torch.are_deterministic_algorithms_enabled():
+        chosen = _deterministic_instead_of_fused(impl)
     if chosen == "dense":
         out, stats = dense_warp_attend(q, k, v, a, b, t, mask, spec, dropout_p, row_range, with_stats=return_stats)
     elif chosen == "chunked":
@@ -249,6 +251,27 @@ def warp_attend(
     if drop_all:
         out = out * 0.0
     return (out, _no_count_on_nan_rows(stats)) if return_stats else out
+
+
+def _fused_backward_uses_atomics(spec, k: torch.Tensor) -> bool:
+    """Whether the fused backward adds range gradients into ``dk`` with atomics (rows share
+    their extreme keys), so that ``dk`` may differ in its last bits from run to run."""
+    return torch.is_grad_enabled() and k.requires_grad and spec.step.warps and not spec.detach_range
+
+
+def _deterministic_instead_of_fused(impl: str) -> str:
+    """Under ``torch.use_deterministic_algorithms(True)``: ``impl="auto"`` takes the chunked
+    path (deterministic on every device); an explicit ``impl="triton"`` raises, or warns in
+    ``warn_only`` mode, as PyTorch's own non-deterministic operations do."""
+    if impl == "auto":
+        return "chunked"
+    message = ("simwarp's fused Triton backward adds the range gradient into the keys' gradient with atomic adds, "
+               "which is not deterministic; use impl='auto' or 'chunked' under torch.use_deterministic_algorithms(True), "
+               "or detach_range=True")
+    if not torch.is_deterministic_algorithms_warn_only_enabled():
+        raise RuntimeError(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
+    return "triton"
 
 
 def _no_count_on_nan_rows(stats: WarpStats) -> WarpStats:
