@@ -548,9 +548,8 @@ def test_steps_created_lazily_are_saved_and_loaded_back(tmp_path):
                                    model(input_ids=ids, attention_mask=mask).last_hidden_state)
 
 
-def test_lazy_steps_of_a_composite_model_load_back(tmp_path):
-    """CLIP's attention modules hold the text/vision sub-configs: lazily created steps record
-    their options there, and from_pretrained reads them from there too (it attached fresh ones)."""
+def tiny_clip():
+    """A two-part (text, vision) model whose attention modules hold the sub-configs."""
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                          max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
@@ -559,7 +558,13 @@ def test_lazy_steps_of_a_composite_model_load_back(tmp_path):
         projection_dim=8,
     )
     torch.manual_seed(0)
-    model = transformers.CLIPModel(cfg).eval()
+    return transformers.CLIPModel(cfg).eval()
+
+
+def test_lazy_steps_of_a_composite_model_load_back(tmp_path):
+    """CLIP's attention modules hold the text/vision sub-configs: lazily created steps record
+    their options there, and from_pretrained reads them from there too (it attached fresh ones)."""
+    model = tiny_clip()
     register()
     model.set_attn_implementation("softstep")
     ids, pixels = torch.randint(2, 50, (2, 5)), torch.randn(2, 3, 8, 8)
@@ -579,15 +584,7 @@ def test_lazy_steps_of_a_composite_model_load_back(tmp_path):
 def test_a_composite_model_with_steps_in_one_part_loads_the_rest_fresh(tmp_path):
     """Only CLIP's text part ran (and made its steps): loading attached steps to both parts and
     then raised for the vision part's; it now loads the text steps and warns about the rest."""
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8,
-                           patch_size=4),
-        projection_dim=8,
-    )
-    torch.manual_seed(0)
-    model = transformers.CLIPModel(cfg).eval()
+    model = tiny_clip()
     register()
     model.set_attn_implementation("softstep")
     ids = torch.randint(2, 50, (2, 5))
