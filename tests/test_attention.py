@@ -756,3 +756,78 @@ def test_swap_draws_no_random_numbers():
     simwarp.swap_attention(enc, mode="per_head", step="none")
     assert torch.equal(torch.randn(3), want)
     assert not any(p.is_meta for p in enc.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Wrapper details a second mutation audit found untested
+# ---------------------------------------------------------------------------------------
+
+
+def test_multihead_wrapper_details():
+    torch.manual_seed(0)
+    mha = MultiheadSoftStepAttention(8, 2, step="none").eval()
+    # -5000 is a score bias, not a mask (masked means -inf or at most -1e4)
+    with pytest.raises(ValueError, match="entries other than 0"):
+        additive_mask_to_bool(torch.tensor([0.0, -5000.0]))
+    # is_causal with a key padding mask: the causal mask given is combined with the padding
+    x = torch.randn(4, 2, 8)
+    causal = torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)
+    padding = torch.zeros(2, 4, dtype=torch.bool)
+    padding[:, 0] = True
+    with torch.no_grad():
+        hinted, _ = mha(x, x, x, attn_mask=causal, key_padding_mask=padding, is_causal=True)
+        plain, _ = mha(x, x, x, attn_mask=causal, key_padding_mask=padding)
+    torch.testing.assert_close(hinted[1:], plain[1:])
+    # unbatched input: unbatched weights
+    x2 = torch.randn(4, 8)
+    assert mha(x2, x2, x2)[1].shape == (4, 4)
+    # from_multihead keeps the mode; swap_attention turns the encoder's nested path off
+    assert not MultiheadSoftStepAttention.from_multihead(nn.MultiheadAttention(8, 2, dropout=0.5).eval()).training
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2, enable_nested_tensor=True)
+    swap_attention(enc)
+    assert enc.use_nested_tensor is False
+
+
+def test_stats_counts_without_a_mask_and_over_empty_rows():
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 3)
+    _, st = softstep_attention(q, k, v, step="none", return_stats=True)
+    assert st.valid.eq(5).all()
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[0] = False  # an empty row: not counted
+    mask[:, 0] = False
+    _, st = softstep_attention(q, k, v, attn_mask=mask, step="none", return_stats=True)
+    torch.testing.assert_close(st.head_kept_fraction(), torch.ones(2))
+
+
+def test_swap_with_overwrite_restores_a_module_without_recorded_options():
+    m = swap_attention(nn.Sequential(nn.MultiheadAttention(8, 2)), step="none")
+    m[0].softstep_options = None  # as a module pickled before the options were recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swap_attention(m, overwrite=True, step="log")
+    assert m[0].softstep.step.step == "log"
+
+
+def test_monitor_restores_flags_and_starts_each_block_afresh():
+    layer = swap_attention(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    soft = layer.self_attn.softstep
+    soft.track_stats = True
+    x = torch.randn(2, 5, 8)
+    mon = AttentionMonitor(layer, accumulate=True)
+    with mon:
+        layer(x)
+    assert soft.track_stats is True  # restored, not switched off
+    first = mon.kept_fraction()
+    with mon:
+        pass
+    assert mon.stats() == {} and mon.kept_fraction() == {}
+    with mon:
+        layer(x)
+    torch.testing.assert_close(mon.kept_fraction()[next(iter(first))], next(iter(first.values())))
+    # a head without rows to count is left out of the layer's mean in the summary
+    two = SoftStepAttention(2, 8, step="none")
+    q = torch.randn(1, 2, 3, 8)
+    q[:, 0] = float("nan")
+    with AttentionMonitor(nn.ModuleList([two])) as seen:
+        two(q, q, q)
+    assert "mean 1.000" in seen.summary()

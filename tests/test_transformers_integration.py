@@ -603,3 +603,82 @@ def test_a_composite_model_with_steps_in_one_part_loads_the_rest_fresh(tmp_path)
     torch.testing.assert_close(getattr(got, "pooler_output", got), getattr(want, "pooler_output", want))
     with pytest.raises(KeyError, match="no SoftStep parameters"):
         load_softstep_state(restored, tmp_path)  # strict by default
+
+
+# ---------------------------------------------------------------------------------------
+# The attention entry point itself (a second mutation audit: its branches had no direct test)
+# ---------------------------------------------------------------------------------------
+
+
+class _BareAttention(torch.nn.Module):
+    """The least an attention module offers transformers' attention functions."""
+
+    def __init__(self, heads=4, head_dim=8):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, head_dim
+        self.softstep = SoftStepAttention(heads, head_dim, step="none")
+
+
+def _sdpa(q, k, v, **kw):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw).transpose(1, 2)
+
+
+def test_attention_forward_causal_rules_match_sdpa():
+    from simwarp.integrations.transformers import softstep_attention_forward as forward
+
+    g = torch.Generator().manual_seed(0)
+    module = _BareAttention()
+    q, k6, v6 = (torch.randn(1, 4, n, 8, generator=g, dtype=torch.float64) for n in (3, 6, 6))
+    module.double()
+    k, v = k6[:, :, :3], v6[:, :, :3]
+    # no mask: causal by default (a module without is_causal), top-left as SDPA
+    torch.testing.assert_close(forward(module, q, k, v, None)[0], _sdpa(q, k, v, is_causal=True))
+    # an empty static cache at prefill: the keys beyond the queries are sliced off
+    torch.testing.assert_close(forward(module, q, k6, v6, None)[0], _sdpa(q, k, v, is_causal=True))
+    # one query (decoding): never causal, it sees every cached key
+    torch.testing.assert_close(forward(module, q[:, :, :1], k6, v6, None)[0], _sdpa(q[:, :, :1], k6, v6))
+    # a top-k selection without a mask keeps the causal triangle
+    chosen = torch.arange(3).expand(1, 3, 3)
+    torch.testing.assert_close(forward(module, q, k, v, None, indices=chosen)[0], _sdpa(q, k, v, is_causal=True))
+    # ... and with an additive mask it drops the keys it does not select
+    keep = torch.zeros(1, 3, 6, dtype=torch.bool)
+    keep[..., :2] = True
+    got = forward(module, q, k6, v6, torch.zeros(1, 1, 3, 6, dtype=torch.float64), indices=torch.tensor([[[0, 1]] * 3]))[0]
+    torch.testing.assert_close(got, _sdpa(q, k6, v6, attn_mask=keep.unsqueeze(1)))
+
+
+@pytest.mark.parametrize("modifier", ["softcap", "position_bias", "s_aux", "sinks"])
+def test_attention_forward_refuses_each_score_modifier(modifier):
+    from simwarp.integrations.transformers import softstep_attention_forward as forward
+
+    q = torch.randn(1, 4, 3, 8)
+    value = 30.0 if modifier == "softcap" else torch.zeros(4)
+    with pytest.raises(ValueError, match=modifier):
+        forward(_BareAttention(), q, q, q, None, **{modifier: value})
+
+
+def test_checkpoint_matching_details(tmp_path):
+    """An ambiguous prefix matches nothing; differing options in sub-configs are refused; a
+    from_pretrained option equal to the saved one (a tuple vs the saved list) is no conflict;
+    the step parameters stay float32 in a bf16 model; MLA's qk_head_dim is the head size."""
+    from simwarp.integrations.transformers import _heads_and_dim, _saved_options
+
+    model = tiny_bert()
+    attach_softstep(model, init=(0.2, 0.8, 0.5))
+    key = next(k for k in model.state_dict() if ".softstep." in k)
+    value = model.state_dict()[key]
+    with pytest.raises(KeyError, match="no SoftStep parameters"):
+        load_softstep_state(model, {f"a.{key}": value, f"b.{key}": value})
+    parts = transformers.CLIPConfig()
+    parts.text_config.softstep = {"mode": "global", "step": "sigmoidal", "init": None, "hidden": None}
+    parts.vision_config.softstep = {"mode": "per_head", "step": "sigmoidal", "init": None, "hidden": None}
+    with pytest.raises(ValueError, match="different SoftStep options"):
+        _saved_options(parts)
+    model.save_pretrained(tmp_path)
+    from_pretrained(tmp_path, auto_class=transformers.BertModel, init=(0.2, 0.8, 0.5))
+    half = tiny_bert().to(torch.bfloat16)
+    attach_softstep(half)
+    assert {p.dtype for n, p in half.named_parameters() if "softstep" in n} == {torch.float32}
+    mla = torch.nn.Module()
+    mla.num_heads, mla.head_dim, mla.qk_head_dim = 2, 4, 12
+    assert _heads_and_dim(mla) == (2, 12)
