@@ -331,7 +331,7 @@ class _BankMixin(nn.Module):
         # any callable is an encoder; a module's method (model.encode) runs with the module in eval mode
         module = encoder if isinstance(encoder, nn.Module) else getattr(encoder, "__self__", None)
         module = module if isinstance(module, nn.Module) else None
-        modes = [(m, m.training) for m in module.modules()] if module is not None else []  # each, as frozen BatchNorms are
+        modes = {id(m): m.training for m in module.modules()} if module is not None else {}  # each, as frozen BatchNorms are
         if module is not None:
             module.eval()
         zs, ys = [], []
@@ -376,13 +376,9 @@ class _BankMixin(nn.Module):
                 zs.append(z.detach())
                 ys.append(y.detach())
         finally:
-            for submodule, training in modes:
-                submodule.training = training
-            if module is not None:  # submodules created while encoding (lazily built layers): the module's mode
-                known = {id(m) for m, _ in modes}
+            if module is not None:  # (submodules built while encoding, lazily: the module's own mode)
                 for submodule in module.modules():
-                    if id(submodule) not in known:
-                        submodule.training = module.training
+                    submodule.training = modes.get(id(submodule), modes[id(module)])
         if not zs:
             if not resolve_group(getattr(self, "gather", False))[0]:
                 raise ValueError("fit_bank got an empty loader")

@@ -412,7 +412,6 @@ class _SoftStepLossMixin:
 
     def _init_softstep(
         self,
-        scale_name: str,
         scale_value: float,
         softstep: SoftStep | None,
         step: str,
@@ -426,7 +425,9 @@ class _SoftStepLossMixin:
         gather,
     ) -> None:
         """The constructor body shared by the losses: the similarity multiplier (``softmax_scale``
-        or ``temperature``, recorded like PML's own), the SoftStep, backend options, gather."""
+        or ``temperature``, as the class's ``_scale_name`` says; recorded like PML's own), the
+        SoftStep, backend options, gather."""
+        scale_name = self._scale_name
         if isinstance(scale_value, torch.Tensor) and scale_value.requires_grad:
             raise TypeError(
                 f"{scale_name} must be a positive finite float; a tensor that requires grad (a learnable "
@@ -532,11 +533,6 @@ class _SoftStepLossMixin:
             raise ValueError("gather=True does not support an indices_tuple (miner indices are per-rank)")
         if labels is None:
             raise ValueError("gather=True needs labels (the gathered batch's classes or targets)")
-        if isinstance(self, SoftStepContrastiveLoss) and _holds(self.reducer, reducers.PerAnchorReducer):
-            raise ValueError(
-                "gather=True with PerAnchorReducer: the positive pairs index the gathered batch, which "
-                "PerAnchorReducer sizes by the local one; reduce with another reducer or without gather"
-            )
 
     def _checked(self, embeddings, check: Callable[[], Any]) -> Any:
         """``check()``, the call's local input checks. With ``gather`` they are agreed over the
@@ -682,7 +678,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
     ) -> None:
         super().__init__(**kwargs)
         self._init_softstep(
-            "softmax_scale", softmax_scale, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
+            softmax_scale, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
         )
 
     def get_default_distance(self):
@@ -785,11 +781,19 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
     ) -> None:
         super().__init__(**kwargs)
         self._init_softstep(
-            "temperature", temperature, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
+            temperature, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
         )
 
     def get_default_distance(self):
         return CosineSimilarity()
+
+    def _check_gather_arguments(self, labels, indices_tuple, ref_emb) -> None:
+        super()._check_gather_arguments(labels, indices_tuple, ref_emb)
+        if resolve_group(getattr(self, "gather", False))[0] and _holds(self.reducer, reducers.PerAnchorReducer):
+            raise ValueError(
+                "gather=True with PerAnchorReducer: the positive pairs index the gathered batch, which "
+                "PerAnchorReducer sizes by the local one; reduce with another reducer or without gather"
+            )
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         _check_embeddings(embeddings, ref_emb)
@@ -889,7 +893,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
     ) -> None:
         super().__init__(**kwargs)
         self._init_softstep(
-            "softmax_scale", softmax_scale, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
+            softmax_scale, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
         )
 
     def get_default_distance(self):

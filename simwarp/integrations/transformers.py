@@ -442,8 +442,8 @@ def load_softstep_state(
     if unknown:
         raise TypeError(f"load_softstep_state got unexpected arguments {unknown}; it takes {list(_CHECKPOINT_KWARGS)}")
     state = source if isinstance(source, dict) else _checkpoint_softstep_state(source, **checkpoint)
-    own = {k: v for k, v in model.state_dict().items() if ".softstep." in f".{k}"}
-    stored = {k: v for k, v in state.items() if ".softstep." in f".{k}"}
+    own = {k: v for k, v in model.state_dict().items() if _is_softstep_key(k)}
+    stored = {k: v for k, v in state.items() if _is_softstep_key(k)}
     picked = {}
     for key in own:
         hit = _stored_key(key, stored) or _stored_key(_checkpoint_name(model, key, own[key]), stored)
@@ -458,6 +458,11 @@ def load_softstep_state(
         warnings.warn(f"{what}; those keep their current (fresh) values", UserWarning, stacklevel=2)
     model.load_state_dict(picked, strict=False)
     return sorted(picked)
+
+
+def _is_softstep_key(key: str) -> bool:
+    """Whether a state-dict key names a parameter of an attached ``softstep`` module."""
+    return ".softstep." in f".{key}"
 
 
 def _checkpoint_softstep_state(source: str | os.PathLike, variant: str | None = None, **where: Any) -> dict:
@@ -488,7 +493,7 @@ def _checkpoint_softstep_state(source: str | os.PathLike, variant: str | None = 
             state = load_file(file)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
-        return {k: v for k, v in state.items() if ".softstep." in f".{k}"}
+        return {k: v for k, v in state.items() if _is_softstep_key(k)}
 
     names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
     for name in names:
@@ -500,7 +505,7 @@ def _checkpoint_softstep_state(source: str | os.PathLike, variant: str | None = 
         with open(file) as index:
             weight_map = json.load(index)["weight_map"]
         state = {}
-        for shard in sorted({f for k, f in weight_map.items() if ".softstep." in f".{k}"}):
+        for shard in sorted({f for k, f in weight_map.items() if _is_softstep_key(k)}):
             found = locate(shard)
             if found is None:
                 raise FileNotFoundError(f"{source}: the index {Path(file).name} names the shard {shard}, which is missing")
