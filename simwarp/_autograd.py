@@ -128,6 +128,17 @@ def exporting() -> bool:
     return getattr(torch.compiler, "is_exporting", lambda: False)()
 
 
+def recomputing_in_backward() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not; Hugging Face's gradient checkpointing)
+    recomputing it. Statistics recorded in forward are left alone then, so that each call
+    counts once. ``False`` while tracing (a graph has no such state)."""
+    if torch.compiler.is_compiling():
+        return False
+    current = getattr(torch._C, "_current_graph_task_id", None)  # private, present since torch 2.0
+    return current is not None and current() != -1
+
+
 def row_slices(n: int, block: int) -> list[slice]:
     """Slices of ``block`` rows covering ``n`` rows; under ``torch.export`` one slice of all of
     them (a loop over ``range(0, n, block)`` would fix the exported program's batch size)."""

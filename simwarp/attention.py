@@ -29,7 +29,13 @@ from einops import rearrange
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from simwarp._autograd import autocast_like_sdpa, is_finite_real, is_int, require
+from simwarp._autograd import (
+    autocast_like_sdpa,
+    is_finite_real,
+    is_int,
+    recomputing_in_backward,
+    require,
+)
 from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import as_real, broadcasts_to, check_dropout_p
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
@@ -394,7 +400,8 @@ class SoftStepAttention(nn.Module):
 
     :meth:`register_stats_hook` adds a callback that receives those statistics after every
     call with ``track_stats`` (the monitor's way to see each call, whichever path calls
-    :meth:`attend`).
+    :meth:`attend`). A forward recomputed in backward by activation checkpointing records
+    nothing (the call was recorded when it first ran).
     """
 
     def __init__(
@@ -483,7 +490,7 @@ class SoftStepAttention(nn.Module):
         out, stats, weights = _attend(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, kw, want, need_weights, **backend
         )
-        if self.track_stats and stats is not None:
+        if self.track_stats and stats is not None and not recomputing_in_backward():
             self.last_stats = AttentionStats(*(f.detach() for f in stats))
             for hook in list(getattr(self, "_stats_hooks", {}).values()):  # (absent in modules pickled before)
                 hook(self, self.last_stats)

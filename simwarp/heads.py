@@ -31,7 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from simwarp._autograd import exporting, outside_autocast, require, row_slices, without_functorch
+from simwarp._autograd import (
+    exporting,
+    outside_autocast,
+    recomputing_in_backward,
+    require,
+    row_slices,
+    without_functorch,
+)
 from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import (
     as_flag,
@@ -727,7 +734,8 @@ class NeighborRegressionHead(_WarpHeadBase):
         temperature: softmax temperature.
         standardize_targets: feed the backend ``(y - mean) / std`` and map back. The mean/std
             are exact running statistics of all training targets seen (``target_mean``,
-            ``target_std`` buffers, reset to the bank's statistics by :meth:`set_bank`). The
+            ``target_std`` buffers, reset to the bank's statistics by :meth:`set_bank`; a
+            forward that activation checkpointing recomputes in backward counts nothing again). The
             prediction is a convex combination of labels, so this does not change it
             mathematically; it keeps the values the backend averages ``O(1)`` (low-precision
             compute, and ``E[y²] − E[y]²`` in :meth:`predict_with_uncertainty`). No clipping.
@@ -900,7 +908,8 @@ class NeighborRegressionHead(_WarpHeadBase):
             step_kwargs = self._step_kwargs(z)
             if not resolve_group(self.gather)[0]:  # (under gather _checked has agreed on them)
                 self._check_step_params(z, step_kwargs)  # before the target statistics see the batch
-            self._update_running_stats(y2)
+            if not recomputing_in_backward():  # activation checkpointing: the batch was counted
+                self._update_running_stats(y2)
             ys = self._standardize(y2.to(_wide(z))).to(z.dtype)
             out, _ = self._attend(z, z, values_fn(ys), loo=True, step_kwargs=step_kwargs)
         else:

@@ -19,7 +19,8 @@ set; the monitor sets it on entry, collects each call's statistics with a stats 
 (:meth:`simwarp.SoftStepAttention.register_stats_hook`; nested monitors do not disturb each other) and restores the flag on exit. Recording costs one
 extra reduction of the mask per call. ``AttentionMonitor(model, accumulate=True)`` averages
 over every call in the block (gradient accumulation, evaluation over a data loader) instead of
-reporting the last one.
+reporting the last one. A forward that activation checkpointing recomputes during backward is
+not a new call: it is not recorded again.
 """
 
 from __future__ import annotations

@@ -497,6 +497,31 @@ def test_monitor_per_layer_per_head_kept_fraction():
     assert all(not m.track_stats for m in enc.modules() if isinstance(m, SoftStepAttention))
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_monitor_counts_each_call_once_under_activation_checkpointing(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = swap_attention(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
+                           init=(0.3, 0.8, 0.5))
+    x1, x2 = torch.randn(2, 10, 16, requires_grad=True), torch.randn(3, 10, 16, requires_grad=True)
+    name = "self_attn.softstep"
+    with AttentionMonitor(layer) as last:
+        layer(x2)
+    seen = []
+    with AttentionMonitor(layer, accumulate=True) as plain:
+        layer(x1).sum().backward()
+        layer(x2).sum().backward()
+    with AttentionMonitor(layer, accumulate=True) as mon:
+        handle = layer.self_attn.softstep.register_stats_hook(lambda module, stats: seen.append(stats))
+        for x in (x1, x2):
+            checkpoint(layer, x, use_reentrant=use_reentrant).sum().backward()  # forward again in backward
+        handle.remove()
+    assert len(seen) == 2  # the recomputations are not calls
+    torch.testing.assert_close(mon.kept_fraction()[name], plain.kept_fraction()[name])
+    torch.testing.assert_close(mon.stats()[name].kept, last.stats()[name].kept)
+
+
 def test_monitor_accumulates_over_calls_and_nests():
     torch.manual_seed(0)
     layer = swap_attention(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),

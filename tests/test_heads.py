@@ -57,6 +57,28 @@ def test_leave_one_out_matches_brute_force_loop(mode, step, metric):
         torch.testing.assert_close(out[i], (ref * std + mean)[0], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_counts_each_batch_once(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(checkpointed):
+        torch.manual_seed(0)
+        encoder, head = nn.Linear(4, 3).double(), NeighborRegressionHead(3, 2).double()
+        for seed in range(2):
+            x, y = _data(n=6, d=4, seed=seed)
+            x, y = x.requires_grad_(), y * 10 + 3  # (reentrant checkpointing needs an input that requires grad)
+            loss = (checkpoint(lambda x, y: head(encoder(x), y), x, y, use_reentrant=use_reentrant)
+                    if checkpointed else head(encoder(x), y)).pow(2).sum()
+            loss.backward()
+        return head, [p.grad for p in (*encoder.parameters(), *head.parameters())]
+
+    (plain, plain_grads), (ckpt, ckpt_grads) = run(False), run(True)
+    assert int(ckpt.targets_seen) == 12
+    torch.testing.assert_close(ckpt.target_mean, plain.target_mean)
+    torch.testing.assert_close(ckpt.target_std, plain.target_std)
+    torch.testing.assert_close(ckpt_grads, plain_grads)  # the recomputed forward standardised as the first
+
+
 def test_standardisation_is_exact_running_statistics():
     head = NeighborRegressionHead(3, 2).double()
     ys = []
