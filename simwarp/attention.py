@@ -451,14 +451,22 @@ class SoftStepAttention(nn.Module):
         scale: float | None = None,
         enable_gqa: bool = False,
         return_stats: bool = False,
+        need_weights: bool = False,
         **backend: Any,
-    ) -> torch.Tensor | tuple[torch.Tensor, AttentionStats]:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Same arguments as :func:`softstep_attention` (``query (B, H, L, E)``), without the
-        step parameters, which come from this module."""
-        out, stats, _ = self.attend(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_stats=return_stats, **backend
+        step parameters, which come from this module.
+
+        Returns ``out``; ``(out, stats)`` with ``return_stats``; ``(out, weights)`` with
+        ``need_weights`` (the ``(B, H, L, S)`` weights, as :meth:`attend`); ``(out, stats,
+        weights)`` with both. The wrappers (:class:`MultiheadSoftStepAttention`, the
+        transformers integration) call the module this way, so its hooks see every call."""
+        out, stats, weights = self.attend(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            return_stats=return_stats, need_weights=need_weights, **backend,
         )
-        return (out, stats) if return_stats else out
+        extra = (*((stats,) if return_stats else ()), *((weights,) if need_weights else ()))
+        return (out, *extra) if extra else out
 
     def attend(
         self,
@@ -729,9 +737,8 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         if causal:
             allowed = None  # the hint: attn_mask is the causal mask
         dropout_p = self.dropout if self.training else 0.0
-        out, _, weights = self.softstep.attend(
-            q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=causal, need_weights=need_weights
-        )
+        result = self.softstep(q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=causal, need_weights=need_weights)
+        out, weights = result if need_weights else (result, None)
         out = self.out_proj(rearrange(out, "n h l d -> l n (h d)"))
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)

@@ -522,6 +522,31 @@ def test_monitor_counts_each_call_once_under_activation_checkpointing(use_reentr
     torch.testing.assert_close(mon.stats()[name].kept, last.stats()[name].kept)
 
 
+def test_softstep_module_forward_returns_and_hooks_inside_the_wrapper():
+    torch.manual_seed(0)
+    mha = MultiheadSoftStepAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(3, 5, 8)
+    seen = []
+    mha.softstep.register_forward_hook(lambda m, args, out: seen.append(out))
+    with torch.no_grad():
+        out, weights = mha(x, x, x, need_weights=True, average_attn_weights=False)
+        mha(x, x, x, need_weights=False)
+    assert len(seen) == 2
+    inner_out, inner_weights = seen[0]
+    torch.testing.assert_close(inner_weights, weights)
+    assert isinstance(seen[1], torch.Tensor) and seen[1].shape == (3, 2, 5, 4)
+    q = torch.randn(3, 2, 5, 4)
+    plain = mha.softstep(q, q, q)
+    o1, stats = mha.softstep(q, q, q, return_stats=True)
+    o2, w = mha.softstep(q, q, q, need_weights=True)
+    o3, stats3, w3 = mha.softstep(q, q, q, return_stats=True, need_weights=True)
+    for o in (o1, o2, o3):
+        torch.testing.assert_close(o, plain)
+    torch.testing.assert_close(w3, w)
+    torch.testing.assert_close(stats3.kept, stats.kept)
+    torch.testing.assert_close(w @ q, plain)
+
+
 def test_monitor_accumulates_over_calls_and_nests():
     torch.manual_seed(0)
     layer = swap_attention(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),

@@ -339,6 +339,24 @@ def test_lazy_creation_warns_and_output_attentions():
         model(input_ids=ids, attention_mask=mask)  # no second warning: the parameters exist now
 
 
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_forward_hooks_of_the_softstep_modules_see_every_call(output_attentions):
+    model = tiny_bert()
+    attach_softstep(model)
+    ids, mask = batch()
+    seen = []
+    for name, module in attention_modules(model).items():
+        module.softstep.register_forward_hook(lambda m, args, out, name=name: seen.append((name, out)))
+    with torch.no_grad():
+        res = model(input_ids=ids, attention_mask=mask, output_attentions=output_attentions)
+    assert [name for name, _ in seen] == list(attention_modules(model))
+    for i, (_, out) in enumerate(seen):
+        if output_attentions:
+            out, weights = out
+            torch.testing.assert_close(weights, res.attentions[i])
+        assert out.shape == (3, 4, 9, 8)
+
+
 def test_output_attentions_come_in_the_model_dtype():
     ids, mask = batch()
     maps = {}

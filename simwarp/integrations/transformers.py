@@ -183,10 +183,12 @@ def softstep_attention_forward(
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     if kwargs.get("indices") is not None:  # a top-k key selection per query (DeepSeek-V3.2's indexer)
         attention_mask, is_causal = _selected_keys_mask(kwargs["indices"], attention_mask, is_causal, key.shape[2])
-    out, _, weights = layer.attend(
+    need_weights = bool(kwargs.get("output_attentions", False))
+    result = layer(  # through the module's __call__: its hooks see the call
         query, key, value, attn_mask=attention_mask, dropout_p=float(dropout or 0.0), is_causal=is_causal,
-        scale=scaling, enable_gqa=groups > 1, need_weights=bool(kwargs.get("output_attentions", False)),
+        scale=scaling, enable_gqa=groups > 1, need_weights=need_weights,
     )
+    out, weights = result if need_weights else (result, None)
     return out.transpose(1, 2).contiguous(), weights
 
 
