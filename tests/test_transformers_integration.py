@@ -700,3 +700,142 @@ def test_checkpoint_matching_details(tmp_path):
     mla = torch.nn.Module()
     mla.num_heads, mla.head_dim, mla.qk_head_dim = 2, 4, 12
     assert _heads_and_dim(mla) == (2, 12)
+
+
+# ---------------------------------------------------------------------------------------
+# PEFT (LoRA) and the Trainer: the recipe of docs/attention.md
+# ---------------------------------------------------------------------------------------
+
+
+def _plain_classifier():
+    config = tiny_bert().config
+    config.num_labels = 2
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def tiny_classifier(**attach):
+    model = _plain_classifier()
+    attach_softstep(model, **attach)
+    return model
+
+
+def _train_steps(model, steps=3, lr=0.05):
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 1])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def _logits(model):
+    torch.manual_seed(1)  # the same batch every time
+    ids, mask = batch()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def _step_values(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if ".softstep." in k and "original_module" not in k}
+
+
+@pytest.mark.parametrize("target", ["softstep.step", "softstep"])
+def test_lora_trains_saves_and_reloads_the_steps_through_modules_to_save(tmp_path, target):
+    """modules_to_save=["softstep"] put a PEFT wrapper where the attention function looked for a
+    SoftStepAttention: it replaced the wrapper with fresh, untrained steps (and a lazy-creation
+    warning) and the adapter held none."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (extra 'hf')")
+    model = tiny_classifier(mode="per_head")
+    fresh = _step_values(model)
+    config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules=["query", "value"], r=2,
+                             modules_to_save=[target])
+    pm = peft.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no lazy creation
+        _train_steps(pm)
+    trained = _step_values(pm)
+    assert trained.keys() == {f"base_model.model.{k}".replace(f".{target}.", f".{target}.modules_to_save.default.")
+                              for k in fresh}
+    assert all(not torch.equal(v, fresh[k]) for k, v in zip(fresh, trained.values()))
+    pm.save_pretrained(tmp_path / "adapter")
+    want = _logits(pm)
+
+    base = tiny_classifier(mode="per_head")  # the base as it was, with the same attach options
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(_logits(reloaded), want)
+    merged = reloaded.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    again = from_pretrained(tmp_path / "merged", auto_class=transformers.AutoModelForSequenceClassification)
+    torch.testing.assert_close(_logits(again.eval()), want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="PEFT adapter"):
+        from_pretrained(tmp_path / "adapter", auto_class=transformers.AutoModelForSequenceClassification)
+
+    # the steps alone, from the adapter, into a plain attached model and into a wrapped one
+    plain = tiny_classifier(mode="per_head")
+    loaded = load_softstep_state(plain, tmp_path / "adapter")
+    assert len(loaded) == len(fresh)
+    for k, v in zip(fresh, trained.values()):
+        torch.testing.assert_close(plain.state_dict()[k], v)
+    wrapped = peft.get_peft_model(tiny_classifier(mode="per_head"), config)
+    assert len(load_softstep_state(wrapped, tmp_path / "merged")) == 2 * len(fresh)  # both copies of each step
+    assert len(load_softstep_state(wrapped, pm.state_dict())) == 2 * len(fresh)
+    for k, v in zip(_step_values(wrapped), trained.values()):
+        torch.testing.assert_close(wrapped.state_dict()[k], v)
+
+    # attaching again: same options keep the wrapped steps; other ones cannot replace them
+    layers = attach_softstep(wrapped, mode="per_head")
+    assert all(isinstance(layer, SoftStepAttention) == (target == "softstep.step") for layer in layers.values())
+    for k, v in zip(_step_values(wrapped), trained.values()):
+        torch.testing.assert_close(wrapped.state_dict()[k], v)
+    with pytest.raises(ValueError, match="already has SoftStep attention"):
+        attach_softstep(wrapped, mode="global")
+    with pytest.raises(ValueError, match="before get_peft_model"):
+        attach_softstep(wrapped, mode="global", overwrite=True)
+
+
+def test_attaching_after_get_peft_model_warns_that_the_steps_would_not_be_saved():
+    peft = pytest.importorskip("peft", reason="peft is not installed (extra 'hf')")
+    pm = peft.get_peft_model(_plain_classifier(), peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules=["query", "value"], r=2))
+    with pytest.warns(UserWarning, match="modules_to_save"):
+        attach_softstep(pm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach_softstep(pm)  # nothing new attached: nothing to say
+
+
+def test_softstep_slot_holding_something_else_is_an_error():
+    model = _plain_classifier()
+    attach_softstep(model)
+    model.bert.encoder.layer[0].attention.self.softstep = torch.nn.Identity()
+    with pytest.raises(TypeError, match="not a simwarp SoftStepAttention"):
+        _logits(model)
+
+
+def test_trainer_checkpoints_resume_the_steps_exactly(tmp_path):
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
+    ids, mask = batch(n=8)
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": torch.tensor(i % 2)} for i in range(8)]
+
+    def run(out, resume=None, steps=4):
+        model = _plain_classifier()
+        attach_softstep(model, mode="per_head")  # before the Trainer builds its optimizer (and before resuming)
+        args = transformers.TrainingArguments(
+            output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=0.05, save_steps=2,
+            logging_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train(resume_from_checkpoint=resume)
+        return _step_values(model)
+
+    straight = run(tmp_path / "a")
+    assert all(not torch.equal(v, _step_values(tiny_classifier(mode="per_head"))[k]) for k, v in straight.items())
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    for k, v in straight.items():
+        torch.testing.assert_close(resumed[k], v)
+    loaded = from_pretrained(tmp_path / "a" / "checkpoint-4", auto_class=transformers.AutoModelForSequenceClassification)
+    for k, v in straight.items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,21 @@ def _new_softstep(module: nn.Module, opts: dict) -> SoftStepAttention:
     return layer
 
 
+def _attached_layer(module: nn.Module) -> nn.Module | None:
+    """What runs ``module``'s SoftStep attention: its ``softstep`` submodule, a
+    :class:`SoftStepAttention` or a wrapper that calls a copy of one (PEFT's
+    ``modules_to_save``, which trains and saves that copy); ``None`` when there is none yet."""
+    layer = module._modules.get("softstep")
+    if layer is None or isinstance(layer, SoftStepAttention):
+        return layer
+    if isinstance(getattr(layer, "original_module", None), SoftStepAttention):  # peft's ModulesToSaveWrapper
+        return layer
+    raise TypeError(
+        f"{type(module).__name__}.softstep is a {type(layer).__name__}, not a simwarp SoftStepAttention "
+        "(or PEFT's modules_to_save wrapper around one)"
+    )
+
+
 def softstep_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -152,8 +168,8 @@ def softstep_attention_forward(
             "softstep attention cannot apply a block-sparse key selection (`block_indices`, e.g. MiniMax-M3); "
             "use a model without an attention indexer"
         )
-    layer = getattr(module, "softstep", None)
-    if not isinstance(layer, SoftStepAttention):
+    layer = _attached_layer(module)
+    if layer is None:
         if torch.compiler.is_compiling():  # (dynamo cannot create parameters inside a graph)
             raise RuntimeError(
                 "softstep attention has no step parameters yet: call "
@@ -298,8 +314,10 @@ def attach_softstep(
             again with other options then raises, since the kept modules have the old ones).
 
     Returns:
-        ``{attention module name: SoftStepAttention}``. The options are recorded in the
-        ``config.softstep`` of each transformers model (saved by ``save_pretrained``).
+        ``{attention module name: SoftStepAttention}`` (where PEFT's ``modules_to_save`` wraps
+        one, the wrapper: it forwards calls and attributes to its active copy). The options
+        are recorded in the ``config.softstep`` of each transformers model (saved by
+        ``save_pretrained``).
 
     Raises:
         ValueError: no supported attention module, a score modifier SoftStep cannot apply,
@@ -322,19 +340,33 @@ def attach_softstep(
             f"{type(model).__name__} contains no transformers PreTrainedModel to switch to SoftStep attention; "
             "pass set_implementation=False and switch it yourself"
         )
-    if not overwrite:
-        for name, module in found.items():
-            existing = getattr(getattr(module, "softstep", None), "attach_options", None)
-            if existing is not None and existing != opts:
-                raise ValueError(
-                    f"{name} already has SoftStep attention with {existing}, not {opts}; "
-                    "pass overwrite=True to replace its step parameters"
-                )
-    attached = {}
+    layers = {name: _attached_layer(module) for name, module in found.items()}
+    for name, layer in layers.items():
+        if overwrite and layer is not None and any(hasattr(m, "original_module") for m in layer.modules()):
+            raise ValueError(
+                f"{name}.softstep is wrapped by PEFT (modules_to_save), which trains and saves that wrapper: "
+                "attach_softstep with other options before get_peft_model"
+            )
+        existing = getattr(layer, "attach_options", None)
+        if not overwrite and existing is not None and existing != opts:
+            raise ValueError(
+                f"{name} already has SoftStep attention with {existing}, not {opts}; "
+                "pass overwrite=True to replace its step parameters"
+            )
+    attached, created = {}, []
     for name, module in found.items():
-        if overwrite or not isinstance(getattr(module, "softstep", None), SoftStepAttention):
+        if overwrite or layers[name] is None:
             module.softstep = _new_softstep(module, opts)
+            created.append(name)
         attached[name] = module.softstep
+    if created and hasattr(model, "peft_config"):
+        warnings.warn(
+            f"simwarp: attached new SoftStep parameters to a PEFT model ({len(created)} layers). PEFT saves only its "
+            "adapters and modules_to_save, so save_pretrained would drop these steps: call attach_softstep before "
+            "get_peft_model and pass modules_to_save=['softstep.step'] (docs/attention.md, PEFT)",
+            UserWarning,
+            stacklevel=2,
+        )
     for pretrained in models:
         setattr(pretrained.config, _CONFIG_KEY, opts)
     if set_implementation:
@@ -422,10 +454,13 @@ def load_softstep_state(
     """Load the ``softstep`` parameters into an attached model from a checkpoint or a state dict.
 
     Args:
-        model: a model after :func:`attach_softstep` (or any module holding its ``softstep`` layers).
+        model: a model after :func:`attach_softstep` (or any module holding its ``softstep``
+            layers), also inside a PEFT model (where ``modules_to_save`` wraps a step, both of
+            its copies load the entry).
         source: a ``save_pretrained`` directory or a Hub model id (its weights in one file or
             in shards, safetensors or ``.bin``, found as transformers finds them: from the
-            local cache, or downloaded), or a state dict.
+            local cache, or downloaded; or a PEFT adapter's ``adapter_model`` file), or a
+            state dict (a PEFT model's too).
         strict: raise when the model has SoftStep parameters the source lacks (``False``: load
             what it holds, warn, and leave the others as they are).
         checkpoint: where in it, as for ``from_pretrained`` (``subfolder``, ``variant``,
@@ -445,10 +480,14 @@ def load_softstep_state(
         raise TypeError(f"load_softstep_state got unexpected arguments {unknown}; it takes {list(_CHECKPOINT_KWARGS)}")
     state = source if isinstance(source, dict) else _checkpoint_softstep_state(source, **checkpoint)
     own = {k: v for k, v in model.state_dict().items() if _is_softstep_key(k)}
-    stored = {k: v for k, v in state.items() if _is_softstep_key(k)}
+    stored: dict[str, torch.Tensor] = {}
+    for key, value in state.items():  # a PEFT model's state dict: its trained copy wins
+        if _is_softstep_key(key) and (_plain_key(key) not in stored or ".modules_to_save." in key):
+            stored[_plain_key(key)] = value
     picked = {}
     for key in own:
-        hit = _stored_key(key, stored) or _stored_key(_checkpoint_name(model, key, own[key]), stored)
+        plain = _plain_key(key)
+        hit = _stored_key(plain, stored) or _stored_key(_checkpoint_name(model, plain, own[key]), stored)
         if hit is not None:
             picked[key] = stored[hit]
     missing = sorted(key for key in set(own) - set(picked) if not _held_by_old_constant_step(model, key, stored))
@@ -462,6 +501,17 @@ def load_softstep_state(
     return sorted(picked)
 
 
+#: The path segments PEFT's ``modules_to_save`` adds inside a wrapped module: the original and
+#: each adapter's trained copy (``...softstep.step.modules_to_save.default.raw``).
+_PEFT_COPY = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.)")
+
+
+def _plain_key(key: str) -> str:
+    """A state-dict key without PEFT's ``modules_to_save`` segments: both copies of a wrapped
+    step load the checkpoint's entry, and a PEFT model's entries match a plain model's."""
+    return _PEFT_COPY.sub("", key)
+
+
 def _is_softstep_key(key: str) -> bool:
     """Whether a state-dict key names a parameter of an attached ``softstep`` module."""
     return ".softstep." in f".{key}"
@@ -471,6 +521,8 @@ def _checkpoint_softstep_state(source: str | os.PathLike, variant: str | None = 
     """The ``softstep`` entries of a checkpoint's weights: one file or the shards that hold them
     (an index's ``weight_map``), safetensors first, as ``from_pretrained`` looks for them."""
     from transformers.utils import (
+        ADAPTER_SAFE_WEIGHTS_NAME,
+        ADAPTER_WEIGHTS_NAME,
         SAFE_WEIGHTS_INDEX_NAME,
         SAFE_WEIGHTS_NAME,
         WEIGHTS_INDEX_NAME,
@@ -497,7 +549,8 @@ def _checkpoint_softstep_state(source: str | os.PathLike, variant: str | None = 
             state = torch.load(file, map_location="cpu", weights_only=True)
         return {k: v for k, v in state.items() if _is_softstep_key(k)}
 
-    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+             ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)  # (a PEFT adapter: its modules_to_save)
     for name in names:
         file = locate(with_variant(name))
         if file is None:
@@ -524,6 +577,7 @@ def _held_by_old_constant_step(model: nn.Module, key: str, stored: dict) -> bool
     module_name, _, leaf = key.rpartition(".")
     if leaf != "raw" or "raw" not in model.get_submodule(module_name)._buffers:
         return False
+    module_name = _plain_key(module_name + ".")[:-1]
     return _stored_key(f"{module_name}.net.weight", stored) is not None or any(
         _stored_key(f"{module_name}.net.{i}.weight", stored) is not None for i in (0, 2)
     )
@@ -562,7 +616,8 @@ def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: A
     A checkpoint saved after :func:`attach_softstep` gets its step parameters back (options from
     ``config.json``); a plain checkpoint gets fresh ones (``kwargs`` ``mode``, ``step``, ``init``,
     ``hidden``, default per head). Other ``kwargs`` go to ``auto_class.from_pretrained``
-    (``auto_class`` defaults to ``transformers.AutoModel``).
+    (``auto_class`` defaults to ``transformers.AutoModel``). A PEFT adapter directory is
+    refused (its steps need a base with SoftStep attention: see ``docs/attention.md``).
     """
     _require_transformers()
     if auto_class is None:
@@ -573,6 +628,12 @@ def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: A
             f"{kwargs['attn_implementation']!r}; for another attention load with transformers' own from_pretrained"
         )
     kwargs.pop("attn_implementation", None)
+    where = Path(path, kwargs.get("subfolder") or "")
+    if (where / "adapter_config.json").is_file() and not (where / "config.json").is_file():
+        raise ValueError(
+            f"{path} is a PEFT adapter: load its base with from_pretrained (or attach_softstep with the options "
+            "you trained with), then peft.PeftModel.from_pretrained(base, adapter_dir) (docs/attention.md, PEFT)"
+        )
     register()
     attach = {k: kwargs.pop(k) for k in list(kwargs) if k in _DEFAULT_ATTACH}
     model = auto_class.from_pretrained(path, attn_implementation=ATTN_NAME, **kwargs)
