@@ -7,9 +7,11 @@
    on a small labelled sentence task (generated from templates: positive / negative reviews).
 3. Prints the loss curve, held-out accuracy and the per-layer, per-head kept fraction.
 
-Run: ``python examples/finetune_minilm_softstep.py [--steps 10] [--step poly]`` (about a minute on
-2 cores). ``--step`` picks the warp (``sigmoidal``, the default; ``poly``, transcendental-free;
-``log``; ``none`` = plain softmax attention fine-tuned the same way, the baseline).
+Run: ``python examples/finetune_minilm_softstep.py [--steps 10] [--step poly] [--lora 8]`` (about a
+minute on 2 cores). ``--step`` picks the warp (``sigmoidal``, the default; ``poly``,
+transcendental-free; ``log``; ``none`` = plain softmax attention fine-tuned the same way, the
+baseline). ``--lora R`` fine-tunes rank-``R`` LoRA adapters (PEFT) and the steps instead of the
+whole model, then saves the adapter and loads it back onto a fresh base (docs/attention.md, PEFT).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import itertools
 import os
 import random
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,6 +62,8 @@ def main() -> None:
                    help="step function of the attached SoftStep (none = softmax attention baseline)")
     p.add_argument("--log-every", type=positive_int, default=5, help="print the training loss every N steps")
     p.add_argument("--seed", type=non_negative_int, default=0, help="torch seed (classifier init) and data shuffle")
+    p.add_argument("--lora", type=non_negative_int, default=0, metavar="R",
+                   help="train rank-R LoRA adapters on query/value and the steps (PEFT) instead of the whole model")
     args = p.parse_args()
     torch.manual_seed(args.seed)
 
@@ -83,8 +88,15 @@ def main() -> None:
     print(f"step='none' vs softmax attention: max |diff| = {(out - ref)[valid].abs().max().item():.2e}")
 
     attach_softstep(model, mode=args.mode, step=args.step, overwrite=True)
+    if args.lora:  # the steps before get_peft_model, and in modules_to_save: they train and are saved
+        import peft
+
+        lora = peft.LoraConfig(target_modules=["query", "value"], r=args.lora, modules_to_save=["softstep.step"])
+        model = peft.get_peft_model(model, lora)
+        model.print_trainable_parameters()
     clf = torch.nn.Linear(model.config.hidden_size, 2)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(clf.parameters()), lr=args.lr)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable + list(clf.parameters()), lr=args.lr)
 
     def loss_and_acc(enc, y):
         logits = clf(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]))
@@ -115,6 +127,17 @@ def main() -> None:
           f"held-out loss {loss.item():.4g}  accuracy {acc:.2f}  kept fraction {mean_kept(mon):.3f}")
     print("kept fraction per layer and head (held-out batch):")
     print(mon.summary(digits=2))
+    if args.lora:
+        import peft
+
+        with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+            model.save_pretrained(folder)  # the adapter, steps included (keep the attach options with it)
+            base = AutoModel.from_pretrained(path, attn_implementation="softstep")
+            attach_softstep(base, mode=args.mode, step=args.step)
+            reloaded = peft.PeftModel.from_pretrained(base, folder).eval()
+            want = model(**test).last_hidden_state
+            diff = (reloaded(**test).last_hidden_state - want)[test["attention_mask"].bool()].abs().max().item()
+        print(f"LoRA adapter saved and loaded onto a fresh base: max |diff| = {diff:.2e}")
 
 
 if __name__ == "__main__":

