@@ -131,6 +131,14 @@ def _to_device(batch: Any, device: torch.device | str) -> Any:
     return batch
 
 
+#: Samplers that draw rows in a random order (with ``replacement``: some twice, some never).
+_RANDOM_SAMPLERS = (
+    torch.utils.data.RandomSampler,
+    torch.utils.data.SubsetRandomSampler,
+    torch.utils.data.WeightedRandomSampler,
+)
+
+
 def _drops_rows(loader: Any) -> bool:
     """Whether a ``DataLoader`` leaves rows out: its batch sampler drops a last incomplete batch."""
     batches = getattr(loader, "batch_sampler", None)
@@ -258,8 +266,9 @@ class _BankMixin(nn.Module):
             union = sum(size for (size,) in shares)
         else:
             y = check()
-        self.bank_z = z.detach().clone()
-        self.bank_y = y.detach().clone()
+        with torch.inference_mode(False):  # copies usable with gradients, also of tensors made in inference mode
+            self.bank_z = z.detach().clone()
+            self.bank_y = y.detach().clone()
         self._bank_union = None if union is None else (self.bank_size, union)
         if union == 0:  # on every rank alike
             self.clear_bank()
@@ -288,7 +297,8 @@ class _BankMixin(nn.Module):
 
         Use a loader over the whole data set in a fixed order (``shuffle=False``, no
         ``drop_last``): every row becomes a bank entry, and :meth:`explain`'s indices are
-        positions in that order. A ``DataLoader`` with ``drop_last=True`` gets a warning.
+        positions in that order. A ``DataLoader`` with ``drop_last=True`` or a random sampler
+        (``shuffle=True``, ``SubsetRandomSampler``, ``WeightedRandomSampler``) gets a warning.
         Under ``gather`` each rank encodes its own shard; an error on one rank while encoding
         is raised there and, naming it, on every other rank (none waits in a collective).
 
@@ -314,11 +324,17 @@ class _BankMixin(nn.Module):
             )
         # the loader's sampler, or that of its batch sampler (a DistributedSampler shuffles by default too)
         samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
-        if any(isinstance(x, torch.utils.data.RandomSampler) or getattr(x, "shuffle", False) is True for x in samplers):
+        drawn = [x for x in samplers if isinstance(x, _RANDOM_SAMPLERS) or getattr(x, "shuffle", False) is True]
+        if drawn:
+            what = (
+                "draws rows with replacement, so the bank repeats some rows and misses others"
+                if any(getattr(x, "replacement", False) is True for x in drawn)
+                else "shuffles, so the bank holds the rows in a random order and explain()'s indices are not "
+                "positions in the data set"
+            )
             warnings.warn(
-                "fit_bank: the loader's sampler shuffles, so the bank holds the rows in a random order and "
-                "explain()'s indices are not positions in the data set; use a sampler in a fixed order "
-                "(shuffle=False on the DataLoader, or on a DistributedSampler)",
+                f"fit_bank: the loader's sampler ({type(drawn[0]).__name__}) {what}; use a sampler in a fixed order "
+                "over every row (shuffle=False on the DataLoader, or on a DistributedSampler)",
                 UserWarning,
                 stacklevel=2,
             )
@@ -858,7 +874,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         n, mean, m2 = merge_moments(na, mean, m2, nb, mb, m2b)
         self.target_mean.copy_(mean)
         self._target_m2.copy_(m2)
-        self.targets_seen += nb
+        self.targets_seen.add_(nb)  # in place (a rebinding is a side effect torch.compile cannot checkpoint)
         std = (m2 / n.clamp_min(1)).sqrt()
         # a constant target keeps std 1 (no division by ~0): a spread below 1e-12 of the mean is
         # rounding (the mean of equal float values need not be exact); small targets keep theirs

@@ -708,8 +708,10 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         non_zero = ~(own <= 0)  # NaN masses included: a NaN loss, as PML's, not a silent 0
         if not bool(non_zero.any()):
             return self._zero_losses(x, r)  # PML's NCALoss returns NaN here (mean of nothing)
-        # in the embeddings' dtype, like PML's losses (the masses are float32 for half inputs)
-        loss = (-torch.log(own[non_zero]) * miner_weights[non_zero]).to(embeddings.dtype)
+        # in the embeddings' dtype, like PML's losses (the masses are float32 for half inputs);
+        # under autocast in float32, as autocast runs losses (and PML's NCALoss comes out there)
+        dtype = own.dtype if autocast_enabled(embeddings.device.type) else embeddings.dtype
+        loss = (-torch.log(own[non_zero]) * miner_weights[non_zero]).to(dtype)
         return {
             "loss": {
                 "losses": loss,
@@ -863,7 +865,9 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
     are the reference embeddings and their ``ref_labels (m,)`` / ``(m, e)`` (no leave-one-out).
     An ``indices_tuple`` from a miner weights the anchors as PML's ``NCALoss`` does. Anchors
     without any neighbour (a batch of one) give no loss. NaN or inf targets raise a
-    ``ValueError`` (as the neighbour heads do), not a NaN loss.
+    ``ValueError`` (as the neighbour heads do), not a NaN loss; so do targets spread so wide
+    that a squared error would overflow. The squared errors are computed and returned in
+    float32 for float16/bfloat16 embeddings (an error of 256 already overflows float16).
 
     Args:
         softmax_scale: multiplier of the similarities, > 0.
@@ -950,7 +954,18 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         for name, targets in (("labels", y), ("ref_labels", y_ref)):
             require(
                 torch.isfinite(targets.to(embeddings.dtype)),
-                f"{name} overflow {embeddings.dtype}, the embeddings' dtype the loss computes in; standardise them",
+                f"{name} overflow {embeddings.dtype}, the embeddings' dtype the neighbours' targets are averaged in; "
+                "standardise them",
+            )
+        if y.numel() and y_ref.numel():  # a prediction lies in the targets' range: its error is at most their spread
+            both = torch.cat([y.flatten(), y_ref.flatten().to(y.device)]).double()
+            wide = work_dtype(embeddings.dtype)
+            spread = both.max() - both.min()
+            require(
+                torch.isfinite((spread**2).to(wide)),
+                f"the targets (labels, ref_labels) spread so wide that their squared errors overflow {wide}, "
+                "which the loss computes in; standardise them",
+                lambda: f" (spread {spread.item():.3g})",
             )
         return y, y_ref
 
@@ -971,8 +986,9 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         keep = ~stats.empty
         if not bool(keep.any()):
             return self._zero_losses(x, r)
-        weights = lmu.convert_to_weights(indices_tuple, y, dtype=x.dtype, using_ref=not same)
-        err = (pred - y.to(pred.dtype)).pow(2).mean(1)
+        wide = work_dtype(x.dtype)  # float32 for half inputs: squared errors overflow float16 early
+        weights = lmu.convert_to_weights(indices_tuple, y, dtype=wide, using_ref=not same)
+        err = (pred.to(wide) - y.to(wide)).pow(2).mean(1)
         return {
             "loss": {
                 "losses": err[keep] * weights[keep],

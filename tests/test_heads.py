@@ -1050,6 +1050,27 @@ def test_fit_bank_warns_on_a_shuffling_loader_and_names_single_sample_batches():
         head.fit_bank(None, torch.utils.data.DataLoader(data, batch_sampler=batches), progress=False)
     with pytest.raises(ValueError, match=r"each batch must hold rows.*shape \(4,\).*batch_size=None"):
         head.fit_bank(None, torch.utils.data.DataLoader(data, batch_size=None), progress=False)
+    # random samplers other than RandomSampler went unnoticed (a reused training loader)
+    with pytest.warns(UserWarning, match=r"SubsetRandomSampler\) shuffles"):
+        head.fit_bank(None, torch.utils.data.DataLoader(data, 4, sampler=torch.utils.data.SubsetRandomSampler(range(12))),
+                      progress=False)
+    weighted = torch.utils.data.WeightedRandomSampler(torch.ones(12), 12)
+    with pytest.warns(UserWarning, match="with replacement, so the bank repeats some rows and misses others"):
+        head.fit_bank(None, torch.utils.data.DataLoader(data, 4, sampler=weighted), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.fit_bank(None, torch.utils.data.DataLoader(data, 4), progress=False)  # sequential: nothing to say
+
+
+def test_a_bank_set_in_inference_mode_serves_predictions_with_gradients():
+    torch.manual_seed(0)
+    encoder, head = nn.Linear(3, 4), NeighborRegressionHead(4).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(10, 3), torch.randn(10))
+    with torch.inference_mode():
+        head.fit_bank(encoder, torch.utils.data.DataLoader(data, 5), progress=False)
+    assert not head.bank_z.is_inference() and not head.bank_y.is_inference()
+    head(encoder(torch.randn(2, 3))).sum().backward()  # "Inference tensors cannot be saved for backward"
+    assert encoder.weight.grad is not None
 
 
 def test_knn_l1_blocks_are_sized_by_the_differences_they_hold(monkeypatch):

@@ -540,6 +540,24 @@ def test_regression_loss_refuses_non_finite_targets():
     # finite float64 targets that overflow the embeddings' float32 gave a NaN loss
     with pytest.raises(ValueError, match="labels overflow torch.float32, the embeddings' dtype"):
         SoftStepNeighborRegressionLoss()(x, torch.randn(6, dtype=torch.float64) * 1e300)
+    # representable targets whose squared errors overflow gave an inf loss and non-finite gradients
+    with pytest.raises(ValueError, match=r"squared errors overflow torch.float32.*\(spread 4e\+20\)"):
+        SoftStepNeighborRegressionLoss()(x, torch.tensor([-2e20, 2e20, 0.0, 1.0, 2.0, 3.0]))
+
+
+def test_regression_loss_of_half_embeddings_computes_its_errors_in_float32():
+    # an error of 256 overflows float16: targets with a spread of a few hundred gave an inf loss
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    y = torch.randn(32) * 200
+    want = SoftStepNeighborRegressionLoss()(x, y)
+    for dtype in (torch.float16, torch.bfloat16):
+        xh = x.to(dtype).requires_grad_()
+        got = SoftStepNeighborRegressionLoss()(xh, y)
+        assert got.dtype == torch.float32 and torch.isfinite(got)
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0)
+        got.backward()
+        assert xh.grad.dtype == dtype and torch.isfinite(xh.grad).all()
 
 
 def test_ref_labels_without_ref_emb_are_refused_by_every_loss():
@@ -630,6 +648,13 @@ def test_losses_under_autocast():
             loss = loss_fn(model(x), y)
         loss.float().backward()
         assert torch.isfinite(loss.float()) and torch.isfinite(model.weight.grad).all()
+    # the NCA loss in float32 there, as autocast runs losses and as PML's NCALoss comes out
+    from pytorch_metric_learning.losses import NCALoss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = SoftStepNCALoss(step="none")(model(x), y), NCALoss()(model(x), y)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=0)
 
 
 def test_zero_loss_reaches_the_step_parameters():
