@@ -10,6 +10,17 @@ from collections.abc import Callable
 import torch
 
 
+def _batched(grads: tuple) -> bool:
+    """Whether a backward runs under vmap (``is_grads_batched``, ``jacobian(vectorize=True)``)."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    functorch = torch._C._functorch
+    return any(
+        isinstance(g, torch.Tensor) and (functorch.is_legacy_batchedtensor(g) or functorch.is_batchedtensor(g))
+        for g in grads
+    )
+
+
 def first_order(backward: Callable) -> Callable:
     """``torch.autograd.function.once_differentiable`` that also refuses ``create_graph=True``.
 
@@ -22,6 +33,12 @@ def first_order(backward: Callable) -> Callable:
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if _batched(grads):
+            raise NotImplementedError(
+                "simwarp's similarity kernels do not support batched gradients (torch.autograd.grad with "
+                "is_grads_batched=True, torch.autograd.functional.jacobian/hessian with vectorize=True): their "
+                "backward passes are hand-written block loops; call backward once per output row (vectorize=False)"
+            )
         if torch.is_grad_enabled():  # the engine runs backward in grad mode only for create_graph=True
             raise RuntimeError(
                 "simwarp's similarity kernels have first-order gradients only: backward with "

@@ -1092,6 +1092,21 @@ def test_double_backward_is_an_error_not_a_silent_first_order_gradient(impl, met
         torch.autograd.grad(simwarp.pairwise_similarity(q, k, metric="l2").sum(), q, create_graph=True)
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_batched_gradients_are_refused_with_a_reason(impl):
+    # PyTorch's own errors named neither simwarp nor the cause ("Batching rule not implemented
+    # for aten::div.out", "vmap: aten::add_(self, *extra_args) is not possible ...")
+    q = torch.randn(4, 3, requires_grad=True)
+    out = simwarp.warp_attend(q, q, torch.randn(4, 2), impl=impl)
+    with pytest.raises(NotImplementedError, match="batched gradients.*vectorize=False"):
+        torch.autograd.grad(out, q, torch.eye(8).view(8, 4, 2), is_grads_batched=True)
+    with pytest.raises(NotImplementedError, match="batched gradients"):
+        torch.autograd.functional.jacobian(lambda x: simwarp.warp_attend(x, x, x, impl=impl), torch.randn(3, 2),
+                                           vectorize=True)
+    jac = torch.autograd.functional.jacobian(lambda x: simwarp.warp_attend(x, x, x, impl=impl), torch.randn(3, 2))
+    assert jac.shape == (3, 2, 3, 2) and torch.isfinite(jac).all()
+
+
 @pytest.mark.parametrize("step", ["sigmoidal", "log", "poly"])
 def test_tiny_t_has_a_finite_gradient(step):
     gen = torch.Generator().manual_seed(0)
