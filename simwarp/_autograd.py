@@ -11,7 +11,10 @@ import torch
 
 
 def _batched(grads: tuple) -> bool:
-    """Whether a backward runs under vmap (``is_grads_batched``, ``jacobian(vectorize=True)``)."""
+    """Whether a backward runs under vmap (``is_grads_batched``, ``jacobian(vectorize=True)``);
+    ``False`` while tracing (a compiled backward is not batched, and dynamo cannot call these)."""
+    if torch.compiler.is_compiling():
+        return False
     if torch._C._are_functorch_transforms_active():
         return True
     functorch = torch._C._functorch
