@@ -7,7 +7,7 @@ Core API:
 * :mod:`simwarp.steps`: the step registry (``register_step``).
 """
 
-from simwarp import distributed, steps
+from simwarp import distributed, monitoring, steps
 from simwarp.attention import (
     MultiheadSoftStepAttention,
     SoftStepAttention,
@@ -67,6 +67,7 @@ __all__ = [
     "register_step",
     "steps",
     "distributed",
+    "monitoring",
     "warp_attend",
     "warp_range",
     "warp_weights",

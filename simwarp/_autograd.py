@@ -7,6 +7,7 @@ import math
 import numbers
 from collections.abc import Callable
 
+import numpy
 import torch
 
 
@@ -111,6 +112,14 @@ def without_functorch(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def as_flag(name: str, value) -> bool:
+    """``value`` as a bool: Python and NumPy bools, and the ints 0 and 1; anything else (a string,
+    None, a tensor) is a ``TypeError`` that names ``name``."""
+    if isinstance(value, (bool, numpy.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def is_finite_real(x) -> bool:

@@ -37,7 +37,7 @@ from simwarp._autograd import (
     require,
 )
 from simwarp.backend import warp_attend, warp_weights
-from simwarp.backend.common import as_real, broadcasts_to, check_dropout_p
+from simwarp.backend.common import as_flag, as_real, broadcasts_to, check_dropout_p
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
 from simwarp.steps import SoftStep
 
@@ -305,6 +305,7 @@ def _attend(
     """The shared core: ``(out, stats or None, weights or None)``; the weights are those that
     met the values (after dropout, as ``nn.MultiheadAttention`` and transformers' eager
     attention return them)."""
+    is_causal, enable_gqa = as_flag("is_causal", is_causal), as_flag("enable_gqa", enable_gqa)
     groups = _check_sdpa_shapes(query, key, value, enable_gqa)
     query, key, value = autocast_like_sdpa(query, key, value)
     dropout_p = check_dropout_p(dropout_p)
@@ -418,6 +419,8 @@ class SoftStepAttention(nn.Module):
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         if mode == "instance" and not is_int(head_dim, 1):
             raise ValueError(f"mode='instance' needs head_dim (the query size E) >= 1, got {head_dim!r}")
+        if head_dim is not None and not is_int(head_dim, 1):
+            raise ValueError(f"head_dim must be a positive int or None, got {head_dim!r}")
         num_heads, head_dim = int(num_heads), int(head_dim) if isinstance(head_dim, numbers.Integral) else head_dim
         self.num_heads, self.head_dim, self.mode = num_heads, head_dim, mode
         self.step = SoftStep(
@@ -486,6 +489,9 @@ class SoftStepAttention(nn.Module):
         """Like :meth:`forward`, returning ``(out, stats or None, weights or None)``; with
         ``need_weights`` the weights ``(B, H, L, S)`` are materialised (after dropout: those
         that met the values, as ``nn.MultiheadAttention`` returns them)."""
+        if not isinstance(query, torch.Tensor):
+            raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+        return_stats, need_weights = as_flag("return_stats", return_stats), as_flag("need_weights", need_weights)
         per_head = self.mode == "per_head"  # (its step parameters need the heads dim)
         if (query.dim() >= 3 or per_head) and (query.dim() < 3 or query.shape[-3] != self.num_heads):
             heads = f"{query.shape[-3]} heads" if query.dim() >= 3 else "no heads dim"
@@ -562,6 +568,12 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         init: Sequence[float] | None = None,
         hidden: int | None = None,
     ) -> None:
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if not is_int(value, 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+        dropout = check_dropout_p(dropout, name="dropout")  # (nn.MultiheadAttention checks it only when applied)
         super().__init__(
             embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
             device=device, dtype=dtype,
@@ -661,6 +673,12 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         for name, x in (("query", query), ("key", key), ("value", value)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        for name, x in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if x is not None and not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+        need_weights = as_flag("need_weights", need_weights)
+        average_attn_weights = as_flag("average_attn_weights", average_attn_weights)
+        is_causal = False if is_causal is None else as_flag("is_causal", is_causal)  # (torch's layers may pass None)
         if query.is_nested or key.is_nested or value.is_nested:
             return self._forward_nested(query, key, value, attn_mask, is_causal), None
         batched = query.dim() == 3
@@ -766,6 +784,9 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     for other options without it raises. Returns the model (a new module when ``model`` itself
     is an ``nn.MultiheadAttention``); the swap is in place otherwise.
     """
+    overwrite = as_flag("overwrite", overwrite)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_softstep_options(softstep_kwargs)
     if _swappable(model):
         return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)

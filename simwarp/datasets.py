@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simwarp._autograd import is_int
+from simwarp._autograd import as_flag, is_int
 
 __all__ = ["DATASETS", "MissingExtraError", "RegressionData", "load_dataset", "embed_texts"]
 
@@ -241,6 +241,7 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, progress: bool 
     if not is_int(seed, 0) or seed >= 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     loader = DATASETS[name]
+    progress = as_flag("progress", progress)
     if "progress" in inspect.signature(loader).parameters:
         kwargs["progress"] = progress
     if n is None:

@@ -315,6 +315,11 @@ class _BankMixin(nn.Module):
             progress: show a progress bar (needs ``tqdm``).
             label_key: the labels' key in dict batches.
         """
+        if encoder is not None and not callable(encoder):
+            raise TypeError(f"encoder must be callable (a module, model.encode, a function) or None, got {type(encoder).__name__}")
+        if not hasattr(loader, "__iter__"):
+            raise TypeError(f"loader must be an iterable of batches (a DataLoader), got {type(loader).__name__}")
+        progress = as_flag("progress", progress)
         if _drops_rows(loader):
             warnings.warn(
                 "fit_bank: the loader has drop_last=True, so the rows of its last incomplete batch are "
@@ -1027,6 +1032,8 @@ class NeighborClassificationHead(_WarpHeadBase):
         n = z.shape[0]
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+        if y.is_complex():
+            raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
         if y.is_floating_point():
             require(torch.isfinite(y), f"{name} contains NaN or inf labels")
             require(y == y.round(), f"{name} must hold class labels: floating-point labels must be whole numbers")
@@ -1208,6 +1215,8 @@ class LinearHead(nn.Linear):
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.in_features:
             raise ValueError(f"z must have shape (..., in_features={self.in_features}), got {_shape(z)}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}")
         if isinstance(y, torch.Tensor) and y.dim() >= 1 and z.dim() >= 2 and y.shape[0] != z.shape[0]:
             raise ValueError(f"y must have {z.shape[0]} rows like z (shape {_shape(z)}), got shape {_shape(y)}")
         if isinstance(y, torch.Tensor) and y.dim() == z.dim() and y.shape[-1] != self.out_features:

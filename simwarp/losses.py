@@ -439,8 +439,9 @@ class _SoftStepLossMixin:
         largest = torch.finfo(torch.float32).max  # the similarities' factor must be a finite float32
         if scale_name == "softmax_scale" and value > largest:
             raise ValueError(f"softmax_scale must be at most {largest:.3g}, got {scale_value!r}")
-        if scale_name == "temperature" and 1.0 / value > largest:
-            raise ValueError(f"temperature must be at least {1 / largest:.3g}, got {scale_value!r}")
+        tiny = torch.finfo(torch.float32).tiny  # as the backend's temperature (simwarp.warp_attend)
+        if scale_name == "temperature" and value < tiny:
+            raise ValueError(f"temperature must be at least {tiny:.3g}, got {scale_value!r}")
         setattr(self, scale_name, value)
         self.add_to_recordable_attributes(list_of_names=[scale_name], is_stat=False)
         resolve_group(gather)  # validates; True needs an initialised process group
@@ -907,6 +908,8 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
     def _targets(y, n: int, name: str) -> torch.Tensor:
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of continuous targets, got {type(y).__name__}")
+        if y.is_complex():
+            raise TypeError(f"{name} must hold real targets, got dtype {y.dtype}")
         if y.dim() not in (1, 2) or y.shape[0] != n or (y.dim() == 2 and y.shape[1] == 0):
             raise ValueError(
                 f"{name} must have shape ({n},) or ({n}, e) with e >= 1 to match the embeddings, got {tuple(y.shape)}"

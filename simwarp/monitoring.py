@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from simwarp._autograd import as_flag, is_int
 from simwarp.attention import AttentionStats, SoftStepAttention
 
 __all__ = ["AttentionMonitor", "attention_modules"]
@@ -51,8 +52,10 @@ class AttentionMonitor:
     """
 
     def __init__(self, model: nn.Module, accumulate: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.accumulate = bool(accumulate)
+        self.accumulate = as_flag("accumulate", accumulate)
         self._previous: dict[str, bool] = {}
         self._hooks: list = []
         self._last: dict[str, AttentionStats] = {}
@@ -96,6 +99,8 @@ class AttentionMonitor:
 
     def summary(self, digits: int = 3) -> str:
         """A plain-text table: one line per layer, the kept fraction of each head."""
+        if not is_int(digits, 0):
+            raise ValueError(f"digits must be a non-negative int, got {digits!r}")
         lines = []
         for name, frac in self.kept_fraction().items():
             heads = " ".join(f"{x:.{digits}f}" for x in frac.tolist())

@@ -206,8 +206,16 @@ def _check_pair(q, k, scale, k_layout: str) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q (..., n, d) and k {k_layout} must share d, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    try:
+        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast"
+        ) from None
     if scale is not None and not isinstance(scale, torch.Tensor) and (  # a tensor scale may be learned
         isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not is_finite_real(scale)
     ):
@@ -240,12 +248,14 @@ def pairwise_similarity(
         qn = unit_rows(q)
         s = _gram(qn, qn if k is q else unit_rows(k))
     elif metric == "sqeuclidean":
-        return _squared_distance(q, k, -c)
+        if not isinstance(c, torch.Tensor):  # (the factor of the autograd function is a constant)
+            return _squared_distance(q, k, -c)
+        s = -_squared_distance(q, k, 1.0)
     elif metric == "l2":
         s = -safe_sqrt(_squared_distance(q, k, 1.0))  # (c given: a float default would be lifted, as above)
     else:  # l1: materialises (..., n, m, d); dense path only
         s = -(q.unsqueeze(-2) - k.unsqueeze(-3)).abs().sum(-1)
-    return s * c if c != 1.0 else s
+    return s * c if isinstance(c, torch.Tensor) or c != 1.0 else s
 
 
 def _safe_reciprocal(y: torch.Tensor) -> torch.Tensor:
@@ -436,4 +446,4 @@ def paired_similarity(
         s = -safe_sqrt((q - k).pow(2).sum(-1))
     else:
         s = -(q - k).abs().sum(-1)
-    return s * c if c != 1.0 else s
+    return s * c if isinstance(c, torch.Tensor) or c != 1.0 else s

@@ -22,6 +22,7 @@ reaches autograd from the entries it discards.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from simwarp._autograd import first_order, is_int
+from simwarp._autograd import as_flag, first_order, is_int
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -427,6 +428,13 @@ def register_step(name: str, fn: StepFn, *, overwrite: bool = False) -> Step:
         raise TypeError(f"step name must be a non-empty str, got {name!r}")
     if not callable(fn):
         raise TypeError(f"step function for {name!r} must be callable, got {type(fn).__name__}")
+    overwrite = as_flag("overwrite", overwrite)
+    try:
+        inspect.signature(fn).bind(None, None, None, None)
+    except TypeError:
+        raise TypeError(f"step function for {name!r} must take (u, a, b, t), got the signature {inspect.signature(fn)}") from None
+    except ValueError:  # no signature to read (a builtin): the call will tell
+        pass
     if name in BUILTIN_STEPS:
         raise ValueError(f"{name!r} is a built-in step (with closed forms and kernels); register yours under another name")
     if name in _REGISTRY and not overwrite:
@@ -674,7 +682,7 @@ class SoftStep(nn.Module):
                 raise TypeError(f"cond must be a floating-point torch.Tensor, got {type(cond).__name__}")
             if not cond.is_floating_point():
                 raise TypeError(f"cond must be a floating-point tensor, got dtype {cond.dtype}")
-            if cond.shape[-1] != self.in_features:
+            if cond.dim() == 0 or cond.shape[-1] != self.in_features:
                 raise ValueError(
                     f"cond must have last dim in_features={self.in_features}, got shape {tuple(cond.shape)}"
                 )
@@ -697,6 +705,8 @@ class SoftStep(nn.Module):
     def curve(self, u: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The current mask ``m(u)`` on a grid ``u (g,)``: ``(g,)`` in global mode, ``(H, 1, g)``
         per head, ``(..., g)`` per row of ``cond (..., in_features)`` in instance mode."""
+        if not isinstance(u, torch.Tensor):
+            raise TypeError(f"u must be a torch.Tensor grid of points in [0, 1], got {type(u).__name__}")
         a, b, t = (p.detach().unsqueeze(-1) for p in self(cond))
         return get_step(self.step).mask(u.to(a.dtype), a, b, t)
 

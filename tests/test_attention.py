@@ -881,3 +881,52 @@ def test_monitor_restores_flags_and_starts_each_block_afresh():
     with AttentionMonitor(nn.ModuleList([two])) as seen:
         two(q, q, q)
     assert "mean 1.000" in seen.summary()
+
+
+def test_bad_inputs_found_by_an_audit_raise_errors_that_name_them():
+    x = torch.randn(3, 2, 4)
+    mha = MultiheadSoftStepAttention(4, 2)
+    # flags: a string reversed the caller's intent (average_attn_weights="no" averaged)
+    for kwargs in (dict(average_attn_weights="no"), dict(need_weights="yes"), dict(is_causal="yes")):
+        with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be a bool"):
+            mha(x, x, x, **kwargs)
+    assert mha(x, x, x, need_weights=0)[1] is None and mha(x, x, x, is_causal=None)[0].shape == x.shape
+    with pytest.raises(TypeError, match="key_padding_mask must be a torch.Tensor or None, got list"):
+        mha(x, x, x, key_padding_mask=[[False] * 3] * 2)
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        simwarp.softstep_attention(q, q, q, is_causal="yes")
+    with pytest.raises(TypeError, match="enable_gqa must be a bool"):
+        simwarp.softstep_attention(q, q, q, enable_gqa="yes")
+    with pytest.raises(TypeError, match="query must be a torch.Tensor, got list"):
+        mha.softstep([[1.0]], q, q)
+    with pytest.raises(TypeError, match="return_stats must be a bool"):
+        mha.softstep(q, q, q, return_stats="no")
+    # constructor arguments: nn.MultiheadAttention asserts, or checks dropout only when applying it
+    with pytest.raises(ValueError, match="embed_dim must be divisible by num_heads"):
+        MultiheadSoftStepAttention(5, 2)
+    with pytest.raises(ValueError, match="embed_dim must be a positive int"):
+        MultiheadSoftStepAttention("4", 2)
+    with pytest.raises(ValueError, match=r"dropout must be a float in \[0, 1\], got 1.5"):
+        MultiheadSoftStepAttention(4, 2, dropout=1.5)
+    with pytest.raises(ValueError, match="head_dim must be a positive int or None"):
+        SoftStepAttention(2, head_dim="4")
+    for bad in (None, "x", [mha]):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+            swap_attention(bad)
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+            AttentionMonitor(bad)
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        swap_attention(nn.Sequential(), overwrite="yes")
+    with pytest.raises(TypeError, match="accumulate must be a bool"):
+        AttentionMonitor(mha, accumulate="no")
+    with pytest.raises(ValueError, match="digits must be a non-negative int"):
+        AttentionMonitor(mha).summary(digits=-1)
+
+
+def test_monitoring_is_reachable_from_the_package():
+    import subprocess
+    import sys
+
+    code = "import simwarp; print(simwarp.monitoring.AttentionMonitor.__name__)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "AttentionMonitor"

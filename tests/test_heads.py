@@ -1200,3 +1200,19 @@ def test_reset_parameters_and_running_statistics_details():
     wide = NeighborRegressionHead(4).double()
     wide.set_bank(torch.randn(200, 4, dtype=torch.float64), y)
     torch.testing.assert_close(wide.target_std, y.std(0, unbiased=False), rtol=1e-4, atol=0)
+
+
+def test_bad_inputs_found_by_an_audit_raise_errors_that_name_them():
+    head = NeighborRegressionHead(4).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(6, 4), torch.randn(6))
+    with pytest.raises(TypeError, match="encoder must be callable"):
+        head.fit_bank(5, torch.utils.data.DataLoader(data, 3), progress=False)
+    with pytest.raises(TypeError, match="loader must be an iterable of batches"):
+        head.fit_bank(None, None, progress=False)
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        head.fit_bank(None, torch.utils.data.DataLoader(data, 3), progress="no")
+    with pytest.raises(TypeError, match="z must be a floating-point tensor, got dtype torch.int64"):
+        LinearHead(4, 1)(torch.ones(2, 4, dtype=torch.long))
+    cls = NeighborClassificationHead(4, 3)
+    with pytest.raises(TypeError, match="must hold integer class labels, got dtype torch.complex64"):
+        cls(torch.randn(4, 4), torch.zeros(4, dtype=torch.complex64))

@@ -833,3 +833,8 @@ def test_contrastive_with_its_own_labels_object_leaves_the_anchor_row_out_everyw
 
     pairs = lmu.get_all_pairs_indices(y)  # with a miner's pairs too
     torch.testing.assert_close(loss_fn(e, y, pairs, ref_emb=e.clone(), ref_labels=y), loss_fn(e, y, pairs))
+
+
+def test_regression_loss_refuses_complex_targets():
+    with pytest.raises(TypeError, match="labels must hold real targets, got dtype torch.complex64"):
+        SoftStepNeighborRegressionLoss()(torch.randn(4, 3), torch.zeros(4, dtype=torch.complex64))

@@ -574,3 +574,43 @@ def test_step_details_from_a_mutation_audit():
     with pytest.raises(ValueError, match="init must be"):
         SoftStep(init=(0.1, 0.9))
     torch.testing.assert_close(SoftStep(init=(0.1, 1.0, 0.5))()[1].detach(), torch.tensor(1.0))
+
+
+def test_bad_inputs_found_by_an_audit_raise_errors_that_name_them():
+    q = torch.randn(3, 4)
+    # a meta tensor beside a CPU one returned garbage (dot, cosine); non-broadcasting batches a torch error
+    with pytest.raises(ValueError, match="same device, got meta and cpu"):
+        simwarp.pairwise_similarity(q.to("meta"), q)
+    with pytest.raises(ValueError, match=r"leading dims of q \(2, 3, 4\) and k \(3, 5, 4\) do not broadcast"):
+        simwarp.pairwise_similarity(torch.randn(2, 3, 4), torch.randn(3, 5, 4))
+    # warp_weights / warp_range indexed a bad k before checking it
+    for fn in (simwarp.warp_weights, simwarp.warp_range):
+        for bad, error in ((None, TypeError), ([1.0], TypeError), (torch.tensor(1.0), ValueError)):
+            with pytest.raises(error, match="k must"):
+                fn(q, bad)
+    with pytest.raises(ValueError, match="columns must be on q's device"):
+        simwarp.warp_weights(q, q, columns=torch.zeros(3, 1, dtype=torch.long, device="meta"))
+    # register_step: the arity is checked at registration, the flag is a bool
+    with pytest.raises(TypeError, match=r"must take \(u, a, b, t\)"):
+        register_step("audit_two_args", lambda u, a: u)
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        register_step("audit_flag", lambda u, a, b, t: torch.zeros_like(u), overwrite="no")
+    with pytest.raises(ValueError, match=r"in_features=4, got shape \(\)"):
+        SoftStep("instance", in_features=4)(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="u must be a torch.Tensor"):
+        SoftStep().curve([0.0, 1.0])
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "sqeuclidean", "l1"])
+def test_a_tensor_scale_is_learnable_and_broadcasts(metric):
+    # sqeuclidean took the tensor as its autograd function's constant: no gradient reached it;
+    # a (m,) scale raised "Boolean value of Tensor with more than one value is ambiguous"
+    q, k = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    c = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    s = simwarp.pairwise_similarity(q, k, metric=metric, scale=c)
+    plain = simwarp.pairwise_similarity(q, k, metric=metric, scale=1.0)
+    torch.testing.assert_close(s, 2 * plain)
+    (g,) = torch.autograd.grad(s.sum(), c)
+    torch.testing.assert_close(g, plain.sum())
+    per_key = torch.arange(1.0, 6.0, dtype=torch.float64)
+    torch.testing.assert_close(simwarp.pairwise_similarity(q, k, metric=metric, scale=per_key), plain * per_key)

@@ -839,3 +839,18 @@ def test_trainer_checkpoints_resume_the_steps_exactly(tmp_path):
     loaded = from_pretrained(tmp_path / "a" / "checkpoint-4", auto_class=transformers.AutoModelForSequenceClassification)
     for k, v in straight.items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+def test_bad_arguments_of_the_integration_are_named():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        attach_softstep("bert")
+    model = tiny_bert()
+    for kwargs, match in ((dict(overwrite="no"), "overwrite must be a bool"),
+                          (dict(set_implementation="no"), "set_implementation must be a bool"),
+                          (dict(init=3), "init must be three floats")):
+        with pytest.raises(TypeError, match=match):
+            attach_softstep(model, **kwargs)
+    attach_softstep(model)
+    for source in (123, None):  # each spent two minutes retrying the Hub before FileNotFoundError
+        with pytest.raises(TypeError, match="source must be a checkpoint directory, a Hub model id or a state dict"):
+            load_softstep_state(model, source)

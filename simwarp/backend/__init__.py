@@ -306,6 +306,12 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
 @torch.no_grad()
 @without_functorch
 @outside_autocast
+def _value_probe(k):
+    """A stand-in ``v (..., m, 1)`` for :func:`check_inputs` where there are no values (a bad
+    ``k`` passes through, for it to name)."""
+    return k[..., :1].new_empty((*k.shape[:-1], 1)) if isinstance(k, torch.Tensor) and k.dim() >= 2 else k
+
+
 def warp_range(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -330,7 +336,7 @@ def warp_range(
     with the same parts and ``chunk_size`` (a key block of another width may round a
     similarity differently: on rows of near-duplicate keys that moves them out of the band).
     """
-    probe = k[..., :1].new_empty((*k.shape[:-1], 1))
+    probe = _value_probe(k)
     batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
     spec = make_spec(metric, scale, "none", 1.0, causal, exclude_self, True, self_offset, q.dtype)
     check_chunk_size(chunk_size)
@@ -398,14 +404,14 @@ def warp_weights(
     check_impl(impl)  # accepted for warp_attend's signature, checked as there, then unused
     check_chunk_size(chunk_size)
     log = as_flag("log", log)
-    probe = k[..., :1].new_empty((*k.shape[:-1], 1))
+    probe = _value_probe(k)
     batch = check_inputs(q, k, probe, mask, exclude_self, self_offset)
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset, q.dtype)
     return_stats = as_flag("return_stats", return_stats)
     n, m, dtype = q.shape[-2], k.shape[-2], work_dtype(q.dtype)
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
     row_range = _check_row_range(row_range, batch, n, dtype, q.device)
-    _check_columns(columns, batch, n, m)
+    _check_columns(columns, batch, n, m, q.device)
     if n == 0 or m == 0 or math.prod(batch) == 0:
         width = m if columns is None else columns.shape[-1]
         w = _zeros_linked_to(q.new_full((*batch, n, width), -math.inf if log else 0.0, dtype=dtype), q, k, a, b, t)
@@ -414,11 +420,13 @@ def warp_weights(
     return (w, _no_count_on_nan_rows(stats)) if return_stats else w
 
 
-def _check_columns(columns, batch, n: int, m: int) -> None:
+def _check_columns(columns, batch, n: int, m: int, device: torch.device) -> None:
     if columns is None:
         return
     if not isinstance(columns, torch.Tensor) or columns.dtype != torch.int64:
         raise TypeError(f"columns must be an int64 tensor of key indices or None, got {_describe(columns)}")
+    if columns.device != device:
+        raise ValueError(f"columns must be on q's device {device}, got {columns.device}")
     if columns.dim() < 2 or columns.shape[-2] != n or not broadcasts_to(columns.shape[:-2], batch):
         raise ValueError(f"columns of shape {tuple(columns.shape)} must be (..., n, c) with n = {n} and leading dims "
                          f"broadcastable to {tuple(batch)}")

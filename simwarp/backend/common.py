@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy
 import torch
 
-from simwarp._autograd import first_order, is_finite_real, is_int
+from simwarp._autograd import as_flag, first_order, is_finite_real, is_int
 from simwarp.similarity import STREAMING_METRICS, check_metric
 from simwarp.steps import DEFAULT_A, DEFAULT_B, DEFAULT_T, Step, get_step
 
@@ -678,13 +678,13 @@ def as_real(name: str, value, kind: str) -> float:
     return float(value)
 
 
-def check_dropout_p(dropout_p, allow_one: bool = True) -> float:
+def check_dropout_p(dropout_p, allow_one: bool = True, name: str = "dropout_p") -> float:
     """``dropout_p`` as a float in ``[0, 1]`` (``[0, 1)`` without ``allow_one``; ``TypeError`` /
-    ``ValueError`` otherwise). 1 drops every weight, as in SDPA and ``nn.Dropout``."""
+    ``ValueError`` naming ``name`` otherwise). 1 drops every weight, as in SDPA and ``nn.Dropout``."""
     interval = "[0, 1]" if allow_one else "[0, 1)"
-    dropout_p = as_real("dropout_p", dropout_p, f"a float in {interval}")
+    dropout_p = as_real(name, dropout_p, f"a float in {interval}")
     if not (0.0 <= dropout_p < 1.0 or (allow_one and dropout_p == 1.0)):
-        raise ValueError(f"dropout_p must be a float in {interval}, got {dropout_p!r}")
+        raise ValueError(f"{name} must be a float in {interval}, got {dropout_p!r}")
     return dropout_p
 
 
@@ -713,14 +713,6 @@ def check_backend_options(metric: str, impl: str, chunk_size, scale=None, temper
     return spec.scale, spec.temperature
 
 
-def as_flag(name: str, value) -> bool:
-    """``value`` as a bool: Python and NumPy bools, and the ints 0 and 1; anything else (a string,
-    None, a tensor) is a ``TypeError`` that names ``name``."""
-    if isinstance(value, (bool, numpy.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
 def make_spec(
     metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset: int = 0, dtype: torch.dtype | None = None
 ) -> WarpSpec:
@@ -736,8 +728,9 @@ def make_spec(
     temperature = as_real("temperature", temperature, "a positive float")
     if not is_finite_real(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
-    if 1.0 / temperature > torch.finfo(torch.float32).max:  # 1/τ must be a finite float32 factor
-        raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.3g}, got {temperature!r}")
+    # 1/τ, and the kernels' log2(e)/τ, must be finite float32 factors: τ at least float32's smallest normal
+    if temperature < torch.finfo(torch.float32).tiny:
+        raise ValueError(f"temperature must be at least {torch.finfo(torch.float32).tiny:.3g}, got {temperature!r}")
     return WarpSpec(
         metric=metric,
         scale=scale,

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,11 @@ def attach_softstep(
             other options than those already attached (without ``overwrite``), or (with
             ``set_implementation``) no transformers model to switch.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    overwrite, set_implementation = as_flag("overwrite", overwrite), as_flag("set_implementation", set_implementation)
+    if init is not None and (isinstance(init, (str, bytes)) or not isinstance(init, Sequence) or len(init) != 3):
+        raise TypeError(f"init must be three floats (a, b, t) or None, got {init!r}")
     opts = {"mode": mode, "step": step, "init": None if init is None else list(init), "hidden": hidden}
     found = attention_modules(model)
     if not found:
@@ -475,6 +481,10 @@ def load_softstep_state(
         FileNotFoundError: no weights at ``source``.
         TypeError: other keyword arguments.
     """
+    if not isinstance(source, (str, os.PathLike, dict)):
+        raise TypeError(
+            f"source must be a checkpoint directory, a Hub model id or a state dict, got {type(source).__name__}"
+        )
     unknown = sorted(set(checkpoint) - set(_CHECKPOINT_KWARGS))
     if unknown:
         raise TypeError(f"load_softstep_state got unexpected arguments {unknown}; it takes {list(_CHECKPOINT_KWARGS)}")
