@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from simwarp._autograd import (
+    autocast_enabled,
     autocast_like_sdpa,
     is_finite_real,
     is_int,
@@ -679,6 +680,9 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         need_weights = as_flag("need_weights", need_weights)
         average_attn_weights = as_flag("average_attn_weights", average_attn_weights)
         is_causal = False if is_causal is None else as_flag("is_causal", is_causal)  # (torch's layers may pass None)
+        weight = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
+        if query.dtype != weight.dtype and not autocast_enabled(query.device.type):
+            raise TypeError(f"query has dtype {query.dtype} but this module's parameters are {weight.dtype}")
         if query.is_nested or key.is_nested or value.is_nested:
             return self._forward_nested(query, key, value, attn_mask, is_causal), None
         batched = query.dim() == 3

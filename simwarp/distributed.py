@@ -36,6 +36,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
+import numpy
 import torch
 import torch.distributed as dist
 
@@ -101,14 +102,14 @@ def resolve_group(gather: GroupArg) -> tuple[bool, Any]:
         TypeError: for any other value.
         RuntimeError: when enabled but ``torch.distributed`` is not initialised.
     """
-    if gather is None or gather is False:
+    if gather is None or (isinstance(gather, (bool, numpy.bool_)) and not gather):
         return False, None
-    if gather is True:
+    if isinstance(gather, (bool, numpy.bool_)):
         group = None
     elif dist.is_available() and isinstance(gather, dist.ProcessGroup):
         group = gather
     else:
-        raise TypeError(f"gather must be a bool or a torch.distributed.ProcessGroup, got {type(gather).__name__}")
+        raise TypeError(f"gather must be a bool or a torch.distributed.ProcessGroup, got {gather!r}")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "gather is enabled but torch.distributed is not initialised: call "

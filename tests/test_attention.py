@@ -922,6 +922,10 @@ def test_bad_inputs_found_by_an_audit_raise_errors_that_name_them():
         AttentionMonitor(mha, accumulate="no")
     with pytest.raises(ValueError, match="digits must be a non-negative int"):
         AttentionMonitor(mha).summary(digits=-1)
+    with pytest.raises(TypeError, match="query has dtype torch.float64 but this module's parameters are torch.float32"):
+        mha(x.double(), x.double(), x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes them on purpose
+        assert mha(x.bfloat16(), x.bfloat16(), x.bfloat16())[0].dtype == torch.bfloat16
 
 
 def test_monitoring_is_reachable_from_the_package():

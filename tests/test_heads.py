@@ -1213,6 +1213,11 @@ def test_bad_inputs_found_by_an_audit_raise_errors_that_name_them():
         head.fit_bank(None, torch.utils.data.DataLoader(data, 3), progress="no")
     with pytest.raises(TypeError, match="z must be a floating-point tensor, got dtype torch.int64"):
         LinearHead(4, 1)(torch.ones(2, 4, dtype=torch.long))
+    import numpy as np
+
+    assert NeighborRegressionHead(4, gather=np.False_)(torch.randn(3, 4), torch.randn(3)).shape == (3,)
+    with pytest.raises(TypeError, match="gather must be a bool or a torch.distributed.ProcessGroup, got 'x'"):
+        NeighborRegressionHead(4, gather="x")
     cls = NeighborClassificationHead(4, 3)
     with pytest.raises(TypeError, match="must hold integer class labels, got dtype torch.complex64"):
         cls(torch.randn(4, 4), torch.zeros(4, dtype=torch.complex64))

@@ -567,7 +567,8 @@ def _check_param_values(name: str, x: torch.Tensor, low: float, high: float, hig
         if bool(torch.isnan(xd).any()):
             raise ValueError(
                 f"{name} contains NaN (shape {_shape(x)}); where the step parameters are computed from the "
-                "inputs (SoftStep(mode='instance'), a head's instance mode), NaN or inf in the queries causes this"
+                "inputs (SoftStep(mode='instance'), a head's instance mode), NaN or inf in the queries causes this; "
+                "otherwise the SoftStep's own values are NaN (a diverged training step, a corrupt checkpoint)"
             )
         bound = "]" if high_inclusive else ")"
         raise ValueError(f"{name} must lie in ({low}, {high}{bound}, got values in [{xd.min().item()}, {xd.max().item()}]")
