@@ -401,6 +401,11 @@ class _BankMixin(nn.Module):
                         f"shape {_shape(z)} and labels of shape {_shape(y)} (a DataLoader with batch_size=None "
                         "yields single samples: give it a batch size)"
                     )
+                if ys and (z.shape[1:] != zs[0].shape[1:] or y.shape[1:] != ys[0].shape[1:]):
+                    raise ValueError(
+                        f"fit_bank: batch {len(ys)} has z of shape {_shape(z)} and labels of shape {_shape(y)}, "
+                        f"the first batch z {_shape(zs[0])} and labels {_shape(ys[0])}: every batch needs the same row shape"
+                    )
                 zs.append(z.detach())
                 ys.append(y.detach())
         finally:

@@ -140,8 +140,10 @@ def _check_embeddings(embeddings, ref_emb) -> None:
     for name, x in (("embeddings", embeddings), ("ref_emb", ref_emb)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must have shape (batch_size, embedding_size), got {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[1] == 0:
+            raise ValueError(
+                f"{name} must have shape (batch_size, embedding_size) with embedding_size >= 1, got {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if embeddings.shape[1] != ref_emb.shape[1]:

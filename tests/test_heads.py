@@ -1209,6 +1209,8 @@ def test_bad_inputs_found_by_an_audit_raise_errors_that_name_them():
         head.fit_bank(5, torch.utils.data.DataLoader(data, 3), progress=False)
     with pytest.raises(TypeError, match="loader must be an iterable of batches"):
         head.fit_bank(None, None, progress=False)
+    with pytest.raises(ValueError, match=r"batch 1 has z of shape \(2, 4\) and labels of shape \(2, 1\), the first batch"):
+        head.fit_bank(None, [(torch.randn(2, 4), torch.randn(2)), (torch.randn(2, 4), torch.randn(2, 1))], progress=False)
     with pytest.raises(TypeError, match="progress must be a bool"):
         head.fit_bank(None, torch.utils.data.DataLoader(data, 3), progress="no")
     with pytest.raises(TypeError, match="z must be a floating-point tensor, got dtype torch.int64"):

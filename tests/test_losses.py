@@ -838,3 +838,9 @@ def test_contrastive_with_its_own_labels_object_leaves_the_anchor_row_out_everyw
 def test_regression_loss_refuses_complex_targets():
     with pytest.raises(TypeError, match="labels must hold real targets, got dtype torch.complex64"):
         SoftStepNeighborRegressionLoss()(torch.randn(4, 3), torch.zeros(4, dtype=torch.complex64))
+
+
+def test_embeddings_without_features_are_named():
+    for loss in (SoftStepNCALoss(), SoftStepContrastiveLoss(), SoftStepNeighborRegressionLoss()):
+        with pytest.raises(ValueError, match=r"embeddings must have shape \(batch_size, embedding_size\) with embedding_size >= 1"):
+            loss(torch.randn(4, 0), torch.arange(4) % 2)
