@@ -13,15 +13,14 @@ import torch
 
 def _batched(grads: tuple) -> bool:
     """Whether a backward runs under vmap (``is_grads_batched``, ``jacobian(vectorize=True)``);
-    ``False`` while tracing (a compiled backward is not batched, and dynamo cannot call these)."""
+    ``False`` while tracing, and where this torch cannot tell (private predicates)."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._are_functorch_transforms_active():
-        return True
-    functorch = torch._C._functorch
-    return any(
-        isinstance(g, torch.Tensor) and (functorch.is_legacy_batchedtensor(g) or functorch.is_batchedtensor(g))
-        for g in grads
+    functorch = getattr(torch._C, "_functorch", None)
+    predicates = [getattr(functorch, name, None) for name in ("is_legacy_batchedtensor", "is_batchedtensor")]
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+    return transforms_active() or any(
+        isinstance(g, torch.Tensor) and any(p is not None and p(g) for p in predicates) for g in grads
     )
 
 
@@ -31,25 +30,31 @@ def first_order(backward: Callable) -> Callable:
     ``once_differentiable`` raises only when the incoming gradients require grad; for
     ``torch.autograd.grad(y.sum(), x, create_graph=True)`` they do not, so the gradient comes
     back detached and a second derivative (a gradient penalty, a Hessian-vector product) would
-    silently miss every term through this function. Here that is an error instead.
+    silently miss every term through this function. Here that is an error instead. A backward
+    that vmap cannot batch (``is_grads_batched=True``, ``jacobian(vectorize=True)``) raises
+    ``NotImplementedError`` naming the cause, instead of PyTorch's batching-rule error.
     """
     inner = torch.autograd.function.once_differentiable(backward)
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        if _batched(grads):
-            raise NotImplementedError(
-                "simwarp's similarity kernels do not support batched gradients (torch.autograd.grad with "
-                "is_grads_batched=True, torch.autograd.functional.jacobian/hessian with vectorize=True): their "
-                "backward passes are hand-written block loops; call backward once per output row (vectorize=False)"
-            )
         if torch.is_grad_enabled():  # the engine runs backward in grad mode only for create_graph=True
             raise RuntimeError(
                 "simwarp's similarity kernels have first-order gradients only: backward with "
                 "create_graph=True (double backward, gradient penalties, Hessian-vector products) "
                 "through them is not supported"
             )
-        return inner(ctx, *grads)
+        try:
+            return inner(ctx, *grads)
+        except RuntimeError as error:
+            if not _batched(grads):
+                raise
+            raise NotImplementedError(
+                f"simwarp's {type(ctx).__name__.removesuffix('Backward')} does not support batched gradients "
+                "(torch.autograd.grad with is_grads_batched=True, torch.autograd.functional.jacobian/hessian with "
+                "vectorize=True): its hand-written backward cannot be vmapped; use vectorize=False or one "
+                "backward per output"
+            ) from error
 
     return wrapper
 

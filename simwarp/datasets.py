@@ -241,7 +241,7 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, progress: bool 
     if not is_int(seed, 0) or seed >= 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     loader = DATASETS[name]
-    progress = as_flag("progress", progress)
+    progress = progress is not None and as_flag("progress", progress)  # (None: off)
     if "progress" in inspect.signature(loader).parameters:
         kwargs["progress"] = progress
     if n is None:

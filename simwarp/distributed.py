@@ -36,10 +36,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-import numpy
 import torch
 import torch.distributed as dist
 
+from simwarp._autograd import as_flag
 from simwarp.backend import WarpStats, warp_attend, warp_range, warp_weights
 from simwarp.backend.chunked import block_ranges, default_chunk_size
 from simwarp.backend.common import (
@@ -102,14 +102,20 @@ def resolve_group(gather: GroupArg) -> tuple[bool, Any]:
         TypeError: for any other value.
         RuntimeError: when enabled but ``torch.distributed`` is not initialised.
     """
-    if gather is None or (isinstance(gather, (bool, numpy.bool_)) and not gather):
+    if gather is None:
         return False, None
-    if isinstance(gather, (bool, numpy.bool_)):
-        group = None
-    elif dist.is_available() and isinstance(gather, dist.ProcessGroup):
+    if dist.is_available() and isinstance(gather, dist.ProcessGroup):
         group = gather
     else:
-        raise TypeError(f"gather must be a bool or a torch.distributed.ProcessGroup, got {gather!r}")
+        try:
+            enabled = as_flag("gather", gather)
+        except TypeError:
+            raise TypeError(
+                f"gather must be a bool or a torch.distributed.ProcessGroup, got {type(gather).__name__}"
+            ) from None
+        if not enabled:
+            return False, None
+        group = None
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "gather is enabled but torch.distributed is not initialised: call "

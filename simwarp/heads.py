@@ -319,7 +319,7 @@ class _BankMixin(nn.Module):
             raise TypeError(f"encoder must be callable (a module, model.encode, a function) or None, got {type(encoder).__name__}")
         if not hasattr(loader, "__iter__"):
             raise TypeError(f"loader must be an iterable of batches (a DataLoader), got {type(loader).__name__}")
-        progress = as_flag("progress", progress)
+        progress = progress is not None and as_flag("progress", progress)  # (None: off, as tqdm's disable)
         if _drops_rows(loader):
             warnings.warn(
                 "fit_bank: the loader has drop_last=True, so the rows of its last incomplete batch are "

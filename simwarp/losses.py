@@ -176,6 +176,14 @@ def _mixed_under_autocast(embeddings, ref_emb):
     return embeddings.to(dtype), ref_emb.to(dtype)
 
 
+def _output_dtype(embeddings: torch.Tensor, computed: torch.dtype) -> torch.dtype:
+    """The dtype of the per-element losses: the embeddings', as pytorch-metric-learning's; under
+    autocast the one they were computed in (float32 for half inputs), as autocast runs losses
+    (and as PML's NCALoss comes out there). The regression loss keeps float32 for half inputs
+    always: its squared errors overflow float16."""
+    return computed if autocast_enabled(embeddings.device.type) else embeddings.dtype
+
+
 def _check_class_labels(labels, n: int, name: str) -> None:
     if labels is None:
         return
@@ -711,10 +719,7 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         non_zero = ~(own <= 0)  # NaN masses included: a NaN loss, as PML's, not a silent 0
         if not bool(non_zero.any()):
             return self._zero_losses(x, r)  # PML's NCALoss returns NaN here (mean of nothing)
-        # in the embeddings' dtype, like PML's losses (the masses are float32 for half inputs);
-        # under autocast in float32, as autocast runs losses (and PML's NCALoss comes out there)
-        dtype = own.dtype if autocast_enabled(embeddings.device.type) else embeddings.dtype
-        loss = (-torch.log(own[non_zero]) * miner_weights[non_zero]).to(dtype)
+        loss = (-torch.log(own[non_zero]) * miner_weights[non_zero]).to(_output_dtype(embeddings, own.dtype))
         return {
             "loss": {
                 "losses": loss,
@@ -849,8 +854,9 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
             )
             counted = torch.where(neg_count > 0, log_w + torch.log(neg_count.to(log_w.dtype)), -math.inf)
             neg_lse = stats.lse + row_logsumexp(counted)
-        pos = paired_similarity(x[a1], r[p], self.metric, 1.0) / self.temperature
-        losses = F.softplus(neg_lse[a1].to(pos.dtype) - pos)
+        wide = work_dtype(x.dtype)
+        pos = paired_similarity(x[a1], r[p], self.metric, 1.0).to(wide) / self.temperature
+        losses = F.softplus(neg_lse[a1].to(wide) - pos).to(_output_dtype(embeddings, wide))
         return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
 
 
@@ -962,10 +968,11 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
                 f"{name} overflow {embeddings.dtype}, the embeddings' dtype the neighbours' targets are averaged in; "
                 "standardise them",
             )
-        if y.numel() and y_ref.numel():  # a prediction lies in the targets' range: its error is at most their spread
-            both = torch.cat([y.flatten(), y_ref.flatten().to(y.device)]).double()
+        if y.numel() and y_ref.numel():  # a prediction lies in its column's range: its error is at most the spread
+            exact = torch.float32 if y.device.type == "mps" else torch.float64  # (MPS has no float64)
+            both = torch.cat([y, y_ref.to(y.device)]).to(exact)
             wide = work_dtype(embeddings.dtype)
-            spread = both.max() - both.min()
+            spread = (both.amax(0) - both.amin(0)).max()
             require(
                 torch.isfinite((spread**2).to(wide)),
                 f"the targets (labels, ref_labels) spread so wide that their squared errors overflow {wide}, "

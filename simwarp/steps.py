@@ -557,6 +557,19 @@ def _start_at(layer: nn.Linear, init: tuple[float, float, float]) -> None:
     layer.bias.copy_(raw_from_params(*init))
 
 
+def check_init(init) -> tuple[float, float, float]:
+    """``init`` (any iterable of three reals ``(a, b, t)``) as floats, checked as the step
+    parameters are (``TypeError`` / ``ValueError`` otherwise)."""
+    try:
+        values = tuple(float(x) for x in init)
+    except (TypeError, ValueError):
+        raise TypeError(f"init must be three floats (a, b, t) or None, got {init!r}") from None
+    if len(values) != 3:
+        raise ValueError(f"init must be (a, b, t), got {init!r}")
+    raw_from_params(*values)  # checks the values
+    return values
+
+
 class SoftStep(nn.Module):
     """Learned step parameters ``(a, b, t)`` for the backend.
 
@@ -609,13 +622,7 @@ class SoftStep(nn.Module):
                 warnings.warn(f"SoftStep(mode={mode!r}) ignores {name} (it shapes mode={needed!r})", UserWarning, stacklevel=2)
         in_features, num_heads, hidden = (None if x is None else int(x) for x in (in_features, num_heads, hidden))
         get_step(step)
-        try:
-            init = (DEFAULT_A, DEFAULT_B, DEFAULT_T) if init is None else tuple(float(x) for x in init)
-        except (TypeError, ValueError):
-            raise TypeError(f"init must be three floats (a, b, t) or None, got {init!r}") from None
-        if len(init) != 3:
-            raise ValueError(f"init must be (a, b, t), got {init!r}")
-        raw_from_params(*init)  # checks init
+        init = (DEFAULT_A, DEFAULT_B, DEFAULT_T) if init is None else check_init(init)
         self.mode, self.step, self.in_features, self.num_heads = mode, step, in_features, num_heads
         self.init = init
         if mode == "per_head" and (not isinstance(num_heads, int) or num_heads < 1):

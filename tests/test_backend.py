@@ -1099,13 +1099,19 @@ def test_batched_gradients_are_refused_with_a_reason(impl):
     # for aten::div.out", "vmap: aten::add_(self, *extra_args) is not possible ...")
     q = torch.randn(4, 3, requires_grad=True)
     out = simwarp.warp_attend(q, q, torch.randn(4, 2), impl=impl)
-    with pytest.raises(NotImplementedError, match="batched gradients.*vectorize=False"):
+    with pytest.raises(NotImplementedError, match="does not support batched gradients.*vectorize=False"):
         torch.autograd.grad(out, q, torch.eye(8).view(8, 4, 2), is_grads_batched=True)
     with pytest.raises(NotImplementedError, match="batched gradients"):
         torch.autograd.functional.jacobian(lambda x: simwarp.warp_attend(x, x, x, impl=impl), torch.randn(3, 2),
                                            vectorize=True)
     jac = torch.autograd.functional.jacobian(lambda x: simwarp.warp_attend(x, x, x, impl=impl), torch.randn(3, 2))
     assert jac.shape == (3, 2, 3, 2) and torch.isfinite(jac).all()
+    # hand-written backwards that vmap can batch keep working (squared distances)
+    k = torch.randn(5, 3)
+    batched = torch.autograd.functional.jacobian(lambda x: simwarp.pairwise_similarity(x, k, "sqeuclidean"), q.detach(),
+                                                 vectorize=True)
+    looped = torch.autograd.functional.jacobian(lambda x: simwarp.pairwise_similarity(x, k, "sqeuclidean"), q.detach())
+    torch.testing.assert_close(batched, looped)
 
 
 @pytest.mark.parametrize("step", ["sigmoidal", "log", "poly"])
@@ -1177,10 +1183,15 @@ def test_autocast_region_computes_in_the_inputs_dtype(impl, metric):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = simwarp.warp_attend(q, k, v, impl=impl, metric=metric)
         sims = simwarp.pairwise_similarity(q, k, metric=metric)
+        lo, hi, _ = simwarp.warp_range(q, k, metric=metric)
+        ranged = simwarp.warp_attend(q, k, v, impl=impl, metric=metric, row_range=(lo, hi))
     (got_grad,) = torch.autograd.grad(got.sum() + 0 * sims.sum(), q)
     assert got.dtype == sims.dtype == torch.float32
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+    # warp_range too (it lost its autocast guard once: its range then came from bf16 products)
+    torch.testing.assert_close((lo, hi), simwarp.warp_range(q, k, metric=metric)[:2])
+    torch.testing.assert_close(ranged, want)
 
 
 def test_float_parameters_are_checked_as_the_compute_dtype_holds_them():

@@ -1218,7 +1218,8 @@ def test_bad_inputs_found_by_an_audit_raise_errors_that_name_them():
     import numpy as np
 
     assert NeighborRegressionHead(4, gather=np.False_)(torch.randn(3, 4), torch.randn(3)).shape == (3,)
-    with pytest.raises(TypeError, match="gather must be a bool or a torch.distributed.ProcessGroup, got 'x'"):
+    assert NeighborRegressionHead(4, gather=0)(torch.randn(3, 4), torch.randn(3)).shape == (3,)
+    with pytest.raises(TypeError, match="gather must be a bool or a torch.distributed.ProcessGroup, got str"):
         NeighborRegressionHead(4, gather="x")
     cls = NeighborClassificationHead(4, 3)
     with pytest.raises(TypeError, match="must hold integer class labels, got dtype torch.complex64"):

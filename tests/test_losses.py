@@ -648,13 +648,16 @@ def test_losses_under_autocast():
             loss = loss_fn(model(x), y)
         loss.float().backward()
         assert torch.isfinite(loss.float()) and torch.isfinite(model.weight.grad).all()
-    # the NCA loss in float32 there, as autocast runs losses and as PML's NCALoss comes out
+    # in float32 there, as autocast runs losses and as PML's NCALoss comes out; bf16 without it
     from pytorch_metric_learning.losses import NCALoss
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours, theirs = SoftStepNCALoss(step="none")(model(x), y), NCALoss()(model(x), y)
-    assert ours.dtype == theirs.dtype == torch.float32
+        others = [loss(model(x), y) for loss in (SoftStepContrastiveLoss(), SoftStepNeighborRegressionLoss())]
+    assert ours.dtype == theirs.dtype == torch.float32 and all(o.dtype == torch.float32 for o in others)
     torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=0)
+    half = model(x).bfloat16()
+    assert SoftStepNCALoss()(half, y).dtype == SoftStepContrastiveLoss()(half, y).dtype == torch.bfloat16
 
 
 def test_zero_loss_reaches_the_step_parameters():

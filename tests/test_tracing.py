@@ -277,6 +277,8 @@ def test_torch_func_transforms_are_refused_with_a_clear_error():
         vmap(lambda q: simwarp.softstep_attention(q, q, q))(q.unsqueeze(1))
     with pytest.raises(NotImplementedError, match="does not support torch.func"):
         grad(lambda e: simwarp.SoftStepNCALoss()(e, torch.arange(6) % 2))(torch.randn(6, 4))
+    with pytest.raises(NotImplementedError, match="simwarp.warp_range does not support torch.func"):
+        vmap(lambda q: simwarp.warp_range(q, q)[0])(q)
     # the heads too (they failed inside PyTorch: the running statistics, the label checks)
     z, y = torch.randn(8, 4), torch.randn(8)
     with pytest.raises(NotImplementedError, match="NeighborRegressionHead.forward does not support torch.func"):

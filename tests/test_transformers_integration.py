@@ -743,6 +743,21 @@ def _step_values(model):
     return {k: v.clone() for k, v in model.state_dict().items() if ".softstep." in k and "original_module" not in k}
 
 
+def _lora(model, target="softstep.step", **config):
+    peft = pytest.importorskip("peft", reason="peft is not installed (extra 'hf')")
+    config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules=["query", "value"], r=2,
+                             modules_to_save=[target], **config)
+    return peft.get_peft_model(model, config)
+
+
+def _shift_trained_steps(pm, by=0.5):
+    """Train a step distinctly (a few SGD steps move it by ~1e-6): its trained copies move by ``by``."""
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if ".softstep." in name and ".modules_to_save." in name:
+                p.add_(by)
+
+
 @pytest.mark.parametrize("target", ["softstep.step", "softstep"])
 def test_lora_trains_saves_and_reloads_the_steps_through_modules_to_save(tmp_path, target):
     """modules_to_save=["softstep"] put a PEFT wrapper where the attention function looked for a
@@ -751,16 +766,16 @@ def test_lora_trains_saves_and_reloads_the_steps_through_modules_to_save(tmp_pat
     peft = pytest.importorskip("peft", reason="peft is not installed (extra 'hf')")
     model = tiny_classifier(mode="per_head")
     fresh = _step_values(model)
-    config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules=["query", "value"], r=2,
-                             modules_to_save=[target])
-    pm = peft.get_peft_model(model, config)
+    pm = _lora(model, target)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no lazy creation
         _train_steps(pm)
-    trained = _step_values(pm)
-    assert trained.keys() == {f"base_model.model.{k}".replace(f".{target}.", f".{target}.modules_to_save.default.")
-                              for k in fresh}
-    assert all(not torch.equal(v, fresh[k]) for k, v in zip(fresh, trained.values()))
+    moved = _step_values(pm)
+    assert moved.keys() == {f"base_model.model.{k}".replace(f".{target}.", f".{target}.modules_to_save.default.")
+                            for k in fresh}
+    assert all(not torch.equal(v, fresh[k]) for k, v in zip(fresh, moved.values()))  # the wrapped copies train
+    _shift_trained_steps(pm)
+    trained = list(_step_values(pm).values())
     pm.save_pretrained(tmp_path / "adapter")
     want = _logits(pm)
 
@@ -774,45 +789,112 @@ def test_lora_trains_saves_and_reloads_the_steps_through_modules_to_save(tmp_pat
     with pytest.raises(ValueError, match="PEFT adapter"):
         from_pretrained(tmp_path / "adapter", auto_class=transformers.AutoModelForSequenceClassification)
 
-    # the steps alone, from the adapter, into a plain attached model and into a wrapped one
+    # the steps alone, from the adapter, into a plain attached model
     plain = tiny_classifier(mode="per_head")
-    loaded = load_softstep_state(plain, tmp_path / "adapter")
-    assert len(loaded) == len(fresh)
-    for k, v in zip(fresh, trained.values()):
-        torch.testing.assert_close(plain.state_dict()[k], v)
-    wrapped = peft.get_peft_model(tiny_classifier(mode="per_head"), config)
-    assert len(load_softstep_state(wrapped, tmp_path / "merged")) == 2 * len(fresh)  # both copies of each step
+    assert len(load_softstep_state(plain, tmp_path / "adapter")) == len(fresh)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in zip(fresh, trained))
+    # into a wrapped model: from a plain checkpoint the trained copies load and the originals (the
+    # base's, for disable_adapter) stay; from a PEFT state dict each copy loads its own
+    wrapped = _lora(tiny_classifier(mode="per_head"), target)
+    assert len(load_softstep_state(wrapped, tmp_path / "merged")) == len(fresh)
+    state = wrapped.state_dict()
+    originals = [k for k in state if ".softstep." in k and ".original_module." in k]
+    assert len(originals) == len(fresh) and all(torch.equal(state[k], v) for k, v in zip(originals, fresh.values()))
+    assert all(torch.equal(state[k], v) for k, v in zip(_step_values(wrapped), trained))
+    wrapped = _lora(tiny_classifier(mode="per_head"), target)
+    with torch.no_grad():
+        for k in originals:
+            wrapped.state_dict()[k].add_(1.0)  # the source's originals are the fresh values
     assert len(load_softstep_state(wrapped, pm.state_dict())) == 2 * len(fresh)
-    for k, v in zip(_step_values(wrapped), trained.values()):
-        torch.testing.assert_close(wrapped.state_dict()[k], v)
+    state = wrapped.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in zip(originals, fresh.values()))
+    assert all(torch.equal(state[k], v) for k, v in zip(_step_values(wrapped), trained))
 
     # attaching again: same options keep the wrapped steps; other ones cannot replace them
     layers = attach_softstep(wrapped, mode="per_head")
     assert all(isinstance(layer, SoftStepAttention) == (target == "softstep.step") for layer in layers.values())
-    for k, v in zip(_step_values(wrapped), trained.values()):
-        torch.testing.assert_close(wrapped.state_dict()[k], v)
+    assert all(torch.equal(wrapped.state_dict()[k], v) for k, v in zip(_step_values(wrapped), trained))
     with pytest.raises(ValueError, match="already has SoftStep attention"):
         attach_softstep(wrapped, mode="global")
     with pytest.raises(ValueError, match="before get_peft_model"):
         attach_softstep(wrapped, mode="global", overwrite=True)
 
 
+def test_peft_checkpoints_in_other_layouts_load(tmp_path):
+    """An adapter under another name, saved as .bin, in a subfolder; a PEFT-wrapped base model
+    loading a head model's checkpoint; an old instance/none checkpoint into a wrapped model."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (extra 'hf')")
+    model = tiny_classifier(mode="per_head")
+    config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules=["query", "value"], r=2,
+                             modules_to_save=["softstep.step"])
+    pm = peft.get_peft_model(model, config, adapter_name="mine")
+    _shift_trained_steps(pm)
+    trained = list(_step_values(pm).values())
+    assert all(".modules_to_save.mine." in k for k in _step_values(pm))
+    plain = tiny_classifier(mode="per_head")
+    load_softstep_state(plain, pm.state_dict())
+    keys = list(_step_values(plain))
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in zip(keys, trained))
+    pm.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "mine" / "adapter_model.bin").exists() or (tmp_path / "bin" / "adapter_model.bin").exists()
+    folder = next(p.parent for p in (tmp_path / "bin").rglob("adapter_model.bin"))
+    again = tiny_classifier(mode="per_head")
+    assert len(load_softstep_state(again, folder)) == len(keys)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in zip(keys, trained))
+    # an adapter in a subfolder is refused as one at the top
+    pm.save_pretrained(tmp_path / "nested" / "sub")
+    sub = next(p.parent for p in (tmp_path / "nested" / "sub").rglob("adapter_config.json"))
+    with pytest.raises(ValueError, match="PEFT adapter"):
+        from_pretrained(tmp_path / "nested", subfolder=str(sub.relative_to(tmp_path / "nested")),
+                        auto_class=transformers.AutoModelForSequenceClassification)
+    plain.save_pretrained(tmp_path / "full")
+    # a LoRA-wrapped base model (keys "base_model.model.encoder...") loads a head model's checkpoint ("bert.encoder...")
+    base = transformers.BertModel(tiny_bert().config)
+    attach_softstep(base)
+    wrapped_base = peft.get_peft_model(base, peft.LoraConfig(target_modules=["query", "value"], r=2))
+    assert len(load_softstep_state(wrapped_base, tmp_path / "full")) == len(keys)
+    assert all(torch.equal(wrapped_base.state_dict()[f"base_model.model.{k.removeprefix('bert.')}"], v)
+               for k, v in zip(keys, trained))
+    # an old instance-mode step="none" checkpoint (a network, no raw) into a wrapped model
+    model = tiny_bert()
+    attach_softstep(model, mode="instance", step="none")
+    own = [k for k in model.state_dict() if ".softstep." in k]
+    old = {f"bert.{k.removesuffix('raw')}net.{n}": torch.zeros(3) for k in own for n in ("weight", "bias")}
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(target_modules=["query", "value"], r=2,
+                                                         modules_to_save=["softstep.step"]))
+    assert load_softstep_state(wrapped, old) == []
+
+
 def test_attaching_after_get_peft_model_warns_that_the_steps_would_not_be_saved():
     peft = pytest.importorskip("peft", reason="peft is not installed (extra 'hf')")
-    pm = peft.get_peft_model(_plain_classifier(), peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules=["query", "value"], r=2))
-    with pytest.warns(UserWarning, match="modules_to_save"):
+    lora = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules=["query", "value"], r=2)
+    pm = peft.get_peft_model(_plain_classifier(), lora)
+    with pytest.warns(UserWarning, match="modules_to_save") as record:
         attach_softstep(pm)
+    assert record[0].filename == __file__  # pointing at the caller
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attach_softstep(pm)  # nothing new attached: nothing to say
+    inner = peft.get_peft_model(_plain_classifier(), lora).base_model  # a LoraModel: peft_config, no PeftModel
+    with pytest.warns(UserWarning, match="modules_to_save"):
+        attach_softstep(inner)
 
 
 def test_softstep_slot_holding_something_else_is_an_error():
     model = _plain_classifier()
     attach_softstep(model)
-    model.bert.encoder.layer[0].attention.self.softstep = torch.nn.Identity()
+    layer = model.bert.encoder.layer[0].attention.self
+    layer.softstep = torch.nn.Identity()
     with pytest.raises(TypeError, match="not a simwarp SoftStepAttention"):
         _logits(model)
+    pytest.importorskip("peft", reason="peft is not installed (extra 'hf')")
+    from peft.utils.other import ModulesToSaveWrapper
+
+    layer.softstep = ModulesToSaveWrapper(torch.nn.Identity(), "default")  # a PEFT wrapper around something else
+    with pytest.raises(TypeError, match="not a simwarp SoftStepAttention"):
+        _logits(model)
+    attach_softstep(model, overwrite=True)  # replaces whatever is there
+    assert isinstance(layer.softstep, SoftStepAttention) and torch.isfinite(_logits(model)).all()
 
 
 def test_trainer_checkpoints_resume_the_steps_exactly(tmp_path):

@@ -303,15 +303,15 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
     return lo.to(device), hi.to(device)
 
 
-@torch.no_grad()
-@without_functorch
-@outside_autocast
 def _value_probe(k):
     """A stand-in ``v (..., m, 1)`` for :func:`check_inputs` where there are no values (a bad
     ``k`` passes through, for it to name)."""
     return k[..., :1].new_empty((*k.shape[:-1], 1)) if isinstance(k, torch.Tensor) and k.dim() >= 2 else k
 
 
+@torch.no_grad()
+@without_functorch
+@outside_autocast
 def warp_range(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -36,15 +36,15 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from simwarp._autograd import as_flag
 from simwarp.attention import SoftStepAttention
-from simwarp.backend.common import as_flag
+from simwarp.steps import check_init
 
 __all__ = [
     "ATTN_NAME",
@@ -116,14 +116,25 @@ def _new_softstep(module: nn.Module, opts: dict) -> SoftStepAttention:
     return layer
 
 
-def _attached_layer(module: nn.Module) -> nn.Module | None:
+def _is_peft_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is PEFT's ``modules_to_save`` wrapper (it holds the original module and
+    a trained copy per adapter, and calls the active one)."""
+    return isinstance(module._modules.get("original_module"), nn.Module)
+
+
+def _runs_softstep(layer: nn.Module) -> bool:
+    """A :class:`SoftStepAttention`, or PEFT's wrapper around one."""
+    return isinstance(layer, SoftStepAttention) or (
+        _is_peft_wrapper(layer) and isinstance(layer.original_module, SoftStepAttention)
+    )
+
+
+def _attached_layer(module: nn.Module, foreign_ok: bool = False) -> nn.Module | None:
     """What runs ``module``'s SoftStep attention: its ``softstep`` submodule, a
-    :class:`SoftStepAttention` or a wrapper that calls a copy of one (PEFT's
-    ``modules_to_save``, which trains and saves that copy); ``None`` when there is none yet."""
+    :class:`SoftStepAttention` or a PEFT wrapper around one; ``None`` when there is none yet.
+    Anything else there is a ``TypeError`` (returned as it is with ``foreign_ok``)."""
     layer = module._modules.get("softstep")
-    if layer is None or isinstance(layer, SoftStepAttention):
-        return layer
-    if isinstance(getattr(layer, "original_module", None), SoftStepAttention):  # peft's ModulesToSaveWrapper
+    if layer is None or _runs_softstep(layer) or foreign_ok:
         return layer
     raise TypeError(
         f"{type(module).__name__}.softstep is a {type(layer).__name__}, not a simwarp SoftStepAttention "
@@ -328,9 +339,7 @@ def attach_softstep(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     overwrite, set_implementation = as_flag("overwrite", overwrite), as_flag("set_implementation", set_implementation)
-    if init is not None and (isinstance(init, (str, bytes)) or not isinstance(init, Sequence) or len(init) != 3):
-        raise TypeError(f"init must be three floats (a, b, t) or None, got {init!r}")
-    opts = {"mode": mode, "step": step, "init": None if init is None else list(init), "hidden": hidden}
+    opts = {"mode": mode, "step": step, "init": None if init is None else list(check_init(init)), "hidden": hidden}
     found = attention_modules(model)
     if not found:
         raise ValueError(
@@ -346,9 +355,9 @@ def attach_softstep(
             f"{type(model).__name__} contains no transformers PreTrainedModel to switch to SoftStep attention; "
             "pass set_implementation=False and switch it yourself"
         )
-    layers = {name: _attached_layer(module) for name, module in found.items()}
+    layers = {name: _attached_layer(module, foreign_ok=overwrite) for name, module in found.items()}
     for name, layer in layers.items():
-        if overwrite and layer is not None and any(hasattr(m, "original_module") for m in layer.modules()):
+        if overwrite and layer is not None and _runs_softstep(layer) and any(map(_is_peft_wrapper, layer.modules())):
             raise ValueError(
                 f"{name}.softstep is wrapped by PEFT (modules_to_save), which trains and saves that wrapper: "
                 "attach_softstep with other options before get_peft_model"
@@ -490,17 +499,28 @@ def load_softstep_state(
         raise TypeError(f"load_softstep_state got unexpected arguments {unknown}; it takes {list(_CHECKPOINT_KWARGS)}")
     state = source if isinstance(source, dict) else _checkpoint_softstep_state(source, **checkpoint)
     own = {k: v for k, v in model.state_dict().items() if _is_softstep_key(k)}
-    stored: dict[str, torch.Tensor] = {}
-    for key, value in state.items():  # a PEFT model's state dict: its trained copy wins
-        if _is_softstep_key(key) and (_plain_key(key) not in stored or ".modules_to_save." in key):
-            stored[_plain_key(key)] = value
-    picked = {}
+    copies: dict[str | None, dict[str, torch.Tensor]] = {}  # PEFT copy ("original", an adapter, None) -> entries
+    for key, value in state.items():
+        if _is_softstep_key(key):
+            plain, copy = _peft_copy(key)
+            copies.setdefault(copy, {})[plain] = value
+    adapters = sorted(c for c in copies if c not in (None, "original"))
+    picked, skipped = {}, set()
     for key in own:
-        plain = _plain_key(key)
-        hit = _stored_key(plain, stored) or _stored_key(_checkpoint_name(model, plain, own[key]), stored)
-        if hit is not None:
-            picked[key] = stored[hit]
-    missing = sorted(key for key in set(own) - set(picked) if not _held_by_old_constant_step(model, key, stored))
+        plain, copy = _peft_copy(key)
+        if copy == "original" and "original" not in copies:
+            skipped.add(key)  # the base model's copy (PEFT's disable_adapter) keeps its values
+            continue
+        # a copy loads its own entries, else the plain ones; a plain key takes an adapter's where
+        # the source is a PEFT model (its "default", or its only adapter)
+        order = ["original"] if copy == "original" else [copy, None] if copy else [None, "default", *adapters[:1]]
+        for table in (copies.get(c) for c in order):
+            hit = table and (_stored_key(plain, table) or _stored_key(_checkpoint_name(model, plain, own[key]), table))
+            if hit:
+                picked[key] = table[hit]
+                break
+    stored = {k: v for table in copies.values() for k, v in table.items()}
+    missing = sorted(key for key in set(own) - set(picked) - skipped if not _held_by_old_constant_step(model, key, stored))
     if missing:
         what = (f"the checkpoint has no SoftStep parameters for {missing[:3]}{'…' if len(missing) > 3 else ''} "
                 f"(it holds {len(stored)} SoftStep entries, e.g. {sorted(stored)[:2]})")
@@ -511,15 +531,21 @@ def load_softstep_state(
     return sorted(picked)
 
 
-#: The path segments PEFT's ``modules_to_save`` adds inside a wrapped module: the original and
-#: each adapter's trained copy (``...softstep.step.modules_to_save.default.raw``).
-_PEFT_COPY = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.)")
+#: The path segment PEFT's ``modules_to_save`` adds inside a wrapped module: the original, or
+#: an adapter's trained copy (``...softstep.step.modules_to_save.default.raw``).
+_PEFT_COPY = re.compile(r"\.(?:(original_module)|modules_to_save\.([^.]+))(?=\.)")
 
 
-def _plain_key(key: str) -> str:
-    """A state-dict key without PEFT's ``modules_to_save`` segments: both copies of a wrapped
-    step load the checkpoint's entry, and a PEFT model's entries match a plain model's."""
-    return _PEFT_COPY.sub("", key)
+_PEFT_PREFIX = "base_model.model."  # where a PeftModel holds the model it wraps
+
+
+def _peft_copy(key: str) -> tuple[str, str | None]:
+    """``(key without PEFT's modules_to_save segment, which copy)``: ``"original"``, the
+    adapter's name, or ``None`` for a key outside any wrapper."""
+    found = _PEFT_COPY.search(key)
+    if found is None:
+        return key, None
+    return key[: found.start()] + key[found.end():], "original" if found.group(1) else found.group(2)
 
 
 def _is_softstep_key(key: str) -> bool:
@@ -587,7 +613,7 @@ def _held_by_old_constant_step(model: nn.Module, key: str, stored: dict) -> bool
     module_name, _, leaf = key.rpartition(".")
     if leaf != "raw" or "raw" not in model.get_submodule(module_name)._buffers:
         return False
-    module_name = _plain_key(module_name + ".")[:-1]
+    module_name = _peft_copy(module_name + ".")[0][:-1]
     return _stored_key(f"{module_name}.net.weight", stored) is not None or any(
         _stored_key(f"{module_name}.net.{i}.weight", stored) is not None for i in (0, 2)
     )
@@ -596,13 +622,18 @@ def _held_by_old_constant_step(model: nn.Module, key: str, stored: dict) -> bool
 def _stored_key(key: str | None, stored: dict) -> str | None:
     """The checkpoint entry for the model's ``key``: the same name, or one that differs by a
     leading prefix on either side (a base model saved from a head model carries ``"bert."``; a
-    head model loaded from a base checkpoint lacks it). Ambiguous prefixes match nothing."""
+    head model loaded from a base checkpoint lacks it). Ambiguous prefixes match nothing. A
+    PEFT model's own prefix (``"base_model.model."``) may be there besides (a PEFT-wrapped base
+    model loading a head model's checkpoint)."""
     if key is None:
         return None
-    if key in stored:
-        return key
-    hits = [sk for sk in stored if sk.endswith("." + key) or key.endswith("." + sk)]
-    return hits[0] if len(hits) == 1 else None
+    for name in dict.fromkeys((key, key.removeprefix(_PEFT_PREFIX))):
+        if name in stored:
+            return name
+        hits = [sk for sk in stored if sk.endswith("." + name) or name.endswith("." + sk)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
 
 
 def _checkpoint_name(model: nn.Module, key: str, tensor: torch.Tensor) -> str | None:
