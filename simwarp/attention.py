@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from simwarp._autograd import (
+    as_flag,
     autocast_enabled,
     autocast_like_sdpa,
     is_finite_real,
@@ -38,7 +39,7 @@ from simwarp._autograd import (
     require,
 )
 from simwarp.backend import warp_attend, warp_weights
-from simwarp.backend.common import as_flag, as_real, broadcasts_to, check_dropout_p
+from simwarp.backend.common import as_real, broadcasts_to, check_dropout_p
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
 from simwarp.steps import SoftStep
 
@@ -418,10 +419,9 @@ class SoftStepAttention(nn.Module):
         super().__init__()
         if not is_int(num_heads, 1):
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if mode == "instance" and not is_int(head_dim, 1):
-            raise ValueError(f"mode='instance' needs head_dim (the query size E) >= 1, got {head_dim!r}")
-        if head_dim is not None and not is_int(head_dim, 1):
-            raise ValueError(f"head_dim must be a positive int or None, got {head_dim!r}")
+        if (head_dim is not None or mode == "instance") and not is_int(head_dim, 1):
+            needed = "; mode='instance' needs it (the query size E)" if mode == "instance" else ""
+            raise ValueError(f"head_dim must be a positive int or None{needed}, got {head_dim!r}")
         num_heads, head_dim = int(num_heads), int(head_dim) if isinstance(head_dim, numbers.Integral) else head_dim
         self.num_heads, self.head_dim, self.mode = num_heads, head_dim, mode
         self.step = SoftStep(
@@ -457,7 +457,7 @@ class SoftStepAttention(nn.Module):
         return_stats: bool = False,
         need_weights: bool = False,
         **backend: Any,
-    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    ) -> torch.Tensor | tuple[torch.Tensor | AttentionStats, ...]:
         """Same arguments as :func:`softstep_attention` (``query (B, H, L, E)``), without the
         step parameters, which come from this module.
 
@@ -681,8 +681,10 @@ class MultiheadSoftStepAttention(nn.MultiheadAttention):
         average_attn_weights = as_flag("average_attn_weights", average_attn_weights)
         is_causal = False if is_causal is None else as_flag("is_causal", is_causal)  # (torch's layers may pass None)
         weight = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
-        if query.dtype != weight.dtype and not autocast_enabled(query.device.type):
-            raise TypeError(f"query has dtype {query.dtype} but this module's parameters are {weight.dtype}")
+        if not autocast_enabled(query.device.type):
+            for name, x in (("query", query), ("key", key), ("value", value)):
+                if x.dtype != weight.dtype:
+                    raise TypeError(f"{name} has dtype {x.dtype} but this module's parameters are {weight.dtype}")
         if query.is_nested or key.is_nested or value.is_nested:
             return self._forward_nested(query, key, value, attn_mask, is_causal), None
         batched = query.dim() == 3
@@ -788,9 +790,9 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     for other options without it raises. Returns the model (a new module when ``model`` itself
     is an ``nn.MultiheadAttention``); the swap is in place otherwise.
     """
-    overwrite = as_flag("overwrite", overwrite)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    overwrite = as_flag("overwrite", overwrite)
     _check_softstep_options(softstep_kwargs)
     if _swappable(model):
         return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from simwarp._autograd import (
+    as_flag,
     exporting,
     outside_autocast,
     recomputing_in_backward,
@@ -41,7 +42,6 @@ from simwarp._autograd import (
 )
 from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import (
-    as_flag,
     as_real,
     check_backend_options,
     resolve_params,
@@ -403,8 +403,8 @@ class _BankMixin(nn.Module):
                     )
                 if ys and (z.shape[1:] != zs[0].shape[1:] or y.shape[1:] != ys[0].shape[1:]):
                     raise ValueError(
-                        f"fit_bank: batch {len(ys)} has z of shape {_shape(z)} and labels of shape {_shape(y)}, "
-                        f"the first batch z {_shape(zs[0])} and labels {_shape(ys[0])}: every batch needs the same row shape"
+                        f"fit_bank: batch {len(ys) + 1} has z of shape {_shape(z)} and labels of shape {_shape(y)}, "
+                        f"batch 1 z {_shape(zs[0])} and labels {_shape(ys[0])}: every batch needs the same row shape"
                     )
                 zs.append(z.detach())
                 ys.append(y.detach())

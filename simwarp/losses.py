@@ -41,10 +41,10 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from simwarp._autograd import autocast_enabled, require
+from simwarp._autograd import as_flag, autocast_enabled, require
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
 from simwarp.backend.common import (
-    as_flag,
+    MIN_TEMPERATURE,
     as_real,
     check_backend_options,
     resolve_params,
@@ -449,9 +449,8 @@ class _SoftStepLossMixin:
         largest = torch.finfo(torch.float32).max  # the similarities' factor must be a finite float32
         if scale_name == "softmax_scale" and value > largest:
             raise ValueError(f"softmax_scale must be at most {largest:.3g}, got {scale_value!r}")
-        tiny = torch.finfo(torch.float32).tiny  # as the backend's temperature (simwarp.warp_attend)
-        if scale_name == "temperature" and value < tiny:
-            raise ValueError(f"temperature must be at least {tiny:.3g}, got {scale_value!r}")
+        if scale_name == "temperature" and value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:.3g}, got {scale_value!r}")
         setattr(self, scale_name, value)
         self.add_to_recordable_attributes(list_of_names=[scale_name], is_stat=False)
         resolve_group(gather)  # validates; True needs an initialised process group

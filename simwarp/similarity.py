@@ -210,12 +210,9 @@ def _check_pair(q, k, scale, k_layout: str) -> None:
         raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q (..., n, d) and k {k_layout} must share d, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    try:
-        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"the leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast"
-        ) from None
+    rows = 1 if k_layout == "(..., n, d)" else 2  # paired rows broadcast too; pairwise rows need not
+    if any(a != b and 1 not in (a, b) for a, b in zip(reversed(q.shape[:-rows]), reversed(k.shape[:-rows]))):
+        raise ValueError(f"leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast")
     if scale is not None and not isinstance(scale, torch.Tensor) and (  # a tensor scale may be learned
         isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not is_finite_real(scale)
     ):
@@ -233,8 +230,8 @@ def pairwise_similarity(
         k: keys ``(..., m, d)``; leading dims broadcast with ``q``'s.
         metric: ``"dot"`` (``q·k``), ``"cosine"``, ``"l2"`` (``-‖q - k‖``), ``"sqeuclidean"``
             (``-‖q - k‖²``) or ``"l1"`` (``-Σ|q - k|``).
-        scale: multiplier (any real, or a tensor: a learnable one works here); ``None`` =
-            ``d ** -0.5`` for ``"dot"``, else 1.
+        scale: multiplier (any real, or a tensor broadcasting against ``(..., n, m)``: a
+            learnable one works here); ``None`` = ``d ** -0.5`` for ``"dot"``, else 1.
 
     Returns:
         ``(..., n, m)`` similarities.

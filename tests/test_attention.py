@@ -547,6 +547,28 @@ def test_softstep_module_forward_returns_and_hooks_inside_the_wrapper():
     torch.testing.assert_close(w @ q, plain)
 
 
+def test_the_first_backward_of_a_process_is_seen_as_one_too():
+    # the first backward's graph task has id 0: a check for ids above 0 missed its recomputations
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from simwarp import swap_attention
+from simwarp.monitoring import AttentionMonitor
+layer = swap_attention(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True))
+seen = []
+with AttentionMonitor(layer, accumulate=True):
+    layer.self_attn.softstep.register_stats_hook(lambda m, s: seen.append(s))
+    checkpoint(layer, torch.randn(2, 5, 16, requires_grad=True), use_reentrant=False).sum().backward()
+print(len(seen))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
+
+
 def test_monitor_accumulates_over_calls_and_nests():
     torch.manual_seed(0)
     layer = swap_attention(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),

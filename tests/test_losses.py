@@ -847,3 +847,27 @@ def test_embeddings_without_features_are_named():
     for loss in (SoftStepNCALoss(), SoftStepContrastiveLoss(), SoftStepNeighborRegressionLoss()):
         with pytest.raises(ValueError, match=r"embeddings must have shape \(batch_size, embedding_size\) with embedding_size >= 1"):
             loss(torch.randn(4, 0), torch.arange(4) % 2)
+
+
+def test_regression_loss_errors_keep_the_targets_and_weights_exact():
+    from pytorch_metric_learning.reducers import DoNothingReducer
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    # the neighbours' targets are averaged in the embeddings' bf16 (1003 -> 1004, 1001 -> 1000), but
+    # each row's own target is not rounded before its error is taken: 9, not 16
+    x = torch.zeros(2, 4, dtype=torch.bfloat16)
+    loss = SoftStepNeighborRegressionLoss()(x, torch.tensor([1001.0, 1003.0]))
+    assert loss.item() == 9.0
+    # float16 targets beside float32 embeddings: their spread (300) squares beyond float16, not float32
+    y = torch.tensor([0.0, 300.0, 10.0, 20.0, 30.0, 40.0], dtype=torch.float16)
+    assert torch.isfinite(SoftStepNeighborRegressionLoss()(torch.randn(6, 4), y))
+    # a miner's anchor weights are not rounded to bf16
+    xb = torch.randn(6, 4).bfloat16()
+    yb = torch.randn(6)
+    a = torch.tensor([0, 0, 1, 2, 3, 3, 3])
+    anchors = (a, (a + 1) % 6, (a + 2) % 6)  # triplets: the anchors' counts weigh them
+    weighted = SoftStepNeighborRegressionLoss(reducer=DoNothingReducer())(xb, yb, indices_tuple=anchors)
+    plain = SoftStepNeighborRegressionLoss(reducer=DoNothingReducer())(xb, yb)
+    weights = lmu.convert_to_weights(anchors, yb[:, None], dtype=torch.float64).float()
+    kept = weights > 0
+    torch.testing.assert_close(weighted["loss"]["losses"][kept], (plain["loss"]["losses"] * weights)[kept], rtol=1e-6, atol=0)

@@ -583,6 +583,9 @@ def test_bad_inputs_found_by_an_audit_raise_errors_that_name_them():
         simwarp.pairwise_similarity(q.to("meta"), q)
     with pytest.raises(ValueError, match=r"leading dims of q \(2, 3, 4\) and k \(3, 5, 4\) do not broadcast"):
         simwarp.pairwise_similarity(torch.randn(2, 3, 4), torch.randn(3, 5, 4))
+    assert simwarp.pairwise_similarity(torch.randn(2, 1, 3, 4), torch.randn(5, 5, 4)).shape == (2, 5, 3, 5)
+    with pytest.raises(ValueError, match=r"leading dims of q \(3, 4\) and k \(5, 4\) do not broadcast"):
+        paired_similarity(torch.randn(3, 4), torch.randn(5, 4))
     # warp_weights / warp_range indexed a bad k before checking it
     for fn in (simwarp.warp_weights, simwarp.warp_range):
         for bad, error in ((None, TypeError), ([1.0], TypeError), (torch.tensor(1.0), ValueError)):

@@ -914,7 +914,8 @@ def test_trainer_checkpoints_resume_the_steps_exactly(tmp_path):
         return _step_values(model)
 
     straight = run(tmp_path / "a")
-    assert all(not torch.equal(v, _step_values(tiny_classifier(mode="per_head"))[k]) for k, v in straight.items())
+    fresh = _step_values(tiny_classifier(mode="per_head"))
+    assert all(not torch.equal(v, fresh[k]) for k, v in straight.items())
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
     for k, v in straight.items():
         torch.testing.assert_close(resumed[k], v)

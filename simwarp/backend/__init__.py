@@ -17,12 +17,11 @@ import warnings
 
 import torch
 
-from simwarp._autograd import exporting, outside_autocast, without_functorch
+from simwarp._autograd import as_flag, exporting, outside_autocast, without_functorch
 from simwarp.backend.chunked import chunked_warp_attend, chunked_warp_range
 from simwarp.backend.common import (
     IMPLS,
     WarpStats,
-    as_flag,
     broadcasts_to,
     check_chunk_size,
     check_dropout_p,

@@ -714,6 +714,11 @@ def check_backend_options(metric: str, impl: str, chunk_size, scale=None, temper
     return spec.scale, spec.temperature
 
 
+#: The smallest softmax temperature: float32's smallest normal, so that ``1/τ`` (and the
+#: kernels' ``log2(e)/τ``) are finite float32 factors.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
 def make_spec(
     metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset: int = 0, dtype: torch.dtype | None = None
 ) -> WarpSpec:
@@ -729,9 +734,8 @@ def make_spec(
     temperature = as_real("temperature", temperature, "a positive float")
     if not is_finite_real(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
-    # 1/τ, and the kernels' log2(e)/τ, must be finite float32 factors: τ at least float32's smallest normal
-    if temperature < torch.finfo(torch.float32).tiny:
-        raise ValueError(f"temperature must be at least {torch.finfo(torch.float32).tiny:.3g}, got {temperature!r}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:.3g}, got {temperature!r}")
     return WarpSpec(
         metric=metric,
         scale=scale,
