@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simwarp._autograd import as_flag, is_int
+from simwarp._autograd import as_flag, is_finite_real, is_int
 
 __all__ = ["DATASETS", "MissingExtraError", "RegressionData", "load_dataset", "embed_texts"]
 
@@ -196,6 +197,8 @@ def _embed_manifold(u: np.ndarray, rng: np.random.Generator, dim: int = 8, noise
 
 
 def load_periodic(n: int | None = 1500, seed: int = 0, frequency: float = 2.5) -> RegressionData:
+    if isinstance(frequency, bool) or not isinstance(frequency, numbers.Real) or not is_finite_real(frequency):
+        raise ValueError(f"frequency must be a finite float, got {frequency!r}")
     rng = np.random.default_rng(1234 + seed)
     n = 1500 if n is None else n
     u = rng.uniform(-2.0, 2.0, size=(n, 2))

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 import torch.distributed as dist
 
-from simwarp._autograd import as_flag
+from simwarp._autograd import as_flag, is_int
 from simwarp.backend import WarpStats, warp_attend, warp_range, warp_weights
 from simwarp.backend.chunked import block_ranges, default_chunk_size
 from simwarp.backend.common import (
@@ -327,7 +327,10 @@ def merge_moments(count_a, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b, me
 def leave_one_out_mask(n: int, offset: int, total: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``(n, total)`` bool, True everywhere except at ``(i, offset + i)``: local query ``i``
     may not attend to its own row of the global batch."""
-    if offset < 0 or offset + n > total:
+    for name, value in (("n", n), ("offset", offset), ("total", total)):
+        if not is_int(value, 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if offset + n > total:
         raise ValueError(f"local rows [{offset}, {offset + n}) do not fit in a global batch of {total}")
     mask = torch.ones((n, total), dtype=torch.bool, device=device)
     idx = torch.arange(n, device=device)

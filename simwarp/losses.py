@@ -28,7 +28,9 @@ loss's parameters to the optimiser together with the model's
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +42,7 @@ from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimila
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from torch import nn
 
 from simwarp._autograd import as_flag, autocast_enabled, require
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
@@ -182,6 +185,22 @@ def _output_dtype(embeddings: torch.Tensor, computed: torch.dtype) -> torch.dtyp
     (and as PML's NCALoss comes out there). The regression loss keeps float32 for half inputs
     always: its squared errors overflow float16."""
     return computed if autocast_enabled(embeddings.device.type) else embeddings.dtype
+
+
+@contextlib.contextmanager
+def _naming_unknown_keywords(loss: nn.Module):
+    """A keyword neither the loss nor pytorch-metric-learning's base classes take (a typo) is
+    named with the loss's class, not with the PML base class that refuses it."""
+    try:
+        yield
+    except TypeError as error:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if unknown is None:
+            raise
+        raise TypeError(
+            f"{type(loss).__name__} got an unexpected keyword argument {unknown.group(1)!r} (it takes its own "
+            "arguments and pytorch-metric-learning's distance, reducer, embedding_regularizer, ...)"
+        ) from None
 
 
 def _check_class_labels(labels, n: int, name: str) -> None:
@@ -686,7 +705,8 @@ class SoftStepNCALoss(_SoftStepLossMixin, BaseMetricLossFunction):
         gather=False,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        with _naming_unknown_keywords(self):
+            super().__init__(**kwargs)
         self._init_softstep(
             softmax_scale, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
         )
@@ -788,7 +808,8 @@ class SoftStepContrastiveLoss(_SoftStepLossMixin, BaseMetricLossFunction):
         gather=False,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        with _naming_unknown_keywords(self):
+            super().__init__(**kwargs)
         self._init_softstep(
             temperature, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
         )
@@ -903,7 +924,8 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         gather=False,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        with _naming_unknown_keywords(self):
+            super().__init__(**kwargs)
         self._init_softstep(
             softmax_scale, softstep, step, mode, embedding_size, hidden, init, detach_range, impl, chunk_size, gather
         )

@@ -201,6 +201,12 @@ def test_dataset_layouts_do_not_depend_on_the_subsample():
     for bad in (-5, 0, 2.5, True):
         with pytest.raises(ValueError, match="n must be a positive int"):
             load_dataset("digits", n=bad)
+    for bad in (float("nan"), "x", True):
+        with pytest.raises(ValueError, match="frequency must be a finite float"):
+            load_dataset("periodic", frequency=bad)
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        load_dataset("periodic", progress="x")
+    assert load_dataset("periodic", n=10, progress=None).X.shape[0] == 10
 
 
 def test_embed_texts_cache_keys_are_the_lists_themselves(tmp_path, monkeypatch):

@@ -654,3 +654,14 @@ def test_global_batch_of_one_row_raises_on_every_rank(group_results):
         assert "at least 2 rows across ranks" in message and expected in message and seen == 0
         message = res["tiny_batch_error"]
         assert message is not None and "at least 2 rows across ranks" in message and expected in message
+
+
+def test_leave_one_out_mask_names_bad_sizes():
+    from simwarp.distributed import leave_one_out_mask
+
+    for kwargs in (dict(n=-1, offset=0, total=2), dict(n=2, offset=-1, total=2), dict(n=2, offset=0, total="4")):
+        with pytest.raises(ValueError, match="must be a non-negative int"):
+            leave_one_out_mask(**kwargs)
+    with pytest.raises(ValueError, match="do not fit in a global batch of 2"):
+        leave_one_out_mask(2, 1, 2)
+    assert leave_one_out_mask(2, 1, 3).tolist() == [[True, False, True], [True, True, False]]

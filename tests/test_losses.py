@@ -871,3 +871,10 @@ def test_regression_loss_errors_keep_the_targets_and_weights_exact():
     weights = lmu.convert_to_weights(anchors, yb[:, None], dtype=torch.float64).float()
     kept = weights > 0
     torch.testing.assert_close(weighted["loss"]["losses"][kept], (plain["loss"]["losses"] * weights)[kept], rtol=1e-6, atol=0)
+
+
+def test_a_keyword_typo_names_the_loss():
+    # PML's base class refused it under its own name (ModuleWithRecords.__init__() got ...)
+    for loss in (SoftStepNCALoss, SoftStepContrastiveLoss, SoftStepNeighborRegressionLoss):
+        with pytest.raises(TypeError, match=f"{loss.__name__} got an unexpected keyword argument 'stepp'"):
+            loss(stepp="poly")
