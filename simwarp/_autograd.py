@@ -24,6 +24,9 @@ def _batched(grads: tuple) -> bool:
     )
 
 
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # (torch.OutOfMemoryError: 2.5+)
+
+
 def first_order(backward: Callable) -> Callable:
     """``torch.autograd.function.once_differentiable`` that also refuses ``create_graph=True``.
 
@@ -47,7 +50,7 @@ def first_order(backward: Callable) -> Callable:
         try:
             return inner(ctx, *grads)
         except RuntimeError as error:
-            if not _batched(grads):
+            if isinstance(error, _OUT_OF_MEMORY) or not _batched(grads):
                 raise
             raise NotImplementedError(
                 f"simwarp's {type(ctx).__name__.removesuffix('Backward')} does not support batched gradients "

@@ -420,8 +420,8 @@ class SoftStepAttention(nn.Module):
         if not is_int(num_heads, 1):
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         if (head_dim is not None or mode == "instance") and not is_int(head_dim, 1):
-            needed = "; mode='instance' needs it (the query size E)" if mode == "instance" else ""
-            raise ValueError(f"head_dim must be a positive int or None{needed}, got {head_dim!r}")
+            allowed = "a positive int (mode='instance' needs the query size E)" if mode == "instance" else "a positive int or None"
+            raise ValueError(f"head_dim must be {allowed}, got {head_dim!r}")
         num_heads, head_dim = int(num_heads), int(head_dim) if isinstance(head_dim, numbers.Integral) else head_dim
         self.num_heads, self.head_dim, self.mode = num_heads, head_dim, mode
         self.step = SoftStep(

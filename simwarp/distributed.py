@@ -328,6 +328,8 @@ def leave_one_out_mask(n: int, offset: int, total: int, device: torch.device | s
     """``(n, total)`` bool, True everywhere except at ``(i, offset + i)``: local query ``i``
     may not attend to its own row of the global batch."""
     for name, value in (("n", n), ("offset", offset), ("total", total)):
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+            value = int(value)
         if not is_int(value, 0):
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     if offset + n > total:

@@ -665,3 +665,4 @@ def test_leave_one_out_mask_names_bad_sizes():
     with pytest.raises(ValueError, match="do not fit in a global batch of 2"):
         leave_one_out_mask(2, 1, 2)
     assert leave_one_out_mask(2, 1, 3).tolist() == [[True, False, True], [True, True, False]]
+    assert leave_one_out_mask(torch.tensor(2), torch.tensor(1), 3).tolist() == leave_one_out_mask(2, 1, 3).tolist()

@@ -298,3 +298,21 @@ def test_torch_func_transforms_are_refused_with_a_clear_error():
     out = torch.func.functional_call(head, params, (torch.randn(8, 4), torch.randn(8)))
     out.sum().backward()
     assert all(p.grad is not None for p in params.values())
+
+
+def test_paired_similarity_traces_with_data_dependent_row_counts(monkeypatch):
+    # the broadcast check guarded on unbacked sizes ("Could not guard on data-dependent expression")
+    from simwarp.similarity import paired_similarity
+
+    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+
+    def pairs(x, m1, m2):
+        a, p = m1.nonzero().squeeze(-1), m2.nonzero().squeeze(-1)
+        return paired_similarity(x[a], x[p], "dot", 1.0).sum()
+
+    x = torch.randn(6, 4)
+    m1 = torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    m2 = torch.tensor([0, 1, 0, 1, 1, 0], dtype=torch.bool)
+    torch._dynamo.reset()
+    compiled = torch.compile(pairs, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, m1, m2), pairs(x, m1, m2))

@@ -835,6 +835,14 @@ def test_peft_checkpoints_in_other_layouts_load(tmp_path):
     load_softstep_state(plain, pm.state_dict())
     keys = list(_step_values(plain))
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in zip(keys, trained))
+    # into a PEFT model whose adapter has another name, or which has a second adapter
+    other = peft.get_peft_model(tiny_classifier(mode="per_head"), config)  # "default"
+    other.add_adapter("second", config)
+    assert len(load_softstep_state(other, pm.state_dict())) == 3 * len(keys)  # originals, default, second
+    state = other.state_dict()
+    for adapter in ("default", "second"):
+        copies = [k for k in state if f".modules_to_save.{adapter}." in k and ".softstep." in k]
+        assert len(copies) == len(keys) and all(torch.equal(state[k], v) for k, v in zip(copies, trained))
     pm.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert (tmp_path / "bin" / "mine" / "adapter_model.bin").exists() or (tmp_path / "bin" / "adapter_model.bin").exists()
     folder = next(p.parent for p in (tmp_path / "bin").rglob("adapter_model.bin"))
@@ -848,6 +856,12 @@ def test_peft_checkpoints_in_other_layouts_load(tmp_path):
         from_pretrained(tmp_path / "nested", subfolder=str(sub.relative_to(tmp_path / "nested")),
                         auto_class=transformers.AutoModelForSequenceClassification)
     plain.save_pretrained(tmp_path / "full")
+    import numpy as np
+
+    tiny_classifier(mode="per_head", init=(0.2, 0.8, 0.5)).save_pretrained(tmp_path / "init")
+    again = from_pretrained(tmp_path / "init", auto_class=transformers.AutoModelForSequenceClassification,
+                            init=np.array([0.2, 0.8, 0.5]))  # the saved init, as a NumPy array
+    assert again.config.softstep["init"] == [0.2, 0.8, 0.5]
     # a LoRA-wrapped base model (keys "base_model.model.encoder...") loads a head model's checkpoint ("bert.encoder...")
     base = transformers.BertModel(tiny_bert().config)
     attach_softstep(base)

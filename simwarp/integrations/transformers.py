@@ -470,8 +470,9 @@ def load_softstep_state(
 
     Args:
         model: a model after :func:`attach_softstep` (or any module holding its ``softstep``
-            layers), also inside a PEFT model (where ``modules_to_save`` wraps a step, both of
-            its copies load the entry).
+            layers), also inside a PEFT model (where ``modules_to_save`` wraps a step, its
+            adapter copies load the entry; the original copy, PEFT's ``disable_adapter``
+            state, keeps its values unless the source is a PEFT model that holds one).
         source: a ``save_pretrained`` directory or a Hub model id (its weights in one file or
             in shards, safetensors or ``.bin``, found as transformers finds them: from the
             local cache, or downloaded; or a PEFT adapter's ``adapter_model`` file), or a
@@ -511,9 +512,10 @@ def load_softstep_state(
         if copy == "original" and "original" not in copies:
             skipped.add(key)  # the base model's copy (PEFT's disable_adapter) keeps its values
             continue
-        # a copy loads its own entries, else the plain ones; a plain key takes an adapter's where
-        # the source is a PEFT model (its "default", or its only adapter)
-        order = ["original"] if copy == "original" else [copy, None] if copy else [None, "default", *adapters[:1]]
+        # a copy loads its own entries, else the plain ones, else (a PEFT source) its "default"
+        # adapter's or its only adapter's; several others are ambiguous
+        fallback = [None, "default", *(adapters if len(adapters) == 1 else [])]
+        order = ["original"] if copy == "original" else list(dict.fromkeys([copy, *fallback]))
         for table in (copies.get(c) for c in order):
             hit = table and (_stored_key(plain, table) or _stored_key(_checkpoint_name(model, plain, own[key]), table))
             if hit:
@@ -677,6 +679,8 @@ def from_pretrained(path: str | os.PathLike, auto_class: Any = None, **kwargs: A
         )
     register()
     attach = {k: kwargs.pop(k) for k in list(kwargs) if k in _DEFAULT_ATTACH}
+    if attach.get("init") is not None:  # as config.json stores it (a NumPy array compares elementwise)
+        attach["init"] = list(check_init(attach["init"]))
     model = auto_class.from_pretrained(path, attn_implementation=ATTN_NAME, **kwargs)
     saved, in_parts = _saved_options(model.config)
     conflicts = {k: v for k, v in attach.items() if saved and k in saved and _as_saved(v) != saved[k]}
