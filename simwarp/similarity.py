@@ -211,16 +211,9 @@ def _check_pair(q, k, scale, k_layout: str) -> None:
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q (..., n, d) and k {k_layout} must share d, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     rows = 1 if k_layout == "(..., n, d)" else 2  # paired rows broadcast too; pairwise rows need not
-    lead_q, lead_k = q.shape[:-rows], k.shape[:-rows]
-    if not torch.compiler.is_compiling():  # plain sizes: a cheap check
-        broadcasts = all(a == b or 1 in (a, b) for a, b in zip(reversed(lead_q), reversed(lead_k)))
-    else:  # symbolic sizes (tracing): torch's check becomes a runtime assertion
-        try:
-            torch.broadcast_shapes(lead_q, lead_k)
-            broadcasts = True
-        except RuntimeError:
-            broadcasts = False
-    if not broadcasts:
+    pairs = zip(reversed(q.shape[:-rows]), reversed(k.shape[:-rows]))
+    # (eager only: traced sizes may be data-dependent, where the ops' own checks become assertions)
+    if not torch.compiler.is_compiling() and not all(a == b or 1 in (a, b) for a, b in pairs):
         raise ValueError(f"leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast")
     if scale is not None and not isinstance(scale, torch.Tensor) and (  # a tensor scale may be learned
         isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not is_finite_real(scale)

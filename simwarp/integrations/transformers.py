@@ -31,6 +31,7 @@ that, or call :func:`attach_softstep` first), and records the options in its con
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -505,19 +506,20 @@ def load_softstep_state(
         if _is_softstep_key(key):
             plain, copy = _peft_copy(key)
             copies.setdefault(copy, {})[plain] = value
+    # a copy loads its own entries, else the plain ones, else (a PEFT source) its "default"
+    # adapter's or its only adapter's; several others are ambiguous
     adapters = sorted(c for c in copies if c not in (None, "original"))
+    fallback = [None, "default", *(adapters if len(adapters) == 1 else [])]
     picked, skipped = {}, set()
     for key in own:
         plain, copy = _peft_copy(key)
         if copy == "original" and "original" not in copies:
             skipped.add(key)  # the base model's copy (PEFT's disable_adapter) keeps its values
             continue
-        # a copy loads its own entries, else the plain ones, else (a PEFT source) its "default"
-        # adapter's or its only adapter's; several others are ambiguous
-        fallback = [None, "default", *(adapters if len(adapters) == 1 else [])]
         order = ["original"] if copy == "original" else list(dict.fromkeys([copy, *fallback]))
+        renamed = functools.cache(lambda plain=plain, key=key: _checkpoint_name(model, plain, own[key]))  # on a miss, once
         for table in (copies.get(c) for c in order):
-            hit = table and (_stored_key(plain, table) or _stored_key(_checkpoint_name(model, plain, own[key]), table))
+            hit = table and (_stored_key(plain, table) or _stored_key(renamed(), table))
             if hit:
                 picked[key] = table[hit]
                 break
