@@ -4,7 +4,8 @@
    with NaN before each run, so an unwritten output element shows up as NaN):
    * small shapes, float32 kernels vs the dense float64 reference (values and all gradients),
      metrics x steps x masks;
-   * a mid shape in bfloat16 vs the float32 chunked path (relative error, no NaN);
+   * mid shapes in bfloat16 vs the float32 chunked path (relative error overall and of the
+     worst row, no NaN);
    * ``step="none"`` vs SDPA on the benchmark shapes (the fused path must equal softmax attention);
    * the neighbour-bank layout (few queries, many keys: key splits) vs chunked float32;
    * dropout inside the kernels vs the float64 reference with the kernels' mask
@@ -63,7 +64,9 @@ SHAPES = [(4, 16, 2048, 64), (2, 16, 8192, 64), (1, 16, 16384, 128)]
 A, B_, T = 0.1, 0.9, 0.5  # the SoftStep defaults
 GiB = 2**30
 SMALL = (77, 131, 48, 24)  # n, m, d, e of the float64 checks
-MID = (1, 4, 1024, 64)  # B, H, N, D of the bfloat16 check
+# B, H, N, D of the bfloat16 checks; d = 128 makes the dot scale 1/sqrt(128), not a power of two
+# (so scaled scores round: the flat first row of a causal sequence caught a contracted FMA there)
+MIDS = ((1, 4, 1024, 64), (1, 4, 512, 128))
 BANK = (256, 1 << 20, 64)  # queries, bank entries, d (value width 1)
 CLUSTERS = 16
 
@@ -212,7 +215,23 @@ def _loss_grads(fn, dtype, *, tensors, batch, mask, spec, device):
     w = torch.linspace(-1, 1, e, device=device, dtype=dtype)
     loss = (out * w).sum() + 0.3 * st.lse.masked_fill(st.empty, 0).sum()
     gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return out, [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+    return out.detach(), st, [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+def _bad_rows(out, st, ref, ref_st, valid_keys, log, limit: int = 6) -> list[dict]:
+    """The rows whose output is off (relative to the largest reference entry), each with what
+    a diagnosis needs: its number of valid keys and the row statistics of both paths."""
+    err = (out.double() - ref.double()).abs().amax(-1) / ref.abs().max().clamp_min(1e-30)
+    found = []
+    for index in (err > 1e-4).nonzero().tolist()[:limit]:
+        at = tuple(index)
+        row = dict(index=index, valid_keys=int(valid_keys[at]), err=float(err[at]),
+                   out_norm=float(out[at].norm()), ref_norm=float(ref[at].norm()))
+        for name in ("lo", "hi", "lse"):
+            row[name], row[f"ref_{name}"] = float(getattr(st, name)[at]), float(getattr(ref_st, name)[at])
+        found.append(row)
+        log("      bad row " + " ".join(f"{kk}={vv:.6g}" if isinstance(vv, float) else f"{kk}={vv}" for kk, vv in row.items()))
+    return found
 
 
 def check_small(device, log) -> list[dict]:
@@ -257,8 +276,8 @@ def check_small(device, log) -> list[dict]:
             b, t = torch.ones_like(b), 0.9 + 0.09 * torch.rand((*shape_b, n), generator=g, device=device)
 
         call = dict(tensors=(q, k, v, a, b, t), batch=shape_b, mask=mask, spec=spec, device=device)
-        out, gs = _loss_grads(triton_warp_attend, torch.float32, **call)
-        ref, rgs = _loss_grads(dense_warp_attend, torch.float64, **call)
+        out, st, gs = _loss_grads(triton_warp_attend, torch.float32, **call)
+        ref, ref_st, rgs = _loss_grads(dense_warp_attend, torch.float64, **call)
         errs = {"out": rel_err(out, ref)} | {f"d{nm}": rel_err(x, y) for nm, x, y in zip("qkv", gs, rgs)}
         # Parameter gradients are sums over many rows (cancellation): relative to their largest entry.
         for nm, x, y in zip("abt", gs[3:], rgs[3:]):
@@ -270,7 +289,23 @@ def check_small(device, log) -> list[dict]:
         row = dict(check="small_vs_dense_f64", metric=metric, step=step, opts=str(o), ok=bool(ok), **errs)
         rows.append(row)
         log(f"  [{'ok' if ok else 'FAIL'}] {metric:11s} {step:9s} {o}  " + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
+        if not ok:
+            row["bad_rows"] = _bad_rows(out, st, ref, ref_st, _valid_keys(shape_b, n, m, mask, spec), log)
     return rows
+
+
+def _valid_keys(batch, n: int, m: int, mask, spec) -> torch.Tensor:
+    """``(*batch, n)``: how many keys each query row may attend to."""
+    device = mask.device if mask is not None else None
+    rows, cols = torch.arange(n, device=device)[:, None], torch.arange(m, device=device)
+    valid = torch.ones(n, m, dtype=torch.bool, device=device)
+    if spec.causal:
+        valid &= cols <= rows
+    if spec.exclude_self:
+        valid &= cols != rows + spec.self_offset
+    if mask is not None:
+        valid = valid & mask
+    return valid.expand(*batch, n, m).sum(-1).cpu()
 
 
 def check_dropout(device, log, p: float = 0.3) -> list[dict]:
@@ -300,8 +335,8 @@ def check_dropout(device, log, p: float = 0.3) -> list[dict]:
 
         prm = tuple(torch.tensor(x, device=device) for x in (0.2, 0.7, 0.4))
         call = dict(tensors=(q, k, v, *prm), batch=shape_b, mask=mask, spec=spec, device=device)
-        out, gs = _loss_grads(fused_call, torch.float32, **call)
-        ref, rgs = _loss_grads(reference, torch.float64, **call)
+        out, st, gs = _loss_grads(fused_call, torch.float32, **call)
+        ref, ref_st, rgs = _loss_grads(reference, torch.float64, **call)
         errs = {"out": rel_err(out, ref)} | {f"d{nm}": rel_err(x, y) for nm, x, y in zip("qkv", gs, rgs)}
         finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(x).all()) for x in gs)
         ok = finite and errs["out"] < 1e-4 and max(errs["dq"], errs["dk"], errs["dv"]) < 1e-3
@@ -378,26 +413,27 @@ def check_compile(device, log) -> list[dict]:
 
 
 def check_mid_bf16(device, log) -> list[dict]:
-    """bfloat16 kernels vs float32 chunked on a mid shape (values and q/k/v gradients)."""
+    """bfloat16 kernels vs float32 chunked on mid shapes (values and q/k/v gradients)."""
     rows = []
-    for causal in (False, True):
-        for step in ("sigmoidal", "poly"):
-            shape = MID
-            q, k, v = (fresh(shape, torch.float32, device, s) for s in (11, 12, 13))
-            gout = fresh(shape, torch.float32, device, 14)
-            res = {}
-            for impl, dtype in (("triton", torch.bfloat16), ("chunked", torch.float32)):
-                leaves = [x.detach().to(torch.bfloat16).to(dtype).requires_grad_() for x in (q, k, v)]
-                poison(device)
-                out = simwarp.warp_attend(*leaves, step=step, a=A, b=B_, t=T, causal=causal, impl=impl)
-                out.backward(gout.to(dtype))
-                res[impl] = [out] + [x.grad for x in leaves]
-            errs = {nm: rel_err(x, y) for nm, x, y in zip(("out", "dq", "dk", "dv"), res["triton"], res["chunked"])}
-            finite = all(bool(torch.isfinite(x).all()) for x in res["triton"])
-            ok = finite and errs["out"] < 2e-2 and max(errs.values()) < 5e-2
-            rows.append(dict(check="mid_bf16_vs_chunked_f32", causal=causal, step=step, ok=bool(ok), **errs))
-            log(f"  [{'ok' if ok else 'FAIL'}] bf16 {'·'.join(map(str, MID))} causal={causal} {step}: "
-                + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
+    for shape, causal, step in itertools.product(MIDS, (False, True), ("sigmoidal", "poly")):
+        q, k, v = (fresh(shape, torch.float32, device, s) for s in (11, 12, 13))
+        gout = fresh(shape, torch.float32, device, 14)
+        res = {}
+        for impl, dtype in (("triton", torch.bfloat16), ("chunked", torch.float32)):
+            leaves = [x.detach().to(torch.bfloat16).to(dtype).requires_grad_() for x in (q, k, v)]
+            poison(device)
+            out = simwarp.warp_attend(*leaves, step=step, a=A, b=B_, t=T, causal=causal, impl=impl)
+            out.backward(gout.to(dtype))
+            res[impl] = [out.detach()] + [x.grad for x in leaves]
+        errs = {nm: rel_err(x, y) for nm, x, y in zip(("out", "dq", "dk", "dv"), res["triton"], res["chunked"])}
+        # one wrong row among thousands hardly moves the overall error: the worst row's own error
+        fused_out, ref_out = res["triton"][0].double(), res["chunked"][0].double()
+        errs["worst_row"] = float(((fused_out - ref_out).norm(dim=-1) / ref_out.norm(dim=-1).clamp_min(1e-12)).max())
+        finite = all(bool(torch.isfinite(x).all()) for x in res["triton"])
+        ok = finite and errs["out"] < 2e-2 and max(errs.values()) < 0.1 and max(errs["dq"], errs["dk"], errs["dv"]) < 5e-2
+        rows.append(dict(check="mid_bf16_vs_chunked_f32", shape=list(shape), causal=causal, step=step, ok=bool(ok), **errs))
+        log(f"  [{'ok' if ok else 'FAIL'}] bf16 {'·'.join(map(str, shape))} causal={causal} {step}: "
+            + " ".join(f"{kk}={vv:.1e}" for kk, vv in errs.items()))
     return rows
 
 
@@ -449,7 +485,8 @@ SWEEP_SHAPES = SHAPES[1:]
 # each as (causal, KernelConfig fields).
 SWEEP_CONFIGS = {
     "fwd no skipping": (False, dict(block_skipping=False)),
-    "fwd 128x64 4 warps": (False, dict(block_n=64, num_warps=4)),
+    "fwd 128x128 8 warps": (False, dict(block_n=128, num_warps=8)),  # the default before 2026-11-28
+    "fwd causal no skipping": (True, dict(block_skipping=False)),
     "fwd pass-1 pipelined": (False, dict(pipeline_range=True)),
     "fwd causal 128x128": (True, dict(block_n=128)),
     "bwd no skipping": (False, dict(block_skipping=False)),

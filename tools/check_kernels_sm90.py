@@ -17,6 +17,7 @@ Usage::
     python tools/check_kernels_sm90.py --dims 64 128 --dropout 0.1          # with dropout in the kernels
     python tools/check_kernels_sm90.py --dims 64 --metrics l2 cosine --ragged --splits 3 --dtypes float16
                                        # distances, ragged tiles with a padding mask, split keys
+    python tools/check_kernels_sm90.py --dims 48 --steps poly --ptx-dir ptx   # keep each kernel's PTX
 
 Exit status 1 if any variant fails to compile or needs more shared memory than an H100 block has. Relies on Triton internals
 (``triton.runtime.driver``, ``JITFunction.run(warmup=True)``); tested with Triton 3.6 (the GPU
@@ -103,6 +104,8 @@ def main(argv=None) -> int:
                    help="n = 500 queries, m = 777 keys (tiles that do not divide them) and a key-padding mask")
     p.add_argument("--splits", type=int, default=1, help="key splits per query block (the neighbour-bank grids)")
     p.add_argument("--smem-limit", type=int, default=232448, help="bytes of shared memory per block (H100/H200)")
+    p.add_argument("--ptx-dir", type=Path, default=None,
+                   help="write each compiled kernel's PTX there, as VARIANT.KERNEL.ptx (tests/test_kernel_ptx.py reads them)")
     args = p.parse_args(argv)
 
     from triton.runtime import driver as triton_driver
@@ -116,9 +119,13 @@ def main(argv=None) -> int:
     compiled: list[tuple[str, int, int, int]] = []
     original_run = JITFunction.run
 
+    variant = ""
+
     def compile_only(self, *a, grid, warmup, **kw):
         kernel = original_run(self, *a, grid=grid, warmup=True, **kw)
         compiled.append((self.__name__, *_ptxas_report(kernel.asm["ptx"], args.capability), kernel.metadata.shared))
+        if args.ptx_dir is not None:
+            Path(args.ptx_dir, f"{variant}.{self.__name__}.ptx").write_text(kernel.asm["ptx"])
         return kernel
 
     JITFunction.run = compile_only
@@ -128,6 +135,8 @@ def main(argv=None) -> int:
     launch.make_plan = lambda *a, **k: dataclasses.replace(make_plan(*a, **k), interpret=False)
     launch._num_splits = lambda cfg, programs, n_kb, device: min(args.splits, n_kb)
 
+    if args.ptx_dir is not None:
+        args.ptx_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     causal_options = (False, True) if args.causal else (False,)
     skipping_options = (True, False) if args.no_skipping else (True,)
@@ -136,6 +145,7 @@ def main(argv=None) -> int:
     ):
         dtype = getattr(torch, dtype_name)
         compiled.clear()
+        variant = f"{dtype_name}_{metric}_d{d}_{step}_causal{int(causal)}_skipping{int(skipping)}"
         n, m = (500, 777) if args.ragged else (512, 512)
         q = torch.randn(1, 2, n, d, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(1, 2, m, d, dtype=dtype, requires_grad=True) for _ in range(2))

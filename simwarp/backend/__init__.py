@@ -56,9 +56,10 @@ def _triton_available(device: torch.device) -> bool:
 
 
 #: Whether ``impl="auto"`` sends ``dropout_p > 0`` to the fused kernels. Their dropout is
-#: checked against float64 in Triton's interpreter and compiles for sm_90, but has not run on
-#: a GPU yet (docs/kernels.md); until ``benchmarks/bench_attention_gpu.py`` has checked it
-#: there, ``"auto"`` keeps the chunked path for dropout and ``impl="triton"`` opts in.
+#: checked against float64 in Triton's interpreter and compiles for sm_90; its first GPU check
+#: (H100, 2026-11-28) passed two of three cases and failed the causal one through the flat-row
+#: range since fixed (docs/kernels.md). Until ``benchmarks/bench_attention_gpu.py`` has passed
+#: it on a GPU, ``"auto"`` keeps the chunked path for dropout and ``impl="triton"`` opts in.
 FUSED_DROPOUT_BY_DEFAULT = False
 
 

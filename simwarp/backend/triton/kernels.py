@@ -737,7 +737,14 @@ def row_stats_kernel(
     factor = _score_factor(tl.load(CONSTS), METRIC)
     lo = lo_raw * factor
     hi = hi_raw * factor
-    r = hi - lo
+    # The range from the raw extremes, so that a flat row (one valid key, or all scores equal)
+    # gets exactly 0: the GPU compiler contracts ``hi - lo`` into ``fma(hi_raw, factor, -lo)``,
+    # which is the rounding error of ``lo`` (not 0) whenever ``factor`` is not a power of two
+    # (``dot`` at d = 48 or 128), and a positive error made such a row "steep" with
+    # ``inv_r`` ~ 1/ulp: its keys' ``u`` came out garbage (the first row of every causal
+    # sequence lost its only key in about half the heads; found on an H100, invisible to the
+    # interpreter, which rounds every operation).
+    r = (hi_raw - lo_raw) * factor
     steep = r >= 1.1754943508222875e-38  # flat rows as common.unit_affine: r below float32's smallest normal
     inv_r = tl.where(steep, 1.0 / tl.where(steep, r, 1.0), 0.0)
     tl.store(RS + rows, lo, mask=row_ok)

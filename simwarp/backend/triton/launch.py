@@ -187,16 +187,19 @@ def _resolve_config(
     cfg: KernelConfig, d: int, dtype: torch.dtype, step: int = 1, causal: bool = False
 ) -> KernelConfig:
     # Defaults timed on an H100 and an H200 (benchmarks/RESULTS.md) and checked with ptxas -v
-    # for register spills: 128x128 forward tiles where the step has no transcendental band math
-    # (none, poly) and the mask is not causal (the diagonal tiles' extra selects spill there),
-    # 128x64 otherwise; dq 64x32 (64x64 for non-causal none/poly at d = 128: 1.10x faster) and
-    # dk/dv 64x64 for none/poly (1.13-1.27x faster than 32x64 at the target shapes; the
-    # sigmoidal/log tiles would spill), all with four warps. float32 products run as three
-    # TF32 passes (tf32x3) and take smaller tiles.
+    # for register spills: 128x128 forward tiles for none when the mask is not causal (the
+    # diagonal tiles' extra selects spill there), 128x64 otherwise (poly, non-causal, H100:
+    # 1.14x faster than 128x128 at d = 64 with four warps, 1.05x at d = 128 with eight); dq
+    # 64x32 (64x64 for non-causal none/poly at d = 128: 1.10x faster) and dk/dv 64x64 for
+    # none/poly (1.13-1.27x faster than 32x64 at the target shapes; the sigmoidal/log tiles
+    # would spill), all with four warps. float32 products run as three TF32 passes (tf32x3)
+    # and take smaller tiles.
     big = d > 128
     wide = dtype in (torch.float32, torch.float64)
     bm = cfg.block_m or (64 if big or wide else 128)
-    bn = cfg.block_n or (32 if big else 64 if wide or causal or step in (1, 2) else 128)
+    bn = cfg.block_n or (32 if big else 64 if wide or causal or step != 0 else 128)
+    # the non-causal poly forward at d <= 64: 128x64 tiles with four warps
+    four_warps = step == 3 and not (causal or wide) and d <= 64
     small = 32 if big or wide else None
     bbm = cfg.bwd_block_m or min(bm, small or 64)
     bbn = cfg.bwd_block_n or min(bn, 64 if step in (0, 3) and not (big or wide or causal) and d > 64 else 32)
@@ -214,7 +217,7 @@ def _resolve_config(
         )
     return replace(
         cfg, block_m=bm, block_n=bn, bwd_block_m=bbm, bwd_block_n=bbn, bwd_kv_block_m=kvm, bwd_kv_block_n=kvn,
-        num_warps=cfg.num_warps or 8,
+        num_warps=cfg.num_warps or (4 if four_warps else 8),
         # float32 at d > 128: two stages of K/V tiles need 256 KiB of shared memory, over sm_90's 227
         num_stages=cfg.num_stages or (3 if d <= 64 else 1 if big and wide else 2),
         bwd_num_warps=cfg.bwd_num_warps or (8 if wide or big else 4),
