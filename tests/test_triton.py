@@ -502,6 +502,44 @@ def check_sigmoidal_at_b_one_has_no_partials_at_the_best_key(dtype, t):
         assert (got - want).abs().max() <= tol * max(1.0, float(want.abs().max()))
 
 
+@check(cases={"log-causal-detach": ("dot", "log", dict(causal=True, detach_range=True)),
+              "log-cosine-causal": ("cosine", "log", dict(causal=True)),
+              "sigmoidal-b1-detach": ("dot", "sigmoidal", dict(b_one=True, detach_range=True)),
+              "sigmoidal-b1-sqeuclidean": ("sqeuclidean", "sigmoidal", dict(b_one=True))})
+def check_pins_hold_with_the_default_tiles(metric, step, opts):
+    """float32 at the default tiles (forward 64x64, backward 32/16): the pins (``log``'s
+    ``u = 0`` at the row minimum, ``sigmoidal``'s ``u = 1`` at the maximum) need the backward
+    to reproduce pass 1's scores bit for bit with other tile shapes, as the GPU does. The
+    interpreter's NumPy float32 products rounded by shape: dq off 100x (log) and grad b by
+    0.2-0.65 (b = 1), until its dots summed in float64 (kernels._dot)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}{step}{opts}".encode()))
+    n, m, d, e = 77, 131, 48, 24
+    q, k, v = (torch.randn(2, rows, cols, generator=gen) for rows, cols in ((n, d), (m, d), (m, e)))
+    a = 0.05 + 0.3 * torch.rand(2, n, generator=gen)
+    b = (a + 0.1 + 0.5 * torch.rand(2, n, generator=gen)).clamp(max=1.0)
+    t = 0.1 + 0.8 * torch.rand(2, n, generator=gen)
+    if opts.get("b_one"):
+        b, t = torch.ones_like(b), 0.9 + 0.09 * torch.rand(2, n, generator=gen)
+    spec = make_spec(metric, None, step, 1.0, opts.get("causal", False), False, opts.get("detach_range", False))
+    results = {}
+    for name, fn, dtype in (("triton", triton_warp_attend, torch.float32), ("dense", dense_warp_attend, f64)):
+        tensors = [x.to(dtype) for x in (q, k, v)]
+        params = resolve_params(a.to(dtype), b.to(dtype), t.to(dtype), batch=torch.Size([2]), n=n, dtype=dtype,
+                                device=q.device)
+        results[name] = _loss_and_grads(fn, (*tensors, *params), None, spec)
+    (out, _, grads), (ref, _, ref_grads) = results["triton"], results["dense"]
+
+    def rel(x, y):
+        return float((x.detach().double() - y.detach()).norm() / y.detach().norm().clamp_min(1e-30))
+
+    assert rel(out, ref) < 1e-5
+    for name, g, rg in zip("qkvabt", grads, ref_grads):
+        if name in "qkv":
+            assert rel(g, rg) < 1e-3, (name, rel(g, rg))
+        else:  # sums over rows: against the largest entry
+            assert float((g.detach().double() - rg).abs().max()) <= 1e-3 * max(float(rg.abs().max()), 1e-12), name
+
+
 @check(cases={"sigmoidal": ("sigmoidal", 0.05), "log": ("log", 0.995), "poly": ("poly", 0.05)})
 def check_kept_counts_the_support_as_the_pytorch_paths(step, t):
     """Sharp steps put keys just inside the support at a mask below float32's range: the

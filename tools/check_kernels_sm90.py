@@ -104,6 +104,7 @@ def main(argv=None) -> int:
                    help="n = 500 queries, m = 777 keys (tiles that do not divide them) and a key-padding mask")
     p.add_argument("--splits", type=int, default=1, help="key splits per query block (the neighbour-bank grids)")
     p.add_argument("--smem-limit", type=int, default=232448, help="bytes of shared memory per block (H100/H200)")
+    p.add_argument("--forward-only", action="store_true", help="compile the inference forward's kernels only")
     p.add_argument("--ptx-dir", type=Path, default=None,
                    help="write each compiled kernel's PTX there, as VARIANT.KERNEL.ptx (tests/test_kernel_ptx.py reads them)")
     args = p.parse_args(argv)
@@ -155,8 +156,10 @@ def main(argv=None) -> int:
         config = KernelConfig(block_skipping=skipping, pipeline_range=args.pipeline_range)
         error = note = ""
         try:
-            out, _ = fused.triton_warp_attend(q, k, v, *prm, mask, spec, config=config, dropout_p=args.dropout)
-            out.float().sum().backward()
+            with torch.set_grad_enabled(not args.forward_only):
+                out, _ = fused.triton_warp_attend(q, k, v, *prm, mask, spec, config=config, dropout_p=args.dropout)
+            if not args.forward_only:
+                out.float().sum().backward()
         except Exception as exc:  # noqa: BLE001 - compile errors are the report; the rest is shown
             message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[-1][:200]}"
             if type(exc).__name__ == "CompilationError" or "compil" in str(exc).lower():

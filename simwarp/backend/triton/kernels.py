@@ -35,10 +35,13 @@ TMAX_ROWS = tl.constexpr(16)
 
 @triton.jit
 def _dot(x, y, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """``x @ y`` accumulated in ``ACC``. ``UPCAST`` (CPU interpreter with bfloat16, whose numpy
-    matmul does not understand bfloat16) multiplies the same rounded values in float32."""
+    """``x @ y`` accumulated in ``ACC``. ``UPCAST`` (the CPU interpreter, 16- and 32-bit inputs)
+    sums float64 products of the same values and rounds once: NumPy's matmul knows no
+    bfloat16, and its float32 rounding depends on the operands' shapes, so the backward's tiles
+    would not reproduce pass 1's scores bit for bit as the GPU's do (the pins of
+    ``_step_coord`` and ``_score_grad`` need that)."""
     if UPCAST:
-        r = tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+        r = tl.dot(x.to(tl.float64), y.to(tl.float64), input_precision="ieee", out_dtype=tl.float64).to(ACC)
     else:
         r = tl.dot(x, y, input_precision=PREC, out_dtype=ACC)
     return r
@@ -745,7 +748,7 @@ def row_stats_kernel(
     # sequence lost its only key in about half the heads; found on an H100, invisible to the
     # interpreter, which rounds every operation).
     r = (hi_raw - lo_raw) * factor
-    steep = r >= 1.1754943508222875e-38  # flat rows as common.unit_affine: r below float32's smallest normal
+    steep = r >= 1.1754943508222875e-38  # flat: r below float32's smallest normal (as common.unit_affine)
     inv_r = tl.where(steep, 1.0 / tl.where(steep, r, 1.0), 0.0)
     tl.store(RS + rows, lo, mask=row_ok)
     tl.store(RS + plane + rows, hi, mask=row_ok)

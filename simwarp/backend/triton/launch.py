@@ -198,8 +198,8 @@ def _resolve_config(
     wide = dtype in (torch.float32, torch.float64)
     bm = cfg.block_m or (64 if big or wide else 128)
     bn = cfg.block_n or (32 if big else 64 if wide or causal or step != 0 else 128)
-    # the non-causal poly forward at d <= 64: 128x64 tiles with four warps
-    four_warps = step == 3 and not (causal or wide) and d <= 64
+    # the non-causal poly forward at d <= 64 with its default 128x64 tiles: four warps
+    four_warps = step == 3 and not (causal or wide) and d <= 64 and (bm, bn) == (128, 64)
     small = 32 if big or wide else None
     bbm = cfg.bwd_block_m or min(bm, small or 64)
     bbn = cfg.bwd_block_n or min(bn, 64 if step in (0, 3) and not (big or wide or causal) and d > 64 else 32)
@@ -317,7 +317,7 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     common = dict(METRIC=plan.metric, CAUSAL=plan.causal, EXCL=plan.exclude_self, HAS_MASK=mask is not None,
                   EVEN=_even_tiles(n, m, cfg),
                   BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, ACC=tl_acc,
-                  UPCAST=plan.interpret and q.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_FUSION)
+                  UPCAST=plan.interpret and q.dtype != torch.float64, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_FUSION)
     strides = (*q4.stride(), *k4.stride())
     mstrides = mask4.stride()
 
@@ -416,7 +416,7 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
     common = dict(METRIC=plan.metric, STEP=plan.step, CAUSAL=plan.causal, EXCL=plan.exclude_self,
                   HAS_MASK=mask is not None, EVEN=_even_tiles(n, m, cfg),
                   SKIP_TILES=cfg.block_skipping, TM_BM=cfg.block_m,
-                  TM_BN=cfg.block_n, BLOCK_D=BD, BLOCK_E=BE, PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype == torch.bfloat16,
+                  TM_BN=cfg.block_n, BLOCK_D=BD, BLOCK_E=BE, PREC=prec, ACC=tl_acc, UPCAST=plan.interpret and q.dtype != torch.float64,
                   DROPOUT=plan.dropout_threshold > 0,
                   num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, **_FUSION)
     args = (*q4.stride(), *k4.stride(), *v4.stride(), *g.stride(), *mask4.stride())
