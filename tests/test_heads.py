@@ -83,6 +83,32 @@ def test_activation_checkpointing_counts_each_batch_once(use_reentrant):
     assert ckpt.targets_seen is seen and int(seen) == 16
 
 
+@pytest.mark.slow
+def test_checkpointed_head_in_a_fullgraph_compile_with_the_documented_setting(monkeypatch):
+    """docs/heads.md: Dynamo refuses the head's statistics (side effects) inside a checkpoint
+    under fullgraph=True unless they are skipped in the recomputation, which is what the head
+    wants (each batch counted once)."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    encoder, head = nn.Linear(5, 8), NeighborRegressionHead(8)
+    x, y = torch.randn(32, 5), torch.randn(32) * 3 + 1
+
+    def step(x, y):
+        return checkpoint(head, encoder(x), y, use_reentrant=False)
+
+    out = torch.compile(step, fullgraph=True)(x, y)
+    out.pow(2).sum().backward()
+    assert out.shape == (32,) and all(p.grad is not None for p in encoder.parameters())
+    assert int(head.targets_seen) == 32
+    torch.testing.assert_close(head.target_mean, y.mean().reshape(1))
+    torch.testing.assert_close(head.target_std, y.std(unbiased=False).reshape(1))
+    assert 0 < head.sparsity["kept_fraction"] <= 1
+    torch._dynamo.reset()
+
+
 def test_standardisation_is_exact_running_statistics():
     head = NeighborRegressionHead(3, 2).double()
     ys = []
