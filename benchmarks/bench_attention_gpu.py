@@ -747,6 +747,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-peers", action="store_true", help="time only SDPA and simwarp (no naive/AdaSplash)")
     p.add_argument("--profile", action="store_true", help="also list CUDA time per kernel (torch.profiler)")
     p.add_argument("--graphs", action="store_true", help="also time the forward replayed from CUDA graphs")
+    p.add_argument("--no-clustered", action="store_true",
+                   help="skip the block-skipping section (clustered inputs), which otherwise runs first")
     p.add_argument("--dropout", type=float, default=0.0, metavar="P",
                    help="also time forward+backward with attention dropout P (vs SDPA with dropout P)")
     p.add_argument("--checks-only", action="store_true",
@@ -851,8 +853,9 @@ def main(argv=None) -> int:
         save()
 
     # Stretch goal: clustered inputs where most key blocks are skipped.
-    optional_section("block skipping (clustered inputs, step sigmoidal a=0.6, b=0.9)", None,
-                     lambda: _bench_clustered(shapes[:2], device, args, result, log, save))
+    if not args.no_clustered:
+        optional_section("block skipping (clustered inputs, step sigmoidal a=0.6, b=0.9)", None,
+                         lambda: _bench_clustered(shapes[:2], device, args, result, log, save))
     if args.dropout > 0:
         optional_section(f"training with attention dropout {args.dropout} (fwd+bwd, bf16; vs SDPA flash with "
                          "the same dropout)", None, lambda: _bench_dropout(shapes, device, args, result, log, save))
