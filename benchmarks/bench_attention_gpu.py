@@ -528,7 +528,11 @@ SWEEP_CONFIGS = {
     "fwd causal no skipping": (True, dict(block_skipping=False)),
     "fwd pass-1 pipelined": (False, dict(pipeline_range=True)),
     "fwd causal 128x128": (True, dict(block_n=128)),
+    "fwd causal 4 warps": (True, dict(num_warps=4)),
+    "fwd 4 stages": (False, dict(num_stages=4)),
+    "fwd band branch off": (False, dict(band_branch=False)),
     "bwd no skipping": (False, dict(block_skipping=False)),
+    "bwd fwd 128x128 8 warps": (False, dict(block_n=128, num_warps=8)),  # training, the old forward tiles
     "bwd dq 64x32": (False, dict(bwd_block_n=32)),
     "bwd dk/dv 32x64": (False, dict(bwd_kv_block_m=32)),
     "bwd causal 128x128": (True, dict(block_n=128)),
