@@ -130,6 +130,11 @@ def as_flag(name: str, value) -> bool:
     raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
+def as_optional_flag(name: str, value) -> bool:
+    """:func:`as_flag`, with ``None`` read as ``False`` (as tqdm's ``disable=None``)."""
+    return value is not None and as_flag(name, value)
+
+
 def is_finite_real(x) -> bool:
     """``math.isfinite`` for a real number, written as comparisons so that ``torch.compile`` can
     trace it on the symbolic floats of ``dynamic=True`` (``math.isfinite`` breaks the graph)."""

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simwarp._autograd import as_flag, is_finite_real, is_int
+from simwarp._autograd import as_optional_flag, is_finite_real, is_int
 
 __all__ = ["DATASETS", "MissingExtraError", "RegressionData", "load_dataset", "embed_texts"]
 
@@ -244,7 +244,7 @@ def load_dataset(name: str, n: int | None = None, seed: int = 0, progress: bool 
     if not is_int(seed, 0) or seed >= 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     loader = DATASETS[name]
-    progress = progress is not None and as_flag("progress", progress)  # (None: off)
+    progress = as_optional_flag("progress", progress)
     if "progress" in inspect.signature(loader).parameters:
         kwargs["progress"] = progress
     if n is None:

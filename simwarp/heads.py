@@ -33,6 +33,7 @@ from torch import nn
 
 from simwarp._autograd import (
     as_flag,
+    as_optional_flag,
     exporting,
     outside_autocast,
     recomputing_in_backward,
@@ -319,7 +320,7 @@ class _BankMixin(nn.Module):
             raise TypeError(f"encoder must be callable (a module, model.encode, a function) or None, got {type(encoder).__name__}")
         if not hasattr(loader, "__iter__"):
             raise TypeError(f"loader must be an iterable of batches (a DataLoader), got {type(loader).__name__}")
-        progress = progress is not None and as_flag("progress", progress)  # (None: off, as tqdm's disable)
+        progress = as_optional_flag("progress", progress)
         if _drops_rows(loader):
             warnings.warn(
                 "fit_bank: the loader has drop_last=True, so the rows of its last incomplete batch are "
