@@ -531,6 +531,7 @@ SWEEP_CONFIGS = {
     "fwd pass-1 pipelined": (False, dict(pipeline_range=True)),
     "fwd causal 128x128": (True, dict(block_n=128)),
     "fwd causal 4 warps": (True, dict(num_warps=4)),
+    "fwd causal heavy first": (True, dict(heavy_first=True)),
     "fwd 4 stages": (False, dict(num_stages=4)),
     "fwd band branch off": (False, dict(band_branch=False)),
     "bwd no skipping": (False, dict(block_skipping=False)),
@@ -538,6 +539,7 @@ SWEEP_CONFIGS = {
     "bwd dq 64x32": (False, dict(bwd_block_n=32)),
     "bwd dk/dv 32x64": (False, dict(bwd_kv_block_m=32)),
     "bwd causal 128x128": (True, dict(block_n=128)),
+    "bwd causal heavy first": (True, dict(heavy_first=True)),
 }
 
 

@@ -414,12 +414,56 @@ def check_causal_loops_split_at_the_diagonal():
         q = direction * torch.linspace(1, 2, n, dtype=f64)[:, None] + 0.05 * torch.randn(n, d, generator=gen, dtype=f64)
         k = direction * torch.linspace(-3, 3, m, dtype=f64)[:, None] + 0.05 * torch.randn(m, d, generator=gen, dtype=f64)
         v = torch.randn(m, e, generator=gen, dtype=f64)
-        for extra in ({}, {"num_splits": 2}, {"block_skipping": False}, {"pipeline_range": True, "num_splits": 2}):
+        for extra in ({}, {"num_splits": 2}, {"block_skipping": False}, {"pipeline_range": True, "num_splits": 2},
+                      {"heavy_first": True, "num_splits": 2}):
             cfg = KernelConfig(**tiles, **extra)
             a, b, t = resolve_params(0.6, 0.9, 0.5, batch=torch.Size(), n=n, dtype=f64, device=q.device)
             *_, skipped = triton_warp_attend(q, k, v, a, b, t, None, spec, config=cfg, return_skipped=True)
             assert (float(skipped) > 0.1) == cfg.block_skipping, (n, m, extra, float(skipped))
             _compare(q, k, v, (0.6, 0.9, 0.5), None, spec, config=cfg)
+
+
+@triton.jit
+def _block_order(OUT, n, BLOCK_M: tl.constexpr, LAST_FIRST: tl.constexpr):
+    tile, batch = kernels._query_block_and_batch(n, BLOCK_M, LAST_FIRST)
+    tl.store(OUT + 2 * tl.program_id(0), tile)
+    tl.store(OUT + 2 * tl.program_id(0) + 1, batch)
+
+
+@check
+def check_heavy_first_order():
+    """Programs take query blocks in order within each batch entry, or last first."""
+    for last_first, tiles in ((False, [0, 1, 2]), (True, [2, 1, 0])):
+        order = torch.empty(12, dtype=torch.int32)
+        _block_order[(6,)](order, 40, BLOCK_M=16, LAST_FIRST=last_first)  # 3 blocks of 40 rows, 2 entries
+        assert order.view(6, 2).tolist() == [[tile, batch] for batch in (0, 1) for tile in tiles]
+
+
+@check
+def check_heavy_first_gives_the_same_bits():
+    """``KernelConfig(heavy_first=True)`` only reorders the causal kernels' query blocks
+    (last first): every output, statistic and gradient is the same bit for bit, with block
+    skipping, key splits and a batch of heads (whose blocks must not be mixed up)."""
+    gen = torch.Generator().manual_seed(12)
+    n, m, d, e = 70, 70, 8, 3
+    q = torch.randn(2, 2, n, d, generator=gen, dtype=f64)
+    k = torch.randn(2, 2, m, d, generator=gen, dtype=f64)
+    v = torch.randn(2, 2, m, e, generator=gen, dtype=f64)
+    params = (0.3, 0.9, 0.5)
+    a, b, t = resolve_params(*params, batch=torch.Size((2, 2)), n=n, dtype=f64, device=q.device)
+    tensors = (q, k, v, a, b, t)
+    for step, extra in (("sigmoidal", {}), ("poly", {"num_splits": 2}), ("none", {"block_skipping": False})):
+        spec = make_spec("dot", 1.0, step, 1.0, True, False, False)
+        runs = [_loss_and_grads(triton_warp_attend, tensors, None, spec, (True,) * 6,
+                                config=replace(SMALL, heavy_first=heavy, **extra)) for heavy in (False, True)]
+        (out0, stats0, grads0), (out1, stats1, grads1) = runs
+        assert torch.equal(out0, out1), step
+        for name in ("lse", "kept", "lo", "hi", "empty"):
+            assert torch.equal(getattr(stats0, name), getattr(stats1, name)), (step, name)
+        for name, g0, g1 in zip("q k v a b t".split(), grads0, grads1):
+            assert torch.equal(g0, g1), (step, name)
+    _compare(q, k, v, params, None, make_spec("dot", 1.0, "poly", 1.0, True, False, False),
+             config=replace(SMALL, heavy_first=True))
 
 
 @check(cases={

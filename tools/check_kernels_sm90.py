@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--capability", type=int, default=90)
     p.add_argument("--no-skipping", action="store_true", help="also compile KernelConfig(block_skipping=False)")
     p.add_argument("--pipeline-range", action="store_true", help="compile with KernelConfig(pipeline_range=True)")
+    p.add_argument("--heavy-first", action="store_true", help="compile with KernelConfig(heavy_first=True)")
     p.add_argument("--dropout", type=float, default=0.0, help="compile the dropout variants (dropout_p > 0)")
     p.add_argument("--metrics", nargs="+", default=["dot"], help="dot, cosine, sqeuclidean, l2")
     p.add_argument("--ragged", action="store_true",
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
         mask = (torch.arange(m) < m - 5).view(1, 1, 1, m) if args.ragged else None
         spec = make_spec(metric, None, step, 1.0, causal, False, False)
         prm = resolve_params(0.1, 0.9, 0.5, batch=torch.Size((1, 2)), n=n, dtype=torch.float32, device=torch.device("cpu"))
-        config = KernelConfig(block_skipping=skipping, pipeline_range=args.pipeline_range)
+        config = KernelConfig(block_skipping=skipping, pipeline_range=args.pipeline_range, heavy_first=args.heavy_first)
         error = note = ""
         try:
             with torch.set_grad_enabled(not args.forward_only):

@@ -95,6 +95,19 @@ def _tile_and_batch(tiles):
 
 
 @triton.jit
+def _query_block_and_batch(n, BLOCK_M: tl.constexpr, LAST_FIRST: tl.constexpr):
+    """:func:`_tile_and_batch` over blocks of ``BLOCK_M`` query rows; with ``LAST_FIRST`` each
+    batch entry's blocks run last to first. Under a causal mask the last block sees the most
+    keys, so the grid's tail is then left to the blocks with the least work (the
+    longest-processing-time-first order of FlashAttention-3's scheduler)."""
+    tiles = tl.cdiv(n, BLOCK_M)
+    tile, batch = _tile_and_batch(tiles)
+    if LAST_FIRST:
+        tile = tiles - 1 - tile
+    return tile, batch
+
+
+@triton.jit
 def dropout_mask_kernel(SEED, KEEP, n, m, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Which scores survive dropout, ``KEEP (B, n, m)`` (int8): the mask the attention kernels
     apply for ``SEED`` (a reference for tests, and for users who need the mask)."""
@@ -630,15 +643,16 @@ def range_kernel(
     sq0, sq1, sqn, sqd, sk0, sk1, skm, skd, smk0, smk1, smkn, smkm,
     B1, B, n, m, d, n_qb, n_kb, kb_per_split, self_off,
     METRIC: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN: tl.constexpr,
-    TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, PIPELINE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+    TRACK_ARG: tl.constexpr, STORE_TMAX: tl.constexpr, PIPELINE: tl.constexpr, LAST_FIRST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Per query block and key split: row min / max of the raw scores ``r`` (``_scores``; the
     factor to ``s`` is positive and rounding is monotone, so ``lo = min(r) · factor`` exactly),
     with ``TRACK_ARG`` the first key attaining each (for the range gradient) and, with
     ``STORE_TMAX``, every key tile's largest valid ``r`` over each group of ``TMAX_ROWS`` rows
     (for block skipping; ``TMAX``: ``(B, n_qb, n_kb, BLOCK_M // TMAX_ROWS)``)."""
-    pid_q, pid_b = _tile_and_batch(tl.cdiv(n, BLOCK_M))
+    pid_q, pid_b = _query_block_and_batch(n, BLOCK_M, LAST_FIRST)
     pid_s = tl.program_id(1)
     b0 = (pid_b // B1).to(tl.int64)
     b1 = (pid_b % B1).to(tl.int64)
@@ -905,11 +919,11 @@ def attend_kernel(
     B1, B, n, m, d, e, n_qb, n_kb, kb_per_split, self_off, threshold,
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, BAND_BRANCH: tl.constexpr,
-    SKIP_TILES: tl.constexpr, COUNT_KEPT: tl.constexpr, DROPOUT: tl.constexpr,
+    SKIP_TILES: tl.constexpr, COUNT_KEPT: tl.constexpr, DROPOUT: tl.constexpr, LAST_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_q, pid_b = _tile_and_batch(tl.cdiv(n, BLOCK_M))
+    pid_q, pid_b = _query_block_and_batch(n, BLOCK_M, LAST_FIRST)
     pid_s = tl.program_id(1)
     b0 = (pid_b // B1).to(tl.int64)
     b1 = (pid_b % B1).to(tl.int64)
@@ -1157,13 +1171,14 @@ def bwd_dq_kernel(
     METRIC: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr, EXCL: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN: tl.constexpr, SKIP_TILES: tl.constexpr, TM_BM: tl.constexpr,
     TM_BN: tl.constexpr, NEED_RANGE: tl.constexpr, NEED_PARAMS: tl.constexpr, DROPOUT: tl.constexpr,
+    LAST_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Per query block: ``dq`` (without the range gradient) and the per-row sums ``G_lo, G_hi``
     (with ``NEED_RANGE``) and ``da, db, dt`` (with ``NEED_PARAMS``) over the keys of split
     ``pid_s`` (all linear in the keys' contributions, so splits add up)."""
-    pid_q, pid_b = _tile_and_batch(tl.cdiv(n, BLOCK_M))
+    pid_q, pid_b = _query_block_and_batch(n, BLOCK_M, LAST_FIRST)
     pid_s = tl.program_id(1)
     b0 = (pid_b // B1).to(tl.int64)
     b1 = (pid_b % B1).to(tl.int64)

@@ -122,6 +122,10 @@ class KernelConfig:
         pipeline_range: pass 1 issues the next tile's product before reducing the current
             one (tensor cores and min/max overlap, but twice the accumulator registers);
             off until timed on a GPU (``benchmarks/bench_attention_gpu.py --sweep``).
+        heavy_first: under a causal mask, launch each batch entry's query blocks last to
+            first in the kernels that loop over keys per query block (pass 1, pass 2, ``dq``):
+            the last blocks see the most keys, so the grid's tail is left to light blocks.
+            Same results bit for bit; off until timed on a GPU (``--sweep``).
     """
 
     block_m: int | None = None
@@ -139,6 +143,7 @@ class KernelConfig:
     band_branch: bool = True
     block_skipping: bool = True
     pipeline_range: bool = False
+    heavy_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -315,7 +320,7 @@ def _launch_forward(q, k, v, a, b, t, mask, seed, plan: _Plan, track_arg: bool):
     kps = triton_cdiv(n_kb, S)
     S = triton_cdiv(n_kb, kps)
     common = dict(METRIC=plan.metric, CAUSAL=plan.causal, EXCL=plan.exclude_self, HAS_MASK=mask is not None,
-                  EVEN=_even_tiles(n, m, cfg),
+                  EVEN=_even_tiles(n, m, cfg), LAST_FIRST=plan.causal and cfg.heavy_first,
                   BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, ACC=tl_acc,
                   UPCAST=plan.interpret and q.dtype != torch.float64, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_FUSION)
     strides = (*q4.stride(), *k4.stride())
@@ -446,7 +451,8 @@ def _launch_backward(plan: _Plan, dims, saved, mask, g_out, g_lse, needs):
         mod.bwd_dq_kernel[grid(n_qb, B, S)](
             q4, k4, v4, qn, kn, g, mask4, prm, consts, rs, ld, row_list, row_count, dq_p, rsum, seed, *args,
             B1, B, n, m, d, e, n_kb, kps, tm_qb, tm_kb, plan.self_offset, plan.dropout_threshold,
-            NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, BLOCK_M=BM, BLOCK_N=BN, **common,
+            NEED_RANGE=track_range, NEED_PARAMS=need_a or need_b or need_t, LAST_FIRST=plan.causal and cfg.heavy_first,
+            BLOCK_M=BM, BLOCK_N=BN, **common,
         )
         sums = rsum[:, 0] if S == 1 else rsum.sum(1)
         dq = dq_p[0] if S == 1 else dq_p.sum(0)
