@@ -937,8 +937,11 @@ class NeighborRegressionHead(_WarpHeadBase):
                 self._check_step_params(z, step_kwargs)  # before the target statistics see the batch
             if not recomputing_in_backward():  # activation checkpointing: the batch was counted
                 self._update_running_stats(y2)
-            ys = self._standardize(y2.to(_wide(z))).to(z.dtype)
-            out, _ = self._attend(z, z, values_fn(ys), loo=True, step_kwargs=step_kwargs)
+            # in the wide dtype: the gradient that reaches the backend's output is the loss's times
+            # the targets' std, which overflows float16 (targets in the thousands)
+            zw = z.to(_wide(z))
+            ys = self._standardize(y2.to(zw.dtype))
+            out, _ = self._attend(zw, zw, values_fn(ys), loo=True, step_kwargs=step_kwargs)
         else:
             self._require_bank(z.device)
             ys = self._standardize(self.bank_y.to(_wide(z))).to(z.dtype)
@@ -1208,7 +1211,8 @@ def _non_finite_rows(z: torch.Tensor) -> torch.Tensor:
 def _wide(z: torch.Tensor) -> torch.dtype:
     """The regression heads' output dtype: ``z``'s, at least float32. Targets are standardised
     and mapped back in it, so that targets beyond float16's range (prices, counts) survive a
-    float16 encoder; the backend still averages in ``z``'s dtype."""
+    float16 encoder. Training runs the backend in it too (its output's gradient carries the
+    targets' std); predictions from the bank average in ``z``'s dtype."""
     return torch.promote_types(z.dtype, torch.float32)
 
 

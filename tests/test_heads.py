@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -1027,6 +1028,25 @@ def test_float16_embeddings_with_targets_beyond_float16_range(head_type):
     if head_type == "softstep":
         mean, var = head16.predict_with_uncertainty(z[:5].half())
         assert mean.dtype == var.dtype == torch.float32 and torch.isfinite(var).all()
+
+
+@pytest.mark.parametrize("mode", ["global", "instance"])
+def test_float16_head_trains_on_targets_in_the_thousands(mode):
+    """The in-batch average ran in float16, and the gradient reaching it (the loss's times the
+    targets' std, ~1e5 here) overflowed: every gradient of z and the step network was NaN,
+    although the true gradients fit float16."""
+    torch.manual_seed(0)
+    head32 = NeighborRegressionHead(8, mode=mode)
+    head16 = copy.deepcopy(head32).half()
+    z, y = torch.randn(32, 8).half(), 1000 * torch.randn(32)
+    grads = {}
+    for head, x in ((head16, z.clone()), (head32, z.float())):
+        x.requires_grad_()
+        F.mse_loss(head(x, y), y).backward()
+        grads[head] = [x.grad.float(), *(p.grad.float() for p in head.parameters())]
+    for g16, g32 in zip(grads[head16], grads[head32]):
+        assert torch.isfinite(g16).all()
+        torch.testing.assert_close(g16, g32, rtol=2e-2, atol=2e-3 * g32.abs().max().item())
 
 
 def test_classification_head_in_float16_with_many_classes_keeps_log_probs_finite():
