@@ -17,7 +17,9 @@ def sigmoidal_reference(u, a, b, t):
     below, above = u <= a, u >= b
     u_in = torch.where(below | above, (a + b) * 0.5, u)
     z = torch.log((b - u_in) / (u_in - a)) / t
-    softplus = z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))  # exact (F.softplus switches to z above 20)
+    # exact (F.softplus switches to z above 20), and its gradient is right at z = 0 (where
+    # z.clamp_min(0) + log1p(exp(-|z|)) passes 1 through the clamp instead of 1/2)
+    softplus = torch.logaddexp(z, torch.zeros_like(z))
     return _select(-softplus, below, above)
 
 

@@ -325,11 +325,12 @@ def test_softstep_parameters_are_trained_through_the_backend():
 @pytest.mark.parametrize("param_shape", [(), (6, 1), (2, 6, 1), (6, 9)])
 def test_closed_form_steps_match_autograd_reference(name, reference, param_shape):
     gen = torch.Generator().manual_seed(zlib_seed(name, param_shape))
-    u = (torch.rand(2, 6, 9, generator=gen, dtype=f64) * 1.4 - 0.2).requires_grad_()  # invalid keys leave [0, 1]
+    u = torch.rand(2, 6, 9, generator=gen, dtype=f64) * 1.4 - 0.2  # invalid keys leave [0, 1]
     a = 0.05 + 0.4 * torch.rand(param_shape, generator=gen, dtype=f64)
     b = (a + 0.05 + 0.5 * torch.rand(param_shape, generator=gen, dtype=f64)).clamp(max=1.0)
     t = 0.05 + 0.9 * torch.rand(param_shape, generator=gen, dtype=f64)
-    a, b, t = (x.requires_grad_() for x in (a, b, t))
+    u[..., 0] = ((a + b) * 0.5).expand(u.shape)[..., 0]  # the band's centre (a kink in a careless reference)
+    u, a, b, t = (x.requires_grad_() for x in (u, a, b, t))
     got, want = get_step(name).log_mask(u, a, b, t), reference(u, a, b, t)
     assert torch.equal(got == -math.inf, want == -math.inf), "exactly the same neighbours dropped"
     finite = torch.isfinite(want)
