@@ -626,6 +626,7 @@ def _qkv():
         (lambda q, k, v: dict(temperature=1e-40), ValueError, "temperature must be at least"),
         (lambda q, k, v: dict(temperature=3e-39), ValueError, "temperature must be at least"),  # gave NaN
         (lambda q, k, v: dict(scale=-1.0), ValueError, "scale"),
+        (lambda q, k, v: dict(scale=1e-300), ValueError, "scale must be between"),  # every row flat in float32
         (lambda q, k, v: dict(chunk_size=0), ValueError, "chunk_size"),
         (lambda q, k, v: dict(metric="l1", impl="chunked"), ValueError, "only available with impl='dense'"),
         (lambda q, k, v: dict(impl="triton"), ValueError, "triton"),

@@ -1166,7 +1166,7 @@ def test_constructors_check_backend_options_and_accept_numpy_and_tensor_reals():
     huge = NeighborRegressionHead(4, 1, scale=1e39, mode="global")  # fine for float64 embeddings ...
     z = torch.randn(6, 4)
     assert torch.isfinite(huge.double()(z.double(), torch.randn(6, 1, dtype=torch.float64))).all()
-    with pytest.raises(ValueError, match="scale must be at most .* for torch.float32"):  # ... not for float32
+    with pytest.raises(ValueError, match="scale must be between .* for torch.float32"):  # ... not for float32
         huge.float()(z, torch.randn(6, 1))
     for cls, kwargs, error, match in [
         (simwarp.SoftStepNCALoss, dict(impl="fast"), ValueError, "impl must be one of"),
