@@ -150,6 +150,15 @@ def _drop_(phi: torch.Tensor, band_coordinate: torch.Tensor) -> torch.Tensor:
     return phi.div_(_inside(band_coordinate))
 
 
+def _reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """``1 / x`` of a positive per-row factor (``b - a``, ``t (b - a)``, ``t``), at most the
+    dtype's largest value: an infinite factor would turn the zero gap of a row's best key, or
+    the zero gradient of a key outside the band, into NaN (``0 · inf``); the largest finite
+    value keeps them 0 and still sends every other key to a clamp (a band narrower than the
+    dtype resolves)."""
+    return torch.reciprocal(x).clamp_max_(torch.finfo(x.dtype).max)
+
+
 def _reduce(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """Sum a broadcast gradient back to the shape of the input it belongs to."""
     return grad.sum_to_size(like.shape) if grad is not None and grad.shape != like.shape else grad
@@ -193,11 +202,11 @@ class SigmoidalRule(StepRule):
 
     @staticmethod
     def mask_affine(s, gap, scale, shift, a, b, t):
-        # x = (u - a)/(b - a) straight from the gap below the row maximum, without u: the best
-        # key gets x = (1 - a)/(b - a) exactly, 1 for b = 1 (with 1 - ulp it would lie in the
-        # band, where φ's partials are ~ulp^(1/t - 1)/t: O(1) for t near 1)
-        width = 1 / (b - a)
-        x = torch.mul(gap, scale * width).add_((1 - a) / (b - a)).clamp_(0.0, 1.0)
+        # x = (u - a)/(b - a) with u - a = gap · scale + (1 - a), from the gap below the row
+        # maximum: the best key gets x = (1 - a)/(b - a) exactly, 1 for b = 1 (with 1 - ulp it
+        # would lie in the band, where φ's partials are ~ulp^(1/t - 1)/t: O(1) for t near 1).
+        # A division: the product scale / (b - a) overflows on rows of tiny range and band.
+        x = torch.addcmul(1 - a, gap, scale).div_(b - a).clamp_(0.0, 1.0)
         m, saved = SigmoidalRule._mask_of_band(x, a, b, t)
         return m, saved, None
 
@@ -217,22 +226,23 @@ class SigmoidalRule(StepRule):
         x, rho, m, a, b, t = saved
         need_u, need_a, need_b, need_t = needs
         width = b - a
+        inv_tw, inv_t = _reciprocal(t * width), _reciprocal(t)
         g_kept = torch.addcmul(g_phi, g_phi, m, value=-1.0)  # g_φ (1 - m)
         # g_φ φ_x t; 0 outside the band (x(1-x) = 0 meets g_φ (1 - m) = 0 there)
         h = torch.addcmul(x, x, x, value=-1.0).clamp_min_(_guard(x.dtype))
         h = torch.div(g_kept, h, out=h)
         if not _row_constant(a, b, t):
-            ga = _reduce((x - 1.0).mul_(h).div_(t * width), a) if need_a else None
-            gb = _reduce(torch.mul(h, x).div_(-t * width), b) if need_b else None
+            ga = _reduce((x - 1.0).mul_(h).mul_(inv_tw), a) if need_a else None
+            gb = _reduce(torch.mul(h, x).mul_(-inv_tw), b) if need_b else None
             # ln2 / t, then / t: t² alone is subnormal (then 1/t² inf, and 0 · inf NaN) for t < 1e-19
-            gt = _reduce(g_kept.mul_(rho).mul_(math.log(2.0) / t).div_(t), t) if need_t else None
-            gu = h.mul_(1 / (t * width))
+            gt = _reduce(g_kept.mul_(rho).mul_(inv_t * math.log(2.0)).mul_(inv_t), t) if need_t else None
+            gu = h.mul_(inv_tw)
             sums = None
             if range_sums:  # u = a + x (b - a) wherever ∂u is not 0
                 sums = (gu.sum(-1, keepdim=True), (x * width).add_(a).mul_(gu).sum(-1, keepdim=True))
             return (gu if need_u or range_sums else None), ga, gb, gt, sums
-        gt = g_kept.mul_(rho).sum(-1, keepdim=True).mul_(math.log(2.0) / t).div_(t) if need_t else None
-        gu = h.mul_(1 / (t * width))  # ∂u
+        gt = g_kept.mul_(rho).sum(-1, keepdim=True).mul_(inv_t * math.log(2.0)).mul_(inv_t) if need_t else None
+        gu = h.mul_(inv_tw)  # ∂u
         ga = gb = sums = None
         if need_a or need_b or range_sums:  # with S0 = Σ ∂u, Sx = Σ ∂u x (and u = a + x (b - a) in the band)
             s0 = gu.sum(-1, keepdim=True)
@@ -287,7 +297,7 @@ class PolyRule(StepRule):
 
     @staticmethod
     def mask(u, a, b, t):
-        c = 1 / (t * (b - a))
+        c = _reciprocal(t * (b - a))
         y = (u * c).add_(0.5 - (a + b) * 0.5 * c).clamp_(0.0, 1.0)
         return torch.mul(y, -2.0).add_(3.0).mul_(y).mul_(y), (u, a, b, t, y)  # 0 for y <= 0, 1 for y >= 1
 
@@ -300,11 +310,14 @@ class PolyRule(StepRule):
         u, a, b, t, y = saved
         need_u, need_a, need_b, need_t = needs
         width = b - a
-        c = 1 / (t * width)
+        c = _reciprocal(t * width)
         y_in = y.clamp_min(_guard(u.dtype))  # y = 0 is dropped (g_φ = 0 there); φ_y(1) = 0
         den = torch.mul(y_in, -2.0).add_(3.0).mul_(y_in)
         h = y_in.neg_().add_(1.0).mul_(6.0).div_(den).mul_(g_phi).mul_(c)  # g_φ φ_y c, in y_in's buffer
         ga = gb = gt = sums = None
+        if need_a or need_b or range_sums:
+            # h is 0 outside the band, which lies in [0, 1]: there a masked key's u may be ±inf
+            u = u.clamp(-1.0, 2.0)
         if _row_constant(a, b, t):  # per-row sums S0 = Σ h, S1 = Σ h u, S2 = Σ h y
             s0 = h.sum(-1, keepdim=True)
             if need_a or need_b or range_sums:

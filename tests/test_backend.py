@@ -359,6 +359,55 @@ def test_a_range_that_overflows_is_still_normalised(impl, step):
     torch.testing.assert_close(u, torch.tensor([[1.0, 0.0, 0.5]]))
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_a_band_narrower_than_the_dtype_resolves_gives_no_nan(impl, dtype):
+    """Per-row factors 1/(t (b − a)) and 1/(hi − lo) / (b − a) overflowed: poly's output and the
+    gradients of both steps were NaN at t = 1e-36 (0 · inf), and a row of range ~1e-35 with
+    b − a = 1e-4 came out NaN where the same range passed as row_range was right."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(r, c, generator=gen, dtype=f64) for r, c in ((2, 4), (5, 4), (5, 2)))
+    tiny_t = 1e-36 if dtype == torch.float32 else 1e-300
+    for step in ("poly", "sigmoidal"):
+        want = simwarp.warp_attend(q, k, v, step=step, a=0.5, b=0.5001, t=tiny_t, impl="dense")  # float64
+        qx = q.to(dtype).requires_grad_()
+        out = simwarp.warp_attend(qx, k.to(dtype), v.to(dtype), step=step, a=0.5, b=0.5001, t=tiny_t, impl=impl, chunk_size=2)
+        (g,) = torch.autograd.grad(out.sum(), qx)
+        assert torch.isfinite(g).all(), step
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    magnitude, b = (1e-36, 0.5001) if dtype == torch.float32 else (1e-300, 0.5 + 1e-10)
+    q_small = (q * magnitude).to(dtype)
+    out, stats = simwarp.warp_attend(q_small, k.to(dtype), v.to(dtype), a=0.5, b=b, scale=1.0, impl=impl, chunk_size=2,
+                                     return_stats=True)
+    fixed = simwarp.warp_attend(q_small, k.to(dtype), v.to(dtype), a=0.5, b=b, scale=1.0, impl=impl, chunk_size=2,
+                                row_range=(stats.lo, stats.hi))
+    assert torch.isfinite(out).all() and (stats.kept < 5).all()  # the band drops keys, as it should
+    torch.testing.assert_close(out, fixed)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("step", ["poly", "log", "sigmoidal"])
+def test_a_masked_key_far_outside_a_tiny_range_gives_no_nan_gradient(impl, step):
+    """A masked key's u = (s − lo)/(hi − lo) overflowed to ±inf on a row of tiny range; its zero
+    gradient met that inf in the range and parameter sums (0 · inf): NaN dq, dk, da, db."""
+    for dtype, z in ((torch.float32, 1e-18), (f64, 1e-154)):
+        q = torch.zeros(1, 2, dtype=dtype, requires_grad=True)
+        k = torch.tensor([[0.0, 0.0], [z, 0.0], [1e3, 0.0]], dtype=dtype, requires_grad=True)  # s = 0, −z², −1e6
+        v = torch.tensor([[1.0], [2.0], [3.0]], dtype=dtype)
+        a, b = (torch.tensor(x, dtype=dtype, requires_grad=True) for x in (0.2, 0.8))
+        mask = torch.tensor([[True, True, False]])
+        out = simwarp.warp_attend(q, k, v, a=a, b=b, mask=mask, metric="sqeuclidean", step=step, impl=impl, chunk_size=2)
+        grads = torch.autograd.grad(out.sum(), (q, k, a, b), allow_unused=True, materialize_grads=True)
+        assert all(torch.isfinite(g).all() for g in grads), (dtype, [g.tolist() for g in grads])
+        # the same with a fixed range: the far key valid in row 0, masked in row 1
+        q2, k2 = torch.ones(2, 1, dtype=dtype), torch.tensor([[-1e10], [0.0], [2.0]], dtype=dtype)
+        lo, hi = torch.tensor([-1e10, -1e-37], dtype=dtype), torch.tensor([2.0, 0.0], dtype=dtype)
+        a2, b2 = (torch.tensor(x, dtype=dtype, requires_grad=True) for x in (0.2, 0.8))
+        out = simwarp.warp_attend(q2, k2, k2.abs() + 1, a=a2, b=b2, step=step, scale=1.0, row_range=(lo, hi), impl=impl,
+                                  mask=torch.tensor([[True, True, True], [False, True, False]]))
+        assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), (a2, b2), materialize_grads=True))
+
+
 @pytest.mark.parametrize("step", ["sigmoidal", "none"])
 def test_a_nan_query_row_has_a_nan_lse_on_both_paths(step):
     """The chunked path reported lse = -inf, the mark of a row without a valid key, for a NaN row."""

@@ -274,8 +274,14 @@ def unit_range(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[tor
 def _range_gradients(g_u: torch.Tensor, u: torch.Tensor, inv: torch.Tensor, sums=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(∂lo, ∂hi)`` of ``u`` from ``g_u = ∂L/∂u``: ``inv Σ_j g_u (u - 1)`` and ``-inv Σ_j g_u u``
     (zero on flat rows, where ``inv = 0``); shapes ``(..., n, 1)``. ``sums``: ``(Σ_j g_u, Σ_j g_u u)``
-    if already known (:meth:`StepRule.backward`)."""
-    sum_gu, sum_gu_u = sums if sums is not None else (g_u.sum(-1, keepdim=True), torch.linalg.vecdot(g_u, u).unsqueeze(-1))
+    if already known (:meth:`StepRule.backward`).
+
+    A row's own range puts its valid keys' ``u`` in ``[0, 1]`` (a fixed range has no gradient);
+    a masked key's ``u`` may overflow to ``±inf`` where its ``g_u`` is 0, so ``u`` is clamped to
+    ``[-1, 2]`` first (``0 · inf`` would be NaN)."""
+    if sums is None:
+        sums = g_u.sum(-1, keepdim=True), torch.linalg.vecdot(g_u, u.clamp(-1.0, 2.0)).unsqueeze(-1)
+    sum_gu, sum_gu_u = sums
     return (sum_gu_u - sum_gu).mul_(inv), (sum_gu_u * inv).neg_()
 
 
