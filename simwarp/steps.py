@@ -206,7 +206,7 @@ class SigmoidalRule(StepRule):
         # maximum: the best key gets x = (1 - a)/(b - a) exactly, 1 for b = 1 (with 1 - ulp it
         # would lie in the band, where φ's partials are ~ulp^(1/t - 1)/t: O(1) for t near 1).
         # A division: the product scale / (b - a) overflows on rows of tiny range and band.
-        x = torch.addcmul(1 - a, gap, scale).div_(b - a).clamp_(0.0, 1.0)
+        x = torch.mul(gap, scale).add_(1 - a).div_(b - a).clamp_(0.0, 1.0)  # (addcmul broadcasts slowly)
         m, saved = SigmoidalRule._mask_of_band(x, a, b, t)
         return m, saved, None
 
