@@ -89,6 +89,14 @@ def _owned(out: torch.Tensor) -> torch.Tensor:
     return out.clone() if out._base is not None else out
 
 
+def _matmul_t(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q kᵀ`` without autograd, the same bits whether or not ``q``, ``k`` require gradients:
+    ``torch.matmul`` folds batch dims into one GEMM or not depending on its operands'
+    ``requires_grad`` flags (not on the grad mode), and the two GEMMs round differently, so a
+    training call would score other similarities than ``warp_range`` under ``no_grad``."""
+    return torch.matmul(q.detach(), k.detach().transpose(-1, -2))
+
+
 class _Gram(torch.autograd.Function):
     # q kᵀ, or q qᵀ when k is None (all pairs of one batch: passed once, as torch.compile cannot
     # trace a tensor given twice); backward ∂q = g k, ∂k = gᵀ q, or ∂q = (g + gᵀ) q for q qᵀ.
@@ -97,7 +105,7 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
         ctx.save_for_backward(q, k)
-        return _owned(q @ (q if k is None else k).transpose(-1, -2))
+        return _owned(_matmul_t(q, q if k is None else k))
 
     @staticmethod
     def backward(ctx, g):
@@ -187,7 +195,7 @@ def _norms_plus_gram(q: torch.Tensor, k: torch.Tensor, norms: torch.Tensor, alph
     inputs (the streaming backward recomputes the forward's similarities)."""
     if q.dim() == 2 and k.dim() == 2:
         return torch.addmm(norms, q, k.T, beta=beta, alpha=alpha)
-    out = torch.matmul(q, k.transpose(-1, -2)).mul_(alpha)
+    out = _matmul_t(q, k).mul_(alpha)
     return out.add_(norms.unsqueeze(-2)) if beta == 1.0 else out.sub_(norms.unsqueeze(-2))
 
 
@@ -370,7 +378,7 @@ class PreparedKeys:
         if self.metric == "l1":
             return pairwise_similarity(q, k, "l1", 1.0)
         if self.norms is None:
-            return torch.matmul(q, k.transpose(-1, -2))
+            return _matmul_t(q, k)
         return _norms_plus_gram(q, k, self.norms[..., start:stop], self.alpha, self.beta)
 
 

@@ -107,6 +107,27 @@ def test_inference_matches_training_forward(impl, metric, mask_kind):
         assert torch.equal(getattr(stats_train, field), getattr(stats_infer, field)), field
 
 
+@pytest.mark.parametrize("impl", ["chunked", "dense"])
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "sqeuclidean"])
+def test_the_forward_does_not_depend_on_which_inputs_require_grad(impl, metric):
+    """torch.matmul folds broadcast batch dims into one GEMM or not depending on its operands'
+    requires_grad flags, and the two round differently: the same call scored other similarities
+    with k.requires_grad than without, so warp_range's range (taken under no_grad) missed a
+    training call's keys on rows of near-duplicates."""
+    gen = torch.Generator().manual_seed(zlib.crc32(metric.encode()))
+    shapes = [((2, 7, 8), (1, 9, 8)), ((7, 8), (2, 9, 8)), ((1, 7, 8), (2, 9, 8)), ((2, 7, 8), (9, 8)), ((3, 1, 7, 8), (1, 2, 9, 8))]
+    for q_shape, k_shape in shapes:
+        q, k = torch.randn(q_shape, generator=gen), torch.randn(k_shape, generator=gen)
+        v = torch.randn(9, 3, generator=gen)
+        runs = []
+        for need_q, need_k in ((False, False), (True, False), (False, True), (True, True)):
+            out, stats = simwarp.warp_attend(q.clone().requires_grad_(need_q), k.clone().requires_grad_(need_k), v,
+                                             metric=metric, impl=impl, chunk_size=4, return_stats=True)
+            runs.append((out.detach(), stats.lo, stats.hi, stats.lse))
+        for run in runs[1:]:
+            assert all(torch.equal(x, y) for x, y in zip(run, runs[0])), (q_shape, k_shape)
+
+
 def _plain_step(name):
     """The built-in step `name` as a user step: its plain-autograd statement from
     test_similarity_steps, which the backend runs in the log form with autograd gradients."""
