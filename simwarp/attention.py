@@ -500,6 +500,11 @@ class SoftStepAttention(nn.Module):
                 f"query has {heads} but this SoftStepAttention has num_heads={self.num_heads} "
                 f"(query {tuple(query.shape)}, expected (B, {self.num_heads}, L, E))"
             )
+        if self.mode == "instance" and query.shape[-1] != self.head_dim:  # (the step network reads the query)
+            raise ValueError(
+                f"query has {query.shape[-1]} features per head but this SoftStepAttention(mode='instance') has "
+                f"head_dim={self.head_dim} (query {tuple(query.shape)}, expected (B, {self.num_heads}, L, {self.head_dim}))"
+            )
         kw = self.step.kwargs(query if self.mode == "instance" else None)
         want = return_stats or self.track_stats
         out, stats, weights = _attend(
@@ -785,7 +790,8 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     layer keeps it, and the SoftStep modules accept its nested batches). A module shared by
     several parents, or held twice by one, is replaced by one shared SoftStep module. Frozen
     parameters stay frozen. Subclasses of ``nn.MultiheadAttention`` that override ``forward``
-    are left alone, with a warning (their forward would be lost). Modules swapped earlier keep
+    are left alone, with a warning (their forward would be lost), and so is a model without any
+    (a warning too: nothing to swap). Modules swapped earlier keep
     their step unless ``overwrite=True`` (fresh step parameters with the new options); asking
     for other options without it raises. Returns the model (a new module when ``model`` itself
     is an ``nn.MultiheadAttention``); the swap is in place otherwise.
@@ -808,7 +814,14 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
             if child is not None and _swappable(child):
                 _check_takeable(child, name)
                 swaps.append((module, name, child))
-    restepped = [m for m in modules if isinstance(m, MultiheadSoftStepAttention)] if softstep_kwargs else []
+    swapped_before = [m for m in modules if isinstance(m, MultiheadSoftStepAttention)]
+    if not any(isinstance(m, nn.MultiheadAttention) for m in modules):  # (subclasses left alone warned above)
+        warnings.warn(
+            f"swap_attention found no nn.MultiheadAttention in {type(model).__name__}: nothing was swapped "
+            "(for transformers models, see simwarp.integrations.transformers.attach_softstep)",
+            stacklevel=2,
+        )
+    restepped = swapped_before if softstep_kwargs else []
     for module in restepped:  # without overwrite: a check
         _restep(module, softstep_kwargs, overwrite)
     replaced: dict[int, MultiheadSoftStepAttention] = {}

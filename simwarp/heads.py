@@ -253,7 +253,7 @@ class _BankMixin(nn.Module):
             _check_z(z, self.in_features)
             labels = self._check_labels(y, z)
             if z.shape[0] == 0 and not enabled:
-                raise ValueError("set_bank needs at least one entry, got z of shape (0, D)")
+                raise ValueError(f"set_bank needs at least one entry, got z of shape {_shape(z)}")
             if not bool(torch.isfinite(z).all()):
                 bad = int((~torch.isfinite(z)).any(dim=-1).sum())
                 raise ValueError(f"z (bank embeddings, shape {_shape(z)}) has NaN or inf in {bad} row(s); drop or fix them first")

@@ -295,6 +295,8 @@ def test_errors_are_clear():
     assert SoftStepAttention(4, mode="global")(q[0, 0], k[0, 0], v[0, 0]).shape == v[0, 0, :5].shape
     with pytest.raises(ValueError, match="head_dim"):
         SoftStepAttention(4, mode="instance")
+    with pytest.raises(ValueError, match=r"query has 8 features per head .* head_dim=6"):  # (named `cond` before)
+        SoftStepAttention(4, 6, mode="instance")(q, k, v)
 
 
 def test_additive_mask_to_bool():
@@ -675,6 +677,17 @@ def test_swap_names_unknown_options():
         simwarp.swap_attention(nn.Sequential(nn.MultiheadAttention(8, 2)), dtype=torch.float64)
     with pytest.raises(TypeError, match=r"unexpected step options \['device'\]"):
         simwarp.MultiheadSoftStepAttention.from_multihead(nn.MultiheadAttention(8, 2), device="cpu")
+
+
+def test_swap_warns_when_there_is_nothing_to_swap():
+    """A model without nn.MultiheadAttention (a typo, a transformers model) came back unchanged
+    and silently; a model swapped before does not warn."""
+    with pytest.warns(UserWarning, match="found no nn.MultiheadAttention in Sequential"):
+        simwarp.swap_attention(nn.Sequential(nn.Linear(4, 4)))
+    swapped = simwarp.swap_attention(nn.Sequential(nn.MultiheadAttention(8, 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        simwarp.swap_attention(swapped)
 
 
 def test_swap_replaces_every_name_of_a_module_and_leaves_custom_forwards_alone():
