@@ -399,11 +399,18 @@ def gathered_warp_attend_with_sizes(q: torch.Tensor, v: torch.Tensor, *, group=N
     """:func:`gathered_warp_attend` and every rank's row count (``list[int]``, rank order), which
     the gather learns anyway: callers that need the global batch size pay no extra collective."""
     _require_initialised()
-    for name, x in (("q", q), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"{name} must have shape (n, features), got {getattr(x, 'shape', type(x))}")
-    if q.shape[0] != v.shape[0]:
-        raise ValueError(f"q (n, d) and v (n, e) must have the same rows, got {tuple(q.shape)} and {tuple(v.shape)}")
+
+    def check() -> None:
+        for name, x in (("q", q), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 2:
+                raise ValueError(f"{name} must have shape (n, features), got {getattr(x, 'shape', type(x))}")
+        if q.shape[0] != v.shape[0]:
+            raise ValueError(f"q (n, d) and v (n, e) must have the same rows, got {tuple(q.shape)} and {tuple(v.shape)}")
+        warp_attend(q, q[:0], v[:0], **kwargs)  # the backend's checks of the options (no keys: nothing computed)
+
+    # agreed over the ranks before the gathers: a rank whose inputs fail must not leave the others waiting
+    device = next((x.device for x in (q, v) if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    raise_together(check, group, device)
     keys = gather_rows(q, group)
     if exclude_self:  # every rank sees the same sizes: all raise, none waits
         check_global_batch(keys.sizes)

@@ -465,7 +465,7 @@ class _SoftStepLossMixin:
         value = as_real(scale_name, scale_value, "a positive finite float")
         if not 0 < value < math.inf:
             raise ValueError(f"{scale_name} must be a positive finite float, got {scale_value!r}")
-        largest = torch.finfo(torch.float32).max  # the similarities' factor must be a finite float32
+        largest = torch.finfo(torch.float32).max / 2  # the similarities' factor, doubled in the squared distance's GEMM
         if scale_name == "softmax_scale" and value > largest:
             raise ValueError(f"softmax_scale must be at most {largest:.3g}, got {scale_value!r}")
         if scale_name == "temperature" and value < MIN_TEMPERATURE:
@@ -606,26 +606,28 @@ class _SoftStepLossMixin:
             )
         return x, r, same, tuple(self.softstep(cond))
 
-    def _across_ranks(self, x, r, ref_labels):
+    def _across_ranks(self, x, r, ref_labels, labels_dtype: torch.dtype = torch.int64):
         """With ``gather`` on: the reference set becomes all ranks' (normalised) embeddings and
-        labels, gathered with gradients. Returns ``(r, ref_labels, offset)``, ``offset`` being
-        the global index of this rank's first anchor (0 without gather)."""
+        labels, gathered with gradients; the labels in ``labels_dtype`` (class indices: int64,
+        targets: the embeddings'), so that ranks holding them in other dtypes agree. Returns
+        ``(r, ref_labels, offset)``, ``offset`` being the global index of this rank's first
+        anchor (0 without gather)."""
         enabled, group = resolve_group(getattr(self, "gather", False))
         if not enabled:
             return r, ref_labels, 0
         g = gather_rows(x, group)  # (ref_emb and indices_tuple were refused with the inputs)
         self._gather_link = g.rows.narrow(-1, 0, 0).sum()
-        return g.rows, gather_rows(ref_labels, group, sizes=g.sizes).rows, g.offset
+        return g.rows, gather_rows(ref_labels.to(labels_dtype), group, sizes=g.sizes).rows, g.offset
 
-    def _zero_losses(self, *graph: torch.Tensor) -> dict:
+    def _zero_losses(self, *graph: torch.Tensor, dtype: torch.dtype | None = None) -> dict:
         """PML's zero loss, kept connected to ``graph`` (e.g. the gathered batch) and to the
         loss's own parameters, so that every rank still runs the gather's backward collective
         and DDP sees every parameter used: a rank returning a detached zero while others
-        back-propagate would hang them."""
+        back-propagate would hang them. In ``dtype``, the losses' (default: that of ``graph[0]``,
+        the embeddings)."""
+        dtype = graph[0].dtype if dtype is None else dtype
         connected = [x.sum() * 0.0 for x in (*graph, *self.parameters()) if x.requires_grad]
-        if not connected:
-            return self.zero_losses()
-        zero = torch.stack(connected).sum()
+        zero = (torch.stack(connected).sum() if connected else graph[0].new_zeros(())).to(dtype)
         return {"loss": {"losses": zero, "indices": None, "reduction_type": "already_reduced"}}
 
     def reset_parameters(self) -> None:
@@ -1006,9 +1008,10 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         y, y_ref = self._checked_targets(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         n = embeddings.shape[0]
         x, r, same, (a, b, t) = self._prepare(embeddings, ref_emb)
-        r, y_ref, offset = self._across_ranks(x, r, y_ref)
+        r, y_ref, offset = self._across_ranks(x, r, y_ref, labels_dtype=x.dtype)
+        wide = work_dtype(x.dtype)  # float32 for half inputs: squared errors overflow float16 early
         if same and r.shape[0] <= 1:
-            return self._zero_losses(x, r)
+            return self._zero_losses(x, r, dtype=wide)
         v = y_ref.to(device=x.device, dtype=x.dtype)
         warp = self._warp_options(self.softmax_scale, 1.0)
         if x.device.type == "cpu" and _materialises(warp["impl"], n, r.shape[0], x.device):
@@ -1018,8 +1021,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         )
         keep = ~stats.empty
         if not bool(keep.any()):
-            return self._zero_losses(x, r)
-        wide = work_dtype(x.dtype)  # float32 for half inputs: squared errors overflow float16 early
+            return self._zero_losses(x, r, dtype=wide)
         weights = lmu.convert_to_weights(indices_tuple, y, dtype=wide, using_ref=not same)
         err = (pred.to(wide) - y.to(wide)).pow(2).mean(1)
         return {

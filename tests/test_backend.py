@@ -697,6 +697,8 @@ def _qkv():
         (lambda q, k, v: dict(temperature=3e-39), ValueError, "temperature must be at least"),  # gave NaN
         (lambda q, k, v: dict(scale=-1.0), ValueError, "scale"),
         (lambda q, k, v: dict(scale=1e-300), ValueError, "scale must be between"),  # every row flat in float32
+        (lambda q, k, v: dict(metric="sqeuclidean", scale=2e38), ValueError, "scale must be between"),  # 2·scale: inf
+        (lambda q, k, v: dict(k=k[:, :0], v=v[:, :0], impl="fast"), ValueError, "impl must be one of"),  # no keys
         (lambda q, k, v: dict(chunk_size=0), ValueError, "chunk_size"),
         (lambda q, k, v: dict(metric="l1", impl="chunked"), ValueError, "only available with impl='dense'"),
         (lambda q, k, v: dict(impl="triton"), ValueError, "triton"),
@@ -952,6 +954,22 @@ def test_row_range_combines_key_shards_exactly(impl, metric, step):
     g_full = torch.autograd.grad(full.sum(), q)[0]
     g_merged = torch.autograd.grad(merged.sum(), q)[0]
     torch.testing.assert_close(g_merged, g_full)
+
+
+def test_the_documented_range_recipe_scores_the_same_bits_under_auto():
+    """warp_range streams key blocks; warp_attend(row_range=...) under "auto" took the dense
+    path for small calls, whose one GEMM rounded some similarities otherwise: the row minimum
+    got u ~ 1e-7 instead of 0, and the log step (infinite slope there) kept it (distributed's
+    sharded banks with a chunk_size, found by an audit)."""
+    gen = torch.Generator().manual_seed(7)
+    k, v, q = torch.randn(11, 4, generator=gen), torch.randn(11, 3, generator=gen), torch.randn(9, 4, generator=gen)
+    kw = dict(metric="cosine", step="log", t=0.3, scale=2.0)
+    for chunk_size in (2, 5, None):
+        lo, hi, _ = simwarp.warp_range(q, k, metric="cosine", scale=2.0, chunk_size=chunk_size)
+        own, own_stats = simwarp.warp_attend(q, k, v, impl="chunked", chunk_size=chunk_size, return_stats=True, **kw)
+        fixed, stats = simwarp.warp_attend(q, k, v, row_range=(lo, hi), chunk_size=chunk_size, return_stats=True, **kw)
+        assert torch.equal(stats.kept, own_stats.kept) and (stats.kept == 10).all(), chunk_size  # the minimum dropped
+        torch.testing.assert_close(fixed, own, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("step", ["sigmoidal", "log", "poly", "none"])

@@ -118,6 +118,13 @@ def _one_rank_errors(data, world, rank, rb, ks) -> dict:
     # fit_bank's encoding fails on one rank (dict batches without their labels' key there)
     batches = [{"x": data["bank_z"][ks], ("y" if bad else "labels"): data["bank_y"][ks]}]
     attempt("fit_bank_encoding", lambda: _head("reg", gather=True).eval().fit_bank(lambda x: x, batches, progress=False))
+    # the functional gather: its own shape check, and the backend's option checks (which ran after the gathers)
+    zq = z.clone().requires_grad_()
+    attempt("gathered_rows", lambda: sd.gathered_warp_attend(zq, y[: len(y) - 1] if bad else y).sum().backward())
+    attempt("gathered_params", lambda: sd.gathered_warp_attend(zq, y, a=0.95 if bad else 0.1, b=0.9).sum().backward())
+    # class labels in another integer dtype on one rank: not an error (they are gathered as int64)
+    attempt("mixed_label_dtypes", lambda: simwarp.SoftStepNCALoss(gather=True)(z, cls.int() if bad else cls))
+    attempt("mixed_label_dtypes_contrastive", lambda: simwarp.SoftStepContrastiveLoss(gather=True)(z, cls.to(torch.uint8) if bad else cls))
     half_labels = cls.double() + (0.5 if bad else 0.0)
     attempt("float_class_labels", lambda: simwarp.SoftStepNCALoss(gather=True)(z, half_labels))
     attempt("instance_nan_loss", lambda: simwarp.SoftStepNCALoss(gather=True, mode="instance", embedding_size=D).double()(nan_z, cls))
@@ -617,7 +624,8 @@ def _sum_reducer():
 
 
 @pytest.mark.parametrize("case", ["instance_nan_training", "nan_labels", "query_width", "nan_bank",
-                                  "float_class_labels", "instance_nan_loss", "fit_bank_encoding"])
+                                  "float_class_labels", "instance_nan_loss", "fit_bank_encoding",
+                                  "gathered_rows", "gathered_params"])
 def test_an_input_wrong_on_one_rank_raises_on_every_rank(group_results, case):
     """Before, only the rank with the bad input raised, and the others waited in the call's
     next collective until the process group's timeout (30 minutes by default)."""
@@ -630,6 +638,15 @@ def test_an_input_wrong_on_one_rank_raises_on_every_rank(group_results, case):
             assert f"failed their checks on rank(s) [{bad}]" in message, (case, rank, message)
         else:
             assert "failed their checks" not in message, (case, message)
+
+
+def test_class_labels_of_other_integer_dtypes_on_one_rank_are_fine(group_results):
+    """They were gathered as they came: int32 on one rank next to int64 elsewhere raised
+    "the gathered rows must have the same dtype" on every rank."""
+    world, results = group_results
+    for res in results:
+        assert res["one_rank_errors"]["mixed_label_dtypes"] is None
+        assert res["one_rank_errors"]["mixed_label_dtypes_contrastive"] is None
 
 
 def test_ranks_in_different_modes_all_refuse(group_results):

@@ -1173,6 +1173,8 @@ def test_constructors_check_backend_options_and_accept_numpy_and_tensor_reals():
         (simwarp.SoftStepNCALoss, dict(chunk_size=-5), ValueError, "chunk_size must be a positive int"),
         (simwarp.SoftStepNCALoss, dict(detach_range="no"), TypeError, "detach_range must be a bool"),
         (simwarp.SoftStepNCALoss, dict(softmax_scale=1e39), ValueError, "softmax_scale must be at most"),
+        # (a finite float32 whose double is not: the squared distance's GEMM overflowed in forward)
+        (simwarp.SoftStepNCALoss, dict(softmax_scale=2e38), ValueError, "softmax_scale must be at most"),
         (simwarp.SoftStepContrastiveLoss, dict(temperature=1e-40), ValueError, "temperature must be at least"),
     ]:
         with pytest.raises(error, match=match):

@@ -509,6 +509,21 @@ def test_degenerate_batches_are_finite(cls, case):
             assert float(value.detach()) == 0.0
 
 
+@pytest.mark.parametrize("cls", [SoftStepNCALoss, SoftStepContrastiveLoss, SoftStepNeighborRegressionLoss])
+@pytest.mark.parametrize("dtype", [torch.float16, f64])
+def test_a_zero_loss_comes_in_the_losses_dtype(cls, dtype):
+    """Without anything that requires grad to connect it to, the zero was PML's, float32 (for
+    float64 embeddings too); the losses come in the embeddings' dtype (the regression loss's in
+    float32 for half embeddings, as its nonzero losses)."""
+    want = torch.float32 if cls is SoftStepNeighborRegressionLoss and dtype == torch.float16 else dtype
+    for n, step in ((0, "none"), (1, "none"), (1, "sigmoidal")):
+        x = torch.randn(n, 4).to(dtype)
+        y = torch.randn(n) if cls is SoftStepNeighborRegressionLoss else torch.zeros(n, dtype=torch.long)
+        assert cls(step=step)(x, y).dtype == want, (n, step)
+    y = torch.randn(6) if cls is SoftStepNeighborRegressionLoss else torch.tensor([0, 0, 1, 1, 2, 2])
+    assert cls()(torch.randn(6, 4).to(dtype), y).dtype == want  # (a nonzero loss, for comparison)
+
+
 def test_anchors_without_positives_contribute_nothing():
     x = torch.randn(10, 4, dtype=f64)
     y = torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 5, 6])

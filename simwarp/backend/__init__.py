@@ -193,7 +193,9 @@ def warp_attend(
             combining calls over parts of one key set (a bank sharded across devices: see
             :func:`warp_range` and :mod:`simwarp.distributed`); a row may then keep no key of
             this call (zero output, ``lse = -inf``). A row whose ``lo`` and ``hi`` are both NaN
-            (a NaN among its scores, as :func:`warp_range` reports it) gives a NaN row.
+            (a NaN among its scores, as :func:`warp_range` reports it) gives a NaN row. Under
+            ``impl="auto"`` the call streams over key blocks (chunked), as :func:`warp_range`
+            does: with the same ``chunk_size`` both score the same similarity bits.
 
     Returns:
         ``(..., n, e)`` output, and with ``return_stats`` a :class:`WarpStats`. A row with no
@@ -206,6 +208,7 @@ def warp_attend(
     batch = check_inputs(q, k, v, mask, exclude_self, self_offset)
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset, q.dtype)
     return_stats = as_flag("return_stats", return_stats)
+    check_impl(impl)  # (also where no keys or rows leave nothing to compute)
     check_chunk_size(chunk_size)
     dropout_p = check_dropout_p(dropout_p)
     drop_all = dropout_p == 1.0  # every weight dropped: zero output and zero gradients through it
@@ -222,6 +225,11 @@ def warp_attend(
     if chosen == "triton" and row_range is not None:  # not in the fused kernels
         if impl == "triton":
             raise ValueError("impl='triton' does not support row_range; use impl='auto' or 'chunked'")
+        chosen = "chunked"
+    if chosen == "dense" and impl == "auto" and row_range is not None:
+        # the key blocks of warp_range, where such a range comes from: the same similarity bits
+        # (the dense path's one GEMM may round them otherwise, and a key at the row minimum
+        # would then miss the log step's exact 0)
         chosen = "chunked"
     if chosen == "triton" and impl == "auto" and dropout_p > 0 and not FUSED_DROPOUT_BY_DEFAULT:
         chosen = "chunked"

@@ -729,8 +729,9 @@ def make_spec(
     metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset: int = 0, dtype: torch.dtype | None = None
 ) -> WarpSpec:
     """The checked options of a backend call. ``dtype``: the inputs' dtype, where known: below
-    float64 the similarity factor ``scale`` must be a finite, normal float32 (a smaller one
-    rounds every similarity to 0 or a subnormal: every row flat)."""
+    float64 the similarity factor ``scale`` must be a normal float32 (a smaller one rounds
+    every similarity to 0 or a subnormal: every row flat) whose double is finite (``sqeuclidean``
+    scores ``2 · scale · q·k`` in one GEMM)."""
     check_metric(metric)
     if scale is not None:
         scale = as_real("scale", scale, "a positive finite float or None")
@@ -738,8 +739,8 @@ def make_spec(
             raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
         if dtype is not None and work_dtype(dtype) != torch.float64:
             info = torch.finfo(torch.float32)
-            if not info.tiny <= scale <= info.max:
-                raise ValueError(f"scale must be between {info.tiny:.3g} and {info.max:.3g} for {dtype} inputs, got {scale!r}")
+            if not info.tiny <= scale <= info.max / 2:
+                raise ValueError(f"scale must be between {info.tiny:.3g} and {info.max / 2:.3g} for {dtype} inputs, got {scale!r}")
     temperature = as_real("temperature", temperature, "a positive float")
     if not is_finite_real(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
