@@ -411,6 +411,12 @@ def gathered_warp_attend_with_sizes(q: torch.Tensor, v: torch.Tensor, *, group=N
     # agreed over the ranks before the gathers: a rank whose inputs fail must not leave the others waiting
     device = next((x.device for x in (q, v) if isinstance(x, torch.Tensor)), torch.device("cpu"))
     raise_together(check, group, device)
+    return gather_and_attend(q, v, group, exclude_self, **kwargs)
+
+
+def gather_and_attend(q: torch.Tensor, v: torch.Tensor, group, exclude_self: bool, **kwargs):
+    """:func:`gathered_warp_attend_with_sizes` for a caller that has agreed on these inputs over
+    the ranks already (:func:`raise_together`: the heads), without an agreement of its own."""
     keys = gather_rows(q, group)
     if exclude_self:  # every rank sees the same sizes: all raise, none waits
         check_global_batch(keys.sizes)

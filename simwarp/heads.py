@@ -50,7 +50,7 @@ from simwarp.backend.common import (
 )
 from simwarp.distributed import (
     check_global_batch,
-    gathered_warp_attend_with_sizes,
+    gather_and_attend,
     global_moments,
     global_size,
     merge_moments,
@@ -604,8 +604,8 @@ class _WarpHeadBase(_BankMixin):
         enabled, group = resolve_group(self.gather)
         if enabled:  # batch (training) or sharded bank across ranks: simwarp.distributed
             if loo:
-                (out, stats), sizes = gathered_warp_attend_with_sizes(
-                    z, values, group=group, metric=self.metric, scale=self.scale, temperature=self.temperature,
+                (out, stats), sizes = gather_and_attend(  # (the inputs were agreed on in _checked)
+                    z, values, group, True, metric=self.metric, scale=self.scale, temperature=self.temperature,
                     detach_range=self.detach_range, impl=self.impl, chunk_size=self.chunk_size,
                     return_stats=True, **step_kwargs,
                 )
@@ -937,10 +937,10 @@ class NeighborRegressionHead(_WarpHeadBase):
                 self._check_step_params(z, step_kwargs)  # before the target statistics see the batch
             if not recomputing_in_backward():  # activation checkpointing: the batch was counted
                 self._update_running_stats(y2)
-            # in the wide dtype: the gradient that reaches the backend's output is the loss's times
+            # float16 in float32: the gradient that reaches the backend's output is the loss's times
             # the targets' std, which overflows float16 (targets in the thousands)
-            zw = z.to(_wide(z))
-            ys = self._standardize(y2.to(zw.dtype))
+            zw = z.float() if z.dtype == torch.float16 else z
+            ys = self._standardize(y2.to(_wide(z))).to(zw.dtype)
             out, _ = self._attend(zw, zw, values_fn(ys), loo=True, step_kwargs=step_kwargs)
         else:
             self._require_bank(z.device)
@@ -1211,8 +1211,8 @@ def _non_finite_rows(z: torch.Tensor) -> torch.Tensor:
 def _wide(z: torch.Tensor) -> torch.dtype:
     """The regression heads' output dtype: ``z``'s, at least float32. Targets are standardised
     and mapped back in it, so that targets beyond float16's range (prices, counts) survive a
-    float16 encoder. Training runs the backend in it too (its output's gradient carries the
-    targets' std); predictions from the bank average in ``z``'s dtype."""
+    float16 encoder. Training with float16 embeddings runs the backend in float32 too (its
+    output's gradient carries the targets' std); otherwise the backend averages in ``z``'s dtype."""
     return torch.promote_types(z.dtype, torch.float32)
 
 

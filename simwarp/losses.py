@@ -465,9 +465,11 @@ class _SoftStepLossMixin:
         value = as_real(scale_name, scale_value, "a positive finite float")
         if not 0 < value < math.inf:
             raise ValueError(f"{scale_name} must be a positive finite float, got {scale_value!r}")
-        largest = torch.finfo(torch.float32).max / 2  # the similarities' factor, doubled in the squared distance's GEMM
-        if scale_name == "softmax_scale" and value > largest:
-            raise ValueError(f"softmax_scale must be at most {largest:.3g}, got {scale_value!r}")
+        # the similarities' factor: a normal float32 (smaller ones flatten every row), doubled in
+        # the squared distance's GEMM (so at most half float32's max), as the backend's scale
+        info = torch.finfo(torch.float32)
+        if scale_name == "softmax_scale" and not info.tiny <= value <= info.max / 2:
+            raise ValueError(f"softmax_scale must be between {info.tiny:.3g} and {info.max / 2:.3g}, got {scale_value!r}")
         if scale_name == "temperature" and value < MIN_TEMPERATURE:
             raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:.3g}, got {scale_value!r}")
         setattr(self, scale_name, value)
@@ -623,9 +625,9 @@ class _SoftStepLossMixin:
         """PML's zero loss, kept connected to ``graph`` (e.g. the gathered batch) and to the
         loss's own parameters, so that every rank still runs the gather's backward collective
         and DDP sees every parameter used: a rank returning a detached zero while others
-        back-propagate would hang them. In ``dtype``, the losses' (default: that of ``graph[0]``,
-        the embeddings)."""
-        dtype = graph[0].dtype if dtype is None else dtype
+        back-propagate would hang them. In ``dtype``, the losses' (default: as the losses of the
+        embeddings ``graph[0]`` come, :func:`_output_dtype`)."""
+        dtype = _output_dtype(graph[0], work_dtype(graph[0].dtype)) if dtype is None else dtype
         connected = [x.sum() * 0.0 for x in (*graph, *self.parameters()) if x.requires_grad]
         zero = (torch.stack(connected).sum() if connected else graph[0].new_zeros(())).to(dtype)
         return {"loss": {"losses": zero, "indices": None, "reduction_type": "already_reduced"}}

@@ -151,11 +151,10 @@ def _drop_(phi: torch.Tensor, band_coordinate: torch.Tensor) -> torch.Tensor:
 
 
 def _reciprocal(x: torch.Tensor) -> torch.Tensor:
-    """``1 / x`` of a positive per-row factor (``b - a``, ``t (b - a)``, ``t``), at most the
-    dtype's largest value: an infinite factor would turn the zero gap of a row's best key, or
-    the zero gradient of a key outside the band, into NaN (``0 · inf``); the largest finite
-    value keeps them 0 and still sends every other key to a clamp (a band narrower than the
-    dtype resolves)."""
+    """``1 / x`` of a positive per-row factor (``t (b - a)``, ``t``), at most the dtype's
+    largest value: an infinite factor would turn the zero gradient of a key outside the band
+    into NaN (``0 · inf``); the largest finite value keeps it 0 and still sends every key off
+    the band's centre to a clamp (a band narrower than the dtype resolves)."""
     return torch.reciprocal(x).clamp_max_(torch.finfo(x.dtype).max)
 
 
@@ -234,7 +233,7 @@ class SigmoidalRule(StepRule):
         if not _row_constant(a, b, t):
             ga = _reduce((x - 1.0).mul_(h).mul_(inv_tw), a) if need_a else None
             gb = _reduce(torch.mul(h, x).mul_(-inv_tw), b) if need_b else None
-            # ln2 / t, then / t: t² alone is subnormal (then 1/t² inf, and 0 · inf NaN) for t < 1e-19
+            # times ln2/t, then 1/t: t² alone is subnormal (then 1/t² inf, and 0 · inf NaN) for t < 1e-19
             gt = _reduce(g_kept.mul_(rho).mul_(inv_t * math.log(2.0)).mul_(inv_t), t) if need_t else None
             gu = h.mul_(inv_tw)
             sums = None
@@ -287,8 +286,10 @@ class LogRule(StepRule):
 
 class PolyRule(StepRule):
     """φ = log m(y), m = y² (3 - 2y) on y = clamp((u - (a+b)/2) c + 1/2, 0, 1), c = 1/(t (b - a)).
-    With φ_y = 6 (1 - y) / (y (3 - 2y)) and h = g_φ φ_y c:  ∂u = h,  ∂a = h (u - b) / (b - a),
-    ∂b = -h (u - a) / (b - a),  ∂t = -h (y - 1/2) / (c t)."""
+    With φ_y = 6 (1 - y) / (y (3 - 2y)) and h = g_φ φ_y c:  ∂u = h,  ∂a = h (t (y - 1/2) - 1/2),
+    ∂b = -h (t (y - 1/2) + 1/2),  ∂t = -h (y - 1/2) (b - a): ``u - (a+b)/2 = (y - 1/2) t (b - a)``
+    wherever h is not 0 (in the band), so the backward needs ``y`` alone (a masked key's ``u``
+    may overflow to ±inf, where its zero gradient would meet it as 0 · inf)."""
 
     @staticmethod
     def forward(u, a, b, t):
@@ -307,30 +308,26 @@ class PolyRule(StepRule):
 
     @staticmethod
     def backward(saved, g_phi, needs, range_sums: bool = False):
-        u, a, b, t, y = saved
+        _u, a, b, t, y = saved
         need_u, need_a, need_b, need_t = needs
         width = b - a
-        c = _reciprocal(t * width)
-        y_in = y.clamp_min(_guard(u.dtype))  # y = 0 is dropped (g_φ = 0 there); φ_y(1) = 0
+        y_in = y.clamp_min(_guard(y.dtype))  # y = 0 is dropped (g_φ = 0 there); φ_y(1) = 0
         den = torch.mul(y_in, -2.0).add_(3.0).mul_(y_in)
-        h = y_in.neg_().add_(1.0).mul_(6.0).div_(den).mul_(g_phi).mul_(c)  # g_φ φ_y c, in y_in's buffer
+        h = y_in.neg_().add_(1.0).mul_(6.0).div_(den).mul_(g_phi).mul_(_reciprocal(t * width))  # g_φ φ_y c, in y_in's buffer
         ga = gb = gt = sums = None
-        if need_a or need_b or range_sums:
-            # h is 0 outside the band, which lies in [0, 1]: there a masked key's u may be ±inf
-            u = u.clamp(-1.0, 2.0)
-        if _row_constant(a, b, t):  # per-row sums S0 = Σ h, S1 = Σ h u, S2 = Σ h y
+        if _row_constant(a, b, t):  # per-row sums S0 = Σ h and P = Σ h (y - 1/2)
             s0 = h.sum(-1, keepdim=True)
-            if need_a or need_b or range_sums:
-                s1 = torch.linalg.vecdot(h, u).unsqueeze(-1)
-                ga = _reduce((s1 - b * s0) / width, a) if need_a else None
-                gb = _reduce((a * s0 - s1) / width, b) if need_b else None
-                sums = (s0, s1) if range_sums else None
-            if need_t:
-                gt = _reduce((torch.linalg.vecdot(h, y).unsqueeze(-1) - 0.5 * s0) / (-c * t), t)
+            if need_a or need_b or need_t or range_sums:
+                p = torch.linalg.vecdot(h, y).unsqueeze(-1) - 0.5 * s0
+                ga = _reduce(t * p - 0.5 * s0, a) if need_a else None
+                gb = _reduce(-(t * p + 0.5 * s0), b) if need_b else None
+                gt = _reduce(-p * width, t) if need_t else None
+                sums = (s0, (a + b) * 0.5 * s0 + t * width * p) if range_sums else None  # (Σ h, Σ h u)
         else:
-            ga = _reduce(h * (u - b) / width, a) if need_a else None
-            gb = _reduce(-h * (u - a) / width, b) if need_b else None
-            gt = _reduce((y - 0.5).mul_(h).div_(-c * t), t) if need_t else None
+            centred = (y - 0.5).mul_(h)  # h (y - 1/2)
+            ga = _reduce(t * centred - 0.5 * h, a) if need_a else None
+            gb = _reduce(-(t * centred + 0.5 * h), b) if need_b else None
+            gt = _reduce(-centred * width, t) if need_t else None
         return (h if need_u else None), ga, gb, gt, sums
 
 

@@ -396,6 +396,10 @@ def test_a_band_narrower_than_the_dtype_resolves_gives_no_nan(impl, dtype):
         (g,) = torch.autograd.grad(out.sum(), qx)
         assert torch.isfinite(g).all(), step
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    # a subnormal t: ln2/t and 1/t overflow in the sigmoidal ∂t, which keys outside the band met as 0 · inf
+    t = torch.tensor(1e-40 if dtype == torch.float32 else 1e-310, dtype=dtype, requires_grad=True)
+    out = simwarp.warp_attend(q.to(dtype), k.to(dtype), v.to(dtype), step="sigmoidal", a=0.5, b=0.9, t=t, impl=impl, chunk_size=2)
+    assert torch.isfinite(torch.autograd.grad(out.sum(), t)[0])
     magnitude, b = (1e-36, 0.5001) if dtype == torch.float32 else (1e-300, 0.5 + 1e-10)
     q_small = (q * magnitude).to(dtype)
     out, stats = simwarp.warp_attend(q_small, k.to(dtype), v.to(dtype), a=0.5, b=b, scale=1.0, impl=impl, chunk_size=2,

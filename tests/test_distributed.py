@@ -124,6 +124,7 @@ def _one_rank_errors(data, world, rank, rb, ks) -> dict:
     attempt("gathered_params", lambda: sd.gathered_warp_attend(zq, y, a=0.95 if bad else 0.1, b=0.9).sum().backward())
     # class labels in another integer dtype on one rank: not an error (they are gathered as int64)
     attempt("mixed_label_dtypes", lambda: simwarp.SoftStepNCALoss(gather=True)(z, cls.int() if bad else cls))
+    attempt("mixed_target_dtypes", lambda: simwarp.SoftStepNeighborRegressionLoss(gather=True)(z, y.float() if bad else y))
     attempt("mixed_label_dtypes_contrastive", lambda: simwarp.SoftStepContrastiveLoss(gather=True)(z, cls.to(torch.uint8) if bad else cls))
     half_labels = cls.double() + (0.5 if bad else 0.0)
     attempt("float_class_labels", lambda: simwarp.SoftStepNCALoss(gather=True)(z, half_labels))
@@ -647,6 +648,7 @@ def test_class_labels_of_other_integer_dtypes_on_one_rank_are_fine(group_results
     for res in results:
         assert res["one_rank_errors"]["mixed_label_dtypes"] is None
         assert res["one_rank_errors"]["mixed_label_dtypes_contrastive"] is None
+        assert res["one_rank_errors"]["mixed_target_dtypes"] is None  # (targets gathered in the embeddings' dtype)
 
 
 def test_ranks_in_different_modes_all_refuse(group_results):

@@ -1172,9 +1172,10 @@ def test_constructors_check_backend_options_and_accept_numpy_and_tensor_reals():
         (simwarp.SoftStepNCALoss, dict(impl="fast"), ValueError, "impl must be one of"),
         (simwarp.SoftStepNCALoss, dict(chunk_size=-5), ValueError, "chunk_size must be a positive int"),
         (simwarp.SoftStepNCALoss, dict(detach_range="no"), TypeError, "detach_range must be a bool"),
-        (simwarp.SoftStepNCALoss, dict(softmax_scale=1e39), ValueError, "softmax_scale must be at most"),
+        (simwarp.SoftStepNCALoss, dict(softmax_scale=1e39), ValueError, "softmax_scale must be between"),
         # (a finite float32 whose double is not: the squared distance's GEMM overflowed in forward)
-        (simwarp.SoftStepNCALoss, dict(softmax_scale=2e38), ValueError, "softmax_scale must be at most"),
+        (simwarp.SoftStepNCALoss, dict(softmax_scale=2e38), ValueError, "softmax_scale must be between"),
+        (simwarp.SoftStepNCALoss, dict(softmax_scale=1e-40), ValueError, "softmax_scale must be between"),
         (simwarp.SoftStepContrastiveLoss, dict(temperature=1e-40), ValueError, "temperature must be at least"),
     ]:
         with pytest.raises(error, match=match):
@@ -1237,7 +1238,7 @@ def test_target_statistics_edge_cases():
     raw.set_bank(torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64) + 100)
     with torch.no_grad():
         torch.testing.assert_close(raw.predict_with_uncertainty(z)[0], raw(z))
-    with pytest.raises(ValueError, match="at least one entry"):
+    with pytest.raises(ValueError, match=r"at least one entry, got z of shape \(0, 4\)"):  # (a literal "(0, D)" before)
         head.set_bank(torch.zeros(0, 4), torch.zeros(0, 1))
 
 

@@ -522,6 +522,10 @@ def test_a_zero_loss_comes_in_the_losses_dtype(cls, dtype):
         assert cls(step=step)(x, y).dtype == want, (n, step)
     y = torch.randn(6) if cls is SoftStepNeighborRegressionLoss else torch.tensor([0, 0, 1, 1, 2, 2])
     assert cls()(torch.randn(6, 4).to(dtype), y).dtype == want  # (a nonzero loss, for comparison)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: float32, as the nonzero losses
+        one = torch.randn(1, 4, dtype=torch.bfloat16)
+        assert cls()(one, torch.randn(1) if cls is SoftStepNeighborRegressionLoss else torch.zeros(1, dtype=torch.long)).dtype == torch.float32
+        assert cls()(torch.randn(6, 4, dtype=torch.bfloat16), y).dtype == torch.float32
 
 
 def test_anchors_without_positives_contribute_nothing():

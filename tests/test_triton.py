@@ -439,6 +439,47 @@ def check_heavy_first_order():
         assert order.view(6, 2).tolist() == [[tile, batch] for batch in (0, 1) for tile in tiles]
 
 
+class _LaunchRecorder:
+    """Stands in for a kernel of the interpreted module: records each launch's ``LAST_FIRST``."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["LAST_FIRST"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@check
+def check_heavy_first_reaches_the_causal_kernels():
+    """The launches pass ``LAST_FIRST`` to pass 1, pass 2 and ``dq`` exactly under a causal mask
+    with ``heavy_first`` (which the results cannot show: only the programs' order changes)."""
+    from simwarp.backend.triton import launch
+
+    mod = launch.kernel_module(True)
+    names = ("range_kernel", "attend_kernel", "bwd_dq_kernel")
+    originals = {name: getattr(mod, name) for name in names}
+    seen = {name: [] for name in names}
+    q, k, v = (torch.randn(1, 2, 20, 4, dtype=f64, requires_grad=True) for _ in range(3))
+    try:
+        for name in names:
+            setattr(mod, name, _LaunchRecorder(originals[name], seen[name]))
+        for causal, heavy in ((True, True), (True, False), (False, True)):
+            spec = make_spec("dot", 1.0, "poly", 1.0, causal, False, False)
+            a, b, t = resolve_params(0.2, 0.8, 0.5, batch=torch.Size((1, 2)), n=20, dtype=f64, device=q.device)
+            out = triton_warp_attend(q, k, v, a, b, t, None, spec, config=replace(SMALL, heavy_first=heavy))[0]
+            torch.autograd.grad(out.sum(), q)
+            assert all(seen[name] == [causal and heavy] for name in names), (causal, heavy, seen)
+            for name in names:
+                seen[name].clear()
+    finally:
+        for name in names:
+            setattr(mod, name, originals[name])
+
+
 @check
 def check_heavy_first_gives_the_same_bits():
     """``KernelConfig(heavy_first=True)`` only reorders the causal kernels' query blocks

@@ -194,8 +194,9 @@ def warp_attend(
             :func:`warp_range` and :mod:`simwarp.distributed`); a row may then keep no key of
             this call (zero output, ``lse = -inf``). A row whose ``lo`` and ``hi`` are both NaN
             (a NaN among its scores, as :func:`warp_range` reports it) gives a NaN row. Under
-            ``impl="auto"`` the call streams over key blocks (chunked), as :func:`warp_range`
-            does: with the same ``chunk_size`` both score the same similarity bits.
+            ``impl="auto"`` the call streams over key blocks (chunked; not under
+            ``torch.export``), as :func:`warp_range` does: with the same ``chunk_size`` both
+            score the same similarity bits.
 
     Returns:
         ``(..., n, e)`` output, and with ``return_stats`` a :class:`WarpStats`. A row with no
@@ -226,7 +227,7 @@ def warp_attend(
         if impl == "triton":
             raise ValueError("impl='triton' does not support row_range; use impl='auto' or 'chunked'")
         chosen = "chunked"
-    if chosen == "dense" and impl == "auto" and row_range is not None:
+    if chosen == "dense" and impl == "auto" and row_range is not None and spec.metric in STREAMING_METRICS and not exporting():
         # the key blocks of warp_range, where such a range comes from: the same similarity bits
         # (the dense path's one GEMM may round them otherwise, and a key at the row minimum
         # would then miss the log step's exact 0)
@@ -394,7 +395,9 @@ def warp_weights(
     """The dense ``(..., n, m)`` weight matrix of :func:`warp_attend`, for analysis.
 
     Same arguments as :func:`warp_attend` without ``v`` and ``dropout_p`` (``impl`` and
-    ``chunk_size`` are checked and ignored: the matrix is materialised). Rows sum to 1 over valid keys; rows without a valid
+    ``chunk_size`` are checked and ignored: the matrix is materialised, its similarities from one
+    product over all keys, so with a ``row_range`` from :func:`warp_range` they may round
+    differently from its key blocks: docs/backend.md). Rows sum to 1 over valid keys; rows without a valid
     key are all zero. With ``return_stats`` also returns :class:`WarpStats`. The weights are in
     the compute dtype: float32 for float16/bfloat16 inputs (small weights stay resolved).
 

@@ -730,8 +730,8 @@ def make_spec(
 ) -> WarpSpec:
     """The checked options of a backend call. ``dtype``: the inputs' dtype, where known: below
     float64 the similarity factor ``scale`` must be a normal float32 (a smaller one rounds
-    every similarity to 0 or a subnormal: every row flat) whose double is finite (``sqeuclidean``
-    scores ``2 · scale · q·k`` in one GEMM)."""
+    similarities of ordinary size to 0 or a subnormal: flat rows) whose double is finite
+    (``sqeuclidean`` scores ``2 · scale · q·k`` in one GEMM)."""
     check_metric(metric)
     if scale is not None:
         scale = as_real("scale", scale, "a positive finite float or None")
