@@ -50,6 +50,7 @@ from simwarp.backend.common import (
     MIN_TEMPERATURE,
     as_real,
     check_backend_options,
+    check_float32_scale,
     resolve_params,
     work_dtype,
 )
@@ -465,11 +466,8 @@ class _SoftStepLossMixin:
         value = as_real(scale_name, scale_value, "a positive finite float")
         if not 0 < value < math.inf:
             raise ValueError(f"{scale_name} must be a positive finite float, got {scale_value!r}")
-        # the similarities' factor: a normal float32 (smaller ones flatten every row), doubled in
-        # the squared distance's GEMM (so at most half float32's max), as the backend's scale
-        info = torch.finfo(torch.float32)
-        if scale_name == "softmax_scale" and not info.tiny <= value <= info.max / 2:
-            raise ValueError(f"softmax_scale must be between {info.tiny:.3g} and {info.max / 2:.3g}, got {scale_value!r}")
+        if scale_name == "softmax_scale":  # the similarities' factor, checked as the backend's scale
+            check_float32_scale("softmax_scale", value)
         if scale_name == "temperature" and value < MIN_TEMPERATURE:
             raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:.3g}, got {scale_value!r}")
         setattr(self, scale_name, value)

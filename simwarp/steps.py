@@ -300,7 +300,7 @@ class PolyRule(StepRule):
     def mask(u, a, b, t):
         c = _reciprocal(t * (b - a))
         y = (u * c).add_(0.5 - (a + b) * 0.5 * c).clamp_(0.0, 1.0)
-        return torch.mul(y, -2.0).add_(3.0).mul_(y).mul_(y), (u, a, b, t, y)  # 0 for y <= 0, 1 for y >= 1
+        return torch.mul(y, -2.0).add_(3.0).mul_(y).mul_(y), (a, b, t, y)  # 0 for y <= 0, 1 for y >= 1
 
     @staticmethod
     def support(saved):
@@ -308,7 +308,7 @@ class PolyRule(StepRule):
 
     @staticmethod
     def backward(saved, g_phi, needs, range_sums: bool = False):
-        _u, a, b, t, y = saved
+        a, b, t, y = saved
         need_u, need_a, need_b, need_t = needs
         width = b - a
         y_in = y.clamp_min(_guard(y.dtype))  # y = 0 is dropped (g_φ = 0 there); φ_y(1) = 0
@@ -337,16 +337,15 @@ class _ClosedFormStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, a, b, t, rule: type[StepRule]):
         phi, saved = rule.forward(u, a, b, t)
-        ctx.rule = rule
+        ctx.rule, ctx.u_shape = rule, u.shape
         ctx.save_for_backward(*saved)
         return phi
 
     @staticmethod
     @first_order
     def backward(ctx, g_phi):
-        u = ctx.saved_tensors[0]
         gu, ga, gb, gt, _ = ctx.rule.backward(ctx.saved_tensors, g_phi, ctx.needs_input_grad[:4])
-        return _reduce(gu, u), ga, gb, gt, None
+        return (None if gu is None else gu.sum_to_size(ctx.u_shape)), ga, gb, gt, None
 
 
 def _rule_step(rule: type[StepRule], doc: str) -> StepFn:

@@ -725,22 +725,27 @@ def check_backend_options(metric: str, impl: str, chunk_size, scale=None, temper
 MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
+def check_float32_scale(name: str, value: float, inputs: str = "") -> None:
+    """A similarity factor that float32 computes with: a normal float32 (a smaller one rounds
+    similarities of ordinary size to 0 or a subnormal: flat rows) whose double is finite
+    (``sqeuclidean`` scores ``2 · scale · q·k`` in one GEMM). ``inputs``: for the message."""
+    info = torch.finfo(torch.float32)
+    if not info.tiny <= value <= info.max / 2:
+        raise ValueError(f"{name} must be between {info.tiny:.3g} and {info.max / 2:.3g}{inputs}, got {value!r}")
+
+
 def make_spec(
     metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset: int = 0, dtype: torch.dtype | None = None
 ) -> WarpSpec:
     """The checked options of a backend call. ``dtype``: the inputs' dtype, where known: below
-    float64 the similarity factor ``scale`` must be a normal float32 (a smaller one rounds
-    similarities of ordinary size to 0 or a subnormal: flat rows) whose double is finite
-    (``sqeuclidean`` scores ``2 · scale · q·k`` in one GEMM)."""
+    float64 the similarity factor ``scale`` is checked by :func:`check_float32_scale`."""
     check_metric(metric)
     if scale is not None:
         scale = as_real("scale", scale, "a positive finite float or None")
         if not is_finite_real(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
         if dtype is not None and work_dtype(dtype) != torch.float64:
-            info = torch.finfo(torch.float32)
-            if not info.tiny <= scale <= info.max / 2:
-                raise ValueError(f"scale must be between {info.tiny:.3g} and {info.max / 2:.3g} for {dtype} inputs, got {scale!r}")
+            check_float32_scale("scale", scale, f" for {dtype} inputs")
     temperature = as_real("temperature", temperature, "a positive float")
     if not is_finite_real(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
