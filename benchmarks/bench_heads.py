@@ -15,7 +15,8 @@ same neighbour head with another registered step (``softstep-global`` is ``step=
 (``raw-softstep-global``, ``raw-nona``) trains that head without an encoder, on the standardised
 input features: the like-for-like comparison with ``sklearn-knn`` (same features, same metric;
 only the neighbour weighting differs); ``scaled-`` also learns the bandwidth (the head's
-``learn_scale=True``).
+``learn_scale=True``). An ``@`` suffix starts a SoftStep head from another ``(a, b, t)``, e.g.
+``softstep-poly-global@t=0.99`` (unnamed parameters keep the defaults ``0.1, 0.9, 0.5``).
 
 Reports mean ± sd of test RMSE over seeds, the RMSE ratio to the linear head, and the paired
 win rate (share of seeds where a head's test RMSE is below the linear head's).
@@ -91,8 +92,20 @@ def sklearn_knn(data, splits, cfg: TrainConfig, seed: int) -> dict:
 def parse_head(kind: str) -> tuple[str, dict, str]:
     """Map a head name to ``(make_head kind, head kwargs, encoder)``; ``softstep-<step>-<mode>``
     sets ``step``, a ``raw-`` prefix drops the encoder (``TrainConfig.encoder = "none"``)."""
-    from simwarp.steps import BUILTIN_STEPS
+    from simwarp.steps import BUILTIN_STEPS, DEFAULT_A, DEFAULT_B, DEFAULT_T
 
+    if "@" in kind:  # softstep-poly-global@t=0.99: the same head from another initial (a, b, t)
+        name, _, spec = kind.partition("@")
+        base, extra, encoder = parse_head(name)
+        if not base.startswith("softstep-") or not spec:
+            raise ValueError(f"head {kind!r}: only softstep heads take an @a=..,b=..,t=.. initialisation")
+        init = dict(zip("abt", (DEFAULT_A, DEFAULT_B, DEFAULT_T)))
+        for item in spec.split(","):
+            key, eq, value = item.partition("=")
+            if key not in init or not eq:
+                raise ValueError(f"head {kind!r}: expected @a=..,b=..,t=.. (any of them), got {item!r}")
+            init[key] = float(value)
+        return base, {**extra, "init": (init["a"], init["b"], init["t"])}, encoder
     for prefix, scaled in (("raw-", False), ("scaled-", True)):
         if kind.startswith(prefix) and kind[len(prefix):] not in ("knn", "sklearn-knn", "linear"):
             base, extra, _ = parse_head(kind[len(prefix):])
