@@ -188,7 +188,7 @@ def _valid_counts(mask: torch.Tensor | None, n: int, s: int, causal: bool, devic
         return allowed.sum(-1).to(torch.float32)
     if mask is None:
         return torch.full((n,), s, dtype=torch.float32, device=device)  # (float(s) would fix a dynamic s under export)
-    return mask.sum(-1).to(torch.float32)
+    return mask.expand(*mask.shape[:-1], s).sum(-1).to(torch.float32)  # a key dim of 1 broadcasts
 
 
 def _check_sdpa_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> int:

@@ -820,6 +820,24 @@ def test_valid_counts_follow_causal_and_padding():
     assert st.valid.flatten().tolist() == [4, 4, 4, 4]
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(4, 1), (1, 1), (2, 1, 4, 1), (1, 6), (4, 6)])
+def test_valid_counts_of_a_mask_that_broadcasts(shape, causal):
+    """A mask with a key dim of 1 (SDPA broadcasts it over the keys) counted one key per row,
+    so the kept fraction came out above 1; every row's count is its expanded mask's."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 3)
+    mask = torch.rand(shape) > 0.3
+    mask.view(-1)[0] = True
+    _, st = softstep_attention(q, k, v, attn_mask=mask, is_causal=causal, step="none", return_stats=True)
+    full = mask.expand(2, 2, 4, 6)
+    if causal:
+        full = full & torch.ones(4, 6, dtype=torch.bool).tril()
+    assert torch.equal(st.valid, full.sum(-1).to(st.valid.dtype))
+    assert (st.kept <= st.valid).all()
+    assert (st.kept_fraction <= 1).all()
+
+
 def test_gqa_shape_errors_name_the_users_layout():
     """With grouped-query attention the backend sees (..., Hkv, G, L): shape errors named that
     layout ("mask of shape (1, 1, 1, 3, 7)") instead of the arguments the user passed."""
