@@ -56,7 +56,7 @@ from simwarp.backend.common import (
 )
 from simwarp.backend.dense import row_logsumexp
 from simwarp.distributed import gather_rows, raise_together, resolve_group
-from simwarp.similarity import paired_similarity
+from simwarp.similarity import paired_similarity, unit_rows
 from simwarp.steps import SoftStep
 
 __all__ = [
@@ -95,8 +95,9 @@ def _materialises(impl: str, n: int, m: int, device: torch.device) -> bool:
 def backend_metric(distance) -> tuple[str, bool]:
     """Map a PML distance object to ``(metric, prenormalise)`` for the backend.
 
-    ``prenormalise`` says whether the embeddings must go through ``distance.normalize``
-    first (PML's ``normalize_embeddings``); the backend's ``"cosine"`` normalises itself.
+    ``prenormalise`` says whether the embeddings are normalised to unit rows first (PML's
+    ``normalize_embeddings``; the losses use :func:`simwarp.similarity.unit_rows`, which gives a
+    zero row gradient 0); the backend's ``"cosine"`` normalises itself.
 
     ========================================= ================
     PML distance                               backend metric
@@ -510,7 +511,7 @@ class _SoftStepLossMixin:
 
     @property
     def prenormalise(self) -> bool:
-        """Whether embeddings go through ``self.distance.normalize`` first."""
+        """Whether embeddings are normalised to unit rows first (PML's ``normalize_embeddings``)."""
         return backend_metric(self.distance)[1]
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
@@ -590,15 +591,17 @@ class _SoftStepLossMixin:
         whether the reference set is the batch itself, and the step parameters per anchor."""
         same = ref_emb is embeddings
         metric, prenormalise = backend_metric(self.distance)
-        x = self.distance.normalize(embeddings) if prenormalise else embeddings
-        r = x if same else (self.distance.normalize(ref_emb) if prenormalise else ref_emb)
+        # PML's normalisation (p = 2, backend_metric) by the backend's: the same unit rows, but
+        # a zero row gets gradient 0 where F.normalize's is 1/eps (1e12, inf in float16)
+        x = unit_rows(embeddings) if prenormalise else embeddings
+        r = x if same else (unit_rows(ref_emb) if prenormalise else ref_emb)
         if getattr(self.distance, "collect_stats", False):  # the norms PML's distances record
             self.distance.reset_stats()
             maybe = self.distance.maybe_normalize
             self.distance.set_default_stats(embeddings, ref_emb, maybe(embeddings), maybe(ref_emb))
         cond = None
         if self.softstep.mode == "instance":  # the embeddings the similarity sees: cosine's unit rows too
-            cond = self.distance.normalize(embeddings) if metric == "cosine" else x
+            cond = unit_rows(embeddings) if metric == "cosine" else x
         if cond is not None and cond.shape[-1] != self.softstep.in_features:
             raise ValueError(
                 f"SoftStep(mode='instance', in_features={self.softstep.in_features}) got embeddings of "
