@@ -181,6 +181,19 @@ def recomputing_in_backward() -> bool:
     return current is not None and current() != -1
 
 
+def zeros_linked_to(zeros: torch.Tensor, *inputs) -> torch.Tensor:
+    """``zeros`` that autograd links to every input that requires grad, so that a backward through
+    an empty call still runs each input's graph: its parameters get (zero) gradients, as DDP
+    expects, and collectives in it (the gathers of :mod:`simwarp.distributed`) run on every rank.
+    The link is the sum of an empty slice: exactly 0 whatever the inputs hold (inf or NaN in a
+    query row must not reach the other rows)."""
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            empty = x.narrow(-1, 0, 0) if x.dim() else x.reshape(1)[:0]  # views: nothing copied
+            zeros = zeros + empty.sum().to(zeros.dtype)
+    return zeros
+
+
 def row_slices(n: int, block: int) -> list[slice]:
     """Slices of ``block`` rows covering ``n`` rows; under ``torch.export`` one slice of all of
     them (a loop over ``range(0, n, block)`` would fix the exported program's batch size)."""

@@ -44,7 +44,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import nn
 
-from simwarp._autograd import as_flag, autocast_enabled, require
+from simwarp._autograd import as_flag, autocast_enabled, require, zeros_linked_to
 from simwarp.backend import DENSE_AUTO_LIMIT, warp_attend, warp_weights
 from simwarp.backend.common import (
     MIN_TEMPERATURE,
@@ -619,7 +619,7 @@ class _SoftStepLossMixin:
         if not enabled:
             return r, ref_labels, 0
         g = gather_rows(x, group)  # (ref_emb and indices_tuple were refused with the inputs)
-        self._gather_link = g.rows.narrow(-1, 0, 0).sum()
+        self._gather_link = zeros_linked_to(g.rows.new_zeros(()), g.rows)
         return g.rows, gather_rows(ref_labels.to(labels_dtype), group, sizes=g.sizes).rows, g.offset
 
     def _zero_losses(self, *graph: torch.Tensor, dtype: torch.dtype | None = None) -> dict:
@@ -629,8 +629,7 @@ class _SoftStepLossMixin:
         back-propagate would hang them. In ``dtype``, the losses' (default: as the losses of the
         embeddings ``graph[0]`` come, :func:`_output_dtype`)."""
         dtype = _output_dtype(graph[0], work_dtype(graph[0].dtype)) if dtype is None else dtype
-        connected = [x.sum() * 0.0 for x in (*graph, *self.parameters()) if x.requires_grad]
-        zero = (torch.stack(connected).sum() if connected else graph[0].new_zeros(())).to(dtype)
+        zero = zeros_linked_to(graph[0].new_zeros((), dtype=dtype), *graph, *self.parameters())  # 0 with inf inputs too
         return {"loss": {"losses": zero, "indices": None, "reduction_type": "already_reduced"}}
 
     def reset_parameters(self) -> None:

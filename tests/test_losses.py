@@ -527,6 +527,18 @@ def test_degenerate_batches_are_finite(cls, case):
             assert float(value.detach()) == 0.0
 
 
+@pytest.mark.parametrize(("cls", "n"), [(SoftStepNCALoss, 1), (SoftStepContrastiveLoss, 1), (SoftStepContrastiveLoss, 4)])
+def test_a_zero_loss_is_zero_whatever_the_embeddings_hold(cls, n):
+    """A batch without pairs to score has loss 0, linked to the embeddings' graph; the link was
+    ``x.sum() * 0``, NaN for an inf embedding. (A loss that scores an inf embedding is NaN.)"""
+    x = torch.randn(n, 3)
+    x[0, 0] = float("inf")
+    x.requires_grad_()
+    value = cls(distance=D.DotProductSimilarity(normalize_embeddings=False))(x, torch.arange(n))
+    (g,) = torch.autograd.grad(value, x)
+    assert float(value) == 0.0 and torch.equal(g, torch.zeros_like(x))
+
+
 @pytest.mark.parametrize("cls", [SoftStepNCALoss, SoftStepContrastiveLoss, SoftStepNeighborRegressionLoss])
 @pytest.mark.parametrize("dtype", [torch.float16, f64])
 def test_a_zero_loss_comes_in_the_losses_dtype(cls, dtype):

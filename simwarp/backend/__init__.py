@@ -17,7 +17,13 @@ import warnings
 
 import torch
 
-from simwarp._autograd import as_flag, exporting, outside_autocast, without_functorch
+from simwarp._autograd import (
+    as_flag,
+    exporting,
+    outside_autocast,
+    without_functorch,
+    zeros_linked_to,
+)
 from simwarp.backend.chunked import chunked_warp_attend, chunked_warp_range
 from simwarp.backend.common import (
     IMPLS,
@@ -107,19 +113,6 @@ def _imprecise_fused_backward(spec, q: torch.Tensor, k: torch.Tensor) -> bool:
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad)
     )
-
-
-def _zeros_linked_to(zeros: torch.Tensor, *inputs) -> torch.Tensor:
-    """``zeros`` that autograd links to every input that requires grad, so that a backward through
-    an empty call still runs each input's graph: its parameters get (zero) gradients, as DDP
-    expects, and collectives in it (the gathers of :mod:`simwarp.distributed`) run on every rank.
-    The link is the sum of an empty slice: exactly 0 whatever the inputs hold (inf or NaN in a
-    query row must not reach the other rows)."""
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.requires_grad:
-            empty = x.narrow(-1, 0, 0) if x.dim() else x.reshape(1)[:0]  # views: nothing copied
-            zeros = zeros + empty.sum().to(zeros.dtype)
-    return zeros
 
 
 @without_functorch
@@ -220,7 +213,7 @@ def warp_attend(
     a, b, t = resolve_params(a, b, t, batch=batch, n=n, dtype=dtype, device=q.device)
     row_range = _check_row_range(row_range, batch, n, dtype, q.device)
     if n == 0 or m == 0 or math.prod(batch) == 0:
-        out = _zeros_linked_to(q.new_zeros((*batch, n, v.shape[-1])), q, k, v, a, b, t)
+        out = zeros_linked_to(q.new_zeros((*batch, n, v.shape[-1])), q, k, v, a, b, t)
         return (out, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else out
     chosen = _choose_impl(impl, metric, math.prod(batch) * n * m, q.device, spec=spec, tensors=(q, k, v))
     if chosen == "triton" and row_range is not None:  # not in the fused kernels
@@ -425,7 +418,7 @@ def warp_weights(
     _check_columns(columns, batch, n, m, q.device)
     if n == 0 or m == 0 or math.prod(batch) == 0:
         width = m if columns is None else columns.shape[-1]
-        w = _zeros_linked_to(q.new_full((*batch, n, width), -math.inf if log else 0.0, dtype=dtype), q, k, a, b, t)
+        w = zeros_linked_to(q.new_full((*batch, n, width), -math.inf if log else 0.0, dtype=dtype), q, k, a, b, t)
         return (w, _empty_stats(batch, n, m, dtype, q.device)) if return_stats else w
     w, stats = dense_weights(q, k, a, b, t, mask, spec, row_range, with_stats=return_stats, columns=columns, log=log)
     return (w, _no_count_on_nan_rows(stats)) if return_stats else w
