@@ -77,7 +77,11 @@ MAX_CLASS_COLUMNS = 128
 #: itself), where streaming sums one-hot value columns per key block. At batch 4096 (one
 #: thread) the dense NCA loss takes 0.5x the streamed time with 350 MiB, where PML's
 #: ``NCALoss`` takes 1.1x the dense time with 650 MiB (benchmarks/RESULTS.md). Other devices
-#: keep the backend's limit (``DENSE_AUTO_LIMIT``), above which CUDA takes the fused kernels.
+#: materialise up to the backend's limit (``DENSE_AUTO_LIMIT``), also on CUDA, where the
+#: backend's own ``"auto"`` would take the fused kernels at any size: a batch's class masses
+#: come from one small weight matrix. Above it the NCA and contrastive losses leave ``"auto"``
+#: to the backend (the fused kernels where they support the call). The regression loss is a
+#: plain ``warp_attend`` of the targets and applies this limit on CPU only.
 LOSS_DENSE_LIMIT = 1 << 24
 
 
