@@ -714,7 +714,7 @@ class _WarpHeadBase(_BankMixin):
             return empty.long(), empty
         return torch.cat(idx_out), torch.cat(w_out)
 
-    def _bank_weight_blocks(self, z: torch.Tensor, **backend: Any):
+    def _bank_weight_blocks(self, z: torch.Tensor):
         """The weights ``(rows, M)`` of the bank for blocks of queries ``z`` (and their
         :class:`~simwarp.WarpStats`), from :func:`simwarp.warp_weights`; each block holds about
         ``EXPLAIN_BUDGET`` scores and sees the whole bank, so the weights are exact."""
@@ -724,7 +724,7 @@ class _WarpHeadBase(_BankMixin):
             yield warp_weights(
                 self._scaled(zq), self._scaled(bank), metric=self.metric, scale=self.scale,
                 temperature=self.temperature, detach_range=self.detach_range, return_stats=True,
-                **self._step_kwargs(zq), **backend,
+                **self._step_kwargs(zq),
             )
 
     def reset_parameters(self) -> None:
@@ -1000,7 +1000,10 @@ class NeighborClassificationHead(_WarpHeadBase):
         num_classes: ``C``; labels are ints in ``[0, C)``.
         smoothing: ``ε`` above (``0 < ε < 1``).
         metric, step, mode, temperature, scale, hidden, init, detach_range, impl, chunk_size, gather, learn_scale:
-            as in :class:`NeighborRegressionHead`.
+            as in :class:`NeighborRegressionHead`; except that a prediction from a bank of more
+            than :data:`ONE_HOT_CLASSES` classes on one process weighs the bank in blocks of
+            dense weights (``EXPLAIN_BUDGET`` scores each, :func:`simwarp.warp_weights`), whatever
+            ``impl`` and ``chunk_size`` say.
     """
 
     def __init__(
@@ -1104,7 +1107,7 @@ class NeighborClassificationHead(_WarpHeadBase):
         if self.num_classes <= ONE_HOT_CLASSES or resolve_group(self.gather)[0]:
             return self._attend(z, self.bank_z.to(z.dtype), self._one_hot(self.bank_y, z.dtype), loo=False)[0]
         masses, kept = [z.new_zeros((0, self.num_classes))], [z.new_zeros((0,))]
-        for w, stats in self._bank_weight_blocks(z, impl=self.impl, chunk_size=self.chunk_size):
+        for w, stats in self._bank_weight_blocks(z):
             classes = self.bank_y.expand(w.shape[0], -1)
             masses.append(w.new_zeros((w.shape[0], self.num_classes)).scatter_add(1, classes, w))
             kept.append(stats.kept.to(z.dtype))
