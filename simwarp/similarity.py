@@ -223,9 +223,11 @@ def _check_pair(q, k, scale, k_layout: str) -> None:
     # (eager only: traced sizes may be data-dependent, where the ops' own checks become assertions)
     if not torch.compiler.is_compiling() and not all(a == b or 1 in (a, b) for a, b in pairs):
         raise ValueError(f"leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast")
-    if scale is not None and not isinstance(scale, torch.Tensor) and (  # a tensor scale may be learned
-        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not is_finite_real(scale)
-    ):
+    if scale is None or isinstance(scale, torch.Tensor):  # a tensor scale may be learned
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a finite number, a tensor or None, got {type(scale).__name__}")
+    if not is_finite_real(scale):
         raise ValueError(f"scale must be a finite number, a tensor or None, got {scale!r}")
 
 
@@ -245,6 +247,12 @@ def pairwise_similarity(
 
     Returns:
         ``(..., n, m)`` similarities.
+
+    Raises:
+        TypeError: for ``q``/``k`` that are not floating-point tensors of one dtype, or a
+            ``scale`` that is not a number, a tensor or ``None``.
+        ValueError: for an unknown ``metric``, shapes that do not fit (naming them), tensors on
+            two devices, or a non-finite ``scale``.
     """
     check_metric(metric)
     _check_pair(q, k, scale, "(..., m, d)")

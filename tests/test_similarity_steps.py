@@ -119,6 +119,14 @@ def test_unknown_metric_is_a_clear_error():
         pairwise_similarity(torch.randn(2, 3), torch.randn(2, 3), "manhattan")
 
 
+@pytest.mark.parametrize(("scale", "error"), [("x", TypeError), (True, TypeError), ([2.0], TypeError),
+                                              (math.inf, ValueError), (math.nan, ValueError)])
+def test_a_bad_scale_is_a_clear_error(scale, error):
+    """A scale of the wrong type is a TypeError, as in the backend (it was a ValueError here)."""
+    with pytest.raises(error, match="scale must be a finite number"):
+        pairwise_similarity(torch.randn(2, 3), torch.randn(2, 3), "dot", scale=scale)
+
+
 def test_l2_gradient_is_finite_at_zero_distance():
     x = torch.randn(4, 3, dtype=f64, requires_grad=True)
     s = pairwise_similarity(x, x, "l2")
