@@ -45,6 +45,7 @@ from simwarp.backend.chunked import block_ranges, default_chunk_size
 from simwarp.backend.common import (
     check_chunk_size,
     check_inputs,
+    exact_dtype,
     make_spec,
     resolve_params,
     work_dtype,
@@ -293,12 +294,13 @@ def global_moments(y: torch.Tensor, group=None) -> tuple[int, torch.Tensor, torc
         group: process group (``None`` = default).
 
     Returns:
-        ``(count, mean, m2)``: the global row count (an int), ``mean (e,)`` and ``m2 (e,)`` in float64.
+        ``(count, mean, m2)``: the global row count (an int), ``mean (e,)`` and ``m2 (e,)`` in float64
+        (float32 on MPS, :func:`~simwarp.backend.common.exact_dtype`).
     """
     _require_initialised()
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         raise ValueError(f"y must have shape (n, e), got {getattr(y, 'shape', type(y))}")
-    yd = y.to(torch.float64)
+    yd = y.to(exact_dtype(y.device))
     nb = yd.shape[0]
     mean = yd.mean(0) if nb else yd.new_zeros(yd.shape[1])
     m2 = ((yd - mean) ** 2).sum(0)
@@ -667,7 +669,7 @@ def sharded_explain(
     # In float64: each block's weights are rescaled by exp(lse_block - lse), two normalisers of
     # size |s|/τ computed apart; in float32 their rounding (|s|/τ · 2^-24) reaches the weights as
     # a factor exp(error), e^8 at |s|/τ ~ 1e7. (MPS has no float64.)
-    exact = torch.float32 if p.q.device.type == "mps" else torch.float64
+    exact = exact_dtype(p.q.device)
     p = p._replace(q=p.q.to(exact))
     kw = k.detach().to(exact)
     shard_sizes = _all_gather_layout(kw, group, "the bank shards (k)")

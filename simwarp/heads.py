@@ -45,6 +45,7 @@ from simwarp.backend import warp_attend, warp_weights
 from simwarp.backend.common import (
     as_real,
     check_backend_options,
+    exact_dtype,
     resolve_params,
     work_dtype,
 )
@@ -868,7 +869,7 @@ class NeighborRegressionHead(_WarpHeadBase):
         its buffer, and the next update takes it back from ``target_std`` (to that buffer's
         rounding); so the statistics stay right wherever the mean and std are representable.
         """
-        exact = torch.float32 if y.device.type == "mps" else torch.float64
+        exact = exact_dtype(y.device)
         y = y.to(exact)
         enabled, group = resolve_group(getattr(self, "gather", False))
         if enabled:  # moments of all ranks' rows (global batch / sharded bank)
@@ -940,11 +941,11 @@ class NeighborRegressionHead(_WarpHeadBase):
             # float16 in float32: the gradient that reaches the backend's output is the loss's times
             # the targets' std, which overflows float16 (targets in the thousands)
             zw = z.float() if z.dtype == torch.float16 else z
-            ys = self._standardize(y2.to(_wide(z))).to(zw.dtype)
+            ys = self._standardize(y2.to(work_dtype(z.dtype))).to(zw.dtype)
             out, _ = self._attend(zw, zw, values_fn(ys), loo=True, step_kwargs=step_kwargs)
         else:
             self._require_bank(z.device)
-            ys = self._standardize(self.bank_y.to(_wide(z))).to(z.dtype)
+            ys = self._standardize(self.bank_y.to(work_dtype(z.dtype))).to(z.dtype)
             out, _ = self._attend(z, self.bank_z.to(z.dtype), values_fn(ys), loo=False)
         return out, squeeze
 
@@ -957,7 +958,9 @@ class NeighborRegressionHead(_WarpHeadBase):
         from the bank (``y`` is then only checked for its shape, and a 1-D ``y`` gives ``(N,)``).
         """
         out, squeeze = self._raw_forward(z, y, lambda ys: ys)
-        out = self._unstandardize(out.to(_wide(z)))
+        # the targets are standardised and mapped back in float32 at least, so that targets
+        # beyond float16's range (prices, counts) survive a float16 encoder
+        out = self._unstandardize(out.to(work_dtype(z.dtype)))
         return out.squeeze(-1) if squeeze else out
 
     @without_functorch
@@ -972,14 +975,14 @@ class NeighborRegressionHead(_WarpHeadBase):
         # centred on the targets' mean (the bank's, on every rank alike when it is sharded), so
         # that E[y²] − E[y]² does not cancel when |mean| >> std; 0 once standardised
         def centre(like: torch.Tensor) -> torch.Tensor:  # read z only once it is checked
-            return self._standardize(self.target_mean.to(like.device, _wide(like)))
+            return self._standardize(self.target_mean.to(like.device, work_dtype(like.dtype)))
 
         def moments(ys: torch.Tensor) -> torch.Tensor:
             d = ys - centre(ys).to(ys.dtype)
             return torch.cat([d, d * d], dim=-1)
 
         out, _ = self._raw_forward(z, None, moments)
-        wide, centre = _wide(z), centre(z)
+        wide, centre = work_dtype(z.dtype), centre(z)
         m1, m2 = out[..., :e].to(wide), out[..., e:].to(wide)
         var = (m2 - m1 * m1).clamp_min(0.0)
         if self.standardize_targets:
@@ -1094,7 +1097,7 @@ class NeighborClassificationHead(_WarpHeadBase):
             return None
 
         labels = self._checked(z, check, _TRAIN if training else _PREDICT)
-        zw = z.to(_wide(z))
+        zw = z.to(work_dtype(z.dtype))
         if training:
             mass, _ = self._attend(zw, zw, self._one_hot(labels, zw.dtype), loo=True)
         else:
@@ -1175,12 +1178,12 @@ class KNNRegressionHead(_BankMixin):
         squeeze = isinstance(y, torch.Tensor) and y.dim() == 1
         if self.training and y is not None:
             y2 = self._check_labels(y, z)
-            out = self._topk_mean(z.detach(), z.detach(), y2.to(_wide(z)), loo=True)
+            out = self._topk_mean(z.detach(), z.detach(), y2.to(work_dtype(z.dtype)), loo=True)
         else:
             self._require_bank(z.device)
             if isinstance(y, torch.Tensor):
                 self._check_label_shape(y, z.shape[0])
-            out = self._topk_mean(z.detach(), self.bank_z, self.bank_y.to(_wide(z)), loo=False)
+            out = self._topk_mean(z.detach(), self.bank_z, self.bank_y.to(work_dtype(z.dtype)), loo=False)
         return out.squeeze(-1) if squeeze else out
 
     @torch.no_grad()
@@ -1202,21 +1205,13 @@ class KNNRegressionHead(_BankMixin):
             named = (wider.unsqueeze(-1) == indices.unsqueeze(-2)).any(-1)
             rest = wider.gather(-1, torch.sort(named.to(torch.uint8), dim=-1, stable=True).indices)[:, : k - used]
             indices = torch.cat([indices, rest], -1)
-        weights = torch.where(torch.arange(k, device=z.device) < used, 1.0 / used, 0.0).to(_wide(z)).expand(z.shape[0], k)
+        weights = torch.where(torch.arange(k, device=z.device) < used, 1.0 / used, 0.0).to(work_dtype(z.dtype)).expand(z.shape[0], k)
         return indices, weights.masked_fill(_non_finite_rows(z), math.nan)
 
 
 def _non_finite_rows(z: torch.Tensor) -> torch.Tensor:
     """``(N, 1)``: the queries with a NaN or inf feature (all their scores are NaN: no neighbour)."""
     return ~torch.isfinite(z).all(-1, keepdim=True)
-
-
-def _wide(z: torch.Tensor) -> torch.dtype:
-    """The regression heads' output dtype: ``z``'s, at least float32. Targets are standardised
-    and mapped back in it, so that targets beyond float16's range (prices, counts) survive a
-    float16 encoder. Training with float16 embeddings runs the backend in float32 too (its
-    output's gradient carries the targets' std); otherwise the backend averages in ``z``'s dtype."""
-    return torch.promote_types(z.dtype, torch.float32)
 
 
 class LinearHead(nn.Linear):

@@ -51,6 +51,7 @@ from simwarp.backend.common import (
     as_real,
     check_backend_options,
     check_float32_scale,
+    exact_dtype,
     resolve_params,
     work_dtype,
 )
@@ -998,8 +999,7 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
                 "standardise them",
             )
         if y.numel() and y_ref.numel():  # a prediction lies in its column's range: its error is at most the spread
-            exact = torch.float32 if y.device.type == "mps" else torch.float64  # (MPS has no float64)
-            both = torch.cat([y, y_ref.to(y.device)]).to(exact)
+            both = torch.cat([y, y_ref.to(y.device)]).to(exact_dtype(y.device))
             wide = work_dtype(embeddings.dtype)
             spread = (both.amax(0) - both.amin(0)).max()
             require(

@@ -90,6 +90,12 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of sums that must not round (target moments, the sharded explain's rescaling):
+    float64, or float32 on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def key_bias(
     mask: torch.Tensor | None,
     n: int,
