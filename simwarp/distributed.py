@@ -365,7 +365,7 @@ def gathered_warp_attend(
     chunk_size: int | None = None,
     dropout_p: float = 0.0,
     return_stats: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
     """:func:`simwarp.warp_attend` of the local rows over the global batch (all ranks' rows).
 
     Keys are all ranks' ``q`` and values all ranks' ``v`` (concatenated in rank order, both
@@ -588,7 +588,7 @@ def sharded_warp_attend(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     return_stats: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, WarpStats]:
     """:func:`simwarp.warp_attend` over a bank sharded across ranks (inference, no gradients).
 
     The bank is the concatenation of every rank's ``k``/``v`` shard in rank order (shards may

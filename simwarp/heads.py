@@ -773,8 +773,10 @@ class NeighborRegressionHead(_WarpHeadBase):
             ``torch.distributed.ProcessGroup``: training attends over all ranks' batches
             (leave-one-out by global index, exact gradients), and the bank is *sharded*: each
             rank's ``set_bank`` holds its shard and eval predictions/:meth:`explain` cover the
-            union (exactly the single-process result, no gradients). Forward, ``set_bank`` and
-            ``explain`` then are collectives (see :mod:`simwarp.distributed`, docs/distributed.md).
+            union (exactly the single-process result, no gradients: the sharded prediction
+            streams the bank in ``chunk_size`` blocks, so ``impl`` and ``detach_range`` apply to
+            training only). Forward, ``set_bank`` and ``explain`` then are collectives (see
+            :mod:`simwarp.distributed`, docs/distributed.md).
         learn_scale: learn one factor ``e^s`` (``log_scale``, 0 at first) on the embeddings
             before the similarity: for ``l2`` the softmax bandwidth (``dot``, ``sqeuclidean``: its
             square). Use it on fixed features (no encoder), where nothing else sets the

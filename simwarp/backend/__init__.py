@@ -170,7 +170,8 @@ def warp_attend(
         self_offset: with ``exclude_self``, where the queries' own rows start among the keys
             (default 0, the diagonal). For queries that are a slice of the keys (one rank's or
             one block's rows of a larger batch), without materialising a mask.
-        temperature: softmax temperature ``τ > 0``.
+        temperature: softmax temperature ``τ``, at least float32's smallest normal number
+            (:data:`~simwarp.backend.common.MIN_TEMPERATURE`).
         detach_range: treat each row's min/max as constants in backward.
         impl: ``"auto"``, ``"dense"``, ``"chunked"`` or ``"triton"``.
         chunk_size: key-block width of the chunked path (default: about 256K scores per block).
@@ -198,6 +199,8 @@ def warp_attend(
 
     Raises:
         TypeError / ValueError: on bad types, shapes, devices or parameter values.
+        RuntimeError: ``impl="triton"`` with a range gradient under
+            ``torch.use_deterministic_algorithms(True)`` (its backward adds atomically).
     """
     batch = check_inputs(q, k, v, mask, exclude_self, self_offset)
     spec = make_spec(metric, scale, step, temperature, causal, exclude_self, detach_range, self_offset, q.dtype)
