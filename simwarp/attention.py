@@ -793,7 +793,8 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     are left alone, with a warning (their forward would be lost), and so is a model without any
     (a warning too: nothing to swap). Modules swapped earlier keep
     their step unless ``overwrite=True`` (fresh step parameters with the new options); asking
-    for other options without it raises. Returns the model (a new module when ``model`` itself
+    for other options without it raises. Hooks registered on a replaced module (forward,
+    backward, state-dict) run on its replacement, and their handles still remove them. Returns the model (a new module when ``model`` itself
     is an ``nn.MultiheadAttention``); the swap is in place otherwise.
     """
     if not isinstance(model, nn.Module):
@@ -828,11 +829,26 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     for module, name, child in swaps:
         if id(child) not in replaced:
             replaced[id(child)] = MultiheadSoftStepAttention.from_multihead(child, **softstep_kwargs)
+            _take_hooks(child, replaced[id(child)])
         setattr(module, name, replaced[id(child)])
     for module in modules:
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
     return model
+
+
+def _take_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new``, which replaces ``old`` in the model, runs the hooks registered on ``old``
+    (forward, backward, state-dict): its hook dicts become ``old``'s, with ``new``'s own entries
+    added after them, so the handles the user holds still remove them."""
+    for name, hooks in vars(old).items():
+        if "hook" in name and isinstance(hooks, dict):
+            own = new.__dict__.get(name)
+            if isinstance(own, dict):
+                hooks.update(own)
+            new.__dict__[name] = hooks
+    if old._is_full_backward_hook is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def _check_takeable(mha: nn.MultiheadAttention, name: str = "mha") -> None:

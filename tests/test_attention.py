@@ -644,6 +644,29 @@ def test_swap_keeps_sharing_and_frozen_parameters():
     assert sum(1 for _ in model.parameters()) == sum(1 for _ in model.a[0].parameters())
 
 
+def test_swap_keeps_the_hooks_of_the_replaced_modules():
+    """Hooks on a swapped nn.MultiheadAttention (a common way to capture attention maps) were
+    silently lost: they run on the replacement, and their handles still remove them."""
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 1, enable_nested_tensor=False)
+    old = enc.layers[0].self_attn
+    seen = []
+    forward = old.register_forward_hook(lambda m, args, out: seen.append(("forward", type(m).__name__)))
+    old.register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__)))
+    old.register_full_backward_hook(lambda m, gi, go: seen.append(("backward", type(m).__name__)))
+    old.register_state_dict_post_hook(lambda m, sd, prefix, local: seen.append(("state_dict", type(m).__name__)))
+    simwarp.swap_attention(enc, step="none")
+    new = enc.layers[0].self_attn
+    assert isinstance(new, simwarp.MultiheadSoftStepAttention)
+    enc(torch.randn(2, 5, 16, requires_grad=True)).sum().backward()
+    enc.state_dict()
+    name = "MultiheadSoftStepAttention"
+    assert seen == [("pre", name), ("forward", name), ("backward", name), ("state_dict", name)]
+    seen.clear()
+    forward.remove()
+    new.eval()(torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16))
+    assert seen == [("pre", name)]
+
+
 def test_swap_keeps_the_parameter_objects_tied_weights_and_an_earlier_optimizer():
     """from_multihead copied the weights through state_dict(): tied parameters and a shared
     out_proj came apart, and an optimizer built before the swap trained dead copies."""
