@@ -11,6 +11,11 @@ metric          similarity                                  default scale
 ``sqeuclidean`` ``-‖q - k‖²``                               ``1``
 ``l1``          ``-Σ|q - k|``  (dense path only)            ``1``
 ============== =========================================== =================
+
+``l2`` and ``sqeuclidean`` come from norms and one product, ``|q|² + |k|² - 2 q·k``, whose
+rounding grows with the norms: on features far from the origin (raw years, prices) float32
+would lose the distances to cancellation. They are computed on ``q - c`` and ``k - c`` instead,
+``c`` the mean of the finite key rows (:func:`distance_centre`; distances do not change).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from simwarp._autograd import exporting, first_order, is_finite_real, outside_au
 
 METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean", "l1")
 STREAMING_METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean")
+
+#: The metrics computed from norms and a product (:func:`distance_centre` applies).
+DISTANCE_METRICS: tuple[str, ...] = ("l2", "sqeuclidean")
+
 
 def check_metric(metric: str) -> None:
     if not isinstance(metric, str) or metric not in METRICS:
@@ -54,6 +63,18 @@ class _SafeSqrt(torch.autograd.Function):
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(max(x, 0))`` whose gradient is 0 (not inf or NaN) where ``x <= 0``."""
     return _SafeSqrt.apply(x)
+
+
+def distance_centre(k: torch.Tensor) -> torch.Tensor:
+    """``(..., 1, d)``: the mean of the finite rows of the keys ``k`` ``(..., m, d)`` (0 where
+    there are none), without gradient. Distances are computed between ``q - c`` and ``k - c``:
+    the same distances, with the rounding of ``|q - c|² + |k - c|² - 2 (q - c)·(k - c)`` set by
+    the data's spread instead of its distance from the origin. A NaN or inf key stays out of
+    ``c``, so that it reaches only the rows that see it."""
+    k = k.detach()
+    finite = torch.isfinite(k).all(-1, keepdim=True)
+    total = torch.where(finite, k, 0.0).sum(-2, keepdim=True)
+    return total / finite.sum(-2, keepdim=True).clamp_min(1).to(k.dtype)
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -131,13 +152,19 @@ def _gram(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 class _ScaledSquaredDistance(torch.autograd.Function):
-    # c · d²_ij with d²_ij = |q_i|² + |k_j|² - 2 q_i·k_j, clamped to c·d² ∈ c·[0, ∞) against
-    # rounding. The backward is that of the smooth expression (the clamp only ever acts on
-    # numerically-zero distances, where the true gradient is 0 too): with G = c g,
-    # ∂q = 2 (q Σ_j G - G k),  ∂k = 2 (k Σ_i G - Gᵀ q); when q is k, their sum
-    # 2 (q Σ_j (G + Gᵀ) - (G + Gᵀ) q). As in _Gram, k is None when the pairs are q's own.
+    # c · d²_ij with d²_ij = |q_i|² + |k_j|² - 2 q_i·k_j on rows centred at the keys' mean
+    # (distance_centre), clamped to c·d² ∈ c·[0, ∞) against rounding. The backward is that of
+    # the smooth expression (the clamp only ever acts on numerically-zero distances, where the
+    # true gradient is 0 too), on the centred rows (the centre is a constant, and the distance
+    # does not depend on it): with G = c g, ∂q = 2 (q Σ_j G - G k),  ∂k = 2 (k Σ_i G - Gᵀ q);
+    # when q is k, their sum 2 (q Σ_j (G + Gᵀ) - (G + Gᵀ) q). As in _Gram, k is None when the
+    # pairs are q's own.
     @staticmethod
-    def forward(ctx, q, k, c: float):
+    def forward(ctx, q, k, c: float, centre):
+        ctx.shapes = q.shape, None if k is None else k.shape  # (a centre with more batch dims broadcasts q)
+        if centre is None:
+            centre = distance_centre(q if k is None else k)
+        q, k = q - centre, None if k is None else k - centre
         ctx.save_for_backward(q, k)
         ctx.c = c
         k = q if k is None else k
@@ -149,11 +176,13 @@ class _ScaledSquaredDistance(torch.autograd.Function):
     @first_order
     def backward(ctx, g):
         q, k = ctx.saved_tensors
+        q_shape, k_shape = ctx.shapes
         if k is None:
             g = _plus_transpose(g) if g.dim() == 2 else g + g.transpose(-1, -2)
-            return (q * g.sum(-1, keepdim=True) - g @ q).mul_(2.0 * ctx.c).sum_to_size(q.shape), None, None
-        need_q, need_k, _ = ctx.needs_input_grad
-        return (*_squared_distance_grads(g, q, k, 2.0 * ctx.c, need_q, need_k), None)
+            return (q * g.sum(-1, keepdim=True) - g @ q).mul_(2.0 * ctx.c).sum_to_size(q_shape), None, None, None
+        need_q, need_k = ctx.needs_input_grad[:2]
+        gq, gk = _squared_distance_grads(g, q, k, 2.0 * ctx.c, need_q, need_k)
+        return None if gq is None else gq.sum_to_size(q_shape), None if gk is None else gk.sum_to_size(k_shape), None, None
 
 
 def _squared_distance_grads(g, q, k, factor: float, need_q: bool = True, need_k: bool = True):
@@ -172,19 +201,23 @@ def _squared_distance_grads(g, q, k, factor: float, need_q: bool = True, need_k:
 _NORM_SLICE_ELEMENTS = 1 << 18
 
 
-def squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """``|x_i|²`` over the last dim, ``(..., m, d) -> (..., m)``, in slices of rows: no
-    temporary the size of ``x`` (a neighbour bank can be large). Row by row the same bits as
-    ``x.pow(2).sum(-1)``."""
+def squared_norms(x: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """``|x_i - centre|²`` over the last dim, ``(..., m, d) -> (..., m)`` (``centre``:
+    ``(..., 1, d)`` or ``None`` for 0), in slices of rows: no temporary the size of ``x`` (a
+    neighbour bank can be large). Row by row the same bits as ``(x - centre).pow(2).sum(-1)``."""
+
+    def norms(rows: torch.Tensor) -> torch.Tensor:
+        return (rows if centre is None else rows - centre).pow(2).sum(-1)
+
     if x.dim() < 2 or exporting():  # export: a size test would cap the program's dynamic range
-        return x.pow(2).sum(-1)
+        return norms(x)
     rows = max(1, _NORM_SLICE_ELEMENTS // max(1, x[..., :1, :].numel()))
     if x.shape[-2] <= rows:
-        return x.pow(2).sum(-1)
-    out = x.new_empty(x.shape[:-1])
+        return norms(x)
+    out = x.new_empty(torch.broadcast_shapes(x.shape, x.shape if centre is None else centre.shape)[:-1])
     for start in range(0, x.shape[-2], rows):  # into one buffer: results kept between the
         # freed temporaries would fragment the heap (glibc then grows it by every temporary)
-        out[..., start : start + rows] = x[..., start : start + rows, :].pow(2).sum(-1)
+        out[..., start : start + rows] = norms(x[..., start : start + rows, :])
     return out
 
 
@@ -199,9 +232,10 @@ def _norms_plus_gram(q: torch.Tensor, k: torch.Tensor, norms: torch.Tensor, alph
     return out.add_(norms.unsqueeze(-2)) if beta == 1.0 else out.sub_(norms.unsqueeze(-2))
 
 
-def _squared_distance(q: torch.Tensor, k: torch.Tensor, c: float = 1.0) -> torch.Tensor:
-    """``(..., n, m)`` squared Euclidean distances between the rows of ``q`` and ``k``, times ``c``."""
-    return _ScaledSquaredDistance.apply(q, None if k is q else k, c)
+def _squared_distance(q: torch.Tensor, k: torch.Tensor, c: float = 1.0, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """``(..., n, m)`` squared Euclidean distances between the rows of ``q`` and ``k``, times ``c``,
+    computed on the rows minus ``centre`` (default :func:`distance_centre` of ``k``)."""
+    return _ScaledSquaredDistance.apply(q, None if k is q else k, c, None if centre is None else centre.detach())
 
 
 def _check_pair(q, k, scale, k_layout: str) -> None:
@@ -233,7 +267,8 @@ def _check_pair(q, k, scale, k_layout: str) -> None:
 
 @outside_autocast
 def pairwise_similarity(
-    q: torch.Tensor, k: torch.Tensor, metric: str = "dot", scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, metric: str = "dot", scale: float | None = None, *,
+    centre: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """All-pairs similarity (larger = more similar: distances come negated).
 
@@ -244,6 +279,10 @@ def pairwise_similarity(
             (``-‖q - k‖²``) or ``"l1"`` (``-Σ|q - k|``).
         scale: multiplier (any real, or a tensor broadcasting against ``(..., n, m)``: a
             learnable one works here); ``None`` = ``d ** -0.5`` for ``"dot"``, else 1.
+        centre: ``l2`` and ``sqeuclidean``: the point ``(..., 1, d)`` the distances are
+            computed from (default :func:`distance_centre` of ``k``; no gradient flows into it).
+            The distances do not depend on it, their rounding does: pass the centre of all keys
+            to score blocks of them with the bits of one call. Ignored by the other metrics.
 
     Returns:
         ``(..., n, m)`` similarities.
@@ -264,10 +303,10 @@ def pairwise_similarity(
         s = _gram(qn, qn if k is q else unit_rows(k))
     elif metric == "sqeuclidean":
         if not isinstance(c, torch.Tensor):  # (the factor of the autograd function is a constant)
-            return _squared_distance(q, k, -c)
-        s = -_squared_distance(q, k, 1.0)
+            return _squared_distance(q, k, -c, centre)
+        s = -_squared_distance(q, k, 1.0, centre)
     elif metric == "l2":
-        s = -safe_sqrt(_squared_distance(q, k, 1.0))  # (c given: a float default would be lifted, as above)
+        s = -safe_sqrt(_squared_distance(q, k, 1.0, centre))  # (c given: a float default would be lifted, as above)
     else:  # l1: materialises (..., n, m, d); dense path only
         s = -(q.unsqueeze(-2) - k.unsqueeze(-3)).abs().sum(-1)
     return s * c if isinstance(c, torch.Tensor) or c != 1.0 else s
@@ -312,11 +351,13 @@ def pairwise_similarity_backward(
             gq = None if gq is None else unit_rows_backward(q, gq)
             gk = None if gk is None else unit_rows_backward(k, gk)
         return gq, gk
-    if metric == "sqeuclidean":
-        return _squared_distance_grads(g, q, k, -2.0 * c, need_q, need_k)
+    if metric not in DISTANCE_METRICS:
+        raise ValueError(f"metric must be one of {STREAMING_METRICS}, got {metric!r}")
+    centre = distance_centre(k)  # (any point near the data: the gradients do not depend on it)
     if metric == "l2":  # s = -c y, y = ‖q - k‖: ∂s/∂(y²) = -c / (2 y)
-        return _squared_distance_grads(g * _safe_reciprocal(s / -c), q, k, -c, need_q, need_k)
-    raise ValueError(f"metric must be one of {STREAMING_METRICS}, got {metric!r}")
+        g, c = g * _safe_reciprocal(s / -c), c / 2.0
+    gq, gk = _squared_distance_grads(g, q - centre, k - centre, -2.0 * c, need_q, need_k)
+    return None if gq is None else gq.sum_to_size(q.shape), None if gk is None else gk.sum_to_size(k.shape)
 
 
 def paired_similarity_backward(
@@ -371,11 +412,13 @@ class PreparedKeys:
         # it is scored: O(block) memory, the bits of pairwise_similarity on that block.
         self.unit_blocks = metric == "cosine" and not unit_keys_once
         self.keys = unit_rows(keys) if metric == "cosine" and unit_keys_once else keys
-        self.norms, self.alpha, self.beta = None, 1.0, 1.0
+        self.norms, self.alpha, self.beta, self.centre = None, 1.0, 1.0, None
+        if metric in DISTANCE_METRICS:  # queries and keys centred (distance_centre), block by block
+            self.centre = distance_centre(keys)
         if metric == "l2":  # r = 2 q·k - |k|²; the scale applies after the square root
-            self.norms, self.alpha, self.beta = squared_norms(keys), 2.0, -1.0
+            self.norms, self.alpha, self.beta = squared_norms(keys, self.centre), 2.0, -1.0
         elif metric == "sqeuclidean":  # exactly the first step of _ScaledSquaredDistance(c = -scale)
-            self.norms, self.alpha = squared_norms(keys).mul_(-self.scale), 2.0 * self.scale
+            self.norms, self.alpha = squared_norms(keys, self.centre).mul_(-self.scale), 2.0 * self.scale
 
     def scores(self, q: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(..., n, stop - start)`` scores of queries ``q`` ``(..., n, d)`` against keys
@@ -387,7 +430,7 @@ class PreparedKeys:
             return pairwise_similarity(q, k, "l1", 1.0)
         if self.norms is None:
             return _matmul_t(q, k)
-        return _norms_plus_gram(q, k, self.norms[..., start:stop], self.alpha, self.beta)
+        return _norms_plus_gram(q - self.centre, k - self.centre, self.norms[..., start:stop], self.alpha, self.beta)
 
 
 class BlockSimilarity:
@@ -411,8 +454,8 @@ class BlockSimilarity:
         self.metric, self.scale = metric, self.keys.scale
         self.q = unit_rows(q) if metric == "cosine" else q
         self.q_norms = None
-        if metric in ("l2", "sqeuclidean"):
-            self.q_norms = squared_norms(q).unsqueeze(-1)
+        if metric in DISTANCE_METRICS:
+            self.q_norms = squared_norms(q, self.keys.centre).unsqueeze(-1)
             if metric == "sqeuclidean":
                 self.q_norms.mul_(-self.scale)
 

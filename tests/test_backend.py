@@ -443,6 +443,28 @@ def test_a_nan_query_row_has_a_nan_lse_on_both_paths(step):
         assert out[1].isnan().all() and stats.lse[1].isnan() and torch.isfinite(stats.lse[0]), impl
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("metric", ["l2", "sqeuclidean"])
+def test_distances_far_from_the_origin_through_the_backend(metric, impl):
+    """float32 features at 1000 ± 1: outputs, range and gradients as float64 computes them
+    (before, the squared norms' rounding was the size of the distances)."""
+    gen = torch.Generator().manual_seed(1)
+    q = (1000.0 + torch.randn(2, 30, 6, generator=gen, dtype=f64)).float()
+    k = (1000.0 + torch.randn(1, 45, 6, generator=gen, dtype=f64)).float()  # broadcast over the batch
+    v = torch.randn(45, 3, generator=gen, dtype=f64).float()
+    kw = dict(metric=metric, step="sigmoidal", a=0.2, b=0.8, t=0.5, return_stats=True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, stats = simwarp.warp_attend(*leaves, impl=impl, chunk_size=7, **kw)
+    out.sum().backward()
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref, ref_stats = simwarp.warp_attend(*ref_leaves, impl="dense", **kw)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(stats.lo.double(), ref_stats.lo, atol=1e-3, rtol=1e-4)
+    for x, rx in zip(leaves, ref_leaves):
+        torch.testing.assert_close(x.grad.double(), rx.grad, atol=1e-3 * rx.grad.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean", "dot", "l2"])
 def test_one_broadcast_query_row_against_batched_keys_with_leave_one_out(metric):
     """q (1, d) against k (2, m, d): matmul returned a view, and the dense path's in-place write

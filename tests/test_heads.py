@@ -529,6 +529,27 @@ def test_one_dimensional_targets_keep_their_shape():
     assert lin(z).shape == (8, 1)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_heads_on_features_far_from_the_origin_match_scikit_learn(offset):
+    """Raw float32 features far from the origin: the kNN head picked other neighbours than
+    scikit-learn's KNeighborsRegressor (97 % of the rows at offset 1000) and the SoftStep head's
+    prediction moved with the offset, as the distances were lost to cancellation."""
+    neighbors = pytest.importorskip("sklearn.neighbors")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=gen)
+    y = torch.sin(x.sum(-1, keepdim=True))
+    q = torch.randn(60, 4, generator=gen)
+    knn = KNNRegressionHead(4, 1, k=5).eval()
+    knn.set_bank(x + offset, y)
+    want = neighbors.KNeighborsRegressor(5).fit((x + offset).double().numpy(), y.double().numpy())
+    torch.testing.assert_close(knn(q + offset).double(), torch.from_numpy(want.predict((q + offset).double().numpy())))
+    head = NeighborRegressionHead(4, 1, mode="global", step="none").eval()
+    head.set_bank(x + offset, y)
+    centred = NeighborRegressionHead(4, 1, mode="global", step="none").eval()
+    centred.set_bank(x, y)
+    torch.testing.assert_close(head(q + offset), centred(q), atol=1e-4, rtol=0)
+
+
 def test_knn_head_is_hard_topk_average():
     z, y = _data(n=10, d=3, e=1)
     head = KNNRegressionHead(3, 1, k=3)

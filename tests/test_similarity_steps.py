@@ -12,6 +12,7 @@ from simwarp.similarity import (
     BlockSimilarity,
     PreparedKeys,
     default_scale,
+    distance_centre,
     paired_similarity,
     paired_similarity_backward,
     pairwise_similarity,
@@ -87,13 +88,58 @@ def test_block_similarity_is_pairwise_similarity_to_the_bit(metric, dtype, leadi
     k = torch.randn(*leading[:1], *([1] if leading else []), 23, 6, generator=gen, dtype=dtype) * 3
     k[..., 4, :] = q[..., 0, :].reshape(-1, 6)[0]  # a key at distance 0 from a query
     sim = BlockSimilarity(q, k, metric, scale)
+    centre = distance_centre(k)  # the distances' origin: that of all the keys for every block
     for start, stop, row_start in ((0, 23, 0), (0, 7, 0), (7, 23, 3), (22, 23, 8)):
         r = sim.scores(start, stop, row_start)
         s = sim.similarity_(r.clone(), row_start)
-        expected = pairwise_similarity(q[..., row_start:, :], k[..., start:stop, :], metric, scale)
+        expected = pairwise_similarity(q[..., row_start:, :], k[..., start:stop, :], metric, scale, centre=centre)
         assert torch.equal(s, expected), (start, stop, row_start)
         order = r.argsort(-1)
         assert (s.gather(-1, order).diff(dim=-1) >= 0).all()
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+@pytest.mark.parametrize("metric", ["l2", "sqeuclidean"])
+def test_distances_far_from_the_origin_keep_float32_precision(metric, offset):
+    """Features far from the origin (raw years, prices): |q|² + |k|² - 2 q·k lost the
+    distances to cancellation in float32 (at offset 1000 in 8-D, errors of ~0.5 on squared
+    distances of ~4). They are computed from the keys' centre: float32 rounding of the
+    distances themselves, on every path that scores pairs."""
+    gen = torch.Generator().manual_seed(0)
+    q = offset + torch.randn(30, 8, generator=gen, dtype=f64)
+    k = offset + torch.randn(50, 8, generator=gen, dtype=f64)
+    q32, k32 = q.float(), k.float()
+    exact = -torch.cdist(q32.double(), k32.double()) ** (2 if metric == "sqeuclidean" else 1)
+    tol = dict(atol=1e-4 * exact.abs().max().item(), rtol=0)
+    torch.testing.assert_close(pairwise_similarity(q32, k32, metric).double(), exact, **tol)
+    sim = BlockSimilarity(q32, k32, metric, None)
+    torch.testing.assert_close(sim.similarity_(sim.scores(0, 50)).double(), exact, **tol)
+    top = PreparedKeys(k32, metric).scores(q32).topk(5, dim=-1).indices
+    assert torch.equal(top, exact.topk(5, dim=-1).indices)
+    # gradients too (the centre is a constant: the distance does not depend on it)
+    qg, kg = q32.clone().requires_grad_(), k32.clone().requires_grad_()
+    weights = torch.randn(30, 50, generator=gen, dtype=f64)
+    (pairwise_similarity(qg, kg, metric).double() * weights).sum().backward()
+    q64, k64 = q32.double().requires_grad_(), k32.double().requires_grad_()
+    (-((q64[:, None] - k64[None]) ** 2).sum(-1) ** (1.0 if metric == "sqeuclidean" else 0.5) * weights).sum().backward()
+    for got, want in ((qg.grad, q64.grad), (kg.grad, k64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4 * want.abs().max().item(), rtol=0)
+    s = pairwise_similarity(q32, k32, metric).double()
+    gq, gk = pairwise_similarity_backward(weights.float(), q32, k32, s.float(), metric)
+    torch.testing.assert_close(gq.double(), q64.grad, atol=1e-4 * q64.grad.abs().max().item(), rtol=0)
+    torch.testing.assert_close(gk.double(), k64.grad, atol=1e-4 * k64.grad.abs().max().item(), rtol=0)
+
+
+def test_a_non_finite_key_stays_out_of_the_distance_centre():
+    """The centre is the mean of the finite keys: a NaN or inf key (masked for some rows) does
+    not reach the distances of the others."""
+    k = torch.randn(6, 3, dtype=f64)
+    centre = distance_centre(k[:4])
+    k[4, 1], k[5, 0] = math.nan, math.inf
+    assert torch.equal(distance_centre(k), centre)
+    assert torch.equal(distance_centre(torch.full((2, 3), math.nan)), torch.zeros(1, 3))
+    s = pairwise_similarity(torch.randn(2, 3, dtype=f64), k, "l2")
+    assert torch.isfinite(s[:, :4]).all() and not torch.isfinite(s[:, 4:]).any()
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -567,6 +567,28 @@ def check_low_precision_through_warp_attend(dtype, tol, step):
         assert (x.grad.double() - rx.grad).abs().max() <= 10 * tol * rx.grad.abs().max()
 
 
+@check(cases={"l2": ("l2",), "sqeuclidean": ("sqeuclidean",)})
+def check_distances_far_from_the_origin(metric):
+    """float32 features far from the origin (raw years, prices): the kernels' distances come
+    from norms and products, which lost them to cancellation before the keys' centre was taken
+    off both sides (at offset 1000 the squared norms' rounding is about the distances)."""
+    gen = torch.Generator().manual_seed(9)
+    n, m, d, e = 20, 29, 8, 3
+    q = 1000.0 + torch.randn(n, d, generator=gen, dtype=f64) * 0.5
+    k = 1000.0 + torch.randn(m, d, generator=gen, dtype=f64) * 0.5
+    v = torch.randn(m, e, generator=gen, dtype=f64)
+    kw = dict(metric=metric, step="poly", a=0.2, b=0.8, t=0.6, return_stats=True)
+    leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    out, _ = simwarp.warp_attend(*leaves, impl="triton", **kw)
+    out.sum().backward()
+    ref_leaves = [x.float().double().requires_grad_() for x in (q, k, v)]
+    ref, _ = simwarp.warp_attend(*ref_leaves, impl="dense", **kw)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
+    for x, rx in zip(leaves, ref_leaves):
+        torch.testing.assert_close(x.grad.double(), rx.grad, atol=1e-3 * rx.grad.abs().max().item(), rtol=0)
+
+
 @check(cases={f"{dtype}-t{t}": (dtype, t) for dtype in ("float32", "float64") for t in (0.9, 0.99)})
 def check_sigmoidal_at_b_one_has_no_partials_at_the_best_key(dtype, t):
     """With b = 1 the best key (u = 1) lies at the band's upper end, where the sigmoidal step's

@@ -35,7 +35,7 @@ from simwarp.backend.common import (
     make_spec,
     work_dtype,
 )
-from simwarp.similarity import default_scale, unit_rows
+from simwarp.similarity import DISTANCE_METRICS, default_scale, distance_centre, unit_rows
 
 METRIC_CODES = {"dot": 0, "cosine": 0, "sqeuclidean": 1, "l2": 2}
 #: Steps with a kernel implementation, and the registered function each must still be.
@@ -727,10 +727,17 @@ def _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_
 
 
 def _normalised_q_k(q, k, spec):
-    """``cosine``: ``q`` and ``k`` as unit rows (the kernels then take dot products); else as they are."""
+    """``cosine``: ``q`` and ``k`` as unit rows (the kernels then take dot products). ``l2`` and
+    ``sqeuclidean`` in float32/float64: both minus the keys' centre (``distance_centre``: the
+    kernels compute distances from norms and products, whose rounding grows with the norms);
+    16-bit inputs as they are (their own rounding, at the data's distance from the origin, is
+    larger than the products'). Else as they are."""
     if spec.metric == "cosine":
         acc = work_dtype(q.dtype)
         return unit_rows(q.to(acc)).to(q.dtype), unit_rows(k.to(acc)).to(k.dtype)
+    if spec.metric in DISTANCE_METRICS and q.dtype in (torch.float32, torch.float64):
+        centre = distance_centre(k)
+        return q - centre, k - centre
     return q, k
 
 
