@@ -65,13 +65,21 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return _SafeSqrt.apply(x)
 
 
+#: At most this many key rows (evenly strided) make :func:`distance_centre`: a point inside the
+#: data's cloud, at the cost of a few thousand rows however large the bank.
+_CENTRE_ROWS = 1024
+
+
 def distance_centre(k: torch.Tensor) -> torch.Tensor:
-    """``(..., 1, d)``: the mean of the finite rows of the keys ``k`` ``(..., m, d)`` (0 where
-    there are none), without gradient. Distances are computed between ``q - c`` and ``k - c``:
-    the same distances, with the rounding of ``|q - c|² + |k - c|² - 2 (q - c)·(k - c)`` set by
-    the data's spread instead of its distance from the origin. A NaN or inf key stays out of
-    ``c``, so that it reaches only the rows that see it."""
+    """``(..., 1, d)``: the mean of the finite rows of the keys ``k`` ``(..., m, d)`` (of
+    ``_CENTRE_ROWS`` of them, evenly strided, in a larger set; 0 where there are none), without
+    gradient. Distances are computed between ``q - c`` and ``k - c``: the same distances, with
+    the rounding of ``|q - c|² + |k - c|² - 2 (q - c)·(k - c)`` set by the data's spread instead
+    of its distance from the origin. A NaN or inf key stays out of ``c``, so that it reaches
+    only the rows that see it."""
     k = k.detach()
+    if k.shape[-2] > _CENTRE_ROWS and not exporting():  # (export: a size test would cap the dynamic range)
+        k = k[..., :: -(-k.shape[-2] // _CENTRE_ROWS), :]
     finite = torch.isfinite(k).all(-1, keepdim=True)
     total = torch.where(finite, k, 0.0).sum(-2, keepdim=True)
     return total / finite.sum(-2, keepdim=True).clamp_min(1).to(k.dtype)
