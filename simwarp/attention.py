@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.utils.hooks import RemovableHandle
 
 from simwarp._autograd import (
@@ -133,6 +134,25 @@ def additive_mask_to_bool(mask: torch.Tensor, name: str = "attn_mask") -> torch.
         lambda: f" Found e.g. {mask[~allowed].flatten()[:3].tolist()}.",
     )
     return ~blocked
+
+
+def _from_causal_bias(attn_mask: Any, is_causal: bool, n: int, s: int, device: torch.device) -> tuple[Any, bool]:
+    """PyTorch's causal mask objects (``torch.nn.attention.bias.causal_upper_left`` /
+    ``causal_lower_right``) as SDPA reads them: ``(attn_mask, is_causal)``, upper-left as
+    ``is_causal=True``, lower-right (the last query sees every key: a KV cache, chunked
+    prefill) as a bool mask. Anything else passes through."""
+    if not isinstance(attn_mask, CausalBias):
+        return attn_mask, is_causal
+    if is_causal:
+        raise ValueError("attn_mask is a CausalBias and is_causal=True: give one of them (as SDPA)")
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (n, s):
+        raise ValueError(
+            f"attn_mask is a CausalBias for (L, S) = {(attn_mask.seq_len_q, attn_mask.seq_len_kv)}, the query and "
+            f"key have (L, S) = {(n, s)}"
+        )
+    if attn_mask.variant == CausalVariant.UPPER_LEFT:
+        return None, True
+    return torch.ones(n, s, dtype=torch.bool, device=device).tril(s - n), False
 
 
 def _as_bool_mask(attn_mask: Any, q: torch.Tensor, s: int) -> torch.Tensor | None:
@@ -262,8 +282,9 @@ def softstep_attention(
         attn_mask: broadcastable to ``(B, Hq, L, S)``: bool (True = take part, as SDPA), an
             additive float mask whose entries are ``0`` or ``-inf`` / ``<= -1e4`` (masked), or an
             xformers attention bias (``LowerTriangularMask``, ``BlockDiagonalMask``, …; any
-            object with ``materialize(shape, dtype, device)``). Finite non-zero biases (ALiBi)
-            raise :class:`ValueError`.
+            object with ``materialize(shape, dtype, device)``), or PyTorch's
+            ``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``. Finite
+            non-zero biases (ALiBi) raise :class:`ValueError`.
         dropout_p: dropout probability on the attention weights (applied whenever > 0, as in
             SDPA; modules pass it only in training).
         is_causal: causal mask, top-left aligned (query ``i`` sees keys ``j <= i``), as SDPA.
@@ -312,6 +333,7 @@ def _attend(
     query, key, value = autocast_like_sdpa(query, key, value)
     dropout_p = check_dropout_p(dropout_p)
     n, s = query.shape[-2], key.shape[-2]
+    attn_mask, is_causal = _from_causal_bias(attn_mask, is_causal, n, s, query.device)
     mask = _as_bool_mask(attn_mask, query, s)
     q, k, v = query, key, value
     if scale is not None:

@@ -843,6 +843,29 @@ def test_valid_counts_follow_causal_and_padding():
     assert st.valid.flatten().tolist() == [4, 4, 4, 4]
 
 
+@pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")  # (torch's, for L > S)
+@pytest.mark.parametrize(("n", "s"), [(3, 7), (7, 7), (7, 3)])
+@pytest.mark.parametrize("variant", ["causal_upper_left", "causal_lower_right"])
+def test_pytorchs_causal_biases_as_sdpa_reads_them(variant, n, s):
+    """torch.nn.attention.bias's causal masks (tensor subclasses) were read as additive float
+    masks and refused ("entries other than 0 and -inf")."""
+    from torch.nn.attention import bias
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, length, width, dtype=torch.float64) for length, width in ((n, 8), (s, 8), (s, 4)))
+    causal = getattr(bias, variant)(n, s)
+    allowed = causal._materialize(q.device)  # (the bool mask SDPA applies)
+    out = softstep_attention(q, k, v, attn_mask=causal, step="none")
+    want = softstep_attention(q, k, v, attn_mask=allowed, step="none")
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    rows = allowed.any(-1)  # (SDPA's rows without a key are NaN; ours are 0)
+    torch.testing.assert_close(out[..., rows, :], F.scaled_dot_product_attention(q, k, v, attn_mask=causal)[..., rows, :])
+    with pytest.raises(ValueError, match="CausalBias and is_causal"):
+        softstep_attention(q, k, v, attn_mask=causal, is_causal=True)
+    with pytest.raises(ValueError, match="CausalBias for"):
+        softstep_attention(q[..., :1, :], k, v, attn_mask=causal)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(4, 1), (1, 1), (2, 1, 4, 1), (1, 6), (4, 6)])
 def test_valid_counts_of_a_mask_that_broadcasts(shape, causal):
