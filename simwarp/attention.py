@@ -216,6 +216,11 @@ def _check_sdpa_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable
     for name, x in (("query", q), ("key", k), ("value", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.is_nested:
+            raise ValueError(
+                f"{name} is a nested (jagged) tensor, which softstep_attention does not take: pad the batch and "
+                "mask the padding with attn_mask (MultiheadSoftStepAttention takes nested batches itself)"
+            )
         if x.dim() < 2:
             raise ValueError(f"{name} must have shape (..., seq, features), got {tuple(x.shape)}")
     if q.shape[-1] != k.shape[-1]:
@@ -226,8 +231,8 @@ def _check_sdpa_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable
         raise ValueError(
             f"key (..., S, E) and value (..., S, Ev) must share S, got key {tuple(k.shape)} and value {tuple(v.shape)}"
         )
-    if k.shape[:-1] != v.shape[:-1] and k.dim() >= 3 and v.dim() >= 3 and k.shape[-3] != v.shape[-3]:
-        raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must have the same number of heads")
+    if k.dim() >= 3 and v.dim() >= 3 and v.shape[-3] not in (1, k.shape[-3]):  # (one value head broadcasts)
+        raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must have the same number of heads (or value 1)")
     if q.dim() < 3 or k.dim() < 3:
         return 1
     hq, hk = q.shape[-3], k.shape[-3]

@@ -843,6 +843,25 @@ def test_valid_counts_follow_causal_and_padding():
     assert st.valid.flatten().tolist() == [4, 4, 4, 4]
 
 
+@pytest.mark.parametrize("enable_gqa", [False, True])
+def test_one_value_head_broadcasts_over_the_key_heads(enable_gqa):
+    """SDPA broadcasts a value with one head over the keys' heads; it was refused."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    k = torch.randn(2, 2 if enable_gqa else 4, 7, 8, dtype=torch.float64)
+    v = torch.randn(2, 1, 7, 3, dtype=torch.float64)
+    out = softstep_attention(q, k, v, step="none", enable_gqa=enable_gqa)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v.expand(-1, k.shape[1], -1, -1), enable_gqa=enable_gqa))
+    with pytest.raises(ValueError, match="same number of heads"):
+        softstep_attention(q, k, torch.randn(2, 3, 7, 3, dtype=torch.float64), step="none")
+
+
+def test_nested_tensors_are_refused_clearly():
+    nested = torch.nested.nested_tensor([torch.randn(2, n, 8) for n in (3, 5)], layout=torch.jagged)
+    with pytest.raises(ValueError, match=r"query is a nested \(jagged\) tensor"):
+        softstep_attention(nested, nested, nested)
+
+
 @pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")  # (torch's, for L > S)
 @pytest.mark.parametrize(("n", "s"), [(3, 7), (7, 7), (7, 3)])
 @pytest.mark.parametrize("variant", ["causal_upper_left", "causal_lower_right"])
