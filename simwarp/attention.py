@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -829,7 +830,9 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     overwrite = as_flag("overwrite", overwrite)
     _check_softstep_options(softstep_kwargs)
     if _swappable(model):
-        return MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)
+        new = MultiheadSoftStepAttention.from_multihead(model, **softstep_kwargs)
+        _take_hooks(model, new)
+        return new
     # Everything that can fail, before the model changes: the option values, the modules to take
     # over, and (without overwrite) options that differ from those of modules swapped before.
     with torch.device("meta"), warnings.catch_warnings():
@@ -867,13 +870,18 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
 def _take_hooks(old: nn.Module, new: nn.Module) -> None:
     """``new``, which replaces ``old`` in the model, runs the hooks registered on ``old``
     (forward, backward, state-dict): its hook dicts become ``old``'s, with ``new``'s own entries
-    added after them, so the handles the user holds still remove them."""
+    added after them, so the handles the user holds still remove them (``old``, which the model
+    no longer holds, shares them from then on)."""
     for name, hooks in vars(old).items():
         if "hook" in name and isinstance(hooks, dict):
             own = new.__dict__.get(name)
             if isinstance(own, dict):
                 hooks.update(own)
             new.__dict__[name] = hooks
+            for hook in hooks.values():  # load_state_dict pre-hooks hold their module (weakly): rebind it
+                bound = getattr(hook, "module", None)
+                if getattr(hook, "with_module", False) and callable(bound) and bound() is old:
+                    hook.module = weakref.ref(new)
     if old._is_full_backward_hook is not None:
         new._is_full_backward_hook = old._is_full_backward_hook
 

@@ -15,7 +15,7 @@ metric          similarity                                  default scale
 ``l2`` and ``sqeuclidean`` come from norms and one product, ``|q|² + |k|² - 2 q·k``, whose
 rounding grows with the norms: on features far from the origin (raw years, prices) float32
 would lose the distances to cancellation. They are computed on ``q - c`` and ``k - c`` instead,
-``c`` the mean of the finite key rows (:func:`distance_centre`; distances do not change).
+``c`` a point among the queries (:func:`distance_centre`; distances do not change).
 """
 
 from __future__ import annotations
@@ -65,24 +65,29 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return _SafeSqrt.apply(x)
 
 
-#: At most this many key rows (evenly strided) make :func:`distance_centre`: a point inside the
-#: data's cloud, at the cost of a few thousand rows however large the bank.
+#: At most this many rows (evenly strided) make :func:`distance_centre`: a point inside the
+#: data's cloud, at the cost of a few thousand rows however large the set.
 _CENTRE_ROWS = 1024
 
 
-def distance_centre(k: torch.Tensor) -> torch.Tensor:
-    """``(..., 1, d)``: the mean of the finite rows of the keys ``k`` ``(..., m, d)`` (of
-    ``_CENTRE_ROWS`` of them, evenly strided, in a larger set; 0 where there are none), without
-    gradient. Distances are computed between ``q - c`` and ``k - c``: the same distances, with
-    the rounding of ``|q - c|² + |k - c|² - 2 (q - c)·(k - c)`` set by the data's spread instead
-    of its distance from the origin. A NaN or inf key stays out of ``c``, so that it reaches
-    only the rows that see it."""
-    k = k.detach()
-    if k.shape[-2] > _CENTRE_ROWS and not exporting():  # (export: a size test would cap the dynamic range)
-        k = k[..., :: -(-k.shape[-2] // _CENTRE_ROWS), :]
-    finite = torch.isfinite(k).all(-1, keepdim=True)
-    total = torch.where(finite, k, 0.0).sum(-2, keepdim=True)
-    return total / finite.sum(-2, keepdim=True).clamp_min(1).to(k.dtype)
+def distance_centre(x: torch.Tensor) -> torch.Tensor:
+    """``(..., 1, d)``: the coordinate-wise median of the finite rows of ``x`` ``(..., n, d)``
+    (of ``_CENTRE_ROWS`` of them, evenly strided, in a larger set; 0 where there are none),
+    without gradient.
+
+    Distances are computed between ``q - c`` and ``k - c``, with ``c`` this point of the
+    queries: the same distances, with the rounding of ``|q - c|² + |k - c|² - 2 (q - c)·(k - c)``
+    set by the distances and the queries' spread instead of the data's distance from the
+    origin. The queries, because every pass over the keys (their blocks, the shards of a bank)
+    scores them against the same ``c`` and so the same bits; the median, because an outlier
+    (or a far-away masked row) does not move it; and a NaN or inf row stays out of it, so that
+    it reaches only its own scores."""
+    x = x.detach()
+    if not exporting() and x.shape[-2] > _CENTRE_ROWS:  # (export: a size test would cap the dynamic range)
+        x = x[..., :: -(-x.shape[-2] // _CENTRE_ROWS), :]
+    finite = torch.isfinite(x).all(-1, keepdim=True)
+    median = torch.where(finite, x, torch.nan).nanmedian(-2, keepdim=True).values
+    return median.nan_to_num(nan=0.0)
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +95,8 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     most ``1e-12`` (a zero, padding or dead-ReLU embedding: no direction) become 0 with gradient
     0, as ``l2``'s safe square root does at distance 0; ``F.normalize`` would give them a
     gradient of ``1 / eps`` (``1e12``, inf once cast to float16). Differentiable twice."""
+    if x.dtype in (torch.float16, torch.bfloat16):  # 1e-12 is 0 there: a zero row's gradient would be 0/0
+        return unit_rows(x.float()).to(x.dtype)
     # 1e-12 written here, not as a module-level float: torch.compile(dynamic=True) lifts those
     # as symbolic inputs, which fails inside an autograd.Function called twice in one graph
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
@@ -160,7 +167,7 @@ def _gram(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 class _ScaledSquaredDistance(torch.autograd.Function):
-    # c · d²_ij with d²_ij = |q_i|² + |k_j|² - 2 q_i·k_j on rows centred at the keys' mean
+    # c · d²_ij with d²_ij = |q_i|² + |k_j|² - 2 q_i·k_j on rows centred at a point of the queries
     # (distance_centre), clamped to c·d² ∈ c·[0, ∞) against rounding. The backward is that of
     # the smooth expression (the clamp only ever acts on numerically-zero distances, where the
     # true gradient is 0 too), on the centred rows (the centre is a constant, and the distance
@@ -171,7 +178,7 @@ class _ScaledSquaredDistance(torch.autograd.Function):
     def forward(ctx, q, k, c: float, centre):
         ctx.shapes = q.shape, None if k is None else k.shape  # (a centre with more batch dims broadcasts q)
         if centre is None:
-            centre = distance_centre(q if k is None else k)
+            centre = distance_centre(q)
         q, k = q - centre, None if k is None else k - centre
         ctx.save_for_backward(q, k)
         ctx.c = c
@@ -242,7 +249,7 @@ def _norms_plus_gram(q: torch.Tensor, k: torch.Tensor, norms: torch.Tensor, alph
 
 def _squared_distance(q: torch.Tensor, k: torch.Tensor, c: float = 1.0, centre: torch.Tensor | None = None) -> torch.Tensor:
     """``(..., n, m)`` squared Euclidean distances between the rows of ``q`` and ``k``, times ``c``,
-    computed on the rows minus ``centre`` (default :func:`distance_centre` of ``k``)."""
+    computed on the rows minus ``centre`` (default :func:`distance_centre` of ``q``)."""
     return _ScaledSquaredDistance.apply(q, None if k is q else k, c, None if centre is None else centre.detach())
 
 
@@ -288,9 +295,10 @@ def pairwise_similarity(
         scale: multiplier (any real, or a tensor broadcasting against ``(..., n, m)``: a
             learnable one works here); ``None`` = ``d ** -0.5`` for ``"dot"``, else 1.
         centre: ``l2`` and ``sqeuclidean``: the point ``(..., 1, d)`` the distances are
-            computed from (default :func:`distance_centre` of ``k``; no gradient flows into it).
-            The distances do not depend on it, their rounding does: pass the centre of all keys
-            to score blocks of them with the bits of one call. Ignored by the other metrics.
+            computed from (default :func:`distance_centre` of ``q``; no gradient flows into it).
+            The distances do not depend on it, their rounding does: pass the centre of all
+            queries to score blocks of them with the bits of one call. Ignored by the other
+            metrics.
 
     Returns:
         ``(..., n, m)`` similarities.
@@ -303,6 +311,15 @@ def pairwise_similarity(
     """
     check_metric(metric)
     _check_pair(q, k, scale, "(..., m, d)")
+    if centre is not None and not (
+        isinstance(centre, torch.Tensor) and centre.dtype == q.dtype and centre.device == q.device
+        and centre.dim() >= 2 and centre.shape[-2:] == (1, q.shape[-1])
+    ):
+        raise ValueError(
+            f"centre must be a {q.dtype} tensor of shape (..., 1, {q.shape[-1]}) on {q.device} (as q) or None, "
+            f"got {centre.dtype} {tuple(centre.shape)} on {centre.device}" if isinstance(centre, torch.Tensor)
+            else f"centre must be a tensor or None, got {type(centre).__name__}"
+        )
     c = default_scale(metric, q.shape[-1]) if scale is None else scale
     if metric == "dot":
         s = _gram(q, k)
@@ -361,7 +378,7 @@ def pairwise_similarity_backward(
         return gq, gk
     if metric not in DISTANCE_METRICS:
         raise ValueError(f"metric must be one of {STREAMING_METRICS}, got {metric!r}")
-    centre = distance_centre(k)  # (any point near the data: the gradients do not depend on it)
+    centre = distance_centre(q)  # (any point near the data: the gradients do not depend on it)
     if metric == "l2":  # s = -c y, y = ‖q - k‖: ∂s/∂(y²) = -c / (2 y)
         g, c = g * _safe_reciprocal(s / -c), c / 2.0
     gq, gk = _squared_distance_grads(g, q - centre, k - centre, -2.0 * c, need_q, need_k)
@@ -406,10 +423,14 @@ class PreparedKeys:
         metric: one of :data:`METRICS`.
         scale: the similarity's positive multiplier (``None``: :func:`default_scale`); only
             ``sqeuclidean`` folds it into the scores.
+        centre: ``l2`` and ``sqeuclidean``: the point ``(..., 1, d)`` queries and keys are
+            scored from (:func:`distance_centre`; default: that of the keys). Pass that of the
+            queries to score them with the bits of :func:`pairwise_similarity`.
     """
 
     def __init__(
-        self, keys: torch.Tensor, metric: str = "dot", scale: float | None = None, *, unit_keys_once: bool = True
+        self, keys: torch.Tensor, metric: str = "dot", scale: float | None = None, *, unit_keys_once: bool = True,
+        centre: torch.Tensor | None = None,
     ) -> None:
         check_metric(metric)
         self.metric = metric
@@ -422,7 +443,7 @@ class PreparedKeys:
         self.keys = unit_rows(keys) if metric == "cosine" and unit_keys_once else keys
         self.norms, self.alpha, self.beta, self.centre = None, 1.0, 1.0, None
         if metric in DISTANCE_METRICS:  # queries and keys centred (distance_centre), block by block
-            self.centre = distance_centre(keys)
+            self.centre = distance_centre(keys) if centre is None else centre.detach()
         if metric == "l2":  # r = 2 q·k - |k|²; the scale applies after the square root
             self.norms, self.alpha, self.beta = squared_norms(keys, self.centre), 2.0, -1.0
         elif metric == "sqeuclidean":  # exactly the first step of _ScaledSquaredDistance(c = -scale)
@@ -458,7 +479,8 @@ class BlockSimilarity:
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, metric: str, scale: float | None) -> None:
-        self.keys = PreparedKeys(k, metric, scale, unit_keys_once=False)
+        centre = distance_centre(q) if metric in DISTANCE_METRICS else None
+        self.keys = PreparedKeys(k, metric, scale, unit_keys_once=False, centre=centre)
         self.metric, self.scale = metric, self.keys.scale
         self.q = unit_rows(q) if metric == "cosine" else q
         self.q_norms = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import pickle
 import warnings
@@ -665,6 +666,24 @@ def test_swap_keeps_the_hooks_of_the_replaced_modules():
     forward.remove()
     new.eval()(torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16))
     assert seen == [("pre", name)]
+
+
+def test_swap_keeps_load_state_dict_hooks_and_those_of_a_module_swapped_alone():
+    """load_state_dict pre-hooks hold their module weakly: taken over as they were, loading
+    raised "You are trying to call the hook of a dead Module!" once the old module was gone."""
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    loaded = []
+    layer.self_attn.register_load_state_dict_pre_hook(lambda module, *args: loaded.append(type(module).__name__))
+    simwarp.swap_attention(layer, step="none")
+    gc.collect()
+    layer.load_state_dict(layer.state_dict())
+    assert loaded == ["MultiheadSoftStepAttention"]
+    mha, seen = nn.MultiheadAttention(16, 4), []
+    mha.register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    swapped = simwarp.swap_attention(mha, step="none")
+    x = torch.randn(5, 2, 16)
+    swapped(x, x, x)
+    assert seen == ["MultiheadSoftStepAttention"]
 
 
 def test_swap_keeps_the_parameter_objects_tied_weights_and_an_earlier_optimizer():

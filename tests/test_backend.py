@@ -13,6 +13,7 @@ from step_references import log_reference, poly_reference, sigmoidal_reference
 
 import simwarp
 from simwarp.backend import DENSE_AUTO_LIMIT, chunked
+from simwarp.similarity import BlockSimilarity
 
 f64 = torch.float64
 METRICS = ("dot", "cosine", "l2", "sqeuclidean")
@@ -542,7 +543,10 @@ def test_float32_matches_float64_at_loss_scale(impl, step, temperature):
         out = simwarp.warp_attend(x, x, probe.to(dtype), impl=impl, chunk_size=16, **kw)
         outs.append(out.double())
         grads.append(torch.autograd.grad(out.pow(2).sum(), x)[0].double())
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    # float32 rounds each similarity by up to about eps·|s|, which moves the logits by that over τ
+    # (8e-4 at τ = 0.05 here, whatever the distances' origin): the weights' own float32 limit
+    logit_error = 2.0**-24 * float((torch.cdist(x64, x64) ** 2).max()) / temperature
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=max(1e-5, logit_error))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3 * float(grads[0].abs().max()))
     if w64 is not None:
         assert torch.equal(w64.diagonal(), torch.zeros(48, dtype=f64))
@@ -1396,13 +1400,16 @@ def test_range_gradient_goes_to_the_first_key_of_equal_similarity(metric):
     gradient to the first of them, as the dense path does."""
     gen = torch.Generator().manual_seed(0)
     hits = 0
-    for _ in range(20):
-        q = torch.randn(1, 16, generator=gen) * 3
-        k = torch.cat([torch.randn(3, 16, generator=gen) * 3, q, q + 1e-4 * torch.randn(1, 16, generator=gen)])
+    for _ in range(20):  # (three queries: with one, the distances' centre is the query and the tie exact)
+        q = torch.randn(3, 16, generator=gen) * 3
+        k = torch.cat([torch.randn(3, 16, generator=gen) * 3, q[:1], q[:1] + 1e-4 * torch.randn(1, 16, generator=gen)])
         k = torch.cat([k, torch.randn(20, 16, generator=gen) * 3])
         v = torch.randn(25, 4, generator=gen)
         s = simwarp.pairwise_similarity(q, k, metric)
-        if not s[0, 3] == s[0, 4] == s.max():
+        blocks = BlockSimilarity(q, k, metric, None)  # the streaming pass's similarities (chunk_size 4)
+        streamed = torch.cat([blocks.similarity_(blocks.scores(start, start + 4)) for start in range(0, 25, 4)], -1)
+        # ties at the clamp (0): a tie at a rounding-level distance has gradients of rounding noise
+        if not (s[0, 3] == s[0, 4] == s[0].max() == 0 and streamed[0, 3] == streamed[0, 4] == 0):
             continue
         hits += 1
         grads = {}

@@ -390,15 +390,16 @@ def test_instance_mode_reads_the_normalised_embeddings(cls, distance):
         torch.testing.assert_close(loss(10 * x, y), loss(x, y), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mode", ["global", "instance"])
 @pytest.mark.parametrize("distance", [D.LpDistance(power=2), D.LpDistance(), D.CosineSimilarity()])
 @pytest.mark.parametrize("cls", [SoftStepNCALoss, SoftStepContrastiveLoss])
-def test_a_zero_embedding_gets_gradient_zero(cls, distance, mode):
+def test_a_zero_embedding_gets_gradient_zero(cls, distance, mode, dtype):
     """A zero embedding (padding, a dead ReLU) has no direction: the normalising distances give
     it gradient 0, as the backend's cosine does. PML's ``F.normalize`` gave it ``1 / eps`` (1e12,
     inf in float16) under ``normalize_embeddings``, the default."""
     torch.manual_seed(0)
-    x = torch.randn(16, 6)
+    x = torch.randn(16, 6, dtype=dtype)
     x[3] = 0.0
     x.requires_grad_()
     y = torch.arange(16) % 4

@@ -88,7 +88,7 @@ def test_block_similarity_is_pairwise_similarity_to_the_bit(metric, dtype, leadi
     k = torch.randn(*leading[:1], *([1] if leading else []), 23, 6, generator=gen, dtype=dtype) * 3
     k[..., 4, :] = q[..., 0, :].reshape(-1, 6)[0]  # a key at distance 0 from a query
     sim = BlockSimilarity(q, k, metric, scale)
-    centre = distance_centre(k)  # the distances' origin: that of all the keys for every block
+    centre = distance_centre(q)  # the distances' origin: that of all the queries, for every block
     for start, stop, row_start in ((0, 23, 0), (0, 7, 0), (7, 23, 3), (22, 23, 8)):
         r = sim.scores(start, stop, row_start)
         s = sim.similarity_(r.clone(), row_start)
@@ -130,16 +130,51 @@ def test_distances_far_from_the_origin_keep_float32_precision(metric, offset):
     torch.testing.assert_close(gk.double(), k64.grad, atol=1e-4 * k64.grad.abs().max().item(), rtol=0)
 
 
-def test_a_non_finite_key_stays_out_of_the_distance_centre():
-    """The centre is the mean of the finite keys: a NaN or inf key (masked for some rows) does
-    not reach the distances of the others."""
-    k = torch.randn(6, 3, dtype=f64)
-    centre = distance_centre(k[:4])
-    k[4, 1], k[5, 0] = math.nan, math.inf
-    assert torch.equal(distance_centre(k), centre)
+def test_the_distance_centre_ignores_non_finite_rows_and_outliers():
+    """The centre is a median of the finite query rows: a NaN or inf row stays out of it (its
+    own scores alone are non-finite), an outlier does not move it, and a large set is sampled
+    across all its rows, not from its start."""
+    q = torch.randn(7, 3, dtype=f64)
+    centre = distance_centre(q[:5])
+    q[5, 1], q[6, 0] = math.nan, math.inf
+    assert torch.equal(distance_centre(q), centre)
     assert torch.equal(distance_centre(torch.full((2, 3), math.nan)), torch.zeros(1, 3))
-    s = pairwise_similarity(torch.randn(2, 3, dtype=f64), k, "l2")
-    assert torch.isfinite(s[:, :4]).all() and not torch.isfinite(s[:, 4:]).any()
+    s = pairwise_similarity(q, torch.randn(4, 3, dtype=f64), "l2")
+    assert torch.isfinite(s[:5]).all() and not torch.isfinite(s[5:]).any()
+    ramp = torch.arange(5000.0, dtype=f64).unsqueeze(-1).expand(5000, 2)
+    assert abs(distance_centre(ramp)[0, 0].item() - 2500) < 10
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("metric", ["l2", "sqeuclidean"])
+def test_an_outlier_or_a_masked_far_key_leaves_the_other_distances_alone(metric, impl):
+    """A centre taken as the keys' mean moved with one key at 1e6 (also a masked one), and every
+    other pair lost its distance to cancellation (outputs off by 0.3-1.8)."""
+    gen = torch.Generator().manual_seed(3)
+    q = 100.0 + torch.randn(2, 20, 8, generator=gen, dtype=f64)
+    k = 100.0 + torch.randn(1, 60, 8, generator=gen, dtype=f64)
+    k[0, 0, 3], q[1, 0, 2] = 1e6, -1e6  # an outlier key (masked below) and an outlier query
+    v = torch.randn(60, 3, generator=gen, dtype=f64)
+    mask = torch.ones(60, dtype=torch.bool)
+    mask[0] = False
+    kw = dict(metric=metric, step="sigmoidal", a=0.2, b=0.8, t=0.5, mask=mask)
+    out = simwarp.warp_attend(q.float(), k.float(), v.float(), impl=impl, chunk_size=16, **kw)
+    ref = simwarp.warp_attend(q.float().double(), k.float().double(), v.float().double(), impl="dense", **kw)
+    rows = torch.ones(2, 20, dtype=torch.bool)
+    rows[1, 0] = False  # (the outlier query's own distances are 1e6 away: float32 keeps 1e-1 of them)
+    torch.testing.assert_close(out.double()[rows], ref[rows], atol=1e-4, rtol=0)
+
+
+def test_keys_shared_by_a_batch_of_queries_against_a_large_bank():
+    """Per-batch centres against one shared bank: the bank's norms broadcast to the batch (their
+    slices of rows too)."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 16, generator=gen) + torch.tensor([[[50.0]], [[-50.0]]])
+    k = torch.randn(20000, 16, generator=gen)
+    v = torch.randn(20000, 2, generator=gen)
+    out = simwarp.warp_attend(q, k, v, metric="l2", impl="chunked")
+    ref = simwarp.warp_attend(q.double(), k.double(), v.double(), metric="l2", impl="dense")
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -171,6 +206,13 @@ def test_a_bad_scale_is_a_clear_error(scale, error):
     """A scale of the wrong type is a TypeError, as in the backend (it was a ValueError here)."""
     with pytest.raises(error, match="scale must be a finite number"):
         pairwise_similarity(torch.randn(2, 3), torch.randn(2, 3), "dot", scale=scale)
+
+
+def test_a_bad_centre_is_a_clear_error():
+    q, k = torch.randn(2, 3), torch.randn(4, 3)
+    for centre in (torch.zeros(1, 3, dtype=f64), torch.zeros(3), torch.zeros(1, 2), "middle"):
+        with pytest.raises(ValueError, match="centre must be a"):
+            pairwise_similarity(q, k, "l2", centre=centre)
 
 
 def test_l2_gradient_is_finite_at_zero_distance():

@@ -728,7 +728,7 @@ def _train_plan(q, metric, scale, step, temperature, causal, exclude_self, self_
 
 def _normalised_q_k(q, k, spec):
     """``cosine``: ``q`` and ``k`` as unit rows (the kernels then take dot products). ``l2`` and
-    ``sqeuclidean`` in float32/float64: both minus the keys' centre (``distance_centre``: the
+    ``sqeuclidean`` in float32/float64: both minus the queries' centre (``distance_centre``: the
     kernels compute distances from norms and products, whose rounding grows with the norms);
     16-bit inputs as they are (their own rounding, at the data's distance from the origin, is
     larger than the products'). Else as they are."""
@@ -736,7 +736,7 @@ def _normalised_q_k(q, k, spec):
         acc = work_dtype(q.dtype)
         return unit_rows(q.to(acc)).to(q.dtype), unit_rows(k.to(acc)).to(k.dtype)
     if spec.metric in DISTANCE_METRICS and q.dtype in (torch.float32, torch.float64):
-        centre = distance_centre(k)
+        centre = distance_centre(q)
         return q - centre, k - centre
     return q, k
 
