@@ -412,9 +412,9 @@ class PreparedKeys:
 
     :meth:`scores` gives, for queries ``q`` and keys ``k[..., start:stop, :]``, a score ``r``
     that holds all the per-key work in one GEMM (``dot``: ``q·k``; ``cosine``: ``q·k̂`` on unit
-    keys; ``l2`` and ``sqeuclidean``: ``2 q·k - |k|²`` up to a positive factor, with the key
-    norms computed here), so that each row's similarities are a non-decreasing function of its
-    scores (:meth:`BlockSimilarity.similarity_`). Row maxima, minima and top-k can therefore be
+    keys; ``l2`` and ``sqeuclidean``: ``2 q·k - |k|²`` on ``q - centre`` and ``k - centre``, up
+    to a positive factor, with the key norms computed here), so that each row's similarities
+    are a non-decreasing function of its scores (:meth:`BlockSimilarity.similarity_`). Row maxima, minima and top-k can therefore be
     taken on ``r``. ``l1`` has no such split: its scores are its similarities. For use without
     autograd (detached inputs, ``torch.no_grad`` or inside an autograd function's forward).
 
