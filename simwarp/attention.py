@@ -819,11 +819,11 @@ def swap_attention(model: nn.Module, *, overwrite: bool = False, **softstep_kwar
     several parents, or held twice by one, is replaced by one shared SoftStep module. Frozen
     parameters stay frozen. Subclasses of ``nn.MultiheadAttention`` that override ``forward``
     are left alone, with a warning (their forward would be lost), and so is a model without any
-    (a warning too: nothing to swap). Modules swapped earlier keep
-    their step unless ``overwrite=True`` (fresh step parameters with the new options); asking
-    for other options without it raises. Hooks registered on a replaced module (forward,
-    backward, state-dict) run on its replacement, and their handles still remove them. Returns the model (a new module when ``model`` itself
-    is an ``nn.MultiheadAttention``); the swap is in place otherwise.
+    (a warning too: nothing to swap). Modules swapped earlier keep their step unless
+    ``overwrite=True`` (fresh step parameters with the new options); asking for other options
+    without it raises. Hooks registered on a replaced module (forward, backward, state-dict) run
+    on its replacement, and their handles still remove them. Returns the model (a new module
+    when ``model`` itself is an ``nn.MultiheadAttention``); the swap is in place otherwise.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

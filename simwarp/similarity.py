@@ -229,7 +229,7 @@ def squared_norms(x: torch.Tensor, centre: torch.Tensor | None = None) -> torch.
     rows = max(1, _NORM_SLICE_ELEMENTS // max(1, x[..., :1, :].numel()))
     if x.shape[-2] <= rows:
         return norms(x)
-    out = x.new_empty(torch.broadcast_shapes(x.shape, x.shape if centre is None else centre.shape)[:-1])
+    out = x.new_empty((x.shape if centre is None else torch.broadcast_shapes(x.shape, centre.shape))[:-1])
     for start in range(0, x.shape[-2], rows):  # into one buffer: results kept between the
         # freed temporaries would fragment the heap (glibc then grows it by every temporary)
         out[..., start : start + rows] = norms(x[..., start : start + rows, :])
@@ -351,6 +351,7 @@ def pairwise_similarity_backward(
     scale: float | None = None,
     need_q: bool = True,
     need_k: bool = True,
+    centre: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(∂q, ∂k)`` of ``Σ g ⊙ pairwise_similarity(q, k, metric, scale)``, written out, without
     autograd: the streaming backward passes call it once per key block, and
@@ -363,6 +364,8 @@ def pairwise_similarity_backward(
         s: ``(..., n, m)`` their similarities (``l2`` reads its distances from them).
         metric: one of :data:`STREAMING_METRICS`; ``scale``: as in :func:`pairwise_similarity`.
         need_q, need_k: which gradients to compute (the other comes back ``None``).
+        centre: ``l2``/``sqeuclidean``: the point the rows are centred at (default
+            :func:`distance_centre` of ``q``); pass the forward's to save computing it again.
 
     Returns:
         ``∂q`` shaped like ``q`` and ``∂k`` like ``k`` (broadcast dims summed).
@@ -378,7 +381,8 @@ def pairwise_similarity_backward(
         return gq, gk
     if metric not in DISTANCE_METRICS:
         raise ValueError(f"metric must be one of {STREAMING_METRICS}, got {metric!r}")
-    centre = distance_centre(q)  # (any point near the data: the gradients do not depend on it)
+    if centre is None:  # (any point near the data: the gradients do not depend on it)
+        centre = distance_centre(q)
     if metric == "l2":  # s = -c y, y = ‖q - k‖: ∂s/∂(y²) = -c / (2 y)
         g, c = g * _safe_reciprocal(s / -c), c / 2.0
     gq, gk = _squared_distance_grads(g, q - centre, k - centre, -2.0 * c, need_q, need_k)

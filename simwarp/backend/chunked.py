@@ -319,7 +319,8 @@ class _ChunkedWarp(torch.autograd.Function):
             if gs is None:
                 continue
             dq_r, dk_c = pairwise_similarity_backward(
-                gs, rows_from(qw, r0), kw[..., start:stop, :], s, spec.metric, spec.scale, need_q, need_k
+                gs, rows_from(qw, r0), kw[..., start:stop, :], s, spec.metric, spec.scale, need_q, need_k,
+                centre=sim.keys.centre,  # (the forward's: not recomputed per block)
             )
             if need_q:
                 dq[..., r0:, :] += dq_r
