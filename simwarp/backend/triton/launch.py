@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import math
 import os
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,6 +45,8 @@ MAX_HEAD_DIM = 256
 MAX_VALUE_DIM = 256
 
 _MODULES: dict[bool, object] = {}
+#: Held while a kernel module loads: the interpreted load sets ``TRITON_INTERPRET`` for the process.
+_MODULES_LOCK = threading.Lock()
 #: Launch option of every kernel: multiply-adds fused (FFMA), which the per-score arithmetic is
 #: written for. Triton <= 3.9 fuses by default; 3.10 will not, and 3.9 warns when it is left unset.
 _FUSION = dict(enable_fp_fusion=True)
@@ -80,24 +83,26 @@ def kernel_module(interpret: bool):
     The interpreted copy is a second load of ``kernels.py`` made with ``TRITON_INTERPRET=1``
     (``triton.jit`` decides at decoration time), so it works whatever was imported before.
     """
-    if interpret not in _MODULES:
-        if not interpret:
-            from simwarp.backend.triton import kernels as module
+    with _MODULES_LOCK:
+        if interpret not in _MODULES:
+            _MODULES[interpret] = _interpreted_kernels() if interpret else importlib.import_module(f"{__package__}.kernels")
+        return _MODULES[interpret]
+
+
+def _interpreted_kernels():
+    path = Path(__file__).with_name("kernels.py")
+    spec = importlib.util.spec_from_file_location("simwarp.backend.triton._kernels_interpreted", path)
+    module = importlib.util.module_from_spec(spec)
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
         else:
-            path = Path(__file__).with_name("kernels.py")
-            spec = importlib.util.spec_from_file_location("simwarp.backend.triton._kernels_interpreted", path)
-            module = importlib.util.module_from_spec(spec)
-            previous = os.environ.get("TRITON_INTERPRET")
-            os.environ["TRITON_INTERPRET"] = "1"
-            try:
-                spec.loader.exec_module(module)
-            finally:
-                if previous is None:
-                    del os.environ["TRITON_INTERPRET"]
-                else:
-                    os.environ["TRITON_INTERPRET"] = previous
-        _MODULES[interpret] = module
-    return _MODULES[interpret]
+            os.environ["TRITON_INTERPRET"] = previous
+    return module
 
 
 @dataclass(frozen=True)
