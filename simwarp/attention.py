@@ -12,12 +12,14 @@
 
 With ``step="none"`` every entry point reproduces its softmax peer to float tolerance. The one
 deliberate difference: a query row with no valid key (fully masked row, padding-only
-sequence) outputs zeros here, where SDPA outputs NaN.
+sequence) outputs zeros here, where SDPA outputs NaN on some kernels and versions, and an
+additive mask of large finite negatives (``finfo.min``) gives uniform weights.
 """
 
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -28,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.utils.hooks import RemovableHandle
 
 from simwarp._autograd import (
@@ -142,7 +143,10 @@ def _from_causal_bias(attn_mask: Any, is_causal: bool, n: int, s: int, device: t
     ``causal_lower_right``) as SDPA reads them: ``(attn_mask, is_causal)``, upper-left as
     ``is_causal=True``, lower-right (the last query sees every key: a KV cache, chunked
     prefill) as a bool mask. Anything else passes through."""
-    if not isinstance(attn_mask, CausalBias):
+    # Only a loaded module can have made a CausalBias; importing it here would pull in
+    # torch._dynamo (over a second) for every ``import simwarp``.
+    bias_module = sys.modules.get("torch.nn.attention.bias")
+    if bias_module is None or not isinstance(attn_mask, bias_module.CausalBias):
         return attn_mask, is_causal
     if is_causal:
         raise ValueError("attn_mask is a CausalBias and is_causal=True: give one of them (as SDPA)")
@@ -151,7 +155,7 @@ def _from_causal_bias(attn_mask: Any, is_causal: bool, n: int, s: int, device: t
             f"attn_mask is a CausalBias for (L, S) = {(attn_mask.seq_len_q, attn_mask.seq_len_kv)}, the query and "
             f"key have (L, S) = {(n, s)}"
         )
-    if attn_mask.variant == CausalVariant.UPPER_LEFT:
+    if attn_mask.variant == bias_module.CausalVariant.UPPER_LEFT:
         return None, True
     return torch.ones(n, s, dtype=torch.bool, device=device).tril(s - n), False
 
@@ -373,6 +377,16 @@ def _attend(
             else p
             for name, p in zip("abt", (a, b, t))
         )
+    else:  # checked with the caller's names (the backend's checks say q, k, v, mask and (n, m))
+        try:
+            batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        except RuntimeError:
+            raise ValueError(
+                f"the leading dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+                f"{tuple(value.shape)} do not broadcast"
+            ) from None
+        if mask is not None and not broadcasts_to(mask.shape, (*batch, n, s)):
+            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (..., L, S) = {(*batch, n, s)}")
     common = dict(
         metric="dot", scale=scale, step=step_kwargs.get("step", "sigmoidal"), a=a, b=b, t=t, mask=mask,
         causal=bool(is_causal),

@@ -932,6 +932,19 @@ def test_gqa_shape_errors_name_the_users_layout():
         softstep_attention(q, k, v, enable_gqa=True, a=torch.full((2, 4, 5), 0.1))
 
 
+def test_shape_errors_name_sdpas_arguments():
+    """Without GQA the backend's checks named its own arguments ("mask of shape ... (..., n, m)",
+    "leading dims of q ..."), not the attn_mask / query / key the caller passed."""
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8)
+    with pytest.raises(ValueError, match=r"^attn_mask of shape \(3, 5, 7\) does not broadcast to \(..., L, S\) = \(2, 4, 5, 7\)"):
+        softstep_attention(q, k, k, attn_mask=torch.ones(3, 5, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^the leading dims of query \(2, 4, 5, 8\), key \(3, 4, 7, 8\) and value"):
+        softstep_attention(q, torch.randn(3, 4, 7, 8), torch.randn(3, 4, 7, 8))
+    mask = torch.rand(4, 5, 7) > 0.3  # leading dims of the mask and value alone still broadcast
+    out = softstep_attention(q, k, torch.randn(3, 1, 4, 7, 6), attn_mask=mask, step="none")
+    assert out.shape == (3, 2, 4, 5, 6)
+
+
 def test_swap_draws_no_random_numbers():
     """The swapped module was built with its own (discarded) projections first: their init drew
     from the global generator, so a softmax and a SoftStep run from one seed diverged after it."""

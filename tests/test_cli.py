@@ -247,6 +247,23 @@ def test_import_leaves_the_losses_until_used():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_import_leaves_dynamo_and_triton_until_used():
+    """``torch.nn.attention.bias`` imports ``torch._dynamo`` (and triton where installed): over a
+    second of every ``import simwarp`` for a mask type few callers pass. A CausalBias still works
+    once its module is loaded, and a plain mask never loads it."""
+    code = (
+        "import sys, torch, simwarp\n"
+        "assert 'torch._dynamo' not in sys.modules and 'triton' not in sys.modules\n"
+        "q = torch.randn(1, 1, 3, 4)\n"
+        "simwarp.softstep_attention(q, q, q, attn_mask=torch.ones(3, 3, dtype=torch.bool), step='none')\n"
+        "assert 'torch.nn.attention.bias' not in sys.modules\n"
+        "from torch.nn.attention.bias import causal_upper_left\n"
+        "out = simwarp.softstep_attention(q, q, q, attn_mask=causal_upper_left(3, 3), step='none')\n"
+        "torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_cli_number_parsers_and_demo_checks(monkeypatch, capsys, tmp_path):
     """Second mutation audit: the argument parsers and the demo's pre-flight checks."""
     import argparse
