@@ -888,6 +888,20 @@ def test_contrastive_with_its_own_labels_object_leaves_the_anchor_row_out_everyw
     torch.testing.assert_close(loss_fn(e, y, pairs, ref_emb=e.clone(), ref_labels=y), loss_fn(e, y, pairs))
 
 
+def test_regression_loss_checks_its_own_labels_as_references_once_and_still_by_shape():
+    """The batch against itself (ref_labels is labels) checks its targets once; the same labels
+    object given for a reference set of another size is still a shape error."""
+    e, y = torch.randn(6, 3), torch.randn(6)
+    loss_fn = SoftStepNeighborRegressionLoss()
+    torch.testing.assert_close(loss_fn(e, y, ref_emb=e.clone(), ref_labels=y), loss_fn(e, y, ref_emb=e.clone(), ref_labels=y.clone()))
+    with pytest.raises(ValueError, match=r"ref_labels must have shape \(5,\) or \(5, e\)"):
+        loss_fn(e, y, ref_emb=torch.randn(5, 3), ref_labels=y)
+    bad = y.clone()
+    bad[2] = float("inf")
+    with pytest.raises(ValueError, match="labels contains NaN or inf"):
+        loss_fn(e, bad, ref_emb=e.clone(), ref_labels=bad)
+
+
 def test_regression_loss_refuses_complex_targets():
     with pytest.raises(TypeError, match="labels must hold real targets, got dtype torch.complex64"):
         SoftStepNeighborRegressionLoss()(torch.randn(4, 3), torch.zeros(4, dtype=torch.complex64))
