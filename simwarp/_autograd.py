@@ -91,13 +91,21 @@ def outside_autocast(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        x = _first_tensor((*args, *kwargs.values()))
         if x is not None and autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _first_tensor(values) -> torch.Tensor | None:
+    # a loop, not next() over a generator with a default, which torch.compile before 2.7 cannot trace
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
 
 
 def without_functorch(fn: Callable) -> Callable:
@@ -109,7 +117,8 @@ def without_functorch(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if torch._C._are_functorch_transforms_active():
+        # (not under torch.compile, whose tracer before torch 2.5 cannot call into this)
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
             raise NotImplementedError(
                 f"simwarp.{fn.__qualname__} does not support torch.func transforms (grad, vmap, jacrev, jvp): "
                 "its autograd functions stream over key blocks with hand-written backward passes (and the "
