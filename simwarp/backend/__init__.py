@@ -47,18 +47,24 @@ __all__ = ["warp_attend", "warp_weights", "warp_range", "WarpStats", "IMPLS", "D
 DENSE_AUTO_LIMIT = 1 << 20
 
 
-def _triton_available(device: torch.device) -> bool:
-    """Fused kernels usable on ``device``: CUDA with triton importable, or CPU tensors in
-    Triton's interpreter (``TRITON_INTERPRET=1``, for tests). Never imports triton otherwise."""
+def _triton_unavailable(device: torch.device) -> str | None:
+    """Why the fused kernels cannot run on ``device`` (``None`` if they can): they need CUDA, or
+    CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, for tests), and a triton they
+    support. Never imports triton for other devices."""
     import os
 
     if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
+        return f"they need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
     try:
-        from simwarp.backend import triton as _triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        from simwarp.backend import triton as fused
+    except ImportError as err:
+        return f"the 'triton' package cannot be imported ({err})"
+    return fused.version_problem()
+
+
+def _triton_available(device: torch.device) -> bool:
+    """Whether the fused kernels can run on ``device`` (:func:`_triton_unavailable`)."""
+    return _triton_unavailable(device) is None
 
 
 #: Whether ``impl="auto"`` sends ``dropout_p > 0`` to the fused kernels. Their dropout is
@@ -76,11 +82,8 @@ def _choose_impl(
     ``impl="auto"`` choose the fused kernels on CUDA when they support the call (step, dtype,
     head dims); without them ``"auto"`` never picks triton."""
     check_impl(impl)
-    if impl == "triton" and not _triton_available(device):
-        raise ValueError(
-            "impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) and the fused "
-            f"kernels (simwarp.backend.triton, which needs the 'triton' package); got device {device}"
-        )
+    if impl == "triton" and (reason := _triton_unavailable(device)) is not None:
+        raise ValueError(f"impl='triton' cannot run: {reason}; use impl='chunked' or 'auto'")
     if metric not in STREAMING_METRICS:
         if impl in ("chunked", "triton"):
             raise ValueError(f"metric={metric!r} is only available with impl='dense' (got impl={impl!r})")

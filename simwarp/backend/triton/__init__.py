@@ -14,8 +14,10 @@ Triton's interpreter when ``TRITON_INTERPRET=1`` (tests).
 
 from __future__ import annotations
 
+import re
+
 import torch
-import triton  # noqa: F401  (ImportError here = the fused backend is unavailable)
+import triton  # (ImportError here = the fused backend is unavailable)
 
 from simwarp.backend.common import WarpSpec, WarpStats, check_dropout_p
 from simwarp.backend.triton.launch import (
@@ -35,7 +37,27 @@ __all__ = [
     "supports",
     "triton_warp_attend",
     "unsupported_reason",
+    "version_problem",
+    "MIN_TRITON",
 ]
+
+#: The oldest Triton the kernels support. Older releases do not compile them for Hopper GPUs
+#: (Triton 3.0 and 3.1 abort the process on an mma layout conversion) and cannot run them in the
+#: CPU interpreter (float64 ``tl.dot`` arrived in 3.5). Each torch release pins its Triton.
+MIN_TRITON = (3, 5)
+
+
+def version_problem(version: str | None = None) -> str | None:
+    """Why the installed Triton (or ``version``) cannot run the fused kernels, ``None`` if it can."""
+    version = triton.__version__ if version is None else version
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found >= MIN_TRITON:
+        return None
+    need = ".".join(map(str, MIN_TRITON))
+    return (
+        f"triton {version} is older than {need}, the oldest the fused kernels support (each torch release "
+        f"pins its triton: upgrade torch to one that brings triton>={need})"
+    )
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: WarpSpec) -> bool:
