@@ -26,6 +26,22 @@ def _batched(grads: tuple) -> bool:
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # (torch.OutOfMemoryError: 2.5+)
 
+#: torch 2.11's compiler gives an autograd.Function output that its forward wrote in place (an
+#: ``add_``, a ``div_``) the gradient slot of another output: silently wrong gradients
+#: (pytorch/pytorch#180642; 2.10 and 2.12 are right).
+_INPLACE_OUTPUT_BUG = torch.__version__.startswith("2.11.")
+
+
+def unaliased(outputs):
+    """An autograd.Function's ``forward`` result (a tensor or a tuple), as it is, or copies of its
+    tensors while torch 2.11 compiles (``_INPLACE_OUTPUT_BUG``): a copy was never written in
+    place. Call it before ``ctx.mark_non_differentiable``, on what ``forward`` returns."""
+    if not (_INPLACE_OUTPUT_BUG and torch.compiler.is_compiling()):
+        return outputs
+    if isinstance(outputs, torch.Tensor):
+        return outputs.clone()
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in outputs)
+
 
 def first_order(backward: Callable) -> Callable:
     """``torch.autograd.function.once_differentiable`` that also refuses ``create_graph=True``.

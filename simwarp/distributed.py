@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 import torch.distributed as dist
 
-from simwarp._autograd import as_flag, is_int
+from simwarp._autograd import as_flag, is_int, unaliased
 from simwarp.backend import WarpStats, warp_attend, warp_range, warp_weights
 from simwarp.backend.chunked import block_ranges, default_chunk_size
 from simwarp.backend.common import (
@@ -231,7 +231,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sizes, offset, group):
         ctx.sizes, ctx.offset, ctx.group, ctx.n = sizes, offset, group, x.shape[0]
-        return _all_gather_padded(x.detach(), sizes, group)
+        return unaliased(_all_gather_padded(x.detach(), sizes, group))
 
     @staticmethod
     def backward(ctx, grad):

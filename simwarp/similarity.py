@@ -24,7 +24,7 @@ import numbers
 
 import torch
 
-from simwarp._autograd import exporting, first_order, is_finite_real, outside_autocast
+from simwarp._autograd import exporting, first_order, is_finite_real, outside_autocast, unaliased
 
 METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean", "l1")
 STREAMING_METRICS: tuple[str, ...] = ("dot", "cosine", "l2", "sqeuclidean")
@@ -51,7 +51,7 @@ class _SafeSqrt(torch.autograd.Function):
     def forward(ctx, x):
         y = x.clamp_min(0.0).sqrt_()
         ctx.save_for_backward(y)
-        return y
+        return unaliased(y)
 
     @staticmethod
     @first_order
@@ -141,7 +141,7 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
         ctx.save_for_backward(q, k)
-        return _owned(_matmul_t(q, q if k is None else k))
+        return unaliased(_owned(_matmul_t(q, q if k is None else k)))
 
     @staticmethod
     def backward(ctx, g):
@@ -185,7 +185,7 @@ class _ScaledSquaredDistance(torch.autograd.Function):
         k = q if k is None else k
         qq, kk = squared_norms(q).unsqueeze(-1).mul_(c), squared_norms(k).mul_(c)
         out = _norms_plus_gram(q, k, kk, alpha=-2.0 * c, beta=1.0).add_(qq)
-        return _owned(out.clamp_min_(0.0) if c > 0 else out.clamp_max_(0.0))
+        return unaliased(_owned(out.clamp_min_(0.0) if c > 0 else out.clamp_max_(0.0)))
 
     @staticmethod
     @first_order

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from simwarp._autograd import as_flag, first_order, is_int
+from simwarp._autograd import as_flag, first_order, is_int, unaliased
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -339,7 +339,7 @@ class _ClosedFormStep(torch.autograd.Function):
         phi, saved = rule.forward(u, a, b, t)
         ctx.rule, ctx.u_shape = rule, u.shape
         ctx.save_for_backward(*saved)
-        return phi
+        return unaliased(phi)
 
     @staticmethod
     @first_order

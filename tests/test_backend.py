@@ -666,20 +666,21 @@ def test_fused_dropout_is_opt_in_under_auto_and_row_range_stays_chunked(monkeypa
 
 
 def test_fused_kernels_refuse_a_triton_older_than_they_support(monkeypatch):
-    """Triton before 3.5 aborts the process compiling the kernels for Hopper GPUs (3.0, 3.1) or
-    cannot run them in the interpreter: "auto" keeps the PyTorch paths and impl="triton" says why."""
+    """Triton before 3.6 aborts the process compiling the kernels for Hopper GPUs (3.0, 3.1), cannot
+    run them in the interpreter (before 3.5) or was never checked with them: "auto" keeps the
+    PyTorch paths and impl="triton" says why."""
     triton = pytest.importorskip("triton")
     import simwarp.backend as backend
     import simwarp.backend.triton as fused
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend._triton_available(torch.device("cpu"))
-    assert fused.version_problem("3.5.0") is None and fused.version_problem("3.10.0+git1a2b") is None
-    assert "triton 3.4.1 is older than 3.5" in fused.version_problem("3.4.1")
+    assert fused.version_problem("3.6.0") is None and fused.version_problem("3.10.0+git1a2b") is None
+    assert "triton 3.5.1 is older than 3.6" in fused.version_problem("3.5.1")
     monkeypatch.setattr(triton, "__version__", "3.1.0")
     assert not backend._triton_available(torch.device("cuda"))
     q = torch.randn(4, 8)
-    with pytest.raises(ValueError, match=r"impl='triton' cannot run: triton 3.1.0 is older than 3.5.*upgrade torch"):
+    with pytest.raises(ValueError, match=r"impl='triton' cannot run: triton 3.1.0 is older than 3.6.*upgrade torch"):
         simwarp.warp_attend(q, q, q, impl="triton")
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match=r"impl='triton' cannot run: they need CUDA tensors .* got device cpu"):

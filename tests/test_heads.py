@@ -91,6 +91,8 @@ def test_checkpointed_head_in_a_fullgraph_compile_with_the_documented_setting(mo
     wants (each batch counted once)."""
     from torch.utils.checkpoint import checkpoint
 
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        pytest.skip("torch before 2.10 has no skip_fwd_side_effects_in_bwd_under_checkpoint (docs/heads.md)")
     monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -106,7 +108,8 @@ def test_checkpointed_head_in_a_fullgraph_compile_with_the_documented_setting(mo
     assert int(head.targets_seen) == 32
     torch.testing.assert_close(head.target_mean, y.mean().reshape(1))
     torch.testing.assert_close(head.target_std, y.std(unbiased=False).reshape(1))
-    assert 0 < head.sparsity["kept_fraction"] <= 1
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 12):  # before, dynamo dropped the
+        assert 0 < head.sparsity["kept_fraction"] <= 1  # kept counts there too (docs/heads.md)
     torch._dynamo.reset()
 
 

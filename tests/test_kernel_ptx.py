@@ -19,6 +19,11 @@ import pytest
 pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend (ptxas)")
 
+from simwarp.backend.triton import version_problem  # noqa: E402
+
+if version_problem() is not None:
+    pytest.skip(version_problem(), allow_module_level=True)
+
 ROOT = Path(__file__).resolve().parents[1]
 #: float32's smallest normal number as PTX writes it: ``row_stats_kernel`` calls a row flat
 #: (``inv_r = 0``, every key at ``u = 1``) when its range is below it.

@@ -300,11 +300,9 @@ def test_torch_func_transforms_are_refused_with_a_clear_error():
     assert all(p.grad is not None for p in params.values())
 
 
-def test_paired_similarity_traces_with_data_dependent_row_counts(monkeypatch):
+def test_paired_similarity_traces_with_data_dependent_row_counts():
     # the broadcast check guarded on unbacked sizes ("Could not guard on data-dependent expression")
     from simwarp.similarity import paired_similarity
-
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
 
     def pairs(x, m1, m2):
         a, p = m1.nonzero().squeeze(-1), m2.nonzero().squeeze(-1)
@@ -315,4 +313,30 @@ def test_paired_similarity_traces_with_data_dependent_row_counts(monkeypatch):
     m2 = torch.tensor([0, 1, 0, 1, 1, 0], dtype=torch.bool)
     torch._dynamo.reset()
     compiled = torch.compile(pairs, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(x, m1, m2), pairs(x, m1, m2))
+    # (config.patch, not monkeypatch: on torch before 2.12 monkeypatch's undo deleted the setting)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        torch.testing.assert_close(compiled(x, m1, m2), pairs(x, m1, m2))
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_the_torch_2_11_workaround_keeps_compiled_gradients(monkeypatch, impl):
+    """torch 2.11's compiler routed the gradient of an autograd.Function output that forward had
+    written in place to another output (pytorch/pytorch#180642): dense attention, the l2
+    distance, the heads and the NCA loss trained on wrong gradients there. Under that torch the
+    functions return copies of their outputs while compiling; this runs that path on any torch."""
+    import simwarp._autograd as autograd_helpers
+
+    monkeypatch.setattr(autograd_helpers, "_INPLACE_OUTPUT_BUG", True)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 13, 8, generator=gen), torch.randn(2, 13, 8, generator=gen)
+
+    def loss(x, y):
+        out, stats = simwarp.warp_attend(x, y, y, metric="l2", impl=impl, chunk_size=4, return_stats=True)
+        loo = simwarp.warp_attend(x, x, x, metric="sqeuclidean", step="poly", exclude_self=True, impl=impl, chunk_size=5)
+        return out.square().sum() + stats.lse.sum() + loo.square().sum()
+
+    leaves = [(x.clone().requires_grad_(), y.clone().requires_grad_()) for _ in range(2)]
+    want, got = loss(*leaves[0]), compiled(loss)(*leaves[1])
+    torch.testing.assert_close(got, want)
+    for g1, g2 in zip(torch.autograd.grad(want, leaves[0]), torch.autograd.grad(got, leaves[1])):
+        torch.testing.assert_close(g2, g1)

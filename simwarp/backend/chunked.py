@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from simwarp._autograd import first_order
+from simwarp._autograd import first_order, unaliased
 from simwarp.backend.common import (
     WarpSpec,
     broadcast_shape,
@@ -218,8 +218,9 @@ class _ChunkedWarp(torch.autograd.Function):
         ctx.int_seed = None if hashed_seed is not None else seed
         optional_mask = () if mask is None else (mask,)
         ctx.save_for_backward(*qkv_in, a, b, t, *optional_mask, hashed_seed, out, lse, inv_denom, lo, hi, argmin, argmax)
-        ctx.mark_non_differentiable(kept, lo, hi, empty)
-        return out.to(q.dtype), lse, kept, lo, hi, empty
+        outputs = unaliased((out.to(q.dtype), lse, kept, lo, hi, empty))
+        ctx.mark_non_differentiable(*outputs[2:])
+        return outputs
 
     @staticmethod
     @first_order
@@ -249,9 +250,10 @@ class _ChunkedWarp(torch.autograd.Function):
         need_s = need_q or need_k
         # The step's parameters and the row range: leaves of each block's autograd graph on the
         # general path (a user step), closed-form gradients (warp_backward) on the mask form.
-        a_, b_, t_ = (p.detach().requires_grad_(need) for p, need in ((a, need_a), (b, need_b), (t, need_t)))
-        lo_ = lo.detach().unsqueeze(-1).requires_grad_(track_range)
-        hi_ = hi.detach().unsqueeze(-1).requires_grad_(track_range)
+        user_step = spec.step.warps and spec.step.rule is None and not ctx.mask_form
+        a_, b_, t_ = (p.detach().requires_grad_(need and user_step) for p, need in ((a, need_a), (b, need_b), (t, need_t)))
+        lo_ = lo.detach().unsqueeze(-1).requires_grad_(track_range and user_step)
+        hi_ = hi.detach().unsqueeze(-1).requires_grad_(track_range and user_step)
         step_leaves = [a_, b_, t_, lo_, hi_]
         sums: list[torch.Tensor | None] = [None] * len(step_leaves)
 

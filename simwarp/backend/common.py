@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy
 import torch
 
-from simwarp._autograd import as_flag, first_order, is_finite_real, is_int
+from simwarp._autograd import as_flag, first_order, is_finite_real, is_int, unaliased
 from simwarp.similarity import STREAMING_METRICS, check_metric
 from simwarp.steps import DEFAULT_A, DEFAULT_B, DEFAULT_T, Step, get_step
 
@@ -299,7 +299,7 @@ class _NormalizedRange(torch.autograd.Function):
         u, inv = unit_range(s, lo, hi)
         ctx.save_for_backward(u, inv)
         ctx.shapes = s.shape, lo.shape, hi.shape
-        return u
+        return unaliased(u)
 
     @staticmethod
     @first_order
@@ -361,7 +361,7 @@ class _WarpLogits(torch.autograd.Function):
         ctx.rule, ctx.inv_temperature, ctx.n_saved = rule, inv_temperature, len(saved)
         ctx.shapes = s.shape, lo.shape, hi.shape
         ctx.save_for_backward(u, inv, *saved, *(range_index or ()))
-        return phi.add_(s, alpha=inv_temperature)  # φ is the rule's fresh output
+        return unaliased(phi.add_(s, alpha=inv_temperature))  # φ is the rule's fresh output
 
     @staticmethod
     @first_order

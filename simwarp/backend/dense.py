@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from simwarp._autograd import exporting, first_order
+from simwarp._autograd import exporting, first_order, unaliased
 from simwarp.backend.common import (
     WarpSpec,
     WarpStats,
@@ -131,7 +131,7 @@ class _RowSoftmax(torch.autograd.Function):
         total = w.sum(-1, keepdim=True)
         w.div_(total.clamp_min(torch.finfo(w.dtype).tiny))
         ctx.save_for_backward(w)
-        return w, (total.log_() + top).squeeze(-1)
+        return unaliased((w, (total.log_() + top).squeeze(-1)))
 
     @staticmethod
     @first_order
@@ -182,8 +182,9 @@ class _MaskedSoftmax(torch.autograd.Function):
         ctx.shapes = s.shape, lo.shape, hi.shape
         ctx.columns = columns is not None
         ctx.save_for_backward(w, num.u, num.inv, *num.saved, *(range_index or ()), *((columns,) if ctx.columns else ()))
-        ctx.mark_non_differentiable(kept)
-        return (w if columns is None else w.gather(-1, columns)), lse, kept
+        outputs = unaliased(((w if columns is None else w.gather(-1, columns)), lse, kept))
+        ctx.mark_non_differentiable(outputs[2])
+        return outputs
 
     @staticmethod
     @first_order

@@ -41,10 +41,11 @@ __all__ = [
     "MIN_TRITON",
 ]
 
-#: The oldest Triton the kernels support. Older releases do not compile them for Hopper GPUs
-#: (Triton 3.0 and 3.1 abort the process on an mma layout conversion) and cannot run them in the
-#: CPU interpreter (float64 ``tl.dot`` arrived in 3.5). Each torch release pins its Triton.
-MIN_TRITON = (3, 5)
+#: The oldest Triton the kernels support (torch 2.10 brings it; each torch release pins its
+#: Triton): the kernels were run on a GPU with 3.6 and compile for sm_90 with 3.6 and newer.
+#: Triton 3.0 and 3.1 abort the process compiling them for Hopper GPUs, and the CPU interpreter
+#: has no float64 ``tl.dot`` before 3.5.
+MIN_TRITON = (3, 6)
 
 
 def version_problem(version: str | None = None) -> str | None:
