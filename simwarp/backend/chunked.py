@@ -248,8 +248,9 @@ class _ChunkedWarp(torch.autograd.Function):
 
         track_range = not (spec.detach_range or ctx.fixed_range) and (need_q or need_k)
         need_s = need_q or need_k
-        # The step's parameters and the row range: leaves of each block's autograd graph on the
-        # general path (a user step), closed-form gradients (warp_backward) on the mask form.
+        # The step's parameters and the row range: leaves of each block's autograd graph for a
+        # user step; the built-in steps' closed forms (warp_backward) need no leaves, and
+        # requires_grad_ broke torch.compile's graph here before torch 2.12.
         user_step = spec.step.warps and spec.step.rule is None and not ctx.mask_form
         a_, b_, t_ = (p.detach().requires_grad_(need and user_step) for p, need in ((a, need_a), (b, need_b), (t, need_t)))
         lo_ = lo.detach().unsqueeze(-1).requires_grad_(track_range and user_step)
