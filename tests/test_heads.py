@@ -898,6 +898,7 @@ def test_explain_with_a_bank_of_another_dtype():
     assert idx2.shape == (3, 2)
 
 
+@pytest.mark.fullgraph
 def test_training_forward_traces_without_graph_breaks():
     # no host read-backs on the training path: torch.compile keeps one graph
     head = NeighborRegressionHead(8, mode="global")

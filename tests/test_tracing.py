@@ -16,6 +16,8 @@ import simwarp
 from simwarp import NeighborClassificationHead, NeighborRegressionHead
 from simwarp.similarity import paired_similarity
 
+pytestmark = pytest.mark.fullgraph
+
 
 def compiled(fn, **kwargs):
     torch._dynamo.reset()
