@@ -133,8 +133,7 @@ def without_functorch(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        # (not under torch.compile, whose tracer before torch 2.5 cannot call into this)
-        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        if torch._C._are_functorch_transforms_active():
             raise NotImplementedError(
                 f"simwarp.{fn.__qualname__} does not support torch.func transforms (grad, vmap, jacrev, jvp): "
                 "its autograd functions stream over key blocks with hand-written backward passes (and the "

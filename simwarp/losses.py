@@ -988,20 +988,20 @@ class SoftStepNeighborRegressionLoss(_SoftStepLossMixin, BaseMetricLossFunction)
         """The inputs checked; returns the targets ``y (n, e)`` and ``y_ref (m, e)``."""
         _check_embeddings(embeddings, ref_emb)
         n, m = embeddings.shape[0], ref_emb.shape[0]
-        same = ref_labels is labels and m == n  # the batch against itself: each check once
+        self_targets = ref_labels is labels and m == n  # the batch against itself: each check once
         y = self._targets(labels, n, "labels")
-        y_ref = y if same else self._targets(ref_labels, m, "ref_labels")
+        y_ref = y if self_targets else self._targets(ref_labels, m, "ref_labels")
         if y.shape[1] != y_ref.shape[1]:
             raise ValueError(f"labels {tuple(labels.shape)} and ref_labels {tuple(ref_labels.shape)} differ in width")
         indices_tuple = _check_indices_tuple(indices_tuple, n, m)
-        for name, targets in (("labels", y),) + (() if same else (("ref_labels", y_ref),)):
+        for name, targets in (("labels", y),) + (() if self_targets else (("ref_labels", y_ref),)):
             require(
                 torch.isfinite(targets.to(embeddings.dtype)),
                 f"{name} overflow {embeddings.dtype}, the embeddings' dtype the neighbours' targets are averaged in; "
                 "standardise them",
             )
         if y.numel() and y_ref.numel():  # a prediction lies in its column's range: its error is at most the spread
-            both = (y if same else torch.cat([y, y_ref.to(y.device)])).to(exact_dtype(y.device))
+            both = (y if self_targets else torch.cat([y, y_ref.to(y.device)])).to(exact_dtype(y.device))
             wide = work_dtype(embeddings.dtype)
             spread = (both.amax(0) - both.amin(0)).max()
             require(

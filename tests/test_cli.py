@@ -25,8 +25,24 @@ def test_info_lists_steps_metrics_backends(capsys):
 def test_info_says_when_the_fused_backend_cannot_run(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["info"]) == 0
-    needs = "needs CUDA and the triton package" if cli._triton_status()[1] is None else "needs a newer triton"
-    assert f"triton ({needs})" in capsys.readouterr().out
+    assert "triton (needs CUDA" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "_has", lambda module: module != "triton")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "triton (needs CUDA and the triton package)" in out and "triton:   no" in out
+
+
+def test_info_says_when_triton_does_not_import(monkeypatch, capsys):
+    """An installed triton that fails to import (a CUDA library missing, say) was reported as
+    too old."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    monkeypatch.setitem(sys.modules, "simwarp.backend.triton", None)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "triton (needs a working triton >= 3.6)" in out
+    assert "triton:   installed; the fused kernels cannot import it" in out
 
 
 def test_info_says_when_triton_is_too_old(monkeypatch, capsys):
@@ -40,7 +56,7 @@ def test_info_says_when_triton_is_too_old(monkeypatch, capsys):
     monkeypatch.setattr(triton, "__version__", "3.1.0")
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "triton (needs a newer triton)" in out and "triton:   3.1.0 (triton 3.1.0 is older than 3.6" in out
+    assert "triton (needs a working triton >= 3.6)" in out and "triton:   3.1.0; triton 3.1.0 is older than 3.6" in out
     monkeypatch.undo()
     assert cli.main(["info"]) == 0
     assert ("older than" in capsys.readouterr().out) == (cli._triton_status()[1] is not None)

@@ -891,8 +891,21 @@ def test_contrastive_with_its_own_labels_object_leaves_the_anchor_row_out_everyw
 def test_regression_loss_checks_its_own_labels_as_references_once_and_still_by_shape():
     """The batch against itself (ref_labels is labels) checks its targets once; the same labels
     object given for a reference set of another size is still a shape error."""
+    import simwarp.losses as losses_module
+
     e, y = torch.randn(6, 3), torch.randn(6)
     loss_fn = SoftStepNeighborRegressionLoss()
+    checks = []
+    real_require = losses_module.require
+
+    def counting_require(ok, message, *args):
+        checks.append(message.split(" ")[0])
+        return real_require(ok, message, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(losses_module, "require", counting_require)
+        loss_fn(e, y)
+    assert "ref_labels" not in checks and checks.count("labels") == 2  # finite, and in the compute dtype
     torch.testing.assert_close(loss_fn(e, y, ref_emb=e.clone(), ref_labels=y), loss_fn(e, y, ref_emb=e.clone(), ref_labels=y.clone()))
     with pytest.raises(ValueError, match=r"ref_labels must have shape \(5,\) or \(5, e\)"):
         loss_fn(e, y, ref_emb=torch.randn(5, 3), ref_labels=y)

@@ -342,3 +342,34 @@ def test_the_torch_2_11_workaround_keeps_compiled_gradients(monkeypatch, impl):
     torch.testing.assert_close(got, want)
     for g1, g2 in zip(torch.autograd.grad(want, leaves[0]), torch.autograd.grad(got, leaves[1])):
         torch.testing.assert_close(g2, g1)
+
+    def clones_traced(bug: bool) -> int:  # copies in the graphs dynamo hands over (where the bug lives)
+        monkeypatch.setattr(autograd_helpers, "_INPLACE_OUTPUT_BUG", bug)
+        count = []
+
+        def backend(gm, example_inputs):
+            for module in gm.modules():  # (a Function's forward is a subgraph of its own)
+                if isinstance(module, torch.fx.GraphModule):
+                    count.extend(node for node in module.graph.nodes if node.target in (torch.clone, "clone"))
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(loss, backend=backend)(*(t.clone().requires_grad_() for t in (x, y)))
+        return len(count)
+
+    # every Function the loss calls returns copies: at least one per autograd node on this path
+    assert clones_traced(True) >= clones_traced(False) + 4
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_torch_func_transforms_are_refused_under_compile_too(impl):
+    """A guard that skipped the refusal while compiling let torch.compile(grad(f)) reach the
+    streaming backward, which returned wrong gradients without an error."""
+    from torch.func import grad
+
+    q = torch.randn(5, 4, dtype=torch.float64)
+    torch._dynamo.reset()
+    transformed = torch.compile(grad(lambda q: simwarp.warp_attend(q, q, q, impl=impl, chunk_size=2).square().sum()),
+                                backend="eager")
+    with pytest.raises(Exception, match="does not support torch.func transforms"):
+        transformed(q)

@@ -10,7 +10,6 @@ and query blocks, ragged tails, causal diagonals and key splits are exercised.
 
 import json
 import os
-import re
 import subprocess
 import sys
 import traceback
@@ -24,7 +23,7 @@ import torch
 triton = pytest.importorskip("triton")
 tl = triton.language
 
-from simwarp.backend.triton import version_problem  # noqa: E402
+from simwarp.backend.triton import triton_version, version_problem  # noqa: E402
 
 if version_problem() is not None:
     pytest.skip(version_problem(), allow_module_level=True)
@@ -1103,7 +1102,7 @@ OLD_INTERPRETER_NAN = {
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_interpreted(name, interpreter_results):
-    if name in OLD_INTERPRETER_NAN and tuple(map(int, re.findall(r"\d+", triton.__version__)[:2])) < (3, 8):
+    if name in OLD_INTERPRETER_NAN and triton_version() < (3, 8):
         pytest.skip(f"Triton {triton.__version__}'s interpreter propagates NaN through poly otherwise (3.8 does not)")
     assert interpreter_results.get(name) == "ok", interpreter_results.get(name, "check did not run")
 

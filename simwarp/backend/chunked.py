@@ -37,6 +37,7 @@ from simwarp.backend.common import (
     masked_numerator,
     row_is_empty,
     row_range_indices,
+    user_step,
     warp_backward,
     warp_logits,
     work_dtype,
@@ -251,10 +252,10 @@ class _ChunkedWarp(torch.autograd.Function):
         # The step's parameters and the row range: leaves of each block's autograd graph for a
         # user step; the built-in steps' closed forms (warp_backward) need no leaves, and
         # requires_grad_ broke torch.compile's graph here before torch 2.12.
-        user_step = spec.step.warps and spec.step.rule is None and not ctx.mask_form
-        a_, b_, t_ = (p.detach().requires_grad_(need and user_step) for p, need in ((a, need_a), (b, need_b), (t, need_t)))
-        lo_ = lo.detach().unsqueeze(-1).requires_grad_(track_range and user_step)
-        hi_ = hi.detach().unsqueeze(-1).requires_grad_(track_range and user_step)
+        leaves = user_step(spec)
+        a_, b_, t_ = (p.detach().requires_grad_(need and leaves) for p, need in ((a, need_a), (b, need_b), (t, need_t)))
+        lo_ = lo.detach().unsqueeze(-1).requires_grad_(track_range and leaves)
+        hi_ = hi.detach().unsqueeze(-1).requires_grad_(track_range and leaves)
         step_leaves = [a_, b_, t_, lo_, hi_]
         sums: list[torch.Tensor | None] = [None] * len(step_leaves)
 

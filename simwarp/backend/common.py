@@ -415,13 +415,18 @@ def warp_logits(
     return logits + bias
 
 
+def user_step(spec: WarpSpec) -> bool:
+    """Whether the step is a user's (``register_step``): no closed-form gradient, autograd's."""
+    return spec.step.warps and spec.step.rule is None
+
+
 def closed_form_logits(s, lo, hi, bias, a, b, t, spec: WarpSpec):
     """:func:`warp_logits` without autograd for the built-in steps and ``"none"`` (``None`` for a
     user step), and the closed-form backward of that block: ``logits, backward`` with
     ``backward(g, needs, shapes)`` as :func:`warp_backward` takes them. For a streaming backward
     that ``torch.compile`` traces (no ``torch.autograd.grad``)."""
     rule, inv_temperature = spec.step.rule, 1.0 / spec.temperature
-    if spec.step.warps and rule is None:
+    if user_step(spec):
         return None
     if spec.step.warps:
         u, inv = unit_range(s, lo, hi)

@@ -37,6 +37,7 @@ __all__ = [
     "supports",
     "triton_warp_attend",
     "unsupported_reason",
+    "triton_version",
     "version_problem",
     "MIN_TRITON",
 ]
@@ -48,11 +49,15 @@ __all__ = [
 MIN_TRITON = (3, 6)
 
 
+def triton_version(version: str | None = None) -> tuple[int, int]:
+    """``(major, minor)`` of the installed Triton (or of ``version``, e.g. ``"3.10.0+git1a2b"``)."""
+    return tuple(int(part) for part in re.findall(r"\d+", triton.__version__ if version is None else version)[:2])
+
+
 def version_problem(version: str | None = None) -> str | None:
     """Why the installed Triton (or ``version``) cannot run the fused kernels, ``None`` if it can."""
     version = triton.__version__ if version is None else version
-    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-    if found >= MIN_TRITON:
+    if triton_version(version) >= MIN_TRITON:
         return None
     need = ".".join(map(str, MIN_TRITON))
     return (

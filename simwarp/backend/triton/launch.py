@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from simwarp import steps as _steps
-from simwarp._autograd import first_order, unaliased
+from simwarp._autograd import first_order
 from simwarp.backend.common import (
     WarpSpec,
     broadcast_shape,
@@ -272,9 +272,9 @@ class _TritonWarp(torch.autograd.Function):
         out_b, stats, counts, saved, dims = _launch_forward(q, k, v, a, b, t, mask, seed, plan, track_arg)
         ctx.plan, ctx.dims, ctx.has_mask = plan, dims, mask is not None
         ctx.save_for_backward(*saved, *(() if mask is None else (mask,)))
-        outputs = unaliased((out_b, *stats, counts))
-        ctx.mark_non_differentiable(*outputs[2:])
-        return outputs
+        # (no unaliased(): under torch.compile the fused path runs as custom operators, not this Function)
+        ctx.mark_non_differentiable(*stats[1:], counts)
+        return (out_b, *stats, counts)
 
     @staticmethod
     @first_order
