@@ -52,11 +52,8 @@ def _has(module: str) -> bool:
 
 
 def _triton_status() -> tuple[str | None, str | None]:
-    """``(version, problem)`` of the installed triton: ``(None, None)`` without one; ``version``
-    ``None`` where it does not import; ``problem`` the reason the fused kernels cannot use it
-    (``None`` when they can)."""
-    if not _has("triton"):
-        return None, None
+    """``(version, problem)`` of the installed triton: ``version`` ``None`` where it does not
+    import; ``problem`` the reason the fused kernels cannot use it (``None`` when they can)."""
     try:
         import triton
 
@@ -75,9 +72,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from simwarp.steps import available_steps
 
     cuda = torch.cuda.is_available()
-    triton_version, triton_problem = _triton_status()
+    installed = _has("triton")
+    triton_version, triton_problem = _triton_status() if installed else (None, None)
     missing = ([] if cuda else ["CUDA"]) + (
-        ["the triton package"] if not _has("triton") else [] if triton_problem is None else ["a working triton >= 3.6"]
+        ["the triton package"] if not installed else [] if triton_problem is None else ["a working triton >= 3.6"]
     )
     backends = [impl if impl != "triton" or not missing else f"triton (needs {' and '.join(missing)})" for impl in IMPLS]
     print(f"simwarp {simwarp.__version__} (torch {torch.__version__})")
@@ -85,7 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"metrics:  {', '.join(METRICS)}")
     print(f"backends: {', '.join(backends)}")
     print(f"CUDA:     {'yes (' + torch.cuda.get_device_name(0) + ')' if cuda else 'no'}")
-    if not _has("triton"):
+    if not installed:
         print("triton:   no")
     else:
         print(f"triton:   {triton_version or 'installed'}" + ("" if triton_problem is None else f"; {triton_problem}"))

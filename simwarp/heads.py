@@ -60,7 +60,7 @@ from simwarp.distributed import (
     sharded_explain,
     sharded_warp_attend,
 )
-from simwarp.similarity import DISTANCE_METRICS, METRICS, PreparedKeys, distance_centre
+from simwarp.similarity import METRICS, PreparedKeys, queries_centre
 from simwarp.steps import SoftStep, get_step
 
 __all__ = [
@@ -174,7 +174,7 @@ def streaming_topk(queries: torch.Tensor, keys: torch.Tensor, metric: str, k: in
     their own precision the ranking picks wrong neighbours), with autocast off."""
     dtype = work_dtype(torch.promote_types(queries.dtype, keys.dtype))
     queries, keys = queries.to(dtype), keys.to(dtype)
-    prepared = PreparedKeys(keys, metric, centre=distance_centre(queries) if metric in DISTANCE_METRICS else None)
+    prepared = PreparedKeys(keys, metric, centre=queries_centre(queries, metric))
     per_score = queries.shape[-1] if metric == "l1" else 1  # l1's scores hold (rows, keys, d) differences
     width = max(k, EXPLAIN_BUDGET // (KNN_ROWS * per_score))
     out = torch.empty((queries.shape[0], k), dtype=torch.long, device=queries.device)

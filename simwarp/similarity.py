@@ -70,6 +70,13 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
 _CENTRE_ROWS = 1024
 
 
+def queries_centre(q: torch.Tensor, metric: str) -> torch.Tensor | None:
+    """:func:`distance_centre` of the queries ``q`` for ``l2`` / ``sqeuclidean`` (what
+    :class:`PreparedKeys` takes to score them with the bits of :func:`pairwise_similarity`),
+    ``None`` for the other metrics."""
+    return distance_centre(q) if metric in DISTANCE_METRICS else None
+
+
 def distance_centre(x: torch.Tensor) -> torch.Tensor:
     """``(..., 1, d)``: the coordinate-wise median of the finite rows of ``x`` ``(..., n, d)``
     (of ``_CENTRE_ROWS`` of them, evenly strided, in a larger set; 0 where there are none),
@@ -483,8 +490,7 @@ class BlockSimilarity:
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, metric: str, scale: float | None) -> None:
-        centre = distance_centre(q) if metric in DISTANCE_METRICS else None
-        self.keys = PreparedKeys(k, metric, scale, unit_keys_once=False, centre=centre)
+        self.keys = PreparedKeys(k, metric, scale, unit_keys_once=False, centre=queries_centre(q, metric))
         self.metric, self.scale = metric, self.keys.scale
         self.q = unit_rows(q) if metric == "cosine" else q
         self.q_norms = None
