@@ -1213,9 +1213,16 @@ def test_float_params_are_checked_and_placed_on_any_device():
         (dict(a=torch.tensor(0.6), b=0.5), "a must be smaller than b"),
         (dict(a=0.6, b=torch.tensor([[0.9], [0.5]])), "a must be smaller than b"),
         (dict(t=torch.tensor([[0.5], [1.0]])), "t must lie in"),
+        # row tensors (a head's instance mode): one read for all checks, then the parameter is named
+        (dict(a=torch.tensor([[0.2], [0.5]]), b=torch.tensor([[0.9], [0.5]]), t=torch.full((2, 1), 0.5)), "smaller than b"),
+        (dict(a=torch.tensor([[0.2], [0.3]]), b=torch.tensor([[0.9], [1.5]]), t=torch.full((2, 1), 0.5)), "b must lie in"),
+        (dict(a=torch.tensor([[0.2], [0.7]]), b=0.6, t=torch.tensor([[0.5], [math.nan]])), "t contains NaN"),
+        (dict(a=torch.tensor([[0.2], [0.7]]), b=0.6), "smaller than b"),
     ):
         with pytest.raises(ValueError, match=match):
             resolve_params(*(bad.get(name) for name in "abt"), device="cpu", **kw)
+    rows = resolve_params(torch.tensor([[0.2], [0.3]]), torch.ones(2, 1), torch.full((2, 1), 0.5), device="cpu", **kw)
+    assert [tuple(x.shape) for x in rows] == [(2, 1, 1)] * 3  # b = 1 is inside
     assert device_constants([0.5, 2.0], torch.float32, "cpu").tolist() == [0.5, 2.0]
     assert device_constants([0.5, 2.0], torch.float32, "meta").shape == (2,)
 

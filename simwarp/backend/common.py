@@ -247,13 +247,12 @@ def _unit_scale(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch
     similarities equal, or a subnormal range, whose reciprocal overflows; any larger range
     divides safely: ``1 / r <= 1 / tiny``, and ``|lo| / r <= 2^24`` as ``r`` is at least one unit
     in the last place of ``lo``); ``inv = 1/(hi - lo)``, 0 on flat rows."""
-    r = hi - lo
-    halved = r == math.inf
-    c = torch.where(halved, 0.5, 1.0).to(r.dtype)
-    width = torch.where(halved, hi * c - lo * c, r)
-    flat = width < torch.finfo(r.dtype).tiny
-    inv = torch.where(flat, 0.0, c / width.masked_fill(flat, 1.0))  # per row: cheap
-    return c, width, flat, inv
+    # few operations (small calls are bound by their count): c·hi - c·lo is hi - lo where c = 1,
+    # as c·lo is exact, and c / inf is the flat rows' 0
+    c = (hi - lo == math.inf).to(hi.dtype).mul_(-0.5).add_(1.0)
+    width = torch.addcmul(hi * c, lo, c, value=-1.0)
+    flat = width < torch.finfo(hi.dtype).tiny
+    return c, width, flat, c / width.masked_fill(flat, math.inf)
 
 
 def unit_affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -573,10 +572,24 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
     return batch
 
 
+def _in_domain(params: dict[str, torch.Tensor | float]) -> torch.Tensor:
+    """0-dim bool: every tensor among ``params`` (``a``, ``b``, ``t``) lies in its range and
+    ``a < b`` wherever one of them is a tensor (NaN fails every comparison)."""
+    ok = None
+    for name, x in params.items():
+        if isinstance(x, torch.Tensor):
+            low, high, high_inclusive = _PARAM_RANGES[name]
+            inside = (x > low) & ((x <= high) if high_inclusive else (x < high))
+            ok = inside if ok is None else ok & inside
+    a, b = params["a"], params["b"]
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = ok & (a < b)
+    return ok.all()
+
+
 def _check_param_values(name: str, x: torch.Tensor, low: float, high: float, high_inclusive: bool) -> None:
-    # Only checked where it costs no device synchronisation (CPU tensors); accelerator
-    # tensors are trusted, as produced by SoftStep they are valid by construction.
-    if x.device.type != "cpu" or x.numel() == 0 or torch.compiler.is_compiling():
+    """Raise the ``ValueError`` that says how ``x`` leaves ``(low, high)`` (or ``(low, high]``), if it does."""
+    if x.numel() == 0:
         return
     xd = x.detach()
     bad = (xd <= low) | ((xd > high) if high_inclusive else (xd >= high)) | torch.isnan(xd)
@@ -663,19 +676,18 @@ def resolve_params(
     on_cpu = torch.device(device).type == "cpu" and not torch.compiler.is_compiling()
     tensors = {name: x for name, x in resolved.items() if isinstance(x, torch.Tensor)}
     on_host = {name: x for name, x in resolved.items() if isinstance(x, float)}
+    a_ge_b = False
+    # one read for every check: small CPU calls are bound by per-operation overhead
     if tensors and on_cpu and all(x.dim() == 0 for x in tensors.values()):
-        # one read for every check: small CPU calls are bound by per-operation overhead
         on_host.update(zip(tensors, torch.stack([x.detach() for x in tensors.values()]).tolist()))
         for name in tensors:
             _check_float_param(name, on_host[name])
-    else:
-        for name, x in tensors.items():
+    elif tensors and on_cpu and not bool(_in_domain(resolved)):
+        for name, x in tensors.items():  # which one (the ranges first, as for floats)
             _check_param_values(name, x, *_PARAM_RANGES[name])
+        a_ge_b = True
     if "a" in on_host and "b" in on_host:
         a_ge_b = on_host["a"] >= on_host["b"]
-    else:  # a tensor among them: checked on the CPU only
-        a_, b_ = (x.detach() if isinstance(x, torch.Tensor) else x for x in (resolved["a"], resolved["b"]))
-        a_ge_b = on_cpu and bool((a_ >= b_).any())
     if a_ge_b:
         raise ValueError("a must be smaller than b for every row (0 < a < b <= 1)")
     floats = [name for name, x in resolved.items() if isinstance(x, float)]
