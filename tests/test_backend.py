@@ -1,6 +1,7 @@
 """The backend contract: chunked == dense (float64, values and every gradient), gradcheck,
 degenerate rows, low precision, argument errors, and property tests."""
 
+import functools
 import itertools
 import math
 import zlib
@@ -1602,3 +1603,31 @@ def test_deterministic_mode_keeps_the_fused_backward_for_deterministic_cases(mon
             assert backend._deterministic_instead_of_fused("triton") == "triton"
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unit_scale_at_the_dtype_edges(dtype):
+    """The per-row scale of ``u``: ``c = 1/2`` where ``hi - lo`` overflows (and ``c·hi - c·lo``
+    is then finite), ``flat`` where the range is below ``tiny`` (``inv = 0`` there, ``u = 1``),
+    ``inv = c / width`` elsewhere, and NaN where a bound is NaN; checked on every pair of edge values."""
+    from simwarp.backend.common import _unit_scale, unit_range
+
+    info = torch.finfo(dtype)
+    edges = [0.0, -0.0, 1.0, -1.0, 3.0, info.max, -info.max, info.max / 2, -info.max / 2, info.tiny, info.tiny / 4,
+             info.smallest_normal * info.eps, 1e30, -1e30, math.inf, -math.inf, math.nan]
+    lo, hi = (torch.tensor(x, dtype=dtype) for x in zip(*[(x, y) for x in edges for y in edges if not y < x]))
+    c, width, flat, inv = _unit_scale(lo, hi)
+    wide = hi.double() - lo.double()
+    overflows = (hi - lo == math.inf) & torch.isfinite(wide)
+    assert torch.equal(c, torch.where(overflows | (hi - lo == math.inf), 0.5, 1.0).to(dtype))
+    assert torch.isfinite(width[overflows]).all()
+    exact = functools.partial(torch.testing.assert_close, rtol=0, atol=0, equal_nan=True)
+    exact(width[c == 1], (hi - lo)[c == 1])
+    assert torch.equal(flat, width < info.tiny)
+    assert (inv[flat] == 0).all() and not torch.signbit(inv[flat]).any()
+    steep = ~flat & ~width.isnan()
+    exact(inv[steep], (c / width)[steep])
+    assert torch.equal(inv.isnan(), lo.isnan() | hi.isnan() | (lo == hi) & lo.isinf())
+    u, _ = unit_range(lo.unsqueeze(-1), lo.unsqueeze(-1), hi.unsqueeze(-1))
+    ok = torch.isfinite(lo) & torch.isfinite(hi)
+    assert (u[ok & flat] == 1).all() and (u[ok & ~flat] == 0).all()  # u at s = lo
