@@ -59,3 +59,17 @@ def test_ddp_neighbor_head_under_torchrun(tmp_path):
     args = [torchrun, "--standalone", "--nproc_per_node=2", str(EXAMPLES / "ddp_neighbor_head.py"), "--epochs", "1"]
     out = _run(args, tmp_path)
     assert "bank sharded over 2 ranks" in out
+
+
+def test_overhead_benchmark_runs_and_writes_its_table(tmp_path):
+    """benchmarks/bench_overhead.py on the shortest settings: every case, its peer first at 1.00x."""
+    import json
+
+    out = _run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--sizes", "8", "--rounds", "1",
+                "--seconds", "0.001", "--out", str(tmp_path / "o.json")], tmp_path)
+    rows = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert {row["case"] for row in rows} == {"head", "attention", "loss"}
+    peers = [row for row in rows if row["call"] in ("nn.Linear", "SDPA fwd", "SDPA fwd+bwd", "PML NCALoss")]
+    assert len(peers) == 4 and all(row["ratio"] == 1.0 for row in peers)
+    assert all(row["operators"] > 0 and row["us"] > 0 for row in rows)
+    assert "head sigmoidal" in out
