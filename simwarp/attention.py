@@ -353,19 +353,27 @@ def _attend(
         if scale <= 0:  # as SDPA: 0 gives uniform weights, a negative scale negates the scores
             q, scale = query * scale, 1.0
     a, b, t = (step_kwargs.get(name) for name in ("a", "b", "t"))
-    if groups > 1:  # checked in the user's layout, before the grouped one (..., H, G, L) they never see
+    # checked with the caller's names (the backend's checks say q, k, v, mask and (n, m)), and
+    # under GQA in the caller's layout, before the grouped one (..., H, G, L) they never see
+    lead = 2 if groups == 1 else 3  # (GQA: the head counts differ, _check_sdpa_shapes compared them)
+    try:
+        batch = broadcast_shape(query.shape[:-lead], key.shape[:-lead], value.shape[:-lead])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+            f"{tuple(value.shape)} do not broadcast"
+        ) from None
+    if groups > 1:
+        rows = (*batch, query.shape[-3], n)
         # (all but the heads dim here; _split_heads names a heads dim that fits neither 1 nor Hq)
         for name, p in zip("abt", (a, b, t)):
-            if isinstance(p, torch.Tensor) and not broadcasts_to(_any_heads(p.shape, 1), query.shape[:-1]):
+            if isinstance(p, torch.Tensor) and not broadcasts_to(_any_heads(p.shape, 1), rows):
                 raise ValueError(
                     f"{name} of shape {tuple(p.shape)} does not broadcast to the rows (..., Hq, L) = "
-                    f"{tuple(query.shape[:-1])}; per query head pass shape (Hq, 1)"
+                    f"{rows}; per query head pass shape (Hq, 1)"
                 )
-        if mask is not None and not broadcasts_to(_any_heads(mask.shape, 2), (*query.shape[:-1], s)):
-            raise ValueError(
-                f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (..., Hq, L, S) = "
-                f"{(*query.shape[:-1], s)}"
-            )
+        if mask is not None and not broadcasts_to(_any_heads(mask.shape, 2), (*rows, s)):
+            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (..., Hq, L, S) = {(*rows, s)}")
         hk = key.shape[-3]
         q = rearrange(q, "... (h g) l e -> ... h g l e", h=hk)
         k, v = key.unsqueeze(-3), value.unsqueeze(-3)
@@ -377,16 +385,8 @@ def _attend(
             else p
             for name, p in zip("abt", (a, b, t))
         )
-    else:  # checked with the caller's names (the backend's checks say q, k, v, mask and (n, m))
-        try:
-            batch = broadcast_shape(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-        except RuntimeError:
-            raise ValueError(
-                f"the leading dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
-                f"{tuple(value.shape)} do not broadcast"
-            ) from None
-        if mask is not None and not broadcasts_to(mask.shape, (*batch, n, s)):
-            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (..., L, S) = {(*batch, n, s)}")
+    elif mask is not None and not broadcasts_to(mask.shape, (*batch, n, s)):
+        raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (..., L, S) = {(*batch, n, s)}")
     common = dict(
         metric="dot", scale=scale, step=step_kwargs.get("step", "sigmoidal"), a=a, b=b, t=t, mask=mask,
         causal=bool(is_causal),

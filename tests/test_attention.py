@@ -106,6 +106,28 @@ def test_gqa_instance_params_and_stats_layout():
     assert st.kept.shape == (2, 4, 5)
 
 
+@pytest.mark.parametrize("query_batch", [(1,), ()])
+def test_gqa_with_a_batch_only_the_keys_have(query_batch):
+    """One query set against a batch of key/value caches: the mask (B, Hq, L, S) and per-query
+    parameters (B, Hq, L) were checked against the query's own shape and refused, where SDPA
+    broadcasts the query over the keys' batch."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(*query_batch, 4, 3, 8, generator=gen, dtype=D64)
+    k, v = (torch.randn(2, 2, 5, 8, generator=gen, dtype=D64) for _ in range(2))
+    mask = torch.rand(2, 4, 3, 5, generator=gen) > 0.3
+    mask[..., 0] = True
+    for m in (mask, mask[:, :, :1, :1]):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        torch.testing.assert_close(softstep_attention(q, k, v, m, enable_gqa=True, step="none"), ref)
+    a = torch.rand(2, 4, 3, generator=gen, dtype=D64) * 0.3 + 0.05
+    q_full = q.expand(2, 4, 3, 8)
+    torch.testing.assert_close(
+        softstep_attention(q, k, v, mask, enable_gqa=True, a=a), softstep_attention(q_full, k, v, mask, enable_gqa=True, a=a)
+    )
+    with pytest.raises(ValueError, match=r"leading dims of query .* key \(3, 2, 5, 8\) and value \(2, 2, 5, 8\) do not broadcast"):
+        softstep_attention(q, torch.randn(3, 2, 5, 8, dtype=D64), v, enable_gqa=True)
+
+
 @pytest.mark.parametrize("name", ["a", "attn_mask"])
 def test_gqa_refuses_per_key_head_parameters_and_masks(name):
     """With GQA, a head dim that is neither 1 nor the query heads does not broadcast to
