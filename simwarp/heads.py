@@ -1179,6 +1179,13 @@ class KNNRegressionHead(_BankMixin):
         _check_z(z, self.in_features)
         squeeze = isinstance(y, torch.Tensor) and y.dim() == 1
         if self.training and y is not None:
+            if z.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                warnings.warn(
+                    "KNNRegressionHead's prediction has no gradient with respect to z (a top-k average is "
+                    "piecewise constant), so a loss on it cannot train the encoder: train with another head "
+                    "(a SoftStep, 'nona' or linear head) and use this one on the embeddings it learns",
+                    stacklevel=2,
+                )
             y2 = self._check_labels(y, z)
             out = self._topk_mean(z.detach(), z.detach(), y2.to(work_dtype(z.dtype)), loo=True)
         else:

@@ -567,6 +567,24 @@ def test_knn_head_is_hard_topk_average():
     torch.testing.assert_close(head(z[:4]), y[d.topk(3, largest=False).indices].mean(1))
 
 
+def test_knn_head_warns_when_it_is_trained_on():
+    """A loss on the kNN head's output cannot reach the encoder: backward failed later with
+    PyTorch's "does not require grad" and no word of the head; it now warns where it is called,
+    and only then (embeddings without gradient are its documented use)."""
+    import warnings
+
+    z, y = _data(n=10, d=3, e=1)
+    head = KNNRegressionHead(3, 1, k=3)
+    with pytest.warns(UserWarning, match="no gradient with respect to z"):
+        out = head(z.clone().requires_grad_(), y)
+    assert not out.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head(z, y)
+        with torch.no_grad():
+            head(z.clone().requires_grad_(), y)
+
+
 @pytest.mark.parametrize("metric", ["dot", "cosine", "l2", "sqeuclidean", "l1"])
 @pytest.mark.parametrize("budget", [6, 12, 1 << 22])  # key blocks of k = 4 (the narrowest), 6 and all 25 keys
 def test_knn_head_ranks_like_the_metric(monkeypatch, metric, budget):
