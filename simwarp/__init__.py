@@ -17,6 +17,7 @@ from simwarp.attention import (
 from simwarp.backend import WarpStats, warp_attend, warp_range, warp_weights
 from simwarp.heads import (
     KNNRegressionHead,
+    LinearClassificationHead,
     LinearHead,
     NeighborClassificationHead,
     NeighborRegressionHead,
@@ -54,6 +55,7 @@ __all__ = [
     "softstep_attention",
     "swap_attention",
     "KNNRegressionHead",
+    "LinearClassificationHead",
     "LinearHead",
     "NeighborClassificationHead",
     "NeighborRegressionHead",

@@ -121,6 +121,34 @@ def _check_z(z: Any, in_features: int, name: str = "z") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
 
 
+def _check_class_label_shape(y: Any, n: int, name: str = "y") -> None:
+    """A tensor ``y`` must be ``(N,)`` class indices (anything else is ignored where labels are optional)."""
+    if isinstance(y, torch.Tensor) and (y.dim() != 1 or y.shape[0] != n):
+        raise ValueError(f"{name} must have shape (N={n},) of class indices, got {_shape(y)}")
+
+
+def _class_labels(y: Any, n: int, num_classes: int, name: str = "y") -> torch.Tensor:
+    """``y`` as ``(N,)`` int64 class indices in ``[0, num_classes)`` (whole-number floats are
+    accepted), or the error that says what is wrong with it."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.is_complex():
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if y.is_floating_point():
+        require(torch.isfinite(y), f"{name} contains NaN or inf labels")
+        require(y == y.round(), f"{name} must hold class labels: floating-point labels must be whole numbers")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape (N={n},) of class indices, got {_shape(y)}")
+    y = y.long()
+    if n:
+        require(
+            (y >= 0) & (y < num_classes),
+            f"{name} labels must lie in [0, num_classes={num_classes})",
+            lambda: f", got range [{int(y.min())}, {int(y.max())}]",
+        )
+    return y
+
+
 def _to_device(batch: Any, device: torch.device | str) -> Any:
     """``batch`` with every tensor (also inside dicts, lists and tuples) moved to ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -1046,24 +1074,7 @@ class NeighborClassificationHead(_WarpHeadBase):
         return f"num_classes={self.num_classes}, smoothing={self.smoothing}"
 
     def _check_labels(self, y: Any, z: torch.Tensor, name: str = "y") -> torch.Tensor:
-        n = z.shape[0]
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
-        if y.is_complex():
-            raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
-        if y.is_floating_point():
-            require(torch.isfinite(y), f"{name} contains NaN or inf labels")
-            require(y == y.round(), f"{name} must hold class labels: floating-point labels must be whole numbers")
-        if y.dim() != 1 or y.shape[0] != n:
-            raise ValueError(f"{name} must have shape (N={n},) of class indices, got {_shape(y)}")
-        y = y.long()
-        if n:
-            require(
-                (y >= 0) & (y < self.num_classes),
-                f"{name} labels must lie in [0, num_classes={self.num_classes})",
-                lambda: f", got range [{int(y.min())}, {int(y.max())}]",
-            )
-        return y
+        return _class_labels(y, z.shape[0], self.num_classes, name)
 
     def _bank_problem(self, z: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
         problem = super()._bank_problem(z, y)
@@ -1094,8 +1105,7 @@ class NeighborClassificationHead(_WarpHeadBase):
             if training:
                 self._check_training_batch(z)
                 return self._check_labels(y, z)
-            if isinstance(y, torch.Tensor) and (y.dim() != 1 or y.shape[0] != z.shape[0]):
-                raise ValueError(f"y must have shape (N={z.shape[0]},) of class indices, got {_shape(y)}")
+            _check_class_label_shape(y, z.shape[0])
             return None
 
         labels = self._checked(z, check, _TRAIN if training else _PREDICT)
@@ -1223,9 +1233,32 @@ def _non_finite_rows(z: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(z).all(-1, keepdim=True)
 
 
-class LinearHead(nn.Linear):
-    """``nn.Linear(in_features, out_features)`` with the neighbour heads' signature
-    ``forward(z (..., in_features), y=None)``, so heads are swapped with one argument: ``y`` is
+class _NoBank:
+    """The neighbour heads' bank methods as no-ops, so that the linear baselines swap with them."""
+
+    @property
+    def bank_size(self) -> int:
+        """0: a linear head holds no bank."""
+        return 0
+
+    @property
+    def has_bank(self) -> bool:
+        return False
+
+    def set_bank(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        """No-op: a linear head needs no bank (kept so heads are interchangeable)."""
+
+    def fit_bank(self, encoder, loader, device=None, progress: bool = True, label_key: str = "labels") -> None:
+        """No-op: a linear head needs no bank."""
+
+    def clear_bank(self) -> None:
+        """No-op."""
+
+
+class LinearHead(_NoBank, nn.Linear):
+    """``nn.Linear(in_features, out_features)`` with the neighbour regression heads' signature
+    ``forward(z (..., in_features), y=None)``, so heads are swapped with one argument
+    (:class:`LinearClassificationHead` is the classification head's baseline): ``y`` is
     only checked against ``z`` and the output (a 1-D ``y`` gives a 1-D output when
     ``out_features == 1``), never used."""
 
@@ -1245,23 +1278,42 @@ class LinearHead(nn.Linear):
             out = out.squeeze(-1)
         return out
 
-    @property
-    def bank_size(self) -> int:
-        """0: a linear head holds no bank."""
-        return 0
 
-    @property
-    def has_bank(self) -> bool:
-        return False
+class LinearClassificationHead(_NoBank, nn.Linear):
+    """Log-probabilities of a linear layer, ``log_softmax(z Wᵀ + b)`` ``(N, num_classes)``, with
+    :class:`NeighborClassificationHead`'s signature: ``forward(z (N, in_features), y=None)``,
+    ``predict_proba`` and no-op bank methods. It is the linear baseline that head swaps with:
+    both train with ``F.nll_loss(head(z, y), y)``. ``y`` (class indices ``(N,)``) is only checked
+    (fully in training mode, its shape otherwise), never used. The output is in ``z``'s dtype
+    or float32, whichever is wider, as the neighbour head's.
 
-    def set_bank(self, z: torch.Tensor, y: torch.Tensor) -> None:
-        """No-op: a linear head needs no bank (kept so heads are interchangeable)."""
+    Args:
+        in_features: embedding size ``D``.
+        num_classes: ``C``; labels are ints in ``[0, C)``.
+        bias, device, dtype: as :class:`torch.nn.Linear`'s.
+    """
 
-    def fit_bank(self, encoder, loader, device=None, progress: bool = True, label_key: str = "labels") -> None:
-        """No-op: a linear head needs no bank."""
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, device=None, dtype=None) -> None:
+        num_classes = _int_arg("num_classes", num_classes, minimum=2)
+        super().__init__(_int_arg("in_features", in_features), num_classes, bias=bias, device=device, dtype=dtype)
+        self.num_classes = num_classes
 
-    def clear_bank(self) -> None:
-        """No-op."""
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}"
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        _check_z(z, self.in_features)
+        if self.training and y is not None:
+            _class_labels(y, z.shape[0], self.num_classes)
+        else:
+            _check_class_label_shape(y, z.shape[0])
+        logits = super().forward(z)
+        return torch.log_softmax(logits.to(work_dtype(logits.dtype)), dim=-1)
+
+    @torch.no_grad()
+    def predict_proba(self, z: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(N, num_classes)``."""
+        return self(z).exp()
 
 
 HEAD_KINDS = ("linear", "nona", "softstep-global", "softstep-instance", "knn")

@@ -15,6 +15,7 @@ from torch import nn
 import simwarp
 from simwarp.heads import (
     KNNRegressionHead,
+    LinearClassificationHead,
     LinearHead,
     NeighborClassificationHead,
     NeighborRegressionHead,
@@ -809,6 +810,35 @@ def test_linear_head_is_interchangeable_with_the_neighbour_heads():
         LinearHead(4, 6)(z, torch.randn(6))  # (6, 6) predictions against (6,) targets: mse_loss broadcast
     assert LinearHead(4, 1).has_bank is False and LinearHead(4, 1).bank_size == 0
     assert repr(KNNRegressionHead(4, k=3)) == "KNNRegressionHead(in_features=4, out_features=1, k=3, metric='l2', bank=0)"
+
+
+def test_linear_classification_head_swaps_with_the_neighbour_classifier():
+    """LinearHead is a regression baseline: class-index labels were refused ("one target per
+    row") and its logits are not the log-probabilities NeighborClassificationHead's nll_loss
+    expects. LinearClassificationHead takes the same labels, loss and predict_proba."""
+    gen = torch.Generator().manual_seed(0)
+    z, y = torch.randn(24, 4, generator=gen), torch.randint(0, 3, (24,), generator=gen)
+    linear = LinearClassificationHead(4, 3)
+    assert repr(linear) == "LinearClassificationHead(in_features=4, num_classes=3, bias=True)"
+    for head in (NeighborClassificationHead(4, 3), linear):
+        head.set_bank(z, y)  # (a no-op for the linear head)
+        out = head(z, y)
+        assert out.shape == (24, 3) and out.dtype == torch.float32
+        F.nll_loss(out, y).backward()
+        torch.testing.assert_close(out.exp().sum(-1), torch.ones(24))
+        with pytest.raises(ValueError, match=r"y labels must lie in \[0, num_classes=3\), got range \[3, 3\]"):
+            head(z, torch.full((24,), 3))
+        with pytest.raises(ValueError, match=r"y must have shape \(N=24,\) of class indices, got \(24, 3\)"):
+            head(z, torch.zeros(24, 3))
+        head.eval()
+        with pytest.raises(ValueError, match=r"y must have shape \(N=24,\) of class indices"):
+            head(z, torch.zeros(24, 1))
+        torch.testing.assert_close(head.predict_proba(z), head(z).exp())
+    torch.testing.assert_close(linear(z), torch.log_softmax(z @ linear.weight.T + linear.bias, -1))
+    assert linear.has_bank is False and linear.bank_size == 0
+    assert LinearClassificationHead(4, 3).to(torch.float16)(z.half()).dtype == torch.float32  # as the neighbour head
+    with pytest.raises(ValueError, match="num_classes must be"):
+        LinearClassificationHead(4, 1)
 
 
 def test_label_type_errors_name_the_argument():
