@@ -21,12 +21,14 @@ Usage::
 
     python benchmarks/bench_overhead.py                       # all cases, ~1 minute
     python benchmarks/bench_overhead.py --cases head --rounds 9 --out benchmarks/out/overhead.json
+    python benchmarks/bench_overhead.py --compile            # also under torch.compile
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import statistics
 import sys
 import time
@@ -77,7 +79,7 @@ def _time_per_call(call: Callable[[], object], seconds: float) -> float:
             return elapsed / calls
 
 
-def _head_calls(n: int) -> dict[str, Callable[[], object]]:
+def _head_calls(n: int, compiled: bool) -> dict[str, Callable[[], object]]:
     d = 16
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(n, d, generator=gen, requires_grad=True)
@@ -87,10 +89,13 @@ def _head_calls(n: int) -> dict[str, Callable[[], object]]:
     for step_name in ("sigmoidal", "poly", "none"):
         head = simwarp.NeighborRegressionHead(d, 1, step=step_name).train()
         calls[f"head {step_name}"] = lambda head=head: F.mse_loss(head(z, y), y).backward()
+    if compiled:
+        head = torch.compile(simwarp.NeighborRegressionHead(d, 1).train())
+        calls["head sigm. compiled"] = lambda: F.mse_loss(head(z, y), y).backward()
     return calls
 
 
-def _attention_calls(length: int) -> dict[str, Callable[[], object]]:
+def _attention_calls(length: int, compiled: bool) -> dict[str, Callable[[], object]]:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, length, 32, generator=gen, requires_grad=True) for _ in range(3))
 
@@ -104,10 +109,13 @@ def _attention_calls(length: int) -> dict[str, Callable[[], object]]:
             return simwarp.softstep_attention(q, k, v, step=step_name)
         calls[f"{step_name} fwd"] = lambda attend=attend: attend(q, k, v)
         calls[f"{step_name} fwd+bwd"] = train(attend)
+    if compiled:
+        calls["poly fwd+bwd compiled"] = train(torch.compile(functools.partial(simwarp.softstep_attention, step="poly")))
     return calls
 
 
-def _loss_calls(n: int) -> dict[str, Callable[[], object]]:
+def _loss_calls(n: int, compiled: bool) -> dict[str, Callable[[], object]]:
+    # (no compiled variant: the losses break the graph where pytorch-metric-learning's do)
     from pytorch_metric_learning.losses import NCALoss
 
     from simwarp.losses import SoftStepNCALoss
@@ -126,9 +134,10 @@ def _loss_calls(n: int) -> dict[str, Callable[[], object]]:
     }
 
 
-def run_case(name: str, size: int, rounds: int, seconds: float) -> list[dict]:
-    """Time every call of one case (the peer first) over alternating rounds; one row per call."""
-    calls = {"head": _head_calls, "attention": _attention_calls, "loss": _loss_calls}[name](size)
+def run_case(name: str, size: int, rounds: int, seconds: float, compiled: bool = False) -> list[dict]:
+    """Time every call of one case (the peer first) over alternating rounds; one row per call.
+    ``compiled``: also the head and attention under ``torch.compile`` (compiled in the warm-up)."""
+    calls = {"head": _head_calls, "attention": _attention_calls, "loss": _loss_calls}[name](size, compiled)
     for call in calls.values():  # warm-up: first-call costs (dispatch caches, lazy imports)
         for _ in range(3):
             call()
@@ -146,7 +155,8 @@ def run_case(name: str, size: int, rounds: int, seconds: float) -> list[dict]:
             baseline = statistics.median(times["SDPA fwd+bwd" if "bwd" in label else "SDPA fwd"]) * 1e6
         rows.append({
             "case": name, "size": size, "call": label, "us": us, "baseline_us": baseline,
-            "ratio": us / baseline, "operators": operator_count(call),
+            # (a compiled call runs generated kernels, not ATen operators one by one)
+            "ratio": us / baseline, "operators": None if "compiled" in label else operator_count(call),
         })
     return rows
 
@@ -160,6 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seconds", type=float, default=0.2, help="time per call and round")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: steadier)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the default head and poly attention under torch.compile")
     args = parser.parse_args(argv)
     if not args.seconds > 0:
         parser.error(f"--seconds must be positive, got {args.seconds}")
@@ -168,12 +180,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name in args.cases:
         for size in args.sizes:
-            rows.extend(run_case(name, size, args.rounds, args.seconds))
+            rows.extend(run_case(name, size, args.rounds, args.seconds, args.compile))
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds} rounds")
-    print(f"{'case':10s} {'size':>5s} {'call':16s} {'us/call':>9s} {'ratio':>7s} {'operators':>9s}")
+    print(f"{'case':10s} {'size':>5s} {'call':22s} {'us/call':>9s} {'ratio':>7s} {'operators':>9s}")
     for row in rows:
-        print(f"{row['case']:10s} {row['size']:5d} {row['call']:16s} {row['us']:9.1f} "
-              f"{row['ratio']:6.2f}x {row['operators']:9d}")
+        print(f"{row['case']:10s} {row['size']:5d} {row['call']:22s} {row['us']:9.1f} "
+              f"{row['ratio']:6.2f}x {'-' if row['operators'] is None else row['operators']:>9}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, {"torch": torch.__version__, "threads": args.threads, "rows": rows})
