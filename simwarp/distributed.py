@@ -32,6 +32,7 @@ the same order, with the same non-tensor arguments (``gather_rows``, ``global_si
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -59,6 +60,7 @@ __all__ = [
     "global_size",
     "global_moments",
     "raise_together",
+    "CallKind",
     "leave_one_out_mask",
     "gathered_warp_attend",
     "gathered_warp_attend_with_sizes",
@@ -141,6 +143,28 @@ def _all_gather_ints(values: list[int], group, device: torch.device) -> list[tup
 T = TypeVar("T")
 
 
+class CallKind(enum.IntEnum):
+    """What a front end's call does: the first of the integers :func:`raise_together` agrees on
+    (``same``). Ranks that make different kinds of call would run different collectives."""
+
+    HEAD_TRAIN = 1
+    HEAD_PREDICT = 2
+    HEAD_EXPLAIN = 3
+    HEAD_SET_BANK = 4
+    LOSS = 5
+
+
+#: Length of :func:`raise_together`'s exchange, the same on every rank whatever the call (an
+#: all-gather of unequal lengths aborts the process under gloo instead of raising).
+AGREEMENT_INTS = 16
+
+
+def _describe_kind(values: tuple[int, ...]) -> str:
+    if values and values[0] in CallKind._value2member_map_:
+        return repr((CallKind(values[0]).name, *values[1:])) if len(values) > 1 else CallKind(values[0]).name
+    return repr(values)
+
+
 def raise_together(
     check: Callable[[], T], group, device: torch.device, *, same: Sequence[int] = (), share: Sequence[int] = ()
 ) -> tuple[T, list[tuple[int, ...]]]:
@@ -149,30 +173,45 @@ def raise_together(
     rank raises (those ranks their own error, the others a ``ValueError`` naming them) instead
     of the others waiting in the call's next collective until the timeout.
 
-    ``same``: integers that must be equal on every rank (what kind of call this is: training
-    or inference, with or without labels); ranks that differ would run different collectives,
-    so every rank raises a ``ValueError`` naming them. ``share``: integers every rank learns
-    (e.g. its bank shard's size), returned in rank order. One all-gather of a few integers.
+    ``same``: integers that must be equal on every rank: what kind of call this is (a
+    :class:`CallKind` first, by convention) and the settings its collectives depend on; ranks
+    that differ would run different collectives, so every rank raises a ``ValueError`` naming
+    them. ``share``: integers every rank learns (e.g. its bank shard's size), returned in rank
+    order. One all-gather of :data:`AGREEMENT_INTS` integers on every rank, whatever the call,
+    so that ranks in different calls meet in it and raise; ``same`` and ``share`` together
+    hold at most ``AGREEMENT_INTS - 3``.
 
     Returns ``(check(), every rank's share)``."""
+    same, share = [int(x) for x in same], [int(x) for x in share]
+    if 3 + len(same) + len(share) > AGREEMENT_INTS:
+        raise ValueError(f"raise_together takes at most {AGREEMENT_INTS - 3} integers in same and share together, "
+                         f"got {len(same)} + {len(share)}")
     error, result = None, None
     try:
         result = check()
     except Exception as err:  # re-raised below, once every rank knows
         error = err
-    rows = _all_gather_ints([int(error is not None), *same, *share], group, device)
+    mine = [int(error is not None), len(same), len(share), *same, *share]
+    rows = _all_gather_ints(mine + [0] * (AGREEMENT_INTS - len(mine)), group, device)
     failed = [rank for rank, row in enumerate(rows) if row[0]]
     if error is not None:
         raise error
     if failed:
         raise ValueError(f"this call's inputs failed their checks on rank(s) {failed} (see the error raised there)")
-    kinds = [row[1 : 1 + len(same)] for row in rows]
+    kinds = [row[1:3] + row[3 : 3 + row[1]] for row in rows]  # (len(same), len(share), *same)
     if any(kind != kinds[0] for kind in kinds):
+        per_rank = [_describe_kind(kind[2:]) for kind in kinds]
+        if len({kind[2:3] for kind in kinds}) > 1:
+            raise ValueError(
+                f"the ranks made different calls (per rank: {per_rank}); every rank must call the same front end in "
+                "the same mode (train/eval, with or without labels), or their collectives would not match"
+            )
         raise ValueError(
-            f"the ranks made different calls (per rank: {kinds}); every rank must call the same front end in "
-            "the same mode (train/eval, with or without labels), or their collectives would not match"
+            f"the ranks called with different settings (per rank: {per_rank}); every rank's module must be "
+            "configured alike (in_features, out_features or num_classes, metric, step, mode, temperature, scale) "
+            "and called with the same non-tensor arguments, or their collectives would not match"
         )
-    return result, [row[1 + len(same) :] for row in rows]
+    return result, [row[3 + len(same) : 3 + len(same) + len(share)] for row in rows]
 
 
 def check_global_batch(sizes: list[int]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -35,6 +36,7 @@ from simwarp._autograd import (
     as_flag,
     as_optional_flag,
     exporting,
+    is_int,
     outside_autocast,
     recomputing_in_backward,
     require,
@@ -50,6 +52,7 @@ from simwarp.backend.common import (
     work_dtype,
 )
 from simwarp.distributed import (
+    CallKind,
     check_global_batch,
     gather_and_attend,
     global_moments,
@@ -101,7 +104,9 @@ def _int_arg(name: str, value: Any, minimum: int = 1) -> int:
 
 
 # The kinds of call a head's ranks agree on under ``gather`` (each runs its own collectives).
-_TRAIN, _PREDICT, _EXPLAIN, _SET_BANK = range(1, 5)
+_TRAIN, _PREDICT, _EXPLAIN, _SET_BANK = (
+    CallKind.HEAD_TRAIN, CallKind.HEAD_PREDICT, CallKind.HEAD_EXPLAIN, CallKind.HEAD_SET_BANK
+)
 
 
 def _device(z: Any, module: nn.Module) -> torch.device:
@@ -270,6 +275,10 @@ class _BankMixin(nn.Module):
         """
         self._store_bank(z, y)
 
+    def _config_fingerprint(self) -> int:
+        """See :meth:`_WarpHeadBase._config_fingerprint` (heads without ``gather`` need none)."""
+        return 0
+
     def _store_bank(self, z: Any, y: Any, failure: Exception | None = None, device=None) -> None:
         """:meth:`set_bank`; ``failure``: an error met before it on this rank (``fit_bank``'s
         encoder), raised on every rank by the agreement under ``gather`` as the checks' own,
@@ -292,7 +301,7 @@ class _BankMixin(nn.Module):
         if enabled:  # the checks agreed over ranks, and every shard's size learnt with them
             rows = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() == 2 else 0
             where = torch.device(device) if device is not None and not isinstance(z, torch.Tensor) else _device(z, self)
-            y, shares = raise_together(check, group, where, same=(_SET_BANK,), share=(rows,))
+            y, shares = raise_together(check, group, where, same=(_SET_BANK, self._config_fingerprint()), share=(rows,))
             union = sum(size for (size,) in shares)
         else:
             y = check()
@@ -328,7 +337,9 @@ class _BankMixin(nn.Module):
         Use a loader over the whole data set in a fixed order (``shuffle=False``, no
         ``drop_last``): every row becomes a bank entry, and :meth:`explain`'s indices are
         positions in that order. A ``DataLoader`` with ``drop_last=True`` or a random sampler
-        (``shuffle=True``, ``SubsetRandomSampler``, ``WeightedRandomSampler``) gets a warning.
+        (``shuffle=True``, ``SubsetRandomSampler``, ``WeightedRandomSampler``) gets a warning,
+        and so does a ``DistributedSampler`` that pads the data set with repeated rows: under
+        ``gather`` give each rank a contiguous shard (``Subset(dataset, range(start, stop))``).
         Under ``gather`` each rank encodes its own shard; an error on one rank while encoding
         is raised there and, naming it, on every other rank (none waits in a collective).
 
@@ -369,7 +380,20 @@ class _BankMixin(nn.Module):
             )
             warnings.warn(
                 f"fit_bank: the loader's sampler ({type(drawn[0]).__name__}) {what}; use a sampler in a fixed order "
-                "over every row (shuffle=False on the DataLoader, or on a DistributedSampler)",
+                "over every row (shuffle=False on the DataLoader; under gather, a contiguous shard per rank)",
+                UserWarning,
+                stacklevel=2,
+            )
+        padded = [
+            x for x in samplers
+            if isinstance(x, torch.utils.data.DistributedSampler) and x.total_size > len(x.dataset)  # type: ignore[arg-type]
+        ]
+        if padded:
+            warnings.warn(
+                f"fit_bank: the loader's DistributedSampler pads the data set's {len(padded[0].dataset)} rows "  # type: ignore[arg-type]
+                f"to {padded[0].total_size} with repeats of its first rows, so the union of the ranks' shards holds "
+                "those rows twice and the predictions weigh them twice; give each rank a contiguous shard instead "
+                "(torch.utils.data.Subset(dataset, range(start, stop)))",
                 UserWarning,
                 stacklevel=2,
             )
@@ -575,13 +599,23 @@ class _WarpHeadBase(_BankMixin):
 
     # -- backend calls ----------------------------------------------------------------------
 
-    def _checked(self, z: Any, check: Callable[[], Any], call: int) -> Any:
+    def _config_fingerprint(self) -> int:
+        """A number equal on ranks whose heads are configured alike: under ``gather`` their
+        collectives (the labels' width above all) and results depend on it."""
+        config = (
+            type(self).__name__, self.in_features, self._outputs_repr(), self.metric, self.step_name, self.mode,
+            self.temperature, self.scale, self.detach_range, self.log_scale is not None,
+        )
+        return zlib.crc32(repr(config).encode())
+
+    def _checked(self, z: Any, check: Callable[[], Any], call: int, arguments: tuple[int, ...] = ()) -> Any:
         """``check()``, a call's local input checks. With ``gather`` they are agreed over the
         ranks before the call's first collective, together with the step parameters of ``z``
         (NaN or inf there, under ``mode="instance"``, would raise in the backend after the
-        gathers) and the kind of ``call`` (train or predict): an input that fails on one rank
-        raises on every rank, none waits. Calls that read the bank also check its shapes and
-        learn the union's size (no collective of their own for it then)."""
+        gathers), the kind of ``call`` (train or predict), the head's configuration and the
+        call's integer ``arguments``: an input that fails on one rank raises on every rank,
+        none waits. Calls that read the bank also check its shapes and learn the union's size
+        (no collective of their own for it then)."""
         enabled, group = resolve_group(self.gather)
         reads_bank = call != _TRAIN
 
@@ -601,7 +635,9 @@ class _WarpHeadBase(_BankMixin):
             return out
 
         rows = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() == 2 else 0
-        out, shares = raise_together(all_checks, group, _device(z, self), same=(call,), share=(self.bank_size, rows))
+        out, shares = raise_together(
+            all_checks, group, _device(z, self), same=(call, self._config_fingerprint(), *arguments), share=(self.bank_size, rows)
+        )
         if reads_bank:
             self._bank_union = (self.bank_size, sum(bank for bank, _ in shares))
         else:  # before the target statistics see the batch: a failing call leaves them as they were
@@ -723,7 +759,8 @@ class _WarpHeadBase(_BankMixin):
             (with ``gather``: indices into the concatenation of all ranks' shards, rank order).
             Entries that the step dropped have weight exactly 0.
         """
-        k = self._checked(z, lambda: (_check_z(z, self.in_features), _int_arg("k", k))[1], _EXPLAIN)
+        given_k = (min(k, 1 << 62),) if is_int(k, 1) else ()  # (the same on every rank, or their top-k merge would not match)
+        k = self._checked(z, lambda: (_check_z(z, self.in_features), _int_arg("k", k))[1], _EXPLAIN, given_k)
         self._require_bank(z.device)
         enabled, group = resolve_group(self.gather)
         if enabled:  # per-shard top-k merged over ranks; indices into the rank-ordered bank

@@ -56,7 +56,7 @@ from simwarp.backend.common import (
     work_dtype,
 )
 from simwarp.backend.dense import row_logsumexp
-from simwarp.distributed import gather_rows, raise_together, resolve_group
+from simwarp.distributed import CallKind, gather_rows, raise_together, resolve_group
 from simwarp.similarity import paired_similarity, unit_rows
 from simwarp.steps import SoftStep
 
@@ -546,12 +546,17 @@ class _SoftStepLossMixin:
     _gather_link: torch.Tensor | None = None
 
     def _linked(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss`` connected to the rows gathered in this call: a reducer that drops every loss
-        of a rank (``ThresholdReducer``) returns a zero of the local embeddings alone, and that
-        rank would skip the gather's backward collective, which the other ranks wait in."""
+        """``loss`` connected to the rows gathered in this call and to the loss's own parameters
+        (the step's): a reducer that drops every loss of a rank (``ThresholdReducer``) returns a
+        zero of the local embeddings alone, and that rank would skip the gather's backward
+        collective, which the other ranks wait in, and, under ``DistributedDataParallel``, the
+        all-reduce of the step's gradients (they get a zero gradient instead of none)."""
         link, self._gather_link = self._gather_link, None
         if link is None:
             return loss
+        for p in self.parameters():
+            if p.requires_grad:
+                link = link + p.reshape(-1)[:0].sum().to(link.dtype)
         if isinstance(loss, dict):  # DoNothingReducer: PML's loss dict, unreduced
             for part in loss.values():
                 if isinstance(part, dict) and isinstance(part.get("losses"), torch.Tensor):
@@ -590,7 +595,7 @@ class _SoftStepLossMixin:
 
         # (not a tensor: its checks are about to fail; a step="none" loss has no parameters, its step a buffer)
         device = embeddings.device if isinstance(embeddings, torch.Tensor) else next(iter(self.softstep.state_dict().values())).device
-        return raise_together(all_checks, group, device, same=(1,))[0]  # one kind of call: the loss
+        return raise_together(all_checks, group, device, same=(CallKind.LOSS,))[0]
 
     def _prepare(self, embeddings: torch.Tensor, ref_emb: torch.Tensor):
         """Embeddings as the backend sees them (after PML's normalisation if it applies),

@@ -138,6 +138,36 @@ def _one_rank_errors(data, world, rank, rb, ks) -> dict:
     loss = simwarp.SoftStepNeighborRegressionLoss(gather=True, reducer=ThresholdReducer(low=1e9 if rank == 0 else 0.0))
     zz = z.clone().requires_grad_()
     attempt("reducer_drops_a_rank", lambda: loss(zz, y).backward())
+    # the same inside DistributedDataParallel: rank 0's step parameters got no gradient, and the
+    # other ranks waited in DDP's all-reduce of them
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(D, D).double()
+            self.loss = simwarp.SoftStepContrastiveLoss(gather=True, reducer=ThresholdReducer(low=1e9 if rank == 0 else 0.0)).double()
+
+        def forward(self, x, labels):
+            return self.loss(self.encoder(x), labels)
+
+    def ddp_step():
+        model = DistributedDataParallel(Model())
+        model(z, cls).backward()
+        return [p.grad for p in model.module.loss.parameters()]
+
+    attempt("reducer_drops_a_rank_ddp", lambda: cases.__setitem__("ddp_step_grads", ddp_step()))
+    # ranks in different calls (a head on one, a loss or set_bank on another) or with heads
+    # configured differently: the agreement's exchange had another length per call, which
+    # gloo aborts the process for (SIGABRT) instead of raising
+    other = _head("reg", gather=True).eval()
+    other.set_bank(data["bank_z"][ks], data["bank_y"][ks])
+    attempt("head_vs_loss", lambda: simwarp.SoftStepNCALoss(gather=True)(z, cls) if bad else other(data["q"]))
+    attempt("set_bank_vs_predict", lambda: other.set_bank(data["bank_z"][ks], data["bank_y"][ks]) if bad else other(data["q"]))
+    torch.manual_seed(5)
+    widths = NeighborRegressionHead(D, 1 if bad else E, gather=True).double()
+    attempt("out_features", lambda: widths(z, y[:, :1] if bad else y))
+    attempt("explain_k", lambda: other.explain(data["q"], k=2 if bad else 3))
     # an unreduced loss dict (DoNothingReducer) keeps its link to the gather (it raised a TypeError)
     from pytorch_metric_learning.reducers import DoNothingReducer, PerAnchorReducer
 
@@ -657,10 +687,25 @@ def test_ranks_in_different_modes_all_refuse(group_results):
         assert "the ranks made different calls" in (res["one_rank_errors"]["mixed_modes"] or "")
 
 
+@pytest.mark.parametrize("case", ["head_vs_loss", "set_bank_vs_predict", "out_features", "explain_k"])
+def test_ranks_in_different_calls_or_settings_all_refuse(group_results, case):
+    """A head on one rank and a loss (or set_bank) on another, or heads of different widths:
+    the process on some rank was killed by gloo (SIGABRT: the agreement's all-gather had another
+    length), or the rank went on into mismatched collectives; different explain k merged wrong
+    top-k lists without a word."""
+    world, results = group_results
+    expected = "different calls" if case in ("head_vs_loss", "set_bank_vs_predict") else "different settings"
+    for res in results:
+        message = res["one_rank_errors"][case] or ""
+        assert f"the ranks {'made' if expected == 'different calls' else 'called with'} {expected}" in message, (case, message)
+
+
 def test_a_reducer_that_drops_every_loss_of_a_rank_does_not_hang(group_results):
     world, results = group_results
     for res in results:
         assert res["one_rank_errors"]["reducer_drops_a_rank"] is None
+        assert res["one_rank_errors"]["reducer_drops_a_rank_ddp"] is None
+        assert all(g is not None for g in res["one_rank_errors"]["ddp_step_grads"])
         assert res["one_rank_errors"]["do_nothing_reducer"] is None  # PML's loss dict, linked per entry
         assert "PerAnchorReducer" in (res["one_rank_errors"]["per_anchor_contrastive"] or "")
 

@@ -1183,6 +1183,14 @@ def test_fit_bank_warns_on_a_shuffling_loader_and_names_single_sample_batches():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         head.fit_bank(None, torch.utils.data.DataLoader(data, 4), progress=False)  # sequential: nothing to say
+        even = torch.utils.data.distributed.DistributedSampler(data, num_replicas=3, rank=0, shuffle=False)
+        head.fit_bank(None, torch.utils.data.DataLoader(data, 4, sampler=even), progress=False)  # 12 rows: no padding
+    # the fixed-order DistributedSampler that the shuffle warning used to suggest pads 11 rows to
+    # 12 with a repeat of the first: the union of the shards held it twice, without a word
+    eleven = torch.utils.data.Subset(data, range(11))
+    padding = torch.utils.data.distributed.DistributedSampler(eleven, num_replicas=2, rank=1, shuffle=False)
+    with pytest.warns(UserWarning, match=r"pads the data set's 11 rows to 12 with repeats"):
+        head.fit_bank(None, torch.utils.data.DataLoader(eleven, 4, sampler=padding), progress=False)
 
 
 def test_a_bank_set_in_inference_mode_serves_predictions_with_gradients():
