@@ -755,6 +755,10 @@ def _qkv():
         (lambda q, k, v: dict(chunk_size=0), ValueError, "chunk_size"),
         (lambda q, k, v: dict(metric="l1", impl="chunked"), ValueError, "only available with impl='dense'"),
         (lambda q, k, v: dict(impl="triton"), ValueError, "triton"),
+        # (torch's "new(): invalid data type 'str'", and a complex range cast to real with a warning)
+        (lambda q, k, v: dict(row_range=("a", "b")), TypeError, r"row_range\[0\] \(lo\) must be a real tensor or float, got str"),
+        (lambda q, k, v: dict(row_range=(0.0, torch.ones(4, dtype=torch.complex64))), TypeError, r"row_range\[1\] \(hi\).*complex64"),
+        (lambda q, k, v: dict(row_range=(0.0,)), TypeError, r"row_range must be a \(lo, hi\) pair"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(change, error, match):
