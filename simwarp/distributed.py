@@ -61,6 +61,7 @@ __all__ = [
     "global_moments",
     "raise_together",
     "CallKind",
+    "AGREEMENT_INTS",
     "leave_one_out_mask",
     "gathered_warp_attend",
     "gathered_warp_attend_with_sizes",
@@ -160,9 +161,12 @@ AGREEMENT_INTS = 16
 
 
 def _describe_kind(values: tuple[int, ...]) -> str:
-    if values and values[0] in CallKind._value2member_map_:
-        return repr((CallKind(values[0]).name, *values[1:])) if len(values) > 1 else CallKind(values[0]).name
-    return repr(values)
+    """A rank's ``same`` integers for a message, the :class:`CallKind` by its name."""
+    try:
+        kind = CallKind(values[0]).name
+    except (IndexError, ValueError):
+        return repr(values)
+    return repr((kind, *values[1:])) if len(values) > 1 else kind
 
 
 def raise_together(

@@ -16,8 +16,9 @@ All similarity, normalisation and softmax math happens in the backend
 Classes:
     :class:`NeighborRegressionHead`, :class:`NeighborClassificationHead` (SoftStep, or plain
     neighbour attention with ``step="none"`` — the NONA baseline), :class:`KNNRegressionHead`
-    (hard top-k average), :class:`LinearHead` (an ``nn.Linear`` with the same call signature),
-    and :func:`make_head` to build any of them by name.
+    (hard top-k average), :class:`LinearHead` and :class:`LinearClassificationHead` (linear
+    baselines with the same call signatures), and :func:`make_head` to build the regression
+    heads by name.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from simwarp._autograd import (
     as_flag,
     as_optional_flag,
     exporting,
-    is_int,
     outside_autocast,
     recomputing_in_backward,
     require,
@@ -69,6 +69,7 @@ from simwarp.steps import SoftStep, get_step
 __all__ = [
     "HEAD_KINDS",
     "KNNRegressionHead",
+    "LinearClassificationHead",
     "LinearHead",
     "NeighborClassificationHead",
     "NeighborRegressionHead",
@@ -366,7 +367,7 @@ class _BankMixin(nn.Module):
                 "fit_bank: the loader has drop_last=True, so the rows of its last incomplete batch are "
                 "left out of the bank; use a loader without drop_last (and without shuffle)",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         # the loader's sampler, or that of its batch sampler (a DistributedSampler shuffles by default too)
         samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
@@ -382,20 +383,25 @@ class _BankMixin(nn.Module):
                 f"fit_bank: the loader's sampler ({type(drawn[0]).__name__}) {what}; use a sampler in a fixed order "
                 "over every row (shuffle=False on the DataLoader; under gather, a contiguous shard per rank)",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        padded = [
+        uneven = [
             x for x in samplers
-            if isinstance(x, torch.utils.data.DistributedSampler) and x.total_size > len(x.dataset)  # type: ignore[arg-type]
+            if isinstance(x, torch.utils.data.DistributedSampler) and x.total_size != len(x.dataset)  # type: ignore[arg-type]
         ]
-        if padded:
+        if uneven:
+            rows, total = len(uneven[0].dataset), uneven[0].total_size  # type: ignore[arg-type]
+            what = (
+                f"pads the data set's {rows} rows to {total} with repeats of its first rows, so the union of the "
+                "ranks' shards holds those rows twice and the predictions weigh them twice"
+                if total > rows else
+                f"drops the last {rows - total} of the data set's {rows} rows (drop_last=True), so the bank misses them"
+            )
             warnings.warn(
-                f"fit_bank: the loader's DistributedSampler pads the data set's {len(padded[0].dataset)} rows "  # type: ignore[arg-type]
-                f"to {padded[0].total_size} with repeats of its first rows, so the union of the ranks' shards holds "
-                "those rows twice and the predictions weigh them twice; give each rank a contiguous shard instead "
+                f"fit_bank: the loader's DistributedSampler {what}; give each rank a contiguous shard instead "
                 "(torch.utils.data.Subset(dataset, range(start, stop)))",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         z = y = failure = None
         try:
@@ -759,7 +765,10 @@ class _WarpHeadBase(_BankMixin):
             (with ``gather``: indices into the concatenation of all ranks' shards, rank order).
             Entries that the step dropped have weight exactly 0.
         """
-        given_k = (min(k, 1 << 62),) if is_int(k, 1) else ()  # (the same on every rank, or their top-k merge would not match)
+        try:  # (the same on every rank, or their top-k merge would not match; _int_arg says what a bad k is)
+            given_k = (min(operator.index(k), 1 << 62),)
+        except TypeError:
+            given_k = ()
         k = self._checked(z, lambda: (_check_z(z, self.in_features), _int_arg("k", k))[1], _EXPLAIN, given_k)
         self._require_bank(z.device)
         enabled, group = resolve_group(self.gather)
@@ -1231,7 +1240,7 @@ class KNNRegressionHead(_BankMixin):
                     "KNNRegressionHead's prediction has no gradient with respect to z (a top-k average is "
                     "piecewise constant), so a loss on it cannot train the encoder: train with another head "
                     "(a SoftStep, 'nona' or linear head) and use this one on the embeddings it learns",
-                    stacklevel=2,
+                    stacklevel=4,
                 )
             y2 = self._check_labels(y, z)
             out = self._topk_mean(z.detach(), z.detach(), y2.to(work_dtype(z.dtype)), loo=True)
@@ -1321,8 +1330,9 @@ class LinearClassificationHead(_NoBank, nn.Linear):
     :class:`NeighborClassificationHead`'s signature: ``forward(z (N, in_features), y=None)``,
     ``predict_proba`` and no-op bank methods. It is the linear baseline that head swaps with:
     both train with ``F.nll_loss(head(z, y), y)``. ``y`` (class indices ``(N,)``) is only checked
-    (fully in training mode, its shape otherwise), never used. The output is in ``z``'s dtype
-    or float32, whichever is wider, as the neighbour head's.
+    (fully in training mode, its shape otherwise), never used. ``z`` must have the layer's
+    dtype (as for ``nn.Linear``); the log-probabilities are computed in float32 at least (a
+    float16 layer gives float32, as the neighbour head does).
 
     Args:
         in_features: embedding size ``D``.

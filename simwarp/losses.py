@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_metric_learning import reducers
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
@@ -546,23 +547,26 @@ class _SoftStepLossMixin:
     _gather_link: torch.Tensor | None = None
 
     def _linked(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss`` connected to the rows gathered in this call and to the loss's own parameters
-        (the step's): a reducer that drops every loss of a rank (``ThresholdReducer``) returns a
-        zero of the local embeddings alone, and that rank would skip the gather's backward
-        collective, which the other ranks wait in, and, under ``DistributedDataParallel``, the
-        all-reduce of the step's gradients (they get a zero gradient instead of none)."""
+        """``loss`` connected to the rows gathered in this call and, in a distributed run, to the
+        loss's own parameters (the step's). A reducer that drops every loss of a rank
+        (``ThresholdReducer``) returns a zero of the local embeddings alone: that rank would skip
+        the gather's backward collective, which the other ranks wait in, and, under
+        ``DistributedDataParallel`` (with or without ``gather``), leave the step's parameters
+        without a gradient, which DDP's all-reduce waits for. (In one process a dropped step
+        keeps its ``None`` gradient, which optimisers skip.)"""
         link, self._gather_link = self._gather_link, None
+        params = [p for p in self.parameters() if p.requires_grad]
+        distributed = bool(params) and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()
+        if distributed:
+            link = zeros_linked_to(params[0].new_zeros(()) if link is None else link, *params)
         if link is None:
             return loss
-        for p in self.parameters():
-            if p.requires_grad:
-                link = link + p.reshape(-1)[:0].sum().to(link.dtype)
         if isinstance(loss, dict):  # DoNothingReducer: PML's loss dict, unreduced
             for part in loss.values():
                 if isinstance(part, dict) and isinstance(part.get("losses"), torch.Tensor):
-                    part["losses"] = part["losses"] + link
+                    part["losses"] = part["losses"] + link.to(part["losses"].dtype)
             return loss
-        return loss + link
+        return loss + link.to(loss.dtype)
 
     def _check_gather_arguments(self, labels, indices_tuple, ref_emb) -> None:
         """What ``gather=True`` refuses, checked with the other inputs (agreed over ranks)."""

@@ -756,7 +756,7 @@ def _qkv():
         (lambda q, k, v: dict(metric="l1", impl="chunked"), ValueError, "only available with impl='dense'"),
         (lambda q, k, v: dict(impl="triton"), ValueError, "triton"),
         # (torch's "new(): invalid data type 'str'", and a complex range cast to real with a warning)
-        (lambda q, k, v: dict(row_range=("a", "b")), TypeError, r"row_range\[0\] \(lo\) must be a real tensor or float, got str"),
+        (lambda q, k, v: dict(row_range=("a", "b")), TypeError, r"row_range\[0\] \(lo\) must hold real numbers .* got str"),
         (lambda q, k, v: dict(row_range=(0.0, torch.ones(4, dtype=torch.complex64))), TypeError, r"row_range\[1\] \(hi\).*complex64"),
         (lambda q, k, v: dict(row_range=(0.0,)), TypeError, r"row_range must be a \(lo, hi\) pair"),
     ],
@@ -1194,6 +1194,17 @@ def test_resolve_params_devices():
                        dtype=torch.float32, device=torch.device("cpu"))
 
 
+def test_row_range_takes_tensors_floats_and_arrays():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 4, generator=gen), torch.randn(5, 4, generator=gen), torch.randn(5, 2, generator=gen)
+    lo, hi, _ = simwarp.warp_range(q, k)
+    want = simwarp.warp_attend(q, k, v, row_range=(lo, hi))
+    for pair in ((lo.numpy(), hi.numpy()), (lo.tolist(), hi.tolist())):
+        torch.testing.assert_close(simwarp.warp_attend(q, k, v, row_range=pair), want)
+    with pytest.raises(TypeError, match=r"row_range\[0\] \(lo\) must hold real numbers .* got bool"):
+        simwarp.warp_attend(q, k, v, row_range=(True, hi))
+
+
 def test_float_params_are_checked_and_placed_on_any_device():
     """Python floats are validated on the host whatever the inputs' device (tensors on an
     accelerator are not: that would synchronise), and become one small tensor there."""
@@ -1228,6 +1239,12 @@ def test_float_params_are_checked_and_placed_on_any_device():
             resolve_params(*(bad.get(name) for name in "abt"), device="cpu", **kw)
     rows = resolve_params(torch.tensor([[0.2], [0.3]]), torch.ones(2, 1), torch.full((2, 1), 0.5), device="cpu", **kw)
     assert [tuple(x.shape) for x in rows] == [(2, 1, 1)] * 3  # b = 1 is inside
+    # an empty parameter (no rows) does not hide another one's values
+    empty = dict(kw, batch=torch.Size((0,)))
+    with pytest.raises(ValueError, match="b must lie in"):
+        resolve_params(torch.full((0, 3), 0.2), torch.tensor(1.5), torch.full((3,), 0.5), device="cpu", **empty)
+    with pytest.raises(ValueError, match="t contains NaN"):
+        resolve_params(torch.full((0, 3), 0.2), None, torch.tensor([0.5, math.nan, 0.5]), device="cpu", **empty)
     assert device_constants([0.5, 2.0], torch.float32, "cpu").tolist() == [0.5, 2.0]
     assert device_constants([0.5, 2.0], torch.float32, "meta").shape == (2,)
 
@@ -1623,7 +1640,7 @@ def test_unit_scale_at_the_dtype_edges(dtype):
     c, width, flat, inv = _unit_scale(lo, hi)
     wide = hi.double() - lo.double()
     overflows = (hi - lo == math.inf) & torch.isfinite(wide)
-    assert torch.equal(c, torch.where(overflows | (hi - lo == math.inf), 0.5, 1.0).to(dtype))
+    assert torch.equal(c, torch.where(hi - lo == math.inf, 0.5, 1.0).to(dtype))
     assert torch.isfinite(width[overflows]).all()
     exact = functools.partial(torch.testing.assert_close, rtol=0, atol=0, equal_nan=True)
     exact(width[c == 1], (hi - lo)[c == 1])

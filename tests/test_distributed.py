@@ -143,20 +143,24 @@ def _one_rank_errors(data, world, rank, rb, ks) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     class Model(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, gather):
             super().__init__()
             self.encoder = torch.nn.Linear(D, D).double()
-            self.loss = simwarp.SoftStepContrastiveLoss(gather=True, reducer=ThresholdReducer(low=1e9 if rank == 0 else 0.0)).double()
+            dropping = ThresholdReducer(low=1e9 if rank == 0 else 0.0)
+            self.loss = simwarp.SoftStepContrastiveLoss(gather=gather, reducer=dropping).double()
 
         def forward(self, x, labels):
             return self.loss(self.encoder(x), labels)
 
-    def ddp_step():
-        model = DistributedDataParallel(Model())
-        model(z, cls).backward()
+    def ddp_steps(gather):  # (DDP finds an unused parameter in the step after)
+        model = DistributedDataParallel(Model(gather))
+        for _ in range(2):
+            model(z, cls).backward()
         return [p.grad for p in model.module.loss.parameters()]
 
-    attempt("reducer_drops_a_rank_ddp", lambda: cases.__setitem__("ddp_step_grads", ddp_step()))
+    # (with the per-rank loss too: its step's parameters were left without a gradient on rank 0)
+    attempt("reducer_drops_a_rank_ddp", lambda: cases.__setitem__("ddp_step_grads", ddp_steps(True)))
+    attempt("reducer_drops_a_rank_ddp_local", lambda: cases.__setitem__("ddp_step_grads_local", ddp_steps(False)))
     # ranks in different calls (a head on one, a loss or set_bank on another) or with heads
     # configured differently: the agreement's exchange had another length per call, which
     # gloo aborts the process for (SIGABRT) instead of raising
@@ -704,8 +708,9 @@ def test_a_reducer_that_drops_every_loss_of_a_rank_does_not_hang(group_results):
     world, results = group_results
     for res in results:
         assert res["one_rank_errors"]["reducer_drops_a_rank"] is None
-        assert res["one_rank_errors"]["reducer_drops_a_rank_ddp"] is None
-        assert all(g is not None for g in res["one_rank_errors"]["ddp_step_grads"])
+        for local in ("", "_local"):
+            assert res["one_rank_errors"][f"reducer_drops_a_rank_ddp{local}"] is None
+            assert all(g is not None for g in res["one_rank_errors"][f"ddp_step_grads{local}"])
         assert res["one_rank_errors"]["do_nothing_reducer"] is None  # PML's loss dict, linked per entry
         assert "PerAnchorReducer" in (res["one_rank_errors"]["per_anchor_contrastive"] or "")
 

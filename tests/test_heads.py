@@ -576,8 +576,9 @@ def test_knn_head_warns_when_it_is_trained_on():
 
     z, y = _data(n=10, d=3, e=1)
     head = KNNRegressionHead(3, 1, k=3)
-    with pytest.warns(UserWarning, match="no gradient with respect to z"):
+    with pytest.warns(UserWarning, match="no gradient with respect to z") as record:
         out = head(z.clone().requires_grad_(), y)
+    assert record[0].filename == __file__  # the caller's line, not torch's Module.__call__
     assert not out.requires_grad
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1189,8 +1190,12 @@ def test_fit_bank_warns_on_a_shuffling_loader_and_names_single_sample_batches():
     # 12 with a repeat of the first: the union of the shards held it twice, without a word
     eleven = torch.utils.data.Subset(data, range(11))
     padding = torch.utils.data.distributed.DistributedSampler(eleven, num_replicas=2, rank=1, shuffle=False)
-    with pytest.warns(UserWarning, match=r"pads the data set's 11 rows to 12 with repeats"):
+    with pytest.warns(UserWarning, match=r"pads the data set's 11 rows to 12 with repeats") as record:
         head.fit_bank(None, torch.utils.data.DataLoader(eleven, 4, sampler=padding), progress=False)
+    assert record[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper
+    dropping = torch.utils.data.distributed.DistributedSampler(eleven, num_replicas=2, rank=0, shuffle=False, drop_last=True)
+    with pytest.warns(UserWarning, match=r"drops the last 1 of the data set's 11 rows"):
+        head.fit_bank(None, torch.utils.data.DataLoader(eleven, 4, sampler=dropping), progress=False)
 
 
 def test_a_bank_set_in_inference_mode_serves_predictions_with_gradients():

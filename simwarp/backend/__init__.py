@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
@@ -295,11 +294,13 @@ def _check_row_range(row_range, batch, n: int, dtype, device) -> tuple[torch.Ten
         raise TypeError(f"row_range must be a (lo, hi) pair or None, got {type(row_range).__name__}")
     out = []
     for name, x in zip(("row_range[0] (lo)", "row_range[1] (hi)"), row_range):
-        if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)) or (
-            isinstance(x, torch.Tensor) and (x.is_complex() or x.dtype == torch.bool)
-        ):
-            what = f"a tensor of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"{name} must be a real tensor or float, got {what}")
+        try:  # tensors, floats and real array-likes (NumPy arrays, lists)
+            given = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError):
+            given = None
+        if given is None or given.is_complex() or given.dtype == torch.bool:
+            what = type(x).__name__ if given is None or not isinstance(x, torch.Tensor) else f"a tensor of dtype {x.dtype}"
+            raise TypeError(f"{name} must hold real numbers (a tensor, a float or an array), got {what}")
         x = torch.as_tensor(x, dtype=dtype, device=x.device if isinstance(x, torch.Tensor) else "cpu").detach()
         if not broadcasts_to(x.shape, (*batch, n)):
             raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to the rows {(*batch, n)}")

@@ -572,36 +572,37 @@ def check_inputs(q, k, v, mask, exclude_self: bool, self_offset: int = 0) -> tor
     return batch
 
 
+def _inside(name: str, x):
+    """Whether step parameter ``name`` (``a``, ``b`` or ``t``) lies in its range
+    (:data:`_PARAM_RANGES`): a bool for a float, a bool tensor for a tensor; NaN is outside."""
+    low, high, high_inclusive = _PARAM_RANGES[name]
+    return (x > low) & ((x <= high) if high_inclusive else (x < high))
+
+
 def _in_domain(params: dict[str, torch.Tensor | float]) -> torch.Tensor:
-    """0-dim bool: every tensor among ``params`` (``a``, ``b``, ``t``) lies in its range and
-    ``a < b`` wherever one of them is a tensor (NaN fails every comparison)."""
-    ok = None
-    for name, x in params.items():
-        if isinstance(x, torch.Tensor):
-            low, high, high_inclusive = _PARAM_RANGES[name]
-            inside = (x > low) & ((x <= high) if high_inclusive else (x < high))
-            ok = inside if ok is None else ok & inside
+    """0-dim bool: every tensor among ``params`` (``a``, ``b``, ``t``; at least one is a tensor)
+    lies in its range, and ``a < b`` wherever one of them is a tensor. Each is reduced on its
+    own, so an empty tensor does not hide another's values."""
+    checks = [_inside(name, x).all() for name, x in params.items() if isinstance(x, torch.Tensor)]
     a, b = params["a"], params["b"]
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ok = ok & (a < b)
-    return ok.all()
+        checks.append((a < b).all())
+    return torch.stack(checks).all()
 
 
-def _check_param_values(name: str, x: torch.Tensor, low: float, high: float, high_inclusive: bool) -> None:
-    """Raise the ``ValueError`` that says how ``x`` leaves ``(low, high)`` (or ``(low, high]``), if it does."""
+def _check_param_values(name: str, x: torch.Tensor) -> None:
+    """Raise the ``ValueError`` that says how ``x`` leaves step parameter ``name``'s range, if it does."""
     if x.numel() == 0:
         return
     xd = x.detach()
-    bad = (xd <= low) | ((xd > high) if high_inclusive else (xd >= high)) | torch.isnan(xd)
-    if bool(bad.any()):
+    if not bool(_inside(name, xd).all()):
         if bool(torch.isnan(xd).any()):
             raise ValueError(
                 f"{name} contains NaN (shape {_shape(x)}); where the step parameters are computed from the "
                 "inputs (SoftStep(mode='instance'), a head's instance mode), NaN or inf in the queries causes this; "
                 "otherwise the SoftStep's own values are NaN (a diverged training step, a corrupt checkpoint)"
             )
-        bound = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must lie in ({low}, {high}{bound}, got values in [{xd.min().item()}, {xd.max().item()}]")
+        raise ValueError(f"{name} must lie in {_range_text(name)}, got values in [{xd.min().item()}, {xd.max().item()}]")
 
 
 def _same_device(x: torch.device, y: torch.device | str) -> bool:
@@ -638,12 +639,15 @@ def _rounded(x: float, dtype: torch.dtype) -> float:
     return x
 
 
-def _check_float_param(name: str, x: float, given: float | None = None) -> None:
+def _range_text(name: str) -> str:
     low, high, high_inclusive = _PARAM_RANGES[name]
-    if not (low < x < high or (high_inclusive and x == high)):  # False for NaN too
-        bound = "]" if high_inclusive else ")"
+    return f"({low}, {high}{']' if high_inclusive else ')'}"
+
+
+def _check_float_param(name: str, x: float, given: float | None = None) -> None:
+    if not _inside(name, x):
         shown = f"{given} ({x} in the compute dtype)" if given is not None and given != x else f"{x}"
-        raise ValueError(f"{name} must lie in ({low}, {high}{bound}, got {shown}")
+        raise ValueError(f"{name} must lie in {_range_text(name)}, got {shown}")
 
 
 def resolve_params(
@@ -684,7 +688,7 @@ def resolve_params(
             _check_float_param(name, on_host[name])
     elif tensors and on_cpu and not bool(_in_domain(resolved)):
         for name, x in tensors.items():  # which one (the ranges first, as for floats)
-            _check_param_values(name, x, *_PARAM_RANGES[name])
+            _check_param_values(name, x)
         a_ge_b = True
     if "a" in on_host and "b" in on_host:
         a_ge_b = on_host["a"] >= on_host["b"]
