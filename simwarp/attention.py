@@ -236,7 +236,9 @@ def _check_sdpa_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable
         raise ValueError(
             f"key (..., S, E) and value (..., S, Ev) must share S, got key {tuple(k.shape)} and value {tuple(v.shape)}"
         )
-    if k.dim() >= 3 and v.dim() >= 3 and v.shape[-3] not in (1, k.shape[-3]):  # (one value head broadcasts)
+    # grouped heads pair each key head with its value head (one value head broadcasts); without
+    # GQA the heads are a batch dim like any other, and broadcast as SDPA's do
+    if enable_gqa and k.dim() >= 3 and v.dim() >= 3 and v.shape[-3] not in (1, k.shape[-3]):
         raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must have the same number of heads (or value 1)")
     if q.dim() < 3 or k.dim() < 3:
         return 1

@@ -893,8 +893,20 @@ def test_one_value_head_broadcasts_over_the_key_heads(enable_gqa):
     v = torch.randn(2, 1, 7, 3, dtype=torch.float64)
     out = softstep_attention(q, k, v, step="none", enable_gqa=enable_gqa)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v.expand(-1, k.shape[1], -1, -1), enable_gqa=enable_gqa))
-    with pytest.raises(ValueError, match="same number of heads"):
-        softstep_attention(q, k, torch.randn(2, 3, 7, 3, dtype=torch.float64), step="none")
+    with pytest.raises(ValueError, match="same number of heads" if enable_gqa else "do not broadcast"):
+        softstep_attention(q, k, torch.randn(2, 3, 7, 3, dtype=torch.float64), step="none", enable_gqa=enable_gqa)
+
+
+def test_one_key_head_broadcasts_over_the_value_heads_without_gqa():
+    """Without GQA the heads are a batch dim: SDPA broadcasts a key with one head over the
+    values' heads (and the queries'); it was refused ("must have the same number of heads")."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 1, 7, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 3, 7, 4, generator=gen, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(softstep_attention(q, k, v, step="none"), ref)
+    torch.testing.assert_close(softstep_attention(q, k, v), softstep_attention(q, k.expand(2, 3, 7, 8), v))
 
 
 def test_nested_tensors_are_refused_clearly():
