@@ -87,7 +87,10 @@ def standardised_splits(
     if max_train is not None:
         tr = tr[:max_train]
     X, y = data.X, data.y
-    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
+    mu, sd = X[tr].mean(0), X[tr].std(0)
+    # a feature constant over the training rows (a pixel blank in all of them) keeps its scale:
+    # divided by ~0, its values in the other rows became ~1e6 and broke the linear baseline
+    sd = np.where(sd > 0, sd + 1e-6, 1.0)
     ymu, ysd = float(y[tr].mean()), float(y[tr].std() + 1e-12)
 
     def part(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
