@@ -89,6 +89,7 @@ def spawn(args: dict, timeout: float) -> dict:
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from simwarp._io import write_json
+    from simwarp.cli import non_negative_int
     from simwarp.steps import BUILTIN_STEPS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="also time forward+backward at the smallest m")
     parser.add_argument("--step", default="sigmoidal", choices=list(BUILTIN_STEPS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per case (0 = torch default)")
+    parser.add_argument("--threads", type=non_negative_int, default=1, help="torch threads per case (0 = torch default)")
     parser.add_argument("--dense-limit-gib", type=float, default=9.0,
                         help="skip dense when one n*m float32 matrix would exceed this / 8")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "bench_backend.json"))

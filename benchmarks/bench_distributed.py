@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--dim", type=positive_int, default=64)
     p.add_argument("--queries", type=positive_int, default=1024)
     p.add_argument("--ranks", default="1,2,4")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per process")
     p.add_argument("--chunk", type=int, default=1024, help="bank rows per block (0: the backend default)")
     p.add_argument("--full", action="store_true", help="bank 1M x 64, 8192 queries")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_distributed.json"))
