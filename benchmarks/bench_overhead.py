@@ -19,8 +19,8 @@ for ``--seconds`` and keeps its mean per call), and the table reports the median
 
 Usage::
 
-    python benchmarks/bench_overhead.py                       # all cases, ~1 minute
-    python benchmarks/bench_overhead.py --cases head --rounds 9 --out benchmarks/out/overhead.json
+    python benchmarks/bench_overhead.py                       # all cases, ~1 minute; benchmarks/out/overhead.json
+    python benchmarks/bench_overhead.py --cases head --rounds 9 --out /tmp/overhead.json
     python benchmarks/bench_overhead.py --compile            # also under torch.compile
 """
 
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--seconds", type=float, default=0.2, help="time per call and round")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: steadier)")
-    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "overhead.json",
+                        help="where the rows are written as JSON")
     parser.add_argument("--compile", action="store_true",
                         help="also time the default head and poly attention under torch.compile")
     args = parser.parse_args(argv)
@@ -186,9 +187,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         print(f"{row['case']:10s} {row['size']:5d} {row['call']:22s} {row['us']:9.1f} "
               f"{row['ratio']:6.2f}x {'-' if row['operators'] is None else row['operators']:>9}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, {"torch": torch.__version__, "threads": args.threads, "rows": rows})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, {"torch": torch.__version__, "threads": args.threads, "rows": rows})
+    print(f"wrote {args.out}")
     return rows
 
 
