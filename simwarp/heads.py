@@ -104,12 +104,6 @@ def _int_arg(name: str, value: Any, minimum: int = 1) -> int:
     return as_int
 
 
-# The kinds of call a head's ranks agree on under ``gather`` (each runs its own collectives).
-_TRAIN, _PREDICT, _EXPLAIN, _SET_BANK = (
-    CallKind.HEAD_TRAIN, CallKind.HEAD_PREDICT, CallKind.HEAD_EXPLAIN, CallKind.HEAD_SET_BANK
-)
-
-
 def _device(z: Any, module: nn.Module) -> torch.device:
     """Where a call's collectives run: the inputs' device (the backend's, e.g. CUDA for
     nccl), else the module's (``z`` is not a tensor: its checks are about to fail)."""
@@ -143,8 +137,7 @@ def _class_labels(y: Any, n: int, num_classes: int, name: str = "y") -> torch.Te
     if y.is_floating_point():
         require(torch.isfinite(y), f"{name} contains NaN or inf labels")
         require(y == y.round(), f"{name} must hold class labels: floating-point labels must be whole numbers")
-    if y.dim() != 1 or y.shape[0] != n:
-        raise ValueError(f"{name} must have shape (N={n},) of class indices, got {_shape(y)}")
+    _check_class_label_shape(y, n, name)
     y = y.long()
     if n:
         require(
@@ -302,7 +295,7 @@ class _BankMixin(nn.Module):
         if enabled:  # the checks agreed over ranks, and every shard's size learnt with them
             rows = z.shape[0] if isinstance(z, torch.Tensor) and z.dim() == 2 else 0
             where = torch.device(device) if device is not None and not isinstance(z, torch.Tensor) else _device(z, self)
-            y, shares = raise_together(check, group, where, same=(_SET_BANK, self._config_fingerprint()), share=(rows,))
+            y, shares = raise_together(check, group, where, same=(CallKind.HEAD_SET_BANK, self._config_fingerprint()), share=(rows,))
             union = sum(size for (size,) in shares)
         else:
             y = check()
@@ -614,7 +607,7 @@ class _WarpHeadBase(_BankMixin):
         )
         return zlib.crc32(repr(config).encode())
 
-    def _checked(self, z: Any, check: Callable[[], Any], call: int, arguments: tuple[int, ...] = ()) -> Any:
+    def _checked(self, z: Any, check: Callable[[], Any], call: CallKind, arguments: tuple[int, ...] = ()) -> Any:
         """``check()``, a call's local input checks. With ``gather`` they are agreed over the
         ranks before the call's first collective, together with the step parameters of ``z``
         (NaN or inf there, under ``mode="instance"``, would raise in the backend after the
@@ -623,7 +616,7 @@ class _WarpHeadBase(_BankMixin):
         none waits. Calls that read the bank also check its shapes and learn the union's size
         (no collective of their own for it then)."""
         enabled, group = resolve_group(self.gather)
-        reads_bank = call != _TRAIN
+        reads_bank = call != CallKind.HEAD_TRAIN
 
         def local_checks():
             out = check()
@@ -769,7 +762,7 @@ class _WarpHeadBase(_BankMixin):
             given_k = (min(operator.index(k), 1 << 62),)
         except TypeError:
             given_k = ()
-        k = self._checked(z, lambda: (_check_z(z, self.in_features), _int_arg("k", k))[1], _EXPLAIN, given_k)
+        k = self._checked(z, lambda: (_check_z(z, self.in_features), _int_arg("k", k))[1], CallKind.HEAD_EXPLAIN, given_k)
         self._require_bank(z.device)
         enabled, group = resolve_group(self.gather)
         if enabled:  # per-shard top-k merged over ranks; indices into the rank-ordered bank
@@ -1007,7 +1000,7 @@ class NeighborRegressionHead(_WarpHeadBase):
                 return (y.dim() == 1 if isinstance(y, torch.Tensor) else False), self._check_labels(y, z)
             return (self._check_label_shape(y, z.shape[0]) if isinstance(y, torch.Tensor) else False), None
 
-        squeeze, y2 = self._checked(z, check, _TRAIN if training else _PREDICT)
+        squeeze, y2 = self._checked(z, check, CallKind.HEAD_TRAIN if training else CallKind.HEAD_PREDICT)
         if training:
             step_kwargs = self._step_kwargs(z)
             if not resolve_group(self.gather)[0]:  # (under gather _checked has agreed on them)
@@ -1154,7 +1147,7 @@ class NeighborClassificationHead(_WarpHeadBase):
             _check_class_label_shape(y, z.shape[0])
             return None
 
-        labels = self._checked(z, check, _TRAIN if training else _PREDICT)
+        labels = self._checked(z, check, CallKind.HEAD_TRAIN if training else CallKind.HEAD_PREDICT)
         zw = z.to(work_dtype(z.dtype))
         if training:
             mass, _ = self._attend(zw, zw, self._one_hot(labels, zw.dtype), loo=True)

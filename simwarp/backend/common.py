@@ -592,8 +592,6 @@ def _in_domain(params: dict[str, torch.Tensor | float]) -> torch.Tensor:
 
 def _check_param_values(name: str, x: torch.Tensor) -> None:
     """Raise the ``ValueError`` that says how ``x`` leaves step parameter ``name``'s range, if it does."""
-    if x.numel() == 0:
-        return
     xd = x.detach()
     if not bool(_inside(name, xd).all()):
         if bool(torch.isnan(xd).any()):
